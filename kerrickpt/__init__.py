@@ -1,0 +1,54 @@
+"""kerrickpt: checkpoint/restart for Linux containers and process trees, built on CRIU.
+
+The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it.
+"""
+
+from kerrickpt.archive import DEFAULT_LEVEL
+from kerrickpt.checkpoint import CheckpointResult, checkpoint
+from kerrickpt.compat import Verdict
+from kerrickpt.containers import ContainerStatus, kill, ps, run
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    CommandTimeout,
+    ContainerExistsError,
+    ContainerNotFoundError,
+    DumpFailed,
+    KerrickptError,
+    NodeIncompatibleError,
+    NotReadyError,
+    RestoreFailed,
+    UsageError,
+)
+from kerrickpt.inspect import ArchiveInfo, inspect
+from kerrickpt.manifest import Manifest
+from kerrickpt.node import Fingerprint, Report, check
+from kerrickpt.restore import RestoreResult, restore
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "ArchiveCorruptError",
+    "ArchiveInfo",
+    "CheckpointResult",
+    "CommandTimeout",
+    "ContainerExistsError",
+    "ContainerNotFoundError",
+    "ContainerStatus",
+    "DumpFailed",
+    "Fingerprint",
+    "KerrickptError",
+    "Manifest",
+    "NodeIncompatibleError",
+    "NotReadyError",
+    "Report",
+    "RestoreFailed",
+    "RestoreResult",
+    "UsageError",
+    "Verdict",
+    "check",
+    "checkpoint",
+    "inspect",
+    "kill",
+    "ps",
+    "restore",
+    "run",
+]

@@ -1,0 +1,194 @@
+"""Owns container cgroups: layout detection, creation with limits, membership, usage, kill and removal."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerrickpt.errors import ContainerNotFoundError, KerrickptError
+from kerrickpt.freezer import Freezer
+
+PARENT = "kerrickpt"
+MOUNTS = Path("/proc/self/mounts")
+EMPTY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the cgroup hierarchies of this host are mounted."""
+
+    unified: Path | None
+    freezer: Path | None
+    memory: Path | None
+
+    @property
+    def kind(self) -> str:
+        if self.unified and not (self.freezer or self.memory):
+            return "v2"
+        if self.unified:
+            return "hybrid"
+        return "v1" if self.freezer or self.memory else "none"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "kind": self.kind,
+            "unified": str(self.unified) if self.unified else None,
+            "v1_freezer": str(self.freezer) if self.freezer else None,
+            "v1_memory": str(self.memory) if self.memory else None,
+        }
+
+
+def detect(mounts: Path = MOUNTS) -> Layout:
+    """Read the mount table: cgroup2 and the v1 freezer and memory hierarchies."""
+    unified = freezer = memory = None
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        fstype, mountpoint, options = fields[2], Path(fields[1]), fields[3].split(",")
+        if fstype == "cgroup2" and unified is None:
+            unified = mountpoint
+        elif fstype == "cgroup":
+            if "freezer" in options:
+                freezer = mountpoint
+            if "memory" in options:
+                memory = mountpoint
+    return Layout(unified=unified, freezer=freezer, memory=memory)
+
+
+@dataclass(frozen=True)
+class Cgroup:
+    """One container's cgroup: a directory in each hierarchy the host has."""
+
+    dirs: tuple[Path, ...]
+
+    @property
+    def freezer(self) -> Freezer:
+        """The v2 freezer where there is one, else the v1 freezer."""
+        for path in self.dirs:
+            if (path / "cgroup.freeze").exists():
+                return Freezer(path)
+        for path in self.dirs:
+            if (path / "freezer.state").exists():
+                return Freezer(path)
+        raise KerrickptError(f"no freezer among {', '.join(map(str, self.dirs))}")
+
+    def pids(self) -> list[int]:
+        """Every process in the cgroup (the union over its hierarchies)."""
+        found: set[int] = set()
+        for path in self.dirs:
+            try:
+                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                continue
+        return sorted(found)
+
+    def memory_usage(self) -> int | None:
+        for path, name in ((d, f) for d in self.dirs for f in ("memory.current", "memory.usage_in_bytes")):
+            if (path / name).exists():
+                return int((path / name).read_text())
+        return None
+
+    def memory_limit(self) -> int | None:
+        for path in self.dirs:
+            if (path / "memory.max").exists():
+                value = (path / "memory.max").read_text().strip()
+                return None if value == "max" else int(value)
+            if (path / "memory.limit_in_bytes").exists():
+                value_int = int((path / "memory.limit_in_bytes").read_text())
+                return None if value_int >= 2**62 else value_int
+        return None
+
+    def add(self, pid: int) -> None:
+        for path in self.dirs:
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def kill(self) -> None:
+        """SIGKILL every process, thaw so frozen v1 tasks can die, and wait until it is empty."""
+        kill_files = [d / "cgroup.kill" for d in self.dirs if (d / "cgroup.kill").exists()]
+        for path in kill_files:
+            path.write_text("1")
+        deadline = time.monotonic() + EMPTY_TIMEOUT
+        while pids := self.pids():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.freezer.thaw()
+            if time.monotonic() > deadline:
+                raise KerrickptError(f"processes {pids} of {self.dirs[0]} did not die")
+            time.sleep(0.01)
+
+    def remove(self) -> None:
+        """Kill what is left and remove the directories."""
+        existing = Cgroup(tuple(d for d in self.dirs if d.exists()))
+        if existing.dirs:
+            existing.kill()
+        for path in existing.dirs:
+            path.rmdir()
+
+    def to_list(self) -> list[str]:
+        return [str(d) for d in self.dirs]
+
+
+def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup:
+    """Make the container's cgroup in every hierarchy used, with its memory limit."""
+    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r is not None]
+    if not roots:
+        raise KerrickptError("no cgroup hierarchy is mounted on this host")
+    dirs: list[Path] = []
+    try:
+        for root in roots:
+            parent = root / PARENT
+            parent.mkdir(exist_ok=True)
+            if root == layout.unified and memory_limit is not None and layout.memory is None:
+                _enable_controller(root, parent, "memory")
+            path = parent / name
+            path.mkdir()
+            dirs.append(path)
+        group = Cgroup(tuple(dirs))
+        if memory_limit is not None:
+            _set_memory_limit(group, memory_limit)
+        return group
+    except BaseException:
+        for path in reversed(dirs):
+            path.rmdir()
+        raise
+
+
+def _enable_controller(root: Path, parent: Path, controller: str) -> None:
+    for path in (root, parent):
+        control = path / "cgroup.subtree_control"
+        if controller not in control.read_text().split():
+            control.write_text(f"+{controller}")
+
+
+def _set_memory_limit(group: Cgroup, limit: int) -> None:
+    for path in group.dirs:
+        for name in ("memory.max", "memory.limit_in_bytes"):
+            if (path / name).exists():
+                (path / name).write_text(str(limit))
+                return
+    raise KerrickptError("a memory limit was asked for, but no memory controller is available")
+
+
+def adopt(path: Path, layout: Layout) -> Cgroup:
+    """A cgroup kerrickpt did not create, given by its path in any hierarchy."""
+    path = path if path.is_absolute() else Path("/sys/fs/cgroup") / path
+    if not (path / "cgroup.procs").exists():
+        raise ContainerNotFoundError(f"{path} is not a cgroup directory")
+    return Cgroup((path,))
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes (binary units, as cgroups use)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 512M, 2G)") from None

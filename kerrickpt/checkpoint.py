@@ -1,0 +1,144 @@
+"""Owns `checkpoint`: freeze, dump with CRIU, write the archive, then end or thaw the container."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archive, cgroups, containers, criu, node, procs
+from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, UsageError
+from kerrickpt.freezer import frozen
+from kerrickpt.manifest import Manifest
+
+NAMESPACES = ["pid", "ipc", "uts"]
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    name: str
+    archive: Path
+    archive_bytes: int
+    left_running: bool
+    manifest: Manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "archive": str(self.archive),
+            "archive_bytes": self.archive_bytes,
+            "left_running": self.left_running,
+            "timings": self.manifest.timings,
+            "processes": self.manifest.processes,
+        }
+
+
+def checkpoint(
+    name: str | None,
+    output: Path | str,
+    *,
+    cgroup: Path | str | None = None,
+    leave_running: bool = False,
+    state_dir: Path | str | None = None,
+    level: int = archive.DEFAULT_LEVEL,
+) -> CheckpointResult:
+    """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`.
+
+    Whatever fails, the container is thawed and keeps running and nothing is left at `output`.
+    """
+    if (name is None) == (cgroup is None):
+        raise UsageError("give either a container name or --cgroup PATH")
+    output = Path(output).absolute()
+    if output.exists():
+        raise UsageError(f"{output} exists already; remove it or choose another name")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output.parent} is not a directory")
+    registry = containers.Registry(state_dir)
+    found = criu.locate()
+    container: containers.Container | None = None
+    if name is not None:
+        container = registry.get(name)
+        if not container.is_running():
+            raise ContainerNotFoundError(f"container {name!r} is not running")
+        group = container.group
+    else:
+        group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
+    label = name or Path(str(cgroup)).name
+    scratch = registry.scratch_dir("checkpoint-")
+    images = scratch / "images"
+    images.mkdir(mode=0o700)
+    step = "freezing the cgroup"
+    try:
+        freezer = group.freezer
+        frozen_at = time.monotonic()
+        with frozen(freezer):
+            step = "reading the process tree"
+            tree = _tree(group, container)
+            # The log keeps growing once thawed; archive it as it was at the dump.
+            sizes = {"log": os.stat(container.log).st_size} if container and container.log else {}
+            step = "criu dump"
+            dump_started = time.monotonic()
+            criu.dump(found, tree[0]["host_pid"], images, scratch, freeze_cgroup=str(freezer.path))
+            timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+            if leave_running:
+                freezer.thaw()
+                timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
+            step = "writing the archive"
+            manifest = Manifest(
+                name=label,
+                created=containers.utc_now(),
+                source=node.fingerprint(found.version),
+                processes=tree,
+                command=container.command if container else list(tree[0]["cmdline"]),
+                memory_limit=container.memory_limit if container else group.memory_limit(),
+                log_path=container.log if container else None,
+                namespaces=NAMESPACES,
+                timings=timings,
+            )
+            files = {f"images/{p.name}": p for p in images.iterdir()}
+            if container and container.log:
+                files["log"] = Path(container.log)
+
+            def finish(m: Manifest) -> None:
+                # Stopping a container: it stays frozen until its archive is complete.
+                m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
+
+            archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
+    except KerrickptError as exc:
+        if isinstance(exc, (DumpFailed, UsageError)):
+            raise
+        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc.message}", log_tail=exc.log_tail) from exc
+    except OSError as exc:
+        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc}") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not leave_running:
+        # The archive is complete and on disk: now, and only now, end the source.
+        if container:
+            containers.remove(registry, container)
+        else:
+            group.kill()
+    return CheckpointResult(label, output, output.stat().st_size, leave_running, manifest)
+
+
+def _tree(group: cgroups.Cgroup, container: containers.Container | None) -> list[dict[str, Any]]:
+    """The frozen tree, root first; refuses what this route cannot dump."""
+    processes = procs.read_all(group.pids())
+    if not processes:
+        raise ContainerNotFoundError("the cgroup has no processes")
+    roots = procs.roots(processes)
+    if container:
+        roots = [p for p in processes if p.host_pid == container.init_pid]
+    if len(roots) != 1:
+        raise UsageError(f"the cgroup holds {len(roots)} process trees; kerrickpt dumps exactly one")
+    root = roots[0]
+    if root.ns_pid != 1:
+        raise UsageError(
+            f"process {root.host_pid} shares the host's PID namespace; "
+            "checkpoint needs a tree in its own PID namespace (start it with `kerrickpt run`)"
+        )
+    ordered = [root] + [p for p in processes if p is not root]
+    return [p.to_dict() for p in ordered]

@@ -1,0 +1,201 @@
+"""Owns the `kerrickpt` command line: it parses arguments, calls the library and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import kerrickpt
+from kerrickpt import cgroups, containers
+from kerrickpt.errors import KerrickptError, NotReadyError
+
+EXAMPLES = """\
+examples:
+  kerrickpt check
+  kerrickpt run --name job1 --memory-limit 512M -- /usr/bin/python3 -u train.py
+  kerrickpt ps
+  kerrickpt checkpoint job1 -o /srv/ckpt/job1.kckpt
+  kerrickpt checkpoint job1 -o /srv/ckpt/job1-copy.kckpt --leave-running
+  kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
+  kerrickpt inspect /srv/ckpt/job1.kckpt
+  kerrickpt restore /srv/ckpt/job1.kckpt --name job1
+  kerrickpt kill job1
+
+exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
+  5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
+  9 container exists, 10 an external program timed out
+"""
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
+    report = kerrickpt.check()
+    if not args.json:
+        fp = report.fingerprint
+        print(f"ready: {'yes' if report.ready else 'no'}")
+        print(f"criu: {report.criu_path or 'not found'} {report.criu_version or ''}".rstrip())
+        print(f"criu check: {report.criu_check.splitlines()[-1] if report.criu_check else '-'}")
+        print(f"cgroups: {report.cgroups['kind']} {json.dumps(report.cgroups)}")
+        print("features: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.features.items()))
+        if fp:
+            print(f"node: {fp.arch}, kernel {fp.kernel}, {fp.os_release}, page size {fp.page_size}")
+            print(f"cpu flags: {len(fp.cpu_flags)}")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        for note in report.notes:
+            print(f"note: {note}")
+    if not report.ready:
+        raise NotReadyError("this node is not ready: " + "; ".join(report.problems))
+    return report.to_dict(), 0
+
+
+def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
+    status = kerrickpt.run(args.name, argv, memory_limit=limit, state_dir=args.state_dir)
+    if not args.json:
+        print(f"started {status.name}: init pid {status.init_pid} (pid {status.init_ns_pid} inside)")
+    return status.to_dict(), 0
+
+
+def cmd_ps(args: argparse.Namespace) -> tuple[Any, int]:
+    rows = kerrickpt.ps(args.state_dir)
+    if not args.json:
+        print(f"{'NAME':<24} {'STATE':<8} {'PID':>8} {'NSPID':>5} {'PROCS':>5} {'MEMORY':>12} {'LIMIT':>12}")
+        for r in rows:
+            print(
+                f"{r.name:<24} {r.state:<8} {r.init_pid:>8} {r.init_ns_pid or '-':>5} {r.processes:>5} "
+                f"{_mib(r.memory_bytes):>12} {_mib(r.memory_limit):>12}"
+            )
+    return [r.to_dict() for r in rows], 0
+
+
+def cmd_kill(args: argparse.Namespace) -> tuple[Any, int]:
+    kerrickpt.kill(args.name, args.state_dir)
+    if not args.json:
+        print(f"killed {args.name}")
+    return {"name": args.name, "killed": True}, 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.checkpoint(
+        args.name,
+        args.output,
+        cgroup=args.cgroup,
+        leave_running=args.leave_running,
+        state_dir=args.state_dir,
+        level=args.level,
+    )
+    if not args.json:
+        t = result.manifest.timings
+        after = "left running" if result.left_running else "stopped"
+        print(
+            f"checkpointed {result.name} to {result.archive} ({_mib(result.archive_bytes)}; "
+            f"frozen {t.get('frozen_s', 0):.3f} s, dump {t.get('dump_s', 0):.3f} s, "
+            f"compress {t.get('compress_s', 0):.3f} s); container {after}"
+        )
+    return result.to_dict(), 0
+
+
+def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.restore(args.archive, name=args.name, state_dir=args.state_dir, force=args.force)
+    if not args.json:
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"restored {result.name}: init pid {result.init_pid}")
+        print("pid map (inside -> host):")
+        for inside, host in sorted(result.pid_map.items()):
+            print(f"  {inside} -> {host}")
+    return result.to_dict(), 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
+    info = kerrickpt.inspect(args.archive)
+    if not args.json:
+        m = info.manifest
+        src = m.source
+        print(f"archive:   {info.path} ({_mib(info.archive_bytes)})")
+        print(f"container: {m.name}, taken {m.created}")
+        print(f"source:    {src.arch}, kernel {src.kernel}, {src.os_release}, CRIU {m.criu_version}")
+        print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
+        print(f"limits:    memory {_mib(m.memory_limit)}")
+        print("timings:   " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(m.timings.items())))
+        print("processes (pid inside, host pid at dump, threads, command):")
+        for p in m.processes:
+            print(f"  {p['ns_pid']:>5} {p['host_pid']:>8} {p['threads']:>3}  {' '.join(p['cmdline'])}")
+    return info.to_dict(), 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir",
+        help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
+    )
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    parser = argparse.ArgumentParser(
+        prog="kerrickpt",
+        description="Checkpoint and restore Linux containers and process trees with CRIU.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    Handler = Callable[[argparse.Namespace], tuple[Any, int]]
+
+    def add(name: str, func: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    add("ps", cmd_ps, "list this node's containers")
+    p = add("kill", cmd_kill, "end a container and remove its cgroups and state")
+    p.add_argument("name")
+    p = add("checkpoint", cmd_checkpoint, "freeze, dump and archive a container, then stop it (or leave it running)")
+    p.add_argument("name", nargs="?", help="a container started by kerrickpt")
+    p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write (must not exist)")
+    p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
+    p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    p = add("restore", cmd_restore, "verify an archive and restore its container on this node")
+    p.add_argument("archive")
+    p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
+    p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p = add("inspect", cmd_inspect, "show what an archive holds")
+    p.add_argument("archive")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result, code = args.func(args)
+    except KerrickptError as exc:
+        print(f"kerrickpt: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(exc.to_dict(), indent=2))
+        return exc.exit_code
+    except ValueError as exc:
+        print(f"kerrickpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Owns running external programs: one place for timeouts and log tails."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from kerrickpt.errors import CommandTimeout
+
+TAIL_LINES = 20
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last `lines` lines of `text`, for error messages."""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def tail_file(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines of a log file, or a note that it is missing."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            return tail(fh.read().decode(errors="replace"), lines)
+    except OSError as exc:
+        return f"(no log at {path}: {exc.strerror})"
+
+
+def run(argv: Sequence[str], *, timeout: float, input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a program to completion, capturing its output; kill it after `timeout` seconds."""
+    try:
+        return subprocess.run(
+            list(argv),
+            input=input_bytes.decode() if input_bytes is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL if input_bytes is None else None,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stderr or b"") if isinstance(exc.stderr, bytes) else (exc.stderr or "").encode()
+        raise CommandTimeout(
+            f"{argv[0]} did not finish within {timeout:.0f} s and was killed",
+            log_tail=tail(out.decode(errors="replace")),
+        ) from exc

@@ -1,0 +1,277 @@
+"""Owns this node's containers: the state directory, `run`, `ps` and `kill`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kerrickpt import cgroups, namespaces, procs
+from kerrickpt.errors import ContainerExistsError, ContainerNotFoundError, KerrickptError, NotReadyError, UsageError
+
+STATE_ENV = "KERRICKPT_STATE_DIR"
+DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+RECORD = "container.json"
+LOG = "log"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+    return name
+
+
+@dataclass
+class Container:
+    """A container kerrickpt runs on this node, as recorded in its state directory."""
+
+    name: str
+    cgroup: list[str]
+    init_pid: int
+    init_start: int
+    command: list[str]
+    created: str
+    log: str | None = None
+    memory_limit: int | None = None
+
+    @property
+    def group(self) -> cgroups.Cgroup:
+        return cgroups.Cgroup(tuple(Path(p) for p in self.cgroup))
+
+    def is_running(self) -> bool:
+        return procs.is_alive(self.init_pid, self.init_start)
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """One row of `kerrickpt ps`."""
+
+    name: str
+    state: str
+    init_pid: int
+    init_ns_pid: int | None
+    processes: int
+    memory_bytes: int | None
+    memory_limit: int | None
+    cgroup: list[str]
+    log: str | None
+    created: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Registry:
+    """The state directory: one subdirectory per container, plus private scratch space."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        if os.geteuid() != 0:
+            raise NotReadyError("kerrickpt needs root: CRIU, cgroups and namespaces require it")
+        self.root = Path(root or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR)
+        self.containers = self.root / "containers"
+        self.scratch = self.root / "tmp"
+        for path in (self.root, self.containers, self.scratch):
+            # Images hold process memory: private directories only.
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    def path(self, name: str) -> Path:
+        return self.containers / check_name(name)
+
+    def reserve(self, name: str) -> Path:
+        """Claim a name: its state directory is created or ContainerExistsError raised."""
+        path = self.path(name)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ContainerExistsError(f"a container named {name!r} already exists on this node") from None
+        return path
+
+    def release(self, name: str) -> None:
+        shutil.rmtree(self.path(name), ignore_errors=True)
+
+    def get(self, name: str) -> Container:
+        try:
+            data = json.loads((self.path(name) / RECORD).read_text())
+        except FileNotFoundError:
+            raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
+        return Container(**data)
+
+    def save(self, container: Container) -> None:
+        record = self.path(container.name) / RECORD
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(container), indent=2))
+        tmp.replace(record)
+
+    def all(self) -> list[Container]:
+        found = []
+        for path in sorted(self.containers.iterdir()):
+            if (path / RECORD).exists():
+                found.append(self.get(path.name))
+        return found
+
+    def scratch_dir(self, prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.scratch))
+
+    def log_path(self, name: str) -> Path:
+        return self.path(name) / LOG
+
+    def open_log(self, name: str) -> int:
+        """The container's log, opened for appending the way its processes hold it."""
+        return os.open(self.log_path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def run(
+    name: str, argv: list[str], *, memory_limit: int | None = None, state_dir: Path | str | None = None
+) -> ContainerStatus:
+    """Start a checkpointable container and return once its command runs."""
+    if not argv:
+        raise UsageError("no command given to run")
+    registry = Registry(state_dir)
+    registry.reserve(name)
+    group: cgroups.Cgroup | None = None
+    try:
+        try:
+            group = cgroups.create(cgroups.detect(), name, memory_limit)
+        except FileExistsError:
+            raise ContainerExistsError(f"cgroup {cgroups.PARENT}/{name} exists already") from None
+        log_fd = registry.open_log(name)
+        try:
+            init_pid = _spawn(name, argv, group, log_fd)
+        finally:
+            os.close(log_fd)
+        started = procs.start_time(init_pid)
+        if started is None:
+            raise KerrickptError(f"{argv[0]} exited at once; see {registry.log_path(name)}")
+        container = Container(
+            name=name,
+            cgroup=group.to_list(),
+            init_pid=init_pid,
+            init_start=started,
+            command=list(argv),
+            created=utc_now(),
+            log=str(registry.log_path(name)),
+            memory_limit=memory_limit,
+        )
+        registry.save(container)
+        return status(container)
+    except BaseException:
+        if group is not None:
+            group.remove()
+        registry.release(name)
+        raise
+
+
+def _spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int:
+    """Fork the container's init into new PID, IPC and UTS namespaces; returns its host PID.
+
+    The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
+    leader outside the tree), has no parent-death signal (a detached restore would kill it),
+    and its short-lived parent exits, so nothing of kerrickpt stays in the tree.
+    """
+    pid_r, pid_w = os.pipe()
+    exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
+    middle = os.fork()
+    if middle == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            os.close(pid_r)
+            os.close(exec_r)
+            group.add(os.getpid())
+            namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
+            init = os.fork()
+            if init == 0:
+                _exec_init(name, argv, log_fd, exec_w)
+            os.write(pid_w, str(init).encode())
+            status = 0
+        except BaseException as exc:
+            os.write(pid_w, f"error: {exc}".encode())
+        finally:
+            os._exit(status)
+    os.close(pid_w)
+    os.close(exec_w)
+    with os.fdopen(pid_r, "rb") as reader:
+        answer = reader.read().decode()
+    os.waitpid(middle, 0)
+    with os.fdopen(exec_r, "rb") as reader:
+        exec_error = reader.read().decode()
+    if answer.startswith("error:") or not answer:
+        raise KerrickptError(f"could not start the container: {answer[6:].strip() or 'setup failed'}")
+    if exec_error:
+        raise UsageError(f"cannot run {argv[0]}: {exec_error}")
+    return int(answer)
+
+
+def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> None:  # pragma: no cover - child
+    try:
+        socket.sethostname(name)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.closerange(3, exec_w)
+        os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
+        # Python ignores these; an ignored signal would survive exec into the container.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except BaseException as exc:
+        os.write(exec_w, str(exc).encode())
+    finally:
+        os._exit(127)
+
+
+def status(container: Container) -> ContainerStatus:
+    group = container.group
+    running = container.is_running()
+    state = "exited"
+    ns_pid = None
+    if running:
+        try:
+            state = "frozen" if group.freezer.is_frozen() else "running"
+            ns_pid = procs.read(container.init_pid).ns_pid
+        except (FileNotFoundError, ProcessLookupError):
+            state = "exited"
+    return ContainerStatus(
+        name=container.name,
+        state=state,
+        init_pid=container.init_pid,
+        init_ns_pid=ns_pid,
+        processes=len(group.pids()) if running else 0,
+        memory_bytes=group.memory_usage() if running else None,
+        memory_limit=container.memory_limit,
+        cgroup=container.cgroup,
+        log=container.log,
+        created=container.created,
+    )
+
+
+def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
+    """Every container of this node with its state."""
+    return [status(c) for c in Registry(state_dir).all()]
+
+
+def remove(registry: Registry, container: Container) -> None:
+    """Kill every process of the container and remove its cgroups and state."""
+    container.group.remove()
+    registry.release(container.name)
+
+
+def kill(name: str, state_dir: Path | str | None = None) -> None:
+    """End a container and remove its cgroups and state."""
+    registry = Registry(state_dir)
+    remove(registry, registry.get(name))

@@ -1,0 +1,132 @@
+"""Owns every call into CRIU: locating the binary, `criu check`, and dump/restore over pycriu's RPC."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerrickpt import command
+from kerrickpt.errors import CommandTimeout, DumpFailed, KerrickptError, NotReadyError, RestoreFailed
+
+CHECK_TIMEOUT = 60.0
+DUMP_TIMEOUT = 600.0
+RESTORE_TIMEOUT = 600.0
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+LOG_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class Criu:
+    """A usable CRIU binary and its version."""
+
+    path: str
+    version: str
+
+
+def locate() -> Criu:
+    """The CRIU that kerrickpt uses: $KERRICKPT_CRIU, else `criu` on PATH."""
+    path = os.environ.get("KERRICKPT_CRIU") or shutil.which("criu")
+    if not path:
+        raise NotReadyError("CRIU not found: install it (ci/setup builds 4.2.1) or set KERRICKPT_CRIU")
+    result = command.run([path, "--version"], timeout=CHECK_TIMEOUT)
+    for line in result.stdout.splitlines():
+        if line.startswith("Version:"):
+            return Criu(path=path, version=line.split(":", 1)[1].strip())
+    raise NotReadyError(f"{path} --version printed no version", log_tail=command.tail(result.stdout + result.stderr))
+
+
+def check(criu: Criu) -> tuple[bool, str]:
+    """Run `criu check`: whether the kernel can do checkpoint/restore, and CRIU's words."""
+    result = command.run([criu.path, "check"], timeout=CHECK_TIMEOUT)
+    text = (result.stdout + result.stderr).strip()
+    return result.returncode == 0 and "Looks good" in text, text
+
+
+def has_feature(criu: Criu, feature: str) -> bool:
+    """Whether `criu check --feature FEATURE` succeeds on this kernel."""
+    return command.run([criu.path, "check", "--feature", feature], timeout=CHECK_TIMEOUT).returncode == 0
+
+
+def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]
+    """A pycriu client with the options every request shares."""
+    import pycriu  # imported late: `kerrickpt check` must work without it
+
+    client = pycriu.criu()
+    client.use_binary(criu.path)
+    client.opts.images_dir_fd = _inheritable_dir_fd(images_dir)
+    client.opts.work_dir_fd = _inheritable_dir_fd(work_dir)
+    client.opts.log_file = log_name
+    client.opts.log_level = LOG_LEVEL
+    # kerrickpt recreates cgroups itself, with the limits from the manifest.
+    client.opts.manage_cgroups = False
+    return client
+
+
+def _inheritable_dir_fd(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def _call(client, request: str, timeout: float, error: type[KerrickptError], log: Path):  # type: ignore[no-untyped-def]
+    """Send one RPC request; kill criu if it overruns; turn failures into `error` with the log tail."""
+    import pycriu
+
+    timed_out = threading.Event()
+
+    def watchdog() -> None:
+        swrk = getattr(client._comm, "swrk", None)
+        if swrk:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(swrk, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, watchdog)
+    timer.start()
+    try:
+        return getattr(client, request)()
+    except pycriu.CRIUException as exc:
+        if timed_out.is_set():
+            raise CommandTimeout(
+                f"criu {request} did not finish within {timeout:.0f} s and was killed",
+                log_tail=command.tail_file(log),
+            ) from exc
+        raise error(f"criu {request} failed: {exc}", log_tail=command.tail_file(log)) from exc
+    finally:
+        timer.cancel()
+        for fd in (client.opts.images_dir_fd, client.opts.work_dir_fd):
+            os.close(fd)
+
+
+def dump(
+    criu: Criu, pid: int, images_dir: Path, work_dir: Path, *, freeze_cgroup: str, timeout: float = DUMP_TIMEOUT
+) -> None:
+    """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`."""
+    client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
+    client.opts.pid = pid
+    # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
+    # kerrickpt alone decides between killing the source and thawing it.
+    client.opts.leave_running = True
+    client.opts.freeze_cgroup = freeze_cgroup
+    _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
+
+
+def restore(
+    criu: Criu, images_dir: Path, work_dir: Path, *, inherit_fds: Mapping[str, int], timeout: float = RESTORE_TIMEOUT
+) -> int:
+    """Restore a tree (RPC restores are always detached); returns the host PID of its root."""
+    client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
+    for key, fd in inherit_fds.items():
+        os.set_inheritable(fd, True)
+        entry = client.opts.inherit_fd.add()
+        entry.key = key
+        entry.fd = fd
+    response = _call(client, "restore", timeout, RestoreFailed, work_dir / RESTORE_LOG)
+    return int(response.pid)

@@ -1,0 +1,82 @@
+"""Owns kerrickpt's typed exceptions and the exit code each one maps to."""
+
+from __future__ import annotations
+
+
+class KerrickptError(Exception):
+    """kerrickpt failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        if not self.log_tail:
+            return self.message
+        tail = "\n".join("  | " + line for line in self.log_tail.splitlines())
+        return f"{self.message}\n{tail}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "log_tail": self.log_tail,
+        }
+
+
+class UsageError(KerrickptError):
+    """The request itself is wrong (bad argument, output file exists, ...)."""
+
+    exit_code = 2
+
+
+class NotReadyError(KerrickptError):
+    """This node cannot checkpoint or restore: not root, or CRIU unusable."""
+
+    exit_code = 3
+
+
+class ContainerNotFoundError(KerrickptError):
+    """No such container or cgroup on this node."""
+
+    exit_code = 4
+
+
+class DumpFailed(KerrickptError):
+    """Freezing or dumping the container failed; it was thawed and keeps running."""
+
+    exit_code = 5
+
+
+class ArchiveCorruptError(KerrickptError):
+    """The archive is corrupt, truncated, incomplete or unreadable."""
+
+    exit_code = 6
+
+
+class NodeIncompatibleError(KerrickptError):
+    """This node cannot take the archive (architecture, CPU, kernel, CRIU...)."""
+
+    exit_code = 7
+
+
+class RestoreFailed(KerrickptError):
+    """CRIU could not restore the container; nothing of it was left behind."""
+
+    exit_code = 8
+
+
+class ContainerExistsError(KerrickptError):
+    """A container with that name already exists on this node."""
+
+    exit_code = 9
+
+
+class CommandTimeout(KerrickptError):
+    """An external program did not finish in time and was killed."""
+
+    exit_code = 10

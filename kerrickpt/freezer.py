@@ -1,0 +1,65 @@
+"""Owns freezing and thawing a cgroup, through cgroup v2 `cgroup.freeze` or the v1 freezer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kerrickpt.errors import KerrickptError
+
+FREEZE_TIMEOUT = 30.0
+POLL_INTERVAL = 0.005
+
+
+class FreezeTimeout(KerrickptError):
+    """The cgroup did not reach the frozen state in time."""
+
+
+class Freezer:
+    """Freezes one cgroup directory; v1 or v2 is chosen by the control file it has."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if (path / "cgroup.freeze").exists():
+            self.version = 2
+        elif (path / "freezer.state").exists():
+            self.version = 1
+        else:
+            raise KerrickptError(f"{path} has neither cgroup.freeze nor freezer.state: it cannot be frozen")
+
+    def is_frozen(self) -> bool:
+        if self.version == 2:
+            return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
+        return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze and wait until every task in the cgroup is frozen."""
+        self._write(frozen=True)
+        deadline = time.monotonic() + timeout
+        while not self.is_frozen():
+            if time.monotonic() > deadline:
+                self.thaw()
+                raise FreezeTimeout(f"{self.path} did not freeze within {timeout:.0f} s; it was thawed again")
+            time.sleep(POLL_INTERVAL)
+
+    def thaw(self) -> None:
+        self._write(frozen=False)
+
+    def _write(self, *, frozen: bool) -> None:
+        if self.version == 2:
+            (self.path / "cgroup.freeze").write_text("1" if frozen else "0")
+        else:
+            (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+
+
+@contextmanager
+def frozen(freezer: Freezer) -> Iterator[Freezer]:
+    """Freeze for the block; thaw again if the block raises (the caller thaws or kills on success)."""
+    freezer.freeze()
+    try:
+        yield freezer
+    except BaseException:
+        freezer.thaw()
+        raise

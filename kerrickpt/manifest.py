@@ -1,0 +1,83 @@
+"""Owns the archive manifest: what was checkpointed, from where, with which checksums and timings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kerrickpt.errors import ArchiveCorruptError
+from kerrickpt.node import Fingerprint
+
+FORMAT = "kerrickpt-archive"
+VERSION = 1
+NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file in the archive with its size and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    created: str
+    source: Fingerprint
+    processes: list[dict[str, Any]]
+    command: list[str]
+    memory_limit: int | None = None
+    log_path: str | None = None
+    namespaces: list[str] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def criu_version(self) -> str:
+        return self.source.criu_version
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(m.size for m in self.members if m.name.startswith("images/"))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of process memory in the images (CRIU's pages-*.img files)."""
+        return sum(m.size for m in self.members if m.name.startswith("images/pages-"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["source"] = self.source.to_dict()
+        return {"format": FORMAT, "version": VERSION, "criu_version": self.criu_version, **data}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        try:
+            data = json.loads(raw)
+            if data.get("format") != FORMAT:
+                raise ArchiveCorruptError("not a kerrickpt archive (the manifest names another format)")
+            if data.get("version") != VERSION:
+                raise ArchiveCorruptError(
+                    f"archive format version {data.get('version')} is not supported (this kerrickpt reads {VERSION})"
+                )
+            return cls(
+                name=data["name"],
+                created=data["created"],
+                source=Fingerprint.from_dict(data["source"]),
+                processes=data["processes"],
+                command=data["command"],
+                memory_limit=data.get("memory_limit"),
+                log_path=data.get("log_path"),
+                namespaces=data.get("namespaces", []),
+                members=[Member(**m) for m in data["members"]],
+                timings=data.get("timings", {}),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc

@@ -1,0 +1,144 @@
+"""Owns this node's fingerprint and readiness report (`kerrickpt check`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kerrickpt import cgroups, criu
+from kerrickpt.errors import KerrickptError
+
+CAP_SYS_RESOURCE = 24
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What decides whether a checkpoint taken on one node can run on another."""
+
+    arch: str
+    kernel: str
+    os_release: str
+    criu_version: str
+    cpu_flags: tuple[str, ...]
+    page_size: int
+    cgroup_layout: str
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["cpu_flags"] = list(self.cpu_flags)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Fingerprint:
+        values = dict(data)
+        values["cpu_flags"] = tuple(values.get("cpu_flags") or ())  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def os_release(path: Path = Path("/etc/os-release")) -> str:
+    """ID and VERSION_ID, e.g. 'debian 12'."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value.strip().strip('"')
+    return f"{values.get('ID', 'unknown')} {values.get('VERSION_ID', '')}".strip()
+
+
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    """The first CPU's feature flags (x86 'flags', arm 'Features')."""
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return tuple(sorted(value.split()))
+    return ()
+
+
+def fingerprint(criu_version: str) -> Fingerprint:
+    return Fingerprint(
+        arch=platform.machine(),
+        kernel=platform.release(),
+        os_release=os_release(),
+        criu_version=criu_version,
+        cpu_flags=cpu_flags(),
+        page_size=os.sysconf("SC_PAGE_SIZE"),
+        cgroup_layout=cgroups.detect().kind,
+    )
+
+
+def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+@dataclass
+class Report:
+    """The answer to `kerrickpt check`: can this node checkpoint and restore?"""
+
+    ready: bool
+    is_root: bool
+    criu_path: str | None
+    criu_version: str | None
+    criu_check: str
+    cgroups: dict[str, str | None]
+    features: dict[str, bool]
+    can_dump_other_users: bool
+    fingerprint: Fingerprint | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["fingerprint"] = self.fingerprint.to_dict() if self.fingerprint else None
+        return data
+
+
+def check() -> Report:
+    """Probe this node: root, CRIU, cgroups, kernel features and its fingerprint."""
+    problems: list[str] = []
+    notes: list[str] = []
+    is_root = os.geteuid() == 0
+    if not is_root:
+        problems.append("not running as root: CRIU, cgroups and namespaces need it")
+    layout = cgroups.detect()
+    if not (layout.unified or layout.freezer):
+        problems.append("no cgroup freezer: neither cgroup v2 nor the v1 freezer is mounted")
+    features = {"userfaultfd": False, "mem_dirty_track": False}
+    criu_check_text = ""
+    found: criu.Criu | None = None
+    try:
+        found = criu.locate()
+        ok, criu_check_text = criu.check(found)
+        if not ok:
+            problems.append("`criu check` failed: this kernel or CRIU cannot checkpoint")
+        features = {
+            "userfaultfd": criu.has_feature(found, "uffd-noncoop"),
+            "mem_dirty_track": criu.has_feature(found, "mem_dirty_track"),
+        }
+    except KerrickptError as exc:
+        problems.append(str(exc))
+    if not features["mem_dirty_track"]:
+        notes.append("soft-dirty memory tracking is off: no pre-dump or incremental snapshots")
+    can_dump_others = has_capability(CAP_SYS_RESOURCE)
+    if not can_dump_others:
+        notes.append(
+            "root here lacks CAP_SYS_RESOURCE: only processes owned by root can be checkpointed "
+            "(CRIU fails on other users' tasks with \"Can't get rlimit\")"
+        )
+    return Report(
+        ready=not problems,
+        is_root=is_root,
+        criu_path=found.path if found else None,
+        criu_version=found.version if found else None,
+        criu_check=criu_check_text,
+        cgroups=layout.to_dict(),
+        features=features,
+        can_dump_other_users=can_dump_others,
+        fingerprint=fingerprint(found.version) if found else None,
+        problems=problems,
+        notes=notes,
+    )

@@ -1,0 +1,95 @@
+"""Shared fixtures: machine capabilities, a private state directory, the compiled workload, cleanup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import criu
+from tests.helpers import Workload, ipc_keys, unique_name, wait_for
+
+WORKLOAD_SOURCE = Path(__file__).parent / "workload" / "ipcworkload.c"
+
+
+@cache
+def capabilities() -> dict[str, str | None]:
+    """What this machine can do for the tests, probed once; None means available."""
+    if os.geteuid() != 0:
+        reason: str | None = "not root"
+    else:
+        try:
+            ok, text = criu.check(criu.locate())
+            reason = None if ok else f"criu check failed: {text[-200:]}"
+        except kerrickpt.KerrickptError as exc:
+            reason = str(exc)
+    return {"root+criu": reason}
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    caps = capabilities()
+    return [f"kerrickpt capabilities: {k}={'yes' if v is None else 'NO (' + v + ')'}" for k, v in caps.items()]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root"):
+        reason = capabilities()["root+criu"]
+        if reason is not None:
+            pytest.skip(f"needs root and a working CRIU: {reason}")
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # In CI nothing may skip: the root/CRIU tests are the heart of the suite.
+    if (os.environ.get("CI") or os.environ.get("KERRICKPT_REQUIRE_ALL")) and _skipped:
+        print(f"\nCI: {len(_skipped)} test(s) skipped, which CI does not allow: {', '.join(_skipped)}")
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KERRICKPT_STATE_DIR", raising=False)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A private state directory; every container left in it is killed afterwards."""
+    path = tmp_path / "state"
+    yield path
+    if (path / "containers").exists():
+        for row in kerrickpt.ps(path):
+            kerrickpt.kill(row.name, path)
+
+
+@pytest.fixture(scope="session")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C test workload, compiled for this run."""
+    binary = tmp_path_factory.mktemp("workload") / "ipcworkload"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(WORKLOAD_SOURCE)], check=True)
+    return binary
+
+
+@pytest.fixture
+def start_workload(state_dir: Path, workload: Path) -> Callable[..., Workload]:
+    def start(name: str | None = None) -> Workload:
+        name = name or unique_name()
+        keys = ipc_keys()
+        kerrickpt.run(name, [str(workload), "run", *map(str, keys)], state_dir=state_dir)
+        w = Workload(name, keys, state_dir, workload)
+        wait_for(lambda: "ready threads" in w.log, what="workload ready")
+        w.wait_ticking()
+        return w
+
+    return start

@@ -1,0 +1,92 @@
+"""Helpers the tests share: names, IPC keys, waiting, reading the workload's state."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import kerrickpt
+from kerrickpt import cgroups, procs
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def ipc_keys() -> tuple[int, int, int]:
+    base = random.randrange(0x10000, 0x7FFF0000)
+    return base, base + 1, base + 2
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+TICK = re.compile(r"^tick (\d+) pid (\d+)$", re.M)
+
+
+def ticks(text: str) -> list[int]:
+    return [int(m.group(1)) for m in TICK.finditer(text)]
+
+
+def probe(workload: Path, host_pid: int, keys: tuple[int, int, int]) -> dict[str, object]:
+    """Read the workload's SysV objects from inside the IPC namespace of `host_pid`."""
+    out = subprocess.run(
+        ["nsenter", "-t", str(host_pid), "-i", str(workload), "probe", *map(str, keys)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+    return json.loads(out.stdout)
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    layout = cgroups.detect()
+    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r]
+    return [r / cgroups.PARENT / name for r in roots if (r / cgroups.PARENT / name).exists()]
+
+
+class Workload:
+    """A running ipcworkload container: parent, counter child, two-threaded child, SysV objects."""
+
+    def __init__(self, name: str, keys: tuple[int, int, int], state_dir: Path, binary: Path) -> None:
+        self.name = name
+        self.keys = keys
+        self.state_dir = state_dir
+        self.binary = binary
+
+    @property
+    def status(self) -> kerrickpt.ContainerStatus:
+        return next(r for r in kerrickpt.ps(self.state_dir) if r.name == self.name)
+
+    @property
+    def log(self) -> str:
+        return Path(self.status.log or "").read_text()
+
+    def pid_map(self) -> dict[int, int]:
+        pids = cgroups.Cgroup(tuple(Path(p) for p in self.status.cgroup)).pids()
+        return {p.ns_pid: p.host_pid for p in procs.read_all(pids)}
+
+    def probe(self) -> dict[str, object]:
+        return probe(self.binary, self.status.init_pid, self.keys)
+
+    def wait_ticking(self, beyond: int = 0) -> int:
+        """Wait until the counter passes `beyond`; returns the last tick seen."""
+
+        def last() -> int:
+            return max(ticks(self.log), default=0)
+
+        return int(wait_for(lambda: last() > beyond + 2 and last(), what="ticks"))

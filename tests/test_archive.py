@@ -1,0 +1,151 @@
+"""The archive format: standard tools read it, and every kind of damage is refused."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from kerrickpt import archive
+from kerrickpt.errors import ArchiveCorruptError, UsageError
+from kerrickpt.manifest import Manifest
+from kerrickpt.node import Fingerprint
+
+SOURCE = Fingerprint("x86_64", "6.1.0", "debian 12", "4.2.1", ("fpu", "sse2"), 4096, "v2")
+
+
+def manifest() -> Manifest:
+    return Manifest(name="demo", created="2026-01-01T00:00:00+00:00", source=SOURCE, processes=[], command=["sh"])
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "in").mkdir()
+    made = {}
+    contents = {"images/pages-1.img": b"\x00" * 100_000 + b"tail", "images/core-1.img": b"core", "log": b"l\n"}
+    for name, data in contents.items():
+        path = tmp_path / "in" / name.replace("/", "_")
+        path.write_bytes(data)
+        made[name] = path
+    return made
+
+
+def test_round_trip_and_standard_tools(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    written = archive.write(out, manifest(), files)
+    assert out.stat().st_mode & 0o777 == 0o600
+    listing = subprocess.run(f"zstd -dc {out} | tar -t", shell=True, capture_output=True, text=True, check=True)
+    assert listing.stdout.split() == ["images/core-1.img", "images/pages-1.img", "log", "manifest.json"]
+    dest = tmp_path / "out"
+    dest.mkdir()
+    read = archive.extract(out, dest)
+    assert read.members == written.members
+    assert (dest / "images" / "pages-1.img").read_bytes() == files["images/pages-1.img"].read_bytes()
+    assert (dest / "images" / "pages-1.img").stat().st_mode & 0o777 == 0o600
+    assert archive.read_manifest(out).name == "demo"
+    assert read.memory_bytes == 100_004
+    assert "compress_s" in read.timings
+
+
+def test_write_never_replaces_a_file(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    out.write_text("keep")
+    with pytest.raises(UsageError):
+        archive.write(out, manifest(), files)
+    assert out.read_text() == "keep"
+
+
+def test_failed_write_leaves_nothing(files: dict[str, Path], tmp_path: Path) -> None:
+    files["images/gone.img"] = tmp_path / "missing"
+    out = tmp_path / "a.kckpt"
+    with pytest.raises(FileNotFoundError):
+        archive.write(out, manifest(), files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_sizes_cap_a_member(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files, sizes={"log": 1})
+    dest = tmp_path / "out"
+    dest.mkdir()
+    archive.extract(out, dest)
+    assert (dest / "log").read_bytes() == b"l"
+
+
+def _extract_error(path: Path, tmp_path: Path) -> str:
+    dest = tmp_path / "dest"
+    dest.mkdir(exist_ok=True)
+    with pytest.raises(ArchiveCorruptError) as caught:
+        archive.extract(path, dest)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("offset", [0.1, 0.5, 0.9])
+def test_flipped_byte_is_refused(files: dict[str, Path], tmp_path: Path, offset: float) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    data = bytearray(out.read_bytes())
+    data[int(len(data) * offset)] ^= 0x10
+    out.write_bytes(bytes(data))
+    _extract_error(out, tmp_path)
+
+
+def test_truncated_archive_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    out.write_bytes(out.read_bytes()[:-1])
+    assert "truncated" in _extract_error(out, tmp_path)
+
+
+def _rebuild(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A hand-made archive, as someone tampering with one would build it."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda ms: [(n, d + b"x" if n == "log" else d) for n, d in ms], "checksum"),
+        (lambda ms: [m for m in ms if m[0] != "images/core-1.img"], "lacks images/core-1.img"),
+        (lambda ms: [("images/extra.img", b"x"), *ms], "does not list"),
+        (lambda ms: [m for m in ms if m[0] != "manifest.json"], "no manifest"),
+        (lambda ms: [("../escape", b"x"), *ms], "unexpected member"),
+        (lambda ms: [("images/../../escape", b"x"), *ms], "unexpected member"),
+        (lambda ms: [*ms, ("log", b"again")], "after its manifest"),
+    ],
+)
+def test_tampered_members_are_refused(files: dict[str, Path], tmp_path: Path, tamper, message: str) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    _rebuild(out, tamper(_members(out)))
+    assert message in _extract_error(out, tmp_path)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_missing_file_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveCorruptError, match="cannot read"):
+        archive.read_manifest(tmp_path / "nothing.kckpt")
+
+
+def test_other_format_version_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    _rebuild(out, [(n, d.replace(b'"version": 1', b'"version": 99')) for n, d in _members(out)])
+    with pytest.raises(ArchiveCorruptError, match="version 99"):
+        archive.read_manifest(out)

@@ -1,0 +1,117 @@
+"""Checkpoint failures leave the container thawed and running and no archive behind; foreign cgroups work."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import cgroups
+from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+
+pytestmark = pytest.mark.root
+
+COUNTER = textwrap.dedent(
+    """
+    import socket, sys, time
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    i = 0
+    while True:
+        i += 1
+        print(f"tick {i} pid 1", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def test_dump_refused_by_criu_leaves_container_running(state_dir: Path, tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "outside.sock"))
+    listener.listen(1)
+    name = unique_name("sock")
+    kerrickpt.run(name, [sys.executable, "-c", COUNTER, str(tmp_path / "outside.sock")], state_dir=state_dir)
+    peer, _ = listener.accept()
+    log = Path(kerrickpt.ps(state_dir)[0].log or "")
+    wait_for(lambda: ticks(log.read_text()), what="ticks")
+    archive = tmp_path / "never.kckpt"
+    try:
+        with pytest.raises(kerrickpt.DumpFailed) as failure:
+            kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+    finally:
+        peer.close()
+        listener.close()
+
+    assert "criu dump" in str(failure.value)
+    assert failure.value.log_tail, "the error shows the tail of CRIU's log"
+    assert failure.value.exit_code == 5
+    assert not archive.exists()
+    assert [p.name for p in tmp_path.iterdir() if "never" in p.name] == [], "no partial file either"
+    assert kerrickpt.ps(state_dir)[0].state == "running"
+    seen = max(ticks(log.read_text()))
+    wait_for(lambda: max(ticks(log.read_text())) > seen + 2, what="the container to keep counting")
+
+
+def test_unknown_container_and_existing_output_are_refused(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(kerrickpt.ContainerNotFoundError):
+        kerrickpt.checkpoint("no-such-container", tmp_path / "x.kckpt", state_dir=state_dir)
+    w = start_workload()
+    existing = tmp_path / "exists.kckpt"
+    existing.write_text("precious")
+    with pytest.raises(kerrickpt.UsageError):
+        kerrickpt.checkpoint(w.name, existing, state_dir=state_dir)
+    assert existing.read_text() == "precious"
+    assert w.status.state == "running"
+
+
+@pytest.fixture
+def foreign_tree(workload: Path, tmp_path: Path) -> Iterator[tuple[Path, tuple[int, int, int]]]:
+    """A tree kerrickpt did not start: its own PID/IPC/UTS namespaces, in a cgroup the test made."""
+    layout = cgroups.detect()
+    root = layout.unified if layout.unified else layout.freezer
+    assert root is not None
+    path = root / unique_name("foreign")
+    path.mkdir()
+    keys = ipc_keys()
+    script = f"echo 0 > {path}/cgroup.procs && exec setsid {workload} run {' '.join(map(str, keys))}"
+    outside = subprocess.Popen(
+        ["unshare", "--pid", "--ipc", "--uts", "--fork", "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: len(cgroups.Cgroup((path,)).pids()) == 3, what="the foreign tree")
+        yield path, keys
+    finally:
+        cgroups.Cgroup((path,)).remove()
+        outside.kill()
+        outside.wait()
+
+
+def test_checkpoint_of_a_foreign_cgroup_restores_as_a_container(
+    foreign_tree: tuple[Path, tuple[int, int, int]], workload: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    path, keys = foreign_tree
+    init = min(cgroups.Cgroup((path,)).pids())
+    before = probe(workload, init, keys)
+    archive = tmp_path / "foreign.kckpt"
+
+    result = kerrickpt.checkpoint(None, archive, cgroup=path, state_dir=state_dir)
+
+    assert result.name == path.name
+    assert cgroups.Cgroup((path,)).pids() == [], "the source tree was ended"
+    restored = kerrickpt.restore(archive, state_dir=state_dir)
+    assert sorted(restored.pid_map) == [1, 2, 3]
+    time.sleep(0.2)
+    after = probe(workload, restored.init_pid, keys)
+    assert after["messages"] == before["messages"] and after["sems"] == before["sems"]
+    assert after["data_sha"] == before["data_sha"]
+    assert int(after["counter"]) >= int(before["counter"])  # type: ignore[call-overload]

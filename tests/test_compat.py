@@ -1,0 +1,46 @@
+"""Compatibility verdicts between a source and a target fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kerrickpt import compat
+from kerrickpt.node import Fingerprint
+
+SOURCE = Fingerprint("x86_64", "6.1.0-18", "debian 12", "4.2.1", ("avx2", "fpu", "sse2"), 4096, "hybrid")
+
+
+def severities(target: Fingerprint) -> dict[str, str]:
+    return {d.field: d.severity for d in compat.compare(SOURCE, target).differences}
+
+
+def test_same_node_is_compatible() -> None:
+    verdict = compat.compare(SOURCE, SOURCE)
+    assert verdict.is_acceptable() and verdict.explain() == "compatible"
+
+
+def test_architecture_and_cpu_are_fatal_even_when_forced() -> None:
+    target = replace(SOURCE, arch="aarch64", cpu_flags=("fpu", "sse2"))
+    verdict = compat.compare(SOURCE, target)
+    assert severities(target) == {"arch": "fatal", "cpu_flags": "fatal"}
+    assert not verdict.is_acceptable(force=True)
+    assert "avx2" in verdict.explain()
+
+
+def test_older_kernel_refused_unless_forced() -> None:
+    target = replace(SOURCE, kernel="5.10.0")
+    verdict = compat.compare(SOURCE, target)
+    assert severities(target) == {"kernel": "error"}
+    assert not verdict.is_acceptable()
+    assert verdict.is_acceptable(force=True)
+
+
+def test_newer_kernel_and_other_os_are_warnings() -> None:
+    target = replace(SOURCE, kernel="6.18.4", os_release="debian 13", cpu_flags=(*SOURCE.cpu_flags, "avx512f"))
+    assert severities(target) == {"kernel": "warning", "os_release": "warning"}
+    assert compat.compare(SOURCE, target).is_acceptable()
+
+
+def test_older_criu_is_an_error() -> None:
+    assert severities(replace(SOURCE, criu_version="3.17.1")) == {"criu_version": "error"}
+    assert severities(replace(SOURCE, criu_version="4.10")) == {}

@@ -1,0 +1,134 @@
+"""Checkpoint and restore of real containers with real CRIU: the state a user sees comes back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from tests.helpers import cgroup_dirs, ticks, unique_name
+
+pytestmark = pytest.mark.root
+
+
+def archived_log(archive: Path) -> str:
+    """The container's log as the archive carries it, read with standard tools."""
+    out = subprocess.run(f"zstd -dc '{archive}' | tar -xO log", shell=True, capture_output=True, check=True)
+    return out.stdout.decode()
+
+
+def assert_consecutive(numbers: list[int]) -> None:
+    assert numbers, "no ticks"
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the counter skipped or was reset"
+
+
+def test_checkpoint_stops_and_restore_continues_exactly(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    w = start_workload()
+    before = w.probe()
+    pids_before = w.pid_map()
+    assert sorted(pids_before) == [1, 2, 3]
+    archive = tmp_path / "w.kckpt"
+
+    result = kerrickpt.checkpoint(w.name, archive, state_dir=state_dir)
+
+    assert result.archive == archive and archive.stat().st_mode & 0o777 == 0o600
+    assert not result.left_running
+    assert kerrickpt.ps(state_dir) == []
+    assert cgroup_dirs(w.name) == []
+    for host_pid in pids_before.values():
+        assert not Path(f"/proc/{host_pid}").exists() or "Z" in Path(f"/proc/{host_pid}/stat").read_text().split()[2]
+    last_archived = max(ticks(archived_log(archive)))
+
+    restored = kerrickpt.restore(archive, state_dir=state_dir)
+
+    assert restored.name == w.name
+    assert sorted(restored.pid_map) == [1, 2, 3], "every in-container PID comes back"
+    assert restored.pid_map[1] == restored.init_pid
+    assert w.pid_map() == restored.pid_map
+    assert len(os.listdir(f"/proc/{restored.pid_map[3]}/task")) == 2, "the threaded child has both threads"
+    w.wait_ticking(beyond=last_archived)
+    after = w.probe()
+    assert after["data_sha"] == before["data_sha"], "shared memory holds the same bytes"
+    assert after["messages"] == before["messages"] == [[1, "alpha"], [2, "bravo"], [7, "charlie"]]
+    assert after["sems"] == before["sems"] == [7, 11, 13]
+    assert after["shm_id"] == before["shm_id"] and after["msg_id"] == before["msg_id"]
+    numbers = ticks(w.log)
+    assert_consecutive(numbers)
+    assert numbers[0] == 1 and numbers[-1] > last_archived, "the counter continued, not restarted"
+    assert int(after["counter"]) > last_archived  # type: ignore[call-overload]
+
+
+def test_leave_running_archive_restores_a_second_copy(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    original = start_workload()
+    archive = tmp_path / "copy.kckpt"
+
+    result = kerrickpt.checkpoint(original.name, archive, leave_running=True, state_dir=state_dir)
+
+    assert result.left_running
+    assert result.manifest.timings["frozen_s"] > 0
+    last = max(ticks(original.log))
+    original.wait_ticking(beyond=last)  # the original keeps counting
+    copy_name = unique_name("copy")
+    restored = kerrickpt.restore(archive, name=copy_name, state_dir=state_dir)
+
+    states = {r.name: r.state for r in kerrickpt.ps(state_dir)}
+    assert states == {original.name: "running", copy_name: "running"}
+    copy = type(original)(copy_name, original.keys, state_dir, original.binary)
+    assert sorted(copy.pid_map()) == sorted(original.pid_map()) == [1, 2, 3]
+    assert set(copy.pid_map().values()).isdisjoint(original.pid_map().values())
+    ns = {os.readlink(f"/proc/{c.status.init_pid}/ns/ipc") for c in (original, copy)}
+    assert len(ns) == 2, "each copy has its own IPC namespace"
+    probes = [c.probe() for c in (original, copy)]
+    assert probes[0]["messages"] == probes[1]["messages"]
+    assert probes[0]["data_sha"] == probes[1]["data_sha"]
+    copy.wait_ticking(beyond=max(ticks(archived_log(archive))))
+    assert_consecutive(ticks(copy.log))
+    assert restored.pid_map == copy.pid_map()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest-missing"])
+def test_corrupt_archive_is_refused_before_any_process_exists(
+    start_workload, state_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    w = start_workload()
+    good = tmp_path / "good.kckpt"
+    kerrickpt.checkpoint(w.name, good, leave_running=True, state_dir=state_dir)
+    data = bytearray(good.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = data[: len(data) - 200]
+    bad = tmp_path / "bad.kckpt"
+    bad.write_bytes(bytes(data))
+    workload_processes = _count_processes(str(w.binary))
+
+    with pytest.raises(kerrickpt.ArchiveCorruptError):
+        kerrickpt.restore(bad, name=unique_name("bad"), state_dir=state_dir)
+
+    assert _count_processes(str(w.binary)) == workload_processes
+    assert [r.name for r in kerrickpt.ps(state_dir)] == [w.name]
+
+
+def _count_processes(exe: str) -> int:
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                count += (entry / "cmdline").read_bytes().split(b"\0")[0] == exe.encode()
+            except OSError:
+                continue
+    return count
+
+
+def test_restore_under_a_taken_name_is_refused(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    w = start_workload()
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(w.name, archive, leave_running=True, state_dir=state_dir)
+    with pytest.raises(kerrickpt.ContainerExistsError):
+        kerrickpt.restore(archive, state_dir=state_dir)
+    assert w.status.state == "running"
