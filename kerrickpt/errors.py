@@ -80,3 +80,15 @@ class CommandTimeout(KerrickptError):
     """An external program did not finish in time and was killed."""
 
     exit_code = 10
+
+
+class LockTimeout(KerrickptError):
+    """Another kerrickpt run held the container's snapshot lock for longer than --wait."""
+
+    exit_code = 20
+
+
+class SnapshotNotFoundError(KerrickptError):
+    """The snapshot store holds no snapshot that matches."""
+
+    exit_code = 21
