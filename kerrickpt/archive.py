@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from kerrickpt import fault
 from kerrickpt.errors import ArchiveCorruptError, UsageError
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.manifest import Manifest, Member
@@ -79,6 +80,7 @@ def write(
                         reader = _HashingReader(fh)
                         tar.addfile(info, reader)
                     members.append(Member(name=name, size=info.size, sha256=reader.sha.hexdigest()))
+                fault.point("compress")
                 manifest.members = members
                 manifest.timings["compress_s"] = round(time.monotonic() - started, 4)
                 if finalize:
@@ -89,7 +91,7 @@ def write(
             os.fsync(fd)
         # link() fails if `path` appeared meanwhile: never replace someone's file.
         os.link(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return manifest
     finally:
         os.close(fd)
@@ -104,7 +106,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -163,8 +165,18 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
         raise ArchiveCorruptError(f"{path} is corrupt: {exc}") from exc
 
 
-def extract(path: Path, dest: Path) -> Manifest:
-    """Unpack into `dest` (0600 files) and verify every member against the manifest.
+def _output(dest: Path | None, name: str) -> BinaryIO:
+    """Where a member's bytes go: a new 0600 file under `dest`, or nowhere when only verifying."""
+    if dest is None:
+        return open(os.devnull, "wb")
+    target = dest / name
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(out, "wb")
+
+
+def extract(path: Path, dest: Path | None) -> Manifest:
+    """Unpack into `dest` (0600 files; None unpacks nothing) and verify every member against the manifest.
 
     Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a member
     that is missing, extra or unexpected; `dest` then holds nothing worth using.
@@ -179,11 +191,8 @@ def extract(path: Path, dest: Path) -> Manifest:
             continue
         if info.name in seen:
             raise ArchiveCorruptError(f"{path} holds {info.name} twice")
-        target = dest / info.name
-        target.parent.mkdir(mode=0o700, exist_ok=True)
         sha = hashlib.sha256()
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(out, "wb") as fh:
+        with _output(dest, info.name) as fh:
             while chunk := reader.read(CHUNK):
                 sha.update(chunk)
                 fh.write(chunk)
@@ -199,6 +208,11 @@ def extract(path: Path, dest: Path) -> Manifest:
         if seen[name] != expected[name]:
             raise ArchiveCorruptError(f"{name} in {path} does not match its checksum")
     return manifest
+
+
+def verify(path: Path) -> Manifest:
+    """Check every member against the manifest, unpacking nothing; raises ArchiveCorruptError."""
+    return extract(path, None)
 
 
 def read_manifest(path: Path) -> Manifest:

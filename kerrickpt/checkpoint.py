@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, containers, criu, node, procs
+from kerrickpt import archive, cgroups, containers, criu, fault, guard, node, procs
 from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, UsageError
 from kerrickpt.freezer import frozen
 from kerrickpt.manifest import Manifest
@@ -73,13 +73,15 @@ def checkpoint(
     step = "freezing the cgroup"
     try:
         freezer = group.freezer
+        guardian = guard.Guardian(freezer)
         frozen_at = time.monotonic()
-        with frozen(freezer):
+        with guardian, frozen(freezer):
             step = "reading the process tree"
             tree = _tree(group, container)
             # The log keeps growing once thawed; archive it as it was at the dump.
             sizes = {"log": os.stat(container.log).st_size} if container and container.log else {}
             step = "criu dump"
+            fault.point("dump")
             dump_started = time.monotonic()
             criu.dump(found, tree[0]["host_pid"], images, scratch, freeze_cgroup=str(freezer.path))
             timings = {"dump_s": round(time.monotonic() - dump_started, 4)}

@@ -21,6 +21,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 RECORD = "container.json"
 LOG = "log"
+# Scratch directories carry their run's PID namespace, PID and start time: PREFIX-NS.PID.START-XXXX.
+SCRATCH_OWNER = re.compile(r"[a-z]+-(\d+)\.(\d+)\.(\d+)-")
 
 
 def utc_now() -> str:
@@ -123,7 +125,21 @@ class Registry:
         return found
 
     def scratch_dir(self, prefix: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.scratch))
+        """A private directory named after this run, so that `sweep_scratch` can tell when the run is gone."""
+        pid = os.getpid()
+        owner = f"{_pid_namespace()}.{pid}.{procs.start_time(pid)}"
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner}-", dir=self.scratch))
+
+    def sweep_scratch(self) -> list[Path]:
+        """Remove the scratch directories of runs that died in them (they may hold process memory)."""
+        swept = []
+        for path in sorted(self.scratch.iterdir()):
+            owner = SCRATCH_OWNER.match(path.name)
+            # A run in another PID namespace cannot be judged from here: leave its directory alone.
+            if owner and int(owner[1]) == _pid_namespace() and not procs.is_alive(int(owner[2]), int(owner[3])):
+                shutil.rmtree(path, ignore_errors=True)
+                swept.append(path)
+        return swept
 
     def log_path(self, name: str) -> Path:
         return self.path(name) / LOG
@@ -131,6 +147,10 @@ class Registry:
     def open_log(self, name: str) -> int:
         """The container's log, opened for appending the way its processes hold it."""
         return os.open(self.log_path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _pid_namespace() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
 
 
 def run(

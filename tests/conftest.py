@@ -60,7 +60,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KERRICKPT_STATE_DIR", raising=False)
+    for name in ("KERRICKPT_STATE_DIR", "KERRICKPT_FAULT"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

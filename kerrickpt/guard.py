@@ -1,0 +1,74 @@
+"""Owns the guardian: a separate process that thaws a frozen container if kerrickpt dies mid-checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from kerrickpt.errors import KerrickptError
+from kerrickpt.freezer import Freezer
+
+DISARM = b"d"
+# Not `-m kerrickpt.guard`: the package imports this module first, which runpy warns about.
+ENTRY = "import sys; from kerrickpt.guard import main; sys.exit(main(sys.argv))"
+
+
+class Guardian:
+    """Starts standing by at once; should this process die before `disarm()`, the cgroup is thawed.
+
+    The guardian waits on a pipe whose write end this process and, by inheritance, CRIU hold.
+    Disarming tells it to leave; a death closes the pipe, and once CRIU (which finishes its
+    dump and leaves the cgroup frozen) is gone too, the guardian thaws the cgroup. Like
+    Popen, it is a context manager: leaving the block disarms it.
+    """
+
+    def __init__(self, freezer: Freezer) -> None:
+        reader, writer = os.pipe()
+        try:
+            # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the
+            # snapshot store's) stays held until the guardian has thawed the container.
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", ENTRY, str(freezer.path)],
+                stdin=reader,
+                stdout=subprocess.DEVNULL,
+                close_fds=False,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(writer)
+            raise
+        finally:
+            os.close(reader)
+        # Only now, so that the guardian itself does not hold it: CRIU's swrk inherits it.
+        os.set_inheritable(writer, True)
+        self.writer = writer
+
+    def __enter__(self) -> Guardian:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.disarm()
+
+    def disarm(self) -> None:
+        os.write(self.writer, DISARM)
+        os.close(self.writer)
+        self.process.wait()
+
+
+def main(argv: list[str]) -> int:
+    """The guardian process: argv[1] is the cgroup directory to thaw, the pipe is on stdin."""
+    path = Path(argv[1])
+    # A container that was ended meanwhile has nothing left to thaw.
+    if os.read(0, len(DISARM)) == DISARM or not path.exists():
+        return 0
+    try:
+        Freezer(path).thaw()
+    except (OSError, KerrickptError) as exc:
+        print(f"kerrickpt guardian: could not thaw {path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
