@@ -14,15 +14,21 @@ from kerrickpt.errors import (
     ContainerNotFoundError,
     DumpFailed,
     KerrickptError,
+    LockTimeout,
     NodeIncompatibleError,
     NotReadyError,
     RestoreFailed,
+    SnapshotNotFoundError,
     UsageError,
 )
 from kerrickpt.inspect import ArchiveInfo, inspect
+from kerrickpt.lock import Holder
 from kerrickpt.manifest import Manifest
 from kerrickpt.node import Fingerprint, Report, check
 from kerrickpt.restore import RestoreResult, restore
+from kerrickpt.retention import Decision, Plan, Policy
+from kerrickpt.snapshot import SnapshotResult, snapshot
+from kerrickpt.store import Snapshot, Store
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -33,15 +39,24 @@ __all__ = [
     "ContainerExistsError",
     "ContainerNotFoundError",
     "ContainerStatus",
+    "Decision",
     "DumpFailed",
     "Fingerprint",
+    "Holder",
     "KerrickptError",
+    "LockTimeout",
     "Manifest",
     "NodeIncompatibleError",
     "NotReadyError",
+    "Plan",
+    "Policy",
     "Report",
     "RestoreFailed",
     "RestoreResult",
+    "Snapshot",
+    "SnapshotNotFoundError",
+    "SnapshotResult",
+    "Store",
     "UsageError",
     "Verdict",
     "check",
@@ -51,4 +66,5 @@ __all__ = [
     "ps",
     "restore",
     "run",
+    "snapshot",
 ]

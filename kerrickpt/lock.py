@@ -97,7 +97,7 @@ def _record(fd: int, data: bytes) -> None:
 def _busy(fd: int, what: str, wait: float) -> str:
     holder = _read(fd)
     who = holder.describe() if holder else "not recorded yet"
-    message = f"{what} is locked by another kerrickpt run ({who}); gave up after {wait:g} s (see --wait)"
+    message = f"another kerrickpt run holds the lock on {what} ({who}); gave up after {wait:g} s (see --wait)"
     if holder and not holder.is_running():
         message += "; that run has ended, but a process it started still holds the lock (CRIU or its guardian)"
     return message

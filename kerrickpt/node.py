@@ -24,6 +24,7 @@ class Fingerprint:
     cpu_flags: tuple[str, ...]
     page_size: int
     cgroup_layout: str
+    hostname: str = ""  # names the node; never compared
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -65,6 +66,7 @@ def fingerprint(criu_version: str) -> Fingerprint:
         cpu_flags=cpu_flags(),
         page_size=os.sysconf("SC_PAGE_SIZE"),
         cgroup_layout=cgroups.detect().kind,
+        hostname=platform.node(),
     )
 
 

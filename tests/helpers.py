@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -39,6 +41,32 @@ TICK = re.compile(r"^tick (\d+) pid (\d+)$", re.M)
 
 def ticks(text: str) -> list[int]:
     return [int(m.group(1)) for m in TICK.finditer(text)]
+
+
+def assert_consecutive(numbers: list[int]) -> None:
+    assert numbers, "no ticks"
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the counter skipped or was reset"
+
+
+def archived_log(archive: Path) -> str:
+    """The container's log as the archive carries it, read with standard tools."""
+    out = subprocess.run(f"zstd -dc '{archive}' | tar -xO log", shell=True, capture_output=True, check=True)
+    return out.stdout.decode()
+
+
+KERRICKPT = [sys.executable, "-m", "kerrickpt.cli.main"]
+
+
+def cli_env(state_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if state_dir:
+        env["KERRICKPT_STATE_DIR"] = str(state_dir)
+    return env | extra
+
+
+def cli(*args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command in its own process, to see its real exit code."""
+    return subprocess.run([*KERRICKPT, *args], capture_output=True, text=True, env=cli_env(state_dir), timeout=120)
 
 
 def probe(workload: Path, host_pid: int, keys: tuple[int, int, int]) -> dict[str, object]:

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kerrickpt.cli.main import main
-from tests.helpers import ipc_keys, ticks, unique_name, wait_for
-
-KERRICKPT = [sys.executable, "-m", "kerrickpt.cli.main"]
-
-
-def cli(*args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real command in its own process, to see its real exit code."""
-    env = dict(os.environ)
-    if state_dir:
-        env["KERRICKPT_STATE_DIR"] = str(state_dir)
-    return subprocess.run([*KERRICKPT, *args], capture_output=True, text=True, env=env, timeout=120)
+from tests.helpers import cli, ipc_keys, ticks, unique_name, wait_for
 
 
 def test_usage_error_exits_2() -> None:
@@ -91,3 +78,64 @@ def test_full_cycle_through_the_command(state_dir: Path, tmp_path: Path, workloa
     ]
     assert cli("kill", name, state_dir=state_dir).returncode == 0
     assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+
+
+def test_snapshot_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert cli("snapshot", "x").returncode == 2  # --store is required
+    assert cli("snapshots").returncode == 2
+    assert cli("snapshots", "prune", "--store", str(tmp_path)).returncode == 2  # no --keep-* rule
+    missing = cli("snapshots", "list", "--store", str(tmp_path / "missing"))
+    assert missing.returncode == 2 and "create it first" in missing.stderr
+    picked = cli("restore", "x", "--latest")
+    assert picked.returncode == 2 and "--store" in picked.stderr
+
+
+def test_help_shows_snapshot_examples_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "kerrickpt snapshot job1 --store" in out and "kerrickpt restore --store" in out
+    assert "20 the snapshot lock" in out and "21 no such snapshot" in out
+
+
+@pytest.mark.root
+def test_snapshots_through_the_command(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    w = start_workload()
+    store = tmp_path / "store"
+    store.mkdir()
+    s = str(store)
+
+    quiet = cli("snapshot", w.name, "--store", s, "--quiet", state_dir=state_dir)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", ""), "silent on success: cron mails nothing"
+    logged = cli("snapshot", w.name, "--store", s, state_dir=state_dir)
+    assert logged.returncode == 0 and logged.stdout == ""
+    assert logged.stderr.startswith(f"kerrickpt: snapshot {w.name} ") and logged.stderr.count("\n") == 1
+    third = cli("snapshot", w.name, "--store", s, "--keep-last", "2", "--json", "--quiet", state_dir=state_dir)
+    shown = json.loads(third.stdout)
+    assert shown["snapshot"]["status"] == "verified" and len(shown["kept"]) == 2 and len(shown["removed"]) == 1
+
+    lines = cli("snapshots", "list", "--store", s).stdout.splitlines()
+    assert lines[0].split() == ["NAME", "SNAPSHOT", "TIME", "SIZE", "FROZEN", "NODE", "STATUS"]
+    assert len(lines) == 3 and all(line.startswith(w.name) and line.endswith(" verified") for line in lines[1:])
+    rows = json.loads(cli("snapshots", "list", "--store", s, w.name, "--json").stdout)
+    older, newer = (r["id"] for r in rows)
+    assert older < newer and all(r["frozen_s"] > 0 and r["node"] for r in rows)
+
+    dry = cli("snapshots", "prune", "--store", s, "--keep-last", "1", "--dry-run")
+    assert dry.returncode == 0 and "rule: keep the newest snapshot" in dry.stdout
+    verdicts = {snap: line for line in dry.stdout.splitlines() for snap in (older, newer) if f" {snap} " in line}
+    assert verdicts[newer].startswith("keep") and verdicts[newer].endswith(": last #1")
+    assert verdicts[older].startswith("would remove") and verdicts[older].endswith(": no rule keeps it")
+    pruned = json.loads(cli("snapshots", "prune", "--store", s, "--keep-last", "1", "--json").stdout)
+    assert [(d["id"], d["keep"]) for d in pruned["series"][w.name]] == [(newer, True), (older, False)]
+
+    verified = cli("snapshots", "verify", "--store", s)
+    assert verified.returncode == 0 and f"ok {w.name} {newer}" in verified.stdout
+    path = store / w.name / f"{newer}.kckpt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    damaged = cli("snapshots", "verify", "--store", s)
+    assert damaged.returncode == 6 and f"corrupt: {path}" in damaged.stderr
+    nothing = cli("restore", "--store", s, w.name, "--name", unique_name(), state_dir=state_dir)
+    assert nothing.returncode == 21 and "no usable snapshot" in nothing.stderr

@@ -64,7 +64,7 @@ def test_a_second_run_gives_up_after_wait_naming_the_holder(start_holder: Start,
         pytest.fail("the lock was held by another process")
     assert time.monotonic() - began >= 0.3
     assert refused.value.exit_code == 20
-    assert f"pid {holder.pid} on " in str(refused.value) and "the test lock is locked" in str(refused.value)
+    assert f"pid {holder.pid} on " in str(refused.value) and "holds the lock on the test lock" in str(refused.value)
 
 
 def test_a_waiting_run_goes_on_once_the_holder_lets_go(start_holder: Start, tmp_path: Path) -> None:

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import kerrickpt
-from tests.helpers import cgroup_dirs, ticks, unique_name
+from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, ticks, unique_name
 
 pytestmark = pytest.mark.root
-
-
-def archived_log(archive: Path) -> str:
-    """The container's log as the archive carries it, read with standard tools."""
-    out = subprocess.run(f"zstd -dc '{archive}' | tar -xO log", shell=True, capture_output=True, check=True)
-    return out.stdout.decode()
-
-
-def assert_consecutive(numbers: list[int]) -> None:
-    assert numbers, "no ticks"
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the counter skipped or was reset"
 
 
 def test_checkpoint_stops_and_restore_continues_exactly(start_workload, state_dir: Path, tmp_path: Path) -> None:

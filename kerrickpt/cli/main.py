@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import kerrickpt
-from kerrickpt import cgroups, containers
-from kerrickpt.errors import KerrickptError, NotReadyError
+from kerrickpt import cgroups, containers, retention
+from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NotReadyError, UsageError
 
 EXAMPLES = """\
 examples:
@@ -23,15 +24,53 @@ examples:
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
   kerrickpt kill job1
+  kerrickpt snapshot job1 --store /srv/snap --keep-last 4 --keep-hourly 24 --keep-daily 7 --wait 300 --quiet
+  kerrickpt snapshots list --store /srv/snap job1
+  kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
+  kerrickpt snapshots verify --store /srv/snap
+  kerrickpt restore --store /srv/snap job1 --at 2025-01-31T14:00 --name job1-then
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
-  9 container exists, 10 an external program timed out
+  9 container exists, 10 an external program timed out,
+  20 the snapshot lock stayed held by another run (--wait), 21 no such snapshot in the store
 """
 
 
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _size(value: int) -> str:
+    """Bytes for people: snapshots of small containers are a few KiB."""
+    if value < 1024:
+        return f"{value} B"
+    size, unit = value / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def _local(when: datetime) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _policy(args: argparse.Namespace) -> kerrickpt.Policy:
+    return kerrickpt.Policy(
+        last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily, weekly=args.keep_weekly
+    )
+
+
+def _time(text: str) -> datetime:
+    """--at: ISO 8601 (local time unless it says otherwise) or a snapshot id."""
+    try:
+        return datetime.fromisoformat(text).astimezone()
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r} is not a time: give e.g. 2025-01-31T14:00 or an id from `snapshots list`"
+        ) from None
 
 
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
@@ -104,15 +143,21 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.restore(args.archive, name=args.name, state_dir=args.state_dir, force=args.force)
+    path = args.archive
+    if args.store:
+        path = kerrickpt.Store(args.store).at(args.archive, _time(args.at) if args.at else None).path
+    elif args.at or args.latest:
+        raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
+    result = kerrickpt.restore(path, name=args.name, state_dir=args.state_dir, force=args.force)
     if not args.json:
+        print(f"from {path}")
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"restored {result.name}: init pid {result.init_pid}")
         print("pid map (inside -> host):")
         for inside, host in sorted(result.pid_map.items()):
             print(f"  {inside} -> {host}")
-    return result.to_dict(), 0
+    return {**result.to_dict(), "archive": str(path)}, 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
@@ -132,6 +177,92 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
     return info.to_dict(), 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.snapshot(
+        args.name,
+        args.store,
+        cgroup=args.cgroup,
+        policy=_policy(args),
+        wait=args.wait,
+        state_dir=args.state_dir,
+        level=args.level,
+    )
+    if not args.quiet:
+        print(_log_line(result), file=sys.stderr)
+    return result.to_dict(), 0
+
+
+def _log_line(result: kerrickpt.SnapshotResult) -> str:
+    """The one line a run logs: what was taken, what retention did, what was cleaned up."""
+    snap = result.snapshot
+    words = [
+        f"kerrickpt: snapshot {snap.name} {snap.id}: {_size(snap.archive_bytes)}, "
+        f"frozen {snap.frozen_s or 0:.3f} s, took {result.duration_s:.2f} s"
+    ]
+    if result.plan:
+        removed = ", ".join(s.id for s in result.removed) or "none"
+        words.append(f"kept {len(result.plan.kept)}, removed {removed}")
+    if result.took_over:
+        words.append(f"took over the lock of a run that died ({result.took_over.describe()})")
+    if result.cleaned:
+        words.append(f"removed {len(result.cleaned)} leftovers of dead runs")
+    return "; ".join(words)
+
+
+def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
+    rows = kerrickpt.Store(args.store).list(args.name)
+    if not args.json:
+        print(f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} STATUS")
+        for r in rows:
+            frozen = "-" if r.frozen_s is None else f"{r.frozen_s:.3f}s"
+            print(
+                f"{r.name:<24} {r.id:<20} {_local(r.time):<19} {_size(r.archive_bytes):>12} {frozen:>8} "
+                f"{r.node or '-':<16} {r.status}"
+            )
+    return [r.to_dict() for r in rows], 0
+
+
+def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
+    policy = _policy(args)
+    plans = kerrickpt.Store(args.store).prune(args.name, policy, dry_run=args.dry_run, wait=args.wait)
+    gone = "would remove" if args.dry_run else "removed"
+    if not args.json:
+        for sentence in policy.describe():
+            print(f"rule: {sentence}")
+        for plan in plans.values():
+            for d in plan.decisions:
+                verdict = "keep" if d.keep else gone
+                print(f"{verdict:<12} {d.item.name} {d.item.id} ({_local(d.item.time)}): {', '.join(d.reasons)}")
+    result = {
+        name: [{"id": d.item.id, "keep": d.keep, "reasons": list(d.reasons)} for d in plan.decisions]
+        for name, plan in plans.items()
+    }
+    return {"dry_run": args.dry_run, "rules": policy.to_dict(), "series": result}, 0
+
+
+def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
+    rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
+    for r in rows:
+        if r.corrupt:
+            print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
+        elif not args.json:
+            print(f"ok {r.name} {r.id}")
+    code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
+    return [r.to_dict() for r in rows], code
+
+
+def _keep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the N newest snapshots")
+    for rule, (unit, _) in retention.PERIODS.items():
+        p.add_argument(
+            f"--keep-{rule}",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"keep the newest snapshot of each of the N most recent {unit}s that have one",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -139,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
     )
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    in_store = argparse.ArgumentParser(add_help=False)
+    in_store.add_argument("--store", required=True, metavar="DIR", help="the snapshot store (an existing directory)")
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a container's lock (default 0)"
+    )
     parser = argparse.ArgumentParser(
         prog="kerrickpt",
         description="Checkpoint and restore Linux containers and process trees with CRIU.",
@@ -169,11 +306,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
     p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
     p = add("restore", cmd_restore, "verify an archive and restore its container on this node")
-    p.add_argument("archive")
+    p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p.add_argument("--store", metavar="DIR", help="restore NAME's latest snapshot in this store (or the one --at)")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--at", metavar="TIME", help="the newest snapshot taken at or before TIME (ISO 8601 or an id)")
+    pick.add_argument("--latest", action="store_true", help="the newest snapshot (the default)")
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
+
+    p = sub.add_parser(
+        "snapshot",
+        parents=[common, in_store, waiting],
+        help="checkpoint a running container into a snapshot store, then prune (made for cron)",
+        description="Checkpoint a container into a snapshot store and leave it running, then prune by the "
+        "--keep-* rules. Quiet on stdout; one log line on stderr per run (none on success with --quiet).",
+    )
+    p.set_defaults(func=cmd_snapshot)
+    p.add_argument("name", nargs="?", help="a container started by kerrickpt")
+    p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
+    _keep_options(p)
+    p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+    p = sub.add_parser("snapshots", help="list, prune or verify the snapshots in a store")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def act(name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        q = actions.add_parser(name, parents=[common, in_store, *parents], help=help_text, description=help_text)
+        q.set_defaults(func=func)
+        q.add_argument("name", nargs="?", help="only this container's snapshots")
+        return q
+
+    act("list", cmd_snapshots_list, "list snapshots: time, size, frozen time, source node, verified or not")
+    q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", waiting)
+    _keep_options(q)
+    q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    act("verify", cmd_snapshots_verify, "check every archive's checksums (exit 6 if any is corrupt)", waiting)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""Owns `snapshot`: under the container's lock, checkpoint it running into the store, publish, then prune."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archive, containers
+from kerrickpt.checkpoint import checkpoint
+from kerrickpt.errors import UsageError
+from kerrickpt.lock import Holder
+from kerrickpt.retention import Plan, Policy
+from kerrickpt.store import Snapshot, Store
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    snapshot: Snapshot
+    plan: Plan[Snapshot] | None
+    duration_s: float
+    took_over: Holder | None = None
+    cleaned: list[Path] = field(default_factory=list)
+
+    @property
+    def removed(self) -> list[Snapshot]:
+        return self.plan.removed if self.plan else []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "snapshot": self.snapshot.to_dict(),
+            "kept": [d.item.id for d in self.plan.decisions if d.keep] if self.plan else None,
+            "removed": [s.id for s in self.removed],
+            "duration_s": round(self.duration_s, 4),
+            "took_over_lock_of": self.took_over.to_dict() if self.took_over else None,
+            "cleaned": [str(p) for p in self.cleaned],
+        }
+
+
+def snapshot(
+    name: str | None,
+    store: Store | Path | str,
+    *,
+    cgroup: Path | str | None = None,
+    policy: Policy | None = None,
+    wait: float = 0.0,
+    state_dir: Path | str | None = None,
+    level: int = archive.DEFAULT_LEVEL,
+) -> SnapshotResult:
+    """Snapshot container `name` (or the tree in `cgroup`, stored under its last path component).
+
+    The container is frozen only while CRIU dumps it and keeps running whatever happens.
+    The snapshot appears in the store complete and verified, or not at all; only then are
+    older ones pruned by `policy` (no rule: nothing is pruned).
+    """
+    started = time.monotonic()
+    if (name is None) == (cgroup is None):
+        raise UsageError("give either a container name or --cgroup PATH")
+    label = containers.check_name(name or Path(str(cgroup)).name)
+    store = store if isinstance(store, Store) else Store(store)
+    policy = policy or Policy()
+    registry = containers.Registry(state_dir)
+    with store.lock(label, wait=wait) as took_over:
+        cleaned = store.clean(label) + registry.sweep_scratch()
+        checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
+        published = store.publish(label)
+        plan = None
+        if not policy.is_empty:
+            plan = store.plan(label, policy)
+            store.remove(plan.removed)
+    return SnapshotResult(published, plan, time.monotonic() - started, took_over, cleaned)

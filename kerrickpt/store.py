@@ -1,0 +1,268 @@
+"""Owns the snapshot store: per container, a directory of archives published whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archive, containers, fault, lock
+from kerrickpt.errors import ArchiveCorruptError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt.manifest import Manifest
+from kerrickpt.retention import Plan, Policy
+
+SUFFIX = ".kckpt"
+META = ".meta"
+LOCK = ".lock"
+INCOMING = ".incoming" + SUFFIX
+STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
+META_FORMAT = "kerrickpt-snapshot-meta"
+VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One published snapshot of a container, as `snapshots list` shows it."""
+
+    name: str
+    path: Path
+    time: datetime
+    archive_bytes: int
+    frozen_s: float | None
+    node: str
+    status: str
+    checked: str | None = None
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        """Its time in UTC, e.g. 20250102T030405.678Z: the file name without `.kckpt`."""
+        return self.path.name.removesuffix(SUFFIX)
+
+    @property
+    def verified(self) -> bool:
+        return self.status == VERIFIED
+
+    @property
+    def corrupt(self) -> bool:
+        return self.status == CORRUPT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "path": str(self.path),
+            "time": self.time.isoformat(timespec="milliseconds"),
+            "archive_bytes": self.archive_bytes,
+            "frozen_s": self.frozen_s,
+            "node": self.node,
+            "status": self.status,
+            "checked": self.checked,
+            "error": self.error,
+        }
+
+
+def stamp(created: str) -> str:
+    """A manifest's creation time as a snapshot id."""
+    when = datetime.fromisoformat(created).astimezone(UTC)
+    return when.strftime("%Y%m%dT%H%M%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def _time_of(path: Path) -> datetime:
+    return datetime.fromisoformat(path.name.removesuffix(SUFFIX))
+
+
+def _summary(name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None) -> Snapshot:
+    node = manifest.source.hostname or f"{manifest.source.arch} {manifest.source.kernel}"
+    return Snapshot(name, path, _time_of(path), size, manifest.timings.get("frozen_s"), node, status, checked)
+
+
+class Store:
+    """A directory holding, per container, `ID.kckpt` archives, their `ID.meta` records and a lock.
+
+    An archive appears under its final name only complete, fsynced and verified, and only
+    runs holding the container's lock write into its directory, so whatever such a run
+    leaves behind when it dies (hidden temporary files, an unmatched record) is removed
+    by the next run, under the lock.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).absolute()
+        if not self.root.is_dir():
+            raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
+
+    def series(self, name: str) -> Path:
+        return self.root / containers.check_name(name)
+
+    def names(self) -> list[str]:
+        """The containers with a directory in the store."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and containers.NAME_PATTERN.fullmatch(p.name))
+
+    def list(self, name: str | None = None) -> list[Snapshot]:
+        """Published snapshots, per container oldest first; a snapshot removed meanwhile is left out."""
+        found = []
+        for series in [name] if name else self.names():
+            directory = self.series(series)
+            paths = sorted(directory.glob("*" + SUFFIX)) if directory.is_dir() else []
+            for path in paths:
+                if STAMP.fullmatch(path.name.removesuffix(SUFFIX)):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append(self._load(series, path))
+        return found
+
+    def at(self, name: str, when: datetime | None = None) -> Snapshot:
+        """The newest snapshot not known corrupt, taken at or before `when` (default: the latest)."""
+        usable = [s for s in self.list(name) if not s.corrupt and (when is None or s.time <= when)]
+        if not usable:
+            limit = f" taken at or before {when.isoformat()}" if when else ""
+            raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}")
+        return usable[-1]
+
+    def latest(self, name: str) -> Snapshot:
+        return self.at(name)
+
+    def lock(self, name: str, *, wait: float = 0.0) -> contextlib.AbstractContextManager[lock.Holder | None]:
+        """The container's lock (see `lock.held`); creates its directory."""
+        directory = self.series(name)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return lock.held(directory / LOCK, wait=wait, what=f"the snapshots of {name} in {self.root}")
+
+    def incoming(self, name: str) -> Path:
+        """Where a run writes its archive before `publish`."""
+        return self.series(name) / INCOMING
+
+    def clean(self, name: str) -> list[Path]:
+        """Remove what runs that died left behind; call with the lock held."""
+        directory = self.series(name)
+        archives = {p.name.removesuffix(SUFFIX) for p in directory.glob("*" + SUFFIX)}
+        leftovers = [
+            p
+            for p in sorted(directory.iterdir())
+            if (p.name.startswith(".") and p.name != LOCK) or (p.suffix == META and p.stem not in archives)
+        ]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
+
+    def publish(self, name: str) -> Snapshot:
+        """Verify the incoming archive, record it and link it in under its id; call with the lock held."""
+        incoming = self.incoming(name)
+        try:
+            manifest = archive.verify(incoming)
+            size, mtime = _identity(incoming)
+            final = self.series(name) / f"{stamp(manifest.created)}{SUFFIX}"
+            snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now())
+            self._record(snap, mtime)
+            fault.point("publish")
+            try:
+                os.link(incoming, final)
+                archive.fsync_dir(final.parent)
+            except BaseException:
+                _meta_path(final).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise DumpFailed(f"publishing the snapshot of {name} in {self.root} failed: {exc}") from exc
+        finally:
+            incoming.unlink(missing_ok=True)
+        return snap
+
+    def verify(self, name: str | None = None, *, wait: float = 0.0) -> list[Snapshot]:
+        """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out."""
+        checked = []
+        for snap in self.list(name):
+            with contextlib.suppress(FileNotFoundError):
+                before = _identity(snap.path)
+                try:
+                    manifest = archive.verify(snap.path)
+                    now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
+                except ArchiveCorruptError as exc:
+                    now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
+                with self.lock(snap.name, wait=wait):
+                    # Record only what was read: not an archive that was pruned or replaced meanwhile.
+                    if _identity(snap.path) == before:
+                        self._record(now, before[1])
+                        checked.append(now)
+        return checked
+
+    def plan(self, name: str, policy: Policy, now: datetime | None = None) -> Plan[Snapshot]:
+        """What `prune` would keep and remove, and why."""
+        return policy.thin(self.list(name), now or datetime.now(UTC))
+
+    def remove(self, snapshots: list[Snapshot]) -> None:
+        """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held."""
+        for snap in snapshots:
+            snap.path.unlink(missing_ok=True)
+            _meta_path(snap.path).unlink(missing_ok=True)
+
+    def prune(
+        self,
+        name: str | None,
+        policy: Policy,
+        *,
+        now: datetime | None = None,
+        dry_run: bool = False,
+        wait: float = 0.0,
+    ) -> dict[str, Plan[Snapshot]]:
+        """Remove the snapshots of `name` (default: of every container) that no rule keeps.
+
+        With `dry_run`, only say what would go and which rule keeps each of the others.
+        """
+        if policy.is_empty:
+            raise UsageError("give at least one --keep-* rule; without one, prune would have nothing to go by")
+        plans = {}
+        for series in [name] if name else self.names():
+            if dry_run:
+                plans[series] = self.plan(series, policy, now)
+                continue
+            with self.lock(series, wait=wait):
+                plans[series] = self.plan(series, policy, now)
+                self.remove(plans[series].removed)
+        return plans
+
+    def _load(self, name: str, path: Path) -> Snapshot:
+        size, mtime = _identity(path)
+        record = _read_meta(path)
+        if record and record.get("archive_bytes") == size and record.get("archive_mtime_ns") == mtime:
+            fields = ("frozen_s", "node", "status", "checked", "error")
+            return Snapshot(name, path, _time_of(path), size, **{k: record.get(k) for k in fields})
+        # No record (the run died while publishing, or the archive was copied in): read the
+        # manifest, which checks that the archive is whole but not its checksums.
+        try:
+            return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
+        except ArchiveCorruptError as exc:
+            return Snapshot(name, path, _time_of(path), size, None, "", CORRUPT, None, exc.message)
+
+    def _record(self, snap: Snapshot, mtime: int) -> None:
+        """Write the snapshot's record atomically; call with the lock held."""
+        body = {"format": META_FORMAT, "version": 1, "archive_mtime_ns": mtime, **snap.to_dict()}
+        del body["path"]
+        target = _meta_path(snap.path)
+        tmp = target.parent / f".{target.name}.tmp"
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as fh:
+            json.dump(body, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(target)
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(SUFFIX) + META)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Size and modification time: a record that no longer matches them describes another file."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_meta_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == META_FORMAT else None

@@ -1,0 +1,275 @@
+"""Snapshots of running containers with real CRIU: each restores from its own point; kills, full disks and
+overlapping runs leave the container running and the store holding only complete snapshots."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import containers
+from kerrickpt.freezer import Freezer
+from tests.helpers import (
+    KERRICKPT,
+    Workload,
+    archived_log,
+    assert_consecutive,
+    cli,
+    cli_env,
+    ticks,
+    unique_name,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+BALLAST = textwrap.dedent(
+    """
+    import os, time
+    ballast = os.urandom(4 << 20)  # incompressible: each snapshot is some MiB
+    i = 0
+    while True:
+        i += 1
+        print(f"tick {i} pid 1", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    path = tmp_path / "store"
+    path.mkdir()
+    return path
+
+
+def freezer_of(w: Workload) -> Freezer:
+    return containers.Registry(w.state_dir).get(w.name).group.freezer
+
+
+def keeps_counting(w: Workload) -> None:
+    w.wait_ticking(beyond=max(ticks(w.log)))
+
+
+def start_stopped(state_dir: Path, phase: str, *args: str) -> subprocess.Popen[str]:
+    """The command in its own process, stopped by fault injection at `phase`."""
+    proc = subprocess.Popen(
+        [*KERRICKPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(state_dir, KERRICKPT_FAULT=f"pause:{phase}"),
+    )
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        _, err = proc.communicate()
+        pytest.fail(f"the command ended (status {status}) before it reached {phase}: {err}")
+    return proc
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Commands a test starts; any still running afterwards are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def leftovers(series: Path) -> list[str]:
+    """What dead runs left in a container's directory: hidden files and records without an archive."""
+    return sorted(
+        p.name
+        for p in series.iterdir()
+        if p.name != ".lock" and (p.name.startswith(".") or not p.with_suffix(".kckpt").exists())
+    )
+
+
+def test_every_snapshot_restores_and_continues_from_its_own_point(start_workload, state_dir: Path, store: Path) -> None:
+    w = start_workload()
+    taken = []
+    for _ in range(3):
+        keeps_counting(w)
+        result = kerrickpt.snapshot(w.name, store, policy=kerrickpt.Policy(last=5), state_dir=state_dir)
+        assert result.removed == [] and result.took_over is None and result.cleaned == []
+        taken.append(result.snapshot)
+    assert kerrickpt.Store(store).list(w.name) == taken
+    assert all(s.verified and s.frozen_s for s in taken)
+    points = [ticks(archived_log(s.path)) for s in taken]
+    assert points[0][-1] < points[1][-1] < points[2][-1], "each snapshot holds a later point"
+
+    pick = [["--at", taken[0].id], ["--at", taken[1].time.isoformat()], ["--latest"]]
+    for snap, point, how in zip(taken, points, pick, strict=True):
+        copy = unique_name("copy")
+        restored = cli("restore", "--store", str(store), w.name, *how, "--name", copy, state_dir=state_dir)
+        assert restored.returncode == 0, restored.stderr
+        assert f"from {snap.path}" in restored.stdout
+        c = Workload(copy, w.keys, state_dir, w.binary)
+        c.wait_ticking(beyond=point[-1])
+        numbers = ticks(c.log)
+        assert numbers[: len(point)] == point, "the restored log is the snapshot's log"
+        assert_consecutive(numbers)
+        kerrickpt.kill(copy, state_dir)
+    keeps_counting(w)
+
+
+@pytest.mark.parametrize("phase", ["dump", "compress", "publish"])
+def test_kill_9_leaves_the_container_running_and_the_store_complete(
+    start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]], phase: str
+) -> None:
+    w = start_workload()
+    first = kerrickpt.snapshot(w.name, store, state_dir=state_dir).snapshot
+    run = start_stopped(state_dir, phase, "snapshot", w.name, "--store", str(store), "--keep-last", "1")
+    processes.append(run)
+    # Frozen only while CRIU dumps: compression and publishing run with the container thawed.
+    assert freezer_of(w).is_frozen() == (phase == "dump")
+    if phase != "dump":
+        keeps_counting(w)
+
+    run.kill()
+    run.communicate()
+
+    wait_for(lambda: not freezer_of(w).is_frozen(), what="the guardian to thaw the container")
+    keeps_counting(w)
+    assert kerrickpt.Store(store).list() == [first], "only complete snapshots, and nothing pruned"
+    left = {"dump": [], "compress": ["..incoming.kckpt.partial-*"], "publish": [".incoming.kckpt", "*.meta"]}
+    found = leftovers(store / w.name)
+    assert len(found) == len(left[phase]) and all(map(fnmatch, found, left[phase])), found
+    scratch = list((state_dir / "tmp").iterdir())
+    assert len(scratch) == (phase != "publish"), "a dead run's scratch holds its images until swept"
+
+    after = cli("snapshot", w.name, "--store", str(store), "--keep-last", "1", "--wait", "30", state_dir=state_dir)
+
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == ""
+    line = after.stderr.strip()
+    assert "\n" not in line, "one log line per run"
+    assert f"took over the lock of a run that died (pid {run.pid} on " in line
+    assert f"removed {first.id}" in line
+    assert leftovers(store / w.name) == [] and list((state_dir / "tmp").iterdir()) == []
+    assert [s.status for s in kerrickpt.Store(store).list()] == ["verified"]
+
+
+def test_kill_9_while_criu_dumps_thaws_only_once_criu_is_done(
+    start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    w = start_workload()
+    init = w.status.init_pid
+    for _ in range(10):  # catch CRIU while it holds the tree (it takes tens of milliseconds)
+        # stderr is not piped: the guardian inherits it and outlives this run until CRIU is done.
+        run = subprocess.Popen(
+            [*KERRICKPT, "snapshot", w.name, "--store", str(store)], env=cli_env(state_dir), text=True
+        )
+        processes.append(run)
+        criu = 0
+        while run.poll() is None and not criu:
+            criu = tracer(init)
+        if criu:
+            break
+        assert run.returncode == 0
+    else:
+        pytest.fail("never caught CRIU dumping")
+    os.kill(criu, signal.SIGSTOP)
+    try:
+        run.kill()
+        run.wait()
+        seen = ticks(w.log)
+        time.sleep(0.5)
+        assert ticks(w.log) == seen, "CRIU still holds the tree: the guardian must not thaw it yet"
+    finally:
+        os.kill(criu, signal.SIGCONT)
+    wait_for(lambda: not freezer_of(w).is_frozen() and tracer(init) == 0, what="CRIU to finish, then the thaw")
+    keeps_counting(w)
+    completed = len(processes) - 1
+    assert len(kerrickpt.Store(store).list()) == completed, "the killed run published nothing"
+
+
+def tracer(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: room for three snapshots of the ballast container."""
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_fails_cleanly_and_keeps_older_snapshots(state_dir: Path, small_disk: Path) -> None:
+    name = unique_name("ballast")
+    kerrickpt.run(name, [sys.executable, "-c", BALLAST], state_dir=state_dir)
+    w = Workload(name, (0, 0, 0), state_dir, Path(sys.executable))
+    wait_for(lambda: ticks(w.log), what="ticks")
+    older = [kerrickpt.snapshot(name, small_disk, state_dir=state_dir).snapshot for _ in range(2)]
+    stat = os.statvfs(small_disk)
+    free = stat.f_bavail * stat.f_frsize
+    filler = small_disk / "filler"
+    with filler.open("wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, free - (older[1].archive_bytes - 300 * 1024))
+
+    failed = cli("snapshot", name, "--store", str(small_disk), "--keep-last", "1", state_dir=state_dir)
+
+    assert failed.returncode == kerrickpt.DumpFailed.exit_code, failed.stderr
+    assert "No space left on device" in failed.stderr and failed.stdout == ""
+    keeps_counting(w)
+    assert w.status.state == "running"
+    store = kerrickpt.Store(small_disk)
+    assert store.list(name) == older, "older snapshots intact, and a failed run prunes nothing"
+    assert [s.status for s in store.verify(name)] == ["verified", "verified"]
+    assert leftovers(small_disk / name) == []
+    assert list((state_dir / "tmp").iterdir()) == []
+
+    filler.unlink()
+    again = kerrickpt.snapshot(name, small_disk, policy=kerrickpt.Policy(last=1), state_dir=state_dir)
+    assert store.list(name) == [again.snapshot]
+    assert sorted(s.id for s in again.removed) == [s.id for s in older]
+
+
+def test_overlapping_runs_for_one_container_serialize(
+    start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    a, b = start_workload(), start_workload()
+    first = start_stopped(state_dir, "compress", "snapshot", a.name, "--store", str(store))
+    processes.append(first)
+
+    busy = cli("snapshot", a.name, "--store", str(store), "--wait", "0.5", state_dir=state_dir)
+    assert busy.returncode == kerrickpt.LockTimeout.exit_code
+    assert f"pid {first.pid} on " in busy.stderr and "gave up after 0.5 s" in busy.stderr
+    other = cli("snapshot", b.name, "--store", str(store), "--quiet", state_dir=state_dir)
+    assert (other.returncode, other.stdout, other.stderr) == (0, "", ""), "other containers do not wait"
+
+    second = subprocess.Popen(
+        [*KERRICKPT, "snapshot", a.name, "--store", str(store), "--wait", "60"],
+        env=cli_env(state_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    processes.append(second)
+    time.sleep(1)
+    assert second.poll() is None, "the second run waits for the lock"
+    os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=60) == 0
+    assert second.wait(timeout=60) == 0
+    assert "took over" not in second.communicate()[1]
+    taken = kerrickpt.Store(store).list(a.name)
+    assert len(taken) == 2 and all(s.verified for s in taken)

@@ -1,0 +1,178 @@
+"""The snapshot store: only whole, recorded archives are listed; leftovers of dead runs are swept; rot is found."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from kerrickpt import archive
+from kerrickpt.errors import ArchiveCorruptError, LockTimeout, SnapshotNotFoundError, UsageError
+from kerrickpt.manifest import Manifest
+from kerrickpt.node import Fingerprint
+from kerrickpt.retention import CORRUPT, Policy
+from kerrickpt.store import Snapshot, Store
+
+SOURCE = Fingerprint("x86_64", "6.1.0", "debian 12", "4.2.1", ("fpu",), 4096, "v2", hostname="node-a")
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    (tmp_path / "store").mkdir()
+    return Store(tmp_path / "store")
+
+
+def write_incoming(store: Store, name: str, when: datetime) -> Path:
+    """What a run's checkpoint leaves for `publish`: a complete archive under the incoming name."""
+    image = store.root.parent / "pages.img"
+    image.write_bytes(os.urandom(50_000))
+    manifest = Manifest(
+        name=name,
+        created=when.isoformat(timespec="milliseconds"),
+        source=SOURCE,
+        processes=[],
+        command=["sh"],
+        timings={"frozen_s": 0.05},
+    )
+    store.series(name).mkdir(exist_ok=True)
+    archive.write(store.incoming(name), manifest, {"images/pages-1.img": image})
+    return store.incoming(name)
+
+
+def take(store: Store, name: str, when: datetime) -> Snapshot:
+    with store.lock(name):
+        write_incoming(store, name, when)
+        return store.publish(name)
+
+
+def flip_byte_keeping_mtime(path: Path) -> None:
+    """Damage no record can see: same size, same modification time."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_published_snapshots_are_listed_with_what_operators_need(store: Store) -> None:
+    taken = [take(store, "job1", T0 + timedelta(hours=h)) for h in range(3)]
+    take(store, "job2", T0)
+
+    listed = store.list("job1")
+
+    assert listed == taken
+    assert [s.id for s in listed] == ["20250301T120000.123Z", "20250301T130000.123Z", "20250301T140000.123Z"]
+    first = listed[0]
+    assert first.time == T0 and first.node == "node-a" and first.frozen_s == 0.05
+    assert first.verified and first.archive_bytes == first.path.stat().st_size
+    assert first.path.stat().st_mode & 0o777 == 0o600
+    assert [s.name for s in store.list()] == ["job1"] * 3 + ["job2"]
+    assert store.names() == ["job1", "job2"]
+    assert store.latest("job1") == taken[2]
+    assert store.at("job1", T0 + timedelta(hours=1, minutes=30)) == taken[1]
+    assert store.at("job1", taken[1].time) == taken[1], "an id as a time picks exactly that snapshot"
+    with pytest.raises(SnapshotNotFoundError) as none:
+        store.at("job1", T0 - timedelta(seconds=1))
+    assert none.value.exit_code == 21
+    with pytest.raises(SnapshotNotFoundError):
+        store.latest("job3")
+
+
+def test_leftovers_of_dead_runs_are_never_listed_and_are_cleaned_under_the_lock(store: Store) -> None:
+    kept = take(store, "job1", T0)
+    series = store.series("job1")
+    with store.lock("job1"):
+        write_incoming(store, "job1", T0 + timedelta(hours=1))  # died before publishing
+    leftovers = [
+        series / ".incoming.kckpt.partial-4242-99",  # died while compressing
+        series / "20250301T130000.123Z.meta",  # died between the record and the link
+        series / ".20250301T130000.123Z.meta.tmp",  # died while writing the record
+    ]
+    for path in leftovers:
+        path.write_text("{")
+
+    assert store.list() == [kept]
+    with store.lock("job1"):
+        cleaned = store.clean("job1")
+
+    assert sorted(cleaned) == sorted([*leftovers, store.incoming("job1")])
+    assert sorted(p.name for p in series.iterdir()) == [".lock", f"{kept.id}.kckpt", f"{kept.id}.meta"]
+
+
+def test_an_archive_without_its_record_is_listed_unverified_until_verified(store: Store) -> None:
+    taken = take(store, "job1", T0)
+    copied = store.series("job1") / "20250302T000000.000Z.kckpt"
+    shutil.copyfile(taken.path, copied)
+
+    listed = store.list("job1")
+
+    assert [(s.id, s.status, s.node) for s in listed] == [
+        (taken.id, "verified", "node-a"),
+        ("20250302T000000.000Z", "unverified", "node-a"),
+    ]
+    assert [s.status for s in store.verify("job1")] == ["verified", "verified"]
+    assert [s.status for s in store.list("job1")] == ["verified", "verified"]
+
+
+def test_verify_finds_damage_and_a_damaged_snapshot_is_never_picked(store: Store) -> None:
+    older, newer = take(store, "job1", T0), take(store, "job1", T0 + timedelta(hours=1))
+    flip_byte_keeping_mtime(newer.path)
+    assert store.latest("job1") == newer, "until verified, the record vouches for the archive"
+
+    checked = store.verify()
+
+    assert [s.status for s in checked] == ["verified", "corrupt"]
+    assert f"{newer.path} is corrupt" in str(checked[1].error)
+    assert [s.status for s in store.list("job1")] == ["verified", "corrupt"]
+    assert store.latest("job1").id == older.id
+    plan = store.plan("job1", Policy(last=1), now=T0 + timedelta(hours=2))
+    assert [(d.item.id, d.keep, d.reasons) for d in plan.decisions] == [
+        (newer.id, False, (CORRUPT,)),
+        (older.id, True, ("last #1",)),
+    ]
+
+
+def test_a_damaged_incoming_archive_is_not_published(store: Store) -> None:
+    with store.lock("job1"):
+        flip_byte_keeping_mtime(write_incoming(store, "job1", T0))
+        with pytest.raises(ArchiveCorruptError):
+            store.publish("job1")
+    assert [p.name for p in store.series("job1").iterdir()] == [".lock"]
+
+
+def test_prune_removes_what_no_rule_keeps_and_dry_run_removes_nothing(store: Store) -> None:
+    taken = [take(store, "job1", T0 + timedelta(hours=h)) for h in range(3)]
+    other = take(store, "job2", T0)
+    later = T0 + timedelta(hours=3)
+
+    dry = store.prune(None, Policy(last=1), now=later, dry_run=True)
+
+    assert {name: [s.id for s in plan.removed] for name, plan in dry.items()} == {
+        "job1": [taken[1].id, taken[0].id],
+        "job2": [],
+    }
+    assert len(store.list()) == 4
+    store.prune("job1", Policy(last=1), now=later)
+    assert store.list() == [taken[2], other]
+    assert sorted(p.name for p in store.series("job1").iterdir()) == [
+        ".lock",
+        f"{taken[2].id}.kckpt",
+        f"{taken[2].id}.meta",
+    ]
+    with pytest.raises(UsageError, match="--keep"):
+        store.prune("job1", Policy())
+
+
+def test_prune_waits_for_a_run_holding_the_lock(store: Store) -> None:
+    take(store, "job1", T0)
+    with store.lock("job1"), pytest.raises(LockTimeout, match="the snapshots of job1"):
+        store.prune("job1", Policy(last=1), wait=0.1)
+
+
+def test_the_store_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="create it first"):
+        Store(tmp_path / "missing")
