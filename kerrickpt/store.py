@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, fault, lock
+from kerrickpt import archive, containers, fault
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest
 from kerrickpt.retention import Plan, Policy
 
@@ -96,7 +97,8 @@ class Store:
         if not self.root.is_dir():
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
 
-    def series(self, name: str) -> Path:
+    def directory(self, name: str) -> Path:
+        """Where the snapshots of container `name` live."""
         return self.root / containers.check_name(name)
 
     def names(self) -> list[str]:
@@ -106,13 +108,13 @@ class Store:
     def list(self, name: str | None = None) -> list[Snapshot]:
         """Published snapshots, per container oldest first; a snapshot removed meanwhile is left out."""
         found = []
-        for series in [name] if name else self.names():
-            directory = self.series(series)
+        for container in [name] if name else self.names():
+            directory = self.directory(container)
             paths = sorted(directory.glob("*" + SUFFIX)) if directory.is_dir() else []
             for path in paths:
                 if STAMP.fullmatch(path.name.removesuffix(SUFFIX)):
                     with contextlib.suppress(FileNotFoundError):
-                        found.append(self._load(series, path))
+                        found.append(self._load(container, path))
         return found
 
     def at(self, name: str, when: datetime | None = None) -> Snapshot:
@@ -126,19 +128,19 @@ class Store:
     def latest(self, name: str) -> Snapshot:
         return self.at(name)
 
-    def lock(self, name: str, *, wait: float = 0.0) -> contextlib.AbstractContextManager[lock.Holder | None]:
+    def lock(self, name: str, *, wait: float = 0.0) -> contextlib.AbstractContextManager[Holder | None]:
         """The container's lock (see `lock.held`); creates its directory."""
-        directory = self.series(name)
+        directory = self.directory(name)
         directory.mkdir(mode=0o700, exist_ok=True)
-        return lock.held(directory / LOCK, wait=wait, what=f"the snapshots of {name} in {self.root}")
+        return held(directory / LOCK, wait=wait, what=f"the snapshots of {name} in {self.root}")
 
     def incoming(self, name: str) -> Path:
         """Where a run writes its archive before `publish`."""
-        return self.series(name) / INCOMING
+        return self.directory(name) / INCOMING
 
     def clean(self, name: str) -> list[Path]:
         """Remove what runs that died left behind; call with the lock held."""
-        directory = self.series(name)
+        directory = self.directory(name)
         archives = {p.name.removesuffix(SUFFIX) for p in directory.glob("*" + SUFFIX)}
         leftovers = [
             p
@@ -155,16 +157,16 @@ class Store:
         try:
             manifest = archive.verify(incoming)
             size, mtime = _identity(incoming)
-            final = self.series(name) / f"{stamp(manifest.created)}{SUFFIX}"
+            final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
             snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now())
             self._record(snap, mtime)
             fault.point("publish")
             try:
-                os.link(incoming, final)
-                archive.fsync_dir(final.parent)
+                os.link(incoming, final)  # never over an existing file
             except BaseException:
                 _meta_path(final).unlink(missing_ok=True)
                 raise
+            archive.fsync_dir(final.parent)
         except OSError as exc:
             raise DumpFailed(f"publishing the snapshot of {name} in {self.root} failed: {exc}") from exc
         finally:
@@ -215,13 +217,13 @@ class Store:
         if policy.is_empty:
             raise UsageError("give at least one --keep-* rule; without one, prune would have nothing to go by")
         plans = {}
-        for series in [name] if name else self.names():
+        for container in [name] if name else self.names():
             if dry_run:
-                plans[series] = self.plan(series, policy, now)
+                plans[container] = self.plan(container, policy, now)
                 continue
-            with self.lock(series, wait=wait):
-                plans[series] = self.plan(series, policy, now)
-                self.remove(plans[series].removed)
+            with self.lock(container, wait=wait):
+                plans[container] = self.plan(container, policy, now)
+                self.remove(plans[container].removed)
         return plans
 
     def _load(self, name: str, path: Path) -> Snapshot:
@@ -230,8 +232,8 @@ class Store:
         if record and record.get("archive_bytes") == size and record.get("archive_mtime_ns") == mtime:
             fields = ("frozen_s", "node", "status", "checked", "error")
             return Snapshot(name, path, _time_of(path), size, **{k: record.get(k) for k in fields})
-        # No record (the run died while publishing, or the archive was copied in): read the
-        # manifest, which checks that the archive is whole but not its checksums.
+        # No record that matches (an archive copied in, or changed since): read the manifest,
+        # which shows that the archive is whole, not that its checksums hold.
         try:
             return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
         except ArchiveCorruptError as exc:

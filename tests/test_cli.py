@@ -127,7 +127,7 @@ def test_snapshots_through_the_command(start_workload, state_dir: Path, tmp_path
     assert verdicts[newer].startswith("keep") and verdicts[newer].endswith(": last #1")
     assert verdicts[older].startswith("would remove") and verdicts[older].endswith(": no rule keeps it")
     pruned = json.loads(cli("snapshots", "prune", "--store", s, "--keep-last", "1", "--json").stdout)
-    assert [(d["id"], d["keep"]) for d in pruned["series"][w.name]] == [(newer, True), (older, False)]
+    assert [(d["id"], d["keep"]) for d in pruned["containers"][w.name]] == [(newer, True), (older, False)]
 
     verified = cli("snapshots", "verify", "--store", s)
     assert verified.returncode == 0 and f"ok {w.name} {newer}" in verified.stdout

@@ -87,11 +87,11 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
             proc.communicate()
 
 
-def leftovers(series: Path) -> list[str]:
+def leftovers(directory: Path) -> list[str]:
     """What dead runs left in a container's directory: hidden files and records without an archive."""
     return sorted(
         p.name
-        for p in series.iterdir()
+        for p in directory.iterdir()
         if p.name != ".lock" and (p.name.startswith(".") or not p.with_suffix(".kckpt").exists())
     )
 

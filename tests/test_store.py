@@ -38,7 +38,7 @@ def write_incoming(store: Store, name: str, when: datetime) -> Path:
         command=["sh"],
         timings={"frozen_s": 0.05},
     )
-    store.series(name).mkdir(exist_ok=True)
+    store.directory(name).mkdir(exist_ok=True)
     archive.write(store.incoming(name), manifest, {"images/pages-1.img": image})
     return store.incoming(name)
 
@@ -84,13 +84,13 @@ def test_published_snapshots_are_listed_with_what_operators_need(store: Store) -
 
 def test_leftovers_of_dead_runs_are_never_listed_and_are_cleaned_under_the_lock(store: Store) -> None:
     kept = take(store, "job1", T0)
-    series = store.series("job1")
+    directory = store.directory("job1")
     with store.lock("job1"):
         write_incoming(store, "job1", T0 + timedelta(hours=1))  # died before publishing
     leftovers = [
-        series / ".incoming.kckpt.partial-4242-99",  # died while compressing
-        series / "20250301T130000.123Z.meta",  # died between the record and the link
-        series / ".20250301T130000.123Z.meta.tmp",  # died while writing the record
+        directory / ".incoming.kckpt.partial-4242-99",  # died while compressing
+        directory / "20250301T130000.123Z.meta",  # died between the record and the link
+        directory / ".20250301T130000.123Z.meta.tmp",  # died while writing the record
     ]
     for path in leftovers:
         path.write_text("{")
@@ -100,12 +100,12 @@ def test_leftovers_of_dead_runs_are_never_listed_and_are_cleaned_under_the_lock(
         cleaned = store.clean("job1")
 
     assert sorted(cleaned) == sorted([*leftovers, store.incoming("job1")])
-    assert sorted(p.name for p in series.iterdir()) == [".lock", f"{kept.id}.kckpt", f"{kept.id}.meta"]
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", f"{kept.id}.kckpt", f"{kept.id}.meta"]
 
 
 def test_an_archive_without_its_record_is_listed_unverified_until_verified(store: Store) -> None:
     taken = take(store, "job1", T0)
-    copied = store.series("job1") / "20250302T000000.000Z.kckpt"
+    copied = store.directory("job1") / "20250302T000000.000Z.kckpt"
     shutil.copyfile(taken.path, copied)
 
     listed = store.list("job1")
@@ -141,7 +141,7 @@ def test_a_damaged_incoming_archive_is_not_published(store: Store) -> None:
         flip_byte_keeping_mtime(write_incoming(store, "job1", T0))
         with pytest.raises(ArchiveCorruptError):
             store.publish("job1")
-    assert [p.name for p in store.series("job1").iterdir()] == [".lock"]
+    assert [p.name for p in store.directory("job1").iterdir()] == [".lock"]
 
 
 def test_prune_removes_what_no_rule_keeps_and_dry_run_removes_nothing(store: Store) -> None:
@@ -158,7 +158,7 @@ def test_prune_removes_what_no_rule_keeps_and_dry_run_removes_nothing(store: Sto
     assert len(store.list()) == 4
     store.prune("job1", Policy(last=1), now=later)
     assert store.list() == [taken[2], other]
-    assert sorted(p.name for p in store.series("job1").iterdir()) == [
+    assert sorted(p.name for p in store.directory("job1").iterdir()) == [
         ".lock",
         f"{taken[2].id}.kckpt",
         f"{taken[2].id}.meta",

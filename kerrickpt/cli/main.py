@@ -237,7 +237,7 @@ def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
         name: [{"id": d.item.id, "keep": d.keep, "reasons": list(d.reasons)} for d in plan.decisions]
         for name, plan in plans.items()
     }
-    return {"dry_run": args.dry_run, "rules": policy.to_dict(), "series": result}, 0
+    return {"dry_run": args.dry_run, "rules": policy.to_dict(), "containers": result}, 0
 
 
 def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
