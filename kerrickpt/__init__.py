@@ -5,7 +5,7 @@ The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it
 
 from kerrickpt.archive import DEFAULT_LEVEL
 from kerrickpt.checkpoint import CheckpointResult, checkpoint
-from kerrickpt.compat import Verdict
+from kerrickpt.compat import Verdict, check_archive
 from kerrickpt.containers import ContainerStatus, kill, ps, run
 from kerrickpt.errors import (
     ArchiveCorruptError,
@@ -14,13 +14,17 @@ from kerrickpt.errors import (
     ContainerNotFoundError,
     DumpFailed,
     KerrickptError,
+    MigrationUnknown,
     NodeIncompatibleError,
     NotReadyError,
     RestoreFailed,
+    TargetBusy,
+    TransportError,
     UsageError,
 )
 from kerrickpt.inspect import ArchiveInfo, inspect
 from kerrickpt.manifest import Manifest
+from kerrickpt.migrate import MigrationResult, RecoverResult, migrate, recover
 from kerrickpt.node import Fingerprint, Report, check
 from kerrickpt.restore import RestoreResult, restore
 
@@ -37,18 +41,26 @@ __all__ = [
     "Fingerprint",
     "KerrickptError",
     "Manifest",
+    "MigrationResult",
+    "MigrationUnknown",
     "NodeIncompatibleError",
     "NotReadyError",
+    "RecoverResult",
     "Report",
     "RestoreFailed",
     "RestoreResult",
+    "TargetBusy",
+    "TransportError",
     "UsageError",
     "Verdict",
     "check",
+    "check_archive",
     "checkpoint",
     "inspect",
     "kill",
+    "migrate",
     "ps",
+    "recover",
     "restore",
     "run",
 ]

@@ -58,15 +58,48 @@ def checkpoint(
         raise UsageError(f"{output.parent} is not a directory")
     registry = containers.Registry(state_dir)
     found = criu.locate()
-    container: containers.Container | None = None
     if name is not None:
-        container = registry.get(name)
-        if not container.is_running():
-            raise ContainerNotFoundError(f"container {name!r} is not running")
-        group = container.group
+        subject = Subject.of(registry.get(name))
     else:
         group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
-    label = name or Path(str(cgroup)).name
+        subject = Subject(Path(str(cgroup)).name, group)
+    manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running)
+    if not leave_running:
+        # The archive is complete and on disk: now, and only now, end the source.
+        if subject.container:
+            containers.remove(registry, subject.container)
+        else:
+            subject.group.kill()
+    return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is checkpointed: a container kerrickpt runs, or a cgroup it did not create."""
+
+    label: str
+    group: cgroups.Cgroup
+    container: containers.Container | None = None
+
+    @classmethod
+    def of(cls, container: containers.Container) -> Subject:
+        if not container.is_running():
+            raise ContainerNotFoundError(f"container {container.name!r} is not running")
+        return cls(container.name, container.group, container)
+
+
+def capture(
+    found: criu.Criu,
+    registry: containers.Registry,
+    subject: Subject,
+    output: Path,
+    *,
+    level: int,
+    thaw_after_dump: bool,
+) -> Manifest:
+    """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
+    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step."""
+    container, group = subject.container, subject.group
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -83,12 +116,12 @@ def checkpoint(
             dump_started = time.monotonic()
             criu.dump(found, tree[0]["host_pid"], images, scratch, freeze_cgroup=str(freezer.path))
             timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-            if leave_running:
+            if thaw_after_dump:
                 freezer.thaw()
                 timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
             step = "writing the archive"
             manifest = Manifest(
-                name=label,
+                name=subject.label,
                 created=containers.utc_now(),
                 source=node.fingerprint(found.version),
                 processes=tree,
@@ -103,25 +136,19 @@ def checkpoint(
                 files["log"] = Path(container.log)
 
             def finish(m: Manifest) -> None:
-                # Stopping a container: it stays frozen until its archive is complete.
+                # Kept frozen: the container stays down until its archive is complete.
                 m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
 
-            archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
+            return archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
     except KerrickptError as exc:
         if isinstance(exc, (DumpFailed, UsageError)):
             raise
-        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc.message}", log_tail=exc.log_tail) from exc
+        message = f"checkpoint of {subject.label} failed while {step}: {exc.message}"
+        raise DumpFailed(message, log_tail=exc.log_tail) from exc
     except OSError as exc:
-        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc}") from exc
+        raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if not leave_running:
-        # The archive is complete and on disk: now, and only now, end the source.
-        if container:
-            containers.remove(registry, container)
-        else:
-            group.kill()
-    return CheckpointResult(label, output, output.stat().st_size, leave_running, manifest)
 
 
 def _tree(group: cgroups.Cgroup, container: containers.Container | None) -> list[dict[str, Any]]:

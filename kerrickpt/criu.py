@@ -54,6 +54,20 @@ def has_feature(criu: Criu, feature: str) -> bool:
     return command.run([criu.path, "check", "--feature", feature], timeout=CHECK_TIMEOUT).returncode == 0
 
 
+def cpuinfo_dump(criu: Criu, directory: Path) -> Path:
+    """Write this CPU's description as CRIU sees it (cpuinfo.img) into `directory`."""
+    result = command.run([criu.path, "cpuinfo", "dump", "-D", str(directory)], timeout=CHECK_TIMEOUT)
+    if result.returncode != 0:
+        raise KerrickptError("criu cpuinfo dump failed", log_tail=command.tail(result.stderr))
+    return directory / "cpuinfo.img"
+
+
+def cpuinfo_check(criu: Criu, directory: Path) -> tuple[bool, str]:
+    """Whether this CPU can run what was dumped on the CPU described by `directory`/cpuinfo.img."""
+    result = command.run([criu.path, "cpuinfo", "check", "-D", str(directory)], timeout=CHECK_TIMEOUT)
+    return result.returncode == 0, command.tail(result.stdout + result.stderr)
+
+
 def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]
     """A pycriu client with the options every request shares."""
     import pycriu  # imported late: `kerrickpt check` must work without it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +61,17 @@ def roots(processes: Iterable[Process]) -> list[Process]:
     return [p for p in procs if p.host_ppid not in pids]
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (0 if it is gone)."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks, which tells a reused PID apart; None if gone."""
     try:
@@ -73,3 +86,33 @@ def start_time(pid: int) -> int | None:
 
 def is_alive(pid: int, started: int) -> bool:
     return start_time(pid) == started
+
+
+def open_files(pids: Iterable[int], exclude: Iterable[str] = ()) -> dict[str, int]:
+    """Regular files the processes have open, mapped or run, with their sizes: what a restore needs to find."""
+    skip = set(exclude)
+    found: dict[str, int] = {}
+
+    def note(path: str, stat_path: str) -> None:
+        if not path.startswith("/") or path.endswith(" (deleted)") or path in skip or path in found:
+            return
+        try:
+            st = os.stat(stat_path)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode):
+            found[path] = st.st_size
+
+    for pid in pids:
+        base = PROC / str(pid)
+        try:
+            note(os.readlink(base / "exe"), str(base / "exe"))
+            for fd in (base / "fd").iterdir():
+                note(os.readlink(fd), str(fd))
+            for line in (base / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    note(parts[5], parts[5])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return dict(sorted(found.items()))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, compat, containers, criu, node, procs
+from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, procs
 from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed
 from kerrickpt.manifest import Manifest
 
@@ -36,6 +36,7 @@ def restore(
     name: str | None = None,
     state_dir: Path | str | None = None,
     force: bool = False,
+    migration_id: str | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` as container `name` (default: the name it was dumped under).
 
@@ -51,7 +52,7 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {path}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
-        init_pid = _restore_as(registry, found, manifest, scratch, name)
+        init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
@@ -60,7 +61,14 @@ def restore(
     return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings)
 
 
-def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manifest, scratch: Path, name: str) -> int:
+def _restore_as(
+    registry: containers.Registry,
+    found: criu.Criu,
+    manifest: Manifest,
+    scratch: Path,
+    name: str,
+    migration_id: str | None,
+) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
@@ -68,7 +76,7 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
         except FileExistsError:
-            raise RestoreFailed(f"cgroup {cgroups.PARENT}/{name} exists already") from None
+            raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         inherit: dict[str, int] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
@@ -78,6 +86,7 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
             with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                 shutil.copyfileobj(saved, out)
             inherit[manifest.log_path.lstrip("/")] = log_fd
+        faults.inject("restore-before-criu")
         init_pid = _criu_restore_in(group, found, scratch, inherit)
         started = procs.start_time(init_pid)
         if started is None:
@@ -92,6 +101,7 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
                 created=containers.utc_now(),
                 log=str(registry.log_path(name)) if manifest.log_path else None,
                 memory_limit=manifest.memory_limit,
+                migration=migration_id,
             )
         )
         return init_pid

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
+import kerrickpt
 from kerrickpt.cli.main import main
 from tests.helpers import ipc_keys, ticks, unique_name, wait_for
 
 KERRICKPT = [sys.executable, "-m", "kerrickpt.cli.main"]
 
 
-def cli(*args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, state_dir: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run the real command in its own process, to see its real exit code."""
-    env = dict(os.environ)
+    env = {**os.environ, **extra_env}
     if state_dir:
         env["KERRICKPT_STATE_DIR"] = str(state_dir)
     return subprocess.run([*KERRICKPT, *args], capture_output=True, text=True, env=env, timeout=120)
@@ -91,3 +92,17 @@ def test_full_cycle_through_the_command(state_dir: Path, tmp_path: Path, workloa
     ]
     assert cli("kill", name, state_dir=state_dir).returncode == 0
     assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+
+
+@pytest.mark.root
+def test_check_against_an_archive(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    w = start_workload()
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(w.name, archive, leave_running=True, state_dir=state_dir)
+    same = cli("check", "--against", str(archive), "--json")
+    assert same.returncode == 0 and json.loads(same.stdout) == {"compatible": True, "differences": []}
+    older = cli("check", "--against", str(archive), KERRICKPT_TEST_FINGERPRINT="kernel=1.0")
+    assert older.returncode == 7 and "older kernel" in older.stdout
+    assert cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="kernel=1.0").returncode == 0
+    other_arch = cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="arch=aarch64")
+    assert other_arch.returncode == 7, "--force never accepts another architecture"

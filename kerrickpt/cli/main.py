@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import kerrickpt
-from kerrickpt import cgroups, containers
-from kerrickpt.errors import KerrickptError, NotReadyError
+from kerrickpt import cgroups, containers, receiver, transport
+from kerrickpt.errors import KerrickptError, NodeIncompatibleError, NotReadyError
+from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
 EXAMPLES = """\
 examples:
@@ -23,10 +25,14 @@ examples:
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
   kerrickpt kill job1
+  kerrickpt check --against /srv/ckpt/job1.kckpt
+  kerrickpt migrate job1 --to root@node7 --ssh-option IdentityFile=/etc/kerrickpt/id_ed25519
+  kerrickpt recover job1
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
-  9 container exists, 10 an external program timed out
+  9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
+  (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy
 """
 
 
@@ -35,6 +41,8 @@ def _mib(value: int | None) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
+    if args.against:
+        return _check_against(args)
     report = kerrickpt.check()
     if not args.json:
         fp = report.fingerprint
@@ -53,6 +61,17 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if not report.ready:
         raise NotReadyError("this node is not ready: " + "; ".join(report.problems))
     return report.to_dict(), 0
+
+
+def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
+    verdict = kerrickpt.check_archive(args.against)
+    acceptable = verdict.is_acceptable(force=args.force)
+    if not args.json:
+        print(verdict.explain())
+        print(f"verdict: {'this node can restore it' if acceptable else 'this node cannot restore it'}")
+    if not acceptable:
+        raise NodeIncompatibleError(f"this node cannot restore {args.against}:\n{verdict.explain()}")
+    return verdict.to_dict(), 0
 
 
 def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
@@ -132,6 +151,54 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
     return info.to_dict(), 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.migrate(
+        args.name,
+        args.to,
+        ssh_options=tuple(args.ssh_option),
+        remote_kerrickpt=args.remote_kerrickpt,
+        state_dir=args.state_dir,
+        force=args.force,
+        attempts=args.attempts,
+    )
+    if not args.json:
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s")
+        print("pid map on the target (inside -> host):")
+        for inside, host in sorted(result.pid_map.items()):
+            print(f"  {inside} -> {host}")
+    return result.to_dict(), 0
+
+
+def cmd_recover(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.recover(args.name, state_dir=args.state_dir, attempts=args.attempts)
+    if not args.json:
+        where = "runs on the target; the source copy is gone" if result.outcome == "moved" else "runs here again"
+        print(f"{result.name} {where}")
+    return result.to_dict(), 0
+
+
+def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
+    """The remote end of `migrate` and `recover`: JSON events on stdout, never other output."""
+    if args.op == "receive":
+        code = receiver.receive(
+            sys.stdin.buffer,
+            sys.stdout,
+            name=args.name,
+            migration_id=args.migration_id,
+            force=args.force,
+            state_dir=args.state_dir,
+        )
+        return None, code
+    if args.op == "preflight":
+        answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
+    else:
+        answer = receiver.status(args.migration_id, args.state_dir)
+    transport.emit(sys.stdout, "ok", **answer)
+    return None, 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -154,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p = add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p.add_argument("--against", metavar="FILE", help="instead: could this node restore this archive?")
+    p.add_argument("--force", action="store_true", help="with --against: accept errors that --force accepts")
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
     p.add_argument("--name", required=True)
     p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
@@ -174,17 +243,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
+    p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="[USER@]HOST[:PORT]")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help="passed to ssh as -o OPT")
+    p.add_argument("--remote-kerrickpt", default="kerrickpt", metavar="PATH", help="kerrickpt on the target")
+    p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
+    p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
+    p.add_argument("name")
+    p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
+    p = sub.add_parser("agent", parents=[common])  # the remote end of migrate/recover; not for people
+    p.set_defaults(func=cmd_agent)
+    p.add_argument("op", choices=["preflight", "receive", "status"])
+    p.add_argument("--name")
+    p.add_argument("--migration-id")
+    p.add_argument("--force", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
         print(f"kerrickpt: error: {exc}", file=sys.stderr)
-        if args.json:
+        if args.command == "agent":
+            transport.emit(sys.stdout, "error", **exc.to_dict())
+        elif args.json:
             print(json.dumps(exc.to_dict(), indent=2))
         return exc.exit_code
     except ValueError as exc:
@@ -192,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if args.json:
+    if args.json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))
     return code
 
