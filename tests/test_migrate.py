@@ -155,28 +155,26 @@ def test_incompatible_target_is_refused_before_the_freeze_and_not_retried(cluste
     job.keeps_counting(a)
 
 
-def test_ssh_cut_in_the_stream_resumes_the_source(cluster: Cluster, workload: Path) -> None:
+@pytest.mark.parametrize(
+    ("fault", "extra", "code", "said"),
+    [
+        # The link drops before the end frame: retried once, then the source resumes.
+        ("transfer-cut", ("--attempts", "2"), 11, "attempt 1/2 to transfer"),
+        # The target's restore fails: a permanent failure, not retried.
+        ("restore-before-criu:fail", (), 8, "fault injected"),
+    ],
+)
+def test_failure_before_the_target_runs_it_resumes_the_source(
+    cluster: Cluster, workload: Path, fault: str, extra: tuple[str, ...], code: int, said: str
+) -> None:
     a, b = cluster.nodes
     job = Job(a, workload)
 
-    result = migrate(cluster, a, b, job, "--attempts", "2", fault="transfer-cut")
+    result = migrate(cluster, a, b, job, *extra, fault=fault)
 
-    assert result.returncode == 11, result.stderr
-    assert "runs on here again" in result.stderr
-    assert "attempt 1/2 to transfer" in result.stderr, "the cut was retried once"
-    assert running_copies(cluster, job) == ["a"]
-    job.keeps_counting(a)
-    assert_nothing_left(b, job)
-
-
-def test_failed_restore_on_the_target_resumes_the_source(cluster: Cluster, workload: Path) -> None:
-    a, b = cluster.nodes
-    job = Job(a, workload)
-
-    result = migrate(cluster, a, b, job, fault="restore-before-criu:fail")
-
-    assert result.returncode == 8, result.stderr
-    assert "fault injected" in result.stderr and "retrying" not in result.stderr
+    assert result.returncode == code, result.stderr
+    assert said in result.stderr and "runs on here again" in result.stderr
+    assert result.stderr.count("retrying") == (1 if extra else 0)
     assert running_copies(cluster, job) == ["a"]
     job.keeps_counting(a)
     assert_nothing_left(b, job)

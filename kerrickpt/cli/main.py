@@ -125,13 +125,18 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
     result = kerrickpt.restore(args.archive, name=args.name, state_dir=args.state_dir, force=args.force)
     if not args.json:
-        for warning in result.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"restored {result.name}: init pid {result.init_pid}")
-        print("pid map (inside -> host):")
-        for inside, host in sorted(result.pid_map.items()):
-            print(f"  {inside} -> {host}")
+        _print_placed(f"restored {result.name}: init pid {result.init_pid}", result.warnings, result.pid_map)
     return result.to_dict(), 0
+
+
+def _print_placed(headline: str, warnings: list[str], pid_map: dict[int, int]) -> None:
+    """What restore and migrate tell a person: warnings, what happened, where the PIDs went."""
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(headline)
+    print("pid map (inside -> host):")
+    for inside, host in sorted(pid_map.items()):
+        print(f"  {inside} -> {host}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
@@ -162,12 +167,8 @@ def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
         attempts=args.attempts,
     )
     if not args.json:
-        for warning in result.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s")
-        print("pid map on the target (inside -> host):")
-        for inside, host in sorted(result.pid_map.items()):
-            print(f"  {inside} -> {host}")
+        headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
+        _print_placed(headline, result.warnings, result.pid_map)
     return result.to_dict(), 0
 
 
