@@ -46,6 +46,7 @@ class Container:
     log: str | None = None
     memory_limit: int | None = None
     migration: str | None = None  # the id of the migration that brought it here
+    host_job: bool = False  # restored from a job that shared the host's namespaces
 
     @property
     def group(self) -> cgroups.Cgroup:

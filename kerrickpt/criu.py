@@ -120,7 +120,14 @@ def _call(client, request: str, timeout: float, error: type[KerrickptError], log
 
 
 def dump(
-    criu: Criu, pid: int, images_dir: Path, work_dir: Path, *, freeze_cgroup: str, timeout: float = DUMP_TIMEOUT
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
+    *,
+    freeze_cgroup: str,
+    shell_job: bool = False,
+    timeout: float = DUMP_TIMEOUT,
 ) -> None:
     """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`."""
     client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
@@ -129,14 +136,22 @@ def dump(
     # kerrickpt alone decides between killing the source and thawing it.
     client.opts.leave_running = True
     client.opts.freeze_cgroup = freeze_cgroup
+    client.opts.shell_job = shell_job
     _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
 
 
 def restore(
-    criu: Criu, images_dir: Path, work_dir: Path, *, inherit_fds: Mapping[str, int], timeout: float = RESTORE_TIMEOUT
+    criu: Criu,
+    images_dir: Path,
+    work_dir: Path,
+    *,
+    inherit_fds: Mapping[str, int],
+    shell_job: bool = False,
+    timeout: float = RESTORE_TIMEOUT,
 ) -> int:
     """Restore a tree (RPC restores are always detached); returns the host PID of its root."""
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
+    client.opts.shell_job = shell_job
     for key, fd in inherit_fds.items():
         os.set_inheritable(fd, True)
         entry = client.opts.inherit_fd.add()

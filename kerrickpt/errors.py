@@ -104,6 +104,12 @@ class TargetBusy(KerrickptError):
     exit_code = 13
 
 
+class NotCheckpointable(KerrickptError):
+    """The job uses something kerrickpt cannot carry; nothing was frozen and the job runs on."""
+
+    exit_code = 14
+
+
 def from_dict(data: dict[str, object]) -> KerrickptError:
     """Rebuild an error a remote kerrickpt reported, as its own class where this side knows it."""
     classes = {cls.__name__: cls for cls in _all_subclasses(KerrickptError)}

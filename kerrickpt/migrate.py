@@ -128,8 +128,7 @@ def migrate(
     """
     registry = containers.Registry(state_dir)
     container = registry.get(name)
-    if not container.is_running():
-        raise ContainerNotFoundError(f"container {name!r} is not running")
+    subject = Subject.of(container)
     journal = Journal(registry, name)
     if journal.exists():
         raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
@@ -147,7 +146,7 @@ def migrate(
         path = scratch / "archive.kckpt"
         frozen_at = time.monotonic()
         try:
-            manifest = capture(found, registry, Subject.of(container), path, level=level, thaw_after_dump=False)
+            manifest = capture(found, registry, subject, path, level=level, thaw_after_dump=False)
         except BaseException:
             journal.remove()
             raise

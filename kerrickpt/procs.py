@@ -19,10 +19,13 @@ class Process:
     cmdline: tuple[str, ...]
     threads: int
     uid: int
+    sid: int = 0
+    tids: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["cmdline"] = list(self.cmdline)
+        data["tids"] = list(self.tids)
         return data
 
 
@@ -33,6 +36,7 @@ def read(pid: int) -> Process:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     raw = (PROC / str(pid) / "cmdline").read_bytes()
+    stat_fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     return Process(
         host_pid=pid,
         ns_pid=int(fields["NSpid"].split()[-1]),
@@ -40,6 +44,8 @@ def read(pid: int) -> Process:
         cmdline=tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part),
         threads=int(fields["Threads"]),
         uid=int(fields["Uid"].split()[0]),
+        sid=int(stat_fields[3]),
+        tids=tuple(sorted(int(t.name) for t in (PROC / str(pid) / "task").iterdir())),
     )
 
 
@@ -116,3 +122,23 @@ def open_files(pids: Iterable[int], exclude: Iterable[str] = ()) -> dict[str, in
         except (FileNotFoundError, ProcessLookupError):
             continue
     return dict(sorted(found.items()))
+
+
+def shares_namespace(pid: int, kind: str) -> bool:
+    """Whether `pid` is in the same `kind` namespace (pid, ipc, ...) as this process."""
+    return os.readlink(PROC / str(pid) / "ns" / kind) == os.readlink(PROC / "self" / "ns" / kind)
+
+
+def stdout_file(pid: int) -> str | None:
+    """The regular file a process writes its standard output to, if it is one."""
+    try:
+        target = os.readlink(PROC / str(pid) / "fd" / "1")
+        is_file = stat.S_ISREG(os.stat(PROC / str(pid) / "fd" / "1").st_mode)
+    except OSError:
+        return None
+    return target if is_file and target.startswith("/") and not target.endswith(" (deleted)") else None
+
+
+def is_free(pid: int) -> bool:
+    """No process or thread of this PID namespace has this number."""
+    return not (PROC / str(pid)).exists()

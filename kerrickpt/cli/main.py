@@ -24,6 +24,7 @@ examples:
   kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
+  kerrickpt restore job7.kckpt --pid-namespace host
   kerrickpt kill job1
   kerrickpt check --against /srv/ckpt/job1.kckpt
   kerrickpt migrate job1 --to root@node7 --ssh-option IdentityFile=/etc/kerrickpt/id_ed25519
@@ -32,7 +33,8 @@ examples:
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
   9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
-  (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy
+  (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
+  14 the job uses something kerrickpt cannot carry (nothing was frozen)
 """
 
 
@@ -123,7 +125,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.restore(args.archive, name=args.name, state_dir=args.state_dir, force=args.force)
+    result = kerrickpt.restore(
+        args.archive, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
+    )
     if not args.json:
         _print_placed(f"restored {result.name}: init pid {result.init_pid}", result.warnings, result.pid_map)
     return result.to_dict(), 0
@@ -150,10 +154,26 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
         print(f"limits:    memory {_mib(m.memory_limit)}")
         print("timings:   " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(m.timings.items())))
+        print(f"route:     {_route(m)}")
         print("processes (pid inside, host pid at dump, threads, command):")
         for p in m.processes:
             print(f"  {p['ns_pid']:>5} {p['host_pid']:>8} {p['threads']:>3}  {' '.join(p['cmdline'])}")
+        if m.ipc:
+            print("SysV objects carried (recreated with these keys and ids in the job's new IPC namespace):")
+            for q in m.ipc["queues"]:
+                print(f"  message queue key {q['key']} id {q['id']}: {len(q['messages'])} messages")
+            for sem in m.ipc["semaphores"]:
+                print(f"  semaphore set key {sem['key']} id {sem['id']}: values {sem['values']}")
     return info.to_dict(), 0
+
+
+def _route(m: kerrickpt.Manifest) -> str:
+    if m.pid_namespace == "host":
+        return (
+            "the job shared the host's namespaces: restore gives it new IPC and PID namespaces in which it "
+            "has its own PIDs (or, with --pid-namespace host, its PIDs on the host)"
+        )
+    return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
 
 
 def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
@@ -242,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archive")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p.add_argument(
+        "--pid-namespace",
+        choices=["new", "host"],
+        default="new",
+        help="for a job that shared the host's namespaces: back at its PIDs in a new PID namespace (default), "
+        "or in the host's, if its PIDs are free there",
+    )
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
     p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
