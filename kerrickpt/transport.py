@@ -101,20 +101,31 @@ def call(
     result = command.run(link.argv(remote_args), timeout=timeout, input_bytes=json.dumps(request).encode())
     if result.returncode == 255:
         raise ssh_failure(link.target, result.returncode, result.stderr)
-    return _answer(link.target, result.stdout, result.stderr)
+    answer = _last_event(result.stdout)
+    if answer is None or answer.get("event") == "error":
+        raise remote_failure(link.target, result.returncode, answer, result.stderr)
+    return answer
 
 
-def _answer(target: Target, stdout: str, stderr: str) -> dict[str, Any]:
+def _last_event(stdout: str) -> dict[str, Any] | None:
     lines = [line for line in stdout.splitlines() if line.strip()]
     try:
-        answer = json.loads(lines[-1])
+        return dict(json.loads(lines[-1]))
     except (IndexError, ValueError):
-        raise TransportError(
-            f"kerrickpt on {target} gave no answer", log_tail=command.tail(stderr or stdout), transient=True
-        ) from None
-    if answer.get("event") == "error":
-        raise from_dict(answer)
-    return answer
+        return None
+
+
+def remote_failure(target: Target, code: int, event: dict[str, Any] | None, stderr: str) -> KerrickptError:
+    """What a remote kerrickpt that failed reported; without a report, its exit code decides."""
+    if event is not None and event.get("event") == "error":
+        return from_dict(event)
+    # 126/127: the remote kerrickpt cannot be run at all, and will not be on the next try either.
+    transient = code not in (126, 127)
+    return TransportError(
+        f"kerrickpt on {target} failed (exit {code}) without an answer",
+        log_tail=command.tail(stderr),
+        transient=transient,
+    )
 
 
 class Channel:
@@ -152,8 +163,8 @@ class Channel:
         self.stderr.seek(0)
         return command.tail(self.stderr.read().decode(errors="replace"))
 
-    def broken(self, what: str) -> TransportError:
-        """The connection failed; whether a retry may help depends on ssh's reason."""
+    def broken(self, what: str) -> KerrickptError:
+        """The connection failed: ssh's reason, or what the remote kerrickpt said before it went."""
         try:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -163,7 +174,15 @@ class Channel:
             failure = ssh_failure(self.link.target, code, tail)
             failure.message = f"{failure.message} while {what}"
             return failure
-        return TransportError(f"the connection to {self.link.target} broke while {what}", log_tail=tail, transient=True)
+        if code == -1:
+            return TransportError(
+                f"the connection to {self.link.target} broke while {what}", log_tail=tail, transient=True
+            )
+        try:
+            said = self.event(timeout=1)
+        except KerrickptError:
+            said = None
+        return remote_failure(self.link.target, code, said, tail)
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         try:

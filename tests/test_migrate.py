@@ -236,3 +236,15 @@ def test_target_whose_sshd_comes_up_late_is_reached(cluster: Cluster, workload: 
     assert "retrying" in result.stderr
     assert running_copies(cluster, job) == ["b"]
     job.keeps_counting(b)
+
+
+def test_missing_remote_kerrickpt_is_not_retried(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    args = [*cluster.migrate_args(b), "--remote-kerrickpt", "/nonexistent/kerrickpt"]
+
+    result = a.kerrickpt("migrate", job.name, *args)
+
+    assert result.returncode == 11, result.stderr
+    assert "exit 127" in result.stderr and "retrying" not in result.stderr
+    assert running_copies(cluster, job) == ["a"]
