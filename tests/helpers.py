@@ -90,3 +90,9 @@ class Workload:
             return max(ticks(self.log), default=0)
 
         return int(wait_for(lambda: last() > beyond + 2 and last(), what="ticks"))
+
+
+def freezer_roots() -> list[Path]:
+    """Every hierarchy with a freezer on this host (cgroup v2, the v1 freezer): tests run through each."""
+    layout = cgroups.detect()
+    return [r for r in (layout.unified, layout.freezer) if r is not None]
