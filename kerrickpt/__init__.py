@@ -5,7 +5,7 @@ The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it
 
 from kerrickpt.archive import DEFAULT_LEVEL
 from kerrickpt.checkpoint import CheckpointResult, checkpoint
-from kerrickpt.compat import Verdict
+from kerrickpt.compat import Verdict, check_archive
 from kerrickpt.containers import ContainerStatus, kill, ps, run
 from kerrickpt.errors import (
     ArchiveCorruptError,
@@ -15,15 +15,20 @@ from kerrickpt.errors import (
     DumpFailed,
     KerrickptError,
     LockTimeout,
+    MigrationUnknown,
     NodeIncompatibleError,
+    NotCheckpointable,
     NotReadyError,
     RestoreFailed,
     SnapshotNotFoundError,
+    TargetBusy,
+    TransportError,
     UsageError,
 )
 from kerrickpt.inspect import ArchiveInfo, inspect
 from kerrickpt.lock import Holder
 from kerrickpt.manifest import Manifest
+from kerrickpt.migrate import MigrationResult, RecoverResult, migrate, recover
 from kerrickpt.node import Fingerprint, Report, check
 from kerrickpt.restore import RestoreResult, restore
 from kerrickpt.retention import Decision, Plan, Policy
@@ -46,10 +51,14 @@ __all__ = [
     "KerrickptError",
     "LockTimeout",
     "Manifest",
+    "MigrationResult",
+    "MigrationUnknown",
     "NodeIncompatibleError",
+    "NotCheckpointable",
     "NotReadyError",
     "Plan",
     "Policy",
+    "RecoverResult",
     "Report",
     "RestoreFailed",
     "RestoreResult",
@@ -57,13 +66,18 @@ __all__ = [
     "SnapshotNotFoundError",
     "SnapshotResult",
     "Store",
+    "TargetBusy",
+    "TransportError",
     "UsageError",
     "Verdict",
     "check",
+    "check_archive",
     "checkpoint",
     "inspect",
     "kill",
+    "migrate",
     "ps",
+    "recover",
     "restore",
     "run",
     "snapshot",

@@ -12,7 +12,8 @@ from pathlib import Path
 from kerrickpt.errors import ContainerNotFoundError, KerrickptError
 from kerrickpt.freezer import Freezer
 
-PARENT = "kerrickpt"
+PARENT_ENV = "KERRICKPT_CGROUP_PARENT"
+DEFAULT_PARENT = "kerrickpt"
 MOUNTS = Path("/proc/self/mounts")
 EMPTY_TIMEOUT = 10.0
 
@@ -134,6 +135,14 @@ class Cgroup:
         return [str(d) for d in self.dirs]
 
 
+def parent_name() -> str:
+    """The cgroup under which this node's containers live ($KERRICKPT_CGROUP_PARENT, default kerrickpt).
+
+    Two kerrickpt nodes sharing one kernel (test nodes) need different parents.
+    """
+    return os.environ.get(PARENT_ENV) or DEFAULT_PARENT
+
+
 def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup:
     """Make the container's cgroup in every hierarchy used, with its memory limit."""
     roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r is not None]
@@ -142,7 +151,7 @@ def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup
     dirs: list[Path] = []
     try:
         for root in roots:
-            parent = root / PARENT
+            parent = root / parent_name()
             parent.mkdir(exist_ok=True)
             if root == layout.unified and memory_limit is not None and layout.memory is None:
                 _enable_controller(root, parent, "memory")
@@ -192,3 +201,9 @@ def parse_size(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise ValueError(f"not a size: {text!r} (examples: 512M, 2G)") from None
+
+
+def existing(layout: Layout, name: str) -> Cgroup:
+    """The directories of container `name` that exist under this node's parent (possibly none)."""
+    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r is not None]
+    return Cgroup(tuple(r / parent_name() / name for r in roots if (r / parent_name() / name).is_dir()))

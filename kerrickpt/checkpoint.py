@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, containers, criu, fault, guard, node, procs
-from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, UsageError
+from kerrickpt import archive, cgroups, containers, criu, fault, guard, node, procs, sysvipc
+from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, NotCheckpointable, UsageError
 from kerrickpt.freezer import frozen
 from kerrickpt.manifest import Manifest
 
@@ -58,15 +58,60 @@ def checkpoint(
         raise UsageError(f"{output.parent} is not a directory")
     registry = containers.Registry(state_dir)
     found = criu.locate()
-    container: containers.Container | None = None
     if name is not None:
-        container = registry.get(name)
-        if not container.is_running():
-            raise ContainerNotFoundError(f"container {name!r} is not running")
-        group = container.group
+        subject = Subject.of(registry.get(name))
     else:
         group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
-    label = name or Path(str(cgroup)).name
+        subject = Subject(Path(str(cgroup)).name, group)
+    manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running)
+    if not leave_running:
+        # The archive is complete and on disk: now, and only now, end the source.
+        if subject.container:
+            containers.remove(registry, subject.container)
+        else:
+            subject.group.kill()
+        if manifest.ipc:
+            # The job's queues and semaphores travel in the archive; left behind, they would leak.
+            sysvipc.remove(sysvipc.JobIpc.from_dict(manifest.ipc))
+    return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is checkpointed: a container kerrickpt runs, or a cgroup it did not create."""
+
+    label: str
+    group: cgroups.Cgroup
+    container: containers.Container | None = None
+
+    @classmethod
+    def of(cls, container: containers.Container) -> Subject:
+        if not container.is_running():
+            raise ContainerNotFoundError(f"container {container.name!r} is not running")
+        if container.host_job:
+            raise NotCheckpointable(
+                f"{container.name} was restored from a job that shared the host's namespaces; kerrickpt cannot "
+                "checkpoint it again yet (CRIU refuses the time and mount namespaces it nests inside "
+                "kerrickpt's init). Nothing was frozen."
+            )
+        return cls(container.name, container.group, container)
+
+
+def capture(
+    found: criu.Criu,
+    registry: containers.Registry,
+    subject: Subject,
+    output: Path,
+    *,
+    level: int,
+    thaw_after_dump: bool,
+) -> Manifest:
+    """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
+    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step."""
+    container, group = subject.container, subject.group
+    host_job = _shares_host_pid_namespace(group)
+    if host_job:
+        _refuse_what_cannot_travel(group)
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -77,56 +122,76 @@ def checkpoint(
         frozen_at = time.monotonic()
         with guardian, frozen(freezer):
             step = "reading the process tree"
-            tree = _tree(group, container)
+            tree = _tree(group, container, host_job)
+            pids = [int(p["host_pid"]) for p in tree]
+            shell_job = tree[0]["sid"] not in pids
+            log = container.log if container else procs.stdout_file(pids[0])
             # The log keeps growing once thawed; archive it as it was at the dump.
-            sizes = {"log": os.stat(container.log).st_size} if container and container.log else {}
+            sizes = {"log": os.stat(log).st_size} if log else {}
+            step = "saving the job's SysV objects"
+            ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
             step = "criu dump"
             fault.point("dump")
             dump_started = time.monotonic()
-            criu.dump(found, tree[0]["host_pid"], images, scratch, freeze_cgroup=str(freezer.path))
+            criu.dump(found, pids[0], images, scratch, freeze_cgroup=str(freezer.path), shell_job=shell_job)
             timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-            if leave_running:
+            if thaw_after_dump:
                 freezer.thaw()
                 timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
             step = "writing the archive"
             manifest = Manifest(
-                name=label,
+                name=subject.label,
                 created=containers.utc_now(),
                 source=node.fingerprint(found.version),
                 processes=tree,
                 command=container.command if container else list(tree[0]["cmdline"]),
                 memory_limit=container.memory_limit if container else group.memory_limit(),
-                log_path=container.log if container else None,
-                namespaces=NAMESPACES,
+                log_path=log,
+                namespaces=["ipc"] if host_job else NAMESPACES,
                 timings=timings,
+                pid_namespace="host" if host_job else "own",
+                shell_job=shell_job,
+                ipc=ipc.to_dict() if ipc else None,
             )
             files = {f"images/{p.name}": p for p in images.iterdir()}
-            if container and container.log:
-                files["log"] = Path(container.log)
+            if log:
+                files["log"] = Path(log)
 
             def finish(m: Manifest) -> None:
-                # Stopping a container: it stays frozen until its archive is complete.
+                # Kept frozen: the container stays down until its archive is complete.
                 m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
 
-            archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
+            return archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
     except KerrickptError as exc:
         if isinstance(exc, (DumpFailed, UsageError)):
             raise
-        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc.message}", log_tail=exc.log_tail) from exc
+        message = f"checkpoint of {subject.label} failed while {step}: {exc.message}"
+        raise DumpFailed(message, log_tail=exc.log_tail) from exc
     except OSError as exc:
-        raise DumpFailed(f"checkpoint of {label} failed while {step}: {exc}") from exc
+        raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if not leave_running:
-        # The archive is complete and on disk: now, and only now, end the source.
-        if container:
-            containers.remove(registry, container)
-        else:
-            group.kill()
-    return CheckpointResult(label, output, output.stat().st_size, leave_running, manifest)
 
 
-def _tree(group: cgroups.Cgroup, container: containers.Container | None) -> list[dict[str, Any]]:
+def _shares_host_pid_namespace(group: cgroups.Cgroup) -> bool:
+    pids = group.pids()
+    if not pids:
+        raise ContainerNotFoundError("the cgroup has no processes")
+    return procs.shares_namespace(pids[0], "pid")
+
+
+def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
+    """Before any freeze: a host-namespace job with SysV shared memory cannot be carried."""
+    shm = sysvipc.shared_memory_of(group.pids())
+    if shm:
+        raise NotCheckpointable(
+            f"the job uses SysV shared memory in the host's IPC namespace ({'; '.join(shm)}), which CRIU "
+            "cannot save outside an IPC namespace of the job's own. Run the job under `kerrickpt run` "
+            "(its own PID and IPC namespaces) to checkpoint it. Nothing was frozen."
+        )
+
+
+def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_job: bool) -> list[dict[str, Any]]:
     """The frozen tree, root first; refuses what this route cannot dump."""
     processes = procs.read_all(group.pids())
     if not processes:
@@ -137,10 +202,10 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None) -> list
     if len(roots) != 1:
         raise UsageError(f"the cgroup holds {len(roots)} process trees; kerrickpt dumps exactly one")
     root = roots[0]
-    if root.ns_pid != 1:
+    if root.ns_pid != 1 and not host_job:
         raise UsageError(
-            f"process {root.host_pid} shares the host's PID namespace; "
-            "checkpoint needs a tree in its own PID namespace (start it with `kerrickpt run`)"
+            f"process {root.host_pid} is not the init of its PID namespace; "
+            "checkpoint needs the whole namespace's tree in the cgroup"
         )
     ordered = [root] + [p for p in processes if p is not root]
     return [p.to_dict() for p in ordered]

@@ -47,6 +47,8 @@ class Container:
     created: str
     log: str | None = None
     memory_limit: int | None = None
+    migration: str | None = None  # the id of the migration that brought it here
+    host_job: bool = False  # restored from a job that shared the host's namespaces
 
     @property
     def group(self) -> cgroups.Cgroup:
@@ -166,7 +168,7 @@ def run(
         try:
             group = cgroups.create(cgroups.detect(), name, memory_limit)
         except FileExistsError:
-            raise ContainerExistsError(f"cgroup {cgroups.PARENT}/{name} exists already") from None
+            raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         log_fd = registry.open_log(name)
         try:
             init_pid = _spawn(name, argv, group, log_fd)

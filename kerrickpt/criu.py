@@ -54,6 +54,20 @@ def has_feature(criu: Criu, feature: str) -> bool:
     return command.run([criu.path, "check", "--feature", feature], timeout=CHECK_TIMEOUT).returncode == 0
 
 
+def cpuinfo_dump(criu: Criu, directory: Path) -> Path:
+    """Write this CPU's description as CRIU sees it (cpuinfo.img) into `directory`."""
+    result = command.run([criu.path, "cpuinfo", "dump", "-D", str(directory)], timeout=CHECK_TIMEOUT)
+    if result.returncode != 0:
+        raise KerrickptError("criu cpuinfo dump failed", log_tail=command.tail(result.stderr))
+    return directory / "cpuinfo.img"
+
+
+def cpuinfo_check(criu: Criu, directory: Path) -> tuple[bool, str]:
+    """Whether this CPU can run what was dumped on the CPU described by `directory`/cpuinfo.img."""
+    result = command.run([criu.path, "cpuinfo", "check", "-D", str(directory)], timeout=CHECK_TIMEOUT)
+    return result.returncode == 0, command.tail(result.stdout + result.stderr)
+
+
 def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]
     """A pycriu client with the options every request shares."""
     import pycriu  # imported late: `kerrickpt check` must work without it
@@ -106,7 +120,14 @@ def _call(client, request: str, timeout: float, error: type[KerrickptError], log
 
 
 def dump(
-    criu: Criu, pid: int, images_dir: Path, work_dir: Path, *, freeze_cgroup: str, timeout: float = DUMP_TIMEOUT
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
+    *,
+    freeze_cgroup: str,
+    shell_job: bool = False,
+    timeout: float = DUMP_TIMEOUT,
 ) -> None:
     """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`."""
     client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
@@ -115,14 +136,22 @@ def dump(
     # kerrickpt alone decides between killing the source and thawing it.
     client.opts.leave_running = True
     client.opts.freeze_cgroup = freeze_cgroup
+    client.opts.shell_job = shell_job
     _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
 
 
 def restore(
-    criu: Criu, images_dir: Path, work_dir: Path, *, inherit_fds: Mapping[str, int], timeout: float = RESTORE_TIMEOUT
+    criu: Criu,
+    images_dir: Path,
+    work_dir: Path,
+    *,
+    inherit_fds: Mapping[str, int],
+    shell_job: bool = False,
+    timeout: float = RESTORE_TIMEOUT,
 ) -> int:
     """Restore a tree (RPC restores are always detached); returns the host PID of its root."""
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
+    client.opts.shell_job = shell_job
     for key, fd in inherit_fds.items():
         os.set_inheritable(fd, True)
         entry = client.opts.inherit_fd.add()

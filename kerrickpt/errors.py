@@ -82,6 +82,34 @@ class CommandTimeout(KerrickptError):
     exit_code = 10
 
 
+class TransportError(KerrickptError):
+    """ssh could not reach the target or the connection broke; `transient` says whether a retry may help."""
+
+    exit_code = 11
+
+    def __init__(self, message: str, *, log_tail: str = "", transient: bool = False) -> None:
+        super().__init__(message, log_tail=log_tail)
+        self.transient = transient
+
+
+class MigrationUnknown(KerrickptError):
+    """The target's answer was lost: the source stays frozen until `kerrickpt recover` asks the target."""
+
+    exit_code = 12
+
+
+class TargetBusy(KerrickptError):
+    """The target is receiving this container already; try again later."""
+
+    exit_code = 13
+
+
+class NotCheckpointable(KerrickptError):
+    """The job uses something kerrickpt cannot carry; nothing was frozen and the job runs on."""
+
+    exit_code = 14
+
+
 class LockTimeout(KerrickptError):
     """Another kerrickpt run held the container's snapshot lock for longer than --wait."""
 
@@ -92,3 +120,20 @@ class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 
     exit_code = 21
+
+
+def from_dict(data: dict[str, object]) -> KerrickptError:
+    """Rebuild an error a remote kerrickpt reported, as its own class where this side knows it."""
+    classes = {cls.__name__: cls for cls in _all_subclasses(KerrickptError)}
+    cls = classes.get(str(data.get("error")), KerrickptError)
+    message = str(data.get("message", "remote error"))
+    log_tail = str(data.get("log_tail") or "")
+    return cls(message, log_tail=log_tail)
+
+
+def _all_subclasses(cls: type[KerrickptError]) -> list[type[KerrickptError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found

@@ -31,6 +31,11 @@ class ArchiveInfo:
             "memory_limit": m.memory_limit,
             "namespaces": m.namespaces,
             "timings": m.timings,
+            "pid_namespace": m.pid_namespace,
+            "restore_route": "new IPC and PID namespaces, own PIDs inside"
+            if m.pid_namespace == "host"
+            else "own namespaces as dumped",
+            "ipc_objects": m.ipc,
             "members": [{"name": x.name, "size": x.size, "sha256": x.sha256} for x in m.members],
         }
 

@@ -35,6 +35,10 @@ class Manifest:
     namespaces: list[str] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # "own": the tree had its own PID namespace; "host": it shared the host's (a batch job).
+    pid_namespace: str = "own"
+    shell_job: bool = False  # its session leader was outside the tree
+    ipc: dict[str, Any] | None = None  # the job's SysV objects (host route), see sysvipc.JobIpc
 
     @property
     def criu_version(self) -> str:
@@ -78,6 +82,9 @@ class Manifest:
                 namespaces=data.get("namespaces", []),
                 members=[Member(**m) for m in data["members"]],
                 timings=data.get("timings", {}),
+                pid_namespace=data.get("pid_namespace", "own"),
+                shell_job=data.get("shell_job", False),
+                ipc=data.get("ipc"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc

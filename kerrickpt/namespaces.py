@@ -17,3 +17,22 @@ def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 2, 4, 8, 1 << 14, 1 << 19
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    encoded = [s.encode() if s is not None else None for s in (source, target, fstype)]
+    if _libc.mount(*encoded, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def private_proc() -> None:
+    """In a new mount namespace: stop mount events flowing back to the host, and show this PID namespace in /proc."""
+    unshare(CLONE_NEWNS)
+    _mount(None, "/", None, MS_REC | MS_SLAVE)
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)

@@ -57,8 +57,12 @@ def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
     return ()
 
 
+TEST_FINGERPRINT_ENV = "KERRICKPT_TEST_FINGERPRINT"
+
+
 def fingerprint(criu_version: str) -> Fingerprint:
-    return Fingerprint(
+    """This node's fingerprint; $KERRICKPT_TEST_FINGERPRINT (`field=value,...`) alters it for tests."""
+    real = Fingerprint(
         arch=platform.machine(),
         kernel=platform.release(),
         os_release=os_release(),
@@ -68,6 +72,14 @@ def fingerprint(criu_version: str) -> Fingerprint:
         cgroup_layout=cgroups.detect().kind,
         hostname=platform.node(),
     )
+    override = os.environ.get(TEST_FINGERPRINT_ENV)
+    if not override:
+        return real
+    values = real.to_dict()
+    for item in override.split(","):
+        key, _, value = item.partition("=")
+        values[key] = value.split("+") if key == "cpu_flags" else int(value) if key == "page_size" else value
+    return Fingerprint.from_dict(values)
 
 
 def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,10 +19,13 @@ class Process:
     cmdline: tuple[str, ...]
     threads: int
     uid: int
+    sid: int = 0
+    tids: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["cmdline"] = list(self.cmdline)
+        data["tids"] = list(self.tids)
         return data
 
 
@@ -31,6 +36,7 @@ def read(pid: int) -> Process:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     raw = (PROC / str(pid) / "cmdline").read_bytes()
+    stat_fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     return Process(
         host_pid=pid,
         ns_pid=int(fields["NSpid"].split()[-1]),
@@ -38,6 +44,8 @@ def read(pid: int) -> Process:
         cmdline=tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part),
         threads=int(fields["Threads"]),
         uid=int(fields["Uid"].split()[0]),
+        sid=int(stat_fields[3]),
+        tids=tuple(sorted(int(t.name) for t in (PROC / str(pid) / "task").iterdir())),
     )
 
 
@@ -59,6 +67,17 @@ def roots(processes: Iterable[Process]) -> list[Process]:
     return [p for p in procs if p.host_ppid not in pids]
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (0 if it is gone)."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks, which tells a reused PID apart; None if gone."""
     try:
@@ -73,3 +92,53 @@ def start_time(pid: int) -> int | None:
 
 def is_alive(pid: int, started: int) -> bool:
     return start_time(pid) == started
+
+
+def open_files(pids: Iterable[int], exclude: Iterable[str] = ()) -> dict[str, int]:
+    """Regular files the processes have open, mapped or run, with their sizes: what a restore needs to find."""
+    skip = set(exclude)
+    found: dict[str, int] = {}
+
+    def note(path: str, stat_path: str) -> None:
+        if not path.startswith("/") or path.endswith(" (deleted)") or path in skip or path in found:
+            return
+        try:
+            st = os.stat(stat_path)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode):
+            found[path] = st.st_size
+
+    for pid in pids:
+        base = PROC / str(pid)
+        try:
+            note(os.readlink(base / "exe"), str(base / "exe"))
+            for fd in (base / "fd").iterdir():
+                note(os.readlink(fd), str(fd))
+            for line in (base / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    note(parts[5], parts[5])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return dict(sorted(found.items()))
+
+
+def shares_namespace(pid: int, kind: str) -> bool:
+    """Whether `pid` is in the same `kind` namespace (pid, ipc, ...) as this process."""
+    return os.readlink(PROC / str(pid) / "ns" / kind) == os.readlink(PROC / "self" / "ns" / kind)
+
+
+def stdout_file(pid: int) -> str | None:
+    """The regular file a process writes its standard output to, if it is one."""
+    try:
+        target = os.readlink(PROC / str(pid) / "fd" / "1")
+        is_file = stat.S_ISREG(os.stat(PROC / str(pid) / "fd" / "1").st_mode)
+    except OSError:
+        return None
+    return target if is_file and target.startswith("/") and not target.endswith(" (deleted)") else None
+
+
+def is_free(pid: int) -> bool:
+    """No process or thread of this PID namespace has this number."""
+    return not (PROC / str(pid)).exists()

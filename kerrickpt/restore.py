@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, compat, containers, criu, node, procs
-from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed
+from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, procs, restorer, sysvipc
+from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed, UsageError
 from kerrickpt.manifest import Manifest
 
 
@@ -36,12 +35,18 @@ def restore(
     name: str | None = None,
     state_dir: Path | str | None = None,
     force: bool = False,
+    migration_id: str | None = None,
+    pid_namespace: str = "new",
 ) -> RestoreResult:
     """Restore the archive at `path` as container `name` (default: the name it was dumped under).
 
     Every checksum is verified before any process is created; on failure nothing of the
-    container is left on this node.
+    container is left on this node. A job that shared the host's namespaces comes back in
+    new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
+    PIDs on the host, which must all be free.
     """
+    if pid_namespace not in ("new", "host"):
+        raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
     registry = containers.Registry(state_dir)
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
@@ -51,7 +56,8 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {path}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
-        init_pid = _restore_as(registry, found, manifest, scratch, name)
+        plan = _plan(manifest, pid_namespace)
+        init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
@@ -60,7 +66,33 @@ def restore(
     return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings)
 
 
-def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manifest, scratch: Path, name: str) -> int:
+def _plan(manifest: Manifest, pid_namespace: str) -> restorer.Plan:
+    ipc = sysvipc.JobIpc.from_dict(manifest.ipc) if manifest.ipc else None
+    if manifest.pid_namespace == "own":
+        if pid_namespace == "host":
+            raise UsageError(f"{manifest.name} had a PID namespace of its own; it cannot join the host's")
+        return restorer.Plan(shell_job=manifest.shell_job, ipc=ipc)
+    if pid_namespace == "host":
+        wanted = sorted({int(t) for p in manifest.processes for t in p.get("tids") or [p["host_pid"]]})
+        taken = [pid for pid in wanted if not procs.is_free(pid)]
+        if taken:
+            raise RestoreFailed(
+                f"PIDs {', '.join(map(str, taken))} of {manifest.name} are in use on this node, so it cannot "
+                "come back in the host's PID namespace; restore without --pid-namespace host to give it "
+                "a PID namespace of its own"
+            )
+    return restorer.Plan(shell_job=manifest.shell_job, ipc=ipc, new_pid_namespace=pid_namespace == "new")
+
+
+def _restore_as(
+    registry: containers.Registry,
+    found: criu.Criu,
+    manifest: Manifest,
+    scratch: Path,
+    name: str,
+    migration_id: str | None,
+    plan: restorer.Plan,
+) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
@@ -68,7 +100,7 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
         except FileExistsError:
-            raise RestoreFailed(f"cgroup {cgroups.PARENT}/{name} exists already") from None
+            raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         inherit: dict[str, int] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
@@ -78,7 +110,8 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
             with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                 shutil.copyfileobj(saved, out)
             inherit[manifest.log_path.lstrip("/")] = log_fd
-        init_pid = _criu_restore_in(group, found, scratch, inherit)
+        faults.inject("restore-before-criu")
+        init_pid = restorer.run(group, found, scratch, inherit, plan)
         started = procs.start_time(init_pid)
         if started is None:
             raise RestoreFailed(f"the restored container {name} exited at once")
@@ -92,6 +125,8 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
                 created=containers.utc_now(),
                 log=str(registry.log_path(name)) if manifest.log_path else None,
                 memory_limit=manifest.memory_limit,
+                migration=migration_id,
+                host_job=manifest.pid_namespace == "host",
             )
         )
         return init_pid
@@ -105,35 +140,3 @@ def _restore_as(registry: containers.Registry, found: criu.Criu, manifest: Manif
     finally:
         if log_fd is not None:
             os.close(log_fd)
-
-
-def _criu_restore_in(group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: dict[str, int]) -> int:
-    """Run CRIU from a child that joined the container's cgroup, so the restored tree lands in it."""
-    reader, writer = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        result: dict[str, Any]
-        try:
-            os.close(reader)
-            group.add(os.getpid())
-            result = {"pid": criu.restore(found, scratch / "images", scratch, inherit_fds=inherit)}
-        except KerrickptError as exc:
-            result = {"error": exc.message, "log_tail": exc.log_tail, "timeout": isinstance(exc, CommandTimeout)}
-        except BaseException as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}", "log_tail": "", "timeout": False}
-        try:
-            os.write(writer, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as fh:
-        raw = fh.read()
-    os.waitpid(child, 0)
-    try:
-        result = json.loads(raw)
-    except ValueError:
-        raise RestoreFailed("the restore helper died without an answer") from None
-    if "error" in result:
-        kind = CommandTimeout if result["timeout"] else RestoreFailed
-        raise kind(result["error"], log_tail=result["log_tail"])
-    return int(result["pid"])

@@ -12,6 +12,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import criu
+from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
 WORKLOAD_SOURCE = Path(__file__).parent / "workload" / "ipcworkload.c"
@@ -94,3 +95,10 @@ def start_workload(state_dir: Path, workload: Path) -> Callable[..., Workload]:
         return w
 
     return start
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Two local nodes (network namespaces with their own sshd, state and cgroups), removed afterwards."""
+    with Cluster(2) as nodes:
+        yield nodes

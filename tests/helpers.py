@@ -64,9 +64,10 @@ def cli_env(state_dir: Path | None = None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def cli(*args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, state_dir: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run the real command in its own process, to see its real exit code."""
-    return subprocess.run([*KERRICKPT, *args], capture_output=True, text=True, env=cli_env(state_dir), timeout=120)
+    env = cli_env(state_dir, **extra_env)
+    return subprocess.run([*KERRICKPT, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def probe(workload: Path, host_pid: int, keys: tuple[int, int, int]) -> dict[str, object]:
@@ -84,7 +85,7 @@ def probe(workload: Path, host_pid: int, keys: tuple[int, int, int]) -> dict[str
 def cgroup_dirs(name: str) -> list[Path]:
     layout = cgroups.detect()
     roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r]
-    return [r / cgroups.PARENT / name for r in roots if (r / cgroups.PARENT / name).exists()]
+    return [r / cgroups.parent_name() / name for r in roots if (r / cgroups.parent_name() / name).exists()]
 
 
 class Workload:
@@ -118,3 +119,9 @@ class Workload:
             return max(ticks(self.log), default=0)
 
         return int(wait_for(lambda: last() > beyond + 2 and last(), what="ticks"))
+
+
+def freezer_roots() -> list[Path]:
+    """Every hierarchy with a freezer on this host (cgroup v2, the v1 freezer): tests run through each."""
+    layout = cgroups.detect()
+    return [r for r in (layout.unified, layout.freezer) if r is not None]

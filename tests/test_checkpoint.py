@@ -14,7 +14,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import cgroups
-from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -71,13 +71,10 @@ def test_unknown_container_and_existing_output_are_refused(start_workload, state
     assert w.status.state == "running"
 
 
-@pytest.fixture
-def foreign_tree(workload: Path, tmp_path: Path) -> Iterator[tuple[Path, tuple[int, int, int]]]:
+@pytest.fixture(params=freezer_roots(), ids=lambda r: r.name)
+def foreign_tree(request: pytest.FixtureRequest, workload: Path) -> Iterator[tuple[Path, tuple[int, int, int]]]:
     """A tree kerrickpt did not start: its own PID/IPC/UTS namespaces, in a cgroup the test made."""
-    layout = cgroups.detect()
-    root = layout.unified if layout.unified else layout.freezer
-    assert root is not None
-    path = root / unique_name("foreign")
+    path = request.param / unique_name("foreign")
     path.mkdir()
     keys = ipc_keys()
     script = f"echo 0 > {path}/cgroup.procs && exec setsid {workload} run {' '.join(map(str, keys))}"

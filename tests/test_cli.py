@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import kerrickpt
 from kerrickpt.cli.main import main
 from tests.helpers import cli, ipc_keys, ticks, unique_name, wait_for
 
@@ -78,6 +79,20 @@ def test_full_cycle_through_the_command(state_dir: Path, tmp_path: Path, workloa
     ]
     assert cli("kill", name, state_dir=state_dir).returncode == 0
     assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+
+
+@pytest.mark.root
+def test_check_against_an_archive(start_workload, state_dir: Path, tmp_path: Path) -> None:
+    w = start_workload()
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(w.name, archive, leave_running=True, state_dir=state_dir)
+    same = cli("check", "--against", str(archive), "--json")
+    assert same.returncode == 0 and json.loads(same.stdout) == {"compatible": True, "differences": []}
+    older = cli("check", "--against", str(archive), KERRICKPT_TEST_FINGERPRINT="kernel=1.0")
+    assert older.returncode == 7 and "older kernel" in older.stdout
+    assert cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="kernel=1.0").returncode == 0
+    other_arch = cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="arch=aarch64")
+    assert other_arch.returncode == 7, "--force never accepts another architecture"
 
 
 def test_snapshot_usage_errors_exit_2(tmp_path: Path) -> None:

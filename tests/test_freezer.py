@@ -11,17 +11,12 @@ import pytest
 
 from kerrickpt import cgroups
 from kerrickpt.freezer import Freezer, frozen
-from tests.helpers import unique_name, wait_for
+from tests.helpers import freezer_roots, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
 
-def roots() -> list[Path]:
-    layout = cgroups.detect()
-    return [r for r in (layout.unified, layout.freezer) if r is not None]
-
-
-@pytest.fixture(params=roots(), ids=lambda r: r.name)
+@pytest.fixture(params=freezer_roots(), ids=lambda r: r.name)
 def counting(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Freezer, Path]]:
     """A shell loop writing a growing number to a file, in a fresh cgroup of one hierarchy."""
     group = cgroups.Cgroup((request.param / unique_name("frz"),))

@@ -114,7 +114,7 @@ def test_every_snapshot_restores_and_continues_from_its_own_point(start_workload
         copy = unique_name("copy")
         restored = cli("restore", "--store", str(store), w.name, *how, "--name", copy, state_dir=state_dir)
         assert restored.returncode == 0, restored.stderr
-        assert f"from {snap.path}" in restored.stdout
+        assert restored.stdout.startswith(f"snapshot {snap.path}\n")
         c = Workload(copy, w.keys, state_dir, w.binary)
         c.wait_ticking(beyond=point[-1])
         numbers = ticks(c.log)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import kerrickpt
-from kerrickpt import cgroups, containers, retention
-from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NotReadyError, UsageError
+from kerrickpt import cgroups, containers, receiver, retention, transport
+from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NodeIncompatibleError, NotReadyError, UsageError
+from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
 EXAMPLES = """\
 examples:
@@ -23,7 +25,11 @@ examples:
   kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
+  kerrickpt restore job7.kckpt --pid-namespace host
   kerrickpt kill job1
+  kerrickpt check --against /srv/ckpt/job1.kckpt
+  kerrickpt migrate job1 --to root@node7 --ssh-option IdentityFile=/etc/kerrickpt/id_ed25519
+  kerrickpt recover job1
   kerrickpt snapshot job1 --store /srv/snap --keep-last 4 --keep-hourly 24 --keep-daily 7 --wait 300 --quiet
   kerrickpt snapshots list --store /srv/snap job1
   kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
@@ -32,7 +38,9 @@ examples:
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
-  9 container exists, 10 an external program timed out,
+  9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
+  (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
+  14 the job uses something kerrickpt cannot carry (nothing was frozen),
   20 the snapshot lock stayed held by another run (--wait), 21 no such snapshot in the store
 """
 
@@ -74,6 +82,8 @@ def _time(text: str) -> datetime:
 
 
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
+    if args.against:
+        return _check_against(args)
     report = kerrickpt.check()
     if not args.json:
         fp = report.fingerprint
@@ -92,6 +102,17 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if not report.ready:
         raise NotReadyError("this node is not ready: " + "; ".join(report.problems))
     return report.to_dict(), 0
+
+
+def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
+    verdict = kerrickpt.check_archive(args.against)
+    acceptable = verdict.is_acceptable(force=args.force)
+    if not args.json:
+        print(verdict.explain())
+        print(f"verdict: {'this node can restore it' if acceptable else 'this node cannot restore it'}")
+    if not acceptable:
+        raise NodeIncompatibleError(f"this node cannot restore {args.against}:\n{verdict.explain()}")
+    return verdict.to_dict(), 0
 
 
 def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
@@ -148,16 +169,24 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
         path = kerrickpt.Store(args.store).at(args.archive, _time(args.at) if args.at else None).path
     elif args.at or args.latest:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
-    result = kerrickpt.restore(path, name=args.name, state_dir=args.state_dir, force=args.force)
+    result = kerrickpt.restore(
+        path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
+    )
     if not args.json:
-        print(f"from {path}")
-        for warning in result.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"restored {result.name}: init pid {result.init_pid}")
-        print("pid map (inside -> host):")
-        for inside, host in sorted(result.pid_map.items()):
-            print(f"  {inside} -> {host}")
+        if args.store:
+            print(f"snapshot {path}")
+        _print_placed(f"restored {result.name}: init pid {result.init_pid}", result.warnings, result.pid_map)
     return {**result.to_dict(), "archive": str(path)}, 0
+
+
+def _print_placed(headline: str, warnings: list[str], pid_map: dict[int, int]) -> None:
+    """What restore and migrate tell a person: warnings, what happened, where the PIDs went."""
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(headline)
+    print("pid map (inside -> host):")
+    for inside, host in sorted(pid_map.items()):
+        print(f"  {inside} -> {host}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
@@ -171,10 +200,70 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
         print(f"limits:    memory {_mib(m.memory_limit)}")
         print("timings:   " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(m.timings.items())))
+        print(f"route:     {_route(m)}")
         print("processes (pid inside, host pid at dump, threads, command):")
         for p in m.processes:
             print(f"  {p['ns_pid']:>5} {p['host_pid']:>8} {p['threads']:>3}  {' '.join(p['cmdline'])}")
+        if m.ipc:
+            print("SysV objects carried (recreated with these keys and ids in the job's new IPC namespace):")
+            for q in m.ipc["queues"]:
+                print(f"  message queue key {q['key']} id {q['id']}: {len(q['messages'])} messages")
+            for sem in m.ipc["semaphores"]:
+                print(f"  semaphore set key {sem['key']} id {sem['id']}: values {sem['values']}")
     return info.to_dict(), 0
+
+
+def _route(m: kerrickpt.Manifest) -> str:
+    if m.pid_namespace == "host":
+        return (
+            "the job shared the host's namespaces: restore gives it new IPC and PID namespaces in which it "
+            "has its own PIDs (or, with --pid-namespace host, its PIDs on the host)"
+        )
+    return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
+
+
+def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.migrate(
+        args.name,
+        args.to,
+        ssh_options=tuple(args.ssh_option),
+        remote_kerrickpt=args.remote_kerrickpt,
+        state_dir=args.state_dir,
+        force=args.force,
+        attempts=args.attempts,
+    )
+    if not args.json:
+        headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
+        _print_placed(headline, result.warnings, result.pid_map)
+    return result.to_dict(), 0
+
+
+def cmd_recover(args: argparse.Namespace) -> tuple[Any, int]:
+    result = kerrickpt.recover(args.name, state_dir=args.state_dir, attempts=args.attempts)
+    if not args.json:
+        where = "runs on the target; the source copy is gone" if result.outcome == "moved" else "runs here again"
+        print(f"{result.name} {where}")
+    return result.to_dict(), 0
+
+
+def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
+    """The remote end of `migrate` and `recover`: JSON events on stdout, never other output."""
+    if args.op == "receive":
+        code = receiver.receive(
+            sys.stdin.buffer,
+            sys.stdout,
+            name=args.name,
+            migration_id=args.migration_id,
+            force=args.force,
+            state_dir=args.state_dir,
+        )
+        return None, code
+    if args.op == "preflight":
+        answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
+    else:
+        answer = receiver.status(args.migration_id, args.state_dir)
+    transport.emit(sys.stdout, "ok", **answer)
+    return None, 0
 
 
 def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
@@ -291,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p = add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p.add_argument("--against", metavar="FILE", help="instead: could this node restore this archive?")
+    p.add_argument("--force", action="store_true", help="with --against: accept errors that --force accepts")
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
     p.add_argument("--name", required=True)
     p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
@@ -309,12 +400,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p.add_argument(
+        "--pid-namespace",
+        choices=["new", "host"],
+        default="new",
+        help="for a job that shared the host's namespaces: back at its PIDs in a new PID namespace (default), "
+        "or in the host's, if its PIDs are free there",
+    )
     p.add_argument("--store", metavar="DIR", help="restore NAME's latest snapshot in this store (or the one --at)")
     pick = p.add_mutually_exclusive_group()
     pick.add_argument("--at", metavar="TIME", help="the newest snapshot taken at or before TIME (ISO 8601 or an id)")
     pick.add_argument("--latest", action="store_true", help="the newest snapshot (the default)")
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
+    p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="[USER@]HOST[:PORT]")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help="passed to ssh as -o OPT")
+    p.add_argument("--remote-kerrickpt", default="kerrickpt", metavar="PATH", help="kerrickpt on the target")
+    p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
+    p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
+    p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
+    p.add_argument("name")
+    p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
+    p = sub.add_parser("agent", parents=[common])  # the remote end of migrate/recover; not for people
+    p.set_defaults(func=cmd_agent)
+    p.add_argument("op", choices=["preflight", "receive", "status"])
+    p.add_argument("--name")
+    p.add_argument("--migration-id")
+    p.add_argument("--force", action="store_true")
 
     p = sub.add_parser(
         "snapshot",
@@ -350,11 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
         print(f"kerrickpt: error: {exc}", file=sys.stderr)
-        if args.json:
+        if args.command == "agent":
+            transport.emit(sys.stdout, "error", **exc.to_dict())
+        elif args.json:
             print(json.dumps(exc.to_dict(), indent=2))
         return exc.exit_code
     except ValueError as exc:
@@ -362,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if args.json:
+    if args.json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))
     return code
 

@@ -12,6 +12,10 @@
  *       state as a single JSON line so a test can compare it across
  *       checkpoint and restore.
  *
+ * SHMKEY 0 means no shared memory: the counter lives in the counter
+ * child's own memory, as in a batch job sharing the host's IPC namespace
+ * (which CRIU cannot dump with SysV shm attached).
+ *
  * There are deliberately no signal handlers and no parent-death signal:
  * the test must see the processes exactly as CRIU leaves them.
  */
@@ -138,7 +142,8 @@ static _Noreturn void do_run(key_t shmkey, key_t msgkey, key_t semkey)
 	};
 	unsigned short vals[NSEMS] = { 7, 11, 13 };
 	union semun arg = { .array = vals };
-	unsigned char *shm;
+	static unsigned char private_counter[DATA_START];
+	unsigned char *shm = private_counter;
 	int shmid, msgid, semid;
 	pid_t pid;
 	size_t i;
@@ -146,14 +151,16 @@ static _Noreturn void do_run(key_t shmkey, key_t msgkey, key_t semkey)
 	/* Line buffering keeps the log complete at any checkpoint moment. */
 	setvbuf(stdout, NULL, _IOLBF, 0);
 
-	shmid = shmget(shmkey, SHM_SIZE, IPC_CREAT | IPC_EXCL | 0600);
-	if (shmid < 0)
-		die("shmget");
-	shm = shmat(shmid, NULL, 0);
-	if (shm == (void *)-1)
-		die("shmat");
-	memset(shm, 0, DATA_START);
-	fill_pattern(shm + DATA_START, SHM_SIZE - DATA_START);
+	if (shmkey) {
+		shmid = shmget(shmkey, SHM_SIZE, IPC_CREAT | IPC_EXCL | 0600);
+		if (shmid < 0)
+			die("shmget");
+		shm = shmat(shmid, NULL, 0);
+		if (shm == (void *)-1)
+			die("shmat");
+		memset(shm, 0, DATA_START);
+		fill_pattern(shm + DATA_START, SHM_SIZE - DATA_START);
+	}
 
 	msgid = msgget(msgkey, IPC_CREAT | IPC_EXCL | 0600);
 	if (msgid < 0)
@@ -222,13 +229,15 @@ static int do_probe(key_t shmkey, key_t msgkey, key_t semkey)
 	struct semid_ds ds;
 	union semun arg;
 	const unsigned char *shm;
-	uint64_t counter, sha;
-	int shmid, msgid, semid, nmsgs;
+	uint64_t counter = 0, sha = 0;
+	int shmid = -1, msgid, semid, nmsgs;
 	unsigned long i;
 
-	shmid = shmget(shmkey, 0, 0);
-	if (shmid < 0)
-		die("shmget");
+	if (shmkey) {
+		shmid = shmget(shmkey, 0, 0);
+		if (shmid < 0)
+			die("shmget");
+	}
 	msgid = msgget(msgkey, 0);
 	if (msgid < 0)
 		die("msgget");
@@ -236,13 +245,15 @@ static int do_probe(key_t shmkey, key_t msgkey, key_t semkey)
 	if (semid < 0)
 		die("semget");
 
-	shm = shmat(shmid, NULL, SHM_RDONLY);
-	if (shm == (void *)-1)
-		die("shmat");
-	memcpy(&counter, shm, sizeof(counter));
-	sha = fnv1a64(shm + DATA_START, SHM_SIZE - DATA_START);
-	if (shmdt(shm))
-		die("shmdt");
+	if (shmkey) {
+		shm = shmat(shmid, NULL, SHM_RDONLY);
+		if (shm == (void *)-1)
+			die("shmat");
+		memcpy(&counter, shm, sizeof(counter));
+		sha = fnv1a64(shm + DATA_START, SHM_SIZE - DATA_START);
+		if (shmdt(shm))
+			die("shmdt");
+	}
 
 	/* MSG_COPY peeks at the n-th message, leaving the queue untouched. */
 	for (nmsgs = 0; ; nmsgs++) {

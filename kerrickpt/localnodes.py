@@ -1,0 +1,216 @@
+"""Owns local test nodes: network namespaces on this machine, each with its own sshd, state and cgroup parent.
+
+The migration tests and the built-in example move containers between such nodes.
+Addresses come from 198.18.0.0/15, the range set aside for benchmarking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import cgroups, containers
+
+SSHD = "/usr/sbin/sshd"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+def kerrickpt_path() -> str:
+    """The kerrickpt command installed beside this Python (the project's .venv)."""
+    return str(Path(sys.executable).with_name("kerrickpt"))
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    address: str
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    sshd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"kerrickpt-{self.netns}"
+
+    def env(self) -> dict[str, str]:
+        """What makes a kerrickpt process belong to this node."""
+        return {
+            containers.STATE_ENV: str(self.state_dir),
+            cgroups.PARENT_ENV: self.cgroup_parent,
+            **self.extra_env,
+        }
+
+    def kerrickpt(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kerrickpt on this node (in its network namespace, with its state)."""
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.netns}", kerrickpt_path(), *args],
+            env={**os.environ, **self.env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def json(self, *args: str) -> Any:
+        result = self.kerrickpt(*args, "--json")
+        if result.returncode != 0:
+            raise RuntimeError(f"kerrickpt {' '.join(args)} on {self.name} failed: {result.stderr}")
+        return json.loads(result.stdout)
+
+    def start_sshd(self) -> None:
+        config = self.workdir / "sshd_config"
+        env = " ".join(f"{k}={v}" for k, v in {**self.env(), "PATH": f"{Path(kerrickpt_path()).parent}:{PATH}"}.items())
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {self.address}",
+                    f"HostKey {self.workdir / 'host_key'}",
+                    f"PidFile {self.workdir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.workdir.parent / 'client_key.pub'}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "AcceptEnv KERRICKPT_FAULT",
+                    f"SetEnv {env}",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        log = (self.workdir / "sshd.log").open("ab")
+        self.sshd = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", SSHD, "-D", "-e", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    def stop_sshd(self) -> None:
+        if self.sshd is not None:
+            self.sshd.kill()
+            self.sshd.wait()
+            self.sshd = None
+
+
+class Cluster:
+    """Two or more nodes on one private bridge, with ssh keys made for this run."""
+
+    def __init__(self, count: int = 2, *, start_sshd: bool = True) -> None:
+        self.id = uuid.uuid4().hex[:6]
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"kerrickpt-nodes-{self.id}-"))
+        self.switch = f"kpt-{self.id}-sw"
+        subnet = random.randrange(0, 256)
+        self.nodes: list[Node] = []
+        try:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.workdir / "client_key"))
+            _sh("ip", "netns", "add", self.switch)
+            _sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+            known = []
+            for index in range(count):
+                node = self._add_node(index, f"198.18.{subnet}.{index + 1}")
+                known.append(f"{node.address} {(node.workdir / 'host_key.pub').read_text().strip()}")
+                if start_sshd:
+                    node.start_sshd()
+            (self.workdir / "known_hosts").write_text("\n".join(known) + "\n")
+            if start_sshd:
+                for node in self.nodes:
+                    self.wait_for_sshd(node)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_node(self, index: int, address: str) -> Node:
+        name = "abcdefgh"[index]
+        node = Node(name=name, netns=f"kpt-{self.id}-{name}", address=address, workdir=self.workdir / name)
+        node.workdir.mkdir(mode=0o700)
+        self.nodes.append(node)
+        veth = f"v{self.id}{name}"
+        _sh("ip", "netns", "add", node.netns)
+        _sh(
+            "ip", "link", "add", veth, "netns", self.switch, "type", "veth", "peer", "name", "eth0", "netns", node.netns
+        )
+        _sh("ip", "-n", self.switch, "link", "set", veth, "master", "br0", "up")
+        _sh("ip", "-n", node.netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        _sh("ip", "-n", node.netns, "link", "set", "eth0", "up")
+        _sh("ip", "-n", node.netns, "link", "set", "lo", "up")
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.workdir / "host_key"))
+        return node
+
+    def ssh_options(self) -> list[str]:
+        return [
+            f"IdentityFile={self.workdir / 'client_key'}",
+            f"UserKnownHostsFile={self.workdir / 'known_hosts'}",
+            "StrictHostKeyChecking=yes",
+            "ConnectTimeout=5",
+        ]
+
+    def migrate_args(self, target: Node) -> list[str]:
+        """`kerrickpt migrate` options that reach `target` with this cluster's keys."""
+        args = ["--to", f"root@{target.address}", "--remote-kerrickpt", kerrickpt_path()]
+        for option in self.ssh_options():
+            args += ["--ssh-option", option]
+        return args
+
+    def wait_for_sshd(self, node: Node, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                ["nsenter", f"--net=/run/netns/{node.netns}", "ssh", "-o", "BatchMode=yes",
+                 *[a for o in self.ssh_options() for a in ("-o", o)], f"root@{node.address}", "true"],
+                capture_output=True,
+                timeout=10,
+            )  # fmt: skip
+            if probe.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"sshd of node {node.name} did not come up: {(node.workdir / 'sshd.log').read_text()}")
+
+    def close(self) -> None:
+        """Kill every container the nodes run, then sshd, namespaces and files."""
+        for node in self.nodes:
+            if (node.state_dir / "containers").exists():
+                for container in containers.Registry(node.state_dir).all():
+                    containers.remove(containers.Registry(node.state_dir), container)
+            layout = cgroups.detect()
+            for root in (layout.unified, layout.freezer, layout.memory):
+                parent = root / node.cgroup_parent if root else None
+                if parent and parent.is_dir():
+                    for child in [p for p in parent.iterdir() if p.is_dir()]:
+                        cgroups.Cgroup((child,)).remove()
+                    parent.rmdir()
+            node.stop_sshd()
+            subprocess.run(["ip", "netns", "del", node.netns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.switch], capture_output=True, timeout=30)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

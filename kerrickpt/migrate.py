@@ -1,0 +1,271 @@
+"""Owns moving a container to another node exactly once: pre-flight, dump, stream, hand-over and `recover`."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tenacity
+
+from kerrickpt import archive, containers, criu, faults, node, procs, transport
+from kerrickpt.checkpoint import Subject, capture
+from kerrickpt.errors import (
+    ContainerNotFoundError,
+    KerrickptError,
+    MigrationUnknown,
+    TargetBusy,
+    TransportError,
+    UsageError,
+    from_dict,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_ATTEMPTS = 5
+CHUNK = 1 << 20
+RESTORE_WAIT = 600.0
+JOURNAL = "migrations"
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    name: str
+    target: str
+    migration_id: str
+    pid_map: dict[int, int]
+    downtime_s: float
+    attempts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pid_map"] = {str(k): v for k, v in sorted(self.pid_map.items())}
+        return data
+
+
+@dataclass(frozen=True)
+class RecoverResult:
+    name: str
+    migration_id: str
+    outcome: str  # "moved": the target runs it, the source copy is gone; "resumed": the source runs again
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TargetBusy) or (isinstance(exc, TransportError) and exc.transient)
+
+
+def _retrying(attempts: int, what: str, fn: Callable[[], T]) -> tuple[T, int]:
+    """Call `fn`, retrying transient failures with exponential backoff and jitter; returns (result, attempts)."""
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("attempt %d/%d to %s failed: %s; retrying", state.attempt_number, attempts, what, exc)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential_jitter(initial=0.5, max=5.0, jitter=0.5),
+        retry=tenacity.retry_if_exception(_is_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    result = retrying(fn)
+    return result, int(retrying.statistics.get("attempt_number", 1))
+
+
+class Journal:
+    """The source's record of a migration under way: what `recover` needs after a crash or a lost answer."""
+
+    def __init__(self, registry: containers.Registry, name: str) -> None:
+        directory = registry.root / JOURNAL
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.path = directory / f"{containers.check_name(name)}.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def write(self, **data: Any) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
+
+    def read(self) -> dict[str, Any]:
+        return dict(json.loads(self.path.read_text()))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def migrate(
+    name: str,
+    to: str,
+    *,
+    ssh_options: tuple[str, ...] = (),
+    remote_kerrickpt: str = "kerrickpt",
+    state_dir: Path | str | None = None,
+    force: bool = False,
+    attempts: int = DEFAULT_ATTEMPTS,
+    level: int = archive.DEFAULT_LEVEL,
+) -> MigrationResult:
+    """Move container `name` to the node `to` ([USER@]HOST[:PORT]) over ssh, exactly once.
+
+    Either the target runs it and the source copy is gone, or the source runs it again;
+    if the target's answer is lost, MigrationUnknown leaves the source frozen for `recover`.
+    """
+    registry = containers.Registry(state_dir)
+    container = registry.get(name)
+    subject = Subject.of(container)
+    journal = Journal(registry, name)
+    if journal.exists():
+        raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
+    link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt)
+    found = criu.locate()
+    request = _preflight_request(found, container, force)
+    answer, preflight_attempts = _retrying(
+        attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
+    )
+    migration_id = uuid.uuid4().hex
+    scratch = registry.scratch_dir("migrate-")
+    # Written before the freeze: whatever happens next, `recover` can find out and finish it.
+    journal.write(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+    try:
+        path = scratch / "archive.kckpt"
+        frozen_at = time.monotonic()
+        try:
+            manifest = capture(found, registry, subject, path, level=level, thaw_after_dump=False)
+        except BaseException:
+            journal.remove()
+            raise
+        try:
+            restored, transfer_attempts = _retrying(
+                attempts, f"transfer to {link.target}", lambda: _transfer(link, path, migration_id, name, force)
+            )
+        except MigrationUnknown:
+            raise
+        except KerrickptError as exc:
+            # The target never ran it (it said so, or it cannot have had the whole archive).
+            container.group.freezer.thaw()
+            journal.remove()
+            exc.message = f"migration of {name} to {link.target} failed; {name} runs on here again: {exc.message}"
+            raise
+        downtime = time.monotonic() - frozen_at
+        # Point of no return: the container runs on the target. Only now does the source copy go.
+        containers.remove(registry, container)
+        journal.remove()
+    finally:
+        if not journal.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    return MigrationResult(
+        name=name,
+        target=str(link.target),
+        migration_id=migration_id,
+        pid_map={int(k): v for k, v in restored["pid_map"].items()},
+        downtime_s=round(downtime, 4),
+        attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
+        warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
+        timings=manifest.timings,
+    )
+
+
+def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
+    group = container.group
+    pids = group.pids()
+    with tempfile.TemporaryDirectory() as scratch:
+        cpuinfo = criu.cpuinfo_dump(found, Path(scratch)).read_bytes()
+    memory = group.memory_usage()
+    if memory is None:
+        memory = sum(procs.rss(pid) for pid in pids)
+    return {
+        "name": container.name,
+        "fingerprint": node.fingerprint(found.version).to_dict(),
+        "cpuinfo": base64.b64encode(cpuinfo).decode(),
+        # The log travels in the archive; everything else must already be on the target.
+        "files": procs.open_files(pids, exclude=[container.log] if container.log else []),
+        "memory_bytes": memory,
+        "force": force,
+    }
+
+
+def _transfer(link: transport.Link, path: Path, migration_id: str, name: str, force: bool) -> dict[str, Any]:
+    """Stream the archive; returns the target's `restored` event or raises what the target or the link said."""
+    args = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
+    sha = hashlib.sha256()
+    sent = 0
+    with transport.Channel(link, args) as channel, path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            channel.send(transport.DATA, chunk)
+            sha.update(chunk)
+            sent += len(chunk)
+            faults.inject("source-during-transfer")
+            if faults.is_set("transfer-cut"):
+                channel.proc.kill()  # the link drops for good before the end frame
+                channel.proc.wait()
+        channel.send(transport.END, json.dumps({"bytes": sent, "sha256": sha.hexdigest()}).encode())
+        # From here on the target may restore: silence means the outcome is unknown.
+        try:
+            event = channel.event(RESTORE_WAIT)
+        except KerrickptError as exc:
+            raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
+        if event is None:
+            raise MigrationUnknown(_unknown(name, link, "the target closed the connection without answering"))
+        if event["event"] == "error":
+            raise from_dict(event)
+        channel.send(transport.COMMIT)
+        channel.event(30)
+        return event
+
+
+def _unknown(name: str, link: transport.Link, why: str) -> str:
+    return (
+        f"the outcome of moving {name} to {link.target} is unknown ({why}); {name} stays frozen here. "
+        f"Run `kerrickpt recover {name}` to ask the target and finish the hand-over."
+    )
+
+
+def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = DEFAULT_ATTEMPTS) -> RecoverResult:
+    """Finish a migration whose outcome is unknown by asking the target what became of it."""
+    registry = containers.Registry(state_dir)
+    journal = Journal(registry, name)
+    if not journal.exists():
+        raise UsageError(f"no migration of {name} is pending on this node")
+    entry = journal.read()
+    link = transport.Link.from_dict(entry["link"])
+
+    def ask() -> dict[str, Any]:
+        answer = transport.call(link, ["agent", "status", "--migration-id", entry["id"]], {})
+        if answer["state"] == "in-progress":
+            raise TargetBusy(f"{link.target} is still receiving {name}")
+        return answer
+
+    answer, _ = _retrying(attempts, f"ask {link.target} about {name}", ask)
+    try:
+        container: containers.Container | None = registry.get(name)
+    except ContainerNotFoundError:
+        container = None  # removed already, by a run that died before clearing its journal
+    if answer["state"] in ("running", "exited"):
+        # The target had it: whatever it did since, the source copy must never run again.
+        if container:
+            containers.remove(registry, container)
+        outcome = "moved"
+    else:
+        if container is None:
+            raise ContainerNotFoundError(f"{name} is neither here nor on {link.target}")
+        container.group.freezer.thaw()
+        outcome = "resumed"
+    journal.remove()
+    shutil.rmtree(entry["scratch"], ignore_errors=True)
+    return RecoverResult(name=name, migration_id=entry["id"], outcome=outcome)

@@ -1,0 +1,155 @@
+"""Owns the target side of a migration: pre-flight checks, receiving and restoring, and answering `recover`."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from kerrickpt import cgroups, compat, containers, criu, faults, node, procs, transport
+from kerrickpt.errors import (
+    ContainerExistsError,
+    KerrickptError,
+    NodeIncompatibleError,
+    NotReadyError,
+    TargetBusy,
+    TransportError,
+)
+from kerrickpt.node import Fingerprint
+from kerrickpt.restore import restore
+
+INCOMING = "incoming"
+SPACE_MARGIN = 64 * 2**20
+
+
+def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
+    """Can this node take the container described by `request`? Raises the reason it cannot."""
+    registry = containers.Registry(state_dir)
+    report = node.check()
+    if not report.ready:
+        raise NotReadyError("the target is not ready: " + "; ".join(report.problems))
+    found = criu.locate()
+    verdict = compat.compare(Fingerprint.from_dict(request["fingerprint"]), node.fingerprint(found.version))
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch, "cpuinfo.img").write_bytes(base64.b64decode(request["cpuinfo"]))
+        cpu_ok, cpu_log = criu.cpuinfo_check(found, Path(scratch))
+    if not cpu_ok:
+        verdict = compat.Verdict(
+            (*verdict.differences, compat.Difference("cpuinfo", compat.FATAL, "", "", f"criu cpuinfo check: {cpu_log}"))
+        )
+    if not verdict.is_acceptable(force=bool(request.get("force"))):
+        raise NodeIncompatibleError(f"the target cannot take {request['name']}:\n{verdict.explain()}")
+    name = containers.check_name(request["name"])
+    if registry.path(name).exists():
+        raise ContainerExistsError(f"the target has a container named {name!r} already")
+    differ = []
+    for path, size in request["files"].items():
+        try:
+            actual: int | str = os.stat(path).st_size
+        except OSError as exc:
+            actual = exc.strerror or "missing"
+        if actual != size:
+            differ.append(f"{path} (source: {size} bytes, target: {actual})")
+    if differ:
+        raise NodeIncompatibleError("files the container has open differ on the target: " + ", ".join(differ))
+    need = 2 * int(request["memory_bytes"]) + SPACE_MARGIN
+    free = shutil.disk_usage(registry.scratch).free
+    if free < need:
+        raise NodeIncompatibleError(f"no room for the images on the target: {free} bytes free, {need} needed")
+    return {"verdict": verdict.to_dict(), "warnings": [d.message for d in verdict.differences]}
+
+
+def _marker(registry: containers.Registry, migration_id: str) -> Path:
+    directory = registry.root / INCOMING
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / f"{containers.check_name(migration_id)}.json"
+
+
+def receive(
+    stdin: BinaryIO,
+    stdout: TextIO,
+    *,
+    name: str,
+    migration_id: str,
+    force: bool = False,
+    state_dir: Path | str | None = None,
+) -> int:
+    """Take an archive streamed by the source, restore it, and tell the source once it runs.
+
+    Until the container runs here, any failure removes what this side made and is
+    reported; once it runs it stays, whatever happens to the connection.
+    """
+    registry = containers.Registry(state_dir)
+    marker = _marker(registry, migration_id)
+    if status(migration_id, state_dir)["state"] == "in-progress":
+        transport.emit(stdout, "error", **TargetBusy(f"migration {migration_id} is being received").to_dict())
+        return TargetBusy.exit_code
+    scratch = registry.scratch_dir("incoming-")
+    started = procs.start_time(os.getpid())
+    marker.write_text(json.dumps({"pid": os.getpid(), "start": started, "name": name, "scratch": str(scratch)}))
+    try:
+        path = scratch / "archive.kckpt"
+        _receive_archive(stdin, path)
+        result = restore(path, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
+        faults.inject("target-after-restore")
+        transport.emit(stdout, "restored", **result.to_dict())
+        if transport.read_frame(stdin) is not None:
+            transport.emit(stdout, "committed")
+        return 0
+    except KerrickptError as exc:
+        transport.emit(stdout, "error", **exc.to_dict())
+        return exc.exit_code
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
+def _receive_archive(stdin: BinaryIO, path: Path) -> None:
+    """Write DATA frames to `path` until an END frame whose size and sha256 match."""
+    sha = hashlib.sha256()
+    received = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while frame := transport.read_frame(stdin):
+            kind, payload = frame
+            if kind == transport.DATA:
+                out.write(payload)
+                sha.update(payload)
+                received += len(payload)
+                continue
+            if kind != transport.END:
+                raise TransportError(f"unexpected frame {kind!r} from the source")
+            end = json.loads(payload)
+            if end != {"bytes": received, "sha256": sha.hexdigest()}:
+                raise TransportError("the archive arrived damaged (size or sha256 differ)", transient=True)
+            return
+    raise TransportError("the source went away before the end of the archive", transient=True)
+
+
+def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
+    """What became of a migration here: running, exited, in-progress or absent.
+
+    A receiver that died mid-way is cleaned up here, so that `absent` is the truth.
+    """
+    registry = containers.Registry(state_dir)
+    for container in registry.all():
+        if container.migration == migration_id:
+            return {"state": "running" if container.is_running() else "exited", "name": container.name}
+    marker = _marker(registry, migration_id)
+    try:
+        info = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return {"state": "absent"}
+    if info["start"] is not None and procs.is_alive(info["pid"], info["start"]):
+        return {"state": "in-progress"}
+    if not (registry.path(info["name"]) / containers.RECORD).exists():
+        cgroups.existing(cgroups.detect(), info["name"]).remove()
+        registry.release(info["name"])
+    shutil.rmtree(info["scratch"], ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    return {"state": "absent"}

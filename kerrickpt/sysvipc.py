@@ -1,0 +1,184 @@
+"""Owns SysV message queues and semaphore sets of jobs in the host's IPC namespace: find, save, recreate, remove.
+
+A queue is the job's when its last sender or last receiver (lspid, lrpid in
+/proc/sysvipc/msg) is one of the job's processes; a semaphore set is the job's
+when the last process that changed any of its semaphores (semctl GETPID) is.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+IPC_CREAT, IPC_EXCL, IPC_NOWAIT, IPC_RMID = 0o1000, 0o2000, 0o4000, 0
+MSG_COPY = 0o40000
+GETPID, GETALL, SETALL = 11, 13, 17
+ENOMSG = 42
+SYSVIPC = Path("/proc/sysvipc")
+KERNEL = Path("/proc/sys/kernel")
+# Per-IPC-namespace limits: a fresh namespace starts with the defaults, not the host's tuning.
+LIMITS = ("msgmax", "msgmnb", "msgmni", "sem")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_libc.msgrcv.restype = ctypes.c_ssize_t
+_libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.msgctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+@dataclass
+class Queue:
+    key: int
+    id: int
+    mode: int
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["messages"] = [[kind, base64.b64encode(text).decode()] for kind, text in self.messages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Queue:
+        messages = [(int(kind), base64.b64decode(text)) for kind, text in data["messages"]]
+        return cls(key=data["key"], id=data["id"], mode=data["mode"], messages=messages)
+
+
+@dataclass
+class Semaphores:
+    key: int
+    id: int
+    mode: int
+    values: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Semaphores:
+        return cls(**data)
+
+
+@dataclass
+class JobIpc:
+    """The SysV objects a job uses, with their contents, and the host's limits they were made under."""
+
+    queues: list[Queue] = field(default_factory=list)
+    semaphores: list[Semaphores] = field(default_factory=list)
+    limits: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queues": [q.to_dict() for q in self.queues],
+            "semaphores": [s.to_dict() for s in self.semaphores],
+            "limits": self.limits,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobIpc:
+        return cls(
+            [Queue.from_dict(q) for q in data.get("queues", [])],
+            [Semaphores.from_dict(s) for s in data.get("semaphores", [])],
+            dict(data.get("limits", {})),
+        )
+
+
+def table(kind: str) -> list[dict[str, int]]:
+    """/proc/sysvipc/{msg,sem,shm} as rows of numbers keyed by the header's names."""
+    lines = (SYSVIPC / kind).read_text().splitlines()
+    header = lines[0].split()
+    return [dict(zip(header, (int(v) for v in line.split()), strict=False)) for line in lines[1:] if line.strip()]
+
+
+def shared_memory_of(pids: Iterable[int]) -> list[str]:
+    """SysV shared memory the job created, last used or has attached: CRIU cannot carry it from the host."""
+    job = set(pids)
+    found = [f"segment key {row['key']} id {row['shmid']}" for row in table("shm") if {row["cpid"], row["lpid"]} & job]
+    for pid in job:
+        try:
+            maps = (Path("/proc") / str(pid) / "maps").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if "/SYSV" in maps:
+            found.append(f"a segment attached by process {pid}")
+    return found
+
+
+def _semaphore_pids(semid: int, count: int) -> set[int]:
+    return {_libc.semctl(semid, i, GETPID) for i in range(count)}
+
+
+def save(pids: Iterable[int]) -> JobIpc:
+    """The job's queues (messages read with MSG_COPY, left in place) and semaphore sets; call it frozen."""
+    job = set(pids)
+    msgmax = int((KERNEL / "msgmax").read_text())
+    queues = []
+    for row in table("msg"):
+        if {row["lspid"], row["lrpid"]} & job:
+            queues.append(Queue(row["key"], row["msqid"], row["perms"], _peek(row["msqid"], msgmax)))
+    semaphores = []
+    for row in table("sem"):
+        if _semaphore_pids(row["semid"], row["nsems"]) & job:
+            values = (ctypes.c_ushort * row["nsems"])()
+            _check(_libc.semctl(row["semid"], 0, GETALL, ctypes.byref(values)), "semctl GETALL")
+            semaphores.append(Semaphores(row["key"], row["semid"], row["perms"], list(values)))
+    limits = {name: (KERNEL / name).read_text().strip() for name in LIMITS}
+    return JobIpc(queues, semaphores, limits)
+
+
+def _peek(msqid: int, msgmax: int) -> list[tuple[int, bytes]]:
+    buffer = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + msgmax)
+    messages = []
+    index = 0
+    while True:
+        size = _libc.msgrcv(msqid, buffer, msgmax, index, IPC_NOWAIT | MSG_COPY)
+        if size < 0:
+            if ctypes.get_errno() == ENOMSG:
+                return messages
+            _check(-1, "msgrcv MSG_COPY")
+        kind = ctypes.c_long.from_buffer(buffer).value
+        messages.append((kind, buffer.raw[ctypes.sizeof(ctypes.c_long) : ctypes.sizeof(ctypes.c_long) + size]))
+        index += 1
+
+
+def recreate(ipc: JobIpc) -> None:
+    """Make the objects, with their keys, ids and contents, in this process's (fresh) IPC namespace."""
+    for name, value in ipc.limits.items():
+        (KERNEL / name).write_text(value)
+    for queue in ipc.queues:
+        (KERNEL / "msg_next_id").write_text(str(queue.id))
+        made = _check(_libc.msgget(queue.key, IPC_CREAT | IPC_EXCL | (queue.mode & 0o777)), "msgget")
+        if made != queue.id:
+            raise OSError(f"queue key {queue.key} came back as id {made}, not {queue.id}")
+        for kind, text in queue.messages:
+            buffer = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + len(text))
+            ctypes.c_long.from_buffer(buffer).value = kind
+            ctypes.memmove(ctypes.addressof(buffer) + ctypes.sizeof(ctypes.c_long), text, len(text))
+            _check(_libc.msgsnd(made, buffer, len(text), IPC_NOWAIT), "msgsnd")
+    for sems in ipc.semaphores:
+        (KERNEL / "sem_next_id").write_text(str(sems.id))
+        made = _check(_libc.semget(sems.key, len(sems.values), IPC_CREAT | IPC_EXCL | (sems.mode & 0o777)), "semget")
+        if made != sems.id:
+            raise OSError(f"semaphore set key {sems.key} came back as id {made}, not {sems.id}")
+        values = (ctypes.c_ushort * len(sems.values))(*sems.values)
+        _check(_libc.semctl(made, 0, SETALL, ctypes.byref(values)), "semctl SETALL")
+
+
+def remove(ipc: JobIpc) -> None:
+    """Remove the objects from this IPC namespace (the host's, once the job is archived and ended)."""
+    for queue in ipc.queues:
+        _libc.msgctl(queue.id, IPC_RMID, None)
+    for sems in ipc.semaphores:
+        _libc.semctl(sems.id, 0, IPC_RMID)

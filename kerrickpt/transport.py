@@ -1,0 +1,231 @@
+"""Owns the ssh transport: target addresses, the ssh command line, and framed channels to a remote kerrickpt."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import shlex
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from kerrickpt import command
+from kerrickpt.errors import KerrickptError, TransportError, UsageError, from_dict
+from kerrickpt.faults import ENV as FAULT_ENV
+
+CALL_TIMEOUT = 120.0
+FRAME_HEADER = struct.Struct(">cI")
+DATA, END, COMMIT = b"D", b"E", b"C"
+# ssh's own failures (exit 255) that a later attempt may not meet again.
+TRANSIENT_SSH = re.compile(
+    r"Connection (refused|reset|timed out|closed)|No route to host|Network is unreachable|"
+    r"Connection to .* closed|kex_exchange_identification|Broken pipe|Operation timed out"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node reached over ssh: [USER@]HOST[:PORT]."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        match = re.fullmatch(
+            r"(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?", text
+        )
+        if not match:
+            raise UsageError(f"bad target {text!r}: use [USER@]HOST[:PORT]")
+        port = int(match["port"]) if match["port"] else None
+        return cls(host=match["v6"] or match["host"], user=match["user"], port=port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user + '@' if self.user else ''}{host}{':' + str(self.port) if self.port else ''}"
+
+
+@dataclass(frozen=True)
+class Link:
+    """How to run kerrickpt on a target: ssh options (the user's ssh config still applies) and its path."""
+
+    target: Target
+    ssh_options: tuple[str, ...] = ()
+    remote_kerrickpt: str = "kerrickpt"
+    ssh: str = "ssh"
+
+    def argv(self, remote_args: Sequence[str]) -> list[str]:
+        """The ssh command line that runs `kerrickpt REMOTE_ARGS` on the target."""
+        argv = [self.ssh, "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+        argv += ["-o", f"SendEnv={FAULT_ENV}"]
+        for option in self.ssh_options:
+            argv += ["-o", option]
+        if self.target.port:
+            argv += ["-p", str(self.target.port)]
+        if self.target.user:
+            argv += ["-l", self.target.user]
+        return [*argv, "--", self.target.host, shlex.join([self.remote_kerrickpt, *remote_args])]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": str(self.target),
+            "ssh_options": list(self.ssh_options),
+            "remote_kerrickpt": self.remote_kerrickpt,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Link:
+        return cls(Target.parse(data["target"]), tuple(data["ssh_options"]), data["remote_kerrickpt"])
+
+
+def ssh_failure(target: Target, returncode: int, stderr: str) -> TransportError:
+    """ssh's exit 255 is its own failure; transient ones (refused, reset...) may be retried."""
+    transient = bool(TRANSIENT_SSH.search(stderr))
+    return TransportError(
+        f"ssh to {target} failed (exit {returncode})", log_tail=command.tail(stderr), transient=transient
+    )
+
+
+def call(
+    link: Link, remote_args: Sequence[str], request: dict[str, Any], timeout: float = CALL_TIMEOUT
+) -> dict[str, Any]:
+    """Run one remote kerrickpt command with a JSON request on stdin; returns its JSON answer or raises its error."""
+    result = command.run(link.argv(remote_args), timeout=timeout, input_bytes=json.dumps(request).encode())
+    if result.returncode == 255:
+        raise ssh_failure(link.target, result.returncode, result.stderr)
+    answer = _last_event(result.stdout)
+    if answer is None or answer.get("event") == "error":
+        raise remote_failure(link.target, result.returncode, answer, result.stderr)
+    return answer
+
+
+def _last_event(stdout: str) -> dict[str, Any] | None:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    try:
+        return dict(json.loads(lines[-1]))
+    except (IndexError, ValueError):
+        return None
+
+
+def remote_failure(target: Target, code: int, event: dict[str, Any] | None, stderr: str) -> KerrickptError:
+    """What a remote kerrickpt that failed reported; without a report, its exit code decides."""
+    if event is not None and event.get("event") == "error":
+        return from_dict(event)
+    # 126/127: the remote kerrickpt cannot be run at all, and will not be on the next try either.
+    transient = code not in (126, 127)
+    return TransportError(
+        f"kerrickpt on {target} failed (exit {code}) without an answer",
+        log_tail=command.tail(stderr),
+        transient=transient,
+    )
+
+
+class Channel:
+    """A running remote kerrickpt: framed bytes go to its stdin, JSON events come from its stdout."""
+
+    def __init__(self, link: Link, remote_args: Sequence[str]) -> None:
+        self.link = link
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the channel; closed in close()
+        self.proc = subprocess.Popen(
+            link.argv(remote_args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin: BinaryIO = self.proc.stdin
+        self.stdout: BinaryIO = self.proc.stdout
+        self.pending = b""
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for stream in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+    def error_tail(self) -> str:
+        self.stderr.seek(0)
+        return command.tail(self.stderr.read().decode(errors="replace"))
+
+    def broken(self, what: str) -> KerrickptError:
+        """The connection failed: ssh's reason, or what the remote kerrickpt said before it went."""
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = -1
+        tail = self.error_tail()
+        if code == 255:
+            failure = ssh_failure(self.link.target, code, tail)
+            failure.message = f"{failure.message} while {what}"
+            return failure
+        if code == -1:
+            return TransportError(
+                f"the connection to {self.link.target} broke while {what}", log_tail=tail, transient=True
+            )
+        try:
+            said = self.event(timeout=1)
+        except KerrickptError:
+            said = None
+        return remote_failure(self.link.target, code, said, tail)
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        try:
+            self.stdin.write(FRAME_HEADER.pack(kind, len(payload)) + payload)
+            self.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise self.broken("sending") from exc
+
+    def event(self, timeout: float) -> dict[str, Any] | None:
+        """The next JSON event from the remote side, or None if it closed without one."""
+        deadline = time.monotonic() + timeout
+        fd = self.stdout.fileno()
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TransportError(f"{self.link.target} did not answer within {timeout:.0f} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        try:
+            return dict(json.loads(line))
+        except ValueError:
+            raise KerrickptError(f"{self.link.target} sent garbage: {line[:200]!r}") from None
+
+
+def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
+    """One frame from a channel's stdin on the remote side; None at a clean or torn end."""
+    header = stream.read(FRAME_HEADER.size)
+    if len(header) < FRAME_HEADER.size:
+        return None
+    kind, size = FRAME_HEADER.unpack(header)
+    payload = stream.read(size)
+    if len(payload) < size:
+        return None
+    return kind, payload
+
+
+def emit(stream: Any, event: str, **data: Any) -> None:
+    """Write one JSON event line to the source (the remote side's stdout)."""
+    try:
+        stream.write(json.dumps({"event": event, **data}) + "\n")
+        stream.flush()
+    except (BrokenPipeError, OSError):
+        pass  # the source is gone; what happened is found again by `recover`

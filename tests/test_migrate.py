@@ -1,0 +1,250 @@
+"""Migration between two real nodes (network namespaces with real sshd), real CRIU: exactly one copy runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kerrickpt.localnodes import Cluster, Node
+from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+
+pytestmark = pytest.mark.root
+
+
+class Job:
+    """The ipcworkload container as seen on whichever node runs it."""
+
+    def __init__(self, node: Node, binary: Path) -> None:
+        self.name = unique_name("mig")
+        self.keys = ipc_keys()
+        self.binary = binary
+        started = node.kerrickpt("run", "--name", self.name, "--", str(binary), "run", *map(str, self.keys))
+        assert started.returncode == 0, started.stderr
+        wait_for(lambda: len(ticks(self.log(node))) > 3, what="ticks")
+
+    def log(self, node: Node) -> str:
+        path = node.state_dir / "containers" / self.name / "log"
+        return path.read_text() if path.exists() else ""
+
+    def row(self, node: Node) -> dict[str, object] | None:
+        return next((r for r in node.json("ps") if r["name"] == self.name), None)
+
+    def probe(self, node: Node) -> dict[str, object]:
+        row = self.row(node)
+        assert row is not None
+        return probe(self.binary, int(row["init_pid"]), self.keys)  # type: ignore[call-overload]
+
+    def keeps_counting(self, node: Node) -> None:
+        seen = max(ticks(self.log(node)))
+        wait_for(lambda: max(ticks(self.log(node))) > seen + 2, what=f"{self.name} counting on {node.name}")
+
+
+def migrate(
+    cluster: Cluster, source: Node, target: Node, job: Job, *extra: str, fault: str = ""
+) -> subprocess.CompletedProcess[str]:
+    env = {"KERRICKPT_FAULT": fault} if fault else {}
+    return source.kerrickpt("migrate", job.name, *cluster.migrate_args(target), *extra, "--json", env=env)
+
+
+def running_copies(cluster: Cluster, job: Job) -> list[str]:
+    return [n.name for n in cluster.nodes if (row := job.row(n)) and row["state"] == "running"]
+
+
+def assert_nothing_left(node: Node, job: Job) -> None:
+    """No trace of the job on `node`: record, cgroups, scratch files, markers."""
+    assert job.row(node) is None
+    assert not (node.state_dir / "containers" / job.name).exists()
+    for root in ("unified", "freezer", "memory"):
+        assert not Path(f"/sys/fs/cgroup/{root}/{node.cgroup_parent}/{job.name}").exists()
+    wait_for(lambda: not list((node.state_dir / "tmp").iterdir()), what=f"{node.name}'s scratch to be empty")
+    incoming = node.state_dir / "incoming"
+    assert not incoming.exists() or not list(incoming.iterdir())
+
+
+@pytest.fixture
+def squatter(workload: Path) -> Iterator[Callable[..., dict[str, object]]]:
+    """A job in the target's host namespaces holding SysV objects with the migrated job's keys and ids."""
+    started: list[tuple[subprocess.Popen[bytes], dict[str, object]]] = []
+
+    def start(keys: tuple[int, int, int], ids: dict[str, object]) -> dict[str, object]:
+        for kind in ("shm", "msg", "sem"):
+            Path(f"/proc/sys/kernel/{kind}_next_id").write_text(str(ids[f"{kind}_id"]))
+        proc = subprocess.Popen([str(workload), "run", *map(str, keys)], stdout=subprocess.DEVNULL)
+        state = wait_for(lambda: _try_probe(workload, proc.pid, keys), what="the squatter's objects")
+        assert isinstance(state, dict)
+        started.append((proc, {**state, "pid": proc.pid}))
+        return started[-1][1]
+
+    yield start
+    for proc, state in started:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+        for pid in [*pids, proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        # SysV objects outlive their processes: remove the ones this fixture made.
+        subprocess.run(
+            ["ipcrm", "-m", str(state["shm_id"]), "-q", str(state["msg_id"]), "-s", str(state["sem_id"])], check=False
+        )
+
+
+def _try_probe(workload: Path, pid: int, keys: tuple[int, int, int]) -> dict[str, object] | None:
+    try:
+        return probe(workload, pid, keys)
+    except subprocess.CalledProcessError:
+        return None
+
+
+def test_migration_moves_the_job_with_its_state(cluster: Cluster, workload: Path, squatter) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    before = job.probe(a)
+    other = squatter(job.keys, before)
+    assert [other[k] for k in ("shm_id", "msg_id", "sem_id")] == [before[k] for k in ("shm_id", "msg_id", "sem_id")]
+
+    result = migrate(cluster, a, b, job)
+
+    assert result.returncode == 0, result.stderr
+    moved = json.loads(result.stdout)
+    assert sorted(int(k) for k in moved["pid_map"]) == [1, 2, 3], "the job sees its own PIDs"
+    assert moved["downtime_s"] > 0 and moved["attempts"] == {"preflight": 1, "transfer": 1}
+    assert running_copies(cluster, job) == ["b"]
+    assert_nothing_left(a, job)
+    assert not list((a.state_dir / "migrations").iterdir())
+    job.keeps_counting(b)
+    numbers = ticks(job.log(b))
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
+    after = job.probe(b)
+    for key in ("shm_id", "msg_id", "sem_id", "data_sha", "messages", "sems"):
+        assert after[key] == before[key], key
+    untouched = probe(workload, int(other["pid"]), job.keys)  # type: ignore[call-overload]
+    assert untouched["messages"] == other["messages"] and untouched["sems"] == other["sems"]
+    assert untouched["shm_id"] == other["shm_id"] and untouched["data_sha"] == other["data_sha"]
+
+
+def restart_sshd(cluster: Cluster, node: Node, **env: str) -> None:
+    node.stop_sshd()
+    node.extra_env.update(env)
+    node.start_sshd()
+    cluster.wait_for_sshd(node)
+
+
+def test_incompatible_target_is_refused_before_the_freeze_and_not_retried(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    restart_sshd(cluster, b, KERRICKPT_TEST_FINGERPRINT="arch=aarch64")
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job)
+
+    assert result.returncode == 7, result.stderr
+    assert "arch" in result.stderr and "aarch64" in result.stderr
+    assert "retrying" not in result.stderr
+    assert json.loads(result.stdout)["error"] == "NodeIncompatibleError"
+    assert running_copies(cluster, job) == ["a"]
+    assert not (a.state_dir / "migrations").exists() or not list((a.state_dir / "migrations").iterdir())
+    assert_nothing_left(b, job)
+    job.keeps_counting(a)
+
+
+@pytest.mark.parametrize(
+    ("fault", "extra", "code", "said"),
+    [
+        # The link drops before the end frame: retried once, then the source resumes.
+        ("transfer-cut", ("--attempts", "2"), 11, "attempt 1/2 to transfer"),
+        # The target's restore fails: a permanent failure, not retried.
+        ("restore-before-criu:fail", (), 8, "fault injected"),
+    ],
+)
+def test_failure_before_the_target_runs_it_resumes_the_source(
+    cluster: Cluster, workload: Path, fault: str, extra: tuple[str, ...], code: int, said: str
+) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, *extra, fault=fault)
+
+    assert result.returncode == code, result.stderr
+    assert said in result.stderr and "runs on here again" in result.stderr
+    assert result.stderr.count("retrying") == (1 if extra else 0)
+    assert running_copies(cluster, job) == ["a"]
+    job.keeps_counting(a)
+    assert_nothing_left(b, job)
+
+
+def test_lost_confirmation_keeps_source_frozen_until_recover(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, fault="target-after-restore:kill")
+
+    assert result.returncode == 12, result.stderr
+    assert "kerrickpt recover" in result.stderr
+    source = job.row(a)
+    assert source is not None and source["state"] == "frozen", "never two running copies"
+    assert running_copies(cluster, job) == ["b"]
+
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    assert_nothing_left(a, job)
+    assert running_copies(cluster, job) == ["b"]
+    job.keeps_counting(b)
+
+
+def test_source_killed_during_transfer_is_resumed_by_recover(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, fault="source-during-transfer:kill")
+
+    assert result.returncode == -signal.SIGKILL
+    assert job.row(a)["state"] == "frozen"  # type: ignore[index]
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "resumed"
+    assert running_copies(cluster, job) == ["a"]
+    job.keeps_counting(a)
+    assert_nothing_left(b, job)
+    assert not list((a.state_dir / "migrations").iterdir())
+    assert not list((a.state_dir / "tmp").iterdir()), "recover removed the dead run's archive"
+
+
+def test_target_whose_sshd_comes_up_late_is_reached(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    b.stop_sshd()
+    timer = threading.Timer(2.0, b.start_sshd)
+    timer.start()
+    try:
+        result = migrate(cluster, a, b, job)
+    finally:
+        timer.join()
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["attempts"]["preflight"] > 1
+    assert "retrying" in result.stderr
+    assert running_copies(cluster, job) == ["b"]
+    job.keeps_counting(b)
+
+
+def test_missing_remote_kerrickpt_is_not_retried(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    args = [*cluster.migrate_args(b), "--remote-kerrickpt", "/nonexistent/kerrickpt"]
+
+    result = a.kerrickpt("migrate", job.name, *args)
+
+    assert result.returncode == 11, result.stderr
+    assert "exit 127" in result.stderr and "retrying" not in result.stderr
+    assert running_copies(cluster, job) == ["a"]

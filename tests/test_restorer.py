@@ -1,0 +1,218 @@
+"""Batch jobs that share the host's PID and IPC namespaces: checkpointed from their cgroup, restored at
+their own PIDs with their SysV queues and semaphores, in namespaces of their own. Real CRIU, as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import cgroups, procs, sysvipc
+from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+
+pytestmark = pytest.mark.root
+
+
+@dataclass
+class HostJob:
+    cgroup: Path
+    keys: tuple[int, int, int]  # (0: no shared memory, message queue key, semaphore set key)
+    log: Path
+    pids: list[int]
+    proc: subprocess.Popen[bytes]
+
+    def tids(self) -> list[int]:
+        return sorted({t for pid in self.pids for t in procs.read(pid).tids})
+
+
+def start_job(workload: Path, tmp_path: Path, shm_key: int = 0) -> HostJob:
+    """A job as a batch system starts it: plain processes in the host's namespaces, in a cgroup."""
+    layout = cgroups.detect()
+    root = layout.unified or layout.freezer
+    assert root is not None
+    path = root / unique_name("batch")
+    path.mkdir()
+    _, msg_key, sem_key = ipc_keys()
+    log = tmp_path / f"{path.name}.log"
+    script = f"echo 0 > {path}/cgroup.procs && exec {workload} run {shm_key} {msg_key} {sem_key}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    job = HostJob(path, (shm_key, msg_key, sem_key), log, [], proc)
+    wait_for(lambda: len(cgroups.Cgroup((path,)).pids()) == 3 and len(ticks(log.read_text())) > 3, what="the job")
+    job.pids = cgroups.Cgroup((path,)).pids()
+    return job
+
+
+@pytest.fixture
+def host_job(workload: Path, tmp_path: Path) -> Iterator[callable]:
+    made: list[HostJob] = []
+
+    def start(shm_key: int = 0) -> HostJob:
+        made.append(start_job(workload, tmp_path, shm_key))
+        return made[-1]
+
+    yield start
+    for job in made:
+        cgroups.Cgroup((job.cgroup,)).remove()
+        job.proc.wait()
+        # SysV objects outlive processes: remove any the job left in the host's namespace.
+        for flag, key in (("-M", job.keys[0]), ("-Q", job.keys[1]), ("-S", job.keys[2])):
+            if key:
+                subprocess.run(["ipcrm", flag, str(key)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def occupy() -> Iterator[callable]:
+    """Make processes sit on given host PIDs, as the target's own processes would."""
+    sitters: list[subprocess.Popen[bytes]] = []
+
+    def take(pids: list[int]) -> list[subprocess.Popen[bytes]]:
+        for pid in pids:
+            # A PID still held by a zombie of the checkpointed job frees up soon; wait, then take it.
+            wait_for(lambda pid=pid: procs.is_free(pid), what=f"PID {pid} to be free")
+            for _ in range(50):
+                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+                sitter = subprocess.Popen(["sleep", "600"])
+                sitters.append(sitter)
+                if sitter.pid == pid:
+                    break
+        holders = [s for s in sitters if s.pid in pids]
+        assert len(holders) == len(pids), "could not occupy every PID"
+        return holders
+
+    yield take
+    for sitter in sitters:
+        sitter.kill()
+        sitter.wait()
+
+
+def host_probe(workload: Path, keys: tuple[int, int, int]) -> dict[str, object]:
+    out = subprocess.run([str(workload), "probe", *map(str, keys)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_job_comes_back_at_its_pids_with_its_queue_and_semaphores(
+    host_job, occupy, workload: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    job = host_job()
+    before = host_probe(workload, job.keys)
+    tids = job.tids()
+    archive = tmp_path / "job.kckpt"
+
+    kerrickpt.checkpoint(None, archive, cgroup=job.cgroup, state_dir=state_dir)
+
+    assert cgroups.Cgroup((job.cgroup,)).pids() == []
+    assert not [r for r in sysvipc.table("msg") if r["key"] == job.keys[1]], "the job's queue went into the archive"
+    shown = kerrickpt.inspect(archive).manifest
+    assert shown.pid_namespace == "host" and shown.ipc is not None
+    assert [q["key"] for q in shown.ipc["queues"]] == [job.keys[1]]
+    assert [s["values"] for s in shown.ipc["semaphores"]] == [[7, 11, 13]]
+    # The target's own processes sit on the job's PIDs; its own objects have the job's keys and ids.
+    job.proc.wait()  # the job's first process was this test's child: reap it, freeing its PID
+    holders = occupy(tids)
+    host_objects = sysvipc.JobIpc(
+        [sysvipc.Queue(job.keys[1], int(before["msg_id"]), 0o600, [(5, b"host\0")])],  # type: ignore[call-overload]
+        [sysvipc.Semaphores(job.keys[2], int(before["sem_id"]), 0o600, [1, 2, 3])],  # type: ignore[call-overload]
+    )
+    sysvipc.recreate(host_objects)
+    host_before = host_probe(workload, job.keys)
+    assert (host_before["msg_id"], host_before["sem_id"]) == (before["msg_id"], before["sem_id"])
+    with pytest.raises(kerrickpt.RestoreFailed, match="in use"):
+        kerrickpt.restore(archive, name=unique_name("host"), pid_namespace="host", state_dir=state_dir)
+
+    restored = kerrickpt.restore(archive, state_dir=state_dir)
+
+    assert set(job.pids) <= set(restored.pid_map), "the job sees its own PIDs"
+    assert restored.pid_map[1] == restored.init_pid, "PID 1 is kerrickpt's init, the job's reaper"
+    inside = probe(workload, restored.pid_map[job.pids[0]], job.keys)
+    for key in ("msg_id", "sem_id", "messages", "sems"):
+        assert inside[key] == before[key], key
+    assert len(os.listdir(f"/proc/{restored.pid_map[job.pids[2]]}/task")) == 2
+    log = state_dir / "containers" / restored.name / "log"
+    seen = max(ticks(log.read_text()))
+    wait_for(lambda: max(ticks(log.read_text())) > seen + 2, what="the counter")
+    numbers = ticks(log.read_text())
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert host_probe(workload, job.keys) == host_before, "the host's own objects are untouched"
+    with pytest.raises(kerrickpt.NotCheckpointable, match="cannot checkpoint it again"):
+        kerrickpt.checkpoint(restored.name, tmp_path / "again.kckpt", state_dir=state_dir)
+    assert all(holder.poll() is None for holder in holders), "the host's own processes are untouched"
+    sysvipc.remove(host_objects)
+
+
+def test_shared_memory_in_the_host_namespace_is_refused_without_freezing(
+    host_job, state_dir: Path, tmp_path: Path
+) -> None:
+    job = host_job(shm_key=ipc_keys()[0])
+    archive = tmp_path / "never.kckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "kerrickpt.cli.main", "checkpoint", "--cgroup", str(job.cgroup), "-o", str(archive)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERRICKPT_STATE_DIR": str(state_dir)},
+    )
+    assert result.returncode == 14, result.stderr
+    assert "shared memory" in result.stderr and "kerrickpt run" in result.stderr
+    assert not archive.exists()
+    assert not cgroups.Cgroup((job.cgroup,)).freezer.is_frozen()
+    seen = max(ticks(job.log.read_text()))
+    wait_for(lambda: max(ticks(job.log.read_text())) > seen + 2, what="the job to keep running")
+
+
+def test_one_archive_restored_twice_at_once(host_job, workload: Path, state_dir: Path, tmp_path: Path) -> None:
+    job = host_job()
+    archive = tmp_path / "job.kckpt"
+    kerrickpt.checkpoint(None, archive, cgroup=job.cgroup, state_dir=state_dir)
+    names = [unique_name("twin"), unique_name("twin")]
+    env = {**os.environ, "KERRICKPT_STATE_DIR": str(state_dir)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kerrickpt.cli.main", "restore", str(archive), "--name", name, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in names
+    ]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err for _, err in results]
+    maps = [{int(k): v for k, v in json.loads(out)["pid_map"].items()} for out, _ in results]
+    for pid_map in maps:
+        assert set(job.pids) <= set(pid_map)
+        assert len(os.listdir(f"/proc/{pid_map[job.pids[2]]}/task")) == 2
+    assert set(maps[0].values()).isdisjoint(maps[1].values())
+    namespaces = {os.readlink(f"/proc/{m[job.pids[0]]}/ns/{kind}") for m in maps for kind in ("pid", "ipc")}
+    assert len(namespaces) == 4, "each copy has its own PID and IPC namespaces"
+    for name, pid_map in zip(names, maps, strict=True):
+        log = state_dir / "containers" / name / "log"
+        seen = max(ticks(log.read_text()))
+        wait_for(lambda log=log, seen=seen: max(ticks(log.read_text())) > seen + 2, what=f"{name} counting")
+        assert probe(workload, pid_map[job.pids[0]], job.keys)["messages"] == [
+            [1, "alpha"],
+            [2, "bravo"],
+            [7, "charlie"],
+        ]
+
+
+def test_host_pid_namespace_route_when_the_pids_are_free(
+    host_job, workload: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    job = host_job()
+    archive = tmp_path / "job.kckpt"
+    kerrickpt.checkpoint(None, archive, cgroup=job.cgroup, state_dir=state_dir)
+    job.proc.wait()  # the job's first process was this test's child: reap it, freeing its PID
+    wait_for(lambda: all(map(procs.is_free, job.pids)), what="the job's PIDs to be free")
+
+    restored = kerrickpt.restore(archive, pid_namespace="host", state_dir=state_dir)
+
+    assert {pid: pid for pid in job.pids} == restored.pid_map, "the same PIDs on the host"
+    assert procs.shares_namespace(job.pids[0], "pid") and not procs.shares_namespace(job.pids[0], "ipc")
+    assert probe(workload, job.pids[0], job.keys)["sems"] == [7, 11, 13]

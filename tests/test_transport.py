@@ -1,0 +1,67 @@
+"""The ssh transport's pure parts: target parsing, the ssh command line, failure classification, frames."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from kerrickpt import transport
+from kerrickpt.errors import UsageError
+from kerrickpt.transport import Link, Target
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ("node7", Target("node7")),
+        ("root@node7:2222", Target("node7", "root", 2222)),
+        ("ops@198.18.0.2", Target("198.18.0.2", "ops")),
+        ("[2001:db8::1]:22", Target("2001:db8::1", None, 22)),
+    ],
+)
+def test_parse_target(text: str, target: Target) -> None:
+    assert Target.parse(text) == target
+    assert str(target) == text
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "user@", "host:port", "@host"])
+def test_bad_targets_are_usage_errors(bad: str) -> None:
+    with pytest.raises(UsageError):
+        Target.parse(bad)
+
+
+def test_ssh_argv_quotes_the_remote_command() -> None:
+    link = Link(Target("node7", "root", 2222), ("IdentityFile=/k ey",), "/opt/kerrickpt/bin/kerrickpt")
+    assert link.argv(["agent", "receive", "--name", "job 1"]) == [
+        "ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+        "-o", "SendEnv=KERRICKPT_FAULT", "-o", "IdentityFile=/k ey", "-p", "2222", "-l", "root",
+        "--", "node7", "/opt/kerrickpt/bin/kerrickpt agent receive --name 'job 1'",
+    ]  # fmt: skip
+    assert Link.from_dict(link.to_dict()) == link
+
+
+@pytest.mark.parametrize(
+    ("stderr", "transient"),
+    [
+        ("ssh: connect to host 198.18.0.2 port 22: Connection refused", True),
+        ("Connection reset by peer", True),
+        ("ssh: connect to host x port 22: No route to host", True),
+        ("root@198.18.0.2: Permission denied (publickey).", False),
+        ("Host key verification failed.", False),
+    ],
+)
+def test_ssh_failures_are_classified(stderr: str, transient: bool) -> None:
+    failure = transport.ssh_failure(Target("x"), 255, stderr)
+    assert failure.transient is transient and failure.exit_code == 11
+
+
+def test_frames_round_trip_and_torn_frames_end() -> None:
+    wire = transport.FRAME_HEADER.pack(transport.DATA, 3) + b"abc" + transport.FRAME_HEADER.pack(transport.END, 2)
+    stream = io.BytesIO(wire + b"{}")
+    assert transport.read_frame(stream) == (transport.DATA, b"abc")
+    assert transport.read_frame(stream) == (transport.END, b"{}")
+    assert transport.read_frame(stream) is None
+    assert transport.read_frame(io.BytesIO(wire[:-1])) == (transport.DATA, b"abc")
+    torn = io.BytesIO(wire[: transport.FRAME_HEADER.size + 1])
+    assert transport.read_frame(torn) is None
