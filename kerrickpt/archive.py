@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from kerrickpt import fault
+from kerrickpt import faults
 from kerrickpt.errors import ArchiveCorruptError, UsageError
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.manifest import Manifest, Member
@@ -80,7 +80,7 @@ def write(
                         reader = _HashingReader(fh)
                         tar.addfile(info, reader)
                     members.append(Member(name=name, size=info.size, sha256=reader.sha.hexdigest()))
-                fault.point("compress")
+                faults.inject("archive-before-manifest")
                 manifest.members = members
                 manifest.timings["compress_s"] = round(time.monotonic() - started, 4)
                 if finalize:

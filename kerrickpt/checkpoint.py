@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, containers, criu, fault, guard, node, procs, sysvipc
+from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, sysvipc
 from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, NotCheckpointable, UsageError
 from kerrickpt.freezer import frozen
 from kerrickpt.manifest import Manifest
 
 NAMESPACES = ["pid", "ipc", "uts"]
+SCRATCH = "checkpoint-"  # the prefix of the directory a capture dumps its images into
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def capture(
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
-    scratch = registry.scratch_dir("checkpoint-")
+    scratch = registry.scratch_dir(SCRATCH)
     images = scratch / "images"
     images.mkdir(mode=0o700)
     step = "freezing the cgroup"
@@ -131,7 +132,7 @@ def capture(
             step = "saving the job's SysV objects"
             ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
             step = "criu dump"
-            fault.point("dump")
+            faults.inject("checkpoint-before-criu")
             dump_started = time.monotonic()
             criu.dump(found, pids[0], images, scratch, freeze_cgroup=str(freezer.path), shell_job=shell_job)
             timings = {"dump_s": round(time.monotonic() - dump_started, 4)}

@@ -22,7 +22,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 RECORD = "container.json"
 LOG = "log"
 # Scratch directories carry their run's PID namespace, PID and start time: PREFIX-NS.PID.START-XXXX.
-SCRATCH_OWNER = re.compile(r"[a-z]+-(\d+)\.(\d+)\.(\d+)-")
+SCRATCH_OWNER = re.compile(r"(\d+)\.(\d+)\.(\d+)-")
 
 
 def utc_now() -> str:
@@ -132,11 +132,14 @@ class Registry:
         owner = f"{_pid_namespace()}.{pid}.{procs.start_time(pid)}"
         return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner}-", dir=self.scratch))
 
-    def sweep_scratch(self) -> list[Path]:
-        """Remove the scratch directories of runs that died in them (they may hold process memory)."""
+    def sweep_scratch(self, prefix: str) -> list[Path]:
+        """Remove the `prefix` scratch directories of runs that died in them (they may hold process memory).
+
+        Only for kinds of scratch nothing outlives its run for (not `migrate-`, which `recover` owns).
+        """
         swept = []
-        for path in sorted(self.scratch.iterdir()):
-            owner = SCRATCH_OWNER.match(path.name)
+        for path in sorted(self.scratch.glob(f"{prefix}*")):
+            owner = SCRATCH_OWNER.match(path.name.removeprefix(prefix))
             # A run in another PID namespace cannot be judged from here: leave its directory alone.
             if owner and int(owner[1]) == _pid_namespace() and not procs.is_alive(int(owner[2]), int(owner[3])):
                 shutil.rmtree(path, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from kerrickpt.errors import KerrickptError
 
@@ -25,12 +26,17 @@ def is_set(point: str) -> bool:
 
 
 def inject(point: str) -> None:
-    """Fail here if $KERRICKPT_FAULT lists `point:kill`, `point:exit` or `point:fail` (comma-separated).
+    """Fail here if $KERRICKPT_FAULT lists `point:kill`, `point:exit`, `point:fail` or `point:pause`.
 
     kill: SIGKILL this process, as a crash would; exit: leave at once without cleaning
-    up, as a dropped connection looks to the peer; fail: raise InjectedFault.
+    up, as a dropped connection looks to the peer; fail: raise InjectedFault; pause: stop
+    with SIGSTOP, so that a test can look around, then kill it or let it go on (SIGCONT).
     """
     for action in _actions(point):
+        if action == "pause":
+            print(f"kerrickpt: fault injection: pid {os.getpid()} stops at {point}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "exit":

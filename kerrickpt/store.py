@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, fault
+from kerrickpt import archive, containers, faults
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest
@@ -160,7 +160,7 @@ class Store:
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
             snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now())
             self._record(snap, mtime)
-            fault.point("publish")
+            faults.inject("store-before-link")
             try:
                 os.link(incoming, final)  # never over an existing file
             except BaseException:

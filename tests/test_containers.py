@@ -1,4 +1,4 @@
-"""The state directory: scratch space of runs that died is swept, that of live runs is not."""
+"""The state directory: checkpoint scratch of runs that died is swept; that of live runs, and others, is not."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ def test_sweep_removes_only_the_scratch_of_dead_runs(state_dir: Path) -> None:
     orphan = registry.scratch / f"checkpoint-{ns}.{os.getpid()}.1-abc"  # this PID, another start time: long gone
     other_ns = registry.scratch / f"checkpoint-{ns + 1}.{os.getpid()}.1-abc"
     legacy = registry.scratch / "checkpoint-abcdef"
-    for path in (orphan, other_ns, legacy):
+    pending = registry.scratch / f"migrate-{ns}.{os.getpid()}.1-abc"  # `recover` owns it
+    for path in (orphan, other_ns, legacy, pending):
         (path / "images").mkdir(parents=True)
 
-    swept = registry.sweep_scratch()
+    swept = registry.sweep_scratch("checkpoint-")
 
     assert swept == [orphan]
-    assert sorted(p.name for p in registry.scratch.iterdir()) == sorted(p.name for p in (mine, other_ns, legacy))
+    left = sorted(p.name for p in registry.scratch.iterdir())
+    assert left == sorted(p.name for p in (mine, other_ns, legacy, pending))

@@ -45,6 +45,10 @@ BALLAST = textwrap.dedent(
 )
 
 
+# Where $KERRICKPT_FAULT stops a run in each phase of a snapshot.
+POINTS = {"dump": "checkpoint-before-criu", "compress": "archive-before-manifest", "publish": "store-before-link"}
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     path = tmp_path / "store"
@@ -60,19 +64,19 @@ def keeps_counting(w: Workload) -> None:
     w.wait_ticking(beyond=max(ticks(w.log)))
 
 
-def start_stopped(state_dir: Path, phase: str, *args: str) -> subprocess.Popen[str]:
-    """The command in its own process, stopped by fault injection at `phase`."""
+def start_stopped(state_dir: Path, point: str, *args: str) -> subprocess.Popen[str]:
+    """The command in its own process, stopped by fault injection at `point`."""
     proc = subprocess.Popen(
         [*KERRICKPT, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(state_dir, KERRICKPT_FAULT=f"pause:{phase}"),
+        env=cli_env(state_dir, KERRICKPT_FAULT=f"{point}:pause"),
     )
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     if not os.WIFSTOPPED(status):
         _, err = proc.communicate()
-        pytest.fail(f"the command ended (status {status}) before it reached {phase}: {err}")
+        pytest.fail(f"the command ended (status {status}) before it reached {point}: {err}")
     return proc
 
 
@@ -130,7 +134,7 @@ def test_kill_9_leaves_the_container_running_and_the_store_complete(
 ) -> None:
     w = start_workload()
     first = kerrickpt.snapshot(w.name, store, state_dir=state_dir).snapshot
-    run = start_stopped(state_dir, phase, "snapshot", w.name, "--store", str(store), "--keep-last", "1")
+    run = start_stopped(state_dir, POINTS[phase], "snapshot", w.name, "--store", str(store), "--keep-last", "1")
     processes.append(run)
     # Frozen only while CRIU dumps: compression and publishing run with the container thawed.
     assert freezer_of(w).is_frozen() == (phase == "dump")
@@ -248,7 +252,7 @@ def test_overlapping_runs_for_one_container_serialize(
     start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     a, b = start_workload(), start_workload()
-    first = start_stopped(state_dir, "compress", "snapshot", a.name, "--store", str(store))
+    first = start_stopped(state_dir, POINTS["compress"], "snapshot", a.name, "--store", str(store))
     processes.append(first)
 
     busy = cli("snapshot", a.name, "--store", str(store), "--wait", "0.5", state_dir=state_dir)
