@@ -17,6 +17,8 @@ from kerrickpt.store import Snapshot, Store
 
 @dataclass(frozen=True)
 class SnapshotResult:
+    """What one run did: the snapshot it published, what retention decided, what it cleaned up."""
+
     snapshot: Snapshot
     plan: Plan[Snapshot] | None
     duration_s: float
@@ -30,7 +32,7 @@ class SnapshotResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "snapshot": self.snapshot.to_dict(),
-            "kept": [d.item.id for d in self.plan.decisions if d.keep] if self.plan else None,
+            "kept": [s.id for s in self.plan.kept] if self.plan else None,
             "removed": [s.id for s in self.removed],
             "duration_s": round(self.duration_s, 4),
             "took_over_lock_of": self.took_over.to_dict() if self.took_over else None,

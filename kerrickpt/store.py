@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ SUFFIX = ".kckpt"
 META = ".meta"
 LOCK = ".lock"
 INCOMING = ".incoming" + SUFFIX
+# What a run that died may leave: its incoming archive, archive.write's partial file, a record half written.
+TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
@@ -145,7 +149,7 @@ class Store:
         leftovers = [
             p
             for p in sorted(directory.iterdir())
-            if (p.name.startswith(".") and p.name != LOCK) or (p.suffix == META and p.stem not in archives)
+            if any(fnmatch(p.name, pattern) for pattern in TEMPORARY) or (p.suffix == META and p.stem not in archives)
         ]
         for path in leftovers:
             path.unlink(missing_ok=True)
@@ -158,6 +162,8 @@ class Store:
             manifest = archive.verify(incoming)
             size, mtime = _identity(incoming)
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
             snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now())
             self._record(snap, mtime)
             faults.inject("store-before-link")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import archive
-from kerrickpt.errors import ArchiveCorruptError, LockTimeout, SnapshotNotFoundError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, DumpFailed, LockTimeout, SnapshotNotFoundError, UsageError
 from kerrickpt.manifest import Manifest
 from kerrickpt.node import Fingerprint
 from kerrickpt.retention import CORRUPT, Policy
@@ -88,19 +88,20 @@ def test_leftovers_of_dead_runs_are_never_listed_and_are_cleaned_under_the_lock(
     with store.lock("job1"):
         write_incoming(store, "job1", T0 + timedelta(hours=1))  # died before publishing
     leftovers = [
-        directory / ".incoming.kckpt.partial-4242-99",  # died while compressing
+        directory / "..incoming.kckpt.partial-4242-99",  # died while compressing
         directory / "20250301T130000.123Z.meta",  # died between the record and the link
         directory / ".20250301T130000.123Z.meta.tmp",  # died while writing the record
     ]
     for path in leftovers:
         path.write_text("{")
+    (directory / ".nfs000123").write_text("")  # not kerrickpt's: left alone
 
     assert store.list() == [kept]
     with store.lock("job1"):
         cleaned = store.clean("job1")
 
     assert sorted(cleaned) == sorted([*leftovers, store.incoming("job1")])
-    assert sorted(p.name for p in directory.iterdir()) == [".lock", f"{kept.id}.kckpt", f"{kept.id}.meta"]
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", ".nfs000123", f"{kept.id}.kckpt", f"{kept.id}.meta"]
 
 
 def test_an_archive_without_its_record_is_listed_unverified_until_verified(store: Store) -> None:
@@ -134,6 +135,16 @@ def test_verify_finds_damage_and_a_damaged_snapshot_is_never_picked(store: Store
         (newer.id, False, (CORRUPT,)),
         (older.id, True, ("last #1",)),
     ]
+
+
+def test_publish_never_replaces_a_snapshot(store: Store) -> None:
+    first = take(store, "job1", T0)
+    record = first.path.with_suffix(".meta").read_bytes()
+    with store.lock("job1"):
+        write_incoming(store, "job1", T0)
+        with pytest.raises(DumpFailed, match="exists already"):
+            store.publish("job1")
+    assert store.list("job1") == [first] and first.path.with_suffix(".meta").read_bytes() == record
 
 
 def test_a_damaged_incoming_archive_is_not_published(store: Store) -> None:
