@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ CHUNK = 1 << 20
 COMPRESSED_CHUNK = 1 << 16
 DEFAULT_LEVEL = 3
 # Only these names are ever written or extracted: no paths, no links, no surprises.
-SAFE_MEMBER = re.compile(r"(images/[A-Za-z0-9_.-]+|log)")
+SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log)")
 
 
 class _HashingReader(io.RawIOBase):
@@ -171,23 +172,24 @@ def extract(path: Path, dest: Path) -> Manifest:
     """
     seen: dict[str, Member] = {}
     manifest: Manifest | None = None
-    for info, reader in _members(path):
-        if manifest is not None:
-            raise ArchiveCorruptError(f"{path} has data after its manifest")
-        if info.name == MANIFEST_NAME:
-            manifest = Manifest.from_json(reader.read())
-            continue
-        if info.name in seen:
-            raise ArchiveCorruptError(f"{path} holds {info.name} twice")
-        target = dest / info.name
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        sha = hashlib.sha256()
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(out, "wb") as fh:
-            while chunk := reader.read(CHUNK):
-                sha.update(chunk)
-                fh.write(chunk)
-        seen[info.name] = Member(name=info.name, size=info.size, sha256=sha.hexdigest())
+    with contextlib.closing(_members(path)) as members:
+        for info, reader in members:
+            if manifest is not None:
+                raise ArchiveCorruptError(f"{path} has data after its manifest")
+            if info.name == MANIFEST_NAME:
+                manifest = Manifest.from_json(reader.read())
+                continue
+            if info.name in seen:
+                raise ArchiveCorruptError(f"{path} holds {info.name} twice")
+            target = dest / info.name
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            sha = hashlib.sha256()
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(out, "wb") as fh:
+                while chunk := reader.read(CHUNK):
+                    sha.update(chunk)
+                    fh.write(chunk)
+            seen[info.name] = Member(name=info.name, size=info.size, sha256=sha.hexdigest())
     if manifest is None:
         raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
     expected = {m.name: m for m in manifest.members}
@@ -203,7 +205,8 @@ def extract(path: Path, dest: Path) -> Manifest:
 
 def read_manifest(path: Path) -> Manifest:
     """The manifest, without unpacking anything."""
-    for info, reader in _members(path):
-        if info.name == MANIFEST_NAME:
-            return Manifest.from_json(reader.read())
+    with contextlib.closing(_members(path)) as members:
+        for info, reader in members:
+            if info.name == MANIFEST_NAME:
+                return Manifest.from_json(reader.read())
     raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
