@@ -5,10 +5,11 @@ The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it
 
 from kerrickpt.archive import DEFAULT_LEVEL
 from kerrickpt.checkpoint import CheckpointResult, checkpoint
-from kerrickpt.compat import Verdict, check_archive
+from kerrickpt.compat import Verdict
 from kerrickpt.containers import ContainerStatus, kill, ps, run
 from kerrickpt.errors import (
     ArchiveCorruptError,
+    BusyError,
     CommandTimeout,
     ContainerExistsError,
     ContainerNotFoundError,
@@ -21,11 +22,10 @@ from kerrickpt.errors import (
     NotReadyError,
     RestoreFailed,
     SnapshotNotFoundError,
-    TargetBusy,
     TransportError,
     UsageError,
 )
-from kerrickpt.inspect import ArchiveInfo, inspect
+from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
 from kerrickpt.lock import Holder
 from kerrickpt.manifest import Manifest
 from kerrickpt.migrate import MigrationResult, RecoverResult, migrate, recover
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "ArchiveCorruptError",
     "ArchiveInfo",
+    "BusyError",
     "CheckpointResult",
     "CommandTimeout",
     "ContainerExistsError",
@@ -66,7 +67,6 @@ __all__ = [
     "SnapshotNotFoundError",
     "SnapshotResult",
     "Store",
-    "TargetBusy",
     "TransportError",
     "UsageError",
     "Verdict",

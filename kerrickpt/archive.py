@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -23,7 +24,7 @@ CHUNK = 1 << 20
 COMPRESSED_CHUNK = 1 << 16
 DEFAULT_LEVEL = 3
 # Only these names are ever written or extracted: no paths, no links, no surprises.
-SAFE_MEMBER = re.compile(r"(images/[A-Za-z0-9_.-]+|log)")
+SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log)")
 
 
 class _HashingReader(io.RawIOBase):
@@ -183,20 +184,21 @@ def extract(path: Path, dest: Path | None) -> Manifest:
     """
     seen: dict[str, Member] = {}
     manifest: Manifest | None = None
-    for info, reader in _members(path):
-        if manifest is not None:
-            raise ArchiveCorruptError(f"{path} has data after its manifest")
-        if info.name == MANIFEST_NAME:
-            manifest = Manifest.from_json(reader.read())
-            continue
-        if info.name in seen:
-            raise ArchiveCorruptError(f"{path} holds {info.name} twice")
-        sha = hashlib.sha256()
-        with _output(dest, info.name) as fh:
-            while chunk := reader.read(CHUNK):
-                sha.update(chunk)
-                fh.write(chunk)
-        seen[info.name] = Member(name=info.name, size=info.size, sha256=sha.hexdigest())
+    with contextlib.closing(_members(path)) as members:
+        for info, reader in members:
+            if manifest is not None:
+                raise ArchiveCorruptError(f"{path} has data after its manifest")
+            if info.name == MANIFEST_NAME:
+                manifest = Manifest.from_json(reader.read())
+                continue
+            if info.name in seen:
+                raise ArchiveCorruptError(f"{path} holds {info.name} twice")
+            sha = hashlib.sha256()
+            with _output(dest, info.name) as fh:
+                while chunk := reader.read(CHUNK):
+                    sha.update(chunk)
+                    fh.write(chunk)
+            seen[info.name] = Member(name=info.name, size=info.size, sha256=sha.hexdigest())
     if manifest is None:
         raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
     expected = {m.name: m for m in manifest.members}
@@ -217,7 +219,8 @@ def verify(path: Path) -> Manifest:
 
 def read_manifest(path: Path) -> Manifest:
     """The manifest, without unpacking anything."""
-    for info, reader in _members(path):
-        if info.name == MANIFEST_NAME:
-            return Manifest.from_json(reader.read())
+    with contextlib.closing(_members(path)) as members:
+        for info, reader in members:
+            if info.name == MANIFEST_NAME:
+                return Manifest.from_json(reader.read())
     raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")

@@ -26,6 +26,10 @@ class Layout:
     freezer: Path | None
     memory: Path | None
 
+    def roots(self) -> list[Path]:
+        """The hierarchies kerrickpt puts a container's cgroup in."""
+        return [r for r in (self.unified, self.freezer, self.memory) if r is not None]
+
     @property
     def kind(self) -> str:
         if self.unified and not (self.freezer or self.memory):
@@ -145,7 +149,7 @@ def parent_name() -> str:
 
 def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup:
     """Make the container's cgroup in every hierarchy used, with its memory limit."""
-    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r is not None]
+    roots = layout.roots()
     if not roots:
         raise KerrickptError("no cgroup hierarchy is mounted on this host")
     dirs: list[Path] = []
@@ -205,5 +209,4 @@ def parse_size(text: str) -> int:
 
 def existing(layout: Layout, name: str) -> Cgroup:
     """The directories of container `name` that exist under this node's parent (possibly none)."""
-    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r is not None]
-    return Cgroup(tuple(r / parent_name() / name for r in roots if (r / parent_name() / name).is_dir()))
+    return Cgroup(tuple(r / parent_name() / name for r in layout.roots() if (r / parent_name() / name).is_dir()))

@@ -9,13 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, sysvipc
-from kerrickpt.errors import ContainerNotFoundError, DumpFailed, KerrickptError, NotCheckpointable, UsageError
+from kerrickpt.errors import (
+    CommandTimeout,
+    ContainerNotFoundError,
+    DumpFailed,
+    KerrickptError,
+    NotCheckpointable,
+    UsageError,
+)
 from kerrickpt.freezer import frozen
 from kerrickpt.manifest import Manifest
 
 NAMESPACES = ["pid", "ipc", "uts"]
-SCRATCH = "checkpoint-"  # the prefix of the directory a capture dumps its images into
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,18 @@ def checkpoint(
         raise UsageError(f"{output.parent} is not a directory")
     registry = containers.Registry(state_dir)
     found = criu.locate()
-    if name is not None:
-        subject = Subject.of(registry.get(name))
-    else:
+    if name is None:
         group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
-        subject = Subject(Path(str(cgroup)).name, group)
+        return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
+    with registry.lock(name):
+        if registry.journal_path(name).exists():
+            raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
+        return _checkpoint(found, registry, Subject.of(registry.get(name)), output, leave_running, level)
+
+
+def _checkpoint(
+    found: criu.Criu, registry: containers.Registry, subject: Subject, output: Path, leave_running: bool, level: int
+) -> CheckpointResult:
     manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running)
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
@@ -113,7 +128,7 @@ def capture(
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
-    scratch = registry.scratch_dir(SCRATCH)
+    scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
     step = "freezing the cgroup"
@@ -123,6 +138,8 @@ def capture(
         frozen_at = time.monotonic()
         with guardian, frozen(freezer):
             step = "reading the process tree"
+            if host_job:
+                _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
             tree = _tree(group, container, host_job)
             pids = [int(p["host_pid"]) for p in tree]
             shell_job = tree[0]["sid"] not in pids
@@ -164,11 +181,11 @@ def capture(
 
             return archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
     except KerrickptError as exc:
-        if isinstance(exc, (DumpFailed, UsageError)):
+        if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable)):
             raise
         message = f"checkpoint of {subject.label} failed while {step}: {exc.message}"
         raise DumpFailed(message, log_tail=exc.log_tail) from exc
-    except OSError as exc:
+    except (OSError, ValueError, zstandard.ZstdError) as exc:
         raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from kerrickpt.node import Fingerprint
 
@@ -34,13 +33,6 @@ class Verdict:
 
     def to_dict(self) -> dict[str, object]:
         return {"compatible": self.is_acceptable(), "differences": [asdict(d) for d in self.differences]}
-
-
-def check_archive(path: Path | str) -> Verdict:
-    """Could this node restore the archive at `path`? (`kerrickpt check --against`)."""
-    from kerrickpt import archive, criu, node  # late: the pure verdict logic needs neither
-
-    return compare(archive.read_manifest(Path(path)).source, node.fingerprint(criu.locate().version))
 
 
 def _version_key(version: str) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -9,24 +10,42 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from kerrickpt import cgroups, namespaces, procs
-from kerrickpt.errors import ContainerExistsError, ContainerNotFoundError, KerrickptError, NotReadyError, UsageError
+from kerrickpt.errors import (
+    BusyError,
+    ContainerExistsError,
+    ContainerNotFoundError,
+    KerrickptError,
+    NotReadyError,
+    UsageError,
+)
 
 STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 RECORD = "container.json"
 LOG = "log"
-# Scratch directories carry their run's PID namespace, PID and start time: PREFIX-NS.PID.START-XXXX.
-SCRATCH_OWNER = re.compile(r"(\d+)\.(\d+)\.(\d+)-")
 
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
 
 
 def check_name(name: str) -> str:
@@ -86,10 +105,23 @@ class Registry:
         self.root = Path(root or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR)
         self.containers = self.root / "containers"
         self.scratch = self.root / "tmp"
-        for path in (self.root, self.containers, self.scratch):
-            # Images hold process memory: private directories only.
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(path, 0o700)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.containers, self.scratch):
+            # Images hold process memory: private directories only. A state directory the
+            # operator made keeps its own mode; what kerrickpt makes inside it is 0700.
+            try:
+                path.mkdir(mode=0o700)
+                os.chmod(path, 0o700)  # whatever the umask
+            except FileExistsError:
+                pass
+        self._sweep_scratch()
+
+    def _sweep_scratch(self) -> None:
+        """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up."""
+        for path in self.scratch.iterdir():
+            owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+            if owner.isdigit() and procs.start_time(int(owner)) is None:
+                shutil.rmtree(path, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         return self.containers / check_name(name)
@@ -114,10 +146,7 @@ class Registry:
         return Container(**data)
 
     def save(self, container: Container) -> None:
-        record = self.path(container.name) / RECORD
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(container), indent=2))
-        tmp.replace(record)
+        write_atomic(self.path(container.name) / RECORD, json.dumps(asdict(container), indent=2))
 
     def all(self) -> list[Container]:
         found = []
@@ -126,25 +155,33 @@ class Registry:
                 found.append(self.get(path.name))
         return found
 
+    def journal_path(self, name: str) -> Path:
+        """Where a migration of `name` under way is journaled (see migrate.Journal)."""
+        directory = self.root / "migrations"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return directory / f"{check_name(name)}.json"
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the container for one command: checkpoint, migrate, recover and kill never overlap on it."""
+        directory = self.root / "locks"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(directory / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise BusyError(f"another kerrickpt (pid {holder}) is working on {name}; try again later") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # the kernel drops the lock with the last descriptor, even after a crash
+
     def scratch_dir(self, prefix: str) -> Path:
-        """A private directory named after this run, so that `sweep_scratch` can tell when the run is gone."""
-        pid = os.getpid()
-        owner = f"{_pid_namespace()}.{pid}.{procs.start_time(pid)}"
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner}-", dir=self.scratch))
-
-    def sweep_scratch(self, prefix: str) -> list[Path]:
-        """Remove the `prefix` scratch directories of runs that died in them (they may hold process memory).
-
-        Only for kinds of scratch nothing outlives its run for (not `migrate-`, which `recover` owns).
-        """
-        swept = []
-        for path in sorted(self.scratch.glob(f"{prefix}*")):
-            owner = SCRATCH_OWNER.match(path.name.removeprefix(prefix))
-            # A run in another PID namespace cannot be judged from here: leave its directory alone.
-            if owner and int(owner[1]) == _pid_namespace() and not procs.is_alive(int(owner[2]), int(owner[3])):
-                shutil.rmtree(path, ignore_errors=True)
-                swept.append(path)
-        return swept
+        """A private directory for images; its name carries this PID, so a crash's leftovers are swept."""
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.scratch))
 
     def log_path(self, name: str) -> Path:
         return self.path(name) / LOG
@@ -152,10 +189,6 @@ class Registry:
     def open_log(self, name: str) -> int:
         """The container's log, opened for appending the way its processes hold it."""
         return os.open(self.log_path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
-def _pid_namespace() -> int:
-    return os.stat("/proc/self/ns/pid").st_ino
 
 
 def run(
@@ -299,4 +332,10 @@ def remove(registry: Registry, container: Container) -> None:
 def kill(name: str, state_dir: Path | str | None = None) -> None:
     """End a container and remove its cgroups and state."""
     registry = Registry(state_dir)
-    remove(registry, registry.get(name))
+    with registry.lock(name):
+        if registry.journal_path(name).exists():
+            raise UsageError(
+                f"a migration of {name} is pending and the target may run it: "
+                f"run `kerrickpt recover {name}` first, then kill it where it runs"
+            )
+        remove(registry, registry.get(name))

@@ -25,6 +25,7 @@ class KerrickptError(Exception):
             "message": self.message,
             "exit_code": self.exit_code,
             "log_tail": self.log_tail,
+            "transient": getattr(self, "transient", False),
         }
 
 
@@ -98,8 +99,8 @@ class MigrationUnknown(KerrickptError):
     exit_code = 12
 
 
-class TargetBusy(KerrickptError):
-    """The target is receiving this container already; try again later."""
+class BusyError(KerrickptError):
+    """Another kerrickpt is working on this container (here, or receiving it on the target); try again later."""
 
     exit_code = 13
 
@@ -126,9 +127,10 @@ def from_dict(data: dict[str, object]) -> KerrickptError:
     """Rebuild an error a remote kerrickpt reported, as its own class where this side knows it."""
     classes = {cls.__name__: cls for cls in _all_subclasses(KerrickptError)}
     cls = classes.get(str(data.get("error")), KerrickptError)
-    message = str(data.get("message", "remote error"))
-    log_tail = str(data.get("log_tail") or "")
-    return cls(message, log_tail=log_tail)
+    error = cls(str(data.get("message", "remote error")), log_tail=str(data.get("log_tail") or ""))
+    if isinstance(error, TransportError):
+        error.transient = bool(data.get("transient"))
+    return error
 
 
 def _all_subclasses(cls: type[KerrickptError]) -> list[type[KerrickptError]]:

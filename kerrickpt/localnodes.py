@@ -6,6 +6,7 @@ Addresses come from 198.18.0.0/15, the range set aside for benchmarking.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -192,22 +193,28 @@ class Cluster:
         raise RuntimeError(f"sshd of node {node.name} did not come up: {(node.workdir / 'sshd.log').read_text()}")
 
     def close(self) -> None:
-        """Kill every container the nodes run, then sshd, namespaces and files."""
-        for node in self.nodes:
-            if (node.state_dir / "containers").exists():
-                for container in containers.Registry(node.state_dir).all():
-                    containers.remove(containers.Registry(node.state_dir), container)
-            layout = cgroups.detect()
-            for root in (layout.unified, layout.freezer, layout.memory):
-                parent = root / node.cgroup_parent if root else None
-                if parent and parent.is_dir():
-                    for child in [p for p in parent.iterdir() if p.is_dir()]:
-                        cgroups.Cgroup((child,)).remove()
-                    parent.rmdir()
-            node.stop_sshd()
-            subprocess.run(["ip", "netns", "del", node.netns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "del", self.switch], capture_output=True, timeout=30)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Kill every container the nodes run, then sshd, namespaces and files; each step even if one fails."""
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+            cleanup.callback(subprocess.run, ["ip", "netns", "del", self.switch], capture_output=True, timeout=30)
+            for node in self.nodes:
+                cleanup.callback(subprocess.run, ["ip", "netns", "del", node.netns], capture_output=True, timeout=30)
+                cleanup.callback(node.stop_sshd)
+                cleanup.callback(self._remove_containers, node)
+
+    @staticmethod
+    def _remove_containers(node: Node) -> None:
+        """Every container of the node, then any cgroup left under its parent (a restore cut short)."""
+        if (node.state_dir / "containers").exists():
+            registry = containers.Registry(node.state_dir)
+            for container in registry.all():
+                containers.remove(registry, container)
+        for root in cgroups.detect().roots():
+            parent = root / node.cgroup_parent
+            if parent.is_dir():
+                for child in [p for p in parent.iterdir() if p.is_dir()]:
+                    cgroups.Cgroup((child,)).remove()
+                parent.rmdir()
 
     def __enter__(self) -> Cluster:
         return self

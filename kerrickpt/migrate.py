@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -20,10 +21,10 @@ import tenacity
 from kerrickpt import archive, containers, criu, faults, node, procs, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
+    BusyError,
     ContainerNotFoundError,
     KerrickptError,
     MigrationUnknown,
-    TargetBusy,
     TransportError,
     UsageError,
     from_dict,
@@ -34,8 +35,7 @@ T = TypeVar("T")
 
 DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
-RESTORE_WAIT = 600.0
-JOURNAL = "migrations"
+RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0  # the target verifies and unpacks, then CRIU restores
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class RecoverResult:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TargetBusy) or (isinstance(exc, TransportError) and exc.transient)
+    return isinstance(exc, BusyError) or (isinstance(exc, TransportError) and exc.transient)
 
 
 def _retrying(attempts: int, what: str, fn: Callable[[], T]) -> tuple[T, int]:
@@ -91,17 +91,21 @@ class Journal:
     """The source's record of a migration under way: what `recover` needs after a crash or a lost answer."""
 
     def __init__(self, registry: containers.Registry, name: str) -> None:
-        directory = registry.root / JOURNAL
-        directory.mkdir(mode=0o700, exist_ok=True)
-        self.path = directory / f"{containers.check_name(name)}.json"
+        self.path = registry.journal_path(name)
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    def write(self, **data: Any) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path)
+    def create(self, **data: Any) -> None:
+        """Start the journal; fails if a migration of this container is already journaled."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise BusyError(f"a migration of {self.path.stem} is pending already") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def read(self) -> dict[str, Any]:
         return dict(json.loads(self.path.read_text()))
@@ -127,11 +131,25 @@ def migrate(
     if the target's answer is lost, MigrationUnknown leaves the source frozen for `recover`.
     """
     registry = containers.Registry(state_dir)
+    with registry.lock(name):
+        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level)
+
+
+def _migrate(
+    registry: containers.Registry,
+    name: str,
+    to: str,
+    ssh_options: tuple[str, ...],
+    remote_kerrickpt: str,
+    force: bool,
+    attempts: int,
+    level: int,
+) -> MigrationResult:
     container = registry.get(name)
-    subject = Subject.of(container)
     journal = Journal(registry, name)
     if journal.exists():
         raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
+    subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt)
     found = criu.locate()
     request = _preflight_request(found, container, force)
@@ -141,14 +159,14 @@ def migrate(
     migration_id = uuid.uuid4().hex
     scratch = registry.scratch_dir("migrate-")
     # Written before the freeze: whatever happens next, `recover` can find out and finish it.
-    journal.write(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+    journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
     try:
         path = scratch / "archive.kckpt"
         frozen_at = time.monotonic()
         try:
             manifest = capture(found, registry, subject, path, level=level, thaw_after_dump=False)
         except BaseException:
-            journal.remove()
+            journal.remove()  # capture thawed the container: nothing left to recover
             raise
         try:
             restored, transfer_attempts = _retrying(
@@ -162,6 +180,9 @@ def migrate(
             journal.remove()
             exc.message = f"migration of {name} to {link.target} failed; {name} runs on here again: {exc.message}"
             raise
+        except BaseException as exc:
+            # Interrupted (Ctrl-C, SIGTERM) mid-way: the target may or may not have it.
+            raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         downtime = time.monotonic() - frozen_at
         # Point of no return: the container runs on the target. Only now does the source copy go.
         containers.remove(registry, container)
@@ -173,7 +194,7 @@ def migrate(
         name=name,
         target=str(link.target),
         migration_id=migration_id,
-        pid_map={int(k): v for k, v in restored["pid_map"].items()},
+        pid_map=restored["pid_map"],
         downtime_s=round(downtime, 4),
         attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
         warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
@@ -215,17 +236,21 @@ def _transfer(link: transport.Link, path: Path, migration_id: str, name: str, fo
                 channel.proc.kill()  # the link drops for good before the end frame
                 channel.proc.wait()
         channel.send(transport.END, json.dumps({"bytes": sent, "sha256": sha.hexdigest()}).encode())
-        # From here on the target may restore: silence means the outcome is unknown.
+        # From here on the target may restore: anything but its explicit answer leaves the outcome unknown.
         try:
             event = channel.event(RESTORE_WAIT)
         except KerrickptError as exc:
             raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
         if event is None:
             raise MigrationUnknown(_unknown(name, link, "the target closed the connection without answering"))
-        if event["event"] == "error":
-            raise from_dict(event)
-        channel.send(transport.COMMIT)
-        channel.event(30)
+        if event.get("event") == "error":
+            raise from_dict(event)  # the target says it does not run it, and removed what it made
+        try:
+            if event.get("event") != "restored":
+                raise ValueError(f"unexpected event {event.get('event')!r}")
+            event["pid_map"] = {int(k): int(v) for k, v in event["pid_map"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
         return event
 
 
@@ -237,35 +262,44 @@ def _unknown(name: str, link: transport.Link, why: str) -> str:
 
 
 def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = DEFAULT_ATTEMPTS) -> RecoverResult:
-    """Finish a migration whose outcome is unknown by asking the target what became of it."""
+    """Bring a container that an interrupted kerrickpt left frozen back to exactly one running copy.
+
+    With a migration journaled, the target is asked what became of it; without one (a
+    checkpoint killed mid-way), the container is simply thawed.
+    """
     registry = containers.Registry(state_dir)
-    journal = Journal(registry, name)
-    if not journal.exists():
-        raise UsageError(f"no migration of {name} is pending on this node")
-    entry = journal.read()
-    link = transport.Link.from_dict(entry["link"])
+    with registry.lock(name):
+        journal = Journal(registry, name)
+        if not journal.exists():
+            container = registry.get(name)
+            if not container.group.freezer.is_frozen():
+                raise UsageError(f"{name} is not frozen and no migration of it is pending: nothing to recover")
+            container.group.freezer.thaw()
+            return RecoverResult(name=name, migration_id="", outcome="resumed")
+        entry = journal.read()
+        link = transport.Link.from_dict(entry["link"])
 
-    def ask() -> dict[str, Any]:
-        answer = transport.call(link, ["agent", "status", "--migration-id", entry["id"]], {})
-        if answer["state"] == "in-progress":
-            raise TargetBusy(f"{link.target} is still receiving {name}")
-        return answer
+        def ask() -> dict[str, Any]:
+            answer = transport.call(link, ["agent", "status", "--migration-id", entry["id"]], {})
+            if answer["state"] == "in-progress":
+                raise BusyError(f"{link.target} is still receiving {name}")
+            return answer
 
-    answer, _ = _retrying(attempts, f"ask {link.target} about {name}", ask)
-    try:
-        container: containers.Container | None = registry.get(name)
-    except ContainerNotFoundError:
-        container = None  # removed already, by a run that died before clearing its journal
-    if answer["state"] in ("running", "exited"):
-        # The target had it: whatever it did since, the source copy must never run again.
-        if container:
-            containers.remove(registry, container)
-        outcome = "moved"
-    else:
-        if container is None:
-            raise ContainerNotFoundError(f"{name} is neither here nor on {link.target}")
-        container.group.freezer.thaw()
-        outcome = "resumed"
-    journal.remove()
-    shutil.rmtree(entry["scratch"], ignore_errors=True)
-    return RecoverResult(name=name, migration_id=entry["id"], outcome=outcome)
+        answer, _ = _retrying(attempts, f"ask {link.target} about {name}", ask)
+        try:
+            container_here: containers.Container | None = registry.get(name)
+        except ContainerNotFoundError:
+            container_here = None  # removed already, by a run that died before clearing its journal
+        if answer["state"] in ("running", "exited", "departed"):
+            # The target had it: whatever became of it since, the source copy must never run again.
+            if container_here:
+                containers.remove(registry, container_here)
+            outcome = "moved"
+        else:
+            if container_here is None:
+                raise ContainerNotFoundError(f"{name} is neither here nor on {link.target}")
+            container_here.group.freezer.thaw()
+            outcome = "resumed"
+        journal.remove()
+        shutil.rmtree(entry["scratch"], ignore_errors=True)
+        return RecoverResult(name=name, migration_id=entry["id"], outcome=outcome)

@@ -13,11 +13,12 @@ from typing import Any, BinaryIO, TextIO
 
 from kerrickpt import cgroups, compat, containers, criu, faults, node, procs, transport
 from kerrickpt.errors import (
+    BusyError,
     ContainerExistsError,
     KerrickptError,
     NodeIncompatibleError,
     NotReadyError,
-    TargetBusy,
+    RestoreFailed,
     TransportError,
 )
 from kerrickpt.node import Fingerprint
@@ -86,27 +87,42 @@ def receive(
     """
     registry = containers.Registry(state_dir)
     marker = _marker(registry, migration_id)
-    if status(migration_id, state_dir)["state"] == "in-progress":
-        transport.emit(stdout, "error", **TargetBusy(f"migration {migration_id} is being received").to_dict())
-        return TargetBusy.exit_code
+    earlier = status(migration_id, state_dir)
+    if earlier["state"] == "in-progress":
+        transport.emit(stdout, "error", **BusyError(f"migration {migration_id} is being received").to_dict())
+        return BusyError.exit_code
+    if earlier["state"] != "absent":
+        # It came here already: say so, so that the source never runs its copy again.
+        transport.emit(stdout, "restored", name=earlier.get("name", name), pid_map={}, warnings=[])
+        return 0
     scratch = registry.scratch_dir("incoming-")
     started = procs.start_time(os.getpid())
-    marker.write_text(json.dumps({"pid": os.getpid(), "start": started, "name": name, "scratch": str(scratch)}))
+    info = {"pid": os.getpid(), "start": started, "name": name, "scratch": str(scratch)}
+    containers.write_atomic(marker, json.dumps(info))
     try:
         path = scratch / "archive.kckpt"
         _receive_archive(stdin, path)
         result = restore(path, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
+        # Outlives the container's record: `recover` must hear "it came here" even after it left again.
+        containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": name}))
         faults.inject("target-after-restore")
         transport.emit(stdout, "restored", **result.to_dict())
-        if transport.read_frame(stdin) is not None:
-            transport.emit(stdout, "committed")
         return 0
     except KerrickptError as exc:
         transport.emit(stdout, "error", **exc.to_dict())
         return exc.exit_code
+    except Exception as exc:
+        # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
+        failure = RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
+        transport.emit(stdout, "error", **failure.to_dict())
+        return failure.exit_code
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         marker.unlink(missing_ok=True)
+
+
+def _tombstone(registry: containers.Registry, migration_id: str) -> Path:
+    return _marker(registry, migration_id).with_suffix(".done")
 
 
 def _receive_archive(stdin: BinaryIO, path: Path) -> None:
@@ -132,7 +148,7 @@ def _receive_archive(stdin: BinaryIO, path: Path) -> None:
 
 
 def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
-    """What became of a migration here: running, exited, in-progress or absent.
+    """What became of a migration here: running, exited, departed (came and went), in-progress or absent.
 
     A receiver that died mid-way is cleaned up here, so that `absent` is the truth.
     """
@@ -140,6 +156,9 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
     for container in registry.all():
         if container.migration == migration_id:
             return {"state": "running" if container.is_running() else "exited", "name": container.name}
+    tombstone = _tombstone(registry, migration_id)
+    if tombstone.exists():
+        return {"state": "departed", **json.loads(tombstone.read_text())}
     marker = _marker(registry, migration_id)
     try:
         info = json.loads(marker.read_text())

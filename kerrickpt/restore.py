@@ -51,7 +51,10 @@ def restore(
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
     try:
-        manifest = archive.extract(Path(path), scratch)
+        try:
+            manifest = archive.extract(Path(path), scratch)
+        except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
+            raise RestoreFailed(f"unpacking {path} failed: {exc}") from exc
         verdict = compat.compare(manifest.source, node.fingerprint(found.version))
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {path}:\n{verdict.explain()}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, containers
-from kerrickpt.checkpoint import SCRATCH, checkpoint
+from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
 from kerrickpt.retention import Plan, Policy
@@ -62,9 +62,8 @@ def snapshot(
     label = containers.check_name(name or Path(str(cgroup)).name)
     store = store if isinstance(store, Store) else Store(store)
     policy = policy or Policy()
-    registry = containers.Registry(state_dir)
     with store.lock(label, wait=wait) as took_over:
-        cleaned = store.clean(label) + registry.sweep_scratch(SCRATCH)
+        cleaned = store.clean(label)
         checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
         published = store.publish(label)
         plan = None

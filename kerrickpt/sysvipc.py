@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class Queue:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Queue:
         messages = [(int(kind), base64.b64decode(text)) for kind, text in data["messages"]]
-        return cls(key=data["key"], id=data["id"], mode=data["mode"], messages=messages)
+        return cls(key=int(data["key"]), id=int(data["id"]), mode=int(data["mode"]), messages=messages)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Semaphores:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Semaphores:
-        return cls(**data)
+        values = [int(v) for v in data["values"]]
+        return cls(key=int(data["key"]), id=int(data["id"]), mode=int(data["mode"]), values=values)
 
 
 @dataclass
@@ -99,7 +101,13 @@ def table(kind: str) -> list[dict[str, int]]:
     """/proc/sysvipc/{msg,sem,shm} as rows of numbers keyed by the header's names."""
     lines = (SYSVIPC / kind).read_text().splitlines()
     header = lines[0].split()
-    return [dict(zip(header, (int(v) for v in line.split()), strict=False)) for line in lines[1:] if line.strip()]
+    rows = []
+    for line in lines[1:]:
+        if line.strip():
+            # The kernel prints perms in octal (%4o), everything else in decimal.
+            values = (int(v, 8) if name == "perms" else int(v) for name, v in zip(header, line.split(), strict=False))
+            rows.append(dict(zip(header, values, strict=False)))
+    return rows
 
 
 def shared_memory_of(pids: Iterable[int]) -> list[str]:
@@ -156,6 +164,9 @@ def _peek(msqid: int, msgmax: int) -> list[tuple[int, bytes]]:
 def recreate(ipc: JobIpc) -> None:
     """Make the objects, with their keys, ids and contents, in this process's (fresh) IPC namespace."""
     for name, value in ipc.limits.items():
+        # Names and values come from an archive: only these sysctls, only numbers.
+        if name not in LIMITS or not re.fullmatch(r"[0-9]+(\s+[0-9]+)*", value):
+            raise ValueError(f"refusing IPC limit {name}={value!r} from the archive")
         (KERNEL / name).write_text(value)
     for queue in ipc.queues:
         (KERNEL / "msg_next_id").write_text(str(queue.id))

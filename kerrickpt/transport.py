@@ -22,7 +22,8 @@ from kerrickpt.faults import ENV as FAULT_ENV
 
 CALL_TIMEOUT = 120.0
 FRAME_HEADER = struct.Struct(">cI")
-DATA, END, COMMIT = b"D", b"E", b"C"
+DATA, END = b"D", b"E"
+MAX_FRAME = 8 << 20  # the source sends 1 MiB; a larger length means a broken or hostile stream
 # ssh's own failures (exit 255) that a later attempt may not meet again.
 TRANSIENT_SSH = re.compile(
     r"Connection (refused|reset|timed out|closed)|No route to host|Network is unreachable|"
@@ -216,6 +217,8 @@ def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
     if len(header) < FRAME_HEADER.size:
         return None
     kind, size = FRAME_HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise TransportError(f"a frame of {size} bytes: the stream is broken")
     payload = stream.read(size)
     if len(payload) < size:
         return None

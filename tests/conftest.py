@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import criu
+from kerrickpt import containers, criu
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -61,7 +62,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("KERRICKPT_STATE_DIR", "KERRICKPT_FAULT"):
+    for name in ("KERRICKPT_STATE_DIR", "KERRICKPT_FAULT", "KERRICKPT_CGROUP_PARENT", "KERRICKPT_TEST_FINGERPRINT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -71,8 +72,10 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "state"
     yield path
     if (path / "containers").exists():
-        for row in kerrickpt.ps(path):
-            kerrickpt.kill(row.name, path)
+        registry = containers.Registry(path)
+        with contextlib.ExitStack() as cleanup:  # every container, even if one of them fails to go
+            for container in registry.all():
+                cleanup.callback(containers.remove, registry, container)
 
 
 @pytest.fixture(scope="session")

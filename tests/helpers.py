@@ -83,9 +83,7 @@ def probe(workload: Path, host_pid: int, keys: tuple[int, int, int]) -> dict[str
 
 
 def cgroup_dirs(name: str) -> list[Path]:
-    layout = cgroups.detect()
-    roots = [r for r in (layout.unified, layout.freezer, layout.memory) if r]
-    return [r / cgroups.parent_name() / name for r in roots if (r / cgroups.parent_name() / name).exists()]
+    return list(cgroups.existing(cgroups.detect(), name).dirs)
 
 
 class Workload:

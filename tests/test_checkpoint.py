@@ -36,6 +36,7 @@ def test_dump_refused_by_criu_leaves_container_running(state_dir: Path, tmp_path
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "outside.sock"))
     listener.listen(1)
+    listener.settimeout(30)
     name = unique_name("sock")
     kerrickpt.run(name, [sys.executable, "-c", COUNTER, str(tmp_path / "outside.sock")], state_dir=state_dir)
     peer, _ = listener.accept()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kerrickpt import sysvipc
 from kerrickpt.localnodes import Cluster, Node
 from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
 
@@ -72,29 +73,28 @@ def assert_nothing_left(node: Node, job: Job) -> None:
 @pytest.fixture
 def squatter(workload: Path) -> Iterator[Callable[..., dict[str, object]]]:
     """A job in the target's host namespaces holding SysV objects with the migrated job's keys and ids."""
-    started: list[tuple[subprocess.Popen[bytes], dict[str, object]]] = []
+    started: list[tuple[subprocess.Popen[bytes], tuple[int, int, int]]] = []
 
     def start(keys: tuple[int, int, int], ids: dict[str, object]) -> dict[str, object]:
         for kind in ("shm", "msg", "sem"):
             Path(f"/proc/sys/kernel/{kind}_next_id").write_text(str(ids[f"{kind}_id"]))
         proc = subprocess.Popen([str(workload), "run", *map(str, keys)], stdout=subprocess.DEVNULL)
+        started.append((proc, keys))
         state = wait_for(lambda: _try_probe(workload, proc.pid, keys), what="the squatter's objects")
         assert isinstance(state, dict)
-        started.append((proc, {**state, "pid": proc.pid}))
-        return started[-1][1]
+        return {**state, "pid": proc.pid}
 
     yield start
-    for proc, state in started:
+    for proc, keys in started:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
         pids = [int(p) for p in children.read_text().split()] if children.exists() else []
         for pid in [*pids, proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-        # SysV objects outlive their processes: remove the ones this fixture made.
-        subprocess.run(
-            ["ipcrm", "-m", str(state["shm_id"]), "-q", str(state["msg_id"]), "-s", str(state["sem_id"])], check=False
-        )
+        # SysV objects outlive their processes: remove the ones made here.
+        shm, msg, sem = map(str, keys)
+        subprocess.run(["ipcrm", "-M", shm, "-Q", msg, "-S", sem], capture_output=True, check=False)
 
 
 def _try_probe(workload: Path, pid: int, keys: tuple[int, int, int]) -> dict[str, object] | None:
@@ -109,7 +109,9 @@ def test_migration_moves_the_job_with_its_state(cluster: Cluster, workload: Path
     job = Job(a, workload)
     before = job.probe(a)
     other = squatter(job.keys, before)
-    assert [other[k] for k in ("shm_id", "msg_id", "sem_id")] == [before[k] for k in ("shm_id", "msg_id", "sem_id")]
+    for kind, column in (("shm", "shmid"), ("msg", "msqid"), ("sem", "semid")):
+        # The squatter took the job's ids where they were free; where not, another host object has them.
+        assert before[f"{kind}_id"] in {row[column] for row in sysvipc.table(kind)}
 
     result = migrate(cluster, a, b, job)
 

@@ -77,7 +77,7 @@ def test_leave_running_archive_restores_a_second_copy(start_workload, state_dir:
     assert restored.pid_map == copy.pid_map()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest-missing"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "end-cut"])
 def test_corrupt_archive_is_refused_before_any_process_exists(
     start_workload, state_dir: Path, tmp_path: Path, damage: str
 ) -> None:

@@ -32,7 +32,7 @@ class HostJob:
         return sorted({t for pid in self.pids for t in procs.read(pid).tids})
 
 
-def start_job(workload: Path, tmp_path: Path, shm_key: int = 0) -> HostJob:
+def start_job(workload: Path, tmp_path: Path, made: list[HostJob], shm_key: int = 0) -> HostJob:
     """A job as a batch system starts it: plain processes in the host's namespaces, in a cgroup."""
     layout = cgroups.detect()
     root = layout.unified or layout.freezer
@@ -45,6 +45,7 @@ def start_job(workload: Path, tmp_path: Path, shm_key: int = 0) -> HostJob:
     with log.open("wb") as out:
         proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     job = HostJob(path, (shm_key, msg_key, sem_key), log, [], proc)
+    made.append(job)  # before waiting: the fixture removes it even if it never comes up
     wait_for(lambda: len(cgroups.Cgroup((path,)).pids()) == 3 and len(ticks(log.read_text())) > 3, what="the job")
     job.pids = cgroups.Cgroup((path,)).pids()
     return job
@@ -55,8 +56,7 @@ def host_job(workload: Path, tmp_path: Path) -> Iterator[callable]:
     made: list[HostJob] = []
 
     def start(shm_key: int = 0) -> HostJob:
-        made.append(start_job(workload, tmp_path, shm_key))
-        return made[-1]
+        return start_job(workload, tmp_path, made, shm_key)
 
     yield start
     for job in made:
@@ -182,7 +182,13 @@ def test_one_archive_restored_twice_at_once(host_job, workload: Path, state_dir:
         )
         for name in names
     ]
-    results = [run.communicate(timeout=120) for run in runs]
+    try:
+        results = [run.communicate(timeout=120) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in results]
     maps = [{int(k): v for k, v in json.loads(out)["pid_map"].items()} for out, _ in results]
     for pid_map in maps:

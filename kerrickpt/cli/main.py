@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -13,6 +14,7 @@ from typing import Any
 import kerrickpt
 from kerrickpt import cgroups, containers, receiver, retention, transport
 from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NodeIncompatibleError, NotReadyError, UsageError
+from kerrickpt.inspection import restore_route
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
 EXAMPLES = """\
@@ -117,7 +119,10 @@ def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
+    try:
+        limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     status = kerrickpt.run(args.name, argv, memory_limit=limit, state_dir=args.state_dir)
     if not args.json:
         print(f"started {status.name}: init pid {status.init_pid} (pid {status.init_ns_pid} inside)")
@@ -200,7 +205,7 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
         print(f"limits:    memory {_mib(m.memory_limit)}")
         print("timings:   " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(m.timings.items())))
-        print(f"route:     {_route(m)}")
+        print(f"route:     {restore_route(m)}")
         print("processes (pid inside, host pid at dump, threads, command):")
         for p in m.processes:
             print(f"  {p['ns_pid']:>5} {p['host_pid']:>8} {p['threads']:>3}  {' '.join(p['cmdline'])}")
@@ -211,15 +216,6 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             for sem in m.ipc["semaphores"]:
                 print(f"  semaphore set key {sem['key']} id {sem['id']}: values {sem['values']}")
     return info.to_dict(), 0
-
-
-def _route(m: kerrickpt.Manifest) -> str:
-    if m.pid_namespace == "host":
-        return (
-            "the job shared the host's namespaces: restore gives it new IPC and PID namespaces in which it "
-            "has its own PIDs (or, with --pid-namespace host, its PIDs on the host)"
-        )
-    return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
 
 
 def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
@@ -461,10 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
+    # A scheduler's SIGTERM unwinds like Ctrl-C, so a frozen container is thawed and scratch removed.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
@@ -474,10 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.json:
             print(json.dumps(exc.to_dict(), indent=2))
         return exc.exit_code
-    except ValueError as exc:
-        print(f"kerrickpt: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        print("kerrickpt: interrupted", file=sys.stderr)
         return 130
     if args.json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive
+from kerrickpt import archive, criu, node
+from kerrickpt.compat import Verdict, compare
 from kerrickpt.manifest import Manifest
 
 
@@ -32,12 +33,25 @@ class ArchiveInfo:
             "namespaces": m.namespaces,
             "timings": m.timings,
             "pid_namespace": m.pid_namespace,
-            "restore_route": "new IPC and PID namespaces, own PIDs inside"
-            if m.pid_namespace == "host"
-            else "own namespaces as dumped",
+            "restore_route": restore_route(m),
             "ipc_objects": m.ipc,
             "members": [{"name": x.name, "size": x.size, "sha256": x.sha256} for x in m.members],
         }
+
+
+def restore_route(manifest: Manifest) -> str:
+    """In words: which namespaces the restore of this archive will give the processes."""
+    if manifest.pid_namespace == "host":
+        return (
+            "the job shared the host's namespaces: restore gives it new IPC and PID namespaces in which it "
+            "has its own PIDs (or, with --pid-namespace host, its PIDs on the host)"
+        )
+    return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
+
+
+def check_archive(path: Path | str) -> Verdict:
+    """Could this node restore the archive at `path`? (`kerrickpt check --against`)."""
+    return compare(archive.read_manifest(Path(path)).source, node.fingerprint(criu.locate().version))
 
 
 def inspect(path: Path | str) -> ArchiveInfo:
