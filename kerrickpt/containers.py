@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -10,15 +9,13 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, namespaces, procs
+from kerrickpt import cgroups, lock, namespaces, procs
 from kerrickpt.errors import (
-    BusyError,
     ContainerExistsError,
     ContainerNotFoundError,
     KerrickptError,
@@ -161,23 +158,11 @@ class Registry:
         directory.mkdir(mode=0o700, exist_ok=True)
         return directory / f"{check_name(name)}.json"
 
-    @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> AbstractContextManager[lock.Holder | None]:
         """Hold the container for one command: checkpoint, migrate, recover and kill never overlap on it."""
         directory = self.root / "locks"
         directory.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(directory / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise BusyError(f"another kerrickpt (pid {holder}) is working on {name}; try again later") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # the kernel drops the lock with the last descriptor, even after a crash
+        return lock.held(directory / f"{check_name(name)}.lock", wait=0, what=name)
 
     def scratch_dir(self, prefix: str) -> Path:
         """A private directory for images; its name carries this PID, so a crash's leftovers are swept."""

@@ -111,16 +111,10 @@ class NotCheckpointable(KerrickptError):
     exit_code = 14
 
 
-class LockTimeout(KerrickptError):
-    """Another kerrickpt run held the container's snapshot lock for longer than --wait."""
-
-    exit_code = 20
-
-
 class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 
-    exit_code = 21
+    exit_code = 20
 
 
 def from_dict(data: dict[str, object]) -> KerrickptError:

@@ -1,4 +1,4 @@
-"""Owns exclusive locks between kerrickpt runs: wait up to a limit, name the holder, take over a dead one's."""
+"""Owns the locks between kerrickpt processes: wait up to a limit, name the holder, take over a dead one's."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import containers, procs
-from kerrickpt.errors import LockTimeout
+from kerrickpt import procs
+from kerrickpt.errors import BusyError
 
 POLL_INTERVAL = 0.05
 
@@ -31,7 +32,7 @@ class Holder:
     @classmethod
     def me(cls) -> Holder:
         pid = os.getpid()
-        return cls(pid, procs.start_time(pid), platform.node(), containers.utc_now())
+        return cls(pid, procs.start_time(pid), platform.node(), datetime.now(UTC).isoformat(timespec="seconds"))
 
     def is_running(self) -> bool:
         """False only when it is known to have ended (a holder on another host is assumed alive)."""
@@ -48,7 +49,7 @@ class Holder:
 
 @contextlib.contextmanager
 def held(path: Path, *, wait: float, what: str) -> Iterator[Holder | None]:
-    """Hold the exclusive lock `path` for the block, waiting up to `wait` seconds, else LockTimeout.
+    """Hold the exclusive lock `path` for the block, waiting up to `wait` seconds, else BusyError.
 
     flock() locks die with their process, so a run killed while holding one never blocks the
     next; the next finds the dead run's record still in the file and yields it (else None).
@@ -61,7 +62,7 @@ def held(path: Path, *, wait: float, what: str) -> Iterator[Holder | None]:
         deadline = time.monotonic() + wait
         while not _try_lock(fd):
             if time.monotonic() >= deadline:
-                raise LockTimeout(_busy(fd, what, wait))
+                raise BusyError(_busy(fd, what, wait))
             time.sleep(POLL_INTERVAL)
         stale = _read(fd)
         _record(fd, json.dumps(Holder.me().to_dict()).encode())
@@ -97,7 +98,8 @@ def _record(fd: int, data: bytes) -> None:
 def _busy(fd: int, what: str, wait: float) -> str:
     holder = _read(fd)
     who = holder.describe() if holder else "not recorded yet"
-    message = f"another kerrickpt run holds the lock on {what} ({who}); gave up after {wait:g} s (see --wait)"
+    gave_up = f"gave up after {wait:g} s" if wait else "try again later"
+    message = f"another kerrickpt ({who}) is working on {what}; {gave_up}"
     if holder and not holder.is_running():
         message += "; that run has ended, but a process it started still holds the lock (CRIU or its guardian)"
     return message

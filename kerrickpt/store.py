@@ -24,7 +24,7 @@ META = ".meta"
 LOCK = ".lock"
 INCOMING = ".incoming" + SUFFIX
 # What a run that died may leave: its incoming archive, archive.write's partial file, a record half written.
-TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp")
+TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
@@ -249,13 +249,7 @@ class Store:
         """Write the snapshot's record atomically; call with the lock held."""
         body = {"format": META_FORMAT, "version": 1, "archive_mtime_ns": mtime, **snap.to_dict()}
         del body["path"]
-        target = _meta_path(snap.path)
-        tmp = target.parent / f".{target.name}.tmp"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as fh:
-            json.dump(body, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(target)
+        containers.write_atomic(_meta_path(snap.path), json.dumps(body, indent=2))
 
 
 def _meta_path(path: Path) -> Path:

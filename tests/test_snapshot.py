@@ -254,7 +254,7 @@ def test_overlapping_runs_for_one_container_serialize(
     processes.append(first)
 
     busy = cli("snapshot", a.name, "--store", str(store), "--wait", "0.5", state_dir=state_dir)
-    assert busy.returncode == kerrickpt.LockTimeout.exit_code
+    assert busy.returncode == kerrickpt.BusyError.exit_code
     assert f"pid {first.pid} on " in busy.stderr and "gave up after 0.5 s" in busy.stderr
     other = cli("snapshot", b.name, "--store", str(store), "--quiet", state_dir=state_dir)
     assert (other.returncode, other.stdout, other.stderr) == (0, "", ""), "other containers do not wait"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import archive
-from kerrickpt.errors import ArchiveCorruptError, DumpFailed, LockTimeout, SnapshotNotFoundError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, BusyError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.manifest import Manifest
 from kerrickpt.node import Fingerprint
 from kerrickpt.retention import CORRUPT, Policy
@@ -77,7 +77,7 @@ def test_published_snapshots_are_listed_with_what_operators_need(store: Store) -
     assert store.at("job1", taken[1].time) == taken[1], "an id as a time picks exactly that snapshot"
     with pytest.raises(SnapshotNotFoundError) as none:
         store.at("job1", T0 - timedelta(seconds=1))
-    assert none.value.exit_code == 21
+    assert none.value.exit_code == 20
     with pytest.raises(SnapshotNotFoundError):
         store.latest("job3")
 
@@ -90,7 +90,7 @@ def test_leftovers_of_dead_runs_are_never_listed_and_are_cleaned_under_the_lock(
     leftovers = [
         directory / "..incoming.kckpt.partial-4242-99",  # died while compressing
         directory / "20250301T130000.123Z.meta",  # died between the record and the link
-        directory / ".20250301T130000.123Z.meta.tmp",  # died while writing the record
+        directory / ".20250301T130000.123Z.meta.tmp-4242",  # died while writing the record
     ]
     for path in leftovers:
         path.write_text("{")
@@ -180,7 +180,7 @@ def test_prune_removes_what_no_rule_keeps_and_dry_run_removes_nothing(store: Sto
 
 def test_prune_waits_for_a_run_holding_the_lock(store: Store) -> None:
     take(store, "job1", T0)
-    with store.lock("job1"), pytest.raises(LockTimeout, match="the snapshots of job1"):
+    with store.lock("job1"), pytest.raises(BusyError, match="is working on the snapshots of job1"):
         store.prune("job1", Policy(last=1), wait=0.1)
 
 

@@ -43,7 +43,7 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
-  20 the snapshot lock stayed held by another run (--wait), 21 no such snapshot in the store
+  20 no such snapshot in the store
 """
 
 
