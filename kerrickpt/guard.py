@@ -17,12 +17,12 @@ ENTRY = "import sys; from kerrickpt.guard import main; sys.exit(main(sys.argv))"
 
 
 class Guardian:
-    """Starts standing by at once; should this process die before `disarm()`, the cgroup is thawed.
+    """Starts standing by at once; should this process die or fail in the block, the cgroup is thawed.
 
     The guardian waits on a pipe whose write end this process and, by inheritance, CRIU hold.
-    Disarming tells it to leave; a death closes the pipe, and once CRIU (which finishes its
-    dump and leaves the cgroup frozen) is gone too, the guardian thaws the cgroup. Like
-    Popen, it is a context manager: leaving the block disarms it.
+    Leaving the block normally disarms it. A death or an exception closes the pipe, and
+    once CRIU (which finishes its dump and leaves the cgroup frozen) is gone too, the
+    guardian thaws the cgroup. Like Popen, it starts in the constructor.
     """
 
     def __init__(self, freezer: Freezer) -> None:
@@ -52,10 +52,11 @@ class Guardian:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self.disarm()
-
-    def disarm(self) -> None:
-        os.write(self.writer, DISARM)
+        if kind is None:
+            os.write(self.writer, DISARM)
+        # After a failure CRIU may still be dumping (a signal cut the call short), and it
+        # re-freezes the cgroup when done: the guardian thaws once CRIU is gone, and this
+        # process returns only then.
         os.close(self.writer)
         self.process.wait()
 

@@ -82,6 +82,15 @@ def test_a_disarmed_guardian_leaves_the_container_as_it_is(start_workload) -> No
         freezer.thaw()
 
 
+def test_a_failure_in_the_block_leaves_the_thaw_to_the_guardian(start_workload) -> None:
+    w = start_workload()
+    freezer = freezer_of(w)
+    with pytest.raises(RuntimeError), Guardian(freezer) as guardian:
+        freezer.freeze()
+        raise RuntimeError("as when a signal cuts the dump short")
+    assert guardian.process.returncode == 0 and not freezer.is_frozen()
+
+
 def test_the_guardian_of_a_removed_cgroup_has_nothing_to_do() -> None:
     layout = cgroups.detect()
     path = (layout.unified or layout.freezer or Path("/nonexistent")) / unique_name("gone")

@@ -163,8 +163,9 @@ def test_kill_9_leaves_the_container_running_and_the_store_complete(
     assert [s.status for s in kerrickpt.Store(store).list()] == ["verified"]
 
 
-def test_kill_9_while_criu_dumps_thaws_only_once_criu_is_done(
-    start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]]
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
+    start_workload, state_dir: Path, store: Path, processes: list[subprocess.Popen[str]], how: signal.Signals
 ) -> None:
     w = start_workload()
     init = w.status.init_pid
@@ -184,17 +185,17 @@ def test_kill_9_while_criu_dumps_thaws_only_once_criu_is_done(
         pytest.fail("never caught CRIU dumping")
     os.kill(criu, signal.SIGSTOP)
     try:
-        run.kill()
-        run.wait()
+        run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
         seen = ticks(w.log)
         time.sleep(0.5)
         assert ticks(w.log) == seen, "CRIU still holds the tree: the guardian must not thaw it yet"
     finally:
         os.kill(criu, signal.SIGCONT)
+    run.wait(timeout=60)
     wait_for(lambda: not freezer_of(w).is_frozen() and tracer(init) == 0, what="CRIU to finish, then the thaw")
     keeps_counting(w)
     completed = len(processes) - 1
-    assert len(kerrickpt.Store(store).list()) == completed, "the killed run published nothing"
+    assert len(kerrickpt.Store(store).list()) == completed, "the run that was ended published nothing"
 
 
 def tracer(pid: int) -> int:
