@@ -1,0 +1,1 @@
+"""Benchmark of kerrickpt against raw CRIU and the sequential export pipeline (issue 6)."""

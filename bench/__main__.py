@@ -1,0 +1,90 @@
+"""`bench/run`: measure kerrickpt against raw CRIU and the sequential export pipeline, in one run.
+
+Sizes outermost (so one size's memory is freed before the next), then repetitions, then
+kinds, and within each the cases in turn: baselines and kerrickpt interleave, so a slow
+moment of the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cases import CASES
+from bench.lab import BenchError, Lab, run
+from bench.report import Results
+from kerrickpt import cgroups, command, criu
+
+KINDS = ("heap", "mixed")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    parser.add_argument("--sizes", default="256M,1G,4G", help="memory sizes, comma-separated (default: %(default)s)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="workload kinds: heap, mixed (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of every case (default: %(default)s)")
+    parser.add_argument("--cases", default=",".join(CASES), help="cases to run (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where to write the JSON")
+    args = parser.parse_args(argv)
+    args.sizes = [cgroups.parse_size(s) // 2**20 for s in args.sizes.split(",")]
+    args.kinds = args.kinds.split(",")
+    args.cases = args.cases.split(",")
+    for value, known, what in ((args.kinds, KINDS, "kind"), (args.cases, CASES, "case")):
+        if unknown := [v for v in value if v not in known]:
+            parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    if args.reps < 1 or min(args.sizes) < 1:
+        parser.error("--reps and every size must be at least 1 (MiB)")
+    return args
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory_gib": f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.1f}",
+        "kernel": platform.release(),
+        "debian": Path("/etc/debian_version").read_text().strip(),
+        "criu": criu.locate().version,
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    results = Results()
+    started = time.monotonic()
+    try:
+        with Lab() as lab:
+            for mib in args.sizes:
+                for rep in range(1, args.reps + 1):
+                    for kind in args.kinds:
+                        for case in args.cases:
+                            # Writeback of an earlier case must not land in this one's numbers.
+                            run(["sync"], timeout=300)
+                            print(f"[{time.monotonic() - started:7.1f} s] {mib} MiB {kind} rep {rep}: {case}",
+                                  file=sys.stderr, flush=True)  # fmt: skip
+                            outcome = CASES[case](lab, mib, kind)
+                            results.add(mib, kind, rep, outcome.metrics, outcome.verified)
+    except (BenchError, command.CommandTimeout, subprocess.TimeoutExpired) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    config: dict[str, Any] = {"sizes_mib": args.sizes, "kinds": args.kinds, "reps": args.reps, "cases": args.cases,
+                              "command": " ".join(["bench/run", *argv])}  # fmt: skip
+    report = results.to_dict(machine(), config)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(results.table())
+    print(f"\nmachine: {json.dumps(report['machine'])}\nJSON: {args.json}")
+    return 0 if all(c["ok"] for c in results.checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""The measured cases: the baselines (raw CRIU, the sequential export pipeline) and kerrickpt's commands.
+
+Each case starts its own workload, measures, checks the workload's memory after every
+restore, and removes what it made. It returns metrics named `<case>.<what>`:
+seconds end in `_s`, sizes and memory in `_mib`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench.lab import MIB, Lab, kerrickpt, removed, run, shell, timeout_for
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, bool] = field(default_factory=dict)  # restore -> the workload's memory was intact
+
+
+def raw(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`criu dump` to tmpfs, `criu restore` from it: the floor every other case is measured against."""
+    job = lab.start(mib, kind)
+    with removed(job.node, job.name), lab.scratch("raw") as images:
+        dumped = lab.criu_dump(job, images, mib)
+        restore_s, pid = lab.criu_restore(job, images, mib)
+        ok = job.moved(job.node, job.name, pid).verify(mib)
+    return Outcome(
+        {
+            "raw.dump_s": dumped["dump_s"],
+            "raw.frozen_s": dumped["frozen_s"],
+            "raw.restore_s": restore_s,
+            "raw.downtime_s": dumped["dump_s"] + restore_s,
+        },
+        {"raw.restore": ok},
+    )
+
+
+def sequential(lab: Lab, mib: int, kind: str) -> Outcome:
+    """What `podman container checkpoint --export --compress=zstd` and scripts around runc do, step by step."""
+    job = lab.start(mib, kind)
+    limit = timeout_for(mib)
+    with removed(job.node, job.name), lab.scratch("seq") as work:
+        images, copied, unpacked = work / "images", work / "copy", work / "unpacked"
+        for path in (images, copied, unpacked):
+            path.mkdir()
+        archive = work / "export.tar.zst"
+        phases = {"dump_s": lab.criu_dump(job, images, mib)["dump_s"]}
+        phases["compress_s"] = shell(f"tar -C {images} -cf - . | zstd -3 -T0 -q -o {archive}", timeout=limit)
+        phases["copy_s"] = run(["cp", str(archive), str(copied)], timeout=limit)
+        phases["unpack_s"] = shell(f"zstd -dc -q {copied / archive.name} | tar -C {unpacked} -xf -", timeout=limit)
+        phases["restore_s"], pid = lab.criu_restore(job, unpacked, mib)
+        ok = job.moved(job.node, job.name, pid).verify(mib)
+        size = archive.stat().st_size / MIB
+    metrics = {f"seq.{k}": v for k, v in phases.items()}
+    metrics["seq.downtime_s"] = sum(phases.values())
+    metrics["seq.export_s"] = phases["dump_s"] + phases["compress_s"]
+    metrics["seq.unpack_restore_s"] = phases["unpack_s"] + phases["restore_s"]
+    metrics["seq.archive_mib"] = size
+    return Outcome(metrics, {"seq.restore": ok})
+
+
+def snapshot(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`kerrickpt checkpoint --leave-running`: how long the container is frozen for a copy."""
+    job = lab.start(mib, kind)
+    with removed(job.node, job.name), lab.scratch("snap") as work:
+        answer, wall, peak = kerrickpt(
+            job.node, "checkpoint", job.name, "-o", str(work / "snap.kckpt"), "--leave-running",
+            timeout=timeout_for(mib),
+        )  # fmt: skip
+        ok = job.verify(mib)
+    return Outcome(
+        {
+            "kpt.snapshot_frozen_s": answer["timings"]["frozen_s"],
+            "kpt.snapshot_s": wall,
+            "kpt.snapshot_peak_mib": peak,
+        },
+        {"kpt.snapshot (left running)": ok},
+    )
+
+
+def checkpoint(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`kerrickpt checkpoint` end to end, then `kerrickpt restore` of that archive on the same node."""
+    job = lab.start(mib, kind)
+    node = job.node
+    copy = f"{job.name}-r"
+    limit = timeout_for(mib)
+    with removed(node, job.name), removed(node, copy), lab.scratch("ckpt") as work:
+        archive = work / "ckpt.kckpt"
+        taken, checkpoint_s, ckpt_peak = kerrickpt(node, "checkpoint", job.name, "-o", str(archive), timeout=limit)
+        restored, restore_s, restore_peak = kerrickpt(node, "restore", str(archive), "--name", copy, timeout=limit)
+        ok = job.moved(node, copy, int(restored["init_pid"])).verify(mib)
+    return Outcome(
+        {
+            "kpt.checkpoint_s": checkpoint_s,
+            "kpt.checkpoint_dump_s": taken["timings"]["dump_s"],
+            "kpt.checkpoint_compress_s": taken["timings"]["compress_s"],
+            "kpt.archive_mib": taken["archive_bytes"] / MIB,
+            "kpt.checkpoint_peak_mib": ckpt_peak,
+            "kpt.restore_s": restore_s,
+            "kpt.restore_peak_mib": restore_peak,
+        },
+        {"kpt.restore": ok},
+    )
+
+
+def migrate(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`kerrickpt migrate` from node a to node b over ssh: downtime is freeze to running on b."""
+    job = lab.start(mib, kind)
+    source, target = lab.nodes
+    assert lab.cluster is not None
+    with removed(source, job.name), removed(target, job.name):
+        moved, wall, peak = kerrickpt(
+            source, "migrate", job.name, *lab.cluster.migrate_args(target), timeout=2 * timeout_for(mib)
+        )
+        ok = job.moved(target, job.name, int(moved["pid_map"]["1"])).verify(mib)
+    return Outcome(
+        {"kpt.migrate_downtime_s": moved["downtime_s"], "kpt.migrate_s": wall, "kpt.migrate_peak_mib": peak},
+        {"kpt.migrate": ok},
+    )
+
+
+CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
+    "raw": raw,
+    "sequential": sequential,
+    "snapshot": snapshot,
+    "checkpoint": checkpoint,
+    "migrate": migrate,
+}

@@ -1,0 +1,278 @@
+"""Owns what the benchmark sets up and tears down: a tmpfs, two local nodes, the workload, timed commands.
+
+Everything lives on one tmpfs the lab mounts (images, archives, the nodes' state), so disk
+speed never enters the numbers; closing the lab kills every container on both nodes,
+removes their cgroups and namespaces and unmounts the tmpfs, whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import cgroups, command, criu
+from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
+
+SOURCE = Path(__file__).with_name("memload.c")
+MIB = 2**20
+VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
+READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
+SAMPLE_INTERVAL = 0.02
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and shows the program's words."""
+
+
+def timeout_for(mib: int) -> float:
+    """Generous limits for one external step: a stuck step fails the run instead of hanging it."""
+    return 120.0 + 60.0 * mib / 1024
+
+
+def run(argv: Sequence[str], *, timeout: float) -> float:
+    """Run a program to completion, raising BenchError if it fails; returns its wall time in seconds."""
+    started = time.monotonic()
+    result = command.run(argv, timeout=timeout)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {result.returncode}:\n{command.tail(result.stderr)}")
+    return elapsed
+
+
+def shell(script: str, *, timeout: float) -> float:
+    """A pipeline, as an operator would type it; pipefail so a failing stage fails the step."""
+    return run(["bash", "-o", "pipefail", "-euc", script], timeout=timeout)
+
+
+class PeakMemory:
+    """Samples VmHWM of every kerrickpt process (CLI, forked helpers, the target's agent) while it runs.
+
+    CRIU's own processes are not counted: this is kerrickpt's overhead on top of CRIU.
+    """
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        # Processes older than the command are never kerrickpt's; a new one may still be
+        # `nsenter` about to exec kerrickpt, so it is looked at again until it is.
+        self._older = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak_kib / 1024, 1)
+
+    def _loop(self) -> None:
+        target = kerrickpt_path().encode()
+        while not self._stop.is_set():
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and int(entry) not in self._older:
+                    self._sample(int(entry), target)
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def _sample(self, pid: int, target: bytes) -> None:
+        with contextlib.suppress(OSError):
+            if target in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+
+@dataclass
+class Job:
+    """One workload container on a node: its name, init's host PID and its log."""
+
+    node: Node
+    name: str
+    pid: int
+    cgroup: list[str]
+    expected_sum: str
+
+    @property
+    def log(self) -> Path:
+        return self.node.state_dir / "containers" / self.name / "log"
+
+    def moved(self, node: Node, name: str, pid: int) -> Job:
+        """The same workload, restored as container `name` on `node` with init at host PID `pid`."""
+        return Job(node, name, pid, [], self.expected_sum)
+
+    def verify(self, mib: int) -> bool:
+        """Ask the workload to hash its memory again; True if it matches what it wrote."""
+        offset = self.log.stat().st_size
+        os.kill(self.pid, signal.SIGUSR1)
+        match = wait_for_line(self.log, VERIFY, offset, timeout_for(mib))
+        return match.group(1) == "OK" and match.group(2) == self.expected_sum
+
+
+class Lab:
+    """The tmpfs, the two local nodes and the compiled workload of one benchmark run."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="kerrickpt-bench-", dir="/dev/shm"))
+        self.mounted = False
+        self.cluster: Cluster | None = None
+        self.criu = criu.locate()
+        self._serial = 0
+
+    def __enter__(self) -> Lab:
+        try:
+            total_kib = int(Path("/proc/meminfo").read_text().split()[1])
+            run(["mount", "-t", "tmpfs", "-o", f"size={total_kib * 9 // 10}k,mode=0700", "bench", str(self.root)],
+                timeout=30)  # fmt: skip
+            self.mounted = True
+            # The local nodes put their state under tempfile's directory: make that the tmpfs.
+            tempfile.tempdir = str(self.root)
+            self.binary = self.root / "memload"
+            run(["gcc", "-O2", "-static", "-o", str(self.binary), str(SOURCE)], timeout=120)
+            self.cluster = Cluster(2)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            tempfile.tempdir = None
+            if self.mounted:
+                run(["umount", str(self.root)], timeout=60)
+            os.rmdir(self.root)
+
+    @property
+    def nodes(self) -> tuple[Node, Node]:
+        assert self.cluster is not None
+        a, b = self.cluster.nodes
+        return a, b
+
+    @contextlib.contextmanager
+    def scratch(self, what: str) -> Iterator[Path]:
+        """A fresh directory on the tmpfs, removed afterwards: images of GiBs must not pile up in memory."""
+        self._serial += 1
+        path = self.root / f"{what}-{self._serial}"
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def start(self, mib: int, kind: str) -> Job:
+        """Start the workload as a kerrickpt container on node a; returns once its memory is filled."""
+        node = self.nodes[0]
+        self._serial += 1
+        name = f"bench-{kind}-{mib}-{self._serial}"
+        kerrickpt(node, "run", "--name", name, "--", str(self.binary), str(mib), kind, timeout=60)
+        row = next(r for r in json_of(node, "ps") if r["name"] == name)
+        job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "")
+        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
+        return job
+
+    def criu_dump(self, job: Job, images: Path, mib: int) -> dict[str, float]:
+        """Raw `criu dump` of the job (which ends it), as an operator runs it; wall time and frozen window."""
+        freezer = str(cgroups.Cgroup(tuple(Path(p) for p in job.cgroup)).freezer.path)
+        wall = self._criu(job, "dump", images, mib, "-t", str(job.pid), "--freeze-cgroup", freezer)
+        stats = _dump_stats(images / "stats-dump")
+        # CRIU's own clock: from the start of freezing until the tree was killed.
+        frozen = (stats["freezing_time"] + stats["frozen_time"]) / 1e6
+        return {"dump_s": wall, "frozen_s": frozen}
+
+    def criu_restore(self, job: Job, images: Path, mib: int) -> tuple[float, int]:
+        """Raw `criu restore -d` into the job's cgroup; returns wall time and the restored init's host PID."""
+        pidfile = images.parent / f"{images.name}.pid"
+        dirs = [Path(p) for p in job.cgroup]
+
+        def join_cgroup() -> None:  # pragma: no cover - runs in the child before exec
+            for path in dirs:
+                (path / "cgroup.procs").write_text(str(os.getpid()))
+
+        wall = self._criu(job, "restore", images, mib, "-d", "--pidfile", str(pidfile), preexec=join_cgroup)
+        return wall, int(pidfile.read_text())
+
+    def _criu(
+        self, job: Job, verb: str, images: Path, mib: int, *args: str, preexec: Callable[[], None] | None = None
+    ) -> float:
+        """Run `criu VERB` on `images` with its log there; wall time, or BenchError with the log's tail.
+
+        CRIU runs in the job's node's network namespace, as kerrickpt does there: from another one
+        it would try to dump and lock the container's network namespace.
+        """
+        started = time.monotonic()
+        result = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{job.node.netns}", self.criu.path, verb, "-D", str(images),
+             "-o", f"{verb}.log", "-v4", "--manage-cgroups=ignore", *args],
+            capture_output=True, timeout=timeout_for(mib), preexec_fn=preexec, check=False,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        if result.returncode != 0:
+            raise BenchError(f"criu {verb} failed:\n{command.tail_file(images / f'{verb}.log')}")
+        return elapsed
+
+
+def kerrickpt(node: Node, *args: str, timeout: float) -> tuple[Any, float, float]:
+    """Run `kerrickpt ARGS --json` on `node`: its answer, wall time and the peak memory of kerrickpt's processes."""
+    with PeakMemory() as peak:
+        started = time.monotonic()
+        # --json right after the command: after `run ... --` it would go to the container's command.
+        result = node.kerrickpt(args[0], "--json", *args[1:], timeout=timeout)
+        elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise BenchError(f"kerrickpt {' '.join(args)} on node {node.name} exited {result.returncode}:\n"
+                         f"{command.tail(result.stdout + result.stderr)}")  # fmt: skip
+    return json.loads(result.stdout), elapsed, peak.peak_mib
+
+
+def json_of(node: Node, *args: str) -> Any:
+    return kerrickpt(node, *args, timeout=60)[0]
+
+
+def wait_for_line(path: Path, pattern: re.Pattern[str], offset: int, timeout: float) -> re.Match[str]:
+    """The first line matching `pattern` that `path` gains past byte `offset`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as fh:
+            fh.seek(offset)
+            if match := pattern.search(fh.read().decode(errors="replace")):
+                return match
+        time.sleep(0.05)
+    raise BenchError(f"{path} did not show {pattern.pattern!r} within {timeout:.0f} s")
+
+
+def _dump_stats(path: Path) -> dict[str, int]:
+    import pycriu  # from the project's .venv, built with CRIU
+
+    with path.open("rb") as fh:
+        image = pycriu.images.load(fh)
+    return dict(image["entries"][0]["dump"])
+
+
+@contextlib.contextmanager
+def removed(node: Node, name: str) -> Iterator[None]:
+    """Kill container `name` on `node` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        node.kerrickpt("kill", name, timeout=60)

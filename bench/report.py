@@ -1,0 +1,115 @@
+"""Owns the results: samples per size and kind, min and median, the targets of issue 6, the table and JSON."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+PEAK_LIMIT_MIB = 100.0
+PEAK_AT_MIB = 4096
+LINEAR_FROM_MIB, LINEAR_TO_MIB = 1024, 4096
+LINEAR_TOLERANCE = 0.15
+LINEAR_METRICS = ("kpt.checkpoint_s", "kpt.restore_s", "kpt.migrate_downtime_s")
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A target of issue 6: median of `metric` at most `goal` times the median of `baseline`."""
+
+    label: str
+    metric: str
+    baseline: str
+    goal: float
+
+
+RATIOS = (
+    Ratio("snapshot frozen window / raw CRIU frozen window", "kpt.snapshot_frozen_s", "raw.frozen_s", 1.15),
+    Ratio("checkpoint to archive / dump + tar|zstd -3", "kpt.checkpoint_s", "seq.export_s", 0.5),
+    Ratio("archive size / zstd -3 archive size", "kpt.archive_mib", "seq.archive_mib", 1.2),
+    Ratio("migration downtime / sequential pipeline downtime", "kpt.migrate_downtime_s", "seq.downtime_s", 0.4),
+    Ratio("restore from archive / unpack + restore", "kpt.restore_s", "seq.unpack_restore_s", 0.6),
+)
+
+
+class Results:
+    """Every sample of one run, keyed by (MiB, kind), and every post-restore memory check."""
+
+    def __init__(self) -> None:
+        self.samples: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.checks: list[dict[str, Any]] = []
+
+    def add(self, mib: int, kind: str, rep: int, metrics: dict[str, float], verified: dict[str, bool]) -> None:
+        for name, value in metrics.items():
+            self.samples[(mib, kind)][name].append(value)
+        for restore, ok in verified.items():
+            self.checks.append({"mib": mib, "kind": kind, "rep": rep, "restore": restore, "ok": ok})
+
+    def median(self, mib: int, kind: str, metric: str) -> float | None:
+        values = self.samples.get((mib, kind), {}).get(metric)
+        return statistics.median(values) if values else None
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Each target with its measured value and whether it holds (None: not measured in this run)."""
+        rows: list[dict[str, Any]] = []
+        for mib, kind in sorted(self.samples):
+            for ratio in RATIOS:
+                num, den = self.median(mib, kind, ratio.metric), self.median(mib, kind, ratio.baseline)
+                value = num / den if num is not None and den else None
+                rows.append(_row(mib, kind, ratio.label, value, f"<= {ratio.goal}x", value, ratio.goal))
+            peaks = [v for name, vs in self.samples[(mib, kind)].items() if name.endswith("_peak_mib") for v in vs]
+            if peaks:
+                # The target is set for 4 GiB; smaller sizes show the trend, they cannot meet or miss it.
+                judged = max(peaks) if mib == PEAK_AT_MIB else None
+                label = f"kerrickpt peak memory, MiB (target at {PEAK_AT_MIB} MiB)"
+                rows.append(_row(mib, kind, label, max(peaks), f"<= {PEAK_LIMIT_MIB:.0f}", judged, PEAK_LIMIT_MIB))
+        for kind in sorted({k for _, k in self.samples}):
+            for metric in LINEAR_METRICS:
+                small, big = self.median(LINEAR_FROM_MIB, kind, metric), self.median(LINEAR_TO_MIB, kind, metric)
+                if small and big:
+                    growth = (big / LINEAR_TO_MIB) / (small / LINEAR_FROM_MIB)
+                    holds = abs(growth - 1) <= LINEAR_TOLERANCE
+                    label = f"{metric} per GiB at 4 GiB / at 1 GiB"
+                    rows.append({"mib": LINEAR_TO_MIB, "kind": kind, "target": label, "value": growth,
+                                 "goal": f"1 +- {LINEAR_TOLERANCE}", "holds": holds})  # fmt: skip
+        return rows
+
+    def to_dict(self, machine: dict[str, str], config: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        for (mib, kind), metrics in sorted(self.samples.items()):
+            for name, values in sorted(metrics.items()):
+                results.append({"mib": mib, "kind": kind, "metric": name, "samples": values,
+                                "min": min(values), "median": statistics.median(values)})  # fmt: skip
+        return {"machine": machine, "config": config, "results": results, "targets": self.targets(),
+                "verified": self.checks}  # fmt: skip
+
+    def table(self) -> str:
+        lines = [f"{'MiB':>5} {'kind':<6} {'metric':<28} {'min':>9} {'median':>9}  ratio to baseline (median)"]
+        baselines = {r.metric: r for r in RATIOS}
+        for (mib, kind), metrics in sorted(self.samples.items()):
+            for name, values in sorted(metrics.items()):
+                ratio = ""
+                if name in baselines and (den := self.median(mib, kind, baselines[name].baseline)):
+                    ratio = f"{statistics.median(values) / den:.2f}x {baselines[name].baseline}"
+                lines.append(
+                    f"{mib:>5} {kind:<6} {name:<28} {min(values):>9.3f} {statistics.median(values):>9.3f}  {ratio}"
+                )
+        lines += ["", f"{'MiB':>5} {'kind':<6} {'target of issue 6':<58} {'measured':>9} {'goal':>10}  holds"]
+        for row in self.targets():
+            value = "-" if row["value"] is None else f"{row['value']:.2f}"
+            holds = {True: "yes", False: "NO", None: "-"}[row["holds"]]
+            lines.append(f"{row['mib']:>5} {row['kind']:<6} {row['target']:<58} {value:>9} {row['goal']:>10}  {holds}")
+        bad = [c for c in self.checks if not c["ok"]]
+        summary = f"memory verified after {len(self.checks) - len(bad)} of {len(self.checks)} restores"
+        if bad:
+            summary += ": BAD after " + ", ".join(f"{c['restore']} ({c['mib']} MiB {c['kind']})" for c in bad)
+        lines += ["", summary]
+        return "\n".join(lines)
+
+
+def _row(
+    mib: int, kind: str, label: str, value: float | None, goal: str, judged: float | None, limit: float
+) -> dict[str, Any]:
+    return {"mib": mib, "kind": kind, "target": label, "value": value, "goal": goal,
+            "holds": None if judged is None else judged <= limit}  # fmt: skip
