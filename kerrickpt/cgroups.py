@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -133,10 +134,23 @@ class Cgroup:
         if existing.dirs:
             existing.kill()
         for path in existing.dirs:
-            path.rmdir()
+            _rmdir(path)
 
     def to_list(self) -> list[str]:
         return [str(d) for d in self.dirs]
+
+
+def _rmdir(path: Path) -> None:
+    """Remove an emptied cgroup; the kernel may report it busy for a moment after its last task exits."""
+    deadline = time.monotonic() + EMPTY_TIMEOUT
+    while True:
+        try:
+            path.rmdir()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def parent_name() -> str:

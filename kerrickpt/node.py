@@ -11,6 +11,8 @@ from kerrickpt import cgroups, criu
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
+# What CRIU's lazy-pages transfer was seen to need here (field notes): 4 MiB pipes.
+LAZY_PIPE_SIZE = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ def fingerprint(criu_version: str) -> Fingerprint:
     return Fingerprint.from_dict(values)
 
 
+def pipe_max_size() -> int:
+    return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+
+
 def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
     for line in status.read_text().splitlines():
         if line.startswith("CapEff:"):
@@ -121,7 +127,7 @@ def check() -> Report:
     layout = cgroups.detect()
     if not (layout.unified or layout.freezer):
         problems.append("no cgroup freezer: neither cgroup v2 nor the v1 freezer is mounted")
-    features = {"userfaultfd": False, "mem_dirty_track": False}
+    features = {"userfaultfd": False, "mem_dirty_track": False, "lazy_pages": False}
     criu_check_text = ""
     found: criu.Criu | None = None
     try:
@@ -138,6 +144,13 @@ def check() -> Report:
     if not features["mem_dirty_track"]:
         notes.append("soft-dirty memory tracking is off: no pre-dump or incremental snapshots")
     can_dump_others = has_capability(CAP_SYS_RESOURCE)
+    features["lazy_pages"] = features["userfaultfd"] and (can_dump_others or pipe_max_size() >= LAZY_PIPE_SIZE)
+    if features["userfaultfd"] and not features["lazy_pages"]:
+        notes.append(
+            f"lazy pages (post-copy) would fail: without CAP_SYS_RESOURCE CRIU cannot grow its pipes past "
+            f"fs.pipe-max-size ({pipe_max_size()} bytes), and the transfer dies with "
+            f'"page-pipe: splice: -1: Bad file descriptor"; sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE} allows it'
+        )
     if not can_dump_others:
         notes.append(
             "root here lacks CAP_SYS_RESOURCE: only processes owned by root can be checkpointed "
