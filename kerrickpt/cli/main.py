@@ -125,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
         raise UsageError(str(exc)) from None
     status = kerrickpt.run(args.name, argv, memory_limit=limit, state_dir=args.state_dir)
     if not args.json:
-        print(f"started {status.name}: init pid {status.init_pid} (pid {status.init_ns_pid} inside)")
+        inside = status.init_ns_pid or "-"
+        print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}")
     return status.to_dict(), 0
 
 
