@@ -27,6 +27,7 @@ STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 RECORD = "container.json"
+OWNER = "owner"  # the run that reserved the name, until the record exists
 LOG = "log"
 
 
@@ -112,6 +113,7 @@ class Registry:
             except FileExistsError:
                 pass
         self._sweep_scratch()
+        self._sweep_unfinished()
 
     def _sweep_scratch(self) -> None:
         """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up."""
@@ -119,6 +121,20 @@ class Registry:
             owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
             if owner.isdigit() and procs.start_time(int(owner)) is None:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _sweep_unfinished(self) -> None:
+        """Remove names whose run died before registering them, with whatever it had started in their cgroups."""
+        for path in self.containers.iterdir():
+            if (path / RECORD).exists() or not (path / OWNER).exists():
+                continue
+            try:
+                owner = json.loads((path / OWNER).read_text())
+            except (OSError, ValueError):
+                continue  # being written right now
+            if owner["start"] is not None and procs.is_alive(owner["pid"], owner["start"]):
+                continue
+            cgroups.existing(cgroups.detect(), path.name).remove()
+            shutil.rmtree(path, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         return self.containers / check_name(name)
@@ -130,6 +146,8 @@ class Registry:
             path.mkdir(mode=0o700)
         except FileExistsError:
             raise ContainerExistsError(f"a container named {name!r} already exists on this node") from None
+        me = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
+        write_atomic(path / OWNER, json.dumps(me))
         return path
 
     def release(self, name: str) -> None:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kerrickpt import cgroups, compat, containers, criu, faults, node, procs, transport
+from kerrickpt import compat, containers, criu, faults, node, procs, transport
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -97,7 +97,7 @@ def receive(
         return 0
     scratch = registry.scratch_dir("incoming-")
     started = procs.start_time(os.getpid())
-    info = {"pid": os.getpid(), "start": started, "name": name, "scratch": str(scratch)}
+    info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
     try:
         path = scratch / "archive.kckpt"
@@ -150,7 +150,7 @@ def _receive_archive(stdin: BinaryIO, path: Path) -> None:
 def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
     """What became of a migration here: running, exited, departed (came and went), in-progress or absent.
 
-    A receiver that died mid-way is cleaned up here, so that `absent` is the truth.
+    What a receiver that died mid-way left is gone by then, so that `absent` is the truth.
     """
     registry = containers.Registry(state_dir)
     for container in registry.all():
@@ -166,9 +166,7 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
         return {"state": "absent"}
     if info["start"] is not None and procs.is_alive(info["pid"], info["start"]):
         return {"state": "in-progress"}
-    if not (registry.path(info["name"]) / containers.RECORD).exists():
-        cgroups.existing(cgroups.detect(), info["name"]).remove()
-        registry.release(info["name"])
-    shutil.rmtree(info["scratch"], ignore_errors=True)
+    # The receiver died before the container ran here: opening the registry above swept
+    # its half-made container and its scratch; only its marker is left.
     marker.unlink(missing_ok=True)
     return {"state": "absent"}
