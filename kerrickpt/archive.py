@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -29,14 +29,6 @@ DEFAULT_LEVEL = 3
 # Only these names are ever written or extracted: no paths, no links, no surprises.
 SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log)")
 CHUNK_MEMBER = re.compile(r"(?P<name>.+)\.(?P<index>[0-9]{6})")
-
-
-class Sink(Protocol):
-    """Takes files piece by piece, several at once, as CRIU's image stream delivers them."""
-
-    def write(self, name: str, data: bytes) -> None: ...
-
-    def end(self, name: str) -> None: ...
 
 
 @dataclass
@@ -62,29 +54,33 @@ class Writer:
         if path.exists():
             raise UsageError(f"{path} exists already; remove it or choose another name")
         self.path = path
+        self.level = level
         self.tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd: int | None = None
         self.started = time.monotonic()
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
-        try:
-            self.raw = os.fdopen(self.fd, "wb", closefd=False)
-            compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
-            self.zstd = compressor.stream_writer(self.raw, closefd=False)
-            # Closed by commit(); a failed archive is discarded whole, so nothing else needs it closed.
-            self.tar = tarfile.open(fileobj=self.zstd, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
-        except BaseException:
-            self.__exit__()
-            raise
 
     def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-        self.tmp.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.tmp.unlink(missing_ok=True)
 
-    def under(self, prefix: str) -> Sink:
+    def _tar(self) -> tarfile.TarFile:
+        """The tar stream, opened with the first member: a run that dies before leaves no file."""
+        if self.fd is None:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.raw = os.fdopen(self.fd, "wb", closefd=False)
+            compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True, threads=-1)
+            self.zstd = compressor.stream_writer(self.raw, closefd=False)
+            # Closed by commit(); a failed archive is discarded whole, so nothing else needs it closed.
+            self.tar = tarfile.open(fileobj=self.zstd, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
+        return self.tar
+
+    def under(self, prefix: str) -> _Under:
         """This archive as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""
         return _Under(self, prefix)
 
@@ -128,7 +124,7 @@ class Writer:
         return pending
 
     def _member(self, name: str, data: bytearray) -> None:
-        self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._tar().addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
     def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
         """Write the manifest last, then put the archive in place (never over a file).
@@ -143,10 +139,11 @@ class Writer:
         if finalize:
             finalize(manifest)
         body = manifest.to_json()
-        self.tar.addfile(_tarinfo(MANIFEST_NAME, len(body)), io.BytesIO(body))
+        self._member(MANIFEST_NAME, bytearray(body))
         self.tar.close()
         self.zstd.close()
         self.raw.flush()
+        assert self.fd is not None  # opened by the manifest's member
         os.fsync(self.fd)
         # link() fails if `path` appeared meanwhile: never replace someone's file.
         os.link(self.tmp, self.path)
@@ -156,6 +153,8 @@ class Writer:
 
 @dataclass(frozen=True)
 class _Under:
+    """A Writer's files under a prefix: a streamer.Sink for CRIU's image names."""
+
     writer: Writer
     prefix: str
 
