@@ -57,7 +57,7 @@ class Writer:
         self.level = level
         self.tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
         self.fd: int | None = None
-        self.started = time.monotonic()
+        self.started = 0.0  # when the first member came: compress_s is from then to the manifest
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
 
@@ -72,6 +72,7 @@ class Writer:
     def _tar(self) -> tarfile.TarFile:
         """The tar stream, opened with the first member: a run that dies before leaves no file."""
         if self.fd is None:
+            self.started = time.monotonic()
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self.raw = os.fdopen(self.fd, "wb", closefd=False)
             compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True, threads=-1)
@@ -91,6 +92,7 @@ class Writer:
         pending.sha.update(data)
         pending.size += len(data)
         while len(pending.buffer) > CHUNK_BYTES:  # more follows: this file is chunked
+            faults.inject("archive-chunk")
             self._member(f"{name}.{pending.chunks:06d}", pending.buffer[:CHUNK_BYTES])
             del pending.buffer[:CHUNK_BYTES]
             pending.chunks += 1
@@ -134,17 +136,17 @@ class Writer:
         if self.pending:
             raise ValueError(f"unfinished files in the archive: {', '.join(sorted(self.pending))}")
         faults.inject("archive-before-manifest")
+        tar = self._tar()  # opened here if no file came before
         manifest.members = self.members
         manifest.timings["compress_s"] = round(time.monotonic() - self.started, 4)
         if finalize:
             finalize(manifest)
         body = manifest.to_json()
-        self._member(MANIFEST_NAME, bytearray(body))
-        self.tar.close()
+        tar.addfile(_tarinfo(MANIFEST_NAME, len(body)), io.BytesIO(body))
+        tar.close()
         self.zstd.close()
         self.raw.flush()
-        assert self.fd is not None  # opened by the manifest's member
-        os.fsync(self.fd)
+        os.fsync(self.raw.fileno())
         # link() fails if `path` appeared meanwhile: never replace someone's file.
         os.link(self.tmp, self.path)
         fsync_dir(self.path.parent)

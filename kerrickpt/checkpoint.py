@@ -152,8 +152,14 @@ def capture(
                 step = "criu dump"
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
-                sink = writer.under("images/")
-                criu.dump(found, pids[0], images, scratch, sink, freeze_cgroup=str(freezer.path), shell_job=shell_job)
+                cgroup = str(freezer.path)
+                if thaw_after_dump:
+                    # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
+                    criu.dump(found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job)
+                else:
+                    # The container stays down until its archive is complete: compress while CRIU dumps.
+                    sink = writer.under("images/")
+                    criu.dump_streamed(found, pids[0], images, scratch, sink, freeze_cgroup=cgroup, shell_job=shell_job)
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
                 if thaw_after_dump:
                     freezer.thaw()
@@ -173,6 +179,8 @@ def capture(
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
                 )
+                for dumped in sorted(images.iterdir()):  # what was not streamed
+                    writer.add_file(f"images/{dumped.name}", dumped)
                 if log:
                     writer.add_file("log", Path(log), log_bytes)
 

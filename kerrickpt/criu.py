@@ -125,19 +125,40 @@ def dump(
     pid: int,
     images_dir: Path,
     work_dir: Path,
+    *,
+    freeze_cgroup: str,
+    shell_job: bool = False,
+    timeout: float = DUMP_TIMEOUT,
+) -> None:
+    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`."""
+    client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
+    client.opts.pid = pid
+    # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
+    # kerrickpt alone decides between killing the source and thawing it.
+    client.opts.leave_running = True
+    client.opts.freeze_cgroup = freeze_cgroup
+    client.opts.shell_job = shell_job
+    _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
+
+
+def dump_streamed(
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
     sink: streamer.Sink,
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
     timeout: float = DUMP_TIMEOUT,
 ) -> None:
-    """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`.
+    """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
 
-    The images stream into `sink` while CRIU writes them (`criu dump --stream`), so the
-    archive is compressed during the dump rather than after it. This one call runs CRIU's
-    command line, not its RPC: CRIU's service refuses to stream ("Image streaming is not
-    supported with CRIU's service feature", criu/cr-service.c). It takes the options the
-    RPC requests did; `images_dir` holds only the streamer's socket.
+    The archive is then compressed during the dump rather than after it; CRIU goes only
+    as fast as `sink` takes the images. This one call runs CRIU's command line, not its
+    RPC: CRIU's service refuses to stream ("Image streaming is not supported with CRIU's
+    service feature", criu/cr-service.c). It takes the options `dump` gives the RPC;
+    `images_dir` holds only the streamer's socket.
     """
     argv = [
         criu.path, "dump", "--stream", "--tree", str(pid),
