@@ -57,6 +57,7 @@ class Writer:
         self.level = level
         self.tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
         self.fd: int | None = None
+        self.offset = 0  # bytes of tar written
         self.started = 0.0  # when the first member came: compress_s is from then to the manifest
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
@@ -69,17 +70,15 @@ class Writer:
             os.close(self.fd)
             self.tmp.unlink(missing_ok=True)
 
-    def _tar(self) -> tarfile.TarFile:
-        """The tar stream, opened with the first member: a run that dies before leaves no file."""
+    def _out(self) -> Any:
+        """The compressed stream, opened with the first member: a run that dies before leaves no file."""
         if self.fd is None:
             self.started = time.monotonic()
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self.raw = os.fdopen(self.fd, "wb", closefd=False)
             compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True, threads=-1)
             self.zstd = compressor.stream_writer(self.raw, closefd=False)
-            # Closed by commit(); a failed archive is discarded whole, so nothing else needs it closed.
-            self.tar = tarfile.open(fileobj=self.zstd, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
-        return self.tar
+        return self.zstd
 
     def under(self, prefix: str) -> _Under:
         """This archive as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""
@@ -93,7 +92,8 @@ class Writer:
         pending.size += len(data)
         while len(pending.buffer) > CHUNK_BYTES:  # more follows: this file is chunked
             faults.inject("archive-chunk")
-            self._member(f"{name}.{pending.chunks:06d}", pending.buffer[:CHUNK_BYTES])
+            with memoryview(pending.buffer) as view:  # no copy of the chunk
+                self._member(f"{name}.{pending.chunks:06d}", view[:CHUNK_BYTES])
             del pending.buffer[:CHUNK_BYTES]
             pending.chunks += 1
 
@@ -110,7 +110,7 @@ class Writer:
         """Add the file at `source` as `name`, its first `size` bytes if given."""
         with source.open("rb") as fh:
             left = os.fstat(fh.fileno()).st_size if size is None else size
-            while left and (data := fh.read(min(CHUNK_BYTES, left))):
+            while left and (data := fh.read(min(CHUNK, left))):
                 self.write(name, data)
                 left -= len(data)
         self.end(name)
@@ -125,8 +125,13 @@ class Writer:
             pending = self.pending[name] = _Pending()
         return pending
 
-    def _member(self, name: str, data: bytearray) -> None:
-        self._tar().addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    def _member(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """One tar member, written straight to the compressor (tarfile's stream mode would copy it in 10 KiB pieces)."""
+        header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        padding = bytes(-len(data) % tarfile.BLOCKSIZE)
+        for piece in (header, data, padding):
+            self._out().write(piece)
+            self.offset += len(piece)
 
     def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
         """Write the manifest last, then put the archive in place (never over a file).
@@ -136,14 +141,16 @@ class Writer:
         if self.pending:
             raise ValueError(f"unfinished files in the archive: {', '.join(sorted(self.pending))}")
         faults.inject("archive-before-manifest")
-        tar = self._tar()  # opened here if no file came before
+        self._out()  # opened here if no file came before
         manifest.members = self.members
         manifest.timings["compress_s"] = round(time.monotonic() - self.started, 4)
         if finalize:
             finalize(manifest)
         body = manifest.to_json()
-        tar.addfile(_tarinfo(MANIFEST_NAME, len(body)), io.BytesIO(body))
-        tar.close()
+        self._member(MANIFEST_NAME, body)
+        # The end of a tar: two zero blocks, then zeros up to a whole record, as tarfile ends one.
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.zstd.write(bytes(2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))
         self.zstd.close()
         self.raw.flush()
         os.fsync(self.raw.fileno())

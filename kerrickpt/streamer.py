@@ -12,7 +12,7 @@ import struct
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from kerrickpt.errors import KerrickptError
 
@@ -22,11 +22,6 @@ READ_BYTES = 1 << 20
 PIPE_BYTES = 1 << 20
 _LENGTH = struct.Struct("<I")  # CRIU frames every protobuf with its u32 little-endian length
 MAX_REQUEST = 4096
-
-try:  # pycriu's compiled message when it is installed, else the one-field message decoded by hand
-    from pycriu.images.img_streamer_pb2 import img_streamer_request_entry as _Request
-except ImportError:
-    _Request = None
 
 
 class StreamError(KerrickptError):
@@ -41,12 +36,28 @@ class Sink(Protocol):
     def end(self, name: str) -> None: ...
 
 
+def _compiled() -> Any:
+    """pycriu's compiled img_streamer_request_entry, or None without pycriu (imported late, as criu.py does)."""
+    try:
+        from pycriu.images.img_streamer_pb2 import img_streamer_request_entry
+    except ImportError:
+        return None
+    return img_streamer_request_entry
+
+
 def filename(message: bytes) -> str:
     """The file name in an img_streamer_request_entry (`required string filename = 1`)."""
-    if _Request is not None:
-        entry = _Request()
-        entry.ParseFromString(message)
+    compiled = _compiled()
+    if compiled is not None:
+        from google.protobuf.message import DecodeError
+
+        entry = compiled()
+        try:
+            entry.ParseFromString(message)
+        except DecodeError as exc:
+            raise StreamError(f"unexpected image stream request {message!r}: {exc}") from exc
         return str(entry.filename)
+    # Without pycriu, the one-field message decoded by hand:
     # Field 1, wire type 2 (length-delimited): tag byte 0x0a, a varint length, the UTF-8 name.
     if message[:1] != b"\x0a":
         raise StreamError(f"unexpected image stream request {message!r}")
@@ -99,8 +110,8 @@ class Capture:
         """Pass CRIU's (process `pid`) images to `sink` until it has closed them all, or has exited.
 
         Every open image's pipe is drained as data comes (CRIU writes several at once and
-        would deadlock waiting on one we do not read). If this raises, all pipes are
-        closed: CRIU's next write fails with EPIPE, and it gives up its dump cleanly.
+        would deadlock waiting on one we do not read). If this raises, the socket and all
+        pipes are closed: CRIU's next write fails with EPIPE, and it gives up its dump cleanly.
         Raises TimeoutError at `deadline` (time.monotonic()).
         """
         selector = selectors.DefaultSelector()
@@ -144,6 +155,8 @@ class Capture:
                         os.close(fd)
                         sink.end(pipes.pop(fd))
         finally:
+            # One dump per socket: a CRIU that connected late must not wait on a queue nobody reads.
+            self.listener.close()
             for fd in pipes:
                 os.close(fd)
             if connection is not None:

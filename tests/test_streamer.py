@@ -121,7 +121,9 @@ def test_the_socket_lives_only_in_a_private_directory(images: Path) -> None:
 def test_requests_decode_by_hand_as_pycriu_does(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     message = img_streamer_request_entry(filename=name).SerializeToString()
     assert streamer.filename(message) == name
-    monkeypatch.setattr(streamer, "_Request", None)
+    with pytest.raises(streamer.StreamError):
+        streamer.filename(message[:-1])
+    monkeypatch.setattr(streamer, "_compiled", lambda: None)
     assert streamer.filename(message) == name
     with pytest.raises(streamer.StreamError):
         streamer.filename(message[:-1])
