@@ -179,7 +179,7 @@ def capture(
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
                 )
-                for dumped in sorted(images.iterdir()):  # what was not streamed
+                for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
                 if log:
                     writer.add_file("log", Path(log), log_bytes)

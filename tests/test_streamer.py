@@ -54,6 +54,7 @@ class Collected:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.ended: list[str] = []
+        self.criu_exit: int | None = None
 
     def write(self, name: str, data: bytes) -> None:
         assert name not in self.ended
@@ -71,15 +72,14 @@ def images(tmp_path: Path) -> Iterator[Path]:
     assert list(path.iterdir()) == [], "the socket is removed"
 
 
-def run(images: Path, script: str, deadline: float = 30.0) -> Collected:
-    sink = Collected()
+def run(images: Path, script: str, deadline: float = 30.0, sink: Collected | None = None) -> Collected:
+    sink = sink or Collected()
     with streamer.Capture(images) as capture:
         process = subprocess.Popen([sys.executable, "-c", script], cwd=images)
         try:
             capture.serve(process.pid, sink, time.monotonic() + deadline)
         finally:
-            process.kill()
-            process.wait()
+            sink.criu_exit = process.wait(timeout=10)
     return sink
 
 
@@ -89,13 +89,26 @@ def test_every_image_arrives_whole_with_several_open_at_once(images: Path) -> No
     assert sink.ended == ["pagemap-1.img", "pages-1.img", "core-1.img"]
 
 
+class Failing(Collected):
+    def write(self, name: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_sink_makes_criu_give_up(images: Path) -> None:
+    sink = Failing()
+    script = "try:\n" + textwrap.indent(FAKE_CRIU, "    ") + "\nexcept BrokenPipeError:\n    raise SystemExit(3)\n"
+    with pytest.raises(OSError, match="No space"):
+        run(images, script, sink=sink)
+    assert sink.criu_exit == 3, "its next write found the pipe closed"
+
+
 def test_a_criu_that_exits_before_connecting_ends_the_stream(images: Path) -> None:
     assert run(images, "raise SystemExit(1)").files == {}
 
 
 def test_a_stream_that_never_ends_times_out(images: Path) -> None:
     with pytest.raises(TimeoutError):
-        run(images, "import time; time.sleep(30)", deadline=0.5)
+        run(images, "import time; time.sleep(2)", deadline=0.5)
 
 
 def test_only_the_criu_it_started_may_connect(images: Path) -> None:
