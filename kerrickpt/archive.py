@@ -10,8 +10,9 @@ import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -21,26 +22,162 @@ from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.manifest import Manifest, Member
 
 CHUNK = 1 << 20
+# Members a stream is cut into: big enough to compress well, small enough to buffer several.
+CHUNK_BYTES = 4 << 20
 COMPRESSED_CHUNK = 1 << 16
+# zstd's own job size at level 3 is 8 MiB: fed as fast as a stream comes, its jobs in flight
+# hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
+JOB_BYTES = 2 << 20
 DEFAULT_LEVEL = 3
 # Only these names are ever written or extracted: no paths, no links, no surprises.
 SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log)")
+CHUNK_MEMBER = re.compile(r"(?P<name>.+)\.(?P<index>[0-9]{6})")
 
 
-class _HashingReader(io.RawIOBase):
-    """Feeds a file to tarfile while hashing exactly the bytes it takes."""
+@dataclass
+class _Pending:
+    """A file being written: its bytes not yet in a member, and the hash and size of all of it."""
 
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.sha = hashlib.sha256()
+    buffer: bytearray = field(default_factory=bytearray)
+    sha: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+    chunks: int = 0
 
-    def readable(self) -> bool:
-        return True
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        self.sha.update(data)
-        return data
+class Writer:
+    """An archive being written: files go in whole or as streams, the manifest last (see `commit`).
+
+    The archive appears at `path` only once complete and on disk; until then it lives
+    under a hidden temporary name in the same directory, removed if anything fails.
+    A stream's size is not known up front, so a file is held back until it ends or
+    exceeds CHUNK_BYTES, then written as chunk members: memory stays bounded.
+    """
+
+    def __init__(self, path: Path, *, level: int = DEFAULT_LEVEL) -> None:
+        if path.exists():
+            raise UsageError(f"{path} exists already; remove it or choose another name")
+        self.path = path
+        self.level = level
+        self.tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
+        self.fd: int | None = None
+        self.offset = 0  # bytes of tar written
+        self.started = 0.0  # when the first member came: compress_s is from then to the manifest
+        self.pending: dict[str, _Pending] = {}
+        self.members: list[Member] = []
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.tmp.unlink(missing_ok=True)
+
+    def _out(self) -> Any:
+        """The compressed stream, opened with the first member: a run that dies before leaves no file."""
+        if self.fd is None:
+            self.started = time.monotonic()
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.raw = os.fdopen(self.fd, "wb", closefd=False)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, threads=-1, job_size=JOB_BYTES, write_checksum=True
+            )
+            compressor = zstandard.ZstdCompressor(compression_params=params)
+            self.zstd = compressor.stream_writer(self.raw, closefd=False)
+        return self.zstd
+
+    def under(self, prefix: str) -> _Under:
+        """This archive as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""
+        return _Under(self, prefix)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Append `data` to the file `name`, which may be one of several open at once."""
+        pending = self._pending(name)
+        pending.buffer += data
+        pending.sha.update(data)
+        pending.size += len(data)
+        while len(pending.buffer) > CHUNK_BYTES:  # more follows: this file is chunked
+            faults.inject("archive-chunk")
+            with memoryview(pending.buffer) as view:  # no copy of the chunk
+                self._member(f"{name}.{pending.chunks:06d}", view[:CHUNK_BYTES])
+            del pending.buffer[:CHUNK_BYTES]
+            pending.chunks += 1
+
+    def end(self, name: str) -> None:
+        """The file `name` is complete."""
+        pending = self._pending(name)
+        del self.pending[name]
+        chunks = pending.chunks + 1 if pending.chunks else 0
+        self._member(f"{name}.{pending.chunks:06d}" if chunks else name, pending.buffer)
+        sha = pending.sha.hexdigest()
+        self.members.append(Member(name, pending.size, sha, chunks, CHUNK_BYTES if chunks else 0))
+
+    def add_file(self, name: str, source: Path, size: int | None = None) -> None:
+        """Add the file at `source` as `name`, its first `size` bytes if given."""
+        with source.open("rb") as fh:
+            left = os.fstat(fh.fileno()).st_size if size is None else size
+            while left and (data := fh.read(min(CHUNK, left))):
+                self.write(name, data)
+                left -= len(data)
+        self.end(name)
+
+    def _pending(self, name: str) -> _Pending:
+        pending = self.pending.get(name)
+        if pending is None:
+            if not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name):
+                raise ValueError(f"unsafe archive member name {name!r}")
+            if any(m.name == name for m in self.members):
+                raise ValueError(f"{name} was already written to the archive")
+            pending = self.pending[name] = _Pending()
+        return pending
+
+    def _member(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """One tar member, written straight to the compressor (tarfile's stream mode would copy it in 10 KiB pieces)."""
+        header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        padding = bytes(-len(data) % tarfile.BLOCKSIZE)
+        for piece in (header, data, padding):
+            self._out().write(piece)
+            self.offset += len(piece)
+
+    def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
+        """Write the manifest last, then put the archive in place (never over a file).
+
+        `finalize` may complete the manifest (timings) just before it is written.
+        """
+        if self.pending:
+            raise ValueError(f"unfinished files in the archive: {', '.join(sorted(self.pending))}")
+        faults.inject("archive-before-manifest")
+        self._out()  # opened here if no file came before
+        manifest.members = self.members
+        manifest.timings["compress_s"] = round(time.monotonic() - self.started, 4)
+        if finalize:
+            finalize(manifest)
+        body = manifest.to_json()
+        self._member(MANIFEST_NAME, body)
+        # The end of a tar: two zero blocks, then zeros up to a whole record, as tarfile ends one.
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.zstd.write(bytes(2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))
+        self.zstd.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        # link() fails if `path` appeared meanwhile: never replace someone's file.
+        os.link(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return manifest
+
+
+@dataclass(frozen=True)
+class _Under:
+    """A Writer's files under a prefix: a streamer.Sink for CRIU's image names."""
+
+    writer: Writer
+    prefix: str
+
+    def write(self, name: str, data: bytes) -> None:
+        self.writer.write(self.prefix + name, data)
+
+    def end(self, name: str) -> None:
+        self.writer.end(self.prefix + name)
 
 
 def write(
@@ -56,47 +193,11 @@ def write(
 
     `finalize` may complete the manifest (timings) just before it is written, last in the tar.
     `sizes` caps members at the length they had at a given moment (a log that kept growing).
-
-    The archive appears at `path` only once complete and on disk; until then it lives
-    under a hidden temporary name in the same directory, removed if anything fails.
     """
-    if path.exists():
-        raise UsageError(f"{path} exists already; remove it or choose another name")
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        started = time.monotonic()
-        members: list[Member] = []
-        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
-        with os.fdopen(fd, "wb", closefd=False) as raw:
-            with (
-                compressor.stream_writer(raw, closefd=False) as zstd_out,
-                tarfile.open(fileobj=zstd_out, mode="w|", format=tarfile.PAX_FORMAT) as tar,  # type: ignore[call-overload]
-            ):
-                for name, source in sorted(files.items()):
-                    if not SAFE_MEMBER.fullmatch(name):
-                        raise ValueError(f"unsafe archive member name {name!r}")
-                    with source.open("rb") as fh:
-                        info = _tarinfo(name, (sizes or {}).get(name, os.fstat(fh.fileno()).st_size))
-                        reader = _HashingReader(fh)
-                        tar.addfile(info, reader)
-                    members.append(Member(name=name, size=info.size, sha256=reader.sha.hexdigest()))
-                faults.inject("archive-before-manifest")
-                manifest.members = members
-                manifest.timings["compress_s"] = round(time.monotonic() - started, 4)
-                if finalize:
-                    finalize(manifest)
-                body = manifest.to_json()
-                tar.addfile(_tarinfo(MANIFEST_NAME, len(body)), io.BytesIO(body))
-            raw.flush()
-            os.fsync(fd)
-        # link() fails if `path` appeared meanwhile: never replace someone's file.
-        os.link(tmp, path)
-        fsync_dir(path.parent)
-        return manifest
-    finally:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+    with Writer(path, level=level) as writer:
+        for name, source in sorted(files.items()):
+            writer.add_file(name, source, (sizes or {}).get(name))
+        return writer.commit(manifest, finalize)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -166,23 +267,38 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
         raise ArchiveCorruptError(f"{path} is corrupt: {exc}") from exc
 
 
-def _output(dest: Path | None, name: str) -> BinaryIO:
-    """Where a member's bytes go: a new 0600 file under `dest`, or nowhere when only verifying."""
+def _output(dest: Path | None, name: str, *, first: bool) -> BinaryIO:
+    """Where a member's bytes go: a new 0600 file under `dest` (appended to by later chunks), or nowhere."""
     if dest is None:
         return open(os.devnull, "wb")
     target = dest / name
     target.parent.mkdir(mode=0o700, exist_ok=True)
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    how = os.O_CREAT | os.O_EXCL if first else os.O_APPEND
+    out = os.open(target, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     return os.fdopen(out, "wb")
 
 
-def extract(path: Path, dest: Path | None) -> Manifest:
-    """Unpack into `dest` (0600 files; None unpacks nothing) and verify every member against the manifest.
+@dataclass
+class _Received:
+    """One file as extract has seen it so far: whole, or the chunks up to now."""
 
-    Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a member
-    that is missing, extra or unexpected; `dest` then holds nothing worth using.
+    chunked: bool
+    sha: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+    chunks: int = 0
+    chunk_bytes: int = 0
+
+    def member(self, name: str) -> Member:
+        return Member(name, self.size, self.sha.hexdigest(), self.chunks, self.chunk_bytes)
+
+
+def extract(path: Path, dest: Path | None) -> Manifest:
+    """Unpack into `dest` (0600 files; None unpacks nothing) and verify every file against the manifest.
+
+    Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a file or chunk
+    that is missing, extra, repeated, out of order or unexpected; `dest` then holds nothing worth using.
     """
-    seen: dict[str, Member] = {}
+    received: dict[str, _Received] = {}
     manifest: Manifest | None = None
     with contextlib.closing(_members(path)) as members:
         for info, reader in members:
@@ -191,23 +307,36 @@ def extract(path: Path, dest: Path | None) -> Manifest:
             if info.name == MANIFEST_NAME:
                 manifest = Manifest.from_json(reader.read())
                 continue
-            if info.name in seen:
-                raise ArchiveCorruptError(f"{path} holds {info.name} twice")
-            sha = hashlib.sha256()
-            with _output(dest, info.name) as fh:
-                while chunk := reader.read(CHUNK):
-                    sha.update(chunk)
-                    fh.write(chunk)
-            seen[info.name] = Member(name=info.name, size=info.size, sha256=sha.hexdigest())
+            chunk = CHUNK_MEMBER.fullmatch(info.name)
+            name, index = (chunk["name"], int(chunk["index"])) if chunk else (info.name, 0)
+            first = name not in received
+            got = received.setdefault(name, _Received(chunked=bool(chunk)))
+            if not first and not (chunk and got.chunked):
+                raise ArchiveCorruptError(f"{path} holds {name} twice")
+            if chunk and index != got.chunks:
+                raise ArchiveCorruptError(
+                    f"chunk {index} of {name} in {path} is out of order (chunk {got.chunks} was next): "
+                    "a chunk is missing, repeated or misplaced"
+                )
+            with _output(dest, name, first=first) as fh:
+                while data := reader.read(CHUNK):
+                    got.sha.update(data)
+                    fh.write(data)
+            got.size += info.size
+            if chunk:
+                got.chunk_bytes = got.chunk_bytes or info.size
+                got.chunks += 1
     if manifest is None:
         raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
     expected = {m.name: m for m in manifest.members}
-    for name in sorted(expected.keys() | seen.keys()):
-        if name not in seen:
+    for name in sorted(expected.keys() | received.keys()):
+        if name not in received:
             raise ArchiveCorruptError(f"{path} lacks {name}, which its manifest lists")
         if name not in expected:
             raise ArchiveCorruptError(f"{path} holds {name}, which its manifest does not list")
-        if seen[name] != expected[name]:
+        if received[name].chunks < expected[name].chunks:
+            raise ArchiveCorruptError(f"{path} lacks chunk {received[name].chunks} of {name}")
+        if received[name].member(name) != expected[name]:
             raise ArchiveCorruptError(f"{name} in {path} does not match its checksum")
     return manifest
 

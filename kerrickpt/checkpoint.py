@@ -134,52 +134,61 @@ def capture(
     step = "freezing the cgroup"
     try:
         freezer = group.freezer
-        guardian = guard.Guardian(freezer)
-        frozen_at = time.monotonic()
-        with guardian, frozen(freezer):
-            step = "reading the process tree"
-            if host_job:
-                _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
-            tree = _tree(group, container, host_job)
-            pids = [int(p["host_pid"]) for p in tree]
-            shell_job = tree[0]["sid"] not in pids
-            log = container.log if container else procs.stdout_file(pids[0])
-            # The log keeps growing once thawed; archive it as it was at the dump.
-            sizes = {"log": os.stat(log).st_size} if log else {}
-            step = "saving the job's SysV objects"
-            ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
-            step = "criu dump"
-            faults.inject("checkpoint-before-criu")
-            dump_started = time.monotonic()
-            criu.dump(found, pids[0], images, scratch, freeze_cgroup=str(freezer.path), shell_job=shell_job)
-            timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-            if thaw_after_dump:
-                freezer.thaw()
-                timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
-            step = "writing the archive"
-            manifest = Manifest(
-                name=subject.label,
-                created=containers.utc_now(),
-                source=node.fingerprint(found.version),
-                processes=tree,
-                command=container.command if container else list(tree[0]["cmdline"]),
-                memory_limit=container.memory_limit if container else group.memory_limit(),
-                log_path=log,
-                namespaces=["ipc"] if host_job else NAMESPACES,
-                timings=timings,
-                pid_namespace="host" if host_job else "own",
-                shell_job=shell_job,
-                ipc=ipc.to_dict() if ipc else None,
-            )
-            files = {f"images/{p.name}": p for p in images.iterdir()}
-            if log:
-                files["log"] = Path(log)
+        with archive.Writer(output, level=level) as writer:
+            guardian = guard.Guardian(freezer)
+            frozen_at = time.monotonic()
+            with guardian, frozen(freezer):
+                step = "reading the process tree"
+                if host_job:
+                    _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
+                tree = _tree(group, container, host_job)
+                pids = [int(p["host_pid"]) for p in tree]
+                shell_job = tree[0]["sid"] not in pids
+                log = container.log if container else procs.stdout_file(pids[0])
+                # The log keeps growing once thawed; archive it as it was at the dump.
+                log_bytes = os.stat(log).st_size if log else 0
+                step = "saving the job's SysV objects"
+                ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
+                step = "criu dump"
+                faults.inject("checkpoint-before-criu")
+                dump_started = time.monotonic()
+                cgroup = str(freezer.path)
+                if thaw_after_dump:
+                    # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
+                    criu.dump(found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job)
+                else:
+                    # The container stays down until its archive is complete: compress while CRIU dumps.
+                    sink = writer.under("images/")
+                    criu.dump_streamed(found, pids[0], images, scratch, sink, freeze_cgroup=cgroup, shell_job=shell_job)
+                timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+                if thaw_after_dump:
+                    freezer.thaw()
+                    timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
+                step = "writing the archive"
+                manifest = Manifest(
+                    name=subject.label,
+                    created=containers.utc_now(),
+                    source=node.fingerprint(found.version),
+                    processes=tree,
+                    command=container.command if container else list(tree[0]["cmdline"]),
+                    memory_limit=container.memory_limit if container else group.memory_limit(),
+                    log_path=log,
+                    namespaces=["ipc"] if host_job else NAMESPACES,
+                    timings=timings,
+                    pid_namespace="host" if host_job else "own",
+                    shell_job=shell_job,
+                    ipc=ipc.to_dict() if ipc else None,
+                )
+                for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
+                    writer.add_file(f"images/{dumped.name}", dumped)
+                if log:
+                    writer.add_file("log", Path(log), log_bytes)
 
-            def finish(m: Manifest) -> None:
-                # Kept frozen: the container stays down until its archive is complete.
-                m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
+                def finish(m: Manifest) -> None:
+                    # Kept frozen: the container stays down until its archive is complete.
+                    m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
 
-            return archive.write(output, manifest, files, level=level, finalize=finish, sizes=sizes)
+                return writer.commit(manifest, finish)
     except KerrickptError as exc:
         if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable)):
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,3 +47,26 @@ def run(argv: Sequence[str], *, timeout: float, input_bytes: bytes | None = None
             f"{argv[0]} did not finish within {timeout:.0f} s and was killed",
             log_tail=tail(out.decode(errors="replace")),
         ) from exc
+
+
+def start(argv: Sequence[str], *, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a program that reports through its exit code and its own log file, not its output.
+
+    It inherits every inheritable fd, as a forked child would: a guardian's pipe or a lock
+    this process holds stays held until the program is gone.
+    """
+    devnull = subprocess.DEVNULL
+    return subprocess.Popen(list(argv), cwd=cwd, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=False)
+
+
+def wait(process: subprocess.Popen[bytes], *, deadline: float, log: Path) -> int:
+    """Its exit code; at `deadline` (time.monotonic()) it is killed and CommandTimeout names its log's tail."""
+    try:
+        return process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise CommandTimeout(
+            f"{process.args[0]} did not finish in time and was killed",  # type: ignore[index]
+            log_tail=tail_file(log),
+        ) from None

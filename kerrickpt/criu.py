@@ -1,4 +1,4 @@
-"""Owns every call into CRIU: locating the binary, `criu check`, and dump/restore over pycriu's RPC."""
+"""Owns every call into CRIU: locating the binary, `criu check`, the streaming dump, and restore over pycriu's RPC."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerrickpt import command
+from kerrickpt import command, streamer
 from kerrickpt.errors import CommandTimeout, DumpFailed, KerrickptError, NotReadyError, RestoreFailed
 
 CHECK_TIMEOUT = 60.0
@@ -129,7 +130,7 @@ def dump(
     shell_job: bool = False,
     timeout: float = DUMP_TIMEOUT,
 ) -> None:
-    """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`."""
+    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`."""
     client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
     client.opts.pid = pid
     # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
@@ -138,6 +139,49 @@ def dump(
     client.opts.freeze_cgroup = freeze_cgroup
     client.opts.shell_job = shell_job
     _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
+
+
+def dump_streamed(
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
+    sink: streamer.Sink,
+    *,
+    freeze_cgroup: str,
+    shell_job: bool = False,
+    timeout: float = DUMP_TIMEOUT,
+) -> None:
+    """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
+
+    The archive is then compressed during the dump rather than after it; CRIU goes only
+    as fast as `sink` takes the images. This one call runs CRIU's command line, not its
+    RPC: CRIU's service refuses to stream ("Image streaming is not supported with CRIU's
+    service feature", criu/cr-service.c). It takes the options `dump` gives the RPC;
+    `images_dir` holds only the streamer's socket.
+    """
+    argv = [
+        criu.path, "dump", "--stream", "--tree", str(pid),
+        # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
+        "--images-dir", ".", "--work-dir", str(work_dir), "--log-file", DUMP_LOG, f"-v{LOG_LEVEL}",
+        # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
+        # kerrickpt alone decides between killing the source and thawing it.
+        "--leave-running", "--freeze-cgroup", freeze_cgroup,
+        # kerrickpt recreates cgroups itself, with the limits from the manifest.
+        "--manage-cgroups=ignore",
+    ] + (["--shell-job"] if shell_job else [])  # fmt: skip
+    deadline = time.monotonic() + timeout
+    log = work_dir / DUMP_LOG
+    with streamer.Capture(images_dir) as capture:
+        process = command.start(argv, cwd=images_dir)
+        try:
+            capture.serve(process.pid, sink, deadline)
+        finally:
+            # Also after a failure here: CRIU, its pipes closed, gives up and lets go of the
+            # tree; only past the deadline is it killed.
+            returncode = command.wait(process, deadline=deadline, log=log)
+    if returncode != 0:
+        raise DumpFailed(f"criu dump failed (exit code {returncode})", log_tail=command.tail_file(log))
 
 
 def restore(

@@ -10,17 +10,26 @@ from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
 
 FORMAT = "kerrickpt-archive"
-VERSION = 1
+# Version 2 cuts big files into chunk members (see Member); version 1 archives read the same way.
+VERSION = 2
+READABLE = (1, 2)
 NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
 class Member:
-    """One file in the archive with its size and sha256."""
+    """One file in the archive with its size and sha256 (of the whole file).
+
+    A file of at most one chunk is one tar member under its own name. A bigger one, whose
+    size a stream does not know up front, is `chunks` members `NAME.000000`, `NAME.000001`, ...
+    of `chunk_bytes` each but the last.
+    """
 
     name: str
     size: int
     sha256: str
+    chunks: int = 0
+    chunk_bytes: int = 0
 
 
 @dataclass
@@ -67,9 +76,10 @@ class Manifest:
             data = json.loads(raw)
             if data.get("format") != FORMAT:
                 raise ArchiveCorruptError("not a kerrickpt archive (the manifest names another format)")
-            if data.get("version") != VERSION:
+            if data.get("version") not in READABLE:
                 raise ArchiveCorruptError(
-                    f"archive format version {data.get('version')} is not supported (this kerrickpt reads {VERSION})"
+                    f"archive format version {data.get('version')} is not supported "
+                    f"(this kerrickpt reads {', '.join(map(str, READABLE))})"
                 )
             return cls(
                 name=data["name"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import zstandard
 
 from kerrickpt import archive
 from kerrickpt.errors import ArchiveCorruptError, UsageError
-from kerrickpt.manifest import Manifest
+from kerrickpt.manifest import VERSION, Manifest
 from kerrickpt.node import Fingerprint
 
 SOURCE = Fingerprint("x86_64", "6.1.0", "debian 12", "4.2.1", ("fpu", "sse2"), 4096, "v2")
@@ -146,6 +147,107 @@ def test_missing_file_is_unreadable(tmp_path: Path) -> None:
 def test_other_format_version_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
     archive.write(out, manifest(), files)
-    _rebuild(out, [(n, d.replace(b'"version": 1', b'"version": 99')) for n, d in _members(out)])
+    current = f'"version": {VERSION}'.encode()
+    _rebuild(out, [(n, d.replace(current, b'"version": 99')) for n, d in _members(out)])
     with pytest.raises(ArchiveCorruptError, match="version 99"):
         archive.read_manifest(out)
+
+
+BIG = random.Random(6).randbytes(archive.CHUNK_BYTES * 2) + b"rest"  # no two chunks alike
+
+
+@pytest.fixture
+def streamed(tmp_path: Path) -> Path:
+    """An archive written as CRIU's stream writes it: two files at once, one of them in three chunks."""
+    out = tmp_path / "s.kckpt"
+    with archive.Writer(out) as writer:
+        images = writer.under("images/")
+        for start in range(0, len(BIG), 1 << 20):
+            images.write("pages-1.img", BIG[start : start + (1 << 20)])
+            images.write("pagemap-1.img", b"map")
+        images.end("pagemap-1.img")
+        images.end("pages-1.img")
+        images.end("empty.img")
+        writer.commit(manifest())
+    return out
+
+
+def test_streams_are_cut_into_chunks_and_reassembled(streamed: Path, tmp_path: Path) -> None:
+    listing = subprocess.run(f"zstd -dc {streamed} | tar -t", shell=True, capture_output=True, text=True, check=True)
+    assert listing.stdout.split() == [
+        "images/pages-1.img.000000",
+        "images/pages-1.img.000001",
+        "images/pagemap-1.img",
+        "images/pages-1.img.000002",
+        "images/empty.img",
+        "manifest.json",
+    ]
+    dest = tmp_path / "out"
+    dest.mkdir()
+    read = archive.extract(streamed, dest)
+    assert (dest / "images" / "pages-1.img").read_bytes() == BIG
+    assert (dest / "images" / "pagemap-1.img").read_bytes() == b"map" * 9
+    assert (dest / "images" / "empty.img").read_bytes() == b""
+    assert (dest / "images" / "pages-1.img").stat().st_mode & 0o777 == 0o600
+    pages = next(m for m in read.members if m.name == "images/pages-1.img")
+    assert (pages.size, pages.chunks, pages.chunk_bytes) == (len(BIG), 3, archive.CHUNK_BYTES)
+    assert read.memory_bytes == len(BIG)
+
+
+def test_a_file_of_exactly_one_chunk_is_one_member(tmp_path: Path) -> None:
+    source = tmp_path / "one"
+    source.write_bytes(b"x" * archive.CHUNK_BYTES)
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), {"images/pages-1.img": source})
+    assert [name for name, _ in _members(out)] == ["images/pages-1.img", "manifest.json"]
+
+
+def test_version_1_archives_still_read(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    current = f'"version": {VERSION}'.encode()
+    _rebuild(out, [(n, d.replace(current, b'"version": 1')) for n, d in _members(out)])
+    assert archive.verify(out).name == "demo"
+
+
+def _swap(ms: list[tuple[str, bytes]], a: str, b: str) -> list[tuple[str, bytes]]:
+    by_name = dict(ms)
+    return [(n, by_name[b] if n == a else by_name[a] if n == b else d) for n, d in ms]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda ms: [m for m in ms if m[0] != "images/pages-1.img.000001"], "out of order"),
+        (lambda ms: [m for m in ms if m[0] != "images/pages-1.img.000002"], "lacks chunk 2 of images/pages-1.img"),
+        (lambda ms: _swap(ms, "images/pages-1.img.000000", "images/pages-1.img.000001"), "checksum"),
+        (lambda ms: [(n.replace(".000001", ".000000"), d) for n, d in ms], "out of order"),
+        (lambda ms: [(n.replace("pagemap-1.img", "pages-1.img.000002"), d) for n, d in ms], "out of order"),
+        (lambda ms: [(n.replace("pages-1.img.000002", "pagemap-1.img.000000"), d) for n, d in ms], "twice"),
+        (lambda ms: [("images/pagemap-1.img.000000", b"map"), *ms], "twice"),
+        (lambda ms: [(n, d[:-1] if n.endswith(".000002") else d) for n, d in ms], "checksum"),
+    ],
+    ids=[
+        "missing",
+        "missing-last",
+        "swapped",
+        "repeated",
+        "other-file",
+        "other-file-twice",
+        "whole-and-chunked",
+        "short",
+    ],
+)
+def test_damaged_chunks_are_refused(streamed: Path, tmp_path: Path, tamper, message: str) -> None:
+    _rebuild(streamed, tamper(_members(streamed)))
+    assert message in _extract_error(streamed, tmp_path)
+
+
+def test_chunk_like_and_repeated_names_are_never_written(tmp_path: Path) -> None:
+    with archive.Writer(tmp_path / "a.kckpt") as writer:
+        with pytest.raises(ValueError, match="unsafe"):
+            writer.write("images/pages-1.img.000000", b"x")
+        writer.end("images/core-1.img")
+        with pytest.raises(ValueError, match="already"):
+            writer.write("images/core-1.img", b"x")
+    assert list(tmp_path.iterdir()) == []

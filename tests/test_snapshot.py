@@ -198,6 +198,34 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
     assert len(kerrickpt.Store(store).list()) == completed, "the run that was ended published nothing"
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_checkpoint_ended_while_criu_streams_thaws_once_criu_lets_go(
+    state_dir: Path, tmp_path: Path, processes: list[subprocess.Popen[str]], how: signal.Signals
+) -> None:
+    name = unique_name("ballast")
+    kerrickpt.run(name, [sys.executable, "-c", BALLAST.replace("4 << 20", "32 << 20")], state_dir=state_dir)
+    w = Workload(name, (0, 0, 0), state_dir, Path(sys.executable))
+    wait_for(lambda: ticks(w.log), what="ticks")
+    out = tmp_path / "never.kckpt"
+    # Stopped at its first chunk, with CRIU attached to the tree and soon waiting on a full pipe.
+    run = start_stopped(state_dir, "archive-chunk", "checkpoint", name, "-o", str(out))
+    processes.append(run)
+    init = w.status.init_pid
+    assert tracer(init), "CRIU holds the tree"
+
+    run.send_signal(how)
+    run.send_signal(signal.SIGCONT)
+    run.communicate(timeout=60)
+
+    # CRIU's next write to a pipe nobody reads fails: it gives up, lets go, and the guardian thaws.
+    wait_for(lambda: not freezer_of(w).is_frozen() and tracer(init) == 0, what="CRIU to let go, then the thaw")
+    keeps_counting(w)
+    assert w.status.state == "running"
+    assert not out.exists()
+    partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".never.kckpt.partial-")]
+    assert len(partial) == (1 if how == signal.SIGKILL else 0), "only a killed run leaves its partial file"
+
+
 def tracer(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("TracerPid:"):

@@ -1,0 +1,207 @@
+"""Owns CRIU's image-streaming protocol: the capture socket, its framed requests, and each image's pipe."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import selectors
+import socket
+import stat
+import struct
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from kerrickpt.errors import KerrickptError
+
+SOCKET = "streamer-capture.sock"
+READ_BYTES = 1 << 20
+# CRIU splices pages into each pipe: a bigger pipe means fewer wake-ups on both sides.
+PIPE_BYTES = 1 << 20
+_LENGTH = struct.Struct("<I")  # CRIU frames every protobuf with its u32 little-endian length
+MAX_REQUEST = 4096
+
+
+class StreamError(KerrickptError):
+    """CRIU's image stream broke the protocol."""
+
+
+class Sink(Protocol):
+    """Takes image files piece by piece, several at once, in the order CRIU writes them."""
+
+    def write(self, name: str, data: bytes) -> None: ...
+
+    def end(self, name: str) -> None: ...
+
+
+def _compiled() -> Any:
+    """pycriu's compiled img_streamer_request_entry, or None without pycriu (imported late, as criu.py does)."""
+    try:
+        from pycriu.images.img_streamer_pb2 import img_streamer_request_entry
+    except ImportError:
+        return None
+    return img_streamer_request_entry
+
+
+def filename(message: bytes) -> str:
+    """The file name in an img_streamer_request_entry (`required string filename = 1`)."""
+    compiled = _compiled()
+    if compiled is not None:
+        from google.protobuf.message import DecodeError
+
+        entry = compiled()
+        try:
+            entry.ParseFromString(message)
+        except DecodeError as exc:
+            raise StreamError(f"unexpected image stream request {message!r}: {exc}") from exc
+        return str(entry.filename)
+    # Without pycriu, the one-field message decoded by hand:
+    # Field 1, wire type 2 (length-delimited): tag byte 0x0a, a varint length, the UTF-8 name.
+    if message[:1] != b"\x0a":
+        raise StreamError(f"unexpected image stream request {message!r}")
+    length, shift, at = 0, 0, 1
+    while at < len(message):
+        byte = message[at]
+        length |= (byte & 0x7F) << shift
+        shift, at = shift + 7, at + 1
+        if not byte & 0x80:
+            break
+    if at + length != len(message):
+        raise StreamError(f"unexpected image stream request {message!r}")
+    return message[at:].decode()
+
+
+class Capture:
+    """Listens at `<images dir>/streamer-capture.sock` for one CRIU dump and takes its images.
+
+    The socket's authentication is where it lives: the images directory is 0700 and
+    root's, so only root can reach the socket; on top, the peer must be the CRIU process
+    kerrickpt started. The socket is removed when the block ends.
+    """
+
+    def __init__(self, images_dir: Path) -> None:
+        self.dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            mode = os.fstat(self.dir_fd).st_mode
+            if stat.S_IMODE(mode) & 0o077:
+                raise StreamError(f"{images_dir} is open to others; the streamer socket must live in a 0700 directory")
+            # Bound through the directory's fd: a deep state directory would overflow sun_path's 108 bytes.
+            self.listener.bind(f"/proc/self/fd/{self.dir_fd}/{SOCKET}")
+            self.listener.listen(1)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(SOCKET, dir_fd=self.dir_fd)
+        os.close(self.dir_fd)
+
+    def serve(self, pid: int, sink: Sink, deadline: float) -> None:
+        """Pass CRIU's (process `pid`) images to `sink` until it has closed them all, or has exited.
+
+        Every open image's pipe is drained as data comes (CRIU writes several at once and
+        would deadlock waiting on one we do not read). If this raises, the socket and all
+        pipes are closed: CRIU's next write fails with EPIPE, and it gives up its dump cleanly.
+        Raises TimeoutError at `deadline` (time.monotonic()).
+        """
+        selector = selectors.DefaultSelector()
+        exited = os.pidfd_open(pid)
+        selector.register(exited, selectors.EVENT_READ)
+        selector.register(self.listener, selectors.EVENT_READ)
+        connection: socket.socket | None = None
+        pipes: dict[int, str] = {}
+        accepted = gone = False
+        try:
+            while (not accepted and not gone) or connection is not None or pipes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("CRIU's image stream did not end in time")
+                for key, _ in selector.select(remaining):
+                    if key.fileobj == exited:
+                        gone = True
+                        selector.unregister(exited)
+                    elif key.fileobj is self.listener:
+                        connection = self._accept(pid)
+                        accepted = True
+                        selector.unregister(self.listener)
+                        selector.register(connection, selectors.EVENT_READ)
+                    elif key.fileobj is connection:
+                        request = _receive(connection)
+                        if request is None:  # CRIU opens no more images; open pipes go on
+                            selector.unregister(connection)
+                            connection.close()
+                            connection = None
+                            continue
+                        name, fd = request
+                        pipes[fd] = name
+                        selector.register(fd, selectors.EVENT_READ)
+                    else:
+                        fd = key.fd
+                        data = os.read(fd, READ_BYTES)
+                        if data:
+                            sink.write(pipes[fd], data)
+                            continue
+                        selector.unregister(fd)
+                        os.close(fd)
+                        sink.end(pipes.pop(fd))
+        finally:
+            # One dump per socket: a CRIU that connected late must not wait on a queue nobody reads.
+            self.listener.close()
+            for fd in pipes:
+                os.close(fd)
+            if connection is not None:
+                connection.close()
+            os.close(exited)
+            selector.close()
+
+    def _accept(self, pid: int) -> socket.socket:
+        connection, _ = self.listener.accept()
+        creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer = struct.unpack("3i", creds)[0]
+        if peer != pid:
+            connection.close()
+            raise StreamError(f"process {peer}, not CRIU ({pid}), connected to the image streamer")
+        return connection
+
+
+def _receive(connection: socket.socket) -> tuple[str, int] | None:
+    """One image request: its file name and the read end of its pipe; None once CRIU hung up."""
+    header = _exactly(connection, _LENGTH.size, eof_ok=True)
+    if not header:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_REQUEST:
+        raise StreamError(f"image stream request of {length} bytes")
+    name = filename(_exactly(connection, length, eof_ok=False))
+    # The pipe comes with a 1-byte payload; reading exactly that byte keeps the next request intact.
+    _, fds, flags, _ = socket.recv_fds(connection, 1, 1)
+    if not fds or flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise StreamError(f"CRIU sent no pipe for {name}")
+    # Refused above fs.pipe-max-size without CAP_SYS_RESOURCE: the default pipe works, only slower.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fds[0], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    return name, fds[0]
+
+
+def _exactly(connection: socket.socket, size: int, *, eof_ok: bool) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = connection.recv(size - len(data))
+        if not more:
+            if eof_ok and not data:
+                return b""
+            raise StreamError("CRIU's image stream ended in the middle of a request")
+        data += more
+    return data
