@@ -21,6 +21,7 @@ from bench.cases import CASES
 from bench.lab import BenchError, Lab, run
 from bench.report import Results
 from kerrickpt import cgroups, command, criu
+from kerrickpt.cli.main import unwind_on_sigterm
 
 KINDS = ("heap", "mixed")
 
@@ -59,6 +60,7 @@ def machine() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    unwind_on_sigterm()  # so the lab removes its nodes, containers and tmpfs
     args = parse_args(argv)
     results = Results()
     started = time.monotonic()

@@ -458,16 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C: a frozen container is thawed, scratch and nodes removed."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
-    # A scheduler's SIGTERM unwinds like Ctrl-C, so a frozen container is thawed and scratch removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()  # a scheduler's SIGTERM must not leave a container frozen
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
