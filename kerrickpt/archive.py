@@ -25,6 +25,8 @@ CHUNK = 1 << 20
 # Members a stream is cut into: big enough to compress well, small enough to buffer several.
 CHUNK_BYTES = 4 << 20
 COMPRESSED_CHUNK = 1 << 16
+MIN_SLICE = 512
+OUTPUT_TARGET = 8 << 20  # bytes of decompressed output per step, at most about
 # zstd's own job size at level 3 is 8 MiB: fed as fast as a stream comes, its jobs in flight
 # hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
 JOB_BYTES = 2 << 20
@@ -217,29 +219,42 @@ def fsync_dir(path: Path) -> None:
 
 
 class _ZstdReader(io.RawIOBase):
-    """Decompresses one zstd frame and insists that it ends: a truncated file is an error."""
+    """Decompresses one zstd frame and insists that it ends: a truncated file is an error.
+
+    zstandard's stream_reader bounds its output but accepts a cut-off frame silently, and
+    decompressobj checks the frame but returns all the output of its input at once: zeroed
+    memory compresses ~26,000:1, so 64 KiB in could be 1.6 GiB out. So the compressed input
+    is fed in slices sized from the last ratio seen, keeping each output near OUTPUT_TARGET.
+    """
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
         self.dobj = zstandard.ZstdDecompressor().decompressobj()
         self.buffer = b""
+        self.offset = 0
+        self.pending = b""  # compressed bytes read but not yet fed
+        self.slice = MIN_SLICE
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self.buffer:
+        while self.offset >= len(self.buffer):
             if self.dobj.eof:
-                if self.dobj.unused_data or self.fh.read(1):
+                if self.pending or self.dobj.unused_data or self.fh.read(1):
                     raise ArchiveCorruptError("the archive has trailing data after its end")
                 return 0
-            chunk = self.fh.read(COMPRESSED_CHUNK)
-            if not chunk:
-                raise ArchiveCorruptError("the archive is truncated (the compressed stream ends early)")
-            self.buffer = self.dobj.decompress(chunk)
-        size = min(len(target), len(self.buffer))
-        target[:size] = self.buffer[:size]
-        self.buffer = self.buffer[size:]
+            if not self.pending:
+                self.pending = self.fh.read(COMPRESSED_CHUNK)
+                if not self.pending:
+                    raise ArchiveCorruptError("the archive is truncated (the compressed stream ends early)")
+            fed, self.pending = self.pending[: self.slice], self.pending[self.slice :]
+            self.buffer, self.offset = self.dobj.decompress(fed), 0
+            ratio = max(1, len(self.buffer)) / len(fed)
+            self.slice = max(MIN_SLICE, min(COMPRESSED_CHUNK, int(OUTPUT_TARGET / ratio)))
+        size = min(len(target), len(self.buffer) - self.offset)
+        target[:size] = self.buffer[self.offset : self.offset + size]
+        self.offset += size
         return size
 
 
@@ -309,6 +324,8 @@ def extract(path: Path, dest: Path | None) -> Manifest:
                 continue
             chunk = CHUNK_MEMBER.fullmatch(info.name)
             name, index = (chunk["name"], int(chunk["index"])) if chunk else (info.name, 0)
+            if chunk and (not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name)):
+                raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
             first = name not in received
             got = received.setdefault(name, _Received(chunked=bool(chunk)))
             if not first and not (chunk and got.chunked):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -69,7 +70,10 @@ def checkpoint(
     found = criu.locate()
     if name is None:
         group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
-        return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
+        # Keyed by the cgroup's path: two runs on one foreign cgroup must not freeze it at once.
+        key = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
+        with registry.lock(key):
+            return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
     with registry.lock(name):
         if registry.journal_path(name).exists():
             raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")

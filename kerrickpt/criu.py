@@ -17,6 +17,7 @@ from kerrickpt.errors import CommandTimeout, DumpFailed, KerrickptError, NotRead
 
 CHECK_TIMEOUT = 60.0
 DUMP_TIMEOUT = 600.0
+STREAM_GRACE = 60.0  # for CRIU to let go of the tree once its image stream has ended or broken
 RESTORE_TIMEOUT = 600.0
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
@@ -170,16 +171,15 @@ def dump_streamed(
         # kerrickpt recreates cgroups itself, with the limits from the manifest.
         "--manage-cgroups=ignore",
     ] + (["--shell-job"] if shell_job else [])  # fmt: skip
-    deadline = time.monotonic() + timeout
     log = work_dir / DUMP_LOG
     with streamer.Capture(images_dir) as capture:
         process = command.start(argv, cwd=images_dir)
         try:
-            capture.serve(process.pid, sink, deadline)
+            capture.serve(process.pid, sink, idle=timeout)
         finally:
             # Also after a failure here: CRIU, its pipes closed, gives up and lets go of the
-            # tree; only past the deadline is it killed.
-            returncode = command.wait(process, deadline=deadline, log=log)
+            # tree (its parasite leaves the tasks); it is killed only if it does not.
+            returncode = command.wait(process, deadline=time.monotonic() + STREAM_GRACE, log=log)
     if returncode != 0:
         raise DumpFailed(f"criu dump failed (exit code {returncode})", log_tail=command.tail_file(log))
 

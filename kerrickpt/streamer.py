@@ -106,13 +106,14 @@ class Capture:
             os.unlink(SOCKET, dir_fd=self.dir_fd)
         os.close(self.dir_fd)
 
-    def serve(self, pid: int, sink: Sink, deadline: float) -> None:
+    def serve(self, pid: int, sink: Sink, idle: float) -> None:
         """Pass CRIU's (process `pid`) images to `sink` until it has closed them all, or has exited.
 
         Every open image's pipe is drained as data comes (CRIU writes several at once and
         would deadlock waiting on one we do not read). If this raises, the socket and all
         pipes are closed: CRIU's next write fails with EPIPE, and it gives up its dump cleanly.
-        Raises TimeoutError at `deadline` (time.monotonic()).
+        Raises TimeoutError when nothing has arrived for `idle` seconds: a big container
+        may stream for long, but never in silence.
         """
         selector = selectors.DefaultSelector()
         exited = os.pidfd_open(pid)
@@ -121,9 +122,10 @@ class Capture:
         connection: socket.socket | None = None
         pipes: dict[int, str] = {}
         accepted = gone = False
+        last_heard = time.monotonic()
         try:
             while (not accepted and not gone) or connection is not None or pipes:
-                remaining = deadline - time.monotonic()
+                remaining = idle - (time.monotonic() - last_heard)
                 if remaining <= 0:
                     raise TimeoutError("CRIU's image stream did not end in time")
                 for key, _ in selector.select(remaining):
@@ -148,6 +150,7 @@ class Capture:
                     else:
                         fd = key.fd
                         data = os.read(fd, READ_BYTES)
+                        last_heard = time.monotonic()
                         if data:
                             sink.write(pipes[fd], data)
                             continue

@@ -128,6 +128,8 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
         (lambda ms: [m for m in ms if m[0] != "manifest.json"], "no manifest"),
         (lambda ms: [("../escape", b"x"), *ms], "unexpected member"),
         (lambda ms: [("images/../../escape", b"x"), *ms], "unexpected member"),
+        (lambda ms: [("images/..000000", b"x"), *ms], "unexpected member"),
+        (lambda ms: [("images/.000000", b"x"), *ms], "unexpected member"),
         (lambda ms: [*ms, ("log", b"again")], "after its manifest"),
     ],
 )

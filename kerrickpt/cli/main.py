@@ -475,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
-        print(f"kerrickpt: error: {exc}", file=sys.stderr)
+        # The exit code in the text too: cron mails what a job prints, not how it ended.
+        print(f"kerrickpt: error (exit {exc.exit_code}): {exc}", file=sys.stderr)
         if args.command == "agent":
             transport.emit(sys.stdout, "error", **exc.to_dict())
         elif args.json:
