@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from kerrickpt import faults
-from kerrickpt.errors import ArchiveCorruptError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, UsageError
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.manifest import Manifest, Member
 
@@ -263,7 +263,7 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
     try:
         fh = path.open("rb")
     except OSError as exc:
-        raise ArchiveCorruptError(f"cannot read {path}: {exc.strerror}") from exc
+        raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
     stream = io.BufferedReader(_ZstdReader(fh), CHUNK)
     try:
         with fh, tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
@@ -278,7 +278,9 @@ def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
                 pass
     except ArchiveCorruptError:
         raise
-    except (zstandard.ZstdError, tarfile.TarError, EOFError, OSError) as exc:
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"reading {path} failed: {exc}") from exc
+    except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
         raise ArchiveCorruptError(f"{path} is corrupt: {exc}") from exc
 
 

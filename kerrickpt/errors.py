@@ -59,6 +59,10 @@ class ArchiveCorruptError(KerrickptError):
     exit_code = 6
 
 
+class ArchiveUnreadableError(ArchiveCorruptError):
+    """The archive could not be read (an I/O error): that says nothing about its contents."""
+
+
 class NodeIncompatibleError(KerrickptError):
     """This node cannot take the archive (architecture, CPU, kernel, CRIU...)."""
 

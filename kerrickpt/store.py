@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, containers, faults
-from kerrickpt.errors import ArchiveCorruptError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest
 from kerrickpt.retention import Plan, Policy
@@ -188,6 +188,10 @@ class Store:
                 try:
                     manifest = archive.verify(snap.path)
                     now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
+                except ArchiveUnreadableError as exc:
+                    # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
+                    checked.append(replace(snap, error=exc.message))
+                    continue
                 except ArchiveCorruptError as exc:
                     now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
                 with self.lock(snap.name, wait=wait):
@@ -242,6 +246,8 @@ class Store:
         # which shows that the archive is whole, not that its checksums hold.
         try:
             return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
+        except ArchiveUnreadableError as exc:
+            return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
         except ArchiveCorruptError as exc:
             return Snapshot(name, path, _time_of(path), size, None, "", CORRUPT, None, exc.message)
 

@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from kerrickpt import archive
-from kerrickpt.errors import ArchiveCorruptError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, UsageError
 from kerrickpt.manifest import VERSION, Manifest
 from kerrickpt.node import Fingerprint
 
@@ -253,3 +253,10 @@ def test_chunk_like_and_repeated_names_are_never_written(tmp_path: Path) -> None
         with pytest.raises(ValueError, match="already"):
             writer.write("images/core-1.img", b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_io_error_is_unreadable_not_corrupt(tmp_path: Path) -> None:
+    # A store must not take an I/O error for a corrupt archive, and prune it.
+    with pytest.raises(ArchiveUnreadableError) as caught:
+        archive.verify(tmp_path)  # a directory: open() fails as a failing disk would
+    assert caught.value.exit_code == 6
