@@ -68,24 +68,28 @@ def host_job(workload: Path, tmp_path: Path) -> Iterator[callable]:
                 subprocess.run(["ipcrm", flag, str(key)], capture_output=True, check=False)
 
 
+def _reaped(pid: int) -> bool:
+    """No zombie of the checkpointed job holds the PID any more: it is free, or a live process's."""
+    return procs.start_time(pid) is not None or procs.is_free(pid)
+
+
 @pytest.fixture
 def occupy() -> Iterator[callable]:
     """Make processes sit on given host PIDs, as the target's own processes would."""
     sitters: list[subprocess.Popen[bytes]] = []
 
     def take(pids: list[int]) -> list[subprocess.Popen[bytes]]:
+        """Sit on every PID; returns the sitters. A PID a stranger took meanwhile is occupied all the same."""
         for pid in pids:
-            # A PID still held by a zombie of the checkpointed job frees up soon; wait, then take it.
-            wait_for(lambda pid=pid: procs.is_free(pid), what=f"PID {pid} to be free")
+            # Wait for the job's zombie to go, not for a live stranger (pid_max may be 32768 here).
+            wait_for(lambda pid=pid: _reaped(pid), what=f"PID {pid} to be reaped", timeout=30)
             for _ in range(50):
-                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-                sitter = subprocess.Popen(["sleep", "600"])
-                sitters.append(sitter)
-                if sitter.pid == pid:
+                if not procs.is_free(pid):
                     break
-        holders = [s for s in sitters if s.pid in pids]
-        assert len(holders) == len(pids), "could not occupy every PID"
-        return holders
+                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+                sitters.append(subprocess.Popen(["sleep", "600"]))
+        assert not [pid for pid in pids if procs.is_free(pid)], "could not occupy every PID"
+        return [s for s in sitters if s.pid in pids]
 
     yield take
     for sitter in sitters:
@@ -144,6 +148,7 @@ def test_job_comes_back_at_its_pids_with_its_queue_and_semaphores(
     with pytest.raises(kerrickpt.NotCheckpointable, match="cannot checkpoint it again"):
         kerrickpt.checkpoint(restored.name, tmp_path / "again.kckpt", state_dir=state_dir)
     assert all(holder.poll() is None for holder in holders), "the host's own processes are untouched"
+    assert not [pid for pid in tids if procs.is_free(pid)]
     sysvipc.remove(host_objects)
 
 
@@ -215,7 +220,7 @@ def test_host_pid_namespace_route_when_the_pids_are_free(
     archive = tmp_path / "job.kckpt"
     kerrickpt.checkpoint(None, archive, cgroup=job.cgroup, state_dir=state_dir)
     job.proc.wait()  # the job's first process was this test's child: reap it, freeing its PID
-    wait_for(lambda: all(map(procs.is_free, job.pids)), what="the job's PIDs to be free")
+    wait_for(lambda: all(map(procs.is_free, job.pids)), what="the job's PIDs to be free", timeout=30)
 
     restored = kerrickpt.restore(archive, pid_namespace="host", state_dir=state_dir)
 
