@@ -62,7 +62,9 @@ def snapshot(
     label = containers.check_name(name or Path(str(cgroup)).name)
     store = store if isinstance(store, Store) else Store(store)
     policy = policy or Policy()
+    source = f"container {name}" if name else f"cgroup {Path(str(cgroup)).resolve()}"
     with store.lock(label, wait=wait) as took_over:
+        store.claim(label, source)
         cleaned = store.clean(label)
         checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
         published = store.publish(label)

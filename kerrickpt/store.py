@@ -22,6 +22,7 @@ from kerrickpt.retention import Plan, Policy
 SUFFIX = ".kckpt"
 META = ".meta"
 LOCK = ".lock"
+SOURCE = ".source"  # what the series is of: one container, or one cgroup by its path
 INCOMING = ".incoming" + SUFFIX
 # What a run that died may leave: its incoming archive, archive.write's partial file, a record half written.
 TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*")
@@ -137,6 +138,24 @@ class Store:
         directory = self.directory(name)
         directory.mkdir(mode=0o700, exist_ok=True)
         return held(directory / LOCK, wait=wait, what=f"the snapshots of {name} in {self.root}")
+
+    def claim(self, name: str, source: str) -> None:
+        """Tie the series `name` to what it snapshots; refuse another source under the same name.
+
+        Two cgroups with the same last path component would otherwise share a series,
+        and one's retention would prune the other's snapshots. Call with the lock held.
+        """
+        path = self.directory(name) / SOURCE
+        try:
+            held_by = path.read_text().strip()
+        except FileNotFoundError:
+            containers.write_atomic(path, source + "\n")
+            return
+        if held_by != source:
+            raise UsageError(
+                f"the snapshots named {name} in {self.root} are of {held_by}, not of {source}; "
+                "use another store for it, or remove that series first"
+            )
 
     def incoming(self, name: str) -> Path:
         """Where a run writes its archive before `publish`."""

@@ -17,6 +17,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import containers
+from kerrickpt import store as store_files
 from kerrickpt.freezer import Freezer
 from tests.helpers import (
     KERRICKPT,
@@ -96,7 +97,8 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(
         p.name
         for p in directory.iterdir()
-        if p.name != ".lock" and (p.name.startswith(".") or not p.with_suffix(".kckpt").exists())
+        if p.name not in (store_files.LOCK, store_files.SOURCE)
+        and (p.name.startswith(".") or not p.with_suffix(".kckpt").exists())
     )
 
 

@@ -187,3 +187,12 @@ def test_prune_waits_for_a_run_holding_the_lock(store: Store) -> None:
 def test_the_store_must_exist(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="create it first"):
         Store(tmp_path / "missing")
+
+
+def test_a_series_stays_tied_to_its_source(store: Store) -> None:
+    # Two cgroups named job under different parents must not share one series (and its pruning).
+    with store.lock("job"):
+        store.claim("job", "cgroup /sys/fs/cgroup/a/job")
+        store.claim("job", "cgroup /sys/fs/cgroup/a/job")
+        with pytest.raises(UsageError, match="are of cgroup /sys/fs/cgroup/a/job"):
+            store.claim("job", "cgroup /sys/fs/cgroup/b/job")
