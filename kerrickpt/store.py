@@ -265,10 +265,9 @@ class Store:
         # which shows that the archive is whole, not that its checksums hold.
         try:
             return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
-        except ArchiveUnreadableError as exc:
-            return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
         except ArchiveCorruptError as exc:
-            return Snapshot(name, path, _time_of(path), size, None, "", CORRUPT, None, exc.message)
+            # Unrecorded, so maybe still being copied in: only `verify` may call it corrupt (and so prunable).
+            return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
 
     def _record(self, snap: Snapshot, mtime: int) -> None:
         """Write the snapshot's record atomically; call with the lock held."""
