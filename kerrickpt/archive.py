@@ -188,18 +188,16 @@ def write(
     files: dict[str, Path],
     *,
     level: int = DEFAULT_LEVEL,
-    finalize: Callable[[Manifest], None] | None = None,
     sizes: dict[str, int] | None = None,
 ) -> Manifest:
-    """Write `files` (archive name -> file) and the manifest to `path`, atomically and never over a file.
+    """Write whole `files` (archive name -> file) and the manifest to `path` with a Writer, in one call.
 
-    `finalize` may complete the manifest (timings) just before it is written, last in the tar.
     `sizes` caps members at the length they had at a given moment (a log that kept growing).
     """
     with Writer(path, level=level) as writer:
         for name, source in sorted(files.items()):
             writer.add_file(name, source, (sizes or {}).get(name))
-        return writer.commit(manifest, finalize)
+        return writer.commit(manifest)
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -24,7 +24,7 @@ META = ".meta"
 LOCK = ".lock"
 SOURCE = ".source"  # what the series is of: one container, or one cgroup by its path
 INCOMING = ".incoming" + SUFFIX
-# What a run that died may leave: its incoming archive, archive.write's partial file, a record half written.
+# What a run that died may leave: its incoming archive, the archive Writer's partial file, a record half written.
 TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
