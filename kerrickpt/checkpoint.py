@@ -112,7 +112,7 @@ class Subject:
             raise NotCheckpointable(
                 f"{container.name} was restored from a job that shared the host's namespaces; kerrickpt cannot "
                 "checkpoint it again yet (CRIU refuses the time and mount namespaces it nests inside "
-                "kerrickpt's init). Nothing was frozen."
+                "kerrickpt's init). The job keeps running."
             )
         return cls(container.name, container.group, container)
 
@@ -212,13 +212,23 @@ def _shares_host_pid_namespace(group: cgroups.Cgroup) -> bool:
 
 
 def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
-    """Before any freeze: a host-namespace job with SysV shared memory cannot be carried."""
-    shm = sysvipc.shared_memory_of(group.pids())
+    """Before any freeze: a host-namespace job with SysV shared memory, or in a session whose leader
+    this PID namespace cannot see, cannot be carried."""
+    pids = group.pids()
+    unseen = [p.host_pid for p in procs.read_all(pids) if p.sid == 0]
+    if unseen:
+        # /proc shows session 0 when the leader lives in an ancestor PID namespace; CRIU refuses those.
+        raise NotCheckpointable(
+            f"process {unseen[0]} belongs to a session whose leader is outside this node's PID namespace, "
+            "which CRIU cannot dump. Start the job in a session of its own (setsid) or under `kerrickpt run`. "
+            "The job keeps running."
+        )
+    shm = sysvipc.shared_memory_of(pids)
     if shm:
         raise NotCheckpointable(
             f"the job uses SysV shared memory in the host's IPC namespace ({'; '.join(shm)}), which CRIU "
             "cannot save outside an IPC namespace of the job's own. Run the job under `kerrickpt run` "
-            "(its own PID and IPC namespaces) to checkpoint it. Nothing was frozen."
+            "(its own PID and IPC namespaces) to checkpoint it. The job keeps running."
         )
 
 

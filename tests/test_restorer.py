@@ -15,7 +15,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import cgroups, procs, sysvipc
-from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import cli_env, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -41,9 +41,13 @@ def start_job(workload: Path, tmp_path: Path, made: list[HostJob], shm_key: int 
     path.mkdir()
     _, msg_key, sem_key = ipc_keys()
     log = tmp_path / f"{path.name}.log"
-    script = f"echo 0 > {path}/cgroup.procs && exec {workload} run {shm_key} {msg_key} {sem_key}"
+    # The job's session leader is a shell outside its cgroup, as a batch system's step daemon would be:
+    # a session of its own, not this test's (whose leader may be outside this PID namespace in CI).
+    script = f"(echo 0 > {path}/cgroup.procs && exec {workload} run {shm_key} {msg_key} {sem_key}) & wait"
     with log.open("wb") as out:
-        proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
     job = HostJob(path, (shm_key, msg_key, sem_key), log, [], proc)
     made.append(job)  # before waiting: the fixture removes it even if it never comes up
     wait_for(lambda: len(cgroups.Cgroup((path,)).pids()) == 3 and len(ticks(log.read_text())) > 3, what="the job")
@@ -119,7 +123,7 @@ def test_job_comes_back_at_its_pids_with_its_queue_and_semaphores(
     assert [q["key"] for q in shown.ipc["queues"]] == [job.keys[1]]
     assert [s["values"] for s in shown.ipc["semaphores"]] == [[7, 11, 13]]
     # The target's own processes sit on the job's PIDs; its own objects have the job's keys and ids.
-    job.proc.wait()  # the job's first process was this test's child: reap it, freeing its PID
+    job.proc.wait()  # its session leader reaps the job's first process, freeing its PID
     holders = occupy(tids)
     host_objects = sysvipc.JobIpc(
         [sysvipc.Queue(job.keys[1], int(before["msg_id"]), 0o600, [(5, b"host\0")])],  # type: ignore[call-overload]
@@ -219,7 +223,7 @@ def test_host_pid_namespace_route_when_the_pids_are_free(
     job = host_job()
     archive = tmp_path / "job.kckpt"
     kerrickpt.checkpoint(None, archive, cgroup=job.cgroup, state_dir=state_dir)
-    job.proc.wait()  # the job's first process was this test's child: reap it, freeing its PID
+    job.proc.wait()  # its session leader reaps the job's first process, freeing its PID
     wait_for(lambda: all(map(procs.is_free, job.pids)), what="the job's PIDs to be free", timeout=30)
 
     restored = kerrickpt.restore(archive, pid_namespace="host", state_dir=state_dir)
@@ -227,3 +231,40 @@ def test_host_pid_namespace_route_when_the_pids_are_free(
     assert {pid: pid for pid in job.pids} == restored.pid_map, "the same PIDs on the host"
     assert procs.shares_namespace(job.pids[0], "pid") and not procs.shares_namespace(job.pids[0], "ipc")
     assert probe(workload, job.pids[0], job.keys)["sems"] == [7, 11, 13]
+
+
+def test_a_job_whose_session_leader_is_out_of_sight_is_refused_without_freezing(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    # In a PID namespace of its own, the shell is PID 1 of a session led from outside, as in a container.
+    layout = cgroups.detect()
+    root = layout.unified or layout.freezer
+    assert root is not None
+    path = root / unique_name("batch")
+    path.mkdir()
+    job = "while :; do sleep 0.05; done"
+    script = (
+        f"(echo 0 > {path}/cgroup.procs && exec sh -c '{job}') & "
+        f'while [ -z "$(cat {path}/cgroup.procs)" ]; do sleep 0.01; done; '
+        f"{sys.executable} -m kerrickpt.cli.main checkpoint --cgroup {path} -o {tmp_path}/never.kckpt; "
+        "echo exit=$?; exec sleep 600"
+    )
+    inner = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(state_dir),
+    )
+    try:
+        assert inner.stdout is not None and inner.stderr is not None
+        assert inner.stdout.readline() == "exit=14\n", inner.stderr.readline()
+        group = cgroups.Cgroup((path,))
+        assert not group.freezer.is_frozen()
+        assert ("sh", "-c", job) in [p.cmdline for p in procs.read_all(group.pids())], "the job runs on"
+        assert not (tmp_path / "never.kckpt").exists()
+    finally:
+        inner.kill()  # --kill-child: PID 1 of the namespace goes, and every process in it
+        _, err = inner.communicate(timeout=30)
+        cgroups.Cgroup((path,)).remove()
+    assert "session whose leader is outside" in err and "setsid" in err, err

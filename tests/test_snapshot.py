@@ -3,6 +3,7 @@ overlapping runs leave the container running and the store holding only complete
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -171,7 +172,7 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
 ) -> None:
     w = start_workload()
     init = w.status.init_pid
-    for _ in range(10):  # catch CRIU while it holds the tree (it takes tens of milliseconds)
+    for _ in range(20):  # catch CRIU while it holds the tree (it takes tens of milliseconds)
         # stderr is not piped: the guardian inherits it and outlives this run until CRIU is done.
         run = subprocess.Popen(
             [*KERRICKPT, "snapshot", w.name, "--store", str(store)], env=cli_env(state_dir), text=True
@@ -181,11 +182,15 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
         while run.poll() is None and not criu:
             criu = tracer(init)
         if criu:
-            break
-        assert run.returncode == 0
+            os.kill(criu, signal.SIGSTOP)
+            wait_for(lambda criu=criu: stopped(criu), what="CRIU to stop")
+            if tracer(init) == criu:  # a stopped CRIU cannot let go: it still holds the tree
+                break
+            with contextlib.suppress(ProcessLookupError):  # it had let go before the signal landed: again
+                os.kill(criu, signal.SIGCONT)
+        assert run.wait(timeout=60) == 0
     else:
         pytest.fail("never caught CRIU dumping")
-    os.kill(criu, signal.SIGSTOP)
     try:
         run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
         seen = ticks(w.log)
@@ -226,6 +231,14 @@ def test_a_checkpoint_ended_while_criu_streams_thaws_once_criu_lets_go(
     assert not out.exists()
     partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".never.kckpt.partial-")]
     assert len(partial) == (1 if how == signal.SIGKILL else 0), "only a killed run leaves its partial file"
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped by a signal (or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "tTXZ"
+    except FileNotFoundError:
+        return True
 
 
 def tracer(pid: int) -> int:
