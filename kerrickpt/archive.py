@@ -256,10 +256,18 @@ class _ZstdReader(io.RawIOBase):
         return size
 
 
-def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
+Source = Path | BinaryIO  # an archive file, or an archive arriving as a stream (a migration)
+
+
+def _label(source: Source) -> str:
+    return str(source) if isinstance(source, Path) else "the incoming archive"
+
+
+def _members(source: Source) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
     """Each member of the archive with a reader for its bytes; corruption becomes ArchiveCorruptError."""
+    path = _label(source)
     try:
-        fh = path.open("rb")
+        fh = source.open("rb") if isinstance(source, Path) else source  # closed once read, either way
     except OSError as exc:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
     stream = io.BufferedReader(_ZstdReader(fh), CHUNK)
@@ -307,15 +315,16 @@ class _Received:
         return Member(name, self.size, self.sha.hexdigest(), self.chunks, self.chunk_bytes)
 
 
-def extract(path: Path, dest: Path | None) -> Manifest:
+def extract(source: Source, dest: Path | None) -> Manifest:
     """Unpack into `dest` (0600 files; None unpacks nothing) and verify every file against the manifest.
 
     Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a file or chunk
     that is missing, extra, repeated, out of order or unexpected; `dest` then holds nothing worth using.
     """
+    path = _label(source)
     received: dict[str, _Received] = {}
     manifest: Manifest | None = None
-    with contextlib.closing(_members(path)) as members:
+    with contextlib.closing(_members(source)) as members:
         for info, reader in members:
             if manifest is not None:
                 raise ArchiveCorruptError(f"{path} has data after its manifest")
