@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,15 @@ def capture(
     *,
     level: int,
     thaw_after_dump: bool,
+    mirror: Callable[[bytes | memoryview], None] | None = None,
+    link_mib_s: float | None = None,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
-    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step."""
+    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step.
+
+    `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
+    manifest records `level` and, when the level was chosen for a link, that link's speed.
+    """
     container, group = subject.container, subject.group
     host_job = _shares_host_pid_namespace(group)
     if host_job:
@@ -138,7 +145,7 @@ def capture(
     step = "freezing the cgroup"
     try:
         freezer = group.freezer
-        with archive.Writer(output, level=level) as writer:
+        with archive.Writer(output, level=level, mirror=mirror) as writer:
             guardian = guard.Guardian(freezer)
             frozen_at = time.monotonic()
             with guardian, frozen(freezer):
@@ -182,6 +189,7 @@ def capture(
                     pid_namespace="host" if host_job else "own",
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
+                    compression={"level": level, **({"link_mib_s": round(link_mib_s, 1)} if link_mib_s else {})},
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)

@@ -48,6 +48,8 @@ class Manifest:
     pid_namespace: str = "own"
     shell_job: bool = False  # its session leader was outside the tree
     ipc: dict[str, Any] | None = None  # the job's SysV objects (host route), see sysvipc.JobIpc
+    # zstd level, and the link speed (MiB/s) it was chosen for when a migration chose it.
+    compression: dict[str, Any] = field(default_factory=dict)
 
     @property
     def criu_version(self) -> str:
@@ -95,6 +97,7 @@ class Manifest:
                 pid_namespace=data.get("pid_namespace", "own"),
                 shell_job=data.get("shell_job", False),
                 ipc=data.get("ipc"),
+                compression=data.get("compression", {}),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ class MigrationResult:
     attempts: dict[str, int]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    compression: dict[str, Any] = field(default_factory=dict)  # the level, and the link speed it was chosen for
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -123,12 +123,13 @@ def migrate(
     state_dir: Path | str | None = None,
     force: bool = False,
     attempts: int = DEFAULT_ATTEMPTS,
-    level: int = archive.DEFAULT_LEVEL,
+    level: int | None = None,
 ) -> MigrationResult:
     """Move container `name` to the node `to` ([USER@]HOST[:PORT]) over ssh, exactly once.
 
     Either the target runs it and the source copy is gone, or the source runs it again;
     if the target's answer is lost, MigrationUnknown leaves the source frozen for `recover`.
+    `level` is the zstd level; by default it is chosen from the link's measured speed.
     """
     registry = containers.Registry(state_dir)
     with registry.lock(name):
@@ -143,7 +144,7 @@ def _migrate(
     remote_kerrickpt: str,
     force: bool,
     attempts: int,
-    level: int,
+    level: int | None,
 ) -> MigrationResult:
     container = registry.get(name)
     journal = Journal(registry, name)
@@ -156,22 +157,39 @@ def _migrate(
     answer, preflight_attempts = _retrying(
         attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
     )
+    link_mib_s = None
+    if level is None:
+        link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
+        level = archive.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
+    receive = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
     scratch = registry.scratch_dir("migrate-")
     # Written before the freeze: whatever happens next, `recover` can find out and finish it.
     journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
     try:
         path = scratch / "archive.kckpt"
+        # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
+        live: _Live | None = _Live(link, receive)
         frozen_at = time.monotonic()
         try:
-            manifest = capture(found, registry, subject, path, level=level, thaw_after_dump=False)
+            manifest = capture(
+                found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
+                link_mib_s=link_mib_s,
+            )  # fmt: skip
         except BaseException:
+            live.channel.close()  # a torn stream: the target removes what it unpacked
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
+
+        def attempt() -> dict[str, Any]:
+            nonlocal live
+            if live is not None:  # the first attempt is the one sent while the archive was written
+                first, live = live, None
+                return first.conclude(link, name)
+            return _transfer(link, path, receive, name)
+
         try:
-            restored, transfer_attempts = _retrying(
-                attempts, f"transfer to {link.target}", lambda: _transfer(link, path, migration_id, name, force)
-            )
+            restored, transfer_attempts = _retrying(attempts, f"transfer to {link.target}", attempt)
         except MigrationUnknown:
             raise
         except KerrickptError as exc:
@@ -199,6 +217,7 @@ def _migrate(
         attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
         warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
         timings=manifest.timings,
+        compression=manifest.compression,
     )
 
 
@@ -221,37 +240,68 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
     }
 
 
-def _transfer(link: transport.Link, path: Path, migration_id: str, name: str, force: bool) -> dict[str, Any]:
-    """Stream the archive; returns the target's `restored` event or raises what the target or the link said."""
-    args = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
-    sha = hashlib.sha256()
-    sent = 0
-    with transport.Channel(link, args) as channel, path.open("rb") as fh:
+class _Live:
+    """The first transfer attempt, sent while capture writes the archive: the target unpacks it as CRIU dumps.
+
+    If the link fails meanwhile, the archive is still written whole here, for the next attempts.
+    """
+
+    def __init__(self, link: transport.Link, receive: list[str]) -> None:
+        self.channel = transport.Channel(link, receive)
+        self.sender = transport.Sender(self.channel)
+        self.failure: KerrickptError | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.failure is None:
+            try:
+                _send(self.sender, data)
+            except KerrickptError as exc:
+                self.failure = exc
+
+    def conclude(self, link: transport.Link, name: str) -> dict[str, Any]:
+        with self.channel:
+            if self.failure is not None:
+                raise self.failure
+            return _conclude(self.sender, link, name)
+
+
+def _send(sender: transport.Sender, data: bytes | memoryview) -> None:
+    sender.send(data)
+    if faults.is_set("transfer-cut"):
+        sender.channel.proc.kill()  # the link drops for good before the end frame
+        sender.channel.proc.wait()
+
+
+def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -> dict[str, Any]:
+    """Send the archive written here again, on a new connection (the attempts after the live one)."""
+    with transport.Channel(link, receive) as channel, path.open("rb") as fh:
+        sender = transport.Sender(channel)
         while chunk := fh.read(CHUNK):
-            channel.send(transport.DATA, chunk)
-            sha.update(chunk)
-            sent += len(chunk)
-            faults.inject("source-during-transfer")
-            if faults.is_set("transfer-cut"):
-                channel.proc.kill()  # the link drops for good before the end frame
-                channel.proc.wait()
-        channel.send(transport.END, json.dumps({"bytes": sent, "sha256": sha.hexdigest()}).encode())
-        # From here on the target may restore: anything but its explicit answer leaves the outcome unknown.
-        try:
-            event = channel.event(RESTORE_WAIT)
-        except KerrickptError as exc:
-            raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
-        if event is None:
-            raise MigrationUnknown(_unknown(name, link, "the target closed the connection without answering"))
-        if event.get("event") == "error":
-            raise from_dict(event)  # the target says it does not run it, and removed what it made
-        try:
-            if event.get("event") != "restored":
-                raise ValueError(f"unexpected event {event.get('event')!r}")
-            event["pid_map"] = {int(k): int(v) for k, v in event["pid_map"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
-        return event
+            _send(sender, chunk)
+        return _conclude(sender, link, name)
+
+
+def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict[str, Any]:
+    """End the stream; returns the target's `restored` event or raises what the target or the link said."""
+    faults.inject("source-during-transfer")  # killed with all but the END frame sent
+    sender.end()
+    # From here on the target may restore: anything but its explicit answer leaves the outcome unknown.
+    channel = sender.channel
+    try:
+        event = channel.event(RESTORE_WAIT)
+    except KerrickptError as exc:
+        raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
+    if event is None:
+        raise MigrationUnknown(_unknown(name, link, "the target closed the connection without answering"))
+    if event.get("event") == "error":
+        raise from_dict(event)  # the target says it does not run it, and removed what it made
+    try:
+        if event.get("event") != "restored":
+            raise ValueError(f"unexpected event {event.get('event')!r}")
+        event["pid_map"] = {int(k): int(v) for k, v in event["pid_map"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
+    return event
 
 
 def _unknown(name: str, link: transport.Link, why: str) -> str:

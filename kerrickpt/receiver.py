@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,6 @@ from kerrickpt.errors import (
     NodeIncompatibleError,
     NotReadyError,
     RestoreFailed,
-    TransportError,
 )
 from kerrickpt.node import Fingerprint
 from kerrickpt.restore import restore
@@ -100,9 +98,9 @@ def receive(
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
     try:
-        path = scratch / "archive.kckpt"
-        _receive_archive(stdin, path)
-        result = restore(path, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
+        # Unpacked and verified while it arrives; restored only after the source's END frame.
+        incoming = transport.FrameReader(stdin)
+        result = restore(incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
         # Outlives the container's record: `recover` must hear "it came here" even after it left again.
         containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": name}))
         faults.inject("target-after-restore")
@@ -123,28 +121,6 @@ def receive(
 
 def _tombstone(registry: containers.Registry, migration_id: str) -> Path:
     return _marker(registry, migration_id).with_suffix(".done")
-
-
-def _receive_archive(stdin: BinaryIO, path: Path) -> None:
-    """Write DATA frames to `path` until an END frame whose size and sha256 match."""
-    sha = hashlib.sha256()
-    received = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        while frame := transport.read_frame(stdin):
-            kind, payload = frame
-            if kind == transport.DATA:
-                out.write(payload)
-                sha.update(payload)
-                received += len(payload)
-                continue
-            if kind != transport.END:
-                raise TransportError(f"unexpected frame {kind!r} from the source")
-            end = json.loads(payload)
-            if end != {"bytes": received, "sha256": sha.hexdigest()}:
-                raise TransportError("the archive arrived damaged (size or sha256 differ)", transient=True)
-            return
-    raise TransportError("the source went away before the end of the archive", transient=True)
 
 
 def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, procs, restorer, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed, UsageError
@@ -30,7 +30,7 @@ class RestoreResult:
 
 
 def restore(
-    path: Path | str,
+    path: Path | str | BinaryIO,
     *,
     name: str | None = None,
     state_dir: Path | str | None = None,
@@ -38,7 +38,8 @@ def restore(
     migration_id: str | None = None,
     pid_namespace: str = "new",
 ) -> RestoreResult:
-    """Restore the archive at `path` as container `name` (default: the name it was dumped under).
+    """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
+    it was dumped under).
 
     Every checksum is verified before any process is created; on failure nothing of the
     container is left on this node. A job that shared the host's namespaces comes back in
@@ -51,13 +52,15 @@ def restore(
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
     try:
+        source = Path(path) if isinstance(path, (str, Path)) else path
+        label = archive.label(source)
         try:
-            manifest = archive.extract(Path(path), scratch)
+            manifest = archive.extract(source, scratch)
         except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
-            raise RestoreFailed(f"unpacking {path} failed: {exc}") from exc
+            raise RestoreFailed(f"unpacking {label} failed: {exc}") from exc
         verdict = compat.compare(manifest.source, node.fingerprint(found.version))
         if not verdict.is_acceptable(force=force):
-            raise NodeIncompatibleError(f"this node cannot take {path}:\n{verdict.explain()}")
+            raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
         plan = _plan(manifest, pid_namespace)
         init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
@@ -16,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from kerrickpt import command
+from kerrickpt import command, faults
 from kerrickpt.errors import KerrickptError, TransportError, UsageError, from_dict
-from kerrickpt.faults import ENV as FAULT_ENV
 
 CALL_TIMEOUT = 120.0
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
-MAX_FRAME = 8 << 20  # the source sends 1 MiB; a larger length means a broken or hostile stream
+MAX_FRAME = 8 << 20  # the source sends at most this; a larger length means a broken or hostile stream
+PROBE_BYTES = 32 << 20  # what `measure` sends: long enough to see the link's pace, not its start
 # ssh's own failures (exit 255) that a later attempt may not meet again.
 TRANSIENT_SSH = re.compile(
     r"Connection (refused|reset|timed out|closed)|No route to host|Network is unreachable|"
@@ -66,7 +68,7 @@ class Link:
     def argv(self, remote_args: Sequence[str]) -> list[str]:
         """The ssh command line that runs `kerrickpt REMOTE_ARGS` on the target."""
         argv = [self.ssh, "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-        argv += ["-o", f"SendEnv={FAULT_ENV}"]
+        argv += ["-o", f"SendEnv={faults.ENV}"]
         for option in self.ssh_options:
             argv += ["-o", option]
         if self.target.port:
@@ -209,6 +211,89 @@ class Channel:
             return dict(json.loads(line))
         except ValueError:
             raise KerrickptError(f"{self.link.target} sent garbage: {line[:200]!r}") from None
+
+
+class Sender:
+    """One archive's DATA frames through a channel, with the size and sha256 its END frame carries."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.sha = hashlib.sha256()
+        self.sent = 0
+
+    def send(self, data: bytes | memoryview) -> None:
+        for start in range(0, len(data), MAX_FRAME):
+            piece = data[start : start + MAX_FRAME]
+            self.channel.send(DATA, piece)
+            self.sha.update(piece)
+            self.sent += len(piece)
+
+    def end(self) -> None:
+        """After this the target may act on what it received."""
+        self.channel.send(END, json.dumps({"bytes": self.sent, "sha256": self.sha.hexdigest()}).encode())
+
+
+class FrameReader(io.RawIOBase):
+    """The remote side's stdin as the byte stream a Sender sent; raises TransportError if the stream
+    is torn or its END frame does not match what arrived, so nothing incomplete reads as whole."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.sha = hashlib.sha256()
+        self.received = 0
+        self.buffer = memoryview(b"")
+        self.ended = False
+        self.first_data: float | None = None  # when the first DATA frame came (a link's speed is from then)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self.buffer:
+            if self.ended:
+                return 0
+            frame = read_frame(self.stream)
+            if frame is None:
+                raise TransportError("the source went away before the end of the archive", transient=True)
+            kind, payload = frame
+            if kind == END:
+                if json.loads(payload) != {"bytes": self.received, "sha256": self.sha.hexdigest()}:
+                    raise TransportError("the archive arrived damaged (size or sha256 differ)", transient=True)
+                self.ended = True
+                continue
+            if kind != DATA:
+                raise TransportError(f"unexpected frame {kind!r} from the source")
+            if self.first_data is None:
+                self.first_data = time.monotonic()
+            self.sha.update(payload)
+            self.received += len(payload)
+            self.buffer = memoryview(payload)
+        size = min(len(target), len(self.buffer))
+        target[:size] = self.buffer[:size]
+        self.buffer = self.buffer[size:]
+        return size
+
+
+def measure(link: Link, size: int = PROBE_BYTES) -> float:
+    """The link's speed in MiB/s through ssh, as the target saw `size` random bytes arrive."""
+    block = os.urandom(1 << 20)  # random: an ssh that compresses must not make the link look faster
+    with Channel(link, ["agent", "sink"]) as channel:
+        sender = Sender(channel)
+        for _ in range(size // len(block)):
+            sender.send(block)
+        sender.end()
+        answer = channel.event(CALL_TIMEOUT)
+    if answer is None or answer.get("event") == "error":
+        raise remote_failure(link.target, channel.proc.returncode or 0, answer, channel.error_tail())
+    return float(answer["bytes"]) / max(float(answer["seconds"]), 1e-6) / (1 << 20)
+
+
+def sink(stream: BinaryIO) -> dict[str, float]:
+    """The remote end of `measure`: read a Sender's stream to its end; how many bytes, in how long."""
+    reader = FrameReader(stream)
+    while reader.read(1 << 20):
+        pass
+    return {"bytes": reader.received, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
 def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:

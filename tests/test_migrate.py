@@ -7,14 +7,15 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from kerrickpt import sysvipc
-from kerrickpt.localnodes import Cluster, Node
+from kerrickpt import archive, sysvipc
+from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -250,3 +251,33 @@ def test_missing_remote_kerrickpt_is_not_retried(cluster: Cluster, workload: Pat
     assert result.returncode == 11, result.stderr
     assert "exit 127" in result.stderr and "retrying" not in result.stderr
     assert running_copies(cluster, job) == ["a"]
+
+
+BALLAST = "import os, time\nballast = os.urandom(32 << 20)\nwhile True:\n    time.sleep(0.05)\n"
+
+
+def test_the_target_unpacks_the_archive_while_the_source_still_writes_it(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("ballast")
+    started = a.kerrickpt("run", "--name", name, "--", sys.executable, "-c", BALLAST)
+    assert started.returncode == 0, started.stderr
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-before-manifest:pause"}
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--json"]
+    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the source stops with its archive written up to the manifest"
+        # The source holds the container frozen and has not finished its archive; the target has most of it.
+        assert [r["state"] for r in a.json("ps") if r["name"] == name] == ["frozen"]
+        unpacked = [p for p in (b.state_dir / "tmp").glob("restore-*/images/*") if p.is_file()]
+        assert sum(p.stat().st_size for p in unpacked) > 16 << 20
+        assert not [r for r in b.json("ps") if r["name"] == name], "nothing runs there before the end"
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    moved = json.loads(out)
+    assert moved["attempts"]["transfer"] == 1
+    assert moved["compression"]["level"] == archive.level_for_link(moved["compression"]["link_mib_s"])
+    assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
+    assert not [r for r in a.json("ps") if r["name"] == name]

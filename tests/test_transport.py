@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from kerrickpt import transport
-from kerrickpt.errors import UsageError
+from kerrickpt import archive, transport
+from kerrickpt.errors import TransportError, UsageError
 from kerrickpt.transport import Link, Target
 
 
@@ -65,3 +65,43 @@ def test_frames_round_trip_and_torn_frames_end() -> None:
     assert transport.read_frame(io.BytesIO(wire[:-1])) == (transport.DATA, b"abc")
     torn = io.BytesIO(wire[: transport.FRAME_HEADER.size + 1])
     assert transport.read_frame(torn) is None
+
+
+class _Wire:
+    """A channel whose frames land in a buffer, to read back as the remote side would."""
+
+    def __init__(self) -> None:
+        self.stdin = io.BytesIO()
+
+    def send(self, kind: bytes, payload: bytes | memoryview = b"") -> None:
+        self.stdin.write(transport.FRAME_HEADER.pack(kind, len(payload)) + bytes(payload))
+
+
+def _sent(*pieces: bytes, end: bool = True) -> bytes:
+    wire = _Wire()
+    sender = transport.Sender(wire)  # type: ignore[arg-type]
+    for piece in pieces:
+        sender.send(piece)
+    if end:
+        sender.end()
+    return wire.stdin.getvalue()
+
+
+def test_a_stream_reads_back_whole_only_with_its_end_frame() -> None:
+    big = bytes(range(256)) * (transport.MAX_FRAME // 128)  # two frames' worth: cut to MAX_FRAME
+    wire = _sent(b"head", big)
+    assert transport.FrameReader(io.BytesIO(wire)).read() == b"head" + big
+    with pytest.raises(TransportError, match="went away"):
+        transport.FrameReader(io.BytesIO(_sent(b"head", big, end=False))).read()
+
+
+def test_a_stream_whose_end_frame_disagrees_is_refused() -> None:
+    wire = bytearray(_sent(b"payload"))
+    wire[transport.FRAME_HEADER.size] ^= 1  # a flipped byte in the data
+    with pytest.raises(TransportError, match="damaged"):
+        transport.FrameReader(io.BytesIO(bytes(wire))).read()
+
+
+@pytest.mark.parametrize(("mib_s", "level"), [(5000.0, -3), (400.0, 1), (20.0, 3)])
+def test_the_level_follows_the_link(mib_s: float, level: int) -> None:
+    assert archive.level_for_link(mib_s) == level

@@ -228,6 +228,7 @@ def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
         state_dir=args.state_dir,
         force=args.force,
         attempts=args.attempts,
+        level=args.level,
     )
     if not args.json:
         headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
@@ -257,6 +258,8 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         return None, code
     if args.op == "preflight":
         answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
+    elif args.op == "sink":
+        answer = transport.sink(sys.stdin.buffer)
     else:
         answer = receiver.status(args.migration_id, args.state_dir)
     transport.emit(sys.stdout, "ok", **answer)
@@ -417,12 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote-kerrickpt", default="kerrickpt", metavar="PATH", help="kerrickpt on the target")
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
+    p.add_argument("--level", type=int, help="zstd level (default: chosen from the link's measured speed)")
     p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
     p.add_argument("name")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
     p = sub.add_parser("agent", parents=[common])  # the remote end of migrate/recover; not for people
     p.set_defaults(func=cmd_agent)
-    p.add_argument("op", choices=["preflight", "receive", "status"])
+    p.add_argument("op", choices=["preflight", "receive", "sink", "status"])
     p.add_argument("--name")
     p.add_argument("--migration-id")
     p.add_argument("--force", action="store_true")
