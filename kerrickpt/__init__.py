@@ -3,7 +3,7 @@
 The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it.
 """
 
-from kerrickpt.archive import DEFAULT_LEVEL
+from kerrickpt.archive import CHECKPOINT_LEVEL, DEFAULT_LEVEL
 from kerrickpt.checkpoint import CheckpointResult, checkpoint
 from kerrickpt.compat import Verdict
 from kerrickpt.containers import ContainerStatus, kill, ps, run
@@ -35,6 +35,7 @@ from kerrickpt.snapshot import SnapshotResult, snapshot
 from kerrickpt.store import Snapshot, Store
 
 __all__ = [
+    "CHECKPOINT_LEVEL",
     "DEFAULT_LEVEL",
     "ArchiveCorruptError",
     "ArchiveInfo",

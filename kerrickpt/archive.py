@@ -31,6 +31,10 @@ OUTPUT_TARGET = 8 << 20  # bytes of decompressed output per step, at most about
 # hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
 JOB_BYTES = 2 << 20
 DEFAULT_LEVEL = 3
+# A checkpoint keeps its container down until its archive is complete, and compression sets the pace:
+# level 1 compresses heap-like memory ~1.6x faster than 3, for archives ~7% bigger. Incompressible
+# data costs little either way: zstd stores blocks it cannot shrink (~5 GB/s a core at level 1).
+CHECKPOINT_LEVEL = 1
 # Only these names are ever written or extracted: no paths, no links, no surprises.
 SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log)")
 CHUNK_MEMBER = re.compile(r"(?P<name>.+)\.(?P<index>[0-9]{6})")

@@ -54,7 +54,7 @@ def checkpoint(
     cgroup: Path | str | None = None,
     leave_running: bool = False,
     state_dir: Path | str | None = None,
-    level: int = archive.DEFAULT_LEVEL,
+    level: int = archive.CHECKPOINT_LEVEL,
 ) -> CheckpointResult:
     """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`.
 

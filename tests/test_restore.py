@@ -60,6 +60,7 @@ def test_leave_running_archive_restores_a_second_copy(start_workload, state_dir:
 
     assert result.left_running
     assert result.manifest.timings["frozen_s"] > 0
+    assert kerrickpt.inspect(archive).manifest.compression == {"level": kerrickpt.CHECKPOINT_LEVEL}
     last = max(ticks(original.log))
     original.wait_ticking(beyond=last)  # the original keeps counting
     copy_name = unique_name("copy")

@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write (must not exist)")
     p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
-    p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument("--level", type=int, default=kerrickpt.CHECKPOINT_LEVEL, help="zstd level (default %(default)s)")
     p = add("restore", cmd_restore, "verify an archive and restore its container on this node")
     p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
