@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
+import queue
 import re
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from kerrickpt.manifest import Manifest, Member
 CHUNK = 1 << 20
 # Members a stream is cut into: big enough to compress well, small enough to buffer several.
 CHUNK_BYTES = 4 << 20
-COMPRESSED_CHUNK = 1 << 16
-MIN_SLICE = 512
-OUTPUT_TARGET = 8 << 20  # bytes of decompressed output per step, at most about
+COMPRESSED_CHUNK = 1 << 20  # read at once
+BLOCKS_PER_STEP = 32  # zstd blocks decompressed at once: 4 MiB at most
+ZSTD_RLE_BLOCK = 1  # a block type whose content is one byte, repeated
+AHEAD = 2  # decompressed steps waiting to be hashed and written
 # zstd's own job size at level 3 is 8 MiB: fed as fast as a stream comes, its jobs in flight
 # hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
 JOB_BYTES = 2 << 20
@@ -255,44 +257,169 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _ZstdReader(io.RawIOBase):
-    """Decompresses one zstd frame and insists that it ends: a truncated file is an error.
+def _decompressed(fh: BinaryIO, label: str) -> Iterator[bytes]:
+    """The bytes of one zstd frame, BLOCKS_PER_STEP blocks at a time; a frame that does not end is an error.
 
     zstandard's stream_reader bounds its output but accepts a cut-off frame silently, and
     decompressobj checks the frame but returns all the output of its input at once: zeroed
-    memory compresses ~26,000:1, so 64 KiB in could be 1.6 GiB out. So the compressed input
-    is fed in slices sized from the last ratio seen, keeping each output near OUTPUT_TARGET.
+    memory compresses ~30,000:1, so 64 KiB in could be 2 GiB out. So decompressobj is fed
+    whole zstd blocks, found from their headers, BLOCKS_PER_STEP at a time: a block holds
+    at most zstandard.BLOCKSIZE_MAX bytes however well it compressed. Errors come out as
+    the archive errors they mean, whichever thread runs this.
+    """
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    data = bytearray()  # compressed bytes read, not yet fed
+
+    def fill(size: int) -> None:
+        while len(data) < size:
+            if not (more := fh.read(COMPRESSED_CHUNK)):
+                raise ArchiveCorruptError("the archive is truncated (the compressed stream ends early)")
+            data.extend(more)
+
+    def feed(end: int) -> bytes:
+        with memoryview(data) as view, view[:end] as fed:
+            block = dobj.decompress(fed)
+        del data[:end]
+        return block
+
+    try:
+        start = len(zstandard.FRAME_HEADER) + 1  # the magic number and the byte that tells the header's size
+        fill(start)
+        end = zstandard.frame_header_size(bytes(data[:start]))
+        last = False
+        while not last:
+            for _ in range(BLOCKS_PER_STEP):
+                fill(end + 3)
+                header = int.from_bytes(data[end : end + 3], "little")
+                kind, size, last = header >> 1 & 3, header >> 3, bool(header & 1)
+                if size > zstandard.BLOCKSIZE_MAX:
+                    raise ArchiveCorruptError(f"{label} is corrupt: a zstd block claims {size} bytes")
+                end += 3 + (1 if kind == ZSTD_RLE_BLOCK else size)
+                if last:
+                    break
+            fill(end)
+            if block := feed(len(data) if last else end):  # after the last block: its checksum
+                yield block
+            end = 0
+        while not dobj.eof:
+            fill(1)
+            feed(len(data))
+        if dobj.unused_data or fh.read(1):
+            raise ArchiveCorruptError("the archive has trailing data after its end")
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"reading {label} failed: {exc}") from exc
+    except zstandard.ZstdError as exc:
+        raise ArchiveCorruptError(f"{label} is corrupt: {exc}") from exc
+
+
+class _Ahead:
+    """Runs an iterator in a worker thread, at most AHEAD items ahead of the one consuming them.
+
+    zstd, like hashlib and os.write, lets go of the GIL on big buffers, so the next block
+    decompresses while this one is hashed and written. Whatever the worker raises is raised
+    to the consumer in its place; leaving the block stops the worker and waits for it.
     """
 
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.dobj = zstandard.ZstdDecompressor().decompressobj()
-        self.buffer = b""
-        self.offset = 0
-        self.pending = b""  # compressed bytes read but not yet fed
-        self.slice = MIN_SLICE
+    def __init__(self, items: Iterator[bytes]) -> None:
+        self.items = items
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kerrickpt-unzstd", daemon=True)
 
-    def readable(self) -> bool:
-        return True
+    def __enter__(self) -> Iterator[bytes]:
+        self.thread.start()
+        return self._consume()
 
-    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
-        while self.offset >= len(self.buffer):
-            if self.dobj.eof:
-                if self.pending or self.dobj.unused_data or self.fh.read(1):
-                    raise ArchiveCorruptError("the archive has trailing data after its end")
-                return 0
-            if not self.pending:
-                self.pending = self.fh.read(COMPRESSED_CHUNK)
-                if not self.pending:
-                    raise ArchiveCorruptError("the archive is truncated (the compressed stream ends early)")
-            fed, self.pending = self.pending[: self.slice], self.pending[self.slice :]
-            self.buffer, self.offset = self.dobj.decompress(fed), 0
-            ratio = max(1, len(self.buffer)) / len(fed)
-            self.slice = max(MIN_SLICE, min(COMPRESSED_CHUNK, int(OUTPUT_TARGET / ratio)))
-        size = min(len(target), len(self.buffer) - self.offset)
-        target[:size] = self.buffer[self.offset : self.offset + size]
-        self.offset += size
-        return size
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        # The worker puts at most one more item once it can see `stop`: this makes room for it.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                self.queue.put(item)
+                if self.stop.is_set():
+                    return
+            self.queue.put(None)
+        except BaseException as exc:  # raised again by the consumer, in its own thread
+            self.queue.put(exc)
+
+    def _consume(self) -> Iterator[bytes]:
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+# A record of a pax extended header: "LENGTH KEYWORD=VALUE\n", LENGTH counting the whole record.
+PAX_RECORD = re.compile(rb"([0-9]+) ([^=]+)=")
+
+
+def _pax(data: bytes, label: str) -> dict[str, str]:
+    """The records of a pax extended header: a name too long for the tar header comes this way."""
+    records: dict[str, str] = {}
+    pos = 0
+    while match := PAX_RECORD.match(data, pos):
+        end = match.start() + int(match[1])
+        if end <= match.end() or data[end - 1 : end] != b"\n":
+            raise ArchiveCorruptError(f"{label} is corrupt: a damaged pax header")
+        records[match[2].decode("utf-8", "surrogateescape")] = data[match.end() : end - 1].decode(
+            "utf-8", "surrogateescape"
+        )
+        pos = end
+    return records
+
+
+class _Tar:
+    """A tar stream over decompressed blocks, read in exact amounts; members' bytes are views, never copies."""
+
+    def __init__(self, blocks: Iterator[bytes], label: str) -> None:
+        self.blocks = blocks
+        self.label = label
+        self.view = memoryview(b"")
+
+    def members(self) -> Iterator[tuple[tarfile.TarInfo, Iterator[memoryview]]]:
+        """Each member with its bytes, up to the end marker; what the consumer leaves unread is skipped."""
+        pax: dict[str, str] = {}
+        while self._more():
+            try:
+                info = tarfile.TarInfo.frombuf(self._read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+            except tarfile.EOFHeaderError:  # a zero block: the end of the tar
+                return
+            except tarfile.HeaderError as exc:
+                raise ArchiveCorruptError(f"{self.label} is corrupt: {exc}") from exc
+            info.name = pax.get("path", info.name)
+            data = self._pieces(info.size)
+            if info.type == tarfile.XHDTYPE:  # describes the next member, and only it
+                pax = _pax(b"".join(data), self.label)
+            else:
+                pax = {}
+                yield info, data
+                for _ in data:
+                    pass
+            for _ in self._pieces(-info.size % tarfile.BLOCKSIZE):
+                pass
+
+    def _more(self) -> bool:
+        """Whether bytes follow (a tar stream may end without its end marker, as tarfile accepts)."""
+        if not self.view:
+            self.view = memoryview(next(self.blocks, b""))
+        return bool(self.view)
+
+    def _pieces(self, size: int) -> Iterator[memoryview]:
+        while size:
+            if not self._more():
+                raise ArchiveCorruptError(f"{self.label} is corrupt: it ends inside a tar member")
+            piece, self.view = self.view[:size], self.view[size:]
+            size -= len(piece)
+            yield piece
+
+    def _read(self, size: int) -> bytes:
+        return b"".join(self._pieces(size))
 
 
 Source = Path | BinaryIO  # an archive file, or an archive arriving as a stream (a migration)
@@ -303,42 +430,42 @@ def label(source: Source) -> str:
     return str(source) if isinstance(source, Path) else "the incoming archive"
 
 
-def _members(source: Source) -> Iterator[tuple[tarfile.TarInfo, BinaryIO]]:
-    """Each member of the archive with a reader for its bytes; corruption becomes ArchiveCorruptError."""
+def _members(source: Source) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
+    """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError."""
     path = label(source)
     try:
         fh = source.open("rb") if isinstance(source, Path) else source  # closed once read, either way
     except OSError as exc:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
-    stream = io.BufferedReader(_ZstdReader(fh), CHUNK)
-    try:
-        with fh, tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-            for info in tar:
-                if not info.isreg() or not (SAFE_MEMBER.fullmatch(info.name) or info.name == MANIFEST_NAME):
-                    raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
-                reader = tar.extractfile(info)
-                assert reader is not None  # regular files always have one
-                yield info, reader
-            # tar stops at its end marker; read on so a cut or damaged zstd frame end is seen.
-            while stream.read(CHUNK):
-                pass
-    except ArchiveCorruptError:
-        raise
-    except OSError as exc:
-        raise ArchiveUnreadableError(f"reading {path} failed: {exc}") from exc
-    except (zstandard.ZstdError, tarfile.TarError, EOFError) as exc:
-        raise ArchiveCorruptError(f"{path} is corrupt: {exc}") from exc
+    with fh, _Ahead(_decompressed(fh, path)) as blocks:
+        for info, data in _Tar(blocks, path).members():
+            if not info.isreg() or not (SAFE_MEMBER.fullmatch(info.name) or info.name == MANIFEST_NAME):
+                raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
+            yield info.name, info.size, data
+        # tar stops at its end marker; read on so a cut or damaged zstd frame end is seen.
+        for _ in blocks:
+            pass
 
 
-def _output(dest: Path | None, name: str, *, first: bool) -> BinaryIO:
+@contextlib.contextmanager
+def _output(dest: Path | None, name: str, *, first: bool) -> Iterator[int | None]:
     """Where a member's bytes go: a new 0600 file under `dest` (appended to by later chunks), or nowhere."""
     if dest is None:
-        return open(os.devnull, "wb")
+        yield None
+        return
     target = dest / name
     target.parent.mkdir(mode=0o700, exist_ok=True)
     how = os.O_CREAT | os.O_EXCL if first else os.O_APPEND
-    out = os.open(target, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    return os.fdopen(out, "wb")
+    fd = os.open(target, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _write(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 @dataclass
@@ -365,16 +492,16 @@ def extract(source: Source, dest: Path | None) -> Manifest:
     received: dict[str, _Received] = {}
     manifest: Manifest | None = None
     with contextlib.closing(_members(source)) as members:
-        for info, reader in members:
+        for member, size, data in members:
             if manifest is not None:
                 raise ArchiveCorruptError(f"{path} has data after its manifest")
-            if info.name == MANIFEST_NAME:
-                manifest = Manifest.from_json(reader.read())
+            if member == MANIFEST_NAME:
+                manifest = Manifest.from_json(b"".join(data))
                 continue
-            chunk = CHUNK_MEMBER.fullmatch(info.name)
-            name, index = (chunk["name"], int(chunk["index"])) if chunk else (info.name, 0)
+            chunk = CHUNK_MEMBER.fullmatch(member)
+            name, index = (chunk["name"], int(chunk["index"])) if chunk else (member, 0)
             if chunk and (not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name)):
-                raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
+                raise ArchiveCorruptError(f"unexpected member {member!r} in {path}")
             first = name not in received
             got = received.setdefault(name, _Received(chunked=bool(chunk)))
             if not first and not (chunk and got.chunked):
@@ -384,13 +511,14 @@ def extract(source: Source, dest: Path | None) -> Manifest:
                     f"chunk {index} of {name} in {path} is out of order (chunk {got.chunks} was next): "
                     "a chunk is missing, repeated or misplaced"
                 )
-            with _output(dest, name, first=first) as fh:
-                while data := reader.read(CHUNK):
-                    got.sha.update(data)
-                    fh.write(data)
-            got.size += info.size
+            with _output(dest, name, first=first) as fd:
+                for piece in data:
+                    got.sha.update(piece)
+                    if fd is not None:
+                        _write(fd, piece)
+            got.size += size
             if chunk:
-                got.chunk_bytes = got.chunk_bytes or info.size
+                got.chunk_bytes = got.chunk_bytes or size
                 got.chunks += 1
     if manifest is None:
         raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
@@ -415,7 +543,7 @@ def verify(path: Path) -> Manifest:
 def read_manifest(path: Path) -> Manifest:
     """The manifest, without unpacking anything."""
     with contextlib.closing(_members(path)) as members:
-        for info, reader in members:
-            if info.name == MANIFEST_NAME:
-                return Manifest.from_json(reader.read())
+        for member, _, data in members:
+            if member == MANIFEST_NAME:
+                return Manifest.from_json(b"".join(data))
     raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")

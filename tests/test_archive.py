@@ -6,6 +6,7 @@ import io
 import random
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,82 @@ def test_an_io_error_is_unreadable_not_corrupt(tmp_path: Path) -> None:
     with pytest.raises(ArchiveUnreadableError) as caught:
         archive.verify(tmp_path)  # a directory: open() fails as a failing disk would
     assert caught.value.exit_code == 6
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_frame_cut_anywhere_is_truncated(files: dict[str, Path], tmp_path: Path, keep: float) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    data = out.read_bytes()
+    out.write_bytes(data[: int(len(data) * keep)])
+    assert "truncated" in _extract_error(out, tmp_path)
+
+
+def test_a_block_claiming_too_much_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    data = bytearray(out.read_bytes())
+    start = zstandard.frame_header_size(bytes(data))
+    data[start : start + 3] = ((1 << 20) << 3).to_bytes(3, "little")  # a raw block of 1 MiB: over zstd's limit
+    out.write_bytes(bytes(data))
+    assert "claims" in _extract_error(out, tmp_path)
+
+
+def test_zeroed_memory_after_random_memory_decompresses_in_bounded_steps() -> None:
+    # Fed by ratio, the random MiB would set the pace and the zeros would come out in one piece.
+    packer = zstandard.ZstdCompressor(write_checksum=True).compressobj()
+    frame = packer.compress(random.Random(1).randbytes(1 << 20))
+    frame += b"".join(packer.compress(bytes(1 << 24)) for _ in range(16)) + packer.flush()
+    steps = [len(step) for step in archive._decompressed(io.BytesIO(frame), "zeros")]
+    assert sum(steps) == (1 << 20) + (1 << 28)
+    assert max(steps) <= archive.BLOCKS_PER_STEP * zstandard.BLOCKSIZE_MAX
+
+
+def test_a_long_name_goes_through_a_pax_header(tmp_path: Path) -> None:
+    name = "images/" + "x" * 120 + ".img"
+    out = tmp_path / "a.kckpt"
+    with archive.Writer(out) as writer:
+        writer.write(name, b"long")
+        writer.end(name)
+        writer.commit(manifest())
+    assert b" path=" + name.encode() in zstandard.ZstdDecompressor().stream_reader(out.open("rb")).read()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    archive.extract(out, dest)
+    assert (dest / name).read_bytes() == b"long"
+
+
+class _FailingStream(io.RawIOBase):
+    """An archive arriving as a stream whose source fails part of the way."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        self.data = io.BytesIO(data)
+        self.fail_at = fail_at
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.data.tell() >= self.fail_at:
+            raise OSError(5, "Input/output error")
+        return self.data.readinto(target)
+
+
+def test_a_read_error_in_the_worker_is_unreadable_and_leaves_no_thread(streamed: Path, tmp_path: Path) -> None:
+    before = threading.enumerate()
+    data = streamed.read_bytes()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ArchiveUnreadableError, match="Input/output error"):
+        archive.extract(io.BufferedReader(_FailingStream(data, len(data) // 2)), dest)
+    assert threading.enumerate() == before
+
+
+def test_a_write_error_stops_the_worker(streamed: Path, tmp_path: Path) -> None:
+    before = threading.enumerate()
+    dest = tmp_path / "out"
+    (dest / "images").mkdir(parents=True)
+    (dest / "images" / "pages-1.img").write_bytes(b"in the way")
+    with pytest.raises(FileExistsError):  # an OSError of this node's disk, not a damaged archive
+        archive.extract(streamed, dest)
+    assert threading.enumerate() == before
