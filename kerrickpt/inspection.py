@@ -35,7 +35,8 @@ class ArchiveInfo:
             "pid_namespace": m.pid_namespace,
             "restore_route": restore_route(m),
             "ipc_objects": m.ipc,
-            "members": [{"name": x.name, "size": x.size, "sha256": x.sha256} for x in m.members],
+            "checksum": m.checksum,
+            "members": [{"name": x.name, "size": x.size, "digest": x.digest} for x in m.members],
         }
 
 

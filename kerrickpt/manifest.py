@@ -10,15 +10,17 @@ from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
 
 FORMAT = "kerrickpt-archive"
-# Version 2 cuts big files into chunk members (see Member); version 1 archives read the same way.
-VERSION = 2
-READABLE = (1, 2)
+# Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
+# and says so up front (archive.HEADER); versions 1 and 2 (sha256) read the same way.
+VERSION = 3
+READABLE = (1, 2, 3)
 NAME = "manifest.json"
+CHECKSUMS = ("sha256", "xxh3_128")
 
 
 @dataclass(frozen=True)
 class Member:
-    """One file in the archive with its size and sha256 (of the whole file).
+    """One file in the archive with its size and checksum (of the whole file; see Manifest.checksum).
 
     A file of at most one chunk is one tar member under its own name. A bigger one, whose
     size a stream does not know up front, is `chunks` members `NAME.000000`, `NAME.000001`, ...
@@ -27,7 +29,7 @@ class Member:
 
     name: str
     size: int
-    sha256: str
+    digest: str
     chunks: int = 0
     chunk_bytes: int = 0
 
@@ -48,6 +50,7 @@ class Manifest:
     pid_namespace: str = "own"
     shell_job: bool = False  # its session leader was outside the tree
     ipc: dict[str, Any] | None = None  # the job's SysV objects (host route), see sysvipc.JobIpc
+    checksum: str = "sha256"  # what the members' digests are: one of CHECKSUMS
     # zstd level, and the link speed (MiB/s) it was chosen for when a migration chose it.
     compression: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +86,10 @@ class Manifest:
                     f"archive format version {data.get('version')} is not supported "
                     f"(this kerrickpt reads {', '.join(map(str, READABLE))})"
                 )
+            if data.get("checksum", "sha256") not in CHECKSUMS:
+                raise ArchiveCorruptError(
+                    f"the archive's checksums are {data['checksum']!r}, which this kerrickpt cannot check"
+                )
             return cls(
                 name=data["name"],
                 created=data["created"],
@@ -92,12 +99,23 @@ class Manifest:
                 memory_limit=data.get("memory_limit"),
                 log_path=data.get("log_path"),
                 namespaces=data.get("namespaces", []),
-                members=[Member(**m) for m in data["members"]],
+                members=[
+                    # versions 1 and 2 name the digest after sha256
+                    Member(
+                        m["name"],
+                        m["size"],
+                        m.get("digest") or m["sha256"],
+                        m.get("chunks", 0),
+                        m.get("chunk_bytes", 0),
+                    )
+                    for m in data["members"]
+                ],
                 timings=data.get("timings", {}),
                 pid_namespace=data.get("pid_namespace", "own"),
                 shell_job=data.get("shell_job", False),
                 ipc=data.get("ipc"),
                 compression=data.get("compression", {}),
+                checksum=data.get("checksum", "sha256"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc

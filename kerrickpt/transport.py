@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+
+import xxhash
 
 from kerrickpt import command, faults
 from kerrickpt.errors import KerrickptError, TransportError, UsageError, from_dict
@@ -214,23 +215,23 @@ class Channel:
 
 
 class Sender:
-    """One archive's DATA frames through a channel, with the size and sha256 its END frame carries."""
+    """One archive's DATA frames through a channel, with the size and digest its END frame carries."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.sha = hashlib.sha256()
+        self.hash = xxhash.xxh3_128()
         self.sent = 0
 
     def send(self, data: bytes | memoryview) -> None:
         for start in range(0, len(data), MAX_FRAME):
             piece = data[start : start + MAX_FRAME]
             self.channel.send(DATA, piece)
-            self.sha.update(piece)
+            self.hash.update(piece)
             self.sent += len(piece)
 
     def end(self) -> None:
         """After this the target may act on what it received."""
-        self.channel.send(END, json.dumps({"bytes": self.sent, "sha256": self.sha.hexdigest()}).encode())
+        self.channel.send(END, json.dumps({"bytes": self.sent, "xxh3_128": self.hash.hexdigest()}).encode())
 
 
 class FrameReader(io.RawIOBase):
@@ -239,7 +240,7 @@ class FrameReader(io.RawIOBase):
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.sha = hashlib.sha256()
+        self.hash = xxhash.xxh3_128()
         self.received = 0
         self.buffer = memoryview(b"")
         self.ended = False
@@ -257,15 +258,15 @@ class FrameReader(io.RawIOBase):
                 raise TransportError("the source went away before the end of the archive", transient=True)
             kind, payload = frame
             if kind == END:
-                if json.loads(payload) != {"bytes": self.received, "sha256": self.sha.hexdigest()}:
-                    raise TransportError("the archive arrived damaged (size or sha256 differ)", transient=True)
+                if json.loads(payload) != {"bytes": self.received, "xxh3_128": self.hash.hexdigest()}:
+                    raise TransportError("the archive arrived damaged (size or digest differ)", transient=True)
                 self.ended = True
                 continue
             if kind != DATA:
                 raise TransportError(f"unexpected frame {kind!r} from the source")
             if self.first_data is None:
                 self.first_data = time.monotonic()
-            self.sha.update(payload)
+            self.hash.update(payload)
             self.received += len(payload)
             self.buffer = memoryview(payload)
         size = min(len(target), len(self.buffer))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import random
 import subprocess
 import tarfile
@@ -41,7 +43,7 @@ def test_round_trip_and_standard_tools(files: dict[str, Path], tmp_path: Path) -
     written = archive.write(out, manifest(), files)
     assert out.stat().st_mode & 0o777 == 0o600
     listing = subprocess.run(f"zstd -dc {out} | tar -t", shell=True, capture_output=True, text=True, check=True)
-    assert listing.stdout.split() == ["images/core-1.img", "images/pages-1.img", "log", "manifest.json"]
+    assert listing.stdout.split() == ["format", "images/core-1.img", "images/pages-1.img", "log", "manifest.json"]
     dest = tmp_path / "out"
     dest.mkdir()
     read = archive.extract(out, dest)
@@ -125,7 +127,7 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
     [
         (lambda ms: [(n, d + b"x" if n == "log" else d) for n, d in ms], "checksum"),
         (lambda ms: [m for m in ms if m[0] != "images/core-1.img"], "lacks images/core-1.img"),
-        (lambda ms: [("images/extra.img", b"x"), *ms], "does not list"),
+        (lambda ms: [ms[0], ("images/extra.img", b"x"), *ms[1:]], "does not list"),
         (lambda ms: [m for m in ms if m[0] != "manifest.json"], "no manifest"),
         (lambda ms: [("../escape", b"x"), *ms], "unexpected member"),
         (lambda ms: [("images/../../escape", b"x"), *ms], "unexpected member"),
@@ -178,6 +180,7 @@ def streamed(tmp_path: Path) -> Path:
 def test_streams_are_cut_into_chunks_and_reassembled(streamed: Path, tmp_path: Path) -> None:
     listing = subprocess.run(f"zstd -dc {streamed} | tar -t", shell=True, capture_output=True, text=True, check=True)
     assert listing.stdout.split() == [
+        "format",
         "images/pages-1.img.000000",
         "images/pages-1.img.000001",
         "images/pagemap-1.img",
@@ -202,7 +205,7 @@ def test_a_file_of_exactly_one_chunk_is_one_member(tmp_path: Path) -> None:
     source.write_bytes(b"x" * archive.CHUNK_BYTES)
     out = tmp_path / "a.kckpt"
     archive.write(out, manifest(), {"images/pages-1.img": source})
-    assert [name for name, _ in _members(out)] == ["images/pages-1.img", "manifest.json"]
+    assert [name for name, _ in _members(out)] == ["format", "images/pages-1.img", "manifest.json"]
 
 
 def test_version_1_archives_still_read(files: dict[str, Path], tmp_path: Path) -> None:
@@ -211,6 +214,49 @@ def test_version_1_archives_still_read(files: dict[str, Path], tmp_path: Path) -
     current = f'"version": {VERSION}'.encode()
     _rebuild(out, [(n, d.replace(current, b'"version": 1')) for n, d in _members(out)])
     assert archive.verify(out).name == "demo"
+
+
+def _as_version_2(ms: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The same archive as kerrickpt wrote it before version 3: no header, sha256 digests named so."""
+    body = json.loads(dict(ms)["manifest.json"])
+    contents = dict(ms)
+    for member in body["members"]:
+        member["sha256"] = hashlib.sha256(contents[member["name"]]).hexdigest()
+        del member["digest"]
+    body.update(version=2)
+    del body["checksum"]
+    return [(n, json.dumps(body).encode() if n == "manifest.json" else d) for n, d in ms if n != archive.HEADER]
+
+
+def test_version_2_archives_with_sha256_still_read_and_are_checked(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    old = _as_version_2(_members(out))
+    _rebuild(out, old)
+    (tmp_path / "x").mkdir()
+    assert archive.extract(out, tmp_path / "x").checksum == "sha256"
+    assert (tmp_path / "x" / "log").read_bytes() == b"l\n"
+    _rebuild(out, [(n, d + b"x" if n == "log" else d) for n, d in old])
+    assert "checksum" in _extract_error(out, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        # Without its header a version 3 archive would be checked with sha256: the manifest says otherwise.
+        (lambda ms: ms[1:], "its manifest says xxh3_128"),
+        (lambda ms: [ms[1], ms[0], *ms[2:]], "header in the middle"),
+        (lambda ms: [(n, b"{}" if n == archive.HEADER else d) for n, d in ms], "damaged format header"),
+    ],
+)
+def test_a_missing_misplaced_or_damaged_header_is_refused(
+    files: dict[str, Path], tmp_path: Path, tamper, message: str
+) -> None:
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), files)
+    assert _members(out)[0][0] == archive.HEADER
+    _rebuild(out, tamper(_members(out)))
+    assert message in _extract_error(out, tmp_path)
 
 
 def _swap(ms: list[tuple[str, bytes]], a: str, b: str) -> list[tuple[str, bytes]]:
@@ -227,7 +273,7 @@ def _swap(ms: list[tuple[str, bytes]], a: str, b: str) -> list[tuple[str, bytes]
         (lambda ms: [(n.replace(".000001", ".000000"), d) for n, d in ms], "out of order"),
         (lambda ms: [(n.replace("pagemap-1.img", "pages-1.img.000002"), d) for n, d in ms], "out of order"),
         (lambda ms: [(n.replace("pages-1.img.000002", "pagemap-1.img.000000"), d) for n, d in ms], "twice"),
-        (lambda ms: [("images/pagemap-1.img.000000", b"map"), *ms], "twice"),
+        (lambda ms: [ms[0], ("images/pagemap-1.img.000000", b"map"), *ms[1:]], "twice"),
         (lambda ms: [(n, d[:-1] if n.endswith(".000002") else d) for n, d in ms], "checksum"),
     ],
     ids=[
