@@ -31,6 +31,7 @@ COMPRESSED_CHUNK = 1 << 20  # read at once
 BLOCKS_PER_STEP = 32  # zstd blocks decompressed at once: 4 MiB at most
 ZSTD_RLE_BLOCK = 1  # a block type whose content is one byte, repeated
 AHEAD = 2  # decompressed steps waiting to be hashed and written
+SMALL_MEMBER = 16 << 20  # the most a member read whole (header, pax header, manifest) may claim
 # zstd's own job size at level 3 is 8 MiB: fed as fast as a stream comes, its jobs in flight
 # hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
 JOB_BYTES = 2 << 20
@@ -296,6 +297,8 @@ def _decompressed(fh: BinaryIO, label: str) -> Iterator[bytes]:
     try:
         start = len(zstandard.FRAME_HEADER) + 1  # the magic number and the byte that tells the header's size
         fill(start)
+        if not data.startswith(zstandard.FRAME_HEADER):
+            raise ArchiveCorruptError(f"{label} is not a kerrickpt archive (it is not zstd-compressed)")
         end = zstandard.frame_header_size(bytes(data[:start]))
         last = False
         while not last:
@@ -326,7 +329,7 @@ def _decompressed(fh: BinaryIO, label: str) -> Iterator[bytes]:
 class _Ahead:
     """Runs an iterator in a worker thread, at most AHEAD items ahead of the one consuming them.
 
-    zstd, like hashlib and os.write, lets go of the GIL on big buffers, so the next block
+    zstd, like xxhash and os.write, lets go of the GIL on big buffers, so the next block
     decompresses while this one is hashed and written. Whatever the worker raises is raised
     to the consumer in its place; leaving the block stops the worker and waits for it.
     """
@@ -375,6 +378,8 @@ def _pax(data: bytes, label: str) -> dict[str, str]:
     records: dict[str, str] = {}
     pos = 0
     while match := PAX_RECORD.match(data, pos):
+        if len(match[1]) > len(str(len(data))):  # longer than the header: and int() refuses 4,300 digits
+            raise ArchiveCorruptError(f"{label} is corrupt: a damaged pax header")
         end = match.start() + int(match[1])
         if end <= match.end() or data[end - 1 : end] != b"\n":
             raise ArchiveCorruptError(f"{label} is corrupt: a damaged pax header")
@@ -403,9 +408,13 @@ class _Tar:
                 return
             except tarfile.HeaderError as exc:
                 raise ArchiveCorruptError(f"{self.label} is corrupt: {exc}") from exc
+            if info.size < 0:  # tarfile reads a base-256 size field as a negative number
+                raise ArchiveCorruptError(f"{self.label} is corrupt: a tar member of {info.size} bytes")
             info.name = pax.get("path", info.name)
             data = self._pieces(info.size)
             if info.type == tarfile.XHDTYPE:  # describes the next member, and only it
+                if info.size > SMALL_MEMBER:  # read whole: zeros compress 30,000:1, so it must be bounded
+                    raise ArchiveCorruptError(f"{self.label} is corrupt: a pax header of {info.size} bytes")
                 pax = _pax(b"".join(data), self.label)
             else:
                 pax = {}
@@ -433,6 +442,12 @@ class _Tar:
         return b"".join(self._pieces(size))
 
 
+def _allowed(name: str) -> bool:
+    """A member kerrickpt writes: a safe file name, a chunk of one (a log grows past a chunk too), or its own."""
+    chunk = CHUNK_MEMBER.fullmatch(name)
+    return bool(SAFE_MEMBER.fullmatch(chunk["name"] if chunk else name)) or name in (HEADER, MANIFEST_NAME)
+
+
 Source = Path | BinaryIO  # an archive file, or an archive arriving as a stream (a migration)
 
 
@@ -450,8 +465,10 @@ def _members(source: Source) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
     with fh, _Ahead(_decompressed(fh, path)) as blocks:
         for info, data in _Tar(blocks, path).members():
-            if not info.isreg() or not (SAFE_MEMBER.fullmatch(info.name) or info.name in (HEADER, MANIFEST_NAME)):
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not _allowed(info.name):
                 raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
+            if info.name in (HEADER, MANIFEST_NAME) and info.size > SMALL_MEMBER:
+                raise ArchiveCorruptError(f"{path} is corrupt: its {info.name} claims {info.size} bytes")
             yield info.name, info.size, data
         # tar stops at its end marker; read on so a cut or damaged zstd frame end is seen.
         for _ in blocks:

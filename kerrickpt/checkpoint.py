@@ -189,7 +189,7 @@ def capture(
                     pid_namespace="host" if host_job else "own",
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
-                    compression={"level": level, **({"link_mib_s": round(link_mib_s, 1)} if link_mib_s else {})},
+                    compression=_compression(level, link_mib_s),
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
@@ -210,6 +210,11 @@ def capture(
         raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compression(level: int, link_mib_s: float | None) -> dict[str, Any]:
+    """The manifest's record of the zstd level, and of the link speed it was chosen for."""
+    return {"level": level} if link_mib_s is None else {"level": level, "link_mib_s": round(link_mib_s, 1)}
 
 
 def _shares_host_pid_namespace(group: cgroups.Cgroup) -> bool:

@@ -110,7 +110,7 @@ class BusyError(KerrickptError):
 
 
 class NotCheckpointable(KerrickptError):
-    """The job uses something kerrickpt cannot carry; nothing was frozen and the job runs on."""
+    """The job uses something kerrickpt cannot carry; it was thawed if it had been frozen, and runs on."""
 
     exit_code = 14
 

@@ -24,10 +24,12 @@ from kerrickpt.errors import (
     ContainerNotFoundError,
     KerrickptError,
     MigrationUnknown,
+    NodeIncompatibleError,
     TransportError,
     UsageError,
     from_dict,
 )
+from kerrickpt.manifest import VERSION as ARCHIVE_VERSION
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,19 +159,31 @@ def _migrate(
     answer, preflight_attempts = _retrying(
         attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
     )
+    readable = answer.get("archive_versions", [1, 2])  # a kerrickpt from before version 3 did not say
+    if ARCHIVE_VERSION not in readable:
+        raise NodeIncompatibleError(
+            f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
+            f"{ARCHIVE_VERSION}: update kerrickpt there. {name} was not frozen."
+        )
     link_mib_s = None
     if level is None:
         link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
         level = archive.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
+    # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
+    live: _Live | None
+    live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
     scratch = registry.scratch_dir("migrate-")
-    # Written before the freeze: whatever happens next, `recover` can find out and finish it.
-    journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+    try:
+        # Written before the freeze: whatever happens next, `recover` can find out and finish it.
+        journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+    except BaseException:
+        live.channel.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         path = scratch / "archive.kckpt"
-        # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
-        live: _Live | None = _Live(link, receive)
         frozen_at = time.monotonic()
         try:
             manifest = capture(
@@ -247,7 +261,7 @@ class _Live:
     """
 
     def __init__(self, link: transport.Link, receive: list[str]) -> None:
-        self.channel = transport.Channel(link, receive)
+        self.channel = _open(link, receive)
         self.sender = transport.Sender(self.channel)
         self.failure: KerrickptError | None = None
 
@@ -265,6 +279,20 @@ class _Live:
             return _conclude(self.sender, link, name)
 
 
+def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
+    """A channel to the target's receiver, once it is ready for the archive."""
+    try:
+        channel = transport.Channel(link, receive)
+    except OSError as exc:  # ssh cannot even start (no such program, no memory)
+        raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
+    try:
+        channel.ready()
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
 def _send(sender: transport.Sender, data: bytes | memoryview) -> None:
     sender.send(data)
     if faults.is_set("transfer-cut"):
@@ -274,7 +302,7 @@ def _send(sender: transport.Sender, data: bytes | memoryview) -> None:
 
 def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -> dict[str, Any]:
     """Send the archive written here again, on a new connection (the attempts after the live one)."""
-    with transport.Channel(link, receive) as channel, path.open("rb") as fh:
+    with _open(link, receive) as channel, path.open("rb") as fh:
         sender = transport.Sender(channel)
         while chunk := fh.read(CHUNK):
             _send(sender, chunk)

@@ -19,6 +19,7 @@ from kerrickpt.errors import (
     NotReadyError,
     RestoreFailed,
 )
+from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
 from kerrickpt.restore import restore
 
@@ -60,7 +61,11 @@ def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> d
     free = shutil.disk_usage(registry.scratch).free
     if free < need:
         raise NodeIncompatibleError(f"no room for the images on the target: {free} bytes free, {need} needed")
-    return {"verdict": verdict.to_dict(), "warnings": [d.message for d in verdict.differences]}
+    return {
+        "verdict": verdict.to_dict(),
+        "warnings": [d.message for d in verdict.differences],
+        "archive_versions": list(READABLE),
+    }
 
 
 def _marker(registry: containers.Registry, migration_id: str) -> Path:
@@ -93,29 +98,32 @@ def receive(
         # It came here already: say so, so that the source never runs its copy again.
         transport.emit(stdout, "restored", name=earlier.get("name", name), pid_map={}, warnings=[])
         return 0
-    scratch = registry.scratch_dir("incoming-")
     started = procs.start_time(os.getpid())
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
     try:
-        # Unpacked and verified while it arrives; restored only after the source's END frame.
-        incoming = transport.FrameReader(stdin)
-        result = restore(incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
-        # Outlives the container's record: `recover` must hear "it came here" even after it left again.
-        containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": name}))
-        faults.inject("target-after-restore")
-        transport.emit(stdout, "restored", **result.to_dict())
+        transport.emit(stdout, "ready")  # the source freezes the container only after this
+        try:
+            # Unpacked and verified while it arrives; restored only after the source's END frame.
+            incoming = transport.FrameReader(stdin)
+            result = restore(incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
+        except KerrickptError as exc:
+            transport.emit(stdout, "error", **exc.to_dict())
+            return exc.exit_code
+        except Exception as exc:
+            # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
+            failure = RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
+            transport.emit(stdout, "error", **failure.to_dict())
+            return failure.exit_code
+        # It runs here: from now on the only true answer is "restored", whatever fails next.
+        try:
+            # Outlives the container's record: `recover` must hear "it came here" even after it left again.
+            containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": name}))
+            faults.inject("target-after-restore")
+        finally:
+            transport.emit(stdout, "restored", **result.to_dict())
         return 0
-    except KerrickptError as exc:
-        transport.emit(stdout, "error", **exc.to_dict())
-        return exc.exit_code
-    except Exception as exc:
-        # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
-        failure = RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
-        transport.emit(stdout, "error", **failure.to_dict())
-        return failure.exit_code
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         marker.unlink(missing_ok=True)
 
 

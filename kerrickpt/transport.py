@@ -23,6 +23,7 @@ from kerrickpt import command, faults
 from kerrickpt.errors import KerrickptError, TransportError, UsageError, from_dict
 
 CALL_TIMEOUT = 120.0
+STALL_S = 60.0  # a peer that takes no byte for this long is given up: a container may be frozen meanwhile
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
 MAX_FRAME = 8 << 20  # the source sends at most this; a larger length means a broken or hostile stream
@@ -144,6 +145,9 @@ class Channel:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin: BinaryIO = self.proc.stdin
         self.stdout: BinaryIO = self.proc.stdout
+        # Written around Python's buffer, without blocking: a target that stops reading must not
+        # hold a frozen container for ever (see send).
+        os.set_blocking(self.stdin.fileno(), False)
         self.pending = b""
 
     def __enter__(self) -> Channel:
@@ -188,12 +192,34 @@ class Channel:
             said = None
         return remote_failure(self.link.target, code, said, tail)
 
-    def send(self, kind: bytes, payload: bytes = b"") -> None:
+    def send(self, kind: bytes, payload: bytes | memoryview = b"") -> None:
+        """One frame; raises TransportError if the link breaks or the other side takes nothing for STALL_S."""
         try:
-            self.stdin.write(FRAME_HEADER.pack(kind, len(payload)) + payload)
-            self.stdin.flush()
+            for piece in (FRAME_HEADER.pack(kind, len(payload)), payload):
+                self._write(memoryview(piece))
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise self.broken("sending") from exc
+
+    def _write(self, data: memoryview) -> None:
+        fd = self.stdin.fileno()
+        while data:
+            if not select.select([], [fd], [], STALL_S)[1]:
+                self.proc.kill()
+                raise TransportError(f"{self.link.target} took nothing for {STALL_S:.0f} s", transient=True)
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                continue
+
+    def ready(self) -> None:
+        """Wait for the remote side's "ready": it has checked what it could before a byte comes."""
+        event = self.event(CALL_TIMEOUT)
+        if event is None:
+            raise self.broken("waiting for the target to be ready")
+        if event.get("event") == "error":
+            raise from_dict(event)
+        if event.get("event") != "ready":
+            raise TransportError(f"{self.link.target} answered {event.get('event')!r} instead of being ready")
 
     def event(self, timeout: float) -> dict[str, Any] | None:
         """The next JSON event from the remote side, or None if it closed without one."""
@@ -297,18 +323,39 @@ def sink(stream: BinaryIO) -> dict[str, float]:
     return {"bytes": reader.received, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
-def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
-    """One frame from a channel's stdin on the remote side; None at a clean or torn end."""
-    header = stream.read(FRAME_HEADER.size)
+def read_frame(stream: BinaryIO, stall: float = STALL_S) -> tuple[bytes, bytes] | None:
+    """One frame from a channel's stdin on the remote side; None at a clean or torn end.
+
+    A source that sends nothing for `stall` seconds is given up (TransportError): a link that
+    died without closing must not keep this side, and its `in-progress` mark, for ever.
+    """
+    header = _read_exact(stream, FRAME_HEADER.size, stall)
     if len(header) < FRAME_HEADER.size:
         return None
     kind, size = FRAME_HEADER.unpack(header)
     if size > MAX_FRAME:
         raise TransportError(f"a frame of {size} bytes: the stream is broken")
-    payload = stream.read(size)
+    payload = _read_exact(stream, size, stall)
     if len(payload) < size:
         return None
     return kind, payload
+
+
+def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes:
+    """`size` bytes (fewer only where the stream ends), read from the fd itself when there is one."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both: a stream in memory cannot stall
+        return stream.read(size)
+    pieces: list[bytes] = []
+    while size:
+        if not select.select([fd], [], [], stall)[0]:
+            raise TransportError(f"the source sent nothing for {stall:.0f} s", transient=True)
+        if not (piece := os.read(fd, size)):
+            break
+        pieces.append(piece)
+        size -= len(piece)
+    return b"".join(pieces)
 
 
 def emit(stream: Any, event: str, **data: Any) -> None:

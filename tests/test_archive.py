@@ -386,3 +386,56 @@ def test_a_write_error_stops_the_worker(streamed: Path, tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):  # an OSError of this node's disk, not a damaged archive
         archive.extract(streamed, dest)
     assert threading.enumerate() == before
+
+
+def test_a_log_bigger_than_a_chunk_comes_back(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_bytes(random.Random(7).randbytes(archive.CHUNK_BYTES + 1000))
+    out = tmp_path / "a.kckpt"
+    archive.write(out, manifest(), {"log": log})
+    assert "log.000001" in [n for n, _ in _members(out)]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(out, dest)
+    assert (dest / "log").read_bytes() == log.read_bytes()
+
+
+def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE, raw_size: bytes | None = None) -> bytes:
+    """One tar header, its size field as given (a crafted archive), with a valid header checksum."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    if raw_size is not None:
+        block[124:136] = raw_size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (_header("log", 0, raw_size=b"\xff" * 12), "-1 bytes"),  # base-256: a negative size
+        (_header("manifest.json", 1 << 32), "claims"),
+        (_header("log", 0, tarfile.CONTTYPE), "unexpected member"),
+        (_header("log", 0, tarfile.SYMTYPE), "unexpected member"),
+        (_header("x", 1 << 32, tarfile.XHDTYPE), "pax header of"),
+    ],
+)
+def test_crafted_tar_headers_are_refused_at_once(tmp_path: Path, member: bytes, message: str) -> None:
+    out = tmp_path / "crafted.kckpt"
+    out.write_bytes(zstandard.ZstdCompressor().compress(member + bytes(1 << 16)))
+    assert message in _extract_error(out, tmp_path)
+
+
+def test_a_pax_length_of_thousands_of_digits_is_corrupt(tmp_path: Path) -> None:
+    record = b"9" * 5000 + b" path=x\n"
+    out = tmp_path / "crafted.kckpt"
+    out.write_bytes(zstandard.ZstdCompressor().compress(_header("p", len(record), tarfile.XHDTYPE) + record))
+    assert "damaged pax header" in _extract_error(out, tmp_path)
+
+
+def test_a_file_that_is_not_zstd_is_refused_as_such(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "plain.tar"
+    out.write_bytes(_header("log", 0) + bytes(1024))
+    assert "not zstd-compressed" in _extract_error(out, tmp_path)

@@ -44,7 +44,7 @@ def test_error_exit_codes(state_dir: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.kckpt"
     garbage.write_bytes(b"not an archive")
     corrupt = cli("restore", str(garbage), state_dir=state_dir)
-    assert corrupt.returncode == 6 and "corrupt" in corrupt.stderr
+    assert corrupt.returncode == 6 and "not a kerrickpt archive" in corrupt.stderr
     assert cli("inspect", str(tmp_path / "absent"), state_dir=state_dir).returncode == 6
     assert cli("kill", "nope", state_dir=state_dir).returncode == 4
 

@@ -281,3 +281,15 @@ def test_the_target_unpacks_the_archive_while_the_source_still_writes_it(cluster
     assert moved["compression"]["level"] == archive.level_for_link(moved["compression"]["link_mib_s"])
     assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
     assert not [r for r in a.json("ps") if r["name"] == name]
+
+
+def test_a_failure_after_the_target_runs_it_still_hands_over(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, fault="target-after-restore:fail")
+
+    assert result.returncode == 0, result.stderr
+    assert running_copies(cluster, job) == ["b"], "it runs there: the source must not resume"
+    assert_nothing_left(a, job)
+    job.keeps_counting(b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
@@ -105,3 +106,12 @@ def test_a_stream_whose_end_frame_disagrees_is_refused() -> None:
 @pytest.mark.parametrize(("mib_s", "level"), [(5000.0, -3), (400.0, 1), (20.0, 3)])
 def test_the_level_follows_the_link(mib_s: float, level: int) -> None:
     assert archive.level_for_link(mib_s) == level
+
+
+def test_a_source_that_goes_silent_is_given_up() -> None:
+    read, write = os.pipe()
+    try:
+        with os.fdopen(read, "rb") as stream, pytest.raises(TransportError, match="sent nothing"):
+            transport.read_frame(stream, stall=0.1)
+    finally:
+        os.close(write)
