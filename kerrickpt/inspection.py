@@ -35,6 +35,7 @@ class ArchiveInfo:
             "pid_namespace": m.pid_namespace,
             "restore_route": restore_route(m),
             "ipc_objects": m.ipc,
+            "compression": m.compression,
             "checksum": m.checksum,
             "members": [{"name": x.name, "size": x.size, "digest": x.digest} for x in m.members],
         }

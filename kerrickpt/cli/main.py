@@ -206,6 +206,9 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
         print(f"limits:    memory {_mib(m.memory_limit)}")
         print("timings:   " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(m.timings.items())))
+        level = m.compression.get("level", "?")
+        link = f" (chosen for a {m.compression['link_mib_s']} MiB/s link)" if "link_mib_s" in m.compression else ""
+        print(f"format:    zstd level {level}{link}, {m.checksum} checksums")
         print(f"route:     {restore_route(m)}")
         print("processes (pid inside, host pid at dump, threads, command):")
         for p in m.processes:
