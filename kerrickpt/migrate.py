@@ -171,15 +171,17 @@ def _migrate(
         level = archive.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
-    # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
-    live: _Live | None
-    live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
     scratch = registry.scratch_dir("migrate-")
     try:
-        # Written before the freeze: whatever happens next, `recover` can find out and finish it.
-        journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+        # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
+        live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
+        try:
+            # Written before the freeze: whatever happens next, `recover` can find out and finish it.
+            journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
+        except BaseException:
+            live.channel.close()
+            raise
     except BaseException:
-        live.channel.close()
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     try:
@@ -195,11 +197,11 @@ def _migrate(
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
 
+        unconcluded: list[_Live] = [live]  # the first attempt is the one sent while the archive was written
+
         def attempt() -> dict[str, Any]:
-            nonlocal live
-            if live is not None:  # the first attempt is the one sent while the archive was written
-                first, live = live, None
-                return first.conclude(link, name)
+            if unconcluded:
+                return unconcluded.pop().conclude(link, name)
             return _transfer(link, path, receive, name)
 
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from kerrickpt.errors import (
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
 from kerrickpt.restore import restore
+
+log = logging.getLogger(__name__)
 
 INCOMING = "incoming"
 SPACE_MARGIN = 64 * 2**20
@@ -107,12 +110,18 @@ def receive(
             # Unpacked and verified while it arrives; restored only after the source's END frame.
             incoming = transport.FrameReader(stdin)
             result = restore(incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
-        except KerrickptError as exc:
-            transport.emit(stdout, "error", **exc.to_dict())
-            return exc.exit_code
         except Exception as exc:
+            if status(migration_id, registry.root)["state"] in ("running", "exited"):
+                # It failed after the container came up here: it runs, so that is the only true answer.
+                log.warning("receiving %s: %s after it came up here", name, exc)
+                transport.emit(stdout, "restored", name=name, pid_map={}, warnings=[f"after the restore: {exc}"])
+                return 0
             # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
-            failure = RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
+            failure = (
+                exc
+                if isinstance(exc, KerrickptError)
+                else RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
+            )
             transport.emit(stdout, "error", **failure.to_dict())
             return failure.exit_code
         # It runs here: from now on the only true answer is "restored", whatever fails next.
@@ -120,8 +129,9 @@ def receive(
             # Outlives the container's record: `recover` must hear "it came here" even after it left again.
             containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": name}))
             faults.inject("target-after-restore")
-        finally:
-            transport.emit(stdout, "restored", **result.to_dict())
+        except Exception as exc:
+            log.warning("receiving %s: %s after it came up here; `recover` may not see it once it leaves", name, exc)
+        transport.emit(stdout, "restored", **result.to_dict())
         return 0
     finally:
         marker.unlink(missing_ok=True)

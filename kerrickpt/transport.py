@@ -20,10 +20,13 @@ from typing import Any, BinaryIO
 import xxhash
 
 from kerrickpt import command, faults
-from kerrickpt.errors import KerrickptError, TransportError, UsageError, from_dict
+from kerrickpt.errors import KerrickptError, MigrationUnknown, TransportError, UsageError, from_dict
 
 CALL_TIMEOUT = 120.0
-STALL_S = 60.0  # a peer that takes no byte for this long is given up: a container may be frozen meanwhile
+STALL_S = 60.0  # a target that takes no byte for this long is given up: the container is frozen meanwhile
+# A source may legitimately send nothing for a while (freezing, CRIU collecting the tree, fsyncing
+# its copy before the END frame); a receiver waits this long before it takes the link for dead.
+RECEIVE_STALL_S = 600.0
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
 MAX_FRAME = 8 << 20  # the source sends at most this; a larger length means a broken or hostile stream
@@ -203,7 +206,7 @@ class Channel:
     def _write(self, data: memoryview) -> None:
         fd = self.stdin.fileno()
         while data:
-            if not select.select([], [fd], [], STALL_S)[1]:
+            if not _wait(fd, select.POLLOUT, STALL_S):
                 self.proc.kill()
                 raise TransportError(f"{self.link.target} took nothing for {STALL_S:.0f} s", transient=True)
             try:
@@ -218,6 +221,8 @@ class Channel:
             raise self.broken("waiting for the target to be ready")
         if event.get("event") == "error":
             raise from_dict(event)
+        if event.get("event") == "restored":  # it arrived there before: never a reason to resume the source
+            raise MigrationUnknown(f"{self.link.target} has this migration already; `kerrickpt recover` finishes it")
         if event.get("event") != "ready":
             raise TransportError(f"{self.link.target} answered {event.get('event')!r} instead of being ready")
 
@@ -227,7 +232,7 @@ class Channel:
         fd = self.stdout.fileno()
         while b"\n" not in self.pending:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not _wait(fd, select.POLLIN, left):
                 raise TransportError(f"{self.link.target} did not answer within {timeout:.0f} s")
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -323,7 +328,7 @@ def sink(stream: BinaryIO) -> dict[str, float]:
     return {"bytes": reader.received, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
-def read_frame(stream: BinaryIO, stall: float = STALL_S) -> tuple[bytes, bytes] | None:
+def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes, bytes] | None:
     """One frame from a channel's stdin on the remote side; None at a clean or torn end.
 
     A source that sends nothing for `stall` seconds is given up (TransportError): a link that
@@ -349,13 +354,20 @@ def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes:
         return stream.read(size)
     pieces: list[bytes] = []
     while size:
-        if not select.select([fd], [], [], stall)[0]:
+        if not _wait(fd, select.POLLIN, stall):
             raise TransportError(f"the source sent nothing for {stall:.0f} s", transient=True)
         if not (piece := os.read(fd, size)):
             break
         pieces.append(piece)
         size -= len(piece)
     return b"".join(pieces)
+
+
+def _wait(fd: int, event: int, timeout: float) -> bool:
+    """Whether `fd` is ready for `event` (or has hung up) within `timeout` s; poll, as select() stops at fd 1024."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(timeout * 1000))
 
 
 def emit(stream: Any, event: str, **data: Any) -> None:

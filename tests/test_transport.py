@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import pytest
 
 from kerrickpt import archive, transport
-from kerrickpt.errors import TransportError, UsageError
+from kerrickpt.errors import BusyError, MigrationUnknown, TransportError, UsageError
 from kerrickpt.transport import Link, Target
 
 
@@ -115,3 +116,25 @@ def test_a_source_that_goes_silent_is_given_up() -> None:
             transport.read_frame(stream, stall=0.1)
     finally:
         os.close(write)
+
+
+@pytest.mark.parametrize(
+    ("answer", "raised"),
+    [
+        ('{"event": "ready"}', None),
+        ('{"event": "restored", "name": "x", "pid_map": {}}', MigrationUnknown),
+        ('{"event": "error", "error": "BusyError", "message": "being received"}', BusyError),
+    ],
+)
+def test_a_receiver_that_has_the_migration_already_is_never_a_reason_to_resume(
+    tmp_path: Path, answer: str, raised: type[Exception] | None
+) -> None:
+    fake_ssh = tmp_path / "ssh"  # stands in for ssh and the remote kerrickpt: it answers, then waits
+    fake_ssh.write_text(f"#!/bin/sh\necho '{answer}'\nexec cat > /dev/null\n")
+    fake_ssh.chmod(0o755)
+    with transport.Channel(Link(Target("node"), ssh=str(fake_ssh)), ["agent", "receive"]) as channel:
+        if raised is None:
+            channel.ready()
+        else:
+            with pytest.raises(raised):
+                channel.ready()
