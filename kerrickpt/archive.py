@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import queue
@@ -16,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import xxhash
 import zstandard
 
 from kerrickpt import faults
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, UsageError
-from kerrickpt.manifest import FORMAT, VERSION, Manifest, Member
+from kerrickpt.manifest import CHECKSUMS, FORMAT, VERSION, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 
 CHUNK = 1 << 20
@@ -49,7 +47,6 @@ HEADER = "format"
 # XXH3-128 hashes at ~30 GB/s a core against sha256's ~2: on two cores sha256 cost a checkpoint or a
 # restore half a CPU-second per GiB. The checksums guard against accidents, not tampering (README).
 CHECKSUM = "xxh3_128"
-HASHES: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
 
 
 @dataclass
@@ -57,7 +54,7 @@ class _Pending:
     """A file being written: its bytes not yet in a member, and the hash and size of all of it."""
 
     buffer: bytearray = field(default_factory=bytearray)
-    hash: Any = field(default_factory=HASHES[CHECKSUM])
+    hash: Any = field(default_factory=CHECKSUMS[CHECKSUM])
     size: int = 0
     chunks: int = 0
 
@@ -537,7 +534,7 @@ def extract(source: Source, dest: Path | None) -> Manifest:
             if chunk and (not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name)):
                 raise ArchiveCorruptError(f"unexpected member {member!r} in {path}")
             first = name not in received
-            got = received.setdefault(name, _Received(bool(chunk), HASHES[checksum]()))
+            got = received.setdefault(name, _Received(bool(chunk), CHECKSUMS[checksum]()))
             if not first and not (chunk and got.chunked):
                 raise ArchiveCorruptError(f"{path} holds {name} twice")
             if chunk and index != got.chunks:
@@ -575,7 +572,7 @@ def _header(data: bytes, path: str) -> str:
     """The checksum algorithm a version 3+ archive's HEADER names."""
     try:
         header = json.loads(data)
-        if header["format"] != FORMAT or header["checksum"] not in HASHES:
+        if header["format"] != FORMAT or header["checksum"] not in CHECKSUMS:
             raise ValueError(f"unknown format or checksum: {header}")
     except (ValueError, KeyError, TypeError) as exc:
         raise ArchiveCorruptError(f"{path} has a damaged format header: {exc}") from exc

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import xxhash
 
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
@@ -15,7 +19,8 @@ FORMAT = "kerrickpt-archive"
 VERSION = 3
 READABLE = (1, 2, 3)
 NAME = "manifest.json"
-CHECKSUMS = ("sha256", "xxh3_128")
+# How a member's digest is computed, by the name an archive gives it.
+CHECKSUMS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
 
 
 @dataclass(frozen=True)

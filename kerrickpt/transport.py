@@ -245,24 +245,37 @@ class Channel:
             raise KerrickptError(f"{self.link.target} sent garbage: {line[:200]!r}") from None
 
 
+class _Tally:
+    """The size and digest of a stream's DATA bytes: what its END frame carries, and what the reader checks."""
+
+    def __init__(self) -> None:
+        self.hash = xxhash.xxh3_128()
+        self.bytes = 0
+
+    def add(self, data: bytes | memoryview) -> None:
+        self.hash.update(data)
+        self.bytes += len(data)
+
+    def record(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "xxh3_128": self.hash.hexdigest()}
+
+
 class Sender:
     """One archive's DATA frames through a channel, with the size and digest its END frame carries."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.hash = xxhash.xxh3_128()
-        self.sent = 0
+        self.tally = _Tally()
 
     def send(self, data: bytes | memoryview) -> None:
         for start in range(0, len(data), MAX_FRAME):
             piece = data[start : start + MAX_FRAME]
             self.channel.send(DATA, piece)
-            self.hash.update(piece)
-            self.sent += len(piece)
+            self.tally.add(piece)
 
     def end(self) -> None:
         """After this the target may act on what it received."""
-        self.channel.send(END, json.dumps({"bytes": self.sent, "xxh3_128": self.hash.hexdigest()}).encode())
+        self.channel.send(END, json.dumps(self.tally.record()).encode())
 
 
 class FrameReader(io.RawIOBase):
@@ -271,8 +284,7 @@ class FrameReader(io.RawIOBase):
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.hash = xxhash.xxh3_128()
-        self.received = 0
+        self.tally = _Tally()
         self.buffer = memoryview(b"")
         self.ended = False
         self.first_data: float | None = None  # when the first DATA frame came (a link's speed is from then)
@@ -289,7 +301,7 @@ class FrameReader(io.RawIOBase):
                 raise TransportError("the source went away before the end of the archive", transient=True)
             kind, payload = frame
             if kind == END:
-                if json.loads(payload) != {"bytes": self.received, "xxh3_128": self.hash.hexdigest()}:
+                if json.loads(payload) != self.tally.record():
                     raise TransportError("the archive arrived damaged (size or digest differ)", transient=True)
                 self.ended = True
                 continue
@@ -297,8 +309,7 @@ class FrameReader(io.RawIOBase):
                 raise TransportError(f"unexpected frame {kind!r} from the source")
             if self.first_data is None:
                 self.first_data = time.monotonic()
-            self.hash.update(payload)
-            self.received += len(payload)
+            self.tally.add(payload)
             self.buffer = memoryview(payload)
         size = min(len(target), len(self.buffer))
         target[:size] = self.buffer[:size]
@@ -325,7 +336,7 @@ def sink(stream: BinaryIO) -> dict[str, float]:
     reader = FrameReader(stream)
     while reader.read(1 << 20):
         pass
-    return {"bytes": reader.received, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
+    return {"bytes": reader.tally.bytes, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
 def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes, bytes] | None:
