@@ -97,6 +97,10 @@ def _checkpoint(
     return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
 
 
+# A post-copy dump: (root PID, images dir, work dir, cgroup to freeze, shell job) -> None, its CRIU left serving.
+LazyDump = Callable[[int, Path, Path, str, bool], None]
+
+
 @dataclass(frozen=True)
 class Subject:
     """What is checkpointed: a container kerrickpt runs, or a cgroup it did not create."""
@@ -128,12 +132,14 @@ def capture(
     thaw_after_dump: bool,
     mirror: Callable[[bytes | memoryview], None] | None = None,
     link_mib_s: float | None = None,
+    lazy: LazyDump | None = None,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
     on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step.
 
     `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
     manifest records `level` and, when the level was chosen for a link, that link's speed.
+    `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
     """
     container, group = subject.container, subject.group
     host_job = _shares_host_pid_namespace(group)
@@ -164,7 +170,9 @@ def capture(
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
-                if thaw_after_dump:
+                if lazy is not None:
+                    lazy(pids[0], images, scratch, cgroup, shell_job)
+                elif thaw_after_dump:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
                     criu.dump(found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job)
                 else:

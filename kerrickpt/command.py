@@ -49,14 +49,22 @@ def run(argv: Sequence[str], *, timeout: float, input_bytes: bytes | None = None
         ) from exc
 
 
-def start(argv: Sequence[str], *, cwd: Path) -> subprocess.Popen[bytes]:
+def start(argv: Sequence[str], *, cwd: Path, new_session: bool = False) -> subprocess.Popen[bytes]:
     """Start a program that reports through its exit code and its own log file, not its output.
 
     It inherits every inheritable fd, as a forked child would: a guardian's pipe or a lock
     this process holds stays held until the program is gone.
     """
     devnull = subprocess.DEVNULL
-    return subprocess.Popen(list(argv), cwd=cwd, stdin=devnull, stdout=devnull, stderr=devnull, close_fds=False)
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        stdin=devnull,
+        stdout=devnull,
+        stderr=devnull,
+        close_fds=False,
+        start_new_session=new_session,
+    )
 
 
 def wait(process: subprocess.Popen[bytes], *, deadline: float, log: Path) -> int:

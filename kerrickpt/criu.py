@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -21,6 +24,7 @@ STREAM_GRACE = 60.0  # for CRIU to let go of the tree once its image stream has 
 RESTORE_TIMEOUT = 600.0
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
+LAZY_LOG = "lazy-pages.log"
 LOG_LEVEL = 4
 
 
@@ -142,6 +146,22 @@ def dump(
     _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
 
 
+def _dump_argv(
+    criu: Criu, pid: int, images_dir: Path, work_dir: Path, freeze_cgroup: str, shell_job: bool
+) -> list[str]:
+    """`criu dump` with the options `dump` gives the RPC, for the dumps only the command line can do."""
+    argv = [
+        criu.path, "dump", "--tree", str(pid), "--images-dir", str(images_dir), "--work-dir", str(work_dir),
+        "--log-file", DUMP_LOG, f"-v{LOG_LEVEL}",
+        # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
+        # kerrickpt alone decides between killing the source and thawing it.
+        "--leave-running", "--freeze-cgroup", freeze_cgroup,
+        # kerrickpt recreates cgroups itself, with the limits from the manifest.
+        "--manage-cgroups=ignore",
+    ]  # fmt: skip
+    return argv + (["--shell-job"] if shell_job else [])
+
+
 def dump_streamed(
     criu: Criu,
     pid: int,
@@ -161,16 +181,8 @@ def dump_streamed(
     service feature", criu/cr-service.c). It takes the options `dump` gives the RPC;
     `images_dir` holds only the streamer's socket.
     """
-    argv = [
-        criu.path, "dump", "--stream", "--tree", str(pid),
-        # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
-        "--images-dir", ".", "--work-dir", str(work_dir), "--log-file", DUMP_LOG, f"-v{LOG_LEVEL}",
-        # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
-        # kerrickpt alone decides between killing the source and thawing it.
-        "--leave-running", "--freeze-cgroup", freeze_cgroup,
-        # kerrickpt recreates cgroups itself, with the limits from the manifest.
-        "--manage-cgroups=ignore",
-    ] + (["--shell-job"] if shell_job else [])  # fmt: skip
+    # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
+    argv = [*_dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job), "--stream"]
     log = work_dir / DUMP_LOG
     with streamer.Capture(images_dir) as capture:
         process = command.start(argv, cwd=images_dir)
@@ -184,6 +196,73 @@ def dump_streamed(
         raise DumpFailed(f"criu dump failed (exit code {returncode})", log_tail=command.tail_file(log))
 
 
+def dump_lazy(
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
+    pages: socket.socket,
+    *,
+    freeze_cgroup: str,
+    shell_job: bool = False,
+    timeout: float = DUMP_TIMEOUT,
+) -> subprocess.Popen[bytes]:
+    """Dump as `dump` does, but leave the memory CRIU can fetch on demand for post-copy (`--lazy-pages`).
+
+    Returns once the images are written. The returned CRIU then serves the rest of the
+    memory through `pages`, a connected socket (`--ps-socket`: no port is opened), and
+    exits once the target has all of it (0) or the transfer failed; either way it lets go
+    of the tree, which stays frozen in `freeze_cgroup`. Closing `pages` makes it give up.
+    """
+    ready_read, ready_write = os.pipe()
+    os.set_inheritable(pages.fileno(), True)
+    argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job)
+    argv += ["--lazy-pages", "--ps-socket", str(pages.fileno()), "--status-fd", str(ready_write)]
+    return _start_until_ready(argv, work_dir, ready_read, ready_write, work_dir / DUMP_LOG, timeout, DumpFailed)
+
+
+def lazy_pages_daemon(
+    criu: Criu, images_dir: Path, work_dir: Path, pages: socket.socket, *, timeout: float = RESTORE_TIMEOUT
+) -> subprocess.Popen[bytes]:
+    """Start CRIU's lazy-pages daemon for a restore from `images_dir`: it fetches memory through `pages`.
+
+    In a session of its own: it must outlive the ssh session that started it until every page came.
+    """
+    ready_read, ready_write = os.pipe()
+    os.set_inheritable(pages.fileno(), True)
+    argv = [
+        criu.path, "lazy-pages", "--page-server", "--ps-socket", str(pages.fileno()), "--images-dir",
+        str(images_dir), "--work-dir", str(work_dir), "--log-file", LAZY_LOG, f"-v{LOG_LEVEL}",
+        "--status-fd", str(ready_write),
+    ]  # fmt: skip
+    return _start_until_ready(argv, work_dir, ready_read, ready_write, work_dir / LAZY_LOG, timeout, RestoreFailed)
+
+
+def _start_until_ready(
+    argv: list[str],
+    cwd: Path,
+    ready_read: int,
+    ready_write: int,
+    log: Path,
+    timeout: float,
+    error: type[KerrickptError],
+) -> subprocess.Popen[bytes]:
+    """Start CRIU and wait for the byte it writes to --status-fd once it is ready; its failure is `error`."""
+    os.set_inheritable(ready_write, True)
+    try:
+        process = command.start(argv, cwd=cwd, new_session=True)
+    finally:
+        os.close(ready_write)
+    with os.fdopen(ready_read, "rb") as ready:
+        poller = select.poll()
+        poller.register(ready, select.POLLIN)
+        if poller.poll(timeout * 1000) and ready.read(1):
+            return process
+    process.kill()
+    code = process.wait()
+    raise error(f"criu {argv[1]} failed (exit code {code})", log_tail=command.tail_file(log))
+
+
 def restore(
     criu: Criu,
     images_dir: Path,
@@ -191,11 +270,16 @@ def restore(
     *,
     inherit_fds: Mapping[str, int],
     shell_job: bool = False,
+    lazy_pages: bool = False,
     timeout: float = RESTORE_TIMEOUT,
 ) -> int:
-    """Restore a tree (RPC restores are always detached); returns the host PID of its root."""
+    """Restore a tree (RPC restores are always detached); returns the host PID of its root.
+
+    With `lazy_pages`, memory comes on demand from the lazy-pages daemon running in `work_dir`.
+    """
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
     client.opts.shell_job = shell_job
+    client.opts.lazy_pages = lazy_pages
     for key, fd in inherit_fds.items():
         os.set_inheritable(fd, True)
         entry = client.opts.inherit_fd.add()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -17,7 +20,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, node, procs, transport
+from kerrickpt import archive, command, containers, criu, faults, node, procs, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -25,6 +28,7 @@ from kerrickpt.errors import (
     KerrickptError,
     MigrationUnknown,
     NodeIncompatibleError,
+    NotReadyError,
     TransportError,
     UsageError,
     from_dict,
@@ -50,6 +54,7 @@ class MigrationResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)  # the level, and the link speed it was chosen for
+    lazy: bool = False  # post-copy: downtime_s ended before the memory had all arrived
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -126,16 +131,19 @@ def migrate(
     force: bool = False,
     attempts: int = DEFAULT_ATTEMPTS,
     level: int | None = None,
+    lazy: bool = False,
 ) -> MigrationResult:
     """Move container `name` to the node `to` ([USER@]HOST[:PORT]) over ssh, exactly once.
 
     Either the target runs it and the source copy is gone, or the source runs it again;
     if the target's answer is lost, MigrationUnknown leaves the source frozen for `recover`.
     `level` is the zstd level; by default it is chosen from the link's measured speed.
+    With `lazy` (post-copy), it runs on the target before its memory has all arrived: the
+    downtime no longer grows with memory, but a link lost during the page transfer loses it.
     """
     registry = containers.Registry(state_dir)
     with registry.lock(name):
-        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level)
+        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy)
 
 
 def _migrate(
@@ -147,6 +155,7 @@ def _migrate(
     force: bool,
     attempts: int,
     level: int | None,
+    lazy: bool,
 ) -> MigrationResult:
     container = registry.get(name)
     journal = Journal(registry, name)
@@ -165,21 +174,28 @@ def _migrate(
             f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
             f"{ARCHIVE_VERSION}: update kerrickpt there. {name} was not frozen."
         )
+    if lazy:
+        _require_lazy_pages(link, answer)
     link_mib_s = None
     if level is None:
         link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
         level = archive.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
-    receive = ["agent", "receive", "--name", name, "--migration-id", migration_id, *(["--force"] if force else [])]
+    receive = ["agent", "receive", "--name", name, "--migration-id", migration_id]
+    receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else [])]
     scratch = registry.scratch_dir("migrate-")
+    pages: _Pages | None = None
     try:
         # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
         live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
         try:
+            pages = _Pages(link, migration_id, found) if lazy else None
             # Written before the freeze: whatever happens next, `recover` can find out and finish it.
             journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
         except BaseException:
             live.channel.close()
+            if pages is not None:
+                pages.stop()
             raise
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -190,10 +206,12 @@ def _migrate(
         try:
             manifest = capture(
                 found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
-                link_mib_s=link_mib_s,
+                link_mib_s=link_mib_s, lazy=pages.dump if pages else None,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it unpacked
+            if pages is not None:
+                pages.stop()  # CRIU, if it still serves memory, gives the tree back
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
 
@@ -205,11 +223,15 @@ def _migrate(
             return _transfer(link, path, receive, name)
 
         try:
-            restored, transfer_attempts = _retrying(attempts, f"transfer to {link.target}", attempt)
+            # A post-copy's page stream belongs to its first receiver: no second attempt.
+            tries = 1 if lazy else attempts
+            restored, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
         except MigrationUnknown:
             raise
         except KerrickptError as exc:
             # The target never ran it (it said so, or it cannot have had the whole archive).
+            if pages is not None:
+                pages.stop()
             container.group.freezer.thaw()
             journal.remove()
             exc.message = f"migration of {name} to {link.target} failed; {name} runs on here again: {exc.message}"
@@ -218,6 +240,8 @@ def _migrate(
             # Interrupted (Ctrl-C, SIGTERM) mid-way: the target may or may not have it.
             raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         downtime = time.monotonic() - frozen_at
+        if pages is not None:
+            pages.finish(name, link)  # every page is there: until then the source holds the only copy of some
         # Point of no return: the container runs on the target. Only now does the source copy go.
         containers.remove(registry, container)
         journal.remove()
@@ -234,6 +258,7 @@ def _migrate(
         warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
         timings=manifest.timings,
         compression=manifest.compression,
+        lazy=lazy,
     )
 
 
@@ -279,6 +304,66 @@ class _Live:
             if self.failure is not None:
                 raise self.failure
             return _conclude(self.sender, link, name)
+
+
+def _require_lazy_pages(link: transport.Link, preflight: dict[str, Any]) -> None:
+    """Post-copy needs userfaultfd and big enough pipes on both nodes; say which lacks them."""
+    here = node.check().features["lazy_pages"]
+    there = bool(preflight.get("lazy_pages"))
+    if not (here and there):
+        where = " and ".join(n for n, ok in (("this node", here), (str(link.target), there)) if not ok)
+        raise NotReadyError(
+            f"post-copy (--lazy) cannot work on {where}: it needs userfaultfd and, for root without "
+            f"CAP_SYS_RESOURCE, sysctl fs.pipe-max-size={node.LAZY_PIPE_SIZE} (see `kerrickpt check`). "
+            "Nothing was frozen."
+        )
+
+
+class _Pages:
+    """Post-copy's page stream: CRIU's page server here, through ssh to `agent pages`, to the
+    target's lazy-pages daemon. A socket pair and a relay: no port is opened anywhere."""
+
+    def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu) -> None:
+        self.found = found
+        self.channel = transport.Channel(link, ["agent", "pages", "--migration-id", migration_id])
+        self.for_criu, self.relay_end = socket.socketpair()
+        self.relay = transport.Relay(self.relay_end, self.channel.stdout.fileno(), self.channel.stdin.fileno())
+        self.criu: subprocess.Popen[bytes] | None = None
+        self.log = Path()
+
+    def dump(self, pid: int, images: Path, work: Path, cgroup: str, shell_job: bool) -> None:
+        """The capture's dump: all but the memory CRIU serves afterwards."""
+        self.log = work / criu.DUMP_LOG
+        try:
+            self.criu = criu.dump_lazy(self.found, pid, images, work, self.for_criu, freeze_cgroup=cgroup,
+                                       shell_job=shell_job)  # fmt: skip
+        finally:
+            self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
+
+    def finish(self, name: str, link: transport.Link) -> None:
+        """Wait until the target has every page; MigrationUnknown if the transfer failed."""
+        assert self.criu is not None
+        try:
+            code = command.wait(self.criu, deadline=time.monotonic() + criu.DUMP_TIMEOUT, log=self.log)
+        finally:
+            self.channel.close()
+        if code != 0:
+            raise MigrationUnknown(
+                f"{name} runs on {link.target}, but the transfer of its memory failed (criu exit {code}), so that "
+                f"copy may lack memory and die; {name} stays frozen here with all of it. Run `kerrickpt recover "
+                f"{name}` to remove it once {link.target} is known to run it, or kill that copy first to resume here.",
+                log_tail=command.tail_file(self.log),
+            )
+
+    def stop(self) -> None:
+        """Give up: CRIU's page server loses its peer and gives the tree back (frozen, as it found it)."""
+        with contextlib.suppress(OSError):
+            self.relay_end.shutdown(socket.SHUT_RDWR)
+        if self.criu is not None:
+            with contextlib.suppress(KerrickptError):
+                command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
+        self.channel.close()
+        self.for_criu.close()
 
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -19,6 +23,7 @@ from kerrickpt.errors import (
     NodeIncompatibleError,
     NotReadyError,
     RestoreFailed,
+    TransportError,
 )
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 INCOMING = "incoming"
 SPACE_MARGIN = 64 * 2**20
+PAGES_WAIT_S = 60.0  # for the source's `agent pages` to be listening
 
 
 def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
@@ -68,6 +74,7 @@ def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> d
         "verdict": verdict.to_dict(),
         "warnings": [d.message for d in verdict.differences],
         "archive_versions": list(READABLE),
+        "lazy_pages": report.features["lazy_pages"],
     }
 
 
@@ -84,9 +91,12 @@ def receive(
     name: str,
     migration_id: str,
     force: bool = False,
+    lazy: bool = False,
     state_dir: Path | str | None = None,
 ) -> int:
     """Take an archive streamed by the source, restore it, and tell the source once it runs.
+
+    With `lazy`, the memory the archive lacks comes afterwards through `agent pages` (post-copy).
 
     Until the container runs here, any failure removes what this side made and is
     reported; once it runs it stays, whatever happens to the connection.
@@ -109,7 +119,10 @@ def receive(
         try:
             # Unpacked and verified while it arrives; restored only after the source's END frame.
             incoming = transport.FrameReader(stdin)
-            result = restore(incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id)
+            page_stream = _connect_pages(registry, migration_id) if lazy else None
+            result = restore(
+                incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id, pages=page_stream
+            )
         except Exception as exc:
             if status(migration_id, registry.root)["state"] in ("running", "exited"):
                 # It failed after the container came up here: it runs, so that is the only true answer.
@@ -135,6 +148,61 @@ def receive(
         return 0
     finally:
         marker.unlink(missing_ok=True)
+
+
+def pages(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | str | None = None) -> None:
+    """The target's end of a post-copy page stream (`agent pages`): relays between this ssh session
+    and the lazy-pages daemon `receive` starts, which connects to a socket only root can reach."""
+    registry = containers.Registry(state_dir)
+    path = _pages_socket(registry, migration_id)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, _short(path) as address:
+        try:
+            listener.bind(address)  # in a 0700 directory of root's: that is the socket's authentication
+        except OSError as exc:
+            raise TransportError(f"cannot make the page socket {path}: {exc}") from exc
+        try:
+            listener.listen(1)
+            listener.settimeout(transport.RECEIVE_STALL_S)
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                raise TransportError("no lazy-pages daemon came for the page stream") from None
+        finally:
+            path.unlink(missing_ok=True)
+    with connection:
+        # Until the daemon has every page and hangs up: the source's CRIU then ends too.
+        transport.Relay(connection, stdin_fd, stdout_fd).done.wait()
+
+
+def _pages_socket(registry: containers.Registry, migration_id: str) -> Path:
+    return _marker(registry, migration_id).with_suffix(".pages")
+
+
+@contextlib.contextmanager
+def _short(path: Path) -> Iterator[str]:
+    """`path` as a socket address: through /proc/self/fd, since sun_path holds 108 bytes and a state dir may not."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
+def _connect_pages(registry: containers.Registry, migration_id: str) -> socket.socket:
+    """The connection to this migration's `agent pages`, which the source started before the freeze."""
+    path = _pages_socket(registry, migration_id)
+    deadline = time.monotonic() + PAGES_WAIT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _short(path) as address:
+                sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TransportError(f"the page stream of the migration never came ({exc})", transient=True) from exc
+            time.sleep(0.05)
 
 
 def _tombstone(registry: containers.Registry, migration_id: str) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +39,7 @@ def restore(
     force: bool = False,
     migration_id: str | None = None,
     pid_namespace: str = "new",
+    pages: socket.socket | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -62,7 +65,7 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
-        plan = _plan(manifest, pid_namespace)
+        plan = dataclasses.replace(_plan(manifest, pid_namespace), pages=pages)
         init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

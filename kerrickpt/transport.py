@@ -9,9 +9,11 @@ import os
 import re
 import select
 import shlex
+import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ STALL_S = 60.0  # a target that takes no byte for this long is given up: the con
 # A source may legitimately send nothing for a while (freezing, CRIU collecting the tree, fsyncing
 # its copy before the END frame); a receiver waits this long before it takes the link for dead.
 RECEIVE_STALL_S = 600.0
+RELAY_BYTES = 1 << 20
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
 MAX_FRAME = 8 << 20  # the source sends at most this; a larger length means a broken or hostile stream
@@ -204,15 +207,9 @@ class Channel:
             raise self.broken("sending") from exc
 
     def _write(self, data: memoryview) -> None:
-        fd = self.stdin.fileno()
-        while data:
-            if not _wait(fd, select.POLLOUT, STALL_S):
-                self.proc.kill()
-                raise TransportError(f"{self.link.target} took nothing for {STALL_S:.0f} s", transient=True)
-            try:
-                data = data[os.write(fd, data) :]
-            except BlockingIOError:
-                continue
+        if not _write_all(self.stdin.fileno(), data, STALL_S):
+            self.proc.kill()
+            raise TransportError(f"{self.link.target} took nothing for {STALL_S:.0f} s", transient=True)
 
     def ready(self) -> None:
         """Wait for the remote side's "ready": it has checked what it could before a byte comes."""
@@ -372,6 +369,52 @@ def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes:
         pieces.append(piece)
         size -= len(piece)
     return b"".join(pieces)
+
+
+def _write_all(fd: int, data: memoryview, stall: float) -> bool:
+    """Write all of `data` to `fd` (blocking or not); False if it took nothing for `stall` s."""
+    while data:
+        if not _wait(fd, select.POLLOUT, stall):
+            return False
+        try:
+            data = data[os.write(fd, data) :]
+        except BlockingIOError:
+            continue
+    return True
+
+
+class Relay:
+    """Carries bytes both ways between a connected socket and a pair of pipes (an ssh channel's, or
+    this process's stdin and stdout): CRIU's page server and lazy-pages daemon talk through it.
+
+    `done` is set when the socket's side has ended (its peer closed): the transfer is over.
+    """
+
+    def __init__(self, sock: socket.socket, read_fd: int, write_fd: int) -> None:
+        self.sock = sock
+        self.done = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._to_socket, args=(read_fd,), daemon=True),
+            threading.Thread(target=self._from_socket, args=(write_fd,), daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _to_socket(self, read_fd: int) -> None:
+        with contextlib.suppress(OSError):
+            while _wait(read_fd, select.POLLIN, RECEIVE_STALL_S) and (data := os.read(read_fd, RELAY_BYTES)):
+                self.sock.sendall(data)
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def _from_socket(self, write_fd: int) -> None:
+        try:
+            while data := self.sock.recv(RELAY_BYTES):
+                if not _write_all(write_fd, memoryview(data), STALL_S):
+                    break
+        except OSError:
+            pass
+        finally:
+            self.done.set()
 
 
 def _wait(fd: int, event: int, timeout: float) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import archive, sysvipc
+from kerrickpt import archive, node, sysvipc
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
 
@@ -98,6 +98,19 @@ def squatter(workload: Path) -> Iterator[Callable[..., dict[str, object]]]:
         subprocess.run(["ipcrm", "-M", shm, "-Q", msg, "-S", sem], capture_output=True, check=False)
 
 
+def assert_moved_with_its_state(cluster: Cluster, job: Job, before: dict[str, object]) -> None:
+    """Node b alone runs the job, counting on where it stopped, with the SysV state it had on a."""
+    a, b = cluster.nodes
+    assert running_copies(cluster, job) == ["b"]
+    assert_nothing_left(a, job)
+    job.keeps_counting(b)
+    numbers = ticks(job.log(b))
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
+    after = job.probe(b)
+    for key in ("shm_id", "msg_id", "sem_id", "data_sha", "messages", "sems"):
+        assert after[key] == before[key], key
+
+
 def _try_probe(workload: Path, pid: int, keys: tuple[int, int, int]) -> dict[str, object] | None:
     try:
         return probe(workload, pid, keys)
@@ -120,15 +133,8 @@ def test_migration_moves_the_job_with_its_state(cluster: Cluster, workload: Path
     moved = json.loads(result.stdout)
     assert sorted(int(k) for k in moved["pid_map"]) == [1, 2, 3], "the job sees its own PIDs"
     assert moved["downtime_s"] > 0 and moved["attempts"] == {"preflight": 1, "transfer": 1}
-    assert running_copies(cluster, job) == ["b"]
-    assert_nothing_left(a, job)
+    assert_moved_with_its_state(cluster, job, before)
     assert not list((a.state_dir / "migrations").iterdir())
-    job.keeps_counting(b)
-    numbers = ticks(job.log(b))
-    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
-    after = job.probe(b)
-    for key in ("shm_id", "msg_id", "sem_id", "data_sha", "messages", "sems"):
-        assert after[key] == before[key], key
     untouched = probe(workload, int(other["pid"]), job.keys)  # type: ignore[call-overload]
     assert untouched["messages"] == other["messages"] and untouched["sems"] == other["sems"]
     assert untouched["shm_id"] == other["shm_id"] and untouched["data_sha"] == other["data_sha"]
@@ -293,3 +299,52 @@ def test_a_failure_after_the_target_runs_it_still_hands_over(cluster: Cluster, w
     assert running_copies(cluster, job) == ["b"], "it runs there: the source must not resume"
     assert_nothing_left(a, job)
     job.keeps_counting(b)
+
+
+PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
+
+@contextlib.contextmanager
+def pipe_max_size(size: int) -> Iterator[None]:
+    """The node's fs.pipe-max-size for the block (both local nodes share the kernel); put back afterwards."""
+    before = PIPE_MAX.read_text()
+    PIPE_MAX.write_text(str(size))
+    try:
+        yield
+    finally:
+        PIPE_MAX.write_text(before)
+
+
+@pytest.fixture
+def big_pipes() -> Iterator[None]:
+    """Pipes big enough for CRIU's lazy pages (root here lacks CAP_SYS_RESOURCE)."""
+    with pipe_max_size(node.LAZY_PIPE_SIZE):
+        yield
+
+
+def test_lazy_migration_runs_there_before_its_memory_arrived_and_keeps_its_state(
+    cluster: Cluster, workload: Path, big_pipes: None
+) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    before = job.probe(a)
+
+    result = migrate(cluster, a, b, job, "--lazy")
+
+    assert result.returncode == 0, result.stderr
+    moved = json.loads(result.stdout)
+    assert moved["lazy"] is True and moved["attempts"]["transfer"] == 1
+    assert_moved_with_its_state(cluster, job, before)
+
+
+def test_lazy_migration_without_big_enough_pipes_is_refused_before_the_freeze(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    with pipe_max_size(node.LAZY_PIPE_SIZE // 4):  # as this machine kind comes
+        result = migrate(cluster, a, b, job, "--lazy")
+
+    assert result.returncode == 3, result.stderr
+    assert "fs.pipe-max-size" in result.stderr and "Nothing was frozen" in result.stderr
+    assert running_copies(cluster, job) == ["a"]
+    job.keeps_counting(a)

@@ -232,6 +232,7 @@ def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
         force=args.force,
         attempts=args.attempts,
         level=args.level,
+        lazy=args.lazy,
     )
     if not args.json:
         headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
@@ -256,9 +257,13 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
             name=args.name,
             migration_id=args.migration_id,
             force=args.force,
+            lazy=args.lazy,
             state_dir=args.state_dir,
         )
         return None, code
+    if args.op == "pages":
+        receiver.pages(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
+        return None, 0
     if args.op == "preflight":
         answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
     elif args.op == "sink":
@@ -424,15 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
     p.add_argument("--level", type=int, help="zstd level (default: chosen from the link's measured speed)")
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="post-copy: the container runs on the target before its memory has all arrived (see README: "
+        "a link lost during the page transfer loses the container)",
+    )
     p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
     p.add_argument("name")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
     p = sub.add_parser("agent", parents=[common])  # the remote end of migrate/recover; not for people
     p.set_defaults(func=cmd_agent)
-    p.add_argument("op", choices=["preflight", "receive", "sink", "status"])
+    p.add_argument("op", choices=["preflight", "receive", "pages", "sink", "status"])
     p.add_argument("--name")
     p.add_argument("--migration-id")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--lazy", action="store_true")
 
     p = sub.add_parser(
         "snapshot",
