@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.lab import MIB, Lab, kerrickpt, removed, run, shell, timeout_for
+from bench.lab import MIB, Lab, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
+from kerrickpt.node import LAZY_PIPE_SIZE
 
 
 @dataclass
@@ -105,20 +106,28 @@ def checkpoint(lab: Lab, mib: int, kind: str) -> Outcome:
     )
 
 
-def migrate(lab: Lab, mib: int, kind: str) -> Outcome:
+def migrate(lab: Lab, mib: int, kind: str, *, lazy: bool = False) -> Outcome:
     """`kerrickpt migrate` from node a to node b over ssh: downtime is freeze to running on b."""
     job = lab.start(mib, kind)
     source, target = lab.nodes
     assert lab.cluster is not None
+    case = "migrate_lazy" if lazy else "migrate"
     with removed(source, job.name), removed(target, job.name):
         moved, wall, peak = kerrickpt(
-            source, "migrate", job.name, *lab.cluster.migrate_args(target), timeout=2 * timeout_for(mib)
-        )
+            source, "migrate", job.name, *lab.cluster.migrate_args(target), *(["--lazy"] if lazy else []),
+            timeout=2 * timeout_for(mib),
+        )  # fmt: skip
         ok = job.moved(target, job.name, int(moved["pid_map"]["1"])).verify(mib)
     return Outcome(
-        {"kpt.migrate_downtime_s": moved["downtime_s"], "kpt.migrate_s": wall, "kpt.migrate_peak_mib": peak},
-        {"kpt.migrate": ok},
+        {f"kpt.{case}_downtime_s": moved["downtime_s"], f"kpt.{case}_s": wall, f"kpt.{case}_peak_mib": peak},
+        {f"kpt.{case}": ok},
     )
+
+
+def migrate_lazy(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`kerrickpt migrate --lazy` (post-copy): downtime is freeze to running on b, before all memory came."""
+    with pipe_max_size(LAZY_PIPE_SIZE):  # what CRIU's lazy pages need here (root lacks CAP_SYS_RESOURCE)
+        return migrate(lab, mib, kind, lazy=True)
 
 
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
@@ -127,4 +136,5 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "snapshot": snapshot,
     "checkpoint": checkpoint,
     "migrate": migrate,
+    "lazy": migrate_lazy,
 }

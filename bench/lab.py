@@ -270,6 +270,18 @@ def _dump_stats(path: Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def pipe_max_size(size: int) -> Iterator[None]:
+    """This kernel's fs.pipe-max-size for the block, put back afterwards."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    before = path.read_text()
+    path.write_text(str(size))
+    try:
+        yield
+    finally:
+        path.write_text(before)
+
+
+@contextlib.contextmanager
 def removed(node: Node, name: str) -> Iterator[None]:
     """Kill container `name` on `node` when the block ends, however it ends."""
     try:

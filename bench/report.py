@@ -11,7 +11,7 @@ PEAK_LIMIT_MIB = 100.0
 PEAK_AT_MIB = 4096
 LINEAR_FROM_MIB, LINEAR_TO_MIB = 1024, 4096
 LINEAR_TOLERANCE = 0.15
-LINEAR_METRICS = ("kpt.checkpoint_s", "kpt.restore_s", "kpt.migrate_downtime_s")
+LINEAR_METRICS = ("kpt.checkpoint_s", "kpt.restore_s", "kpt.migrate_downtime_s", "kpt.migrate_lazy_downtime_s")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ RATIOS = (
     Ratio("checkpoint to archive / dump + tar|zstd -3", "kpt.checkpoint_s", "seq.export_s", 0.5),
     Ratio("archive size / zstd -3 archive size", "kpt.archive_mib", "seq.archive_mib", 1.2),
     Ratio("migration downtime / sequential pipeline downtime", "kpt.migrate_downtime_s", "seq.downtime_s", 0.4),
+    Ratio("lazy migration downtime / sequential downtime", "kpt.migrate_lazy_downtime_s", "seq.downtime_s", 0.4),
     Ratio("restore from archive / unpack + restore", "kpt.restore_s", "seq.unpack_restore_s", 0.6),
 )
 

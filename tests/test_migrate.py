@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.lab import pipe_max_size
 from kerrickpt import archive, node, sysvipc
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
@@ -299,20 +300,6 @@ def test_a_failure_after_the_target_runs_it_still_hands_over(cluster: Cluster, w
     assert running_copies(cluster, job) == ["b"], "it runs there: the source must not resume"
     assert_nothing_left(a, job)
     job.keeps_counting(b)
-
-
-PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
-
-
-@contextlib.contextmanager
-def pipe_max_size(size: int) -> Iterator[None]:
-    """The node's fs.pipe-max-size for the block (both local nodes share the kernel); put back afterwards."""
-    before = PIPE_MAX.read_text()
-    PIPE_MAX.write_text(str(size))
-    try:
-        yield
-    finally:
-        PIPE_MAX.write_text(before)
 
 
 @pytest.fixture
