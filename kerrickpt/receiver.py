@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 INCOMING = "incoming"
 SPACE_MARGIN = 64 * 2**20
-PAGES_WAIT_S = 60.0  # for the source's `agent pages` to be listening
+PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way round
 
 
 def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def pages(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | st
             raise TransportError(f"cannot make the page socket {path}: {exc}") from exc
         try:
             listener.listen(1)
-            listener.settimeout(transport.RECEIVE_STALL_S)
+            listener.settimeout(PAGES_WAIT_S)  # the receiver connects as soon as its stream begins
             try:
                 connection, _ = listener.accept()
             except TimeoutError:
