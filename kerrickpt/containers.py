@@ -176,6 +176,12 @@ class Registry:
         directory.mkdir(mode=0o700, exist_ok=True)
         return directory / f"{check_name(name)}.json"
 
+    def incoming(self, migration_id: str) -> Path:
+        """Where the target side of migration `migration_id` keeps its marker (receiver) and files beside it."""
+        directory = self.root / "incoming"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return directory / f"{check_name(migration_id)}.json"
+
     def lock(self, name: str) -> AbstractContextManager[lock.Holder | None]:
         """Hold the container for one command: checkpoint, migrate, recover and kill never overlap on it."""
         directory = self.root / "locks"

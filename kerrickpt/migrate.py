@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -20,7 +18,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, command, containers, criu, faults, node, procs, transport
+from kerrickpt import archive, containers, criu, faults, node, postcopy, procs, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -41,6 +39,9 @@ T = TypeVar("T")
 DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
 RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0  # the target verifies and unpacks, then CRIU restores
+# After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
+SETTLE_S = 2 * transport.STALL_S
+MOVED = ("running", "exited", "departed")  # what the target says of a container it had
 
 
 @dataclass(frozen=True)
@@ -184,20 +185,21 @@ def _migrate(
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id]
     receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else [])]
     scratch = registry.scratch_dir("migrate-")
-    pages: _Pages | None = None
+    pages: postcopy.Source | None = None
     try:
+        # The page stream first: the target's receiver connects to it before it answers ready.
+        pages = _open_pages(link, migration_id, found) if lazy else None
         # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
         live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
         try:
-            pages = _Pages(link, migration_id, found) if lazy else None
             # Written before the freeze: whatever happens next, `recover` can find out and finish it.
             journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
         except BaseException:
             live.channel.close()
-            if pages is not None:
-                pages.stop()
             raise
     except BaseException:
+        if pages is not None:
+            pages.stop()
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     try:
@@ -227,6 +229,8 @@ def _migrate(
             tries = 1 if lazy else attempts
             restored, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
         except MigrationUnknown:
+            if pages is not None:
+                pages.wait()  # the target may run it: it gets its memory if the link lets it
             raise
         except KerrickptError as exc:
             # The target never ran it (it said so, or it cannot have had the whole archive).
@@ -241,7 +245,8 @@ def _migrate(
             raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         downtime = time.monotonic() - frozen_at
         if pages is not None:
-            pages.finish(name, link)  # every page is there: until then the source holds the only copy of some
+            # Until every page is there, the source holds the only copy of some of its memory.
+            _finish_pages(pages, link, migration_id, name, container, journal)
         # Point of no return: the container runs on the target. Only now does the source copy go.
         containers.remove(registry, container)
         journal.remove()
@@ -319,51 +324,51 @@ def _require_lazy_pages(link: transport.Link, preflight: dict[str, Any]) -> None
         )
 
 
-class _Pages:
-    """Post-copy's page stream: CRIU's page server here, through ssh to `agent pages`, to the
-    target's lazy-pages daemon. A socket pair and a relay: no port is opened anywhere."""
+def _open_pages(link: transport.Link, migration_id: str, found: criu.Criu) -> postcopy.Source:
+    try:
+        return postcopy.Source(link, migration_id, found)
+    except OSError as exc:  # ssh cannot even start (no such program, no memory)
+        raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
 
-    def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu) -> None:
-        self.found = found
-        self.channel = transport.Channel(link, ["agent", "pages", "--migration-id", migration_id])
-        self.for_criu, self.relay_end = socket.socketpair()
-        self.relay = transport.Relay(self.relay_end, self.channel.stdout.fileno(), self.channel.stdin.fileno())
-        self.criu: subprocess.Popen[bytes] | None = None
-        self.log = Path()
 
-    def dump(self, pid: int, images: Path, work: Path, cgroup: str, shell_job: bool) -> None:
-        """The capture's dump: all but the memory CRIU serves afterwards."""
-        self.log = work / criu.DUMP_LOG
-        try:
-            self.criu = criu.dump_lazy(self.found, pid, images, work, self.for_criu, freeze_cgroup=cgroup,
-                                       shell_job=shell_job)  # fmt: skip
-        finally:
-            self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
+def _finish_pages(
+    pages: postcopy.Source,
+    link: transport.Link,
+    migration_id: str,
+    name: str,
+    container: containers.Container,
+    journal: Journal,
+) -> None:
+    """Wait until the target has every page. If the transfer broke off, the target kills its copy
+    (its watcher does, the moment its daemon fails): once it says so, the source resumes.
+    MigrationUnknown if the target cannot be asked."""
+    # CRIU's page server exits 0 even when its peer vanished mid-way: only the target knows.
+    pages.wait()
+    answer = _settled(link, migration_id)
+    state = answer.get("state")
+    if state in MOVED:
+        return  # every page is there
+    if state in ("failed", "absent"):
+        container.group.freezer.thaw()
+        journal.remove()
+        raise TransportError(
+            f"migration of {name} to {link.target} failed; {name} runs on here again: the transfer of its "
+            f"memory broke off, so {link.target} killed its copy ({answer.get('why')})",
+            log_tail=answer.get("log_tail", ""),
+        )
+    raise MigrationUnknown(_unknown(name, link, "the transfer of its memory ended, and the target could not say how"))
 
-    def finish(self, name: str, link: transport.Link) -> None:
-        """Wait until the target has every page; MigrationUnknown if the transfer failed."""
-        assert self.criu is not None
-        try:
-            code = command.wait(self.criu, deadline=time.monotonic() + criu.DUMP_TIMEOUT, log=self.log)
-        finally:
-            self.channel.close()
-        if code != 0:
-            raise MigrationUnknown(
-                f"{name} runs on {link.target}, but the transfer of its memory failed (criu exit {code}), so that "
-                f"copy may lack memory and die; {name} stays frozen here with all of it. Run `kerrickpt recover "
-                f"{name}` to remove it once {link.target} is known to run it, or kill that copy first to resume here.",
-                log_tail=command.tail_file(self.log),
-            )
 
-    def stop(self) -> None:
-        """Give up: CRIU's page server loses its peer and gives the tree back (frozen, as it found it)."""
-        with contextlib.suppress(OSError):
-            self.relay_end.shutdown(socket.SHUT_RDWR)
-        if self.criu is not None:
-            with contextlib.suppress(KerrickptError):
-                command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
-        self.channel.close()
-        self.for_criu.close()
+def _settled(link: transport.Link, migration_id: str) -> dict[str, Any]:
+    """The target's word on a migration once it is no longer in progress; {} if it cannot be had."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KerrickptError):  # the link may be back in a moment
+            answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
+            if answer.get("state") != "in-progress":
+                return answer
+        time.sleep(0.2)
+    return {}
 
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
@@ -455,7 +460,7 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
             container_here: containers.Container | None = registry.get(name)
         except ContainerNotFoundError:
             container_here = None  # removed already, by a run that died before clearing its journal
-        if answer["state"] in ("running", "exited", "departed"):
+        if answer["state"] in MOVED:
             # The target had it: whatever became of it since, the source copy must never run again.
             if container_here:
                 containers.remove(registry, container_here)

@@ -8,14 +8,11 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kerrickpt import compat, containers, criu, faults, node, procs, transport
+from kerrickpt import compat, containers, criu, faults, node, postcopy, procs, transport
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -23,7 +20,6 @@ from kerrickpt.errors import (
     NodeIncompatibleError,
     NotReadyError,
     RestoreFailed,
-    TransportError,
 )
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
@@ -31,9 +27,7 @@ from kerrickpt.restore import restore
 
 log = logging.getLogger(__name__)
 
-INCOMING = "incoming"
 SPACE_MARGIN = 64 * 2**20
-PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way round
 
 
 def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
@@ -78,12 +72,6 @@ def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> d
     }
 
 
-def _marker(registry: containers.Registry, migration_id: str) -> Path:
-    directory = registry.root / INCOMING
-    directory.mkdir(mode=0o700, exist_ok=True)
-    return directory / f"{containers.check_name(migration_id)}.json"
-
-
 def receive(
     stdin: BinaryIO,
     stdout: TextIO,
@@ -102,7 +90,7 @@ def receive(
     reported; once it runs it stays, whatever happens to the connection.
     """
     registry = containers.Registry(state_dir)
-    marker = _marker(registry, migration_id)
+    marker = registry.incoming(migration_id)
     earlier = status(migration_id, state_dir)
     if earlier["state"] == "in-progress":
         transport.emit(stdout, "error", **BusyError(f"migration {migration_id} is being received").to_dict())
@@ -115,28 +103,19 @@ def receive(
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
     try:
-        transport.emit(stdout, "ready")  # the source freezes the container only after this
-        try:
-            # Unpacked and verified while it arrives; restored only after the source's END frame.
-            incoming = transport.FrameReader(stdin)
-            page_stream = _connect_pages(registry, migration_id) if lazy else None
-            result = restore(
-                incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id, pages=page_stream
-            )
-        except Exception as exc:
-            if status(migration_id, registry.root)["state"] in ("running", "exited"):
-                # It failed after the container came up here: it runs, so that is the only true answer.
-                log.warning("receiving %s: %s after it came up here", name, exc)
-                transport.emit(stdout, "restored", name=name, pid_map={}, warnings=[f"after the restore: {exc}"])
-                return 0
-            # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
-            failure = (
-                exc
-                if isinstance(exc, KerrickptError)
-                else RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
-            )
-            transport.emit(stdout, "error", **failure.to_dict())
-            return failure.exit_code
+        with contextlib.ExitStack() as stack:
+            try:
+                # Connected before ready: a page stream that cannot come fails while nothing is frozen yet.
+                watcher = stack.enter_context(postcopy.Watcher(registry, migration_id)) if lazy else None
+                transport.emit(stdout, "ready")  # the source freezes the container only after this
+                # Unpacked and verified while it arrives; restored only after the source's END frame.
+                incoming = transport.FrameReader(stdin)
+                result = restore(
+                    incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
+                    watcher=watcher,
+                )  # fmt: skip
+            except Exception as exc:
+                return _failed(stdout, registry, name, migration_id, exc)
         # It runs here: from now on the only true answer is "restored", whatever fails next.
         try:
             # Outlives the container's record: `recover` must hear "it came here" even after it left again.
@@ -150,78 +129,56 @@ def receive(
         marker.unlink(missing_ok=True)
 
 
-def pages(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | str | None = None) -> None:
-    """The target's end of a post-copy page stream (`agent pages`): relays between this ssh session
-    and the lazy-pages daemon `receive` starts, which connects to a socket only root can reach."""
-    registry = containers.Registry(state_dir)
-    path = _pages_socket(registry, migration_id)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, _short(path) as address:
-        try:
-            listener.bind(address)  # in a 0700 directory of root's: that is the socket's authentication
-        except OSError as exc:
-            raise TransportError(f"cannot make the page socket {path}: {exc}") from exc
-        try:
-            listener.listen(1)
-            listener.settimeout(PAGES_WAIT_S)  # the receiver connects as soon as its stream begins
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                raise TransportError("no lazy-pages daemon came for the page stream") from None
-        finally:
-            path.unlink(missing_ok=True)
-    with connection:
-        # Until the daemon has every page and hangs up: the source's CRIU then ends too.
-        transport.Relay(connection, stdin_fd, stdout_fd).done.wait()
+def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_id: str, exc: Exception) -> int:
+    """Answer a receive that raised `exc`: restored if the container runs here all the same, else the error."""
+    if _came_up(registry, migration_id):
+        # It failed after the container came up here: it runs, so that is the only true answer.
+        log.warning("receiving %s: %s after it came up here", name, exc)
+        transport.emit(stdout, "restored", name=name, pid_map={}, warnings=[f"after the restore: {exc}"])
+        return 0
+    # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
+    failure = (
+        exc
+        if isinstance(exc, KerrickptError)
+        else RestoreFailed(f"receiving {name} failed: {type(exc).__name__}: {exc}")
+    )
+    transport.emit(stdout, "error", **failure.to_dict())
+    return failure.exit_code
 
 
-def _pages_socket(registry: containers.Registry, migration_id: str) -> Path:
-    return _marker(registry, migration_id).with_suffix(".pages")
-
-
-@contextlib.contextmanager
-def _short(path: Path) -> Iterator[str]:
-    """`path` as a socket address: through /proc/self/fd, since sun_path holds 108 bytes and a state dir may not."""
-    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{directory}/{path.name}"
-    finally:
-        os.close(directory)
-
-
-def _connect_pages(registry: containers.Registry, migration_id: str) -> socket.socket:
-    """The connection to this migration's `agent pages`, which the source started before the freeze."""
-    path = _pages_socket(registry, migration_id)
-    deadline = time.monotonic() + PAGES_WAIT_S
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with _short(path) as address:
-                sock.connect(address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise TransportError(f"the page stream of the migration never came ({exc})", transient=True) from exc
-            time.sleep(0.05)
+def _came_up(registry: containers.Registry, migration_id: str) -> bool:
+    """Whether the container came up here (whatever became of it since): a post-copy one counts
+    until its memory stopped coming, when its watcher killed it."""
+    pages = postcopy.outcome(registry, migration_id)
+    if pages is not None:
+        return pages["state"] != postcopy.FAILED
+    return any(c.migration == migration_id for c in registry.all())
 
 
 def _tombstone(registry: containers.Registry, migration_id: str) -> Path:
-    return _marker(registry, migration_id).with_suffix(".done")
+    return registry.incoming(migration_id).with_suffix(".done")
 
 
 def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
-    """What became of a migration here: running, exited, departed (came and went), in-progress or absent.
+    """What became of a migration here: running, exited, departed (came and went), in-progress,
+    failed (post-copy: its memory stopped coming, so it was killed here) or absent.
 
     What a receiver that died mid-way left is gone by then, so that `absent` is the truth.
+    A post-copy migration is in progress until every page came: only then has it moved.
     """
     registry = containers.Registry(state_dir)
+    pages = postcopy.outcome(registry, migration_id) or {"state": None}
+    if pages["state"] == postcopy.FAILED:
+        return {**pages, "state": "failed"}
+    if pages["state"] == postcopy.IN_FLIGHT:
+        return {"state": "in-progress"}
     for container in registry.all():
         if container.migration == migration_id:
             return {"state": "running" if container.is_running() else "exited", "name": container.name}
     tombstone = _tombstone(registry, migration_id)
     if tombstone.exists():
         return {"state": "departed", **json.loads(tombstone.read_text())}
-    marker = _marker(registry, migration_id)
+    marker = registry.incoming(migration_id)
     try:
         info = json.loads(marker.read_text())
     except FileNotFoundError:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, procs, restorer, sysvipc
+from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, postcopy, procs, restorer, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed, UsageError
 from kerrickpt.manifest import Manifest
 
@@ -39,7 +38,7 @@ def restore(
     force: bool = False,
     migration_id: str | None = None,
     pid_namespace: str = "new",
-    pages: socket.socket | None = None,
+    watcher: postcopy.Watcher | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -47,13 +46,15 @@ def restore(
     Every checksum is verified before any process is created; on failure nothing of the
     container is left on this node. A job that shared the host's namespaces comes back in
     new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
-    PIDs on the host, which must all be free.
+    PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
+    archive lacks comes through it after this returns.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
     registry = containers.Registry(state_dir)
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
+    handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
     try:
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
@@ -65,10 +66,12 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
-        plan = dataclasses.replace(_plan(manifest, pid_namespace), pages=pages)
+        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
         init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan)
+        handed_over = watcher is not None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not handed_over:
+            shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
     pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(group.pids())}
     warnings = [d.message for d in verdict.differences]
@@ -120,6 +123,8 @@ def _restore_as(
                 shutil.copyfileobj(saved, out)
             inherit[manifest.log_path.lstrip("/")] = log_fd
         faults.inject("restore-before-criu")
+        if plan.watcher is not None:
+            plan.watcher.start(found, scratch, group, name)
         init_pid = restorer.run(group, found, scratch, inherit, plan)
         started = procs.start_time(init_pid)
         if started is None:
@@ -140,6 +145,8 @@ def _restore_as(
         )
         return init_pid
     except BaseException as exc:
+        if plan.watcher is not None:
+            plan.watcher.abort()  # before anything else: its daemon must not serve what is torn down
         if group is not None:
             group.remove()
         registry.release(name)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kerrickpt import cgroups, criu, namespaces, sysvipc
+from kerrickpt import cgroups, criu, namespaces, postcopy, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
 
 
@@ -22,15 +21,11 @@ class Plan:
     shell_job: bool = False
     ipc: sysvipc.JobIpc | None = None
     new_pid_namespace: bool = False
-    pages: socket.socket | None = None  # post-copy: the memory the images lack comes through this
+    watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
 
 
 def run(group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan) -> int:
-    """Restore the images in `scratch`; returns the host PID of the tree's init (its root, or kerrickpt's init).
-
-    For post-copy, CRIU's lazy-pages daemon starts first; it stays, fetching memory, after this returns.
-    """
-    daemon = criu.lazy_pages_daemon(found, scratch / "images", scratch, plan.pages) if plan.pages else None
+    """Restore the images in `scratch`; returns the host PID of the tree's init (its root, or kerrickpt's init)."""
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
@@ -43,12 +38,10 @@ def run(group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping
     answer: dict[str, Any] = {}
     for line in lines:
         answer.update(line)
-    if "error" in answer or "pid" not in answer:
-        if daemon is not None:
-            daemon.kill()  # nothing came up for it to serve
-        if "error" in answer:
-            kind = CommandTimeout if answer["timeout"] else RestoreFailed
-            raise kind(answer["error"], log_tail=answer["log_tail"])
+    if "error" in answer:
+        kind = CommandTimeout if answer["timeout"] else RestoreFailed
+        raise kind(answer["error"], log_tail=answer["log_tail"])
+    if "pid" not in answer:
         raise RestoreFailed("the restore helper died without an answer")
     return int(answer.get("init", answer["pid"]))
 
@@ -65,7 +58,12 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan) -> int:
     return criu.restore(
-        found, scratch / "images", scratch, inherit_fds=inherit, shell_job=plan.shell_job, lazy_pages=bool(plan.pages)
+        found,
+        scratch / "images",
+        scratch,
+        inherit_fds=inherit,
+        shell_job=plan.shell_job,
+        lazy_pages=plan.watcher is not None,
     )
 
 

@@ -393,6 +393,7 @@ class Relay:
     def __init__(self, sock: socket.socket, read_fd: int, write_fd: int) -> None:
         self.sock = sock
         self.done = threading.Event()
+        self.moved = 0  # bytes either way: what `wait` watches for progress
         self.threads = [
             threading.Thread(target=self._to_socket, args=(read_fd,), daemon=True),
             threading.Thread(target=self._from_socket, args=(write_fd,), daemon=True),
@@ -404,6 +405,7 @@ class Relay:
         with contextlib.suppress(OSError):
             while _wait(read_fd, select.POLLIN, RECEIVE_STALL_S) and (data := os.read(read_fd, RELAY_BYTES)):
                 self.sock.sendall(data)
+                self.moved += len(data)
             self.sock.shutdown(socket.SHUT_WR)
 
     def _from_socket(self, write_fd: int) -> None:
@@ -411,10 +413,32 @@ class Relay:
             while data := self.sock.recv(RELAY_BYTES):
                 if not _write_all(write_fd, memoryview(data), STALL_S):
                     break
+                self.moved += len(data)
         except OSError:
             pass
         finally:
             self.done.set()
+
+    def wait(self, stall: float) -> bool:
+        """Until the transfer is over (True) or, once it has begun, nothing moved for `stall` s (False)."""
+        last, since = self.moved, time.monotonic()
+        while not self.done.wait(1.0):
+            if self.moved != last:
+                last, since = self.moved, time.monotonic()
+            elif self.moved and time.monotonic() - since > stall:
+                return False
+        return True
+
+    def cut(self) -> None:
+        """End the socket's side: its peer sees the end, and the thread that writes it stops."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def join(self, toward_pipe: bool = False) -> None:
+        """Wait for the threads (only the one writing to the pipe, with `toward_pipe`) to finish:
+        cut first, and end the pipes' other side, or this waits for their stall limits."""
+        for thread in self.threads[1:] if toward_pipe else self.threads:
+            thread.join(timeout=RECEIVE_STALL_S)
 
 
 def _wait(fd: int, event: int, timeout: float) -> bool:

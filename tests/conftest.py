@@ -17,6 +17,7 @@ from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
 WORKLOAD_SOURCE = Path(__file__).parent / "workload" / "ipcworkload.c"
+MEMLOAD_SOURCE = Path(__file__).parent.parent / "bench" / "memload.c"
 
 
 @cache
@@ -83,6 +84,14 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The C test workload, compiled for this run."""
     binary = tmp_path_factory.mktemp("workload") / "ipcworkload"
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(WORKLOAD_SOURCE)], check=True)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def memload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's workload (fills N MiB and verifies them on SIGUSR1), compiled for this run."""
+    binary = tmp_path_factory.mktemp("memload") / "memload"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(MEMLOAD_SOURCE)], check=True)
     return binary
 
 

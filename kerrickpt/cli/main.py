@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import kerrickpt
-from kerrickpt import cgroups, containers, receiver, retention, transport
+from kerrickpt import cgroups, containers, postcopy, receiver, retention, transport
 from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NodeIncompatibleError, NotReadyError, UsageError
 from kerrickpt.inspection import restore_route
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
@@ -262,7 +262,7 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         )
         return None, code
     if args.op == "pages":
-        receiver.pages(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
+        postcopy.serve(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
         return None, 0
     if args.op == "preflight":
         answer = receiver.preflight(json.load(sys.stdin), args.state_dir)

@@ -1,0 +1,290 @@
+"""Owns post-copy migration's memory: the page stream from the source's CRIU through ssh to the
+target's lazy-pages daemon, and the watcher that kills a target copy whose memory stopped coming."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import cgroups, command, containers, criu, faults, procs, transport
+from kerrickpt.errors import KerrickptError, RestoreFailed, TransportError
+
+PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way round
+IN_FLIGHT, COMPLETE, FAILED = "in-flight", "complete", "failed"
+CUT_AFTER = 1 << 20  # where the pages-cut fault drops the link
+
+
+class Source:
+    """The source's end: CRIU's page server on one end of a socket pair, the other relayed over a
+    second ssh session to `agent pages`. No port is opened anywhere."""
+
+    def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu) -> None:
+        self.found = found
+        self.channel = transport.Channel(link, ["agent", "pages", "--migration-id", migration_id])
+        self.for_criu, self.relay_end = socket.socketpair()
+        self.relay = transport.Relay(self.relay_end, self.channel.stdout.fileno(), self.channel.stdin.fileno())
+        self.criu: subprocess.Popen[bytes] | None = None
+        self.log = Path()
+        if faults.is_set("pages-cut"):
+            threading.Thread(target=self._cut_link, daemon=True).start()
+
+    def _cut_link(self) -> None:
+        """Fault injection: the link drops for good once the page transfer is under way."""
+        while self.relay.moved < CUT_AFTER and not self.relay.done.wait(0.005):
+            pass
+        self.channel.proc.kill()
+
+    def dump(self, pid: int, images: Path, work: Path, cgroup: str, shell_job: bool) -> None:
+        """The capture's dump: all but the memory CRIU serves afterwards."""
+        self.log = work / criu.DUMP_LOG
+        try:
+            self.criu = criu.dump_lazy(self.found, pid, images, work, self.for_criu, freeze_cgroup=cgroup,
+                                       shell_job=shell_job)  # fmt: skip
+        finally:
+            self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
+
+    def wait(self) -> int:
+        """CRIU's exit code once the target has every page (0) or the transfer failed.
+
+        No deadline: a big container takes as long as its link needs. A stream that moves
+        nothing for transport.STALL_S is cut, since the target's daemon never pauses on its own.
+        """
+        assert self.criu is not None
+        try:
+            if not self.relay.wait(transport.STALL_S):
+                self.relay.cut()
+            return command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Give up: CRIU's page server loses its peer and gives the tree back (frozen, as it found it)."""
+        self.relay.cut()
+        if self.criu is not None:
+            with contextlib.suppress(KerrickptError):
+                command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
+        self.close()
+
+    def close(self) -> None:
+        """End the relay and ssh, closing each fd only once no thread of the relay can still use it."""
+        self.relay.cut()
+        if not self.relay.done.wait(1.0):
+            self.channel.proc.kill()  # the thread writing to ssh may wait on it: this frees it
+        self.relay.join(toward_pipe=True)
+        with contextlib.suppress(OSError):
+            self.channel.stdin.close()  # `agent pages` sees the end and leaves, and so does ssh
+        try:
+            self.channel.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.channel.proc.kill()
+        self.relay.join()
+        self.channel.close()
+        self.relay_end.close()
+        self.for_criu.close()
+
+
+def _socket_path(registry: containers.Registry, migration_id: str) -> Path:
+    return registry.incoming(migration_id).with_suffix(".pages")
+
+
+def _record_path(registry: containers.Registry, migration_id: str) -> Path:
+    return registry.incoming(migration_id).with_suffix(".postcopy")
+
+
+@contextlib.contextmanager
+def _short(path: Path) -> Iterator[str]:
+    """`path` as a socket address: through /proc/self/fd, since sun_path holds 108 bytes and a state dir may not."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
+def serve(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | str | None = None) -> None:
+    """The target's end of the page stream (`agent pages`): relays between this ssh session and the
+    receiver's watcher, which connects to a socket only root can reach and hands it to CRIU."""
+    registry = containers.Registry(state_dir)
+    path = _socket_path(registry, migration_id)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, _short(path) as address:
+        try:
+            listener.bind(address)  # in a 0700 directory of root's: that is the socket's authentication
+        except OSError as exc:
+            raise TransportError(f"cannot make the page socket {path}: {exc}") from exc
+        try:
+            listener.listen(1)
+            listener.settimeout(PAGES_WAIT_S)  # the receiver connects before it answers ready
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                raise TransportError("no receiver came for the page stream") from None
+        finally:
+            path.unlink(missing_ok=True)
+    with connection:
+        relay = transport.Relay(connection, stdin_fd, stdout_fd)
+        # A link that died without closing: the daemon must fail (and the watcher kill its container)
+        # rather than leave it hanging on pages that will never come.
+        relay.wait(transport.STALL_S)
+        relay.cut()
+
+
+def _connect(registry: containers.Registry, migration_id: str) -> socket.socket:
+    """The connection to this migration's `agent pages`, which the source started before this receiver."""
+    path = _socket_path(registry, migration_id)
+    deadline = time.monotonic() + PAGES_WAIT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _short(path) as address:
+                sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TransportError(f"the page stream of the migration never came ({exc})", transient=True) from exc
+            time.sleep(0.05)
+
+
+class Watcher:
+    """The target's guard of a post-copy restore: a process of its own, in its own session, that
+    starts CRIU's lazy-pages daemon, outlives the receiver, and waits for the daemon to end.
+    If the daemon fails, the container's memory never all arrived: what is missing would read
+    as zeros, so the watcher kills the container at once and records that it failed.
+
+    Started (and connected to the page stream) before the receiver answers ready, so that
+    neither costs downtime; `start` then gives it the restore's images and cgroup.
+    """
+
+    def __init__(self, registry: containers.Registry, migration_id: str) -> None:
+        self.record = _record_path(registry, migration_id)
+        self.started = False
+        with _connect(registry, migration_id) as sock:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(sock.fileno())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(sock.fileno(),),
+                start_new_session=True,  # it must outlive the ssh session the receiver runs in
+            )
+
+    def start(self, found: criu.Criu, scratch: Path, group: cgroups.Cgroup, name: str) -> None:
+        """Start the daemon on the images in `scratch`; from here on the watcher owns `scratch`."""
+        order = {
+            "criu": found.path, "version": found.version, "scratch": str(scratch), "cgroup": group.to_list(),
+            "record": str(self.record), "state_dir": str(self.record.parent.parent), "name": name,
+        }  # fmt: skip
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.started = True
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.write(json.dumps(order).encode() + b"\n")
+            self.process.stdin.close()
+        poller = select.poll()
+        poller.register(self.process.stdout, select.POLLIN)
+        answer: dict[str, Any] = {}
+        if poller.poll(criu.STREAM_GRACE * 1000):
+            with contextlib.suppress(ValueError):
+                answer = json.loads(self.process.stdout.readline() or b"{}")
+        if answer.get("event") != "ready":
+            self.abort()
+            raise RestoreFailed(
+                f"CRIU's lazy-pages daemon did not start: {answer.get('error', 'no answer')}",
+                log_tail=answer.get("log_tail", ""),
+            )
+
+    def abort(self) -> None:
+        """The restore failed: stop the daemon (the watcher then removes what it had)."""
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=criu.STREAM_GRACE)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.started:  # the receiver failed before the restore: the watcher has nothing to do
+            with contextlib.suppress(OSError):
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+            self.process.wait()
+
+
+def outcome(registry: containers.Registry, migration_id: str) -> dict[str, str] | None:
+    """Post-copy's state here (in-flight, complete or failed), with why and the log's tail if it failed;
+    None if no watcher started for it.
+
+    A watcher that died while its daemon served counts as failed: nobody would kill a container
+    whose memory stopped coming, so this does.
+    """
+    path = _record_path(registry, migration_id)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    if record["state"] == IN_FLIGHT and not procs.is_alive(record["pid"], record["start"]):
+        why = "its watcher died"
+        _fail(cgroups.Cgroup(tuple(Path(d) for d in record["cgroup"])), path, record, why)
+        return {"state": FAILED, "why": why, "log_tail": ""}
+    return {key: str(record.get(key, "")) for key in ("state", "why", "log_tail")}
+
+
+def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, log_tail: str = "") -> None:
+    """Kill the container, whose memory stopped coming, and say so before anyone can take it for moved."""
+    existing = cgroups.Cgroup(tuple(d for d in group.dirs if d.exists()))
+    if existing.dirs:
+        existing.kill()  # must succeed before the record says it: the source resumes on "failed"
+    containers.write_atomic(path, json.dumps({**record, "state": FAILED, "why": why, "log_tail": log_tail}))
+    registry = containers.Registry(record["state_dir"])
+    with contextlib.suppress(KerrickptError, OSError):
+        if registry.get(record["name"]).migration == path.stem:
+            containers.remove(registry, registry.get(record["name"]))
+
+
+def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
+    order_line = sys.stdin.buffer.readline()
+    if not order_line:
+        return 0  # the receiver failed before the restore
+    order = json.loads(order_line)
+    found = criu.Criu(path=order["criu"], version=order["version"])
+    scratch, path = Path(order["scratch"]), Path(order["record"])
+    group = cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"]))
+    me = os.getpid()
+    record = {key: order[key] for key in ("cgroup", "state_dir", "name")}
+    record |= {"state": IN_FLIGHT, "pid": me, "start": procs.start_time(me)}
+    try:
+        containers.write_atomic(path, json.dumps(record))
+        with socket.socket(fileno=pages_fd) as pages:
+            daemon = criu.lazy_pages_daemon(found, scratch / "images", scratch, pages)
+        signal.signal(signal.SIGTERM, lambda *_: daemon.kill())
+        print(json.dumps({"event": "ready"}), flush=True)
+        sys.stdout.close()
+        code = daemon.wait()
+        if code == 0:
+            containers.write_atomic(path, json.dumps({**record, "state": COMPLETE}))
+        else:
+            tail = command.tail_file(scratch / criu.LAZY_LOG)
+            _fail(group, path, record, f"CRIU's lazy-pages daemon exited with {code}", tail)
+        return code
+    except KerrickptError as exc:
+        _fail(group, path, record, exc.message, exc.log_tail)
+        with contextlib.suppress(OSError, ValueError):
+            print(json.dumps({"event": "error", "error": exc.message, "log_tail": exc.log_tail}), flush=True)
+        return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover - started by Watcher
+    sys.exit(_watch(int(sys.argv[1])))
