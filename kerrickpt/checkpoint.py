@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -97,8 +98,13 @@ def _checkpoint(
     return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
 
 
-# A post-copy dump: (root PID, images dir, work dir, cgroup to freeze, shell job) -> None, its CRIU left serving.
-LazyDump = Callable[[int, Path, Path, str, bool], None]
+class LazyDump(Protocol):
+    """A post-copy dump, whose CRIU is left serving the memory it did not write."""
+
+    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool) -> None: ...
+
+    def stop(self) -> None:
+        """Give up: CRIU lets go of the tree, leaving it frozen."""
 
 
 @dataclass(frozen=True)
@@ -148,13 +154,14 @@ def capture(
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
+    criu.prepare()
     step = "freezing the cgroup"
     try:
         freezer = group.freezer
         with archive.Writer(output, level=level, mirror=mirror) as writer:
             guardian = guard.Guardian(freezer)
             frozen_at = time.monotonic()
-            with guardian, frozen(freezer):
+            with guardian, frozen(freezer), _stopped_on_failure(lazy):
                 step = "reading the process tree"
                 if host_job:
                     _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
@@ -171,7 +178,7 @@ def capture(
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
                 if lazy is not None:
-                    lazy(pids[0], images, scratch, cgroup, shell_job)
+                    lazy.dump(pids[0], images, cgroup, shell_job)
                 elif thaw_after_dump:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
                     criu.dump(found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job)
@@ -218,6 +225,17 @@ def capture(
         raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stopped_on_failure(lazy: LazyDump | None) -> Iterator[None]:
+    """A lazy CRIU holds the tree (and the guardian's pipe) until it lets go: on failure, before the thaw."""
+    try:
+        yield
+    except BaseException:
+        if lazy is not None:
+            lazy.stop()
+        raise
 
 
 def _compression(level: int, link_mib_s: float | None) -> dict[str, Any]:

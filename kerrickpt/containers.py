@@ -116,11 +116,28 @@ class Registry:
         self._sweep_unfinished()
 
     def _sweep_scratch(self) -> None:
-        """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up."""
+        """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up.
+
+        A directory is its maker's (whose PID its name carries) unless another process `claim`ed it.
+        """
         for path in self.scratch.iterdir():
-            owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
-            if owner.isdigit() and procs.start_time(int(owner)) is None:
-                shutil.rmtree(path, ignore_errors=True)
+            try:
+                claim = json.loads((path / OWNER).read_text())
+                if procs.is_alive(claim["pid"], claim["start"]):
+                    continue
+            except FileNotFoundError:
+                owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+                if not owner.isdigit() or procs.start_time(int(owner)) is not None:
+                    continue
+            except (OSError, ValueError, KeyError):
+                continue  # being written right now
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def claim(scratch: Path) -> None:
+        """Make this process the owner of a scratch directory another made: it outlives its maker."""
+        me = os.getpid()
+        write_atomic(scratch / OWNER, json.dumps({"pid": me, "start": procs.start_time(me)}))
 
     def _sweep_unfinished(self) -> None:
         """Remove names whose run died before registering them, with whatever it had started in their cgroups."""

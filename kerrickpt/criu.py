@@ -74,6 +74,13 @@ def cpuinfo_check(criu: Criu, directory: Path) -> tuple[bool, str]:
     return result.returncode == 0, command.tail(result.stdout + result.stderr)
 
 
+def prepare() -> None:
+    """Import pycriu now: its first import takes ~50 ms, too long to fall inside a freeze window."""
+    with contextlib.suppress(ImportError):
+        import pycriu  # noqa: F401
+        from pycriu.images import img_streamer_pb2  # noqa: F401
+
+
 def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]
     """A pycriu client with the options every request shares."""
     import pycriu  # imported late: `kerrickpt check` must work without it

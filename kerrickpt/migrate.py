@@ -31,6 +31,7 @@ from kerrickpt.errors import (
     UsageError,
     from_dict,
 )
+from kerrickpt.freezer import Freezer
 from kerrickpt.manifest import VERSION as ARCHIVE_VERSION
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,13 @@ def _migrate(
     pages: postcopy.Source | None = None
     try:
         # The page stream first: the target's receiver connects to it before it answers ready.
-        pages = _open_pages(link, migration_id, found) if lazy else None
+        if lazy:
+            pages = _open_pages(link, migration_id, found, container.group.freezer, scratch / "pages")
         # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
-        live, _ = _retrying(attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive))
+        # A post-copy's page socket takes one receiver: no second try.
+        live, _ = _retrying(
+            1 if lazy else attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive)
+        )
         try:
             # Written before the freeze: whatever happens next, `recover` can find out and finish it.
             journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
@@ -208,12 +213,10 @@ def _migrate(
         try:
             manifest = capture(
                 found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
-                link_mib_s=link_mib_s, lazy=pages.dump if pages else None,
+                link_mib_s=link_mib_s, lazy=pages,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it unpacked
-            if pages is not None:
-                pages.stop()  # CRIU, if it still serves memory, gives the tree back
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
 
@@ -246,7 +249,13 @@ def _migrate(
         downtime = time.monotonic() - frozen_at
         if pages is not None:
             # Until every page is there, the source holds the only copy of some of its memory.
-            _finish_pages(pages, link, migration_id, name, container, journal)
+            try:
+                _finish_pages(pages, link, migration_id, name, container, journal)
+            except (MigrationUnknown, TransportError):
+                raise  # the target's word, or that it could not be had
+            except BaseException as exc:
+                pages.stop()  # the target kills its copy once the stream ends: `recover` resumes this one
+                raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         # Point of no return: the container runs on the target. Only now does the source copy go.
         containers.remove(registry, container)
         journal.remove()
@@ -324,9 +333,11 @@ def _require_lazy_pages(link: transport.Link, preflight: dict[str, Any]) -> None
         )
 
 
-def _open_pages(link: transport.Link, migration_id: str, found: criu.Criu) -> postcopy.Source:
+def _open_pages(
+    link: transport.Link, migration_id: str, found: criu.Criu, freezer: Freezer, work: Path
+) -> postcopy.Source:
     try:
-        return postcopy.Source(link, migration_id, found)
+        return postcopy.Source(link, migration_id, found, freezer, work)
     except OSError as exc:  # ssh cannot even start (no such program, no memory)
         raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
 

@@ -20,23 +20,27 @@ from typing import Any
 
 from kerrickpt import cgroups, command, containers, criu, faults, procs, transport
 from kerrickpt.errors import KerrickptError, RestoreFailed, TransportError
+from kerrickpt.freezer import Freezer
 
 PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way round
 IN_FLIGHT, COMPLETE, FAILED = "in-flight", "complete", "failed"
 CUT_AFTER = 1 << 20  # where the pages-cut fault drops the link
+DAEMON_START_S = 30.0  # for CRIU's lazy-pages daemon to be ready; the receiver waits twice that
 
 
 class Source:
     """The source's end: CRIU's page server on one end of a socket pair, the other relayed over a
-    second ssh session to `agent pages`. No port is opened anywhere."""
+    second ssh session to `agent pages`. No port is opened anywhere.
 
-    def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu) -> None:
-        self.found = found
+    CRIU works in `work` (its log), which the caller keeps until `wait` or `stop` returned.
+    """
+
+    def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu, freezer: Freezer, work: Path) -> None:
+        self.found, self.freezer, self.work = found, freezer, work
         self.channel = transport.Channel(link, ["agent", "pages", "--migration-id", migration_id])
         self.for_criu, self.relay_end = socket.socketpair()
         self.relay = transport.Relay(self.relay_end, self.channel.stdout.fileno(), self.channel.stdin.fileno())
         self.criu: subprocess.Popen[bytes] | None = None
-        self.log = Path()
         if faults.is_set("pages-cut"):
             threading.Thread(target=self._cut_link, daemon=True).start()
 
@@ -46,40 +50,41 @@ class Source:
             pass
         self.channel.proc.kill()
 
-    def dump(self, pid: int, images: Path, work: Path, cgroup: str, shell_job: bool) -> None:
+    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool) -> None:
         """The capture's dump: all but the memory CRIU serves afterwards."""
-        self.log = work / criu.DUMP_LOG
+        self.work.mkdir(mode=0o700, exist_ok=True)
         try:
-            self.criu = criu.dump_lazy(self.found, pid, images, work, self.for_criu, freeze_cgroup=cgroup,
+            self.criu = criu.dump_lazy(self.found, pid, images, self.work, self.for_criu, freeze_cgroup=cgroup,
                                        shell_job=shell_job)  # fmt: skip
         finally:
             self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
 
-    def wait(self) -> int:
-        """CRIU's exit code once the target has every page (0) or the transfer failed.
-
-        No deadline: a big container takes as long as its link needs. A stream that moves
-        nothing for transport.STALL_S is cut, since the target's daemon never pauses on its own.
-        """
-        assert self.criu is not None
-        try:
-            if not self.relay.wait(transport.STALL_S):
-                self.relay.cut()
-            return command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
-        finally:
-            self.close()
+    def wait(self) -> None:
+        """Until the transfer is over: the target has every page, or the stream broke or moved nothing
+        for transport.STALL_S (the target's daemon never pauses on its own). No deadline besides:
+        a big container takes as long as its link needs. Only the target can say which it was."""
+        self.relay.wait(transport.STALL_S)
+        self.stop()
 
     def stop(self) -> None:
-        """Give up: CRIU's page server loses its peer and gives the tree back (frozen, as it found it)."""
-        self.relay.cut()
-        if self.criu is not None:
-            with contextlib.suppress(KerrickptError):
-                command.wait(self.criu, deadline=time.monotonic() + criu.STREAM_GRACE, log=self.log)
-        self.close()
+        """End the transfer: CRIU's page server loses its peer and lets go of the tree, frozen.
 
-    def close(self) -> None:
+        While it serves, CRIU holds the tree by ptrace alone, with the cgroup thawed; it puts
+        FROZEN back as it exits. A CRIU that will not exit is killed only after the cgroup is
+        frozen again, or the tree would run here while the target's copy may run too.
+        """
+        self.relay.cut()  # a CRIU blocked writing to the relay gets EPIPE, one reading gets EOF
+        if self.criu is not None:
+            try:
+                self.criu.wait(timeout=criu.STREAM_GRACE)
+            except subprocess.TimeoutExpired:
+                self.freezer.freeze()
+                self.criu.kill()
+                self.criu.wait()
+        self._close()
+
+    def _close(self) -> None:
         """End the relay and ssh, closing each fd only once no thread of the relay can still use it."""
-        self.relay.cut()
         if not self.relay.done.wait(1.0):
             self.channel.proc.kill()  # the thread writing to ssh may wait on it: this frees it
         self.relay.join(toward_pipe=True)
@@ -135,8 +140,9 @@ def serve(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | st
     with connection:
         relay = transport.Relay(connection, stdin_fd, stdout_fd)
         # A link that died without closing: the daemon must fail (and the watcher kill its container)
-        # rather than leave it hanging on pages that will never come.
-        relay.wait(transport.STALL_S)
+        # rather than leave it hanging on pages that will never come. The first page comes only
+        # once the archive has arrived and the restore began.
+        relay.wait(transport.STALL_S, first=transport.RECEIVE_STALL_S)
         relay.cut()
 
 
@@ -194,7 +200,7 @@ class Watcher:
         poller = select.poll()
         poller.register(self.process.stdout, select.POLLIN)
         answer: dict[str, Any] = {}
-        if poller.poll(criu.STREAM_GRACE * 1000):
+        if poller.poll(2 * DAEMON_START_S * 1000):
             with contextlib.suppress(ValueError):
                 answer = json.loads(self.process.stdout.readline() or b"{}")
         if answer.get("event") != "ready":
@@ -252,6 +258,14 @@ def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, l
             containers.remove(registry, registry.get(record["name"]))
 
 
+class _Stopped(Exception):
+    """SIGTERM: the receiver's restore failed (Watcher.abort)."""
+
+
+def _stop(*_: object) -> None:
+    raise _Stopped
+
+
 def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
     order_line = sys.stdin.buffer.readline()
     if not order_line:
@@ -263,24 +277,38 @@ def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
     me = os.getpid()
     record = {key: order[key] for key in ("cgroup", "state_dir", "name")}
     record |= {"state": IN_FLIGHT, "pid": me, "start": procs.start_time(me)}
+    daemon: subprocess.Popen[bytes] | None = None
+    signal.signal(signal.SIGTERM, _stop)
     try:
         containers.write_atomic(path, json.dumps(record))
-        with socket.socket(fileno=pages_fd) as pages:
-            daemon = criu.lazy_pages_daemon(found, scratch / "images", scratch, pages)
-        signal.signal(signal.SIGTERM, lambda *_: daemon.kill())
+        containers.Registry.claim(scratch)  # the receiver leaves before the daemon is done with it
+        # Not while the daemon starts: a SIGTERM then would leave it running, unwatched.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            with socket.socket(fileno=pages_fd) as pages:
+                daemon = criu.lazy_pages_daemon(found, scratch / "images", scratch, pages, timeout=DAEMON_START_S)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         print(json.dumps({"event": "ready"}), flush=True)
         sys.stdout.close()
         code = daemon.wait()
         if code == 0:
             containers.write_atomic(path, json.dumps({**record, "state": COMPLETE}))
-        else:
-            tail = command.tail_file(scratch / criu.LAZY_LOG)
-            _fail(group, path, record, f"CRIU's lazy-pages daemon exited with {code}", tail)
+            return 0
+        tail = command.tail_file(scratch / criu.LAZY_LOG)
+        _fail(group, path, record, f"CRIU's lazy-pages daemon exited with {code}", tail)
         return code
-    except KerrickptError as exc:
-        _fail(group, path, record, exc.message, exc.log_tail)
+    except BaseException as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nothing may stop the kill below
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        failure = exc if isinstance(exc, KerrickptError) else KerrickptError(f"{type(exc).__name__} {exc}")
+        if isinstance(exc, _Stopped):
+            failure = KerrickptError("the restore failed")
+        _fail(group, path, record, failure.message, failure.log_tail)
         with contextlib.suppress(OSError, ValueError):
-            print(json.dumps({"event": "error", "error": exc.message, "log_tail": exc.log_tail}), flush=True)
+            print(json.dumps({"event": "error", "error": failure.message, "log_tail": failure.log_tail}), flush=True)
         return 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -419,13 +419,14 @@ class Relay:
         finally:
             self.done.set()
 
-    def wait(self, stall: float) -> bool:
-        """Until the transfer is over (True) or, once it has begun, nothing moved for `stall` s (False)."""
+    def wait(self, stall: float, first: float | None = None) -> bool:
+        """Until the transfer is over (True) or nothing moved for `stall` s (False); before the
+        first byte, for `first` s if given."""
         last, since = self.moved, time.monotonic()
         while not self.done.wait(1.0):
             if self.moved != last:
                 last, since = self.moved, time.monotonic()
-            elif self.moved and time.monotonic() - since > stall:
+            elif time.monotonic() - since > (stall if self.moved or first is None else first):
                 return False
         return True
 

@@ -324,6 +324,8 @@ def test_lazy_migration_runs_there_before_its_memory_arrived_and_keeps_its_state
     moved = json.loads(result.stdout)
     assert moved["lazy"] is True and moved["attempts"]["transfer"] == 1
     assert_moved_with_its_state(cluster, job, before)
+    # Its images stay on b only until every page came: the watcher removes them then.
+    wait_for(lambda: not list((b.state_dir / "tmp").iterdir()), what="b's images to go")
 
 
 def test_lazy_migration_without_big_enough_pipes_is_refused_before_the_freeze(cluster: Cluster, workload: Path) -> None:
