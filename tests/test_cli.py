@@ -70,8 +70,8 @@ def test_full_cycle_through_the_command(state_dir: Path, tmp_path: Path, workloa
     assert shown["name"] == name and shown["memory_limit"] == 256 * 2**20
     assert [p["ns_pid"] for p in shown["processes"]] == [1, 2, 3]
     assert {"frozen_s", "dump_s", "compress_s"} <= shown["timings"].keys()
-    assert shown["compression"] == {"level": 1} and shown["checksum"] == "xxh3_128"
-    assert "zstd level 1, xxh3_128 checksums" in cli("inspect", str(archive)).stdout
+    assert shown["compression"] == {"level": kerrickpt.CHECKPOINT_LEVEL} and shown["checksum"] == "xxh3_128"
+    assert f"zstd level {kerrickpt.CHECKPOINT_LEVEL}, xxh3_128 checksums" in cli("inspect", str(archive)).stdout
     assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
 
     back = cli("restore", str(archive), state_dir=state_dir)
