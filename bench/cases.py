@@ -130,6 +130,24 @@ def migrate_lazy(lab: Lab, mib: int, kind: str) -> Outcome:
         return migrate(lab, mib, kind, lazy=True)
 
 
+def runc(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`runc checkpoint` and `runc restore` of a busybox container running the workload, with the project's CRIU."""
+    limit = timeout_for(mib)
+    with lab.runc_container(mib, kind) as job, lab.scratch("runc-images") as work:
+        images = str(work / "images")
+        checkpoint_s = job.runc("checkpoint", "--image-path", images, "--work-path", str(work / "dump"), job.name,
+                                timeout=limit)  # fmt: skip
+        restore_s = job.runc("restore", "--detach", "--image-path", images, "--work-path", str(work / "restore"),
+                             "--bundle", str(job.bundle), job.name, timeout=limit)  # fmt: skip
+        ok = job.verify(mib)
+    metrics = {
+        "runc.checkpoint_s": checkpoint_s,
+        "runc.restore_s": restore_s,
+        "runc.downtime_s": checkpoint_s + restore_s,
+    }
+    return Outcome(metrics, {"runc.restore": ok})
+
+
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "raw": raw,
     "sequential": sequential,
@@ -137,4 +155,5 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "checkpoint": checkpoint,
     "migrate": migrate,
     "lazy": migrate_lazy,
+    "runc": runc,
 }

@@ -26,6 +26,7 @@ from kerrickpt import cgroups, command, criu
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 
 SOURCE = Path(__file__).with_name("memload.c")
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: a rootfs of one file
 MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
@@ -118,10 +119,40 @@ class Job:
 
     def verify(self, mib: int) -> bool:
         """Ask the workload to hash its memory again; True if it matches what it wrote."""
-        offset = self.log.stat().st_size
-        os.kill(self.pid, signal.SIGUSR1)
-        match = wait_for_line(self.log, VERIFY, offset, timeout_for(mib))
-        return match.group(1) == "OK" and match.group(2) == self.expected_sum
+        return verify(self.log, self.pid, self.expected_sum, mib)
+
+
+def verify(log: Path, pid: int, expected_sum: str, mib: int) -> bool:
+    """Ask the workload (init `pid`, writing to `log`) to hash its memory again; True if it is as written."""
+    offset = log.stat().st_size
+    os.kill(pid, signal.SIGUSR1)
+    match = wait_for_line(log, VERIFY, offset, timeout_for(mib))
+    return match.group(1) == "OK" and match.group(2) == expected_sum
+
+
+@dataclass
+class RuncJob:
+    """The workload in a busybox container run by runc, as operators run containers they checkpoint with runc."""
+
+    name: str
+    root: Path  # runc's state directory for this container alone
+    bundle: Path
+    criu: str
+    expected_sum: str = ""
+
+    @property
+    def log(self) -> Path:
+        return self.bundle / "rootfs" / "log"
+
+    def runc(self, *args: str, timeout: float) -> float:
+        """`runc ARGS` with the project's CRIU; wall time, or BenchError with runc's words."""
+        return run(["runc", "--root", str(self.root), "--criu", self.criu, *args], timeout=timeout)
+
+    def verify(self, mib: int) -> bool:
+        state = command.run(["runc", "--root", str(self.root), "state", self.name], timeout=30)
+        if state.returncode != 0:
+            raise BenchError(f"runc state {self.name} failed:\n{command.tail(state.stderr)}")
+        return verify(self.log, int(json.loads(state.stdout)["pid"]), self.expected_sum, mib)
 
 
 class Lab:
@@ -190,6 +221,33 @@ class Lab:
         job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "")
         job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
         return job
+
+    @contextlib.contextmanager
+    def runc_container(self, mib: int, kind: str) -> Iterator[RuncJob]:
+        """The workload in a busybox container under runc, its memory filled; deleted when the block ends."""
+        if not shutil.which("runc") or not BUSYBOX.exists():
+            raise BenchError("the runc case needs runc and busybox-static (ci/setup installs them)")
+        self._serial += 1
+        with self.scratch("runc") as work:
+            job = RuncJob(f"bench-runc-{kind}-{mib}-{self._serial}", work / "state", work / "bundle", self.criu.path)
+            rootfs = job.bundle / "rootfs"
+            (rootfs / "bin").mkdir(parents=True)
+            shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+            (rootfs / "bin" / "sh").symlink_to("busybox")
+            shutil.copy2(self.binary, rootfs / "memload")
+            run(["runc", "spec", "--bundle", str(job.bundle)], timeout=30)
+            spec = json.loads((job.bundle / "config.json").read_text())
+            spec["process"]["terminal"] = False
+            # Its log in the container's own file system: runc carries that across a checkpoint.
+            spec["process"]["args"] = ["/bin/sh", "-c", f"exec /memload {mib} {kind} >/log 2>&1"]
+            spec["root"]["readonly"] = False
+            (job.bundle / "config.json").write_text(json.dumps(spec))
+            try:
+                job.runc("run", "--detach", "--bundle", str(job.bundle), job.name, timeout=60)
+                job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
+                yield job
+            finally:
+                command.run(["runc", "--root", str(job.root), "delete", "--force", job.name], timeout=60)
 
     def criu_dump(self, job: Job, images: Path, mib: int) -> dict[str, float]:
         """Raw `criu dump` of the job (which ends it), as an operator runs it; wall time and frozen window."""

@@ -31,19 +31,19 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert report["config"]["cases"] == list(CASES)
     for kind in ("heap", "mixed"):
         metrics = {r["metric"] for r in report["results"] if r["kind"] == kind and r["mib"] == 16}
-        cases = ("raw.", "seq.", "kpt.snapshot", "kpt.checkpoint", "kpt.restore", "kpt.migrate", "kpt.migrate_lazy")
-        for prefix in cases:
+        kerrickpt = ("snapshot", "checkpoint", "restore", "migrate", "migrate_lazy")
+        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in kerrickpt)):
             assert any(m.startswith(prefix) for m in metrics), f"{prefix} missing for {kind}"
         targets = {t["target"] for t in report["targets"] if t["kind"] == kind}
         assert {r.label for r in RATIOS} <= targets
     for row in report["results"]:
         assert row["min"] <= row["median"] and len(row["samples"]) == 1
     restores = {(c["kind"], c["restore"]) for c in report["verified"]}
-    # raw, sequential, snapshot, kerrickpt restore, migrate, lazy migrate; both kinds
-    assert len(restores) == 2 * 6, restores
+    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate; both kinds
+    assert len(restores) == 2 * 7, restores
     assert all(c["ok"] for c in report["verified"]), report["verified"]
 
     assert "target of issue 6" in result.stdout
-    assert "memory verified after 12 of 12 restores" in result.stdout
+    assert "memory verified after 14 of 14 restores" in result.stdout
     for ratio in RATIOS:
         assert ratio.label in result.stdout

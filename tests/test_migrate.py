@@ -365,3 +365,21 @@ def test_lazy_migration_whose_page_stream_breaks_kills_the_target_copy_and_resum
     assert source.verify(mib), "the source resumed with all of its memory"
     wait_for(lambda: not list((b.state_dir / "tmp").iterdir()), what="b's images to be removed")
     assert not list((a.state_dir / "migrations").iterdir())
+
+
+def test_lazy_migration_whose_answer_is_lost_still_gets_its_memory_and_recover_finishes_it(
+    cluster: Cluster, workload: Path, big_pipes: None
+) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    before = job.probe(a)
+
+    result = migrate(cluster, a, b, job, "--lazy", fault="target-after-restore:kill")
+
+    assert result.returncode == 12, result.stderr
+    assert job.row(a)["state"] == "frozen", "never two running copies"  # type: ignore[index]
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    assert_moved_with_its_state(cluster, job, before)
