@@ -141,7 +141,9 @@ def migrate(
     if the target's answer is lost, MigrationUnknown leaves the source frozen for `recover`.
     `level` is the zstd level; by default it is chosen from the link's measured speed.
     With `lazy` (post-copy), it runs on the target before its memory has all arrived: the
-    downtime no longer grows with memory, but a link lost during the page transfer loses it.
+    downtime no longer grows with memory, but if the page transfer breaks off, the target's
+    copy is killed and the source resumes from the freeze (TransportError), or stays frozen
+    for `recover` if the target cannot be asked (MigrationUnknown).
     """
     registry = containers.Registry(state_dir)
     with registry.lock(name):

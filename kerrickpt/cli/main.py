@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lazy",
         action="store_true",
         help="post-copy: the container runs on the target before its memory has all arrived (see README: "
-        "a link lost during the page transfer loses the container)",
+        "if the page transfer breaks off, the target's copy is killed and this one resumes from the freeze)",
     )
     p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
     p.add_argument("name")
