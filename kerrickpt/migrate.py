@@ -219,6 +219,8 @@ def _migrate(
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it unpacked
+            if pages is not None:
+                pages.stop()  # capture stopped its CRIU already, if it got that far; this ends ssh
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
 
