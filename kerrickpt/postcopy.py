@@ -258,14 +258,6 @@ def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, l
             containers.remove(registry, registry.get(record["name"]))
 
 
-class _Stopped(Exception):
-    """SIGTERM: the receiver's restore failed (Watcher.abort)."""
-
-
-def _stop(*_: object) -> None:
-    raise _Stopped
-
-
 def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
     order_line = sys.stdin.buffer.readline()
     if not order_line:
@@ -277,35 +269,40 @@ def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
     me = os.getpid()
     record = {key: order[key] for key in ("cgroup", "state_dir", "name")}
     record |= {"state": IN_FLIGHT, "pid": me, "start": procs.start_time(me)}
-    daemon: subprocess.Popen[bytes] | None = None
-    signal.signal(signal.SIGTERM, _stop)
+    daemon: list[subprocess.Popen[bytes]] = []
+    aborted: list[bool] = []
+
+    def abort(*_: object) -> None:
+        """SIGTERM (Watcher.abort: the restore failed). Raising here could leave a daemon just
+        started unwatched: the daemon is killed, now or as soon as it exists, and waited for."""
+        aborted.append(True)
+        for process in daemon:
+            process.kill()
+
+    signal.signal(signal.SIGTERM, abort)
     try:
         containers.write_atomic(path, json.dumps(record))
         containers.Registry.claim(scratch)  # the receiver leaves before the daemon is done with it
-        # Not while the daemon starts: a SIGTERM then would leave it running, unwatched.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            with socket.socket(fileno=pages_fd) as pages:
-                daemon = criu.lazy_pages_daemon(found, scratch / "images", scratch, pages, timeout=DAEMON_START_S)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        with socket.socket(fileno=pages_fd) as pages:
+            daemon.append(criu.lazy_pages_daemon(found, scratch / "images", scratch, pages, timeout=DAEMON_START_S))
+        if aborted:
+            daemon[0].kill()
         print(json.dumps({"event": "ready"}), flush=True)
         sys.stdout.close()
-        code = daemon.wait()
+        code = daemon[0].wait()
         if code == 0:
             containers.write_atomic(path, json.dumps({**record, "state": COMPLETE}))
             return 0
-        tail = command.tail_file(scratch / criu.LAZY_LOG)
-        _fail(group, path, record, f"CRIU's lazy-pages daemon exited with {code}", tail)
+        why = "the restore failed" if aborted else f"CRIU's lazy-pages daemon exited with {code}"
+        _fail(group, path, record, why, command.tail_file(scratch / criu.LAZY_LOG))
         return code
     except BaseException as exc:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nothing may stop the kill below
-        if daemon is not None and daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        for process in daemon:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         failure = exc if isinstance(exc, KerrickptError) else KerrickptError(f"{type(exc).__name__} {exc}")
-        if isinstance(exc, _Stopped):
-            failure = KerrickptError("the restore failed")
         _fail(group, path, record, failure.message, failure.log_tail)
         with contextlib.suppress(OSError, ValueError):
             print(json.dumps({"event": "error", "error": failure.message, "log_tail": failure.log_tail}), flush=True)

@@ -125,6 +125,7 @@ def _restore_as(
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
+            faults.inject("restore-after-lazy-daemon")
         init_pid = restorer.run(group, found, scratch, inherit, plan)
         started = procs.start_time(init_pid)
         if started is None:

@@ -383,3 +383,19 @@ def test_lazy_migration_whose_answer_is_lost_still_gets_its_memory_and_recover_f
     assert recovered.returncode == 0, recovered.stderr
     assert json.loads(recovered.stdout)["outcome"] == "moved"
     assert_moved_with_its_state(cluster, job, before)
+
+
+@pytest.mark.parametrize("fault", ["restore-before-criu:fail", "restore-after-lazy-daemon:fail"])
+def test_lazy_migration_whose_restore_fails_resumes_the_source(
+    cluster: Cluster, workload: Path, big_pipes: None, fault: str
+) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, "--lazy", fault=fault)
+
+    assert result.returncode == 8, result.stderr
+    assert "fault injected" in result.stderr and "runs on here again" in result.stderr
+    assert running_copies(cluster, job) == ["a"]
+    job.keeps_counting(a)
+    assert_nothing_left(b, job)
