@@ -27,6 +27,8 @@ from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 
 SOURCE = Path(__file__).with_name("memload.c")
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: a rootfs of one file
+CGROUP_FS = Path("/sys/fs/cgroup")
+RUNC_CGROUP = "kerrickpt-bench-runc"
 MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
@@ -241,6 +243,8 @@ class Lab:
             # Its log in the container's own file system: runc carries that across a checkpoint.
             spec["process"]["args"] = ["/bin/sh", "-c", f"exec /memload {mib} {kind} >/log 2>&1"]
             spec["root"]["readonly"] = False
+            # A known cgroup: whatever runc leaves behind (a restore that timed out) is killed from it.
+            spec["linux"]["cgroupsPath"] = f"/{RUNC_CGROUP}/{job.name}"
             (job.bundle / "config.json").write_text(json.dumps(spec))
             try:
                 job.runc("run", "--detach", "--bundle", str(job.bundle), job.name, timeout=60)
@@ -248,6 +252,7 @@ class Lab:
                 yield job
             finally:
                 command.run(["runc", "--root", str(job.root), "delete", "--force", job.name], timeout=60)
+                _remove_cgroups(job.name)
 
     def criu_dump(self, job: Job, images: Path, mib: int) -> dict[str, float]:
         """Raw `criu dump` of the job (which ends it), as an operator runs it; wall time and frozen window."""
@@ -337,6 +342,16 @@ def pipe_max_size(size: int) -> Iterator[None]:
         yield
     finally:
         path.write_text(before)
+
+
+def _remove_cgroups(name: str) -> None:
+    """Kill what is left in runc container `name`'s cgroups and remove them, in every hierarchy."""
+    for path in [*CGROUP_FS.glob(f"*/{RUNC_CGROUP}/{name}"), CGROUP_FS / RUNC_CGROUP / name]:
+        if path.is_dir():
+            cgroups.Cgroup((path,)).remove()
+    for parent in [*CGROUP_FS.glob(f"*/{RUNC_CGROUP}"), CGROUP_FS / RUNC_CGROUP]:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # once the last runc container of the run is gone
 
 
 @contextlib.contextmanager

@@ -206,7 +206,7 @@ def _migrate(
             raise
     except BaseException:
         if pages is not None:
-            pages.stop()
+            pages.close()
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     try:
@@ -220,7 +220,7 @@ def _migrate(
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it unpacked
             if pages is not None:
-                pages.stop()  # capture stopped its CRIU already, if it got that far; this ends ssh
+                pages.close()  # capture stopped its CRIU already, if it got that far; this ends ssh
             journal.remove()  # capture thawed the container: nothing left to recover
             raise
 
@@ -235,20 +235,25 @@ def _migrate(
             # A post-copy's page stream belongs to its first receiver: no second attempt.
             tries = 1 if lazy else attempts
             restored, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
-        except MigrationUnknown:
+        except MigrationUnknown as exc:
             if pages is not None:
-                pages.wait()  # the target may run it: it gets its memory if the link lets it
-            raise
+                try:
+                    pages.wait()  # the target may run it: it gets its memory if the link lets it
+                except BaseException:
+                    pages.close()  # interrupted: the target kills its copy, `recover` resumes this one
+            raise exc
         except KerrickptError as exc:
             # The target never ran it (it said so, or it cannot have had the whole archive).
             if pages is not None:
-                pages.stop()
+                pages.close()
             container.group.freezer.thaw()
             journal.remove()
             exc.message = f"migration of {name} to {link.target} failed; {name} runs on here again: {exc.message}"
             raise
         except BaseException as exc:
             # Interrupted (Ctrl-C, SIGTERM) mid-way: the target may or may not have it.
+            if pages is not None:
+                pages.close()  # a post-copy's target copy is killed then: `recover` resumes this one
             raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         downtime = time.monotonic() - frozen_at
         if pages is not None:
@@ -258,7 +263,7 @@ def _migrate(
             except (MigrationUnknown, TransportError):
                 raise  # the target's word, or that it could not be had
             except BaseException as exc:
-                pages.stop()  # the target kills its copy once the stream ends: `recover` resumes this one
+                pages.close()  # the target kills its copy once the stream ends: `recover` resumes this one
                 raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
         # Point of no return: the container runs on the target. Only now does the source copy go.
         containers.remove(registry, container)

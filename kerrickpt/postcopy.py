@@ -26,6 +26,7 @@ PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way ro
 IN_FLIGHT, COMPLETE, FAILED = "in-flight", "complete", "failed"
 CUT_AFTER = 1 << 20  # where the pages-cut fault drops the link
 DAEMON_START_S = 30.0  # for CRIU's lazy-pages daemon to be ready; the receiver waits twice that
+RECEIVER_CHECK_S = 5.0  # how often the watcher looks whether a receiver died before the restore
 
 
 class Source:
@@ -64,23 +65,31 @@ class Source:
         for transport.STALL_S (the target's daemon never pauses on its own). No deadline besides:
         a big container takes as long as its link needs. Only the target can say which it was."""
         self.relay.wait(transport.STALL_S)
-        self.stop()
+        self.close()
 
     def stop(self) -> None:
         """End the transfer: CRIU's page server loses its peer and lets go of the tree, frozen.
 
         While it serves, CRIU holds the tree by ptrace alone, with the cgroup thawed; it puts
         FROZEN back as it exits. A CRIU that will not exit is killed only after the cgroup is
-        frozen again, or the tree would run here while the target's copy may run too.
+        frozen again, or the tree would run here while the target's copy may run too; and a
+        CRIU that exited without putting FROZEN back (an error path) is followed by a freeze.
         """
         self.relay.cut()  # a CRIU blocked writing to the relay gets EPIPE, one reading gets EOF
-        if self.criu is not None:
-            try:
-                self.criu.wait(timeout=criu.STREAM_GRACE)
-            except subprocess.TimeoutExpired:
-                self.freezer.freeze()
-                self.criu.kill()
-                self.criu.wait()
+        if self.criu is None or self.criu.returncode is not None:
+            return  # none, or gone already: its tree may be thawed by now, on purpose
+        try:
+            self.criu.wait(timeout=criu.STREAM_GRACE)
+        except subprocess.TimeoutExpired:
+            self.freezer.freeze()
+            self.criu.kill()
+            self.criu.wait()
+        if not self.freezer.is_frozen():
+            self.freezer.freeze()
+
+    def close(self) -> None:
+        """`stop`, then end ssh and the relay (once the receiver's stream is torn, `agent pages` goes too)."""
+        self.stop()
         self._close()
 
     def _close(self) -> None:
@@ -240,6 +249,8 @@ def outcome(registry: containers.Registry, migration_id: str) -> dict[str, str] 
     except FileNotFoundError:
         return None
     if record["state"] == IN_FLIGHT and not procs.is_alive(record["pid"], record["start"]):
+        record = json.loads(path.read_text())  # it may have finished just before it exited
+    if record["state"] == IN_FLIGHT:
         why = "its watcher died"
         _fail(cgroups.Cgroup(tuple(Path(d) for d in record["cgroup"])), path, record, why)
         return {"state": FAILED, "why": why, "log_tail": ""}
@@ -271,6 +282,7 @@ def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
     record |= {"state": IN_FLIGHT, "pid": me, "start": procs.start_time(me)}
     daemon: list[subprocess.Popen[bytes]] = []
     aborted: list[bool] = []
+    receiver = (os.getppid(), procs.start_time(os.getppid()))
 
     def abort(*_: object) -> None:
         """SIGTERM (Watcher.abort: the restore failed). Raising here could leave a daemon just
@@ -289,7 +301,7 @@ def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
             daemon[0].kill()
         print(json.dumps({"event": "ready"}), flush=True)
         sys.stdout.close()
-        code = daemon[0].wait()
+        code = _wait(daemon[0], receiver, record, path.stem)
         if code == 0:
             containers.write_atomic(path, json.dumps({**record, "state": COMPLETE}))
             return 0
@@ -309,6 +321,26 @@ def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
         return 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _wait(
+    daemon: subprocess.Popen[bytes], receiver: tuple[int, int | None], record: dict[str, Any], migration_id: str
+) -> int:
+    """The daemon's exit code. It waits for a restore to connect, however long: a receiver that
+    died before registering the container never will, so then the daemon is killed."""
+    registered = False
+    while True:
+        try:
+            return daemon.wait(timeout=RECEIVER_CHECK_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if registered or procs.is_alive(*receiver):
+            continue
+        with contextlib.suppress(KerrickptError, OSError):
+            registry = containers.Registry(record["state_dir"])
+            registered = registry.get(record["name"]).migration == migration_id
+        if not registered:
+            daemon.kill()
 
 
 if __name__ == "__main__":  # pragma: no cover - started by Watcher
