@@ -33,7 +33,7 @@ class Source:
     """The source's end: CRIU's page server on one end of a socket pair, the other relayed over a
     second ssh session to `agent pages`. No port is opened anywhere.
 
-    CRIU works in `work` (its log), which the caller keeps until `wait` or `stop` returned.
+    CRIU works in `work` (its log), which the caller keeps until `wait` or `close` returned.
     """
 
     def __init__(self, link: transport.Link, migration_id: str, found: criu.Criu, freezer: Freezer, work: Path) -> None:
