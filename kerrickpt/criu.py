@@ -218,8 +218,9 @@ def dump_lazy(
 
     Returns once the images are written. The returned CRIU then serves the rest of the
     memory through `pages`, a connected socket (`--ps-socket`: no port is opened), and
-    exits once the target has all of it (0) or the transfer failed; either way it lets go
-    of the tree, which stays frozen in `freeze_cgroup`. Closing `pages` makes it give up.
+    exits once the target has all of it or the transfer broke off, with 0 either way (only
+    the target knows which); it then lets go of the tree, which stays frozen in
+    `freeze_cgroup`. Closing `pages` makes it give up.
     """
     ready_read, ready_write = os.pipe()
     os.set_inheritable(pages.fileno(), True)

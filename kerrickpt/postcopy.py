@@ -265,8 +265,9 @@ def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, l
     containers.write_atomic(path, json.dumps({**record, "state": FAILED, "why": why, "log_tail": log_tail}))
     registry = containers.Registry(record["state_dir"])
     with contextlib.suppress(KerrickptError, OSError):
-        if registry.get(record["name"]).migration == path.stem:
-            containers.remove(registry, registry.get(record["name"]))
+        container = registry.get(record["name"])
+        if container.migration == path.stem:
+            containers.remove(registry, container)
 
 
 def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process
