@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import struct
 import tarfile
 import threading
 import time
@@ -48,6 +49,21 @@ HEADER = "format"
 # XXH3-128 hashes at ~30 GB/s a core against sha256's ~2: on two cores sha256 cost a checkpoint or a
 # restore half a CPU-second per GiB. The checksums guard against accidents, not tampering (README).
 CHECKSUM = "xxh3_128"
+# Since version 4 the archive ends with an index after its zstd frame: a copy of the manifest and of
+# the small images, in a zstd skippable frame (which `zstd -d` passes over), found from the file's
+# end. CRIU's restore asks for inventory.img first, which its dump writes last: with the index a
+# restore can serve CRIU from the start and stream the memory (pages-*.img) as the frame is read.
+INDEX_MAGIC = 0x184D2A5B  # one of the 16 magic numbers zstd reserves for skippable frames
+_INDEX_HEAD = struct.Struct("<II")  # the skippable frame's magic and size
+_INDEX_FOOT = struct.Struct("<Q8s")  # the index's whole length and a tag, the file's last bytes
+INDEX_TAG = b"kckptidx"
+INDEX_BYTES = 32 << 20  # the most the index's images may hold: bigger ones come from the frame
+MAX_INDEX = INDEX_BYTES + 2 * SMALL_MEMBER  # the index's images, its manifest and their framing
+
+
+def indexable(name: str) -> bool:
+    """Whether a file may go into the index: an image, but never process memory, which is streamed."""
+    return name.startswith("images/") and not name.startswith("images/pages-")
 
 
 @dataclass
@@ -82,6 +98,7 @@ class Writer:
         self.started = 0.0  # when the first member came: compress_s is from then to the manifest
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
+        self.indexed: dict[str, bytes] = {}  # copies of the small images, for the index
         self.mirror = mirror
 
     def __enter__(self) -> Writer:
@@ -133,6 +150,8 @@ class Writer:
         self._member(f"{name}.{pending.chunks:06d}" if chunks else name, pending.buffer)
         digest = pending.hash.hexdigest()
         self.members.append(Member(name, pending.size, digest, chunks, CHUNK_BYTES if chunks else 0))
+        if not chunks and indexable(name) and sum(map(len, self.indexed.values())) + pending.size <= INDEX_BYTES:
+            self.indexed[name] = bytes(pending.buffer)
 
     def add_file(self, name: str, source: Path, size: int | None = None) -> None:
         """Add the file at `source` as `name`, its first `size` bytes if given."""
@@ -155,8 +174,7 @@ class Writer:
 
     def _member(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """One tar member, written straight to the compressor (tarfile's stream mode would copy it in 10 KiB pieces)."""
-        header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-        padding = bytes(-len(data) % tarfile.BLOCKSIZE)
+        header, padding = _framing(name, len(data))
         for piece in (header, data, padding):
             self._out().write(piece)
             self.offset += len(piece)
@@ -181,6 +199,7 @@ class Writer:
         self.offset += 2 * tarfile.BLOCKSIZE
         self.zstd.write(bytes(2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))
         self.zstd.close()
+        self.raw.write(_index(body, self.indexed))
         self.raw.flush()
         os.fsync(self.raw.fileno())
         # link() fails if `path` appeared meanwhile: never replace someone's file.
@@ -251,6 +270,23 @@ def write(
         return writer.commit(manifest)
 
 
+def _framing(name: str, size: int) -> tuple[bytes, bytes]:
+    """A tar member's header and the padding after its `size` bytes."""
+    header = _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return header, bytes(-size % tarfile.BLOCKSIZE)
+
+
+def _index(manifest: bytes, files: dict[str, bytes]) -> bytes:
+    """The index frame: a zstd-compressed tar of the manifest and `files`, skippable, findable from the end."""
+    tar = bytearray()
+    for name, data in [(MANIFEST_NAME, manifest), *files.items()]:
+        header, padding = _framing(name, len(data))
+        tar += header + data + padding
+    body = zstandard.ZstdCompressor(level=DEFAULT_LEVEL, write_checksum=True).compress(tar + bytes(1024))
+    size = len(body) + _INDEX_FOOT.size
+    return _INDEX_HEAD.pack(INDEX_MAGIC, size) + body + _INDEX_FOOT.pack(_INDEX_HEAD.size + size, INDEX_TAG)
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -267,8 +303,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _decompressed(fh: BinaryIO, label: str) -> Iterator[bytes]:
+def _decompressed(fh: BinaryIO, label: str, after: list[bytes] | None = None) -> Iterator[bytes]:
     """The bytes of one zstd frame, BLOCKS_PER_STEP blocks at a time; a frame that does not end is an error.
+
+    What follows the frame may only be an index (see INDEX_MAGIC), whose bytes go to `after`.
 
     zstandard's stream_reader bounds its output but accepts a cut-off frame silently, and
     decompressobj checks the frame but returns all the output of its input at once: zeroed
@@ -316,8 +354,12 @@ def _decompressed(fh: BinaryIO, label: str) -> Iterator[bytes]:
         while not dobj.eof:
             fill(1)
             feed(len(data))
-        if dobj.unused_data or fh.read(1):
+        rest = dobj.unused_data + fh.read(MAX_INDEX)
+        if fh.read(1) or (rest and after is None):
             raise ArchiveCorruptError("the archive has trailing data after its end")
+        if rest and after is not None:
+            _index_body(rest, label)  # its framing: a cut-off index is a truncated archive
+            after.append(rest)
     except OSError as exc:
         raise ArchiveUnreadableError(f"reading {label} failed: {exc}") from exc
     except zstandard.ZstdError as exc:
@@ -454,14 +496,17 @@ def label(source: Source) -> str:
     return str(source) if isinstance(source, Path) else "the incoming archive"
 
 
-def _members(source: Source) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
-    """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError."""
+def _members(source: Source, after: list[bytes] | None = None) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
+    """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
+
+    The index after the frame, if any, goes to `after` once the last member was read.
+    """
     path = label(source)
     try:
         fh = source.open("rb") if isinstance(source, Path) else source  # closed once read, either way
     except OSError as exc:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
-    with fh, _Ahead(_decompressed(fh, path)) as blocks:
+    with fh, _Ahead(_decompressed(fh, path, after)) as blocks:
         for info, data in _Tar(blocks, path).members():
             if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not _allowed(info.name):
                 raise ArchiveCorruptError(f"unexpected member {info.name!r} in {path}")
@@ -508,27 +553,30 @@ class _Received:
         return Member(name, self.size, self.hash.hexdigest(), self.chunks, self.chunk_bytes)
 
 
-def extract(source: Source, dest: Path | None) -> Manifest:
+def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview], None] | None = None) -> Manifest:
     """Unpack into `dest` (0600 files; None unpacks nothing) and verify every file against the manifest.
 
+    With `into`, each file's bytes go there instead, piece by piece as they are read and
+    hashed, under the file's name: a file is whole once it has had its manifest size.
     Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a file or chunk
     that is missing, extra, repeated, out of order or unexpected; `dest` then holds nothing worth using.
     """
     path = label(source)
     received: dict[str, _Received] = {}
-    manifest: Manifest | None = None
-    checksum = "sha256"  # unless the archive starts with its HEADER
-    with contextlib.closing(_members(source)) as members:
+    body: bytes | None = None
+    version, checksum = 0, "sha256"  # unless the archive starts with its HEADER
+    after: list[bytes] = []
+    with contextlib.closing(_members(source, after)) as members:
         for member, size, data in members:
-            if manifest is not None:
+            if body is not None:
                 raise ArchiveCorruptError(f"{path} has data after its manifest")
             if member == HEADER:
                 if received:
                     raise ArchiveCorruptError(f"{path} has its format header in the middle")
-                checksum = _header(b"".join(data), path)
+                version, checksum = _header(b"".join(data), path)
                 continue
             if member == MANIFEST_NAME:
-                manifest = Manifest.from_json(b"".join(data))
+                body = b"".join(data)
                 continue
             chunk = CHUNK_MEMBER.fullmatch(member)
             name, index = (chunk["name"], int(chunk["index"])) if chunk else (member, 0)
@@ -548,12 +596,15 @@ def extract(source: Source, dest: Path | None) -> Manifest:
                     got.hash.update(piece)
                     if fd is not None:
                         _write(fd, piece)
+                    elif into is not None:
+                        into(name, piece)
             got.size += size
             if chunk:
                 got.chunk_bytes = got.chunk_bytes or size
                 got.chunks += 1
-    if manifest is None:
+    if body is None:
         raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
+    manifest = Manifest.from_json(body)
     if manifest.checksum != checksum:
         raise ArchiveCorruptError(f"{path} was checked with {checksum}, but its manifest says {manifest.checksum}")
     expected = {m.name: m for m in manifest.members}
@@ -566,18 +617,106 @@ def extract(source: Source, dest: Path | None) -> Manifest:
             raise ArchiveCorruptError(f"{path} lacks chunk {received[name].chunks} of {name}")
         if received[name].member(name) != expected[name]:
             raise ArchiveCorruptError(f"{name} in {path} does not match its checksum")
+    if after:
+        index = _read_index(after[0], path)
+        if index.body != body:
+            raise ArchiveCorruptError(f"the index of {path} does not match its manifest")
+    elif version >= 4:
+        raise ArchiveCorruptError(f"{path} is truncated (it lacks the index it ends with)")
     return manifest
 
 
-def _header(data: bytes, path: str) -> str:
-    """The checksum algorithm a version 3+ archive's HEADER names."""
+def _header(data: bytes, path: str) -> tuple[int, str]:
+    """The format version and the checksum algorithm a version 3+ archive's HEADER names."""
     try:
         header = json.loads(data)
         if header["format"] != FORMAT or header["checksum"] not in CHECKSUMS:
             raise ValueError(f"unknown format or checksum: {header}")
+        return int(header["version"]), str(header["checksum"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ArchiveCorruptError(f"{path} has a damaged format header: {exc}") from exc
-    return str(header["checksum"])
+
+
+@dataclass(frozen=True)
+class Index:
+    """What a version 4 archive ends with: its manifest and its small images, each checked against the manifest."""
+
+    manifest: Manifest
+    body: bytes  # the manifest as written, to compare with the one inside the frame
+    files: dict[str, bytes]
+
+
+def _index_body(rest: bytes, path: str) -> bytes:
+    """The compressed tar inside an index frame (`rest`: everything after the archive's zstd frame)."""
+    if len(rest) < _INDEX_HEAD.size or _INDEX_HEAD.unpack_from(rest)[0] != INDEX_MAGIC:
+        raise ArchiveCorruptError(f"{path} has trailing data after its end")
+    size = _INDEX_HEAD.unpack_from(rest)[1]
+    if len(rest) < _INDEX_HEAD.size + size:
+        raise ArchiveCorruptError(f"{path} is truncated (its index ends early)")
+    if len(rest) > _INDEX_HEAD.size + size or size < _INDEX_FOOT.size:
+        raise ArchiveCorruptError(f"{path} has trailing data after its end")
+    if _INDEX_FOOT.unpack_from(rest, len(rest) - _INDEX_FOOT.size) != (len(rest), INDEX_TAG):
+        raise ArchiveCorruptError(f"{path} has a damaged index")
+    return rest[_INDEX_HEAD.size : -_INDEX_FOOT.size]
+
+
+def _read_index(rest: bytes, path: str) -> Index:
+    """The index in `rest`, every image in it checked against its manifest's digest."""
+    compressed = _index_body(rest, path)
+    try:
+        if not 0 <= zstandard.frame_content_size(compressed) <= MAX_INDEX:  # -1: not said; zeros compress 30,000:1
+            raise zstandard.ZstdError("its size is not given or too big")
+        tar = zstandard.ZstdDecompressor().decompress(compressed)
+    except zstandard.ZstdError as exc:
+        raise ArchiveCorruptError(f"{path} has a damaged index: {exc}") from exc
+    body: bytes | None = None
+    files: dict[str, bytes] = {}
+    for info, data in _Tar(iter([tar]), path).members():
+        name = info.name
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not (
+            name == MANIFEST_NAME if body is None else indexable(name) and SAFE_MEMBER.fullmatch(name)
+        ):
+            raise ArchiveCorruptError(f"unexpected member {name!r} in the index of {path}")
+        if name in files:
+            raise ArchiveCorruptError(f"the index of {path} holds {name} twice")
+        if body is None:
+            body = b"".join(data)
+        else:
+            files[name] = b"".join(data)
+    if body is None:
+        raise ArchiveCorruptError(f"the index of {path} has no manifest")
+    manifest = Manifest.from_json(body)
+    expected = {m.name: m for m in manifest.members}
+    for name, data in files.items():
+        member = expected.get(name)
+        digest = CHECKSUMS[manifest.checksum](data).hexdigest()
+        if member is None or member.chunks or (member.size, member.digest) != (len(data), digest):
+            raise ArchiveCorruptError(f"the copy of {name} in the index of {path} does not match its checksum")
+    return Index(manifest, body, files)
+
+
+def read_index(path: Path) -> Index | None:
+    """The index a version 4 archive ends with, read from the end (nothing else is read); None without one."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < _INDEX_HEAD.size + _INDEX_FOOT.size:
+                return None
+            fh.seek(size - _INDEX_FOOT.size)
+            length, tag = _INDEX_FOOT.unpack(fh.read(_INDEX_FOOT.size))
+            if tag != INDEX_TAG:
+                return None
+            if not _INDEX_HEAD.size + _INDEX_FOOT.size <= length <= min(size, MAX_INDEX):
+                raise ArchiveCorruptError(f"{path} has a damaged index")
+            fh.seek(size - length)
+            rest = fh.read(length)
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"reading {path} failed: {exc.strerror}") from exc
+    return _read_index(rest, str(path))
 
 
 def verify(path: Path) -> Manifest:
@@ -586,8 +725,11 @@ def verify(path: Path) -> Manifest:
 
 
 def read_manifest(path: Path) -> Manifest:
-    """The manifest, without unpacking anything."""
-    with contextlib.closing(_members(path)) as members:
+    """The manifest, without unpacking anything: from the index, or else read through the whole archive."""
+    index = read_index(path)
+    if index is not None:
+        return index.manifest
+    with contextlib.closing(_members(path, [])) as members:
         for member, _, data in members:
             if member == MANIFEST_NAME:
                 return Manifest.from_json(b"".join(data))

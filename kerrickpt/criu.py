@@ -1,4 +1,4 @@
-"""Owns every call into CRIU: locating the binary, `criu check`, the streaming dump, and restore over pycriu's RPC."""
+"""Owns every call into CRIU: locating the binary, `criu check`, the streaming dump and restore, and pycriu's RPC."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ STREAM_GRACE = 60.0  # for CRIU to let go of the tree once its image stream has 
 RESTORE_TIMEOUT = 600.0
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
+RESTORE_PIDFILE = "restore.pid"
 LAZY_LOG = "lazy-pages.log"
 LOG_LEVEL = 4
 
@@ -279,19 +280,45 @@ def restore(
     inherit_fds: Mapping[str, int],
     shell_job: bool = False,
     lazy_pages: bool = False,
+    stream: bool = False,
     timeout: float = RESTORE_TIMEOUT,
 ) -> int:
-    """Restore a tree (RPC restores are always detached); returns the host PID of its root.
+    """Restore a tree (always detached); returns the host PID of its root.
 
     With `lazy_pages`, memory comes on demand from the lazy-pages daemon running in `work_dir`.
+    With `stream`, the images come from the streamer serving `images_dir` (`criu restore
+    --stream`): on the command line, as for the streaming dump (CRIU's service refuses to
+    stream), with the options the RPC gets.
     """
+    for fd in inherit_fds.values():
+        os.set_inheritable(fd, True)
+    if stream:
+        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, timeout)
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
     client.opts.shell_job = shell_job
     client.opts.lazy_pages = lazy_pages
     for key, fd in inherit_fds.items():
-        os.set_inheritable(fd, True)
         entry = client.opts.inherit_fd.add()
         entry.key = key
         entry.fd = fd
     response = _call(client, "restore", timeout, RestoreFailed, work_dir / RESTORE_LOG)
     return int(response.pid)
+
+
+def _restore_streamed(
+    criu: Criu, images_dir: Path, work_dir: Path, inherit_fds: Mapping[str, int], shell_job: bool, timeout: float
+) -> int:
+    argv = [
+        # Relative, as for the dump: the socket's path must fit sun_path's 108 bytes.
+        criu.path, "restore", "--stream", "--images-dir", ".", "--work-dir", str(work_dir),
+        "--log-file", RESTORE_LOG, f"-v{LOG_LEVEL}", "--restore-detached", "--manage-cgroups=ignore",
+        "--pidfile", str(work_dir / RESTORE_PIDFILE),
+    ]  # fmt: skip
+    for key, fd in inherit_fds.items():
+        argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    log = work_dir / RESTORE_LOG
+    process = command.start(argv + (["--shell-job"] if shell_job else []), cwd=images_dir)
+    returncode = command.wait(process, deadline=time.monotonic() + timeout, log=log)
+    if returncode != 0:
+        raise RestoreFailed(f"criu restore failed (exit code {returncode})", log_tail=command.tail_file(log))
+    return int((work_dir / RESTORE_PIDFILE).read_text())

@@ -15,9 +15,10 @@ from kerrickpt.node import Fingerprint
 
 FORMAT = "kerrickpt-archive"
 # Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
-# and says so up front (archive.HEADER); versions 1 and 2 (sha256) read the same way.
-VERSION = 3
-READABLE = (1, 2, 3)
+# and says so up front (archive.HEADER); version 4 ends with an index (archive.INDEX_MAGIC) that a
+# restore reads first; versions 1 and 2 (sha256) and 3 read the same way.
+VERSION = 4
+READABLE = (1, 2, 3, 4)
 NAME = "manifest.json"
 # How a member's digest is computed, by the name an archive gives it.
 CHECKSUMS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -9,9 +10,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kerrickpt import archive, cgroups, compat, containers, criu, faults, node, postcopy, procs, restorer, sysvipc
-from kerrickpt.errors import CommandTimeout, KerrickptError, NodeIncompatibleError, RestoreFailed, UsageError
+from kerrickpt import (
+    archive,
+    cgroups,
+    compat,
+    containers,
+    criu,
+    faults,
+    feeder,
+    node,
+    postcopy,
+    procs,
+    restorer,
+    sysvipc,
+)
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    CommandTimeout,
+    KerrickptError,
+    NodeIncompatibleError,
+    RestoreFailed,
+    UsageError,
+)
 from kerrickpt.manifest import Manifest
+
+# What a failed restore raises as it is; any other error of kerrickpt's becomes a RestoreFailed.
+PASSED_ON = (RestoreFailed, CommandTimeout, ArchiveCorruptError)
 
 
 @dataclass(frozen=True)
@@ -43,8 +67,10 @@ def restore(
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
 
-    Every checksum is verified before any process is created; on failure nothing of the
-    container is left on this node. A job that shared the host's namespaces comes back in
+    Every checksum is verified before any restored process runs: before any exists when the
+    archive is unpacked first, before CRIU gives the last byte of memory to the tree when it is
+    streamed from an archive file with an index. On failure nothing of the container is left
+    on this node. A job that shared the host's namespaces comes back in
     new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
     archive lacks comes through it after this returns.
@@ -58,16 +84,22 @@ def restore(
     try:
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
-        try:
-            manifest = archive.extract(source, scratch)
-        except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
-            raise RestoreFailed(f"unpacking {label} failed: {exc}") from exc
+        # A file with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
+        index = archive.read_index(source) if isinstance(source, Path) and watcher is None else None
+        if index is not None:
+            manifest = index.manifest
+        else:
+            try:
+                manifest = archive.extract(source, scratch)
+            except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
+                raise RestoreFailed(f"unpacking {label} failed: {exc}") from exc
         verdict = compat.compare(manifest.source, node.fingerprint(found.version))
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
-        init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan)
+        with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch / "images") as feed:
+            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed)
         handed_over = watcher is not None
     finally:
         if not handed_over:
@@ -104,6 +136,7 @@ def _restore_as(
     name: str,
     migration_id: str | None,
     plan: restorer.Plan,
+    feed: feeder.Feed | None,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -119,14 +152,17 @@ def _restore_as(
             # with what the source had written; CRIU hands them this fd in place of the
             # source's path (no size check, no clash with a source still running).
             log_fd = registry.open_log(name)
-            with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
-                shutil.copyfileobj(saved, out)
+            if feed is not None:  # the archived log follows as the archive is read, before the tree runs
+                feed.log_to(registry.log_path(name))
+            else:
+                with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
+                    shutil.copyfileobj(saved, out)
             inherit[manifest.log_path.lstrip("/")] = log_fd
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
             faults.inject("restore-after-lazy-daemon")
-        init_pid = restorer.run(group, found, scratch, inherit, plan)
+        init_pid = restorer.run(group, found, scratch, inherit, plan, feed)
         started = procs.start_time(init_pid)
         if started is None:
             raise RestoreFailed(f"the restored container {name} exited at once")
@@ -151,7 +187,9 @@ def _restore_as(
         if group is not None:
             group.remove()
         registry.release(name)
-        if isinstance(exc, KerrickptError) and not isinstance(exc, (RestoreFailed, CommandTimeout)):
+        if isinstance(exc, KerrickptError) and not isinstance(
+            exc, (RestoreFailed, CommandTimeout, ArchiveCorruptError)
+        ):
             raise RestoreFailed(f"restore of {name} failed: {exc.message}", log_tail=exc.log_tail) from exc
         raise
     finally:

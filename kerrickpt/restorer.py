@@ -3,6 +3,7 @@ jobs, in fresh IPC and PID namespaces whose init is kerrickpt's own reaper."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kerrickpt import cgroups, criu, namespaces, postcopy, sysvipc
+from kerrickpt import cgroups, criu, feeder, namespaces, postcopy, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
 
 
@@ -22,19 +23,34 @@ class Plan:
     ipc: sysvipc.JobIpc | None = None
     new_pid_namespace: bool = False
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
+    stream: bool = False  # the images come from a streamer (feeder.Feed), not from files
 
 
-def run(group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan) -> int:
-    """Restore the images in `scratch`; returns the host PID of the tree's init (its root, or kerrickpt's init)."""
+def run(
+    group: cgroups.Cgroup,
+    found: criu.Criu,
+    scratch: Path,
+    inherit: Mapping[str, int],
+    plan: Plan,
+    feed: feeder.Feed | None = None,
+) -> int:
+    """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID of
+    the tree's init (its root, or kerrickpt's init)."""
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         os.close(reader)
-        _child(group, found, scratch, inherit, plan, writer)
+        _child(group, found, scratch, inherit, dataclasses.replace(plan, stream=feed is not None), writer)
     os.close(writer)
-    with os.fdopen(reader, "rb") as fh:
-        lines = [json.loads(line) for line in fh.read().splitlines() if line.strip()]
-    os.waitpid(child, 0)
+    try:
+        if feed is not None:
+            said = feed.serve(reader, group)
+        else:
+            with os.fdopen(reader, "rb") as fh:
+                said = fh.read()
+    finally:
+        os.waitpid(child, 0)
+    lines = [json.loads(line) for line in said.splitlines() if line.strip()]
     answer: dict[str, Any] = {}
     for line in lines:
         answer.update(line)
@@ -43,6 +59,8 @@ def run(group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping
         raise kind(answer["error"], log_tail=answer["log_tail"])
     if "pid" not in answer:
         raise RestoreFailed("the restore helper died without an answer")
+    if feed is not None and not feed.verified:  # CRIU finished without a byte held back: check it all now
+        feed.check()
     return int(answer.get("init", answer["pid"]))
 
 
@@ -64,6 +82,7 @@ def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: 
         inherit_fds=inherit,
         shell_job=plan.shell_job,
         lazy_pages=plan.watcher is not None,
+        stream=plan.stream,
     )
 
 

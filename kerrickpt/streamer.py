@@ -1,4 +1,4 @@
-"""Owns CRIU's image-streaming protocol: the capture socket, its framed requests, and each image's pipe."""
+"""Owns CRIU's image-streaming protocol: the capture and serve sockets, their framed messages, and each image's pipe."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 from kerrickpt.errors import KerrickptError
 
 SOCKET = "streamer-capture.sock"
+SERVE_SOCKET = "streamer-serve.sock"
 READ_BYTES = 1 << 20
 # CRIU splices pages into each pipe: a bigger pipe means fewer wake-ups on both sides.
 PIPE_BYTES = 1 << 20
@@ -73,13 +75,14 @@ def filename(message: bytes) -> str:
     return message[at:].decode()
 
 
-class Capture:
-    """Listens at `<images dir>/streamer-capture.sock` for one CRIU dump and takes its images.
+class _Listener:
+    """A unix socket in an images directory for one CRIU, removed when the block ends.
 
     The socket's authentication is where it lives: the images directory is 0700 and
-    root's, so only root can reach the socket; on top, the peer must be the CRIU process
-    kerrickpt started. The socket is removed when the block ends.
+    root's, so only root can reach the socket; on top, each subclass checks its peer.
     """
+
+    name = SOCKET
 
     def __init__(self, images_dir: Path) -> None:
         self.dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -89,22 +92,46 @@ class Capture:
             if stat.S_IMODE(mode) & 0o077:
                 raise StreamError(f"{images_dir} is open to others; the streamer socket must live in a 0700 directory")
             # Bound through the directory's fd: a deep state directory would overflow sun_path's 108 bytes.
-            self.listener.bind(f"/proc/self/fd/{self.dir_fd}/{SOCKET}")
+            self.listener.bind(f"/proc/self/fd/{self.dir_fd}/{self.name}")
             self.listener.listen(1)
         except BaseException:
-            self.__exit__(None, None, None)
+            self.close()
             raise
 
-    def __enter__(self) -> Capture:
+    def __enter__(self) -> _Listener:
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(SOCKET, dir_fd=self.dir_fd)
-        os.close(self.dir_fd)
+        if self.dir_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def _accept(self, allowed: Callable[[int], bool], who: str) -> socket.socket:
+        connection, _ = self.listener.accept()
+        creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer = struct.unpack("3i", creds)[0]
+        if not allowed(peer):
+            connection.close()
+            raise StreamError(f"process {peer}, not {who}, connected to the image streamer")
+        return connection
+
+
+class Capture(_Listener):
+    """Listens at `<images dir>/streamer-capture.sock` for one CRIU dump and takes its images.
+
+    The peer must be the CRIU process kerrickpt started.
+    """
+
+    def __enter__(self) -> Capture:
+        return self
 
     def serve(self, pid: int, sink: Sink, idle: float) -> None:
         """Pass CRIU's (process `pid`) images to `sink` until it has closed them all, or has exited.
@@ -133,7 +160,7 @@ class Capture:
                         gone = True
                         selector.unregister(exited)
                     elif key.fileobj is self.listener:
-                        connection = self._accept(pid)
+                        connection = self._accept(lambda peer: peer == pid, f"CRIU ({pid})")
                         accepted = True
                         selector.unregister(self.listener)
                         selector.register(connection, selectors.EVENT_READ)
@@ -167,25 +194,55 @@ class Capture:
             os.close(exited)
             selector.close()
 
-    def _accept(self, pid: int) -> socket.socket:
-        connection, _ = self.listener.accept()
-        creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        peer = struct.unpack("3i", creds)[0]
-        if peer != pid:
-            connection.close()
-            raise StreamError(f"process {peer}, not CRIU ({pid}), connected to the image streamer")
-        return connection
+
+class Serve(_Listener):
+    """Listens at `<images dir>/streamer-serve.sock` for one CRIU restore, which asks it for images.
+
+    The peer must pass `allowed` (a process of the container being restored). CRIU asks for
+    one image at a time and waits for the answer: `request`, then `answer`, which for an
+    image that exists returns the write end of the pipe CRIU reads it from.
+    """
+
+    name = SERVE_SOCKET
+
+    def __enter__(self) -> Serve:
+        return self
+
+    def accept(self, allowed: Callable[[int], bool]) -> socket.socket:
+        return self._accept(allowed, "the restoring CRIU")
+
+    @staticmethod
+    def request(connection: socket.socket) -> str | None:
+        """The name of the image CRIU asks for; None once it hung up (it opens no more)."""
+        return _request(connection)
+
+    @staticmethod
+    def answer(connection: socket.socket, name: str, exists: bool) -> int | None:
+        """Tell CRIU whether `name` exists (no reads as ENOENT); if it does, the pipe to write it into."""
+        # img_streamer_reply_entry: `required bool exists = 1`, field 1 as a varint: 0x08, then 0 or 1.
+        connection.sendall(_LENGTH.pack(2) + bytes((0x08, int(exists))))
+        return _pipe(connection, name) if exists else None
 
 
-def _receive(connection: socket.socket) -> tuple[str, int] | None:
-    """One image request: its file name and the read end of its pipe; None once CRIU hung up."""
+def _request(connection: socket.socket) -> str | None:
+    """The file name of one image request; None once CRIU hung up."""
     header = _exactly(connection, _LENGTH.size, eof_ok=True)
     if not header:
         return None
     (length,) = _LENGTH.unpack(header)
     if length > MAX_REQUEST:
         raise StreamError(f"image stream request of {length} bytes")
-    name = filename(_exactly(connection, length, eof_ok=False))
+    return filename(_exactly(connection, length, eof_ok=False))
+
+
+def _receive(connection: socket.socket) -> tuple[str, int] | None:
+    """One image request of a dump: its file name and the read end of its pipe; None once CRIU hung up."""
+    name = _request(connection)
+    return None if name is None else (name, _pipe(connection, name))
+
+
+def _pipe(connection: socket.socket, name: str) -> int:
+    """The end of the pipe CRIU sends for image `name`."""
     # The pipe comes with a 1-byte payload; reading exactly that byte keeps the next request intact.
     _, fds, flags, _ = socket.recv_fds(connection, 1, 1)
     if not fds or flags & socket.MSG_CTRUNC:
@@ -195,7 +252,7 @@ def _receive(connection: socket.socket) -> tuple[str, int] | None:
     # Refused above fs.pipe-max-size without CAP_SYS_RESOURCE: the default pipe works, only slower.
     with contextlib.suppress(OSError):
         fcntl.fcntl(fds[0], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    return name, fds[0]
+    return fds[0]
 
 
 def _exactly(connection: socket.socket, size: int, *, eof_ok: bool) -> bytes:

@@ -439,3 +439,51 @@ def test_a_file_that_is_not_zstd_is_refused_as_such(files: dict[str, Path], tmp_
     out = tmp_path / "plain.tar"
     out.write_bytes(_header("log", 0) + bytes(1024))
     assert "not zstd-compressed" in _extract_error(out, tmp_path)
+
+
+def test_the_index_at_the_end_holds_the_manifest_and_the_small_images_but_no_memory(streamed: Path) -> None:
+    index = archive.read_index(streamed)
+    assert index is not None
+    assert index.manifest == archive.verify(streamed) == archive.read_manifest(streamed)
+    assert index.files == {"images/pagemap-1.img": b"map" * 9, "images/empty.img": b""}
+    assert streamed.read_bytes().endswith(archive.INDEX_TAG)
+
+
+def _index_start(path: Path) -> int:
+    data = path.read_bytes()
+    return len(data) - int.from_bytes(data[-16:-8], "little")
+
+
+@pytest.mark.parametrize("where", ["body", "footer"])
+def test_a_damaged_index_is_refused(streamed: Path, tmp_path: Path, where: str) -> None:
+    data = bytearray(streamed.read_bytes())
+    data[(_index_start(streamed) + len(data) - 16) // 2 if where == "body" else -1] ^= 0x20
+    streamed.write_bytes(bytes(data))
+    assert "index" in _extract_error(streamed, tmp_path)
+    if where == "body":
+        with pytest.raises(ArchiveCorruptError, match="index"):
+            archive.read_index(streamed)
+    else:  # no index can be found: a restore unpacks the archive, and that refuses it
+        assert archive.read_index(streamed) is None
+
+
+def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tmp_path: Path) -> None:
+    index = archive.read_index(streamed)
+    assert index is not None
+    other = index.body.replace(b'"demo"', b'"omed"')
+    data = streamed.read_bytes()[: _index_start(streamed)]
+    streamed.write_bytes(data + archive._index(other, index.files))
+    assert "does not match its manifest" in _extract_error(streamed, tmp_path)
+    streamed.write_bytes(data + archive._index(index.body, {"images/pagemap-1.img": b"pam" * 9}))
+    with pytest.raises(ArchiveCorruptError, match=r"copy of images/pagemap-1\.img"):
+        archive.read_index(streamed)
+
+
+@pytest.mark.parametrize(("cut", "message"), [("all", "lacks the index"), ("part", "its index ends early")])
+def test_an_archive_cut_in_or_before_its_index_is_truncated(
+    streamed: Path, tmp_path: Path, cut: str, message: str
+) -> None:
+    start = _index_start(streamed)
+    streamed.write_bytes(streamed.read_bytes()[: start if cut == "all" else start + 20])
+    assert archive.read_index(streamed) is None
+    assert message in _extract_error(streamed, tmp_path)

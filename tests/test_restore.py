@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import procs
+from bench.lab import READY, verify, wait_for_line
+from kerrickpt import feeder, procs
 from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, ticks, unique_name
 
 pytestmark = pytest.mark.root
@@ -81,20 +82,25 @@ def test_leave_running_archive_restores_a_second_copy(start_workload, state_dir:
     assert restored.pid_map == copy.pid_map()
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "end-cut"])
-def test_corrupt_archive_is_refused_before_any_process_exists(
+@pytest.mark.parametrize("damage", ["flip", "truncate", "end-cut", "index-flip", "index-cut"])
+def test_corrupt_archive_is_refused_before_any_restored_process_runs(
     start_workload, state_dir: Path, tmp_path: Path, damage: str
 ) -> None:
     w = start_workload()
     good = tmp_path / "good.kckpt"
     kerrickpt.checkpoint(w.name, good, leave_running=True, state_dir=state_dir)
     data = bytearray(good.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 0x01
+    index_at = len(data) - int.from_bytes(data[-16:-8], "little")  # see archive.INDEX_MAGIC
+    if damage == "flip":  # in the memory, which CRIU is restoring when it shows
+        data[index_at // 2] ^= 0x01
     elif damage == "truncate":
         data = data[: len(data) // 2]
-    else:
+    elif damage == "end-cut":
         data = data[: len(data) - 200]
+    elif damage == "index-flip":
+        data[(index_at + len(data)) // 2] ^= 0x01
+    else:
+        data = data[:index_at]
     bad = tmp_path / "bad.kckpt"
     bad.write_bytes(bytes(data))
     workload_processes = _count_processes(str(w.binary))
@@ -124,3 +130,24 @@ def test_restore_under_a_taken_name_is_refused(start_workload, state_dir: Path, 
     with pytest.raises(kerrickpt.ContainerExistsError):
         kerrickpt.restore(archive, state_dir=state_dir)
     assert w.status.state == "running"
+
+
+@pytest.mark.parametrize("leave_running", [False, True], ids=["streamed-dump", "rpc-dump"])
+def test_memory_many_times_the_restore_buffers_comes_back_intact(
+    memload: Path, state_dir: Path, tmp_path: Path, leave_running: bool
+) -> None:
+    # The restore streams the memory into CRIU as the archive is read: more than feeder.MEMORY
+    # makes the archive wait for CRIU, and the archive is checked whole before the job runs.
+    mib = 4 * feeder.MEMORY >> 20
+    name = unique_name("mem")
+    kerrickpt.run(name, [str(memload), str(mib), "mixed"], state_dir=state_dir)
+    log = state_dir / "containers" / name / "log"
+    expected = wait_for_line(log, READY, 0, 60).group(1)
+    archive = tmp_path / "mem.kckpt"
+    kerrickpt.checkpoint(name, archive, leave_running=leave_running, state_dir=state_dir)
+    copy = unique_name("mem")
+
+    restored = kerrickpt.restore(archive, name=copy, state_dir=state_dir)
+
+    assert verify(state_dir / "containers" / copy / "log", restored.init_pid, expected, mib)
+    assert READY.search((state_dir / "containers" / copy / "log").read_text()), "the archived log came back"
