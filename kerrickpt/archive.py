@@ -99,6 +99,7 @@ class Writer:
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
         self.indexed: dict[str, bytes] = {}  # copies of the small images, for the index
+        self.indexed_bytes = 0
         self.mirror = mirror
 
     def __enter__(self) -> Writer:
@@ -150,8 +151,12 @@ class Writer:
         self._member(f"{name}.{pending.chunks:06d}" if chunks else name, pending.buffer)
         digest = pending.hash.hexdigest()
         self.members.append(Member(name, pending.size, digest, chunks, CHUNK_BYTES if chunks else 0))
-        if not chunks and indexable(name) and sum(map(len, self.indexed.values())) + pending.size <= INDEX_BYTES:
+        if not chunks and indexable(name):
             self.indexed[name] = bytes(pending.buffer)
+            self.indexed_bytes += pending.size
+            # Over budget the biggest go: CRIU's first request, inventory.img, is small and written last.
+            while self.indexed_bytes > INDEX_BYTES:
+                self.indexed_bytes -= len(self.indexed.pop(max(self.indexed, key=lambda n: len(self.indexed[n]))))
 
     def add_file(self, name: str, source: Path, size: int | None = None) -> None:
         """Add the file at `source` as `name`, its first `size` bytes if given."""

@@ -280,20 +280,21 @@ def restore(
     inherit_fds: Mapping[str, int],
     shell_job: bool = False,
     lazy_pages: bool = False,
-    stream: bool = False,
+    gate: Path | None = None,
     timeout: float = RESTORE_TIMEOUT,
 ) -> int:
     """Restore a tree (always detached); returns the host PID of its root.
 
     With `lazy_pages`, memory comes on demand from the lazy-pages daemon running in `work_dir`.
-    With `stream`, the images come from the streamer serving `images_dir` (`criu restore
-    --stream`): on the command line, as for the streaming dump (CRIU's service refuses to
+    With a `gate`, the images come from the streamer serving `images_dir` (`criu restore
+    --stream`), and the restored tree runs only once the gate, CRIU's action script, lets it
+    (see feeder): on the command line, as for the streaming dump (CRIU's service refuses to
     stream), with the options the RPC gets.
     """
     for fd in inherit_fds.values():
         os.set_inheritable(fd, True)
-    if stream:
-        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, timeout)
+    if gate is not None:
+        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, gate, timeout)
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
     client.opts.shell_job = shell_job
     client.opts.lazy_pages = lazy_pages
@@ -306,13 +307,19 @@ def restore(
 
 
 def _restore_streamed(
-    criu: Criu, images_dir: Path, work_dir: Path, inherit_fds: Mapping[str, int], shell_job: bool, timeout: float
+    criu: Criu,
+    images_dir: Path,
+    work_dir: Path,
+    inherit_fds: Mapping[str, int],
+    shell_job: bool,
+    gate: Path,
+    timeout: float,
 ) -> int:
     argv = [
         # Relative, as for the dump: the socket's path must fit sun_path's 108 bytes.
         criu.path, "restore", "--stream", "--images-dir", ".", "--work-dir", str(work_dir),
         "--log-file", RESTORE_LOG, f"-v{LOG_LEVEL}", "--restore-detached", "--manage-cgroups=ignore",
-        "--pidfile", str(work_dir / RESTORE_PIDFILE),
+        "--pidfile", str(work_dir / RESTORE_PIDFILE), "--action-script", str(gate),
     ]  # fmt: skip
     for key, fd in inherit_fds.items():
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]

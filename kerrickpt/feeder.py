@@ -1,17 +1,16 @@
 """Owns feeding an archive to CRIU's streamed restore: each image into its pipe as the archive is read,
-spilled to disk while CRIU does not want it yet, and every streamed file's last byte held back until
-the whole archive is verified, so no restored process runs on memory from a damaged archive."""
+spilled to disk while CRIU does not want it yet, and CRIU's gate, which lets the restored tree run only
+once the whole archive is verified."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import select
+import shlex
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,17 +20,23 @@ from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
 LOG = "log"
-# CRIU restores every process before any runs again, and cannot finish a process whose memory
-# misses a byte: holding back one byte of each streamed file keeps the tree from running.
-HOLD = 1
 MEMORY = 16 << 20  # what may wait in memory for CRIU to read or ask for it; beyond it the archive waits
 STALL = 0.2  # s: CRIU takes and asks for nothing this long while the archive waits: the archive goes on, spilling
 WRITE_BYTES = 1 << 20
 ANSWER_TIMEOUT = 60.0  # s: for CRIU to give up once its images were cut off
+VERDICT = b"verified\n"
+# CRIU runs its action scripts at each stage of a restore and kills the restored tree, which has
+# not run yet, if the post-restore one fails. Only after it do the processes run again.
+GATE_SCRIPT = """#!/bin/sh
+# kerrickpt's gate: the restored tree may run once kerrickpt has verified the whole archive.
+[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
+read -r verdict < {fifo} && [ "$verdict" = {verdict} ]
+"""
 
 
-class _Done(Exception):
-    """The restore attempt is over (its helper answered) before the archive was read to its end."""
+def can_gate(directory: Path) -> bool:
+    """Whether CRIU can run the gate script from `directory` (a noexec mount cannot)."""
+    return not os.statvfs(directory).f_flag & os.ST_NOEXEC
 
 
 @dataclass(eq=False)
@@ -40,7 +45,6 @@ class _File:
 
     name: str
     size: int
-    held: bool  # its last HOLD bytes wait for the verdict: it comes from the archive's frame
     received: int = 0
     delivered: int = 0
     spilled: int = 0
@@ -58,26 +62,28 @@ class _File:
 
 
 class Feed:
-    """Serves one archive's images to one `criu restore --stream` in `images_dir`, from its index and its frame.
+    """Serves one archive's images to one `criu restore --stream` in `scratch`, from its index and its frame.
 
-    Enter it before CRIU starts (its socket must be there to connect to); `serve` then reads
-    the archive, verifies it and answers CRIU until the restore's helper has answered.
+    Enter it before CRIU starts (its socket and gate must be there); `serve` then reads the
+    archive, verifies it and answers CRIU until the restore's helper has answered. CRIU runs
+    the gate (`gate`, its action script) with the tree restored; the gate lets the tree run
+    only on kerrickpt's verdict, which comes once the whole archive is verified.
     """
 
-    def __init__(self, path: Path, index: archive.Index, images_dir: Path) -> None:
+    def __init__(self, path: Path, index: archive.Index, scratch: Path) -> None:
         self.path = path
         self.index = index
-        self.images_dir = images_dir
+        self.images_dir = scratch / "images"
+        self.gate = scratch / "gate.sh"
+        self.fifo = scratch / "gate"
         self.files: dict[str, _File] = {}
         for member in index.manifest.members:
             if member.name.startswith(IMAGES) and member.name not in index.files:
                 name = member.name.removeprefix(IMAGES)
-                self.files[name] = _File(name, member.size, held=True)
-        # CRIU cannot finish before a held-back byte: without one, it gets nothing before the verdict.
-        self.holds = any(f.size >= HOLD for f in self.files.values())
+                self.files[name] = _File(name, member.size)
         self.served: list[_File] = []  # every file CRIU has a pipe of
         self.log: int | None = None
-        self.verified = False
+        self.verdict: int | None = None  # the gate's fifo, opened once CRIU runs
         self.answers = bytearray()
         self.answer_fd: int | None = None
         self.group: cgroups.Cgroup | None = None
@@ -88,6 +94,11 @@ class Feed:
 
     def __enter__(self) -> Feed:
         self.images_dir.mkdir(mode=0o700)
+        os.mkfifo(self.fifo, 0o600)
+        script = GATE_SCRIPT.format(fifo=shlex.quote(str(self.fifo)), verdict=VERDICT.decode().strip())
+        fd = os.open(self.gate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
+        with os.fdopen(fd, "w") as out:
+            out.write(script)
         self.listener = streamer.Serve(self.images_dir)
         return self
 
@@ -108,25 +119,30 @@ class Feed:
     def serve(self, answers: int, group: cgroups.Cgroup) -> bytes:
         """Feed CRIU, whose processes join `group`, until `answers` (the helper's pipe) ends; returns what it said.
 
-        Raises ArchiveCorruptError once CRIU has given up if the archive proves damaged: CRIU
-        then had its pipes cut before the last byte, so the tree never ran.
+        Raises ArchiveCorruptError if the archive proves damaged, once CRIU has given up (its
+        pipes and its gate are cut): the tree it restored never ran. A CRIU that fails first
+        is told apart from a damaged archive by reading the archive to its end all the same.
         """
         self.answer_fd, self.group = answers, group
+        # Opened here, after the fork: the restore's helper must not hold it open (a gate with a
+        # writer left waits forever). Read-write, so opening does not wait for the gate to read.
+        self.verdict = os.open(self.fifo, os.O_RDWR | os.O_CLOEXEC)
+        self.last_progress = time.monotonic()
         try:
             try:
-                self.check(into=self._take)
-                while self.answer_fd is not None:
-                    self._pump(1.0)
-            except _Done:
-                pass
+                if archive.extract(self.path, None, into=self._take) != self.index.manifest:
+                    raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
             except OSError as exc:  # this node's: a spill file on a full disk, say (the archive's raise their own)
                 raise RestoreFailed(f"serving {self.path} to CRIU failed: {exc}") from exc
+            if self.verdict is not None:  # else CRIU is done already: it failed
+                os.write(self.verdict, VERDICT)
+            while self.answer_fd is not None:
+                self._pump(1.0)
         except BaseException:
-            self._cut()  # CRIU's next read fails and it gives up; then its helper answers
+            self._cut()  # CRIU's next read fails, or its gate; it kills the tree and gives up; its helper answers
             deadline = time.monotonic() + ANSWER_TIMEOUT
-            with contextlib.suppress(_Done):
-                while self.answer_fd is not None and time.monotonic() < deadline:
-                    self._answers(wait=deadline - time.monotonic())
+            while self.answer_fd is not None and time.monotonic() < deadline:
+                self._answers(wait=deadline - time.monotonic())
             raise
         finally:
             if self.answer_fd is not None:
@@ -134,51 +150,35 @@ class Feed:
                 self.answer_fd = None
         return bytes(self.answers)
 
-    def check(self, into: Callable[[str, memoryview], None] | None = None) -> None:
-        """Read the whole archive and check it against the index it was served from; ArchiveCorruptError if not.
-
-        `serve` does this as it serves; a restore whose CRIU finished early (it never asked for
-        a file held back) calls it once more, before the tree counts as restored.
-        """
-        if archive.extract(self.path, None, into=into) != self.index.manifest:
-            raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
-        self.verified = True
-
     def _take(self, name: str, piece: memoryview) -> None:
         """The archive's next piece of file `name`: to the log, to CRIU, or to wait."""
         if name == LOG:
             if self.log is not None:
                 while piece:
                     piece = piece[os.write(self.log, piece) :]
-        elif (file := self.files.get(name.removeprefix(IMAGES))) is not None and not file.done:
+            return
+        if self.answer_fd is None:  # CRIU is done (it failed): the rest is only checked
+            return
+        file = self.files.get(name.removeprefix(IMAGES))
+        if file is not None and not file.done:
             if file.pipe is not None and not file.waiting:  # straight on, without a copy
-                file.delivered += self._write(file, piece[: max(0, self._limit(file) - file.delivered)])
+                file.delivered += self._write(file, piece[: file.size - file.delivered])
                 piece = piece[file.delivered - file.received :]
                 file.received = file.spilled = file.delivered
             if piece and not file.done:  # CRIU may have closed the pipe
                 file.memory.append(piece)
                 file.received += len(piece)
         self._pump(0)
-        if self._backlog() > MEMORY:
-            since = time.monotonic()
-            while self._backlog() > MEMORY:
-                if self._starving() or time.monotonic() - max(since, self.last_progress) > STALL:
-                    # CRIU waits for what comes later in the archive, or takes nothing now: read on.
-                    for file in self.files.values():
-                        self._spill(file)
-                    break
-                self._pump(STALL)
-
-    def _limit(self, file: _File) -> int:
-        """How far into `file` CRIU may read now."""
-        return file.size if self.verified or not file.held else max(0, file.size - HOLD)
+        while self.answer_fd is not None and self._backlog() > MEMORY:
+            if time.monotonic() - self.last_progress > STALL:
+                # CRIU takes nothing now: it waits for what comes later in the archive. Read on.
+                for each in self.files.values():
+                    self._spill(each)
+                break
+            self._pump(STALL)
 
     def _backlog(self) -> int:
         return sum(f.received - f.spilled for f in self.files.values() if not f.done)
-
-    def _starving(self) -> bool:
-        """Whether CRIU waits on a file whose next bytes are still in the archive (it may read nothing else)."""
-        return any(not f.done and not f.waiting and f.delivered < self._limit(f) for f in self.served)
 
     def _spill(self, file: _File) -> None:
         """Move what `file` keeps in memory to its spill file (0600, in the private images directory)."""
@@ -201,15 +201,17 @@ class Feed:
         assert self.listener is not None and self.answer_fd is not None
         if not self.accepted:
             poller.register(self.listener.listener, select.POLLIN)
-        elif self.connection is not None and (self.verified or self.holds):
+        elif self.connection is not None:
             poller.register(self.connection, select.POLLIN)
         poller.register(self.answer_fd, select.POLLIN)
         pipes = {}
         for file in self.served:
-            if file.pipe is not None and min(file.received, self._limit(file)) > file.delivered:
+            if file.pipe is not None and min(file.received, file.size) > file.delivered:
                 pipes[file.pipe] = file
                 poller.register(file.pipe, select.POLLOUT)
         for fd, _ in poller.poll(wait * 1000):
+            if self.answer_fd is None:
+                break
             if fd == self.answer_fd:
                 self._answers(wait=0)
             elif fd in pipes:
@@ -222,7 +224,7 @@ class Feed:
                 self._request()
 
     def _answers(self, wait: float) -> None:
-        """Read what the helper says; raises _Done once it has said all (CRIU is done, one way or the other)."""
+        """Read what the helper says; at its end CRIU is done, one way or the other, and its pipes are closed."""
         assert self.answer_fd is not None
         poller = select.poll()
         poller.register(self.answer_fd, select.POLLIN)
@@ -234,7 +236,9 @@ class Feed:
             return
         os.close(self.answer_fd)
         self.answer_fd = None
-        raise _Done
+        self._cut()
+        for file in self.files.values():
+            file.memory.clear()
 
     def _request(self) -> None:
         assert self.connection is not None
@@ -252,9 +256,7 @@ class Feed:
         fcntl.fcntl(pipe, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         if member in self.index.files:
             data = self.index.files[member]
-            file = _File(
-                name, len(data), held=False, received=len(data), memory=deque([memoryview(data)] if data else [])
-            )
+            file = _File(name, len(data), received=len(data), memory=deque([memoryview(data)] if data else []))
         else:
             file = self.files[name]
             if file.asked:
@@ -266,8 +268,8 @@ class Feed:
         self._deliver(file)
 
     def _deliver(self, file: _File) -> None:
-        """Write what `file` may give CRIU now into its pipe, until the pipe is full."""
-        while file.pipe is not None and (room := min(file.received, self._limit(file)) - file.delivered) > 0:
+        """Write what `file` has for CRIU into its pipe, until the pipe is full."""
+        while file.pipe is not None and (room := min(file.received, file.size) - file.delivered) > 0:
             want = min(room, WRITE_BYTES)
             if file.delivered < file.spilled:
                 assert file.spill is not None
@@ -308,9 +310,12 @@ class Feed:
             os.close(file.pipe)
         file.pipe, file.done = None, True
         file.memory.clear()
+        if file.spill is not None:
+            os.close(file.spill)
+            file.spill = None
 
     def _cut(self) -> None:
-        """Close every pipe, the connection and the socket: CRIU's next read or request fails."""
+        """Close every pipe, the connection, the socket and the gate: CRIU's next read or request fails, or its gate."""
         for file in self.served:
             self._close(file)
         if self.connection is not None:
@@ -318,3 +323,6 @@ class Feed:
             self.connection = None
         if self.listener is not None:  # a CRIU not yet accepted is refused too
             self.listener.close()
+        if self.verdict is not None:  # the gate reads an end without a verdict
+            os.close(self.verdict)
+            self.verdict = None

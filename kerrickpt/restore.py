@@ -85,7 +85,8 @@ def restore(
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
         # A file with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
-        index = archive.read_index(source) if isinstance(source, Path) and watcher is None else None
+        streams = isinstance(source, Path) and watcher is None and feeder.can_gate(scratch)
+        index = archive.read_index(source) if streams else None
         if index is not None:
             manifest = index.manifest
         else:
@@ -98,7 +99,7 @@ def restore(
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
-        with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch / "images") as feed:
+        with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
             init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed)
         handed_over = watcher is not None
     finally:

@@ -23,7 +23,7 @@ class Plan:
     ipc: sysvipc.JobIpc | None = None
     new_pid_namespace: bool = False
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
-    stream: bool = False  # the images come from a streamer (feeder.Feed), not from files
+    gate: Path | None = None  # the images come from a streamer (feeder.Feed), and the tree waits for this gate
 
 
 def run(
@@ -40,7 +40,7 @@ def run(
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         os.close(reader)
-        _child(group, found, scratch, inherit, dataclasses.replace(plan, stream=feed is not None), writer)
+        _child(group, found, scratch, inherit, dataclasses.replace(plan, gate=feed.gate if feed else None), writer)
     os.close(writer)
     try:
         if feed is not None:
@@ -59,8 +59,6 @@ def run(
         raise kind(answer["error"], log_tail=answer["log_tail"])
     if "pid" not in answer:
         raise RestoreFailed("the restore helper died without an answer")
-    if feed is not None and not feed.verified:  # CRIU finished without a byte held back: check it all now
-        feed.check()
     return int(answer.get("init", answer["pid"]))
 
 
@@ -82,7 +80,7 @@ def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: 
         inherit_fds=inherit,
         shell_job=plan.shell_job,
         lazy_pages=plan.watcher is not None,
-        stream=plan.stream,
+        gate=plan.gate,
     )
 
 

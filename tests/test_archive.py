@@ -487,3 +487,15 @@ def test_an_archive_cut_in_or_before_its_index_is_truncated(
     streamed.write_bytes(streamed.read_bytes()[: start if cut == "all" else start + 20])
     assert archive.read_index(streamed) is None
     assert message in _extract_error(streamed, tmp_path)
+
+
+def test_over_its_budget_the_index_keeps_the_smallest_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive, "INDEX_BYTES", 100)
+    out = tmp_path / "a.kckpt"
+    with archive.Writer(out) as writer:
+        for name, size in (("core-1.img", 60), ("mm-1.img", 50), ("inventory.img", 10)):  # the dump's order
+            writer.write(f"images/{name}", b"x" * size)
+            writer.end(f"images/{name}")
+        writer.commit(manifest())
+    index = archive.read_index(out)
+    assert index is not None and sorted(index.files) == ["images/inventory.img", "images/mm-1.img"]

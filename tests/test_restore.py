@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import kerrickpt
 from bench.lab import READY, verify, wait_for_line
 from kerrickpt import feeder, procs
-from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, ticks, unique_name
+from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -151,3 +152,31 @@ def test_memory_many_times_the_restore_buffers_comes_back_intact(
 
     assert verify(state_dir / "containers" / copy / "log", restored.init_pid, expected, mib)
     assert READY.search((state_dir / "containers" / copy / "log").read_text()), "the archived log came back"
+
+
+@pytest.mark.parametrize("buffers", ["default", "tiny"])
+def test_a_tree_whose_processes_want_their_memory_in_another_order_comes_back_intact(
+    memload: Path, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffers: str
+) -> None:
+    # The dump writes the children's memory one after the other; CRIU's restore asks for all of it at
+    # once. Tiny buffers make most of it wait on disk (a spill file) before CRIU reads it.
+    if buffers == "tiny":
+        monkeypatch.setattr(feeder, "MEMORY", 1 << 20)
+        monkeypatch.setattr(feeder, "STALL", 0.001)
+    sizes = (24, 40)
+    name = unique_name("tree")
+    script = " & ".join(f"{memload} {mib} mixed" for mib in sizes) + " & wait"
+    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
+    log = state_dir / "containers" / name / "log"
+    wait_for(lambda: len(READY.findall(log.read_text())) == len(sizes), timeout=60, what="both to fill")
+    expected = dict(re.findall(r"^ready mib=(\d+) kind=\w+ sum=([0-9a-f]+)$", log.read_text(), re.M))
+    archive = tmp_path / "tree.kckpt"
+    kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+    copy = unique_name("tree")
+
+    restored = kerrickpt.restore(archive, name=copy, state_dir=state_dir)
+
+    assert len(restored.pid_map) == 1 + len(sizes)
+    for pid in (host for ns, host in restored.pid_map.items() if ns != 1):  # the shell's children
+        mib = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode()
+        assert verify(state_dir / "containers" / copy / "log", pid, expected[mib], int(mib)), f"memory of {mib} MiB"
