@@ -8,6 +8,7 @@ import fcntl
 import os
 import select
 import shlex
+import shutil
 import socket
 import time
 from collections import deque
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kerrickpt import archive, cgroups, streamer
+from kerrickpt import archive, cgroups, faults, streamer
 from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
@@ -24,19 +25,20 @@ MEMORY = 16 << 20  # what may wait in memory for CRIU to read or ask for it; bey
 STALL = 0.2  # s: CRIU takes and asks for nothing this long while the archive waits: the archive goes on, spilling
 WRITE_BYTES = 1 << 20
 ANSWER_TIMEOUT = 60.0  # s: for CRIU to give up once its images were cut off
-VERDICT = b"verified\n"
+VERDICT = b"verified"
 # CRIU runs its action scripts at each stage of a restore and kills the restored tree, which has
-# not run yet, if the post-restore one fails. Only after it do the processes run again.
+# not run yet, if the post-restore one fails; only after it do the processes run again. kerrickpt
+# holds the gate's lock until it has a verdict, and the kernel lets go of it if kerrickpt dies.
 GATE_SCRIPT = """#!/bin/sh
 # kerrickpt's gate: the restored tree may run once kerrickpt has verified the whole archive.
 [ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
-read -r verdict < {fifo} && [ "$verdict" = {verdict} ]
+[ "$({flock} --shared {lock} cat {lock})" = {verdict} ]
 """
 
 
 def can_gate(directory: Path) -> bool:
-    """Whether CRIU can run the gate script from `directory` (a noexec mount cannot)."""
-    return not os.statvfs(directory).f_flag & os.ST_NOEXEC
+    """Whether CRIU can run the gate from `directory` (not on a noexec mount) with util-linux's flock."""
+    return shutil.which("flock") is not None and not os.statvfs(directory).f_flag & os.ST_NOEXEC
 
 
 @dataclass(eq=False)
@@ -75,7 +77,7 @@ class Feed:
         self.index = index
         self.images_dir = scratch / "images"
         self.gate = scratch / "gate.sh"
-        self.fifo = scratch / "gate"
+        self.lock = scratch / "gate"
         self.files: dict[str, _File] = {}
         for member in index.manifest.members:
             if member.name.startswith(IMAGES) and member.name not in index.files:
@@ -83,7 +85,7 @@ class Feed:
                 self.files[name] = _File(name, member.size)
         self.served: list[_File] = []  # every file CRIU has a pipe of
         self.log: int | None = None
-        self.verdict: int | None = None  # the gate's fifo, opened once CRIU runs
+        self.verdict: int | None = None  # the gate's lock, held until the verdict
         self.answers = bytearray()
         self.answer_fd: int | None = None
         self.group: cgroups.Cgroup | None = None
@@ -94,8 +96,11 @@ class Feed:
 
     def __enter__(self) -> Feed:
         self.images_dir.mkdir(mode=0o700)
-        os.mkfifo(self.fifo, 0o600)
-        script = GATE_SCRIPT.format(fifo=shlex.quote(str(self.fifo)), verdict=VERDICT.decode().strip())
+        os.close(os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        flock = shutil.which("flock") or "flock"
+        script = GATE_SCRIPT.format(
+            flock=shlex.quote(flock), lock=shlex.quote(str(self.lock)), verdict=VERDICT.decode()
+        )
         fd = os.open(self.gate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700)
         with os.fdopen(fd, "w") as out:
             out.write(script)
@@ -112,6 +117,12 @@ class Feed:
         if self.log is not None:
             os.close(self.log)
 
+    def forget(self) -> None:
+        """In a forked child: let go of the socket, which must die with kerrickpt (a CRIU waiting in its
+        queue would wait forever)."""
+        if self.listener is not None:
+            self.listener.listener.close()
+
     def log_to(self, path: Path) -> None:
         """Append the archived log to `path` as it is read (its own description: the processes' offset is theirs)."""
         self.log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -124,9 +135,9 @@ class Feed:
         is told apart from a damaged archive by reading the archive to its end all the same.
         """
         self.answer_fd, self.group = answers, group
-        # Opened here, after the fork: the restore's helper must not hold it open (a gate with a
-        # writer left waits forever). Read-write, so opening does not wait for the gate to read.
-        self.verdict = os.open(self.fifo, os.O_RDWR | os.O_CLOEXEC)
+        # Taken here, after the fork: a lock the restore's helper shared would outlive kerrickpt.
+        self.verdict = os.open(self.lock, os.O_WRONLY | os.O_CLOEXEC)
+        fcntl.flock(self.verdict, fcntl.LOCK_EX)
         self.last_progress = time.monotonic()
         try:
             try:
@@ -134,8 +145,11 @@ class Feed:
                     raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
             except OSError as exc:  # this node's: a spill file on a full disk, say (the archive's raise their own)
                 raise RestoreFailed(f"serving {self.path} to CRIU failed: {exc}") from exc
+            faults.inject("restore-before-verdict")
             if self.verdict is not None:  # else CRIU is done already: it failed
                 os.write(self.verdict, VERDICT)
+                os.close(self.verdict)  # the lock goes with it: the gate reads the verdict
+                self.verdict = None
             while self.answer_fd is not None:
                 self._pump(1.0)
         except BaseException:
@@ -323,6 +337,6 @@ class Feed:
             self.connection = None
         if self.listener is not None:  # a CRIU not yet accepted is refused too
             self.listener.close()
-        if self.verdict is not None:  # the gate reads an end without a verdict
+        if self.verdict is not None:  # the gate gets the lock and no verdict
             os.close(self.verdict)
             self.verdict = None

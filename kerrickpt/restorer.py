@@ -40,6 +40,8 @@ def run(
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         os.close(reader)
+        if feed is not None:
+            feed.forget()
         _child(group, found, scratch, inherit, dataclasses.replace(plan, gate=feed.gate if feed else None), writer)
     os.close(writer)
     try:

@@ -10,8 +10,8 @@ import pytest
 
 import kerrickpt
 from bench.lab import READY, verify, wait_for_line
-from kerrickpt import feeder, procs
-from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, ticks, unique_name, wait_for
+from kerrickpt import cgroups, feeder, procs
+from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, cli, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -180,3 +180,54 @@ def test_a_tree_whose_processes_want_their_memory_in_another_order_comes_back_in
     for pid in (host for ns, host in restored.pid_map.items() if ns != 1):  # the shell's children
         mib = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode()
         assert verify(state_dir / "containers" / copy / "log", pid, expected[mib], int(mib)), f"memory of {mib} MiB"
+
+
+@pytest.mark.parametrize(("action", "code"), [("fail", 8), ("kill", -9)])
+def test_a_restore_that_ends_before_its_verdict_never_lets_the_tree_run(
+    start_workload, state_dir: Path, tmp_path: Path, action: str, code: int
+) -> None:
+    w = start_workload()
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(w.name, archive, leave_running=True, state_dir=state_dir)
+    copy = unique_name("gate")
+
+    fault = f"restore-before-verdict:{action}"
+    result = cli("restore", str(archive), "--name", copy, state_dir=state_dir, KERRICKPT_FAULT=fault)
+
+    assert result.returncode == code, result.stderr
+    group = cgroups.existing(cgroups.detect(), copy)
+    wait_for(lambda: not group.pids(), timeout=30, what="CRIU to end the tree it restored")
+    log = state_dir / "containers" / copy / "log"
+    if log.exists():  # left by a killed run, until the next command sweeps it
+        assert max(ticks(log.read_text())) == max(ticks(archived_log(archive))), "the tree never ran"
+    assert [r.name for r in kerrickpt.ps(state_dir)] == [w.name]
+    assert cgroup_dirs(copy) == []
+
+
+def test_an_archive_found_damaged_at_its_very_end_never_lets_the_restored_tree_run(
+    memload: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    # The index's manifest differs from the frame's in one date: found only once the whole archive is
+    # read, while CRIU, its memory all served, waits at the gate. A tree that ran would write on.
+    side = tmp_path / "side"
+    name = unique_name("late")
+    script = f"{memload} 192 mixed & while :; do echo tick >> {side}; sleep 0.02; done"
+    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
+    wait_for(lambda: READY.search((state_dir / "containers" / name / "log").read_text()), timeout=60, what="fill")
+    good = tmp_path / "good.kckpt"
+    kerrickpt.checkpoint(name, good, state_dir=state_dir)
+    index = kerrickpt.archive.read_index(good)
+    assert index is not None
+    data = good.read_bytes()
+    start = len(data) - int.from_bytes(data[-16:-8], "little")
+    created = f'"created": "{index.manifest.created}"'.encode()
+    other = created.replace(b'"created": "2', b'"created": "1')
+    bad = tmp_path / "bad.kckpt"
+    bad.write_bytes(data[:start] + kerrickpt.archive._index(index.body.replace(created, other), index.files))
+    ticks_before = side.stat().st_size
+
+    with pytest.raises(kerrickpt.ArchiveCorruptError, match="does not match its manifest"):
+        kerrickpt.restore(bad, name=unique_name("late"), state_dir=state_dir)
+
+    assert kerrickpt.ps(state_dir) == []
+    assert side.stat().st_size == ticks_before, "no restored process ever ran"
