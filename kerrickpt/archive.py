@@ -58,7 +58,8 @@ _INDEX_HEAD = struct.Struct("<II")  # the skippable frame's magic and size
 _INDEX_FOOT = struct.Struct("<Q8s")  # the index's whole length and a tag, the file's last bytes
 INDEX_TAG = b"kckptidx"
 INDEX_BYTES = 32 << 20  # the most the index's images may hold: bigger ones come from the frame
-MAX_INDEX = INDEX_BYTES + 2 * SMALL_MEMBER  # the index's images, its manifest and their framing
+INDEX_FRAMING = 2048  # what the index's tar adds to an image at the most: its header, a pax header, padding
+MAX_INDEX = INDEX_BYTES + 2 * SMALL_MEMBER  # the index's images with their framing, and its manifest
 
 
 def indexable(name: str) -> bool:
@@ -153,10 +154,11 @@ class Writer:
         self.members.append(Member(name, pending.size, digest, chunks, CHUNK_BYTES if chunks else 0))
         if not chunks and indexable(name):
             self.indexed[name] = bytes(pending.buffer)
-            self.indexed_bytes += pending.size
+            self.indexed_bytes += pending.size + INDEX_FRAMING
             # Over budget the biggest go: CRIU's first request, inventory.img, is small and written last.
             while self.indexed_bytes > INDEX_BYTES:
-                self.indexed_bytes -= len(self.indexed.pop(max(self.indexed, key=lambda n: len(self.indexed[n]))))
+                biggest = self.indexed.pop(max(self.indexed, key=lambda n: len(self.indexed[n])))
+                self.indexed_bytes -= len(biggest) + INDEX_FRAMING
 
     def add_file(self, name: str, source: Path, size: int | None = None) -> None:
         """Add the file at `source` as `name`, its first `size` bytes if given."""
@@ -671,7 +673,7 @@ def _read_index(rest: bytes, path: str) -> Index:
     try:
         if not 0 <= zstandard.frame_content_size(compressed) <= MAX_INDEX:  # -1: not said; zeros compress 30,000:1
             raise zstandard.ZstdError("its size is not given or too big")
-        tar = zstandard.ZstdDecompressor().decompress(compressed)
+        tar = zstandard.ZstdDecompressor().decompress(compressed, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise ArchiveCorruptError(f"{path} has a damaged index: {exc}") from exc
     body: bytes | None = None

@@ -12,11 +12,12 @@ import shutil
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kerrickpt import archive, cgroups, faults, streamer
+from kerrickpt import archive, cgroups, criu, faults, streamer
 from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
@@ -25,6 +26,9 @@ MEMORY = 16 << 20  # what may wait in memory for CRIU to read or ask for it; bey
 STALL = 0.2  # s: CRIU takes and asks for nothing this long while the archive waits: the archive goes on, spilling
 WRITE_BYTES = 1 << 20
 ANSWER_TIMEOUT = 60.0  # s: for CRIU to give up once its images were cut off
+# CRIU's restore now lasts as long as the archive's reading: its time limit grows by a second for
+# every READ_FLOOR bytes of archive (a slow disk's pace), on top of criu.RESTORE_TIMEOUT.
+READ_FLOOR = 10 << 20
 VERDICT = b"verified"
 # CRIU runs its action scripts at each stage of a restore and kills the restored tree, which has
 # not run yet, if the post-restore one fails; only after it do the processes run again. kerrickpt
@@ -32,7 +36,10 @@ VERDICT = b"verified"
 GATE_SCRIPT = """#!/bin/sh
 # kerrickpt's gate: the restored tree may run once kerrickpt has verified the whole archive.
 [ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
-[ "$({flock} --shared {lock} cat {lock})" = {verdict} ]
+exec 9< {lock}
+{flock} --shared 9 || exit 1
+IFS= read -r verdict <&9 || :
+[ "$verdict" = {verdict} ]
 """
 
 
@@ -75,6 +82,8 @@ class Feed:
     def __init__(self, path: Path, index: archive.Index, scratch: Path) -> None:
         self.path = path
         self.index = index
+        self.timeout = criu.RESTORE_TIMEOUT + path.stat().st_size / READ_FLOOR
+        self.checked = False  # the whole archive was read and found sound
         self.images_dir = scratch / "images"
         self.gate = scratch / "gate.sh"
         self.lock = scratch / "gate"
@@ -141,28 +150,36 @@ class Feed:
         self.last_progress = time.monotonic()
         try:
             try:
-                if archive.extract(self.path, None, into=self._take) != self.index.manifest:
-                    raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
+                self._check(into=self._take)
+                faults.inject("restore-before-verdict")
+                if self.verdict is not None:  # else CRIU is done already: it failed
+                    os.write(self.verdict, VERDICT)
+                    os.close(self.verdict)  # the lock goes with it: the gate reads the verdict
+                    self.verdict = None
+                while self.answer_fd is not None:
+                    self._pump(1.0)
             except OSError as exc:  # this node's: a spill file on a full disk, say (the archive's raise their own)
                 raise RestoreFailed(f"serving {self.path} to CRIU failed: {exc}") from exc
-            faults.inject("restore-before-verdict")
-            if self.verdict is not None:  # else CRIU is done already: it failed
-                os.write(self.verdict, VERDICT)
-                os.close(self.verdict)  # the lock goes with it: the gate reads the verdict
-                self.verdict = None
-            while self.answer_fd is not None:
-                self._pump(1.0)
-        except BaseException:
+        except BaseException as exc:
             self._cut()  # CRIU's next read fails, or its gate; it kills the tree and gives up; its helper answers
             deadline = time.monotonic() + ANSWER_TIMEOUT
             while self.answer_fd is not None and time.monotonic() < deadline:
                 self._answers(wait=deadline - time.monotonic())
+            if isinstance(exc, Exception) and not isinstance(exc, ArchiveCorruptError) and not self.checked:
+                # Whatever broke off serving (CRIU's protocol, this node), a damaged archive says so.
+                self._check(into=None)
             raise
         finally:
             if self.answer_fd is not None:
                 os.close(self.answer_fd)
                 self.answer_fd = None
         return bytes(self.answers)
+
+    def _check(self, into: Callable[[str, memoryview], None] | None) -> None:
+        """Read and verify the whole archive, passing its pieces `into` CRIU; ArchiveCorruptError if damaged."""
+        if archive.extract(self.path, None, into=into) != self.index.manifest:
+            raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
+        self.checked = True
 
     def _take(self, name: str, piece: memoryview) -> None:
         """The archive's next piece of file `name`: to the log, to CRIU, or to wait."""
@@ -201,6 +218,7 @@ class Feed:
         if file.spill is None:
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             file.spill = os.open(self.images_dir / file.name, flags, 0o600)
+            os.unlink(self.images_dir / file.name)  # its room goes back as soon as it is closed
         at = file.spilled
         for piece in file.memory:
             while piece:

@@ -68,9 +68,9 @@ def restore(
     it was dumped under).
 
     Every checksum is verified before any restored process runs: before any exists when the
-    archive is unpacked first, before CRIU gives the last byte of memory to the tree when it is
-    streamed from an archive file with an index. On failure nothing of the container is left
-    on this node. A job that shared the host's namespaces comes back in
+    archive is unpacked first; when an archive file with an index is streamed into CRIU, before
+    CRIU's gate lets the restored tree run (see feeder). On failure nothing of the container is
+    left on this node. A job that shared the host's namespaces comes back in
     new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
     archive lacks comes through it after this returns.

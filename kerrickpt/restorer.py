@@ -24,6 +24,7 @@ class Plan:
     new_pid_namespace: bool = False
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
     gate: Path | None = None  # the images come from a streamer (feeder.Feed), and the tree waits for this gate
+    timeout: float = criu.RESTORE_TIMEOUT  # for CRIU's restore
 
 
 def run(
@@ -42,7 +43,8 @@ def run(
         os.close(reader)
         if feed is not None:
             feed.forget()
-        _child(group, found, scratch, inherit, dataclasses.replace(plan, gate=feed.gate if feed else None), writer)
+            plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
+        _child(group, found, scratch, inherit, plan, writer)
     os.close(writer)
     try:
         if feed is not None:
@@ -83,6 +85,7 @@ def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: 
         shell_job=plan.shell_job,
         lazy_pages=plan.watcher is not None,
         gate=plan.gate,
+        timeout=plan.timeout,
     )
 
 

@@ -249,6 +249,8 @@ def _pipe(connection: socket.socket, name: str) -> int:
         for fd in fds:
             os.close(fd)
         raise StreamError(f"CRIU sent no pipe for {name}")
+    # A program started meanwhile must not keep CRIU's pipe open: closing it is how CRIU is cut off.
+    os.set_inheritable(fds[0], False)
     # Refused above fs.pipe-max-size without CAP_SYS_RESOURCE: the default pipe works, only slower.
     with contextlib.suppress(OSError):
         fcntl.fcntl(fds[0], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
