@@ -503,16 +503,20 @@ def label(source: Source) -> str:
     return str(source) if isinstance(source, Path) else "the incoming archive"
 
 
+def _open(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
+
+
 def _members(source: Source, after: list[bytes] | None = None) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
     The index after the frame, if any, goes to `after` once the last member was read.
     """
     path = label(source)
-    try:
-        fh = source.open("rb") if isinstance(source, Path) else source  # closed once read, either way
-    except OSError as exc:
-        raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
+    fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
     with fh, _Ahead(_decompressed(fh, path, after)) as blocks:
         for info, data in _Tar(blocks, path).members():
             if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not _allowed(info.name):
@@ -704,10 +708,7 @@ def _read_index(rest: bytes, path: str) -> Index:
 
 def read_index(path: Path) -> Index | None:
     """The index a version 4 archive ends with, read from the end (nothing else is read); None without one."""
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
+    fh = _open(path)
     try:
         with fh:
             size = os.fstat(fh.fileno()).st_size
