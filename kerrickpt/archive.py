@@ -545,7 +545,7 @@ def _output(dest: Path | None, name: str, *, first: bool) -> Iterator[int | None
         os.close(fd)
 
 
-def _write(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
 
@@ -606,7 +606,7 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
                 for piece in data:
                     got.hash.update(piece)
                     if fd is not None:
-                        _write(fd, piece)
+                        write_all(fd, piece)
                     elif into is not None:
                         into(name, piece)
             got.size += size

@@ -62,7 +62,6 @@ class _File:
     memory: deque[memoryview] = field(default_factory=deque)
     spill: int | None = None  # the fd of its spill file
     pipe: int | None = None
-    asked: bool = False
     done: bool = False  # delivered whole, or CRIU closed its pipe
 
     @property
@@ -185,8 +184,7 @@ class Feed:
         """The archive's next piece of file `name`: to the log, to CRIU, or to wait."""
         if name == LOG:
             if self.log is not None:
-                while piece:
-                    piece = piece[os.write(self.log, piece) :]
+                archive.write_all(self.log, piece)
             return
         if self.answer_fd is None:  # CRIU is done (it failed): the rest is only checked
             return
@@ -291,10 +289,10 @@ class Feed:
             file = _File(name, len(data), received=len(data), memory=deque([memoryview(data)] if data else []))
         else:
             file = self.files[name]
-            if file.asked:
+            if file.pipe is not None or file.done:  # only a file CRIU had is done
                 os.close(pipe)
                 raise RestoreFailed(f"CRIU asked for {name} twice; it streams each image once")
-        file.asked, file.pipe = True, pipe
+        file.pipe = pipe
         self.served.append(file)
         self.last_progress = time.monotonic()
         self._deliver(file)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from kerrickpt.errors import KerrickptError
 
@@ -98,7 +98,7 @@ class _Listener:
             self.close()
             raise
 
-    def __enter__(self) -> _Listener:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -129,9 +129,6 @@ class Capture(_Listener):
 
     The peer must be the CRIU process kerrickpt started.
     """
-
-    def __enter__(self) -> Capture:
-        return self
 
     def serve(self, pid: int, sink: Sink, idle: float) -> None:
         """Pass CRIU's (process `pid`) images to `sink` until it has closed them all, or has exited.
@@ -204,9 +201,6 @@ class Serve(_Listener):
     """
 
     name = SERVE_SOCKET
-
-    def __enter__(self) -> Serve:
-        return self
 
     def accept(self, allowed: Callable[[int], bool]) -> socket.socket:
         return self._accept(allowed, "the restoring CRIU")
