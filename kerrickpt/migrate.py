@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, node, postcopy, procs, transport
+from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -39,7 +39,8 @@ T = TypeVar("T")
 
 DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
-RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0  # the target verifies and unpacks, then CRIU restores
+# The target restores after the last byte: its CRIU's limit grows with the archive (see feeder).
+RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0
 # After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
 SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had
@@ -218,7 +219,7 @@ def _migrate(
                 link_mib_s=link_mib_s, lazy=pages,
             )  # fmt: skip
         except BaseException:
-            live.channel.close()  # a torn stream: the target removes what it unpacked
+            live.channel.close()  # a torn stream: the target removes what it received
             if pages is not None:
                 pages.close()  # capture stopped its CRIU already, if it got that far; this ends ssh
             journal.remove()  # capture thawed the container: nothing left to recover
@@ -305,7 +306,7 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
 
 
 class _Live:
-    """The first transfer attempt, sent while capture writes the archive: the target unpacks it as CRIU dumps.
+    """The first transfer attempt, sent while capture writes the archive: the target takes it as CRIU dumps.
 
     If the link fails meanwhile, the archive is still written whole here, for the next attempts.
     """
@@ -428,7 +429,7 @@ def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict
     # From here on the target may restore: anything but its explicit answer leaves the outcome unknown.
     channel = sender.channel
     try:
-        event = channel.event(RESTORE_WAIT)
+        event = channel.event(RESTORE_WAIT + sender.tally.bytes / feeder.READ_FLOOR)
     except KerrickptError as exc:
         raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
     if event is None:

@@ -9,10 +9,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kerrickpt import compat, containers, criu, faults, node, postcopy, procs, transport
+from kerrickpt import archive, compat, containers, criu, faults, feeder, node, postcopy, procs, transport
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -28,6 +29,7 @@ from kerrickpt.restore import restore
 log = logging.getLogger(__name__)
 
 SPACE_MARGIN = 64 * 2**20
+CHUNK = 1 << 20
 
 
 def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
@@ -108,8 +110,13 @@ def receive(
                 # Connected before ready: a page stream that cannot come fails while nothing is frozen yet.
                 watcher = stack.enter_context(postcopy.Watcher(registry, migration_id)) if lazy else None
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
-                # Unpacked and verified while it arrives; restored only after the source's END frame.
-                incoming = transport.FrameReader(stdin)
+                incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
+                if watcher is None and feeder.can_gate(registry.scratch):
+                    # Kept as it came, then streamed into CRIU (see feeder): unpacking 1 GiB while the
+                    # source compresses takes the CPU the source needs, and CRIU waits for the index,
+                    # which comes last, anyway.
+                    incoming = _store(incoming, stack.enter_context(_scratch(registry)))
+                # Else unpacked and verified while it arrives. Restored only after the source's END frame.
                 result = restore(
                     incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
                     watcher=watcher,
@@ -127,6 +134,27 @@ def receive(
         return 0
     finally:
         marker.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _scratch(registry: containers.Registry) -> Iterator[Path]:
+    directory = registry.scratch_dir("receive-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _store(incoming: transport.FrameReader, directory: Path) -> Path:
+    """The archive arriving on `incoming`, written whole (its END frame checked) to a 0600 file in `directory`."""
+    path = directory / "archive.kckpt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        while chunk := incoming.read(CHUNK):
+            archive.write_all(fd, memoryview(chunk))
+    finally:
+        os.close(fd)
+    return path
 
 
 def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_id: str, exc: Exception) -> int:

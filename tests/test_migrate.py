@@ -265,7 +265,7 @@ def test_missing_remote_kerrickpt_is_not_retried(cluster: Cluster, workload: Pat
 BALLAST = "import os, time\nballast = os.urandom(32 << 20)\nwhile True:\n    time.sleep(0.05)\n"
 
 
-def test_the_target_unpacks_the_archive_while_the_source_still_writes_it(cluster: Cluster) -> None:
+def test_the_target_takes_the_archive_while_the_source_still_writes_it(cluster: Cluster) -> None:
     a, b = cluster.nodes
     name = unique_name("ballast")
     started = a.kerrickpt("run", "--name", name, "--", sys.executable, "-c", BALLAST)
@@ -278,8 +278,11 @@ def test_the_target_unpacks_the_archive_while_the_source_still_writes_it(cluster
         assert os.WIFSTOPPED(status), "the source stops with its archive written up to the manifest"
         # The source holds the container frozen and has not finished its archive; the target has most of it.
         assert [r["state"] for r in a.json("ps") if r["name"] == name] == ["frozen"]
-        unpacked = [p for p in (b.state_dir / "tmp").glob("restore-*/images/*") if p.is_file()]
-        assert sum(p.stat().st_size for p in unpacked) > 16 << 20
+        # It arrives there as it was written: kept whole, 0600, not unpacked (CRIU is fed from it at the end).
+        (kept,) = (b.state_dir / "tmp").glob("receive-*/archive.kckpt")
+        assert kept.stat().st_size > 16 << 20 and kept.stat().st_mode & 0o777 == 0o600
+        assert kept.parent.stat().st_mode & 0o777 == 0o700
+        assert not [p for p in (b.state_dir / "tmp").rglob("*") if p.is_file() and p != kept]
         assert not [r for r in b.json("ps") if r["name"] == name], "nothing runs there before the end"
     finally:
         os.kill(run.pid, signal.SIGCONT)
@@ -289,6 +292,7 @@ def test_the_target_unpacks_the_archive_while_the_source_still_writes_it(cluster
     assert moved["attempts"]["transfer"] == 1
     assert moved["compression"]["level"] == archive.level_for_link(moved["compression"]["link_mib_s"])
     assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
+    assert not list((b.state_dir / "tmp").iterdir()), "the target removed the archive it restored from"
     assert not [r for r in a.json("ps") if r["name"] == name]
 
 
