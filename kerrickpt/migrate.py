@@ -167,7 +167,7 @@ def _migrate(
     if journal.exists():
         raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
     subject = Subject.of(container)
-    link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt)
+    link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
     request = _preflight_request(found, container, force)
     answer, preflight_attempts = _retrying(

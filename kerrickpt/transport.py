@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from kerrickpt import command, faults
+from kerrickpt import command, faults, node
 from kerrickpt.errors import KerrickptError, MigrationUnknown, TransportError, UsageError, from_dict
 
 CALL_TIMEOUT = 120.0
@@ -34,6 +35,8 @@ FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
 MAX_FRAME = 8 << 20  # the source sends at most this; a larger length means a broken or hostile stream
 PROBE_BYTES = 32 << 20  # what `measure` sends: long enough to see the link's pace, not its start
+AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+CIPHERS_TIMEOUT = 10.0
 # ssh's own failures (exit 255) that a later attempt may not meet again.
 TRANSIENT_SSH = re.compile(
     r"Connection (refused|reset|timed out|closed)|No route to host|Network is unreachable|"
@@ -75,7 +78,10 @@ class Link:
 
     def argv(self, remote_args: Sequence[str]) -> list[str]:
         """The ssh command line that runs `kerrickpt REMOTE_ARGS` on the target."""
-        argv = [self.ssh, "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+        return [*self._ssh(), "--", self.target.host, shlex.join([self.remote_kerrickpt, *remote_args])]
+
+    def _ssh(self, *first: str) -> list[str]:
+        argv = [self.ssh, *first, "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
         argv += ["-o", f"SendEnv={faults.ENV}"]
         for option in self.ssh_options:
             argv += ["-o", option]
@@ -83,7 +89,28 @@ class Link:
             argv += ["-p", str(self.target.port)]
         if self.target.user:
             argv += ["-l", self.target.user]
-        return [*argv, "--", self.target.host, shlex.join([self.remote_kerrickpt, *remote_args])]
+        return argv
+
+    def with_fast_cipher(self) -> Link:
+        """This link with AES-GCM offered first where this CPU has AES instructions and nobody chose
+        ssh's ciphers (no Ciphers option, no ssh_config that sets them): ssh's first choice,
+        chacha20-poly1305, moves a third less per CPU second on such machines (README: Performance)."""
+        if "aes" not in node.cpu_flags() or any(o.lower().startswith("ciphers") for o in self.ssh_options):
+            return self
+        chosen, default = (self._ciphers(*config) for config in ((), ("-F", "none")))
+        if not chosen or chosen != default or not set(AES_GCM) & set(chosen):
+            return self
+        order = [c for c in AES_GCM if c in chosen] + [c for c in chosen if c not in AES_GCM]
+        return dataclasses.replace(self, ssh_options=(*self.ssh_options, "Ciphers=" + ",".join(order)))
+
+    def _ciphers(self, *config: str) -> list[str]:
+        """The ciphers ssh would offer the target, as `ssh -G` resolves its configuration; [] if it cannot say."""
+        try:
+            result = command.run([*self._ssh("-G", *config), "--", self.target.host], timeout=CIPHERS_TIMEOUT)
+        except (OSError, KerrickptError):
+            return []
+        lines = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ciphers ")]
+        return lines[0].split(",") if result.returncode == 0 and lines else []
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from kerrickpt import archive, transport
+from kerrickpt import archive, node, transport
 from kerrickpt.errors import BusyError, MigrationUnknown, TransportError, UsageError
 from kerrickpt.transport import Link, Target
 
@@ -41,6 +42,37 @@ def test_ssh_argv_quotes_the_remote_command() -> None:
         "--", "node7", "/opt/kerrickpt/bin/kerrickpt agent receive --name 'job 1'",
     ]  # fmt: skip
     assert Link.from_dict(link.to_dict()) == link
+
+
+needs_aes_and_ssh = pytest.mark.skipif(
+    "aes" not in node.cpu_flags() or shutil.which("ssh") is None, reason="needs ssh and a CPU with AES instructions"
+)
+
+
+@needs_aes_and_ssh
+def test_aes_gcm_is_offered_first_where_nobody_chose_the_ciphers() -> None:
+    link = Link(Target("node7"), ("IdentityFile=/k",)).with_fast_cipher()
+
+    (ciphers,) = [o for o in link.ssh_options if o.startswith("Ciphers=")]
+    offered = ciphers.removeprefix("Ciphers=").split(",")
+    assert offered[0] == "aes128-gcm@openssh.com"
+    assert set(offered) == set(Link(Target("node7"))._ciphers()), "the same ciphers, only in another order"
+    assert link.argv(["ps"])[-3:] == ["--", "node7", "kerrickpt ps"]
+
+
+@needs_aes_and_ssh
+def test_ciphers_someone_chose_are_left_alone(tmp_path: Path) -> None:
+    chosen = Link(Target("node7"), ("Ciphers=aes256-ctr",))
+    assert chosen.with_fast_cipher() == chosen
+    # An ssh_config that sets them: a wrapper reads one, as ~/.ssh/config would be, unless told `-F none`.
+    config = tmp_path / "config"
+    config.write_text("Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com\n")
+    wrapper = tmp_path / "ssh"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *"-F none"*) exec ssh "$@";; esac\nexec ssh -F {config} "$@"\n')
+    wrapper.chmod(0o755)
+    configured = Link(Target("node7"), ssh=str(wrapper))
+    assert configured._ciphers() == ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"]
+    assert configured.with_fast_cipher() == configured
 
 
 @pytest.mark.parametrize(
