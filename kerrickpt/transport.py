@@ -363,7 +363,7 @@ def sink(stream: BinaryIO) -> dict[str, float]:
     return {"bytes": reader.tally.bytes, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
-def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes, bytes] | None:
+def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes, bytes | bytearray] | None:
     """One frame from a channel's stdin on the remote side; None at a clean or torn end.
 
     A source that sends nothing for `stall` seconds is given up (TransportError): a link that
@@ -381,21 +381,26 @@ def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes,
     return kind, payload
 
 
-def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes:
-    """`size` bytes (fewer only where the stream ends), read from the fd itself when there is one."""
+def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes | bytearray:
+    """`size` bytes (fewer only where the stream ends), read from the fd itself when there is one.
+
+    Read into one buffer of the frame's size: pieces joined afterwards would hold a frame
+    twice, and os.read allocates its whole `size` for each pipe-sized piece."""
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # io.UnsupportedOperation is both: a stream in memory cannot stall
         return stream.read(size)
-    pieces: list[bytes] = []
-    while size:
-        if not _wait(fd, select.POLLIN, stall):
-            raise TransportError(f"the source sent nothing for {stall:.0f} s", transient=True)
-        if not (piece := os.read(fd, size)):
-            break
-        pieces.append(piece)
-        size -= len(piece)
-    return b"".join(pieces)
+    data = bytearray(size)
+    got = 0
+    with memoryview(data) as view:
+        while got < size:
+            if not _wait(fd, select.POLLIN, stall):
+                raise TransportError(f"the source sent nothing for {stall:.0f} s", transient=True)
+            if not (count := os.readv(fd, [view[got:]])):
+                break
+            got += count
+    del data[got:]
+    return data
 
 
 def _write_all(fd: int, data: memoryview, stall: float) -> bool:
