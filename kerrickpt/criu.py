@@ -127,10 +127,27 @@ def _call(client, request: str, timeout: float, error: type[KerrickptError], log
                 log_tail=command.tail_file(log),
             ) from exc
         raise error(f"criu {request} failed: {exc}", log_tail=command.tail_file(log)) from exc
+    except BaseException:
+        # pycriu lets a signal's exception (SIGTERM, Ctrl-C) out of its call with CRIU still
+        # running. CRIU may be seizing the tree, some tasks held by ptrace and the rest only by
+        # the freeze: a thaw now would let those run under it. Hang up and wait until CRIU
+        # lets go (the watchdog still bounds that), then unwind.
+        _hang_up(client)
+        raise
     finally:
         timer.cancel()
         for fd in (client.opts.images_dir_fd, client.opts.work_dir_fd):
             os.close(fd)
+
+
+def _hang_up(client) -> None:  # type: ignore[no-untyped-def]
+    """Close pycriu's socket to CRIU and reap CRIU, if pycriu had not done so yet."""
+    sk, swrk = client._comm.sk, getattr(client._comm, "swrk", None)
+    if sk is not None:
+        sk.close()
+    if swrk:
+        with contextlib.suppress(ChildProcessError):  # pycriu reaped it already
+            os.waitpid(swrk, 0)
 
 
 def dump(
