@@ -154,7 +154,8 @@ def capture(
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
-    criu.prepare()
+    if thaw_after_dump and lazy is None:
+        criu.prepare()  # for the RPC dump below; the other dumps run CRIU's command line
     step = "freezing the cgroup"
     try:
         freezer = group.freezer

@@ -76,10 +76,10 @@ def cpuinfo_check(criu: Criu, directory: Path) -> tuple[bool, str]:
 
 
 def prepare() -> None:
-    """Import pycriu now: its first import takes ~50 ms, too long to fall inside a freeze window."""
+    """Import pycriu now, for an RPC `dump` to come: its first import takes ~50 ms, too long to fall
+    inside a freeze window."""
     with contextlib.suppress(ImportError):
         import pycriu  # noqa: F401
-        from pycriu.images import img_streamer_pb2  # noqa: F401
 
 
 def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]

@@ -47,11 +47,15 @@ class Freezer:
     def thaw(self) -> None:
         self._write(frozen=False)
 
-    def _write(self, *, frozen: bool) -> None:
+    def control(self, *, frozen: bool) -> tuple[Path, str]:
+        """The control file, and what to write into it to freeze (or thaw) the cgroup."""
         if self.version == 2:
-            (self.path / "cgroup.freeze").write_text("1" if frozen else "0")
-        else:
-            (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+            return self.path / "cgroup.freeze", "1" if frozen else "0"
+        return self.path / "freezer.state", "FROZEN" if frozen else "THAWED"
+
+    def _write(self, *, frozen: bool) -> None:
+        control, value = self.control(frozen=frozen)
+        control.write_text(value)
 
 
 @contextmanager
