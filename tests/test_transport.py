@@ -136,7 +136,7 @@ def test_a_stream_whose_end_frame_disagrees_is_refused() -> None:
         transport.FrameReader(io.BytesIO(bytes(wire))).read()
 
 
-@pytest.mark.parametrize(("mib_s", "level"), [(5000.0, -3), (400.0, 1), (20.0, 3)])
+@pytest.mark.parametrize(("mib_s", "level"), [(5000.0, -3), (400.0, -2), (150.0, 1), (20.0, 3)])
 def test_the_level_follows_the_link(mib_s: float, level: int) -> None:
     assert archive.level_for_link(mib_s) == level
 
