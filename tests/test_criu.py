@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ def test_a_signal_during_an_rpc_call_unwinds_only_once_criu_has_exited(
     # would let the processes it has not seized yet run under it.
     exited = tmp_path / "exited"
     swrk = tmp_path / "criu"
-    swrk.write_text(f"#!/bin/sh\nsleep 1\ntouch {exited}\n")  # answers nothing, as CRIU mid-dump
+    swrk.write_text(f"#!/bin/sh\nsleep 1\ntouch {shlex.quote(str(exited))}\n")  # answers nothing, as CRIU mid-dump
     swrk.chmod(0o755)
     client = criu._rpc(criu.Criu(str(swrk), "4.2.1"), tmp_path, tmp_path, criu.DUMP_LOG)
     client.opts.pid = 1  # as `dump` asks: without a pid pycriu detaches CRIU to dump itself
