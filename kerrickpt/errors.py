@@ -121,6 +121,12 @@ class SnapshotNotFoundError(KerrickptError):
     exit_code = 20
 
 
+class UntrustedStoreError(KerrickptError):
+    """A snapshot store or series directory that someone other than root could write in: refused unused."""
+
+    exit_code = 21
+
+
 def from_dict(data: dict[str, object]) -> KerrickptError:
     """Rebuild an error a remote kerrickpt reported, as its own class where this side knows it."""
     classes = {cls.__name__: cls for cls in _all_subclasses(KerrickptError)}

@@ -43,7 +43,7 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
-  20 no such snapshot in the store
+  20 no such snapshot in the store, 21 a snapshot store or series others than root may write in
 """
 
 
@@ -172,8 +172,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
     path = args.archive
     if args.store:
-        path = kerrickpt.Store(args.store).at(args.archive, _time(args.at) if args.at else None).path
-    elif args.at or args.latest:
+        when = _time(args.at) if args.at else None
+        path = kerrickpt.Store(args.store).at(args.archive, when, allow_unverified=args.allow_unverified).path
+    elif args.at or args.latest or args.allow_unverified:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
     result = kerrickpt.restore(
         path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
@@ -419,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     pick = p.add_mutually_exclusive_group()
     pick.add_argument("--at", metavar="TIME", help="the newest snapshot taken at or before TIME (ISO 8601 or an id)")
     pick.add_argument("--latest", action="store_true", help="the newest snapshot (the default)")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="with --store: may pick a snapshot whose checksums no run has checked (one copied in)",
+    )
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
     p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
