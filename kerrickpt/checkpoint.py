@@ -252,8 +252,8 @@ def _shares_host_pid_namespace(group: cgroups.Cgroup) -> bool:
 
 
 def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
-    """Before any freeze: a host-namespace job with SysV shared memory, or in a session whose leader
-    this PID namespace cannot see, cannot be carried."""
+    """Before any freeze: a host-namespace job with SysV shared memory, with queues or semaphore sets it
+    did not create, or in a session whose leader this PID namespace cannot see, cannot be carried."""
     pids = group.pids()
     unseen = [p.host_pid for p in procs.read_all(pids) if p.sid == 0]
     if unseen:
@@ -270,6 +270,14 @@ def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
             "cannot save outside an IPC namespace of the job's own. Run the job under `kerrickpt run` "
             "(its own PID and IPC namespaces) to checkpoint it. The job keeps running."
         )
+    if procs.shares_namespace(pids[0], "ipc"):
+        shared = [str(use) for use in sysvipc.uses(pids) if not use.own]
+        if shared:
+            raise NotCheckpointable(
+                f"the job uses SysV objects in the host's IPC namespace that it did not create "
+                f"({'; '.join(shared)}): others may share them, and the checkpoint would take them from the "
+                "host. Run the job under `kerrickpt run`, or let it make its own. The job keeps running."
+            )
 
 
 def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_job: bool) -> list[dict[str, Any]]:
