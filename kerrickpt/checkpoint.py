@@ -77,8 +77,7 @@ def checkpoint(
         with registry.lock(key):
             return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
     with registry.lock(name):
-        if registry.journal_path(name).exists():
-            raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
+        registry.refuse_while_migrating(name)
         return _checkpoint(found, registry, Subject.of(registry.get(name)), output, leave_running, level)
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from kerrickpt import cgroups, lock, namespaces, procs
 from kerrickpt.errors import (
+    BusyError,
     ContainerExistsError,
     ContainerNotFoundError,
     KerrickptError,
     NotReadyError,
+    StateDamagedError,
     UsageError,
 )
 
@@ -177,11 +179,19 @@ class Registry:
         shutil.rmtree(self.path(name), ignore_errors=True)
 
     def get(self, name: str) -> Container:
+        record = self.path(name) / RECORD
         try:
-            data = json.loads((self.path(name) / RECORD).read_text())
+            container = Container(**json.loads(record.read_text()))
         except FileNotFoundError:
             raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
-        return Container(**data)
+        except (ValueError, TypeError) as exc:  # torn, not JSON, or not a record's fields
+            raise StateDamagedError(
+                f"the record of container {name} ({record}) is damaged ({exc}); "
+                f"`kerrickpt kill {name}` ends what runs in its cgroup and removes it"
+            ) from None
+        if not isinstance(container.init_pid, int) or not isinstance(container.cgroup, list):
+            raise StateDamagedError(f"the record of container {name} ({record}) is damaged (wrong field types)")
+        return container
 
     def save(self, container: Container) -> None:
         write_atomic(self.path(container.name) / RECORD, json.dumps(asdict(container), indent=2))
@@ -192,6 +202,13 @@ class Registry:
             if (path / RECORD).exists():
                 found.append(self.get(path.name))
         return found
+
+    def refuse_while_migrating(self, name: str) -> None:
+        """BusyError while a migration of `name` is pending: the target may run it, and `recover` decides."""
+        if self.journal_path(name).exists():
+            raise BusyError(
+                f"a migration of {name} is pending and the target may run it: run `kerrickpt recover {name}` first"
+            )
 
     def journal_path(self, name: str) -> Path:
         """Where a migration of `name` under way is journaled (see migrate.Journal)."""
@@ -365,9 +382,12 @@ def kill(name: str, state_dir: Path | str | None = None) -> None:
     """End a container and remove its cgroups and state."""
     registry = Registry(state_dir)
     with registry.lock(name):
-        if registry.journal_path(name).exists():
-            raise UsageError(
-                f"a migration of {name} is pending and the target may run it: "
-                f"run `kerrickpt recover {name}` first, then kill it where it runs"
-            )
-        remove(registry, registry.get(name))
+        registry.refuse_while_migrating(name)
+        try:
+            container = registry.get(name)
+        except StateDamagedError:
+            # Its record is unreadable, but its cgroup is where kerrickpt makes every container's.
+            cgroups.existing(cgroups.detect(), name).remove()
+            registry.release(name)
+            return
+        remove(registry, container)

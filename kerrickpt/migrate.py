@@ -163,9 +163,8 @@ def _migrate(
     lazy: bool,
 ) -> MigrationResult:
     container = registry.get(name)
+    registry.refuse_while_migrating(name)
     journal = Journal(registry, name)
-    if journal.exists():
-        raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
     subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()

@@ -9,11 +9,19 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import kerrickpt
 from kerrickpt import cgroups, containers, postcopy, receiver, retention, transport
-from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NodeIncompatibleError, NotReadyError, UsageError
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    HostError,
+    Interrupted,
+    KerrickptError,
+    NodeIncompatibleError,
+    NotReadyError,
+    UsageError,
+)
 from kerrickpt.inspection import restore_route
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
@@ -43,7 +51,10 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
-  20 no such snapshot in the store, 21 a snapshot store or series others than root may write in
+  15 a container's record is damaged (`kerrickpt kill NAME` still ends it),
+  16 the host refused an operation (permission, full disk, cgroup write),
+  20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
+  129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
 """
 
 
@@ -102,7 +113,7 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
         for note in report.notes:
             print(f"note: {note}")
     if not report.ready:
-        raise NotReadyError("this node is not ready: " + "; ".join(report.problems))
+        raise NotReadyError("this node is not ready: " + "; ".join(report.problems), report=report.to_dict())
     return report.to_dict(), 0
 
 
@@ -113,7 +124,9 @@ def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
         print(verdict.explain())
         print(f"verdict: {'this node can restore it' if acceptable else 'this node cannot restore it'}")
     if not acceptable:
-        raise NodeIncompatibleError(f"this node cannot restore {args.against}:\n{verdict.explain()}")
+        raise NodeIncompatibleError(
+            f"this node cannot restore {args.against}:\n{verdict.explain()}", report=verdict.to_dict()
+        )
     return verdict.to_dict(), 0
 
 
@@ -361,20 +374,27 @@ def _keep_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments raise UsageError, so that `main` reports them like any error (and as JSON with --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--state-dir",
         help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
     )
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    in_store = argparse.ArgumentParser(add_help=False)
+    in_store = _Parser(add_help=False)
     in_store.add_argument("--store", required=True, metavar="DIR", help="the snapshot store (an existing directory)")
-    waiting = argparse.ArgumentParser(add_help=False)
+    waiting = _Parser(add_help=False)
     waiting.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a container's lock (default 0)"
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kerrickpt",
         description="Checkpoint and restore Linux containers and process trees with CRIU.",
         epilog=EXAMPLES,
@@ -483,33 +503,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C: a frozen container is thawed, scratch and nodes removed."""
+def unwind_on_signals(signals: tuple[signal.Signals, ...]) -> None:
+    """Make SIGHUP (a closed terminal), SIGINT and SIGTERM unwind like Ctrl-C: a frozen container is
+    thawed, scratch and nodes removed; the command then exits 128+N. A repeat is ignored, so that
+    the unwinding it would cut short finishes."""
 
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+    def interrupted(signum: int, _frame: object) -> None:
+        for other in signals:
+            signal.signal(other, signal.SIG_IGN)
+        raise Interrupted(signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    for signum in signals:
+        signal.signal(signum, interrupted)
+
+
+UNWINDING = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+
+
+def _fail(error: KerrickptError, command: str | None, as_json: bool) -> int:
+    """Report an error: one line (and CRIU's log tail) on stderr, the error object on stdout with --json."""
+    # The exit code in the text too: cron mails what a job prints, not how it ended.
+    print(f"kerrickpt: error (exit {error.exit_code}): {error}", file=sys.stderr)
+    if command == "agent":
+        transport.emit(sys.stdout, "error", **error.to_dict())
+    elif as_json:
+        print(json.dumps(error.to_dict(), indent=2, default=str))
+    return error.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(exc, None, as_json)
     logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
-    unwind_on_sigterm()  # a scheduler's SIGTERM must not leave a container frozen
+    # A scheduler's SIGTERM or a closed terminal must not leave a container frozen. The agent keeps
+    # SIGHUP's default: ssh hangs up on it when the source goes, and the source decides what follows.
+    unwind_on_signals(UNWINDING if args.command != "agent" else (signal.SIGINT, signal.SIGTERM))
     try:
         result, code = args.func(args)
     except KerrickptError as exc:
-        # The exit code in the text too: cron mails what a job prints, not how it ended.
-        print(f"kerrickpt: error (exit {exc.exit_code}): {exc}", file=sys.stderr)
-        if args.command == "agent":
-            transport.emit(sys.stdout, "error", **exc.to_dict())
-        elif args.json:
-            print(json.dumps(exc.to_dict(), indent=2))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("kerrickpt: interrupted", file=sys.stderr)
-        return 130
+        return _fail(exc, args.command, args.json)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(HostError(f"{exc.strerror or exc}{where}"), args.command, args.json)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"kerrickpt: interrupted by {name} (exit {128 + signum})", file=sys.stderr)
+        if args.json and args.command != "agent":
+            error = {"error": "Interrupted", "message": f"interrupted by {name}", "exit_code": 128 + signum}
+            print(json.dumps(error, indent=2))
+        return 128 + signum
     if args.json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))
     return code
