@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import zstandard
 
-from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, sysvipc
+from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, progress, sysvipc
 from kerrickpt.errors import (
     CommandTimeout,
     ContainerNotFoundError,
@@ -156,6 +156,7 @@ def capture(
     if thaw_after_dump and lazy is None:
         criu.prepare()  # for the RPC dump below; the other dumps run CRIU's command line
     step = "freezing the cgroup"
+    progress.current().phase("freezing")
     try:
         freezer = group.freezer
         with archive.Writer(output, level=level, mirror=mirror) as writer:
@@ -174,6 +175,7 @@ def capture(
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
                 step = "criu dump"
+                progress.current().phase("dumping" if thaw_after_dump else "dumping and compressing")
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
@@ -191,6 +193,7 @@ def capture(
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"
+                progress.current().phase("writing the archive")
                 manifest = Manifest(
                     name=subject.label,
                     created=containers.utc_now(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -12,7 +13,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import kerrickpt
-from kerrickpt import cgroups, containers, postcopy, receiver, retention, transport
+from kerrickpt import cgroups, containers, postcopy, progress, receiver, retention, transport
 from kerrickpt.errors import (
     ArchiveCorruptError,
     HostError,
@@ -94,6 +95,12 @@ def _time(text: str) -> datetime:
         ) from None
 
 
+def _watched(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """Progress of the library call in the block, on a terminal only: cleared before the command prints."""
+    what = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return progress.on_terminal(what, sys.stderr, quiet=args.quiet or args.json)
+
+
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if args.against:
         return _check_against(args)
@@ -163,14 +170,15 @@ def cmd_kill(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.checkpoint(
-        args.name,
-        args.output,
-        cgroup=args.cgroup,
-        leave_running=args.leave_running,
-        state_dir=args.state_dir,
-        level=args.level,
-    )
+    with _watched(args):
+        result = kerrickpt.checkpoint(
+            args.name,
+            args.output,
+            cgroup=args.cgroup,
+            leave_running=args.leave_running,
+            state_dir=args.state_dir,
+            level=args.level,
+        )
     if not args.json:
         t = result.manifest.timings
         after = "left running" if result.left_running else "stopped"
@@ -189,9 +197,10 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
         path = kerrickpt.Store(args.store).at(args.archive, when, allow_unverified=args.allow_unverified).path
     elif args.at or args.latest or args.allow_unverified:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
-    result = kerrickpt.restore(
-        path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
-    )
+    with _watched(args):
+        result = kerrickpt.restore(
+            path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
+        )
     if not args.json:
         if args.store:
             print(f"snapshot {path}")
@@ -237,17 +246,18 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.migrate(
-        args.name,
-        args.to,
-        ssh_options=tuple(args.ssh_option),
-        remote_kerrickpt=args.remote_kerrickpt,
-        state_dir=args.state_dir,
-        force=args.force,
-        attempts=args.attempts,
-        level=args.level,
-        lazy=args.lazy,
-    )
+    with _watched(args):
+        result = kerrickpt.migrate(
+            args.name,
+            args.to,
+            ssh_options=tuple(args.ssh_option),
+            remote_kerrickpt=args.remote_kerrickpt,
+            state_dir=args.state_dir,
+            force=args.force,
+            attempts=args.attempts,
+            level=args.level,
+            lazy=args.lazy,
+        )
     if not args.json:
         headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
         _print_placed(headline, result.warnings, result.pid_map)
@@ -289,15 +299,16 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.snapshot(
-        args.name,
-        args.store,
-        cgroup=args.cgroup,
-        policy=_policy(args),
-        wait=args.wait,
-        state_dir=args.state_dir,
-        level=args.level,
-    )
+    with _watched(args):
+        result = kerrickpt.snapshot(
+            args.name,
+            args.store,
+            cgroup=args.cgroup,
+            policy=_policy(args),
+            wait=args.wait,
+            state_dir=args.state_dir,
+            level=args.level,
+        )
     if not args.quiet:
         print(_log_line(result), file=sys.stderr)
     return result.to_dict(), 0
@@ -352,7 +363,8 @@ def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
-    rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
+    with _watched(args):
+        rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
     for r in rows:
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
@@ -388,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
     )
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress line on a terminal (snapshot: nothing at all on success)",
+    )
     in_store = _Parser(add_help=False)
     in_store.add_argument("--store", required=True, metavar="DIR", help="the snapshot store (an existing directory)")
     waiting = _Parser(add_help=False)
@@ -484,7 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
     _keep_options(p)
     p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     p = sub.add_parser("snapshots", help="list, prune or verify the snapshots in a store")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
