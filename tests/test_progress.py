@@ -13,8 +13,9 @@ import pytest
 
 import kerrickpt
 from kerrickpt import archive, progress
+from kerrickpt.localnodes import Cluster, kerrickpt_path
 from tests import test_archive
-from tests.helpers import KERRICKPT, cli, cli_env
+from tests.helpers import KERRICKPT, cli, cli_env, ipc_keys, unique_name
 
 MiB = 2**20
 
@@ -82,12 +83,14 @@ def test_writing_and_reading_an_archive_report_their_bytes(tmp_path: Path) -> No
 
 
 def on_terminal(*args: str, state_dir: Path | None = None) -> tuple[int, str, str]:
-    """Run the command with its stderr on a pseudo-terminal: its exit code, stdout, and what the terminal got."""
+    return run_on_terminal([*KERRICKPT, *args], cli_env(state_dir))
+
+
+def run_on_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run `argv` with its stderr on a pseudo-terminal: its exit code, stdout, and what the terminal got."""
     controller, terminal = pty.openpty()
     try:
-        run = subprocess.Popen(
-            [*KERRICKPT, *args], stdout=subprocess.PIPE, stderr=terminal, text=True, env=cli_env(state_dir)
-        )
+        run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=terminal, text=True, env=env)
     finally:
         os.close(terminal)
     shown = b""
@@ -139,3 +142,18 @@ def test_progress_on_a_terminal_and_nothing_extra_elsewhere(start_workload, stat
     assert piped.returncode == 0 and piped.stderr == "", "not a terminal: nothing extra"
     piped = cli("snapshots", "verify", "--store", str(store))
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+@pytest.mark.root
+def test_migration_progress_on_a_terminal(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    name = unique_name("prog")
+    started = a.kerrickpt("run", "--name", name, "--", str(workload), "run", *map(str, ipc_keys()))
+    assert started.returncode == 0, started.stderr
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, *cluster.migrate_args(b)]
+    code, out, shown = run_on_terminal(argv, {**os.environ, **a.env()})
+    assert code == 0, shown
+    for phase in ("pre-flight on root@", "dumping and compressing", f"root@{b.address} restores it"):
+        assert f"\r\x1b[Kkerrickpt: migrate: {phase}" in shown
+    assert "KiB/s" in shown or "MiB/s" in shown, "the bytes sent while dumping"
+    assert shown.endswith("\r\x1b[K") and out.startswith(f"moved {name} to ")
