@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -128,7 +129,14 @@ class Line:
     def _draw(self) -> None:
         self.drawn = self.clock()
         self.behind = False
-        self.stream.write("\r\x1b[K" + self.text())
+        text = self.text()
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):  # not a terminal (io.UnsupportedOperation is both)
+            width = 0
+        if width > 1:  # a line that wrapped would not be redrawn in place
+            text = text[: width - 1]
+        self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
         self.shown = True
 

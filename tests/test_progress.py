@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import pty
+import struct
 import subprocess
+import termios
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,18 @@ def test_the_line_shows_phase_bytes_rate_and_time_left() -> None:
     assert line.text() == "kerrickpt: restore: restoring with CRIU 3.0 MiB, 1.5 MiB/s", "no time left when unknown"
     line.close()
     assert out.getvalue().endswith("1.5 MiB/s\r\x1b[K"), "the last bytes shown, then the line cleared"
+
+
+def test_the_line_fits_the_terminal() -> None:
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+    with os.fdopen(terminal, "w") as stream:
+        line = progress.Line("snapshots verify", stream)
+        line.phase("reading 20250131T140000.456Z.kckpt", 2**30)
+        line.close()
+        shown = os.read(controller, 4096).decode()
+    os.close(controller)
+    assert shown == "\r\x1b[Kkerrickpt: snapshots verify: \r\x1b[K", "cut to 29 columns: a wrapped line stays"
 
 
 def test_bytes_of_a_fast_phase_are_shown_once_it_ends() -> None:
