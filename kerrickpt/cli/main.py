@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -520,18 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unwind_on_signals(signals: tuple[signal.Signals, ...]) -> None:
+@contextlib.contextmanager
+def unwinding_on(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
     """Make SIGHUP (a closed terminal), SIGINT and SIGTERM unwind like Ctrl-C: a frozen container is
     thawed, scratch and nodes removed; the command then exits 128+N. A repeat is ignored, so that
-    the unwinding it would cut short finishes."""
+    the unwinding it would cut short finishes. The caller's handlers come back afterwards."""
 
     def interrupted(signum: int, _frame: object) -> None:
         for other in signals:
             signal.signal(other, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    for signum in signals:
-        signal.signal(signum, interrupted)
+    before = {signum: signal.signal(signum, interrupted) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 UNWINDING = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
@@ -558,9 +563,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
     # A scheduler's SIGTERM or a closed terminal must not leave a container frozen. The agent keeps
     # SIGHUP's default: ssh hangs up on it when the source goes, and the source decides what follows.
-    unwind_on_signals(UNWINDING if args.command != "agent" else (signal.SIGINT, signal.SIGTERM))
     try:
-        result, code = args.func(args)
+        with unwinding_on(UNWINDING if args.command != "agent" else (signal.SIGINT, signal.SIGTERM)):
+            result, code = args.func(args)
     except KerrickptError as exc:
         return _fail(exc, args.command, args.json)
     except OSError as exc:
