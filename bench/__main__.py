@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from bench.cases import CASES
 from bench.lab import BenchError, Lab, run
 from bench.report import Results
 from kerrickpt import cgroups, command, criu
-from kerrickpt.cli.main import unwind_on_sigterm
+from kerrickpt.cli.main import unwinding_on
+from kerrickpt.errors import Interrupted
 
 KINDS = ("heap", "mixed")
 
@@ -60,8 +62,14 @@ def machine() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    unwind_on_sigterm()  # so the lab removes its nodes, containers and tmpfs
-    args = parse_args(argv)
+    try:
+        with unwinding_on((signal.SIGTERM,)):  # so the lab removes its nodes, containers and tmpfs
+            return measure(parse_args(argv), argv)
+    except Interrupted as exc:
+        return exc.exit_code
+
+
+def measure(args: argparse.Namespace, argv: list[str]) -> int:
     results = Results()
     started = time.monotonic()
     try:
