@@ -58,6 +58,10 @@ class Freezer:
     def thaw(self) -> None:
         self._write(frozen=False)
 
+    def request(self, *, frozen: bool) -> None:
+        """Ask for the state without waiting for it (a killer freezing what it is about to end)."""
+        self._write(frozen=frozen)
+
     def control(self, *, frozen: bool) -> tuple[Path, str]:
         """The control file, and what to write into it to freeze (or thaw) the cgroup."""
         if self.version == 2:
