@@ -21,6 +21,7 @@ from kerrickpt.errors import (
     NotReadyError,
     RestoreFailed,
     SnapshotNotFoundError,
+    SourceNotEnded,
     TransportError,
     UsageError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Snapshot",
     "SnapshotNotFoundError",
     "SnapshotResult",
+    "SourceNotEnded",
     "Store",
     "TransportError",
     "UsageError",

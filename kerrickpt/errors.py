@@ -115,6 +115,12 @@ class NotCheckpointable(KerrickptError):
     exit_code = 14
 
 
+class SourceNotEnded(KerrickptError):
+    """The archive is complete, but the checkpointed container could not all be ended: the message says what is left."""
+
+    exit_code = 18
+
+
 class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 
