@@ -21,6 +21,7 @@ from kerrickpt import (
     node,
     postcopy,
     procs,
+    progress,
     restorer,
     sysvipc,
 )
@@ -163,6 +164,7 @@ def _restore_as(
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
             faults.inject("restore-after-lazy-daemon")
+        progress.current().phase("restoring with CRIU")
         init_pid = restorer.run(group, found, scratch, inherit, plan, feed)
         started = procs.start_time(init_pid)
         if started is None:
