@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
@@ -85,13 +84,7 @@ class Cgroup:
 
     def pids(self) -> list[int]:
         """Every process in the cgroup (the union over its hierarchies)."""
-        found: set[int] = set()
-        for path in self.dirs:
-            try:
-                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
-            except FileNotFoundError:
-                continue
-        return sorted(found)
+        return sorted({pid for path in self.dirs for pid in _members(path)})
 
     def memory_usage(self) -> int | None:
         for path, name in ((d, f) for d in self.dirs for f in ("memory.current", "memory.usage_in_bytes")):
@@ -114,19 +107,49 @@ class Cgroup:
             (path / "cgroup.procs").write_text(str(pid))
 
     def kill(self) -> None:
-        """SIGKILL every process, thaw so frozen v1 tasks can die, and wait until it is empty."""
+        """End every process and wait until the cgroup is empty, never signalling one outside it.
+
+        cgroup v2's `cgroup.kill` ends the whole tree in the kernel. Without it, the cgroup is
+        frozen (nothing forks or exits meanwhile) and each process is signalled through a pidfd
+        opened while it was still a member, so a PID reused by another process is never hit;
+        then it is thawed, for frozen v1 tasks die only once thawed.
+        """
         kill_files = [d / "cgroup.kill" for d in self.dirs if (d / "cgroup.kill").exists()]
         for path in kill_files:
             path.write_text("1")
         deadline = time.monotonic() + EMPTY_TIMEOUT
         while pids := self.pids():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.freezer.thaw()
+            if not kill_files:
+                self._kill_by_pidfd(pids)
             if time.monotonic() > deadline:
                 raise KerrickptError(f"processes {pids} of {self.dirs[0]} did not die")
             time.sleep(0.01)
+
+    def _kill_by_pidfd(self, pids: list[int]) -> None:
+        freezer = self._freezer_or_none()
+        if freezer is not None:
+            freezer.request(frozen=True)
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                # Opened first, checked after: if it is a member now, the pidfd is that process.
+                if any(pid in _members(path) for path in self.dirs):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+        if freezer is not None:
+            freezer.thaw()
+
+    def _freezer_or_none(self) -> Freezer | None:
+        try:
+            return self.freezer
+        except KerrickptError:
+            return None
 
     def remove(self) -> None:
         """Kill what is left and remove the directories."""
@@ -138,6 +161,13 @@ class Cgroup:
 
     def to_list(self) -> list[str]:
         return [str(d) for d in self.dirs]
+
+
+def _members(path: Path) -> list[int]:
+    try:
+        return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def _rmdir(path: Path) -> None:

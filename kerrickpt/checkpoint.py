@@ -21,6 +21,7 @@ from kerrickpt.errors import (
     DumpFailed,
     KerrickptError,
     NotCheckpointable,
+    SourceNotEnded,
     UsageError,
 )
 from kerrickpt.freezer import frozen
@@ -87,14 +88,33 @@ def _checkpoint(
     manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running)
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
-        if subject.container:
-            containers.remove(registry, subject.container)
-        else:
-            subject.group.kill()
+        try:
+            if subject.container:
+                containers.remove(registry, subject.container)
+            else:
+                subject.group.kill()
+        except (KerrickptError, OSError) as exc:
+            raise SourceNotEnded(_what_is_left(subject, output, exc)) from exc
         if manifest.ipc:
             # The job's queues and semaphores travel in the archive; left behind, they would leak.
             sysvipc.remove(sysvipc.JobIpc.from_dict(manifest.ipc))
     return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
+
+
+def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
+    """What a checkpoint whose archive is complete left of its source, and how to end it."""
+    pids = subject.group.pids()
+    dirs = [str(d) for d in subject.group.dirs if d.exists()]
+    left = f"processes {pids} in" if pids else "no process, but"
+    finish = (
+        f"`kerrickpt kill {subject.container.name}` ends it and removes the rest"
+        if subject.container
+        else "write 1 to its cgroup.kill (cgroup v2) or kill them"
+    )
+    return (
+        f"the archive {output} is complete, but {subject.label} could not all be ended ({exc}): left are {left} "
+        f"the cgroups {', '.join(dirs) or '(none)'}, frozen or with SIGKILL pending, so none runs again; {finish}"
+    )
 
 
 class LazyDump(Protocol):
@@ -160,7 +180,7 @@ def capture(
     try:
         freezer = group.freezer
         with archive.Writer(output, level=level, mirror=mirror) as writer:
-            guardian = guard.Guardian(freezer)
+            guardian = guard.Guardian(freezer, (writer.tmp, writer.path))
             frozen_at = time.monotonic()
             with guardian, frozen(freezer), _stopped_on_failure(lazy):
                 step = "reading the process tree"
@@ -218,7 +238,9 @@ def capture(
                     # Kept frozen: the container stays down until its archive is complete.
                     m.timings.setdefault("frozen_s", round(time.monotonic() - frozen_at, 4))
 
-                return writer.commit(manifest, finish)
+                committed = writer.commit(manifest, finish)
+                faults.inject("checkpoint-archive-linked")  # complete at `output`, the guardian not yet disarmed
+                return committed
     except KerrickptError as exc:
         if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable)):
             raise

@@ -129,6 +129,12 @@ class HostError(KerrickptError):
     exit_code = 16
 
 
+class SourceNotEnded(KerrickptError):
+    """The archive is complete, but the checkpointed container could not all be ended: the message says what is left."""
+
+    exit_code = 18
+
+
 class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 

@@ -34,18 +34,33 @@ class Freezer:
             return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
         return (self.path / "freezer.state").read_text().strip() == "FROZEN"
 
-    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
-        """Freeze and wait until every task in the cgroup is frozen."""
+    def freeze(self, timeout: float | None = None, *, thaw_on_timeout: bool = True) -> None:
+        """Freeze and wait until every task in the cgroup is frozen (FREEZE_TIMEOUT by default).
+
+        On a timeout the cgroup is thawed again, unless `thaw_on_timeout` is false: then the
+        freeze stays requested, and a task that could not stop yet (one in uninterruptible
+        sleep) stops before it runs any code of its own again.
+        """
+        timeout = FREEZE_TIMEOUT if timeout is None else timeout
         self._write(frozen=True)
         deadline = time.monotonic() + timeout
         while not self.is_frozen():
             if time.monotonic() > deadline:
+                if not thaw_on_timeout:
+                    raise FreezeTimeout(
+                        f"{self.path} did not freeze within {timeout:.0f} s; the freeze stays requested, "
+                        "so none of its tasks runs again"
+                    )
                 self.thaw()
                 raise FreezeTimeout(f"{self.path} did not freeze within {timeout:.0f} s; it was thawed again")
             time.sleep(POLL_INTERVAL)
 
     def thaw(self) -> None:
         self._write(frozen=False)
+
+    def request(self, *, frozen: bool) -> None:
+        """Ask for the state without waiting for it (a killer freezing what it is about to end)."""
+        self._write(frozen=frozen)
 
     def control(self, *, frozen: bool) -> tuple[Path, str]:
         """The control file, and what to write into it to freeze (or thaw) the cgroup."""

@@ -24,7 +24,9 @@ class Guardian:
     guardian thaws the cgroup. Like Popen, it starts in the constructor.
     """
 
-    def __init__(self, freezer: Freezer) -> None:
+    def __init__(self, freezer: Freezer, archive: tuple[Path, Path] | None = None) -> None:
+        """`archive` is (the partial file, where it is linked when complete): once it is there,
+        the container's state is in the archive, and a death leaves it frozen for `recover`."""
         reader, writer = os.pipe()
         try:
             # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the
@@ -33,8 +35,9 @@ class Guardian:
             # script of the standard library alone (-I: not from its directory, -S: no
             # site), not through the package, whose imports took 70 ms of CPU.
             control, thawed = freezer.control(frozen=False)
+            written = [str(p) for p in archive] if archive else []
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, str(control), thawed],
+                [sys.executable, "-I", "-S", __file__, str(control), thawed, *written],
                 stdin=reader,
                 stdout=subprocess.DEVNULL,
                 close_fds=False,
@@ -65,10 +68,18 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it; the pipe is on stdin."""
+    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, then maybe
+    the archive's partial file and its final path; the pipe is on stdin."""
     control, thawed = Path(argv[1]), argv[2]
     # A container that was ended meanwhile has nothing left to thaw.
     if os.read(0, len(DISARM)) == DISARM or not control.exists():
+        return 0
+    if len(argv) == 5 and _linked(Path(argv[3]), Path(argv[4])):
+        print(
+            f"kerrickpt guardian: the archive {argv[4]} is complete; {control.parent} stays frozen: "
+            "`kerrickpt recover NAME` thaws it, `kerrickpt kill NAME` ends it",
+            file=sys.stderr,
+        )
         return 0
     try:
         control.write_text(thawed)
@@ -76,6 +87,14 @@ def main(argv: list[str]) -> int:
         print(f"kerrickpt guardian: could not thaw {control.parent}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _linked(partial: Path, final: Path) -> bool:
+    """Whether the archive was put in place: the final path is the partial file itself."""
+    try:
+        return os.path.samefile(partial, final)
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0
 # After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
 SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had
+NEVER_RAN = ("absent", "failed")  # what it says of one that does not run there: only then may the source resume
+TARGET_STATES = (*MOVED, *NEVER_RAN, "in-progress")
 
 
 @dataclass(frozen=True)
@@ -367,10 +369,10 @@ def _finish_pages(
     # CRIU's page server exits 0 even when its peer vanished mid-way: only the target knows.
     pages.wait()
     answer = _settled(link, migration_id)
-    state = answer.get("state")
+    state = target_state(answer)
     if state in MOVED:
         return  # every page is there
-    if state in ("failed", "absent"):
+    if state in NEVER_RAN:
         container.group.freezer.thaw()
         journal.remove()
         raise TransportError(
@@ -446,6 +448,13 @@ def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict
     return event
 
 
+def target_state(answer: object) -> str | None:
+    """The state in the target's answer about a migration (see receiver.status); None if the
+    answer is not one the target gives: then nobody here knows whether it runs there."""
+    state = answer.get("state") if isinstance(answer, dict) else None
+    return state if isinstance(state, str) and state in TARGET_STATES else None
+
+
 def _unknown(name: str, link: transport.Link, why: str) -> str:
     return (
         f"the outcome of moving {name} to {link.target} is unknown ({why}); {name} stays frozen here. "
@@ -471,23 +480,30 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
         entry = journal.read()
         link = transport.Link.from_dict(entry["link"])
 
-        def ask() -> dict[str, Any]:
+        def ask() -> str:
             answer = transport.call(link, ["agent", "status", "--migration-id", entry["id"]], {})
-            if answer["state"] == "in-progress":
+            state = target_state(answer)
+            if state is None:
+                raise MigrationUnknown(
+                    f"{link.target} answered {str(answer)[:200]!r} about {name}, which this kerrickpt does not "
+                    f"understand; {name} stays frozen here. Make both nodes run the same kerrickpt, then run "
+                    f"`kerrickpt recover {name}` again."
+                )
+            if state == "in-progress":
                 raise BusyError(f"{link.target} is still receiving {name}")
-            return answer
+            return state
 
-        answer, _ = _retrying(attempts, f"ask {link.target} about {name}", ask)
+        state, _ = _retrying(attempts, f"ask {link.target} about {name}", ask)
         try:
             container_here: containers.Container | None = registry.get(name)
         except ContainerNotFoundError:
             container_here = None  # removed already, by a run that died before clearing its journal
-        if answer["state"] in MOVED:
+        if state in MOVED:
             # The target had it: whatever became of it since, the source copy must never run again.
             if container_here:
                 containers.remove(registry, container_here)
             outcome = "moved"
-        else:
+        else:  # the target says it does not have it: the only answer that lets the source run again
             if container_here is None:
                 raise ContainerNotFoundError(f"{name} is neither here nor on {link.target}")
             container_here.group.freezer.thaw()

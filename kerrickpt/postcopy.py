@@ -78,19 +78,14 @@ class Source:
         self.relay.cut()  # a CRIU blocked writing to the relay gets EPIPE, one reading gets EOF
         if self.criu is None or self.criu.returncode is not None:
             return  # none, or gone already: its tree may be thawed by now, on purpose
-        try:
-            self.criu.wait(timeout=criu.STREAM_GRACE)
-        except subprocess.TimeoutExpired:
-            self.freezer.freeze()
-            self.criu.kill()
-            self.criu.wait()
-        if not self.freezer.is_frozen():
-            self.freezer.freeze()
+        let_go(self.criu, self.freezer)
 
     def close(self) -> None:
         """`stop`, then end ssh and the relay (once the receiver's stream is torn, `agent pages` goes too)."""
-        self.stop()
-        self._close()
+        try:
+            self.stop()
+        finally:
+            self._close()
 
     def _close(self) -> None:
         """End the relay and ssh, closing each fd only once no thread of the relay can still use it."""
@@ -107,6 +102,25 @@ class Source:
         self.channel.close()
         self.relay_end.close()
         self.for_criu.close()
+
+
+def let_go(page_server: subprocess.Popen[bytes], freezer: Freezer) -> None:
+    """Wait for the source's CRIU to exit, killing it if it will not, and leave its tree frozen.
+
+    The target may hold the container by now: whatever happens, the tree here never runs
+    again. A freeze that cannot complete (a task in uninterruptible sleep) stays requested,
+    CRIU is killed all the same, and FreezeTimeout says so.
+    """
+    try:
+        page_server.wait(timeout=criu.STREAM_GRACE)
+    except subprocess.TimeoutExpired:
+        try:
+            freezer.freeze(thaw_on_timeout=False)
+        finally:
+            page_server.kill()
+            page_server.wait()
+    if not freezer.is_frozen():
+        freezer.freeze(thaw_on_timeout=False)
 
 
 def _socket_path(registry: containers.Registry, migration_id: str) -> Path:

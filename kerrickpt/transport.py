@@ -151,7 +151,7 @@ def _last_event(stdout: str) -> dict[str, Any] | None:
     lines = [line for line in stdout.splitlines() if line.strip()]
     try:
         return dict(json.loads(lines[-1]))
-    except (IndexError, ValueError):
+    except (IndexError, ValueError, TypeError):  # nothing, not JSON, or JSON that is no object
         return None
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from kerrickpt import cgroups
-from tests.helpers import unique_name
+from tests.helpers import freezer_roots, unique_name, wait_for
 
 HYBRID = """\
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime 0 0
@@ -46,3 +48,34 @@ def test_create_with_memory_limit_and_remove() -> None:
     finally:
         group.remove()
     assert not any(d.exists() for d in group.dirs)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("root", freezer_roots(), ids=lambda r: r.name)
+def test_kill_never_signals_a_process_outside_the_cgroup(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PID read from cgroup.procs may have exited and been reused by the time it is signalled:
+    here the first read is stale, naming an unrelated process, and that process must survive."""
+    group = cgroups.Cgroup((root / unique_name("cg"),))
+    group.dirs[0].mkdir()
+    inside = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec sleep 600"])
+    outsider = subprocess.Popen(["sleep", "600"])
+    try:
+        wait_for(lambda: group.pids() == [inside.pid], what="the member")
+        real = cgroups.Cgroup.pids
+        reads: list[int] = []
+
+        def stale_once(self: cgroups.Cgroup) -> list[int]:
+            reads.append(1)
+            return sorted({*real(self), outsider.pid}) if len(reads) == 1 else real(self)
+
+        monkeypatch.setattr(cgroups.Cgroup, "pids", stale_once)
+        group.kill()
+        monkeypatch.undo()
+
+        assert inside.wait(timeout=10) == -signal.SIGKILL
+        assert outsider.poll() is None, "the unrelated process was killed"
+    finally:
+        outsider.kill()
+        outsider.wait()
+        group.remove()
+        inside.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import cgroups
-from tests.helpers import freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import cli, freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -113,3 +114,49 @@ def test_checkpoint_of_a_foreign_cgroup_restores_as_a_container(
     assert after["messages"] == before["messages"] and after["sems"] == before["sems"]
     assert after["data_sha"] == before["data_sha"]
     assert int(after["counter"]) >= int(before["counter"])  # type: ignore[call-overload]
+
+
+def test_checkpoint_killed_once_its_archive_is_in_place_leaves_it_and_the_container_frozen(
+    state_dir: Path, tmp_path: Path, start_workload
+) -> None:
+    job = start_workload()
+    archive = tmp_path / "job.kckpt"
+
+    # Killed after the archive was linked, before the guardian was told all went well.
+    killed = cli("checkpoint", job.name, "-o", str(archive), state_dir=state_dir,
+                 KERRICKPT_FAULT="checkpoint-archive-linked:kill")  # fmt: skip
+
+    # run() returns once the guardian, which shares the pipes, is gone too: it has decided.
+    assert killed.returncode == -signal.SIGKILL
+    assert job.status.state == "frozen", "its state is in the archive: it must not run on unasked"
+    assert "stays frozen" in killed.stderr
+    assert kerrickpt.inspect(archive).manifest.name == job.name
+    assert cli("recover", job.name, state_dir=state_dir).returncode == 0
+    seen = max(ticks(job.log))
+    wait_for(lambda: max(ticks(job.log)) > seen + 2, what="the container to count again")
+
+
+def test_checkpoint_whose_container_cannot_be_removed_says_what_is_left(
+    state_dir: Path, tmp_path: Path, start_workload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = start_workload()
+    first = Path(job.status.cgroup[0])
+    pinned = first / "pinned"  # a cgroup with a child cannot be removed
+    pinned.mkdir()
+    monkeypatch.setattr(cgroups, "EMPTY_TIMEOUT", 1.0)
+    archive = tmp_path / "job.kckpt"
+    try:
+        with pytest.raises(kerrickpt.SourceNotEnded) as failure:
+            kerrickpt.checkpoint(job.name, archive, state_dir=state_dir)
+    finally:
+        pinned.rmdir()
+
+    assert failure.value.exit_code == 18
+    message = str(failure.value)
+    assert f"the archive {archive} is complete" in message
+    assert str(first) in message and f"kerrickpt kill {job.name}" in message
+    assert cgroups.Cgroup(tuple(Path(p) for p in job.status.cgroup)).pids() == [], "the processes are gone"
+    assert kerrickpt.inspect(archive).manifest.name == job.name
+    kerrickpt.kill(job.name, state_dir=state_dir)
+    assert kerrickpt.ps(state_dir) == []
+    assert not first.exists()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from kerrickpt import cgroups
-from kerrickpt.freezer import Freezer, frozen
+from kerrickpt import cgroups, criu, postcopy
+from kerrickpt import freezer as freezer_module
+from kerrickpt.freezer import Freezer, FreezeTimeout, frozen
 from tests.helpers import freezer_roots, unique_name, wait_for
 
 pytestmark = pytest.mark.root
+
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 
 @pytest.fixture(params=freezer_roots(), ids=lambda r: r.name)
@@ -50,3 +56,67 @@ def test_frozen_block_thaws_on_failure(counting: tuple[Freezer, Path]) -> None:
         assert freezer.is_frozen()
         raise RuntimeError("dump failed")
     assert not freezer.is_frozen()
+
+
+@contextlib.contextmanager
+def stuck_in_the_kernel(where: Path) -> Iterator[Callable[[], None]]:
+    """A FUSE mount at `where` whose server never answers: a task that looks into it sleeps
+    uninterruptibly, which no freezer can stop. The callable releases it (the connection ends)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    options = f"fd={fuse},rootmode=40000,user_id=0,group_id=0".encode()
+    if libc.mount(b"kerrickpt-test", str(where).encode(), b"fuse", MS_NOSUID | MS_NODEV, options) != 0:
+        os.close(fuse)
+        pytest.skip(f"cannot mount FUSE: {os.strerror(ctypes.get_errno())}")
+    released: list[bool] = []
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            os.close(fuse)  # every request waiting on it fails with ECONNABORTED
+
+    try:
+        yield release
+    finally:
+        release()
+        libc.umount2(str(where).encode(), MNT_DETACH)
+
+
+@pytest.mark.skipif(cgroups.detect().unified is None, reason="needs cgroup v2")
+def test_post_copy_source_whose_freeze_cannot_complete_never_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Post-copy: the source's CRIU will not exit and the tree cannot all freeze; the target may run it."""
+    unified = cgroups.detect().unified
+    assert unified is not None
+    group = cgroups.Cgroup((unified / unique_name("frz"),))
+    group.dirs[0].mkdir()
+    mount, counter = tmp_path / "fuse", tmp_path / "n"
+    mount.mkdir()
+    join = f"echo 0 > {group.dirs[0]}/cgroup.procs"
+    loop = f"{join}; i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.01; done"
+    page_server = subprocess.Popen(["sleep", "600"])  # stands in for a CRIU that will not exit
+    monkeypatch.setattr(criu, "STREAM_GRACE", 0.1)
+    monkeypatch.setattr(freezer_module, "FREEZE_TIMEOUT", 1.0)
+    jobs: list[subprocess.Popen[bytes]] = []
+    try:
+        with stuck_in_the_kernel(mount) as release:
+            jobs.append(subprocess.Popen(["sh", "-c", loop]))
+            jobs.append(subprocess.Popen(["sh", "-c", f"{join}; exec stat {mount}/x"], stderr=subprocess.DEVNULL))
+            wait_for(lambda: counter.exists() and counter.read_text().strip() not in ("", "0", "1"), what="counting")
+            wait_for(lambda: Path(f"/proc/{jobs[1].pid}/stat").read_text().split()[2] == "D", what="stuck")
+
+            with pytest.raises(FreezeTimeout, match="stays requested"):
+                postcopy.let_go(page_server, group.freezer)
+
+            assert page_server.poll() is not None, "CRIU was killed all the same"
+            held = counter.read_text()
+            release()  # the stuck task leaves the kernel, and stops there
+            wait_for(group.freezer.is_frozen, what="the freeze to complete")
+            assert counter.read_text() == held, "the source never ran again"
+    finally:
+        page_server.kill()
+        page_server.wait()
+        group.remove()
+        for job in jobs:
+            job.wait()

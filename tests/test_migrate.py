@@ -403,3 +403,124 @@ def test_lazy_migration_whose_restore_fails_resumes_the_source(
     assert running_copies(cluster, job) == ["a"]
     job.keeps_counting(a)
     assert_nothing_left(b, job)
+
+
+def _lost_confirmation(cluster: Cluster, workload: Path) -> tuple[Job, Path]:
+    """A job that runs on b while a, whose answer was lost, holds it frozen; and a's journal of it."""
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    result = migrate(cluster, a, b, job, fault="target-after-restore:kill")
+    assert result.returncode == 12, result.stderr
+    assert job.row(a)["state"] == "frozen"  # type: ignore[index]
+    return job, a.state_dir / "migrations" / f"{job.name}.json"
+
+
+def _answering(journal: Path, script: Path, answer: str) -> None:
+    """Point the journal's link at a program that gives `answer` as the target's status."""
+    script.write_text(f"#!/bin/sh\ncat >/dev/null\necho '{answer}'\n")
+    script.chmod(0o755)
+    entry = json.loads(journal.read_text())
+    journal.write_text(json.dumps({**entry, "link": {**entry["link"], "remote_kerrickpt": str(script)}}))
+
+
+def test_recover_resumes_only_on_the_targets_word_and_removes_a_copy_that_departed(
+    cluster: Cluster, workload: Path, tmp_path: Path
+) -> None:
+    a, b = cluster.nodes
+    job, journal = _lost_confirmation(cluster, workload)
+    real = journal.read_text()
+    migration_id = json.loads(real)["id"]
+    init_there = job.row(b)["init_pid"]  # type: ignore[index]
+
+    # A second delivery of the same migration, to the real receiver: "already here", not restored again.
+    again = b.kerrickpt("agent", "receive", "--name", job.name, "--migration-id", migration_id)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["event"] == "restored"
+    assert [r["init_pid"] for r in b.json("ps") if r["name"] == job.name] == [init_there]
+
+    # Anything but the target's explicit word keeps the source frozen: exit 12, one line, no traceback.
+    # (No JSON object at all is no answer: exit 11, nothing changed, as when ssh fails.)
+    for answer, code in (('{"event": "status"}', 12), ('{"state": "gone-fishing"}', 12), ('{"state": ["absent"]}', 12),
+                         ("[1, 2]", 11)):  # fmt: skip
+        _answering(journal, tmp_path / "status", answer)
+        said = a.kerrickpt("recover", job.name, "--attempts", "1")
+        assert said.returncode == code, (answer, said.stderr)
+        assert "Traceback" not in said.stderr and len(said.stderr.strip().splitlines()) == 1, said.stderr
+        assert job.row(a)["state"] == "frozen", answer  # type: ignore[index]
+    # Still receiving: asked again, then busy; the source stays frozen.
+    _answering(journal, tmp_path / "status", '{"state": "in-progress"}')
+    busy = a.kerrickpt("recover", job.name, "--attempts", "2")
+    assert busy.returncode == 13, busy.stderr
+    assert "still receiving" in busy.stderr and "retrying" in busy.stderr
+    assert job.row(a)["state"] == "frozen"  # type: ignore[index]
+
+    # It came to b and went from there: the target remembers; the source copy must go.
+    journal.write_text(real)
+    assert b.kerrickpt("kill", job.name).returncode == 0
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    assert_nothing_left(a, job)
+    assert running_copies(cluster, job) == []
+
+
+def test_recover_removes_the_source_copy_once_the_targets_copy_exited(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job, _ = _lost_confirmation(cluster, workload)
+    os.kill(int(job.row(b)["init_pid"]), signal.SIGKILL)  # type: ignore[index, arg-type]
+    wait_for(lambda: job.row(b)["state"] == "exited", what="the copy on b to exit")  # type: ignore[index]
+
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    assert_nothing_left(a, job)
+    assert running_copies(cluster, job) == []
+
+
+def test_sigterm_after_the_end_frame_keeps_the_source_frozen_and_exits_12(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "restore-before-verdict:pause"}
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", job.name]
+    run = subprocess.Popen(
+        [*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    receiver = 0
+    try:
+
+        def stopped_receiver() -> int:
+            """The receiver (or its process that feeds CRIU), once it has stopped at the fault."""
+            for marker in (b.state_dir / "incoming").glob("*.json"):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    pids = [int(json.loads(marker.read_text())["pid"])]
+                    while pids:
+                        pid = pids.pop()
+                        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                            return pid
+                        pids += map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+            return 0
+
+        # The target stops with the whole archive and its end frame received, before it answers.
+        receiver = int(wait_for(stopped_receiver, timeout=120, what="the target's receiver to stop"))
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if receiver:
+            os.kill(receiver, signal.SIGCONT)
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+    assert run.returncode == 12, err
+    assert "Traceback" not in err and "kerrickpt recover" in err
+    assert job.row(a)["state"] == "frozen", "the target may run it: never two running copies"
+    wait_for(lambda: job.row(b) is not None and job.row(b)["state"] == "running", timeout=60, what="b to run it")  # type: ignore[index]
+
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    assert running_copies(cluster, job) == ["b"]
+    assert_nothing_left(a, job)
