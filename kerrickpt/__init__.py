@@ -24,6 +24,7 @@ from kerrickpt.errors import (
     TransportError,
     UsageError,
 )
+from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
 from kerrickpt.lock import Holder
 from kerrickpt.manifest import Manifest
@@ -50,6 +51,7 @@ __all__ = [
     "Fingerprint",
     "Holder",
     "KerrickptError",
+    "Leftover",
     "Manifest",
     "MigrationResult",
     "MigrationUnknown",
@@ -72,6 +74,7 @@ __all__ = [
     "check",
     "check_archive",
     "checkpoint",
+    "gc",
     "inspect",
     "kill",
     "migrate",

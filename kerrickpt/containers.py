@@ -46,6 +46,16 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def claimant_alive(claim: Path) -> bool | None:
+    """Whether the process that wrote the claim file `claim` (see `Registry.claim`) lives; None if
+    there is no claim, or it is being written right now."""
+    try:
+        owner = json.loads(claim.read_text())
+        return owner["start"] is not None and procs.is_alive(owner["pid"], owner["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
@@ -77,11 +87,11 @@ class Container:
 
 @dataclass(frozen=True)
 class ContainerStatus:
-    """One row of `kerrickpt ps`."""
+    """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init."""
 
     name: str
     state: str
-    init_pid: int
+    init_pid: int | None
     init_ns_pid: int | None
     processes: int
     memory_bytes: int | None
@@ -112,26 +122,6 @@ class Registry:
                 os.chmod(path, 0o700)  # whatever the umask
             except FileExistsError:
                 pass
-        self._sweep_scratch()
-        self._sweep_unfinished()
-
-    def _sweep_scratch(self) -> None:
-        """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up.
-
-        A directory is its maker's (whose PID its name carries) unless another process `claim`ed it.
-        """
-        for path in self.scratch.iterdir():
-            try:
-                claim = json.loads((path / OWNER).read_text())
-                if procs.is_alive(claim["pid"], claim["start"]):
-                    continue
-            except FileNotFoundError:
-                owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
-                if not owner.isdigit() or procs.start_time(int(owner)) is not None:
-                    continue
-            except (OSError, ValueError, KeyError):
-                continue  # being written right now
-            shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def claim(scratch: Path) -> None:
@@ -139,19 +129,13 @@ class Registry:
         me = os.getpid()
         write_atomic(scratch / OWNER, json.dumps({"pid": me, "start": procs.start_time(me)}))
 
-    def _sweep_unfinished(self) -> None:
-        """Remove names whose run died before registering them, with whatever it had started in their cgroups."""
-        for path in self.containers.iterdir():
-            if (path / RECORD).exists() or not (path / OWNER).exists():
-                continue
-            try:
-                owner = json.loads((path / OWNER).read_text())
-            except (OSError, ValueError):
-                continue  # being written right now
-            if owner["start"] is not None and procs.is_alive(owner["pid"], owner["start"]):
-                continue
-            cgroups.existing(cgroups.detect(), path.name).remove()
-            shutil.rmtree(path, ignore_errors=True)
+    def abandoned(self) -> list[str]:
+        """Names whose run died before registering them: `kill NAME` or `gc` removes what it left."""
+        return [p.name for p in sorted(self.containers.iterdir()) if self.is_abandoned(p.name)]
+
+    def is_abandoned(self, name: str) -> bool:
+        path = self.path(name)
+        return not (path / RECORD).exists() and claimant_alive(path / OWNER) is False
 
     def path(self, name: str) -> Path:
         return self.containers / check_name(name)
@@ -162,7 +146,8 @@ class Registry:
         try:
             path.mkdir(mode=0o700)
         except FileExistsError:
-            raise ContainerExistsError(f"a container named {name!r} already exists on this node") from None
+            left = " (left by a run that died: `kerrickpt gc` removes it)" if self.is_abandoned(name) else ""
+            raise ContainerExistsError(f"a container named {name!r} already exists on this node{left}") from None
         me = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
         write_atomic(path / OWNER, json.dumps(me))
         return path
@@ -344,9 +329,30 @@ def status(container: Container) -> ContainerStatus:
     )
 
 
+def _abandoned_status(registry: Registry, name: str) -> ContainerStatus:
+    group = cgroups.existing(cgroups.detect(), name)
+    log = registry.log_path(name)
+    made = datetime.fromtimestamp(registry.path(name).stat().st_mtime, UTC)
+    return ContainerStatus(
+        name=name,
+        state="abandoned",
+        init_pid=None,
+        init_ns_pid=None,
+        processes=len(group.pids()),
+        memory_bytes=group.memory_usage(),
+        memory_limit=group.memory_limit(),
+        cgroup=group.to_list(),
+        log=str(log) if log.exists() else None,
+        created=made.isoformat(timespec="milliseconds"),
+    )
+
+
 def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
-    """Every container of this node with its state."""
-    return [status(c) for c in Registry(state_dir).all()]
+    """Every container of this node with its state, and the names of runs that died before registering
+    theirs (`abandoned`). Only looks: `kill NAME` or `gc` removes what an abandoned one left."""
+    registry = Registry(state_dir)
+    rows = [status(c) for c in registry.all()] + [_abandoned_status(registry, n) for n in registry.abandoned()]
+    return sorted(rows, key=lambda row: row.name)
 
 
 def remove(registry: Registry, container: Container) -> None:
@@ -355,8 +361,14 @@ def remove(registry: Registry, container: Container) -> None:
     registry.release(container.name)
 
 
+def remove_abandoned(registry: Registry, name: str) -> None:
+    """Kill what a run that died before registering `name` started in its cgroups, and free the name."""
+    cgroups.existing(cgroups.detect(), name).remove()
+    registry.release(name)
+
+
 def kill(name: str, state_dir: Path | str | None = None) -> None:
-    """End a container and remove its cgroups and state."""
+    """End a container and remove its cgroups and state (also what an `abandoned` one left)."""
     registry = Registry(state_dir)
     with registry.lock(name):
         if registry.journal_path(name).exists():
@@ -364,4 +376,7 @@ def kill(name: str, state_dir: Path | str | None = None) -> None:
                 f"a migration of {name} is pending and the target may run it: "
                 f"run `kerrickpt recover {name}` first, then kill it where it runs"
             )
+        if registry.is_abandoned(name):
+            remove_abandoned(registry, name)
+            return
         remove(registry, registry.get(name))
