@@ -6,15 +6,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import tempfile
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, lock, namespaces, procs
+from kerrickpt import cgroups, launcher, lock, procs
 from kerrickpt.errors import (
     ContainerExistsError,
     ContainerNotFoundError,
@@ -218,7 +216,7 @@ def run(
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         log_fd = registry.open_log(name)
         try:
-            init_pid = _spawn(name, argv, group, log_fd)
+            init_pid = launcher.spawn(name, argv, group, log_fd)
         finally:
             os.close(log_fd)
         started = procs.start_time(init_pid)
@@ -241,67 +239,6 @@ def run(
             group.remove()
         registry.release(name)
         raise
-
-
-def _spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int:
-    """Fork the container's init into new PID, IPC and UTS namespaces; returns its host PID.
-
-    The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
-    leader outside the tree), has no parent-death signal (a detached restore would kill it),
-    and its short-lived parent exits, so nothing of kerrickpt stays in the tree.
-    """
-    pid_r, pid_w = os.pipe()
-    exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
-    middle = os.fork()
-    if middle == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            os.close(pid_r)
-            os.close(exec_r)
-            group.add(os.getpid())
-            namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
-            init = os.fork()
-            if init == 0:
-                _exec_init(name, argv, log_fd, exec_w)
-            os.write(pid_w, str(init).encode())
-            status = 0
-        except BaseException as exc:
-            os.write(pid_w, f"error: {exc}".encode())
-        finally:
-            os._exit(status)
-    os.close(pid_w)
-    os.close(exec_w)
-    with os.fdopen(pid_r, "rb") as reader:
-        answer = reader.read().decode()
-    os.waitpid(middle, 0)
-    with os.fdopen(exec_r, "rb") as reader:
-        exec_error = reader.read().decode()
-    if answer.startswith("error:") or not answer:
-        raise KerrickptError(f"could not start the container: {answer[6:].strip() or 'setup failed'}")
-    if exec_error:
-        raise UsageError(f"cannot run {argv[0]}: {exec_error}")
-    return int(answer)
-
-
-def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> None:  # pragma: no cover - child
-    try:
-        socket.sethostname(name)
-        os.setsid()
-        os.chdir("/")
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.closerange(3, exec_w)
-        os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
-        # Python ignores these; an ignored signal would survive exec into the container.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        os.execvp(argv[0], argv)
-    except BaseException as exc:
-        os.write(exec_w, str(exc).encode())
-    finally:
-        os._exit(127)
 
 
 def status(container: Container) -> ContainerStatus:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kerrickpt import cgroups, criu, feeder, namespaces, postcopy, sysvipc
+from kerrickpt import cgroups, criu, feeder, helper, namespaces, postcopy, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
 
 
@@ -36,16 +36,23 @@ def run(
     feed: feeder.Feed | None = None,
 ) -> int:
     """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID of
-    the tree's init (its root, or kerrickpt's init)."""
+    the tree's init (its root, or kerrickpt's init).
+
+    The restore runs in a helper program, started fresh (fork and exec, no Python in between): a
+    caller with threads must never run Python in a forked child, where a lock another thread held
+    at the fork stays locked for good.
+    """
+    if feed is not None:
+        plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
     reader, writer = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
+    try:
+        process = helper.start("restore", _order(group, found, scratch, inherit, plan, writer),
+                               pass_fds=(writer, *inherit.values()))  # fmt: skip
+    except BaseException:
         os.close(reader)
-        if feed is not None:
-            feed.forget()
-            plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
-        _child(group, found, scratch, inherit, plan, writer)
-    os.close(writer)
+        raise
+    finally:
+        os.close(writer)
     try:
         if feed is not None:
             said = feed.serve(reader, group)
@@ -53,7 +60,7 @@ def run(
             with os.fdopen(reader, "rb") as fh:
                 said = fh.read()
     finally:
-        os.waitpid(child, 0)
+        process.wait()  # it leaves once CRIU's answer is sent: the pipe's end came first
     lines = [json.loads(line) for line in said.splitlines() if line.strip()]
     answer: dict[str, Any] = {}
     for line in lines:
@@ -62,8 +69,67 @@ def run(
         kind = CommandTimeout if answer["timeout"] else RestoreFailed
         raise kind(answer["error"], log_tail=answer["log_tail"])
     if "pid" not in answer:
-        raise RestoreFailed("the restore helper died without an answer")
+        raise RestoreFailed(f"the restore helper died without an answer (exit code {process.returncode})")
     return int(answer.get("init", answer["pid"]))
+
+
+def _order(
+    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
+) -> dict[str, Any]:
+    """What the helper needs, as JSON: the plan, with only whether a post-copy watcher serves the memory."""
+    return {
+        "cgroup": group.to_list(),
+        "criu": dataclasses.asdict(found),
+        "scratch": str(scratch.absolute()),  # the helper runs in /
+        "inherit": dict(inherit),
+        "shell_job": plan.shell_job,
+        "ipc": plan.ipc.to_dict() if plan.ipc is not None else None,
+        "new_pid_namespace": plan.new_pid_namespace,
+        "lazy": plan.watcher is not None,
+        "gate": str(plan.gate.absolute()) if plan.gate is not None else None,
+        "timeout": plan.timeout,
+        "answers": writer,
+    }
+
+
+@dataclass(frozen=True)
+class _Order:
+    """The helper's side of `_order`."""
+
+    group: cgroups.Cgroup
+    found: criu.Criu
+    scratch: Path
+    inherit: dict[str, int]
+    shell_job: bool
+    ipc: sysvipc.JobIpc | None
+    new_pid_namespace: bool
+    lazy: bool
+    gate: Path | None
+    timeout: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Order:
+        return cls(
+            group=cgroups.Cgroup(tuple(Path(d) for d in data["cgroup"])),
+            found=criu.Criu(**data["criu"]),
+            scratch=Path(data["scratch"]),
+            inherit={str(k): int(v) for k, v in data["inherit"].items()},
+            shell_job=bool(data["shell_job"]),
+            ipc=sysvipc.JobIpc.from_dict(data["ipc"]) if data["ipc"] is not None else None,
+            new_pid_namespace=bool(data["new_pid_namespace"]),
+            lazy=bool(data["lazy"]),
+            gate=Path(data["gate"]) if data["gate"] is not None else None,
+            timeout=float(data["timeout"]),
+        )
+
+
+def main(order: dict[str, Any]) -> None:  # pragma: no cover - the restore helper
+    """The helper program (`helper.start("restore", ...)`): its answers go to the order's pipe."""
+    writer = int(order["answers"])
+    try:
+        _child(_Order.from_dict(order), writer)
+    except BaseException as exc:
+        _send(writer, _error(exc))
 
 
 def _send(writer: int, message: dict[str, Any]) -> None:
@@ -76,45 +142,36 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {exc}", "log_tail": "", "timeout": False}
 
 
-def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan) -> int:
+def _restore(order: _Order) -> int:
     return criu.restore(
-        found,
-        scratch / "images",
-        scratch,
-        inherit_fds=inherit,
-        shell_job=plan.shell_job,
-        lazy_pages=plan.watcher is not None,
-        gate=plan.gate,
-        timeout=plan.timeout,
+        order.found,
+        order.scratch / "images",
+        order.scratch,
+        inherit_fds=order.inherit,
+        shell_job=order.shell_job,
+        lazy_pages=order.lazy,
+        gate=order.gate,
+        timeout=order.timeout,
     )
 
 
-def _child(
-    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
-) -> NoReturn:  # pragma: no cover - runs in the child
+def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restore helper
     """Join the cgroup (CRIU and the tree it makes inherit it), make the IPC objects, restore."""
-    try:
-        group.add(os.getpid())
-        if plan.ipc is not None:
-            namespaces.unshare(namespaces.CLONE_NEWIPC)
-            sysvipc.recreate(plan.ipc)
-        if plan.new_pid_namespace:
-            namespaces.unshare(namespaces.CLONE_NEWPID)
-            init = os.fork()
-            if init == 0:
-                _init(found, scratch, inherit, plan, writer)
-            _send(writer, {"init": init})
-        else:
-            _send(writer, {"pid": _restore(found, scratch, inherit, plan)})
-    except BaseException as exc:
-        _send(writer, _error(exc))
-    finally:
-        os._exit(0)
+    order.group.add(os.getpid())
+    if order.ipc is not None:
+        namespaces.unshare(namespaces.CLONE_NEWIPC)
+        sysvipc.recreate(order.ipc)
+    if order.new_pid_namespace:
+        namespaces.unshare(namespaces.CLONE_NEWPID)
+        init = os.fork()  # safe here: the helper has no other thread
+        if init == 0:
+            _init(order, writer)
+        _send(writer, {"init": init})
+    else:
+        _send(writer, {"pid": _restore(order)})
 
 
-def _init(
-    found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
-) -> NoReturn:  # pragma: no cover - PID 1 of the job's new PID namespace
+def _init(order: _Order, writer: int) -> NoReturn:  # pragma: no cover - PID 1 of the job's new PID namespace
     """Restore the job at its own PIDs from inside the namespace, then stay as its reaper.
 
     CRIU must see this namespace in /proc to give the job its PIDs back; the job dies
@@ -123,7 +180,7 @@ def _init(
     try:
         namespaces.private_proc()
         os.setsid()
-        _send(writer, {"pid": _restore(found, scratch, inherit, plan)})
+        _send(writer, {"pid": _restore(order)})
     except BaseException as exc:
         _send(writer, _error(exc))
         os._exit(1)
