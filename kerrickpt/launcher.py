@@ -25,7 +25,8 @@ def spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int
     and its parent, the helper, exits at once, so nothing of kerrickpt stays in the tree.
     """
     order = {"name": name, "argv": argv, "cgroup": group.to_list(), "log": log_fd}
-    process = helper.start("launch", order, pass_fds=(log_fd,), stdout=subprocess.PIPE)
+    process = helper.start("launch", pass_fds=(log_fd,), stdout=subprocess.PIPE)
+    helper.send(process, order)
     assert process.stdout is not None
     with process.stdout:
         try:

@@ -9,10 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from kerrickpt import cgroups, criu, feeder, helper, namespaces, postcopy, sysvipc
+from kerrickpt import cgroups, criu, helper, namespaces, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
+
+if TYPE_CHECKING:  # the helper program imports this module, and only what it runs: it starts in the downtime
+    from kerrickpt import feeder, postcopy
 
 
 @dataclass(frozen=True)
@@ -27,61 +30,79 @@ class Plan:
     timeout: float = criu.RESTORE_TIMEOUT  # for CRIU's restore
 
 
-def run(
-    group: cgroups.Cgroup,
-    found: criu.Criu,
-    scratch: Path,
-    inherit: Mapping[str, int],
-    plan: Plan,
-    feed: feeder.Feed | None = None,
-) -> int:
-    """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID of
-    the tree's init (its root, or kerrickpt's init).
-
-    The restore runs in a helper program, started fresh (fork and exec, no Python in between): a
-    caller with threads must never run Python in a forked child, where a lock another thread held
-    at the fork stays locked for good.
+class Helper:
+    """The program that runs CRIU's restore: a fresh one (fork and exec, no Python in between), since a
+    caller with threads must never run Python in a forked child, where a lock another thread held at
+    the fork stays locked for good. Its Python takes a while to start: it starts as the restore
+    begins, and gets its order once the restore is planned (`run`); left without one, it leaves.
     """
-    if feed is not None:
-        plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
-    reader, writer = os.pipe()
-    try:
-        process = helper.start("restore", _order(group, found, scratch, inherit, plan, writer),
-                               pass_fds=(writer, *inherit.values()))  # fmt: skip
-    except BaseException:
-        os.close(reader)
-        raise
-    finally:
-        os.close(writer)
-    try:
+
+    def __init__(self) -> None:
+        self.answers: int | None
+        self.answers, writer = os.pipe()
+        try:
+            self.process = helper.start("restore", pass_fds=(writer,))
+        except BaseException:
+            os.close(self.answers)
+            raise
+        finally:
+            os.close(writer)
+        self.writer = writer  # its number in the helper, where it stays open
+
+    def run(
+        self,
+        group: cgroups.Cgroup,
+        found: criu.Criu,
+        scratch: Path,
+        inherit: Mapping[str, Path],
+        plan: Plan,
+        feed: feeder.Feed | None = None,
+    ) -> int:
+        """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID
+        of the tree's init (its root, or kerrickpt's init). CRIU gives the restored tree each file of
+        `inherit`, opened for appending, in place of the file its key names."""
         if feed is not None:
-            said = feed.serve(reader, group)
-        else:
-            with os.fdopen(reader, "rb") as fh:
-                said = fh.read()
-    finally:
-        process.wait()  # it leaves once CRIU's answer is sent: the pipe's end came first
-    lines = [json.loads(line) for line in said.splitlines() if line.strip()]
-    answer: dict[str, Any] = {}
-    for line in lines:
-        answer.update(line)
-    if "error" in answer:
-        kind = CommandTimeout if answer["timeout"] else RestoreFailed
-        raise kind(answer["error"], log_tail=answer["log_tail"])
-    if "pid" not in answer:
-        raise RestoreFailed(f"the restore helper died without an answer (exit code {process.returncode})")
-    return int(answer.get("init", answer["pid"]))
+            plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
+        helper.send(self.process, _order(group, found, scratch, inherit, plan, self.writer))
+        reader, self.answers = self.answers, None
+        assert reader is not None
+        try:
+            if feed is not None:
+                said = feed.serve(reader, group)
+            else:
+                with os.fdopen(reader, "rb") as fh:
+                    said = fh.read()
+        finally:
+            self.process.wait()  # it leaves once CRIU's answer is sent: the pipe's end came first
+        lines = [json.loads(line) for line in said.splitlines() if line.strip()]
+        answer: dict[str, Any] = {}
+        for line in lines:
+            answer.update(line)
+        if "error" in answer:
+            kind = CommandTimeout if answer["timeout"] else RestoreFailed
+            raise kind(answer["error"], log_tail=answer["log_tail"])
+        if "pid" not in answer:
+            raise RestoreFailed(f"the restore helper died without an answer (exit code {self.process.returncode})")
+        return int(answer.get("init", answer["pid"]))
+
+    def close(self) -> None:
+        """Wait until it is gone; one never given an order leaves now."""
+        if self.answers is not None:
+            helper.send(self.process, None)
+            os.close(self.answers)
+            self.answers = None
+        self.process.wait()
 
 
 def _order(
-    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
+    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, Path], plan: Plan, writer: int
 ) -> dict[str, Any]:
     """What the helper needs, as JSON: the plan, with only whether a post-copy watcher serves the memory."""
     return {
         "cgroup": group.to_list(),
         "criu": dataclasses.asdict(found),
         "scratch": str(scratch.absolute()),  # the helper runs in /
-        "inherit": dict(inherit),
+        "inherit": {key: str(path.absolute()) for key, path in inherit.items()},
         "shell_job": plan.shell_job,
         "ipc": plan.ipc.to_dict() if plan.ipc is not None else None,
         "new_pid_namespace": plan.new_pid_namespace,
@@ -99,7 +120,7 @@ class _Order:
     group: cgroups.Cgroup
     found: criu.Criu
     scratch: Path
-    inherit: dict[str, int]
+    inherit: dict[str, Path]
     shell_job: bool
     ipc: sysvipc.JobIpc | None
     new_pid_namespace: bool
@@ -113,7 +134,7 @@ class _Order:
             group=cgroups.Cgroup(tuple(Path(d) for d in data["cgroup"])),
             found=criu.Criu(**data["criu"]),
             scratch=Path(data["scratch"]),
-            inherit={str(k): int(v) for k, v in data["inherit"].items()},
+            inherit={str(k): Path(v) for k, v in data["inherit"].items()},
             shell_job=bool(data["shell_job"]),
             ipc=sysvipc.JobIpc.from_dict(data["ipc"]) if data["ipc"] is not None else None,
             new_pid_namespace=bool(data["new_pid_namespace"]),
@@ -142,12 +163,12 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {exc}", "log_tail": "", "timeout": False}
 
 
-def _restore(order: _Order) -> int:
+def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
     return criu.restore(
         order.found,
         order.scratch / "images",
         order.scratch,
-        inherit_fds=order.inherit,
+        inherit_fds=inherit,
         shell_job=order.shell_job,
         lazy_pages=order.lazy,
         gate=order.gate,
@@ -157,6 +178,8 @@ def _restore(order: _Order) -> int:
 
 def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restore helper
     """Join the cgroup (CRIU and the tree it makes inherit it), make the IPC objects, restore."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC  # as the processes held them: see containers.open_log
+    inherit = {key: os.open(path, flags) for key, path in order.inherit.items()}
     order.group.add(os.getpid())
     if order.ipc is not None:
         namespaces.unshare(namespaces.CLONE_NEWIPC)
@@ -165,13 +188,15 @@ def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restor
         namespaces.unshare(namespaces.CLONE_NEWPID)
         init = os.fork()  # safe here: the helper has no other thread
         if init == 0:
-            _init(order, writer)
+            _init(order, inherit, writer)
         _send(writer, {"init": init})
     else:
-        _send(writer, {"pid": _restore(order)})
+        _send(writer, {"pid": _restore(order, inherit)})
 
 
-def _init(order: _Order, writer: int) -> NoReturn:  # pragma: no cover - PID 1 of the job's new PID namespace
+def _init(
+    order: _Order, inherit: Mapping[str, int], writer: int
+) -> NoReturn:  # pragma: no cover - PID 1 of the job's new PID namespace
     """Restore the job at its own PIDs from inside the namespace, then stay as its reaper.
 
     CRIU must see this namespace in /proc to give the job its PIDs back; the job dies
@@ -180,7 +205,7 @@ def _init(order: _Order, writer: int) -> NoReturn:  # pragma: no cover - PID 1 o
     try:
         namespaces.private_proc()
         os.setsid()
-        _send(writer, {"pid": _restore(order)})
+        _send(writer, {"pid": _restore(order, inherit)})
     except BaseException as exc:
         _send(writer, _error(exc))
         os._exit(1)
