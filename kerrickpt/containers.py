@@ -266,10 +266,14 @@ def status(container: Container) -> ContainerStatus:
     )
 
 
-def _abandoned_status(registry: Registry, name: str) -> ContainerStatus:
+def _abandoned_status(registry: Registry, name: str) -> ContainerStatus | None:
+    """Its row, or None if `kill` or `gc` removed it meanwhile."""
     group = cgroups.existing(cgroups.detect(), name)
     log = registry.log_path(name)
-    made = datetime.fromtimestamp(registry.path(name).stat().st_mtime, UTC)
+    try:
+        made = datetime.fromtimestamp(registry.path(name).stat().st_mtime, UTC)
+    except FileNotFoundError:
+        return None
     return ContainerStatus(
         name=name,
         state="abandoned",
@@ -288,7 +292,8 @@ def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
     """Every container of this node with its state, and the names of runs that died before registering
     theirs (`abandoned`). Only looks: `kill NAME` or `gc` removes what an abandoned one left."""
     registry = Registry(state_dir)
-    rows = [status(c) for c in registry.all()] + [_abandoned_status(registry, n) for n in registry.abandoned()]
+    rows = [status(c) for c in registry.all()]
+    rows += [row for name in registry.abandoned() if (row := _abandoned_status(registry, name))]
     return sorted(rows, key=lambda row: row.name)
 
 
