@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
-from kerrickpt import faults
+from kerrickpt import faults, progress
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, UsageError
 from kerrickpt.manifest import CHECKSUMS, FORMAT, VERSION, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
@@ -102,6 +102,7 @@ class Writer:
         self.indexed: dict[str, bytes] = {}  # copies of the small images, for the index
         self.indexed_bytes = 0
         self.mirror = mirror
+        self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
     def __enter__(self) -> Writer:
         return self
@@ -119,6 +120,8 @@ class Writer:
             self.raw: BinaryIO | _Tee = os.fdopen(self.fd, "wb", closefd=False)
             if self.mirror:
                 self.raw = _Tee(self.raw, self.mirror)
+            if self.progress is not progress.SILENT:
+                self.raw = _Tee(self.raw, lambda data: self.progress.advance(len(data)))
             params = zstandard.ZstdCompressionParameters.from_level(
                 self.level, threads=-1, job_size=JOB_BYTES, write_checksum=True
             )
@@ -513,6 +516,13 @@ def _open(path: Path) -> BinaryIO:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
 
 
+def _reported(fh: BinaryIO, path: Path) -> BinaryIO:
+    """The archive file, its reads reported as a phase of the Progress in effect (see progress)."""
+    tracker = progress.current()
+    tracker.phase(f"reading {path.name}", os.fstat(fh.fileno()).st_size)
+    return cast(BinaryIO, progress.Counted(fh, tracker))
+
+
 def _members(source: Source, after: list[bytes] | None = None) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
@@ -520,6 +530,8 @@ def _members(source: Source, after: list[bytes] | None = None) -> Iterator[tuple
     """
     path = label(source)
     fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
+    if isinstance(source, Path):
+        fh = _reported(fh, source)
     with fh, _Ahead(_decompressed(fh, path, after)) as blocks:
         for info, data in _Tar(blocks, path).members():
             if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not _allowed(info.name):

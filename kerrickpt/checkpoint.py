@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import zstandard
 
-from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, sysvipc
+from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, progress, sysvipc
 from kerrickpt.errors import (
     CommandTimeout,
     ContainerNotFoundError,
@@ -77,8 +77,7 @@ def checkpoint(
         with registry.lock(key):
             return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
     with registry.lock(name):
-        if registry.journal_path(name).exists():
-            raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
+        registry.refuse_while_migrating(name)
         return _checkpoint(found, registry, Subject.of(registry.get(name)), output, leave_running, level)
 
 
@@ -157,6 +156,7 @@ def capture(
     if thaw_after_dump and lazy is None:
         criu.prepare()  # for the RPC dump below; the other dumps run CRIU's command line
     step = "freezing the cgroup"
+    progress.current().phase("freezing")
     try:
         freezer = group.freezer
         with archive.Writer(output, level=level, mirror=mirror) as writer:
@@ -175,6 +175,7 @@ def capture(
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
                 step = "criu dump"
+                progress.current().phase("dumping" if thaw_after_dump else "dumping and compressing")
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
@@ -192,6 +193,7 @@ def capture(
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"
+                progress.current().phase("writing the archive")
                 manifest = Manifest(
                     name=subject.label,
                     created=containers.utc_now(),
@@ -252,8 +254,8 @@ def _shares_host_pid_namespace(group: cgroups.Cgroup) -> bool:
 
 
 def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
-    """Before any freeze: a host-namespace job with SysV shared memory, or in a session whose leader
-    this PID namespace cannot see, cannot be carried."""
+    """Before any freeze: a host-namespace job with SysV shared memory, with queues or semaphore sets it
+    did not create, or in a session whose leader this PID namespace cannot see, cannot be carried."""
     pids = group.pids()
     unseen = [p.host_pid for p in procs.read_all(pids) if p.sid == 0]
     if unseen:
@@ -270,6 +272,14 @@ def _refuse_what_cannot_travel(group: cgroups.Cgroup) -> None:
             "cannot save outside an IPC namespace of the job's own. Run the job under `kerrickpt run` "
             "(its own PID and IPC namespaces) to checkpoint it. The job keeps running."
         )
+    if procs.shares_namespace(pids[0], "ipc"):
+        shared = [str(use) for use in sysvipc.uses(pids) if not use.own]
+        if shared:
+            raise NotCheckpointable(
+                f"the job uses SysV objects in the host's IPC namespace that it did not create "
+                f"({'; '.join(shared)}): others may share them, and the checkpoint would take them from the "
+                "host. Run the job under `kerrickpt run`, or let it make its own. The job keeps running."
+            )
 
 
 def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_job: bool) -> list[dict[str, Any]]:

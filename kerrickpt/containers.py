@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from kerrickpt import cgroups, launcher, lock, procs
 from kerrickpt.errors import (
+    BusyError,
     ContainerExistsError,
     ContainerNotFoundError,
     KerrickptError,
     NotReadyError,
+    StateDamagedError,
     UsageError,
 )
 
@@ -35,13 +38,18 @@ def utc_now() -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a crash leaves the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    # A new file of our own, never one planted under that name, nor what a planted symlink points at.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def claimant_alive(claim: Path) -> bool | None:
@@ -154,11 +162,19 @@ class Registry:
         shutil.rmtree(self.path(name), ignore_errors=True)
 
     def get(self, name: str) -> Container:
+        record = self.path(name) / RECORD
         try:
-            data = json.loads((self.path(name) / RECORD).read_text())
+            container = Container(**json.loads(record.read_text()))
         except FileNotFoundError:
             raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
-        return Container(**data)
+        except (ValueError, TypeError) as exc:  # torn, not JSON, or not a record's fields
+            raise StateDamagedError(
+                f"the record of container {name} ({record}) is damaged ({exc}); "
+                f"`kerrickpt kill {name}` ends what runs in its cgroup and removes it"
+            ) from None
+        if not isinstance(container.init_pid, int) or not isinstance(container.cgroup, list):
+            raise StateDamagedError(f"the record of container {name} ({record}) is damaged (wrong field types)")
+        return container
 
     def save(self, container: Container) -> None:
         write_atomic(self.path(container.name) / RECORD, json.dumps(asdict(container), indent=2))
@@ -169,6 +185,13 @@ class Registry:
             if (path / RECORD).exists():
                 found.append(self.get(path.name))
         return found
+
+    def refuse_while_migrating(self, name: str) -> None:
+        """BusyError while a migration of `name` is pending: the target may run it, and `recover` decides."""
+        if self.journal_path(name).exists():
+            raise BusyError(
+                f"a migration of {name} is pending and the target may run it: run `kerrickpt recover {name}` first"
+            )
 
     def journal_path(self, name: str) -> Path:
         """Where a migration of `name` under way is journaled (see migrate.Journal)."""
@@ -304,7 +327,8 @@ def remove(registry: Registry, container: Container) -> None:
 
 
 def remove_abandoned(registry: Registry, name: str) -> None:
-    """Kill what a run that died before registering `name` started in its cgroups, and free the name."""
+    """Kill what runs in `name`'s cgroups and free the name: for one without a (readable) record, such as
+    a name whose run died before registering it."""
     cgroups.existing(cgroups.detect(), name).remove()
     registry.release(name)
 
@@ -313,12 +337,14 @@ def kill(name: str, state_dir: Path | str | None = None) -> None:
     """End a container and remove its cgroups and state (also what an `abandoned` one left)."""
     registry = Registry(state_dir)
     with registry.lock(name):
-        if registry.journal_path(name).exists():
-            raise UsageError(
-                f"a migration of {name} is pending and the target may run it: "
-                f"run `kerrickpt recover {name}` first, then kill it where it runs"
-            )
+        registry.refuse_while_migrating(name)
         if registry.is_abandoned(name):
             remove_abandoned(registry, name)
             return
-        remove(registry, registry.get(name))
+        try:
+            container = registry.get(name)
+        except StateDamagedError:
+            # Its record is unreadable, but its cgroup is where kerrickpt makes every container's.
+            remove_abandoned(registry, name)
+            return
+        remove(registry, container)

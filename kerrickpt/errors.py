@@ -8,10 +8,11 @@ class KerrickptError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
+    def __init__(self, message: str, *, log_tail: str = "", report: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.log_tail = log_tail
+        self.report = report  # what was found before failing (a node's readiness, a verdict), for --json
 
     def __str__(self) -> str:
         if not self.log_tail:
@@ -26,6 +27,7 @@ class KerrickptError(Exception):
             "exit_code": self.exit_code,
             "log_tail": self.log_tail,
             "transient": getattr(self, "transient", False),
+            **({"report": self.report} if self.report is not None else {}),
         }
 
 
@@ -115,10 +117,37 @@ class NotCheckpointable(KerrickptError):
     exit_code = 14
 
 
+class StateDamagedError(KerrickptError):
+    """A container's record in the state directory is unreadable; `kerrickpt kill NAME` still ends it."""
+
+    exit_code = 15
+
+
+class HostError(KerrickptError):
+    """The host refused an operation (a cgroup write, a full disk, a permission): the message says which."""
+
+    exit_code = 16
+
+
 class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 
     exit_code = 20
+
+
+class UntrustedStoreError(KerrickptError):
+    """A snapshot store or series directory that someone other than root could write in: refused unused."""
+
+    exit_code = 21
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGHUP, SIGINT or SIGTERM arrived: unwinds like Ctrl-C (guards thaw, scratch goes), exit 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 def from_dict(data: dict[str, object]) -> KerrickptError:

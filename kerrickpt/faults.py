@@ -1,4 +1,4 @@
-"""Owns fault injection for tests: $KERRICKPT_FAULT names points where this process fails on purpose."""
+"""Owns fault injection for tests: in test mode, $KERRICKPT_FAULT names points where this process fails."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 
+from kerrickpt import testmode
 from kerrickpt.errors import KerrickptError
 
 ENV = "KERRICKPT_FAULT"
@@ -16,7 +17,7 @@ class InjectedFault(KerrickptError):
 
 
 def _actions(point: str) -> list[str]:
-    entries = (e.strip().partition(":") for e in os.environ.get(ENV, "").split(","))
+    entries = (e.strip().partition(":") for e in testmode.hook(ENV).split(","))
     return [action for name, _, action in entries if name == point]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import cgroups, containers
+from kerrickpt import cgroups, containers, testmode
 
 SSHD = "/usr/sbin/sshd"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -94,7 +94,7 @@ class Node:
                     "KbdInteractiveAuthentication no",
                     "UsePAM no",
                     "StrictModes no",
-                    "AcceptEnv KERRICKPT_FAULT",
+                    *([f"AcceptEnv {' '.join(testmode.HOOKS)}"] if testmode.ENV in self.extra_env else []),
                     f"SetEnv {env}",
                     "LogLevel ERROR",
                     "",
@@ -118,11 +118,16 @@ class Node:
 
 
 class Cluster:
-    """Two or more nodes on one private bridge, with ssh keys made for this run."""
+    """Two or more nodes on one private bridge, with ssh keys made for this run.
 
-    def __init__(self, count: int = 2, *, start_sshd: bool = True) -> None:
+    With `test_mode`, the nodes' kerrickpt runs in test mode (see testmode.py): its test hooks act,
+    and their sshd takes them from a migrating source.
+    """
+
+    def __init__(self, count: int = 2, *, start_sshd: bool = True, test_mode: bool = False) -> None:
         self.id = uuid.uuid4().hex[:6]
         self.workdir = Path(tempfile.mkdtemp(prefix=f"kerrickpt-nodes-{self.id}-"))
+        self.test_env = testmode.write_marker(self.workdir / "test-mode") if test_mode else {}
         self.switch = f"kpt-{self.id}-sw"
         subnet = random.randrange(0, 256)
         self.nodes: list[Node] = []
@@ -148,7 +153,13 @@ class Cluster:
 
     def _add_node(self, index: int, address: str) -> Node:
         name = "abcdefgh"[index]
-        node = Node(name=name, netns=f"kpt-{self.id}-{name}", address=address, workdir=self.workdir / name)
+        node = Node(
+            name=name,
+            netns=f"kpt-{self.id}-{name}",
+            address=address,
+            workdir=self.workdir / name,
+            extra_env=dict(self.test_env),
+        )
         node.workdir.mkdir(mode=0o700)
         self.nodes.append(node)
         veth = f"v{self.id}{name}"

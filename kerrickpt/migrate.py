@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, transport
+from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, progress, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -163,13 +163,13 @@ def _migrate(
     lazy: bool,
 ) -> MigrationResult:
     container = registry.get(name)
+    registry.refuse_while_migrating(name)
     journal = Journal(registry, name)
-    if journal.exists():
-        raise UsageError(f"a migration of {name} is pending: run `kerrickpt recover {name}` first")
     subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
     request = _preflight_request(found, container, force)
+    progress.current().phase(f"pre-flight on {link.target}")
     answer, preflight_attempts = _retrying(
         attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
     )
@@ -235,6 +235,7 @@ def _migrate(
         try:
             # A post-copy's page stream belongs to its first receiver: no second attempt.
             tries = 1 if lazy else attempts
+            progress.current().phase(f"{link.target} restores it")
             restored, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
         except MigrationUnknown as exc:
             if pages is not None:

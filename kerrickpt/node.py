@@ -7,7 +7,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kerrickpt import cgroups, criu
+from kerrickpt import cgroups, criu, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -63,7 +63,7 @@ TEST_FINGERPRINT_ENV = "KERRICKPT_TEST_FINGERPRINT"
 
 
 def fingerprint(criu_version: str) -> Fingerprint:
-    """This node's fingerprint; $KERRICKPT_TEST_FINGERPRINT (`field=value,...`) alters it for tests."""
+    """This node's fingerprint; $KERRICKPT_TEST_FINGERPRINT (`field=value,...`) alters it in test mode."""
     real = Fingerprint(
         arch=platform.machine(),
         kernel=platform.release(),
@@ -74,7 +74,7 @@ def fingerprint(criu_version: str) -> Fingerprint:
         cgroup_layout=cgroups.detect().kind,
         hostname=platform.node(),
     )
-    override = os.environ.get(TEST_FINGERPRINT_ENV)
+    override = testmode.hook(TEST_FINGERPRINT_ENV)
     if not override:
         return real
     values = real.to_dict()

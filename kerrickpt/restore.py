@@ -21,6 +21,7 @@ from kerrickpt import (
     node,
     postcopy,
     procs,
+    progress,
     restorer,
     sysvipc,
 )
@@ -166,6 +167,7 @@ def _restore_as(
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
             faults.inject("restore-after-lazy-daemon")
+        progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
         started = procs.start_time(init_pid)
         if started is None:

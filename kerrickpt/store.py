@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, faults
+from kerrickpt import archive, containers, faults, trust
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest
@@ -101,10 +101,20 @@ class Store:
         self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
+        # Root restores what it finds here: nobody else may have been able to put it there.
+        trust.check_tree(self.root, "snapshot store")
 
     def directory(self, name: str) -> Path:
         """Where the snapshots of container `name` live."""
         return self.root / containers.check_name(name)
+
+    def _series(self, name: str) -> Path | None:
+        """The directory of `name`'s snapshots, checked as the store was; None if there is none."""
+        directory = self.directory(name)
+        if not directory.is_dir():
+            return None
+        trust.check(directory, "snapshot series")
+        return directory
 
     def names(self) -> list[str]:
         """The containers with a directory in the store."""
@@ -114,20 +124,30 @@ class Store:
         """Published snapshots, per container oldest first; a snapshot removed meanwhile is left out."""
         found = []
         for container in [name] if name else self.names():
-            directory = self.directory(container)
-            paths = sorted(directory.glob("*" + SUFFIX)) if directory.is_dir() else []
+            directory = self._series(container)
+            paths = sorted(directory.glob("*" + SUFFIX)) if directory else []
             for path in paths:
                 if STAMP.fullmatch(path.name.removesuffix(SUFFIX)):
                     with contextlib.suppress(FileNotFoundError):
                         found.append(self._load(container, path))
         return found
 
-    def at(self, name: str, when: datetime | None = None) -> Snapshot:
-        """The newest snapshot not known corrupt, taken at or before `when` (default: the latest)."""
-        usable = [s for s in self.list(name) if not s.corrupt and (when is None or s.time <= when)]
+    def at(self, name: str, when: datetime | None = None, *, allow_unverified: bool = False) -> Snapshot:
+        """The newest verified snapshot taken at or before `when` (default: the latest).
+
+        With `allow_unverified`, also one whose checksums no run has checked yet (copied in).
+        """
+        taken = [s for s in self.list(name) if when is None or s.time <= when]
+        usable = [s for s in taken if s.verified or (allow_unverified and not s.corrupt)]
         if not usable:
             limit = f" taken at or before {when.isoformat()}" if when else ""
-            raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}")
+            unverified = [s.id for s in taken if s.status == UNVERIFIED]
+            hint = (
+                f" (unverified: {', '.join(unverified)}; run `kerrickpt snapshots verify` or allow them)"
+                if unverified
+                else ""
+            )
+            raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}{hint}")
         return usable[-1]
 
     def latest(self, name: str) -> Snapshot:
@@ -137,6 +157,7 @@ class Store:
         """The container's lock (see `lock.held`); creates its directory."""
         directory = self.directory(name)
         directory.mkdir(mode=0o700, exist_ok=True)
+        trust.check(directory, "snapshot series")
         return held(directory / LOCK, wait=wait, what=f"the snapshots of {name} in {self.root}")
 
     def claim(self, name: str, source: str) -> None:

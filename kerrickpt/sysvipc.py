@@ -1,8 +1,12 @@
 """Owns SysV message queues and semaphore sets of jobs in the host's IPC namespace: find, save, recreate, remove.
 
-A queue is the job's when its last sender or last receiver (lspid, lrpid in
-/proc/sysvipc/msg) is one of the job's processes; a semaphore set is the job's
-when the last process that changed any of its semaphores (semctl GETPID) is.
+The job uses a queue when its last sender or last receiver (lspid, lrpid in
+/proc/sysvipc/msg) is one of the job's processes, a semaphore set when the last
+process that changed one of its semaphores (semctl GETPID) is. The kernel keeps
+no creator PID for either (only shared memory has cpid), so a used object counts
+as the job's own when every last-operation PID it has is the job's and it was made
+(ctime) no earlier than the job's oldest process started; any other the job uses
+may be shared with the host, and the job is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kerrickpt import procs
 
 IPC_CREAT, IPC_EXCL, IPC_NOWAIT, IPC_RMID = 0o1000, 0o2000, 0o4000, 0
 MSG_COPY = 0o40000
@@ -128,17 +134,56 @@ def _semaphore_pids(semid: int, count: int) -> set[int]:
     return {_libc.semctl(semid, i, GETPID) for i in range(count)}
 
 
-def save(pids: Iterable[int]) -> JobIpc:
-    """The job's queues (messages read with MSG_COPY, left in place) and semaphore sets; call it frozen."""
+@dataclass(frozen=True)
+class Use:
+    """A queue or semaphore set the job used last, and whether it counts as the job's own."""
+
+    kind: str  # "msg" or "sem", as /proc/sysvipc names them
+    row: dict[str, int]
+    own: bool
+
+    def __str__(self) -> str:
+        what = "queue" if self.kind == "msg" else "semaphore set"
+        return f"{what} key {self.row['key']} id {self.row['msqid' if self.kind == 'msg' else 'semid']}"
+
+
+def _started(pids: set[int]) -> int:
+    """When the job's oldest process started, in whole seconds since the epoch, never later than it did.
+
+    /proc/stat's btime is whole seconds, rounded down: so is this, like the objects' ctime.
+    """
+    lines = Path("/proc/stat").read_text().splitlines()
+    btime = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
+    ticks = min((t for t in map(procs.start_time, pids) if t is not None), default=0)
+    return btime + ticks // os.sysconf("SC_CLK_TCK")
+
+
+def uses(pids: Iterable[int]) -> list[Use]:
+    """The queues and semaphore sets the job used last, each judged its own or maybe shared."""
     job = set(pids)
-    msgmax = int((KERNEL / "msgmax").read_text())
-    queues = []
+    started = _started(job)
+    found = []
     for row in table("msg"):
-        if {row["lspid"], row["lrpid"]} & job:
-            queues.append(Queue(row["key"], row["msqid"], row["perms"], _peek(row["msqid"], msgmax)))
-    semaphores = []
+        last = {row["lspid"], row["lrpid"]} - {0}
+        if last & job:
+            found.append(Use("msg", row, last <= job and row["ctime"] >= started))
     for row in table("sem"):
-        if _semaphore_pids(row["semid"], row["nsems"]) & job:
+        last = _semaphore_pids(row["semid"], row["nsems"]) - {0}
+        if last & job:
+            found.append(Use("sem", row, last <= job and row["ctime"] >= started))
+    return found
+
+
+def save(pids: Iterable[int]) -> JobIpc:
+    """The job's own queues (messages read with MSG_COPY, left in place) and semaphore sets; call it frozen."""
+    msgmax = int((KERNEL / "msgmax").read_text())
+    queues: list[Queue] = []
+    semaphores: list[Semaphores] = []
+    for use in (u for u in uses(pids) if u.own):
+        row = use.row
+        if use.kind == "msg":
+            queues.append(Queue(row["key"], row["msqid"], row["perms"], _peek(row["msqid"], msgmax)))
+        else:
             values = (ctypes.c_ushort * row["nsems"])()
             _check(_libc.semctl(row["semid"], 0, GETALL, ctypes.byref(values)), "semctl GETALL")
             semaphores.append(Semaphores(row["key"], row["semid"], row["perms"], list(values)))

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from kerrickpt import command, faults, node
+from kerrickpt import command, node, testmode
 from kerrickpt.errors import KerrickptError, MigrationUnknown, TransportError, UsageError, from_dict
 
 CALL_TIMEOUT = 120.0
@@ -82,7 +82,9 @@ class Link:
 
     def _ssh(self, *first: str) -> list[str]:
         argv = [self.ssh, *first, "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-        argv += ["-o", f"SendEnv={faults.ENV}"]
+        if testmode.active():
+            # Only a test run's hooks travel, and the target acts on them only in its own test mode.
+            argv += ["-o", f"SendEnv={' '.join((testmode.ENV, *testmode.HOOKS))}"]
         for option in self.ssh_options:
             argv += ["-o", option]
         if self.target.port:

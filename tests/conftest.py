@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, criu
+from kerrickpt import containers, criu, testmode
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -59,6 +59,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if (os.environ.get("CI") or os.environ.get("KERRICKPT_REQUIRE_ALL")) and _skipped:
         print(f"\nCI: {len(_skipped)} test(s) skipped, which CI does not allow: {', '.join(_skipped)}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_mode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests run in test mode, and so does every kerrickpt they start with this environment."""
+    entered = testmode.write_marker(tmp_path_factory.mktemp("test-mode") / "marker")
+    os.environ.update(entered)
+    yield
+    os.environ.pop(testmode.ENV, None)
 
 
 @pytest.fixture(autouse=True)
@@ -113,5 +122,5 @@ def start_workload(state_dir: Path, workload: Path) -> Callable[..., Workload]:
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """Two local nodes (network namespaces with their own sshd, state and cgroups), removed afterwards."""
-    with Cluster(2) as nodes:
+    with Cluster(2, test_mode=True) as nodes:
         yield nodes

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import kerrickpt
+from kerrickpt import cgroups, containers, procs
 from kerrickpt.cli.main import main
-from tests.helpers import cli, ipc_keys, ticks, unique_name, wait_for
+from tests.helpers import KERRICKPT, cgroup_dirs, cli, cli_env, ipc_keys, ticks, unique_name, wait_for
 
 
 def test_usage_error_exits_2() -> None:
@@ -94,6 +97,10 @@ def test_check_against_an_archive(start_workload, state_dir: Path, tmp_path: Pat
     assert same.returncode == 0 and json.loads(same.stdout) == {"compatible": True, "differences": []}
     older = cli("check", "--against", str(archive), KERRICKPT_TEST_FINGERPRINT="kernel=1.0")
     assert older.returncode == 7 and "older kernel" in older.stdout
+    scripted = cli("check", "--against", str(archive), "--json", KERRICKPT_TEST_FINGERPRINT="kernel=1.0")
+    shown = json.loads(scripted.stdout)
+    assert scripted.returncode == 7 and shown["error"] == "NodeIncompatibleError", "the error, and the verdict too:"
+    assert shown["report"]["compatible"] is False and "older kernel" in json.dumps(shown["report"]["differences"])
     assert cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="kernel=1.0").returncode == 0
     other_arch = cli("check", "--against", str(archive), "--force", KERRICKPT_TEST_FINGERPRINT="arch=aarch64")
     assert other_arch.returncode == 7, "--force never accepts another architecture"
@@ -158,3 +165,86 @@ def test_snapshots_through_the_command(start_workload, state_dir: Path, tmp_path
     assert damaged.returncode == 6 and f"corrupt: {path}" in damaged.stderr
     nothing = cli("restore", "--store", s, w.name, "--name", unique_name(), state_dir=state_dir)
     assert nothing.returncode == 20 and "no usable snapshot" in nothing.stderr
+
+
+def test_argument_errors_honour_json() -> None:
+    missing = cli("kill", "--json")
+    shown = json.loads(missing.stdout)
+    assert missing.returncode == 2 and shown["error"] == "UsageError" and shown["exit_code"] == 2
+    assert "required: name" in shown["message"] and "usage: kerrickpt kill" in missing.stderr
+
+
+@pytest.mark.root
+def test_a_host_error_is_one_line_and_exit_16(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused = cli("ps", "--json", state_dir=blocker / "state")
+    assert refused.returncode == 16, refused.stderr
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("kerrickpt: error (exit 16): ")
+    assert "Traceback" not in refused.stderr and json.loads(refused.stdout)["error"] == "HostError"
+
+
+@pytest.mark.root
+def test_a_damaged_record_exits_15_and_kill_still_ends_the_container(start_workload, state_dir: Path) -> None:
+    w = start_workload()
+    group = cgroups.Cgroup(tuple(Path(p) for p in w.status.cgroup))
+    pids = group.pids()
+    record = state_dir / "containers" / w.name / "container.json"
+    sound = record.read_text()
+    try:
+        record.write_text(sound[: len(sound) // 2])  # torn, as by a full disk
+        for args in (("ps",), ("ps", "--json"), ("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"))):
+            damaged = cli(*args, state_dir=state_dir)
+            assert damaged.returncode == 15, damaged.stderr
+            assert "Traceback" not in damaged.stderr and f"kerrickpt kill {w.name}" in damaged.stderr
+        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout)["error"] == "StateDamagedError"
+        ended = cli("kill", w.name, state_dir=state_dir)
+        assert ended.returncode == 0, ended.stderr
+        assert not any(procs.start_time(pid) for pid in pids) and not cgroup_dirs(w.name)
+        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+    finally:
+        if record.parent.exists():
+            record.write_text(sound)  # the fixture ends it
+
+
+@pytest.mark.root
+def test_a_pending_migration_makes_kill_and_checkpoint_busy(start_workload, state_dir: Path) -> None:
+    w = start_workload()
+    journal = containers.Registry(state_dir).journal_path(w.name)
+    journal.write_text("{}")
+    try:
+        for args in (("kill", w.name), ("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"))):
+            busy = cli(*args, "--json", state_dir=state_dir)
+            assert busy.returncode == 13, busy.stderr
+            assert json.loads(busy.stdout)["error"] == "BusyError" and f"kerrickpt recover {w.name}" in busy.stderr
+        assert w.status.state == "running"
+    finally:
+        journal.unlink()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signals_unwind_and_exit_128_plus_n(tmp_path: Path, signum: signal.Signals) -> None:
+    store = kerrickpt.Store(tmp_path)
+    with store.lock("job"):  # the run waits for it, inside the command, until the signal comes
+        run = subprocess.Popen(
+            [*KERRICKPT, "snapshot", "job", "--store", str(tmp_path), "--wait", "100"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        try:
+            wait_for(lambda: _catches(run.pid, signal.SIGTERM), timeout=60, what="kerrickpt's signal handlers")
+            run.send_signal(signum)
+            out, err = run.communicate(timeout=60)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert run.returncode == 128 + signum, err
+    assert err == f"kerrickpt: interrupted by {signum.name} (exit {128 + signum})\n" and out == ""

@@ -15,7 +15,7 @@ from kerrickpt.errors import DumpFailed
 
 
 class Interrupted(BaseException):
-    """What the CLI's SIGTERM handler raises (SystemExit), without ending the test run."""
+    """What the CLI's signal handler raises (errors.Interrupted), without ending the test run."""
 
 
 @pytest.fixture

@@ -3,10 +3,13 @@ their own PIDs with their SysV queues and semaphores, in namespaces of their own
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +35,37 @@ class HostJob:
         return sorted({t for pid in self.pids for t in procs.read(pid).tids})
 
 
-def start_job(workload: Path, tmp_path: Path, made: list[HostJob], shm_key: int = 0) -> HostJob:
-    """A job as a batch system starts it: plain processes in the host's namespaces, in a cgroup."""
+def start_job(
+    workload: Path, tmp_path: Path, made: list[HostJob], shm_key: int = 0, keys: tuple[int, int] | None = None
+) -> HostJob:
+    """A job as a batch system starts it: plain processes in the host's namespaces, in a cgroup.
+
+    With `keys`, the job is not the workload but DAEMON_USER: one process that uses the host's
+    queue and semaphore set with those keys, made before it started, and counts.
+    """
     layout = cgroups.detect()
     root = layout.unified or layout.freezer
     assert root is not None
     path = root / unique_name("batch")
     path.mkdir()
-    _, msg_key, sem_key = ipc_keys()
+    msg_key, sem_key = keys or ipc_keys()[1:]
     log = tmp_path / f"{path.name}.log"
+    command = f"{workload} run {shm_key} {msg_key} {sem_key}"
+    if keys:
+        command = shlex.join([sys.executable, "-c", DAEMON_USER, str(msg_key), str(sem_key)])
     # The job's session leader is a shell outside its cgroup, as a batch system's step daemon would be:
     # a session of its own, not this test's (whose leader may be outside this PID namespace in CI).
-    script = f"(echo 0 > {path}/cgroup.procs && exec {workload} run {shm_key} {msg_key} {sem_key}) & wait"
+    script = f"(echo 0 > {path}/cgroup.procs && exec {command}) & wait"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
     job = HostJob(path, (shm_key, msg_key, sem_key), log, [], proc)
     made.append(job)  # before waiting: the fixture removes it even if it never comes up
-    wait_for(lambda: len(cgroups.Cgroup((path,)).pids()) == 3 and len(ticks(log.read_text())) > 3, what="the job")
+    processes = 1 if keys else 3
+    wait_for(
+        lambda: len(cgroups.Cgroup((path,)).pids()) == processes and len(ticks(log.read_text())) > 3, what="the job"
+    )
     job.pids = cgroups.Cgroup((path,)).pids()
     return job
 
@@ -59,8 +74,8 @@ def start_job(workload: Path, tmp_path: Path, made: list[HostJob], shm_key: int 
 def host_job(workload: Path, tmp_path: Path) -> Iterator[callable]:
     made: list[HostJob] = []
 
-    def start(shm_key: int = 0) -> HostJob:
-        return start_job(workload, tmp_path, made, shm_key)
+    def start(shm_key: int = 0, keys: tuple[int, int] | None = None) -> HostJob:
+        return start_job(workload, tmp_path, made, shm_key, keys)
 
     yield start
     for job in made:
@@ -70,6 +85,20 @@ def host_job(workload: Path, tmp_path: Path) -> Iterator[callable]:
         for flag, key in (("-M", job.keys[0]), ("-Q", job.keys[1]), ("-S", job.keys[2])):
             if key:
                 subprocess.run(["ipcrm", flag, str(key)], capture_output=True, check=False)
+
+
+# A job that sends to a queue and raises a semaphore that a host daemon made, then counts.
+DAEMON_USER = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+msqid, semid = libc.msgget(int(sys.argv[1]), 0), libc.semget(int(sys.argv[2]), 0, 0)
+message = ctypes.create_string_buffer(b"\\x01\\0\\0\\0\\0\\0\\0\\0job\\0")
+assert msqid >= 0 and semid >= 0 and libc.msgsnd(msqid, message, 4, 0) == 0
+assert libc.semop(semid, (ctypes.c_short * 3)(0, 1, 0), 1) == 0
+for n in range(1, 1000000):
+    print(f"tick {n} pid {os.getpid()}", flush=True)
+    time.sleep(0.1)
+"""
 
 
 def _reaped(pid: int) -> bool:
@@ -268,3 +297,48 @@ def test_a_job_whose_session_leader_is_out_of_sight_is_refused_without_freezing(
         _, err = inner.communicate(timeout=30)
         cgroups.Cgroup((path,)).remove()
     assert "session whose leader is outside" in err and "setsid" in err, err
+
+
+def test_the_kernel_keeps_a_creator_pid_for_shared_memory_only() -> None:
+    # Issue 12 asked to tell the job's queues and semaphore sets by their creator's PID: there is none.
+    columns = {kind: (sysvipc.SYSVIPC / kind).read_text().split("\n", 1)[0].split() for kind in ("msg", "sem", "shm")}
+    assert "cpid" in columns["shm"]
+    assert not [c for c in columns["msg"] + columns["sem"] if c.startswith("c") and "pid" in c]
+    assert {"lspid", "lrpid", "ctime"} <= set(columns["msg"]) and "ctime" in columns["sem"]
+
+
+def test_queues_and_semaphores_a_host_daemon_made_are_refused_before_the_freeze_and_kept(
+    host_job, state_dir: Path, tmp_path: Path
+) -> None:
+    _, msg_key, sem_key = ipc_keys()
+    msqid = sysvipc._libc.msgget(msg_key, sysvipc.IPC_CREAT | sysvipc.IPC_EXCL | 0o600)
+    semid = sysvipc._libc.semget(sem_key, 1, sysvipc.IPC_CREAT | sysvipc.IPC_EXCL | 0o600)
+    daemons = sysvipc.JobIpc([sysvipc.Queue(msg_key, msqid, 0o600)], [sysvipc.Semaphores(sem_key, semid, 0o600)])
+    try:
+        assert msqid >= 0 and semid >= 0
+        made = time.time()
+        wait_for(lambda: time.time() > made + 2.5, what="a job clearly younger than the objects")
+        job = host_job(keys=(msg_key, sem_key))
+        archive = tmp_path / "never.kckpt"
+
+        result = subprocess.run(
+            [sys.executable, "-m", "kerrickpt.cli.main", "checkpoint", "--cgroup", str(job.cgroup), "-o", str(archive)],
+            capture_output=True,
+            text=True,
+            env=cli_env(state_dir),
+            timeout=120,
+        )
+
+        assert result.returncode == 14, result.stderr
+        assert f"queue key {msg_key} id {msqid}" in result.stderr and "did not create" in result.stderr
+        assert f"semaphore set key {sem_key} id {semid}" in result.stderr
+        assert not archive.exists()
+        assert not cgroups.Cgroup((job.cgroup,)).freezer.is_frozen()
+        (queue,) = [r for r in sysvipc.table("msg") if r["msqid"] == msqid]
+        assert queue["qnum"] == 1 and queue["lspid"] == job.pids[0], "the daemon's queue stays, with the message"
+        values = (ctypes.c_ushort * 1)()
+        assert sysvipc._libc.semctl(semid, 0, sysvipc.GETALL, ctypes.byref(values)) == 0 and list(values) == [1]
+        seen = max(ticks(job.log.read_text()))
+        wait_for(lambda: max(ticks(job.log.read_text())) > seen + 2, what="the job to keep running")
+    finally:
+        sysvipc.remove(daemons)

@@ -207,7 +207,9 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
     assert len(kerrickpt.Store(store).list()) == completed, "the run that was ended published nothing"
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize(
+    "how", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP], ids=["kill-9", "sigterm", "sighup-closed-terminal"]
+)
 def test_a_checkpoint_ended_while_criu_streams_thaws_once_criu_lets_go(
     state_dir: Path, tmp_path: Path, processes: list[subprocess.Popen[str]], how: signal.Signals
 ) -> None:
@@ -225,6 +227,7 @@ def test_a_checkpoint_ended_while_criu_streams_thaws_once_criu_lets_go(
     run.send_signal(how)
     run.send_signal(signal.SIGCONT)
     run.communicate(timeout=60)
+    assert run.returncode == (-how if how == signal.SIGKILL else 128 + how), "a signal that unwinds: exit 128+N"
 
     # CRIU's next write to a pipe nobody reads fails: it gives up, lets go, and the guardian thaws.
     wait_for(lambda: not freezer_of(w).is_frozen() and tracer(init) == 0, what="CRIU to let go, then the thaw")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from datetime import UTC, datetime, timedelta
@@ -10,11 +11,20 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import archive
-from kerrickpt.errors import ArchiveCorruptError, BusyError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt import store as snapshot_store
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    BusyError,
+    DumpFailed,
+    SnapshotNotFoundError,
+    UntrustedStoreError,
+    UsageError,
+)
 from kerrickpt.manifest import Manifest
 from kerrickpt.node import Fingerprint
 from kerrickpt.retention import CORRUPT, Policy
 from kerrickpt.store import Snapshot, Store
+from tests.helpers import cli
 
 SOURCE = Fingerprint("x86_64", "6.1.0", "debian 12", "4.2.1", ("fpu",), 4096, "v2", hostname="node-a")
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
@@ -196,3 +206,81 @@ def test_a_series_stays_tied_to_its_source(store: Store) -> None:
         store.claim("job", "cgroup /sys/fs/cgroup/a/job")
         with pytest.raises(UsageError, match="are of cgroup /sys/fs/cgroup/a/job"):
             store.claim("job", "cgroup /sys/fs/cgroup/b/job")
+
+
+def test_an_unverified_snapshot_is_never_picked_unless_allowed(store: Store) -> None:
+    verified = take(store, "job1", T0)
+    planted = store.directory("job1") / "20250302T000000.000Z.kckpt"
+    shutil.copyfile(verified.path, planted)
+
+    assert store.latest("job1") == verified
+    assert store.at("job1", allow_unverified=True).path == planted
+    shutil.copyfile(planted, store.directory("job1") / "20250101T000000.000Z.kckpt")
+    with pytest.raises(SnapshotNotFoundError, match=r"unverified: 20250101T000000\.000Z"):
+        store.at("job1", T0 - timedelta(days=1))
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner"),
+    [(0o770, 0), (0o757, 0), (0o1777, 0), (0o700, 65534)],
+    ids=["group-writable", "others-writable", "sticky-world-writable", "not-roots"],
+)
+def test_a_store_or_series_others_may_write_in_is_refused(tmp_path: Path, mode: int, owner: int) -> None:
+    if owner != os.geteuid() and os.geteuid() != 0:
+        pytest.skip("needs root, to give a directory away")
+    (tmp_path / "trusted").mkdir()
+    trusted = Store(tmp_path / "trusted")
+    take(trusted, "job1", T0)
+    for untrusted in (trusted.root, trusted.directory("job1")):
+        os.chmod(untrusted, mode)
+        os.chown(untrusted, owner, -1)
+
+        with pytest.raises(UntrustedStoreError, match=f"refusing snapshot (store|series) {untrusted}") as refused:
+            Store(trusted.root).at("job1", allow_unverified=True)
+
+        assert refused.value.exit_code == 21
+        os.chmod(untrusted, 0o700)
+        os.chown(untrusted, os.geteuid(), -1)
+
+
+def test_a_store_under_a_directory_others_may_write_in_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    (shared / "store").mkdir(parents=True)
+    shared.chmod(0o777)  # anyone could move the store aside and put another in its place
+
+    with pytest.raises(UntrustedStoreError, match=f"{shared} above it is writable by group or others"):
+        Store(shared / "store")
+
+
+def test_a_series_that_is_a_symlink_is_refused(store: Store, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    store.directory("job1").symlink_to(elsewhere)
+
+    with pytest.raises(UntrustedStoreError, match="is a symbolic link"):
+        store.list("job1")
+    with pytest.raises(UntrustedStoreError):
+        store.lock("job1")
+
+
+def test_a_record_is_never_written_through_a_planted_symlink(store: Store, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    with store.lock("job1"):
+        # Where a record's temporary file used to go, a name anyone could tell beforehand.
+        (store.directory("job1") / f".{snapshot_store.SOURCE}.tmp-{os.getpid()}").symlink_to(victim)
+        store.claim("job1", "container job1")
+
+    assert victim.read_text() == "precious\n"
+    assert (store.directory("job1") / snapshot_store.SOURCE).read_text() == "container job1\n"
+
+
+def test_the_command_refuses_an_untrusted_store_with_exit_21(store: Store) -> None:
+    take(store, "job1", T0)
+    store.root.chmod(0o777)
+
+    listed = cli("snapshots", "list", "--store", str(store.root), "--json")
+    restored = cli("restore", "--store", str(store.root), "job1")
+
+    assert listed.returncode == 21 and json.loads(listed.stdout)["error"] == "UntrustedStoreError"
+    assert restored.returncode == 21 and "writable by group or others" in restored.stderr

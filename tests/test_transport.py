@@ -38,7 +38,8 @@ def test_ssh_argv_quotes_the_remote_command() -> None:
     link = Link(Target("node7", "root", 2222), ("IdentityFile=/k ey",), "/opt/kerrickpt/bin/kerrickpt")
     assert link.argv(["agent", "receive", "--name", "job 1"]) == [
         "ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-        "-o", "SendEnv=KERRICKPT_FAULT", "-o", "IdentityFile=/k ey", "-p", "2222", "-l", "root",
+        "-o", "SendEnv=KERRICKPT_TEST_MODE KERRICKPT_FAULT KERRICKPT_TEST_FINGERPRINT",
+        "-o", "IdentityFile=/k ey", "-p", "2222", "-l", "root",
         "--", "node7", "/opt/kerrickpt/bin/kerrickpt agent receive --name 'job 1'",
     ]  # fmt: skip
     assert Link.from_dict(link.to_dict()) == link

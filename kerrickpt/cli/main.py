@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import kerrickpt
-from kerrickpt import cgroups, containers, postcopy, receiver, retention, transport
-from kerrickpt.errors import ArchiveCorruptError, KerrickptError, NodeIncompatibleError, NotReadyError, UsageError
+from kerrickpt import cgroups, containers, postcopy, progress, receiver, retention, transport
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    HostError,
+    Interrupted,
+    KerrickptError,
+    NodeIncompatibleError,
+    NotReadyError,
+    UsageError,
+)
 from kerrickpt.inspection import restore_route
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
@@ -44,7 +53,10 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
-  20 no such snapshot in the store
+  15 a container's record is damaged (`kerrickpt kill NAME` still ends it),
+  16 the host refused an operation (permission, full disk, cgroup write),
+  20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
+  129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
 """
 
 
@@ -84,6 +96,12 @@ def _time(text: str) -> datetime:
         ) from None
 
 
+def _watched(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """Progress of the library call in the block, on a terminal only: cleared before the command prints."""
+    what = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return progress.on_terminal(what, sys.stderr, quiet=args.quiet or args.json)
+
+
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if args.against:
         return _check_against(args)
@@ -103,7 +121,7 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
         for note in report.notes:
             print(f"note: {note}")
     if not report.ready:
-        raise NotReadyError("this node is not ready: " + "; ".join(report.problems))
+        raise NotReadyError("this node is not ready: " + "; ".join(report.problems), report=report.to_dict())
     return report.to_dict(), 0
 
 
@@ -114,7 +132,9 @@ def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
         print(verdict.explain())
         print(f"verdict: {'this node can restore it' if acceptable else 'this node cannot restore it'}")
     if not acceptable:
-        raise NodeIncompatibleError(f"this node cannot restore {args.against}:\n{verdict.explain()}")
+        raise NodeIncompatibleError(
+            f"this node cannot restore {args.against}:\n{verdict.explain()}", report=verdict.to_dict()
+        )
     return verdict.to_dict(), 0
 
 
@@ -160,14 +180,15 @@ def cmd_gc(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.checkpoint(
-        args.name,
-        args.output,
-        cgroup=args.cgroup,
-        leave_running=args.leave_running,
-        state_dir=args.state_dir,
-        level=args.level,
-    )
+    with _watched(args):
+        result = kerrickpt.checkpoint(
+            args.name,
+            args.output,
+            cgroup=args.cgroup,
+            leave_running=args.leave_running,
+            state_dir=args.state_dir,
+            level=args.level,
+        )
     if not args.json:
         t = result.manifest.timings
         after = "left running" if result.left_running else "stopped"
@@ -182,12 +203,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
     path = args.archive
     if args.store:
-        path = kerrickpt.Store(args.store).at(args.archive, _time(args.at) if args.at else None).path
-    elif args.at or args.latest:
+        when = _time(args.at) if args.at else None
+        path = kerrickpt.Store(args.store).at(args.archive, when, allow_unverified=args.allow_unverified).path
+    elif args.at or args.latest or args.allow_unverified:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
-    result = kerrickpt.restore(
-        path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
-    )
+    with _watched(args):
+        result = kerrickpt.restore(
+            path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
+        )
     if not args.json:
         if args.store:
             print(f"snapshot {path}")
@@ -233,17 +256,18 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.migrate(
-        args.name,
-        args.to,
-        ssh_options=tuple(args.ssh_option),
-        remote_kerrickpt=args.remote_kerrickpt,
-        state_dir=args.state_dir,
-        force=args.force,
-        attempts=args.attempts,
-        level=args.level,
-        lazy=args.lazy,
-    )
+    with _watched(args):
+        result = kerrickpt.migrate(
+            args.name,
+            args.to,
+            ssh_options=tuple(args.ssh_option),
+            remote_kerrickpt=args.remote_kerrickpt,
+            state_dir=args.state_dir,
+            force=args.force,
+            attempts=args.attempts,
+            level=args.level,
+            lazy=args.lazy,
+        )
     if not args.json:
         headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
         _print_placed(headline, result.warnings, result.pid_map)
@@ -287,15 +311,16 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
-    result = kerrickpt.snapshot(
-        args.name,
-        args.store,
-        cgroup=args.cgroup,
-        policy=_policy(args),
-        wait=args.wait,
-        state_dir=args.state_dir,
-        level=args.level,
-    )
+    with _watched(args):
+        result = kerrickpt.snapshot(
+            args.name,
+            args.store,
+            cgroup=args.cgroup,
+            policy=_policy(args),
+            wait=args.wait,
+            state_dir=args.state_dir,
+            level=args.level,
+        )
     if not args.quiet:
         print(_log_line(result), file=sys.stderr)
     return result.to_dict(), 0
@@ -350,7 +375,8 @@ def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
-    rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
+    with _watched(args):
+        rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
     for r in rows:
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
@@ -372,20 +398,33 @@ def _keep_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments raise UsageError, so that `main` reports them like any error (and as JSON with --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--state-dir",
         help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
     )
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    in_store = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress line on a terminal (snapshot: nothing at all on success)",
+    )
+    in_store = _Parser(add_help=False)
     in_store.add_argument("--store", required=True, metavar="DIR", help="the snapshot store (an existing directory)")
-    waiting = argparse.ArgumentParser(add_help=False)
+    waiting = _Parser(add_help=False)
     waiting.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for a container's lock (default 0)"
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kerrickpt",
         description="Checkpoint and restore Linux containers and process trees with CRIU.",
         epilog=EXAMPLES,
@@ -433,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     pick = p.add_mutually_exclusive_group()
     pick.add_argument("--at", metavar="TIME", help="the newest snapshot taken at or before TIME (ISO 8601 or an id)")
     pick.add_argument("--latest", action="store_true", help="the newest snapshot (the default)")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="with --store: may pick a snapshot whose checksums no run has checked (one copied in)",
+    )
     p = add("inspect", cmd_inspect, "show what an archive holds")
     p.add_argument("archive")
     p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
@@ -472,7 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
     _keep_options(p)
     p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     p = sub.add_parser("snapshots", help="list, prune or verify the snapshots in a store")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -491,33 +534,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C: a frozen container is thawed, scratch and nodes removed."""
+@contextlib.contextmanager
+def unwinding_on(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Make SIGHUP (a closed terminal), SIGINT and SIGTERM unwind like Ctrl-C: a frozen container is
+    thawed, scratch and nodes removed; the command then exits 128+N. A repeat is ignored, so that
+    the unwinding it would cut short finishes. The caller's handlers come back afterwards."""
 
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+    def interrupted(signum: int, _frame: object) -> None:
+        for other in signals:
+            signal.signal(other, signal.SIG_IGN)
+        raise Interrupted(signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    before = {signum: signal.signal(signum, interrupted) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+UNWINDING = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+
+
+def _fail(error: KerrickptError, command: str | None, as_json: bool) -> int:
+    """Report an error: one line (and CRIU's log tail) on stderr, the error object on stdout with --json."""
+    # The exit code in the text too: cron mails what a job prints, not how it ended.
+    print(f"kerrickpt: error (exit {error.exit_code}): {error}", file=sys.stderr)
+    if command == "agent":
+        transport.emit(sys.stdout, "error", **error.to_dict())
+    elif as_json:
+        print(json.dumps(error.to_dict(), indent=2, default=str))
+    return error.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
-    unwind_on_sigterm()  # a scheduler's SIGTERM must not leave a container frozen
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     try:
-        result, code = args.func(args)
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(exc, None, as_json)
+    logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
+    # A scheduler's SIGTERM or a closed terminal must not leave a container frozen. The agent keeps
+    # SIGHUP's default: ssh hangs up on it when the source goes, and the source decides what follows.
+    try:
+        with unwinding_on(UNWINDING if args.command != "agent" else (signal.SIGINT, signal.SIGTERM)):
+            result, code = args.func(args)
     except KerrickptError as exc:
-        # The exit code in the text too: cron mails what a job prints, not how it ended.
-        print(f"kerrickpt: error (exit {exc.exit_code}): {exc}", file=sys.stderr)
-        if args.command == "agent":
-            transport.emit(sys.stdout, "error", **exc.to_dict())
-        elif args.json:
-            print(json.dumps(exc.to_dict(), indent=2))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("kerrickpt: interrupted", file=sys.stderr)
-        return 130
+        return _fail(exc, args.command, args.json)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(HostError(f"{exc.strerror or exc}{where}"), args.command, args.json)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"kerrickpt: interrupted by {name} (exit {128 + signum})", file=sys.stderr)
+        if args.json and args.command != "agent":
+            error = {"error": "Interrupted", "message": f"interrupted by {name}", "exit_code": 128 + signum}
+            print(json.dumps(error, indent=2))
+        return 128 + signum
     if args.json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))
     return code
