@@ -28,6 +28,7 @@ from kerrickpt.errors import (
     TransportError,
     UsageError,
 )
+from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
 from kerrickpt.lock import Holder
 from kerrickpt.manifest import Manifest
@@ -56,6 +57,7 @@ __all__ = [
     "HostError",
     "Interrupted",
     "KerrickptError",
+    "Leftover",
     "Manifest",
     "MigrationResult",
     "MigrationUnknown",
@@ -80,6 +82,7 @@ __all__ = [
     "check",
     "check_archive",
     "checkpoint",
+    "gc",
     "inspect",
     "kill",
     "migrate",

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import tempfile
 import time
 from contextlib import AbstractContextManager
@@ -15,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, lock, namespaces, procs
+from kerrickpt import cgroups, launcher, lock, procs
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -54,6 +52,16 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def claimant_alive(claim: Path) -> bool | None:
+    """Whether the process that wrote the claim file `claim` (see `Registry.claim`) lives; None if
+    there is no claim, or it is being written right now."""
+    try:
+        owner = json.loads(claim.read_text())
+        return owner["start"] is not None and procs.is_alive(owner["pid"], owner["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
@@ -85,11 +93,11 @@ class Container:
 
 @dataclass(frozen=True)
 class ContainerStatus:
-    """One row of `kerrickpt ps`."""
+    """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init."""
 
     name: str
     state: str
-    init_pid: int
+    init_pid: int | None
     init_ns_pid: int | None
     processes: int
     memory_bytes: int | None
@@ -120,26 +128,6 @@ class Registry:
                 os.chmod(path, 0o700)  # whatever the umask
             except FileExistsError:
                 pass
-        self._sweep_scratch()
-        self._sweep_unfinished()
-
-    def _sweep_scratch(self) -> None:
-        """Remove scratch directories (memory images) of kerrickpt processes that died without cleaning up.
-
-        A directory is its maker's (whose PID its name carries) unless another process `claim`ed it.
-        """
-        for path in self.scratch.iterdir():
-            try:
-                claim = json.loads((path / OWNER).read_text())
-                if procs.is_alive(claim["pid"], claim["start"]):
-                    continue
-            except FileNotFoundError:
-                owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
-                if not owner.isdigit() or procs.start_time(int(owner)) is not None:
-                    continue
-            except (OSError, ValueError, KeyError):
-                continue  # being written right now
-            shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def claim(scratch: Path) -> None:
@@ -147,19 +135,13 @@ class Registry:
         me = os.getpid()
         write_atomic(scratch / OWNER, json.dumps({"pid": me, "start": procs.start_time(me)}))
 
-    def _sweep_unfinished(self) -> None:
-        """Remove names whose run died before registering them, with whatever it had started in their cgroups."""
-        for path in self.containers.iterdir():
-            if (path / RECORD).exists() or not (path / OWNER).exists():
-                continue
-            try:
-                owner = json.loads((path / OWNER).read_text())
-            except (OSError, ValueError):
-                continue  # being written right now
-            if owner["start"] is not None and procs.is_alive(owner["pid"], owner["start"]):
-                continue
-            cgroups.existing(cgroups.detect(), path.name).remove()
-            shutil.rmtree(path, ignore_errors=True)
+    def abandoned(self) -> list[str]:
+        """Names whose run died before registering them: `kill NAME` or `gc` removes what it left."""
+        return [p.name for p in sorted(self.containers.iterdir()) if self.is_abandoned(p.name)]
+
+    def is_abandoned(self, name: str) -> bool:
+        path = self.path(name)
+        return not (path / RECORD).exists() and claimant_alive(path / OWNER) is False
 
     def path(self, name: str) -> Path:
         return self.containers / check_name(name)
@@ -170,7 +152,8 @@ class Registry:
         try:
             path.mkdir(mode=0o700)
         except FileExistsError:
-            raise ContainerExistsError(f"a container named {name!r} already exists on this node") from None
+            left = " (left by a run that died: `kerrickpt gc` removes it)" if self.is_abandoned(name) else ""
+            raise ContainerExistsError(f"a container named {name!r} already exists on this node{left}") from None
         me = {"pid": os.getpid(), "start": procs.start_time(os.getpid())}
         write_atomic(path / OWNER, json.dumps(me))
         return path
@@ -256,7 +239,7 @@ def run(
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         log_fd = registry.open_log(name)
         try:
-            init_pid = _spawn(name, argv, group, log_fd)
+            init_pid = launcher.spawn(name, argv, group, log_fd)
         finally:
             os.close(log_fd)
         started = procs.start_time(init_pid)
@@ -279,67 +262,6 @@ def run(
             group.remove()
         registry.release(name)
         raise
-
-
-def _spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int:
-    """Fork the container's init into new PID, IPC and UTS namespaces; returns its host PID.
-
-    The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
-    leader outside the tree), has no parent-death signal (a detached restore would kill it),
-    and its short-lived parent exits, so nothing of kerrickpt stays in the tree.
-    """
-    pid_r, pid_w = os.pipe()
-    exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
-    middle = os.fork()
-    if middle == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            os.close(pid_r)
-            os.close(exec_r)
-            group.add(os.getpid())
-            namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
-            init = os.fork()
-            if init == 0:
-                _exec_init(name, argv, log_fd, exec_w)
-            os.write(pid_w, str(init).encode())
-            status = 0
-        except BaseException as exc:
-            os.write(pid_w, f"error: {exc}".encode())
-        finally:
-            os._exit(status)
-    os.close(pid_w)
-    os.close(exec_w)
-    with os.fdopen(pid_r, "rb") as reader:
-        answer = reader.read().decode()
-    os.waitpid(middle, 0)
-    with os.fdopen(exec_r, "rb") as reader:
-        exec_error = reader.read().decode()
-    if answer.startswith("error:") or not answer:
-        raise KerrickptError(f"could not start the container: {answer[6:].strip() or 'setup failed'}")
-    if exec_error:
-        raise UsageError(f"cannot run {argv[0]}: {exec_error}")
-    return int(answer)
-
-
-def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> None:  # pragma: no cover - child
-    try:
-        socket.sethostname(name)
-        os.setsid()
-        os.chdir("/")
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.closerange(3, exec_w)
-        os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
-        # Python ignores these; an ignored signal would survive exec into the container.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        os.execvp(argv[0], argv)
-    except BaseException as exc:
-        os.write(exec_w, str(exc).encode())
-    finally:
-        os._exit(127)
 
 
 def status(container: Container) -> ContainerStatus:
@@ -367,9 +289,35 @@ def status(container: Container) -> ContainerStatus:
     )
 
 
+def _abandoned_status(registry: Registry, name: str) -> ContainerStatus | None:
+    """Its row, or None if `kill` or `gc` removed it meanwhile."""
+    group = cgroups.existing(cgroups.detect(), name)
+    log = registry.log_path(name)
+    try:
+        made = datetime.fromtimestamp(registry.path(name).stat().st_mtime, UTC)
+    except FileNotFoundError:
+        return None
+    return ContainerStatus(
+        name=name,
+        state="abandoned",
+        init_pid=None,
+        init_ns_pid=None,
+        processes=len(group.pids()),
+        memory_bytes=group.memory_usage(),
+        memory_limit=group.memory_limit(),
+        cgroup=group.to_list(),
+        log=str(log) if log.exists() else None,
+        created=made.isoformat(timespec="milliseconds"),
+    )
+
+
 def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
-    """Every container of this node with its state."""
-    return [status(c) for c in Registry(state_dir).all()]
+    """Every container of this node with its state, and the names of runs that died before registering
+    theirs (`abandoned`). Only looks: `kill NAME` or `gc` removes what an abandoned one left."""
+    registry = Registry(state_dir)
+    rows = [status(c) for c in registry.all()]
+    rows += [row for name in registry.abandoned() if (row := _abandoned_status(registry, name))]
+    return sorted(rows, key=lambda row: row.name)
 
 
 def remove(registry: Registry, container: Container) -> None:
@@ -378,16 +326,25 @@ def remove(registry: Registry, container: Container) -> None:
     registry.release(container.name)
 
 
+def remove_abandoned(registry: Registry, name: str) -> None:
+    """Kill what runs in `name`'s cgroups and free the name: for one without a (readable) record, such as
+    a name whose run died before registering it."""
+    cgroups.existing(cgroups.detect(), name).remove()
+    registry.release(name)
+
+
 def kill(name: str, state_dir: Path | str | None = None) -> None:
-    """End a container and remove its cgroups and state."""
+    """End a container and remove its cgroups and state (also what an `abandoned` one left)."""
     registry = Registry(state_dir)
     with registry.lock(name):
         registry.refuse_while_migrating(name)
+        if registry.is_abandoned(name):
+            remove_abandoned(registry, name)
+            return
         try:
             container = registry.get(name)
         except StateDamagedError:
             # Its record is unreadable, but its cgroup is where kerrickpt makes every container's.
-            cgroups.existing(cgroups.detect(), name).remove()
-            registry.release(name)
+            remove_abandoned(registry, name)
             return
         remove(registry, container)

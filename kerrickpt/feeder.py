@@ -125,12 +125,6 @@ class Feed:
         if self.log is not None:
             os.close(self.log)
 
-    def forget(self) -> None:
-        """In a forked child: let go of the socket, which must die with kerrickpt (a CRIU waiting in its
-        queue would wait forever)."""
-        if self.listener is not None:
-            self.listener.listener.close()
-
     def log_to(self, path: Path) -> None:
         """Append the archived log to `path` as it is read (its own description: the processes' offset is theirs)."""
         self.log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

@@ -388,11 +388,20 @@ def _settled(link: transport.Link, migration_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         with contextlib.suppress(KerrickptError):  # the link may be back in a moment
-            answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
+            answer = _target_status(link, migration_id)
             if answer.get("state") != "in-progress":
                 return answer
         time.sleep(0.2)
     return {}
+
+
+def _target_status(link: transport.Link, migration_id: str) -> dict[str, Any]:
+    """The target's word on a migration. `status` only looks: if a receiver or post-copy watcher of it
+    died there, `reap` removes what it left (killing a copy whose memory stopped coming) and answers."""
+    answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
+    if answer.get("state") == "abandoned":
+        answer = transport.call(link, ["agent", "reap", "--migration-id", migration_id], {})
+    return answer
 
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
@@ -481,7 +490,7 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
         link = transport.Link.from_dict(entry["link"])
 
         def ask() -> str:
-            answer = transport.call(link, ["agent", "status", "--migration-id", entry["id"]], {})
+            answer = _target_status(link, entry["id"])
             state = target_state(answer)
             if state is None:
                 raise MigrationUnknown(

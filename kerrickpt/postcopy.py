@@ -24,6 +24,7 @@ from kerrickpt.freezer import Freezer
 
 PAGES_WAIT_S = 60.0  # for `agent pages` and the receiver to meet, either way round
 IN_FLIGHT, COMPLETE, FAILED = "in-flight", "complete", "failed"
+ABANDONED = "abandoned"  # in flight, but its watcher died: `reap` kills its container
 CUT_AFTER = 1 << 20  # where the pages-cut fault drops the link
 DAEMON_START_S = 30.0  # for CRIU's lazy-pages daemon to be ready; the receiver waits twice that
 RECEIVER_CHECK_S = 5.0  # how often the watcher looks whether a receiver died before the restore
@@ -251,11 +252,9 @@ class Watcher:
 
 
 def outcome(registry: containers.Registry, migration_id: str) -> dict[str, str] | None:
-    """Post-copy's state here (in-flight, complete or failed), with why and the log's tail if it failed;
-    None if no watcher started for it.
-
-    A watcher that died while its daemon served counts as failed: nobody would kill a container
-    whose memory stopped coming, so this does.
+    """Post-copy's state here (in-flight, complete, failed, or abandoned: its watcher died while the
+    memory came), with why and the log's tail if it failed; None if no watcher started for it.
+    Only looks: `reap` kills the container of an abandoned one.
     """
     path = _record_path(registry, migration_id)
     try:
@@ -264,11 +263,21 @@ def outcome(registry: containers.Registry, migration_id: str) -> dict[str, str] 
         return None
     if record["state"] == IN_FLIGHT and not procs.is_alive(record["pid"], record["start"]):
         record = json.loads(path.read_text())  # it may have finished just before it exited
-    if record["state"] == IN_FLIGHT:
-        why = "its watcher died"
-        _fail(cgroups.Cgroup(tuple(Path(d) for d in record["cgroup"])), path, record, why)
-        return {"state": FAILED, "why": why, "log_tail": ""}
+        if record["state"] == IN_FLIGHT:
+            return {"state": ABANDONED, "why": "its watcher died", "log_tail": ""}
     return {key: str(record.get(key, "")) for key in ("state", "why", "log_tail")}
+
+
+def reap(registry: containers.Registry, migration_id: str) -> dict[str, str] | None:
+    """`outcome`, once the container of an abandoned post-copy is killed: nobody else would kill a
+    container whose memory stopped coming."""
+    found = outcome(registry, migration_id)
+    if found is None or found["state"] != ABANDONED:
+        return found
+    path = _record_path(registry, migration_id)
+    record = json.loads(path.read_text())
+    _fail(cgroups.Cgroup(tuple(Path(d) for d in record["cgroup"])), path, record, found["why"])
+    return {**found, "state": FAILED}
 
 
 def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, log_tail: str = "") -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kerrickpt import archive, compat, containers, criu, faults, feeder, node, postcopy, procs, transport
+from kerrickpt import archive, compat, containers, criu, faults, feeder, garbage, node, postcopy, procs, transport
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -94,6 +94,8 @@ def receive(
     registry = containers.Registry(state_dir)
     marker = registry.incoming(migration_id)
     earlier = status(migration_id, state_dir)
+    if earlier["state"] == "abandoned":  # an earlier receiver of this migration died: this one cleans up
+        earlier = reap(migration_id, state_dir)
     if earlier["state"] == "in-progress":
         transport.emit(stdout, "error", **BusyError(f"migration {migration_id} is being received").to_dict())
         return BusyError.exit_code
@@ -177,7 +179,7 @@ def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_
 def _came_up(registry: containers.Registry, migration_id: str) -> bool:
     """Whether the container came up here (whatever became of it since): a post-copy one counts
     until its memory stopped coming, when its watcher killed it."""
-    pages = postcopy.outcome(registry, migration_id)
+    pages = postcopy.reap(registry, migration_id)  # a watcher that died: its container is killed now
     if pages is not None:
         return pages["state"] != postcopy.FAILED
     return any(c.migration == migration_id for c in registry.all())
@@ -189,15 +191,15 @@ def _tombstone(registry: containers.Registry, migration_id: str) -> Path:
 
 def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
     """What became of a migration here: running, exited, departed (came and went), in-progress,
-    failed (post-copy: its memory stopped coming, so it was killed here) or absent.
+    failed (post-copy: its memory stopped coming, so it was killed here), abandoned (its receiver,
+    or its post-copy watcher, died: `reap` finishes it) or absent.
 
-    What a receiver that died mid-way left is gone by then, so that `absent` is the truth.
-    A post-copy migration is in progress until every page came: only then has it moved.
+    Only looks. A post-copy migration is in progress until every page came: only then has it moved.
     """
     registry = containers.Registry(state_dir)
     pages = postcopy.outcome(registry, migration_id) or {"state": None}
-    if pages["state"] == postcopy.FAILED:
-        return {**pages, "state": "failed"}
+    if pages["state"] in (postcopy.FAILED, postcopy.ABANDONED):
+        return dict(pages)
     if pages["state"] == postcopy.IN_FLIGHT:
         return {"state": "in-progress"}
     for container in registry.all():
@@ -207,13 +209,17 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
     if tombstone.exists():
         return {"state": "departed", **json.loads(tombstone.read_text())}
     marker = registry.incoming(migration_id)
-    try:
-        info = json.loads(marker.read_text())
-    except FileNotFoundError:
-        return {"state": "absent"}
-    if info["start"] is not None and procs.is_alive(info["pid"], info["start"]):
-        return {"state": "in-progress"}
-    # The receiver died before the container ran here: opening the registry above swept
-    # its half-made container and its scratch; only its marker is left.
-    marker.unlink(missing_ok=True)
-    return {"state": "absent"}
+    alive = containers.claimant_alive(marker)
+    if alive is None:  # no marker, or one being written
+        return {"state": "in-progress" if marker.exists() else "absent"}
+    if not alive:
+        return {"state": "abandoned", "why": "its receiver died before the container ran here"}
+    return {"state": "in-progress"}
+
+
+def reap(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
+    """`status`, once what dead kerrickpt processes left here is removed (`garbage.collect`): the
+    half-made container of a receiver that died, the container of a post-copy whose watcher died.
+    What an abandoned migration answers then is `absent` or `failed`."""
+    garbage.collect(containers.Registry(state_dir))
+    return status(migration_id, state_dir)

@@ -82,6 +82,7 @@ def restore(
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
     handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
+    helper = restorer.Helper()  # its Python starts while the archive is read
     try:
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
@@ -101,9 +102,10 @@ def restore(
         name = containers.check_name(name or manifest.name)
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed)
+            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper)
         handed_over = watcher is not None
     finally:
+        helper.close()
         if not handed_over:
             shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
@@ -139,6 +141,7 @@ def _restore_as(
     migration_id: str | None,
     plan: restorer.Plan,
     feed: feeder.Feed | None,
+    helper: restorer.Helper,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -148,10 +151,10 @@ def _restore_as(
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
-        inherit: dict[str, int] = {}
+        inherit: dict[str, Path] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
-            # with what the source had written; CRIU hands them this fd in place of the
+            # with what the source had written; CRIU hands them this file (the helper opens it) in place of the
             # source's path (no size check, no clash with a source still running).
             log_fd = registry.open_log(name)
             if feed is not None:  # the archived log follows as the archive is read, before the tree runs
@@ -159,13 +162,13 @@ def _restore_as(
             else:
                 with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                     shutil.copyfileobj(saved, out)
-            inherit[manifest.log_path.lstrip("/")] = log_fd
+            inherit[manifest.log_path.lstrip("/")] = registry.log_path(name)
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
-        init_pid = restorer.run(group, found, scratch, inherit, plan, feed)
+        init_pid = helper.run(group, found, scratch, inherit, plan, feed)
         started = procs.start_time(init_pid)
         if started is None:
             raise RestoreFailed(f"the restored container {name} exited at once")

@@ -9,10 +9,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from kerrickpt import cgroups, criu, feeder, namespaces, postcopy, sysvipc
+from kerrickpt import cgroups, criu, helper, namespaces, sysvipc
 from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
+
+if TYPE_CHECKING:  # the helper program imports this module, and only what it runs: it starts in the downtime
+    from kerrickpt import feeder, postcopy
 
 
 @dataclass(frozen=True)
@@ -27,43 +30,127 @@ class Plan:
     timeout: float = criu.RESTORE_TIMEOUT  # for CRIU's restore
 
 
-def run(
-    group: cgroups.Cgroup,
-    found: criu.Criu,
-    scratch: Path,
-    inherit: Mapping[str, int],
-    plan: Plan,
-    feed: feeder.Feed | None = None,
-) -> int:
-    """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID of
-    the tree's init (its root, or kerrickpt's init)."""
-    reader, writer = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.close(reader)
+class Helper:
+    """The program that runs CRIU's restore: a fresh one (fork and exec, no Python in between), since a
+    caller with threads must never run Python in a forked child, where a lock another thread held at
+    the fork stays locked for good. Its Python takes a while to start: it starts as the restore
+    begins, and gets its order once the restore is planned (`run`); left without one, it leaves.
+    """
+
+    def __init__(self) -> None:
+        self.answers: int | None
+        self.answers, writer = os.pipe()
+        try:
+            self.process = helper.start("restore", pass_fds=(writer,))
+        except BaseException:
+            os.close(self.answers)
+            raise
+        finally:
+            os.close(writer)
+        self.writer = writer  # its number in the helper, where it stays open
+
+    def run(
+        self,
+        group: cgroups.Cgroup,
+        found: criu.Criu,
+        scratch: Path,
+        inherit: Mapping[str, Path],
+        plan: Plan,
+        feed: feeder.Feed | None = None,
+    ) -> int:
+        """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID
+        of the tree's init (its root, or kerrickpt's init). CRIU gives the restored tree each file of
+        `inherit`, opened for appending, in place of the file its key names."""
         if feed is not None:
-            feed.forget()
             plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
-        _child(group, found, scratch, inherit, plan, writer)
-    os.close(writer)
+        helper.send(self.process, _order(group, found, scratch, inherit, plan, self.writer))
+        reader, self.answers = self.answers, None
+        assert reader is not None
+        try:
+            if feed is not None:
+                said = feed.serve(reader, group)
+            else:
+                with os.fdopen(reader, "rb") as fh:
+                    said = fh.read()
+        finally:
+            self.process.wait()  # it leaves once CRIU's answer is sent: the pipe's end came first
+        lines = [json.loads(line) for line in said.splitlines() if line.strip()]
+        answer: dict[str, Any] = {}
+        for line in lines:
+            answer.update(line)
+        if "error" in answer:
+            kind = CommandTimeout if answer["timeout"] else RestoreFailed
+            raise kind(answer["error"], log_tail=answer["log_tail"])
+        if "pid" not in answer:
+            raise RestoreFailed(f"the restore helper died without an answer (exit code {self.process.returncode})")
+        return int(answer.get("init", answer["pid"]))
+
+    def close(self) -> None:
+        """Wait until it is gone; one never given an order leaves now."""
+        if self.answers is not None:
+            helper.send(self.process, None)
+            os.close(self.answers)
+            self.answers = None
+        self.process.wait()
+
+
+def _order(
+    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, Path], plan: Plan, writer: int
+) -> dict[str, Any]:
+    """What the helper needs, as JSON: the plan, with only whether a post-copy watcher serves the memory."""
+    return {
+        "cgroup": group.to_list(),
+        "criu": dataclasses.asdict(found),
+        "scratch": str(scratch.absolute()),  # the helper runs in /
+        "inherit": {key: str(path.absolute()) for key, path in inherit.items()},
+        "shell_job": plan.shell_job,
+        "ipc": plan.ipc.to_dict() if plan.ipc is not None else None,
+        "new_pid_namespace": plan.new_pid_namespace,
+        "lazy": plan.watcher is not None,
+        "gate": str(plan.gate.absolute()) if plan.gate is not None else None,
+        "timeout": plan.timeout,
+        "answers": writer,
+    }
+
+
+@dataclass(frozen=True)
+class _Order:
+    """The helper's side of `_order`."""
+
+    group: cgroups.Cgroup
+    found: criu.Criu
+    scratch: Path
+    inherit: dict[str, Path]
+    shell_job: bool
+    ipc: sysvipc.JobIpc | None
+    new_pid_namespace: bool
+    lazy: bool
+    gate: Path | None
+    timeout: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Order:
+        return cls(
+            group=cgroups.Cgroup(tuple(Path(d) for d in data["cgroup"])),
+            found=criu.Criu(**data["criu"]),
+            scratch=Path(data["scratch"]),
+            inherit={str(k): Path(v) for k, v in data["inherit"].items()},
+            shell_job=bool(data["shell_job"]),
+            ipc=sysvipc.JobIpc.from_dict(data["ipc"]) if data["ipc"] is not None else None,
+            new_pid_namespace=bool(data["new_pid_namespace"]),
+            lazy=bool(data["lazy"]),
+            gate=Path(data["gate"]) if data["gate"] is not None else None,
+            timeout=float(data["timeout"]),
+        )
+
+
+def main(order: dict[str, Any]) -> None:  # pragma: no cover - the restore helper
+    """The helper program (`helper.start("restore", ...)`): its answers go to the order's pipe."""
+    writer = int(order["answers"])
     try:
-        if feed is not None:
-            said = feed.serve(reader, group)
-        else:
-            with os.fdopen(reader, "rb") as fh:
-                said = fh.read()
-    finally:
-        os.waitpid(child, 0)
-    lines = [json.loads(line) for line in said.splitlines() if line.strip()]
-    answer: dict[str, Any] = {}
-    for line in lines:
-        answer.update(line)
-    if "error" in answer:
-        kind = CommandTimeout if answer["timeout"] else RestoreFailed
-        raise kind(answer["error"], log_tail=answer["log_tail"])
-    if "pid" not in answer:
-        raise RestoreFailed("the restore helper died without an answer")
-    return int(answer.get("init", answer["pid"]))
+        _child(_Order.from_dict(order), writer)
+    except BaseException as exc:
+        _send(writer, _error(exc))
 
 
 def _send(writer: int, message: dict[str, Any]) -> None:
@@ -76,44 +163,39 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {exc}", "log_tail": "", "timeout": False}
 
 
-def _restore(found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan) -> int:
+def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
     return criu.restore(
-        found,
-        scratch / "images",
-        scratch,
+        order.found,
+        order.scratch / "images",
+        order.scratch,
         inherit_fds=inherit,
-        shell_job=plan.shell_job,
-        lazy_pages=plan.watcher is not None,
-        gate=plan.gate,
-        timeout=plan.timeout,
+        shell_job=order.shell_job,
+        lazy_pages=order.lazy,
+        gate=order.gate,
+        timeout=order.timeout,
     )
 
 
-def _child(
-    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
-) -> NoReturn:  # pragma: no cover - runs in the child
+def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restore helper
     """Join the cgroup (CRIU and the tree it makes inherit it), make the IPC objects, restore."""
-    try:
-        group.add(os.getpid())
-        if plan.ipc is not None:
-            namespaces.unshare(namespaces.CLONE_NEWIPC)
-            sysvipc.recreate(plan.ipc)
-        if plan.new_pid_namespace:
-            namespaces.unshare(namespaces.CLONE_NEWPID)
-            init = os.fork()
-            if init == 0:
-                _init(found, scratch, inherit, plan, writer)
-            _send(writer, {"init": init})
-        else:
-            _send(writer, {"pid": _restore(found, scratch, inherit, plan)})
-    except BaseException as exc:
-        _send(writer, _error(exc))
-    finally:
-        os._exit(0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC  # as the processes held them: see containers.open_log
+    inherit = {key: os.open(path, flags) for key, path in order.inherit.items()}
+    order.group.add(os.getpid())
+    if order.ipc is not None:
+        namespaces.unshare(namespaces.CLONE_NEWIPC)
+        sysvipc.recreate(order.ipc)
+    if order.new_pid_namespace:
+        namespaces.unshare(namespaces.CLONE_NEWPID)
+        init = os.fork()  # safe here: the helper has no other thread
+        if init == 0:
+            _init(order, inherit, writer)
+        _send(writer, {"init": init})
+    else:
+        _send(writer, {"pid": _restore(order, inherit)})
 
 
 def _init(
-    found: criu.Criu, scratch: Path, inherit: Mapping[str, int], plan: Plan, writer: int
+    order: _Order, inherit: Mapping[str, int], writer: int
 ) -> NoReturn:  # pragma: no cover - PID 1 of the job's new PID namespace
     """Restore the job at its own PIDs from inside the namespace, then stay as its reaper.
 
@@ -123,7 +205,7 @@ def _init(
     try:
         namespaces.private_proc()
         os.setsid()
-        _send(writer, {"pid": _restore(found, scratch, inherit, plan)})
+        _send(writer, {"pid": _restore(order, inherit)})
     except BaseException as exc:
         _send(writer, _error(exc))
         os._exit(1)

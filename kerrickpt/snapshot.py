@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers
+from kerrickpt import archive, containers, garbage
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -66,6 +66,9 @@ def snapshot(
     with store.lock(label, wait=wait) as took_over:
         store.claim(label, source)
         cleaned = store.clean(label)
+        # Images of runs that died (a cron job's run killed mid-way) would fill the disk run after run.
+        leftovers = garbage.collect(containers.Registry(state_dir), kinds=(garbage.SCRATCH,))
+        cleaned += [Path(leftover.path) for leftover in leftovers]
         checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
         published = store.publish(label)
         plan = None

@@ -78,12 +78,13 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private state directory; every container left in it is killed afterwards."""
+    """A private state directory; every container left in it is killed afterwards, and `gc` run."""
     path = tmp_path / "state"
     yield path
     if (path / "containers").exists():
         registry = containers.Registry(path)
         with contextlib.ExitStack() as cleanup:  # every container, even if one of them fails to go
+            cleanup.callback(kerrickpt.gc, path)  # and what a run the test killed left
             for container in registry.all():
                 cleanup.callback(containers.remove, registry, container)
 

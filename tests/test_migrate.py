@@ -232,6 +232,28 @@ def test_source_killed_during_transfer_is_resumed_by_recover(cluster: Cluster, w
     assert not list((a.state_dir / "tmp").iterdir()), "recover removed the dead run's archive"
 
 
+def test_a_target_that_died_before_the_restore_is_shown_abandoned_and_recover_cleans_it(
+    cluster: Cluster, workload: Path
+) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+
+    result = migrate(cluster, a, b, job, fault="restore-before-criu:kill")
+
+    assert result.returncode == 12, result.stderr
+    assert job.row(a)["state"] == "frozen"  # type: ignore[index]
+    # Asking changes nothing: b shows what its dead receiver left, and keeps it until someone cleans up.
+    assert [(r["name"], r["state"]) for r in b.json("ps")] == [(job.name, "abandoned")]
+    assert (b.state_dir / "containers" / job.name).is_dir()
+    recovered = a.kerrickpt("recover", job.name, "--json")
+
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "resumed", "b said it has nothing, once it had cleaned up"
+    assert running_copies(cluster, job) == ["a"]
+    job.keeps_counting(a)
+    assert_nothing_left(b, job)
+
+
 def test_target_whose_sshd_comes_up_late_is_reached(cluster: Cluster, workload: Path) -> None:
     a, b = cluster.nodes
     job = Job(a, workload)

@@ -198,8 +198,11 @@ def test_a_restore_that_ends_before_its_verdict_never_lets_the_tree_run(
     group = cgroups.existing(cgroups.detect(), copy)
     wait_for(lambda: not group.pids(), timeout=30, what="CRIU to end the tree it restored")
     log = state_dir / "containers" / copy / "log"
-    if log.exists():  # left by a killed run, until the next command sweeps it
+    if log.exists():  # left by a killed run, until `gc` removes it
         assert max(ticks(log.read_text())) == max(ticks(archived_log(archive))), "the tree never ran"
+    left = [(r.name, r.state) for r in kerrickpt.ps(state_dir) if r.name != w.name]
+    assert left == ([(copy, "abandoned")] if action == "kill" else [])
+    kerrickpt.gc(state_dir)
     assert [r.name for r in kerrickpt.ps(state_dir)] == [w.name]
     assert cgroup_dirs(copy) == []
 

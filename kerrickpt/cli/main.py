@@ -38,6 +38,7 @@ examples:
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
   kerrickpt restore job7.kckpt --pid-namespace host
   kerrickpt kill job1
+  kerrickpt gc --dry-run
   kerrickpt check --against /srv/ckpt/job1.kckpt
   kerrickpt migrate job1 --to root@node7 --ssh-option IdentityFile=/etc/kerrickpt/id_ed25519
   kerrickpt recover job1
@@ -153,10 +154,10 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
 def cmd_ps(args: argparse.Namespace) -> tuple[Any, int]:
     rows = kerrickpt.ps(args.state_dir)
     if not args.json:
-        print(f"{'NAME':<24} {'STATE':<8} {'PID':>8} {'NSPID':>5} {'PROCS':>5} {'MEMORY':>12} {'LIMIT':>12}")
+        print(f"{'NAME':<24} {'STATE':<9} {'PID':>8} {'NSPID':>5} {'PROCS':>5} {'MEMORY':>12} {'LIMIT':>12}")
         for r in rows:
             print(
-                f"{r.name:<24} {r.state:<8} {r.init_pid:>8} {r.init_ns_pid or '-':>5} {r.processes:>5} "
+                f"{r.name:<24} {r.state:<9} {r.init_pid or '-':>8} {r.init_ns_pid or '-':>5} {r.processes:>5} "
                 f"{_mib(r.memory_bytes):>12} {_mib(r.memory_limit):>12}"
             )
     return [r.to_dict() for r in rows], 0
@@ -167,6 +168,15 @@ def cmd_kill(args: argparse.Namespace) -> tuple[Any, int]:
     if not args.json:
         print(f"killed {args.name}")
     return {"name": args.name, "killed": True}, 0
+
+
+def cmd_gc(args: argparse.Namespace) -> tuple[Any, int]:
+    removed = kerrickpt.gc(args.state_dir, dry_run=args.dry_run)
+    if not args.json:
+        verb = "would remove" if args.dry_run else "removed"
+        for leftover in removed:
+            print(f"{verb} {leftover.kind} {leftover.path}: {leftover.why}")
+    return {"dry_run": args.dry_run, "removed": [leftover.to_dict() for leftover in removed]}, 0
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
@@ -292,6 +302,8 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
     elif args.op == "sink":
         answer = transport.sink(sys.stdin.buffer)
+    elif args.op == "reap":
+        answer = receiver.reap(args.migration_id, args.state_dir)
     else:
         answer = receiver.status(args.migration_id, args.state_dir)
     transport.emit(sys.stdout, "ok", **answer)
@@ -437,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("ps", cmd_ps, "list this node's containers")
     p = add("kill", cmd_kill, "end a container and remove its cgroups and state")
     p.add_argument("name")
+    p = add("gc", cmd_gc, "remove what kerrickpt processes that died left: unregistered names, images, markers")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p = add("checkpoint", cmd_checkpoint, "freeze, dump and archive a container, then stop it (or leave it running)")
     p.add_argument("name", nargs="?", help="a container started by kerrickpt")
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
@@ -484,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
     p = sub.add_parser("agent", parents=[common])  # the remote end of migrate/recover; not for people
     p.set_defaults(func=cmd_agent)
-    p.add_argument("op", choices=["preflight", "receive", "pages", "sink", "status"])
+    p.add_argument("op", choices=["preflight", "receive", "pages", "sink", "status", "reap"])
     p.add_argument("--name")
     p.add_argument("--migration-id")
     p.add_argument("--force", action="store_true")

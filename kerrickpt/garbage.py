@@ -1,0 +1,89 @@
+"""Owns what kerrickpt processes that died left on this node: finding it, which changes nothing, and `gc`."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kerrickpt import containers, postcopy, procs
+
+CONTAINER, SCRATCH, POSTCOPY, MARKER = "container", "scratch", "post-copy", "marker"
+KINDS = (POSTCOPY, CONTAINER, SCRATCH, MARKER)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """One thing a dead kerrickpt process left: what it is, where, and why it is garbage."""
+
+    kind: str  # container (a name its run never registered), scratch, post-copy or marker
+    path: str
+    why: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def find(registry: containers.Registry) -> list[Leftover]:
+    """Everything `collect` would remove, in the order it would: nothing is changed."""
+    found = [
+        Leftover(POSTCOPY, str(record), "its watcher died while the memory came: its container is killed")
+        for record in sorted(_incoming(registry, ".postcopy"))
+        if (postcopy.outcome(registry, record.stem) or {}).get("state") == postcopy.ABANDONED
+    ]
+    found += [
+        Leftover(CONTAINER, str(registry.path(name)), "its run died before registering it; what runs in it is killed")
+        for name in registry.abandoned()
+    ]
+    found += [
+        Leftover(SCRATCH, str(path), "the kerrickpt process it belonged to died")
+        for path in sorted(registry.scratch.iterdir())
+        if _scratch_owner_dead(path)
+    ]
+    found += [
+        Leftover(MARKER, str(marker), "its receiver died")
+        for marker in sorted(_incoming(registry, ".json"))
+        if containers.claimant_alive(marker) is False
+    ]
+    return found
+
+
+def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tuple[str, ...] = KINDS) -> list[Leftover]:
+    """Remove what dead kerrickpt processes left (or, with `dry_run`, only say what): kill the container
+    of a post-copy whose watcher died, then names never registered and their cgroups, scratch
+    directories (memory images), and markers of receivers that died; only those of `kinds`."""
+    found = [leftover for leftover in find(registry) if leftover.kind in kinds]
+    if dry_run:
+        return found
+    for leftover in found:
+        path = Path(leftover.path)
+        if leftover.kind == POSTCOPY:
+            postcopy.reap(registry, path.stem)
+        elif leftover.kind == CONTAINER:
+            containers.remove_abandoned(registry, path.name)
+        elif leftover.kind == SCRATCH:
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a marker goes last: until then, the migration's status says what is left
+            path.unlink(missing_ok=True)
+    return found
+
+
+def gc(state_dir: Path | str | None = None, *, dry_run: bool = False) -> list[Leftover]:
+    """Remove what kerrickpt processes that died left on this node; returns what was (would be) removed."""
+    return collect(containers.Registry(state_dir), dry_run=dry_run)
+
+
+def _incoming(registry: containers.Registry, suffix: str) -> list[Path]:
+    directory = registry.root / "incoming"
+    return [p for p in directory.iterdir() if p.suffix == suffix] if directory.is_dir() else []
+
+
+def _scratch_owner_dead(path: Path) -> bool:
+    """A scratch directory is its maker's (whose PID its name carries) unless another process claimed it."""
+    alive = containers.claimant_alive(path / containers.OWNER)
+    if alive is not None:
+        return not alive
+    if (path / containers.OWNER).exists():
+        return False  # a claim being written right now
+    owner = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+    return owner.isdigit() and procs.start_time(int(owner)) is None

@@ -1,0 +1,49 @@
+"""Owns kerrickpt's helper programs: a fresh Python started by fork and exec, which takes a JSON order
+on its stdin. Work that needs a child process of its own runs there, never in a forked copy of the
+caller: a caller may have threads, and a lock another thread held at the fork stays locked in the copy."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PROGRAMS = {"launch": "kerrickpt.launcher", "restore": "kerrickpt.restorer"}  # each has main(order)
+# The package's __init__ imports all of kerrickpt, a quarter of a second, and a restore's helper starts
+# within the container's downtime: the helper loads the package bare and imports only what it runs.
+# (Not `-m` either: the package imports these modules, and runpy warns of a module imported already.)
+ENTRY = (
+    "import importlib.util, sys; "
+    "sys.modules['kerrickpt'] = importlib.util.module_from_spec(importlib.util.find_spec('kerrickpt')); "
+    "from kerrickpt import helper; helper.main(sys.argv[1])"
+)
+
+
+def start(program: str, *, pass_fds: Sequence[int] = (), stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start helper `program`; it gets `pass_fds` (at the same numbers) and no other fd of ours, and
+    waits for its order (`send`). Its Python takes a while to start: start it ahead of its work.
+
+    It runs in /, where only root can put modules it would import.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-c", ENTRY, program], stdin=subprocess.PIPE, stdout=stdout, pass_fds=pass_fds, cwd="/"
+    )
+
+
+def send(process: subprocess.Popen[bytes], order: dict[str, Any] | None) -> None:
+    """Give the helper its order; None: none, it leaves."""
+    assert process.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it died at once: its exit code says so
+        if order is not None:
+            process.stdin.write(json.dumps(order).encode())
+        process.stdin.close()
+
+
+def main(program: str) -> None:  # pragma: no cover - the helper program
+    data = sys.stdin.buffer.read()
+    if data:
+        importlib.import_module(PROGRAMS[program]).main(json.loads(data))

@@ -1,0 +1,85 @@
+"""Owns starting a container's init: in a helper program, it joins the cgroup, makes the PID, IPC and UTS
+namespaces and execs the command as PID 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kerrickpt import cgroups, helper, namespaces
+from kerrickpt.errors import CommandTimeout, KerrickptError, UsageError
+
+TIMEOUT = 60.0  # for the helper to answer: it forks and waits for one exec
+
+
+def spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int:
+    """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`; returns its host PID.
+
+    The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
+    leader outside the tree), has no parent-death signal (a detached restore would kill it),
+    and its parent, the helper, exits at once, so nothing of kerrickpt stays in the tree.
+    """
+    order = {"name": name, "argv": argv, "cgroup": group.to_list(), "log": log_fd}
+    process = helper.start("launch", pass_fds=(log_fd,), stdout=subprocess.PIPE)
+    helper.send(process, order)
+    assert process.stdout is not None
+    with process.stdout:
+        try:
+            process.wait(timeout=TIMEOUT)  # its answer is one short line: the pipe holds it
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise CommandTimeout(f"starting {argv[0]} did not finish within {TIMEOUT:.0f} s") from None
+        out = process.stdout.read()
+    try:
+        answer: dict[str, Any] = json.loads(out)
+    except ValueError:
+        answer = {"error": f"the helper exited with {process.returncode} without an answer"}
+    if "error" in answer:
+        raise KerrickptError(f"could not start the container: {answer['error']}")
+    if answer["exec_error"]:
+        raise UsageError(f"cannot run {argv[0]}: {answer['exec_error']}")
+    return int(answer["init"])
+
+
+def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program
+    """Print {"init": PID, "exec_error": ""} once the init exec'd (or why it could not), or {"error": ...}."""
+    exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
+    try:
+        cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
+        namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
+        init = os.fork()  # safe here: the helper has no other thread
+        if init == 0:
+            _exec_init(order["name"], order["argv"], int(order["log"]), exec_w)
+        os.close(exec_w)
+        with os.fdopen(exec_r, "rb") as reader:
+            answer = {"init": init, "exec_error": reader.read().decode()}
+    except Exception as exc:
+        answer = {"error": str(exc)}
+    print(json.dumps(answer), flush=True)
+
+
+def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> NoReturn:  # pragma: no cover - child
+    try:
+        socket.sethostname(name)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.closerange(3, exec_w)
+        os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
+        # Python ignores these; an ignored signal would survive exec into the container.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except BaseException as exc:
+        os.write(exec_w, str(exc).encode())
+    finally:
+        os._exit(127)
