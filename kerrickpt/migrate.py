@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, transport
+from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, schema, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -27,6 +27,7 @@ from kerrickpt.errors import (
     MigrationUnknown,
     NodeIncompatibleError,
     NotReadyError,
+    ProtocolError,
     TransportError,
     UsageError,
     from_dict,
@@ -170,10 +171,8 @@ def _migrate(
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
     request = _preflight_request(found, container, force)
-    answer, preflight_attempts = _retrying(
-        attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
-    )
-    readable = answer.get("archive_versions", [1, 2])  # a kerrickpt from before version 3 did not say
+    answer, preflight_attempts = _retrying(attempts, f"pre-flight on {link.target}", lambda: _preflight(link, request))
+    readable = answer.archive_versions
     if ARCHIVE_VERSION not in readable:
         raise NodeIncompatibleError(
             f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
@@ -227,7 +226,7 @@ def _migrate(
 
         unconcluded: list[_Live] = [live]  # the first attempt is the one sent while the archive was written
 
-        def attempt() -> dict[str, Any]:
+        def attempt() -> schema.Restored:
             if unconcluded:
                 return unconcluded.pop().conclude(link, name)
             return _transfer(link, path, receive, name)
@@ -276,14 +275,26 @@ def _migrate(
         name=name,
         target=str(link.target),
         migration_id=migration_id,
-        pid_map=restored["pid_map"],
+        pid_map=restored.pid_map,
         downtime_s=round(downtime, 4),
         attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
-        warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
+        warnings=answer.warnings + restored.warnings,
         timings=manifest.timings,
         compression=manifest.compression,
         lazy=lazy,
     )
+
+
+def _preflight(link: transport.Link, request: dict[str, Any]) -> schema.PreflightAnswer:
+    """The target's pre-flight answer; raises why it cannot take the container."""
+    answer = transport.call(link, ["agent", "preflight"], request)
+    return schema.from_peer(answer, schema.PreflightAnswer, str(link.target))
+
+
+def status(link: transport.Link, migration_id: str) -> schema.Status:
+    """What the target says became of migration `migration_id`; ProtocolError if its answer is malformed."""
+    answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
+    return schema.from_peer(answer, schema.Status, str(link.target))
 
 
 def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
@@ -323,17 +334,17 @@ class _Live:
             except KerrickptError as exc:
                 self.failure = exc
 
-    def conclude(self, link: transport.Link, name: str) -> dict[str, Any]:
+    def conclude(self, link: transport.Link, name: str) -> schema.Restored:
         with self.channel:
             if self.failure is not None:
                 raise self.failure
             return _conclude(self.sender, link, name)
 
 
-def _require_lazy_pages(link: transport.Link, preflight: dict[str, Any]) -> None:
+def _require_lazy_pages(link: transport.Link, preflight: schema.PreflightAnswer) -> None:
     """Post-copy needs userfaultfd and big enough pipes on both nodes; say which lacks them."""
     here = node.check().features["lazy_pages"]
-    there = bool(preflight.get("lazy_pages"))
+    there = preflight.lazy_pages
     if not (here and there):
         where = " and ".join(n for n, ok in (("this node", here), (str(link.target), there)) if not ok)
         raise NotReadyError(
@@ -366,30 +377,30 @@ def _finish_pages(
     # CRIU's page server exits 0 even when its peer vanished mid-way: only the target knows.
     pages.wait()
     answer = _settled(link, migration_id)
-    state = answer.get("state")
+    state = answer.state if answer else None
     if state in MOVED:
         return  # every page is there
-    if state in ("failed", "absent"):
+    if answer and state in ("failed", "absent"):
         container.group.freezer.thaw()
         journal.remove()
         raise TransportError(
             f"migration of {name} to {link.target} failed; {name} runs on here again: the transfer of its "
-            f"memory broke off, so {link.target} killed its copy ({answer.get('why')})",
-            log_tail=answer.get("log_tail", ""),
+            f"memory broke off, so {link.target} killed its copy ({answer.why})",
+            log_tail=answer.log_tail,
         )
     raise MigrationUnknown(_unknown(name, link, "the transfer of its memory ended, and the target could not say how"))
 
 
-def _settled(link: transport.Link, migration_id: str) -> dict[str, Any]:
-    """The target's word on a migration once it is no longer in progress; {} if it cannot be had."""
+def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
+    """The target's word on a migration once it is no longer in progress; None if it cannot be had."""
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         with contextlib.suppress(KerrickptError):  # the link may be back in a moment
-            answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
-            if answer.get("state") != "in-progress":
+            answer = status(link, migration_id)
+            if answer.state != "in-progress":
                 return answer
         time.sleep(0.2)
-    return {}
+    return None
 
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
@@ -422,7 +433,7 @@ def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -
         return _conclude(sender, link, name)
 
 
-def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict[str, Any]:
+def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> schema.Restored:
     """End the stream; returns the target's `restored` event or raises what the target or the link said."""
     faults.inject("source-during-transfer")  # killed with all but the END frame sent
     sender.end()
@@ -437,12 +448,9 @@ def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict
     if event.get("event") == "error":
         raise from_dict(event)  # the target says it does not run it, and removed what it made
     try:
-        if event.get("event") != "restored":
-            raise ValueError(f"unexpected event {event.get('event')!r}")
-        event["pid_map"] = {int(k): int(v) for k, v in event["pid_map"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return schema.from_peer(event, schema.Restored, str(link.target))
+    except ProtocolError as exc:
         raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
-    return event
 
 
 def _unknown(name: str, link: transport.Link, why: str) -> str:
