@@ -97,7 +97,7 @@ class Manifest:
                 f"archive format version {data.get('version')!r} is not supported "
                 f"(this kerrickpt reads {', '.join(map(str, READABLE))})"
             )
-        if data.get("checksum", "sha256") not in CHECKSUMS:
+        if str(data.get("checksum", "sha256")) not in CHECKSUMS:
             raise ArchiveCorruptError(
                 f"the archive's checksums are {data['checksum']!r}, which this kerrickpt cannot check"
             )
