@@ -22,11 +22,12 @@ import zstandard
 import kerrickpt
 from kerrickpt import archive, cgroups, compat, containers, criu, node, receiver, schema, transport
 from kerrickpt.errors import ArchiveCorruptError, KerrickptError, ProtocolError
+from kerrickpt.localnodes import Cluster, kerrickpt_path
 from kerrickpt.manifest import VERSION, Manifest
 from kerrickpt.migrate import _Live, _preflight
 from kerrickpt.migrate import status as target_status
 from kerrickpt.restore import _plan as restore_plan
-from tests.helpers import cgroup_dirs, cli, unique_name
+from tests.helpers import cgroup_dirs, cli, ipc_keys, unique_name
 
 README = Path(__file__).parent.parent / "README.md"
 # The exit codes the README's table documents: the only ones a user may ever see.
@@ -375,11 +376,12 @@ def cpuinfo(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return criu.cpuinfo_dump(criu.locate(), tmp_path_factory.mktemp("cpuinfo")).read_bytes()
 
 
-def preflight_request(cpuinfo: bytes, **changes: Any) -> dict[str, Any]:
+def preflight_request(image: bytes, **changes: Any) -> dict[str, Any]:
+    """A pre-flight request for a container of 1 MiB that has /bin/sh open, with `image` as its cpuinfo.img."""
     request = {
         "name": unique_name("pf"),
         "fingerprint": node.fingerprint(criu.locate().version).to_dict(),
-        "cpuinfo": base64.b64encode(cpuinfo).decode(),
+        "cpuinfo": base64.b64encode(image).decode(),
         "files": {"/bin/sh": os.stat("/bin/sh").st_size},
         "memory_bytes": 1 << 20,
         "force": False,
@@ -464,11 +466,9 @@ def test_migrate_refuses_a_target_that_cannot_read_its_archive_version_before_th
      (("pid_namespace",), "guest"), (("processes",), None)],
 )  # fmt: skip
 def test_restore_of_a_real_checkpoint_with_a_bad_manifest_exits_6(
-    start_workload, state_dir: Path, tmp_path: Path, where: tuple[Any, ...], value: object
+    control: tuple[Path, str], state_dir: Path, tmp_path: Path, where: tuple[Any, ...], value: object
 ) -> None:
-    job = start_workload()
-    path = tmp_path / "job.kckpt"
-    kerrickpt.checkpoint(job.name, path, state_dir=state_dir, leave_running=True)
+    path, _ = control
     data = json.loads(archive.read_index(path).body)  # type: ignore[union-attr]
     holder = data
     for key in where[:-1]:
@@ -481,3 +481,65 @@ def test_restore_of_a_real_checkpoint_with_a_bad_manifest_exits_6(
     assert result.returncode == 6, result.stderr
     assert "Traceback" not in result.stderr and "manifest" in result.stderr
     assert name not in [c.name for c in kerrickpt.ps(state_dir)] and not cgroup_dirs(name)
+
+
+@pytest.mark.root
+def test_a_real_checkpoint_rewritten_with_its_own_manifest_restores(control: tuple[Path, str], state_dir: Path) -> None:
+    result = cli("restore", str(control[0]), "--name", unique_name("same"), state_dir=state_dir)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def control(start_workload, state_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A real checkpoint of a running workload, rewritten with its own manifest: it restores."""
+    job = start_workload()
+    path = tmp_path / "job.kckpt"
+    kerrickpt.checkpoint(job.name, path, state_dir=state_dir, leave_running=True)
+    same = tmp_path / "same.kckpt"
+    body = archive.read_index(path).body  # type: ignore[union-attr]
+    rewrite(path, same, frame=body, index=body)
+    return same, job.name
+
+
+# --- a real target whose kerrickpt answers malformed messages ----------------------------------------------
+
+# The target's kerrickpt, but for one agent command that answers a malformed message instead.
+WRAPPER = """#!/bin/sh
+if [ "$1 $2" = "agent {op}" ]; then
+    cat >/dev/null &
+    printf '%s\\n' '{answer}'
+    exit 0
+fi
+exec {real} "$@"
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("op", "answer"),
+    [
+        ("preflight", '{"event": "ok", "archive_versions": "4", "warnings": [], "lazy_pages": false}'),
+        ("preflight", '{"event": "ok", "archive_versions": [4], "warnings": [7]}'),
+        ("preflight", "[]"),
+        ("receive", '{"event": "reddy"}'),
+    ],
+)
+def test_a_target_that_answers_malformed_messages_fails_the_migration_before_the_freeze_without_retrying(
+    cluster: Cluster, workload: Path, tmp_path: Path, op: str, answer: str
+) -> None:
+    a, b = cluster.nodes
+    wrapper = tmp_path / "kerrickpt"
+    wrapper.write_text(WRAPPER.format(op=op, answer=answer, real=kerrickpt_path()))
+    wrapper.chmod(0o755)
+    name = unique_name("mal")
+    started = a.kerrickpt("run", "--name", name, "--", str(workload), "run", *map(str, ipc_keys()))
+    assert started.returncode == 0, started.stderr
+
+    result = a.kerrickpt("migrate", name, *cluster.migrate_args(b), "--remote-kerrickpt", str(wrapper), "--json")
+
+    assert result.returncode == 11, result.stderr
+    assert json.loads(result.stdout)["error"] == "ProtocolError"
+    assert "Traceback" not in result.stderr and "retrying" not in result.stderr
+    assert [r["state"] for r in a.json("ps") if r["name"] == name] == ["running"]
+    assert not [r for r in b.json("ps") if r["name"] == name]
+    assert not (a.state_dir / "migrations").exists() or not list((a.state_dir / "migrations").iterdir())
