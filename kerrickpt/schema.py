@@ -18,14 +18,16 @@ MIGRATION_ID = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
 CHECKSUMS = Literal["sha256", "xxh3_128"]  # manifest.CHECKSUMS' names
 # The per-IPC-namespace limits an archive may set (sysvipc.LIMITS), as the kernel prints them.
 IpcLimit = Literal["msgmax", "msgmnb", "msgmni", "sem"]
+# compat compares these by their numbers: Python refuses to read an int of more than 4300 digits.
+Version = Annotated[str, msgspec.Meta(max_length=256)]
 IpcLimitValue = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}(\s+[0-9]{1,19})*$")]
 
 
 class Fingerprint(msgspec.Struct, frozen=True):
     arch: str
-    kernel: str
+    kernel: Version
     os_release: str
-    criu_version: str
+    criu_version: Version
     cpu_flags: list[str]
     page_size: Annotated[int, msgspec.Meta(ge=1)]
     cgroup_layout: str

@@ -151,6 +151,7 @@ def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
         (("memory_limit",), -1),
         (("source", "criu_version"), 4),
         (("source", "cpu_flags", 0), 7),
+        (("source", "kernel"), "6." + "9" * 5000),  # more digits than Python reads as a number
         (("pid_namespace",), "guest"),
         (("processes", 0, "host_pid"), "4242"),
         (("processes", 0, "tids", 0), 0),
