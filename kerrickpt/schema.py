@@ -106,7 +106,13 @@ class PreflightRequest(msgspec.Struct):
     force: bool = False
 
 
-class PreflightAnswer(msgspec.Struct):
+class Answer(msgspec.Struct):
+    """What `agent preflight`, `agent status` and `agent sink` answer when they succeed."""
+
+    event: Literal["ok"]
+
+
+class PreflightAnswer(Answer):
     # A kerrickpt from before version 3 did not say.
     archive_versions: list[int] = msgspec.field(default_factory=lambda: [1, 2])
     warnings: list[str] = []
@@ -122,7 +128,7 @@ class Restored(msgspec.Struct):
     warnings: list[str] = []
 
 
-class Status(msgspec.Struct):
+class Status(Answer):
     """The target's word on a migration (receiver.status)."""
 
     state: Literal["running", "exited", "departed", "in-progress", "failed", "absent"]
@@ -138,7 +144,7 @@ class End(msgspec.Struct):
     xxh3_128: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
 
 
-class Sunk(msgspec.Struct):
+class Sunk(Answer):
     """What `agent sink` measured."""
 
     bytes: Count
