@@ -84,7 +84,7 @@ class Manifest(msgspec.Struct):
     command: list[str]
     members: list[Member]
     memory_limit: Count | None = None
-    log_path: Annotated[str, msgspec.Meta(pattern=r"^/")] | None = None
+    log_path: str | None = None
     namespaces: list[str] = []
     timings: dict[str, float] = {}
     pid_namespace: Literal["own", "host"] = "own"  # "host": it shared the host's (a batch job)

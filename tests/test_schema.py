@@ -160,7 +160,7 @@ def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
         (("ipc", "limits", "msgmax"), "8192; reboot"),
         (("ipc", "semaphores", 0, "values", 0), 70000),
         (("ipc", "queues", 0, "messages", 0, 1), "not base64!"),
-        (("log_path",), "relative/log"),
+        (("log_path",), 5),
         (("shell_job",), "no"),
         (("source",), None),
     ],
