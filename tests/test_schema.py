@@ -90,6 +90,11 @@ def outcome(fn: Callable[[], object]) -> object:
         return exc
 
 
+def children() -> set[int]:
+    """This test process's children: what a test must not leave running."""
+    return {int(p) for t in Path("/proc/self/task").iterdir() for p in (t / "children").read_text().split()}
+
+
 # --- the manifest ---------------------------------------------------------------------------------------
 
 
@@ -247,6 +252,7 @@ def test_restoring_mutated_archives_ends_in_documented_codes_and_leaves_nothing(
     base = small_archive(tmp_path, here)
     manifest = json.loads(archive.read_index(base).body)  # type: ignore[union-attr]
     codes: dict[int, int] = {}
+    before = children()
     for count, raw in enumerate(variants(rng, manifest, 40)):
         out = tmp_path / f"r{count}.kckpt"
         where = ("frame", "index", "both")[count % 3]
@@ -258,6 +264,7 @@ def test_restoring_mutated_archives_ends_in_documented_codes_and_leaves_nothing(
         assert not containers.Registry(state_dir).all() and not cgroup_dirs(name), f"{name} was left behind"
         out.unlink()
     assert 6 in codes, codes
+    assert children() <= before, "a restore left a process behind"
 
 
 # --- the migration messages --------------------------------------------------------------------------------
@@ -290,10 +297,6 @@ PREFLIGHT_ANSWER = ok(verdict={"compatible": True, "differences": []}, warnings=
                       archive_versions=[1, 2, 3, 4], lazy_pages=True)  # fmt: skip
 STATUS = ok(state="departed", name="demo")
 SUNK = ok(bytes=1 << 20, seconds=0.01)
-
-
-def children() -> set[int]:
-    return {int(p) for t in Path("/proc/self/task").iterdir() for p in (t / "children").read_text().split()}
 
 
 @pytest.fixture
