@@ -37,6 +37,7 @@ def run(argv: Sequence[str], *, timeout: float, input_bytes: bytes | None = None
             input=input_bytes.decode() if input_bytes is not None else None,
             capture_output=True,
             text=True,
+            errors="replace",  # a program's output is read as text, whatever bytes it holds
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL if input_bytes is None else None,

@@ -99,6 +99,13 @@ class TransportError(KerrickptError):
         self.transient = transient
 
 
+class ProtocolError(TransportError):
+    """The peer's message is malformed (wrong type, out of range, unknown): permanent, never retried."""
+
+    def __init__(self, message: str, *, log_tail: str = "", transient: bool = False) -> None:
+        super().__init__(message, log_tail=log_tail, transient=False)
+
+
 class MigrationUnknown(KerrickptError):
     """The target's answer was lost: the source stays frozen until `kerrickpt recover` asks the target."""
 
@@ -161,7 +168,7 @@ def from_dict(data: dict[str, object]) -> KerrickptError:
     classes = {cls.__name__: cls for cls in _all_subclasses(KerrickptError)}
     cls = classes.get(str(data.get("error")), KerrickptError)
     error = cls(str(data.get("message", "remote error")), log_tail=str(data.get("log_tail") or ""))
-    if isinstance(error, TransportError):
+    if isinstance(error, TransportError) and not isinstance(error, ProtocolError):
         error.transient = bool(data.get("transient"))
     return error
 

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import msgspec
 import xxhash
 
+from kerrickpt import schema, sysvipc
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
 
@@ -83,45 +85,49 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
+        """The manifest in `raw`, every field checked against schema.Manifest; ArchiveCorruptError if one fails."""
         try:
             data = json.loads(raw)
-            if data.get("format") != FORMAT:
-                raise ArchiveCorruptError("not a kerrickpt archive (the manifest names another format)")
-            if data.get("version") not in READABLE:
-                raise ArchiveCorruptError(
-                    f"archive format version {data.get('version')} is not supported "
-                    f"(this kerrickpt reads {', '.join(map(str, READABLE))})"
-                )
-            if data.get("checksum", "sha256") not in CHECKSUMS:
-                raise ArchiveCorruptError(
-                    f"the archive's checksums are {data['checksum']!r}, which this kerrickpt cannot check"
-                )
-            return cls(
-                name=data["name"],
-                created=data["created"],
-                source=Fingerprint.from_dict(data["source"]),
-                processes=data["processes"],
-                command=data["command"],
-                memory_limit=data.get("memory_limit"),
-                log_path=data.get("log_path"),
-                namespaces=data.get("namespaces", []),
-                members=[
-                    # versions 1 and 2 name the digest after sha256
-                    Member(
-                        m["name"],
-                        m["size"],
-                        m.get("digest") or m["sha256"],
-                        m.get("chunks", 0),
-                        m.get("chunk_bytes", 0),
-                    )
-                    for m in data["members"]
-                ],
-                timings=data.get("timings", {}),
-                pid_namespace=data.get("pid_namespace", "own"),
-                shell_job=data.get("shell_job", False),
-                ipc=data.get("ipc"),
-                compression=data.get("compression", {}),
-                checksum=data.get("checksum", "sha256"),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:  # bad UTF-8 included
             raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ArchiveCorruptError("not a kerrickpt archive (the manifest names another format)")
+        if type(data.get("version")) is not int or data["version"] not in READABLE:
+            raise ArchiveCorruptError(
+                f"archive format version {data.get('version')!r} is not supported "
+                f"(this kerrickpt reads {', '.join(map(str, READABLE))})"
+            )
+        if str(data.get("checksum", "sha256")) not in CHECKSUMS:
+            raise ArchiveCorruptError(
+                f"the archive's checksums are {data['checksum']!r}, which this kerrickpt cannot check"
+            )
+        checked = schema.from_archive(data, schema.Manifest, "the manifest")
+        members = []
+        for m in checked.members:
+            digest = m.digest or m.sha256  # versions 1 and 2 name the digest after sha256
+            if not digest:
+                raise ArchiveCorruptError(f"the manifest gives {m.name} no digest")
+            members.append(Member(m.name, m.size, digest, m.chunks, m.chunk_bytes))
+        ipc = msgspec.to_builtins(checked.ipc) if checked.ipc else None
+        if ipc:
+            try:
+                sysvipc.JobIpc.from_dict(ipc)  # the queues' messages are base64
+            except ValueError as exc:
+                raise ArchiveCorruptError(f"the manifest's SysV objects are unreadable: {exc}") from exc
+        return cls(
+            name=checked.name,
+            created=checked.created,
+            source=Fingerprint.of(checked.source),
+            processes=msgspec.to_builtins(checked.processes),
+            command=checked.command,
+            memory_limit=checked.memory_limit,
+            log_path=checked.log_path,
+            namespaces=checked.namespaces,
+            members=members,
+            timings=checked.timings,
+            pid_namespace=checked.pid_namespace,
+            shell_job=checked.shell_job,
+            ipc=ipc,
+            compression=checked.compression,
+            checksum=checked.checksum,
+        )

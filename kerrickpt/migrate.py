@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, progress, transport
+from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, progress, schema, transport
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -27,6 +27,7 @@ from kerrickpt.errors import (
     MigrationUnknown,
     NodeIncompatibleError,
     NotReadyError,
+    ProtocolError,
     TransportError,
     UsageError,
     from_dict,
@@ -45,7 +46,6 @@ RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0
 SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had
 NEVER_RAN = ("absent", "failed")  # what it says of one that does not run there: only then may the source resume
-TARGET_STATES = (*MOVED, *NEVER_RAN, "in-progress")
 
 
 @dataclass(frozen=True)
@@ -172,10 +172,8 @@ def _migrate(
     found = criu.locate()
     request = _preflight_request(found, container, force)
     progress.current().phase(f"pre-flight on {link.target}")
-    answer, preflight_attempts = _retrying(
-        attempts, f"pre-flight on {link.target}", lambda: transport.call(link, ["agent", "preflight"], request)
-    )
-    readable = answer.get("archive_versions", [1, 2])  # a kerrickpt from before version 3 did not say
+    answer, preflight_attempts = _retrying(attempts, f"pre-flight on {link.target}", lambda: _preflight(link, request))
+    readable = answer.archive_versions
     if ARCHIVE_VERSION not in readable:
         raise NodeIncompatibleError(
             f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
@@ -229,7 +227,7 @@ def _migrate(
 
         unconcluded: list[_Live] = [live]  # the first attempt is the one sent while the archive was written
 
-        def attempt() -> dict[str, Any]:
+        def attempt() -> schema.Restored:
             if unconcluded:
                 return unconcluded.pop().conclude(link, name)
             return _transfer(link, path, receive, name)
@@ -279,14 +277,36 @@ def _migrate(
         name=name,
         target=str(link.target),
         migration_id=migration_id,
-        pid_map=restored["pid_map"],
+        pid_map=restored.pid_map,
         downtime_s=round(downtime, 4),
         attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
-        warnings=list(answer.get("warnings", [])) + list(restored.get("warnings", [])),
+        warnings=answer.warnings + restored.warnings,
         timings=manifest.timings,
         compression=manifest.compression,
         lazy=lazy,
     )
+
+
+def _preflight(link: transport.Link, request: dict[str, Any]) -> schema.PreflightAnswer:
+    """The target's pre-flight answer; raises why it cannot take the container."""
+    answer = transport.call(link, ["agent", "preflight"], request)
+    return schema.from_peer(answer, schema.PreflightAnswer, str(link.target))
+
+
+def status(link: transport.Link, migration_id: str) -> schema.Status:
+    """What the target says became of migration `migration_id`; ProtocolError if its answer is malformed.
+
+    The target's `status` only looks: if a receiver or post-copy watcher of it died there, `reap`
+    removes what it left (killing a copy whose memory stopped coming) and answers."""
+    answer = _ask_target(link, "status", migration_id)
+    if answer.state == "abandoned":
+        answer = _ask_target(link, "reap", migration_id)
+    return answer
+
+
+def _ask_target(link: transport.Link, op: str, migration_id: str) -> schema.Status:
+    answer = transport.call(link, ["agent", op, "--migration-id", migration_id], {})
+    return schema.from_peer(answer, schema.Status, str(link.target))
 
 
 def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
@@ -326,17 +346,17 @@ class _Live:
             except KerrickptError as exc:
                 self.failure = exc
 
-    def conclude(self, link: transport.Link, name: str) -> dict[str, Any]:
+    def conclude(self, link: transport.Link, name: str) -> schema.Restored:
         with self.channel:
             if self.failure is not None:
                 raise self.failure
             return _conclude(self.sender, link, name)
 
 
-def _require_lazy_pages(link: transport.Link, preflight: dict[str, Any]) -> None:
+def _require_lazy_pages(link: transport.Link, preflight: schema.PreflightAnswer) -> None:
     """Post-copy needs userfaultfd and big enough pipes on both nodes; say which lacks them."""
     here = node.check().features["lazy_pages"]
-    there = bool(preflight.get("lazy_pages"))
+    there = preflight.lazy_pages
     if not (here and there):
         where = " and ".join(n for n, ok in (("this node", here), (str(link.target), there)) if not ok)
         raise NotReadyError(
@@ -369,7 +389,7 @@ def _finish_pages(
     # CRIU's page server exits 0 even when its peer vanished mid-way: only the target knows.
     pages.wait()
     answer = _settled(link, migration_id)
-    state = target_state(answer)
+    state = answer.state if answer else None
     if state in MOVED:
         return  # every page is there
     if state in NEVER_RAN:
@@ -377,31 +397,22 @@ def _finish_pages(
         journal.remove()
         raise TransportError(
             f"migration of {name} to {link.target} failed; {name} runs on here again: the transfer of its "
-            f"memory broke off, so {link.target} killed its copy ({answer.get('why')})",
-            log_tail=answer.get("log_tail", ""),
+            f"memory broke off, so {link.target} killed its copy ({answer.why})",
+            log_tail=answer.log_tail,
         )
     raise MigrationUnknown(_unknown(name, link, "the transfer of its memory ended, and the target could not say how"))
 
 
-def _settled(link: transport.Link, migration_id: str) -> dict[str, Any]:
-    """The target's word on a migration once it is no longer in progress; {} if it cannot be had."""
+def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
+    """The target's word on a migration once it is no longer in progress; None if it cannot be had."""
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         with contextlib.suppress(KerrickptError):  # the link may be back in a moment
-            answer = _target_status(link, migration_id)
-            if answer.get("state") != "in-progress":
+            answer = status(link, migration_id)
+            if answer.state != "in-progress":
                 return answer
         time.sleep(0.2)
-    return {}
-
-
-def _target_status(link: transport.Link, migration_id: str) -> dict[str, Any]:
-    """The target's word on a migration. `status` only looks: if a receiver or post-copy watcher of it
-    died there, `reap` removes what it left (killing a copy whose memory stopped coming) and answers."""
-    answer = transport.call(link, ["agent", "status", "--migration-id", migration_id], {})
-    if answer.get("state") == "abandoned":
-        answer = transport.call(link, ["agent", "reap", "--migration-id", migration_id], {})
-    return answer
+    return None
 
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
@@ -434,7 +445,7 @@ def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -
         return _conclude(sender, link, name)
 
 
-def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict[str, Any]:
+def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> schema.Restored:
     """End the stream; returns the target's `restored` event or raises what the target or the link said."""
     faults.inject("source-during-transfer")  # killed with all but the END frame sent
     sender.end()
@@ -449,19 +460,9 @@ def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> dict
     if event.get("event") == "error":
         raise from_dict(event)  # the target says it does not run it, and removed what it made
     try:
-        if event.get("event") != "restored":
-            raise ValueError(f"unexpected event {event.get('event')!r}")
-        event["pid_map"] = {int(k): int(v) for k, v in event["pid_map"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return schema.from_peer(event, schema.Restored, str(link.target))
+    except ProtocolError as exc:
         raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
-    return event
-
-
-def target_state(answer: object) -> str | None:
-    """The state in the target's answer about a migration (see receiver.status); None if the
-    answer is not one the target gives: then nobody here knows whether it runs there."""
-    state = answer.get("state") if isinstance(answer, dict) else None
-    return state if isinstance(state, str) and state in TARGET_STATES else None
 
 
 def _unknown(name: str, link: transport.Link, why: str) -> str:
@@ -490,14 +491,15 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
         link = transport.Link.from_dict(entry["link"])
 
         def ask() -> str:
-            answer = _target_status(link, entry["id"])
-            state = target_state(answer)
-            if state is None:
+            try:
+                state = status(link, entry["id"]).state
+            except ProtocolError as exc:
                 raise MigrationUnknown(
-                    f"{link.target} answered {str(answer)[:200]!r} about {name}, which this kerrickpt does not "
-                    f"understand; {name} stays frozen here. Make both nodes run the same kerrickpt, then run "
+                    f"{exc}; {name} stays frozen here. Make both nodes run the same kerrickpt, then run "
                     f"`kerrickpt recover {name}` again."
-                )
+                ) from exc
+            if state not in (*MOVED, *NEVER_RAN, "in-progress"):  # still abandoned after the target's reap
+                raise MigrationUnknown(f"{link.target} could not clean up after {name} ({state}); it stays frozen here")
             if state == "in-progress":
                 raise BusyError(f"{link.target} is still receiving {name}")
             return state

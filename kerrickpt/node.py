@@ -7,7 +7,9 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kerrickpt import cgroups, criu, testmode
+import msgspec
+
+from kerrickpt import cgroups, criu, schema, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -32,6 +34,11 @@ class Fingerprint:
         data = asdict(self)
         data["cpu_flags"] = list(self.cpu_flags)
         return data
+
+    @classmethod
+    def of(cls, checked: schema.Fingerprint) -> Fingerprint:
+        """The fingerprint an archive or a peer gave, once schema checked it."""
+        return cls(**{**msgspec.structs.asdict(checked), "cpu_flags": tuple(checked.cpu_flags)})
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Fingerprint:

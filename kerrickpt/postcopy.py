@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import cgroups, command, containers, criu, faults, procs, transport
+from kerrickpt import cgroups, command, containers, criu, faults, procs, schema, transport
 from kerrickpt.errors import KerrickptError, RestoreFailed, TransportError
 from kerrickpt.freezer import Freezer
 
@@ -146,7 +146,7 @@ def serve(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | st
     """The target's end of the page stream (`agent pages`): relays between this ssh session and the
     receiver's watcher, which connects to a socket only root can reach and hands it to CRIU."""
     registry = containers.Registry(state_dir)
-    path = _socket_path(registry, migration_id)
+    path = _socket_path(registry, schema.migration_id(migration_id))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, _short(path) as address:
         try:
             listener.bind(address)  # in a 0700 directory of root's: that is the socket's authentication

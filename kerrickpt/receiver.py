@@ -13,13 +13,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kerrickpt import archive, compat, containers, criu, faults, feeder, garbage, node, postcopy, procs, transport
+from kerrickpt import (
+    archive,
+    compat,
+    containers,
+    criu,
+    faults,
+    feeder,
+    garbage,
+    node,
+    postcopy,
+    procs,
+    schema,
+    transport,
+)
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
     KerrickptError,
     NodeIncompatibleError,
     NotReadyError,
+    ProtocolError,
     RestoreFailed,
 )
 from kerrickpt.manifest import READABLE
@@ -32,37 +46,43 @@ SPACE_MARGIN = 64 * 2**20
 CHUNK = 1 << 20
 
 
-def preflight(request: dict[str, Any], state_dir: Path | str | None = None) -> dict[str, Any]:
-    """Can this node take the container described by `request`? Raises the reason it cannot."""
+def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[str, Any]:
+    """Can this node take the container the source's request (`raw`: its JSON, or that parsed)
+    describes? Raises the reason it cannot; ProtocolError if the request is malformed."""
+    request = schema.from_peer(raw, schema.PreflightRequest, "the source")
+    try:
+        cpuinfo = base64.b64decode(request.cpuinfo, validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"the source sent a malformed message: cpuinfo is not base64: {exc}") from exc
     registry = containers.Registry(state_dir)
     report = node.check()
     if not report.ready:
         raise NotReadyError("the target is not ready: " + "; ".join(report.problems))
     found = criu.locate()
-    verdict = compat.compare(Fingerprint.from_dict(request["fingerprint"]), node.fingerprint(found.version))
+    verdict = compat.compare(Fingerprint.of(request.fingerprint), node.fingerprint(found.version))
     with tempfile.TemporaryDirectory() as scratch:
-        Path(scratch, "cpuinfo.img").write_bytes(base64.b64decode(request["cpuinfo"]))
+        Path(scratch, "cpuinfo.img").write_bytes(cpuinfo)
         cpu_ok, cpu_log = criu.cpuinfo_check(found, Path(scratch))
     if not cpu_ok:
         verdict = compat.Verdict(
             (*verdict.differences, compat.Difference("cpuinfo", compat.FATAL, "", "", f"criu cpuinfo check: {cpu_log}"))
         )
-    if not verdict.is_acceptable(force=bool(request.get("force"))):
-        raise NodeIncompatibleError(f"the target cannot take {request['name']}:\n{verdict.explain()}")
-    name = containers.check_name(request["name"])
+    if not verdict.is_acceptable(force=request.force):
+        raise NodeIncompatibleError(f"the target cannot take {request.name}:\n{verdict.explain()}")
+    name = containers.check_name(request.name)
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
     differ = []
-    for path, size in request["files"].items():
+    for path, size in request.files.items():
         try:
             actual: int | str = os.stat(path).st_size
-        except OSError as exc:
-            actual = exc.strerror or "missing"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            actual = getattr(exc, "strerror", None) or "missing"
         if actual != size:
             differ.append(f"{path} (source: {size} bytes, target: {actual})")
     if differ:
         raise NodeIncompatibleError("files the container has open differ on the target: " + ", ".join(differ))
-    need = 2 * int(request["memory_bytes"]) + SPACE_MARGIN
+    need = 2 * request.memory_bytes + SPACE_MARGIN
     free = shutil.disk_usage(registry.scratch).free
     if free < need:
         raise NodeIncompatibleError(f"no room for the images on the target: {free} bytes free, {need} needed")
@@ -92,7 +112,7 @@ def receive(
     reported; once it runs it stays, whatever happens to the connection.
     """
     registry = containers.Registry(state_dir)
-    marker = registry.incoming(migration_id)
+    marker = registry.incoming(schema.migration_id(migration_id))
     earlier = status(migration_id, state_dir)
     if earlier["state"] == "abandoned":  # an earlier receiver of this migration died: this one cleans up
         earlier = reap(migration_id, state_dir)
@@ -197,7 +217,7 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
     Only looks. A post-copy migration is in progress until every page came: only then has it moved.
     """
     registry = containers.Registry(state_dir)
-    pages = postcopy.outcome(registry, migration_id) or {"state": None}
+    pages = postcopy.outcome(registry, schema.migration_id(migration_id)) or {"state": None}
     if pages["state"] in (postcopy.FAILED, postcopy.ABANDONED):
         return dict(pages)
     if pages["state"] == postcopy.IN_FLIGHT:

@@ -20,10 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import msgspec
 import xxhash
 
-from kerrickpt import command, node, testmode
-from kerrickpt.errors import KerrickptError, MigrationUnknown, TransportError, UsageError, from_dict
+from kerrickpt import command, node, schema, testmode
+from kerrickpt.errors import (
+    KerrickptError,
+    MigrationUnknown,
+    ProtocolError,
+    TransportError,
+    UsageError,
+    from_dict,
+)
 
 CALL_TIMEOUT = 120.0
 STALL_S = 60.0  # a target that takes no byte for this long is given up: the container is frozen meanwhile
@@ -148,11 +156,19 @@ def call(
 
 
 def _last_event(stdout: str) -> dict[str, Any] | None:
+    """The remote kerrickpt's answer, None if it said nothing; ProtocolError if it is not a JSON object."""
     lines = [line for line in stdout.splitlines() if line.strip()]
+    return _event(lines[-1]) if lines else None
+
+
+def _event(line: str | bytes) -> dict[str, Any]:
     try:
-        return dict(json.loads(lines[-1]))
-    except (IndexError, ValueError, TypeError):  # nothing, not JSON, or JSON that is no object
-        return None
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise ProtocolError(f"the target sent garbage: {line[:200]!r}")
+    return event
 
 
 def remote_failure(target: Target, code: int, event: dict[str, Any] | None, stderr: str) -> KerrickptError:
@@ -250,7 +266,7 @@ class Channel:
         if event.get("event") == "restored":  # it arrived there before: never a reason to resume the source
             raise MigrationUnknown(f"{self.link.target} has this migration already; `kerrickpt recover` finishes it")
         if event.get("event") != "ready":
-            raise TransportError(f"{self.link.target} answered {event.get('event')!r} instead of being ready")
+            raise ProtocolError(f"{self.link.target} answered {event.get('event')!r} instead of being ready")
 
     def event(self, timeout: float) -> dict[str, Any] | None:
         """The next JSON event from the remote side, or None if it closed without one."""
@@ -265,10 +281,7 @@ class Channel:
                 return None
             self.pending += chunk
         line, _, self.pending = self.pending.partition(b"\n")
-        try:
-            return dict(json.loads(line))
-        except ValueError:
-            raise KerrickptError(f"{self.link.target} sent garbage: {line[:200]!r}") from None
+        return _event(line)
 
 
 class _Tally:
@@ -327,12 +340,13 @@ class FrameReader(io.RawIOBase):
                 raise TransportError("the source went away before the end of the archive", transient=True)
             kind, payload = frame
             if kind == END:
-                if json.loads(payload) != self.tally.record():
+                end = schema.from_peer(payload, schema.End, "the source")
+                if msgspec.structs.asdict(end) != self.tally.record():
                     raise TransportError("the archive arrived damaged (size or digest differ)", transient=True)
                 self.ended = True
                 continue
             if kind != DATA:
-                raise TransportError(f"unexpected frame {kind!r} from the source")
+                raise ProtocolError(f"unexpected frame {kind!r} from the source")
             if self.first_data is None:
                 self.first_data = time.monotonic()
             self.tally.add(payload)
@@ -354,7 +368,8 @@ def measure(link: Link, size: int = PROBE_BYTES) -> float:
         answer = channel.event(CALL_TIMEOUT)
     if answer is None or answer.get("event") == "error":
         raise remote_failure(link.target, channel.proc.returncode or 0, answer, channel.error_tail())
-    return float(answer["bytes"]) / max(float(answer["seconds"]), 1e-6) / (1 << 20)
+    sunk = schema.from_peer(answer, schema.Sunk, str(link.target))
+    return sunk.bytes / max(sunk.seconds, 1e-6) / (1 << 20)
 
 
 def sink(stream: BinaryIO) -> dict[str, float]:

@@ -299,7 +299,7 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         postcopy.serve(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
         return None, 0
     if args.op == "preflight":
-        answer = receiver.preflight(json.load(sys.stdin), args.state_dir)
+        answer = receiver.preflight(sys.stdin.buffer.read(), args.state_dir)
     elif args.op == "sink":
         answer = transport.sink(sys.stdin.buffer)
     elif args.op == "reap":

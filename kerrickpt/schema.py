@@ -1,0 +1,179 @@
+"""Owns the shapes of what kerrickpt reads from an archive or a peer, and their typed, range-checked decoding."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from kerrickpt.errors import ArchiveCorruptError, ProtocolError
+
+T = TypeVar("T")
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Pid = Annotated[int, msgspec.Meta(ge=1, le=2**22)]  # the kernel's pid_max is at most 2^22
+# What migrate makes (uuid4().hex): it names files on the target, so nothing else may pass.
+MIGRATION_ID = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+CHECKSUMS = Literal["sha256", "xxh3_128"]  # manifest.CHECKSUMS' names
+# The per-IPC-namespace limits an archive may set (sysvipc.LIMITS), as the kernel prints them.
+IpcLimit = Literal["msgmax", "msgmnb", "msgmni", "sem"]
+# compat compares these by their numbers: Python refuses to read an int of more than 4300 digits.
+Version = Annotated[str, msgspec.Meta(max_length=256)]
+IpcLimitValue = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}(\s+[0-9]{1,19})*$")]
+
+
+class Fingerprint(msgspec.Struct, frozen=True):
+    arch: str
+    kernel: Version
+    os_release: str
+    criu_version: Version
+    cpu_flags: list[str]
+    page_size: Annotated[int, msgspec.Meta(ge=1)]
+    cgroup_layout: str
+    hostname: str = ""
+
+
+class Process(msgspec.Struct):
+    host_pid: Pid
+    ns_pid: Pid
+    host_ppid: Count
+    cmdline: list[str]
+    threads: Annotated[int, msgspec.Meta(ge=1)]
+    uid: Count
+    sid: Count = 0
+    tids: list[Pid] = []
+
+
+class Member(msgspec.Struct):
+    name: str
+    size: Count
+    digest: str = ""
+    sha256: str = ""  # what versions 1 and 2 call the digest
+    chunks: Count = 0
+    chunk_bytes: Count = 0
+
+
+class Queue(msgspec.Struct):
+    key: int
+    id: Count
+    mode: Count
+    messages: list[tuple[Annotated[int, msgspec.Meta(ge=1)], str]] = []  # (type, base64 text)
+
+
+class Semaphores(msgspec.Struct):
+    key: int
+    id: Count
+    mode: Count
+    values: list[Annotated[int, msgspec.Meta(ge=0, le=65535)]] = []
+
+
+class Ipc(msgspec.Struct):
+    queues: list[Queue] = []
+    semaphores: list[Semaphores] = []
+    limits: dict[IpcLimit, IpcLimitValue] = {}
+
+
+class Manifest(msgspec.Struct):
+    """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
+
+    name: str
+    created: str
+    source: Fingerprint
+    processes: list[Process]
+    command: list[str]
+    members: list[Member]
+    memory_limit: Count | None = None
+    log_path: str | None = None
+    namespaces: list[str] = []
+    timings: dict[str, float] = {}
+    pid_namespace: Literal["own", "host"] = "own"  # "host": it shared the host's (a batch job)
+    shell_job: bool = False
+    ipc: Ipc | None = None
+    checksum: CHECKSUMS = "sha256"
+    compression: dict[str, int | float | None] = {}
+
+
+# The migration protocol: the source's requests and the target's answers (JSON, one line each).
+
+
+class PreflightRequest(msgspec.Struct):
+    name: str
+    fingerprint: Fingerprint
+    cpuinfo: str  # base64 of the source's cpuinfo.img
+    files: dict[str, Count]  # path -> size of every regular file the container has open
+    memory_bytes: Count
+    force: bool = False
+
+
+class Answer(msgspec.Struct):
+    """What `agent preflight`, `agent status` and `agent sink` answer when they succeed."""
+
+    event: Literal["ok"]
+
+
+class PreflightAnswer(Answer):
+    # A kerrickpt from before version 3 did not say.
+    archive_versions: list[int] = msgspec.field(default_factory=lambda: [1, 2])
+    warnings: list[str] = []
+    lazy_pages: bool = False
+
+
+class Restored(msgspec.Struct):
+    """The receiver's answer once the container runs on the target."""
+
+    event: Literal["restored"]
+    name: str
+    pid_map: dict[Pid, Pid]  # in the container -> on the target's host
+    warnings: list[str] = []
+
+
+class Status(Answer):
+    """The target's word on a migration (receiver.status)."""
+
+    state: Literal["running", "exited", "departed", "in-progress", "failed", "abandoned", "absent"]
+    name: str = ""
+    why: str = ""
+    log_tail: str = ""
+
+
+class End(msgspec.Struct):
+    """A stream's END frame: the size and digest of its DATA bytes."""
+
+    bytes: Count
+    xxh3_128: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+class Sunk(Answer):
+    """What `agent sink` measured."""
+
+    bytes: Count
+    seconds: Annotated[float, msgspec.Meta(ge=0)]
+
+
+def from_archive(data: object, kind: type[T], what: str) -> T:
+    """`data` (JSON text, or what json.loads gave) as `kind`; ArchiveCorruptError naming `what` if it is not."""
+    try:
+        return _convert(data, kind)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ArchiveCorruptError(f"{what} is unreadable: {exc}") from exc
+
+
+def from_peer(data: object, kind: type[T], who: str) -> T:
+    """`data` as `kind`; ProtocolError naming `who` (the peer) if it is not."""
+    try:
+        return _convert(data, kind)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ProtocolError(f"{who} sent a malformed message: {exc}") from exc
+
+
+def migration_id(text: object) -> str:
+    """`text` if it is a migration id as migrate makes them; ProtocolError if not."""
+    return from_peer(text, MIGRATION_ID, "the source")  # type: ignore[arg-type]
+
+
+def _convert(data: object, kind: Any) -> Any:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = json.loads(bytes(data))  # ValueError, bad UTF-8 included
+    # JSON's keys are strings: str_keys lets a dict keyed by PIDs be read from them.
+    return msgspec.convert(data, kind, str_keys=True)
