@@ -182,6 +182,7 @@ class Channel:
         # hold a frozen container for ever (see send).
         os.set_blocking(self.stdin.fileno(), False)
         self.pending = b""
+        self.connected = False  # the remote side answered: ssh reached it
 
     def __enter__(self) -> Channel:
         return self
@@ -214,6 +215,9 @@ class Channel:
         if code == 255:
             failure = ssh_failure(self.link.target, code, tail)
             failure.message = f"{failure.message} while {what}"
+            # Once the remote side has answered, ssh's 255 is the link or that side's process
+            # (killed, its host rebooted) going away mid-way: a new connection may well work.
+            failure.transient = failure.transient or self.connected
             return failure
         if code == -1:
             return TransportError(
@@ -243,6 +247,7 @@ class Channel:
         event = self.event(CALL_TIMEOUT)
         if event is None:
             raise self.broken("waiting for the target to be ready")
+        self.connected = True
         if event.get("event") == "error":
             raise from_dict(event)
         if event.get("event") == "restored":  # it arrived there before: never a reason to resume the source

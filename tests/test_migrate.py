@@ -403,3 +403,54 @@ def test_lazy_migration_whose_restore_fails_resumes_the_source(
     assert running_copies(cluster, job) == ["a"]
     job.keeps_counting(a)
     assert_nothing_left(b, job)
+
+
+# Counts as the ipcworkload does, with 48 MiB of memory that does not compress: a dump of many chunks.
+TICKER = (
+    "import os, time\nballast = os.urandom(48 << 20)\ni = 0\nwhile True:\n"
+    "    i += 1\n    print(f'tick {i} pid {os.getpid()}', flush=True)\n    time.sleep(0.05)\n"
+)
+
+
+def test_a_dump_whose_link_was_cut_is_resent_from_the_file_and_restored(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("cut")
+    started = a.kerrickpt("run", "--name", name, "--", sys.executable, "-c", TICKER)
+    assert started.returncode == 0, started.stderr
+    log = a.state_dir / "containers" / name / "log"
+    wait_for(lambda: len(ticks(log.read_text())) > 3, timeout=60, what="ticks")
+    # The source stops at each chunk of its dump, the container frozen and the stream under way.
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-chunk:pause"}
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--json"]
+    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    receivers = []
+    try:
+        while True:
+            _, status = os.waitpid(run.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                run.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if not receivers:  # the link is cut: the target's receiver dies mid-stream
+                (marker,) = (b.state_dir / "incoming").glob("*.json")
+                receivers.append(json.loads(marker.read_text())["pid"])
+                os.kill(receivers[0], signal.SIGKILL)
+            os.kill(run.pid, signal.SIGCONT)
+    finally:
+        if run.returncode is None:
+            run.kill()
+            run.wait()
+    out, err = run.stdout.read(), run.stderr.read()  # type: ignore[union-attr]
+
+    assert run.returncode == 0, err
+    assert b"Traceback" not in err
+    moved = json.loads(out)
+    assert moved["attempts"]["transfer"] == 2, "the second attempt came from the file"
+    assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
+    assert not [r for r in a.json("ps") if r["name"] == name], "the source copy is gone"
+    assert not (a.state_dir / "containers" / name).exists()
+    target_log = b.state_dir / "containers" / name / "log"
+    seen = max(ticks(target_log.read_text()))
+    wait_for(lambda: max(ticks(target_log.read_text())) > seen + 2, timeout=30, what="counting on b")
+    numbers = ticks(target_log.read_text())
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
+    assert not list((a.state_dir / "tmp").iterdir())
