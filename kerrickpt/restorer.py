@@ -24,7 +24,7 @@ class Plan:
     new_pid_namespace: bool = False
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
     gate: Path | None = None  # the images come from a streamer (feeder.Feed), and the tree waits for this gate
-    timeout: float = criu.RESTORE_TIMEOUT  # for CRIU's restore
+    timeout: float | None = None  # for CRIU's restore: limits.RESTORE unless a streamed restore's own
 
 
 def run(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +117,63 @@ def test_checkpoint_of_a_foreign_cgroup_restores_as_a_container(
     assert after["messages"] == before["messages"] and after["sems"] == before["sems"]
     assert after["data_sha"] == before["data_sha"]
     assert int(after["counter"]) >= int(before["counter"])  # type: ignore[call-overload]
+
+
+# A counter with 512 MiB of memory that zstd's window finds nothing to squeeze in: CRIU takes a while.
+BIG_COUNTER = textwrap.dedent(
+    """
+    import os, time
+    heap = bytearray(os.urandom(1 << 20)) * 512
+    i = 0
+    while True:
+        i += 1
+        print(f"tick {i} pid 1", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def _hang_criu_mid_stream(partial_dir: Path) -> None:
+    """Stop (SIGSTOP) the CRIU this process started once its images stream in, as a CRIU stuck there."""
+    me = os.getpid()
+
+    def criu() -> int | None:
+        for child in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == "criu":
+                    return int(child)
+        return None
+
+    pid = wait_for(criu, timeout=60, what="CRIU to start")
+    wait_for(lambda: any(p.stat().st_size > 8 << 20 for p in partial_dir.glob(".*partial*")), timeout=60, what="pages")
+    os.kill(int(pid), signal.SIGSTOP)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["rpc-dump", "streamed-dump-hangs"])
+def test_criu_stopped_at_its_time_limit_mid_dump_leaves_the_container_frozen_as_damaged(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    name = unique_name("big")
+    kerrickpt.run(name, [sys.executable, "-c", BIG_COUNTER], state_dir=state_dir)
+    log = Path(kerrickpt.ps(state_dir)[0].log or "")
+    wait_for(lambda: ticks(log.read_text()), timeout=60, what="ticks")
+    # The RPC dump has this long in all; a streamed one goes at the archive's pace, and this is how
+    # long it may send nothing. Cut off, it gets as long to let go, then SIGTERM, a second, SIGKILL.
+    monkeypatch.setenv("KERRICKPT_DUMP_TIMEOUT", "0.5" if streamed else "0.3")
+    monkeypatch.setenv("KERRICKPT_CRIU_LET_GO", "0.5")
+    monkeypatch.setenv("KERRICKPT_STOP_GRACE", "1")
+    archive = tmp_path / "never.kckpt"
+    hang = threading.Thread(target=_hang_criu_mid_stream, args=(tmp_path,), daemon=True)
+    if streamed:
+        hang.start()
+
+    with pytest.raises(kerrickpt.ContainerDamaged) as failure:
+        kerrickpt.checkpoint(name, archive, state_dir=state_dir, leave_running=not streamed)
+
+    assert failure.value.exit_code == 17
+    assert "left frozen" in str(failure.value) and f"kerrickpt kill {name}" in str(failure.value)
+    assert not list(tmp_path.glob("*never*")), "no archive, no partial file"
+    assert kerrickpt.ps(state_dir)[0].state == "frozen"
+    seen = ticks(log.read_text())
+    time.sleep(1.0)  # 20 ticks' time: the counter must not move
+    assert ticks(log.read_text()) == seen, "the damaged processes ran"
