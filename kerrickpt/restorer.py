@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kerrickpt import cgroups, criu, feeder, namespaces, postcopy, sysvipc
-from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
+from kerrickpt.errors import ArchiveCorruptError, CommandTimeout, KerrickptError, RestoreFailed
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,39 @@ def run(
     os.close(writer)
     try:
         if feed is not None:
-            said = feed.serve(reader, group)
+            try:
+                said = feed.serve(reader, group)
+            except KerrickptError as exc:
+                if not isinstance(exc, ArchiveCorruptError):
+                    # Serving broke off as CRIU ended (stopped at its limit, say): the helper says why.
+                    _raise_error(_answer(bytes(feed.answers)))
+                raise
         else:
             with os.fdopen(reader, "rb") as fh:
                 said = fh.read()
     finally:
         os.waitpid(child, 0)
-    lines = [json.loads(line) for line in said.splitlines() if line.strip()]
-    answer: dict[str, Any] = {}
-    for line in lines:
-        answer.update(line)
-    if "error" in answer:
-        kind = CommandTimeout if answer["timeout"] else RestoreFailed
-        raise kind(answer["error"], log_tail=answer["log_tail"])
+    answer = _answer(said)
+    _raise_error(answer)
     if "pid" not in answer:
         raise RestoreFailed("the restore helper died without an answer")
     return int(answer.get("init", answer["pid"]))
+
+
+def _answer(said: bytes) -> dict[str, Any]:
+    """What the helper said, its lines merged."""
+    answer: dict[str, Any] = {}
+    for line in said.splitlines():
+        if line.strip():
+            answer.update(json.loads(line))
+    return answer
+
+
+def _raise_error(answer: dict[str, Any]) -> None:
+    """The error the helper reported, if it did."""
+    if "error" in answer:
+        kind = CommandTimeout if answer["timeout"] else RestoreFailed
+        raise kind(answer["error"], log_tail=answer["log_tail"])
 
 
 def _send(writer: int, message: dict[str, Any]) -> None:
