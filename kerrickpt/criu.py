@@ -124,11 +124,13 @@ def _call(  # type: ignore[no-untyped-def]
     failures into `error` with the log tail, CommandTimeout if it was stopped."""
     import pycriu
 
-    timed_out = threading.Event()
+    timed_out, ended = threading.Event(), threading.Event()
 
     def watchdog() -> None:
-        swrk = getattr(client._comm, "swrk", None)
-        if swrk:
+        # pycriu starts CRIU inside the call: a limit shorter than that start waits for it.
+        while not (swrk := getattr(client._comm, "swrk", None)) and not ended.wait(0.01):
+            pass
+        if swrk and not ended.is_set():
             timed_out.set()
             if before_stop is not None:
                 before_stop()
@@ -153,6 +155,7 @@ def _call(  # type: ignore[no-untyped-def]
         _hang_up(client)
         raise
     finally:
+        ended.set()
         timer.cancel()
         for fd in (client.opts.images_dir_fd, client.opts.work_dir_fd):
             os.close(fd)
@@ -193,9 +196,13 @@ def dump(
         _call(client, "dump", limits.DUMP.seconds(), DumpFailed, log, before_stop=lambda: _hold(freeze_cgroup))
     except CommandTimeout as exc:
         raise _damaged(freeze_cgroup, exc.message, log) from exc
-    except DumpFailed as exc:
+    except BaseException as exc:
+        # A CRIU that failed, or that a signal to the whole process group ended with its caller
+        # (Ctrl-C, systemd's stop), may have left its code inside.
         if _parasite_left(freeze_cgroup):
-            raise _damaged(freeze_cgroup, exc.message, log) from exc
+            interrupted = f"criu dump was interrupted ({type(exc).__name__})"
+            what = exc.message if isinstance(exc, KerrickptError) else interrupted
+            raise _damaged(freeze_cgroup, what, log) from exc
         raise
 
 
@@ -208,8 +215,12 @@ def _hold(freeze_cgroup: str) -> None:
 
 def _parasite_left(freeze_cgroup: str) -> list[int]:
     """The processes in `freeze_cgroup` that still have CRIU's parasite code mapped."""
-    left = []
-    for pid in Path(freeze_cgroup, "cgroup.procs").read_text().split():
+    left: list[int] = []
+    try:
+        pids = Path(freeze_cgroup, "cgroup.procs").read_text().split()
+    except OSError:  # the cgroup is gone, and its processes with it
+        return left
+    for pid in pids:
         with contextlib.suppress(OSError):  # gone meanwhile
             if PARASITE_MAP in Path(f"/proc/{pid}/maps").read_text():
                 left.append(int(pid))
@@ -279,9 +290,10 @@ def dump_streamed(
             except CommandTimeout as exc:
                 what = "criu dump did not let go of the tree in time and was stopped"
                 raise _damaged(freeze_cgroup, what, log) from exc
-    if returncode < 0 or (returncode and _parasite_left(freeze_cgroup)):
-        how = f"was ended by signal {-returncode}" if returncode < 0 else f"failed (exit code {returncode})"
-        raise _damaged(freeze_cgroup, f"criu dump {how}", log)
+            # Whatever failed first: a CRIU that ended this way may have left its code inside.
+            if returncode < 0 or (returncode and _parasite_left(freeze_cgroup)):
+                how = f"was ended by signal {-returncode}" if returncode < 0 else f"failed (exit code {returncode})"
+                raise _damaged(freeze_cgroup, f"criu dump {how}", log)
     if returncode != 0:
         raise DumpFailed(f"criu dump failed (exit code {returncode})", log_tail=command.tail_file(log))
 
