@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, criu
+from kerrickpt import containers, criu, limits
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -114,3 +114,11 @@ def cluster() -> Iterator[Cluster]:
     """Two local nodes (network namespaces with their own sshd, state and cgroups), removed afterwards."""
     with Cluster(2) as nodes:
         yield nodes
+
+
+@pytest.fixture(autouse=True)
+def _default_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every time limit at its default, whatever the environment running the tests sets."""
+    for limit in vars(limits).values():
+        if isinstance(limit, limits.Limit):
+            monkeypatch.delenv(limit.env, raising=False)
