@@ -145,8 +145,9 @@ def _hang_criu_mid_dump(pages: Callable[[], list[Path]]) -> None:
                     return int(child)
         return None
 
-    pid = wait_for(criu, timeout=60, what="CRIU to start")
+    # Looked for only then: `criu --version` (criu.locate) is a short-lived child called criu too.
     wait_for(lambda: sum(p.stat().st_size for p in pages()) > 8 << 20, timeout=60, what="memory being dumped")
+    pid = wait_for(criu, timeout=60, what="the dumping CRIU")
     os.kill(int(pid), signal.SIGSTOP)  # type: ignore[call-overload]
 
 
