@@ -11,7 +11,8 @@ import struct
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -69,12 +70,38 @@ def indexable(name: str) -> bool:
 
 @dataclass
 class _Pending:
-    """A file being written: its bytes not yet in a member, and the hash and size of all of it."""
+    """A file being written: its bytes not yet in a member, and the hash and size of all of it.
 
-    buffer: bytearray = field(default_factory=bytearray)
+    The bytes wait as the immutable pieces they came in, never in a buffer that grows and
+    shrinks: whoever a member's bytes reach may keep them (a broken link's traceback keeps
+    the frames that handed them over), and a bytearray with a view still out cannot be resized.
+    """
+
+    pieces: deque[bytes | memoryview] = field(default_factory=deque)  # memoryviews of bytes only
+    held: int = 0  # the bytes in `pieces`
     hash: Any = field(default_factory=CHECKSUMS[CHECKSUM])
     size: int = 0
     chunks: int = 0
+
+    def add(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.held += len(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def take(self, size: int) -> list[bytes | memoryview]:
+        """The first `size` bytes held (all there are, at most), as pieces; a piece cut in two is not copied."""
+        taken: list[bytes | memoryview] = []
+        while size and self.pieces:
+            piece = self.pieces.popleft()
+            if len(piece) > size:
+                view = memoryview(piece)
+                piece = view[:size]
+                self.pieces.appendleft(view[size:])
+            taken.append(piece)
+            size -= len(piece)
+            self.held -= len(piece)
+        return taken
 
 
 class Writer:
@@ -127,7 +154,7 @@ class Writer:
             )
             compressor = zstandard.ZstdCompressor(compression_params=params)
             self.zstd = compressor.stream_writer(self.raw, closefd=False)
-            self._member(HEADER, json.dumps({"format": FORMAT, "version": VERSION, "checksum": CHECKSUM}).encode())
+            self._member(HEADER, [json.dumps({"format": FORMAT, "version": VERSION, "checksum": CHECKSUM}).encode()])
         return self.zstd
 
     def under(self, prefix: str) -> _Under:
@@ -137,14 +164,11 @@ class Writer:
     def write(self, name: str, data: bytes) -> None:
         """Append `data` to the file `name`, which may be one of several open at once."""
         pending = self._pending(name)
-        pending.buffer += data
-        pending.hash.update(data)
-        pending.size += len(data)
-        while len(pending.buffer) > CHUNK_BYTES:  # more follows: this file is chunked
+        # Kept as it came, unless the caller may change it afterwards.
+        pending.add(data if isinstance(data, bytes) else bytes(data))
+        while pending.held > CHUNK_BYTES:  # more follows: this file is chunked
             faults.inject("archive-chunk")
-            with memoryview(pending.buffer) as view:  # no copy of the chunk
-                self._member(f"{name}.{pending.chunks:06d}", view[:CHUNK_BYTES])
-            del pending.buffer[:CHUNK_BYTES]
+            self._member(f"{name}.{pending.chunks:06d}", pending.take(CHUNK_BYTES))
             pending.chunks += 1
 
     def end(self, name: str) -> None:
@@ -152,11 +176,12 @@ class Writer:
         pending = self._pending(name)
         del self.pending[name]
         chunks = pending.chunks + 1 if pending.chunks else 0
-        self._member(f"{name}.{pending.chunks:06d}" if chunks else name, pending.buffer)
+        rest = pending.take(pending.held)
+        self._member(f"{name}.{pending.chunks:06d}" if chunks else name, rest)
         digest = pending.hash.hexdigest()
         self.members.append(Member(name, pending.size, digest, chunks, CHUNK_BYTES if chunks else 0))
         if not chunks and indexable(name):
-            self.indexed[name] = bytes(pending.buffer)
+            self.indexed[name] = b"".join(rest)
             self.indexed_bytes += pending.size + INDEX_FRAMING
             # Over budget the biggest go: CRIU's first request, inventory.img, is small and written last.
             while self.indexed_bytes > INDEX_BYTES:
@@ -182,10 +207,11 @@ class Writer:
             pending = self.pending[name] = _Pending()
         return pending
 
-    def _member(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        """One tar member, written straight to the compressor (tarfile's stream mode would copy it in 10 KiB pieces)."""
-        header, padding = _framing(name, len(data))
-        for piece in (header, data, padding):
+    def _member(self, name: str, pieces: Sequence[bytes | memoryview]) -> None:
+        """One tar member of `pieces`, written straight to the compressor (tarfile's stream mode would copy
+        it in 10 KiB pieces)."""
+        header, padding = _framing(name, sum(len(piece) for piece in pieces))
+        for piece in (header, *pieces, padding):
             self._out().write(piece)
             self.offset += len(piece)
 
@@ -204,7 +230,7 @@ class Writer:
         if finalize:
             finalize(manifest)
         body = manifest.to_json()
-        self._member(MANIFEST_NAME, body)
+        self._member(MANIFEST_NAME, [body])
         # The end of a tar: two zero blocks, then zeros up to a whole record, as tarfile ends one.
         self.offset += 2 * tarfile.BLOCKSIZE
         self.zstd.write(bytes(2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))

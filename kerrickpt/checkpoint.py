@@ -17,6 +17,7 @@ import zstandard
 from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, progress, sysvipc
 from kerrickpt.errors import (
     CommandTimeout,
+    ContainerDamaged,
     ContainerNotFoundError,
     DumpFailed,
     KerrickptError,
@@ -160,7 +161,8 @@ def capture(
     lazy: LazyDump | None = None,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
-    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step.
+    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step; but if CRIU
+    was stopped or died with its code perhaps inside the processes, they stay frozen (ContainerDamaged).
 
     `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
     manifest records `level` and, when the level was chosen for a link, that link's speed.
@@ -241,6 +243,16 @@ def capture(
                 committed = writer.commit(manifest, finish)
                 faults.inject("checkpoint-archive-linked")  # complete at `output`, the guardian not yet disarmed
                 return committed
+    except ContainerDamaged as exc:
+        if container:
+            advice = (
+                f"end it (`kerrickpt kill {subject.label}`) and restore its last good checkpoint, or thaw it "
+                f"at your own risk (`kerrickpt recover {subject.label}`)"
+            )
+        else:
+            advice = f"end the processes in {group.dirs[0]}, or thaw that cgroup at your own risk"
+        exc.message = f"checkpoint of {subject.label} failed: {exc.message}. To go on, {advice}"
+        raise
     except KerrickptError as exc:
         if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable)):
             raise

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from kerrickpt import limits
 from kerrickpt.errors import CommandTimeout
 
 TAIL_LINES = 20
@@ -30,24 +36,24 @@ def tail_file(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def run(argv: Sequence[str], *, timeout: float, input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a program to completion, capturing its output; kill it after `timeout` seconds."""
-    try:
-        return subprocess.run(
-            list(argv),
-            input=input_bytes.decode() if input_bytes is not None else None,
-            capture_output=True,
-            text=True,
-            errors="replace",  # a program's output is read as text, whatever bytes it holds
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL if input_bytes is None else None,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stderr or b"") if isinstance(exc.stderr, bytes) else (exc.stderr or "").encode()
-        raise CommandTimeout(
-            f"{argv[0]} did not finish within {timeout:.0f} s and was killed",
-            log_tail=tail(out.decode(errors="replace")),
-        ) from exc
+    """Run a program to completion, capturing its output; stop it (see `stop`) after `timeout` seconds."""
+    with subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL if input_bytes is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",  # a program's output is read as text, whatever bytes it holds
+    ) as process:
+        try:
+            out, err = process.communicate(input_bytes.decode() if input_bytes is not None else None, timeout)
+        except subprocess.TimeoutExpired:
+            stop(process)
+            out, err = process.communicate()
+            raise CommandTimeout(
+                f"{argv[0]} did not finish within {timeout:.0f} s and was stopped", log_tail=tail(err or "")
+            ) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def start(argv: Sequence[str], *, cwd: Path, new_session: bool = False) -> subprocess.Popen[bytes]:
@@ -68,14 +74,51 @@ def start(argv: Sequence[str], *, cwd: Path, new_session: bool = False) -> subpr
     )
 
 
-def wait(process: subprocess.Popen[bytes], *, deadline: float, log: Path) -> int:
-    """Its exit code; at `deadline` (time.monotonic()) it is killed and CommandTimeout names its log's tail."""
+def stop(process: subprocess.Popen[Any]) -> int:
+    """End a program that overran: SIGTERM, a grace period (limits.STOP_GRACE) to clean up, then SIGKILL.
+
+    Returns its exit status (negative: the signal that ended it).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        return process.wait(timeout=limits.STOP_GRACE.seconds())
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def stop_pid(pid: int) -> None:
+    """`stop` for a child another library started and reaps (pycriu's CRIU): through a pidfd, so that
+    a PID reused meanwhile is never signalled."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)  # readable once it has exited
+        if not poller.poll(limits.STOP_GRACE.seconds() * 1000):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
+def wait(
+    process: subprocess.Popen[bytes], *, deadline: float, log: Path, before_stop: Callable[[], None] | None = None
+) -> int:
+    """Its exit code; at `deadline` (time.monotonic()) `before_stop` runs, it is stopped (see `stop`) and
+    CommandTimeout names its log's tail."""
     try:
         return process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        if before_stop is not None:
+            before_stop()
+        stop(process)
         raise CommandTimeout(
-            f"{process.args[0]} did not finish in time and was killed",  # type: ignore[index]
+            f"{process.args[0]} did not finish in time and was stopped",  # type: ignore[index]
             log_tail=tail_file(log),
         ) from None

@@ -6,27 +6,36 @@ import contextlib
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerrickpt import command, streamer
-from kerrickpt.errors import CommandTimeout, DumpFailed, KerrickptError, NotReadyError, RestoreFailed
+from kerrickpt import command, limits, streamer
+from kerrickpt.errors import (
+    CommandTimeout,
+    ContainerDamaged,
+    DumpFailed,
+    KerrickptError,
+    NotReadyError,
+    RestoreFailed,
+)
+from kerrickpt.freezer import Freezer
 
 CHECK_TIMEOUT = 60.0
-DUMP_TIMEOUT = 600.0
-STREAM_GRACE = 60.0  # for CRIU to let go of the tree once its image stream has ended or broken
-RESTORE_TIMEOUT = 600.0
+# What postcopy gives its CRIU to let go of the tree; the streamed dump reads limits.LET_GO when it applies.
+STREAM_GRACE = limits.LET_GO.default
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 RESTORE_PIDFILE = "restore.pid"
 LAZY_LOG = "lazy-pages.log"
 LOG_LEVEL = 4
+# What compel names the memfd that carries CRIU's parasite code into a task (MEMFD_FNAME): a task
+# whose /proc/PID/maps still shows it was left with CRIU's code inside.
+PARASITE_MAP = "/memfd:CRIUMFD"
 
 
 @dataclass(frozen=True)
@@ -103,18 +112,29 @@ def _inheritable_dir_fd(path: Path) -> int:
     return fd
 
 
-def _call(client, request: str, timeout: float, error: type[KerrickptError], log: Path):  # type: ignore[no-untyped-def]
-    """Send one RPC request; kill criu if it overruns; turn failures into `error` with the log tail."""
+def _call(  # type: ignore[no-untyped-def]
+    client,
+    request: str,
+    timeout: float,
+    error: type[KerrickptError],
+    log: Path,
+    before_stop: Callable[[], None] | None = None,
+):
+    """Send one RPC request; stop criu if it overruns (`before_stop` first, see command.stop_pid); turn
+    failures into `error` with the log tail, CommandTimeout if it was stopped."""
     import pycriu
 
-    timed_out = threading.Event()
+    timed_out, ended = threading.Event(), threading.Event()
 
     def watchdog() -> None:
-        swrk = getattr(client._comm, "swrk", None)
-        if swrk:
+        # pycriu starts CRIU inside the call: a limit shorter than that start waits for it.
+        while not (swrk := getattr(client._comm, "swrk", None)) and not ended.wait(0.01):
+            pass
+        if swrk and not ended.is_set():
             timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(swrk, signal.SIGKILL)
+            if before_stop is not None:
+                before_stop()
+            command.stop_pid(swrk)
 
     timer = threading.Timer(timeout, watchdog)
     timer.start()
@@ -123,7 +143,7 @@ def _call(client, request: str, timeout: float, error: type[KerrickptError], log
     except pycriu.CRIUException as exc:
         if timed_out.is_set():
             raise CommandTimeout(
-                f"criu {request} did not finish within {timeout:.0f} s and was killed",
+                f"criu {request} did not finish within {timeout:g} s and was stopped",
                 log_tail=command.tail_file(log),
             ) from exc
         raise error(f"criu {request} failed: {exc}", log_tail=command.tail_file(log)) from exc
@@ -135,6 +155,7 @@ def _call(client, request: str, timeout: float, error: type[KerrickptError], log
         _hang_up(client)
         raise
     finally:
+        ended.set()
         timer.cancel()
         for fd in (client.opts.images_dir_fd, client.opts.work_dir_fd):
             os.close(fd)
@@ -158,9 +179,11 @@ def dump(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
-    timeout: float = DUMP_TIMEOUT,
 ) -> None:
-    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`."""
+    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`.
+
+    CRIU has limits.DUMP in all. ContainerDamaged if it had to be stopped, or left its code inside.
+    """
     client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
     client.opts.pid = pid
     # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
@@ -168,7 +191,52 @@ def dump(
     client.opts.leave_running = True
     client.opts.freeze_cgroup = freeze_cgroup
     client.opts.shell_job = shell_job
-    _call(client, "dump", timeout, DumpFailed, work_dir / DUMP_LOG)
+    log = work_dir / DUMP_LOG
+    try:
+        _call(client, "dump", limits.DUMP.seconds(), DumpFailed, log, before_stop=lambda: _hold(freeze_cgroup))
+    except CommandTimeout as exc:
+        raise _damaged(freeze_cgroup, exc.message, log) from exc
+    except BaseException as exc:
+        # A CRIU that failed, or that a signal to the whole process group ended with its caller
+        # (Ctrl-C, systemd's stop), may have left its code inside.
+        if _parasite_left(freeze_cgroup):
+            interrupted = f"criu dump was interrupted ({type(exc).__name__})"
+            what = exc.message if isinstance(exc, KerrickptError) else interrupted
+            raise _damaged(freeze_cgroup, what, log) from exc
+        raise
+
+
+def _hold(freeze_cgroup: str) -> None:
+    """Freeze the tree of a CRIU about to be stopped: CRIU thaws the cgroup once ptrace holds every task,
+    and its death lets them go; frozen now, they stay frozen then."""
+    control, value = Freezer(Path(freeze_cgroup)).control(frozen=True)
+    control.write_text(value)
+
+
+def _parasite_left(freeze_cgroup: str) -> list[int]:
+    """The processes in `freeze_cgroup` that still have CRIU's parasite code mapped."""
+    left: list[int] = []
+    try:
+        pids = Path(freeze_cgroup, "cgroup.procs").read_text().split()
+    except OSError:  # the cgroup is gone, and its processes with it
+        return left
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if PARASITE_MAP in Path(f"/proc/{pid}/maps").read_text():
+                left.append(int(pid))
+    return left
+
+
+def _damaged(freeze_cgroup: str, what: str, log: Path) -> ContainerDamaged:
+    """CRIU ended (`what`) while its parasite may have been inside the tree: keep it frozen and say so."""
+    _hold(freeze_cgroup)
+    left = _parasite_left(freeze_cgroup)
+    inside = f" (processes {', '.join(map(str, left))} still hold it)" if left else ""
+    return ContainerDamaged(
+        f"{what}, while its code may have been inside the processes{inside}: they may not run correctly, "
+        "so they are left frozen",
+        log_tail=command.tail_file(log),
+    )
 
 
 def _dump_argv(
@@ -196,7 +264,6 @@ def dump_streamed(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
-    timeout: float = DUMP_TIMEOUT,
 ) -> None:
     """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
 
@@ -204,7 +271,8 @@ def dump_streamed(
     as fast as `sink` takes the images. This one call runs CRIU's command line, not its
     RPC: CRIU's service refuses to stream ("Image streaming is not supported with CRIU's
     service feature", criu/cr-service.c). It takes the options `dump` gives the RPC;
-    `images_dir` holds only the streamer's socket.
+    `images_dir` holds only the streamer's socket. CRIU may go on as long as its images keep
+    coming: limits.DUMP is how long it may send none.
     """
     # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
     argv = [*_dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job), "--stream"]
@@ -212,11 +280,20 @@ def dump_streamed(
     with streamer.Capture(images_dir) as capture:
         process = command.start(argv, cwd=images_dir)
         try:
-            capture.serve(process.pid, sink, idle=timeout)
+            capture.serve(process.pid, sink, idle=limits.DUMP.seconds())
         finally:
             # Also after a failure here: CRIU, its pipes closed, gives up and lets go of the
-            # tree (its parasite leaves the tasks); it is killed only if it does not.
-            returncode = command.wait(process, deadline=time.monotonic() + STREAM_GRACE, log=log)
+            # tree (its parasite leaves the tasks); it is stopped only if it does not.
+            deadline = time.monotonic() + limits.LET_GO.seconds()
+            try:
+                returncode = command.wait(process, deadline=deadline, log=log, before_stop=lambda: _hold(freeze_cgroup))
+            except CommandTimeout as exc:
+                what = "criu dump did not let go of the tree in time and was stopped"
+                raise _damaged(freeze_cgroup, what, log) from exc
+            # Whatever failed first: a CRIU that ended this way may have left its code inside.
+            if returncode < 0 or (returncode and _parasite_left(freeze_cgroup)):
+                how = f"was ended by signal {-returncode}" if returncode < 0 else f"failed (exit code {returncode})"
+                raise _damaged(freeze_cgroup, f"criu dump {how}", log)
     if returncode != 0:
         raise DumpFailed(f"criu dump failed (exit code {returncode})", log_tail=command.tail_file(log))
 
@@ -230,7 +307,6 @@ def dump_lazy(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
-    timeout: float = DUMP_TIMEOUT,
 ) -> subprocess.Popen[bytes]:
     """Dump as `dump` does, but leave the memory CRIU can fetch on demand for post-copy (`--lazy-pages`).
 
@@ -244,11 +320,13 @@ def dump_lazy(
     os.set_inheritable(pages.fileno(), True)
     argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job)
     argv += ["--lazy-pages", "--ps-socket", str(pages.fileno()), "--status-fd", str(ready_write)]
-    return _start_until_ready(argv, work_dir, ready_read, ready_write, work_dir / DUMP_LOG, timeout, DumpFailed)
+    timeout = limits.DUMP.seconds()
+    log = work_dir / DUMP_LOG
+    return _start_until_ready(argv, work_dir, ready_read, ready_write, log, timeout, DumpFailed, freeze_cgroup)
 
 
 def lazy_pages_daemon(
-    criu: Criu, images_dir: Path, work_dir: Path, pages: socket.socket, *, timeout: float = RESTORE_TIMEOUT
+    criu: Criu, images_dir: Path, work_dir: Path, pages: socket.socket, *, timeout: float | None = None
 ) -> subprocess.Popen[bytes]:
     """Start CRIU's lazy-pages daemon for a restore from `images_dir`: it fetches memory through `pages`.
 
@@ -261,6 +339,7 @@ def lazy_pages_daemon(
         str(images_dir), "--work-dir", str(work_dir), "--log-file", LAZY_LOG, f"-v{LOG_LEVEL}",
         "--status-fd", str(ready_write),
     ]  # fmt: skip
+    timeout = limits.RESTORE.seconds() if timeout is None else timeout
     return _start_until_ready(argv, work_dir, ready_read, ready_write, work_dir / LAZY_LOG, timeout, RestoreFailed)
 
 
@@ -272,8 +351,10 @@ def _start_until_ready(
     log: Path,
     timeout: float,
     error: type[KerrickptError],
+    freeze_cgroup: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start CRIU and wait for the byte it writes to --status-fd once it is ready; its failure is `error`."""
+    """Start CRIU and wait for the byte it writes to --status-fd once it is ready; its failure is `error`,
+    or, for a dump that holds the tree in `freeze_cgroup`, ContainerDamaged where its code may be left inside."""
     os.set_inheritable(ready_write, True)
     try:
         process = command.start(argv, cwd=cwd, new_session=True)
@@ -282,11 +363,20 @@ def _start_until_ready(
     with os.fdopen(ready_read, "rb") as ready:
         poller = select.poll()
         poller.register(ready, select.POLLIN)
-        if poller.poll(timeout * 1000) and ready.read(1):
+        ended = bool(poller.poll(timeout * 1000))  # ready, or gone: its end of the pipe closed
+        if ended and ready.read(1):
             return process
-    process.kill()
-    code = process.wait()
-    raise error(f"criu {argv[1]} failed (exit code {code})", log_tail=command.tail_file(log))
+    if ended:
+        code = process.wait()
+        what = f"criu {argv[1]} failed (exit code {code})"
+    else:
+        if freeze_cgroup is not None:
+            _hold(freeze_cgroup)
+        code = command.stop(process)
+        what = f"criu {argv[1]} was not ready within {timeout:g} s and was stopped"
+    if freeze_cgroup is not None and (not ended or code < 0 or _parasite_left(freeze_cgroup)):
+        raise _damaged(freeze_cgroup, what, log)
+    raise error(what, log_tail=command.tail_file(log))
 
 
 def restore(
@@ -298,7 +388,7 @@ def restore(
     shell_job: bool = False,
     lazy_pages: bool = False,
     gate: Path | None = None,
-    timeout: float = RESTORE_TIMEOUT,
+    timeout: float | None = None,
 ) -> int:
     """Restore a tree (always detached); returns the host PID of its root.
 
@@ -306,8 +396,9 @@ def restore(
     With a `gate`, the images come from the streamer serving `images_dir` (`criu restore
     --stream`), and the restored tree runs only once the gate, CRIU's action script, lets it
     (see feeder): on the command line, as for the streaming dump (CRIU's service refuses to
-    stream), with the options the RPC gets.
+    stream), with the options the RPC gets. CRIU has `timeout` s (by default limits.RESTORE).
     """
+    timeout = limits.RESTORE.seconds() if timeout is None else timeout
     for fd in inherit_fds.values():
         os.set_inheritable(fd, True)
     if gate is not None:

@@ -142,6 +142,14 @@ class SourceNotEnded(KerrickptError):
     exit_code = 18
 
 
+class ContainerDamaged(KerrickptError):
+    """CRIU was stopped, or died, while its code may have been inside the container's processes:
+    they may not run correctly, so the container is left frozen for the operator to end (or thaw)."""
+
+    exit_code = 17
+    keeps_frozen = True  # what the freeze and the guardian see: this failure must not thaw the container
+
+
 class SnapshotNotFoundError(KerrickptError):
     """The snapshot store holds no snapshot that matches."""
 

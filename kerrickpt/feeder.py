@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kerrickpt import archive, cgroups, criu, faults, streamer
+from kerrickpt import archive, cgroups, faults, limits, streamer
 from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
@@ -27,7 +27,7 @@ STALL = 0.2  # s: CRIU takes and asks for nothing this long while the archive wa
 WRITE_BYTES = 1 << 20
 ANSWER_TIMEOUT = 60.0  # s: for CRIU to give up once its images were cut off
 # CRIU's restore now lasts as long as the archive's reading: its time limit grows by a second for
-# every READ_FLOOR bytes of archive (a slow disk's pace), on top of criu.RESTORE_TIMEOUT.
+# every READ_FLOOR bytes of archive (a slow disk's pace), on top of limits.RESTORE.
 READ_FLOOR = 10 << 20
 VERDICT = b"verified"
 # CRIU runs its action scripts at each stage of a restore and kills the restored tree, which has
@@ -81,7 +81,7 @@ class Feed:
     def __init__(self, path: Path, index: archive.Index, scratch: Path) -> None:
         self.path = path
         self.index = index
-        self.timeout = criu.RESTORE_TIMEOUT + path.stat().st_size / READ_FLOOR
+        self.timeout = limits.RESTORE.seconds() + path.stat().st_size / READ_FLOOR
         self.checked = False  # the whole archive was read and found sound
         self.images_dir = scratch / "images"
         self.gate = scratch / "gate.sh"

@@ -75,10 +75,12 @@ class Freezer:
 
 @contextmanager
 def frozen(freezer: Freezer) -> Iterator[Freezer]:
-    """Freeze for the block; thaw again if the block raises (the caller thaws or kills on success)."""
+    """Freeze for the block; thaw again if the block raises (the caller thaws or kills on success),
+    unless what it raised says the processes must stay frozen (errors.ContainerDamaged)."""
     freezer.freeze()
     try:
         yield freezer
-    except BaseException:
-        freezer.thaw()
+    except BaseException as exc:
+        if not getattr(exc, "keeps_frozen", False):
+            freezer.thaw()
         raise

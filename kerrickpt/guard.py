@@ -58,7 +58,8 @@ class Guardian:
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if kind is None:
+        # A failure that says the processes must stay frozen (errors.ContainerDamaged) disarms it too.
+        if kind is None or getattr(value, "keeps_frozen", False):
             os.write(self.writer, DISARM)
         # After a failure CRIU may still be dumping (a signal cut the call short), and it
         # re-freezes the cgroup when done: the guardian thaws once CRIU is gone, and this

@@ -41,7 +41,7 @@ T = TypeVar("T")
 DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
 # The target restores after the last byte: its CRIU's limit grows with the archive (see feeder).
-RESTORE_WAIT = criu.RESTORE_TIMEOUT + 600.0
+RESTORE_WAIT = 1200.0  # the target CRIU's limit (limits.RESTORE, 10 minutes by default) and as much again
 # After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
 SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kerrickpt import cgroups, criu, helper, namespaces, sysvipc
-from kerrickpt.errors import CommandTimeout, KerrickptError, RestoreFailed
+from kerrickpt.errors import ArchiveCorruptError, CommandTimeout, KerrickptError, RestoreFailed
 
 if TYPE_CHECKING:  # the helper program imports this module, and only what it runs: it starts in the downtime
     from kerrickpt import feeder, postcopy
@@ -27,7 +27,7 @@ class Plan:
     new_pid_namespace: bool = False
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
     gate: Path | None = None  # the images come from a streamer (feeder.Feed), and the tree waits for this gate
-    timeout: float = criu.RESTORE_TIMEOUT  # for CRIU's restore
+    timeout: float | None = None  # for CRIU's restore: limits.RESTORE unless a streamed restore's own
 
 
 class Helper:
@@ -68,19 +68,20 @@ class Helper:
         assert reader is not None
         try:
             if feed is not None:
-                said = feed.serve(reader, group)
+                try:
+                    said = feed.serve(reader, group)
+                except KerrickptError as exc:
+                    if not isinstance(exc, ArchiveCorruptError):
+                        # Serving broke off as CRIU ended (stopped at its limit, say): the helper says why.
+                        _raise_error(_answer(bytes(feed.answers)))
+                    raise
             else:
                 with os.fdopen(reader, "rb") as fh:
                     said = fh.read()
         finally:
             self.process.wait()  # it leaves once CRIU's answer is sent: the pipe's end came first
-        lines = [json.loads(line) for line in said.splitlines() if line.strip()]
-        answer: dict[str, Any] = {}
-        for line in lines:
-            answer.update(line)
-        if "error" in answer:
-            kind = CommandTimeout if answer["timeout"] else RestoreFailed
-            raise kind(answer["error"], log_tail=answer["log_tail"])
+        answer = _answer(said)
+        _raise_error(answer)
         if "pid" not in answer:
             raise RestoreFailed(f"the restore helper died without an answer (exit code {self.process.returncode})")
         return int(answer.get("init", answer["pid"]))
@@ -126,7 +127,7 @@ class _Order:
     new_pid_namespace: bool
     lazy: bool
     gate: Path | None
-    timeout: float
+    timeout: float | None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _Order:
@@ -140,7 +141,7 @@ class _Order:
             new_pid_namespace=bool(data["new_pid_namespace"]),
             lazy=bool(data["lazy"]),
             gate=Path(data["gate"]) if data["gate"] is not None else None,
-            timeout=float(data["timeout"]),
+            timeout=None if data["timeout"] is None else float(data["timeout"]),
         )
 
 
@@ -151,6 +152,22 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the restore helpe
         _child(_Order.from_dict(order), writer)
     except BaseException as exc:
         _send(writer, _error(exc))
+
+
+def _answer(said: bytes) -> dict[str, Any]:
+    """What the helper said, its lines merged."""
+    answer: dict[str, Any] = {}
+    for line in said.splitlines():
+        if line.strip():
+            answer.update(json.loads(line))
+    return answer
+
+
+def _raise_error(answer: dict[str, Any]) -> None:
+    """The error the helper reported, if it did."""
+    if "error" in answer:
+        kind = CommandTimeout if answer["timeout"] else RestoreFailed
+        raise kind(answer["error"], log_tail=answer["log_tail"])
 
 
 def _send(writer: int, message: dict[str, Any]) -> None:

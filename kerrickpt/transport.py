@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import msgspec
 import xxhash
 
-from kerrickpt import command, node, schema, testmode
+from kerrickpt import command, limits, node, schema, testmode
 from kerrickpt.errors import (
     KerrickptError,
     MigrationUnknown,
@@ -34,10 +34,10 @@ from kerrickpt.errors import (
 )
 
 CALL_TIMEOUT = 120.0
-STALL_S = 60.0  # a target that takes no byte for this long is given up: the container is frozen meanwhile
-# A source may legitimately send nothing for a while (freezing, CRIU collecting the tree, fsyncing
-# its copy before the END frame); a receiver waits this long before it takes the link for dead.
-RECEIVE_STALL_S = 600.0
+# A post-copy's page stream's stall limits (postcopy); the archive's stream reads limits.SEND_STALL
+# and limits.RECEIVE_STALL when they apply.
+STALL_S = limits.SEND_STALL.default
+RECEIVE_STALL_S = limits.RECEIVE_STALL.default
 RELAY_BYTES = 1 << 20
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
@@ -200,6 +200,7 @@ class Channel:
         # hold a frozen container for ever (see send).
         os.set_blocking(self.stdin.fileno(), False)
         self.pending = b""
+        self.connected = False  # the remote side answered: ssh reached it
 
     def __enter__(self) -> Channel:
         return self
@@ -232,6 +233,9 @@ class Channel:
         if code == 255:
             failure = ssh_failure(self.link.target, code, tail)
             failure.message = f"{failure.message} while {what}"
+            # Once the remote side has answered, ssh's 255 is the link or that side's process
+            # (killed, its host rebooted) going away mid-way: a new connection may well work.
+            failure.transient = failure.transient or self.connected
             return failure
         if code == -1:
             return TransportError(
@@ -244,7 +248,8 @@ class Channel:
         return remote_failure(self.link.target, code, said, tail)
 
     def send(self, kind: bytes, payload: bytes | memoryview = b"") -> None:
-        """One frame; raises TransportError if the link breaks or the other side takes nothing for STALL_S."""
+        """One frame; raises TransportError if the link breaks or the other side takes nothing for
+        limits.SEND_STALL."""
         try:
             for piece in (FRAME_HEADER.pack(kind, len(payload)), payload):
                 self._write(memoryview(piece))
@@ -252,15 +257,17 @@ class Channel:
             raise self.broken("sending") from exc
 
     def _write(self, data: memoryview) -> None:
-        if not _write_all(self.stdin.fileno(), data, STALL_S):
+        stall = limits.SEND_STALL.seconds()
+        if not _write_all(self.stdin.fileno(), data, stall):
             self.proc.kill()
-            raise TransportError(f"{self.link.target} took nothing for {STALL_S:.0f} s", transient=True)
+            raise TransportError(f"{self.link.target} took nothing for {stall:g} s", transient=True)
 
     def ready(self) -> None:
         """Wait for the remote side's "ready": it has checked what it could before a byte comes."""
         event = self.event(CALL_TIMEOUT)
         if event is None:
             raise self.broken("waiting for the target to be ready")
+        self.connected = True
         if event.get("event") == "error":
             raise from_dict(event)
         if event.get("event") == "restored":  # it arrived there before: never a reason to resume the source
@@ -327,6 +334,7 @@ class FrameReader(io.RawIOBase):
         self.buffer = memoryview(b"")
         self.ended = False
         self.first_data: float | None = None  # when the first DATA frame came (a link's speed is from then)
+        self.stall = limits.RECEIVE_STALL.seconds()
 
     def readable(self) -> bool:
         return True
@@ -335,7 +343,7 @@ class FrameReader(io.RawIOBase):
         while not self.buffer:
             if self.ended:
                 return 0
-            frame = read_frame(self.stream)
+            frame = read_frame(self.stream, self.stall)
             if frame is None:
                 raise TransportError("the source went away before the end of the archive", transient=True)
             kind, payload = frame
@@ -380,12 +388,14 @@ def sink(stream: BinaryIO) -> dict[str, float]:
     return {"bytes": reader.tally.bytes, "seconds": time.monotonic() - (reader.first_data or time.monotonic())}
 
 
-def read_frame(stream: BinaryIO, stall: float = RECEIVE_STALL_S) -> tuple[bytes, bytes | bytearray] | None:
+def read_frame(stream: BinaryIO, stall: float | None = None) -> tuple[bytes, bytes | bytearray] | None:
     """One frame from a channel's stdin on the remote side; None at a clean or torn end.
 
-    A source that sends nothing for `stall` seconds is given up (TransportError): a link that
-    died without closing must not keep this side, and its `in-progress` mark, for ever.
+    A source that sends nothing for `stall` seconds (limits.RECEIVE_STALL by default) is given up
+    (TransportError): a link that died without closing must not keep this side, and its
+    `in-progress` mark, for ever.
     """
+    stall = limits.RECEIVE_STALL.seconds() if stall is None else stall
     header = _read_exact(stream, FRAME_HEADER.size, stall)
     if len(header) < FRAME_HEADER.size:
         return None
@@ -412,7 +422,7 @@ def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes | bytearray:
     with memoryview(data) as view:
         while got < size:
             if not _wait(fd, select.POLLIN, stall):
-                raise TransportError(f"the source sent nothing for {stall:.0f} s", transient=True)
+                raise TransportError(f"the source sent nothing for {stall:g} s", transient=True)
             if not (count := os.readv(fd, [view[got:]])):
                 break
             got += count

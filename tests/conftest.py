@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, criu, testmode
+from kerrickpt import containers, criu, limits, testmode
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -124,3 +124,11 @@ def cluster() -> Iterator[Cluster]:
     """Two local nodes (network namespaces with their own sshd, state and cgroups), removed afterwards."""
     with Cluster(2, test_mode=True) as nodes:
         yield nodes
+
+
+@pytest.fixture(autouse=True)
+def _default_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every time limit at its default, whatever the environment running the tests sets."""
+    for limit in vars(limits).values():
+        if isinstance(limit, limits.Limit):
+            monkeypatch.delenv(limit.env, raising=False)

@@ -499,3 +499,29 @@ def test_over_its_budget_the_index_keeps_the_smallest_images(tmp_path: Path, mon
         writer.commit(manifest())
     index = archive.read_index(out)
     assert index is not None and sorted(index.files) == ["images/inventory.img", "images/mm-1.img"]
+
+
+def test_a_mirror_that_fails_and_keeps_its_failure_does_not_stop_the_archive(tmp_path: Path) -> None:
+    # A migration's live stream keeps the error of a link that broke, and with it the frames that
+    # handed it the archive's bytes: the archive must still be written whole, for the retries.
+    kept: list[BaseException] = []
+
+    def mirror(data: bytes | memoryview) -> None:
+        if not kept:
+            try:
+                raise BrokenPipeError("the link broke")
+            except BrokenPipeError as exc:
+                kept.append(exc)
+
+    out = tmp_path / "s.kckpt"
+    with archive.Writer(out, mirror=mirror) as writer:
+        for start in range(0, len(BIG), 1 << 20):
+            writer.write("images/pages-1.img", BIG[start : start + (1 << 20)])
+        writer.end("images/pages-1.img")
+        writer.commit(manifest())
+
+    assert kept, "the mirror failed"
+    dest = tmp_path / "out"
+    dest.mkdir()
+    archive.extract(out, dest)
+    assert (dest / "images" / "pages-1.img").read_bytes() == BIG

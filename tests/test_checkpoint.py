@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -160,3 +163,67 @@ def test_checkpoint_whose_container_cannot_be_removed_says_what_is_left(
     kerrickpt.kill(job.name, state_dir=state_dir)
     assert kerrickpt.ps(state_dir) == []
     assert not first.exists()
+
+
+# A counter with 512 MiB of memory that zstd's window finds nothing to squeeze in: CRIU takes a while.
+BIG_COUNTER = textwrap.dedent(
+    """
+    import os, time
+    heap = bytearray(os.urandom(1 << 20)) * 512
+    i = 0
+    while True:
+        i += 1
+        print(f"tick {i} pid 1", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def _hang_criu_mid_dump(pages: Callable[[], list[Path]]) -> None:
+    """Stop (SIGSTOP) the CRIU this process started once the files `pages` lists hold 8 MiB: a CRIU stuck
+    while it dumps memory, its parasite inside the processes."""
+    me = os.getpid()
+
+    def criu() -> int | None:
+        for child in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == "criu":
+                    return int(child)
+        return None
+
+    # Looked for only then: `criu --version` (criu.locate) is a short-lived child called criu too.
+    wait_for(lambda: sum(p.stat().st_size for p in pages()) > 8 << 20, timeout=60, what="memory being dumped")
+    pid = wait_for(criu, timeout=60, what="the dumping CRIU")
+    os.kill(int(pid), signal.SIGSTOP)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["rpc-dump", "streamed-dump"])
+def test_criu_stopped_at_its_time_limit_mid_dump_leaves_the_container_frozen_as_damaged(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    name = unique_name("big")
+    kerrickpt.run(name, [sys.executable, "-c", BIG_COUNTER], state_dir=state_dir)
+    log = Path(kerrickpt.ps(state_dir)[0].log or "")
+    wait_for(lambda: ticks(log.read_text()), timeout=60, what="ticks")
+    # The RPC dump has this long in all; a streamed one goes at the archive's pace, and this is how
+    # long it may send nothing. Cut off, it gets as long to let go, then SIGTERM, a second, SIGKILL.
+    monkeypatch.setenv("KERRICKPT_DUMP_TIMEOUT", "1")
+    monkeypatch.setenv("KERRICKPT_CRIU_LET_GO", "0.5")
+    monkeypatch.setenv("KERRICKPT_STOP_GRACE", "1")
+    archive = tmp_path / "never.kckpt"
+    if streamed:  # the archive's hidden partial file grows as CRIU streams
+        pages = lambda: list(tmp_path.glob(".*partial*"))  # noqa: E731
+    else:  # CRIU writes its images to the checkpoint's scratch directory
+        pages = lambda: list((state_dir / "tmp").glob("*/images/pages-*.img"))  # noqa: E731
+    threading.Thread(target=_hang_criu_mid_dump, args=(pages,), daemon=True).start()
+
+    with pytest.raises(kerrickpt.ContainerDamaged) as failure:
+        kerrickpt.checkpoint(name, archive, state_dir=state_dir, leave_running=not streamed)
+
+    assert failure.value.exit_code == 17
+    assert "left frozen" in str(failure.value) and f"kerrickpt kill {name}" in str(failure.value)
+    assert not list(tmp_path.glob("*never*")), "no archive, no partial file"
+    assert kerrickpt.ps(state_dir)[0].state == "frozen"
+    seen = ticks(log.read_text())
+    time.sleep(1.0)  # 20 ticks' time: the counter must not move
+    assert ticks(log.read_text()) == seen, "the damaged processes ran"

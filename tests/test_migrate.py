@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import pytest
 
 from bench.lab import READY, pipe_max_size, wait_for_line
 from bench.lab import Job as MemJob
-from kerrickpt import archive, node, sysvipc
+from kerrickpt import archive, node, sysvipc, transport
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
-from tests.helpers import ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import KERRICKPT, cli_env, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -546,3 +547,136 @@ def test_sigterm_after_the_end_frame_keeps_the_source_frozen_and_exits_12(cluste
     assert json.loads(recovered.stdout)["outcome"] == "moved"
     assert running_copies(cluster, job) == ["b"]
     assert_nothing_left(a, job)
+
+
+# Counts as the ipcworkload does, with 48 MiB of memory that does not compress: a dump of many chunks.
+TICKER = (
+    "import os, time\nballast = os.urandom(48 << 20)\ni = 0\nwhile True:\n"
+    "    i += 1\n    print(f'tick {i} pid {os.getpid()}', flush=True)\n    time.sleep(0.05)\n"
+)
+
+
+def _run_paused_at_each_chunk(
+    cluster: Cluster, name: str, on_pause: Callable[[subprocess.Popen[bytes], Path], None], stderr: Path
+) -> subprocess.Popen[bytes]:
+    """Migrate `name` from a to b with the source stopping at each chunk of its dump (its container frozen, its
+    stream under way): `on_pause` acts there, then the source goes on. Returns it exited."""
+    a, b = cluster.nodes
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-chunk:pause", "KERRICKPT_SEND_STALL": "2"}
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--json"]
+    with stderr.open("wb") as err:
+        run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=err, env=env)
+    try:
+        while True:
+            _, status = os.waitpid(run.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                run.returncode = os.waitstatus_to_exitcode(status)
+                return run
+            on_pause(run, stderr)
+            os.kill(run.pid, signal.SIGCONT)
+    finally:
+        if run.returncode is None:
+            run.kill()
+            run.wait()
+
+
+def _receiver(node: Node) -> int:
+    """The PID of the kerrickpt receiving a migration on `node`, from its marker."""
+    (marker,) = (node.state_dir / "incoming").glob("*.json")
+    return int(json.loads(marker.read_text())["pid"])
+
+
+def _start_ticker(node: Node) -> str:
+    name = unique_name("tick")
+    started = node.kerrickpt("run", "--name", name, "--", sys.executable, "-c", TICKER)
+    assert started.returncode == 0, started.stderr
+    log = node.state_dir / "containers" / name / "log"
+    wait_for(lambda: len(ticks(log.read_text())) > 3, timeout=60, what="ticks")
+    return name
+
+
+def _assert_moved_and_counting(cluster: Cluster, name: str, run: subprocess.Popen[bytes], stderr: Path) -> None:
+    """The migration succeeded on a later attempt, from the file: b alone runs it, counting on."""
+    a, b = cluster.nodes
+    err = stderr.read_text()
+    assert run.returncode == 0, err
+    assert "Traceback" not in err
+    moved = json.loads(run.stdout.read())  # type: ignore[union-attr]
+    assert moved["attempts"]["transfer"] >= 2, "a later attempt came from the file"
+    assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
+    assert not [r for r in a.json("ps") if r["name"] == name], "the source copy is gone"
+    assert not (a.state_dir / "containers" / name).exists()
+    log = b.state_dir / "containers" / name / "log"
+    seen = max(ticks(log.read_text()))
+    wait_for(lambda: max(ticks(log.read_text())) > seen + 2, timeout=30, what="counting on b")
+    numbers = ticks(log.read_text())
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
+    assert not list((a.state_dir / "tmp").iterdir())
+
+
+def test_a_dump_whose_link_was_cut_is_resent_from_the_file_and_restored(cluster: Cluster, tmp_path: Path) -> None:
+    _, b = cluster.nodes
+    name = _start_ticker(cluster.nodes[0])
+    killed: list[int] = []
+
+    def cut(run: subprocess.Popen[bytes], stderr: Path) -> None:
+        if not killed:  # the target's receiver dies mid-stream
+            killed.append(_receiver(b))
+            os.kill(killed[0], signal.SIGKILL)
+
+    run = _run_paused_at_each_chunk(cluster, name, cut, tmp_path / "stderr")
+
+    assert killed
+    _assert_moved_and_counting(cluster, name, run, tmp_path / "stderr")
+
+
+def test_a_target_that_takes_nothing_for_the_stall_limit_is_given_up_and_the_archive_resent(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    _, b = cluster.nodes
+    name = _start_ticker(cluster.nodes[0])
+    stderr = tmp_path / "stderr"
+    stopped: list[int] = []
+
+    def resume_once_given_up() -> None:
+        wait_for(lambda: "retrying" in stderr.read_text(), timeout=120, what="the source to give up the stream")
+        os.kill(stopped[0], signal.SIGCONT)  # it finds the stream gone, and leaves
+
+    def stall(run: subprocess.Popen[bytes], stderr: Path) -> None:
+        if not stopped:  # the target stops reading mid-stream, its link open (the source's stall limit: 2 s)
+            stopped.append(_receiver(b))
+            os.kill(stopped[0], signal.SIGSTOP)
+            threading.Thread(target=resume_once_given_up, daemon=True).start()
+
+    try:
+        run = _run_paused_at_each_chunk(cluster, name, stall, stderr)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    assert f"{b.address} took nothing for 2 s" in stderr.read_text()
+    _assert_moved_and_counting(cluster, name, run, stderr)
+
+
+def test_a_receiver_that_gets_nothing_for_its_stall_limit_removes_what_it_received(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    migration_id = uuid.uuid4().hex
+    env = cli_env(state_dir, KERRICKPT_RECEIVE_STALL="1")
+    argv = [*KERRICKPT, "agent", "receive", "--name", unique_name("stall"), "--migration-id", migration_id]
+    with subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        assert run.stdin is not None and run.stdout is not None
+        try:
+            assert json.loads(run.stdout.readline())["event"] == "ready"
+            # Part of an archive, then nothing: a link that died without closing.
+            run.stdin.write(transport.FRAME_HEADER.pack(transport.DATA, 1 << 20) + os.urandom(1 << 20))
+            run.stdin.flush()
+            said = json.loads(run.stdout.readline())
+            code = run.wait(timeout=60)
+        finally:
+            run.stdin.close()
+
+    assert said["event"] == "error" and said["message"] == "the source sent nothing for 1 s", said
+    assert said["transient"] and code == 11
+    assert not list((state_dir / "tmp").iterdir()), "what it received is gone"
+    assert not list((state_dir / "incoming").iterdir()), "and it is no longer in progress"

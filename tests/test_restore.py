@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,17 @@ import pytest
 import kerrickpt
 from bench.lab import READY, verify, wait_for_line
 from kerrickpt import cgroups, feeder, procs
-from tests.helpers import archived_log, assert_consecutive, cgroup_dirs, cli, ticks, unique_name, wait_for
+from tests.helpers import (
+    KERRICKPT,
+    archived_log,
+    assert_consecutive,
+    cgroup_dirs,
+    cli,
+    cli_env,
+    ticks,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -207,18 +219,57 @@ def test_a_restore_that_ends_before_its_verdict_never_lets_the_tree_run(
     assert cgroup_dirs(copy) == []
 
 
+def _checkpointed_side_writer(memload: Path, mib: int, state_dir: Path, tmp_path: Path) -> tuple[str, Path, Path]:
+    """A container with `mib` MiB of memory that ticks into a file outside it (opened anew for every tick),
+    checkpointed: its name, that file, and the archive. A restored tree that ran would tick on."""
+    side = tmp_path / "side"
+    name = unique_name("side")
+    script = f"{memload} {mib} mixed & while :; do echo tick >> {side}; sleep 0.02; done"
+    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
+    wait_for(lambda: READY.search((state_dir / "containers" / name / "log").read_text()), timeout=60, what="fill")
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+    return name, side, archive
+
+
+def test_a_restore_whose_criu_is_stopped_at_its_time_limit_never_lets_the_tree_run(
+    memload: Path, state_dir: Path, tmp_path: Path
+) -> None:
+    name, side, archive = _checkpointed_side_writer(memload, 64, state_dir, tmp_path)
+    ticks_before = side.stat().st_size
+    # kerrickpt stops once it has read the archive, before its verdict: CRIU, fed no more, is stuck mid-restore
+    # until its limit (a second, and one per 10 MiB of archive) has the restore's helper stop it.
+    env = cli_env(
+        state_dir,
+        KERRICKPT_FAULT="restore-before-verdict:pause",
+        KERRICKPT_RESTORE_TIMEOUT="1",
+        KERRICKPT_STOP_GRACE="1",
+    )
+    run = subprocess.Popen([*KERRICKPT, "restore", str(archive)], env=env, stderr=subprocess.PIPE)
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "it stops before its verdict"
+        (helper,) = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        # The helper answers once it has stopped CRIU, and ends: a zombie, as its parent is stopped.
+        zombie = lambda: Path(f"/proc/{helper}/stat").read_text().split(") ")[1][0] == "Z"  # noqa: E731
+        wait_for(zombie, timeout=60, what="CRIU to be stopped")
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        _, err = run.communicate(timeout=120)
+
+    assert run.returncode == 10, err
+    assert b"criu did not finish in time and was stopped" in err
+    assert side.stat().st_size == ticks_before, "no restored process ever ran"
+    assert kerrickpt.ps(state_dir) == []
+    assert cgroup_dirs(name) == []
+
+
 def test_an_archive_found_damaged_at_its_very_end_never_lets_the_restored_tree_run(
     memload: Path, state_dir: Path, tmp_path: Path
 ) -> None:
     # The index's manifest differs from the frame's in one date: found only once the whole archive is
     # read, while CRIU, its memory all served, waits at the gate. A tree that ran would write on.
-    side = tmp_path / "side"
-    name = unique_name("late")
-    script = f"{memload} 192 mixed & while :; do echo tick >> {side}; sleep 0.02; done"
-    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
-    wait_for(lambda: READY.search((state_dir / "containers" / name / "log").read_text()), timeout=60, what="fill")
-    good = tmp_path / "good.kckpt"
-    kerrickpt.checkpoint(name, good, state_dir=state_dir)
+    _, side, good = _checkpointed_side_writer(memload, 192, state_dir, tmp_path)
     index = kerrickpt.archive.read_index(good)
     assert index is not None
     data = good.read_bytes()
