@@ -59,6 +59,8 @@ class Manifest:
     checksum: str = "sha256"  # what the members' digests are: one of CHECKSUMS
     # zstd level, and the link speed (MiB/s) it was chosen for when a migration chose it.
     compression: dict[str, Any] = field(default_factory=dict)
+    # Where in the source's log the archived `log` member starts (see logtail); 0: the whole log.
+    log_start: int = 0
 
     @property
     def criu_version(self) -> str:
@@ -122,6 +124,7 @@ class Manifest:
                 ipc=data.get("ipc"),
                 compression=data.get("compression", {}),
                 checksum=data.get("checksum", "sha256"),
+                log_start=data.get("log_start", 0),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ArchiveCorruptError(f"the manifest is unreadable: {exc}") from exc

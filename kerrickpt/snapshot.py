@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers
+from kerrickpt import archive, containers, logtail
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -49,6 +49,7 @@ def snapshot(
     wait: float = 0.0,
     state_dir: Path | str | None = None,
     level: int = archive.DEFAULT_LEVEL,
+    log_tail: int = logtail.DEFAULT_BYTES,
 ) -> SnapshotResult:
     """Snapshot container `name` (or the tree in `cgroup`, stored under its last path component).
 
@@ -66,7 +67,15 @@ def snapshot(
     with store.lock(label, wait=wait) as took_over:
         store.claim(label, source)
         cleaned = store.clean(label)
-        checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
+        checkpoint(
+            name,
+            store.incoming(label),
+            cgroup=cgroup,
+            leave_running=True,
+            state_dir=state_dir,
+            level=level,
+            log_tail=log_tail,
+        )
         published = store.publish(label)
         plan = None
         if not policy.is_empty:
