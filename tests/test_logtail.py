@@ -10,7 +10,9 @@ import pytest
 
 import kerrickpt
 from kerrickpt import archive
+from kerrickpt.localnodes import Cluster
 from tests.helpers import archived_log, assert_consecutive, cli, ticks
+from tests.test_migrate import Job, migrate
 
 pytestmark = pytest.mark.root
 
@@ -81,3 +83,20 @@ def test_a_negative_log_tail_is_refused_before_any_freeze(start_workload, state_
 
     assert run.returncode == 2 and json.loads(run.stdout)["exit_code"] == 2
     assert w.status.state == "running" and not (tmp_path / "x").exists()
+
+
+def test_a_migration_carries_the_tail_and_the_target_keeps_the_logs_length(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    _chatter(a.state_dir / "containers" / job.name / "log")
+
+    result = migrate(cluster, a, b, job, "--log-tail", "1M")
+
+    assert result.returncode == 0, result.stderr
+    job.keeps_counting(b)
+    log = b.state_dir / "containers" / job.name / "log"
+    rebuilt = log.read_bytes()
+    start = rebuilt.index(b"filler line ")
+    assert start > len(FILLER) - (1 << 20) and rebuilt[:start] == bytes(start - 1) + b"\n"
+    assert_consecutive(ticks(rebuilt[start:].decode()))
+    assert os.stat(log).st_blocks * 512 < start, "the lines not carried take no room on the target"
