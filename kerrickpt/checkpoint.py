@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ from typing import Any, Protocol
 
 import zstandard
 
-from kerrickpt import archive, cgroups, containers, criu, faults, guard, node, procs, progress, sysvipc
+from kerrickpt import archive, cgroups, containers, criu, faults, guard, logtail, node, procs, progress, sysvipc
 from kerrickpt.errors import (
     CommandTimeout,
     ContainerDamaged,
@@ -58,8 +57,10 @@ def checkpoint(
     leave_running: bool = False,
     state_dir: Path | str | None = None,
     level: int = archive.CHECKPOINT_LEVEL,
+    log_tail: int = logtail.DEFAULT_BYTES,
 ) -> CheckpointResult:
-    """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`.
+    """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`, with the
+    last `log_tail` bytes of its log.
 
     Whatever fails, the container is thawed and keeps running and nothing is left at `output`.
     """
@@ -77,16 +78,24 @@ def checkpoint(
         # Keyed by the cgroup's path: two runs on one foreign cgroup must not freeze it at once.
         key = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
         with registry.lock(key):
-            return _checkpoint(found, registry, Subject(Path(str(cgroup)).name, group), output, leave_running, level)
+            subject = Subject(Path(str(cgroup)).name, group)
+            return _checkpoint(found, registry, subject, output, leave_running, level, log_tail)
     with registry.lock(name):
         registry.refuse_while_migrating(name)
-        return _checkpoint(found, registry, Subject.of(registry.get(name)), output, leave_running, level)
+        subject = Subject.of(registry.get(name))
+        return _checkpoint(found, registry, subject, output, leave_running, level, log_tail)
 
 
 def _checkpoint(
-    found: criu.Criu, registry: containers.Registry, subject: Subject, output: Path, leave_running: bool, level: int
+    found: criu.Criu,
+    registry: containers.Registry,
+    subject: Subject,
+    output: Path,
+    leave_running: bool,
+    level: int,
+    log_tail: int,
 ) -> CheckpointResult:
-    manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running)
+    manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running, log_tail=log_tail)
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
         try:
@@ -159,6 +168,7 @@ def capture(
     mirror: Callable[[bytes | memoryview], None] | None = None,
     link_mib_s: float | None = None,
     lazy: LazyDump | None = None,
+    log_tail: int = logtail.DEFAULT_BYTES,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
     on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step; but if CRIU
@@ -167,7 +177,10 @@ def capture(
     `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
     manifest records `level` and, when the level was chosen for a link, that link's speed.
     `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
+    Of the log, the archive carries the last `log_tail` bytes (see logtail).
     """
+    if log_tail < 0:
+        raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
     container, group = subject.container, subject.group
     host_job = _shares_host_pid_namespace(group)
     if host_job:
@@ -192,8 +205,8 @@ def capture(
                 pids = [int(p["host_pid"]) for p in tree]
                 shell_job = tree[0]["sid"] not in pids
                 log = container.log if container else procs.stdout_file(pids[0])
-                # The log keeps growing once thawed; archive it as it was at the dump.
-                log_bytes = os.stat(log).st_size if log else 0
+                # Only its tail: the whole history would cost every checkpoint its length, frozen.
+                tail = logtail.measure(Path(log), log_tail) if log else None
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
                 step = "criu dump"
@@ -230,11 +243,12 @@ def capture(
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
                     compression=_compression(level, link_mib_s),
+                    log_start=tail.start if tail else 0,
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
-                if log:
-                    writer.add_file("log", Path(log), log_bytes)
+                if tail:
+                    logtail.add(writer, tail)
 
                 def finish(m: Manifest) -> None:
                     # Kept frozen: the container stays down until its archive is complete.

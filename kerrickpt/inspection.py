@@ -37,6 +37,7 @@ class ArchiveInfo:
             "ipc_objects": m.ipc,
             "compression": m.compression,
             "checksum": m.checksum,
+            "log_start": m.log_start,
             "members": [{"name": x.name, "size": x.size, "digest": x.digest} for x in m.members],
         }
 

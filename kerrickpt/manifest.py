@@ -61,6 +61,8 @@ class Manifest:
     checksum: str = "sha256"  # what the members' digests are: one of CHECKSUMS
     # zstd level, and the link speed (MiB/s) it was chosen for when a migration chose it.
     compression: dict[str, Any] = field(default_factory=dict)
+    # Where in the source's log the archived `log` member starts (see logtail); 0: the whole log.
+    log_start: int = 0
 
     @property
     def criu_version(self) -> str:
@@ -128,6 +130,7 @@ class Manifest:
             pid_namespace=checked.pid_namespace,
             shell_job=checked.shell_job,
             ipc=ipc,
+            log_start=checked.log_start,
             compression=checked.compression,
             checksum=checked.checksum,
         )

@@ -18,7 +18,20 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from kerrickpt import archive, containers, criu, faults, feeder, node, postcopy, procs, progress, schema, transport
+from kerrickpt import (
+    archive,
+    containers,
+    criu,
+    faults,
+    feeder,
+    logtail,
+    node,
+    postcopy,
+    procs,
+    progress,
+    schema,
+    transport,
+)
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
     BusyError,
@@ -137,6 +150,7 @@ def migrate(
     attempts: int = DEFAULT_ATTEMPTS,
     level: int | None = None,
     lazy: bool = False,
+    log_tail: int = logtail.DEFAULT_BYTES,
 ) -> MigrationResult:
     """Move container `name` to the node `to` ([USER@]HOST[:PORT]) over ssh, exactly once.
 
@@ -147,10 +161,11 @@ def migrate(
     downtime no longer grows with memory, but if the page transfer breaks off, the target's
     copy is killed and the source resumes from the freeze (TransportError), or stays frozen
     for `recover` if the target cannot be asked (MigrationUnknown).
+    Of the log, the last `log_tail` bytes travel (see logtail).
     """
     registry = containers.Registry(state_dir)
     with registry.lock(name):
-        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy)
+        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy, log_tail)
 
 
 def _migrate(
@@ -163,6 +178,7 @@ def _migrate(
     attempts: int,
     level: int | None,
     lazy: bool,
+    log_tail: int,
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
@@ -216,7 +232,7 @@ def _migrate(
         try:
             manifest = capture(
                 found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
-                link_mib_s=link_mib_s, lazy=pages,
+                link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it received

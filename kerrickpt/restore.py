@@ -18,6 +18,7 @@ from kerrickpt import (
     criu,
     faults,
     feeder,
+    logtail,
     node,
     postcopy,
     procs,
@@ -157,6 +158,7 @@ def _restore_as(
             # with what the source had written; CRIU hands them this file (the helper opens it) in place of the
             # source's path (no size check, no clash with a source still running).
             log_fd = registry.open_log(name)
+            logtail.rebuild(log_fd, manifest.log_start)  # the lines not carried: a hole, the same length
             if feed is not None:  # the archived log follows as the archive is read, before the tree runs
                 feed.log_to(registry.log_path(name))
             else:

@@ -92,6 +92,7 @@ class Manifest(msgspec.Struct):
     ipc: Ipc | None = None
     checksum: CHECKSUMS = "sha256"
     compression: dict[str, int | float | None] = {}
+    log_start: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0  # see logtail
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, garbage
+from kerrickpt import archive, containers, garbage, logtail
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -49,6 +49,7 @@ def snapshot(
     wait: float = 0.0,
     state_dir: Path | str | None = None,
     level: int = archive.DEFAULT_LEVEL,
+    log_tail: int = logtail.DEFAULT_BYTES,
 ) -> SnapshotResult:
     """Snapshot container `name` (or the tree in `cgroup`, stored under its last path component).
 
@@ -69,7 +70,15 @@ def snapshot(
         # Images of runs that died (a cron job's run killed mid-way) would fill the disk run after run.
         leftovers = garbage.collect(containers.Registry(state_dir), kinds=(garbage.SCRATCH,))
         cleaned += [Path(leftover.path) for leftover in leftovers]
-        checkpoint(name, store.incoming(label), cgroup=cgroup, leave_running=True, state_dir=state_dir, level=level)
+        checkpoint(
+            name,
+            store.incoming(label),
+            cgroup=cgroup,
+            leave_running=True,
+            state_dir=state_dir,
+            level=level,
+            log_tail=log_tail,
+        )
         published = store.publish(label)
         plan = None
         if not policy.is_empty:

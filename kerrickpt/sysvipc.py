@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import procs
+from kerrickpt.errors import ArchiveCorruptError
 
 IPC_CREAT, IPC_EXCL, IPC_NOWAIT, IPC_RMID = 0o1000, 0o2000, 0o4000, 0
 MSG_COPY = 0o40000
@@ -96,11 +97,20 @@ class JobIpc:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobIpc:
+        limits = dict(data.get("limits", {}))
+        check_limits(limits)
         return cls(
             [Queue.from_dict(q) for q in data.get("queues", [])],
             [Semaphores.from_dict(s) for s in data.get("semaphores", [])],
-            dict(data.get("limits", {})),
+            limits,
         )
+
+
+def check_limits(limits: dict[str, Any]) -> None:
+    """Names and values come from an archive and go to /proc/sys: only LIMITS, only numbers."""
+    for name, value in limits.items():
+        if name not in LIMITS or not isinstance(value, str) or not re.fullmatch(r"[0-9]+([ \t]+[0-9]+)*", value):
+            raise ArchiveCorruptError(f"refusing IPC limit {name}={value!r} from the archive")
 
 
 def table(kind: str) -> list[dict[str, int]]:
@@ -208,10 +218,8 @@ def _peek(msqid: int, msgmax: int) -> list[tuple[int, bytes]]:
 
 def recreate(ipc: JobIpc) -> None:
     """Make the objects, with their keys, ids and contents, in this process's (fresh) IPC namespace."""
+    check_limits(ipc.limits)
     for name, value in ipc.limits.items():
-        # Names and values come from an archive: only these sysctls, only numbers.
-        if name not in LIMITS or not re.fullmatch(r"[0-9]+(\s+[0-9]+)*", value):
-            raise ValueError(f"refusing IPC limit {name}={value!r} from the archive")
         (KERNEL / name).write_text(value)
     for queue in ipc.queues:
         (KERNEL / "msg_next_id").write_text(str(queue.id))

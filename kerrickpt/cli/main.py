@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import kerrickpt
-from kerrickpt import cgroups, containers, postcopy, progress, receiver, retention, transport
+from kerrickpt import cgroups, containers, logtail, postcopy, progress, receiver, retention, transport
 from kerrickpt.errors import (
     ArchiveCorruptError,
     HostError,
@@ -188,6 +188,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
             leave_running=args.leave_running,
             state_dir=args.state_dir,
             level=args.level,
+            log_tail=args.log_tail,
         )
     if not args.json:
         t = result.manifest.timings
@@ -266,6 +267,7 @@ def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
             force=args.force,
             attempts=args.attempts,
             level=args.level,
+            log_tail=args.log_tail,
             lazy=args.lazy,
         )
     if not args.json:
@@ -320,6 +322,7 @@ def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
             wait=args.wait,
             state_dir=args.state_dir,
             level=args.level,
+            log_tail=args.log_tail,
         )
     if not args.quiet:
         print(_log_line(result), file=sys.stderr)
@@ -384,6 +387,23 @@ def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
             print(f"ok {r.name} {r.id}")
     code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
     return [r.to_dict() for r in rows], code
+
+
+def _log_tail_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-tail",
+        type=_log_size,
+        default=logtail.DEFAULT_BYTES,
+        metavar="SIZE",
+        help="carry only the container log's last SIZE bytes, e.g. 8M (default 8M; older lines stay behind)",
+    )
+
+
+def _log_size(text: str) -> int:
+    try:
+        return cgroups.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _keep_options(p: argparse.ArgumentParser) -> None:
@@ -457,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write (must not exist)")
     p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
     p.add_argument("--level", type=int, default=kerrickpt.CHECKPOINT_LEVEL, help="zstd level (default %(default)s)")
+    _log_tail_option(p)
     p = add("restore", cmd_restore, "verify an archive and restore its container on this node")
     p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
@@ -487,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
     p.add_argument("--attempts", type=int, default=DEFAULT_ATTEMPTS, help="tries for transient failures")
     p.add_argument("--level", type=int, help="zstd level (default: chosen from the link's measured speed)")
+    _log_tail_option(p)
     p.add_argument(
         "--lazy",
         action="store_true",
@@ -516,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
     _keep_options(p)
     p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    _log_tail_option(p)
 
     p = sub.add_parser("snapshots", help="list, prune or verify the snapshots in a store")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
