@@ -27,9 +27,11 @@ from tests.helpers import (
     assert_consecutive,
     cli,
     cli_env,
+    guardians,
     ticks,
     unique_name,
     wait_for,
+    waits_in,
 )
 
 pytestmark = pytest.mark.root
@@ -194,9 +196,17 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
     else:
         pytest.fail("never caught CRIU dumping")
     try:
-        run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
         seen = ticks(w.log)
-        time.sleep(0.5)
+        run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
+        # Whoever could thaw has had its chance and now waits for CRIU: the killed run's guardian
+        # on its pipe, the run that unwinds on CRIU's exit.
+        if how == signal.SIGKILL:
+            run.wait(timeout=60)
+            (guardian,) = guardians(freezer_of(w))
+            wait_for(lambda: waits_in(guardian, "pipe_read"), what="the guardian to wait for CRIU")
+        else:
+            wait_for(lambda: waits_in(run.pid, "do_wait"), what="the run to wait for CRIU")
+        assert freezer_of(w).is_frozen() and tracer(init) == criu
         assert ticks(w.log) == seen, "CRIU still holds the tree: the guardian must not thaw it yet"
     finally:
         os.kill(criu, signal.SIGCONT)
