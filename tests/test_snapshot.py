@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -253,6 +252,14 @@ def stopped(pid: int) -> bool:
         return True
 
 
+def opened(pid: int, path: str) -> bool:
+    """Whether the process has `path` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == path for fd in fds.iterdir())
+    return False
+
+
 def tracer(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("TracerPid:"):
@@ -323,7 +330,8 @@ def test_overlapping_runs_for_one_container_serialize(
         text=True,
     )
     processes.append(second)
-    time.sleep(1)
+    lock = str(store / a.name / store_files.LOCK)
+    wait_for(lambda: opened(second.pid, lock), timeout=60, what="the second run to reach the lock")
     assert second.poll() is None, "the second run waits for the lock"
     os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=60) == 0
