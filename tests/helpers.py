@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import kerrickpt
 from kerrickpt import cgroups, procs
+from kerrickpt.freezer import Freezer
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -123,3 +125,20 @@ def freezer_roots() -> list[Path]:
     """Every hierarchy with a freezer on this host (cgroup v2, the v1 freezer): tests run through each."""
     layout = cgroups.detect()
     return [r for r in (layout.unified, layout.freezer) if r is not None]
+
+
+def guardians(freezer: Freezer) -> list[int]:
+    """The PIDs of the guardians standing by for `freezer`'s cgroup."""
+    control = str(freezer.control(frozen=False)[0]).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if control in argv and any(arg.endswith(b"guard.py") for arg in argv):
+                found.append(int(entry.name))
+    return found
+
+
+def waits_in(pid: int, kernel_function: str) -> bool:
+    """Whether the process sleeps in the kernel in a function named like `kernel_function` (its wchan)."""
+    return kernel_function in Path(f"/proc/{pid}/wchan").read_text()

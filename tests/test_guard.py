@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from kerrickpt import cgroups, containers
 from kerrickpt.freezer import Freezer
 from kerrickpt.guard import Guardian
-from tests.helpers import Workload, ticks, unique_name, wait_for
+from tests.helpers import Workload, guardians, ticks, unique_name, wait_for, waits_in
 
 pytestmark = pytest.mark.root
 
@@ -62,7 +61,9 @@ def test_the_guardian_waits_for_a_child_that_inherited_its_pipe(start_workload) 
     freezer = freezer_of(w)
     child = die_frozen(freezer, spawn=True)
     try:
-        time.sleep(0.5)
+        # The process that armed it is dead: only the child's end of the pipe keeps the guardian reading.
+        (guardian,) = guardians(freezer)
+        wait_for(lambda: waits_in(guardian, "pipe_read"), what="the guardian to wait on its pipe")
         assert freezer.is_frozen(), "CRIU may still be dumping: the container must stay frozen until it is done"
     finally:
         os.kill(child, signal.SIGKILL)
@@ -75,8 +76,7 @@ def test_a_disarmed_guardian_leaves_the_container_as_it_is(start_workload) -> No
     try:
         with Guardian(freezer) as guardian:
             freezer.freeze()
-        assert guardian.process.returncode == 0
-        time.sleep(0.2)
+        assert guardian.process.returncode == 0, "it ended: nothing is left to thaw"
         assert freezer.is_frozen()
     finally:
         freezer.thaw()

@@ -17,7 +17,7 @@ import pytest
 
 from bench.lab import READY, pipe_max_size, wait_for_line
 from bench.lab import Job as MemJob
-from kerrickpt import archive, node, sysvipc, transport
+from kerrickpt import archive, containers, node, procs, sysvipc, transport
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 from tests.helpers import KERRICKPT, cli_env, ipc_keys, probe, ticks, unique_name, wait_for
 
@@ -391,6 +391,86 @@ def test_lazy_migration_whose_page_stream_breaks_kills_the_target_copy_and_resum
     source = MemJob(a, name, int(rows["a"][0]["init_pid"]), [], expected)
     assert source.verify(mib), "the source resumed with all of its memory"
     wait_for(lambda: not list((b.state_dir / "tmp").iterdir()), what="b's images to be removed")
+    assert not list((a.state_dir / "migrations").iterdir())
+
+
+def serving_pages(node: Node) -> int | None:
+    """The PID of the `kerrickpt agent pages` that relays a migration's memory to `node`, if one runs."""
+    mine = f"{containers.STATE_ENV}={node.state_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if b"\0agent\0pages\0" in (entry / "cmdline").read_bytes() and mine in (entry / "environ").read_bytes():
+                return int(entry.name)
+    return None
+
+
+def postcopy_record(node: Node) -> dict[str, object] | None:
+    """What the watcher of the post-copy restore on `node` recorded, once it did."""
+    records = list((node.state_dir / "incoming").glob("*.postcopy")) if (node.state_dir / "incoming").exists() else []
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(records[0].read_text()) if records else None
+    return None
+
+
+# A counter beside memory that takes a while to pull: the page stream can be held mid-way.
+COUNTED_BALLAST = '{memload} 256 mixed & i=0; while :; do i=$((i+1)); echo "tick $i pid $$"; sleep 0.05; done'
+
+
+def traced(pid: int) -> bool:
+    """Whether a tracer (CRIU) holds the process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line for line in status.splitlines() if line.startswith("TracerPid:")).split()[1] != "0"
+
+
+def test_lazy_migration_whose_watcher_is_killed_ends_with_the_source_running_alone(
+    cluster: Cluster, memload: Path, big_pipes: None
+) -> None:
+    a, b = cluster.nodes
+    name = unique_name("lazy")
+    started = a.kerrickpt("run", "--name", name, "--", "sh", "-c", COUNTED_BALLAST.format(memload=memload))
+    assert started.returncode == 0, started.stderr
+    logs = {n.name: n.state_dir / "containers" / name / "log" for n in cluster.nodes}
+    wait_for_line(logs["a"], READY, 0, 60)
+    init = int(next(r for r in a.json("ps") if r["name"] == name)["init_pid"])
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--lazy", "--json"]
+    env = {**os.environ, **a.env()}
+    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        # b's copy counts on from where a's stopped: it runs there. Hold its memory mid-way.
+        counted = {n: lambda n=n: len(ticks(logs[n].read_text() if logs[n].exists() else "")) for n in logs}
+        wait_for(lambda: counted["b"]() > counted["a"](), timeout=120, what="b's copy to count")
+        pages = serving_pages(b)
+        assert pages, "the page stream still runs"
+        os.kill(pages, signal.SIGSTOP)
+        try:
+            record = postcopy_record(b)
+            assert record is not None and record["state"] == "in-flight", record
+            watcher, born = int(record["pid"]), int(record["start"])  # type: ignore[call-overload]
+            assert procs.is_alive(watcher, born), "the transfer is not over: the watcher still watches"
+            os.kill(watcher, signal.SIGKILL)
+            wait_for(lambda: not procs.is_alive(watcher, born), what="the watcher to die")
+            assert traced(init), "a's copy stays held by its CRIU while b's runs"
+        finally:
+            os.kill(pages, signal.SIGCONT)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+    # Nobody watches b's copy any more: should its memory stop coming it would read zeros. The
+    # target's next answer about the migration kills it, and the source resumes.
+    assert run.returncode == 11, err
+    assert b"runs on here again" in err and b"its watcher died" in err
+    assert json.loads(out)["error"] == "TransportError"
+    rows = {n.name: [r["state"] for r in n.json("ps") if r["name"] == name] for n in cluster.nodes}
+    assert rows == {"a": ["running"], "b": []}
+    seen = ticks(logs["a"].read_text())
+    wait_for(lambda: len(ticks(logs["a"].read_text())) > len(seen) + 2, what="a's copy to count again")
+    numbers = ticks(logs["a"].read_text())
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped, never twice"
+    wait_for(lambda: not list((b.state_dir / "tmp").iterdir()), what="b's images to be removed")
+    assert not (b.state_dir / "containers" / name).exists()
     assert not list((a.state_dir / "migrations").iterdir())
 
 

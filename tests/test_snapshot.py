@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -27,9 +26,11 @@ from tests.helpers import (
     assert_consecutive,
     cli,
     cli_env,
+    guardians,
     ticks,
     unique_name,
     wait_for,
+    waits_in,
 )
 
 pytestmark = pytest.mark.root
@@ -194,9 +195,17 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
     else:
         pytest.fail("never caught CRIU dumping")
     try:
-        run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
         seen = ticks(w.log)
-        time.sleep(0.5)
+        run.send_signal(how)  # SIGTERM unwinds the run, which then waits for CRIU and the thaw
+        # Whoever could thaw has had its chance and now waits for CRIU: the killed run's guardian
+        # on its pipe, the run that unwinds on CRIU's exit.
+        if how == signal.SIGKILL:
+            run.wait(timeout=60)
+            (guardian,) = guardians(freezer_of(w))
+            wait_for(lambda: waits_in(guardian, "pipe_read"), what="the guardian to wait for CRIU")
+        else:
+            wait_for(lambda: waits_in(run.pid, "do_wait"), what="the run to wait for CRIU")
+        assert tracer(init) == criu, "CRIU holds the tree (it thaws the cgroup once it has seized it)"
         assert ticks(w.log) == seen, "CRIU still holds the tree: the guardian must not thaw it yet"
     finally:
         os.kill(criu, signal.SIGCONT)
@@ -244,6 +253,14 @@ def stopped(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "tTXZ"
     except FileNotFoundError:
         return True
+
+
+def opened(pid: int, path: str) -> bool:
+    """Whether the process has `path` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == path for fd in fds.iterdir())
+    return False
 
 
 def tracer(pid: int) -> int:
@@ -316,7 +333,8 @@ def test_overlapping_runs_for_one_container_serialize(
         text=True,
     )
     processes.append(second)
-    time.sleep(1)
+    lock = str(store / a.name / store_files.LOCK)
+    wait_for(lambda: opened(second.pid, lock), timeout=60, what="the second run to reach the lock")
     assert second.poll() is None, "the second run waits for the lock"
     os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=60) == 0
