@@ -20,7 +20,7 @@ CHECKSUMS = Literal["sha256", "xxh3_128"]  # manifest.CHECKSUMS' names
 IpcLimit = Literal["msgmax", "msgmnb", "msgmni", "sem"]
 # compat compares these by their numbers: Python refuses to read an int of more than 4300 digits.
 Version = Annotated[str, msgspec.Meta(max_length=256)]
-IpcLimitValue = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}(\s+[0-9]{1,19})*$")]
+IpcLimitValue = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}([ \t]+[0-9]{1,19})*$")]
 
 
 class Fingerprint(msgspec.Struct, frozen=True):
