@@ -103,6 +103,8 @@ def test_checkpoint_of_a_foreign_cgroup_restores_as_a_container(
 ) -> None:
     path, keys = foreign_tree
     init = min(cgroups.Cgroup((path,)).pids())
+    # A few ticks in, so that a counter restarted from zero would show.
+    wait_for(lambda: int(probe(workload, init, keys)["counter"]) >= 3, what="counting")  # type: ignore[call-overload]
     before = probe(workload, init, keys)
     archive = tmp_path / "foreign.kckpt"
 
@@ -112,11 +114,15 @@ def test_checkpoint_of_a_foreign_cgroup_restores_as_a_container(
     assert cgroups.Cgroup((path,)).pids() == [], "the source tree was ended"
     restored = kerrickpt.restore(archive, state_dir=state_dir)
     assert sorted(restored.pid_map) == [1, 2, 3]
-    time.sleep(0.2)
     after = probe(workload, restored.init_pid, keys)
     assert after["messages"] == before["messages"] and after["sems"] == before["sems"]
     assert after["data_sha"] == before["data_sha"]
-    assert int(after["counter"]) >= int(before["counter"])  # type: ignore[call-overload]
+    resumed = int(after["counter"])  # type: ignore[call-overload]
+    assert resumed >= int(before["counter"]), "the counter was reset"  # type: ignore[call-overload]
+    wait_for(
+        lambda: int(probe(workload, restored.init_pid, keys)["counter"]) > resumed,  # type: ignore[call-overload]
+        what="the restored counter to count on",
+    )
 
 
 def test_checkpoint_killed_once_its_archive_is_in_place_leaves_it_and_the_container_frozen(

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,32 +21,50 @@ pytestmark = pytest.mark.root
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 
+def counter_loop(counter: Path) -> str:
+    """A shell loop writing a growing number to `counter`, one every 10 ms it gets to run."""
+    return f"i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.01; done"
+
+
+def count(counter: Path) -> int:
+    """The number a counter_loop last wrote (0 before its first, or while it rewrites the file)."""
+    text = counter.read_text().strip() if counter.exists() else ""
+    return int(text) if text else 0
+
+
 @pytest.fixture(params=freezer_roots(), ids=lambda r: r.name)
 def counting(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Freezer, Path]]:
     """A shell loop writing a growing number to a file, in a fresh cgroup of one hierarchy."""
     group = cgroups.Cgroup((request.param / unique_name("frz"),))
     group.dirs[0].mkdir()
     counter = tmp_path / "n"
-    loop = f"i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.01; done"
-    script = f"echo 0 > {group.dirs[0]}/cgroup.procs; {loop}"
-    proc = subprocess.Popen(["sh", "-c", script])
+    proc = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; {counter_loop(counter)}"])
     try:
-        wait_for(lambda: counter.exists() and counter.read_text().strip() not in ("", "0", "1"), what="counting")
+        wait_for(lambda: count(counter) > 1, what="counting")
         yield group.freezer, counter
     finally:
         group.remove()
         proc.wait()
 
 
-def test_freeze_stops_and_thaw_resumes(counting: tuple[Freezer, Path]) -> None:
+def test_freeze_stops_and_thaw_resumes(counting: tuple[Freezer, Path], tmp_path: Path) -> None:
     freezer, counter = counting
-    freezer.freeze()
-    assert freezer.is_frozen()
-    held = counter.read_text()
-    time.sleep(0.3)
-    assert counter.read_text() == held
-    freezer.thaw()
-    wait_for(lambda: counter.read_text() not in ("", held), what="counting again")
+    outside = tmp_path / "outside"
+    witness = subprocess.Popen(["sh", "-c", counter_loop(outside)])  # runnable, in no frozen cgroup
+    try:
+        wait_for(lambda: count(outside) > 0, what="the witness counting")
+        freezer.freeze()
+        assert freezer.is_frozen()
+        held = count(counter)
+        # The window is as long as a runnable loop needs for 30 rounds, however loaded the machine.
+        start = count(outside)
+        wait_for(lambda: count(outside) >= start + 30, timeout=60, what="the witness to count on")
+        assert count(counter) == held, "a frozen process ran"
+        freezer.thaw()
+        wait_for(lambda: count(counter) > held, what="counting again")
+    finally:
+        witness.kill()
+        witness.wait()
 
 
 def test_frozen_block_thaws_on_failure(counting: tuple[Freezer, Path]) -> None:
@@ -94,7 +111,7 @@ def test_post_copy_source_whose_freeze_cannot_complete_never_runs_again(
     mount, counter = tmp_path / "fuse", tmp_path / "n"
     mount.mkdir()
     join = f"echo 0 > {group.dirs[0]}/cgroup.procs"
-    loop = f"{join}; i=0; while :; do i=$((i+1)); echo $i > {counter}; sleep 0.01; done"
+    loop = f"{join}; {counter_loop(counter)}"
     page_server = subprocess.Popen(["sleep", "600"])  # stands in for a CRIU that will not exit
     monkeypatch.setattr(criu, "STREAM_GRACE", 0.1)
     monkeypatch.setattr(freezer_module, "FREEZE_TIMEOUT", 1.0)
@@ -103,7 +120,7 @@ def test_post_copy_source_whose_freeze_cannot_complete_never_runs_again(
         with stuck_in_the_kernel(mount) as release:
             jobs.append(subprocess.Popen(["sh", "-c", loop]))
             jobs.append(subprocess.Popen(["sh", "-c", f"{join}; exec stat {mount}/x"], stderr=subprocess.DEVNULL))
-            wait_for(lambda: counter.exists() and counter.read_text().strip() not in ("", "0", "1"), what="counting")
+            wait_for(lambda: count(counter) > 1, what="counting")
             wait_for(lambda: Path(f"/proc/{jobs[1].pid}/stat").read_text().split()[2] == "D", what="stuck")
 
             with pytest.raises(FreezeTimeout, match="stays requested"):
