@@ -24,6 +24,7 @@ from kerrickpt import (
     criu,
     faults,
     feeder,
+    limits,
     logtail,
     node,
     postcopy,
@@ -55,8 +56,6 @@ DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
 # The target restores after the last byte: its CRIU's limit grows with the archive (see feeder).
 RESTORE_WAIT = 1200.0  # the target CRIU's limit (limits.RESTORE, 10 minutes by default) and as much again
-# After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
-SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had
 NEVER_RAN = ("absent", "failed")  # what it says of one that does not run there: only then may the source resume
 
@@ -421,7 +420,8 @@ def _finish_pages(
 
 def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
     """The target's word on a migration once it is no longer in progress; None if it cannot be had."""
-    deadline = time.monotonic() + SETTLE_S
+    # How long the target has to notice its page stream broke, kill its copy and say so.
+    deadline = time.monotonic() + 2 * limits.SEND_STALL.seconds()
     while time.monotonic() < deadline:
         with contextlib.suppress(KerrickptError):  # the link may be back in a moment
             answer = status(link, migration_id)
