@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import tenacity
 
 from kerrickpt import (
@@ -42,6 +43,7 @@ from kerrickpt.errors import (
     NodeIncompatibleError,
     NotReadyError,
     ProtocolError,
+    StateDamagedError,
     TransportError,
     UsageError,
     from_dict,
@@ -111,6 +113,15 @@ def _retrying(attempts: int, what: str, fn: Callable[[], T]) -> tuple[T, int]:
     return result, int(retrying.statistics.get("attempt_number", 1))
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A journaled migration: its id, the link to its target and the source's scratch directory."""
+
+    id: str
+    link: transport.Link
+    scratch: Path
+
+
 class Journal:
     """The source's record of a migration under way: what `recover` needs after a crash or a lost answer."""
 
@@ -131,8 +142,23 @@ class Journal:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read(self) -> dict[str, Any]:
-        return dict(json.loads(self.path.read_text()))
+    def read(self) -> Pending:
+        """The migration journaled; StateDamagedError if the journal is not one, which `recover` must
+        not guess at: the container stays frozen, since the target may run it."""
+        name, where = self.path.stem, f"the journal of the migration of {self.path.stem} ({self.path})"
+        try:
+            entry = schema.from_state(self.path.read_bytes(), schema.Journal, where)
+            link = transport.Link.from_dict(msgspec.structs.asdict(entry.link))
+        except UsageError as exc:  # a target that does not parse
+            damage = f"{where} is damaged ({exc})"
+        except StateDamagedError as exc:
+            damage = exc.message
+        else:
+            return Pending(entry.id, link, Path(entry.scratch))
+        raise StateDamagedError(
+            f"{damage}; {name} stays frozen here, as the target may run it. Ask the target whether it does, then "
+            f"remove the journal and run `kerrickpt kill {name}` if it does, `kerrickpt recover {name}` if not"
+        )
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -503,12 +529,12 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
                 raise UsageError(f"{name} is not frozen and no migration of it is pending: nothing to recover")
             container.group.freezer.thaw()
             return RecoverResult(name=name, migration_id="", outcome="resumed")
-        entry = journal.read()
-        link = transport.Link.from_dict(entry["link"])
+        pending = journal.read()
+        link = pending.link
 
         def ask() -> str:
             try:
-                state = status(link, entry["id"]).state
+                state = status(link, pending.id).state
             except ProtocolError as exc:
                 raise MigrationUnknown(
                     f"{exc}; {name} stays frozen here. Make both nodes run the same kerrickpt, then run "
@@ -536,5 +562,5 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
             container_here.group.freezer.thaw()
             outcome = "resumed"
         journal.remove()
-        shutil.rmtree(entry["scratch"], ignore_errors=True)
-        return RecoverResult(name=name, migration_id=entry["id"], outcome=outcome)
+        shutil.rmtree(pending.scratch, ignore_errors=True)
+        return RecoverResult(name=name, migration_id=pending.id, outcome=outcome)

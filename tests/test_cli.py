@@ -222,6 +222,52 @@ def test_a_pending_migration_makes_kill_and_checkpoint_busy(start_workload, stat
         journal.unlink()
 
 
+SOUND_JOURNAL = {
+    "id": "0" * 32,
+    "link": {"target": "root@198.18.0.2", "ssh_options": [], "remote_kerrickpt": "kerrickpt"},
+    "scratch": "/nonexistent/kerrickpt-scratch",
+    "started": "2026-01-01T00:00:00Z",
+}
+
+
+def _without(key: str) -> str:
+    return json.dumps({k: v for k, v in SOUND_JOURNAL.items() if k != key})
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": "0000',  # torn, as by a full disk
+        "[]",
+        _without("link"),
+        _without("id"),
+        _without("scratch"),
+        json.dumps({**SOUND_JOURNAL, "link": {**SOUND_JOURNAL["link"], "target": "no host@"}}),
+    ],
+    ids=["torn", "not-an-object", "no-link", "no-id", "no-scratch", "bad-target"],
+)
+def test_recover_with_a_damaged_journal_exits_15_and_leaves_the_container_frozen(
+    start_workload, state_dir: Path, text: str
+) -> None:
+    """The target may run the container: a journal recover cannot read must never thaw it here."""
+    w = start_workload()
+    group = cgroups.Cgroup(tuple(Path(p) for p in w.status.cgroup))
+    journal = containers.Registry(state_dir).journal_path(w.name)
+    group.freezer.freeze()
+    journal.write_text(text)
+    try:
+        damaged = cli("recover", w.name, state_dir=state_dir)
+        assert damaged.returncode == 15, damaged.stderr
+        assert damaged.stderr.count("\n") == 1 and damaged.stderr.startswith("kerrickpt: error (exit 15): ")
+        assert f"journal of the migration of {w.name}" in damaged.stderr and "is damaged" in damaged.stderr
+        assert group.freezer.is_frozen(), "still frozen"
+        assert journal.read_text() == text, "and the journal is left for the operator"
+    finally:
+        journal.unlink(missing_ok=True)
+        group.freezer.thaw()  # the fixture ends it
+
+
 def _catches(pid: int, signum: int) -> bool:
     mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
     return bool(int(mask.split()[1], 16) & (1 << (signum - 1)))
