@@ -186,22 +186,37 @@ def test_a_host_error_is_one_line_and_exit_16(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_a_damaged_record_exits_15_and_kill_still_ends_the_container(start_workload, state_dir: Path) -> None:
-    w = start_workload()
+    w, sound_one = start_workload(), start_workload()
     group = cgroups.Cgroup(tuple(Path(p) for p in w.status.cgroup))
     pids = group.pids()
     record = state_dir / "containers" / w.name / "container.json"
     sound = record.read_text()
     try:
         record.write_text(sound[: len(sound) // 2])  # torn, as by a full disk
-        for args in (("ps",), ("ps", "--json"), ("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"))):
-            damaged = cli(*args, state_dir=state_dir)
-            assert damaged.returncode == 15, damaged.stderr
-            assert "Traceback" not in damaged.stderr and f"kerrickpt kill {w.name}" in damaged.stderr
-        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout)["error"] == "StateDamagedError"
+        damaged = cli("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"), "--json", state_dir=state_dir)
+        assert damaged.returncode == 15, damaged.stderr
+        assert "Traceback" not in damaged.stderr and f"kerrickpt kill {w.name}" in damaged.stderr
+        assert json.loads(damaged.stdout)["error"] == "StateDamagedError"
+
+        # ps lists the others, and the damaged one as a row that says so.
+        listed = cli("ps", "--json", state_dir=state_dir)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        assert rows[sound_one.name]["state"] == "running" and rows[sound_one.name]["init_pid"]
+        assert rows[w.name] == {
+            "name": w.name, "state": "damaged", "init_pid": None, "init_ns_pid": None, "processes": None,
+            "memory_bytes": None, "memory_limit": None, "cgroup": [], "log": None, "created": None,
+        }  # fmt: skip
+        table = cli("ps", state_dir=state_dir)
+        assert table.returncode == 0, table.stderr
+        assert [line.split()[:2] for line in table.stdout.splitlines()[1:]] == sorted(
+            [[w.name, "damaged"], [sound_one.name, "running"]]
+        )
+
         ended = cli("kill", w.name, state_dir=state_dir)
         assert ended.returncode == 0, ended.stderr
         assert not any(procs.start_time(pid) for pid in pids) and not cgroup_dirs(w.name)
-        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+        assert [r["name"] for r in json.loads(cli("ps", "--json", state_dir=state_dir).stdout)] == [sound_one.name]
     finally:
         if record.parent.exists():
             record.write_text(sound)  # the fixture ends it
