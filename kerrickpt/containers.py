@@ -93,18 +93,19 @@ class Container:
 
 @dataclass(frozen=True)
 class ContainerStatus:
-    """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init."""
+    """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init,
+    and a `damaged` one (its record is unreadable) nothing but its name."""
 
     name: str
     state: str
     init_pid: int | None
     init_ns_pid: int | None
-    processes: int
+    processes: int | None
     memory_bytes: int | None
     memory_limit: int | None
     cgroup: list[str]
     log: str | None
-    created: str
+    created: str | None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -180,11 +181,11 @@ class Registry:
         write_atomic(self.path(container.name) / RECORD, json.dumps(asdict(container), indent=2))
 
     def all(self) -> list[Container]:
-        found = []
-        for path in sorted(self.containers.iterdir()):
-            if (path / RECORD).exists():
-                found.append(self.get(path.name))
-        return found
+        return [self.get(name) for name in self.recorded()]
+
+    def recorded(self) -> list[str]:
+        """The names with a record, readable or not."""
+        return [path.name for path in sorted(self.containers.iterdir()) if (path / RECORD).exists()]
 
     def refuse_while_migrating(self, name: str) -> None:
         """BusyError while a migration of `name` is pending: the target may run it, and `recover` decides."""
@@ -311,11 +312,19 @@ def _abandoned_status(registry: Registry, name: str) -> ContainerStatus | None:
     )
 
 
+def _recorded_status(registry: Registry, name: str) -> ContainerStatus:
+    """Its row; one that says only `damaged` if its record cannot be read (`kill NAME` still ends it)."""
+    try:
+        return status(registry.get(name))
+    except StateDamagedError:
+        return ContainerStatus(name, "damaged", None, None, None, None, None, [], None, None)
+
+
 def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
     """Every container of this node with its state, and the names of runs that died before registering
     theirs (`abandoned`). Only looks: `kill NAME` or `gc` removes what an abandoned one left."""
     registry = Registry(state_dir)
-    rows = [status(c) for c in registry.all()]
+    rows = [_recorded_status(registry, name) for name in registry.recorded()]
     rows += [row for name in registry.abandoned() if (row := _abandoned_status(registry, name))]
     return sorted(rows, key=lambda row: row.name)
 

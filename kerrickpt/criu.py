@@ -26,8 +26,6 @@ from kerrickpt.errors import (
 from kerrickpt.freezer import Freezer
 
 CHECK_TIMEOUT = 60.0
-# What postcopy gives its CRIU to let go of the tree; the streamed dump reads limits.LET_GO when it applies.
-STREAM_GRACE = limits.LET_GO.default
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 RESTORE_PIDFILE = "restore.pid"

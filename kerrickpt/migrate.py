@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import tenacity
 
 from kerrickpt import (
@@ -24,6 +25,7 @@ from kerrickpt import (
     criu,
     faults,
     feeder,
+    limits,
     logtail,
     node,
     postcopy,
@@ -41,6 +43,7 @@ from kerrickpt.errors import (
     NodeIncompatibleError,
     NotReadyError,
     ProtocolError,
+    StateDamagedError,
     TransportError,
     UsageError,
     from_dict,
@@ -55,8 +58,6 @@ DEFAULT_ATTEMPTS = 5
 CHUNK = 1 << 20
 # The target restores after the last byte: its CRIU's limit grows with the archive (see feeder).
 RESTORE_WAIT = 1200.0  # the target CRIU's limit (limits.RESTORE, 10 minutes by default) and as much again
-# After a post-copy's page stream broke: how long the target has to notice, kill its copy and say so.
-SETTLE_S = 2 * transport.STALL_S
 MOVED = ("running", "exited", "departed")  # what the target says of a container it had
 NEVER_RAN = ("absent", "failed")  # what it says of one that does not run there: only then may the source resume
 
@@ -112,6 +113,15 @@ def _retrying(attempts: int, what: str, fn: Callable[[], T]) -> tuple[T, int]:
     return result, int(retrying.statistics.get("attempt_number", 1))
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A journaled migration: its id, the link to its target and the source's scratch directory."""
+
+    id: str
+    link: transport.Link
+    scratch: Path
+
+
 class Journal:
     """The source's record of a migration under way: what `recover` needs after a crash or a lost answer."""
 
@@ -132,8 +142,23 @@ class Journal:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read(self) -> dict[str, Any]:
-        return dict(json.loads(self.path.read_text()))
+    def read(self) -> Pending:
+        """The migration journaled; StateDamagedError if the journal is not one, which `recover` must
+        not guess at: the container stays frozen, since the target may run it."""
+        name, where = self.path.stem, f"the journal of the migration of {self.path.stem} ({self.path})"
+        try:
+            entry = schema.from_state(self.path.read_bytes(), schema.Journal, where)
+            link = transport.Link.from_dict(msgspec.structs.asdict(entry.link))
+        except UsageError as exc:  # a target that does not parse
+            damage = f"{where} is damaged ({exc})"
+        except StateDamagedError as exc:
+            damage = exc.message
+        else:
+            return Pending(entry.id, link, Path(entry.scratch))
+        raise StateDamagedError(
+            f"{damage}; {name} stays frozen here, as the target may run it. Ask the target whether it does, then "
+            f"remove the journal and run `kerrickpt kill {name}` if it does, `kerrickpt recover {name}` if not"
+        )
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -421,7 +446,8 @@ def _finish_pages(
 
 def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
     """The target's word on a migration once it is no longer in progress; None if it cannot be had."""
-    deadline = time.monotonic() + SETTLE_S
+    # How long the target has to notice its page stream broke, kill its copy and say so.
+    deadline = time.monotonic() + 2 * limits.SEND_STALL.seconds()
     while time.monotonic() < deadline:
         with contextlib.suppress(KerrickptError):  # the link may be back in a moment
             answer = status(link, migration_id)
@@ -503,12 +529,12 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
                 raise UsageError(f"{name} is not frozen and no migration of it is pending: nothing to recover")
             container.group.freezer.thaw()
             return RecoverResult(name=name, migration_id="", outcome="resumed")
-        entry = journal.read()
-        link = transport.Link.from_dict(entry["link"])
+        pending = journal.read()
+        link = pending.link
 
         def ask() -> str:
             try:
-                state = status(link, entry["id"]).state
+                state = status(link, pending.id).state
             except ProtocolError as exc:
                 raise MigrationUnknown(
                     f"{exc}; {name} stays frozen here. Make both nodes run the same kerrickpt, then run "
@@ -536,5 +562,5 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
             container_here.group.freezer.thaw()
             outcome = "resumed"
         journal.remove()
-        shutil.rmtree(entry["scratch"], ignore_errors=True)
-        return RecoverResult(name=name, migration_id=entry["id"], outcome=outcome)
+        shutil.rmtree(pending.scratch, ignore_errors=True)
+        return RecoverResult(name=name, migration_id=pending.id, outcome=outcome)

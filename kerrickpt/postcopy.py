@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import cgroups, command, containers, criu, faults, procs, schema, transport
+from kerrickpt import cgroups, command, containers, criu, faults, limits, procs, schema, transport
 from kerrickpt.errors import KerrickptError, RestoreFailed, TransportError
 from kerrickpt.freezer import Freezer
 
@@ -43,6 +43,7 @@ class Source:
         self.for_criu, self.relay_end = socket.socketpair()
         self.relay = transport.Relay(self.relay_end, self.channel.stdout.fileno(), self.channel.stdin.fileno())
         self.criu: subprocess.Popen[bytes] | None = None
+        self.grace = limits.LET_GO.seconds()  # read now: `stop` runs on failure paths, where it must not raise
         if faults.is_set("pages-cut"):
             threading.Thread(target=self._cut_link, daemon=True).start()
 
@@ -63,9 +64,9 @@ class Source:
 
     def wait(self) -> None:
         """Until the transfer is over: the target has every page, or the stream broke or moved nothing
-        for transport.STALL_S (the target's daemon never pauses on its own). No deadline besides:
+        for limits.SEND_STALL (the target's daemon never pauses on its own). No deadline besides:
         a big container takes as long as its link needs. Only the target can say which it was."""
-        self.relay.wait(transport.STALL_S)
+        self.relay.wait()
         self.close()
 
     def stop(self) -> None:
@@ -79,7 +80,7 @@ class Source:
         self.relay.cut()  # a CRIU blocked writing to the relay gets EPIPE, one reading gets EOF
         if self.criu is None or self.criu.returncode is not None:
             return  # none, or gone already: its tree may be thawed by now, on purpose
-        let_go(self.criu, self.freezer)
+        let_go(self.criu, self.freezer, self.grace)
 
     def close(self) -> None:
         """`stop`, then end ssh and the relay (once the receiver's stream is torn, `agent pages` goes too)."""
@@ -105,15 +106,15 @@ class Source:
         self.for_criu.close()
 
 
-def let_go(page_server: subprocess.Popen[bytes], freezer: Freezer) -> None:
-    """Wait for the source's CRIU to exit, killing it if it will not, and leave its tree frozen.
+def let_go(page_server: subprocess.Popen[bytes], freezer: Freezer, grace: float) -> None:
+    """Wait `grace` s for the source's CRIU to exit, killing it if it will not, and leave its tree frozen.
 
     The target may hold the container by now: whatever happens, the tree here never runs
     again. A freeze that cannot complete (a task in uninterruptible sleep) stays requested,
     CRIU is killed all the same, and FreezeTimeout says so.
     """
     try:
-        page_server.wait(timeout=criu.STREAM_GRACE)
+        page_server.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         try:
             freezer.freeze(thaw_on_timeout=False)
@@ -166,7 +167,7 @@ def serve(migration_id: str, stdin_fd: int, stdout_fd: int, state_dir: Path | st
         # A link that died without closing: the daemon must fail (and the watcher kill its container)
         # rather than leave it hanging on pages that will never come. The first page comes only
         # once the archive has arrived and the restore began.
-        relay.wait(transport.STALL_S, first=transport.RECEIVE_STALL_S)
+        relay.wait(patient_first=True)
         relay.cut()
 
 
@@ -200,6 +201,7 @@ class Watcher:
     def __init__(self, registry: containers.Registry, migration_id: str) -> None:
         self.record = _record_path(registry, migration_id)
         self.started = False
+        self.grace = limits.LET_GO.seconds()  # read now: `abort` runs on failure paths, where it must not raise
         with _connect(registry, migration_id) as sock:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(sock.fileno())],
@@ -238,7 +240,7 @@ class Watcher:
         """The restore failed: stop the daemon (the watcher then removes what it had)."""
         self.process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=criu.STREAM_GRACE)
+            self.process.wait(timeout=self.grace)
 
     def __enter__(self) -> Watcher:
         return self

@@ -1,4 +1,5 @@
-"""Owns the shapes of what kerrickpt reads from an archive or a peer, and their typed, range-checked decoding."""
+"""Owns the shapes of what kerrickpt reads from an archive, a peer or its own journal, and their typed,
+range-checked decoding."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from kerrickpt.errors import ArchiveCorruptError, ProtocolError
+from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
 
 T = TypeVar("T")
 
@@ -152,6 +153,22 @@ class Sunk(Answer):
     seconds: Annotated[float, msgspec.Meta(ge=0)]
 
 
+# The source's journal of a migration under way (migrate.Journal): recover acts on it.
+
+
+class JournaledLink(msgspec.Struct):
+    target: str
+    ssh_options: list[str]
+    remote_kerrickpt: str
+
+
+class Journal(msgspec.Struct):
+    id: MIGRATION_ID
+    link: JournaledLink
+    scratch: str
+    started: str = ""
+
+
 def from_archive(data: object, kind: type[T], what: str) -> T:
     """`data` (JSON text, or what json.loads gave) as `kind`; ArchiveCorruptError naming `what` if it is not."""
     try:
@@ -166,6 +183,14 @@ def from_peer(data: object, kind: type[T], who: str) -> T:
         return _convert(data, kind)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ProtocolError(f"{who} sent a malformed message: {exc}") from exc
+
+
+def from_state(data: object, kind: type[T], what: str) -> T:
+    """`data` as `kind`; StateDamagedError naming `what` (a record of this node's) if it is not."""
+    try:
+        return _convert(data, kind)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise StateDamagedError(f"{what} is damaged ({exc})") from exc
 
 
 def migration_id(text: object) -> str:

@@ -34,10 +34,6 @@ from kerrickpt.errors import (
 )
 
 CALL_TIMEOUT = 120.0
-# A post-copy's page stream's stall limits (postcopy); the archive's stream reads limits.SEND_STALL
-# and limits.RECEIVE_STALL when they apply.
-STALL_S = limits.SEND_STALL.default
-RECEIVE_STALL_S = limits.RECEIVE_STALL.default
 RELAY_BYTES = 1 << 20
 FRAME_HEADER = struct.Struct(">cI")
 DATA, END = b"D", b"E"
@@ -446,11 +442,14 @@ class Relay:
     """Carries bytes both ways between a connected socket and a pair of pipes (an ssh channel's, or
     this process's stdin and stdout): CRIU's page server and lazy-pages daemon talk through it.
 
-    `done` is set when the socket's side has ended (its peer closed): the transfer is over.
+    `done` is set when the socket's side has ended (its peer closed): the transfer is over. The
+    stall limits (limits.SEND_STALL, limits.RECEIVE_STALL) are read once, here, so that a bad
+    setting fails the start and never a thread or a failure path.
     """
 
     def __init__(self, sock: socket.socket, read_fd: int, write_fd: int) -> None:
         self.sock = sock
+        self.send_stall, self.receive_stall = limits.SEND_STALL.seconds(), limits.RECEIVE_STALL.seconds()
         self.done = threading.Event()
         self.moved = 0  # bytes either way: what `wait` watches for progress
         self.threads = [
@@ -462,7 +461,7 @@ class Relay:
 
     def _to_socket(self, read_fd: int) -> None:
         with contextlib.suppress(OSError):
-            while _wait(read_fd, select.POLLIN, RECEIVE_STALL_S) and (data := os.read(read_fd, RELAY_BYTES)):
+            while _wait(read_fd, select.POLLIN, self.receive_stall) and (data := os.read(read_fd, RELAY_BYTES)):
                 self.sock.sendall(data)
                 self.moved += len(data)
             self.sock.shutdown(socket.SHUT_WR)
@@ -470,7 +469,7 @@ class Relay:
     def _from_socket(self, write_fd: int) -> None:
         try:
             while data := self.sock.recv(RELAY_BYTES):
-                if not _write_all(write_fd, memoryview(data), STALL_S):
+                if not _write_all(write_fd, memoryview(data), self.send_stall):
                     break
                 self.moved += len(data)
         except OSError:
@@ -478,14 +477,16 @@ class Relay:
         finally:
             self.done.set()
 
-    def wait(self, stall: float, first: float | None = None) -> bool:
-        """Until the transfer is over (True) or nothing moved for `stall` s (False); before the
-        first byte, for `first` s if given."""
+    def wait(self, patient_first: bool = False) -> bool:
+        """Until the transfer is over (True) or nothing moved for the send stall limit (False); before
+        the first byte, for the receive stall limit with `patient_first`."""
         last, since = self.moved, time.monotonic()
         while not self.done.wait(1.0):
             if self.moved != last:
                 last, since = self.moved, time.monotonic()
-            elif time.monotonic() - since > (stall if self.moved or first is None else first):
+            elif time.monotonic() - since > (
+                self.receive_stall if patient_first and not self.moved else self.send_stall
+            ):
                 return False
         return True
 
@@ -498,7 +499,7 @@ class Relay:
         """Wait for the threads (only the one writing to the pipe, with `toward_pipe`) to finish:
         cut first, and end the pipes' other side, or this waits for their stall limits."""
         for thread in self.threads[1:] if toward_pipe else self.threads:
-            thread.join(timeout=RECEIVE_STALL_S)
+            thread.join(timeout=self.receive_stall)
 
 
 def _wait(fd: int, event: int, timeout: float) -> bool:

@@ -186,22 +186,37 @@ def test_a_host_error_is_one_line_and_exit_16(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_a_damaged_record_exits_15_and_kill_still_ends_the_container(start_workload, state_dir: Path) -> None:
-    w = start_workload()
+    w, sound_one = start_workload(), start_workload()
     group = cgroups.Cgroup(tuple(Path(p) for p in w.status.cgroup))
     pids = group.pids()
     record = state_dir / "containers" / w.name / "container.json"
     sound = record.read_text()
     try:
         record.write_text(sound[: len(sound) // 2])  # torn, as by a full disk
-        for args in (("ps",), ("ps", "--json"), ("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"))):
-            damaged = cli(*args, state_dir=state_dir)
-            assert damaged.returncode == 15, damaged.stderr
-            assert "Traceback" not in damaged.stderr and f"kerrickpt kill {w.name}" in damaged.stderr
-        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout)["error"] == "StateDamagedError"
+        damaged = cli("checkpoint", w.name, "-o", str(state_dir / "x.kckpt"), "--json", state_dir=state_dir)
+        assert damaged.returncode == 15, damaged.stderr
+        assert "Traceback" not in damaged.stderr and f"kerrickpt kill {w.name}" in damaged.stderr
+        assert json.loads(damaged.stdout)["error"] == "StateDamagedError"
+
+        # ps lists the others, and the damaged one as a row that says so.
+        listed = cli("ps", "--json", state_dir=state_dir)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+        rows = {r["name"]: r for r in json.loads(listed.stdout)}
+        assert rows[sound_one.name]["state"] == "running" and rows[sound_one.name]["init_pid"]
+        assert rows[w.name] == {
+            "name": w.name, "state": "damaged", "init_pid": None, "init_ns_pid": None, "processes": None,
+            "memory_bytes": None, "memory_limit": None, "cgroup": [], "log": None, "created": None,
+        }  # fmt: skip
+        table = cli("ps", state_dir=state_dir)
+        assert table.returncode == 0, table.stderr
+        assert [line.split()[:2] for line in table.stdout.splitlines()[1:]] == sorted(
+            [[w.name, "damaged"], [sound_one.name, "running"]]
+        )
+
         ended = cli("kill", w.name, state_dir=state_dir)
         assert ended.returncode == 0, ended.stderr
         assert not any(procs.start_time(pid) for pid in pids) and not cgroup_dirs(w.name)
-        assert json.loads(cli("ps", "--json", state_dir=state_dir).stdout) == []
+        assert [r["name"] for r in json.loads(cli("ps", "--json", state_dir=state_dir).stdout)] == [sound_one.name]
     finally:
         if record.parent.exists():
             record.write_text(sound)  # the fixture ends it
@@ -220,6 +235,52 @@ def test_a_pending_migration_makes_kill_and_checkpoint_busy(start_workload, stat
         assert w.status.state == "running"
     finally:
         journal.unlink()
+
+
+SOUND_JOURNAL = {
+    "id": "0" * 32,
+    "link": {"target": "root@198.18.0.2", "ssh_options": [], "remote_kerrickpt": "kerrickpt"},
+    "scratch": "/nonexistent/kerrickpt-scratch",
+    "started": "2026-01-01T00:00:00Z",
+}
+
+
+def _without(key: str) -> str:
+    return json.dumps({k: v for k, v in SOUND_JOURNAL.items() if k != key})
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": "0000',  # torn, as by a full disk
+        "[]",
+        _without("link"),
+        _without("id"),
+        _without("scratch"),
+        json.dumps({**SOUND_JOURNAL, "link": {**SOUND_JOURNAL["link"], "target": "no host@"}}),
+    ],
+    ids=["torn", "not-an-object", "no-link", "no-id", "no-scratch", "bad-target"],
+)
+def test_recover_with_a_damaged_journal_exits_15_and_leaves_the_container_frozen(
+    start_workload, state_dir: Path, text: str
+) -> None:
+    """The target may run the container: a journal recover cannot read must never thaw it here."""
+    w = start_workload()
+    group = cgroups.Cgroup(tuple(Path(p) for p in w.status.cgroup))
+    journal = containers.Registry(state_dir).journal_path(w.name)
+    group.freezer.freeze()
+    journal.write_text(text)
+    try:
+        damaged = cli("recover", w.name, state_dir=state_dir)
+        assert damaged.returncode == 15, damaged.stderr
+        assert damaged.stderr.count("\n") == 1 and damaged.stderr.startswith("kerrickpt: error (exit 15): ")
+        assert f"journal of the migration of {w.name}" in damaged.stderr and "is damaged" in damaged.stderr
+        assert group.freezer.is_frozen(), "still frozen"
+        assert journal.read_text() == text, "and the journal is left for the operator"
+    finally:
+        journal.unlink(missing_ok=True)
+        group.freezer.thaw()  # the fixture ends it
 
 
 def _catches(pid: int, signum: int) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import cgroups, criu, postcopy
+from kerrickpt import cgroups, postcopy
 from kerrickpt import freezer as freezer_module
 from kerrickpt.freezer import Freezer, FreezeTimeout, frozen
 from tests.helpers import freezer_roots, unique_name, wait_for
@@ -113,7 +113,6 @@ def test_post_copy_source_whose_freeze_cannot_complete_never_runs_again(
     join = f"echo 0 > {group.dirs[0]}/cgroup.procs"
     loop = f"{join}; {counter_loop(counter)}"
     page_server = subprocess.Popen(["sleep", "600"])  # stands in for a CRIU that will not exit
-    monkeypatch.setattr(criu, "STREAM_GRACE", 0.1)
     monkeypatch.setattr(freezer_module, "FREEZE_TIMEOUT", 1.0)
     jobs: list[subprocess.Popen[bytes]] = []
     try:
@@ -124,7 +123,7 @@ def test_post_copy_source_whose_freeze_cannot_complete_never_runs_again(
             wait_for(lambda: Path(f"/proc/{jobs[1].pid}/stat").read_text().split()[2] == "D", what="stuck")
 
             with pytest.raises(FreezeTimeout, match="stays requested"):
-                postcopy.let_go(page_server, group.freezer)
+                postcopy.let_go(page_server, group.freezer, grace=0.1)
 
             assert page_server.poll() is not None, "CRIU was killed all the same"
             held = counter.read_text()

@@ -157,7 +157,8 @@ def cmd_ps(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"{'NAME':<24} {'STATE':<9} {'PID':>8} {'NSPID':>5} {'PROCS':>5} {'MEMORY':>12} {'LIMIT':>12}")
         for r in rows:
             print(
-                f"{r.name:<24} {r.state:<9} {r.init_pid or '-':>8} {r.init_ns_pid or '-':>5} {r.processes:>5} "
+                f"{r.name:<24} {r.state:<9} {r.init_pid or '-':>8} {r.init_ns_pid or '-':>5} "
+                f"{'-' if r.processes is None else r.processes:>5} "
                 f"{_mib(r.memory_bytes):>12} {_mib(r.memory_limit):>12}"
             )
     return [r.to_dict() for r in rows], 0
