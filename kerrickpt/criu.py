@@ -161,7 +161,9 @@ def _call(  # type: ignore[no-untyped-def]
 
 def _hang_up(client) -> None:  # type: ignore[no-untyped-def]
     """Close pycriu's socket to CRIU and reap CRIU, if pycriu had not done so yet."""
-    sk, swrk = client._comm.sk, getattr(client._comm, "swrk", None)
+    # A signal may come before pycriu's connect() stored them: then CRIU, whose PID is not known
+    # yet, has not been asked anything and leaves when its socket closes with pycriu's objects.
+    sk, swrk = getattr(client._comm, "sk", None), getattr(client._comm, "swrk", None)
     if sk is not None:
         sk.close()
     if swrk:
