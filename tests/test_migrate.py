@@ -542,14 +542,15 @@ def test_recover_resumes_only_on_the_targets_word_and_removes_a_copy_that_depart
     assert [r["init_pid"] for r in b.json("ps") if r["name"] == job.name] == [init_there]
 
     # Anything but the target's explicit word keeps the source frozen: exit 12, one line, no traceback.
-    for answer in ('{"event": "status"}', '{"state": "gone-fishing"}', '{"state": ["absent"]}', "[1, 2]"):
+    garbled = ('{"event": "ok"}', '{"event": "ok", "state": "gone-fishing"}', '{"event": "ok", "state": ["absent"]}')
+    for answer in (*garbled, '{"state": "absent"}', "[1, 2]"):
         _answering(journal, tmp_path / "status", answer)
         said = a.kerrickpt("recover", job.name, "--attempts", "1")
         assert said.returncode == 12, (answer, said.stderr)
         assert "Traceback" not in said.stderr and len(said.stderr.strip().splitlines()) == 1, said.stderr
         assert job.row(a)["state"] == "frozen", answer  # type: ignore[index]
     # Still receiving: asked again, then busy; the source stays frozen.
-    _answering(journal, tmp_path / "status", '{"state": "in-progress"}')
+    _answering(journal, tmp_path / "status", '{"event": "ok", "state": "in-progress"}')
     busy = a.kerrickpt("recover", job.name, "--attempts", "2")
     assert busy.returncode == 13, busy.stderr
     assert "still receiving" in busy.stderr and "retrying" in busy.stderr
