@@ -50,11 +50,14 @@ examples:
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
-  9 container exists, 10 an external program timed out, 11 ssh failed, 12 migration outcome unknown
-  (the source stays frozen: run `kerrickpt recover NAME`), 13 target busy,
+  9 container exists, 10 an external program timed out and was stopped,
+  11 ssh failed or the other side's message was malformed, 12 migration outcome unknown
+  (the source stays frozen: run `kerrickpt recover NAME`), 13 busy (here or on the target),
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
-  15 a container's record is damaged (`kerrickpt kill NAME` still ends it),
+  15 a container's record (`kerrickpt kill NAME` still ends it) or migration journal is damaged,
   16 the host refused an operation (permission, full disk, cgroup write),
+  17 CRIU stopped or died with its code perhaps inside the container (left frozen),
+  18 checkpoint: archive complete, but the container could not all be ended (`kerrickpt kill NAME`),
   20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
   129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
 """
