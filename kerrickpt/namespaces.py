@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -17,6 +19,16 @@ def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def map_ids(pid: int, host_uid: int, host_gid: int, count: int) -> None:
+    """Map ids 0..count-1 in `pid`'s new user namespace to host uids from `host_uid` and gids from `host_gid`.
+
+    Written from the parent, which holds CAP_SETUID/CAP_SETGID here, so `setgroups` stays allowed:
+    denying it would make the container's own setgroups() fail (field notes).
+    """
+    Path(f"/proc/{pid}/uid_map").write_text(f"0 {host_uid} {count}\n")
+    Path(f"/proc/{pid}/gid_map").write_text(f"0 {host_gid} {count}\n")
 
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 2, 4, 8, 1 << 14, 1 << 19

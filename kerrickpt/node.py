@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kerrickpt import cgroups, criu, schema, testmode
+from kerrickpt import cgroups, containers, criu, isolation, schema, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -113,6 +113,7 @@ class Report:
     criu_check: str
     cgroups: dict[str, str | None]
     features: dict[str, bool]
+    id_ranges: dict[str, object] | None  # isolation.IdPool: host ids for containers with their own users
     can_dump_other_users: bool
     fingerprint: Fingerprint | None
     problems: list[str] = field(default_factory=list)
@@ -124,8 +125,12 @@ class Report:
         return data
 
 
-def check() -> Report:
-    """Probe this node: root, CRIU, cgroups, kernel features and its fingerprint."""
+def check(state_dir: Path | str | None = None) -> Report:
+    """Probe this node: root, CRIU, cgroups, kernel features and its fingerprint.
+
+    Overlayfs, user namespaces and id ranges are what containers with their own root and users
+    need: reported, but today's plain containers run without them, so they never make it not ready.
+    """
     problems: list[str] = []
     notes: list[str] = []
     is_root = os.geteuid() == 0
@@ -163,6 +168,8 @@ def check() -> Report:
             "root here lacks CAP_SYS_RESOURCE: only processes owned by root can be checkpointed "
             "(CRIU fails on other users' tasks with \"Can't get rlimit\")"
         )
+    pool = isolation.id_pool() if is_root else None
+    features |= _isolation_features(pool, state_dir, notes)
     return Report(
         ready=not problems,
         is_root=is_root,
@@ -171,8 +178,25 @@ def check() -> Report:
         criu_check=criu_check_text,
         cgroups=layout.to_dict(),
         features=features,
+        id_ranges=pool.to_dict() if pool else None,
         can_dump_other_users=can_dump_others,
         fingerprint=fingerprint(found.version) if found else None,
         problems=problems,
         notes=notes,
     )
+
+
+def _isolation_features(
+    pool: isolation.IdPool | None, state_dir: Path | str | None, notes: list[str]
+) -> dict[str, bool]:
+    """features.overlay and features.user_namespaces, a note saying why for each one missing."""
+    if pool is None:
+        return {"overlay": False, "user_namespaces": False}  # root only; not being root is already a problem
+    if not pool.ranges:
+        notes.append(f"no {isolation.RANGE}-id range is free for containers with their own users ({pool.source})")
+    probes = {
+        "overlay": isolation.overlay(containers.Registry(state_dir).scratch_dir("overlay-probe-")),
+        "user_namespaces": isolation.user_namespaces(pool),
+    }
+    notes.extend(f"no {name}: {probe.why_not}" for name, probe in probes.items() if not probe.works)
+    return {name: probe.works for name, probe in probes.items()}

@@ -108,7 +108,7 @@ def _watched(args: argparse.Namespace) -> contextlib.AbstractContextManager[None
 def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if args.against:
         return _check_against(args)
-    report = kerrickpt.check()
+    report = kerrickpt.check(args.state_dir)
     if not args.json:
         fp = report.fingerprint
         print(f"ready: {'yes' if report.ready else 'no'}")
@@ -116,6 +116,10 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
         print(f"criu check: {report.criu_check.splitlines()[-1] if report.criu_check else '-'}")
         print(f"cgroups: {report.cgroups['kind']} {json.dumps(report.cgroups)}")
         print("features: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.features.items()))
+        if report.id_ranges:
+            pool = report.id_ranges
+            spans = f"uids {_spans(pool['uids'])}, gids {_spans(pool['gids'])}"
+            print(f"id ranges: {pool['ranges']} of 65536 ids ({spans}; {pool['source']})")
         if fp:
             print(f"node: {fp.arch}, kernel {fp.kernel}, {fp.os_release}, page size {fp.page_size}")
             print(f"cpu flags: {len(fp.cpu_flags)}")
@@ -126,6 +130,10 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
     if not report.ready:
         raise NotReadyError("this node is not ready: " + "; ".join(report.problems), report=report.to_dict())
     return report.to_dict(), 0
+
+
+def _spans(spans: Any) -> str:
+    return " ".join(f"{first}-{first + count - 1}" for first, count in spans) or "none"
 
 
 def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
