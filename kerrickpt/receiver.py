@@ -55,7 +55,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
     except ValueError as exc:
         raise ProtocolError(f"the source sent a malformed message: cpuinfo is not base64: {exc}") from exc
     registry = containers.Registry(state_dir)
-    report = node.check()
+    report = node.check(state_dir)
     if not report.ready:
         raise NotReadyError("the target is not ready: " + "; ".join(report.problems))
     found = criu.locate()
