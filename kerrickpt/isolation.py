@@ -91,8 +91,9 @@ def id_pool(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid
     return IdPool(source=source, uids=tuple(uids), gids=tuple(gids), ranges=count)
 
 
-def _kernel_lists(fs_type: str, filesystems: Path) -> bool:
-    return any(line.split()[-1:] == [fs_type] for line in filesystems.read_text().splitlines())
+def _kernel_lists(fs_type: str) -> bool:
+    lines = Path("/proc/filesystems").read_text().splitlines()
+    return any(line.split()[-1:] == [fs_type] for line in lines)
 
 
 # In a private mount namespace that dies with the shell: an overlay of the host's root whose upper
@@ -103,7 +104,7 @@ _OVERLAY_SCRIPT = (
 )
 
 
-def overlay(scratch: Path, filesystems: Path = Path("/proc/filesystems")) -> Probe:
+def overlay(scratch: Path) -> Probe:
     """Can an overlay of the host's root, its writable layer in `scratch` (a fresh directory, removed here), be made?"""
     try:
         for part in ("upper", "work", "merged"):
@@ -115,7 +116,7 @@ def overlay(scratch: Path, filesystems: Path = Path("/proc/filesystems")) -> Pro
         if result.returncode == 0 and (scratch / "upper" / PROBE_FILE).exists():
             return Probe(True)
         # Mounting asks the kernel to load the module: only now does a missing overlay mean it has none.
-        if not _kernel_lists("overlay", filesystems):
+        if not _kernel_lists("overlay"):
             return Probe(False, "the kernel offers no overlayfs (not in /proc/filesystems, and no module loaded)")
         return Probe(
             False,
@@ -130,7 +131,11 @@ def overlay(scratch: Path, filesystems: Path = Path("/proc/filesystems")) -> Pro
 
 def user_namespaces(pool: IdPool, max_path: Path = Path("/proc/sys/user/max_user_namespaces")) -> Probe:
     """Can a user namespace be made and given the pool's first range, so that its root is a host id from it?"""
-    if int(max_path.read_text()) == 0:
+    try:
+        allowed = int(max_path.read_text())
+    except FileNotFoundError:
+        return Probe(False, f"no {max_path}: this kernel was built without user namespaces")
+    if allowed == 0:
         return Probe(False, f"{max_path} is 0: this kernel makes no user namespaces")
     first = pool.first()
     if first is None:

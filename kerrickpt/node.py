@@ -194,9 +194,10 @@ def _isolation_features(
         return {"overlay": False, "user_namespaces": False}  # root only; not being root is already a problem
     if not pool.ranges:
         notes.append(f"no {isolation.RANGE}-id range is free for containers with their own users ({pool.source})")
-    probes = {
-        "overlay": isolation.overlay(containers.Registry(state_dir).scratch_dir("overlay-probe-")),
-        "user_namespaces": isolation.user_namespaces(pool),
-    }
+    try:
+        overlay = isolation.overlay(containers.Registry(state_dir).scratch_dir("overlay-probe-"))
+    except OSError as exc:
+        overlay = isolation.Probe(False, f"no room to try one in the state directory: {exc}")
+    probes = {"overlay": overlay, "user_namespaces": isolation.user_namespaces(pool)}
     notes.extend(f"no {name}: {probe.why_not}" for name, probe in probes.items() if not probe.works)
     return {name: probe.works for name, probe in probes.items()}
