@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
-import signal
+import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,62 +140,53 @@ def user_namespaces(pool: IdPool, max_path: Path = Path("/proc/sys/user/max_user
     first = pool.first()
     if first is None:
         return Probe(False, "no id range to map: see id_ranges")
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        _user_namespace_child(ready_w, go_r)
-    os.close(ready_w)
-    os.close(go_r)
-    pidfd = os.pidfd_open(pid)
-    try:
-        why_not = _map_when_ready(pid, ready_r, go_w, first)
-        if not why_not and not select.select([pidfd], [], [], PROBE_TIMEOUT)[0]:
-            why_not = "the user namespace probe did not finish"
-    finally:
-        os.close(ready_r)
-        os.close(go_w)
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # only one that overran is still alive
-        os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
-    if why_not:
-        return Probe(False, why_not)
-    if os.waitstatus_to_exitcode(status) != 0:
-        return Probe(False, f"could not become root in a user namespace mapped to host uid/gid {first}")
+    # Programs, not a forked Python: the library stays safe to call from threads (see helper). The
+    # shell is unmapped when it execs, so only --keep-caps (ambient) lets it become root once mapped.
+    with subprocess.Popen(
+        ["unshare", "--user", "--keep-caps", "--", "sh", "-c", _BECOME_ROOT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    ) as child:
+        try:
+            why_not = _map_once_unshared(child.pid, first)
+            if why_not:
+                child.kill()
+                child.wait()
+                return Probe(False, why_not)
+            _, err = child.communicate("go\n", timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            return Probe(False, "the user namespace probe did not finish")
+    if child.returncode != 0:
+        detail = command.tail(err, 3)
+        return Probe(False, f"could not become root in a user namespace mapped to host uid/gid {first}: {detail}")
     return Probe(True)
 
 
-def _map_when_ready(pid: int, ready_r: int, go_w: int, first: tuple[int, int]) -> str:
-    """Map the pool's first range into the child's user namespace once it has one; why not, if not."""
-    if not select.select([ready_r], [], [], PROBE_TIMEOUT)[0]:
-        return "the user namespace probe did not answer"
-    error = os.read(ready_r, 4096).decode(errors="replace")
-    if error:
-        return error
+# Once its maps are written (the parent says "go"), become root inside, as a container's init will:
+# a host id from the pool.
+_BECOME_ROOT = "read go && exec setpriv --reuid=0 --regid=0 --clear-groups true"
+
+
+def _map_once_unshared(pid: int, first: tuple[int, int]) -> str:
+    """Map the pool's first range into `pid`'s user namespace once unshare(1) made it; why not, if not."""
+    ours = os.readlink("/proc/self/ns/user")
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while True:
+        try:
+            if os.readlink(f"/proc/{pid}/ns/user") != ours:
+                break
+        except FileNotFoundError:
+            return "could not make a user namespace (unshare --user exited)"
+        if time.monotonic() > deadline:
+            return "the user namespace probe did not answer"
+        time.sleep(0.005)
     try:
         namespaces.map_ids(pid, *first, RANGE)
     except OSError as exc:
         return f"mapping {RANGE} ids from host uid/gid {first} into a user namespace failed: {exc}"
-    os.write(go_w, b"go")
     return ""
-
-
-def _user_namespace_child(ready_w: int, go_r: int) -> None:  # pragma: no cover - the child
-    """Make a user namespace, say so by closing `ready_w`, wait for the maps, and exit 0 if it became root inside."""
-    code = 1
-    try:
-        try:
-            namespaces.unshare(namespaces.CLONE_NEWUSER)
-        except OSError as exc:
-            os.write(ready_w, f"could not make a user namespace: {exc}".encode())
-            return
-        os.close(ready_w)
-        os.read(go_r, 2)
-        # As a container's init will: become root inside, which is a host id from the pool.
-        os.setgroups([])
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-        code = 0
-    finally:
-        os._exit(code)

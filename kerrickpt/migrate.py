@@ -396,7 +396,7 @@ class _Live:
 
 def _require_lazy_pages(link: transport.Link, preflight: schema.PreflightAnswer) -> None:
     """Post-copy needs userfaultfd and big enough pipes on both nodes; say which lacks them."""
-    here = node.check().features["lazy_pages"]
+    here = node.lazy_pages(criu.locate())
     there = preflight.lazy_pages
     if not (here and there):
         where = " and ".join(n for n, ok in (("this node", here), (str(link.target), there)) if not ok)

@@ -125,6 +125,16 @@ class Report:
         return data
 
 
+def pipes_allow_lazy_pages() -> bool:
+    """CRIU's lazy pages need pipes it cannot grow past fs.pipe-max-size without CAP_SYS_RESOURCE."""
+    return has_capability(CAP_SYS_RESOURCE) or pipe_max_size() >= LAZY_PIPE_SIZE
+
+
+def lazy_pages(found: criu.Criu) -> bool:
+    """Can this node serve or take a post-copy migration's memory (features.lazy_pages of `check`)?"""
+    return criu.has_feature(found, "uffd-noncoop") and pipes_allow_lazy_pages()
+
+
 def check(state_dir: Path | str | None = None) -> Report:
     """Probe this node: root, CRIU, cgroups, kernel features and its fingerprint.
 
@@ -156,7 +166,7 @@ def check(state_dir: Path | str | None = None) -> Report:
     if not features["mem_dirty_track"]:
         notes.append("soft-dirty memory tracking is off: no pre-dump or incremental snapshots")
     can_dump_others = has_capability(CAP_SYS_RESOURCE)
-    features["lazy_pages"] = features["userfaultfd"] and (can_dump_others or pipe_max_size() >= LAZY_PIPE_SIZE)
+    features["lazy_pages"] = features["userfaultfd"] and pipes_allow_lazy_pages()
     if features["userfaultfd"] and not features["lazy_pages"]:
         notes.append(
             f"lazy pages (post-copy) would fail: without CAP_SYS_RESOURCE CRIU cannot grow its pipes past "
