@@ -104,7 +104,7 @@ def _retrying(attempts: int, what: str, fn: Callable[[], T]) -> tuple[T, int]:
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
-        wait=tenacity.wait_exponential_jitter(initial=0.5, max=5.0, jitter=0.5),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=5.0, jitter=0.5),
         retry=tenacity.retry_if_exception(_is_transient),
         before_sleep=before_sleep,
         reraise=True,
