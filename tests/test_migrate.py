@@ -193,6 +193,13 @@ def test_failure_before_the_target_runs_it_resumes_the_source(
     assert_nothing_left(b, job)
 
 
+def recover_says_moved(a: Node, job: Job) -> None:
+    """`recover` on the source ends with the target having had it: the source copy is removed."""
+    recovered = a.kerrickpt("recover", job.name, "--json")
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["outcome"] == "moved"
+
+
 def test_lost_confirmation_keeps_source_frozen_until_recover(cluster: Cluster, workload: Path) -> None:
     a, b = cluster.nodes
     job = Job(a, workload)
@@ -205,10 +212,7 @@ def test_lost_confirmation_keeps_source_frozen_until_recover(cluster: Cluster, w
     assert source is not None and source["state"] == "frozen", "never two running copies"
     assert running_copies(cluster, job) == ["b"]
 
-    recovered = a.kerrickpt("recover", job.name, "--json")
-
-    assert recovered.returncode == 0, recovered.stderr
-    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    recover_says_moved(a, job)
     assert_nothing_left(a, job)
     assert running_copies(cluster, job) == ["b"]
     job.keeps_counting(b)
@@ -485,10 +489,7 @@ def test_lazy_migration_whose_answer_is_lost_still_gets_its_memory_and_recover_f
 
     assert result.returncode == 12, result.stderr
     assert job.row(a)["state"] == "frozen", "never two running copies"  # type: ignore[index]
-    recovered = a.kerrickpt("recover", job.name, "--json")
-
-    assert recovered.returncode == 0, recovered.stderr
-    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    recover_says_moved(a, job)
     assert_moved_with_its_state(cluster, job, before)
 
 
@@ -559,10 +560,7 @@ def test_recover_resumes_only_on_the_targets_word_and_removes_a_copy_that_depart
     # It came to b and went from there: the target remembers; the source copy must go.
     journal.write_text(real)
     assert b.kerrickpt("kill", job.name).returncode == 0
-    recovered = a.kerrickpt("recover", job.name, "--json")
-
-    assert recovered.returncode == 0, recovered.stderr
-    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    recover_says_moved(a, job)
     assert_nothing_left(a, job)
     assert running_copies(cluster, job) == []
 
@@ -573,10 +571,7 @@ def test_recover_removes_the_source_copy_once_the_targets_copy_exited(cluster: C
     os.kill(int(job.row(b)["init_pid"]), signal.SIGKILL)  # type: ignore[index, arg-type]
     wait_for(lambda: job.row(b)["state"] == "exited", what="the copy on b to exit")  # type: ignore[index]
 
-    recovered = a.kerrickpt("recover", job.name, "--json")
-
-    assert recovered.returncode == 0, recovered.stderr
-    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    recover_says_moved(a, job)
     assert_nothing_left(a, job)
     assert running_copies(cluster, job) == []
 
@@ -620,10 +615,7 @@ def test_sigterm_after_the_end_frame_keeps_the_source_frozen_and_exits_12(cluste
     assert job.row(a)["state"] == "frozen", "the target may run it: never two running copies"
     wait_for(lambda: job.row(b) is not None and job.row(b)["state"] == "running", timeout=60, what="b to run it")  # type: ignore[index]
 
-    recovered = a.kerrickpt("recover", job.name, "--json")
-
-    assert recovered.returncode == 0, recovered.stderr
-    assert json.loads(recovered.stdout)["outcome"] == "moved"
+    recover_says_moved(a, job)
     assert running_copies(cluster, job) == ["b"]
     assert_nothing_left(a, job)
 
