@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kerrickpt import cgroups, launcher, lock, procs
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -82,6 +83,7 @@ class Container:
     memory_limit: int | None = None
     migration: str | None = None  # the id of the migration that brought it here
     host_job: bool = False  # restored from a job that shared the host's namespaces
+    confinement: Confinement | None = None  # its own root and users; None: it shares the host's
 
     @property
     def group(self) -> cgroups.Cgroup:
@@ -165,10 +167,13 @@ class Registry:
     def get(self, name: str) -> Container:
         record = self.path(name) / RECORD
         try:
-            container = Container(**json.loads(record.read_text()))
+            fields = json.loads(record.read_text())
+            if fields.get("confinement") is not None:
+                fields["confinement"] = Confinement.from_dict(fields["confinement"])
+            container = Container(**fields)
         except FileNotFoundError:
             raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
-        except (ValueError, TypeError) as exc:  # torn, not JSON, or not a record's fields
+        except (ValueError, TypeError, AttributeError) as exc:  # torn, not JSON, or not a record's fields
             raise StateDamagedError(
                 f"the record of container {name} ({record}) is damaged ({exc}); "
                 f"`kerrickpt kill {name}` ends what runs in its cgroup and removes it"
