@@ -43,6 +43,10 @@ class NotReadyError(KerrickptError):
     exit_code = 3
 
 
+class NoIdRangeError(NotReadyError):
+    """This node has no free host id range for a container's users (see /etc/subuid and /etc/subgid)."""
+
+
 class ContainerNotFoundError(KerrickptError):
     """No such container or cgroup on this node."""
 

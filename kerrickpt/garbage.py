@@ -6,17 +6,17 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kerrickpt import containers, postcopy, procs
+from kerrickpt import containers, idranges, postcopy, procs
 
-CONTAINER, SCRATCH, POSTCOPY, MARKER = "container", "scratch", "post-copy", "marker"
-KINDS = (POSTCOPY, CONTAINER, SCRATCH, MARKER)
+CONTAINER, SCRATCH, POSTCOPY, MARKER, ID_RANGE = "container", "scratch", "post-copy", "marker", "id-range"
+KINDS = (POSTCOPY, CONTAINER, SCRATCH, MARKER, ID_RANGE)
 
 
 @dataclass(frozen=True)
 class Leftover:
     """One thing a dead kerrickpt process left: what it is, where, and why it is garbage."""
 
-    kind: str  # container (a name its run never registered), scratch, post-copy or marker
+    kind: str  # container (a name its run never registered), scratch, post-copy, marker or id-range
     path: str
     why: str
 
@@ -45,13 +45,18 @@ def find(registry: containers.Registry) -> list[Leftover]:
         for marker in sorted(_incoming(registry, ".json"))
         if containers.claimant_alive(marker) is False
     ]
+    found += [
+        Leftover(ID_RANGE, str(claim), "its container is gone from this node: the range is free again")
+        for claim in idranges.stale(registry)
+    ]
     return found
 
 
 def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tuple[str, ...] = KINDS) -> list[Leftover]:
     """Remove what dead kerrickpt processes left (or, with `dry_run`, only say what): kill the container
     of a post-copy whose watcher died, then names never registered and their cgroups, scratch
-    directories (memory images), and markers of receivers that died; only those of `kinds`."""
+    directories (memory images), markers of receivers that died, and the id range claims of containers that
+    are gone (after the names, whose removal frees theirs); only those of `kinds`."""
     found = [leftover for leftover in find(registry) if leftover.kind in kinds]
     if dry_run:
         return found
@@ -63,6 +68,8 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
             containers.remove_abandoned(registry, path.name)
         elif leftover.kind == SCRATCH:
             shutil.rmtree(path, ignore_errors=True)
+        elif leftover.kind == ID_RANGE:
+            idranges.drop_stale(registry, path)
         else:  # a marker goes last: until then, the migration's status says what is left
             path.unlink(missing_ok=True)
     return found
