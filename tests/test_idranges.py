@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import kerrickpt
 from kerrickpt import containers, idranges
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
 from kerrickpt.isolation import RANGE, IdPool
+from tests.helpers import wait_for
 
 UID_FIRST, GID_FIRST = 0x40000000, 0x50000000  # never mapped here: the claims are only files
 
@@ -156,23 +158,43 @@ except NoIdRangeError:
 """
 
 
-def _claim_at_once(state_dir: Path, names: list[str], shared: IdPool) -> dict[str, tuple[int, int] | None]:
+def _claim_at_once(
+    state_dir: Path, names: list[str], shared: IdPool, *, held_back: Path | None = None
+) -> dict[str, tuple[int, int] | None]:
+    """Claim for each of `names` in a process of its own, all at once: with `held_back`, a claim whose flock
+    this test holds until every process waits for it, so that they all go for it together."""
     go = state_dir / "go"
-    spec = json.dumps(shared.to_dict())
     argv = [sys.executable, "-c", _CLAIMER, str(state_dir)]
-    claimers = {
-        name: subprocess.Popen([*argv, name, str(go), spec], stdout=subprocess.PIPE, text=True) for name in names
-    }
+    held = None if held_back is None else os.open(held_back, os.O_RDONLY)
+    claimers: dict[str, subprocess.Popen[str]] = {}
     try:
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        for name in names:
+            spec = json.dumps(shared.to_dict())
+            claimers[name] = subprocess.Popen([*argv, name, str(go), spec], stdout=subprocess.PIPE, text=True)
         go.touch()
+        if held is not None and held_back is not None:
+            wait_for(lambda: _waiting_for(held_back) == len(names), timeout=120, what="every claimer waiting")
+            os.close(held)
+            held = None
         answers = {name: claimer.communicate(timeout=120)[0] for name, claimer in claimers.items()}
     finally:
+        if held is not None:
+            os.close(held)
         for claimer in claimers.values():
             if claimer.poll() is None:
                 claimer.kill()
                 claimer.wait()
     assert all(claimer.returncode == 0 for claimer in claimers.values())
     return {name: tuple(pair) if (pair := json.loads(answer)) else None for name, answer in answers.items()}
+
+
+def _waiting_for(path: Path) -> int:
+    """How many processes wait for the flock of `path` (/proc/locks marks waiters with `->`)."""
+    inode = f":{path.stat().st_ino}"
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line.split() and any(f.endswith(inode) for f in line.split()))
 
 
 @pytest.mark.root
@@ -191,7 +213,7 @@ def test_processes_racing_for_the_one_range_a_gone_container_held_leave_it_to_ex
     registry.release("gone")
     names = [f"r{i}" for i in range(8)]
     reserved(registry, *names)
-    got = _claim_at_once(state_dir, names, pool(1))
+    got = _claim_at_once(state_dir, names, pool(1), held_back=state_dir / idranges.DIRECTORY / f"uid-{freed[0]}")
     assert list(got.values()).count(freed) == 1 and list(got.values()).count(None) == len(names) - 1
     winner = next(name for name, pair in got.items() if pair)
     assert idranges.held(registry) == {winner: freed}
