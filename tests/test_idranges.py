@@ -260,6 +260,28 @@ def test_remapped_images_map_the_same_container_ids_to_the_new_range(tmp_path: P
     assert image.stat().st_ino == written
 
 
+# userns-12.img as CRIU 4.2.1 wrote it here, dumping a task whose user namespace mapped ids 0-65535 to
+# host ids 1610612736-1610678271 (uid and gid).
+CRIU_USERNS_IMAGE = bytes.fromhex("19435654064947551c0000000a0c080010808080800618808004120c080010808080800618808004")
+
+
+def test_an_image_criu_wrote_is_moved_to_the_new_range(tmp_path: Path) -> None:
+    image = tmp_path / "userns-12.img"
+    image.write_bytes(CRIU_USERNS_IMAGE)
+    assert idranges.remap_images(tmp_path, 524288, 589824)
+    assert _load(image) == {
+        "magic": "USERNS",
+        "entries": [
+            {
+                "uid_map": [{"first": 0, "lower_first": 524288, "count": 65536}],
+                "gid_map": [{"first": 0, "lower_first": 589824, "count": 65536}],
+            }
+        ],
+    }
+    assert idranges.remap_images(tmp_path, 1610612736, 1610612736)
+    assert image.read_bytes() == CRIU_USERNS_IMAGE  # and back, byte for byte
+
+
 def test_images_without_a_user_namespace_are_left_as_they_are(tmp_path: Path) -> None:
     assert not idranges.remap_images(tmp_path, 1048576, 1048576)
 
