@@ -89,6 +89,20 @@ def test_the_range_of_a_container_that_is_gone_is_taken_and_gc_drops_such_claims
 
 
 @pytest.mark.root
+def test_gc_removes_a_claim_whose_writer_died_half_way_but_not_one_being_written(state_dir: Path) -> None:
+    registry = containers.Registry(state_dir)
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # reaped: its pid names no process (unless reused at once, which the kernel avoids)
+    directory = state_dir / idranges.DIRECTORY
+    directory.mkdir(mode=0o700)
+    (directory / f".claim-{writer.pid}-1").write_text("")
+    (directory / f".claim-{os.getpid()}-2").write_text("")
+    assert gc_names(state_dir) == {f".claim-{writer.pid}-1"}
+    assert [p.name for p in directory.iterdir()] == [f".claim-{os.getpid()}-2"]
+    assert idranges.held(registry) == {}
+
+
+@pytest.mark.root
 def test_a_container_keeps_the_range_it_prefers_when_free_and_gets_another_when_not(state_dir: Path) -> None:
     registry = reserved(containers.Registry(state_dir), "moved", "second", "crossed", "odd")
     wanted = (UID_FIRST + 2 * RANGE, GID_FIRST + 2 * RANGE)
