@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 DIRECTORY = "idranges"
 UID, GID = "uid", "gid"
 USERNS_IMAGES = "userns-*.img"
-_TEMP = ".claim-"  # a claim being written: .claim-PID-N
+_TEMP = ".claim-"  # a claim being written: .claim-PID-THREAD-N
 _GONE = object()  # what _locked yields for a claim file that went
 
 
@@ -203,7 +204,7 @@ def _take(registry: Registry, path: Path, name: str) -> bool:
 
 def _create(path: Path, name: str) -> bool:
     """Make the claim file `path` naming `name`, whole; False if it exists."""
-    temp = path.parent / f"{_TEMP}{os.getpid()}-{time.monotonic_ns()}"
+    temp = path.parent / f"{_TEMP}{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
