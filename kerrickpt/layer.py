@@ -454,18 +454,21 @@ class _Extraction:
                 os.setxattr(fd, key.removeprefix(PAX_OPAQUE), value.encode())
 
     def _link(self, member: tarfile.TarInfo, leaf: str, parent: int) -> None:
+        """A second name for a regular file made before: only those are linked (a link to a symbolic link would
+        move its relative target to another depth, where it may climb out)."""
         target = _parts(member.linkname)
-        if not target:
-            raise ArchiveCorruptError(f"the file-system layer's {member.name!r} is a hard link to its top")
-        source = self._open_dir(target[:-1])
+        source = self._open_dir(target[:-1]) if target else os.dup(self.top)
         try:
-            os.link(target[-1], leaf, src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
-        except (FileNotFoundError, PermissionError) as exc:
-            raise ArchiveCorruptError(
-                f"the file-system layer's {member.name!r} is a hard link to {member.linkname!r}, no file before it"
-            ) from exc
+            if target and stat.S_ISREG(os.stat(target[-1], dir_fd=source, follow_symlinks=False).st_mode):
+                os.link(target[-1], leaf, src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
+                return
+        except FileNotFoundError:
+            pass
         finally:
             os.close(source)
+        raise ArchiveCorruptError(
+            f"the file-system layer's {member.name!r} is a hard link to {member.linkname!r}, no file made before it"
+        )
 
     def finish(self) -> None:
         """Set the directories' times, now that nothing more is made in them."""

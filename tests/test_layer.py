@@ -224,6 +224,11 @@ HOSTILE = {
     ],
     "hard link to /etc/passwd": lambda outside: [_entry("passwd", tarfile.LNKTYPE, linkname="/etc/passwd")],
     "hard link out": lambda outside: [_entry("target", tarfile.LNKTYPE, linkname="../outside/target")],
+    "hard link to a link": lambda outside: [
+        _entry("dir", tarfile.DIRTYPE),
+        _entry("dir/up", tarfile.SYMTYPE, linkname="../ok"),
+        _entry("up", tarfile.LNKTYPE, linkname="dir/up"),
+    ],
     "block device": lambda outside: [_entry("sda", tarfile.BLKTYPE, devmajor=8, devminor=0)],
     "character device": lambda outside: [_entry("null", tarfile.CHRTYPE, devmajor=1, devminor=3)],
     "id out of range": lambda outside: [_entry("mine", data=b"x", uid=IDS)],
