@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import itertools
 import os
 import re
 import shutil
@@ -23,6 +24,10 @@ from kerrickpt.errors import ArchiveCorruptError, HostError, NotCheckpointable
 # and would let an archive give files to the target's root.
 NOBODY = 65534
 BLOCK = 64 << 10  # file data is read, written and checked for holes in pieces this big
+# A file's holes are carried as a map of its data runs, of this many runs at the most: the map is held in memory.
+MAX_RUNS = 4096
+# tarfile misreads a sparse member whose stored size needs a pax header (8 GiB and more): bigger ones go whole.
+SPARSE_LARGEST = 8**11 - MAX_RUNS * 64
 OUT_BYTES = 1 << 20  # tar's small writes are handed on in pieces this big
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # The overlay's mark of a directory that hides the lower one: trusted.* when the overlay is mounted from the host's
@@ -67,7 +72,8 @@ def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[byt
             if st.st_nlink > 1:
                 first_names[inode] = name
             with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
-                tar.addfile(info, fh)
+                runs = _data_runs(fh.fileno(), st.st_size)
+                tar.addfile(info, fh if runs is None else _Sparse(info, fh, runs))
     sink.flush()
     return sink.written
 
@@ -93,7 +99,7 @@ def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int
                 with tarfile.open(mode="r|", fileobj=source) as tar:
                     for member in tar:
                         extraction.add(member, tar)
-            except tarfile.TarError as exc:
+            except (tarfile.TarError, ValueError) as exc:  # ValueError: tarfile's reading of a malformed sparse map
                 raise ArchiveCorruptError(
                     f"the archive's file-system layer is not a readable tar stream: {exc}"
                 ) from exc
@@ -123,6 +129,62 @@ class _Sink:
             self.out(bytes(self.buffer))
             self.written += len(self.buffer)
             self.buffer.clear()
+
+
+def _data_runs(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where a file with holes has its data, as (offset, length) runs; None for a file without holes, or with too
+    many of them (it is carried whole: its zeros cost little compressed)."""
+    try:
+        if os.lseek(fd, 0, os.SEEK_HOLE) >= size:
+            return None
+        runs = []
+        offset = 0
+        with contextlib.suppress(OSError):  # ENXIO: only a hole is left
+            while offset < size and len(runs) < MAX_RUNS:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+                offset = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                runs.append((start, offset - start))
+    except OSError:  # a file system that does not say where holes are
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)  # where the data is read from
+    return runs if len(runs) < MAX_RUNS and sum(length for _, length in runs) < SPARSE_LARGEST else None
+
+
+class _Sparse:
+    """A file with holes as a member in GNU's sparse format 1.0 (GNU tar's --sparse --format=pax, which tarfile
+    reads): headers give its real size, its data is the map of its data runs, then the runs one after another."""
+
+    def __init__(self, info: tarfile.TarInfo, fh: BinaryIO, runs: list[tuple[int, int]]) -> None:
+        head = "".join(f"{number}\n" for number in (len(runs), *itertools.chain.from_iterable(runs))).encode()
+        self.head = head + bytes(-len(head) % tarfile.BLOCKSIZE)
+        info.pax_headers.update(
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(info.size)}
+        )
+        info.size = len(self.head) + sum(length for _, length in runs)
+        self.fh, self.runs, self.left = fh, iter(runs), 0
+
+    def read(self, size: int) -> bytes:
+        """`size` bytes (fewer only at the end): tarfile takes a shorter read for a file cut short."""
+        pieces = []
+        while size and (piece := self._piece(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
+
+    def _piece(self, size: int) -> bytes:
+        if self.head:
+            taken, self.head = self.head[:size], self.head[size:]
+            return taken
+        while not self.left:
+            run = next(self.runs, None)
+            if run is None:
+                return b""
+            self.fh.seek(run[0])
+            self.left = run[1]
+        data = self.fh.read(min(size, self.left))
+        self.left -= len(data)
+        return data
 
 
 def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
@@ -353,7 +415,7 @@ class _Extraction:
                 self._settle(fd, member, uid, gid)
             finally:
                 os.close(fd)
-        elif member.isreg() and not member.issparse():
+        elif member.isreg():
             fd = os.open(
                 leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
             )
@@ -423,21 +485,28 @@ class _Extraction:
         return fd
 
     def _fill(self, fd: int, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
-        """Write the member's data to `fd`, runs of zero bytes as holes."""
-        source = tar.extractfile(member)
-        assert source is not None  # a regular file's
-        left = member.size
-        while left:
-            data = source.read(min(BLOCK, left))
-            if not data:
-                raise ArchiveCorruptError(f"the file-system layer's {member.name!r} is cut short")
-            if data.count(0) == len(data):
-                os.lseek(fd, len(data), os.SEEK_CUR)
-            else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            left -= len(data)
+        """Write the member's data runs to `fd` (a sparse member's holes, and runs of zero bytes, as holes)."""
+        # The unbuffered reader under tarfile's: it seeks within the member (past a hole) by moving its position,
+        # where the buffered one would ask the stream, which cannot seek, whether it can.
+        source = tar.extractfile(member).raw  # type: ignore[union-attr]
+        end = 0
+        for offset, length in member.sparse if member.sparse is not None else [(0, member.size)]:
+            if not end <= offset <= offset + length <= member.size:
+                raise ArchiveCorruptError(f"the file-system layer's {member.name!r} has a sparse map out of order")
+            end = offset + length
+            source.seek(offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            while length:
+                data = source.read(min(BLOCK, length))
+                if not data:
+                    raise ArchiveCorruptError(f"the file-system layer's {member.name!r} is cut short")
+                if data.count(0) == len(data):
+                    os.lseek(fd, len(data), os.SEEK_CUR)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                length -= len(data)
         os.ftruncate(fd, member.size)
         self.data += member.size
 
