@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from kerrickpt.errors import ArchiveCorruptError, HostError, NotCheckpointable
+from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
 # An id the container does not own (a directory the overlay copied up from a root-owned lower layer, say) is carried
 # as the kernel's overflow id: inside the container it already shows as 65534 (nobody), so the container sees the
@@ -28,7 +28,7 @@ BLOCK = 64 << 10  # file data is read, written and checked for holes in pieces t
 MAX_RUNS = 4096
 # tarfile misreads a sparse member whose stored size needs a pax header (8 GiB and more): bigger ones go whole.
 SPARSE_LARGEST = 8**11 - MAX_RUNS * 64
-OUT_BYTES = 1 << 20  # tar's small writes are handed on in pieces this big
+OUT_BYTES = 1 << 20  # file data is read and handed on in pieces this big
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # The overlay's mark of a directory that hides the lower one: trusted.* when the overlay is mounted from the host's
 # user namespace, user.* when mounted from the container's (the `userxattr` option).
@@ -47,35 +47,32 @@ CAP_REVISION_MASK = 0xFF000000
 CAP_REVISION_3 = 0x03000000
 CAP_PAIRS = {0x01000000: 1, 0x02000000: 2, CAP_REVISION_3: 2}
 CAP_V3 = struct.Struct("<6I")
-PAX_TIME = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,18})?")
+PAX_TIME = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,9})?")  # seconds a file system can hold, to the nanosecond
 
 
 def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None]) -> int:
     """Write the layer at `upper` to `out` as a tar stream (PAX, uncompressed, `.` first, then every entry after
     its directory) whose owners are container ids; returns the bytes written. Memory stays bounded whatever the
     layer's size. Raises NotCheckpointable for what the layer may hold but a restore may not recreate."""
-    sink = _Sink(out)
+    tar = _TarStream(out)
     first_names: dict[tuple[int, int], str] = {}  # files with more than one link: the name carried first
-    with tarfile.open(mode="w|", fileobj=sink, format=tarfile.PAX_FORMAT) as tar:
-        for name, path, st in _walk(upper):
-            info = _info(name, path, st, uid_base, gid_base, ids)
-            if info is None:
-                continue
-            if not info.isreg():
-                tar.addfile(info)
-                continue
-            inode = (st.st_dev, st.st_ino)
-            if inode in first_names:
-                info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
-                tar.addfile(info)
-                continue
-            if st.st_nlink > 1:
-                first_names[inode] = name
-            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
-                runs = _data_runs(fh.fileno(), st.st_size)
-                tar.addfile(info, fh if runs is None else _Sparse(info, fh, runs))
-    sink.flush()
-    return sink.written
+    for name, path, st in _walk(upper):
+        info = _info(name, path, st, uid_base, gid_base, ids)
+        if info is None:
+            continue
+        inode = (st.st_dev, st.st_ino)
+        if info.isreg() and inode in first_names:
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
+        if not info.isreg():
+            tar.add(info)
+            continue
+        if st.st_nlink > 1:
+            first_names[inode] = name
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0) as fh:
+            runs = _data_runs(fh.fileno(), st.st_size)
+            tar.add(info, fh if runs is None else _Sparse(info, fh, runs))
+    tar.close()
+    return tar.written
 
 
 def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
@@ -110,25 +107,34 @@ def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int
         raise
 
 
-class _Sink:
-    """What tarfile writes to: its small writes handed to `out` in pieces of up to OUT_BYTES."""
+class _TarStream:
+    """A tar stream written to `out`: tarfile makes the headers, and file data goes on in pieces as read (tarfile's
+    own stream would copy it several times over in 10 KiB pieces)."""
 
     def __init__(self, out: Callable[[bytes], None]) -> None:
         self.out = out
-        self.buffer = bytearray()
         self.written = 0
 
-    def write(self, data: bytes) -> int:
-        self.buffer += data
-        if len(self.buffer) >= OUT_BYTES:
-            self.flush()
-        return len(data)
+    def _put(self, data: bytes) -> None:
+        if data:
+            self.out(data)
+            self.written += len(data)
 
-    def flush(self) -> None:
-        if self.buffer:
-            self.out(bytes(self.buffer))
-            self.written += len(self.buffer)
-            self.buffer.clear()
+    def add(self, info: tarfile.TarInfo, data: BinaryIO | _Sparse | None = None) -> None:
+        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        left = info.size
+        while left:
+            piece = data.read(min(OUT_BYTES, left)) if data is not None else b""
+            if not piece:
+                raise DumpFailed(f"/{info.name} in the container's file-system layer shrank while it was packed")
+            self._put(piece)
+            left -= len(piece)
+        self._put(bytes(-info.size % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """The end of the archive: two zero blocks, and zeros to a whole record, as tar writes it."""
+        self._put(bytes(2 * tarfile.BLOCKSIZE))
+        self._put(bytes(-self.written % tarfile.RECORDSIZE))
 
 
 def _data_runs(fd: int, size: int) -> list[tuple[int, int]] | None:
