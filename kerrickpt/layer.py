@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
+MEMBER = "layer.tar"  # the archive's member that carries the layer
 # An id the container does not own (a directory the overlay copied up from a root-owned lower layer, say) is carried
 # as the kernel's overflow id: inside the container it already shows as 65534 (nobody), so the container sees the
 # same owner after the move. Carrying the host id itself would hand the file to whoever has that id on the target,
@@ -506,7 +507,7 @@ class _Extraction:
                 data = source.read(min(BLOCK, length))
                 if not data:
                     raise ArchiveCorruptError(f"the file-system layer's {member.name!r} is cut short")
-                if data.count(0) == len(data):
+                if data[:1] == b"\0" and data == bytes(len(data)):  # the first byte tells most data apart
                     os.lseek(fd, len(data), os.SEEK_CUR)
                 else:
                     view = memoryview(data)

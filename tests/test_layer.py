@@ -185,7 +185,7 @@ def test_an_overlay_of_the_unpacked_layer_hides_what_the_container_deleted(
     assert opaque.split()[1:] == ["new"], "the opaque directory hides the lower one's entries"
 
 
-def test_a_device_node_or_a_link_climbing_out_past_a_name_cannot_be_packed(tmp_path: Path) -> None:
+def test_what_a_restore_could_not_recreate_is_refused_at_the_checkpoint(tmp_path: Path) -> None:
     upper = _make(tmp_path / "upper", "dir", 0o755)
     os.mknod(upper / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     with pytest.raises(NotCheckpointable, match="device node /null"):
@@ -193,6 +193,10 @@ def test_a_device_node_or_a_link_climbing_out_past_a_name_cannot_be_packed(tmp_p
     os.unlink(upper / "null")
     (upper / "link").symlink_to("dir/../../etc")
     with pytest.raises(NotCheckpointable, match="/link"):
+        _pack(upper)
+    os.unlink(upper / "link")
+    os.setxattr(_make(upper / "moved", "dir", 0o755), "trusted.overlay.redirect", b"/elsewhere")
+    with pytest.raises(NotCheckpointable, match="redirect"):
         _pack(upper)
 
 
@@ -235,6 +239,11 @@ HOSTILE = {
         _entry("dir/up", tarfile.SYMTYPE, linkname="../ok"),
         _entry("up", tarfile.LNKTYPE, linkname="dir/up"),
     ],
+    "hard link to a directory": lambda outside: [
+        _entry("dir", tarfile.DIRTYPE),
+        _entry("again", tarfile.LNKTYPE, linkname="dir"),
+    ],
+    "top is a link": lambda outside: [_entry(".", tarfile.SYMTYPE, linkname=str(outside))],
     "block device": lambda outside: [_entry("sda", tarfile.BLKTYPE, devmajor=8, devminor=0)],
     "character device": lambda outside: [_entry("null", tarfile.CHRTYPE, devmajor=1, devminor=3)],
     "id out of range": lambda outside: [_entry("mine", data=b"x", uid=IDS)],
