@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import itertools
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,10 @@ CAPABILITY = "security.capability"
 PAX = "KERRICKPT."  # the prefix of the pax headers that carry what tar has no field for
 PAX_OPAQUE = PAX + "opaque."  # + the xattr's name
 PAX_CAPABILITY = PAX + "capability"
+# The attributes programs give their files (user.*, but for the overlay's own, which tie the layer to this node's
+# lower layer), as JSON {name: value in hex}: a pax keyword may not hold every character a name may.
+PAX_USER = PAX + "user-xattrs"
+USER = "user."
 # File capabilities (linux/capability.h): a revision in the top byte of the first word, then (permitted,
 # inheritable) pairs; revision 3 adds the host id of the root of the user namespace they are valid in.
 CAP_REVISION_MASK = 0xFF000000
@@ -294,6 +299,7 @@ def _within(depth: int, target: str) -> str | None:
 def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
     """The pax headers carrying the extended attributes the overlay and the container's programs need."""
     headers = {}
+    user: dict[str, str] = {}
     for xattr in os.listxattr(path, follow_symlinks=False):
         if xattr in UNCARRIED:
             raise NotCheckpointable(
@@ -309,7 +315,15 @@ def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
             carried = _capability_out(name, os.getxattr(path, xattr, follow_symlinks=False), uid_base, ids)
             if carried is not None:
                 headers[PAX_CAPABILITY] = carried
+        elif _users(xattr):
+            user[xattr] = os.getxattr(path, xattr, follow_symlinks=False).hex()
+    if user:
+        headers[PAX_USER] = json.dumps(user)
     return headers
+
+
+def _users(xattr: str) -> bool:
+    return xattr.startswith(USER) and not xattr.startswith(USER + "overlay.")
 
 
 def _capability_out(name: str, raw: bytes, uid_base: int, ids: int) -> str | None:
@@ -343,6 +357,16 @@ def _capability_in(text: str, uid_base: int, ids: int) -> bytes:
         raise ArchiveCorruptError(f"the file-system layer carries a capability {text!r} no layer of this node can hold")
     words[5] += uid_base
     return CAP_V3.pack(*words)
+
+
+def _user_xattrs(text: str, member: tarfile.TarInfo) -> dict[str, bytes]:
+    try:
+        carried = json.loads(text)
+        if isinstance(carried, dict) and all(isinstance(n, str) and _users(n) for n in carried):
+            return {name: bytes.fromhex(value) for name, value in carried.items()}
+    except (ValueError, TypeError):
+        pass
+    raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries attributes that are not a program's")
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -457,6 +481,8 @@ class _Extraction:
     def _known(self, key: str, member: tarfile.TarInfo) -> bool:
         if key == PAX_CAPABILITY:
             return member.isreg()
+        if key == PAX_USER:
+            return member.isreg() or member.isdir()
         return key.removeprefix(PAX_OPAQUE) in OPAQUE and member.isdir()
 
     def _id(self, carried: int, base: int, member: tarfile.TarInfo) -> int:
@@ -528,6 +554,9 @@ class _Extraction:
                 if value not in OPAQUE_VALUES:
                     raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries {key}={value!r}")
                 os.setxattr(fd, key.removeprefix(PAX_OPAQUE), value.encode())
+            elif key == PAX_USER:
+                for name, data in _user_xattrs(value, member).items():
+                    os.setxattr(fd, name, data)
 
     def _link(self, member: tarfile.TarInfo, leaf: str, parent: int) -> None:
         """A second name for a regular file made before: only those are linked (a link to a symbolic link would

@@ -91,6 +91,8 @@ def _source_layer(upper: Path) -> None:
     _make(upper / "bin", "dir", 0o755)
     tool = _make(upper / "bin" / "tool", "file", 0o755, data=b"#!/bin/sh\n")
     os.setxattr(tool, "security.capability", CAPS_V3)
+    os.setxattr(tool, "user.origin", b"\x00downloaded\xff")
+    os.setxattr(upper / "home", "user.quota=soft", b"1G")
     _make(upper / "bin" / "su", "file", 0o4755, data=b"#!/bin/sh\n")
     sparse = _make(upper / "sparse", "file", 0o644, 1000, 1001)
     with sparse.open("r+b") as fh:
@@ -255,6 +257,9 @@ HOSTILE = {
     "sparse map out of order": lambda outside: [_sparse("holes", b"2\n100\n4\n0\n4\n", b"abcdefgh", 200)],
     "sparse map past the end": lambda outside: [_sparse("holes", b"1\n196\n8\n", b"abcdefgh", 200)],
     "sparse map not numbers": lambda outside: [_sparse("holes", b"1\nx\n4\n", b"abcd", 200)],
+    "an attribute not a program's": lambda outside: [
+        _entry("dir", tarfile.DIRTYPE, pax_headers={layer.PAX_USER: '{"trusted.overlay.opaque": "79"}'})
+    ],
     "unknown header": lambda outside: [_entry("new", pax_headers={"KERRICKPT.future": "1"})],
 }
 
