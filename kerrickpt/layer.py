@@ -86,10 +86,10 @@ def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int
     owned by host ids uid_base + id and gid_base + id; returns the bytes of file data written (runs of zeros
     become holes). The layer's top takes the owner and mode carried for `.` (0755 and the container's root if none).
 
-    Raises ArchiveCorruptError, leaving `upper` as it found it, for an archive that is not such a layer: a name that
-    is absolute, holds `..` or passes through a link; a hard link out of the layer; a device other than the
-    overlay's whiteout (0:0); an id outside [0, ids); a relative symbolic link that climbs above the layer's top. An
-    absolute link target is kept: inside the container it resolves within the container's root, and nothing here
+    Raises ArchiveCorruptError, leaving `upper` empty (gone, if it made it), for an archive that is not such a
+    layer: a name that is absolute, holds `..` or passes through a link; a hard link out of the layer; a device other
+    than the overlay's whiteout (0:0); an id outside [0, ids); a relative symbolic link that climbs above the layer's
+    top. An absolute link target is kept: inside the container it resolves within the container's root, and nothing
     follows links (every directory is opened with O_NOFOLLOW), so no entry is ever made outside `upper`."""
     created = not upper.exists()
     if created:
