@@ -1,0 +1,598 @@
+"""Owns carrying a container's writable file-system layer in an archive: packing it with container-relative ids and
+unpacking it safely."""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
+
+MEMBER = "layer.tar"  # the archive's member that carries the layer
+# An id the container does not own (a directory the overlay copied up from a root-owned lower layer, say) is carried
+# as the kernel's overflow id: inside the container it already shows as 65534 (nobody), so the container sees the
+# same owner after the move. Carrying the host id itself would hand the file to whoever has that id on the target,
+# and would let an archive give files to the target's root.
+NOBODY = 65534
+BLOCK = 64 << 10  # file data is read, written and checked for holes in pieces this big
+# A file's holes are carried as a map of its data runs, of this many runs at the most: the map is held in memory.
+MAX_RUNS = 4096
+# tarfile misreads a sparse member whose stored size needs a pax header (8 GiB and more): bigger ones go whole.
+SPARSE_LARGEST = 8**11 - MAX_RUNS * 64
+OUT_BYTES = 1 << 20  # file data is read and handed on in pieces this big
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The overlay's mark of a directory that hides the lower one: trusted.* when the overlay is mounted from the host's
+# user namespace, user.* when mounted from the container's (the `userxattr` option).
+OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
+OPAQUE_VALUES = ("y", "x")
+# A renamed lower directory or a file whose data stays in the lower layer: the layer alone does not hold them, and
+# overlays mounted with redirect_dir=off and metacopy=off (the kernel's defaults) never make them.
+UNCARRIED = tuple(f"{ns}.overlay.{what}" for ns in ("trusted", "user") for what in ("redirect", "metacopy"))
+CAPABILITY = "security.capability"
+PAX = "KERRICKPT."  # the prefix of the pax headers that carry what tar has no field for
+PAX_OPAQUE = PAX + "opaque."  # + the xattr's name
+PAX_CAPABILITY = PAX + "capability"
+# The attributes programs give their files (user.*, but for the overlay's own, which tie the layer to this node's
+# lower layer), as JSON {name: value in hex}: a pax keyword may not hold every character a name may.
+PAX_USER = PAX + "user-xattrs"
+USER = "user."
+# File capabilities (linux/capability.h): a revision in the top byte of the first word, then (permitted,
+# inheritable) pairs; revision 3 adds the host id of the root of the user namespace they are valid in.
+CAP_REVISION_MASK = 0xFF000000
+CAP_REVISION_3 = 0x03000000
+CAP_PAIRS = {0x01000000: 1, 0x02000000: 2, CAP_REVISION_3: 2}
+CAP_V3 = struct.Struct("<6I")
+PAX_TIME = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,9})?")  # seconds a file system can hold, to the nanosecond
+
+
+def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None]) -> int:
+    """Write the layer at `upper` to `out` as a tar stream (PAX, uncompressed, `.` first, then every entry after
+    its directory) whose owners are container ids; returns the bytes written. Memory stays bounded whatever the
+    layer's size. Raises NotCheckpointable for what the layer may hold but a restore may not recreate."""
+    tar = _TarStream(out)
+    first_names: dict[tuple[int, int], str] = {}  # files with more than one link: the name carried first
+    for name, path, st in _walk(upper):
+        info = _info(name, path, st, uid_base, gid_base, ids)
+        if info is None:
+            continue
+        inode = (st.st_dev, st.st_ino)
+        if info.isreg() and inode in first_names:
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
+        if not info.isreg():
+            tar.add(info)
+            continue
+        if st.st_nlink > 1:
+            first_names[inode] = name
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0) as fh:
+            runs = _data_runs(fh.fileno(), st.st_size)
+            tar.add(info, fh if runs is None else _Sparse(info, fh, runs))
+    tar.close()
+    return tar.written
+
+
+def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
+    """Recreate at `upper` (which must not exist, or be an empty directory) the layer `pack` wrote to `source`,
+    owned by host ids uid_base + id and gid_base + id; returns the bytes of file data written (runs of zeros
+    become holes). The layer's top takes the owner and mode carried for `.` (0755 and the container's root if none).
+
+    Raises ArchiveCorruptError, leaving `upper` empty (gone, if it made it), for an archive that is not such a
+    layer: a name that is absolute, holds `..` or passes through a link; a hard link out of the layer; a device other
+    than the overlay's whiteout (0:0); an id outside [0, ids); a relative symbolic link that climbs above the layer's
+    top. An absolute link target is kept: inside the container it resolves within the container's root, and nothing
+    follows links (every directory is opened with O_NOFOLLOW), so no entry is ever made outside `upper`."""
+    created = not upper.exists()
+    if created:
+        upper.mkdir(0o700)
+    elif any(upper.iterdir()):
+        raise HostError(f"{upper} is not empty: a file-system layer is unpacked only into a new directory")
+    try:
+        with _Extraction(upper, uid_base, gid_base, ids) as extraction:
+            try:
+                with tarfile.open(mode="r|", fileobj=source) as tar:
+                    for member in tar:
+                        extraction.add(member, tar)
+            except (tarfile.TarError, ValueError) as exc:  # ValueError: tarfile's reading of a malformed sparse map
+                raise ArchiveCorruptError(
+                    f"the archive's file-system layer is not a readable tar stream: {exc}"
+                ) from exc
+            extraction.finish()
+            return extraction.data
+    except BaseException:
+        _remove(upper, created)
+        raise
+
+
+class _TarStream:
+    """A tar stream written to `out`: tarfile makes the headers, and file data goes on in pieces as read (tarfile's
+    own stream would copy it several times over in 10 KiB pieces)."""
+
+    def __init__(self, out: Callable[[bytes], None]) -> None:
+        self.out = out
+        self.written = 0
+
+    def _put(self, data: bytes) -> None:
+        if data:
+            self.out(data)
+            self.written += len(data)
+
+    def add(self, info: tarfile.TarInfo, data: BinaryIO | _Sparse | None = None) -> None:
+        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        left = info.size
+        while left:
+            piece = data.read(min(OUT_BYTES, left)) if data is not None else b""
+            if not piece:
+                raise DumpFailed(f"/{info.name} in the container's file-system layer shrank while it was packed")
+            self._put(piece)
+            left -= len(piece)
+        self._put(bytes(-info.size % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """The end of the archive: two zero blocks, and zeros to a whole record, as tar writes it."""
+        self._put(bytes(2 * tarfile.BLOCKSIZE))
+        self._put(bytes(-self.written % tarfile.RECORDSIZE))
+
+
+def _data_runs(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where a file with holes has its data, as (offset, length) runs; None for a file without holes, or with too
+    many of them (it is carried whole: its zeros cost little compressed)."""
+    try:
+        if os.lseek(fd, 0, os.SEEK_HOLE) >= size:
+            return None
+        runs = []
+        offset = 0
+        with contextlib.suppress(OSError):  # ENXIO: only a hole is left
+            while offset < size and len(runs) < MAX_RUNS:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+                offset = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                runs.append((start, offset - start))
+    except OSError:  # a file system that does not say where holes are
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)  # where the data is read from
+    return runs if len(runs) < MAX_RUNS and sum(length for _, length in runs) < SPARSE_LARGEST else None
+
+
+class _Sparse:
+    """A file with holes as a member in GNU's sparse format 1.0 (GNU tar's --sparse --format=pax, which tarfile
+    reads): headers give its real size, its data is the map of its data runs, then the runs one after another."""
+
+    def __init__(self, info: tarfile.TarInfo, fh: BinaryIO, runs: list[tuple[int, int]]) -> None:
+        head = "".join(f"{number}\n" for number in (len(runs), *itertools.chain.from_iterable(runs))).encode()
+        self.head = head + bytes(-len(head) % tarfile.BLOCKSIZE)
+        info.pax_headers.update(
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(info.size)}
+        )
+        info.size = len(self.head) + sum(length for _, length in runs)
+        self.fh, self.runs, self.left = fh, iter(runs), 0
+
+    def read(self, size: int) -> bytes:
+        """`size` bytes (fewer only at the end): tarfile takes a shorter read for a file cut short."""
+        pieces = []
+        while size and (piece := self._piece(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
+
+    def _piece(self, size: int) -> bytes:
+        if self.head:
+            taken, self.head = self.head[:size], self.head[size:]
+            return taken
+        while not self.left:
+            run = next(self.runs, None)
+            if run is None:
+                return b""
+            self.fh.seek(run[0])
+            self.left = run[1]
+        data = self.fh.read(min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Every entry of the layer as (its name in the archive, its path, its lstat), `.` first, each directory before
+    what it holds, in name order (the same layer packs to the same bytes); never following a link."""
+    pending = [(".", str(upper))]
+    yield ".", str(upper), os.lstat(upper)
+    while pending:
+        name, path = pending.pop()
+        with os.scandir(path) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        below = []
+        for entry in entries:
+            child = entry.name if name == "." else f"{name}/{entry.name}"
+            st = entry.stat(follow_symlinks=False)
+            yield child, entry.path, st
+            if stat.S_ISDIR(st.st_mode):
+                below.append((child, entry.path))
+        pending.extend(reversed(below))
+
+
+def _info(name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int, ids: int) -> tarfile.TarInfo | None:
+    """The tar header that carries one entry of the layer; None for a socket."""
+    info = tarfile.TarInfo(name)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid = _relative(st.st_uid, uid_base, ids)
+    info.gid = _relative(st.st_gid, gid_base, ids)
+    info.uname = info.gname = ""  # numeric ids only: names differ between the host and the container
+    info.mtime = max(0, st.st_mtime_ns // 10**9)
+    info.pax_headers["mtime"] = _pax_time(st.st_mtime_ns)  # to the nanosecond, as the layer had it
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFREG:
+        info.type, info.size = tarfile.REGTYPE, st.st_size
+    elif kind == stat.S_IFDIR:
+        info.type = tarfile.DIRTYPE
+    elif kind == stat.S_IFLNK:
+        info.type = tarfile.SYMTYPE
+        info.linkname = _carried_target(name, os.readlink(path))
+    elif kind == stat.S_IFIFO:
+        info.type = tarfile.FIFOTYPE
+    elif kind == stat.S_IFCHR and st.st_rdev == 0:  # the overlay's whiteout: a deleted lower file
+        info.type = tarfile.CHRTYPE
+    elif kind == stat.S_IFSOCK:
+        # A socket file is made by bind() and belongs to its process: CRIU binds a restored listening socket
+        # again (an old file in the way would fail that bind), and a program whose socket died makes a new one.
+        return None
+    else:
+        raise NotCheckpointable(
+            f"the container's file-system layer holds the device node /{name}: a restore does not make device nodes "
+            "in a layer (they would open the host's devices to the container)"
+        )
+    if kind in (stat.S_IFREG, stat.S_IFDIR):
+        info.pax_headers.update(_xattrs(name, path, uid_base, ids))
+    return info
+
+
+def _relative(host_id: int, base: int, ids: int) -> int:
+    return host_id - base if base <= host_id < base + ids else NOBODY
+
+
+def _pax_time(ns: int) -> str:
+    seconds, fraction = divmod(abs(ns), 10**9)
+    return f"{'-' if ns < 0 else ''}{seconds}.{fraction:09d}"
+
+
+def _carried_target(name: str, target: str) -> str:
+    """A symbolic link's target as carried: verbatim, but for a relative target's leading `..` that climb above the
+    container's root, which are dropped (the kernel resolves `..` at a root to the root itself, and the directories
+    they climb are real ones, so the link leads to the same place inside the container)."""
+    carried = _within(name.count("/"), target)
+    if carried is None:
+        raise NotCheckpointable(
+            f"the symbolic link /{name} in the container's file-system layer leads to {target!r}, which climbs above "
+            "its root past another name: where it leads depends on what that name is"
+        )
+    return carried
+
+
+def _within(depth: int, target: str) -> str | None:
+    """`target` of a link `depth` directories below the layer's top, without the leading `..` that climb above the
+    top; None if a later `..` climbs above it. An absolute target is returned as it is."""
+    if target.startswith("/"):
+        return target
+    kept: list[str] = []
+    named = False
+    for part in target.split("/"):
+        if part == "..":
+            if not depth:
+                if named:
+                    return None
+                continue
+            depth -= 1
+        elif part not in ("", "."):
+            depth += 1
+            named = True
+        kept.append(part)
+    return "/".join(kept) or "."
+
+
+def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
+    """The pax headers carrying the extended attributes the overlay and the container's programs need."""
+    headers = {}
+    user: dict[str, str] = {}
+    for xattr in os.listxattr(path, follow_symlinks=False):
+        if xattr in UNCARRIED:
+            raise NotCheckpointable(
+                f"/{name} in the container's file-system layer has the overlay attribute {xattr}, which a layer "
+                "alone does not carry (mount the overlay with redirect_dir=off,metacopy=off)"
+            )
+        if xattr in OPAQUE:
+            value = os.getxattr(path, xattr, follow_symlinks=False).decode("ascii", "replace")
+            if value not in OPAQUE_VALUES:
+                raise NotCheckpointable(f"/{name} in the container's file-system layer has {xattr}={value!r}")
+            headers[PAX_OPAQUE + xattr] = value
+        elif xattr == CAPABILITY:
+            carried = _capability_out(name, os.getxattr(path, xattr, follow_symlinks=False), uid_base, ids)
+            if carried is not None:
+                headers[PAX_CAPABILITY] = carried
+        elif _users(xattr):
+            user[xattr] = os.getxattr(path, xattr, follow_symlinks=False).hex()
+    if user:
+        headers[PAX_USER] = json.dumps(user)
+    return headers
+
+
+def _users(xattr: str) -> bool:
+    return xattr.startswith(USER) and not xattr.startswith(USER + "overlay.")
+
+
+def _capability_out(name: str, raw: bytes, uid_base: int, ids: int) -> str | None:
+    """A file's capabilities as carried: revision 3, its root container-relative, in hex; None for capabilities
+    that are void in the container (valid only in a user namespace whose root it does not own)."""
+    magic = int.from_bytes(raw[:4], "little")
+    pairs = CAP_PAIRS.get(magic & CAP_REVISION_MASK)
+    if pairs is None or len(raw) != 4 + 8 * pairs + 4 * (magic & CAP_REVISION_MASK == CAP_REVISION_3):
+        raise NotCheckpointable(
+            f"/{name} in the container's file-system layer has a {CAPABILITY} the kernel never writes"
+        )
+    words = struct.unpack(f"<{len(raw) // 4}I", raw)
+    sets = [*words[1 : 1 + 2 * pairs], *[0] * (4 - 2 * pairs)]
+    root = words[5] if pairs == 2 and len(words) == 6 else 0
+    if root == 0:
+        relative = 0  # the host root's capabilities hold in every user namespace: the container's root's hold there
+    elif uid_base <= root < uid_base + ids:
+        relative = root - uid_base
+    else:
+        return None
+    return CAP_V3.pack(CAP_REVISION_3 | (magic & ~CAP_REVISION_MASK), *sets, relative).hex()
+
+
+def _capability_in(text: str, uid_base: int, ids: int) -> bytes:
+    """The security.capability value for a carried one: revision 3, its root the target's host id."""
+    try:
+        words = list(CAP_V3.unpack(bytes.fromhex(text)))
+    except (ValueError, struct.error) as exc:
+        raise ArchiveCorruptError(f"the file-system layer carries a malformed capability {text!r}") from exc
+    if words[0] & CAP_REVISION_MASK != CAP_REVISION_3 or not 0 <= words[5] < ids:
+        raise ArchiveCorruptError(f"the file-system layer carries a capability {text!r} no layer of this node can hold")
+    words[5] += uid_base
+    return CAP_V3.pack(*words)
+
+
+def _user_xattrs(text: str, member: tarfile.TarInfo) -> dict[str, bytes]:
+    try:
+        carried = json.loads(text)
+        if isinstance(carried, dict) and all(isinstance(n, str) and _users(n) for n in carried):
+            return {name: bytes.fromhex(value) for name, value in carried.items()}
+    except (ValueError, TypeError):
+        pass
+    raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries attributes that are not a program's")
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    """The path components of a carried name below the layer's top; refused if it could lead anywhere else."""
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if name.startswith("/") or "\0" in name or ".." in parts:
+        raise ArchiveCorruptError(f"the archive's file-system layer holds {name!r}, a path out of the layer")
+    return parts
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    if not PAX_TIME.fullmatch(text):
+        raise ArchiveCorruptError(f"the file-system layer's {member.name!r} has the time {text!r}")
+    return int(decimal.Decimal(text).scaleb(9))
+
+
+class _Extraction:
+    """A layer being unpacked under `upper`: entries are made relative to directory descriptors opened with
+    O_NOFOLLOW from the top down, so a name whose directory is a link (or is missing) is refused, never followed."""
+
+    def __init__(self, upper: Path, uid_base: int, gid_base: int, ids: int) -> None:
+        self.uid_base, self.gid_base, self.ids = uid_base, gid_base, ids
+        self.top = os.open(upper, DIR_FLAGS)
+        os.chown(self.top, uid_base, gid_base)  # the container's root owns its layer's top unless `.` says otherwise
+        os.chmod(self.top, 0o755)
+        self.parent: tuple[tuple[str, ...], int] | None = None  # the directory of the last entry, kept open
+        self.times: list[tuple[tuple[str, ...], int]] = []  # directories' times, set once nothing more goes in them
+        self.data = 0
+
+    def __enter__(self) -> _Extraction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.parent is not None:
+            os.close(self.parent[1])
+        os.close(self.top)
+
+    def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        parts = _parts(member.name)
+        uid, gid = self._id(member.uid, self.uid_base, member), self._id(member.gid, self.gid_base, member)
+        mtime = _mtime_ns(member)
+        unknown = [key for key in member.pax_headers if key.startswith(PAX) and not self._known(key, member)]
+        if unknown:
+            raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries {unknown}, unknown here")
+        if not parts:
+            if not member.isdir():
+                raise ArchiveCorruptError(f"the file-system layer's top {member.name!r} is not a directory")
+            self._settle(self.top, member, uid, gid)
+            self.times.append(((), mtime))
+            return
+        parent = self._parent(parts)
+        try:
+            self._make(member, tar, parts, parent, uid, gid, mtime)
+        except FileExistsError as exc:
+            raise ArchiveCorruptError(f"the file-system layer holds {member.name!r} twice") from exc
+        if member.isdir():
+            self.times.append((parts, mtime))
+
+    def _make(
+        self,
+        member: tarfile.TarInfo,
+        tar: tarfile.TarFile,
+        parts: tuple[str, ...],
+        parent: int,
+        uid: int,
+        gid: int,
+        mtime: int,
+    ) -> None:
+        leaf = parts[-1]
+        if member.isdir():
+            os.mkdir(leaf, 0o700, dir_fd=parent)
+            fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
+            try:
+                self._settle(fd, member, uid, gid)
+            finally:
+                os.close(fd)
+        elif member.isreg():
+            fd = os.open(
+                leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
+            try:
+                self._fill(fd, member, tar)
+                self._settle(fd, member, uid, gid)
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+        elif member.islnk():
+            self._link(member, leaf, parent)
+        else:
+            if member.issym():
+                if "\0" in member.linkname or _within(len(parts) - 1, member.linkname) != member.linkname:
+                    raise ArchiveCorruptError(
+                        f"the file-system layer's link {member.name!r} leads to {member.linkname!r}, out of the layer"
+                    )
+                os.symlink(member.linkname, leaf, dir_fd=parent)
+            elif member.isfifo():
+                os.mkfifo(leaf, 0o600, dir_fd=parent)
+            elif member.ischr() and member.devmajor == member.devminor == 0:
+                os.mknod(leaf, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
+            else:
+                raise ArchiveCorruptError(
+                    f"the file-system layer's {member.name!r} is a device or an entry of a kind a layer never holds"
+                )
+            os.chown(leaf, uid, gid, dir_fd=parent, follow_symlinks=False)
+            if not member.issym():  # just made here, in a directory reached without links: no link to follow
+                os.chmod(leaf, member.mode & 0o7777, dir_fd=parent)
+            os.utime(leaf, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
+
+    def _known(self, key: str, member: tarfile.TarInfo) -> bool:
+        if key == PAX_CAPABILITY:
+            return member.isreg()
+        if key == PAX_USER:
+            return member.isreg() or member.isdir()
+        return key.removeprefix(PAX_OPAQUE) in OPAQUE and member.isdir()
+
+    def _id(self, carried: int, base: int, member: tarfile.TarInfo) -> int:
+        if not 0 <= carried < self.ids:
+            raise ArchiveCorruptError(
+                f"the file-system layer's {member.name!r} is owned by id {carried}, "
+                f"outside the container's 0-{self.ids - 1}"
+            )
+        return base + carried
+
+    def _parent(self, parts: tuple[str, ...]) -> int:
+        """The directory that holds `parts`, entries being grouped by directory: the last one is kept open."""
+        if self.parent is None or self.parent[0] != parts[:-1]:
+            fd = self._open_dir(parts[:-1])
+            if self.parent is not None:
+                os.close(self.parent[1])
+            self.parent = (parts[:-1], fd)
+        return self.parent[1]
+
+    def _open_dir(self, parts: tuple[str, ...]) -> int:
+        fd = os.dup(self.top)
+        for depth, part in enumerate(parts):
+            try:
+                below = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                path = "/".join(parts[: depth + 1])
+                raise ArchiveCorruptError(
+                    f"the file-system layer's {path!r} is not a directory made before what it holds ({exc.strerror})"
+                ) from exc
+            finally:
+                os.close(fd)
+            fd = below
+        return fd
+
+    def _fill(self, fd: int, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        """Write the member's data runs to `fd` (a sparse member's holes, and runs of zero bytes, as holes)."""
+        # The unbuffered reader under tarfile's: it seeks within the member (past a hole) by moving its position,
+        # where the buffered one would ask the stream, which cannot seek, whether it can.
+        source = tar.extractfile(member).raw  # type: ignore[union-attr]
+        end = 0
+        for offset, length in member.sparse if member.sparse is not None else [(0, member.size)]:
+            if not end <= offset <= offset + length <= member.size:
+                raise ArchiveCorruptError(f"the file-system layer's {member.name!r} has a sparse map out of order")
+            end = offset + length
+            source.seek(offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            while length:
+                data = source.read(min(BLOCK, length))
+                if not data:
+                    raise ArchiveCorruptError(f"the file-system layer's {member.name!r} is cut short")
+                if data[:1] == b"\0" and data == bytes(len(data)):  # the first byte tells most data apart
+                    os.lseek(fd, len(data), os.SEEK_CUR)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                length -= len(data)
+        os.ftruncate(fd, member.size)
+        self.data += member.size
+
+    def _settle(self, fd: int, member: tarfile.TarInfo, uid: int, gid: int) -> None:
+        """Owner, then mode (a change of owner clears set-id bits), then attributes (it clears capabilities too)."""
+        os.chown(fd, uid, gid)
+        os.chmod(fd, member.mode & 0o7777)
+        for key, value in member.pax_headers.items():
+            if key == PAX_CAPABILITY:
+                os.setxattr(fd, CAPABILITY, _capability_in(value, self.uid_base, self.ids))
+            elif key.startswith(PAX_OPAQUE):
+                if value not in OPAQUE_VALUES:
+                    raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries {key}={value!r}")
+                os.setxattr(fd, key.removeprefix(PAX_OPAQUE), value.encode())
+            elif key == PAX_USER:
+                for name, data in _user_xattrs(value, member).items():
+                    os.setxattr(fd, name, data)
+
+    def _link(self, member: tarfile.TarInfo, leaf: str, parent: int) -> None:
+        """A second name for a regular file made before: only those are linked (a link to a symbolic link would
+        move its relative target to another depth, where it may climb out)."""
+        target = _parts(member.linkname)
+        source = self._open_dir(target[:-1]) if target else os.dup(self.top)
+        try:
+            if target and stat.S_ISREG(os.stat(target[-1], dir_fd=source, follow_symlinks=False).st_mode):
+                os.link(target[-1], leaf, src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
+                return
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(source)
+        raise ArchiveCorruptError(
+            f"the file-system layer's {member.name!r} is a hard link to {member.linkname!r}, no file made before it"
+        )
+
+    def finish(self) -> None:
+        """Set the directories' times, now that nothing more is made in them."""
+        for parts, mtime in reversed(self.times):
+            fd = self._open_dir(parts)
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+
+
+def _remove(upper: Path, created: bool) -> None:
+    """Take away what an unpack that failed made: `upper` itself if it made it, else what it put in it."""
+    if created:
+        shutil.rmtree(upper, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError), os.scandir(upper) as listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
