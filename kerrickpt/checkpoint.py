@@ -6,14 +6,29 @@ import contextlib
 import hashlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import zstandard
 
-from kerrickpt import archive, cgroups, containers, criu, faults, guard, logtail, node, procs, progress, sysvipc
+from kerrickpt import (
+    archive,
+    cgroups,
+    containers,
+    criu,
+    criuopts,
+    faults,
+    guard,
+    layer,
+    logtail,
+    node,
+    procs,
+    progress,
+    rootfs,
+    sysvipc,
+)
 from kerrickpt.errors import (
     CommandTimeout,
     ContainerDamaged,
@@ -130,7 +145,7 @@ def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
 class LazyDump(Protocol):
     """A post-copy dump, whose CRIU is left serving the memory it did not write."""
 
-    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool) -> None: ...
+    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str]) -> None: ...
 
     def stop(self) -> None:
         """Give up: CRIU lets go of the tree, leaving it frozen."""
@@ -182,6 +197,7 @@ def capture(
     if log_tail < 0:
         raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
     container, group = subject.container, subject.group
+    confined = container.confinement if container else None
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
@@ -214,16 +230,28 @@ def capture(
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
+                log_external = criuopts.file_key(Path(log)) if confined and log else None
+                external = criuopts.dump_externals(confined, log_external) if confined else []
                 if lazy is not None:
-                    lazy.dump(pids[0], images, cgroup, shell_job)
+                    lazy.dump(pids[0], images, cgroup, shell_job, external)
                 elif thaw_after_dump:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
-                    criu.dump(found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job)
+                    criu.dump(
+                        found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job, external=external
+                    )
                 else:
                     # The container stays down until its archive is complete: compress while CRIU dumps.
                     sink = writer.under("images/")
-                    criu.dump_streamed(found, pids[0], images, scratch, sink, freeze_cgroup=cgroup, shell_job=shell_job)
+                    criu.dump_streamed(
+                        found, pids[0], images, scratch, sink, freeze_cgroup=cgroup, shell_job=shell_job,
+                        external=external,
+                    )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+                if confined and container:
+                    # Its files as they are with its memory: frozen still.
+                    step = "carrying its file-system layer"
+                    upper = rootfs.Layer.of(registry.path(container.name)).upper
+                    layer.add(writer, upper, confined)
                 if thaw_after_dump:
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
@@ -244,6 +272,8 @@ def capture(
                     ipc=ipc.to_dict() if ipc else None,
                     compression=_compression(level, link_mib_s),
                     log_start=tail.start if tail else 0,
+                    confinement=confined,
+                    log_external=log_external,
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)

@@ -3,10 +3,16 @@ and working directory, as its record and its archive keep them."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from kerrickpt.errors import UsageError
+
 HOST_ROOT = "host"  # --rootfs host: an overlay of the node's own root file system
+RANGE = 65536  # the ids a container has: root (0) to nobody (65534) and 65535
 
 
 @dataclass(frozen=True)
@@ -27,9 +33,10 @@ class Confinement:
     rootfs: str
     uid_base: int
     gid_base: int
-    ids: int = 65536
+    ids: int = RANGE
     uid: int = 0
     gid: int = 0
+    groups: tuple[int, ...] = ()
     volumes: tuple[Volume, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
@@ -41,4 +48,165 @@ class Confinement:
     def from_dict(cls, data: dict[str, Any]) -> Confinement:
         fields = dict(data)
         fields["volumes"] = tuple(Volume(**v) for v in data.get("volumes", ()))
+        fields["groups"] = tuple(data.get("groups", ()))
         return cls(**fields)
+
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RESERVED = ("/", "/proc", "/dev", "/sys", "/tmp")  # the container's own mounts: no volume goes there
+
+
+def parse_volume(text: str) -> Volume:
+    """`SRC:DST[:ro]`, both absolute."""
+    parts = text.split(":")
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        source, target, read_only = parts[0], parts[1], parts[2] == "ro"
+    elif len(parts) == 2:
+        source, target, read_only = parts[0], parts[1], False
+    else:
+        raise UsageError(f"bad volume {text!r}: use SRC:DST or SRC:DST:ro")
+    if not (source.startswith("/") and target.startswith("/")):
+        raise UsageError(f"bad volume {text!r}: SRC and DST must be absolute paths")
+    target = os.path.normpath(target)
+    if target in RESERVED or target.startswith(("/proc/", "/dev/", "/sys/")):
+        raise UsageError(f"bad volume {text!r}: {target} is the container's own")
+    if not os.path.exists(source):
+        raise UsageError(f"volume source {source} does not exist")
+    return Volume(os.path.realpath(source), target, read_only)
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --env {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def lower_dir(rootfs: str) -> Path:
+    """The directory a `--rootfs` names; UsageError if it is none."""
+    if rootfs == HOST_ROOT:
+        return Path("/")
+    path = Path(rootfs)
+    if not path.is_absolute():
+        raise UsageError(f"--rootfs {rootfs}: give an absolute path, or `host`")
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise UsageError(f"--rootfs {rootfs} {what}")
+    return path
+
+
+def inside(root: Path, path: str, hops: int = 40) -> Path | None:
+    """The host path of `path` as the container sees it in `root` (symlinks resolved within `root`), or None."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops -= 1
+            if hops < 0:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        if not candidate.exists():
+            return None
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def _entries(root: Path, name: str) -> list[list[str]]:
+    found = inside(root, f"/etc/{name}")
+    try:
+        text = found.read_text(errors="replace") if found else ""
+    except OSError:
+        text = ""
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(root: Path, spec: str) -> tuple[int, int, tuple[int, ...], str]:
+    """`NAME|UID[:GID]` as the root's /etc/passwd and /etc/group know it: uid, gid, groups, home.
+
+    As Podman: a numeric user unknown to the root runs with gid 0 and home /."""
+    user, _, group = spec.partition(":")
+    passwd = [e for e in _entries(root, "passwd") if len(e) >= 7]
+    entry = next((e for e in passwd if (e[2] if user.isdigit() else e[0]) == user), None)
+    if entry is None and not user.isdigit():
+        raise UsageError(f"--user {spec}: no user {user!r} in the container's /etc/passwd")
+    uid = int(user) if user.isdigit() else int(entry[2])  # type: ignore[index]
+    gid = int(entry[3]) if entry else 0
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            known = next((e for e in _entries(root, "group") if len(e) >= 3 and e[0] == group), None)
+            if known is None:
+                raise UsageError(f"--user {spec}: no group {group!r} in the container's /etc/group")
+            gid = int(known[2])
+    name = entry[0] if entry else None
+    groups = sorted(
+        {gid} | {int(e[2]) for e in _entries(root, "group") if len(e) >= 4 and name and name in e[3].split(",")}
+    )
+    return uid, gid, tuple(groups), entry[5] if entry else "/"
+
+
+def command_path(root: Path, argv0: str, path: str, volumes: Sequence[Volume] = ()) -> Path | None:
+    """Where the container finds its command `argv0`, searching `path` as execvp does, in its root or a
+    volume; None if nowhere."""
+    candidates = [argv0] if "/" in argv0 else [f"{d}/{argv0}" for d in path.split(":") if d]
+    for candidate in candidates:
+        candidate = os.path.normpath(candidate)
+        volume = next((v for v in volumes if candidate.startswith(v.target.rstrip("/") + "/")), None)
+        if volume is not None:
+            found = inside(Path(volume.source), candidate.removeprefix(volume.target))
+        else:
+            found = inside(root, candidate)
+        if found is not None and found.is_file() and os.access(found, os.X_OK):
+            return found
+    return None
+
+
+def confine(
+    name: str,
+    argv0: str,
+    rootfs: str,
+    ids: tuple[int, int],
+    *,
+    user: str | None = None,
+    volumes: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    workdir: str | None = None,
+) -> Confinement:
+    """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` on; UsageError
+    for a root, user, volume or command the container would not find."""
+    root = lower_dir(rootfs)
+    uid, gid, groups, home = resolve_user(root, user or "0")
+    if uid >= RANGE or gid >= RANGE:
+        raise UsageError(f"--user {user}: ids inside a container go up to {RANGE - 1}")
+    environment = {"PATH": DEFAULT_PATH, "HOSTNAME": name, "HOME": home, **(env or {})}
+    bound = tuple(parse_volume(v) for v in volumes)
+    if command_path(root, argv0, environment["PATH"], bound) is None:
+        raise UsageError(f"{argv0}: no such program in the container's root {root} (searched {environment['PATH']})")
+    workdir = workdir or "/"
+    if not workdir.startswith("/"):
+        raise UsageError(f"--workdir {workdir}: give an absolute path")
+    return Confinement(
+        rootfs=rootfs,
+        uid_base=ids[0],
+        gid_base=ids[1],
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        volumes=bound,
+        env=environment,
+        workdir=workdir,
+    )

@@ -8,12 +8,14 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, launcher, lock, procs
+from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, procs
+from kerrickpt import rootfs as rootfs_
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
     BusyError,
@@ -162,6 +164,7 @@ class Registry:
         return path
 
     def release(self, name: str) -> None:
+        idranges.release(self, name)  # first: a claim whose name is gone is anyone's (see idranges)
         shutil.rmtree(self.path(name), ignore_errors=True)
 
     def get(self, name: str) -> Container:
@@ -230,22 +233,50 @@ class Registry:
 
 
 def run(
-    name: str, argv: list[str], *, memory_limit: int | None = None, state_dir: Path | str | None = None
+    name: str,
+    argv: list[str],
+    *,
+    memory_limit: int | None = None,
+    state_dir: Path | str | None = None,
+    rootfs: str | None = None,
+    user: str | None = None,
+    volumes: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    workdir: str | None = None,
 ) -> ContainerStatus:
-    """Start a checkpointable container and return once its command runs."""
+    """Start a checkpointable container and return once its command runs.
+
+    With `rootfs` (a directory, or confinement.HOST_ROOT) it is confined: its own root (an overlay of
+    `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
+    own; the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
+    (SRC:DST[:ro]) are bound in."""
     if not argv:
         raise UsageError("no command given to run")
+    if rootfs is None and (user or volumes or env or workdir):
+        raise UsageError("--user, --volume, --env and --workdir need a root of the container's own (--rootfs)")
     registry = Registry(state_dir)
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     try:
+        confined = None
+        if rootfs is not None:
+            ids = idranges.claim(registry, name, isolation.id_pool())
+            confined = confinement.confine(
+                name, argv[0], rootfs, ids, user=user, volumes=volumes, env=env, workdir=workdir
+            )
         try:
             group = cgroups.create(cgroups.detect(), name, memory_limit)
         except FileExistsError:
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
+        layer = None
         log_fd = registry.open_log(name)
         try:
-            init_pid = launcher.spawn(name, argv, group, log_fd)
+            if confined is not None:
+                layer = rootfs_.Layer.of(registry.path(name))
+                layer.create(confined)
+                # CRIU's restore reopens the log from inside the container's user namespace.
+                rootfs_.share(log_fd, confined)
+            init_pid = launcher.spawn(name, argv, group, log_fd, confined, layer)
         finally:
             os.close(log_fd)
         started = procs.start_time(init_pid)
@@ -260,6 +291,7 @@ def run(
             created=utc_now(),
             log=str(registry.log_path(name)),
             memory_limit=memory_limit,
+            confinement=confined,
         )
         registry.save(container)
         return status(container)

@@ -10,11 +10,11 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerrickpt import command, limits, streamer
+from kerrickpt import command, criuopts, limits, streamer
 from kerrickpt.errors import (
     CommandTimeout,
     ContainerDamaged,
@@ -179,8 +179,10 @@ def dump(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
+    external: Sequence[str] = (),
 ) -> None:
-    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`.
+    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`;
+    `external` names what CRIU may not dump itself (see criuopts).
 
     CRIU has limits.DUMP in all. ContainerDamaged if it had to be stopped, or left its code inside.
     """
@@ -191,6 +193,7 @@ def dump(
     client.opts.leave_running = True
     client.opts.freeze_cgroup = freeze_cgroup
     client.opts.shell_job = shell_job
+    client.opts.external.extend(external)
     log = work_dir / DUMP_LOG
     try:
         _call(client, "dump", limits.DUMP.seconds(), DumpFailed, log, before_stop=lambda: _hold(freeze_cgroup))
@@ -240,7 +243,7 @@ def _damaged(freeze_cgroup: str, what: str, log: Path) -> ContainerDamaged:
 
 
 def _dump_argv(
-    criu: Criu, pid: int, images_dir: Path, work_dir: Path, freeze_cgroup: str, shell_job: bool
+    criu: Criu, pid: int, images_dir: Path, work_dir: Path, freeze_cgroup: str, shell_job: bool, external: Sequence[str]
 ) -> list[str]:
     """`criu dump` with the options `dump` gives the RPC, for the dumps only the command line can do."""
     argv = [
@@ -252,7 +255,7 @@ def _dump_argv(
         # kerrickpt recreates cgroups itself, with the limits from the manifest.
         "--manage-cgroups=ignore",
     ]  # fmt: skip
-    return argv + (["--shell-job"] if shell_job else [])
+    return argv + (["--shell-job"] if shell_job else []) + criuopts.command_line(external)
 
 
 def dump_streamed(
@@ -264,6 +267,7 @@ def dump_streamed(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
+    external: Sequence[str] = (),
 ) -> None:
     """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
 
@@ -275,7 +279,7 @@ def dump_streamed(
     coming: limits.DUMP is how long it may send none.
     """
     # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
-    argv = [*_dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job), "--stream"]
+    argv = [*_dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job, external), "--stream"]
     log = work_dir / DUMP_LOG
     with streamer.Capture(images_dir) as capture:
         process = command.start(argv, cwd=images_dir)
@@ -307,6 +311,7 @@ def dump_lazy(
     *,
     freeze_cgroup: str,
     shell_job: bool = False,
+    external: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Dump as `dump` does, but leave the memory CRIU can fetch on demand for post-copy (`--lazy-pages`).
 
@@ -318,7 +323,7 @@ def dump_lazy(
     """
     ready_read, ready_write = os.pipe()
     os.set_inheritable(pages.fileno(), True)
-    argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job)
+    argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job, external)
     argv += ["--lazy-pages", "--ps-socket", str(pages.fileno()), "--status-fd", str(ready_write)]
     timeout = limits.DUMP.seconds()
     log = work_dir / DUMP_LOG
@@ -389,8 +394,11 @@ def restore(
     lazy_pages: bool = False,
     gate: Path | None = None,
     timeout: float | None = None,
+    root: Path | None = None,
+    external: Sequence[str] = (),
 ) -> int:
-    """Restore a tree (always detached); returns the host PID of its root.
+    """Restore a tree (always detached); returns the host PID of its root. A confined container's tree
+    gets `root` as its root and `external` binds (see criuopts).
 
     With `lazy_pages`, memory comes on demand from the lazy-pages daemon running in `work_dir`.
     With a `gate`, the images come from the streamer serving `images_dir` (`criu restore
@@ -402,10 +410,13 @@ def restore(
     for fd in inherit_fds.values():
         os.set_inheritable(fd, True)
     if gate is not None:
-        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, gate, timeout)
+        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, gate, timeout, root, external)
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
     client.opts.shell_job = shell_job
     client.opts.lazy_pages = lazy_pages
+    client.opts.external.extend(external)
+    if root is not None:
+        client.opts.root = str(root)
     for key, fd in inherit_fds.items():
         entry = client.opts.inherit_fd.add()
         entry.key = key
@@ -422,6 +433,8 @@ def _restore_streamed(
     shell_job: bool,
     gate: Path,
     timeout: float,
+    root: Path | None,
+    external: Sequence[str],
 ) -> int:
     argv = [
         # Relative, as for the dump: the socket's path must fit sun_path's 108 bytes.
@@ -431,6 +444,7 @@ def _restore_streamed(
     ]  # fmt: skip
     for key, fd in inherit_fds.items():
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    argv += criuopts.command_line(external) + (["--root", str(root)] if root is not None else [])
     log = work_dir / RESTORE_LOG
     process = command.start(argv + (["--shell-job"] if shell_job else []), cwd=images_dir)
     returncode = command.wait(process, deadline=time.monotonic() + timeout, log=log)

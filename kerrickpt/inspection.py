@@ -38,6 +38,8 @@ class ArchiveInfo:
             "compression": m.compression,
             "checksum": m.checksum,
             "log_start": m.log_start,
+            "confinement": m.confinement.to_dict() if m.confinement else None,
+            "layer_bytes": m.layer_bytes,
             "members": [{"name": x.name, "size": x.size, "digest": x.digest} for x in m.members],
         }
 
@@ -48,6 +50,11 @@ def restore_route(manifest: Manifest) -> str:
         return (
             "the job shared the host's namespaces: restore gives it new IPC and PID namespaces in which it "
             "has its own PIDs (or, with --pid-namespace host, its PIDs on the host)"
+        )
+    if manifest.confinement is not None:
+        return (
+            "own user, mount, PID, IPC and UTS namespaces, restored as dumped by CRIU, on a root of its own: "
+            "its lower layer and the file-system layer the archive carries"
         )
     return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kerrickpt import command, namespaces
+from kerrickpt.confinement import HOST_ROOT, Confinement
 from kerrickpt.errors import CommandTimeout
 
 PROBE_TIMEOUT = 10.0
@@ -190,3 +191,17 @@ def _map_once_unshared(pid: int, first: tuple[int, int]) -> str:
     except OSError as exc:
         return f"mapping {RANGE} ids from host uid/gid {first} into a user namespace failed: {exc}"
     return ""
+
+
+NEEDED = ("overlay", "user_namespaces")  # the `check` features a confined container needs
+
+
+def lacking(confinement: Confinement, features: dict[str, bool]) -> list[str]:
+    """What this node (its `check` features) lacks to run a container confined so: why it cannot, if it cannot."""
+    missing = [
+        f"no {what} here (see `kerrickpt check`)" for what in ("overlay", "user_namespaces") if not features.get(what)
+    ]
+    if confinement.rootfs != HOST_ROOT and not Path(confinement.rootfs).is_dir():
+        missing.append(f"its root file system {confinement.rootfs} is not here")
+    missing += [f"its volume {v.source} is not here" for v in confinement.volumes if not os.path.exists(v.source)]
+    return missing

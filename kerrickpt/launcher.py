@@ -1,5 +1,6 @@
 """Owns starting a container's init: in a helper program, it joins the cgroup, makes the PID, IPC and UTS
-namespaces and execs the command as PID 1."""
+namespaces (and for a confined container its user and mount namespaces and its root) and execs the command
+as PID 1."""
 
 from __future__ import annotations
 
@@ -11,20 +12,36 @@ import subprocess
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kerrickpt import cgroups, helper, namespaces
+from kerrickpt import cgroups, helper, namespaces, rootfs
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import CommandTimeout, KerrickptError, UsageError
 
 TIMEOUT = 60.0  # for the helper to answer: it forks and waits for one exec
 
 
-def spawn(name: str, argv: list[str], group: cgroups.Cgroup, log_fd: int) -> int:
+def spawn(
+    name: str,
+    argv: list[str],
+    group: cgroups.Cgroup,
+    log_fd: int,
+    confinement: Confinement | None = None,
+    layer: rootfs.Layer | None = None,
+) -> int:
     """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`; returns its host PID.
+    With a `confinement`, also in its own user and mount namespaces, its root the overlay of `layer`.
 
     The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
     leader outside the tree), has no parent-death signal (a detached restore would kill it),
     and its parent, the helper, exits at once, so nothing of kerrickpt stays in the tree.
     """
-    order = {"name": name, "argv": argv, "cgroup": group.to_list(), "log": log_fd}
+    order = {
+        "name": name,
+        "argv": argv,
+        "cgroup": group.to_list(),
+        "log": log_fd,
+        "confinement": confinement.to_dict() if confinement else None,
+        "layer": str(layer.root) if layer else None,
+    }
     process = helper.start("launch", pass_fds=(log_fd,), stdout=subprocess.PIPE)
     helper.send(process, order)
     assert process.stdout is not None
@@ -52,10 +69,14 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
     exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
     try:
         cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
-        namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
-        init = os.fork()  # safe here: the helper has no other thread
-        if init == 0:
-            _exec_init(order["name"], order["argv"], int(order["log"]), exec_w)
+        if order["confinement"] is None:
+            namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
+            init = os.fork()  # safe here: the helper has no other thread
+            if init == 0:
+                _exec_init(order["name"], order["argv"], int(order["log"]), exec_w)
+        else:
+            confinement = Confinement.from_dict(order["confinement"])
+            init = _confined(order, confinement, rootfs.Layer(Path(order["layer"])), exec_w)
         os.close(exec_w)
         with os.fdopen(exec_r, "rb") as reader:
             answer = {"init": init, "exec_error": reader.read().decode()}
@@ -64,8 +85,65 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
     print(json.dumps(answer), flush=True)
 
 
-def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> NoReturn:  # pragma: no cover - child
+def _confined(
+    order: dict[str, Any], confinement: Confinement, layer: rootfs.Layer, exec_w: int
+) -> int:  # pragma: no cover - the helper program
+    """Make the container's root in a mount namespace of the helper's own, then a child that makes the
+    user namespace (mapped from here: only the parent may map a range) and the others, and forks the init.
+    Returns the init's host PID; its failures reach `exec_w`."""
+    rootfs.stage(confinement, layer)
+    rootfs.bind_host_paths(confinement, rootfs.ROOT)
+    unshared_r, unshared_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
+    init_r, init_w = os.pipe()
+    child = os.fork()  # safe here: the helper has no other thread
+    if child == 0:
+        for fd in (unshared_r, mapped_w, init_r):
+            os.close(fd)
+        try:
+            namespaces.unshare(namespaces.CLONE_NEWUSER)
+            os.write(unshared_w, b"u")
+            if os.read(mapped_r, 1) != b"m":
+                os._exit(1)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            others = namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC
+            namespaces.unshare(others | namespaces.CLONE_NEWUTS)
+            init = os.fork()
+            if init == 0:
+                _exec_init(order["name"], order["argv"], int(order["log"]), exec_w, confinement)
+            os.write(init_w, str(init).encode())
+        except BaseException as exc:
+            os.write(exec_w, f"making the container's namespaces failed: {exc}".encode())
+        finally:
+            os._exit(0)
+    for fd in (unshared_w, mapped_r, init_w):
+        os.close(fd)
     try:
+        if os.read(unshared_r, 1) == b"u":
+            namespaces.map_ids(child, confinement.uid_base, confinement.gid_base, confinement.ids)
+            os.write(mapped_w, b"m")
+    finally:
+        os.close(mapped_w)
+        os.waitpid(child, 0)
+    with os.fdopen(init_r, "rb") as said:
+        init = said.read()
+    os.close(unshared_r)
+    if not init:
+        raise OSError("the container's init was not started")
+    return int(init)
+
+
+def _exec_init(
+    name: str,
+    argv: list[str],
+    log_fd: int,
+    exec_w: int,
+    confinement: Confinement | None = None,
+) -> NoReturn:  # pragma: no cover - child
+    try:
+        if confinement is not None:
+            rootfs.enter(rootfs.ROOT)
         socket.sethostname(name)
         os.setsid()
         os.chdir("/")
@@ -78,7 +156,13 @@ def _exec_init(name: str, argv: list[str], log_fd: int, exec_w: int) -> NoReturn
         # Python ignores these; an ignored signal would survive exec into the container.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        os.execvp(argv[0], argv)
+        if confinement is None:
+            os.execvp(argv[0], argv)
+        os.setgroups(list(confinement.groups))
+        os.setresgid(confinement.gid, confinement.gid, confinement.gid)
+        os.setresuid(confinement.uid, confinement.uid, confinement.uid)
+        os.chdir(confinement.workdir)
+        os.execvpe(argv[0], argv, confinement.env)
     except BaseException as exc:
         os.write(exec_w, str(exc).encode())
     finally:

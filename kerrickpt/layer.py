@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from kerrickpt.archive import Writer
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
 MEMBER = "layer.tar"  # the archive's member that carries the layer
@@ -596,3 +598,12 @@ def _remove(upper: Path, created: bool) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
+
+
+def add(writer: Writer, upper: Path, confinement: Confinement) -> int:
+    """Write the layer at `upper` as the archive's MEMBER; returns its bytes."""
+    size = pack(
+        upper, confinement.uid_base, confinement.gid_base, confinement.ids, lambda data: writer.write(MEMBER, data)
+    )
+    writer.end(MEMBER)
+    return size

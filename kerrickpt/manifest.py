@@ -12,15 +12,17 @@ import msgspec
 import xxhash
 
 from kerrickpt import schema, sysvipc
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
 
 FORMAT = "kerrickpt-archive"
 # Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
 # and says so up front (archive.HEADER); version 4 ends with an index (archive.INDEX_MAGIC) that a
-# restore reads first; versions 1 and 2 (sha256) and 3 read the same way.
-VERSION = 4
-READABLE = (1, 2, 3, 4)
+# restore reads first; version 5 may carry a confined container's confinement and writable layer (see
+# layer); versions 1 and 2 (sha256), 3 and 4 read the same way.
+VERSION = 5
+READABLE = (1, 2, 3, 4, 5)
 NAME = "manifest.json"
 # How a member's digest is computed, by the name an archive gives it.
 CHECKSUMS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
@@ -63,6 +65,8 @@ class Manifest:
     compression: dict[str, Any] = field(default_factory=dict)
     # Where in the source's log the archived `log` member starts (see logtail); 0: the whole log.
     log_start: int = 0
+    confinement: Confinement | None = None  # its own root and users; the archive carries its layer
+    log_external: str | None = None  # CRIU's name for a confined container's log (criuopts.file_key)
 
     @property
     def criu_version(self) -> str:
@@ -73,6 +77,11 @@ class Manifest:
         return sum(m.size for m in self.members if m.name.startswith("images/"))
 
     @property
+    def layer_bytes(self) -> int:
+        """Bytes of the file-system layer a confined container's archive carries (as a tar)."""
+        return sum(m.size for m in self.members if m.name == "layer.tar")
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes of process memory in the images (CRIU's pages-*.img files)."""
         return sum(m.size for m in self.members if m.name.startswith("images/pages-"))
@@ -80,6 +89,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["source"] = self.source.to_dict()
+        data["confinement"] = self.confinement.to_dict() if self.confinement else None
         return {"format": FORMAT, "version": VERSION, "criu_version": self.criu_version, **data}
 
     def to_json(self) -> bytes:
@@ -116,6 +126,7 @@ class Manifest:
                 sysvipc.JobIpc.from_dict(ipc)  # the queues' messages are base64
             except ValueError as exc:
                 raise ArchiveCorruptError(f"the manifest's SysV objects are unreadable: {exc}") from exc
+        confined = Confinement.from_dict(msgspec.to_builtins(checked.confinement)) if checked.confinement else None
         return cls(
             name=checked.name,
             created=checked.created,
@@ -133,4 +144,6 @@ class Manifest:
             log_start=checked.log_start,
             compression=checked.compression,
             checksum=checked.checksum,
+            confinement=confined,
+            log_external=checked.log_external,
         )

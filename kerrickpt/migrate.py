@@ -353,6 +353,7 @@ def _ask_target(link: transport.Link, op: str, migration_id: str) -> schema.Stat
 def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
     group = container.group
     pids = group.pids()
+    confined = container.confinement
     with tempfile.TemporaryDirectory() as scratch:
         cpuinfo = criu.cpuinfo_dump(found, Path(scratch)).read_bytes()
     memory = group.memory_usage()
@@ -362,10 +363,12 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
         "name": container.name,
         "fingerprint": node.fingerprint(found.version).to_dict(),
         "cpuinfo": base64.b64encode(cpuinfo).decode(),
-        # The log travels in the archive; everything else must already be on the target.
-        "files": procs.open_files(pids, exclude=[container.log] if container.log else []),
+        # The log travels in the archive; everything else must already be on the target. A confined
+        # container's files are its layer's, which travel, or its volumes', which the target checks.
+        "files": {} if confined else procs.open_files(pids, exclude=[container.log] if container.log else []),
         "memory_bytes": memory,
         "force": force,
+        "confinement": confined.to_dict() if confined else None,
     }
 
 

@@ -31,20 +31,44 @@ def map_ids(pid: int, host_uid: int, host_gid: int, count: int) -> None:
     Path(f"/proc/{pid}/gid_map").write_text(f"0 {host_gid} {count}\n")
 
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 2, 4, 8, 1 << 14, 1 << 19
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 1 << 12, 1 << 14, 1 << 18, 1 << 19
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    encoded = [s.encode() if s is not None else None for s in (source, target, fstype)]
-    if _libc.mount(*encoded, flags, None) != 0:
+def _check(result: int, what: str) -> None:
+    if result != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str | None, target: str | Path, fstype: str | None, flags: int, data: str | None = None) -> None:
+    encoded = [s.encode() if s is not None else None for s in (source, str(target), fstype, data)]
+    _check(_libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]), f"mount {target}")
+
+
+def bind(source: str | Path, target: str | Path, *, read_only: bool = False, recursive: bool = False) -> None:
+    """Bind `source` at `target`; read-only takes a second call: the kernel ignores MS_RDONLY on the first."""
+    mount(str(source), target, None, MS_BIND | (MS_REC if recursive else 0))
+    if read_only:
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def pivot_root(new_root: str | Path) -> None:
+    """Make `new_root` (a mount point) this mount namespace's root and detach the old one beneath it."""
+    os.chdir(new_root)
+    # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops the old root.
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), f"pivot_root {new_root}")
+    _check(_libc.umount2(b".", MNT_DETACH), "detaching the old root")
+    os.chdir("/")
 
 
 def private_proc() -> None:
     """In a new mount namespace: stop mount events flowing back to the host, and show this PID namespace in /proc."""
     unshare(CLONE_NEWNS)
-    _mount(None, "/", None, MS_REC | MS_SLAVE)
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount(None, "/", None, MS_REC | MS_SLAVE)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)

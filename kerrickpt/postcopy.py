@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,12 @@ class Source:
             pass
         self.channel.proc.kill()
 
-    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool) -> None:
+    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str]) -> None:
         """The capture's dump: all but the memory CRIU serves afterwards."""
         self.work.mkdir(mode=0o700, exist_ok=True)
         try:
             self.criu = criu.dump_lazy(self.found, pid, images, self.work, self.for_criu, freeze_cgroup=cgroup,
-                                       shell_job=shell_job)  # fmt: skip
+                                       shell_job=shell_job, external=external)  # fmt: skip
         finally:
             self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+import msgspec
+
 from kerrickpt import (
     archive,
     compat,
@@ -21,12 +23,14 @@ from kerrickpt import (
     faults,
     feeder,
     garbage,
+    isolation,
     node,
     postcopy,
     procs,
     schema,
     transport,
 )
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
@@ -69,6 +73,11 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
         )
     if not verdict.is_acceptable(force=request.force):
         raise NodeIncompatibleError(f"the target cannot take {request.name}:\n{verdict.explain()}")
+    if request.confinement is not None:
+        confined = Confinement.from_dict(msgspec.to_builtins(request.confinement))
+        lacking = isolation.lacking(confined, report.features)
+        if lacking:
+            raise NodeIncompatibleError(f"the target cannot take {request.name}: " + "; ".join(lacking))
     name = containers.check_name(request.name)
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")

@@ -18,14 +18,19 @@ from kerrickpt import (
     criu,
     faults,
     feeder,
+    idranges,
+    isolation,
+    layer,
     logtail,
     node,
     postcopy,
     procs,
     progress,
     restorer,
+    rootfs,
     sysvipc,
 )
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
     ArchiveCorruptError,
     CommandTimeout,
@@ -90,6 +95,8 @@ def restore(
         # A file with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
         streams = isinstance(source, Path) and watcher is None and feeder.can_gate(scratch)
         index = archive.read_index(source) if streams else None
+        if index is not None and index.manifest.confinement is not None:
+            index = None  # its layer must be in place before CRIU starts: unpacked first
         if index is not None:
             manifest = index.manifest
         else:
@@ -152,19 +159,25 @@ def _restore_as(
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
+        if manifest.confinement is not None:
+            confined = _confine(registry, name, manifest.confinement, scratch)
+            plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
             # with what the source had written; CRIU hands them this file (the helper opens it) in place of the
             # source's path (no size check, no clash with a source still running).
             log_fd = registry.open_log(name)
+            if plan.confinement is not None:
+                # CRIU's restore reopens it from inside the container's user namespace.
+                rootfs.share(log_fd, plan.confinement)
             logtail.rebuild(log_fd, manifest.log_start)  # the lines not carried: a hole, the same length
             if feed is not None:  # the archived log follows as the archive is read, before the tree runs
                 feed.log_to(registry.log_path(name))
             else:
                 with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                     shutil.copyfileobj(saved, out)
-            inherit[manifest.log_path.lstrip("/")] = registry.log_path(name)
+            inherit[manifest.log_external or manifest.log_path.lstrip("/")] = registry.log_path(name)
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
@@ -186,6 +199,7 @@ def _restore_as(
                 memory_limit=manifest.memory_limit,
                 migration=migration_id,
                 host_job=manifest.pid_namespace == "host",
+                confinement=plan.confinement,
             )
         )
         return init_pid
@@ -203,3 +217,22 @@ def _restore_as(
     finally:
         if log_fd is not None:
             os.close(log_fd)
+
+
+def _confine(registry: containers.Registry, name: str, archived: Confinement, scratch: Path) -> Confinement:
+    """Give a confined container its id range here (the one it had, if free) and its writable layer as the
+    archive carries it."""
+    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+    confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
+    images = scratch / "images"
+    idranges.remap_images(images, *ids)
+    target = rootfs.Layer.of(registry.path(name))
+    target.create(confined)
+    member = scratch / layer.MEMBER
+    if not member.exists():
+        raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
+    with member.open("rb") as fh:
+        layer.unpack(fh, target.upper, confined.uid_base, confined.gid_base, confined.ids)
+    for path in (images, *images.iterdir()):
+        rootfs.share(path, confined)
+    return confined

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kerrickpt import cgroups, criu, helper, namespaces, sysvipc
+from kerrickpt import cgroups, criu, criuopts, helper, namespaces, rootfs, sysvipc
+from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, CommandTimeout, KerrickptError, RestoreFailed
 
 if TYPE_CHECKING:  # the helper program imports this module, and only what it runs: it starts in the downtime
@@ -28,6 +29,8 @@ class Plan:
     watcher: postcopy.Watcher | None = None  # post-copy: its daemon serves the memory the images lack
     gate: Path | None = None  # the images come from a streamer (feeder.Feed), and the tree waits for this gate
     timeout: float | None = None  # for CRIU's restore: limits.RESTORE unless a streamed restore's own
+    confinement: Confinement | None = None  # a confined container's, its layer unpacked at `layer`
+    layer: rootfs.Layer | None = None
 
 
 class Helper:
@@ -110,6 +113,8 @@ def _order(
         "lazy": plan.watcher is not None,
         "gate": str(plan.gate.absolute()) if plan.gate is not None else None,
         "timeout": plan.timeout,
+        "confinement": plan.confinement.to_dict() if plan.confinement else None,
+        "layer": str(plan.layer.root) if plan.layer else None,
         "answers": writer,
     }
 
@@ -128,6 +133,8 @@ class _Order:
     lazy: bool
     gate: Path | None
     timeout: float | None
+    confinement: Confinement | None
+    layer: rootfs.Layer | None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _Order:
@@ -142,6 +149,8 @@ class _Order:
             lazy=bool(data["lazy"]),
             gate=Path(data["gate"]) if data["gate"] is not None else None,
             timeout=None if data["timeout"] is None else float(data["timeout"]),
+            confinement=Confinement.from_dict(data["confinement"]) if data["confinement"] else None,
+            layer=rootfs.Layer(Path(data["layer"])) if data["layer"] else None,
         )
 
 
@@ -181,6 +190,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
+    confined = order.confinement
     return criu.restore(
         order.found,
         order.scratch / "images",
@@ -190,6 +200,8 @@ def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
         lazy_pages=order.lazy,
         gate=order.gate,
         timeout=order.timeout,
+        root=rootfs.ROOT if confined else None,
+        external=criuopts.restore_externals(confined) if confined else (),
     )
 
 
@@ -198,6 +210,9 @@ def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restor
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC  # as the processes held them: see containers.open_log
     inherit = {key: os.open(path, flags) for key, path in order.inherit.items()}
     order.group.add(os.getpid())
+    if order.confinement is not None and order.layer is not None:
+        rootfs.stage(order.confinement, order.layer)
+        rootfs.bind_host_paths(order.confinement, rootfs.HOST_BINDS)
     if order.ipc is not None:
         namespaces.unshare(namespaces.CLONE_NEWIPC)
         sysvipc.recreate(order.ipc)

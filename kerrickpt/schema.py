@@ -75,6 +75,27 @@ class Ipc(msgspec.Struct):
     limits: dict[IpcLimit, IpcLimitValue] = {}
 
 
+class Volume(msgspec.Struct):
+    source: str
+    target: str
+    read_only: bool = False
+
+
+class Confinement(msgspec.Struct):
+    """See confinement.Confinement."""
+
+    rootfs: str
+    uid_base: Count
+    gid_base: Count
+    ids: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 1 << 16
+    uid: Count = 0
+    gid: Count = 0
+    groups: list[Count] = []
+    volumes: list[Volume] = []
+    env: dict[str, str] = {}
+    workdir: str = "/"
+
+
 class Manifest(msgspec.Struct):
     """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
 
@@ -94,6 +115,8 @@ class Manifest(msgspec.Struct):
     checksum: CHECKSUMS = "sha256"
     compression: dict[str, int | float | None] = {}
     log_start: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0  # see logtail
+    confinement: Confinement | None = None
+    log_external: str | None = None  # CRIU's name for the log of a confined container (criuopts.file_key)
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).
@@ -106,6 +129,7 @@ class PreflightRequest(msgspec.Struct):
     files: dict[str, Count]  # path -> size of every regular file the container has open
     memory_bytes: Count
     force: bool = False
+    confinement: Confinement | None = None  # a confined container's: what the target must offer it
 
 
 class Answer(msgspec.Struct):

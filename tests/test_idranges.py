@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -76,13 +77,13 @@ def test_the_range_of_a_container_that_is_gone_is_taken_and_gc_drops_such_claims
     registry = reserved(containers.Registry(state_dir), "gone", "other")
     taken = idranges.claim(registry, "gone", pool(2))
     other = idranges.claim(registry, "other", pool(2))
-    registry.release("gone")  # its state went without its claims (a crash, an operator's rm)
+    shutil.rmtree(registry.path("gone"))  # its state went without its claims (a crash, an operator's rm)
     assert gc_names(state_dir, dry_run=True) == claim_names(taken)
     registry.reserve("new")
     assert idranges.claim(registry, "new", pool(2)) == taken
     assert idranges.held(registry) == {"new": taken, "other": other}
     assert gc_names(state_dir, dry_run=True) == set()
-    registry.release("other")
+    shutil.rmtree(registry.path("other"))
     assert gc_names(state_dir) == claim_names(other)
     assert idranges.held(registry) == {"new": taken}
     assert {p.name for p in (state_dir / idranges.DIRECTORY).iterdir()} == claim_names(taken)
@@ -224,7 +225,7 @@ def test_processes_claiming_at_once_never_share_a_range(state_dir: Path) -> None
 def test_processes_racing_for_the_one_range_a_gone_container_held_leave_it_to_exactly_one(state_dir: Path) -> None:
     registry = reserved(containers.Registry(state_dir), "gone")
     freed = idranges.claim(registry, "gone", pool(1))
-    registry.release("gone")
+    shutil.rmtree(registry.path("gone"))  # gone without releasing its claims
     names = [f"r{i}" for i in range(8)]
     reserved(registry, *names)
     got = _claim_at_once(state_dir, names, pool(1), held_back=state_dir / idranges.DIRECTORY / f"uid-{freed[0]}")

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import kerrickpt
 from kerrickpt import cgroups, containers, logtail, postcopy, progress, receiver, retention, transport
+from kerrickpt.confinement import parse_env
 from kerrickpt.errors import (
     ArchiveCorruptError,
     HostError,
@@ -155,7 +156,17 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
         limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    status = kerrickpt.run(args.name, argv, memory_limit=limit, state_dir=args.state_dir)
+    status = kerrickpt.run(
+        args.name,
+        argv,
+        memory_limit=limit,
+        state_dir=args.state_dir,
+        rootfs=args.rootfs,
+        user=args.user,
+        volumes=args.volume,
+        env=parse_env(args.env),
+        workdir=args.workdir,
+    )
     if not args.json:
         inside = status.init_ns_pid or "-"
         print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}")
@@ -256,6 +267,14 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         link = f" (chosen for a {m.compression['link_mib_s']} MiB/s link)" if "link_mib_s" in m.compression else ""
         print(f"format:    zstd level {level}{link}, {m.checksum} checksums")
         print(f"route:     {restore_route(m)}")
+        if m.confinement:
+            c = m.confinement
+            root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
+            print(f"root:      {root}; its layer {_mib(m.layer_bytes)} (as a tar)")
+            print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
+                  f"runs as {c.uid}:{c.gid}")  # fmt: skip
+            for v in c.volumes:
+                print(f"volume:    {v.source} -> {v.target}{' (read-only)' if v.read_only else ''}, not carried")
         print("processes (pid inside, host pid at dump, threads, command):")
         for p in m.processes:
             print(f"  {p['ns_pid']:>5} {p['host_pid']:>8} {p['threads']:>3}  {' '.join(p['cmdline'])}")
@@ -477,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
     p.add_argument("--name", required=True)
     p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
+    p.add_argument(
+        "--rootfs",
+        metavar="DIR|host",
+        help="a root of its own: an overlay of DIR (or of this node's root: host) and a writable layer that "
+        "checkpoints carry; also its own user and mount namespaces (default: share the node's)",
+    )
+    p.add_argument("--user", metavar="NAME|UID[:GID]", help="with --rootfs: run the command as this user inside")
+    p.add_argument(
+        "--volume", action="append", default=[], metavar="SRC:DST[:ro]", help="with --rootfs: bind a host path"
+    )
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="with --rootfs: set a variable")
+    p.add_argument("--workdir", metavar="DIR", help="with --rootfs: the command's working directory")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     add("ps", cmd_ps, "list this node's containers")
     p = add("kill", cmd_kill, "end a container and remove its cgroups and state")

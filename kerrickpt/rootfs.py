@@ -1,0 +1,124 @@
+"""Owns a confined container's root file system: the overlay of its read-only lower layer and its writable
+layer in the container's state, and the mounts inside it (/proc, a minimal /dev, /sys read-only, /tmp, volumes)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerrickpt import namespaces
+from kerrickpt.confinement import HOST_ROOT, Confinement, Volume
+from kerrickpt.namespaces import MS_NODEV, MS_NOEXEC, MS_NOSUID
+
+# Bound from the host's /dev: a user namespace may not make device nodes.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+MOUNT_POINTS = ("proc", "dev", "sys", "tmp")
+TMP_SIZE = "50%"  # of RAM at most, as tmpfs's default; it lives in the container's memory (and its checkpoint)
+
+
+# Where, in a mount namespace of kerrickpt's own, the container's root and the host paths CRIU binds
+# in are mounted: a fresh tmpfs over /mnt (hidden from the host, which keeps its /mnt). The user
+# namespace's root must reach them by path, which it could not inside kerrickpt's private state dir.
+STAGE = Path("/mnt")
+ROOT = STAGE / "root"
+HOST_BINDS = STAGE / "host"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A confined container's writable layer, `<container's state>/layer`, private to root."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, container_dir: Path) -> Layer:
+        return cls(container_dir / "layer")
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def create(self, confinement: Confinement) -> None:
+        """Make the empty layer; its top is the container's `/`, owned by the container's root."""
+        self.root.mkdir(mode=0o700)
+        self.work.mkdir(mode=0o700)
+        self.upper.mkdir(mode=0o755)
+        os.chown(self.upper, confinement.uid_base, confinement.gid_base)
+
+
+def share(target: Path | int, confinement: Confinement) -> None:
+    """Let CRIU's restore read `target` (a path or an open file) from inside the container's user
+    namespace. Its tasks there are host root until CRIU makes them root inside, and then the
+    container's root group: root's file, that group's too, and no one else's."""
+    if isinstance(target, int):
+        os.fchown(target, 0, confinement.gid_base)
+        os.fchmod(target, 0o660)
+    else:
+        os.chown(target, 0, confinement.gid_base)
+        os.chmod(target, 0o750 if target.is_dir() else 0o640)
+
+
+def lower(confinement: Confinement) -> str:
+    return "/" if confinement.rootfs == HOST_ROOT else confinement.rootfs
+
+
+def stage(confinement: Confinement, layer: Layer) -> None:
+    """In a mount namespace of this process's own, whose mounts never reach the host's: the container's
+    root at ROOT."""
+    namespaces.unshare(namespaces.CLONE_NEWNS)
+    namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
+    namespaces.mount("kerrickpt", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k")
+    ROOT.mkdir()
+    # Without redirects and metacopy (the kernel's defaults, said here since a node may change them): the
+    # layer alone then holds every file it changed, as a checkpoint must carry it (see layer).
+    options = f"lowerdir={lower(confinement)},upperdir={layer.upper},workdir={layer.work},redirect_dir=off,metacopy=off"
+    namespaces.mount("overlay", ROOT, "overlay", 0, options)
+
+
+def bind_host_paths(confinement: Confinement, under: Path) -> None:
+    """Bind /sys (read-only) and each volume's source beneath `under`, each without what is mounted
+    beneath it: inside the container's user namespace those would be locked to their parent, and a
+    bind of a mount with locked children is refused."""
+    for volume in host_paths(confinement):
+        point = under / volume.target.lstrip("/")
+        point.mkdir(parents=True, exist_ok=True)
+        namespaces.bind(volume.source, point, read_only=volume.read_only)
+
+
+def host_paths(confinement: Confinement) -> list[Volume]:
+    """What the container binds from the host: /sys, then its volumes."""
+    return [Volume("/sys", "/sys", read_only=True), *confinement.volumes]
+
+
+def populate(merged: Path) -> None:
+    """Inside the container's user and mount namespaces, as its root: its own /proc, a minimal /dev, /tmp."""
+    for point in MOUNT_POINTS:
+        (merged / point).mkdir(exist_ok=True)
+    namespaces.mount("proc", merged / "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = merged / "dev"
+    namespaces.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k")
+    for device in DEVICES:
+        (dev / device).touch(mode=0o666)
+        namespaces.bind(f"/dev/{device}", dev / device)
+    for sub in ("pts", "shm"):
+        (dev / sub).mkdir()
+    namespaces.mount("devpts", dev / "pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    (dev / "ptmx").symlink_to("pts/ptmx")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        (dev / name).symlink_to(target)
+    namespaces.mount("shm", dev / "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777")
+    namespaces.mount("tmpfs", merged / "tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={TMP_SIZE}")
+
+
+def enter(merged: Path) -> None:
+    """Make `merged` the root. Its mount came from the host's side, so here it is locked, and pivot_root
+    refuses a locked mount: a bind of it (with what is mounted beneath) is not."""
+    namespaces.bind(merged, merged, recursive=True)
+    populate(merged)
+    namespaces.pivot_root(merged)
