@@ -185,6 +185,8 @@ def capture(
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
+    if container:
+        _refuse_strangers(container, procs.read_all(group.pids()))  # before the freeze; again in it
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -337,6 +339,7 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_jo
         raise ContainerNotFoundError("the cgroup has no processes")
     roots = procs.roots(processes)
     if container:
+        _refuse_strangers(container, processes)
         roots = [p for p in processes if p.host_pid == container.init_pid]
     if len(roots) != 1:
         raise UsageError(f"the cgroup holds {len(roots)} process trees; kerrickpt dumps exactly one")
@@ -348,3 +351,17 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_jo
         )
     ordered = [root] + [p for p in processes if p is not root]
     return [p.to_dict() for p in ordered]
+
+
+def _refuse_strangers(container: containers.Container, processes: list[procs.Process]) -> None:
+    """A process in the container's cgroup that is not its init's descendant, such as a `kerrickpt exec`
+    session (nsenter and its command): CRIU dumps one tree and cannot dump it."""
+    members = {p.host_pid for p in procs.tree(processes, container.init_pid)}
+    strangers = [p for p in processes if p.host_pid not in members]
+    if strangers:
+        named = ", ".join(f"{p.host_pid} ({' '.join(p.cmdline)[:80] or '?'})" for p in strangers)
+        raise NotCheckpointable(
+            f"{container.name} holds processes outside its init's tree, which CRIU cannot dump: {named}. "
+            "A `kerrickpt exec` session (or a process that joined its cgroup from outside) must end first: "
+            "wait for it, or end it (kill the PIDs above). The container keeps running."
+        )
