@@ -355,13 +355,14 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_jo
 
 def _refuse_strangers(container: containers.Container, processes: list[procs.Process]) -> None:
     """A process in the container's cgroup that is not its init's descendant, such as a `kerrickpt exec`
-    session (nsenter and its command): CRIU dumps one tree and cannot dump it."""
+    session (nsenter and its command). CRIU dumps the init's tree alone: the archive would lack it, and
+    ending the source would kill it unsaved (Podman refuses such a checkpoint too)."""
     members = {p.host_pid for p in procs.tree(processes, container.init_pid)}
     strangers = [p for p in processes if p.host_pid not in members]
     if strangers:
         named = ", ".join(f"{p.host_pid} ({' '.join(p.cmdline)[:80] or '?'})" for p in strangers)
         raise NotCheckpointable(
-            f"{container.name} holds processes outside its init's tree, which CRIU cannot dump: {named}. "
+            f"{container.name} holds processes outside its init's tree, which a checkpoint cannot carry: {named}. "
             "A `kerrickpt exec` session (or a process that joined its cgroup from outside) must end first: "
             "wait for it, or end it (kill the PIDs above). The container keeps running."
         )

@@ -15,6 +15,7 @@ import pytest
 import kerrickpt
 from kerrickpt import cgroups, containers, procs, users
 from kerrickpt.errors import UsageError
+from kerrickpt.freezer import frozen
 from tests.helpers import KERRICKPT, cli, cli_env, unique_name, wait_for
 
 COUNTER = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.2; done"
@@ -70,6 +71,8 @@ def test_exec_runs_in_the_containers_namespaces_and_cgroup_and_passes_its_exit_c
     assert cli("exec", name, "--", "sh", "-c", "exit 7", state_dir=state_dir).returncode == 7
     assert cli("exec", name, "--", "sh", "-c", "kill -TERM $$", state_dir=state_dir).returncode == 128 + 15
     assert cli("exec", name, "--", "/no/such/program", state_dir=state_dir).returncode == 127
+    with frozen(containers.Registry(state_dir).get(name).group.freezer):
+        assert cli("exec", name, "--", "true", state_dir=state_dir).returncode == 13
     missing = cli("exec", unique_name(), "--", "true", state_dir=state_dir)
     assert missing.returncode == 4
     assert "no container named" in missing.stderr
@@ -85,7 +88,8 @@ def test_exec_as_another_user_in_another_directory_with_more_environment(state_d
     assert shown.returncode == 0, shown.stderr
     nobody = users.resolve("nobody", Path("/"))
     assert shown.stdout.splitlines() == [str(nobody[0]), str(nobody[1]), "/tmp", "hi there"]
-    assert cli("exec", name, "--user", "1234:5", "--", "id", "-u", state_dir=state_dir).stdout == "1234\n"
+    before_name = cli("exec", "--user", "1234:5", name, "--", "sh", "-c", "id -u; id -g", state_dir=state_dir)
+    assert before_name.stdout == "1234\n5\n"
     for bad in (["--user", unique_name()], ["--workdir", "tmp"], ["--workdir", "/no/such/dir"], ["--env", "X"]):
         refused = cli("exec", name, *bad, "--", "true", state_dir=state_dir)
         assert refused.returncode == 2, (bad, refused.stderr)
