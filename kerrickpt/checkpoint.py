@@ -154,6 +154,8 @@ class Subject:
                 "checkpoint it again yet (CRIU refuses the time and mount namespaces it nests inside "
                 "kerrickpt's init). The job keeps running."
             )
+        # Before anything else (a migration's pre-flight, the freeze); again once frozen (see _tree).
+        _refuse_strangers(container, procs.read_all(container.group.pids()))
         return cls(container.name, container.group, container)
 
 
@@ -185,8 +187,6 @@ def capture(
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
-    if container:
-        _refuse_strangers(container, procs.read_all(group.pids()))  # before the freeze; again in it
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
