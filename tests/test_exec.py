@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def test_exec_runs_in_the_containers_namespaces_and_cgroup_and_passes_its_exit_c
     assert cli("exec", name, "--", "sh", "-c", "exit 7", state_dir=state_dir).returncode == 7
     assert cli("exec", name, "--", "sh", "-c", "kill -TERM $$", state_dir=state_dir).returncode == 128 + 15
     assert cli("exec", name, "--", "/no/such/program", state_dir=state_dir).returncode == 127
+    with ThreadPoolExecutor() as pool:  # the library from a thread: no signal handling, same result
+        assert pool.submit(kerrickpt.exec_in, name, ["sh", "-c", "exit 3"], state_dir=state_dir).result() == 3
     with frozen(containers.Registry(state_dir).get(name).group.freezer):
         assert cli("exec", name, "--", "true", state_dir=state_dir).returncode == 13
     missing = cli("exec", unique_name(), "--", "true", state_dir=state_dir)
