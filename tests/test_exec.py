@@ -93,9 +93,11 @@ def test_exec_as_another_user_in_another_directory_with_more_environment(state_d
     assert shown.stdout.splitlines() == [str(nobody[0]), str(nobody[1]), "/tmp", "hi there"]
     before_name = cli("exec", "--user", "1234:5", name, "--", "sh", "-c", "id -u; id -g", state_dir=state_dir)
     assert before_name.stdout == "1234\n5\n"
+    assert cli("exec", name, "sh", "-c", 'echo "$@"', "sh", "--", "x", state_dir=state_dir).stdout == "-- x\n"
     for bad in (["--user", unique_name()], ["--workdir", "tmp"], ["--workdir", "/no/such/dir"], ["--env", "X"]):
         refused = cli("exec", name, *bad, "--", "true", state_dir=state_dir)
         assert refused.returncode == 2, (bad, refused.stderr)
+    assert cli("exec", name, "--user", "nobody", "true", state_dir=state_dir).returncode == 2  # no `--`
 
 
 def test_kill_ends_an_exec_session_that_joined_the_cgroup(state_dir: Path) -> None:

@@ -170,8 +170,10 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_exec(args: argparse.Namespace) -> tuple[Any, int]:
     argv = args.cmd
-    if "--" in argv:
+    if argv[:1] and argv[0].startswith("-"):
         # Options after NAME (`exec NAME --user U -- CMD`) land among CMD's words: parse them here.
+        if "--" not in argv:
+            raise UsageError("kerrickpt exec: put `--` between the options and the command")
         split = argv.index("--")
         _exec_options().parse_args(argv[:split], namespace=args)
         argv = argv[split + 1 :]
