@@ -32,11 +32,13 @@ from kerrickpt.errors import (
 from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
 from kerrickpt.lock import Holder
+from kerrickpt.logs import logs
 from kerrickpt.manifest import Manifest
 from kerrickpt.migrate import MigrationResult, RecoverResult, migrate, recover
 from kerrickpt.node import Fingerprint, Report, check
 from kerrickpt.restore import RestoreResult, restore
 from kerrickpt.retention import Decision, Plan, Policy
+from kerrickpt.session import exec_in
 from kerrickpt.snapshot import SnapshotResult, snapshot
 from kerrickpt.store import Snapshot, Store
 
@@ -84,9 +86,11 @@ __all__ = [
     "check",
     "check_archive",
     "checkpoint",
+    "exec_in",
     "gc",
     "inspect",
     "kill",
+    "logs",
     "migrate",
     "ps",
     "recover",

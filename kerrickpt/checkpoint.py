@@ -169,6 +169,8 @@ class Subject:
                 "checkpoint it again yet (CRIU refuses the time and mount namespaces it nests inside "
                 "kerrickpt's init). The job keeps running."
             )
+        # Before anything else (a migration's pre-flight, the freeze); again once frozen (see _tree).
+        _refuse_strangers(container, procs.read_all(container.group.pids()))
         return cls(container.name, container.group, container)
 
 
@@ -367,6 +369,7 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_jo
         raise ContainerNotFoundError("the cgroup has no processes")
     roots = procs.roots(processes)
     if container:
+        _refuse_strangers(container, processes)
         roots = [p for p in processes if p.host_pid == container.init_pid]
     if len(roots) != 1:
         raise UsageError(f"the cgroup holds {len(roots)} process trees; kerrickpt dumps exactly one")
@@ -378,3 +381,18 @@ def _tree(group: cgroups.Cgroup, container: containers.Container | None, host_jo
         )
     ordered = [root] + [p for p in processes if p is not root]
     return [p.to_dict() for p in ordered]
+
+
+def _refuse_strangers(container: containers.Container, processes: list[procs.Process]) -> None:
+    """A process in the container's cgroup that is not its init's descendant, such as a `kerrickpt exec`
+    session (nsenter and its command). CRIU dumps the init's tree alone: the archive would lack it, and
+    ending the source would kill it unsaved (Podman refuses such a checkpoint too)."""
+    members = {p.host_pid for p in procs.tree(processes, container.init_pid)}
+    strangers = [p for p in processes if p.host_pid not in members]
+    if strangers:
+        named = ", ".join(f"{p.host_pid} ({' '.join(p.cmdline)[:80] or '?'})" for p in strangers)
+        raise NotCheckpointable(
+            f"{container.name} holds processes outside its init's tree, which a checkpoint cannot carry: {named}. "
+            "A `kerrickpt exec` session (or a process that joined its cgroup from outside) must end first: "
+            "wait for it, or end it (kill the PIDs above). The container keeps running."
+        )

@@ -67,6 +67,18 @@ def roots(processes: Iterable[Process]) -> list[Process]:
     return [p for p in procs if p.host_ppid not in pids]
 
 
+def tree(processes: Iterable[Process], root: int) -> list[Process]:
+    """`root` and its descendants among `processes`, in their order."""
+    procs = list(processes)
+    members = {root}
+    grew = True
+    while grew:
+        before = len(members)
+        members |= {p.host_pid for p in procs if p.host_ppid in members}
+        grew = len(members) > before
+    return [p for p in procs if p.host_pid in members]
+
+
 def rss(pid: int) -> int:
     """Resident memory of a process in bytes (0 if it is gone)."""
     try:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,9 @@ examples:
   kerrickpt check
   kerrickpt run --name job1 --memory-limit 512M -- /usr/bin/python3 -u train.py
   kerrickpt ps
+  kerrickpt exec job1 -- ps -ef
+  kerrickpt exec job1 --user nobody --workdir /tmp --env LANG=C.UTF-8 -- sh -c 'ls -l'
+  kerrickpt logs -f job1
   kerrickpt checkpoint job1 -o /srv/ckpt/job1.kckpt
   kerrickpt checkpoint job1 -o /srv/ckpt/job1-copy.kckpt --leave-running
   kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
@@ -61,6 +65,8 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   18 checkpoint: archive complete, but the container could not all be ended (`kerrickpt kill NAME`),
   20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
   129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
+exec: once its command runs, the command's exit code (128+N: ended by signal N; 126/127: it could not
+  be run / was not found); before that, the codes above (4: no such container running)
 """
 
 
@@ -171,6 +177,36 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
         inside = status.init_ns_pid or "-"
         print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}")
     return status.to_dict(), 0
+
+
+def cmd_exec(args: argparse.Namespace) -> tuple[Any, int]:
+    argv = args.cmd
+    if argv[:1] and argv[0].startswith("-"):
+        # Options after NAME (`exec NAME --user U -- CMD`) land among CMD's words: parse them here.
+        if "--" not in argv:
+            raise UsageError("kerrickpt exec: put `--` between the options and the command")
+        split = argv.index("--")
+        _exec_options().parse_args(argv[:split], namespace=args)
+        argv = argv[split + 1 :]
+    code = kerrickpt.exec_in(
+        args.name, argv, user=args.user, workdir=args.workdir, env=args.env, state_dir=args.state_dir
+    )
+    return None, code
+
+
+def cmd_logs(args: argparse.Namespace) -> tuple[Any, int]:
+    out = sys.stdout.buffer
+    chunks = kerrickpt.logs(args.name, follow=args.follow, state_dir=args.state_dir)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+    except BrokenPipeError:
+        # The reader left (`| head`): that ends the command, and Python must not complain at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        chunks.close()
+    return None, 0
 
 
 def cmd_ps(args: argparse.Namespace) -> tuple[Any, int]:
@@ -449,6 +485,14 @@ def _keep_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _exec_options() -> argparse.ArgumentParser:
+    p = _Parser(prog="kerrickpt exec", add_help=False)
+    p.add_argument("--user", metavar="NAME|UID[:GROUP|GID]", help="run as this user of the container")
+    p.add_argument("--workdir", metavar="DIR", help="working directory inside (default: the container's)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable")
+    return p
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments raise UsageError, so that `main` reports them like any error (and as JSON with --json)."""
 
@@ -457,11 +501,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument(
+    located = _Parser(add_help=False)
+    located.add_argument(
         "--state-dir",
         help=f"where containers are recorded (default: ${containers.STATE_ENV} or {containers.DEFAULT_STATE_DIR})",
     )
+    common = _Parser(add_help=False, parents=[located])
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     common.add_argument(
         "-q",
@@ -510,6 +555,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR", help="with --rootfs: the command's working directory")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     add("ps", cmd_ps, "list this node's containers")
+
+    def add_plain(
+        name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        """A command whose output is the container's own: no --json, no progress."""
+        p = sub.add_parser(name, parents=[located, *parents], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add_plain(
+        "exec",
+        cmd_exec,
+        "run a command inside a running container (its namespaces, cgroup, user and root) on this terminal; "
+        "exits with the command's exit code",
+        _exec_options(),
+    )
+    p.add_argument("name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p = add_plain("logs", cmd_logs, "print a container's output (its log file)")
+    p.add_argument("-f", "--follow", action="store_true", help="then follow it until the container ends")
+    p.add_argument("name")
     p = add("kill", cmd_kill, "end a container and remove its cgroups and state")
     p.add_argument("name")
     p = add("gc", cmd_gc, "remove what kerrickpt processes that died left: unregistered names, images, markers")
@@ -640,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
         return _fail(exc, None, as_json)
+    as_json = getattr(args, "json", False)  # exec and logs have none: their output is the container's
     logging.basicConfig(level=logging.WARNING, format="kerrickpt: %(message)s")
     # A scheduler's SIGTERM or a closed terminal must not leave a container frozen. The agent keeps
     # SIGHUP's default: ssh hangs up on it when the source goes, and the source decides what follows.
@@ -647,19 +714,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         with unwinding_on(UNWINDING if args.command != "agent" else (signal.SIGINT, signal.SIGTERM)):
             result, code = args.func(args)
     except KerrickptError as exc:
-        return _fail(exc, args.command, args.json)
+        return _fail(exc, args.command, as_json)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        return _fail(HostError(f"{exc.strerror or exc}{where}"), args.command, args.json)
+        return _fail(HostError(f"{exc.strerror or exc}{where}"), args.command, as_json)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         name = signal.Signals(signum).name
         print(f"kerrickpt: interrupted by {name} (exit {128 + signum})", file=sys.stderr)
-        if args.json and args.command != "agent":
+        if as_json and args.command != "agent":
             error = {"error": "Interrupted", "message": f"interrupted by {name}", "exit_code": 128 + signum}
             print(json.dumps(error, indent=2))
         return 128 + signum
-    if args.json and args.command != "agent":
+    if as_json and args.command != "agent":
         print(json.dumps(result, indent=2, default=str))
     return code
 
