@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kerrickpt import users
 from kerrickpt.errors import UsageError
 
 HOST_ROOT = "host"  # --rootfs host: an overlay of the node's own root file system
@@ -98,67 +99,6 @@ def lower_dir(rootfs: str) -> Path:
     return path
 
 
-def inside(root: Path, path: str, hops: int = 40) -> Path | None:
-    """The host path of `path` as the container sees it in `root` (symlinks resolved within `root`), or None."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = root.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            hops -= 1
-            if hops < 0:
-                return None
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        if not candidate.exists():
-            return None
-        resolved.append(part)
-    return root.joinpath(*resolved)
-
-
-def _entries(root: Path, name: str) -> list[list[str]]:
-    found = inside(root, f"/etc/{name}")
-    try:
-        text = found.read_text(errors="replace") if found else ""
-    except OSError:
-        text = ""
-    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
-
-
-def resolve_user(root: Path, spec: str) -> tuple[int, int, tuple[int, ...], str]:
-    """`NAME|UID[:GID]` as the root's /etc/passwd and /etc/group know it: uid, gid, groups, home.
-
-    As Podman: a numeric user unknown to the root runs with gid 0 and home /."""
-    user, _, group = spec.partition(":")
-    passwd = [e for e in _entries(root, "passwd") if len(e) >= 7]
-    entry = next((e for e in passwd if (e[2] if user.isdigit() else e[0]) == user), None)
-    if entry is None and not user.isdigit():
-        raise UsageError(f"--user {spec}: no user {user!r} in the container's /etc/passwd")
-    uid = int(user) if user.isdigit() else int(entry[2])  # type: ignore[index]
-    gid = int(entry[3]) if entry else 0
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        else:
-            known = next((e for e in _entries(root, "group") if len(e) >= 3 and e[0] == group), None)
-            if known is None:
-                raise UsageError(f"--user {spec}: no group {group!r} in the container's /etc/group")
-            gid = int(known[2])
-    name = entry[0] if entry else None
-    groups = sorted(
-        {gid} | {int(e[2]) for e in _entries(root, "group") if len(e) >= 4 and name and name in e[3].split(",")}
-    )
-    return uid, gid, tuple(groups), entry[5] if entry else "/"
-
-
 def command_path(root: Path, argv0: str, path: str, volumes: Sequence[Volume] = ()) -> Path | None:
     """Where the container finds its command `argv0`, searching `path` as execvp does, in its root or a
     volume; None if nowhere."""
@@ -167,9 +107,9 @@ def command_path(root: Path, argv0: str, path: str, volumes: Sequence[Volume] = 
         candidate = os.path.normpath(candidate)
         volume = next((v for v in volumes if candidate.startswith(v.target.rstrip("/") + "/")), None)
         if volume is not None:
-            found = inside(Path(volume.source), candidate.removeprefix(volume.target))
+            found = users.inside(Path(volume.source), candidate.removeprefix(volume.target))
         else:
-            found = inside(root, candidate)
+            found = users.inside(root, candidate)
         if found is not None and found.is_file() and os.access(found, os.X_OK):
             return found
     return None
@@ -189,10 +129,10 @@ def confine(
     """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` on; UsageError
     for a root, user, volume or command the container would not find."""
     root = lower_dir(rootfs)
-    uid, gid, groups, home = resolve_user(root, user or "0")
-    if uid >= RANGE or gid >= RANGE:
+    account = users.resolve(user or "0", root)
+    if account.uid >= RANGE or account.gid >= RANGE:
         raise UsageError(f"--user {user}: ids inside a container go up to {RANGE - 1}")
-    environment = {"PATH": DEFAULT_PATH, "HOSTNAME": name, "HOME": home, **(env or {})}
+    environment = {"PATH": DEFAULT_PATH, "HOSTNAME": name, "HOME": account.home, **(env or {})}
     bound = tuple(parse_volume(v) for v in volumes)
     if command_path(root, argv0, environment["PATH"], bound) is None:
         raise UsageError(f"{argv0}: no such program in the container's root {root} (searched {environment['PATH']})")
@@ -203,9 +143,9 @@ def confine(
         rootfs=rootfs,
         uid_base=ids[0],
         gid_base=ids[1],
-        uid=uid,
-        gid=gid,
-        groups=groups,
+        uid=account.uid,
+        gid=account.gid,
+        groups=account.groups,
         volumes=bound,
         env=environment,
         workdir=workdir,

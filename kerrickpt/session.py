@@ -144,11 +144,13 @@ def _start(
     root = Path(f"/proc/{init}/root")  # the container's root, seen from the host
     confined = container.confinement
     if user is not None:
-        ids: tuple[int, int] | None = users.resolve(user, root)
+        account = users.resolve(user, root)
+        ids: tuple[int, int] | None = (account.uid, account.gid)
     else:
         ids = (confined.uid, confined.gid) if confined else None
     directory = workdir or (confined.workdir if confined else "/")
-    if not (root / directory.lstrip("/")).is_dir():
+    found = users.inside(root, directory)
+    if found is None or not found.is_dir():
         raise UsageError(f"{directory} is not a directory in container {container.name}")
     environment = (dict(confined.env) if confined else dict(os.environ)) | extra
     entered = [*ALWAYS.values(), *(flag for ns, flag in WHERE_OWN.items() if not procs.shares_namespace(init, ns))]

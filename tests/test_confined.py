@@ -238,3 +238,15 @@ def test_an_archive_whose_layer_escapes_its_root_is_refused_before_any_process_r
     assert not victim.exists()
     assert kerrickpt.ps(state_dir) == []
     assert cgroup_dirs(name) == []
+
+
+def test_exec_runs_in_a_confined_container_as_its_user_on_its_root(state_dir: Path) -> None:
+    name = run_steps(state_dir)
+    script = 'id -u; echo "$X $HOSTNAME"; tail -n 1 /var/tmp/steps; awk \'{print $2}\' /proc/self/uid_map'
+    shown = cli("exec", name, "--env", "X=y", "--", "sh", "-c", script, state_dir=state_dir)
+    assert shown.returncode == 0, shown.stderr
+    uid, env, step, base = shown.stdout.splitlines()
+    record = containers.Registry(state_dir).get(name).confinement
+    assert record is not None
+    assert (uid, env, base) == (str(USER), f"y {name}", str(record.uid_base))
+    assert re.fullmatch(r"step \d+", step), "it reads the container's layer, not the host's /var/tmp"

@@ -90,7 +90,7 @@ def test_exec_as_another_user_in_another_directory_with_more_environment(state_d
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     nobody = users.resolve("nobody", Path("/"))
-    assert shown.stdout.splitlines() == [str(nobody[0]), str(nobody[1]), "/tmp", "hi there"]
+    assert shown.stdout.splitlines() == [str(nobody.uid), str(nobody.gid), "/tmp", "hi there"]
     before_name = cli("exec", "--user", "1234:5", name, "--", "sh", "-c", "id -u; id -g", state_dir=state_dir)
     assert before_name.stdout == "1234\n5\n"
     assert cli("exec", name, "sh", "-c", 'echo "$@"', "sh", "--", "x", state_dir=state_dir).stdout == "-- x\n"
@@ -161,15 +161,15 @@ def test_user_names_are_read_in_the_containers_root(tmp_path: Path) -> None:
     etc.mkdir()
     (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\npostgres:x:101:103::/var/lib/postgresql:/bin/sh\nbad\n")
     (etc / "group").write_text("root:x:0:\nssl-cert:x:104:postgres\n")
-    assert users.resolve("postgres", tmp_path) == (101, 103)
-    assert users.resolve("postgres:ssl-cert", tmp_path) == (101, 104)
-    assert users.resolve("101", tmp_path) == (101, 103)
-    assert users.resolve("4242", tmp_path) == (4242, 0)
-    assert users.resolve("4242:7", tmp_path) == (4242, 7)
+    assert users.resolve("postgres", tmp_path) == users.Account(101, 103, (103, 104), "/var/lib/postgresql")
+    assert users.resolve("postgres:ssl-cert", tmp_path) == users.Account(101, 104, (104,), "/var/lib/postgresql")
+    assert users.resolve("101", tmp_path).gid == 103
+    assert users.resolve("4242", tmp_path) == users.Account(4242, 0, (0,), "/")
+    assert (users.resolve("4242:7", tmp_path).uid, users.resolve("4242:7", tmp_path).gid) == (4242, 7)
     for bad in ("nobody", "postgres:nogroup", "", ":5", "postgres:"):
         with pytest.raises(UsageError):
             users.resolve(bad, tmp_path)
     (etc / "passwd").unlink()
-    (etc / "passwd").symlink_to("/etc/passwd")  # under /proc/PID/root, it would be the host's
+    (etc / "passwd").symlink_to("/etc/passwd")  # resolved within the root: itself, a loop; never the host's
     with pytest.raises(UsageError):
         users.resolve("root", tmp_path)
