@@ -32,6 +32,7 @@ EXAMPLES = """\
 examples:
   kerrickpt check
   kerrickpt run --name job1 --memory-limit 512M -- /usr/bin/python3 -u train.py
+  kerrickpt run --name job2 --rootfs host --user 1000 --volume /scratch/job2:/data --workdir /data -- ./solve
   kerrickpt ps
   kerrickpt exec job1 -- ps -ef
   kerrickpt exec job1 --user nobody --workdir /tmp --env LANG=C.UTF-8 -- sh -c 'ls -l'
