@@ -81,7 +81,7 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"bad --env {item!r}: use KEY=VALUE")
+            raise UsageError(f"--env {item!r}: give KEY=VALUE")
         env[key] = value
     return env
 

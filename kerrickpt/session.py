@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kerrickpt import cgroups, containers, procs, users
+from kerrickpt import cgroups, confinement, containers, procs, users
 from kerrickpt.errors import BusyError, ContainerNotFoundError, NotReadyError, UsageError
 
 SHELL = "/bin/sh"
@@ -48,7 +48,7 @@ def exec_in(
     """
     if not argv:
         raise UsageError("no command given to exec")
-    extra = _parse_env(env)
+    extra = confinement.parse_env(env)
     if workdir is not None and not workdir.startswith("/"):
         raise UsageError(f"--workdir {workdir!r} is not an absolute path")
     nsenter = shutil.which("nsenter")
@@ -59,16 +59,6 @@ def exec_in(
         registry.refuse_while_migrating(name)
         session = _start(registry.get(name), nsenter, list(argv), user, workdir, extra)
     return session.wait()
-
-
-def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not key or not sep:
-            raise UsageError(f"--env {pair!r}: give KEY=VALUE")
-        parsed[key] = value
-    return parsed
 
 
 class Session:
