@@ -207,6 +207,14 @@ def _migrate(
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
+    if lazy and container.confinement is not None:
+        # CRIU opens the userfaultfd in the restored task, inside the container's user namespace, where the
+        # kernel grants one only to CAP_SYS_PTRACE of the host's or with the machine-wide sysctl below.
+        raise UsageError(
+            f"{name} has a user namespace of its own, and post-copy (--lazy) cannot restore into one: CRIU "
+            "opens its userfaultfd inside it, which the kernel allows only with vm.unprivileged_userfaultfd=1. "
+            "Migrate it without --lazy. Nothing was frozen."
+        )
     journal = Journal(registry, name)
     subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
