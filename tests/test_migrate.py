@@ -775,6 +775,7 @@ def assert_moved_with_its_files(cluster: Cluster, job: ConfinedJob) -> None:
     assert running_copies(cluster, job) == ["b"]
     assert_nothing_left(a, job)
     assert not list((a.state_dir / "idranges").glob("[ug]id-*")), "a's id range claims were released"
+    assert len(list((b.state_dir / "idranges").glob("[ug]id-*"))) == 2, "b holds a uid and a gid range for it"
     job.keeps_counting(b)
     numbers = ticks(job.log(b))
     assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
