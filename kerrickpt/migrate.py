@@ -185,7 +185,8 @@ def migrate(
     With `lazy` (post-copy), it runs on the target before its memory has all arrived: the
     downtime no longer grows with memory, but if the page transfer breaks off, the target's
     copy is killed and the source resumes from the freeze (TransportError), or stays frozen
-    for `recover` if the target cannot be asked (MigrationUnknown).
+    for `recover` if the target cannot be asked (MigrationUnknown). A confined container
+    (`run --rootfs`) cannot move so: UsageError, before anything is frozen.
     Of the log, the last `log_tail` bytes travel (see logtail).
     """
     registry = containers.Registry(state_dir)
