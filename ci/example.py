@@ -1,4 +1,5 @@
-"""The built-in example: a sample container on node a is moved to node b and shown counting on there."""
+"""The built-in example: sample containers on node a, one of them confined (its own root, a non-root user), are moved
+to node b and shown going on there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from kerrickpt.localnodes import Cluster, Node
 
 COUNTER = 'i=0; while :; do i=$((i+1)); echo "count $i"; sleep 0.5; done'
+RECORDS = 'i=0; while :; do i=$((i+1)); echo "record $i" >> /var/tmp/records; sleep 0.5; done'
 
 
 def step(text: str) -> None:
@@ -56,6 +58,16 @@ def main() -> None:
         step("restore a second copy from the archive next to it: same PIDs inside, its own namespaces")
         show(b, "restore", str(archive), "--name", f"{name}-copy")
         show(b, "ps")
+        step("a confined container on node a: its own root (the host's, read-only, under a layer of its own), uid 1000")
+        show(a, "run", "--name", "job", "--rootfs", "host", "--user", "1000", "--", "sh", "-c", RECORDS)
+        time.sleep(2)
+        show(a, "ps")
+        show(a, "exec", "job", "--", "tail", "-n", "3", "/var/tmp/records")
+        step("move it to node b: its layer, with the file it writes, travels in the archive")
+        show(a, "migrate", "job", *cluster.migrate_args(b))
+        time.sleep(2)
+        show(b, "exec", "job", "--", "id", "-u")
+        show(b, "exec", "job", "--", "tail", "-n", "3", "/var/tmp/records")
     step("done: both nodes and everything they ran are removed")
 
 

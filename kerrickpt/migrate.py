@@ -185,7 +185,8 @@ def migrate(
     With `lazy` (post-copy), it runs on the target before its memory has all arrived: the
     downtime no longer grows with memory, but if the page transfer breaks off, the target's
     copy is killed and the source resumes from the freeze (TransportError), or stays frozen
-    for `recover` if the target cannot be asked (MigrationUnknown).
+    for `recover` if the target cannot be asked (MigrationUnknown). A confined container
+    (`run --rootfs`) cannot move so: UsageError, before anything is frozen.
     Of the log, the last `log_tail` bytes travel (see logtail).
     """
     registry = containers.Registry(state_dir)
@@ -207,6 +208,14 @@ def _migrate(
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
+    if lazy and container.confinement is not None:
+        # CRIU opens the userfaultfd in the restored task, inside the container's user namespace, where the
+        # kernel grants one only to CAP_SYS_PTRACE of the host's or with the machine-wide sysctl below.
+        raise UsageError(
+            f"{name} has a user namespace of its own, and post-copy (--lazy) cannot restore into one: CRIU "
+            "opens its userfaultfd inside it, which the kernel allows only with vm.unprivileged_userfaultfd=1. "
+            "Migrate it without --lazy. Nothing was frozen."
+        )
     journal = Journal(registry, name)
     subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()

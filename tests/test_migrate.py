@@ -18,8 +18,9 @@ import pytest
 from bench.lab import READY, pipe_max_size, wait_for_line
 from bench.lab import Job as MemJob
 from kerrickpt import archive, containers, node, procs, sysvipc, transport
-from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
+from kerrickpt.localnodes import SSHD, Cluster, Node, kerrickpt_path
 from tests.helpers import KERRICKPT, cli_env, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.test_confined import STEPS, USER, steps_written
 
 pytestmark = pytest.mark.root
 
@@ -751,3 +752,121 @@ def test_a_receiver_that_gets_nothing_for_its_stall_limit_removes_what_it_receiv
     assert said["transient"] and code == 11
     assert not list((state_dir / "tmp").iterdir()), "what it received is gone"
     assert not list((state_dir / "incoming").iterdir()), "and it is no longer in progress"
+
+
+class ConfinedJob(Job):
+    """A `--rootfs host` container whose user (not root) appends numbered records to a file in its layer."""
+
+    def __init__(self, node: Node, *options: str) -> None:  # not Job's: it runs a command of its own
+        self.name = unique_name("conf")
+        argv = ["run", "--name", self.name, "--rootfs", "host", "--user", str(USER), *options]
+        started = node.kerrickpt(*argv, "--", "sh", "-c", STEPS)
+        assert started.returncode == 0, started.stderr
+        wait_for(lambda: len(ticks(self.log(node))) > 3, what="steps")
+
+    def steps(self, node: Node) -> list[int]:
+        """The records in the file on `node`'s copy of its layer."""
+        return steps_written(node.state_dir, self.name)
+
+
+def assert_moved_with_its_files(cluster: Cluster, job: ConfinedJob) -> None:
+    """Node b alone runs it, as its user, its file and its log going on with no record lost or written twice."""
+    a, b = cluster.nodes
+    assert running_copies(cluster, job) == ["b"]
+    assert_nothing_left(a, job)
+    assert not list((a.state_dir / "idranges").glob("[ug]id-*")), "a's id range claims were released"
+    assert len(list((b.state_dir / "idranges").glob("[ug]id-*"))) == 2, "b holds a uid and a gid range for it"
+    job.keeps_counting(b)
+    numbers = ticks(job.log(b))
+    assert numbers == list(range(1, len(numbers) + 1)), "the counter went on where it stopped"
+    written = job.steps(b)
+    assert len(written) >= numbers[-1] - 1 and written == list(range(1, len(written) + 1)), "no record lost or twice"
+    uid = b.kerrickpt("exec", job.name, "--", "id", "-u")
+    assert uid.returncode == 0 and uid.stdout.strip() == str(USER), uid.stderr
+
+
+def test_a_confined_container_migrates_with_its_files(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    job = ConfinedJob(a)
+
+    result = migrate(cluster, a, b, job)
+
+    assert result.returncode == 0, result.stderr
+    assert_moved_with_its_files(cluster, job)
+
+
+def assert_refused_before_the_freeze(
+    cluster: Cluster, job: ConfinedJob, result: subprocess.CompletedProcess[str]
+) -> None:
+    """The target refused it in the pre-flight: a kept running, never frozen, and b holds nothing of it."""
+    a, b = cluster.nodes
+    assert result.returncode == 7, result.stderr
+    assert json.loads(result.stdout)["error"] == "NodeIncompatibleError"
+    assert running_copies(cluster, job) == ["a"]
+    assert_nothing_left(b, job)
+    job.keeps_counting(a)
+    assert not (a.state_dir / "migrations").exists() or not list((a.state_dir / "migrations").iterdir())
+
+
+def test_a_target_lacking_a_volume_of_a_confined_container_is_refused_before_the_freeze(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    a, b = cluster.nodes
+    source = tmp_path / "volume"
+    source.mkdir()
+    job = ConfinedJob(a, "--volume", f"{source}:/data")
+    source.rmdir()  # the nodes share one file system: b has it no more (the bind inside a stays)
+
+    result = migrate(cluster, a, b, job)
+
+    assert f"its volume {source} is not here" in result.stderr
+    assert_refused_before_the_freeze(cluster, job, result)
+
+
+def without_user_namespaces(node: Node) -> list[str]:
+    """The argv prefix that runs a program as if on a node without user namespaces: in a mount namespace of
+    its own, where /proc/sys/user/max_user_namespaces reads 0. The real sysctl is global (every process on
+    the machine, other tests too, would lose user namespaces) and root here may not write it: without
+    CAP_SYS_RESOURCE it is read-only."""
+    zero = node.workdir / "max_user_namespaces"
+    zero.write_text("0\n")
+    script = f'mount --bind "{zero}" /proc/sys/user/max_user_namespaces && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+
+
+def test_a_target_without_user_namespaces_is_refused_before_the_freeze(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    job = ConfinedJob(a)
+    prefix = without_user_namespaces(b)
+    checked = subprocess.run(
+        [*prefix, kerrickpt_path(), "check", "--json"], env={**os.environ, **b.env()}, capture_output=True, text=True
+    )
+    assert json.loads(checked.stdout)["features"]["user_namespaces"] is False, checked.stderr
+    b.stop_sshd()
+    # b's sshd, and every kerrickpt it starts, sees the 0; it dies with the cluster (or with the next restart).
+    assert b.sshd is None
+    b.sshd = subprocess.Popen(
+        [*prefix, "nsenter", f"--net=/run/netns/{b.netns}", SSHD, "-D", "-e", "-f", str(b.workdir / "sshd_config")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cluster.wait_for_sshd(b)
+
+    result = migrate(cluster, a, b, job)
+
+    assert "no user_namespaces here" in result.stderr
+    assert_refused_before_the_freeze(cluster, job, result)
+
+
+def test_lazy_migration_of_a_confined_container_is_refused_before_the_freeze(cluster: Cluster, big_pipes: None) -> None:
+    a, b = cluster.nodes
+    job = ConfinedJob(a)
+
+    result = migrate(cluster, a, b, job, "--lazy")
+
+    assert result.returncode == 2, result.stderr
+    assert "vm.unprivileged_userfaultfd" in result.stderr and "Nothing was frozen" in result.stderr
+    assert running_copies(cluster, job) == ["a"]
+    assert_nothing_left(b, job)
+    job.keeps_counting(a)

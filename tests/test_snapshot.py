@@ -32,6 +32,7 @@ from tests.helpers import (
     wait_for,
     waits_in,
 )
+from tests.test_confined import log, run_steps, steps_written
 
 pytestmark = pytest.mark.root
 
@@ -342,3 +343,24 @@ def test_overlapping_runs_for_one_container_serialize(
     assert "took over" not in second.communicate()[1]
     taken = kerrickpt.Store(store).list(a.name)
     assert len(taken) == 2 and all(s.verified for s in taken)
+
+
+def test_a_confined_container_restored_from_an_older_snapshot_gets_that_snapshots_files(
+    state_dir: Path, store: Path
+) -> None:
+    name = run_steps(state_dir)
+    older = kerrickpt.snapshot(name, store, state_dir=state_dir).snapshot
+    seen = max(ticks(log(state_dir, name)))
+    wait_for(lambda: max(ticks(log(state_dir, name))) > seen + 10, what="more steps after the older snapshot")
+    kerrickpt.snapshot(name, store, state_dir=state_dir)
+    wait_for(lambda: max(ticks(log(state_dir, name))) > seen + 20, what="more steps after the newer snapshot")
+    kerrickpt.kill(name, state_dir)
+
+    restored = cli("restore", "--store", str(store), name, "--at", older.id, state_dir=state_dir)
+
+    assert restored.returncode == 0, restored.stderr
+    point = max(ticks(archived_log(older.path)))
+    wait_for(lambda: max(ticks(log(state_dir, name))) > point + 5, what="steps after the restore")
+    written = steps_written(state_dir, name)
+    # The newer layer would hold records past `point` written a second time; none would lack its first ones.
+    assert written == list(range(1, len(written) + 1)), "the file as it was at the older snapshot, going on from there"
