@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import itertools
 import json
 import os
 import re
 import shutil
 import stat
-import struct
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from kerrickpt import filecaps, sparse
 from kerrickpt.archive import Writer
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
@@ -28,10 +27,6 @@ MEMBER = "layer.tar"  # the archive's member that carries the layer
 # and would let an archive give files to the target's root.
 NOBODY = 65534
 BLOCK = 64 << 10  # file data is read, written and checked for holes in pieces this big
-# A file's holes are carried as a map of its data runs, of this many runs at the most: the map is held in memory.
-MAX_RUNS = 4096
-# tarfile misreads a sparse member whose stored size needs a pax header (8 GiB and more): bigger ones go whole.
-SPARSE_LARGEST = 8**11 - MAX_RUNS * 64
 OUT_BYTES = 1 << 20  # file data is read and handed on in pieces this big
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # The overlay's mark of a directory that hides the lower one: trusted.* when the overlay is mounted from the host's
@@ -41,7 +36,6 @@ OPAQUE_VALUES = ("y", "x")
 # A renamed lower directory or a file whose data stays in the lower layer: the layer alone does not hold them, and
 # overlays mounted with redirect_dir=off and metacopy=off (the kernel's defaults) never make them.
 UNCARRIED = tuple(f"{ns}.overlay.{what}" for ns in ("trusted", "user") for what in ("redirect", "metacopy"))
-CAPABILITY = "security.capability"
 PAX = "KERRICKPT."  # the prefix of the pax headers that carry what tar has no field for
 PAX_OPAQUE = PAX + "opaque."  # + the xattr's name
 PAX_CAPABILITY = PAX + "capability"
@@ -49,12 +43,6 @@ PAX_CAPABILITY = PAX + "capability"
 # lower layer), as JSON {name: value in hex}: a pax keyword may not hold every character a name may.
 PAX_USER = PAX + "user-xattrs"
 USER = "user."
-# File capabilities (linux/capability.h): a revision in the top byte of the first word, then (permitted,
-# inheritable) pairs; revision 3 adds the host id of the root of the user namespace they are valid in.
-CAP_REVISION_MASK = 0xFF000000
-CAP_REVISION_3 = 0x03000000
-CAP_PAIRS = {0x01000000: 1, 0x02000000: 2, CAP_REVISION_3: 2}
-CAP_V3 = struct.Struct("<6I")
 PAX_TIME = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,9})?")  # seconds a file system can hold, to the nanosecond
 
 
@@ -77,8 +65,8 @@ def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[byt
         if st.st_nlink > 1:
             first_names[inode] = name
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0) as fh:
-            runs = _data_runs(fh.fileno(), st.st_size)
-            tar.add(info, fh if runs is None else _Sparse(info, fh, runs))
+            runs = sparse.data_runs(fh.fileno(), st.st_size)
+            tar.add(info, fh if runs is None else sparse.Member(info, fh, runs))
     tar.close()
     return tar.written
 
@@ -128,7 +116,7 @@ class _TarStream:
             self.out(data)
             self.written += len(data)
 
-    def add(self, info: tarfile.TarInfo, data: BinaryIO | _Sparse | None = None) -> None:
+    def add(self, info: tarfile.TarInfo, data: BinaryIO | sparse.Member | None = None) -> None:
         self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         left = info.size
         while left:
@@ -143,62 +131,6 @@ class _TarStream:
         """The end of the archive: two zero blocks, and zeros to a whole record, as tar writes it."""
         self._put(bytes(2 * tarfile.BLOCKSIZE))
         self._put(bytes(-self.written % tarfile.RECORDSIZE))
-
-
-def _data_runs(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """Where a file with holes has its data, as (offset, length) runs; None for a file without holes, or with too
-    many of them (it is carried whole: its zeros cost little compressed)."""
-    try:
-        if os.lseek(fd, 0, os.SEEK_HOLE) >= size:
-            return None
-        runs = []
-        offset = 0
-        with contextlib.suppress(OSError):  # ENXIO: only a hole is left
-            while offset < size and len(runs) < MAX_RUNS:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-                offset = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-                runs.append((start, offset - start))
-    except OSError:  # a file system that does not say where holes are
-        return None
-    finally:
-        os.lseek(fd, 0, os.SEEK_SET)  # where the data is read from
-    return runs if len(runs) < MAX_RUNS and sum(length for _, length in runs) < SPARSE_LARGEST else None
-
-
-class _Sparse:
-    """A file with holes as a member in GNU's sparse format 1.0 (GNU tar's --sparse --format=pax, which tarfile
-    reads): headers give its real size, its data is the map of its data runs, then the runs one after another."""
-
-    def __init__(self, info: tarfile.TarInfo, fh: BinaryIO, runs: list[tuple[int, int]]) -> None:
-        head = "".join(f"{number}\n" for number in (len(runs), *itertools.chain.from_iterable(runs))).encode()
-        self.head = head + bytes(-len(head) % tarfile.BLOCKSIZE)
-        info.pax_headers.update(
-            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(info.size)}
-        )
-        info.size = len(self.head) + sum(length for _, length in runs)
-        self.fh, self.runs, self.left = fh, iter(runs), 0
-
-    def read(self, size: int) -> bytes:
-        """`size` bytes (fewer only at the end): tarfile takes a shorter read for a file cut short."""
-        pieces = []
-        while size and (piece := self._piece(size)):
-            pieces.append(piece)
-            size -= len(piece)
-        return b"".join(pieces)
-
-    def _piece(self, size: int) -> bytes:
-        if self.head:
-            taken, self.head = self.head[:size], self.head[size:]
-            return taken
-        while not self.left:
-            run = next(self.runs, None)
-            if run is None:
-                return b""
-            self.fh.seek(run[0])
-            self.left = run[1]
-        data = self.fh.read(min(size, self.left))
-        self.left -= len(data)
-        return data
 
 
 def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
@@ -313,8 +245,8 @@ def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
             if value not in OPAQUE_VALUES:
                 raise NotCheckpointable(f"/{name} in the container's file-system layer has {xattr}={value!r}")
             headers[PAX_OPAQUE + xattr] = value
-        elif xattr == CAPABILITY:
-            carried = _capability_out(name, os.getxattr(path, xattr, follow_symlinks=False), uid_base, ids)
+        elif xattr == filecaps.XATTR:
+            carried = filecaps.carry(name, os.getxattr(path, xattr, follow_symlinks=False), uid_base, ids)
             if carried is not None:
                 headers[PAX_CAPABILITY] = carried
         elif _users(xattr):
@@ -326,39 +258,6 @@ def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
 
 def _users(xattr: str) -> bool:
     return xattr.startswith(USER) and not xattr.startswith(USER + "overlay.")
-
-
-def _capability_out(name: str, raw: bytes, uid_base: int, ids: int) -> str | None:
-    """A file's capabilities as carried: revision 3, its root container-relative, in hex; None for capabilities
-    that are void in the container (valid only in a user namespace whose root it does not own)."""
-    magic = int.from_bytes(raw[:4], "little")
-    pairs = CAP_PAIRS.get(magic & CAP_REVISION_MASK)
-    if pairs is None or len(raw) != 4 + 8 * pairs + 4 * (magic & CAP_REVISION_MASK == CAP_REVISION_3):
-        raise NotCheckpointable(
-            f"/{name} in the container's file-system layer has a {CAPABILITY} the kernel never writes"
-        )
-    words = struct.unpack(f"<{len(raw) // 4}I", raw)
-    sets = [*words[1 : 1 + 2 * pairs], *[0] * (4 - 2 * pairs)]
-    root = words[5] if pairs == 2 and len(words) == 6 else 0
-    if root == 0:
-        relative = 0  # the host root's capabilities hold in every user namespace: the container's root's hold there
-    elif uid_base <= root < uid_base + ids:
-        relative = root - uid_base
-    else:
-        return None
-    return CAP_V3.pack(CAP_REVISION_3 | (magic & ~CAP_REVISION_MASK), *sets, relative).hex()
-
-
-def _capability_in(text: str, uid_base: int, ids: int) -> bytes:
-    """The security.capability value for a carried one: revision 3, its root the target's host id."""
-    try:
-        words = list(CAP_V3.unpack(bytes.fromhex(text)))
-    except (ValueError, struct.error) as exc:
-        raise ArchiveCorruptError(f"the file-system layer carries a malformed capability {text!r}") from exc
-    if words[0] & CAP_REVISION_MASK != CAP_REVISION_3 or not 0 <= words[5] < ids:
-        raise ArchiveCorruptError(f"the file-system layer carries a capability {text!r} no layer of this node can hold")
-    words[5] += uid_base
-    return CAP_V3.pack(*words)
 
 
 def _user_xattrs(text: str, member: tarfile.TarInfo) -> dict[str, bytes]:
@@ -551,7 +450,7 @@ class _Extraction:
         os.chmod(fd, member.mode & 0o7777)
         for key, value in member.pax_headers.items():
             if key == PAX_CAPABILITY:
-                os.setxattr(fd, CAPABILITY, _capability_in(value, self.uid_base, self.ids))
+                os.setxattr(fd, filecaps.XATTR, filecaps.restore(value, self.uid_base, self.ids))
             elif key.startswith(PAX_OPAQUE):
                 if value not in OPAQUE_VALUES:
                     raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries {key}={value!r}")

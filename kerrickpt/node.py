@@ -175,8 +175,9 @@ def check(state_dir: Path | str | None = None) -> Report:
         )
     if not can_dump_others:
         notes.append(
-            "root here lacks CAP_SYS_RESOURCE: only processes owned by root can be checkpointed "
-            "(CRIU fails on other users' tasks with \"Can't get rlimit\")"
+            "root here lacks CAP_SYS_RESOURCE: outside a confined container (run --rootfs, whose user namespace "
+            "root owns) only processes owned by root can be checkpointed (CRIU fails on other users' tasks with "
+            '"Can\'t get rlimit")'
         )
     pool = isolation.id_pool() if is_root else None
     features |= _isolation_features(pool, state_dir, notes)
