@@ -242,7 +242,7 @@ def test_an_archive_whose_layer_escapes_its_root_is_refused_before_any_process_r
 
 def test_exec_runs_in_a_confined_container_as_its_user_on_its_root(state_dir: Path) -> None:
     name = run_steps(state_dir)
-    script = 'id -u; echo "$X $HOSTNAME"; tail -n 1 /var/tmp/steps; awk \'{print $2}\' /proc/self/uid_map'
+    script = "id -u; echo \"$X $HOSTNAME\"; tail -n 1 /var/tmp/steps; awk '{print $2}' /proc/self/uid_map"
     shown = cli("exec", name, "--env", "X=y", "--", "sh", "-c", script, state_dir=state_dir)
     assert shown.returncode == 0, shown.stderr
     uid, env, step, base = shown.stdout.splitlines()
