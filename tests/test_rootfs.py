@@ -15,6 +15,7 @@ import pytest
 import kerrickpt
 from kerrickpt import containers, isolation
 from kerrickpt.confinement import Confinement
+from kerrickpt.localnodes import Cluster
 from tests.helpers import cli, ticks, unique_name, wait_for
 from tests.test_confined import log, upper
 
@@ -75,6 +76,23 @@ def test_host_owners_are_the_containers_own_and_stay_so_through_a_restore(
     written = upper(state_dir, name) / host_fixture.relative_to("/") / "by-101"
     assert written.stat().st_uid == after.uid_base + 101, "uid 101's directory is uid 101's inside"
     assert not (host_fixture / "by-101").exists(), "the host's directory is untouched"
+
+
+def test_a_migrated_container_sees_the_hosts_owners_as_its_own_on_the_target(cluster: Cluster) -> None:
+    source, target = cluster.nodes
+    name = unique_name("idmig")
+    made = f"/var/lib/{name}"
+    started = source.kerrickpt("run", "--name", name, "--rootfs", "host", "--", "sh", "-c", f"mkdir {made}; {COUNT}")
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: len(ticks(log(source.state_dir, name))) > 2, what="ticks")
+
+    moved = source.kerrickpt("migrate", name, *cluster.migrate_args(target), "--json")
+
+    assert moved.returncode == 0, moved.stderr
+    shown = target.kerrickpt("exec", name, "--", "stat", "-c", "%u:%g", "/etc/hostname", made)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["0:0", "0:0"], "host root's file and its own directory are its root's there"
+    assert confinement(target.state_dir, name).idmapped_lower
 
 
 def busybox_root(root: Path) -> Path:
