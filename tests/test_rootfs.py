@@ -63,6 +63,7 @@ def test_host_owners_are_the_containers_own_and_stay_so_through_a_restore(
 
     archive = tmp_path / "idm.kckpt"
     kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+    assert "its lower layer seen through its id map" in cli("inspect", str(archive)).stdout
     kerrickpt.restore(archive, state_dir=state_dir)
 
     after = confinement(state_dir, name)
