@@ -29,7 +29,10 @@ class Volume:
 class Confinement:
     """A container's own root, users and mounts. `rootfs` is the overlay's read-only lower layer: HOST_ROOT
     or an absolute directory; the writable layer lives in the container's state. Container ids 0..ids-1
-    are host ids uid_base.. and gid_base..; the command runs as `uid`:`gid` inside."""
+    are host ids uid_base.. and gid_base..; the command runs as `uid`:`gid` inside. With `idmapped_lower` its
+    lower layer is seen through that map, so the lower layer's owners are the container's (host root's files
+    its root's); without it (a node that refused, or a container from before), they are nobody unless in the
+    range."""
 
     rootfs: str
     uid_base: int
@@ -41,6 +44,7 @@ class Confinement:
     volumes: tuple[Volume, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
+    idmapped_lower: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,4 +153,5 @@ def confine(
         volumes=bound,
         env=environment,
         workdir=workdir,
+        idmapped_lower=True,  # asked for; the launcher falls back if this node refuses (rootfs.stage)
     )

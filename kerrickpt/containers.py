@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -276,7 +276,9 @@ def run(
                 layer.create(confined)
                 # CRIU's restore reopens the log from inside the container's user namespace.
                 rootfs_.share(log_fd, confined)
-            init_pid = launcher.spawn(name, argv, group, log_fd, confined, layer)
+            init_pid, idmapped = launcher.spawn(name, argv, group, log_fd, confined, layer)
+            if confined is not None:
+                confined = replace(confined, idmapped_lower=idmapped)
         finally:
             os.close(log_fd)
         started = procs.start_time(init_pid)

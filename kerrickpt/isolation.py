@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kerrickpt import command, namespaces
+from kerrickpt import command, helper, namespaces, rootfs
 from kerrickpt.confinement import HOST_ROOT, Confinement
 from kerrickpt.errors import CommandTimeout
 
@@ -193,14 +194,58 @@ def _map_once_unshared(pid: int, first: tuple[int, int]) -> str:
     return ""
 
 
+def idmapped_lower(pool: IdPool, scratch: Path) -> Probe:
+    """Can a container's root be staged as rootfs.stage does, an overlay whose lower layer (the host's root) is
+    seen through the pool's first range, its writable layer in `scratch` (a fresh directory, removed here)?
+
+    It needs a process that makes a user namespace and idmapped mounts, which no program here does (util-linux
+    2.39's mount does; Debian 12 has 2.38): a helper program (see helper), never a forked copy of this one.
+    """
+    first = pool.first()
+    if first is None:
+        return Probe(False, "no id range to map: see id_ranges")
+    try:
+        with helper.start("idmap-probe", stdout=subprocess.PIPE) as process:
+            helper.send(process, {"scratch": str(scratch), "uid_base": first[0], "gid_base": first[1]})
+            try:
+                process.wait(timeout=PROBE_TIMEOUT)  # its answer is one short line: the pipe holds it
+            except subprocess.TimeoutExpired:
+                process.kill()
+                return Probe(False, "the idmapped lower layer probe did not finish")
+            assert process.stdout is not None
+            out = process.stdout.read()
+        try:
+            return Probe(**json.loads(out))
+        except (ValueError, TypeError):
+            return Probe(False, f"the idmapped lower layer probe exited with {process.returncode} without an answer")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(order: dict[str, object]) -> None:  # pragma: no cover - the helper program "idmap-probe"
+    """Stage a container's root over the host's as `idmapped_lower` asks, in this helper's own mount namespace
+    (gone when it exits); print the Probe as JSON: host root's /etc must show as the range's first ids."""
+    base = (int(str(order["uid_base"])), int(str(order["gid_base"])))
+    confined = Confinement(HOST_ROOT, *base, idmapped_lower=True)
+    try:
+        layer = rootfs.Layer(Path(str(order["scratch"])) / "layer")
+        layer.create(confined)
+        rootfs.stage(confined, layer)
+        seen = (rootfs.ROOT / "etc").stat()
+        works = (seen.st_uid, seen.st_gid) == base
+        probe = Probe(works, "" if works else f"host root's /etc showed as {seen.st_uid}:{seen.st_gid}, not {base}")
+    except OSError as exc:
+        probe = Probe(False, str(exc))
+    print(json.dumps(asdict(probe)), flush=True)
+
+
 NEEDED = ("overlay", "user_namespaces")  # the `check` features a confined container needs
 
 
 def lacking(confinement: Confinement, features: dict[str, bool]) -> list[str]:
     """What this node (its `check` features) lacks to run a container confined so: why it cannot, if it cannot."""
-    missing = [
-        f"no {what} here (see `kerrickpt check`)" for what in ("overlay", "user_namespaces") if not features.get(what)
-    ]
+    needed = (*NEEDED, "idmapped_lower") if confinement.idmapped_lower else NEEDED
+    missing = [f"no {what} here (see `kerrickpt check`)" for what in needed if not features.get(what)]
     if confinement.rootfs != HOST_ROOT and not Path(confinement.rootfs).is_dir():
         missing.append(f"its root file system {confinement.rootfs} is not here")
     missing += [f"its volume {v.source} is not here" for v in confinement.volumes if not os.path.exists(v.source)]

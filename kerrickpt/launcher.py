@@ -26,9 +26,10 @@ def spawn(
     log_fd: int,
     confinement: Confinement | None = None,
     layer: rootfs.Layer | None = None,
-) -> int:
-    """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`; returns its host PID.
-    With a `confinement`, also in its own user and mount namespaces, its root the overlay of `layer`.
+) -> tuple[int, bool]:
+    """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`; returns its host PID and
+    whether its lower layer is idmapped. With a `confinement`, also in its own user and mount namespaces,
+    its root the overlay of `layer`, its lower layer idmapped if it asks and this node can (see rootfs.stage).
 
     The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
     leader outside the tree), has no parent-death signal (a detached restore would kill it),
@@ -61,14 +62,16 @@ def spawn(
         raise KerrickptError(f"could not start the container: {answer['error']}")
     if answer["exec_error"]:
         raise UsageError(f"cannot run {argv[0]}: {answer['exec_error']}")
-    return int(answer["init"])
+    return int(answer["init"]), bool(answer["idmapped_lower"])
 
 
 def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program
-    """Print {"init": PID, "exec_error": ""} once the init exec'd (or why it could not), or {"error": ...}."""
+    """Print {"init": PID, "exec_error": "", "idmapped_lower": bool} once the init exec'd (or why it could not),
+    or {"error": ...}."""
     exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
     try:
         cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
+        idmapped = False
         if order["confinement"] is None:
             namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
             init = os.fork()  # safe here: the helper has no other thread
@@ -76,22 +79,20 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
                 _exec_init(order["name"], order["argv"], int(order["log"]), exec_w)
         else:
             confinement = Confinement.from_dict(order["confinement"])
-            init = _confined(order, confinement, rootfs.Layer(Path(order["layer"])), exec_w)
+            idmapped = rootfs.stage(confinement, rootfs.Layer(Path(order["layer"])), fall_back=True)
+            init = _confined(order, confinement, exec_w)
         os.close(exec_w)
         with os.fdopen(exec_r, "rb") as reader:
-            answer = {"init": init, "exec_error": reader.read().decode()}
+            answer = {"init": init, "exec_error": reader.read().decode(), "idmapped_lower": idmapped}
     except Exception as exc:
         answer = {"error": str(exc)}
     print(json.dumps(answer), flush=True)
 
 
-def _confined(
-    order: dict[str, Any], confinement: Confinement, layer: rootfs.Layer, exec_w: int
-) -> int:  # pragma: no cover - the helper program
-    """Make the container's root in a mount namespace of the helper's own, then a child that makes the
-    user namespace (mapped from here: only the parent may map a range) and the others, and forks the init.
+def _confined(order: dict[str, Any], confinement: Confinement, exec_w: int) -> int:  # pragma: no cover - the helper
+    """With the container's root staged in the helper's mount namespace: a child that makes the user
+    namespace (mapped from here: only the parent may map a range) and the others, and forks the init.
     Returns the init's host PID; its failures reach `exec_w`."""
-    rootfs.stage(confinement, layer)
     rootfs.bind_host_paths(confinement, rootfs.ROOT)
     unshared_r, unshared_w = os.pipe()
     mapped_r, mapped_w = os.pipe()

@@ -200,15 +200,23 @@ def check(state_dir: Path | str | None = None) -> Report:
 def _isolation_features(
     pool: isolation.IdPool | None, state_dir: Path | str | None, notes: list[str]
 ) -> dict[str, bool]:
-    """features.overlay and features.user_namespaces, a note saying why for each one missing."""
-    if pool is None:
-        return {"overlay": False, "user_namespaces": False}  # root only; not being root is already a problem
+    """features.overlay, features.user_namespaces and features.idmapped_lower, a note saying why for each one
+    missing."""
+    if pool is None:  # root only; not being root is already a problem
+        return {"overlay": False, "user_namespaces": False, "idmapped_lower": False}
     if not pool.ranges:
         notes.append(f"no {isolation.RANGE}-id range is free for containers with their own users ({pool.source})")
     try:
-        overlay = isolation.overlay(containers.Registry(state_dir).scratch_dir("overlay-probe-"))
+        registry = containers.Registry(state_dir)
+        overlay = isolation.overlay(registry.scratch_dir("overlay-probe-"))
+        idmapped = isolation.idmapped_lower(pool, registry.scratch_dir("idmap-probe-"))
     except OSError as exc:
-        overlay = isolation.Probe(False, f"no room to try one in the state directory: {exc}")
-    probes = {"overlay": overlay, "user_namespaces": isolation.user_namespaces(pool)}
+        overlay = idmapped = isolation.Probe(False, f"no room to try one in the state directory: {exc}")
+    probes = {"overlay": overlay, "user_namespaces": isolation.user_namespaces(pool), "idmapped_lower": idmapped}
     notes.extend(f"no {name}: {probe.why_not}" for name, probe in probes.items() if not probe.works)
+    if overlay.works and not idmapped.works:
+        notes.append(
+            "confined containers run here with their lower layer as is: the host's owners outside their id "
+            "range (root's files among them) show as nobody inside"
+        )
     return {name: probe.works for name, probe in probes.items()}

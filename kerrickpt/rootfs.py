@@ -3,6 +3,7 @@ layer in the container's state, and the mounts inside it (/proc, a minimal /dev,
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ TMP_SIZE = "50%"  # of RAM at most, as tmpfs's default; it lives in the containe
 # namespace's root must reach them by path, which it could not inside kerrickpt's private state dir.
 STAGE = Path("/mnt")
 ROOT = STAGE / "root"
+LOWER = STAGE / "lower"  # the lower layer, idmapped (see stage)
 HOST_BINDS = STAGE / "host"
 
 
@@ -67,16 +69,50 @@ def lower(confinement: Confinement) -> str:
     return "/" if confinement.rootfs == HOST_ROOT else confinement.rootfs
 
 
-def stage(confinement: Confinement, layer: Layer) -> None:
+# What a node does when it cannot see a lower layer through an id map: a kernel before 5.12 (ENOSYS), a
+# file system without idmapped mounts (EINVAL, EOPNOTSUPP), an overlay that refuses such a layer (before
+# 5.19: EINVAL), or a kernel that forbids it here (EPERM).
+IDMAP_REFUSED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM)
+
+
+def stage(confinement: Confinement, layer: Layer, *, fall_back: bool = False) -> bool:
     """In a mount namespace of this process's own, whose mounts never reach the host's: the container's
-    root at ROOT."""
+    root at ROOT. Its lower layer is seen through the container's id map if `confinement` says so; with
+    `fall_back`, as is if this node refuses that. Returns whether it is idmapped. Forks: helper programs only."""
     namespaces.unshare(namespaces.CLONE_NEWNS)
     namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
     namespaces.mount("kerrickpt", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k")
     ROOT.mkdir()
+    if confinement.idmapped_lower:
+        try:
+            _overlay(_idmapped_lower(confinement), layer)
+            return True
+        except OSError as exc:
+            if not (fall_back and exc.errno in IDMAP_REFUSED):
+                why = f"this node cannot show the container's lower layer through its id map: {exc}"
+                raise OSError(exc.errno, why) from exc
+            if os.path.ismount(LOWER):
+                namespaces.umount(LOWER)
+    _overlay(lower(confinement), layer)
+    return False
+
+
+def _idmapped_lower(confinement: Confinement) -> Path:
+    """The lower layer at LOWER, its owners seen through the container's id map: host root's files are the
+    container root's, host uid 101's its uid 101's, as Podman shows an image's."""
+    LOWER.mkdir()
+    userns = namespaces.mapped_user_namespace(confinement.uid_base, confinement.gid_base, confinement.ids)
+    try:
+        namespaces.bind_idmapped(lower(confinement), LOWER, userns)
+    finally:
+        os.close(userns)
+    return LOWER
+
+
+def _overlay(lower_dir: str | Path, layer: Layer) -> None:
     # Without redirects and metacopy (the kernel's defaults, said here since a node may change them): the
     # layer alone then holds every file it changed, as a checkpoint must carry it (see layer).
-    options = f"lowerdir={lower(confinement)},upperdir={layer.upper},workdir={layer.work},redirect_dir=off,metacopy=off"
+    options = f"lowerdir={lower_dir},upperdir={layer.upper},workdir={layer.work},redirect_dir=off,metacopy=off"
     namespaces.mount("overlay", ROOT, "overlay", 0, options)
 
 

@@ -94,6 +94,7 @@ class Confinement(msgspec.Struct):
     volumes: list[Volume] = []
     env: dict[str, str] = {}
     workdir: str = "/"
+    idmapped_lower: bool = False  # absent from archives made before idmapped lower layers
 
 
 class Manifest(msgspec.Struct):

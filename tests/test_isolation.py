@@ -18,9 +18,11 @@ def test_this_node_offers_overlayfs_user_namespaces_and_id_ranges(state_dir: Pat
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["features"]["overlay"] is True and report["features"]["user_namespaces"] is True
+    assert report["features"]["idmapped_lower"] is True
     assert report["id_ranges"]["ranges"] > 0
-    assert not [note for note in report["notes"] if note.startswith(("no overlay", "no user_namespaces"))]
-    assert "overlay=yes, user_namespaces=yes" in cli("check", state_dir=state_dir).stdout
+    missing = ("no overlay", "no user_namespaces", "no idmapped_lower")
+    assert not [note for note in report["notes"] if note.startswith(missing)]
+    assert "overlay=yes, user_namespaces=yes, idmapped_lower=yes" in cli("check", state_dir=state_dir).stdout
 
 
 @pytest.mark.root
@@ -53,7 +55,7 @@ def test_a_state_directory_where_no_overlay_upper_layer_can_live_is_reported_but
     assert shown.returncode == 0, shown.stderr  # today's plain containers do not need it
     report = json.loads(shown.stdout)
     assert report["ready"] is True and report["features"]["overlay"] is False
-    assert report["features"]["user_namespaces"] is True
+    assert report["features"]["user_namespaces"] is True and report["features"]["idmapped_lower"] is False
     why = [note for note in report["notes"] if note.startswith("no overlay:")]
     assert len(why) == 1 and "may not hold an upper layer" in why[0]
     assert not any(fs.iterdir())  # the tmpfs went with the namespace

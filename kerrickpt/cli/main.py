@@ -307,7 +307,8 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         if m.confinement:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
-            print(f"root:      {root}; its layer {_mib(m.layer_bytes)} (as a tar)")
+            seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
+            print(f"root:      {root}, its lower layer {seen}; its layer {_mib(m.layer_bytes)} (as a tar)")
             print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
                   f"runs as {c.uid}:{c.gid}")  # fmt: skip
             for v in c.volumes:
