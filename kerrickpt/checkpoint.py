@@ -227,6 +227,11 @@ def capture(
                 tail = logtail.measure(Path(log), log_tail) if log else None
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
+                if confined and container:
+                    # Its files as they are with its memory (it is frozen), and first in the archive: a restore
+                    # unpacks them before CRIU reads the images that follow.
+                    step = "carrying its file-system layer"
+                    layer.add(writer, rootfs.Layer.of(registry.path(container.name)).upper, confined)
                 step = "criu dump"
                 progress.current().phase("dumping" if thaw_after_dump else "dumping and compressing")
                 faults.inject("checkpoint-before-criu")
@@ -249,11 +254,6 @@ def capture(
                         external=external,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-                if confined and container:
-                    # Its files as they are with its memory: frozen still.
-                    step = "carrying its file-system layer"
-                    upper = rootfs.Layer.of(registry.path(container.name)).upper
-                    layer.add(writer, upper, confined)
                 if thaw_after_dump:
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
