@@ -76,6 +76,7 @@ def test_a_confined_container_has_its_own_root_users_and_mounts(state_dir: Path)
     assert uid_map == ["0", str(record.uid_base), "65536"] and record.uid_base > 0, "container root is not host root"
     assert (layer / "var/tmp/uid").read_text().strip() == str(USER)
     assert (layer / "var/tmp/host").read_text().strip() == name
+    assert (kerrickpt.check(state_dir).id_ranges or {})["held"] == 1, "check counts the range it holds"
     # What it wrote landed in its own layer, owned by its user's host id, and not on the host.
     assert (layer / f"var/tmp/{marker}").stat().st_uid == record.uid_base + USER
     assert not Path(f"/var/tmp/{marker}").exists()
