@@ -1,0 +1,150 @@
+"""The local Slurm cluster: it comes up, runs jobs as the test user, preempts and requeues them, and leaves nothing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pwd
+import re
+import select
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kerrickpt.localslurm import HIGH, LOW, TEST_USER, LocalSlurm
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.root
+
+TIMEOUT = 120.0  # Slurm's own timers make these waits seconds long; a loaded machine makes them longer
+REQUEUE_ME = 85  # the RequeueExit code of these tests
+
+# Counts its runs in its output (appended to over requeues) and says which signal reached the batch shell.
+LOOPING = f"""#!/bin/sh
+run=${{SLURM_RESTART_COUNT:-0}}
+echo "start $run on $SLURMD_NODENAME"
+trap 'echo "USR1 $run"; exit {REQUEUE_ME}' USR1
+trap 'echo "TERM $run at $(date +%s)"; exit 0' TERM
+while :; do sleep 0.1; done
+"""
+
+
+def wait_until(predicate: Callable[[], object], what: str) -> None:
+    wait_for(predicate, TIMEOUT, what, interval=0.2)  # each poll asks slurmctld
+
+
+def state(slurm: LocalSlurm, job: int) -> str:
+    return slurm.job(job)["JobState"]
+
+
+def wait_running(slurm: LocalSlurm, job: int, restarts: int = 0) -> str:
+    """Wait until the job runs (its `restarts`-th requeue); returns its node."""
+
+    def running() -> bool:
+        fields = slurm.job(job)
+        return fields["JobState"] == "RUNNING" and fields["Restarts"] == str(restarts)
+
+    wait_until(running, f"job {job} running after {restarts} requeues")
+    return slurm.job(job)["NodeList"]
+
+
+def output(slurm: LocalSlurm, job: int) -> str:
+    path = slurm.jobs_dir / f"job-{job}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def events(slurm: LocalSlurm, job: int) -> list[str]:
+    """The script's own lines, without what slurmstepd and the shell add when the job is killed."""
+    return re.findall(r"^(?:start|USR1|TERM) .*$", output(slurm, job), re.M)
+
+
+def submit(slurm: LocalSlurm, script: str, *args: str) -> int:
+    return slurm.submit(script, "--output=job-%j.out", "--open-mode=append", *args)
+
+
+def other(slurm: LocalSlurm, node: str) -> str:
+    return next(n.name for n in slurm.nodes if n.name != node)
+
+
+def test_comes_up_idle_and_runs_a_batch_job_as_the_test_user() -> None:
+    with LocalSlurm() as slurm:
+        assert slurm.node_states() == {"a": "idle", "b": "idle"}
+        job = submit(slurm, "#!/bin/sh\nid -un\nhostname\necho $SLURMD_NODENAME\n")
+        wait_until(lambda: state(slurm, job) == "COMPLETED", f"job {job} completed")
+        node = slurm.job(job)["NodeList"]
+        assert node in ("a", "b")
+        assert output(slurm, job).split() == [TEST_USER, node, node], "its own user, on its node's host name"
+        path = slurm.jobs_dir / f"job-{job}.out"
+        assert path.stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
+        assert slurm.job(job)["ExitCode"] == "0:0"
+
+
+def test_preemption_signals_the_batch_shell_at_once_and_requeues_the_job_on_its_exit_code() -> None:
+    """--signal=B:USR1 reaches the batch shell when a HIGH job needs its node; RequeueExit requeues it."""
+    with LocalSlurm(grace_time=120, requeue_exit=[REQUEUE_ME]) as slurm:
+        low = submit(slurm, LOOPING, f"--partition={LOW}", "--signal=B:USR1")
+        node = wait_running(slurm, low)
+        wait_until(lambda: "start 0" in output(slurm, low), "the low job's script started")
+        high = submit(slurm, "#!/bin/sh\nexec sleep 600\n", f"--partition={HIGH}", f"--nodelist={node}")
+        wait_until(lambda: state(slurm, high) == "RUNNING", "the high job running")
+        assert slurm.job(high)["NodeList"] == node
+        assert "USR1 0" in output(slurm, low), "the batch shell had the signal, well within its grace time"
+        assert wait_running(slurm, low, restarts=1) == other(slurm, node), "requeued, on the node still free"
+        wait_until(lambda: "start 1" in output(slurm, low), "the low job's script started again")
+        assert events(slurm, low) == [f"start 0 on {node}", "USR1 0", f"start 1 on {other(slurm, node)}"]
+
+
+def test_without_a_batch_signal_the_batch_shell_gets_sigterm_only_when_the_grace_time_is_over() -> None:
+    grace = 5
+    with LocalSlurm(grace_time=grace) as slurm:
+        low = submit(slurm, LOOPING, f"--partition={LOW}")
+        node = wait_running(slurm, low)
+        wait_until(lambda: "start 0" in output(slurm, low), "the low job's script started")
+        high = submit(slurm, "#!/bin/sh\nexec sleep 600\n", f"--partition={HIGH}", f"--nodelist={node}")
+        wait_until(lambda: state(slurm, high) == "RUNNING", "the high job running")
+        term = re.fullmatch(r"TERM 0 at (\d+)", events(slurm, low)[-1])
+        assert term, output(slurm, low)
+        submitted = datetime.datetime.fromisoformat(slurm.job(high)["SubmitTime"]).timestamp()
+        # A lower bound, safe under load: the shell's SIGTERM came after the grace time, not at preemption.
+        assert int(term.group(1)) >= submitted + grace - 1
+        assert wait_running(slurm, low, restarts=1) == other(slurm, node)
+        wait_until(lambda: "start 1" in output(slurm, low), "the low job's script started again")
+        assert [e.split()[0] for e in events(slurm, low)] == ["start", "TERM", "start"]
+
+
+def test_scontrol_requeue_sends_sigterm_and_runs_the_job_again() -> None:
+    with LocalSlurm() as slurm:
+        job = submit(slurm, LOOPING)
+        wait_running(slurm, job)
+        wait_until(lambda: "start 0" in output(slurm, job), "the job's script started")
+        slurm.run("scontrol", "requeue", str(job))
+        wait_running(slurm, job, restarts=1)
+        wait_until(lambda: "start 1" in output(slurm, job), "the job's script started again")
+        assert [e.split()[:2] for e in events(slurm, job)] == [["start", "0"], ["TERM", "0"], ["start", "1"]]
+
+
+def test_closing_leaves_no_process_namespace_cgroup_or_file() -> None:
+    with LocalSlurm() as slurm:
+        job = submit(slurm, LOOPING)
+        wait_running(slurm, job)
+        wait_until(lambda: "start 0" in output(slurm, job), "the job's script started")
+        pids = slurm.daemon_pids()
+        commands = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
+        assert {"munged", "slurmctld", "slurmd", "slurmstepd", "sleep"} <= commands
+        # pidfds, so that a PID reused after the cluster is gone is not taken for one of its processes
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+        netns = [node.netns for node in slurm.cluster.nodes]
+        cgroup_dirs = slurm.cgroup_dirs()
+        directory = slurm.dir
+    try:
+        exited = [fd for fd in pidfds if select.select([fd], [], [], 0)[0]]
+        assert len(exited) == len(pidfds), "a process of the cluster is still running"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not [name for name in netns if re.search(rf"^{name}\b", listed, re.M)]
+    assert not [path for path in cgroup_dirs if path.exists()]
+    assert directory is not None and not directory.exists()
