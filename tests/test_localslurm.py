@@ -30,6 +30,14 @@ trap 'echo "TERM $run at $(date +%s)"; exit 0' TERM
 while :; do sleep 0.1; done
 """
 
+# On SIGTERM, asks slurmctld (from inside the job, on its node) how many times the job was requeued.
+ASKING = """#!/bin/sh
+run=${SLURM_RESTART_COUNT:-0}
+echo "start $run on $SLURMD_NODENAME"
+trap 'echo "TERM $run $(scontrol show job --oneliner $SLURM_JOB_ID | grep -o "Restarts=[0-9]*")"; exit 0' TERM
+while :; do sleep 0.1; done
+"""
+
 
 def wait_until(predicate: Callable[[], object], what: str) -> None:
     wait_for(predicate, TIMEOUT, what, interval=0.2)  # each poll asks slurmctld
@@ -122,6 +130,41 @@ def test_scontrol_requeue_sends_sigterm_and_runs_the_job_again() -> None:
         slurm.run("scontrol", "requeue", str(job))
         wait_running(slurm, job, restarts=1)
         wait_until(lambda: "start 1" in output(slurm, job), "the job's script started again")
+        assert [e.split()[:2] for e in events(slurm, job)] == [["start", "0"], ["TERM", "0"], ["start", "1"]]
+
+
+def test_inside_the_job_scontrol_tells_a_requeue_from_an_scancel_by_its_restart_count() -> None:
+    """Both send the batch shell SIGTERM; a requeue has counted the restart by then, scancel has not."""
+    with LocalSlurm() as slurm:
+        requeued, cancelled = submit(slurm, ASKING), submit(slurm, ASKING)
+        for job in (requeued, cancelled):
+            wait_running(slurm, job)
+            wait_until(lambda job=job: "start 0" in output(slurm, job), f"job {job}'s script started")
+        slurm.run("scontrol", "requeue", str(requeued))
+        slurm.run("scancel", str(cancelled))
+        wait_until(lambda: state(slurm, cancelled) == "CANCELLED", "the cancelled job ended")
+        wait_running(slurm, requeued, restarts=1)
+        wait_until(lambda: "start 1" in output(slurm, requeued), "the requeued job's script started again")
+        assert [e.split()[:3] for e in events(slurm, requeued)] == [
+            ["start", "0", "on"],
+            ["TERM", "0", "Restarts=1"],
+            ["start", "1", "on"],
+        ]
+        assert [e.split()[:3] for e in events(slurm, cancelled)] == [["start", "0", "on"], ["TERM", "0", "Restarts=0"]]
+
+
+def test_a_drained_node_keeps_its_job_until_it_is_requeued_and_it_runs_again_on_the_other_node() -> None:
+    with LocalSlurm() as slurm:
+        job = submit(slurm, LOOPING)
+        node = wait_running(slurm, job)
+        wait_until(lambda: "start 0" in output(slurm, job), "the job's script started")
+        slurm.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=kerrickpt-test")
+        wait_until(lambda: slurm.node_states()[node] == "drng", "the node draining")
+        assert state(slurm, job) == "RUNNING", "draining does not stop a running job"
+        slurm.run("scontrol", "requeue", str(job))
+        assert wait_running(slurm, job, restarts=1) == other(slurm, node)
+        wait_until(lambda: "start 1" in output(slurm, job), "the job's script started again")
+        assert slurm.node_states()[node] == "drain"
         assert [e.split()[:2] for e in events(slurm, job)] == [["start", "0"], ["TERM", "0"], ["start", "1"]]
 
 
