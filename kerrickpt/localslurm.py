@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kerrickpt import cgroups, command
@@ -35,6 +36,14 @@ CLIENT_TIMEOUT = 30.0
 # (at least 5 s) rather than 120 s.
 SCHEDULER_PARAMETERS = "sched_interval=2,bf_interval=1"
 CRED_EXPIRE = 5
+
+
+@dataclass(frozen=True)
+class _Daemon:
+    name: str
+    process: subprocess.Popen[bytes]
+    cgroup: cgroups.Cgroup
+    log: Path  # where its output goes, the first place to look when it exits early
 
 
 class SlurmError(RuntimeError):
@@ -63,16 +72,19 @@ class LocalSlurm:
         self.grace_time = grace_time
         self.kill_wait = kill_wait
         self.requeue_exit = tuple(requeue_exit)
-        self._daemons: list[tuple[subprocess.Popen[bytes], cgroups.Cgroup]] = []
-        self.cluster = Cluster(count + 1, start_sshd=False)
-        self.dir: Path | None = None
+        self._daemons: list[_Daemon] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="kerrickpt-slurm-"))
+        self.dir.chmod(0o755)  # the test user's commands read the configuration
+        self.conf = self.dir / "slurm.conf"
+        self.munge_socket = self.dir / "munge" / "munge.socket"
+        self.jobs_dir = self.dir / "jobs"
         try:
-            *self.nodes, self.controller = self.cluster.nodes
-            self.dir = Path(tempfile.mkdtemp(prefix=f"kerrickpt-slurm-{self.cluster.id}-"))
-            self.dir.chmod(0o755)  # the test user's commands read the configuration
-            self.conf = self.dir / "slurm.conf"
-            self.munge_socket = self.dir / "munge" / "munge.socket"
-            self.jobs_dir = self.dir / "jobs"
+            self.cluster = Cluster(count + 1, start_sshd=False)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        *self.nodes, self.controller = self.cluster.nodes
+        try:
             self._write_files()
             self._start_munged()
             self._start_slurmctld()
@@ -84,7 +96,6 @@ class LocalSlurm:
             raise
 
     def _write_files(self) -> None:
-        assert self.dir is not None
         test_user = _user(TEST_USER)
         self.jobs_dir.mkdir()
         os.chown(self.jobs_dir, test_user.pw_uid, test_user.pw_gid)
@@ -102,7 +113,6 @@ class LocalSlurm:
         self.conf.write_text(self._slurm_conf())
 
     def _slurm_conf(self) -> str:
-        assert self.dir is not None
         names = ",".join(node.name for node in self.nodes)
         lines = [
             f"ClusterName=kpt{self.cluster.id}",
@@ -163,7 +173,7 @@ class LocalSlurm:
                 env={"PATH": PATH, "SLURM_CONF": str(self.conf)},
                 preexec_fn=lambda: group.add(os.getpid()),  # in the cgroup before it can fork
             )
-        self._daemons.append((process, group))
+        self._daemons.append(_Daemon(name, process, group, log))
 
     def _in_node(self, node: Node, hostname: str, argv: Sequence[str]) -> list[str]:
         """argv run in the node's network namespace and a UTS namespace named `hostname`, by exec."""
@@ -181,7 +191,7 @@ class LocalSlurm:
             f"--pid-file={munge_dir / 'munged.pid'}", f"--seed-file={munge_dir / 'munged.seed'}",
         ]  # fmt: skip
         self._spawn(self.controller, "munged", argv, munge_dir / "munged.out")
-        self._wait(self._munge_answers, "munged", munge_dir / "munged.log")
+        self._wait(self._munge_answers, "munged answering")
 
     def _munge_answers(self) -> bool:
         if not self.munge_socket.exists():
@@ -190,41 +200,35 @@ class LocalSlurm:
         return probe.returncode == 0
 
     def _start_slurmctld(self) -> None:
-        assert self.dir is not None
         argv = self._in_node(self.controller, CONTROLLER, ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn(self.controller, "slurmctld", argv, self.dir / "ctld" / "slurmctld.out")
-        self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, "slurmctld", self.log())
+        self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, "slurmctld answering")
 
     def _start_slurmd(self, node: Node) -> None:
         argv = self._in_node(node, node.name, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
         self._spawn(node, "slurmd", argv, self.node_dir(node) / "slurmd.out")
 
-    def _wait(self, ready: Callable[[], object], what: str, log: Path, timeout: float = START_TIMEOUT) -> None:
+    def _wait(self, ready: Callable[[], object], what: str, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while not ready():
-            for process, _ in self._daemons:
-                if process.poll() is not None:
-                    raise SlurmError(f"{process.args[0]} exited with {process.returncode}: {command.tail_file(log)}")
+            for daemon in self._daemons:
+                if daemon.process.poll() is not None:
+                    raise SlurmError(
+                        f"{daemon.name} exited with {daemon.process.returncode}: {command.tail_file(daemon.log)}"
+                    )
             if time.monotonic() > deadline:
-                raise SlurmError(f"{what} was not ready within {timeout:.0f} s: {command.tail_file(log)}")
+                raise SlurmError(f"{what} not within {timeout:.0f} s; slurmctld: {command.tail_file(self.log())}")
             time.sleep(0.2)
 
     def wait_idle(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until every compute node is idle: up, registered and running no job."""
-        self._wait(
-            lambda: set(self.node_states().values()) == {"idle"},
-            f"every node idle (states: {self.node_states()})",
-            self.log(),
-            timeout,
-        )
+        self._wait(lambda: set(self.node_states().values()) == {"idle"}, "every node idle", timeout)
 
     def node_dir(self, node: Node) -> Path:
-        assert self.dir is not None
         return self.dir / "nodes" / node.name
 
     def log(self, node: Node | None = None) -> Path:
         """slurmctld's log, or the slurmd log of `node`."""
-        assert self.dir is not None
         return self.dir / "ctld" / "slurmctld.log" if node is None else self.node_dir(node) / "slurmd.log"
 
     def command(self, *argv: str, user: str | None = None) -> list[str]:
@@ -248,7 +252,6 @@ class LocalSlurm:
 
     def submit(self, script: str, *sbatch_args: str, user: str = TEST_USER) -> int:
         """Submit a batch script (its text) as `user`, from the jobs directory; returns the job id."""
-        assert self.dir is not None
         path = self.jobs_dir / f"script-{time.monotonic_ns()}.sh"
         path.write_text(script)
         path.chmod(0o644)
@@ -267,21 +270,20 @@ class LocalSlurm:
 
     def daemon_pids(self) -> list[int]:
         """Every process the daemons of this cluster run now (munged, slurmctld, slurmds, their jobs)."""
-        return sorted({pid for _, group in self._daemons for pid in group.pids()})
+        return sorted({pid for daemon in self._daemons for pid in daemon.cgroup.pids()})
 
     def cgroup_dirs(self) -> list[Path]:
         """The cgroup directories of the daemons, in every hierarchy."""
-        return [path for _, group in self._daemons for path in group.dirs]
+        return [path for daemon in self._daemons for path in daemon.cgroup.dirs]
 
     def close(self) -> None:
         """Kill every daemon and what it started, then remove the nodes and files; each step even if one fails."""
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(self.cluster.close)
-            if self.dir is not None:
-                cleanup.callback(shutil.rmtree, self.dir, ignore_errors=True)
-            for process, group in self._daemons:
-                cleanup.callback(process.wait, 10)
-                cleanup.callback(group.remove)
+            cleanup.callback(shutil.rmtree, self.dir, ignore_errors=True)
+            for daemon in self._daemons:  # the slurmds first, munged last
+                cleanup.callback(daemon.process.wait, 10)
+                cleanup.callback(daemon.cgroup.remove)
             self._daemons = []
 
     def __enter__(self) -> LocalSlurm:

@@ -190,4 +190,4 @@ def test_closing_leaves_no_process_namespace_cgroup_or_file() -> None:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not [name for name in netns if re.search(rf"^{name}\b", listed, re.M)]
     assert not [path for path in cgroup_dirs if path.exists()]
-    assert directory is not None and not directory.exists()
+    assert not directory.exists()
