@@ -5,7 +5,7 @@ private directory: the machine's /etc/slurm and /etc/munge are never read nor wr
 controller is a node of its own (its own network and UTS namespaces), so nothing listens on the
 host's network and two such clusters never share a port. Each daemon runs in a cgroup of its
 own under its node's cgroup parent: closing the cluster kills every process a daemon started,
-the jobs' included, and never one it did not.
+the jobs' included, and never one it did not; then it removes the job cgroups Slurm made.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ CLIENT_TIMEOUT = 30.0
 # (at least 5 s) rather than 120 s.
 SCHEDULER_PARAMETERS = "sched_interval=2,bf_interval=1"
 CRED_EXPIRE = 5
+REAL_MEMORY_MB = 2048  # what a node offers to `--mem`; less than any test machine has
+# With job_cgroups: Slurm's own cgroup per job (cgroup v1 on hybrid hosts), its memory limited to `--mem`.
+CGROUP_CONF = "CgroupPlugin=autodetect\nConstrainRAMSpace=yes\n"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class _Daemon:
     process: subprocess.Popen[bytes]
     cgroup: cgroups.Cgroup
     log: Path  # where its output goes, the first place to look when it exits early
+
+
+_CGROUPFS = ("cgroup", "cgroup2")
 
 
 class SlurmError(RuntimeError):
@@ -64,14 +70,24 @@ class LocalSlurm:
     not configurable) requeues the job, and then `kill_wait` seconds (KillWait) until SIGKILL,
     as on `scontrol requeue`. A script that exits with a code in `requeue_exit` (RequeueExit)
     is requeued; one that exits with another code during its grace time ends the job.
+
+    Slurm tracks a job's processes by their tree, or with `job_cgroups` in a cgroup of the job's
+    own (proctrack/cgroup, task/cgroup), which `--mem` limits.
     """
 
     def __init__(
-        self, count: int = 2, *, grace_time: int = 30, kill_wait: int = 30, requeue_exit: Sequence[int] = ()
+        self,
+        count: int = 2,
+        *,
+        grace_time: int = 30,
+        kill_wait: int = 30,
+        requeue_exit: Sequence[int] = (),
+        job_cgroups: bool = False,
     ) -> None:
         self.grace_time = grace_time
         self.kill_wait = kill_wait
         self.requeue_exit = tuple(requeue_exit)
+        self.job_cgroups = job_cgroups
         self._daemons: list[_Daemon] = []
         self.dir = Path(tempfile.mkdtemp(prefix="kerrickpt-slurm-"))
         self.dir.chmod(0o755)  # the test user's commands read the configuration
@@ -84,6 +100,8 @@ class LocalSlurm:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         *self.nodes, self.controller = self.cluster.nodes
+        # Unique on this machine: Slurm names its cgroups after them (slurm_NAME in each hierarchy).
+        self.names = [f"kpt{self.cluster.id}{node.name}" for node in self.nodes]
         try:
             self._write_files()
             self._start_munged()
@@ -109,11 +127,13 @@ class LocalSlurm:
             os.chown(path, munge_user.pw_uid, munge_user.pw_gid)
         (self.dir / "ctld").mkdir(mode=0o700)
         for node in self.nodes:
-            (self.dir / "nodes" / node.name).mkdir(mode=0o755, parents=True)
+            self.node_dir(node).mkdir(mode=0o755, parents=True)
         self.conf.write_text(self._slurm_conf())
+        if self.job_cgroups:
+            (self.dir / "cgroup.conf").write_text(CGROUP_CONF)
 
     def _slurm_conf(self) -> str:
-        names = ",".join(node.name for node in self.nodes)
+        names = ",".join(self.names)
         lines = [
             f"ClusterName=kpt{self.cluster.id}",
             f"SlurmctldHost={CONTROLLER}({self.controller.address})",
@@ -128,15 +148,17 @@ class LocalSlurm:
             f"SlurmdSpoolDir={self.dir}/nodes/%n/spool",
             f"SlurmdPidFile={self.dir}/nodes/%n/slurmd.pid",
             f"SlurmdLogFile={self.dir}/nodes/%n/slurmd.log",
-            # No cgroups of Slurm's own: each slurmd is in one of ours, which closing the cluster kills.
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            *(
+                ["ProctrackType=proctrack/cgroup", "TaskPlugin=task/cgroup"]
+                if self.job_cgroups
+                else ["ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none"]
+            ),
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
             "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
+            "SelectTypeParameters=CR_Core_Memory",  # memory allocated, so that --mem limits a job cgroup
             "ReturnToService=2",
             "JobRequeue=1",
             "MinJobAge=600",  # a finished job stays in `scontrol show job` for the test to read
@@ -151,7 +173,10 @@ class LocalSlurm:
             "PreemptExemptTime=0",
             "SlurmctldParameters=preempt_send_user_signal",
             *([f"RequeueExit={','.join(map(str, self.requeue_exit))}"] if self.requeue_exit else []),
-            *[f"NodeName={node.name} NodeAddr={node.address} CPUs=1 State=UNKNOWN" for node in self.nodes],
+            *[
+                f"NodeName={name} NodeAddr={node.address} CPUs=1 RealMemory={REAL_MEMORY_MB} State=UNKNOWN"
+                for name, node in zip(self.names, self.nodes, strict=True)
+            ],
             f"PartitionName={LOW} Nodes={names} Default=YES MaxTime=INFINITE State=UP"
             f" PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.grace_time}",
             f"PartitionName={HIGH} Nodes={names} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
@@ -205,7 +230,8 @@ class LocalSlurm:
         self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, "slurmctld answering")
 
     def _start_slurmd(self, node: Node) -> None:
-        argv = self._in_node(node, node.name, ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
+        name = self.name(node)
+        argv = self._in_node(node, name, ["slurmd", "-D", "-N", name, "-f", str(self.conf)])
         self._spawn(node, "slurmd", argv, self.node_dir(node) / "slurmd.out")
 
     def _wait(self, ready: Callable[[], object], what: str, timeout: float = START_TIMEOUT) -> None:
@@ -224,8 +250,12 @@ class LocalSlurm:
         """Wait until every compute node is idle: up, registered and running no job."""
         self._wait(lambda: set(self.node_states().values()) == {"idle"}, "every node idle", timeout)
 
+    def name(self, node: Node) -> str:
+        """The node's name in Slurm, and its host name."""
+        return self.names[self.nodes.index(node)]
+
     def node_dir(self, node: Node) -> Path:
-        return self.dir / "nodes" / node.name
+        return self.dir / "nodes" / self.name(node)  # %n in slurm.conf
 
     def log(self, node: Node | None = None) -> Path:
         """slurmctld's log, or the slurmd log of `node`."""
@@ -281,10 +311,22 @@ class LocalSlurm:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(self.cluster.close)
             cleanup.callback(shutil.rmtree, self.dir, ignore_errors=True)
+            cleanup.callback(self._remove_job_cgroups)
             for daemon in self._daemons:  # the slurmds first, munged last
                 cleanup.callback(daemon.process.wait, 10)
                 cleanup.callback(daemon.cgroup.remove)
             self._daemons = []
+
+    def job_cgroup_dirs(self) -> list[Path]:
+        """The cgroup trees Slurm made for this cluster's jobs (slurm_NAME in any hierarchy), with job_cgroups."""
+        mounts = [line.split()[1] for line in cgroups.MOUNTS.read_text().splitlines() if line.split()[2] in _CGROUPFS]
+        return [path for mount in mounts for name in self.names if (path := Path(mount) / f"slurm_{name}").is_dir()]
+
+    def _remove_job_cgroups(self) -> None:
+        for top in self.job_cgroup_dirs():
+            tree = [path for path in top.rglob("*") if path.is_dir()]
+            for path in [*sorted(tree, key=lambda path: len(path.parts), reverse=True), top]:
+                cgroups.Cgroup((path,)).remove()
 
     def __enter__(self) -> LocalSlurm:
         return self

@@ -73,16 +73,16 @@ def submit(slurm: LocalSlurm, script: str, *args: str) -> int:
 
 
 def other(slurm: LocalSlurm, node: str) -> str:
-    return next(n.name for n in slurm.nodes if n.name != node)
+    return next(name for name in slurm.names if name != node)
 
 
 def test_comes_up_idle_and_runs_a_batch_job_as_the_test_user() -> None:
     with LocalSlurm() as slurm:
-        assert slurm.node_states() == {"a": "idle", "b": "idle"}
+        assert slurm.node_states() == dict.fromkeys(slurm.names, "idle")
         job = submit(slurm, "#!/bin/sh\nid -un\nhostname\necho $SLURMD_NODENAME\n")
         wait_until(lambda: state(slurm, job) == "COMPLETED", f"job {job} completed")
         node = slurm.job(job)["NodeList"]
-        assert node in ("a", "b")
+        assert node in slurm.names
         assert output(slurm, job).split() == [TEST_USER, node, node], "its own user, on its node's host name"
         path = slurm.jobs_dir / f"job-{job}.out"
         assert path.stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
@@ -166,6 +166,24 @@ def test_a_drained_node_keeps_its_job_until_it_is_requeued_and_it_runs_again_on_
         wait_until(lambda: "start 1" in output(slurm, job), "the job's script started again")
         assert slurm.node_states()[node] == "drain"
         assert [e.split()[:2] for e in events(slurm, job)] == [["start", "0"], ["TERM", "0"], ["start", "1"]]
+
+
+def test_with_job_cgroups_a_job_runs_in_a_cgroup_of_its_own_with_its_memory_limit() -> None:
+    with LocalSlurm(job_cgroups=True) as slurm:
+        job = submit(slurm, "#!/bin/sh\ncat /proc/self/cgroup\nexec sleep 600\n", "--mem=64M")
+        node = wait_running(slurm, job)
+        wait_until(lambda: f"job_{job}" in output(slurm, job), "the job's cgroups listed")
+        job_path = f"slurm_{node}/uid_{pwd.getpwnam(TEST_USER).pw_uid}/job_{job}"
+        assert f"/{job_path}/step_batch" in output(slurm, job)
+        limits = [
+            int((top.parent / job_path / name).read_text())
+            for top in slurm.job_cgroup_dirs()
+            for name in ("memory.limit_in_bytes", "memory.max")
+            if (top.parent / job_path / name).exists()
+        ]
+        assert limits == [64 * 2**20]
+        trees = slurm.job_cgroup_dirs()
+    assert not [tree for tree in trees if tree.exists()], "closing removed Slurm's cgroups too"
 
 
 def test_closing_leaves_no_process_namespace_cgroup_or_file() -> None:
