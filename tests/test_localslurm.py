@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pwd
@@ -186,24 +187,39 @@ def test_with_job_cgroups_a_job_runs_in_a_cgroup_of_its_own_with_its_memory_limi
     assert not [tree for tree in trees if tree.exists()], "closing removed Slurm's cgroups too"
 
 
+def commands(pids: list[int]) -> set[str]:
+    """The command names of those processes still there."""
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
+
+
+def pidfds(pids: list[int]) -> list[int]:
+    """A pidfd of each process still there: it tells when that process, and no later one with its PID, is gone."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
 def test_closing_leaves_no_process_namespace_cgroup_or_file() -> None:
+    everything = {"munged", "slurmctld", "slurmd", "slurmstepd", "sleep"}
     with LocalSlurm() as slurm:
-        job = submit(slurm, LOOPING)
+        job = submit(slurm, "#!/bin/sh\nexec sleep 600\n")
         wait_running(slurm, job)
-        wait_until(lambda: "start 0" in output(slurm, job), "the job's script started")
-        pids = slurm.daemon_pids()
-        commands = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
-        assert {"munged", "slurmctld", "slurmd", "slurmstepd", "sleep"} <= commands
-        # pidfds, so that a PID reused after the cluster is gone is not taken for one of its processes
-        pidfds = [os.pidfd_open(pid) for pid in pids]
+        wait_until(lambda: everything <= commands(slurm.daemon_pids()), "the daemons and the job's sleep")
+        fds = pidfds(slurm.daemon_pids())
         netns = [node.netns for node in slurm.cluster.nodes]
         cgroup_dirs = slurm.cgroup_dirs()
         directory = slurm.dir
     try:
-        exited = [fd for fd in pidfds if select.select([fd], [], [], 0)[0]]
-        assert len(exited) == len(pidfds), "a process of the cluster is still running"
+        running = [fd for fd in fds if not select.select([fd], [], [], 0)[0]]
+        assert not running, f"{len(running)} processes of the cluster are still running"
     finally:
-        for fd in pidfds:
+        for fd in fds:
             os.close(fd)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not [name for name in netns if re.search(rf"^{name}\b", listed, re.M)]
