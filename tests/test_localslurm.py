@@ -105,6 +105,18 @@ def test_preemption_signals_the_batch_shell_at_once_and_requeues_the_job_on_its_
         assert events(slurm, low) == [f"start 0 on {node}", "USR1 0", f"start 1 on {other(slurm, node)}"]
 
 
+def test_a_preempted_batch_shell_exiting_with_a_code_not_in_requeue_exit_ends_the_job() -> None:
+    with LocalSlurm(grace_time=120) as slurm:
+        low = submit(slurm, LOOPING, f"--partition={LOW}", "--signal=B:USR1")
+        node = wait_running(slurm, low)
+        wait_until(lambda: "start 0" in output(slurm, low), "the low job's script started")
+        high = submit(slurm, "#!/bin/sh\nexec sleep 600\n", f"--partition={HIGH}", f"--nodelist={node}")
+        wait_until(lambda: state(slurm, high) == "RUNNING", "the high job running")
+        wait_until(lambda: state(slurm, low) != "COMPLETING", "the low job ended")
+        fields = slurm.job(low)
+        assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", f"{REQUEUE_ME}:0", "0")
+
+
 def test_without_a_batch_signal_the_batch_shell_gets_sigterm_only_when_the_grace_time_is_over() -> None:
     grace = 5
     with LocalSlurm(grace_time=grace) as slurm:
