@@ -28,13 +28,15 @@ def ipc_keys() -> tuple[int, int, int]:
     return base, base + 1, base + 2
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
