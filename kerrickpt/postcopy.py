@@ -236,6 +236,22 @@ class Watcher:
                 log_tail=answer.get("log_tail", ""),
             )
 
+    def explain_exit(self) -> None:
+        """The restored tree is gone before it was registered: TransportError if the watcher killed it because
+        its memory stopped coming (the page stream broke), as soon as the watcher's record says so."""
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(self.record.read_text())
+                if record.get("state") == FAILED:
+                    raise TransportError(
+                        f"the transfer of its memory broke off, so the target killed its copy ({record.get('why')})",
+                        log_tail=str(record.get("log_tail", "")),
+                    )
+                if record.get("state") != IN_FLIGHT:
+                    return
+            time.sleep(0.05)
+
     def abort(self) -> None:
         """The restore failed: stop the daemon (the watcher then removes what it had)."""
         self.process.terminate()

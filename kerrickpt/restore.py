@@ -38,12 +38,13 @@ from kerrickpt.errors import (
     KerrickptError,
     NodeIncompatibleError,
     RestoreFailed,
+    TransportError,
     UsageError,
 )
 from kerrickpt.manifest import Manifest
 
 # What a failed restore raises as it is; any other error of kerrickpt's becomes a RestoreFailed.
-PASSED_ON = (RestoreFailed, CommandTimeout, ArchiveCorruptError)
+PASSED_ON = (RestoreFailed, CommandTimeout, ArchiveCorruptError, TransportError)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ def _restore_as(
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
         started = procs.start_time(init_pid)
         if started is None:
+            if plan.watcher is not None:
+                plan.watcher.explain_exit()
             raise RestoreFailed(f"the restored container {name} exited at once")
         registry.save(
             containers.Container(
@@ -210,9 +213,7 @@ def _restore_as(
         if group is not None:
             group.remove()
         registry.release(name)
-        if isinstance(exc, KerrickptError) and not isinstance(
-            exc, (RestoreFailed, CommandTimeout, ArchiveCorruptError)
-        ):
+        if isinstance(exc, KerrickptError) and not isinstance(exc, PASSED_ON):
             raise RestoreFailed(f"restore of {name} failed: {exc.message}", log_tail=exc.log_tail) from exc
         raise
     finally:
