@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,6 +22,7 @@ from kerrickpt import (
     idranges,
     isolation,
     layer,
+    layerchain,
     logtail,
     node,
     postcopy,
@@ -70,6 +72,7 @@ def restore(
     migration_id: str | None = None,
     pid_namespace: str = "new",
     watcher: postcopy.Watcher | None = None,
+    bases: Sequence[Path] = (),
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -80,7 +83,9 @@ def restore(
     left on this node. A job that shared the host's namespaces comes back in
     new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
-    archive lacks comes through it after this returns.
+    archive lacks comes through it after this returns. A snapshot that carries only what changed in its
+    file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
+    (Store.chain resolves them); without them it is refused (UsageError).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -108,9 +113,10 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
+        below = layerchain.gather(manifest, list(bases), scratch)  # every base verified before anything is made
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper)
+            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, below)
         handed_over = watcher is not None
     finally:
         helper.close()
@@ -150,6 +156,7 @@ def _restore_as(
     plan: restorer.Plan,
     feed: feeder.Feed | None,
     helper: restorer.Helper,
+    below: list[layerchain.Delta],
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -160,7 +167,7 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest.confinement, scratch)
+            confined = _confine(registry, name, manifest.confinement, scratch, below)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path] = {}
         if manifest.log_path:
@@ -219,9 +226,11 @@ def _restore_as(
             os.close(log_fd)
 
 
-def _confine(registry: containers.Registry, name: str, archived: Confinement, scratch: Path) -> Confinement:
+def _confine(
+    registry: containers.Registry, name: str, archived: Confinement, scratch: Path, below: list[layerchain.Delta]
+) -> Confinement:
     """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it."""
+    archive carries it: whole, or as the chain `below` with the archive's changes over it."""
     ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
     confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     images = scratch / "images"
@@ -231,8 +240,13 @@ def _confine(registry: containers.Registry, name: str, archived: Confinement, sc
     member = scratch / layer.MEMBER
     if not member.exists():
         raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
-    with member.open("rb") as fh:
-        layer.unpack(fh, target.upper, confined.uid_base, confined.gid_base, confined.ids)
+    owners = (confined.uid_base, confined.gid_base, confined.ids)
+    layers = [*below, layerchain.Delta(member, layer.read_removed(scratch / layer.REMOVED) if below else [])]
+    with layers[0].tar.open("rb") as fh:
+        layer.unpack(fh, target.upper, *owners)
+    for delta in layers[1:]:
+        with delta.tar.open("rb") as fh:
+            layer.apply(fh, delta.removed, target.upper, *owners)
     for path in (images, *images.iterdir()):
         rootfs.share(path, confined)
     return confined

@@ -38,7 +38,7 @@ CAPS_V3 = _capability(0x03000000, CAP_NET_RAW, SOURCE[0])
 
 def _pack(upper: Path, bases: tuple[int, int] = SOURCE) -> bytes:
     pieces: list[bytes] = []
-    written = layer.pack(upper, *bases, IDS, pieces.append)
+    written, _ = layer.pack(upper, *bases, IDS, pieces.append)
     data = b"".join(pieces)
     assert written == len(data)
     return data
