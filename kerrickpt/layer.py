@@ -82,13 +82,15 @@ def pack(
     first_names: dict[tuple[int, int], str] = {}  # files with more than one link: the name carried first
     entries: dict[str, list[int | str]] = {}
     for name, path, st in _walk(upper):
+        if stat.S_ISSOCK(st.st_mode):
+            # A socket file is made by bind() and belongs to its process: CRIU binds a restored listening socket
+            # again (an old file in the way would fail that bind), and a program whose socket died makes a new one.
+            continue
         link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
         entries[name] = _attributes(st, link)
         if base is not None and base.entries.get(name) == entries[name]:
             continue  # a new link to a file changes its ctime: every name of a changed file is carried
         info = _info(name, path, st, uid_base, gid_base, ids, link)
-        if info is None:
-            continue
         inode = (st.st_dev, st.st_ino)
         if info.isreg() and inode in first_names:
             info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
@@ -203,8 +205,8 @@ def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
 
 def _info(
     name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int, ids: int, link: str
-) -> tarfile.TarInfo | None:
-    """The tar header that carries one entry of the layer; None for a socket."""
+) -> tarfile.TarInfo:
+    """The tar header that carries one entry of the layer (not a socket: see pack)."""
     info = tarfile.TarInfo(name)
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid = _relative(st.st_uid, uid_base, ids)
@@ -224,10 +226,6 @@ def _info(
         info.type = tarfile.FIFOTYPE
     elif kind == stat.S_IFCHR and st.st_rdev == 0:  # the overlay's whiteout: a deleted lower file
         info.type = tarfile.CHRTYPE
-    elif kind == stat.S_IFSOCK:
-        # A socket file is made by bind() and belongs to its process: CRIU binds a restored listening socket
-        # again (an old file in the way would fail that bind), and a program whose socket died makes a new one.
-        return None
     else:
         raise NotCheckpointable(
             f"the container's file-system layer holds the device node /{name}: a restore does not make device nodes "
