@@ -31,14 +31,9 @@ CHANGES = "rm /var/tmp/gone; echo new > /var/tmp/replaced.new; mv /var/tmp/repla
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
-    path = tmp_path / "store"
-    path.mkdir()
-    return path
-
-
-def start(state_dir: Path) -> str:
+def start(state_dir: Path, store: Path) -> str:
+    """A container with its files written, and `store` made for its snapshots."""
+    store.mkdir()
     name = unique_name("chain")
     kerrickpt.run(name, ["sh", "-c", SETUP + STEPS], state_dir=state_dir, rootfs="host", user=str(USER))
     wait_for(lambda: (upper(state_dir, name) / "var/tmp/ready").exists(), what="the container's files", timeout=60)
@@ -54,9 +49,10 @@ def digest(path: Path) -> str:
 
 
 def test_a_snapshot_of_a_barely_changed_layer_costs_what_changed_and_restores_that_moment(
-    state_dir: Path, store: Path
+    state_dir: Path, tmp_path: Path
 ) -> None:
-    name = start(state_dir)
+    store = tmp_path / "store"
+    name = start(state_dir, store)
     big = digest(upper(state_dir, name) / "var/tmp/big")
     first = snap(state_dir, store, name)
     changed = cli("exec", name, "--", "sh", "-c", CHANGES, state_dir=state_dir)
@@ -90,8 +86,9 @@ def test_a_snapshot_of_a_barely_changed_layer_costs_what_changed_and_restores_th
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > written, "each record once, going on"
 
 
-def test_prune_keeps_bases_and_a_chain_without_its_base_is_not_usable(state_dir: Path, store: Path) -> None:
-    name = start(state_dir)
+def test_prune_keeps_bases_and_a_chain_without_its_base_is_not_usable(state_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    name = start(state_dir, store)
     taken = [snap(state_dir, store, name) for _ in range(3)]
     assert [s.base for s in taken] == [None, taken[0].id, taken[1].id]
 
