@@ -261,7 +261,7 @@ def capture(
                         external=external,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-                layer_carried = None
+                lineage, index, base = None, None, None
                 if confined and container:
                     # Its files as they are with its memory: frozen still.
                     step = "carrying its file-system layer"
@@ -271,8 +271,6 @@ def capture(
                     index = layer.add(writer, where.upper, confined, base.index if base else None)
                     if carried is not None:
                         carried(index)
-                    if lineage is not None:
-                        layer_carried = (layerchain.identity(lineage, index), base.as_base() if base else None)
                 if thaw_after_dump:
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
@@ -295,8 +293,8 @@ def capture(
                     log_start=tail.start if tail else 0,
                     confinement=confined,
                     log_external=log_external,
-                    layer=layer_carried[0] if layer_carried else None,
-                    layer_base=layer_carried[1] if layer_carried else None,
+                    layer=layerchain.identity(lineage, index) if lineage and index else None,
+                    layer_base=base.as_base() if base else None,
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)

@@ -155,7 +155,8 @@ class Store:
         usable = [s for s in taken if s.verified or (allow_unverified and not s.corrupt)]
         if when is not None and usable:
             self.chain(usable[-1])
-        usable = [s for s in usable if self.broken(s) is None]
+        broken = self.broken(usable)
+        usable = [s for s in usable if s.path not in broken]
         if not usable:
             limit = f" taken at or before {when.isoformat()}" if when else ""
             unverified = [s.id for s in taken if s.status == UNVERIFIED]
@@ -167,37 +168,44 @@ class Store:
             raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}{hint}")
         return usable[-1]
 
-    def chain(self, snap: Snapshot) -> list[Snapshot]:
-        """The snapshots a restore of `snap` reads, the one with the whole layer first and `snap` last.
+    def chain(self, snap: Snapshot, series: dict[str, Snapshot] | None = None) -> list[Snapshot]:
+        """The snapshots a restore of `snap` reads, the one with the whole layer first and `snap` last; `series`:
+        its container's snapshots by id, if listed already.
 
         Raises SnapshotNotFoundError if one it builds on is gone, known corrupt, or not the layer it names.
         """
-        series = {s.id: s for s in self.list(snap.name)}
+        if series is None:
+            series = {s.id: s for s in self.list(snap.name)}
         found = [snap]
         while (wanted := found[-1].layer_base) is not None:
             top, below = found[-1], series.get(wanted["snapshot"])
-            why = None
             if below is None:
                 why = "is gone from the store"
             elif below.corrupt:
                 why = "is corrupt"
             elif below.time >= top.time or below.layer != {k: wanted[k] for k in ("lineage", "index")}:
                 why = "is not the layer it was taken on"
-            if below is None or why is not None:
-                raise SnapshotNotFoundError(
-                    f"snapshot {snap.id} of {snap.name} in {self.root} is not usable: it carries only what changed "
-                    f"in its file-system layer since snapshot {wanted['snapshot']}, which {why}"
-                )
-            found.append(below)
+            else:
+                found.append(below)
+                continue
+            raise SnapshotNotFoundError(
+                f"snapshot {snap.id} of {snap.name} in {self.root} is not usable: it carries only what changed "
+                f"in its file-system layer since snapshot {wanted['snapshot']}, which {why}"
+            )
         return found[::-1]
 
-    def broken(self, snap: Snapshot) -> str | None:
-        """Why `snap` cannot be restored for want of a snapshot it builds on; None if it can."""
-        try:
-            self.chain(snap)
-        except SnapshotNotFoundError as exc:
-            return exc.message
-        return None
+    def broken(self, snapshots: list[Snapshot]) -> dict[Path, str]:
+        """Of `snapshots`, those that cannot be restored for want of one they build on (by path), and why."""
+        series: dict[str, dict[str, Snapshot]] = {}
+        found = {}
+        for snap in snapshots:
+            if snap.name not in series:
+                series[snap.name] = {s.id: s for s in self.list(snap.name)}
+            try:
+                self.chain(snap, series[snap.name])
+            except SnapshotNotFoundError as exc:
+                found[snap.path] = exc.message
+        return found
 
     def latest(self, name: str) -> Snapshot:
         return self.at(name)

@@ -315,7 +315,8 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
             seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
-            print(f"root:      {root}, its lower layer {seen}; its layer {_mib(m.layer_bytes)} (as a tar)")
+            carried = f"what changed since snapshot {m.layer_base['snapshot']}" if m.layer_base else "its layer"
+            print(f"root:      {root}, its lower layer {seen}; {carried} {_mib(m.layer_bytes)} (as a tar)")
             print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
                   f"runs as {c.uid}:{c.gid}")  # fmt: skip
             for v in c.volumes:
@@ -425,19 +426,19 @@ def _log_line(result: kerrickpt.SnapshotResult) -> str:
 def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
     store = kerrickpt.Store(args.store)
     rows = store.list(args.name)
-    broken = {r.id: store.broken(r) for r in rows}
+    broken = store.broken(rows)
     if not args.json:
         print(
             f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} {'LAYER':<29} STATUS"
         )
         for r in rows:
             frozen = "-" if r.frozen_s is None else f"{r.frozen_s:.3f}s"
-            status = f"{r.status}, unusable (its base is gone or corrupt)" if broken[r.id] else r.status
+            status = f"{r.status}, unusable (its base is gone or corrupt)" if r.path in broken else r.status
             print(
                 f"{r.name:<24} {r.id:<20} {_local(r.time):<19} {_size(r.archive_bytes):>12} {frozen:>8} "
                 f"{r.node or '-':<16} {layerchain.describe(r):<29} {status}"
             )
-    return [{**r.to_dict(), "base": r.base, "unusable": broken[r.id]} for r in rows], 0
+    return [{**r.to_dict(), "base": r.base, "unusable": broken.get(r.path)} for r in rows], 0
 
 
 def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
@@ -462,12 +463,12 @@ def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
     with _watched(args):
         store = kerrickpt.Store(args.store)
         rows = store.verify(args.name, wait=args.wait)
+    broken = store.broken(rows)
     for r in rows:
-        broken = store.broken(r)
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
-        elif broken:
-            print(f"kerrickpt: unusable: {broken}", file=sys.stderr)
+        elif r.path in broken:
+            print(f"kerrickpt: unusable: {broken[r.path]}", file=sys.stderr)
         elif not args.json:
             print(f"ok {r.name} {r.id}" + (f" ({layerchain.describe(r)})" if r.base else ""))
     code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
