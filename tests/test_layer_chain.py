@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import containers
+from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.store import Snapshot
 from tests.helpers import cli, ticks, unique_name, wait_for
 from tests.test_confined import STEPS, USER, log, steps_written, upper
@@ -100,6 +102,8 @@ def test_prune_keeps_bases_and_a_chain_without_its_base_is_not_usable(state_dir:
         (taken[0].id, True, (f"base of {taken[1].id}",)),
     ]
     assert [s.id for s in kerrickpt.Store(store).list(name)] == [s.id for s in taken]
+    with pytest.raises(ArchiveCorruptError, match="does not hold together"):  # the third on the first, skipping one
+        kerrickpt.restore(taken[2].path, name=unique_name("copy"), state_dir=state_dir, bases=[taken[0].path])
 
     # Bit rot in the whole layer's archive, its record unchanged: only reading it shows it.
     whole = taken[0].path
@@ -127,3 +131,8 @@ def test_prune_keeps_bases_and_a_chain_without_its_base_is_not_usable(state_dir:
     asked = cli("restore", "--store", str(store), name, "--at", at, "--name", copy, state_dir=state_dir)
     assert asked.returncode == 20, asked.stderr
     assert f"since snapshot {taken[0].id}, which is gone" in asked.stderr
+
+    shutil.copy(taken[1].path, whole)  # another layer under the base's name
+    swapped = cli("restore", "--store", str(store), name, "--at", at, "--allow-unverified", state_dir=state_dir)
+    assert swapped.returncode == 20, swapped.stderr
+    assert "is not the layer it was taken on" in swapped.stderr
