@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers
+from kerrickpt import containers, layerchain
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.store import Snapshot
 from tests.helpers import cli, ticks, unique_name, wait_for
@@ -136,3 +136,16 @@ def test_prune_keeps_bases_and_a_chain_without_its_base_is_not_usable(state_dir:
     swapped = cli("restore", "--store", str(store), name, "--at", at, "--allow-unverified", state_dir=state_dir)
     assert swapped.returncode == 20, swapped.stderr
     assert "is not the layer it was taken on" in swapped.stderr
+
+
+def test_past_the_longest_chain_a_snapshot_carries_its_whole_layer_again(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layerchain, "MAX_DELTAS", 2)
+    store = tmp_path / "store"
+    name = start(state_dir, store)
+
+    taken = [snap(state_dir, store, name) for _ in range(5)]
+
+    assert [s.base for s in taken] == [None, taken[0].id, taken[1].id, None, taken[3].id]
+    assert taken[3].archive_bytes > BIG_MIB << 20
