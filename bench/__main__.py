@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import CASES
+from bench.cases import NAMES, plan
 from bench.lab import BenchError, Lab, run
 from bench.report import Results
 from kerrickpt import cgroups, command, criu
@@ -33,17 +33,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", default="256M,1G,4G", help="memory sizes, comma-separated (default: %(default)s)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="workload kinds: heap, mixed (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every case (default: %(default)s)")
-    parser.add_argument("--cases", default=",".join(CASES), help="cases to run (default: %(default)s)")
+    parser.add_argument("--cases", default=",".join(NAMES), help="cases to run (default: %(default)s)")
+    parser.add_argument("--layers", default="0,64M,512M", help="what the confined cases write into their layer "
+                        "before the checkpoint, comma-separated (default: %(default)s)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where to write the JSON")
     args = parser.parse_args(argv)
     args.sizes = [cgroups.parse_size(s) // 2**20 for s in args.sizes.split(",")]
     args.kinds = args.kinds.split(",")
     args.cases = args.cases.split(",")
-    for value, known, what in ((args.kinds, KINDS, "kind"), (args.cases, CASES, "case")):
+    args.layers = [cgroups.parse_size(s) // 2**20 for s in args.layers.split(",")]
+    for value, known, what in ((args.kinds, KINDS, "kind"), (args.cases, NAMES, "case")):
         if unknown := [v for v in value if v not in known]:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
     if args.reps < 1 or min(args.sizes) < 1:
         parser.error("--reps and every size must be at least 1 (MiB)")
+    if min(args.layers) < 0:
+        parser.error("a layer size cannot be negative")
     return args
 
 
@@ -77,18 +82,18 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
             for mib in args.sizes:
                 for rep in range(1, args.reps + 1):
                     for kind in args.kinds:
-                        for case in args.cases:
+                        for step, case in plan(args.cases, args.layers):
                             # Writeback of an earlier case must not land in this one's numbers.
                             run(["sync"], timeout=300)
-                            print(f"[{time.monotonic() - started:7.1f} s] {mib} MiB {kind} rep {rep}: {case}",
+                            print(f"[{time.monotonic() - started:7.1f} s] {mib} MiB {kind} rep {rep}: {step}",
                                   file=sys.stderr, flush=True)  # fmt: skip
-                            outcome = CASES[case](lab, mib, kind)
+                            outcome = case(lab, mib, kind)
                             results.add(mib, kind, rep, outcome.metrics, outcome.verified)
     except (BenchError, command.CommandTimeout, subprocess.TimeoutExpired) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     config: dict[str, Any] = {"sizes_mib": args.sizes, "kinds": args.kinds, "reps": args.reps, "cases": args.cases,
-                              "command": " ".join(["bench/run", *argv])}  # fmt: skip
+                              "layers_mib": args.layers, "command": " ".join(["bench/run", *argv])}  # fmt: skip
     report = results.to_dict(machine(), config)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(results.table())

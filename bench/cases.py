@@ -2,15 +2,17 @@
 
 Each case starts its own workload, measures, checks the workload's memory after every
 restore, and removes what it made. It returns metrics named `<case>.<what>`:
-seconds end in `_s`, sizes and memory in `_mib`.
+seconds end in `_s`, sizes and memory in `_mib`. The confined cases run once per layer
+size; their metrics are named `conf.L<layer MiB>.<what>`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.lab import MIB, Lab, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
+from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
 from kerrickpt.node import LAZY_PIPE_SIZE
 
 
@@ -81,47 +83,55 @@ def snapshot(lab: Lab, mib: int, kind: str) -> Outcome:
     )
 
 
-def checkpoint(lab: Lab, mib: int, kind: str) -> Outcome:
+def prefix(layer_mib: int | None) -> str:
+    """What a case's metrics start with: `kpt` for plain containers, `conf.L<MiB>` for confined ones."""
+    return "kpt" if layer_mib is None else f"conf.L{layer_mib}"
+
+
+def checkpoint(lab: Lab, mib: int, kind: str, layer_mib: int | None = None) -> Outcome:
     """`kerrickpt checkpoint` end to end, then `kerrickpt restore` of that archive on the same node."""
-    job = lab.start(mib, kind)
+    job = lab.start(mib, kind, layer_mib)
     node = job.node
     copy = f"{job.name}-r"
-    limit = timeout_for(mib)
+    limit = timeout_for(mib + (layer_mib or 0))
+    at = prefix(layer_mib)
     with removed(node, job.name), removed(node, copy), lab.scratch("ckpt") as work:
         archive = work / "ckpt.kckpt"
         taken, checkpoint_s, ckpt_peak = kerrickpt(node, "checkpoint", job.name, "-o", str(archive), timeout=limit)
         restored, restore_s, restore_peak = kerrickpt(node, "restore", str(archive), "--name", copy, timeout=limit)
         ok = job.moved(node, copy, int(restored["init_pid"])).verify(mib)
+        layer = {}
+        if layer_mib is not None:  # the layer as the archive carries it: a tar, before compression
+            layer[f"{at}.layer_tar_mib"] = json_of(node, "inspect", str(archive))["layer_bytes"] / MIB
+    timings = taken["timings"]
     return Outcome(
         {
-            "kpt.checkpoint_s": checkpoint_s,
-            "kpt.checkpoint_dump_s": taken["timings"]["dump_s"],
-            "kpt.checkpoint_compress_s": taken["timings"]["compress_s"],
-            "kpt.archive_mib": taken["archive_bytes"] / MIB,
-            "kpt.checkpoint_peak_mib": ckpt_peak,
-            "kpt.restore_s": restore_s,
-            "kpt.restore_peak_mib": restore_peak,
+            f"{at}.checkpoint_s": checkpoint_s,
+            f"{at}.checkpoint_dump_s": timings["dump_s"],
+            f"{at}.checkpoint_compress_s": timings["compress_s"],
+            f"{at}.archive_mib": taken["archive_bytes"] / MIB,
+            f"{at}.checkpoint_peak_mib": ckpt_peak,
+            f"{at}.restore_s": restore_s,
+            f"{at}.restore_peak_mib": restore_peak,
+            **layer,
         },
-        {"kpt.restore": ok},
+        {f"{at}.restore": ok},
     )
 
 
-def migrate(lab: Lab, mib: int, kind: str, *, lazy: bool = False) -> Outcome:
+def migrate(lab: Lab, mib: int, kind: str, layer_mib: int | None = None, *, lazy: bool = False) -> Outcome:
     """`kerrickpt migrate` from node a to node b over ssh: downtime is freeze to running on b."""
-    job = lab.start(mib, kind)
+    job = lab.start(mib, kind, layer_mib)
     source, target = lab.nodes
     assert lab.cluster is not None
-    case = "migrate_lazy" if lazy else "migrate"
+    case = f"{prefix(layer_mib)}.migrate_lazy" if lazy else f"{prefix(layer_mib)}.migrate"
     with removed(source, job.name), removed(target, job.name):
         moved, wall, peak = kerrickpt(
             source, "migrate", job.name, *lab.cluster.migrate_args(target), *(["--lazy"] if lazy else []),
-            timeout=2 * timeout_for(mib),
+            timeout=2 * timeout_for(mib + (layer_mib or 0)),
         )  # fmt: skip
         ok = job.moved(target, job.name, int(moved["pid_map"]["1"])).verify(mib)
-    return Outcome(
-        {f"kpt.{case}_downtime_s": moved["downtime_s"], f"kpt.{case}_s": wall, f"kpt.{case}_peak_mib": peak},
-        {f"kpt.{case}": ok},
-    )
+    return Outcome({f"{case}_downtime_s": moved["downtime_s"], f"{case}_s": wall, f"{case}_peak_mib": peak}, {case: ok})
 
 
 def migrate_lazy(lab: Lab, mib: int, kind: str) -> Outcome:
@@ -148,6 +158,17 @@ def runc(lab: Lab, mib: int, kind: str) -> Outcome:
     return Outcome(metrics, {"runc.restore": ok})
 
 
+def confined(lab: Lab, mib: int, kind: str, layer_mib: int) -> Outcome:
+    """`checkpoint` and `restore` of the workload in a `--rootfs host` container that wrote `layer_mib` MiB into its
+    layer (data of the workload's kind, see memload.c) before filling its memory."""
+    return checkpoint(lab, mib, kind, layer_mib)
+
+
+def confined_migrate(lab: Lab, mib: int, kind: str, layer_mib: int) -> Outcome:
+    """`migrate` of that confined container from node a to node b."""
+    return migrate(lab, mib, kind, layer_mib)
+
+
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "raw": raw,
     "sequential": sequential,
@@ -157,3 +178,21 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "lazy": migrate_lazy,
     "runc": runc,
 }
+
+# The cases run once for each layer size of the run (`--layers`).
+LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
+    "confined": confined,
+    "confined_migrate": confined_migrate,
+}
+NAMES = (*CASES, *LAYERED)
+
+
+def plan(cases: list[str], layers: list[int]) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
+    """The steps of one repetition, in the order given: each case, a layered one once per layer size."""
+    steps: list[tuple[str, Callable[[Lab, int, str], Outcome]]] = []
+    for case in cases:
+        if case in LAYERED:
+            steps += [(f"{case} layer {n} MiB", functools.partial(LAYERED[case], layer_mib=n)) for n in layers]
+        else:
+            steps.append((case, CASES[case]))
+    return steps

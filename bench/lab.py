@@ -33,6 +33,10 @@ MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
 SAMPLE_INTERVAL = 0.02
+# Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
+# hide the host's path.
+BIN = "/opt/kerrickpt-bench"
+LAYER_FILE = "/var/tmp/layer"  # what a confined workload writes first, in its own layer
 
 
 class BenchError(Exception):
@@ -175,7 +179,8 @@ class Lab:
             self.mounted = True
             # The local nodes put their state under tempfile's directory: make that the tmpfs.
             tempfile.tempdir = str(self.root)
-            self.binary = self.root / "memload"
+            (self.root / "bin").mkdir(mode=0o755)  # any user may read it: a confined container's root is not root
+            self.binary = self.root / "bin" / "memload"
             run(["gcc", "-O2", "-static", "-o", str(self.binary), str(SOURCE)], timeout=120)
             self.cluster = Cluster(2)
         except BaseException:
@@ -213,15 +218,24 @@ class Lab:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def start(self, mib: int, kind: str) -> Job:
-        """Start the workload as a kerrickpt container on node a; returns once its memory is filled."""
+    def start(self, mib: int, kind: str, layer_mib: int | None = None) -> Job:
+        """Start the workload as a kerrickpt container on node a; returns once its memory is filled.
+
+        With `layer_mib`, a confined container (`--rootfs host`) that first writes that many MiB into its layer.
+        """
         node = self.nodes[0]
         self._serial += 1
         name = f"bench-{kind}-{mib}-{self._serial}"
-        kerrickpt(node, "run", "--name", name, "--", str(self.binary), str(mib), kind, timeout=60)
+        if layer_mib is None:
+            command = ["--", str(self.binary), str(mib), kind]
+        else:
+            bound = f"{self.binary.parent}:{BIN}:ro"
+            command = ["--rootfs", "host", "--volume", bound, "--", f"{BIN}/{self.binary.name}", str(mib), kind,
+                       LAYER_FILE, str(layer_mib)]  # fmt: skip
+        kerrickpt(node, "run", "--name", name, *command, timeout=60)
         row = next(r for r in json_of(node, "ps") if r["name"] == name)
         job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "")
-        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
+        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib + (layer_mib or 0))).group(1)
         return job
 
     @contextlib.contextmanager

@@ -1,12 +1,15 @@
 /* The benchmark's workload: fills N MiB of anonymous memory, then idles until killed.
  *
- *   memload MIB heap|mixed
+ *   memload MIB heap|mixed [FILE FILE_MIB]
  *
  * heap:  64-byte records like a program's heap (ids, pointers into one arena, small
  *        counters, a random hash, words from a small vocabulary): zstd -3 squeezes it
  *        about 4-6x, at the speed real heaps compress.
  * mixed: half-random: 1 MiB of random bytes, then 1 MiB of heap records, alternating,
  *        so half the memory cannot be compressed at all.
+ *
+ * With FILE, it first writes FILE_MIB MiB of the same kind of data (from another seed, so
+ * it repeats nothing of the memory) to FILE: a confined container's file-system layer.
  *
  * It prints "ready mib=N kind=K sum=S" once filled. On SIGUSR1 it hashes its memory again
  * and prints "verify OK sum=S" or "verify BAD sum=S expected=E": that is how the benchmark
@@ -66,6 +69,34 @@ static void fill_random(unsigned char *p, size_t len, uint64_t *rng) {
     }
 }
 
+/* Stripe `index` of a region: heap records, or with mixed every other stripe random. */
+static void fill_stripe(unsigned char *p, size_t len, size_t index, int mixed, uintptr_t arena, uint64_t *id,
+                        uint64_t *rng) {
+    if (mixed && index % 2 == 0)
+        fill_random(p, len, rng);
+    else
+        fill_heap(p, len, arena, id, rng);
+}
+
+static int write_file(const char *path, size_t mib, int mixed) {
+    unsigned char *buf = malloc(STRIPE);
+    FILE *out = fopen(path, "wb");
+    if (buf == NULL || out == NULL) {
+        perror(path);
+        return -1;
+    }
+    uint64_t rng = 0x2545f4914f6cdd1dULL, id = 1;
+    for (size_t i = 0; i < mib; i++) {
+        fill_stripe(buf, STRIPE, i, mixed, (uintptr_t)buf, &id, &rng);
+        if (fwrite(buf, 1, STRIPE, out) != STRIPE) {
+            perror(path);
+            return -1;
+        }
+    }
+    free(buf); /* unmapped again (malloc mmaps a block this big): the memory image is as without FILE */
+    return fclose(out) == 0 ? 0 : -1;
+}
+
 /* FNV-1a over 64-bit words: fast enough for GiBs, and any lost or zeroed page changes it. */
 static uint64_t checksum(const unsigned char *p, size_t len) {
     uint64_t h = 1469598103934665603ULL;
@@ -78,12 +109,14 @@ static uint64_t checksum(const unsigned char *p, size_t len) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || (strcmp(argv[2], "heap") != 0 && strcmp(argv[2], "mixed") != 0)) {
-        fprintf(stderr, "usage: memload MIB heap|mixed\n");
+    if ((argc != 3 && argc != 5) || (strcmp(argv[2], "heap") != 0 && strcmp(argv[2], "mixed") != 0)) {
+        fprintf(stderr, "usage: memload MIB heap|mixed [FILE FILE_MIB]\n");
         return 2;
     }
     size_t len = (size_t)strtoull(argv[1], NULL, 10) << 20;
     int mixed = strcmp(argv[2], "mixed") == 0;
+    if (argc == 5 && write_file(argv[3], (size_t)strtoull(argv[4], NULL, 10), mixed) != 0)
+        return 1;
     unsigned char *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (len == 0 || mem == MAP_FAILED) {
         perror("mmap");
@@ -92,10 +125,7 @@ int main(int argc, char **argv) {
     uint64_t rng = 0x9e3779b97f4a7c15ULL, id = 1;
     for (size_t off = 0; off < len; off += STRIPE) {
         size_t n = len - off < STRIPE ? len - off : STRIPE;
-        if (mixed && (off / STRIPE) % 2 == 0)
-            fill_random(mem + off, n, &rng);
-        else
-            fill_heap(mem + off, n, (uintptr_t)mem, &id, &rng);
+        fill_stripe(mem + off, n, off / STRIPE, mixed, (uintptr_t)mem, &id, &rng);
     }
     const uint64_t expected = checksum(mem, len);
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -603,6 +604,60 @@ class _Received:
 
     def member(self, name: str) -> Member:
         return Member(name, self.size, self.hash.hexdigest(), self.chunks, self.chunk_bytes)
+
+
+class MemberReader(io.RawIOBase):
+    """One file of an archive, read as a file from the archive's start: a member and its chunks, which follow
+    one another. At its end, ArchiveCorruptError if it is not what the manifest says (`expected`). Only as
+    much of the archive is read as it takes to reach the file's end."""
+
+    def __init__(self, path: Path, expected: Member, checksum: str) -> None:
+        super().__init__()
+        self.expected = expected
+        self.hash = CHECKSUMS[checksum]()
+        self.size = 0
+        self.members = _members(path)
+        self.pieces = self._pieces()
+        self.view = memoryview(b"")
+
+    def _pieces(self) -> Iterator[memoryview]:
+        seen = False
+        for member, _, data in self.members:
+            chunk = CHUNK_MEMBER.fullmatch(member)
+            if (chunk["name"] if chunk else member) != self.expected.name:
+                if seen:
+                    break
+                continue
+            seen = True
+            for piece in data:
+                self.hash.update(piece)
+                self.size += len(piece)
+                yield piece
+            if self.size >= self.expected.size:
+                break
+        if self.size != self.expected.size or self.hash.hexdigest() != self.expected.digest:
+            raise ArchiveCorruptError(f"{self.expected.name} in the archive does not match its checksum")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.view:
+            self.view = next(self.pieces, memoryview(b""))
+        taken = min(len(buffer), len(self.view))
+        buffer[:taken] = self.view[:taken]
+        self.view = self.view[taken:]
+        return taken
+
+    def finish(self) -> None:
+        """Read what is left of the file (a tar's padding, say) and check it whole."""
+        self.view = memoryview(b"")
+        for _ in self.pieces:
+            pass
+
+    def close(self) -> None:
+        self.members.close()  # type: ignore[attr-defined]
+        super().close()
 
 
 def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview], None] | None = None) -> Manifest:

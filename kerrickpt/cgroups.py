@@ -55,12 +55,14 @@ def detect(mounts: Path = MOUNTS) -> Layout:
         if len(fields) < 4:
             continue
         fstype, mountpoint, options = fields[2], Path(fields[1]), fields[3].split(",")
+        # The first mount of each wins: the host's are mounted at boot. Later ones come and go, as the cgroup
+        # yard a CRIU run by runc mounts in the host's mount namespace while it restores.
         if fstype == "cgroup2" and unified is None:
             unified = mountpoint
         elif fstype == "cgroup":
-            if "freezer" in options:
+            if "freezer" in options and freezer is None:
                 freezer = mountpoint
-            if "memory" in options:
+            if "memory" in options and memory is None:
                 memory = mountpoint
     return Layout(unified=unified, freezer=freezer, memory=memory)
 

@@ -239,6 +239,17 @@ def capture(
                 tail = logtail.measure(Path(log), log_tail) if log else None
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
+                lineage, index, base = None, None, None
+                if confined and container:
+                    # Its files as they are with its memory (it is frozen), and first in the archive: a restore
+                    # unpacks them before CRIU reads the images that follow.
+                    step = "carrying its file-system layer"
+                    where = rootfs.Layer.of(registry.path(container.name))
+                    lineage = where.lineage
+                    base = layer_base if layer_base and layer_base.lineage == lineage else None
+                    index = layer.add(writer, where.upper, confined, base.index if base else None)
+                    if carried is not None:
+                        carried(index)
                 step = "criu dump"
                 progress.current().phase("dumping" if thaw_after_dump else "dumping and compressing")
                 faults.inject("checkpoint-before-criu")
@@ -261,16 +272,6 @@ def capture(
                         external=external,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
-                lineage, index, base = None, None, None
-                if confined and container:
-                    # Its files as they are with its memory: frozen still.
-                    step = "carrying its file-system layer"
-                    where = rootfs.Layer.of(registry.path(container.name))
-                    lineage = where.lineage
-                    base = layer_base if layer_base and layer_base.lineage == lineage else None
-                    index = layer.add(writer, where.upper, confined, base.index if base else None)
-                    if carried is not None:
-                        carried(index)
                 if thaw_after_dump:
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)

@@ -5,6 +5,7 @@ once the whole archive is verified."""
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import os
 import select
 import shlex
@@ -124,6 +125,17 @@ class Feed:
                 os.close(file.spill)
         if self.log is not None:
             os.close(self.log)
+
+    def substitute(self, pattern: str, change: Callable[[dict[str, bytes]], dict[str, bytes]]) -> None:
+        """Serve CRIU other bytes for the indexed images whose names match `pattern` (a glob): those `change`,
+        given the images, returns. The archive is still checked as it is."""
+        found = {
+            name.removeprefix(IMAGES): data
+            for name, data in self.index.files.items()
+            if fnmatch.fnmatch(name.removeprefix(IMAGES), pattern)
+        }
+        for name, data in change(found).items():
+            self.index.files[IMAGES + name] = data
 
     def log_to(self, path: Path) -> None:
         """Append the archived log to `path` as it is read (its own description: the processes' offset is theirs)."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,12 +259,22 @@ def _writer_dead(temp: Path) -> bool:
 
 def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
     """Move the user namespaces CRIU dumped in `images_dir` (userns-*.img) to the host range at uid_base and
-    gid_base: every extent's host ids (lower_first) shift by one offset, so that container ids (first,
-    count) and the extents' places relative to each other stay. Whether anything changed."""
+    gid_base (see `remap`); each changed image is replaced whole. Whether anything changed."""
+    paths = {path.name: path for path in sorted(images_dir.glob(USERNS_IMAGES))}
+    changed = remap({name: path.read_bytes() for name, path in paths.items()}, uid_base, gid_base)
+    for name, data in changed.items():
+        _replace(paths[name], data)
+    return bool(changed)
+
+
+def remap(userns: Mapping[str, bytes], uid_base: int, gid_base: int) -> dict[str, bytes]:
+    """User-namespace images (name -> bytes) moved to the host range at uid_base and gid_base: every extent's
+    host ids (lower_first) shift by one offset, so that container ids (first, count) and the extents' places
+    relative to each other stay. The images that changed, as their new bytes."""
     from pycriu import images  # imported late, as in criu.py: `kerrickpt check` must work without it
 
-    loaded = [(path, _load(images, path)) for path in sorted(images_dir.glob(USERNS_IMAGES))]
-    entries = [entry for _, image in loaded for entry in image["entries"]]
+    loaded = {name: _load(images, name, data) for name, data in userns.items()}
+    entries = [entry for image in loaded.values() for entry in image["entries"]]
     shifts = {
         key: base - lowest
         for key, base in (("uid_map", uid_base), ("gid_map", gid_base))
@@ -271,34 +282,36 @@ def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
         is not None
     }
     if not any(shifts.values()):
-        return False
-    for path, image in loaded:
+        return {}
+    changed = {}
+    for name, image in loaded.items():
         for entry in image["entries"]:
             for key, shift in shifts.items():
                 for extent in entry.get(key, []):
                     extent["lower_first"] += shift
-        _dump(images, image, path)
-    return True
+        out = io.BytesIO()
+        images.dump(image, out)
+        changed[name] = out.getvalue()
+    return changed
 
 
-def _load(images: Any, path: Path) -> dict[str, Any]:
+def _load(images: Any, name: str, data: bytes) -> dict[str, Any]:
     from google.protobuf.message import DecodeError
 
     try:
-        with open(path, "rb") as fh:
-            return images.load(fh)
+        return images.load(io.BytesIO(data))
     except (images.MagicException, struct.error, DecodeError, KeyError) as exc:
-        raise ArchiveCorruptError(f"CRIU image {path} is unreadable: {exc!r}") from None
+        raise ArchiveCorruptError(f"CRIU image {name} is unreadable: {exc!r}") from None
 
 
-def _dump(images: Any, image: dict[str, Any], path: Path) -> None:
+def _replace(path: Path, data: bytes) -> None:
     """Replace the image `path` whole, keeping its mode and owner (CRIU reads it as the container's root)."""
     was = os.stat(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
-            images.dump(image, fh)
+            fh.write(data)
             fh.flush()
             os.fchown(fh.fileno(), was.st_uid, was.st_gid)
             os.fchmod(fh.fileno(), was.st_mode & 0o7777)

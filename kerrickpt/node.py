@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kerrickpt import cgroups, containers, criu, isolation, schema, testmode
+from kerrickpt import cgroups, containers, criu, idranges, isolation, schema, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -189,12 +189,20 @@ def check(state_dir: Path | str | None = None) -> Report:
         criu_check=criu_check_text,
         cgroups=layout.to_dict(),
         features=features,
-        id_ranges=pool.to_dict() if pool else None,
+        id_ranges=pool.to_dict() | {"held": _held(state_dir)} if pool else None,
         can_dump_other_users=can_dump_others,
         fingerprint=fingerprint(found.version) if found else None,
         problems=problems,
         notes=notes,
     )
+
+
+def _held(state_dir: Path | str | None) -> int:
+    """How many of the pool's ranges containers of this node hold."""
+    try:
+        return len(idranges.held(containers.Registry(state_dir)))
+    except OSError:  # a state directory kerrickpt cannot make: the features say so
+        return 0
 
 
 def _isolation_features(

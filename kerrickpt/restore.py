@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from kerrickpt import (
     archive,
@@ -100,8 +101,10 @@ def restore(
         # A file with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
         streams = isinstance(source, Path) and watcher is None and feeder.can_gate(scratch)
         index = archive.read_index(source) if streams else None
-        if index is not None and index.manifest.confinement is not None:
-            index = None  # its layer must be in place before CRIU starts: unpacked first
+        if index is not None and index.manifest.confinement is not None and not _userns_indexed(index):
+            index = None  # its user namespace images may have to move to another range: unpacked first
+        if index is not None and index.manifest.layer_base is not None:
+            index = None  # a layer delta goes over its chain, with the names it removes: unpacked first
         if index is not None:
             manifest = index.manifest
         else:
@@ -167,7 +170,7 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest.confinement, scratch, below)
+            confined = _confine(registry, name, manifest, scratch, feed, below)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path] = {}
         if manifest.log_path:
@@ -226,27 +229,50 @@ def _restore_as(
             os.close(log_fd)
 
 
+def _userns_indexed(index: archive.Index) -> bool:
+    """Whether the archive's index holds every user namespace image (a streamed restore may rewrite those only)."""
+    names = [m.name for m in index.manifest.members if fnmatch.fnmatch(m.name, f"images/{idranges.USERNS_IMAGES}")]
+    return all(name in index.files for name in names)
+
+
 def _confine(
-    registry: containers.Registry, name: str, archived: Confinement, scratch: Path, below: list[layerchain.Delta]
+    registry: containers.Registry,
+    name: str,
+    manifest: Manifest,
+    scratch: Path,
+    feed: feeder.Feed | None,
+    below: list[layerchain.Delta],
 ) -> Confinement:
     """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it: whole, or as the chain `below` with the archive's changes over it."""
+    archive carries it: from the unpacked archive (a delta over the chain `below` it builds on), or read from
+    the archive's start (its first file) while the rest waits for CRIU."""
+    archived = manifest.confinement
+    assert archived is not None
     ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
     confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
-    images = scratch / "images"
-    idranges.remap_images(images, *ids)
+    member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
+    if member is None:
+        raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
     target = rootfs.Layer.of(registry.path(name))
     target.create(confined)
-    member = scratch / layer.MEMBER
-    if not member.exists():
-        raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
-    owners = (confined.uid_base, confined.gid_base, confined.ids)
-    layers = [*below, layerchain.Delta(member, layer.read_removed(scratch / layer.REMOVED) if below else [])]
-    with layers[0].tar.open("rb") as fh:
-        layer.unpack(fh, target.upper, *owners)
-    for delta in layers[1:]:
-        with delta.tar.open("rb") as fh:
-            layer.apply(fh, delta.removed, target.upper, *owners)
-    for path in (images, *images.iterdir()):
+    images = scratch / "images"
+    if feed is None:
+        idranges.remap_images(images, *ids)
+        owners = (confined.uid_base, confined.gid_base, confined.ids)
+        removed = layer.read_removed(scratch / layer.REMOVED) if below else []
+        layers = [*below, layerchain.Delta(scratch / layer.MEMBER, removed)]
+        with layers[0].tar.open("rb") as fh:
+            layer.unpack(fh, target.upper, *owners)
+        for delta in layers[1:]:
+            with delta.tar.open("rb") as fh:
+                layer.apply(fh, delta.removed, target.upper, *owners)
+        shared = [images, *images.iterdir()]
+    else:
+        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
+            layer.unpack(cast(BinaryIO, fh), target.upper, confined.uid_base, confined.gid_base, confined.ids)
+            fh.finish()
+        shared = [images]  # CRIU reads the images from the feeder's socket there
+    for path in shared:
         rootfs.share(path, confined)
     return confined

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cases import CASES
-from bench.report import RATIOS
+from bench.cases import NAMES
+from bench.report import LAYER_PHASES, RATIOS
 
 pytestmark = pytest.mark.root
 
@@ -19,7 +19,8 @@ RUN = Path(__file__).parent.parent / "bench" / "run"
 def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     result = subprocess.run(
-        [str(RUN), "--sizes", "16M", "--reps", "1", "--json", str(out)],
+        # A tiny layer beside the empty one: enough to show the layer's cost is measured.
+        [str(RUN), "--sizes", "16M", "--reps", "1", "--layers", "0,4M", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -28,22 +29,27 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
 
-    assert report["config"]["cases"] == list(CASES)
+    assert report["config"]["cases"] == list(NAMES)
     for kind in ("heap", "mixed"):
         metrics = {r["metric"] for r in report["results"] if r["kind"] == kind and r["mib"] == 16}
         kerrickpt = ("snapshot", "checkpoint", "restore", "migrate", "migrate_lazy")
-        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in kerrickpt)):
+        confined = (f"conf.L{layer}.{what}" for layer in (0, 4) for what in ("checkpoint", "restore", "migrate"))
+        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in kerrickpt), *confined):
             assert any(m.startswith(prefix) for m in metrics), f"{prefix} missing for {kind}"
         targets = {t["target"] for t in report["targets"] if t["kind"] == kind}
         assert {r.label for r in RATIOS} <= targets
+        costs = [c for c in report["layer_costs"] if c["kind"] == kind]
+        assert [(c["layer_mib"], c["phase"]) for c in costs] == [(4, phase) for phase in LAYER_PHASES]
+        assert all(c["layer_tar_mib"] >= 4 and c["budget_s"] > 0 for c in costs), costs
     for row in report["results"]:
         assert row["min"] <= row["median"] and len(row["samples"]) == 1
     restores = {(c["kind"], c["restore"]) for c in report["verified"]}
-    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate; both kinds
-    assert len(restores) == 2 * 7, restores
+    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate, and a confined restore and
+    # migration with each layer; both kinds
+    assert len(restores) == 2 * (7 + 2 * 2), restores
     assert all(c["ok"] for c in report["verified"]), report["verified"]
 
-    assert "target of issue 6" in result.stdout
-    assert "memory verified after 14 of 14 restores" in result.stdout
+    assert "target of issue 6 or 13" in result.stdout
+    assert "memory verified after 22 of 22 restores" in result.stdout
     for ratio in RATIOS:
         assert ratio.label in result.stdout

@@ -27,6 +27,17 @@ def test_detect(tmp_path: Path, mounts: str, kind: str) -> None:
     assert cgroups.detect(table).kind == kind
 
 
+def test_detect_keeps_the_hosts_hierarchies_while_another_criu_mounts_its_cgroup_yard(tmp_path: Path) -> None:
+    table = tmp_path / "mounts"
+    yard = "/dev/shm/x/restore/.criu.cgyard.ItaVhF"
+    table.write_text(HYBRID + f"none {yard} tmpfs rw 0 0\n" + "".join(
+        f"none {yard}/{name} cgroup rw,{name} 0 0\n" for name in ("freezer", "memory")
+    ) + f"none {yard}/unified cgroup2 rw 0 0\n")  # fmt: skip
+    layout = cgroups.detect(table)
+    assert layout.roots() == [Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/freezer"),
+                              Path("/sys/fs/cgroup/memory")]  # fmt: skip
+
+
 def test_parse_size() -> None:
     assert cgroups.parse_size("512M") == 512 * 2**20
     assert cgroups.parse_size("2G") == 2 * 2**30

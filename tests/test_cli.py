@@ -37,7 +37,7 @@ def test_check_json(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None
     assert set(report["features"]) == {
         "userfaultfd", "mem_dirty_track", "lazy_pages", "overlay", "user_namespaces", "idmapped_lower"
     }  # fmt: skip
-    assert set(report["id_ranges"]) == {"source", "uids", "gids", "ranges"}
+    assert set(report["id_ranges"]) == {"source", "uids", "gids", "ranges", "held"}
     pipes_ok = int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= 4 * 2**20 or report["can_dump_other_users"]
     assert report["features"]["lazy_pages"] == (report["features"]["userfaultfd"] and pipes_ok)
 

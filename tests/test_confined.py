@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import archive, containers
+from kerrickpt import archive, containers, idranges
 from kerrickpt.errors import ArchiveCorruptError
 from tests.helpers import cgroup_dirs, cli, ipc_keys, probe, ticks, unique_name, wait_for
 
@@ -76,6 +76,7 @@ def test_a_confined_container_has_its_own_root_users_and_mounts(state_dir: Path)
     assert uid_map == ["0", str(record.uid_base), "65536"] and record.uid_base > 0, "container root is not host root"
     assert (layer / "var/tmp/uid").read_text().strip() == str(USER)
     assert (layer / "var/tmp/host").read_text().strip() == name
+    assert (kerrickpt.check(state_dir).id_ranges or {})["held"] == 1, "check counts the range it holds"
     # What it wrote landed in its own layer, owned by its user's host id, and not on the host.
     assert (layer / f"var/tmp/{marker}").stat().st_uid == record.uid_base + USER
     assert not Path(f"/var/tmp/{marker}").exists()
@@ -250,3 +251,23 @@ def test_exec_runs_in_a_confined_container_as_its_user_on_its_root(state_dir: Pa
     assert record is not None
     assert (uid, env, base) == (str(USER), f"y {name}", str(record.uid_base))
     assert re.fullmatch(r"step \d+", step), "it reads the container's layer, not the host's /var/tmp"
+
+
+def test_a_confined_restore_streams_its_images_after_its_layer_and_never_runs_before_the_verdict(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    name = run_steps(state_dir)
+    snapshot = tmp_path / "c.kckpt"
+    kerrickpt.checkpoint(name, snapshot, state_dir=state_dir, leave_running=True)
+    assert archive.read_manifest(snapshot).members[0].name == "layer.tar", "the layer comes first"
+    copy = unique_name("copy")
+
+    # Only a streamed restore reaches its verdict with CRIU under way; failing there must end the tree unseen.
+    fault = "restore-before-verdict:fail"
+    failed = cli("restore", str(snapshot), "--name", copy, state_dir=state_dir, KERRICKPT_FAULT=fault)
+
+    assert failed.returncode == 8, failed.stderr
+    assert [r.name for r in kerrickpt.ps(state_dir)] == [name]
+    assert not (state_dir / "containers" / copy).exists()
+    assert cgroup_dirs(copy) == []
+    assert set(idranges.held(containers.Registry(state_dir))) == {name}, "the copy's id range was released"

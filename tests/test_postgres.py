@@ -18,7 +18,11 @@ from tests.test_confined import host_status, upper
 
 pytestmark = pytest.mark.root
 
-SERVER = Path(__file__).parent / "workload" / "postgres"
+WORKLOADS = Path(__file__).parent / "workload"
+# The script, bound in read-only: the clone may live under /tmp, which the container's own /tmp hides.
+BOUND = "/opt/kerrickpt-workload"
+VOLUME = f"{WORKLOADS}:{BOUND}:ro"
+SERVER = f"{BOUND}/postgres"
 # In the container's layer (so the database travels and rolls back with it), where its root may write.
 DATA = "/var/tmp/kerrickpt-pg"
 SERVER_BINARY = b"/usr/lib/postgresql/15/bin/postgres"
@@ -39,20 +43,20 @@ def on_node(node: Node) -> Run:
 
 def sql(kerrickpt_cli: Run, name: str, statement: str) -> list[str]:
     """Rows of `statement`, run by psql inside the container (it has exited when this returns)."""
-    result = kerrickpt_cli("exec", name, "--", str(SERVER), "sql", DATA, statement)
+    result = kerrickpt_cli("exec", name, "--", SERVER, "sql", DATA, statement)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
 
 def wait_ready(kerrickpt_cli: Run, name: str) -> None:
-    result = kerrickpt_cli("exec", name, "--", str(SERVER), "wait", DATA)
+    result = kerrickpt_cli("exec", name, "--", SERVER, "wait", DATA)
     assert result.returncode == 0, result.stderr
 
 
 def start(kerrickpt_cli: Run) -> str:
     """A fresh cluster serving in a new container, with table `t` holding rows 1-3."""
     name = unique_name("pg")
-    started = kerrickpt_cli("run", "--name", name, "--rootfs", "host", "--", str(SERVER), "run", DATA)
+    started = kerrickpt_cli("run", "--name", name, "--rootfs", "host", "--volume", VOLUME, "--", SERVER, "run", DATA)
     assert started.returncode == 0, started.stderr
     wait_ready(kerrickpt_cli, name)
     sql(kerrickpt_cli, name, "CREATE TABLE t (n int PRIMARY KEY, word text)")

@@ -116,11 +116,15 @@ def occupy() -> Iterator[callable]:
         for pid in pids:
             # Wait for the job's zombie to go, not for a live stranger (pid_max may be 32768 here).
             wait_for(lambda pid=pid: _reaped(pid), what=f"PID {pid} to be reaped", timeout=30)
-            for _ in range(50):
-                if not procs.is_free(pid):
+            # Until a sitter of ours has it: a stranger that takes it may leave it again at once (a busy machine).
+            for _ in range(200):
+                if any(s.pid == pid for s in sitters):
                     break
-                Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-                sitters.append(subprocess.Popen(["sleep", "600"]))
+                if procs.is_free(pid):
+                    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+                    sitters.append(subprocess.Popen(["sleep", "600"]))
+                else:
+                    time.sleep(0.01)
         assert not [pid for pid in pids if procs.is_free(pid)], "could not occupy every PID"
         return [s for s in sitters if s.pid in pids]
 

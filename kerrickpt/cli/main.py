@@ -127,7 +127,7 @@ def cmd_check(args: argparse.Namespace) -> tuple[Any, int]:
         if report.id_ranges:
             pool = report.id_ranges
             spans = f"uids {_spans(pool['uids'])}, gids {_spans(pool['gids'])}"
-            print(f"id ranges: {pool['ranges']} of 65536 ids ({spans}; {pool['source']})")
+            print(f"id ranges: {pool['ranges']} of 65536 ids, {pool['held']} held ({spans}; {pool['source']})")
         if fp:
             print(f"node: {fp.arch}, kernel {fp.kernel}, {fp.os_release}, page size {fp.page_size}")
             print(f"cpu flags: {len(fp.cpu_flags)}")
