@@ -43,7 +43,7 @@ DEFAULT_LEVEL = 3
 # allows. Incompressible data costs little at any level: zstd stores blocks it cannot shrink.
 CHECKPOINT_LEVEL = -2
 # Only these names are ever written or extracted: no paths, no links, no surprises.
-SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log|layer\.tar)")
+SAFE_MEMBER = re.compile(r"(images/(?!\.\.?$)[A-Za-z0-9_.-]+|log|layer\.tar|layer-removed\.json)")
 CHUNK_MEMBER = re.compile(r"(?P<name>.+)\.(?P<index>[0-9]{6})")
 # The first member since version 3: how the members are checksummed, known before the first one is
 # read (the manifest, which also says it, comes last). Without it, a member is checked with sha256.

@@ -22,6 +22,7 @@ from kerrickpt import (
     faults,
     guard,
     layer,
+    layerchain,
     logtail,
     node,
     procs,
@@ -52,6 +53,7 @@ class CheckpointResult:
     archive_bytes: int
     left_running: bool
     manifest: Manifest
+    layer_index: layer.Index | None = None  # a confined container's layer as carried
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,9 +75,10 @@ def checkpoint(
     state_dir: Path | str | None = None,
     level: int = archive.CHECKPOINT_LEVEL,
     log_tail: int = logtail.DEFAULT_BYTES,
+    layer_base: layerchain.Carried | None = None,
 ) -> CheckpointResult:
     """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`, with the
-    last `log_tail` bytes of its log.
+    last `log_tail` bytes of its log; with `layer_base`, only what changed in its layer since that snapshot.
 
     Whatever fails, the container is thawed and keeps running and nothing is left at `output`.
     """
@@ -94,11 +97,11 @@ def checkpoint(
         key = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
         with registry.lock(key):
             subject = Subject(Path(str(cgroup)).name, group)
-            return _checkpoint(found, registry, subject, output, leave_running, level, log_tail)
+            return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, None)
     with registry.lock(name):
         registry.refuse_while_migrating(name)
         subject = Subject.of(registry.get(name))
-        return _checkpoint(found, registry, subject, output, leave_running, level, log_tail)
+        return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, layer_base)
 
 
 def _checkpoint(
@@ -109,8 +112,13 @@ def _checkpoint(
     leave_running: bool,
     level: int,
     log_tail: int,
+    layer_base: layerchain.Carried | None,
 ) -> CheckpointResult:
-    manifest = capture(found, registry, subject, output, level=level, thaw_after_dump=leave_running, log_tail=log_tail)
+    carried: list[layer.Index] = []
+    manifest = capture(
+        found, registry, subject, output, level=level, thaw_after_dump=leave_running, log_tail=log_tail,
+        layer_base=layer_base, carried=carried.append,
+    )  # fmt: skip
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
         try:
@@ -123,7 +131,8 @@ def _checkpoint(
         if manifest.ipc:
             # The job's queues and semaphores travel in the archive; left behind, they would leak.
             sysvipc.remove(sysvipc.JobIpc.from_dict(manifest.ipc))
-    return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest)
+    index = carried[0] if carried else None
+    return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest, index)
 
 
 def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
@@ -186,6 +195,8 @@ def capture(
     link_mib_s: float | None = None,
     lazy: LazyDump | None = None,
     log_tail: int = logtail.DEFAULT_BYTES,
+    layer_base: layerchain.Carried | None = None,
+    carried: Callable[[layer.Index], None] | None = None,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
     on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step; but if CRIU
@@ -194,7 +205,8 @@ def capture(
     `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
     manifest records `level` and, when the level was chosen for a link, that link's speed.
     `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
-    Of the log, the archive carries the last `log_tail` bytes (see logtail).
+    Of the log, the archive carries the last `log_tail` bytes (see logtail). A confined container's layer is
+    carried whole, or with `layer_base` only what changed since that snapshot; `carried` gets its index.
     """
     if log_tail < 0:
         raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
@@ -227,11 +239,17 @@ def capture(
                 tail = logtail.measure(Path(log), log_tail) if log else None
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
+                lineage, index, base = None, None, None
                 if confined and container:
                     # Its files as they are with its memory (it is frozen), and first in the archive: a restore
                     # unpacks them before CRIU reads the images that follow.
                     step = "carrying its file-system layer"
-                    layer.add(writer, rootfs.Layer.of(registry.path(container.name)).upper, confined)
+                    where = rootfs.Layer.of(registry.path(container.name))
+                    lineage = where.lineage
+                    base = layer_base if layer_base and layer_base.lineage == lineage else None
+                    index = layer.add(writer, where.upper, confined, base.index if base else None)
+                    if carried is not None:
+                        carried(index)
                 step = "criu dump"
                 progress.current().phase("dumping" if thaw_after_dump else "dumping and compressing")
                 faults.inject("checkpoint-before-criu")
@@ -276,6 +294,8 @@ def capture(
                     log_start=tail.start if tail else 0,
                     confinement=confined,
                     log_external=log_external,
+                    layer=layerchain.identity(lineage, index) if lineage and index else None,
+                    layer_base=base.as_base() if base else None,
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)

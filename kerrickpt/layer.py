@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import hashlib
 import json
 import os
 import re
 import shutil
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +22,8 @@ from kerrickpt.archive import Writer
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
-MEMBER = "layer.tar"  # the archive's member that carries the layer
+MEMBER = "layer.tar"  # the archive's member that carries the layer (all of it, or what changed since a base)
+REMOVED = "layer-removed.json"  # a delta's member: the names its base has and the layer no longer has
 # An id the container does not own (a directory the overlay copied up from a root-owned lower layer, say) is carried
 # as the kernel's overflow id: inside the container it already shows as 65534 (nobody), so the container sees the
 # same owner after the move. Carrying the host id itself would hand the file to whoever has that id on the target,
@@ -46,16 +49,48 @@ USER = "user."
 PAX_TIME = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,9})?")  # seconds a file system can hold, to the nanosecond
 
 
-def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None]) -> int:
+@dataclass(frozen=True)
+class Index:
+    """Every entry of a layer as packed, by name: [lstat mode, uid, gid, size, mtime_ns, ctime_ns, inode, link
+    target], host ids. What a later delta compares against: any write, chmod, chown, link or rename changes the
+    ctime, and the layer is frozen while it is read, so a change after the read has a later ctime."""
+
+    entries: dict[str, list[int | str]]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def removed_since(self, base: Index) -> list[str]:
+        """The names `base` has and this layer not, but for those under a removed directory."""
+        gone = set(base.entries) - set(self.entries)
+        return sorted(name for name in gone if name.rpartition("/")[0] not in gone)
+
+
+def _attributes(st: os.stat_result, link: str) -> list[int | str]:
+    return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, link]
+
+
+def pack(
+    upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None], base: Index | None = None
+) -> tuple[int, Index]:
     """Write the layer at `upper` to `out` as a tar stream (PAX, uncompressed, `.` first, then every entry after
-    its directory) whose owners are container ids; returns the bytes written. Memory stays bounded whatever the
-    layer's size. Raises NotCheckpointable for what the layer may hold but a restore may not recreate."""
+    its directory) whose owners are container ids; returns the bytes written and the layer's index. With `base`,
+    only the entries whose attributes differ from it. Memory stays bounded whatever the layer's size, but for the
+    index. Raises NotCheckpointable for what the layer may hold but a restore may not recreate."""
     tar = _TarStream(out)
     first_names: dict[tuple[int, int], str] = {}  # files with more than one link: the name carried first
+    entries: dict[str, list[int | str]] = {}
     for name, path, st in _walk(upper):
-        info = _info(name, path, st, uid_base, gid_base, ids)
-        if info is None:
+        if stat.S_ISSOCK(st.st_mode):
+            # A socket file is made by bind() and belongs to its process: CRIU binds a restored listening socket
+            # again (an old file in the way would fail that bind), and a program whose socket died makes a new one.
             continue
+        link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+        entries[name] = _attributes(st, link)
+        if base is not None and base.entries.get(name) == entries[name]:
+            continue  # a new link to a file changes its ctime: every name of a changed file is carried
+        info = _info(name, path, st, uid_base, gid_base, ids, link)
         inode = (st.st_dev, st.st_ino)
         if info.isreg() and inode in first_names:
             info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
@@ -68,7 +103,7 @@ def pack(upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[byt
             runs = sparse.data_runs(fh.fileno(), st.st_size)
             tar.add(info, fh if runs is None else sparse.Member(info, fh, runs))
     tar.close()
-    return tar.written
+    return tar.written, Index(entries)
 
 
 def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
@@ -88,19 +123,35 @@ def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int
         raise HostError(f"{upper} is not empty: a file-system layer is unpacked only into a new directory")
     try:
         with _Extraction(upper, uid_base, gid_base, ids) as extraction:
-            try:
-                with tarfile.open(mode="r|", fileobj=source) as tar:
-                    for member in tar:
-                        extraction.add(member, tar)
-            except (tarfile.TarError, ValueError) as exc:  # ValueError: tarfile's reading of a malformed sparse map
-                raise ArchiveCorruptError(
-                    f"the archive's file-system layer is not a readable tar stream: {exc}"
-                ) from exc
-            extraction.finish()
-            return extraction.data
+            return _extract(extraction, source)
     except BaseException:
         _remove(upper, created)
         raise
+
+
+def apply(source: BinaryIO, removed: Sequence[str], upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
+    """Bring the layer at `upper`, as its base was, to the delta `pack` wrote against that base to `source`: take
+    away the `removed` names, then make each entry over what is there (a changed directory keeps what it holds;
+    anything else replaces what had its name). Returns the bytes of file data written.
+
+    Refuses what `unpack` refuses, and a removed name the layer does not hold (a delta on another base), with
+    ArchiveCorruptError; `upper` is then half changed, and the caller discards it. Nothing is removed or made
+    through a link: every directory is opened with O_NOFOLLOW, and a directory is removed below its parent's fd."""
+    with _Extraction(upper, uid_base, gid_base, ids, over=True) as extraction:
+        for name in removed:
+            extraction.remove(name)
+        return _extract(extraction, source)
+
+
+def _extract(extraction: _Extraction, source: BinaryIO) -> int:
+    try:
+        with tarfile.open(mode="r|", fileobj=source) as tar:
+            for member in tar:
+                extraction.add(member, tar)
+    except (tarfile.TarError, ValueError) as exc:  # ValueError: tarfile's reading of a malformed sparse map
+        raise ArchiveCorruptError(f"the archive's file-system layer is not a readable tar stream: {exc}") from exc
+    extraction.finish()
+    return extraction.data
 
 
 class _TarStream:
@@ -152,8 +203,10 @@ def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
         pending.extend(reversed(below))
 
 
-def _info(name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int, ids: int) -> tarfile.TarInfo | None:
-    """The tar header that carries one entry of the layer; None for a socket."""
+def _info(
+    name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int, ids: int, link: str
+) -> tarfile.TarInfo:
+    """The tar header that carries one entry of the layer (not a socket: see pack)."""
     info = tarfile.TarInfo(name)
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid = _relative(st.st_uid, uid_base, ids)
@@ -168,15 +221,11 @@ def _info(name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int
         info.type = tarfile.DIRTYPE
     elif kind == stat.S_IFLNK:
         info.type = tarfile.SYMTYPE
-        info.linkname = _carried_target(name, os.readlink(path))
+        info.linkname = _carried_target(name, link)
     elif kind == stat.S_IFIFO:
         info.type = tarfile.FIFOTYPE
     elif kind == stat.S_IFCHR and st.st_rdev == 0:  # the overlay's whiteout: a deleted lower file
         info.type = tarfile.CHRTYPE
-    elif kind == stat.S_IFSOCK:
-        # A socket file is made by bind() and belongs to its process: CRIU binds a restored listening socket
-        # again (an old file in the way would fail that bind), and a program whose socket died makes a new one.
-        return None
     else:
         raise NotCheckpointable(
             f"the container's file-system layer holds the device node /{name}: a restore does not make device nodes "
@@ -291,11 +340,15 @@ class _Extraction:
     """A layer being unpacked under `upper`: entries are made relative to directory descriptors opened with
     O_NOFOLLOW from the top down, so a name whose directory is a link (or is missing) is refused, never followed."""
 
-    def __init__(self, upper: Path, uid_base: int, gid_base: int, ids: int) -> None:
+    def __init__(self, upper: Path, uid_base: int, gid_base: int, ids: int, *, over: bool = False) -> None:
         self.uid_base, self.gid_base, self.ids = uid_base, gid_base, ids
+        self.over = over  # entries go over a layer that holds its base (a delta), not into an empty one
         self.top = os.open(upper, DIR_FLAGS)
-        os.chown(self.top, uid_base, gid_base)  # the container's root owns its layer's top unless `.` says otherwise
-        os.chmod(self.top, 0o755)
+        if not over:  # the container's root owns its layer's top unless `.` says otherwise
+            os.chown(self.top, uid_base, gid_base)
+            os.chmod(self.top, 0o755)
+        # Directories a delta changes the entries of without carrying them, with the time they must keep.
+        self.touched: dict[tuple[str, ...], int] = {}
         self.parent: tuple[tuple[str, ...], int] | None = None  # the directory of the last entry, kept open
         self.times: list[tuple[tuple[str, ...], int]] = []  # directories' times, set once nothing more goes in them
         self.data = 0
@@ -322,12 +375,65 @@ class _Extraction:
             self.times.append(((), mtime))
             return
         parent = self._parent(parts)
+        if self.over:
+            self._touch(parts[:-1], parent)
+            before = self._existing(parts[-1], parent)
+            if before is not None and stat.S_ISDIR(before.st_mode) and member.isdir():
+                self._resettle(parts[-1], parent, member, uid, gid)
+                self.times.append((parts, mtime))
+                return
+            if before is not None:
+                self._discard(parts[-1], parent, before)
         try:
             self._make(member, tar, parts, parent, uid, gid, mtime)
         except FileExistsError as exc:
             raise ArchiveCorruptError(f"the file-system layer holds {member.name!r} twice") from exc
         if member.isdir():
             self.times.append((parts, mtime))
+
+    def remove(self, name: str) -> None:
+        """Take away `name` and all it holds."""
+        parts = _parts(name)
+        if not parts:
+            raise ArchiveCorruptError("the file-system layer's delta removes the layer's top")
+        parent = self._open_dir(parts[:-1])
+        try:
+            self._touch(parts[:-1], parent)
+            before = self._existing(parts[-1], parent)
+            if before is None:
+                raise ArchiveCorruptError(f"the file-system layer's delta removes {name!r}, which its base lacks")
+            self._discard(parts[-1], parent, before)
+        finally:
+            os.close(parent)
+
+    def _touch(self, parts: tuple[str, ...], fd: int) -> None:
+        if parts not in self.touched:
+            self.touched[parts] = os.fstat(fd).st_mtime_ns
+
+    @staticmethod
+    def _existing(leaf: str, parent: int) -> os.stat_result | None:
+        try:
+            return os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _discard(leaf: str, parent: int, before: os.stat_result) -> None:
+        if stat.S_ISDIR(before.st_mode):
+            shutil.rmtree(leaf, dir_fd=parent)  # by descriptors, never following a link
+        else:
+            os.unlink(leaf, dir_fd=parent)
+
+    def _resettle(self, leaf: str, parent: int, member: tarfile.TarInfo, uid: int, gid: int) -> None:
+        """A directory that stays: its attributes become the carried ones (those it no longer has go)."""
+        fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
+        try:
+            for xattr in os.listxattr(fd):
+                if xattr in OPAQUE or _users(xattr):
+                    os.removexattr(fd, xattr)
+            self._settle(fd, member, uid, gid)
+        finally:
+            os.close(fd)
 
     def _make(
         self,
@@ -477,7 +583,15 @@ class _Extraction:
         )
 
     def finish(self) -> None:
-        """Set the directories' times, now that nothing more is made in them."""
+        """Set the directories' times, now that nothing more is made in them: those a delta changed without
+        carrying them back to what they were, then the carried ones."""
+        for parts, mtime in self.touched.items():
+            with contextlib.suppress(ArchiveCorruptError):  # replaced or removed since: a carried entry now
+                fd = self._open_dir(parts)
+                try:
+                    os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
         for parts, mtime in reversed(self.times):
             fd = self._open_dir(parts)
             try:
@@ -499,10 +613,30 @@ def _remove(upper: Path, created: bool) -> None:
                 os.unlink(entry.path)
 
 
-def add(writer: Writer, upper: Path, confinement: Confinement) -> int:
-    """Write the layer at `upper` as the archive's MEMBER; returns its bytes."""
-    size = pack(
-        upper, confinement.uid_base, confinement.gid_base, confinement.ids, lambda data: writer.write(MEMBER, data)
+def add(writer: Writer, upper: Path, confinement: Confinement, base: Index | None = None) -> Index:
+    """Write the layer at `upper` as the archive's MEMBER (with `base`, only what changed since, and the names
+    gone since as REMOVED); returns its index."""
+    _, index = pack(
+        upper,
+        confinement.uid_base,
+        confinement.gid_base,
+        confinement.ids,
+        lambda data: writer.write(MEMBER, data),
+        base,
     )
     writer.end(MEMBER)
-    return size
+    if base is not None:
+        writer.write(REMOVED, json.dumps(index.removed_since(base)).encode())
+        writer.end(REMOVED)
+    return index
+
+
+def read_removed(path: Path) -> list[str]:
+    """A delta's REMOVED member, as unpacked at `path`."""
+    try:
+        names = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ArchiveCorruptError(f"the file-system layer's list of removed names is unreadable: {exc}") from exc
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArchiveCorruptError("the file-system layer's list of removed names is not a list of names")
+    return names

@@ -20,9 +20,12 @@ FORMAT = "kerrickpt-archive"
 # Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
 # and says so up front (archive.HEADER); version 4 ends with an index (archive.INDEX_MAGIC) that a
 # restore reads first; version 5 may carry a confined container's confinement and writable layer (see
-# layer); versions 1 and 2 (sha256), 3 and 4 read the same way.
+# layer); versions 1 and 2 (sha256), 3 and 4 read the same way. A snapshot whose layer is only what changed
+# since its base (`layer_base`) is version 6, so that a kerrickpt that knows no deltas refuses it rather than
+# restoring a few files as the whole layer; every other archive stays version 5.
 VERSION = 5
-READABLE = (1, 2, 3, 4, 5)
+DELTA_VERSION = 6
+READABLE = (1, 2, 3, 4, 5, 6)
 NAME = "manifest.json"
 # How a member's digest is computed, by the name an archive gives it.
 CHECKSUMS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
@@ -67,6 +70,11 @@ class Manifest:
     log_start: int = 0
     confinement: Confinement | None = None  # its own root and users; the archive carries its layer
     log_external: str | None = None  # CRIU's name for a confined container's log (criuopts.file_key)
+    # The layer carried: {"lineage": the layer's id, "index": the digest of its index as carried} (see layerchain).
+    layer: dict[str, str] | None = None
+    # Set when only what changed is carried: {"snapshot": the base's id in its store, "lineage", "index": the
+    # base's `layer` index digest}. Such an archive restores only on top of that base (see layerchain).
+    layer_base: dict[str, str] | None = None
 
     @property
     def criu_version(self) -> str:
@@ -90,7 +98,8 @@ class Manifest:
         data = asdict(self)
         data["source"] = self.source.to_dict()
         data["confinement"] = self.confinement.to_dict() if self.confinement else None
-        return {"format": FORMAT, "version": VERSION, "criu_version": self.criu_version, **data}
+        version = DELTA_VERSION if self.layer_base else VERSION
+        return {"format": FORMAT, "version": version, "criu_version": self.criu_version, **data}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
@@ -146,4 +155,6 @@ class Manifest:
             checksum=checked.checksum,
             confinement=confined,
             log_external=checked.log_external,
+            layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
+            layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
         )

@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -22,6 +23,7 @@ from kerrickpt import (
     idranges,
     isolation,
     layer,
+    layerchain,
     logtail,
     node,
     postcopy,
@@ -72,6 +74,7 @@ def restore(
     migration_id: str | None = None,
     pid_namespace: str = "new",
     watcher: postcopy.Watcher | None = None,
+    bases: Sequence[Path] = (),
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -82,7 +85,9 @@ def restore(
     left on this node. A job that shared the host's namespaces comes back in
     new IPC and PID namespaces at its own PIDs, or with `pid_namespace="host"` at its
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
-    archive lacks comes through it after this returns.
+    archive lacks comes through it after this returns. A snapshot that carries only what changed in its
+    file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
+    (Store.chain resolves them); without them it is refused (UsageError).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -99,6 +104,8 @@ def restore(
         index = archive.read_index(source) if streams else None
         if index is not None and index.manifest.confinement is not None and not _userns_indexed(index):
             index = None  # its user namespace images may have to move to another range: unpacked first
+        if index is not None and index.manifest.layer_base is not None:
+            index = None  # a layer delta goes over its chain, with the names it removes: unpacked first
         if index is not None:
             manifest = index.manifest
         else:
@@ -110,9 +117,10 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
+        below = layerchain.gather(manifest, list(bases), scratch)  # every base verified before anything is made
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper)
+            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, below)
         handed_over = watcher is not None
     finally:
         helper.close()
@@ -152,6 +160,7 @@ def _restore_as(
     plan: restorer.Plan,
     feed: feeder.Feed | None,
     helper: restorer.Helper,
+    below: list[layerchain.Delta],
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -162,7 +171,7 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest, scratch, feed)
+            confined = _confine(registry, name, manifest, scratch, feed, below)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path] = {}
         if manifest.log_path:
@@ -228,11 +237,16 @@ def _userns_indexed(index: archive.Index) -> bool:
 
 
 def _confine(
-    registry: containers.Registry, name: str, manifest: Manifest, scratch: Path, feed: feeder.Feed | None
+    registry: containers.Registry,
+    name: str,
+    manifest: Manifest,
+    scratch: Path,
+    feed: feeder.Feed | None,
+    below: list[layerchain.Delta],
 ) -> Confinement:
     """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it: from the unpacked archive, or read from the archive's start (its first file) while
-    the rest waits for CRIU."""
+    archive carries it: from the unpacked archive (a delta over the chain `below` it builds on), or read from
+    the archive's start (its first file) while the rest waits for CRIU."""
     archived = manifest.confinement
     assert archived is not None
     ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
@@ -245,8 +259,14 @@ def _confine(
     images = scratch / "images"
     if feed is None:
         idranges.remap_images(images, *ids)
-        with (scratch / layer.MEMBER).open("rb") as fh:
-            layer.unpack(fh, target.upper, confined.uid_base, confined.gid_base, confined.ids)
+        owners = (confined.uid_base, confined.gid_base, confined.ids)
+        removed = layer.read_removed(scratch / layer.REMOVED) if below else []
+        layers = [*below, layerchain.Delta(scratch / layer.MEMBER, removed)]
+        with layers[0].tar.open("rb") as fh:
+            layer.unpack(fh, target.upper, *owners)
+        for delta in layers[1:]:
+            with delta.tar.open("rb") as fh:
+                layer.apply(fh, delta.removed, target.upper, *owners)
         shared = [images, *images.iterdir()]
     else:
         feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))

@@ -147,3 +147,16 @@ def _newest_per_period(
             seen.add(period)
             chosen.append(item)
     return chosen
+
+
+def keep_bases(plan: Plan[T], base_of: Callable[[T], T | None], label: Callable[[T], str]) -> Plan[T]:
+    """`plan`, keeping also what a kept item builds on (a snapshot that carries only what changed is of no use
+    without its base), with the reason "base of ID". A corrupt base is not kept: it is of no use either."""
+    reasons = {id(d.item): list(d.reasons) if d.keep else [] for d in plan.decisions}
+    for decision in plan.decisions:  # newest first, and a base is older than what builds on it
+        base = base_of(decision.item) if reasons[id(decision.item)] else None
+        if base is not None and id(base) in reasons and not base.corrupt:
+            reasons[id(base)].append(f"base of {label(decision.item)}")
+    return Plan(
+        tuple(Decision(d.item, True, tuple(reasons[id(d.item)])) if reasons[id(d.item)] else d for d in plan.decisions)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +46,23 @@ class Layer:
     def work(self) -> Path:
         return self.root / "work"
 
+    @property
+    def lineage(self) -> str | None:
+        """The layer's random id, made with it: a layer made by a restore or a migration is another lineage,
+        which no snapshot of this one is a base for. None for a layer made before lineages."""
+        try:
+            return (self.root / "lineage").read_text().strip()
+        except FileNotFoundError:
+            return None
+
     def create(self, confinement: Confinement) -> None:
-        """Make the empty layer; its top is the container's `/`, owned by the container's root."""
+        """Make the empty layer, of a lineage of its own; its top is the container's `/`, owned by the container's
+        root."""
         self.root.mkdir(mode=0o700)
         self.work.mkdir(mode=0o700)
         self.upper.mkdir(mode=0o755)
         os.chown(self.upper, confinement.uid_base, confinement.gid_base)
+        (self.root / "lineage").write_text(secrets.token_hex(16) + "\n")
 
 
 def share(target: Path | int, confinement: Confinement) -> None:

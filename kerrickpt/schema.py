@@ -97,6 +97,25 @@ class Confinement(msgspec.Struct):
     idmapped_lower: bool = False  # absent from archives made before idmapped lower layers
 
 
+Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Lineage = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+class Layer(msgspec.Struct):
+    """See manifest.Manifest.layer."""
+
+    lineage: Lineage
+    index: Digest
+
+
+class LayerBase(msgspec.Struct):
+    """See manifest.Manifest.layer_base."""
+
+    snapshot: Annotated[str, msgspec.Meta(pattern=r"^\d{8}T\d{6}\.\d{3}Z$")]
+    lineage: Lineage
+    index: Digest
+
+
 class Manifest(msgspec.Struct):
     """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
 
@@ -118,6 +137,8 @@ class Manifest(msgspec.Struct):
     log_start: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0  # see logtail
     confinement: Confinement | None = None
     log_external: str | None = None  # CRIU's name for the log of a confined container (criuopts.file_key)
+    layer: Layer | None = None
+    layer_base: LayerBase | None = None
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, garbage, logtail
+from kerrickpt import archive, containers, garbage, layerchain, logtail, rootfs
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -55,7 +55,8 @@ def snapshot(
 
     The container is frozen only while CRIU dumps it and keeps running whatever happens.
     The snapshot appears in the store complete and verified, or not at all; only then are
-    older ones pruned by `policy` (no rule: nothing is pruned).
+    older ones pruned by `policy` (no rule: nothing is pruned). A confined container's layer is
+    carried whole, or only what changed since the last snapshot of it in this store (see layerchain).
     """
     started = time.monotonic()
     if (name is None) == (cgroup is None):
@@ -70,7 +71,9 @@ def snapshot(
         # Images of runs that died (a cron job's run killed mid-way) would fill the disk run after run.
         leftovers = garbage.collect(containers.Registry(state_dir), kinds=(garbage.SCRATCH,))
         cleaned += [Path(leftover.path) for leftover in leftovers]
-        checkpoint(
+        where = rootfs.Layer.of(containers.Registry(state_dir).path(name)) if name else None
+        base = layerchain.base_for(store, label, where) if where else None
+        taken = checkpoint(
             name,
             store.incoming(label),
             cgroup=cgroup,
@@ -78,8 +81,12 @@ def snapshot(
             state_dir=state_dir,
             level=level,
             log_tail=log_tail,
+            layer_base=base,
         )
         published = store.publish(label)
+        if where and taken.layer_index and published.layer:
+            carried = layerchain.Carried(published.layer["lineage"], str(store.root), published.id, taken.layer_index)
+            layerchain.record(where, carried)
         plan = None
         if not policy.is_empty:
             plan = store.plan(label, policy)

@@ -17,7 +17,7 @@ from kerrickpt import archive, containers, faults, trust
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest
-from kerrickpt.retention import Plan, Policy
+from kerrickpt.retention import Plan, Policy, keep_bases
 
 SUFFIX = ".kckpt"
 META = ".meta"
@@ -44,6 +44,13 @@ class Snapshot:
     status: str
     checked: str | None = None
     error: str | None = None
+    layer: dict[str, str] | None = None  # see Manifest.layer
+    layer_base: dict[str, str] | None = None  # see Manifest.layer_base: set, it carries only what changed
+
+    @property
+    def base(self) -> str | None:
+        """The id of the snapshot whose layer this one's builds on; None if it carries its whole layer."""
+        return self.layer_base["snapshot"] if self.layer_base else None
 
     @property
     def id(self) -> str:
@@ -70,6 +77,8 @@ class Snapshot:
             "status": self.status,
             "checked": self.checked,
             "error": self.error,
+            "layer": self.layer,
+            "layer_base": self.layer_base,
         }
 
 
@@ -85,7 +94,10 @@ def _time_of(path: Path) -> datetime:
 
 def _summary(name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None) -> Snapshot:
     node = manifest.source.hostname or f"{manifest.source.arch} {manifest.source.kernel}"
-    return Snapshot(name, path, _time_of(path), size, manifest.timings.get("frozen_s"), node, status, checked)
+    frozen = manifest.timings.get("frozen_s")
+    return Snapshot(
+        name, path, _time_of(path), size, frozen, node, status, checked, None, manifest.layer, manifest.layer_base
+    )
 
 
 class Store:
@@ -133,12 +145,18 @@ class Store:
         return found
 
     def at(self, name: str, when: datetime | None = None, *, allow_unverified: bool = False) -> Snapshot:
-        """The newest verified snapshot taken at or before `when` (default: the latest).
+        """The newest verified snapshot taken at or before `when` (default: the latest) that can be restored: a
+        snapshot that carries only what changed in its layer needs its whole chain (see `chain`). Without `when`,
+        one whose chain is broken is passed over; with it, it is refused (an older one is not what was asked for).
 
         With `allow_unverified`, also one whose checksums no run has checked yet (copied in).
         """
         taken = [s for s in self.list(name) if when is None or s.time <= when]
         usable = [s for s in taken if s.verified or (allow_unverified and not s.corrupt)]
+        if when is not None and usable:
+            self.chain(usable[-1])
+        broken = self.broken(usable)
+        usable = [s for s in usable if s.path not in broken]
         if not usable:
             limit = f" taken at or before {when.isoformat()}" if when else ""
             unverified = [s.id for s in taken if s.status == UNVERIFIED]
@@ -149,6 +167,45 @@ class Store:
             )
             raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}{hint}")
         return usable[-1]
+
+    def chain(self, snap: Snapshot, series: dict[str, Snapshot] | None = None) -> list[Snapshot]:
+        """The snapshots a restore of `snap` reads, the one with the whole layer first and `snap` last; `series`:
+        its container's snapshots by id, if listed already.
+
+        Raises SnapshotNotFoundError if one it builds on is gone, known corrupt, or not the layer it names.
+        """
+        if series is None:
+            series = {s.id: s for s in self.list(snap.name)}
+        found = [snap]
+        while (wanted := found[-1].layer_base) is not None:
+            top, below = found[-1], series.get(wanted["snapshot"])
+            if below is None:
+                why = "is gone from the store"
+            elif below.corrupt:
+                why = "is corrupt"
+            elif below.time >= top.time or below.layer != {k: wanted[k] for k in ("lineage", "index")}:
+                why = "is not the layer it was taken on"
+            else:
+                found.append(below)
+                continue
+            raise SnapshotNotFoundError(
+                f"snapshot {snap.id} of {snap.name} in {self.root} is not usable: it carries only what changed "
+                f"in its file-system layer since snapshot {wanted['snapshot']}, which {why}"
+            )
+        return found[::-1]
+
+    def broken(self, snapshots: list[Snapshot]) -> dict[Path, str]:
+        """Of `snapshots`, those that cannot be restored for want of one they build on (by path), and why."""
+        series: dict[str, dict[str, Snapshot]] = {}
+        found = {}
+        for snap in snapshots:
+            if snap.name not in series:
+                series[snap.name] = {s.id: s for s in self.list(snap.name)}
+            try:
+                self.chain(snap, series[snap.name])
+            except SnapshotNotFoundError as exc:
+                found[snap.path] = exc.message
+        return found
 
     def latest(self, name: str) -> Snapshot:
         return self.at(name)
@@ -242,8 +299,11 @@ class Store:
         return checked
 
     def plan(self, name: str, policy: Policy, now: datetime | None = None) -> Plan[Snapshot]:
-        """What `prune` would keep and remove, and why."""
-        return policy.thin(self.list(name), now or datetime.now(UTC))
+        """What `prune` would keep and remove, and why: the rules, and what a kept snapshot builds on."""
+        series = self.list(name)
+        by_id = {s.id: s for s in series}
+        plan = policy.thin(series, now or datetime.now(UTC))
+        return keep_bases(plan, lambda s: by_id.get(s.base) if s.base else None, lambda s: s.id)
 
     def remove(self, snapshots: list[Snapshot]) -> None:
         """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held."""
@@ -280,7 +340,7 @@ class Store:
         size, mtime = _identity(path)
         record = _read_meta(path)
         if record and record.get("archive_bytes") == size and record.get("archive_mtime_ns") == mtime:
-            fields = ("frozen_s", "node", "status", "checked", "error")
+            fields = ("frozen_s", "node", "status", "checked", "error", "layer", "layer_base")
             return Snapshot(name, path, _time_of(path), size, **{k: record.get(k) for k in fields})
         # No record that matches (an archive copied in, or changed since): read the manifest,
         # which shows that the archive is whole, not that its checksums hold.

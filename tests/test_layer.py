@@ -38,7 +38,7 @@ CAPS_V3 = _capability(0x03000000, CAP_NET_RAW, SOURCE[0])
 
 def _pack(upper: Path, bases: tuple[int, int] = SOURCE) -> bytes:
     pieces: list[bytes] = []
-    written = layer.pack(upper, *bases, IDS, pieces.append)
+    written, _ = layer.pack(upper, *bases, IDS, pieces.append)
     data = b"".join(pieces)
     assert written == len(data)
     return data
@@ -295,3 +295,78 @@ def test_a_cut_layer_is_refused_and_an_empty_directory_given_stays_empty(
     (upper / "left over").touch()
     with pytest.raises(HostError, match="not empty"):
         _unpack(packed[1], upper)
+
+
+def _pack_indexed(upper: Path, base: layer.Index | None = None) -> tuple[bytes, layer.Index]:
+    pieces: list[bytes] = []
+    _, index = layer.pack(upper, *SOURCE, IDS, pieces.append, base)
+    return b"".join(pieces), index
+
+
+def _change(upper: Path) -> None:
+    """What a container does to its layer between two snapshots: a little of everything."""
+    with (upper / "home/ann/notes").open("ab") as fh:  # a file with two names grows
+        fh.write(b"step 2\n")
+    (upper / "etc/motd").unlink()
+    (upper / "home/ann").chmod(0o750)
+    os.chown(upper / "bin/tool", SOURCE[0] + 5, SOURCE[1] + 5)
+    os.removexattr(upper / "home", "user.quota=soft")
+    os.unlink(upper / "home/ann/motd")
+    (upper / "home/ann/motd").symlink_to("/etc/issue")
+    for name in ("run/pipe", "run/sock"):
+        os.unlink(upper / name)
+    (upper / "run").rmdir()
+    (upper / "run").write_bytes(b"a file where a directory was\n")
+    (upper / "sparse").unlink()
+    _make(upper / "sparse", "dir", 0o755)
+    _make(upper / "sparse" / "inside", "file", 0o600, 1000, 1001, data=b"a directory where a file was\n")
+    (upper / "bin/su").rename(upper / "bin/su2")
+    _make(upper / "opaque" / "newer", "file", 0o644, data=b"new\n")
+
+
+def test_a_delta_over_its_base_makes_the_layer_as_a_whole_one_would(tmp_path: Path) -> None:
+    source = tmp_path / "source-upper"
+    _source_layer(upper=source)
+    whole, index = _pack_indexed(source)
+    target = tmp_path / "target-upper"
+    _unpack(whole, target)
+    _change(source)
+
+    delta, _ = _pack_indexed(source, index)
+    removed = _pack_indexed(source)[1].removed_since(index)
+    layer.apply(io.BytesIO(delta), removed, target, *TARGET, IDS)
+
+    fresh = tmp_path / "fresh-upper"
+    _unpack(_pack(source), fresh)
+    assert _describe(target, TARGET) == _describe(fresh, TARGET)
+    assert os.stat(target / "home/ann/notes").st_ino == os.stat(target / "home/ann/notes.hard").st_ino
+    assert removed == ["bin/su", "etc/motd", "run/pipe"], "only what went, each name once"
+    with tarfile.open(fileobj=io.BytesIO(delta)) as tar:
+        carried = set(tar.getnames())
+    assert {"bin/su2", "home/ann/notes", "sparse/inside", "opaque"} <= carried
+    assert not carried & {"var", "opaque/new", "etc/motd", "bin/su"}, "unchanged entries are not carried"
+
+
+@pytest.mark.parametrize(
+    "removed, entries",
+    [
+        (["link/target"], []),
+        ([], [_entry("link/pwned", data=b"x")]),
+        (["not-there"], []),
+        (["../outside/target"], []),
+    ],
+    ids=["remove through a link", "write through a link", "remove what the base lacks", "remove out"],
+)
+def test_a_delta_that_does_not_fit_its_base_or_leaves_the_layer_is_refused(
+    removed: list[str], entries: list[Entry], tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("host file\n")
+    upper = tmp_path / "upper"
+    _unpack(_tar(_entry(".", tarfile.DIRTYPE), _entry("link", tarfile.SYMTYPE, linkname=str(outside))), upper)
+
+    with pytest.raises(ArchiveCorruptError):
+        layer.apply(io.BytesIO(_tar(*entries)), removed, upper, *TARGET, IDS)
+
+    assert sorted(os.listdir(outside)) == ["target"] and (outside / "target").read_text() == "host file\n"

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from kerrickpt.errors import UsageError
-from kerrickpt.retention import CORRUPT, FUTURE, NEWEST_GOOD, UNCLAIMED, Plan, Policy
+from kerrickpt.retention import CORRUPT, FUTURE, NEWEST_GOOD, UNCLAIMED, Plan, Policy, keep_bases
 
 MONDAY = datetime(2025, 1, 6, tzinfo=UTC)  # the first day of ISO week 2
 
@@ -154,3 +154,23 @@ def test_rules_and_decisions_explain_themselves_in_words() -> None:
     assert Policy().describe() == ["keep every snapshot (no --keep-* rule given)"]
     plan = Policy(last=1).thin(hourly(MONDAY, 2), at(0, 2), tz=UTC)
     assert [d.explain() for d in plan.decisions] == ["kept: last #1", "removed: no rule keeps it"]
+
+
+def test_what_a_kept_snapshot_builds_on_is_kept_but_a_corrupt_base_goes() -> None:
+    items = hourly(MONDAY, 6)  # 0 whole, 1-3 each on the one before, 4 whole, 5 on 4, whose base 4 is corrupt
+    items[4] = Snap(items[4].time, corrupt=True)
+    base_of = {1: 0, 2: 1, 3: 2, 5: 4}
+    index = {id(item): number for number, item in enumerate(items)}
+
+    def base(item: Snap) -> Snap | None:
+        number = base_of.get(index[id(item)])
+        return None if number is None else items[number]
+
+    plan = keep_bases(Policy(last=3).thin(items, items[-1].time), base, lambda item: f"#{index[id(item)]}")
+
+    assert kept(plan) == [items[n].time for n in (0, 1, 2, 3, 5)]
+    why = reasons(plan)
+    assert why[items[3].time] == ("last #2",)
+    assert why[items[2].time] == ("last #3", "base of #3")
+    assert why[items[1].time] == ("base of #2",) and why[items[0].time] == ("base of #1",)
+    assert why[items[4].time] == (CORRUPT,)

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import kerrickpt
-from kerrickpt import cgroups, containers, logtail, postcopy, progress, receiver, retention, transport
+from kerrickpt import cgroups, containers, layerchain, logtail, postcopy, progress, receiver, retention, transport
 from kerrickpt.confinement import parse_env
 from kerrickpt.errors import (
     ArchiveCorruptError,
@@ -262,15 +262,22 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
-    path = args.archive
+    path, bases = args.archive, []
     if args.store:
         when = _time(args.at) if args.at else None
-        path = kerrickpt.Store(args.store).at(args.archive, when, allow_unverified=args.allow_unverified).path
+        store = kerrickpt.Store(args.store)
+        *below, top = store.chain(store.at(args.archive, when, allow_unverified=args.allow_unverified))
+        path, bases = top.path, [s.path for s in below]
     elif args.at or args.latest or args.allow_unverified:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
     with _watched(args):
         result = kerrickpt.restore(
-            path, name=args.name, state_dir=args.state_dir, force=args.force, pid_namespace=args.pid_namespace
+            path,
+            name=args.name,
+            state_dir=args.state_dir,
+            force=args.force,
+            pid_namespace=args.pid_namespace,
+            bases=bases,
         )
     if not args.json:
         if args.store:
@@ -308,7 +315,8 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
             seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
-            print(f"root:      {root}, its lower layer {seen}; its layer {_mib(m.layer_bytes)} (as a tar)")
+            carried = f"what changed since snapshot {m.layer_base['snapshot']}" if m.layer_base else "its layer"
+            print(f"root:      {root}, its lower layer {seen}; {carried} {_mib(m.layer_bytes)} (as a tar)")
             print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
                   f"runs as {c.uid}:{c.gid}")  # fmt: skip
             for v in c.volumes:
@@ -416,16 +424,21 @@ def _log_line(result: kerrickpt.SnapshotResult) -> str:
 
 
 def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
-    rows = kerrickpt.Store(args.store).list(args.name)
+    store = kerrickpt.Store(args.store)
+    rows = store.list(args.name)
+    broken = store.broken(rows)
     if not args.json:
-        print(f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} STATUS")
+        print(
+            f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} {'LAYER':<29} STATUS"
+        )
         for r in rows:
             frozen = "-" if r.frozen_s is None else f"{r.frozen_s:.3f}s"
+            status = f"{r.status}, unusable (its base is gone or corrupt)" if r.path in broken else r.status
             print(
                 f"{r.name:<24} {r.id:<20} {_local(r.time):<19} {_size(r.archive_bytes):>12} {frozen:>8} "
-                f"{r.node or '-':<16} {r.status}"
+                f"{r.node or '-':<16} {layerchain.describe(r):<29} {status}"
             )
-    return [r.to_dict() for r in rows], 0
+    return [{**r.to_dict(), "base": r.base, "unusable": broken.get(r.path)} for r in rows], 0
 
 
 def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
@@ -448,12 +461,16 @@ def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
     with _watched(args):
-        rows = kerrickpt.Store(args.store).verify(args.name, wait=args.wait)
+        store = kerrickpt.Store(args.store)
+        rows = store.verify(args.name, wait=args.wait)
+    broken = store.broken(rows)
     for r in rows:
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
+        elif r.path in broken:
+            print(f"kerrickpt: unusable: {broken[r.path]}", file=sys.stderr)
         elif not args.json:
-            print(f"ok {r.name} {r.id}")
+            print(f"ok {r.name} {r.id}" + (f" ({layerchain.describe(r)})" if r.base else ""))
     code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
     return [r.to_dict() for r in rows], code
 
