@@ -263,7 +263,8 @@ def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
     paths = {path.name: path for path in sorted(images_dir.glob(USERNS_IMAGES))}
     changed = remap({name: path.read_bytes() for name, path in paths.items()}, uid_base, gid_base)
     for name, data in changed.items():
-        _replace(paths[name], data)
+        # Kept as it was: CRIU reads it as the container's root.
+        containers.write_atomic(paths[name], data, keep_owner=True)
     return bool(changed)
 
 
@@ -302,21 +303,3 @@ def _load(images: Any, name: str, data: bytes) -> dict[str, Any]:
         return images.load(io.BytesIO(data))
     except (images.MagicException, struct.error, DecodeError, KeyError) as exc:
         raise ArchiveCorruptError(f"CRIU image {name} is unreadable: {exc!r}") from None
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Replace the image `path` whole, keeping its mode and owner (CRIU reads it as the container's root)."""
-    was = os.stat(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchown(fh.fileno(), was.st_uid, was.st_gid)
-            os.fchmod(fh.fileno(), was.st_mode & 0o7777)
-            os.fsync(fh.fileno())
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
