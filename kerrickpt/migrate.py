@@ -186,7 +186,8 @@ def migrate(
     downtime no longer grows with memory, but if the page transfer breaks off, the target's
     copy is killed and the source resumes from the freeze (TransportError), or stays frozen
     for `recover` if the target cannot be asked (MigrationUnknown). A confined container
-    (`run --rootfs`) cannot move so: UsageError, before anything is frozen.
+    (`run --rootfs`) moves so only to a target that grants a userfaultfd inside a user
+    namespace (node.lazy_pages_confined): else NotReadyError, before anything is frozen.
     Of the log, the last `log_tail` bytes travel (see logtail).
     """
     registry = containers.Registry(state_dir)
@@ -208,14 +209,6 @@ def _migrate(
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
-    if lazy and container.confinement is not None:
-        # CRIU opens the userfaultfd in the restored task, inside the container's user namespace, where the
-        # kernel grants one only to CAP_SYS_PTRACE of the host's or with the machine-wide sysctl below.
-        raise UsageError(
-            f"{name} has a user namespace of its own, and post-copy (--lazy) cannot restore into one: CRIU "
-            "opens its userfaultfd inside it, which the kernel allows only with vm.unprivileged_userfaultfd=1. "
-            "Migrate it without --lazy. Nothing was frozen."
-        )
     journal = Journal(registry, name)
     subject = Subject.of(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
@@ -230,7 +223,7 @@ def _migrate(
             f"{ARCHIVE_VERSION}: update kerrickpt there. {name} was not frozen."
         )
     if lazy:
-        _require_lazy_pages(link, answer)
+        _require_lazy_pages(link, answer, confined=container.confinement is not None)
     link_mib_s = None
     if level is None:
         link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
@@ -406,10 +399,18 @@ class _Live:
             return _conclude(self.sender, link, name)
 
 
-def _require_lazy_pages(link: transport.Link, preflight: schema.PreflightAnswer) -> None:
-    """Post-copy needs userfaultfd and big enough pipes on both nodes; say which lacks them."""
+def _require_lazy_pages(link: transport.Link, preflight: schema.PreflightAnswer, *, confined: bool) -> None:
+    """Post-copy needs userfaultfd and big enough pipes on both nodes, and for a confined container a target
+    that grants a userfaultfd inside a user namespace; say which lacks what."""
     here = node.lazy_pages(criu.locate())
     there = preflight.lazy_pages
+    if here and there and confined and not preflight.lazy_pages_confined:
+        raise NotReadyError(
+            f"post-copy (--lazy) of a container with a user namespace of its own cannot work on {link.target}: "
+            "CRIU opens its userfaultfd inside that namespace, which the kernel allows only with "
+            "sysctl vm.unprivileged_userfaultfd=1 (see `kerrickpt check`). Migrate it without --lazy, or set "
+            "that on the target. Nothing was frozen."
+        )
     if not (here and there):
         where = " and ".join(n for n, ok in (("this node", here), (str(link.target), there)) if not ok)
         raise NotReadyError(

@@ -130,6 +130,19 @@ def pipes_allow_lazy_pages() -> bool:
     return has_capability(CAP_SYS_RESOURCE) or pipe_max_size() >= LAZY_PIPE_SIZE
 
 
+UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+def lazy_pages_confined(lazy: bool) -> bool:
+    """Can this node take a confined container's post-copy (features.lazy_pages_confined of `check`)? CRIU opens
+    the userfaultfd in the restored task, inside the container's user namespace: the kernel allows that only
+    with vm.unprivileged_userfaultfd=1."""
+    try:
+        return lazy and UNPRIVILEGED_USERFAULTFD.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def lazy_pages(found: criu.Criu) -> bool:
     """Can this node serve or take a post-copy migration's memory (features.lazy_pages of `check`)?"""
     return criu.has_feature(found, "uffd-noncoop") and pipes_allow_lazy_pages()
@@ -167,6 +180,7 @@ def check(state_dir: Path | str | None = None) -> Report:
         notes.append("soft-dirty memory tracking is off: no pre-dump or incremental snapshots")
     can_dump_others = has_capability(CAP_SYS_RESOURCE)
     features["lazy_pages"] = features["userfaultfd"] and pipes_allow_lazy_pages()
+    features["lazy_pages_confined"] = lazy_pages_confined(features["lazy_pages"])
     if features["userfaultfd"] and not features["lazy_pages"]:
         notes.append(
             f"lazy pages (post-copy) would fail: without CAP_SYS_RESOURCE CRIU cannot grow its pipes past "

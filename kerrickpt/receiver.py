@@ -100,6 +100,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
         "warnings": [d.message for d in verdict.differences],
         "archive_versions": list(READABLE),
         "lazy_pages": report.features["lazy_pages"],
+        "lazy_pages_confined": report.features["lazy_pages_confined"],
     }
 
 

@@ -165,6 +165,7 @@ class PreflightAnswer(Answer):
     archive_versions: list[int] = msgspec.field(default_factory=lambda: [1, 2])
     warnings: list[str] = []
     lazy_pages: bool = False
+    lazy_pages_confined: bool = False  # see node.lazy_pages_confined
 
 
 class Restored(msgspec.Struct):

@@ -35,7 +35,8 @@ def test_check_json(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None
     assert report["criu_version"] and report["fingerprint"]["arch"]
     assert report["cgroups"]["kind"] in ("v2", "hybrid", "v1")
     assert set(report["features"]) == {
-        "userfaultfd", "mem_dirty_track", "lazy_pages", "overlay", "user_namespaces", "idmapped_lower"
+        "userfaultfd", "mem_dirty_track", "lazy_pages", "lazy_pages_confined", "overlay", "user_namespaces",
+        "idmapped_lower",
     }  # fmt: skip
     assert set(report["id_ranges"]) == {"source", "uids", "gids", "ranges", "held"}
     pipes_ok = int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= 4 * 2**20 or report["can_dump_other_users"]
