@@ -278,6 +278,37 @@ def level_for_link(mib_s: float) -> int:
     return next((level for floor, level in LINK_LEVELS if mib_s >= floor), DEFAULT_LEVEL)
 
 
+class Spool:
+    """Files written aside while a container is frozen, each as the archive will name it, for a Writer to take
+    once it is thawed (`into`): compression then falls outside the freeze. 0600 files in `directory` (a
+    private scratch directory): they may hold the container's files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.names: list[str] = []  # in the order they were begun, as the archive will hold them
+
+    def _path(self, name: str) -> Path:
+        return self.directory / name.replace("/", "%")
+
+    def write(self, name: str, data: bytes) -> None:
+        if name not in self.names:
+            self.names.append(name)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self._path(name), flags, 0o600)
+        try:
+            write_all(fd, memoryview(data))
+        finally:
+            os.close(fd)
+
+    def end(self, name: str) -> None:
+        if name not in self.names:  # an empty file
+            self.write(name, b"")
+
+    def into(self, writer: Writer) -> None:
+        for name in self.names:
+            writer.add_file(name, self._path(name))
+
+
 @dataclass(frozen=True)
 class _Under:
     """A Writer's files under a prefix: a streamer.Sink for CRIU's image names."""

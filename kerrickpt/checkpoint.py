@@ -215,6 +215,8 @@ def capture(
     host_job = _shares_host_pid_namespace(group)
     if host_job:
         _refuse_what_cannot_travel(group)
+    # Its log is opened on the host's side, where this process sees it too (see criuopts.file_key).
+    log_external = criuopts.file_key(Path(container.log)) if confined and container and container.log else None
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -240,14 +242,17 @@ def capture(
                 step = "saving the job's SysV objects"
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
                 lineage, index, base = None, None, None
-                if confined and container:
+                # Thawed after the dump, it has its layer written aside and compressed after the thaw.
+                spool = archive.Spool(scratch) if thaw_after_dump and lazy is None else None
+                if confined:
+                    assert container is not None  # a confined container is always one of this node's
                     # Its files as they are with its memory (it is frozen), and first in the archive: a restore
                     # unpacks them before CRIU reads the images that follow.
                     step = "carrying its file-system layer"
                     where = rootfs.Layer.of(registry.path(container.name))
                     lineage = where.lineage
                     base = layer_base if layer_base and layer_base.lineage == lineage else None
-                    index = layer.add(writer, where.upper, confined, base.index if base else None)
+                    index = layer.add(spool or writer, where.upper, confined, base.index if base else None)
                     if carried is not None:
                         carried(index)
                 step = "criu dump"
@@ -255,7 +260,6 @@ def capture(
                 faults.inject("checkpoint-before-criu")
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
-                log_external = criuopts.file_key(Path(log)) if confined and log else None
                 external = criuopts.dump_externals(confined, log_external) if confined else []
                 if lazy is not None:
                     lazy.dump(pids[0], images, cgroup, shell_job, external)
@@ -277,6 +281,8 @@ def capture(
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"
                 progress.current().phase("writing the archive")
+                if spool is not None:
+                    spool.into(writer)
                 manifest = Manifest(
                     name=subject.label,
                     created=containers.utc_now(),

@@ -103,17 +103,22 @@ def lower_dir(rootfs: str) -> Path:
     return path
 
 
+def seen(root: Path, path: str, volumes: Sequence[Volume] = ()) -> Path | None:
+    """The host path of `path` as the container will see it: in a volume bound over it, else in its root;
+    None if there is none."""
+    path = os.path.normpath(path)
+    volume = next((v for v in volumes if (path + "/").startswith(v.target.rstrip("/") + "/")), None)
+    if volume is not None:
+        return users.inside(Path(volume.source), path.removeprefix(volume.target.rstrip("/")) or "/")
+    return users.inside(root, path)
+
+
 def command_path(root: Path, argv0: str, path: str, volumes: Sequence[Volume] = ()) -> Path | None:
     """Where the container finds its command `argv0`, searching `path` as execvp does, in its root or a
     volume; None if nowhere."""
     candidates = [argv0] if "/" in argv0 else [f"{d}/{argv0}" for d in path.split(":") if d]
     for candidate in candidates:
-        candidate = os.path.normpath(candidate)
-        volume = next((v for v in volumes if candidate.startswith(v.target.rstrip("/") + "/")), None)
-        if volume is not None:
-            found = users.inside(Path(volume.source), candidate.removeprefix(volume.target))
-        else:
-            found = users.inside(root, candidate)
+        found = seen(root, candidate, volumes)
         if found is not None and found.is_file() and os.access(found, os.X_OK):
             return found
     return None
@@ -140,9 +145,15 @@ def confine(
     bound = tuple(parse_volume(v) for v in volumes)
     if command_path(root, argv0, environment["PATH"], bound) is None:
         raise UsageError(f"{argv0}: no such program in the container's root {root} (searched {environment['PATH']})")
+    linked = [v.target for v in bound if users.through_link(root, v.target)]
+    if linked:
+        raise UsageError(f"--volume ...:{linked[0]}: it passes through a symbolic link in the container's root")
     workdir = workdir or "/"
     if not workdir.startswith("/"):
         raise UsageError(f"--workdir {workdir}: give an absolute path")
+    where = seen(root, workdir, bound)
+    if where is None or not where.is_dir():
+        raise UsageError(f"--workdir {workdir}: no such directory in the container's root or its volumes")
     return Confinement(
         rootfs=rootfs,
         uid_base=ids[0],

@@ -39,10 +39,8 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def write_atomic(path: Path, data: str | bytes, *, keep_owner: bool = False) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new content, never a torn one; with
-    `keep_owner`, the new file has the old one's owner and mode (else root's, 0600)."""
-    was = os.stat(path) if keep_owner else None
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` (root's, 0600) so that a crash leaves the old or the new content, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     # A new file of our own, never one planted under that name, nor what a planted symlink points at.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -50,9 +48,6 @@ def write_atomic(path: Path, data: str | bytes, *, keep_owner: bool = False) -> 
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
-            if was is not None:
-                os.fchown(fh.fileno(), was.st_uid, was.st_gid)
-                os.fchmod(fh.fileno(), was.st_mode & 0o7777)
             os.fsync(fh.fileno())
         tmp.replace(path)
     except BaseException:

@@ -38,7 +38,7 @@ def restore_externals(confinement: Confinement) -> list[str]:
     """What to bind for each key: the host's device nodes, and the binds `rootfs.bind_host_paths` made
     under rootfs.HOST_BINDS."""
     sources = [f"/dev/{device}" for device in rootfs.DEVICES]
-    sources += [str(rootfs.HOST_BINDS / v.target.lstrip("/")) for v in rootfs.host_paths(confinement)]
+    sources += [str(rootfs.bind_point(rootfs.HOST_BINDS, v)) for v in rootfs.host_paths(confinement)]
     return [f"mnt[{key}]:{source}" for (_, key), source in zip(_keys(confinement), sources, strict=True)]
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kerrickpt import containers, procs
+from kerrickpt.confinement import RANGE
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
-from kerrickpt.isolation import RANGE, IdPool
+from kerrickpt.isolation import IdPool
 
 if TYPE_CHECKING:
     from kerrickpt.containers import Registry
@@ -259,12 +260,11 @@ def _writer_dead(temp: Path) -> bool:
 
 def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
     """Move the user namespaces CRIU dumped in `images_dir` (userns-*.img) to the host range at uid_base and
-    gid_base (see `remap`); each changed image is replaced whole. Whether anything changed."""
+    gid_base (see `remap`); each changed image is replaced whole, root's and 0600. Whether anything changed."""
     paths = {path.name: path for path in sorted(images_dir.glob(USERNS_IMAGES))}
     changed = remap({name: path.read_bytes() for name, path in paths.items()}, uid_base, gid_base)
     for name, data in changed.items():
-        # Kept as it was: CRIU reads it as the container's root.
-        containers.write_atomic(paths[name], data, keep_owner=True)
+        containers.write_atomic(paths[name], data)  # 0600, root's: a restore shares it with the container's root
     return bool(changed)
 
 

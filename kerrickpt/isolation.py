@@ -12,12 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kerrickpt import command, helper, namespaces, rootfs
-from kerrickpt.confinement import HOST_ROOT, Confinement
-from kerrickpt.errors import CommandTimeout
+from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, lower_dir
+from kerrickpt.errors import CommandTimeout, UsageError
 
 PROBE_TIMEOUT = 10.0
-# A container gets the POSIX id range: root (0) to nobody (65534) and 65535.
-RANGE = 65536
 # Without an entry for root in /etc/subuid and /etc/subgid: systemd's range for containers' ids
 # (systemd.io/UIDS-GIDS, the one systemd-nspawn picks from), less what those files give other users.
 DEFAULT_POOL = (0x80000, 0x6FFFFFFF + 1 - 0x80000)
@@ -246,7 +244,9 @@ def lacking(confinement: Confinement, features: dict[str, bool]) -> list[str]:
     """What this node (its `check` features) lacks to run a container confined so: why it cannot, if it cannot."""
     needed = (*NEEDED, "idmapped_lower") if confinement.idmapped_lower else NEEDED
     missing = [f"no {what} here (see `kerrickpt check`)" for what in needed if not features.get(what)]
-    if confinement.rootfs != HOST_ROOT and not Path(confinement.rootfs).is_dir():
+    try:
+        lower_dir(confinement.rootfs)
+    except UsageError:
         missing.append(f"its root file system {confinement.rootfs} is not here")
     missing += [f"its volume {v.source} is not here" for v in confinement.volumes if not os.path.exists(v.source)]
     return missing

@@ -83,16 +83,20 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
             init = _confined(order, confinement, exec_w)
         os.close(exec_w)
         with os.fdopen(exec_r, "rb") as reader:
-            answer = {"init": init, "exec_error": reader.read().decode(), "idmapped_lower": idmapped}
+            said = reader.read().decode()
+        # No init: the child that makes the namespaces said why.
+        answer = {"init": init, "exec_error": said, "idmapped_lower": idmapped} if init else {"error": said}
     except Exception as exc:
         answer = {"error": str(exc)}
     print(json.dumps(answer), flush=True)
 
 
-def _confined(order: dict[str, Any], confinement: Confinement, exec_w: int) -> int:  # pragma: no cover - the helper
+def _confined(
+    order: dict[str, Any], confinement: Confinement, exec_w: int
+) -> int | None:  # pragma: no cover - the helper
     """With the container's root staged in the helper's mount namespace: a child that makes the user
     namespace (mapped from here: only the parent may map a range) and the others, and forks the init.
-    Returns the init's host PID; its failures reach `exec_w`."""
+    Returns the init's host PID, or None if the child failed (it said why on `exec_w`)."""
     rootfs.bind_host_paths(confinement, rootfs.ROOT)
     unshared_r, unshared_w = os.pipe()
     mapped_r, mapped_w = os.pipe()
@@ -130,9 +134,7 @@ def _confined(order: dict[str, Any], confinement: Confinement, exec_w: int) -> i
     with os.fdopen(init_r, "rb") as said:
         init = said.read()
     os.close(unshared_r)
-    if not init:
-        raise OSError("the container's init was not started")
-    return int(init)
+    return int(init) if init else None
 
 
 def _exec_init(

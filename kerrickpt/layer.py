@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kerrickpt import filecaps, sparse
-from kerrickpt.archive import Writer
+from kerrickpt import filecaps, sparse, streamer
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
@@ -613,7 +612,7 @@ def _remove(upper: Path, created: bool) -> None:
                 os.unlink(entry.path)
 
 
-def add(writer: Writer, upper: Path, confinement: Confinement, base: Index | None = None) -> Index:
+def add(writer: streamer.Sink, upper: Path, confinement: Confinement, base: Index | None = None) -> Index:
     """Write the layer at `upper` as the archive's MEMBER (with `base`, only what changed since, and the names
     gone since as REMOVED); returns its index."""
     _, index = pack(

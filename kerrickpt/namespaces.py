@@ -67,7 +67,7 @@ def pivot_root(new_root: str | Path) -> None:
     """Make `new_root` (a mount point) this mount namespace's root and detach the old one beneath it."""
     os.chdir(new_root)
     # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops the old root.
-    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), f"pivot_root {new_root}")
+    _check(_syscall(SYS_PIVOT_ROOT, b".", b"."), f"pivot_root {new_root}")
     _check(_libc.umount2(b".", MNT_DETACH), "detaching the old root")
     os.chdir("/")
 

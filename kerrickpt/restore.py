@@ -257,9 +257,9 @@ def _confine(
     target = rootfs.Layer.of(registry.path(name))
     target.create(confined)
     images = scratch / "images"
+    owners = (confined.uid_base, confined.gid_base, confined.ids)
     if feed is None:
         idranges.remap_images(images, *ids)
-        owners = (confined.uid_base, confined.gid_base, confined.ids)
         removed = layer.read_removed(scratch / layer.REMOVED) if below else []
         layers = [*below, layerchain.Delta(scratch / layer.MEMBER, removed)]
         with layers[0].tar.open("rb") as fh:
@@ -271,7 +271,7 @@ def _confine(
     else:
         feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
         with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
-            layer.unpack(cast(BinaryIO, fh), target.upper, confined.uid_base, confined.gid_base, confined.ids)
+            layer.unpack(cast(BinaryIO, fh), target.upper, *owners)
             fh.finish()
         shared = [images]  # CRIU reads the images from the feeder's socket there
     for path in shared:

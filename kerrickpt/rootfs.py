@@ -9,8 +9,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerrickpt import namespaces
-from kerrickpt.confinement import HOST_ROOT, Confinement, Volume
+from kerrickpt import namespaces, users
+from kerrickpt.confinement import Confinement, Volume, lower_dir
+from kerrickpt.errors import UsageError
 from kerrickpt.namespaces import MS_NODEV, MS_NOEXEC, MS_NOSUID
 
 # Bound from the host's /dev: a user namespace may not make device nodes.
@@ -68,7 +69,8 @@ class Layer:
 def share(target: Path | int, confinement: Confinement) -> None:
     """Let CRIU's restore read `target` (a path or an open file) from inside the container's user
     namespace. Its tasks there are host root until CRIU makes them root inside, and then the
-    container's root group: root's file, that group's too, and no one else's."""
+    container's root group: root's file, that group's too, and no one else's. Its images hold its own
+    memory, which its root may read anyway; the scratch directory above them stays root's, 0700."""
     if isinstance(target, int):
         os.fchown(target, 0, confinement.gid_base)
         os.fchmod(target, 0o660)
@@ -78,7 +80,7 @@ def share(target: Path | int, confinement: Confinement) -> None:
 
 
 def lower(confinement: Confinement) -> str:
-    return "/" if confinement.rootfs == HOST_ROOT else confinement.rootfs
+    return str(lower_dir(confinement.rootfs))
 
 
 # What a node does when it cannot see a lower layer through an id map: a kernel before 5.12 (ENOSYS), a
@@ -129,13 +131,32 @@ def _overlay(lower_dir: str | Path, layer: Layer) -> None:
 
 
 def bind_host_paths(confinement: Confinement, under: Path) -> None:
-    """Bind /sys (read-only) and each volume's source beneath `under`, each without what is mounted
-    beneath it: inside the container's user namespace those would be locked to their parent, and a
-    bind of a mount with locked children is refused."""
+    """Bind /sys (read-only) and each volume's source at its bind point beneath `under`, each without what
+    is mounted beneath it: inside the container's user namespace those would be locked to their parent,
+    and a bind of a mount with locked children is refused."""
     for volume in host_paths(confinement):
-        point = under / volume.target.lstrip("/")
-        point.mkdir(parents=True, exist_ok=True)
-        namespaces.bind(volume.source, point, read_only=volume.read_only)
+        namespaces.bind(volume.source, _mount_point(under, volume), read_only=volume.read_only)
+
+
+def bind_point(under: Path, volume: Volume) -> Path:
+    """Where `volume` is bound beneath `under`: the container's root, or HOST_BINDS for CRIU's restore."""
+    return under / volume.target.lstrip("/")
+
+
+def _mount_point(under: Path, volume: Volume) -> Path:
+    """The bind point of `volume` beneath `under`, made as it must be (a directory, or a file for a file),
+    never through a symbolic link: here, as the host's root, a link in the container's root (an image's
+    `/data -> /etc`) would lead onto the host's files."""
+    if users.through_link(under, volume.target):
+        raise UsageError(f"{volume.target} passes through a symbolic link in the container's root: no bind point")
+    point = bind_point(under, volume)
+    point.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not point.exists():
+        if os.path.isdir(volume.source):
+            point.mkdir(mode=0o755)
+        else:
+            point.touch(mode=0o644)
+    return point
 
 
 def host_paths(confinement: Confinement) -> list[Volume]:

@@ -52,6 +52,17 @@ def inside(root: Path, path: str) -> Path | None:
     return root.joinpath(*resolved)
 
 
+def through_link(root: Path, path: str) -> bool:
+    """Whether `path` passes through a symbolic link in `root` (where nothing may be mounted: as the host's
+    root, the link would lead to the host's files)."""
+    point = root
+    for part in (p for p in path.split("/") if p):
+        point = point / part
+        if point.is_symlink():
+            return True
+    return False
+
+
 def resolve(spec: str, root: Path) -> Account:
     """Whom `spec` names in the file system whose root is `root`. A user without a group gets the primary
     group its passwd line gives, or group 0 if it has none there (as Podman does); its supplementary

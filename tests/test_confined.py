@@ -171,6 +171,9 @@ def test_checkpoint_and_restore_carry_the_layer_under_another_name(state_dir: Pa
         (["--rootfs", "host", "--volume", "/nonexistent:/data", "--", "true"], "does not exist"),
         (["--rootfs", "host", "--volume", "/etc:/proc", "--", "true"], "the container's own"),
         (["--user", "1000", "--", "true"], "--rootfs"),
+        (["--rootfs", "host", "--workdir", "/no/such/dir", "--", "true"], "no such directory"),
+        # /var/run is a link to /run here: a bind point through it would be made on the host's /run.
+        (["--rootfs", "host", "--volume", "/etc:/var/run/kerrickpt-test", "--", "true"], "symbolic link"),
     ],
 )
 def test_bad_confinement_is_refused_before_anything_starts(state_dir: Path, args: list[str], message: str) -> None:
@@ -178,6 +181,7 @@ def test_bad_confinement_is_refused_before_anything_starts(state_dir: Path, args
     result = cli("run", "--name", name, *args, state_dir=state_dir)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+    assert not Path("/run/kerrickpt-test").exists()
     assert not (state_dir / "containers" / name).exists()
     assert cgroup_dirs(name) == []
 
@@ -195,18 +199,24 @@ def test_volumes_are_bound_in_and_stay_on_the_host(state_dir: Path, tmp_path: Pa
     shared.chmod(0o777)
     sealed = tmp_path / "sealed"
     sealed.mkdir()
+    note = tmp_path / "note"
+    note.write_text("a file of the host's\n")
+    note.chmod(0o644)
     name = unique_name("vol")
-    script = "echo hello > /data/out; echo no 2>/data/sealed-error >/sealed/out; exec sleep 600"
+    script = (
+        "cat /etc/note > /data/note; echo hello > /data/out; echo no 2>/data/sealed-error >/sealed/out; exec sleep 600"
+    )
     kerrickpt.run(
         name,
         ["sh", "-c", script],
         state_dir=state_dir,
         rootfs="host",
         user=str(USER),
-        volumes=[f"{shared}:/data", f"{sealed}:/sealed:ro"],
+        volumes=[f"{shared}:/data", f"{sealed}:/sealed:ro", f"{note}:/etc/note:ro"],
     )
     wait_for(lambda: (shared / "sealed-error").exists(), what="the script")
     assert (shared / "out").read_text() == "hello\n"
+    assert (shared / "note").read_text() == "a file of the host's\n", "a file is bound as a file"
     assert "Read-only file system" in (shared / "sealed-error").read_text()
     assert not (sealed / "out").exists()
 
