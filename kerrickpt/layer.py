@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,22 @@ def _attributes(st: os.stat_result, link: str) -> list[int | str]:
     return [st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, link]
 
 
+# The kernel stamps ctime from a coarse clock: a change just after the read (once thawed) may get the very
+# ctime the index holds. An entry that recent is indexed as unseen, so the next delta carries it again (git's
+# "racily clean" entries).
+RACY_NS = 50_000_000
+UNSEEN = -1  # no file's ctime
+
+
+def _settled(entries: dict[str, list[int | str]], before: int) -> dict[str, list[int | str]]:
+    """`entries`, those changed at `before` or later marked unseen."""
+    for attributes in entries.values():
+        ctime = attributes[5]
+        if isinstance(ctime, int) and ctime >= before:
+            attributes[5] = UNSEEN
+    return entries
+
+
 def pack(
     upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None], base: Index | None = None
 ) -> tuple[int, Index]:
@@ -102,7 +119,7 @@ def pack(
             runs = sparse.data_runs(fh.fileno(), st.st_size)
             tar.add(info, fh if runs is None else sparse.Member(info, fh, runs))
     tar.close()
-    return tar.written, Index(entries)
+    return tar.written, Index(_settled(entries, time.time_ns() - RACY_NS))
 
 
 def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int) -> int:

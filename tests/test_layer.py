@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,7 @@ def _change(upper: Path) -> None:
 def test_a_delta_over_its_base_makes_the_layer_as_a_whole_one_would(tmp_path: Path) -> None:
     source = tmp_path / "source-upper"
     _source_layer(upper=source)
+    time.sleep(layer.RACY_NS / 1e9)  # settled: an entry changed just before the read is carried again anyway
     whole, index = _pack_indexed(source)
     target = tmp_path / "target-upper"
     _unpack(whole, target)
@@ -370,3 +372,23 @@ def test_a_delta_that_does_not_fit_its_base_or_leaves_the_layer_is_refused(
         layer.apply(io.BytesIO(_tar(*entries)), removed, upper, *TARGET, IDS)
 
     assert sorted(os.listdir(outside)) == ["target"] and (outside / "target").read_text() == "host file\n"
+
+
+def test_an_entry_changed_just_before_the_read_is_carried_again_by_the_next_delta(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "old").write_bytes(b"written long ago\n")
+    long_ago = time.time() - 3600
+    os.utime(upper / "old", (long_ago, long_ago))
+    time.sleep(layer.RACY_NS / 1e9)  # its ctime now lies before the racy window
+    (upper / "fresh").write_bytes(b"v1\n")
+
+    _, index = _pack_indexed(upper)
+    # Nothing changed since, as far as the attributes can tell: but a write in the clock tick of the read
+    # would look just so (same size, same coarse ctime).
+    delta, _ = _pack_indexed(upper, index)
+
+    with tarfile.open(fileobj=io.BytesIO(delta)) as tar:
+        names = tar.getnames()
+    assert "fresh" in names, "an entry changed that close to the read is carried again"
+    assert "old" not in names, "an entry settled long before the read is not"
