@@ -387,6 +387,8 @@ class _Extraction:
         if not parts:
             if not member.isdir():
                 raise ArchiveCorruptError(f"the file-system layer's top {member.name!r} is not a directory")
+            if self.over:
+                self._clear(self.top)
             self._settle(self.top, member, uid, gid)
             self.times.append(((), mtime))
             return
@@ -444,12 +446,17 @@ class _Extraction:
         """A directory that stays: its attributes become the carried ones (those it no longer has go)."""
         fd = os.open(leaf, DIR_FLAGS, dir_fd=parent)
         try:
-            for xattr in os.listxattr(fd):
-                if xattr in OPAQUE or _users(xattr):
-                    os.removexattr(fd, xattr)
+            self._clear(fd)
             self._settle(fd, member, uid, gid)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _clear(fd: int) -> None:
+        """Remove the attributes a layer carries from the directory `fd`: what it should have comes after."""
+        for xattr in os.listxattr(fd):
+            if xattr in OPAQUE or _users(xattr):
+                os.removexattr(fd, xattr)
 
     def _make(
         self,
