@@ -151,22 +151,23 @@ class Store:
 
         With `allow_unverified`, also one whose checksums no run has checked yet (copied in).
         """
-        taken = [s for s in self.list(name) if when is None or s.time <= when]
+        return self.restorable(name, when, allow_unverified=allow_unverified)[-1]
+
+    def restorable(self, name: str, when: datetime | None = None, *, allow_unverified: bool = False) -> list[Snapshot]:
+        """The snapshot `at` picks, with the chain a restore of it reads: the whole layer first, it last."""
+        listed = self.list(name)
+        series = {s.id: s for s in listed}
+        taken = [s for s in listed if when is None or s.time <= when]
         usable = [s for s in taken if s.verified or (allow_unverified and not s.corrupt)]
         if when is not None and usable:
-            self.chain(usable[-1])
-        broken = self.broken(usable)
-        usable = [s for s in usable if s.path not in broken]
-        if not usable:
-            limit = f" taken at or before {when.isoformat()}" if when else ""
-            unverified = [s.id for s in taken if s.status == UNVERIFIED]
-            hint = (
-                f" (unverified: {', '.join(unverified)}; run `kerrickpt snapshots verify` or allow them)"
-                if unverified
-                else ""
-            )
-            raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}{hint}")
-        return usable[-1]
+            return self.chain(usable[-1], series)
+        for snap in reversed(usable):  # the newest whose chain holds
+            with contextlib.suppress(SnapshotNotFoundError):
+                return self.chain(snap, series)
+        limit = f" taken at or before {when.isoformat()}" if when else ""
+        unverified = [s.id for s in taken if s.status == UNVERIFIED]
+        hint = f" (unverified: {', '.join(unverified)}; run `kerrickpt snapshots verify` or allow them)"
+        raise SnapshotNotFoundError(f"no usable snapshot of {name}{limit} in {self.root}{hint if unverified else ''}")
 
     def chain(self, snap: Snapshot, series: dict[str, Snapshot] | None = None) -> list[Snapshot]:
         """The snapshots a restore of `snap` reads, the one with the whole layer first and `snap` last; `series`:

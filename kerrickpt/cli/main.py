@@ -266,7 +266,7 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
     if args.store:
         when = _time(args.at) if args.at else None
         store = kerrickpt.Store(args.store)
-        *below, top = store.chain(store.at(args.archive, when, allow_unverified=args.allow_unverified))
+        *below, top = store.restorable(args.archive, when, allow_unverified=args.allow_unverified)
         path, bases = top.path, [s.path for s in below]
     elif args.at or args.latest or args.allow_unverified:
         raise UsageError("--at and --latest pick a snapshot from a store: give --store DIR and a container name")
