@@ -9,7 +9,7 @@ from pathlib import Path
 from kerrickpt import containers, idranges, postcopy, procs
 
 CONTAINER, SCRATCH, POSTCOPY, MARKER, ID_RANGE = "container", "scratch", "post-copy", "marker", "id-range"
-KINDS = (POSTCOPY, CONTAINER, SCRATCH, MARKER, ID_RANGE)
+KINDS = (POSTCOPY, CONTAINER, SCRATCH, ID_RANGE, MARKER)
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,13 @@ def find(registry: containers.Registry) -> list[Leftover]:
         if _scratch_owner_dead(path)
     ]
     found += [
+        Leftover(ID_RANGE, str(claim), "its container is gone from this node: the range is free again")
+        for claim in idranges.stale(registry)
+    ]
+    found += [
         Leftover(MARKER, str(marker), "its receiver died")
         for marker in sorted(_incoming(registry, ".json"))
         if containers.claimant_alive(marker) is False
-    ]
-    found += [
-        Leftover(ID_RANGE, str(claim), "its container is gone from this node: the range is free again")
-        for claim in idranges.stale(registry)
     ]
     return found
 
@@ -55,8 +55,8 @@ def find(registry: containers.Registry) -> list[Leftover]:
 def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tuple[str, ...] = KINDS) -> list[Leftover]:
     """Remove what dead kerrickpt processes left (or, with `dry_run`, only say what): kill the container
     of a post-copy whose watcher died, then names never registered and their cgroups, scratch
-    directories (memory images), markers of receivers that died, and the id range claims of containers that
-    are gone (after the names, whose removal frees theirs); only those of `kinds`."""
+    directories (memory images), the id range claims of containers that are gone (after the names, whose
+    removal frees theirs), and markers of receivers that died; only those of `kinds`."""
     found = [leftover for leftover in find(registry) if leftover.kind in kinds]
     if dry_run:
         return found

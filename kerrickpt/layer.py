@@ -361,8 +361,12 @@ class _Extraction:
         self.over = over  # entries go over a layer that holds its base (a delta), not into an empty one
         self.top = os.open(upper, DIR_FLAGS)
         if not over:  # the container's root owns its layer's top unless `.` says otherwise
-            os.chown(self.top, uid_base, gid_base)
-            os.chmod(self.top, 0o755)
+            try:
+                os.chown(self.top, uid_base, gid_base)
+                os.chmod(self.top, 0o755)
+            except BaseException:
+                os.close(self.top)
+                raise
         # Directories a delta changes the entries of without carrying them, with the time they must keep.
         self.touched: dict[tuple[str, ...], int] = {}
         self.parent: tuple[tuple[str, ...], int] | None = None  # the directory of the last entry, kept open

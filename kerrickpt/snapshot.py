@@ -69,9 +69,10 @@ def snapshot(
         store.claim(label, source)
         cleaned = store.clean(label)
         # Images of runs that died (a cron job's run killed mid-way) would fill the disk run after run.
-        leftovers = garbage.collect(containers.Registry(state_dir), kinds=(garbage.SCRATCH,))
+        registry = containers.Registry(state_dir)
+        leftovers = garbage.collect(registry, kinds=(garbage.SCRATCH,))
         cleaned += [Path(leftover.path) for leftover in leftovers]
-        where = rootfs.Layer.of(containers.Registry(state_dir).path(name)) if name else None
+        where = rootfs.Layer.of(registry.path(name)) if name else None
         base = layerchain.base_for(store, label, where) if where else None
         taken = checkpoint(
             name,
