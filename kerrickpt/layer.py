@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kerrickpt import filecaps, sparse, streamer
+from kerrickpt import filecaps, manifest, sparse, streamer
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
 
-MEMBER = "layer.tar"  # the archive's member that carries the layer (all of it, or what changed since a base)
+MEMBER = manifest.LAYER  # the archive's member that carries the layer (all of it, or what changed since a base)
 REMOVED = "layer-removed.json"  # a delta's member: the names its base has and the layer no longer has
 # An id the container does not own (a directory the overlay copied up from a root-owned lower layer, say) is carried
 # as the kernel's overflow id: inside the container it already shows as 65534 (nobody), so the container sees the

@@ -12,7 +12,7 @@ from typing import Any
 
 from kerrickpt import archive, containers, layer, rootfs
 from kerrickpt.errors import ArchiveCorruptError, SnapshotNotFoundError, UsageError
-from kerrickpt.manifest import Manifest
+from kerrickpt.manifest import Manifest, is_layer
 from kerrickpt.store import Snapshot, Store
 
 # Deltas on one whole layer at most. A restore reads every archive of the chain, and one archive lost or corrupt
@@ -119,7 +119,7 @@ def gather(top: Manifest, bases: list[Path], scratch: Path) -> list[Delta]:
         layers.append((manifest, into))
     for (below, _), (above, _) in zip(layers, [*layers[1:], (top, scratch)], strict=True):
         wanted = above.layer_base
-        if below.layer is None or wanted is None or below.layer != {k: wanted[k] for k in ("lineage", "index")}:
+        if not is_layer(below.layer, wanted):
             raise ArchiveCorruptError(
                 f"the snapshot of {above.name} taken {above.created} was not taken on the file-system layer of the "
                 f"one taken {below.created}: this chain of snapshots does not hold together"

@@ -27,6 +27,7 @@ VERSION = 5
 DELTA_VERSION = 6
 READABLE = (1, 2, 3, 4, 5, 6)
 NAME = "manifest.json"
+LAYER = "layer.tar"  # the member that carries a confined container's file-system layer (see layer)
 # How a member's digest is computed, by the name an archive gives it.
 CHECKSUMS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
 
@@ -87,7 +88,7 @@ class Manifest:
     @property
     def layer_bytes(self) -> int:
         """Bytes of the file-system layer a confined container's archive carries (as a tar)."""
-        return sum(m.size for m in self.members if m.name == "layer.tar")
+        return sum(m.size for m in self.members if m.name == LAYER)
 
     @property
     def memory_bytes(self) -> int:
@@ -158,3 +159,8 @@ class Manifest:
             layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
         )
+
+
+def is_layer(layer: dict[str, str] | None, wanted: dict[str, str] | None) -> bool:
+    """Whether an archive's `layer` (lineage and index digest) is the one a delta's `layer_base` names."""
+    return layer is not None and wanted is not None and layer == {k: wanted[k] for k in ("lineage", "index")}

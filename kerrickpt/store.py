@@ -16,7 +16,7 @@ from typing import Any
 from kerrickpt import archive, containers, faults, trust
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
-from kerrickpt.manifest import Manifest
+from kerrickpt.manifest import Manifest, is_layer
 from kerrickpt.retention import Plan, Policy, keep_bases
 
 SUFFIX = ".kckpt"
@@ -184,7 +184,7 @@ class Store:
                 why = "is gone from the store"
             elif below.corrupt:
                 why = "is corrupt"
-            elif below.time >= top.time or below.layer != {k: wanted[k] for k in ("lineage", "index")}:
+            elif below.time >= top.time or not is_layer(below.layer, wanted):
                 why = "is not the layer it was taken on"
             else:
                 found.append(below)
