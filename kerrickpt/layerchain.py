@@ -94,12 +94,13 @@ class Delta:
 
 
 def gather(top: Manifest, bases: list[Path], scratch: Path) -> list[Delta]:
-    """The layers under `top`'s, from the whole one up, their tars unpacked from the archives `bases` (the chain a
-    store resolved, whole one first) into `scratch`, every checksum verified, each the very layer the one above
-    names as its base. Raises UsageError for a delta without its chain, ArchiveCorruptError for a chain that does
-    not hold together."""
+    """The layers a restore of `top` (unpacked in `scratch`) lays one over the other, from the whole one up to
+    `top`'s: those under it unpacked from the archives `bases` (the chain a store resolved, whole one first)
+    into `scratch`, every checksum verified, each the very layer the one above names as its base. Raises
+    UsageError for a delta without its chain, ArchiveCorruptError for a chain that does not hold together."""
+    own = Delta(scratch / layer.MEMBER, _removed(top, scratch))
     if top.layer_base is None:
-        return []
+        return [own]
     if not bases:
         raise UsageError(
             f"the archive of {top.name} carries only what changed in its file-system layer since snapshot "
@@ -126,7 +127,7 @@ def gather(top: Manifest, bases: list[Path], scratch: Path) -> list[Delta]:
             )
     if layers[0][0].layer_base is not None:
         raise ArchiveCorruptError(f"the chain of snapshots under {top.name}'s does not start with a whole layer")
-    return [Delta(into / layer.MEMBER, _removed(manifest, into)) for manifest, into in layers]
+    return [*(Delta(into / layer.MEMBER, _removed(manifest, into)) for manifest, into in layers), own]
 
 
 def _keep(outputs: dict[str, Any], name: str, data: memoryview) -> None:

@@ -117,10 +117,11 @@ def restore(
         if not verdict.is_acceptable(force=force):
             raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
         name = containers.check_name(name or manifest.name)
-        below = layerchain.gather(manifest, list(bases), scratch)  # every base verified before anything is made
+        # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
+        layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, below)
+            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers)
         handed_over = watcher is not None
     finally:
         helper.close()
@@ -160,7 +161,7 @@ def _restore_as(
     plan: restorer.Plan,
     feed: feeder.Feed | None,
     helper: restorer.Helper,
-    below: list[layerchain.Delta],
+    layers: list[layerchain.Delta],
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -171,7 +172,7 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest, scratch, feed, below)
+            confined = _confine(registry, name, manifest, scratch, feed, layers)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path] = {}
         if manifest.log_path:
@@ -242,10 +243,10 @@ def _confine(
     manifest: Manifest,
     scratch: Path,
     feed: feeder.Feed | None,
-    below: list[layerchain.Delta],
+    layers: list[layerchain.Delta],
 ) -> Confinement:
     """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it: from the unpacked archive (a delta over the chain `below` it builds on), or read from
+    archive carries it: from the unpacked archive (`layers`: its own over the chain it builds on), or read from
     the archive's start (its first file) while the rest waits for CRIU."""
     archived = manifest.confinement
     assert archived is not None
@@ -260,8 +261,6 @@ def _confine(
     owners = (confined.uid_base, confined.gid_base, confined.ids)
     if feed is None:
         idranges.remap_images(images, *ids)
-        removed = layer.read_removed(scratch / layer.REMOVED) if below else []
-        layers = [*below, layerchain.Delta(scratch / layer.MEMBER, removed)]
         with layers[0].tar.open("rb") as fh:
             layer.unpack(fh, target.upper, *owners)
         for delta in layers[1:]:
