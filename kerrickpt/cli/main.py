@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import kerrickpt
@@ -438,7 +439,12 @@ def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
                 f"{r.name:<24} {r.id:<20} {_local(r.time):<19} {_size(r.archive_bytes):>12} {frozen:>8} "
                 f"{r.node or '-':<16} {layerchain.describe(r):<29} {status}"
             )
-    return [{**r.to_dict(), "base": r.base, "unusable": broken.get(r.path)} for r in rows], 0
+    return _snapshot_rows(rows, broken), 0
+
+
+def _snapshot_rows(rows: list[kerrickpt.Snapshot], broken: dict[Path, str]) -> list[dict[str, Any]]:
+    """`list`'s and `verify`'s JSON: each snapshot, its base, and why it is unusable if it is."""
+    return [{**r.to_dict(), "base": r.base, "unusable": broken.get(r.path)} for r in rows]
 
 
 def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
@@ -472,7 +478,7 @@ def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
         elif not args.json:
             print(f"ok {r.name} {r.id}" + (f" ({layerchain.describe(r)})" if r.base else ""))
     code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
-    return [r.to_dict() for r in rows], code
+    return _snapshot_rows(rows, broken), code
 
 
 def _log_tail_option(p: argparse.ArgumentParser) -> None:
