@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import functools
 import hashlib
 import json
 import os
@@ -57,8 +58,8 @@ class Index:
 
     entries: dict[str, list[int | str]]
 
-    @property
-    def digest(self) -> str:
+    @functools.cached_property
+    def digest(self) -> str:  # a whole layer's entries: asked several times per snapshot
         return hashlib.sha256(json.dumps(self.entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def removed_since(self, base: Index) -> list[str]:

@@ -1,4 +1,4 @@
-"""Owns a throwaway Slurm cluster on this machine for tests, benchmarks and the example.
+"""Owns a throwaway Slurm cluster on this machine, for the tests (and the benchmark and example of issue 14 to come).
 
 munged, slurmctld and one slurmd per local node (see localnodes.py), every file they use in a
 private directory: the machine's /etc/slurm and /etc/munge are never read nor written. The
@@ -189,15 +189,19 @@ class LocalSlurm:
         group = cgroups.Cgroup(tuple(root / node.cgroup_parent / name for root in layout.roots()))
         for path in group.dirs:
             path.mkdir(parents=True)
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env={"PATH": PATH, "SLURM_CONF": str(self.conf)},
-                preexec_fn=lambda: group.add(os.getpid()),  # in the cgroup before it can fork
-            )
+        try:
+            with log.open("ab") as out:
+                process = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    env={"PATH": PATH, "SLURM_CONF": str(self.conf)},
+                    preexec_fn=lambda: group.add(os.getpid()),  # in the cgroup before it can fork
+                )
+        except BaseException:
+            group.remove()  # not one of _daemons yet: close() would not find it
+            raise
         self._daemons.append(_Daemon(name, process, group, log))
 
     def _in_node(self, node: Node, hostname: str, argv: Sequence[str]) -> list[str]:
