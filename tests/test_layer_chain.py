@@ -8,12 +8,13 @@ import hashlib
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, layerchain
+from kerrickpt import containers, layer, layerchain
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.store import Snapshot
 from tests.helpers import cli, ticks, unique_name, wait_for
@@ -39,6 +40,7 @@ def start(state_dir: Path, store: Path) -> str:
     name = unique_name("chain")
     kerrickpt.run(name, ["sh", "-c", SETUP + STEPS], state_dir=state_dir, rootfs="host", user=str(USER))
     wait_for(lambda: (upper(state_dir, name) / "var/tmp/ready").exists(), what="the container's files", timeout=60)
+    time.sleep(layer.RACY_NS / 1e9)  # settled: files changed just before a snapshot's read are carried again
     return name
 
 
