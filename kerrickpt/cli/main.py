@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import kerrickpt
 from kerrickpt import cgroups, containers, layerchain, logtail, postcopy, progress, receiver, retention, transport
-from kerrickpt.confinement import parse_env
+from kerrickpt.confinement import ID_MODES, OWN, parse_env
 from kerrickpt.errors import (
     ArchiveCorruptError,
     HostError,
@@ -174,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
         volumes=args.volume,
         env=parse_env(args.env),
         workdir=args.workdir,
+        ids=args.ids,
     )
     if not args.json:
         inside = status.init_ns_pid or "-"
@@ -316,10 +317,14 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
             seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
+            seen = "as is" if c.host_ids else seen
             carried = f"what changed since snapshot {m.layer_base['snapshot']}" if m.layer_base else "its layer"
             print(f"root:      {root}, its lower layer {seen}; {carried} {_mib(m.layer_bytes)} (as a tar)")
-            print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
-                  f"runs as {c.uid}:{c.gid}")  # fmt: skip
+            if c.host_ids:
+                print(f"users:     ids host: the host's ids, its root and volumes nosuid; runs as {c.uid}:{c.gid}")
+            else:
+                print(f"users:     ids own: ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- "
+                      f"(gid); runs as {c.uid}:{c.gid}")  # fmt: skip
             for v in c.volumes:
                 print(f"volume:    {v.source} -> {v.target}{' (read-only)' if v.read_only else ''}, not carried")
         print("processes (pid inside, host pid at dump, threads, command):")
@@ -578,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="with --rootfs: set a variable")
     p.add_argument("--workdir", metavar="DIR", help="with --rootfs: the command's working directory")
+    p.add_argument(
+        "--ids",
+        choices=ID_MODES,
+        default=OWN,
+        help="with --rootfs: a host id range of its own (own, the default) or the host's ids (host: files on "
+        "volumes belong to their user; its root and volumes are nosuid)",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     add("ps", cmd_ps, "list this node's containers")
 
