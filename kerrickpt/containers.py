@@ -243,13 +243,14 @@ def run(
     volumes: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    cgroup_parents: Mapping[Path, Path] | None = None,
 ) -> ContainerStatus:
     """Start a checkpointable container and return once its command runs.
 
     With `rootfs` (a directory, or confinement.HOST_ROOT) it is confined: its own root (an overlay of
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
     own; the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in."""
+    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own)."""
     if not argv:
         raise UsageError("no command given to run")
     if rootfs is None and (user or volumes or env or workdir):
@@ -265,7 +266,7 @@ def run(
                 name, argv[0], rootfs, ids, user=user, volumes=volumes, env=env, workdir=workdir
             )
         try:
-            group = cgroups.create(cgroups.detect(), name, memory_limit)
+            group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)
         except FileExistsError:
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         layer = None
