@@ -246,6 +246,7 @@ def run(
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
     ids: str = confinement.OWN,
+    cgroup_parents: Mapping[Path, Path] | None = None,
 ) -> ContainerStatus:
     """Start a checkpointable container and return once its command runs.
 
@@ -253,7 +254,7 @@ def run(
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
     own (`ids` "own") or the host's ids themselves ("host": no range claimed, its root and volumes
     nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in."""
+    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own)."""
     if not argv:
         raise UsageError("no command given to run")
     if ids not in confinement.ID_MODES:
@@ -271,7 +272,7 @@ def run(
                 name, argv[0], rootfs, bases, user=user, volumes=volumes, env=env, workdir=workdir
             )
         try:
-            group = cgroups.create(cgroups.detect(), name, memory_limit)
+            group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)
         except FileExistsError:
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         layer = None

@@ -7,7 +7,7 @@ import dataclasses
 import fnmatch
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -75,6 +75,7 @@ def restore(
     pid_namespace: str = "new",
     watcher: postcopy.Watcher | None = None,
     bases: Sequence[Path] = (),
+    cgroup_parents: Mapping[Path, Path] | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -87,7 +88,8 @@ def restore(
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
     archive lacks comes through it after this returns. A snapshot that carries only what changed in its
     file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
-    (Store.chain resolves them); without them it is refused (UsageError).
+    (Store.chain resolves them); without them it is refused (UsageError). Its cgroups go beneath
+    `cgroup_parents` if given (see cgroups.own).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -119,7 +121,7 @@ def restore(
         name = containers.check_name(name or manifest.name)
         # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
         layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
-        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
+        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
             init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers)
         handed_over = watcher is not None
@@ -168,7 +170,7 @@ def _restore_as(
     log_fd: int | None = None
     try:
         try:
-            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
+            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
