@@ -205,6 +205,9 @@ def _own_group(who: Caller, spec: str | None) -> int:
 
 
 def _reachable_volume(who: Caller, text: str) -> str:
+    """The volume `text` as it will be bound, if `who` can reach it: asked of the path as given first, so
+    that root's answers (whether it exists, where its links lead) tell nothing of what the user cannot see."""
+    _check_reach(who, text.split(":")[0], write=False)
     volume = parse_volume(text)
     _check_reach(who, volume.source, write=not volume.read_only)
     return f"{volume.source}:{volume.target}:{'ro' if volume.read_only else 'rw'}"

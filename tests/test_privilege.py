@@ -134,6 +134,7 @@ def test_a_user_through_sudo_is_taken_for_themselves_and_refused_what_is_not_the
         ("--rootfs", {"options": {"rootfs": str(public_dir)}}),
         ("--ids", {"options": {"ids": "range"}}),
         ("unreachable volume", {"options": {"volumes": [f"{hidden}/data:/data:ro"]}}),
+        ("volume hidden, even whether it exists", {"options": {"volumes": [f"{hidden}/none:/data:ro"]}}),
         ("read-only volume written", {"options": {"volumes": ["/usr/share:/data"]}}),
         ("allowed", {"options": {"user": TEST_USER, "volumes": [f"{mine}:/data", "/usr/share:/share:ro"]}}),
     ]
@@ -207,6 +208,14 @@ def test_a_per_uid_directory_someone_else_made_is_refused(checkpoints: Path) -> 
     os.chown(planted, user.uid, user.gid)
     with pytest.raises(UntrustedStoreError, match=str(planted)):
         privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints))
+
+
+def test_a_per_uid_directory_of_root_s_is_made_private(checkpoints: Path) -> None:
+    user = sudo_user()
+    (checkpoints / str(user.uid)).mkdir(mode=0o755)
+    found = privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints))
+    assert found.directory == checkpoints / str(user.uid) / "job1"
+    assert (checkpoints / str(user.uid)).stat().st_mode & 0o777 == 0o700, "a job's images are root's alone"
 
 
 def archived(confinement: Confinement | None) -> Manifest:
