@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import socket
 import stat
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from kerrickpt import command, trust, users
+from kerrickpt import command, helper, trust, users
 from kerrickpt.confinement import HOST_ROOT, Confinement, parse_volume
 from kerrickpt.containers import check_name
-from kerrickpt.errors import NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
+from kerrickpt.errors import CommandTimeout, NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
 from kerrickpt.manifest import Manifest
 
 CONFIG = Path("/etc/kerrickpt/jobs.toml")
@@ -188,6 +191,46 @@ def can_reach(who: Caller, path: str, *, write: bool) -> bool:
     groups = ["--groups", ",".join(map(str, who.groups))] if who.groups else ["--clear-groups"]
     argv = ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), *groups, "--", "test", *tests]
     return command.run(argv, timeout=ACCESS_TIMEOUT).returncode == 0
+
+
+def open_as(who: Caller, path: str, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of `path` opened (os.open `flags`) as `who` would open it, for a file a user names that
+    root then writes (as `--events FILE`): the kernel decides, as for any open of theirs, and what it
+    creates is theirs. Root itself opens it here. It is never waited for (a FIFO without a reader)."""
+    if not who.through_sudo:
+        return os.open(path, flags, mode)
+    ours, theirs = socket.socketpair()
+    with ours, helper.start("open-as", pass_fds=(theirs.fileno(),)) as process:
+        order = {"socket": theirs.fileno(), "path": path, "flags": flags, "mode": mode}
+        helper.send(process, {**order, "uid": who.uid, "gid": who.gid, "groups": list(who.groups)})
+        theirs.close()
+        ours.settimeout(ACCESS_TIMEOUT)
+        try:
+            answer, fds, _, _ = socket.recv_fds(ours, 64, 1)
+        except TimeoutError:
+            command.stop(process)
+            raise CommandTimeout(f"opening {path} as {who.name} did not finish within {ACCESS_TIMEOUT:.0f} s") from None
+    if fds:
+        os.set_blocking(fds[0], True)
+        return fds[0]
+    code = int(answer or errno.EIO)
+    if code in (errno.EACCES, errno.EPERM):
+        raise NotAllowedError(f"not allowed to a user through sudo: {who.name} cannot open {path}")
+    raise UsageError(f"cannot open {path}: {os.strerror(code)}")
+
+
+def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program (open_as)
+    """Become the user, open the file, and hand its descriptor (or the errno) back over the socket."""
+    with socket.socket(fileno=order["socket"]) as back:
+        os.setgroups(order["groups"])
+        os.setresgid(order["gid"], order["gid"], order["gid"])
+        os.setresuid(order["uid"], order["uid"], order["uid"])
+        try:
+            fd = os.open(order["path"], order["flags"] | os.O_NONBLOCK | os.O_NOCTTY, order["mode"])
+        except OSError as exc:
+            back.sendall(str(exc.errno).encode())
+            return
+        socket.send_fds(back, [b"ok"], [fd])
 
 
 def _own_group(who: Caller, spec: str | None) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from kerrickpt import privilege
 from kerrickpt.confinement import HOST_ROOT, Confinement, Volume
-from kerrickpt.errors import NotAllowedError, NotReadyError, UntrustedStoreError
+from kerrickpt.errors import NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
 from kerrickpt.localslurm import TEST_USER
 from kerrickpt.manifest import Manifest
 from kerrickpt.node import Fingerprint
@@ -264,3 +264,28 @@ def test_the_shipped_sudo_rule_grants_kerrickpt_job_alone(public_dir: Path) -> N
         assert not may(str(here)), "not kerrickpt's other forms"
         assert not may("-u", TEST_USER, str(here), "job", "--name", "job1"), "as root only"
         assert not may("/bin/sh")
+
+
+def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path) -> None:
+    user = sudo_user()
+    mine = public_dir / "mine"
+    mine.mkdir()
+    os.chown(mine, user.uid, user.gid)
+    hidden = public_dir / "root-only"
+    hidden.mkdir(mode=0o700)
+    append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    fd = privilege.open_as(user, f"{mine}/events.jsonl", append)
+    try:
+        os.write(fd, b"{}\n")
+        assert os.fstat(fd).st_uid == user.uid, "created by the user, not by root"
+    finally:
+        os.close(fd)
+    assert (mine / "events.jsonl").read_bytes() == b"{}\n"
+    for path in (f"{hidden}/events.jsonl", "/etc/passwd"):
+        with pytest.raises(NotAllowedError, match="cannot open"):
+            privilege.open_as(user, path, append)
+    assert list(hidden.iterdir()) == []
+    os.mkfifo(mine / "fifo")
+    os.chown(mine / "fifo", user.uid, user.gid)
+    with pytest.raises(UsageError, match="No such device"):
+        privilege.open_as(user, f"{mine}/fifo", os.O_WRONLY)  # no reader: refused, never waited for
