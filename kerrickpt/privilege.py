@@ -201,7 +201,8 @@ def open_as(who: Caller, path: str, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags, mode)
     ours, theirs = socket.socketpair()
     with ours, helper.start("open-as", pass_fds=(theirs.fileno(),)) as process:
-        order = {"socket": theirs.fileno(), "path": path, "flags": flags, "mode": mode}
+        # The helper runs in /: a relative path is the caller's, from here.
+        order = {"socket": theirs.fileno(), "path": os.path.abspath(path), "flags": flags, "mode": mode}
         helper.send(process, {**order, "uid": who.uid, "gid": who.gid, "groups": list(who.groups)})
         theirs.close()
         ours.settimeout(ACCESS_TIMEOUT)

@@ -266,7 +266,7 @@ def test_the_shipped_sudo_rule_grants_kerrickpt_job_alone(public_dir: Path) -> N
         assert not may("/bin/sh")
 
 
-def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path) -> None:
+def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     user = sudo_user()
     mine = public_dir / "mine"
     mine.mkdir()
@@ -281,6 +281,9 @@ def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path) -> None:
     finally:
         os.close(fd)
     assert (mine / "events.jsonl").read_bytes() == b"{}\n"
+    monkeypatch.chdir(mine)
+    os.close(privilege.open_as(user, "relative.jsonl", append))
+    assert (mine / "relative.jsonl").stat().st_uid == user.uid, "relative to where the user asked from"
     for path in (f"{hidden}/events.jsonl", "/etc/passwd"):
         with pytest.raises(NotAllowedError, match="cannot open"):
             privilege.open_as(user, path, append)
