@@ -89,7 +89,7 @@ def parse_volume(text: str) -> Volume:
     if not (source.startswith("/") and target.startswith("/")):
         raise UsageError(f"bad volume {text!r}: SRC and DST must be absolute paths")
     target = os.path.normpath(target)
-    if target in RESERVED or target.startswith(("/proc/", "/dev/", "/sys/")):
+    if target in RESERVED or target.startswith(("/proc/", "/dev/", "/sys/", "/tmp/")):
         raise UsageError(f"bad volume {text!r}: {target} is the container's own")
     if not os.path.exists(source):
         raise UsageError(f"volume source {source} does not exist")

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kerrickpt.errors import UsageError
@@ -21,8 +22,9 @@ class Events:
         self.lock = threading.Lock()
 
     @classmethod
-    def open(cls, target: str | None, job: str) -> Events:
-        """`target`: a path (appended to, made 0644 if new), `fd:N` (an open descriptor, kept open), or None."""
+    def open(cls, target: str | None, job: str, opener: Callable[[str], int] | None = None) -> Events:
+        """`target`: a path (appended to, made 0644 if new; by `opener`, which returns its descriptor, if
+        given), `fd:N` (an open descriptor, kept open), or None."""
         if target is None:
             return cls(None, job)
         if target.startswith("fd:"):
@@ -32,6 +34,8 @@ class Events:
             except (ValueError, OSError):
                 raise UsageError(f"--events {target}: not an open file descriptor") from None
             return cls(fd, job)
+        if opener is not None:
+            return cls(opener(target), job)
         return cls(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644), job)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:

@@ -13,16 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, containers
+from kerrickpt import archive, cgroups, command, containers
 from kerrickpt.containers import run as run_container
 from kerrickpt.errors import ArchiveCorruptError, BusyError, KerrickptError, StateDamagedError, UsageError
 from kerrickpt.events import Events
+from kerrickpt.manifest import Manifest
 from kerrickpt.restore import restore
 
 # "Checkpointed, requeue me": in Slurm's RequeueExit and HTCondor's checkpoint_exit_code. Outside 1-21
@@ -30,7 +31,6 @@ from kerrickpt.restore import restore
 REQUEUE_EXIT = 85
 SUFFIX = ".kckpt"
 DEFAULT_GRACE = 60.0  # seconds for the final checkpoint when neither --grace nor Slurm says
-STOP_WAIT = 15.0  # for a checkpoint past its deadline to unwind (thaw, remove its partial archive) after SIGTERM
 _PR_SET_CHILD_SUBREAPER = 36
 _PREEMPT, _CANCEL = b"p", b"c"
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class Job:
     """A batch job's container. `run()` restores NAME from its checkpoint in `directory` if there is one, else
     starts `argv`, and waits. `preempt()` and `cancel()` (from a signal handler or another thread) ask it to
     checkpoint and stop, or to stop. Container options are those of `containers.run`; `stdout`/`stderr`
-    (regular files) take the command's output, also after a restore elsewhere."""
+    (regular files) take the command's output, also after a restore elsewhere. The container on the node is
+    named `container` (default: the job's name); `admit` may refuse a checkpoint's manifest before it is
+    restored (privilege.check_archive)."""
 
     def __init__(
         self,
@@ -88,11 +90,15 @@ class Job:
         stderr: int | None = None,
         in_own_cgroup: bool = True,
         level: int = archive.CHECKPOINT_LEVEL,
+        container: str | None = None,
+        admit: Callable[[Manifest], None] | None = None,
         **options: Any,
     ) -> None:
         if not argv:
             raise UsageError("no command given to run")
         self.name = containers.check_name(name)
+        self.container = containers.check_name(container or name)
+        self.admit = admit
         self.argv = list(argv)
         self.directory = Path(directory).absolute()
         self.state_dir = state_dir
@@ -148,24 +154,26 @@ class Job:
     def _clear_stale(self, registry: containers.Registry) -> None:
         """What a run of this job that died left on this node (a node that runs it again)."""
         try:
-            container = registry.get(self.name)
+            container = registry.get(self.container)
         except StateDamagedError:
-            containers.kill(self.name, self.state_dir)
+            containers.kill(self.container, self.state_dir)
             return
         except KerrickptError:
-            if registry.is_abandoned(self.name):
-                containers.kill(self.name, self.state_dir)
+            if registry.is_abandoned(self.container):
+                containers.kill(self.container, self.state_dir)
             return
         if container.is_running():
             raise BusyError(f"job {self.name} runs on this node already (init pid {container.init_pid})")
-        containers.kill(self.name, self.state_dir)
+        containers.kill(self.container, self.state_dir)
 
     def _resume_or_start(self, parents: Mapping[Path, Path] | None) -> tuple[int, bool]:
         if self.archive.exists():
             began = time.monotonic()
             try:
+                if self.admit is not None:
+                    self.admit(archive.read_manifest(self.archive))
                 restored = restore(
-                    self.archive, name=self.name, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio
+                    self.archive, name=self.container, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio
                 )
             except ArchiveCorruptError as exc:
                 aside = self.archive.with_name(f"{self.archive.name}.corrupt-{_stamp()}")
@@ -177,7 +185,7 @@ class Job:
                 self.events.emit("restored", archive=str(self.archive), seconds=seconds, init_pid=restored.init_pid)
                 return restored.init_pid, True
         status = run_container(
-            self.name, self.argv, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio, **self.options
+            self.container, self.argv, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio, **self.options
         )
         assert status.init_pid is not None
         self.events.emit("started", command=self.argv, init_pid=status.init_pid)
@@ -220,7 +228,7 @@ class Job:
 
     def _exited(self, init: int, resumed: bool) -> JobResult:
         code = _reap(init)
-        containers.kill(self.name, self.state_dir)
+        containers.kill(self.container, self.state_dir)
         if not self.keep:
             for path in self._checkpoints():
                 path.unlink(missing_ok=True)
@@ -242,7 +250,7 @@ class Job:
         request (`pidfd`: the init's, whose end also stops it). Returns whether it replaced the checkpoint."""
         partial = self.directory / f".{self.name}{SUFFIX}.partial-{os.getpid()}"
         partial.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "kerrickpt.cli.main", "checkpoint", self.name, "-o", str(partial), "--quiet"]
+        argv = [sys.executable, "-m", "kerrickpt.cli.main", "checkpoint", self.container, "-o", str(partial), "-q"]
         argv += ["--level", str(self.level)] + (["--leave-running"] if leave_running else [])
         argv += ["--state-dir", str(self.state_dir)] if self.state_dir else []
         self.events.emit("checkpoint-start", final=not leave_running)
@@ -281,7 +289,7 @@ class Job:
             while True:
                 left = None if self.deadline is None else self.deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    _stop(process)
+                    command.stop(process)
                     return f"it did not finish within the grace time of {self.grace:.0f} s"
                 ready = select.select([done, *watch], [], [], left)[0]
                 if done in ready:
@@ -289,7 +297,7 @@ class Job:
                 if self._requests_r in ready:
                     self._pending = self._request()  # a preemption or cancel outranks a periodic checkpoint
                 if ready:  # that, or the job's end
-                    _stop(process)
+                    command.stop(process)
                     return "it gave way to the job's end or a request"
         finally:
             os.close(done)
@@ -302,7 +310,7 @@ class Job:
 
     def _end_container(self) -> None:
         with contextlib.suppress(KerrickptError):
-            containers.kill(self.name, self.state_dir)
+            containers.kill(self.container, self.state_dir)
 
     def _checkpoints(self) -> list[Path]:
         return [self.archive, *self.directory.glob(f"{self.name}{SUFFIX}.corrupt-*")]
@@ -328,15 +336,6 @@ def _reap(pid: int) -> int:
     info = os.waitid(os.P_PID, pid, os.WEXITED)
     assert info is not None
     return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_WAIT)
-    except subprocess.TimeoutExpired:
-        process.kill()  # its guardian thaws the container
-        process.wait()
 
 
 def _stamp() -> str:

@@ -188,9 +188,15 @@ def can_reach(who: Caller, path: str, *, write: bool) -> bool:
     tests = ["-r", path] + (["-a", "-w", path] if write else [])
     if os.path.isdir(path):
         tests += ["-a", "-x", path]
+    return command.run([*as_user(who), "test", *tests], timeout=ACCESS_TIMEOUT).returncode == 0
+
+
+def as_user(who: Caller) -> list[str]:
+    """The prefix that runs a program as `who` (their uid, gid and groups); none for root itself."""
+    if not who.through_sudo:
+        return []
     groups = ["--groups", ",".join(map(str, who.groups))] if who.groups else ["--clear-groups"]
-    argv = ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), *groups, "--", "test", *tests]
-    return command.run(argv, timeout=ACCESS_TIMEOUT).returncode == 0
+    return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), *groups, "--"]
 
 
 def open_as(who: Caller, path: str, flags: int, mode: int = 0o644) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Mapping, Sequence
+
+from kerrickpt import command
+from kerrickpt.errors import CommandTimeout
 
 TIMEOUT = 10.0  # for one scontrol call: slurmctld answers in milliseconds when it is up
 
@@ -21,12 +23,11 @@ def _fields(text: str) -> dict[str, str]:
 
 
 def _scontrol(args: Sequence[str], as_user: Sequence[str]) -> dict[str, str] | None:
-    """Ask scontrol (as the job's user: `as_user` prefixes the command); None if it cannot answer."""
+    """Ask scontrol, as the job's user (`as_user` prefixes the command: the job's SLURM_CONF is theirs to
+    choose); None if it cannot answer."""
     try:
-        done = subprocess.run(
-            [*as_user, "scontrol", *args, "--oneliner"], capture_output=True, text=True, timeout=TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        done = command.run([*as_user, "scontrol", *args, "--oneliner"], timeout=TIMEOUT)
+    except (OSError, CommandTimeout):
         return None
     return _fields(done.stdout) if done.returncode == 0 else None
 

@@ -22,6 +22,7 @@ from kerrickpt import (
     layerchain,
     logtail,
     postcopy,
+    privilege,
     progress,
     receiver,
     retention,
@@ -172,23 +173,29 @@ def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
     return verdict.to_dict(), 0
 
 
-def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
-    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+def _command(args: argparse.Namespace) -> list[str]:
+    return args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+
+
+def _memory_limit(args: argparse.Namespace) -> int | None:
     try:
-        limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
+        return cgroups.parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
     status = kerrickpt.run(
         args.name,
-        argv,
-        memory_limit=limit,
+        _command(args),
+        memory_limit=_memory_limit(args),
         state_dir=args.state_dir,
         rootfs=args.rootfs,
         user=args.user,
         volumes=args.volume,
         env=parse_env(args.env),
         workdir=args.workdir,
-        ids=args.ids,
+        ids=args.ids or OWN,
     )
     if not args.json:
         inside = status.init_ns_pid or "-"
@@ -197,33 +204,39 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
-    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    try:
-        limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    who = privilege.caller()
+    asked_for = privilege.RunOptions(
+        rootfs=args.rootfs, user=args.user, volumes=tuple(args.volume), ids=args.ids, state_dir=args.state_dir
+    )
+    request = privilege.job_request(who, args.name, args.dir, asked_for)
+    options = request.options
     preempting = _signal(args.signal)
-    # Slurm says how long a job has after each signal; --grace overrides both.
-    after_term = args.grace if args.grace is not None else slurm.grace(signal_is_term=True)
-    after_signal = args.grace if args.grace is not None else slurm.grace(signal_is_term=False)
+    # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
+    as_user = privilege.as_user(who)
+    after_term = args.grace if args.grace is not None else slurm.grace(True, as_user=as_user)
+    after_signal = args.grace if args.grace is not None else slurm.grace(False, as_user=as_user)
     stdio = {name: fd for name, fd in (("stdout", 1), ("stderr", 2)) if stat.S_ISREG(os.fstat(fd).st_mode)}
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     job = kerrickpt.Job(
         args.name,
-        argv,
-        args.dir,
-        state_dir=args.state_dir,
+        _command(args),
+        request.directory,
+        state_dir=options.state_dir,
         every=parse_duration(args.every) if args.every else None,
         grace=after_signal,
         keep=args.keep,
-        events=Events.open(args.events, args.name),
+        events=Events.open(args.events, args.name, opener=lambda path: privilege.open_as(who, path, flags)),
         level=args.level,
-        memory_limit=limit,
-        rootfs=args.rootfs,
-        user=args.user,
-        volumes=args.volume,
+        # Two users' jobs of one name may meet on a node.
+        container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
+        admit=lambda manifest: privilege.check_archive(who, manifest),
+        memory_limit=_memory_limit(args),
+        rootfs=options.rootfs,
+        user=options.user,
+        volumes=options.volumes,
         env=parse_env(args.env),
         workdir=args.workdir,
-        ids=args.ids,
+        ids=options.ids or OWN,
         **stdio,
     )
 
@@ -231,7 +244,7 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         # SIGTERM is both Slurm's requeue and its scancel: Slurm counts a requeue's restart before it signals.
         if signum == preempting and signum != signal.SIGTERM:
             job.preempt()
-        elif signum == signal.SIGTERM and slurm.is_requeue():
+        elif signum == signal.SIGTERM and slurm.is_requeue(as_user=as_user):
             job.preempt(after_term)
         else:
             job.cancel(signum)
@@ -629,7 +642,6 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ids",
         choices=ID_MODES,
-        default=OWN,
         help="with --rootfs: a host id range of its own (own, the default) or the host's ids (host: files on "
         "volumes belong to their user; its root and volumes are nosuid)",
     )
@@ -703,7 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"checkpointed on SIGTERM (Slurm's requeue; not scancel) or --signal, then exit {REQUEUE_EXIT}",
     )
     p.add_argument("--name", required=True, help="the job's name: its checkpoint is DIR/NAME.kckpt")
-    p.add_argument("--dir", required=True, metavar="DIR", help="where its checkpoint is kept (shared by the nodes)")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where its checkpoint is kept, on storage the nodes share (root only; default and for users: "
+        "the site's directory, see /etc/kerrickpt/jobs.toml)",
+    )
     p.add_argument(
         "--signal", default="TERM", metavar="SIG", help="also checkpoint and stop on this signal (e.g. USR1)"
     )
