@@ -4,6 +4,8 @@ grow on until the checkpoint, and a restore continues them in the files it is ha
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,11 +14,17 @@ import pytest
 
 import kerrickpt
 from kerrickpt import containers, criuopts
+from kerrickpt.localnodes import Cluster
 from tests.helpers import assert_consecutive, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
 COUNT = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
+RUN_ON_NODE = """
+import os, sys, kerrickpt
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+kerrickpt.run(sys.argv[1], ["sh", "-c", sys.argv[3]], stdout=fd, stderr=fd)
+"""
 KINDS = pytest.mark.parametrize("rootfs", [None, "host"], ids=["plain", "confined"])
 
 
@@ -124,3 +132,27 @@ def test_a_pipe_is_refused_as_output(state_dir: Path, tmp_path: Path) -> None:
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def test_a_migrated_container_writes_on_into_its_log_on_the_target(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = cluster.nodes
+    out = tmp_path / "a.out"
+    name = unique_name("io")
+    started = subprocess.run(
+        # A caller of the Python API on node a (in its network namespace: CRIU dumps no other).
+        ["nsenter", f"--net=/run/netns/{a.netns}", sys.executable, "-c", RUN_ON_NODE, name, str(out), COUNT],
+        env={**os.environ, **a.env()},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    growing(out)
+
+    # The source's file keeps growing as the target's preflight looks: it is none of the target's business.
+    moved = a.kerrickpt("migrate", name, *cluster.migrate_args(b), "--json")
+
+    assert moved.returncode == 0, moved.stderr
+    log = log_of(b.state_dir, name)
+    growing(log)
+    assert_consecutive(counted(out) + counted(log))
