@@ -103,6 +103,25 @@ def test_restored_without_files_it_writes_on_into_its_log(state_dir: Path, tmp_p
     assert result.warnings == []
 
 
+@KINDS
+def test_a_snapshot_leaves_the_file_to_the_container_and_its_copy_takes_another(
+    state_dir: Path, tmp_path: Path, rootfs: str | None
+) -> None:
+    a, b = tmp_path / "a.out", tmp_path / "b.out"
+    name = run_counter(state_dir, a, rootfs)
+    (tmp_path / "store").mkdir()
+    taken = kerrickpt.snapshot(name, tmp_path / "store", state_dir=state_dir).snapshot
+    with opened(b) as fd:
+        kerrickpt.restore(taken.path, name=f"{name}-copy", state_dir=state_dir, stdout=fd, stderr=fd)
+    growing(b)
+
+    copied = counted(b)
+    assert_consecutive(copied)
+    assert copied[0] - 1 in counted(a), "the copy counts on from the snapshot"
+    growing(a, beyond=copied[0])  # and the container, running on, into its own file
+    assert_consecutive(counted(a))
+
+
 def test_a_file_appended_to_between_checkpoint_and_restore_takes_the_rest(state_dir: Path, tmp_path: Path) -> None:
     a = tmp_path / "a.out"
     name = run_counter(state_dir, a, None)
