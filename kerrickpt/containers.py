@@ -99,7 +99,8 @@ class Container:
 @dataclass(frozen=True)
 class ContainerStatus:
     """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init,
-    and a `damaged` one (its record is unreadable) nothing but its name."""
+    and a `damaged` one (its record is unreadable) nothing but its name. `ids` is a confined container's
+    (confinement.OWN or HOST), None for one that shares the node's users."""
 
     name: str
     state: str
@@ -111,6 +112,7 @@ class ContainerStatus:
     cgroup: list[str]
     log: str | None
     created: str | None
+    ids: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -246,6 +248,8 @@ def run(
     volumes: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    ids: str = confinement.OWN,
+    cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
 ) -> ContainerStatus:
@@ -256,12 +260,15 @@ def run(
 
     With `rootfs` (a directory, or confinement.HOST_ROOT) it is confined: its own root (an overlay of
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
-    own; the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in."""
+    own (`ids` "own") or the host's ids themselves ("host": no range claimed, its root and volumes
+    nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
+    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own)."""
     if not argv:
         raise UsageError("no command given to run")
-    if rootfs is None and (user or volumes or env or workdir):
-        raise UsageError("--user, --volume, --env and --workdir need a root of the container's own (--rootfs)")
+    if ids not in confinement.ID_MODES:
+        raise UsageError(f"--ids {ids}: give one of {', '.join(confinement.ID_MODES)}")
+    if rootfs is None and (user or volumes or env or workdir or ids != confinement.OWN):
+        raise UsageError("--user, --volume, --env, --workdir and --ids need a root of the container's own (--rootfs)")
     given = stdio.Given.of(stdout, stderr)
     registry = Registry(state_dir)
     registry.reserve(name)
@@ -269,12 +276,12 @@ def run(
     try:
         confined = None
         if rootfs is not None:
-            ids = idranges.claim(registry, name, isolation.id_pool())
+            bases = idranges.claim(registry, name, isolation.id_pool()) if ids == confinement.OWN else None
             confined = confinement.confine(
-                name, argv[0], rootfs, ids, user=user, volumes=volumes, env=env, workdir=workdir
+                name, argv[0], rootfs, bases, user=user, volumes=volumes, env=env, workdir=workdir
             )
         try:
-            group = cgroups.create(cgroups.detect(), name, memory_limit)
+            group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)
         except FileExistsError:
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         layer = None
@@ -338,6 +345,7 @@ def status(container: Container) -> ContainerStatus:
         cgroup=container.cgroup,
         log=container.log,
         created=container.created,
+        ids=container.confinement.id_mode if container.confinement else None,
     )
 
 

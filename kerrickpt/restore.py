@@ -7,7 +7,7 @@ import dataclasses
 import fnmatch
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -76,6 +76,7 @@ def restore(
     pid_namespace: str = "new",
     watcher: postcopy.Watcher | None = None,
     bases: Sequence[Path] = (),
+    cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
 ) -> RestoreResult:
@@ -90,7 +91,8 @@ def restore(
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
     archive lacks comes through it after this returns. A snapshot that carries only what changed in its
     file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
-    (Store.chain resolves them); without them it is refused (UsageError).
+    (Store.chain resolves them); without them it is refused (UsageError). Its cgroups go beneath
+    `cgroup_parents` if given (see cgroups.own).
 
     A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
     regular files open at `stdout` and `stderr` in their place, or without them its log here.
@@ -131,7 +133,7 @@ def restore(
         name = containers.check_name(name or manifest.name)
         # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
         layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
-        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
+        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
             init_pid = _restore_as(
                 registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
@@ -184,7 +186,7 @@ def _restore_as(
     log_fd: int | None = None
     try:
         try:
-            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
+            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
@@ -265,13 +267,15 @@ def _confine(
     feed: feeder.Feed | None,
     layers: list[layerchain.Delta],
 ) -> Confinement:
-    """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it: from the unpacked archive (`layers`: its own over the chain it builds on), or read from
-    the archive's start (its first file) while the rest waits for CRIU."""
+    """Give a confined container its id range here (the one it had, if free; none for host ids, which stay the
+    host's) and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
+    the chain it builds on), or read from the archive's start (its first file) while the rest waits for CRIU."""
     archived = manifest.confinement
     assert archived is not None
-    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
-    confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
+    confined = archived
+    if not archived.host_ids:
+        ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+        confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
     if member is None:
         raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
@@ -279,8 +283,11 @@ def _confine(
     target.create(confined)
     images = scratch / "images"
     owners = (confined.uid_base, confined.gid_base, confined.ids)
+    ids = (confined.uid_base, confined.gid_base)
+    remap = not confined.host_ids  # host ids: the images hold the identity map, as true here as where it was
     if feed is None:
-        idranges.remap_images(images, *ids)
+        if remap:
+            idranges.remap_images(images, *ids)
         with layers[0].tar.open("rb") as fh:
             layer.unpack(fh, target.upper, *owners)
         for delta in layers[1:]:
@@ -288,7 +295,8 @@ def _confine(
                 layer.apply(fh, delta.removed, target.upper, *owners)
         shared = [images, *images.iterdir()]
     else:
-        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        if remap:
+            feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
         with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
             layer.unpack(cast(BinaryIO, fh), target.upper, *owners)
             fh.finish()

@@ -31,6 +31,7 @@ class Plan:
     timeout: float | None = None  # for CRIU's restore: limits.RESTORE unless a streamed restore's own
     confinement: Confinement | None = None  # a confined container's, its layer unpacked at `layer`
     layer: rootfs.Layer | None = None
+    cgroup_parents: Mapping[Path, Path] | None = None  # where its cgroups go (see cgroups.own); None: the node's
 
 
 class Helper:

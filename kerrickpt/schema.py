@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from kerrickpt.confinement import HOST_IDS, RANGE
 from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
 
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class Confinement(msgspec.Struct):
     rootfs: str
     uid_base: Count
     gid_base: Count
-    ids: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 1 << 16
+    ids: Annotated[int, msgspec.Meta(ge=1, le=HOST_IDS)] = RANGE
     uid: Count = 0
     gid: Count = 0
     groups: list[Count] = []
@@ -95,6 +96,10 @@ class Confinement(msgspec.Struct):
     env: dict[str, str] = {}
     workdir: str = "/"
     idmapped_lower: bool = False  # absent from archives made before idmapped lower layers
+
+    def __post_init__(self) -> None:
+        if self.ids > RANGE and (self.ids, self.uid_base, self.gid_base) != (HOST_IDS, 0, 0):
+            raise ValueError(f"a container has {RANGE} ids or less of its own, or the host's (all {HOST_IDS} from 0)")
 
 
 Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
