@@ -54,9 +54,11 @@ def run_counter(state_dir: Path, out: Path, rootfs: str | None) -> str:
     return name
 
 
-def restore_into(archive: Path, state_dir: Path, out: Path) -> None:
-    with opened(out) as fd:
-        kerrickpt.restore(archive, state_dir=state_dir, stdout=fd, stderr=fd)
+def restore_into(archive: Path, state_dir: Path, out: Path, *, unpacked: bool = False) -> None:
+    """Restore with `out` as the container's output: streamed into CRIU from the archive file (CRIU's command
+    line), or `unpacked` first, as an archive that comes on a stream is (CRIU's RPC)."""
+    with opened(out) as fd, archive.open("rb") as stream:
+        kerrickpt.restore(stream if unpacked else archive, state_dir=state_dir, stdout=fd, stderr=fd)
 
 
 def log_of(state_dir: Path, name: str) -> Path:
@@ -81,7 +83,7 @@ def test_output_goes_on_in_the_files_a_restore_hands_in(state_dir: Path, tmp_pat
     # The restored container names its new file to the next checkpoint.
     kerrickpt.checkpoint(name, tmp_path / "2.kckpt", state_dir=state_dir)
     middle = counted(b)
-    restore_into(tmp_path / "2.kckpt", state_dir, c)
+    restore_into(tmp_path / "2.kckpt", state_dir, c, unpacked=True)
     growing(c)
     assert_consecutive(before + middle + counted(c))
     assert counted(b) == middle
