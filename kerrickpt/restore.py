@@ -31,6 +31,7 @@ from kerrickpt import (
     progress,
     restorer,
     rootfs,
+    stdio,
     sysvipc,
 )
 from kerrickpt.confinement import Confinement
@@ -76,6 +77,8 @@ def restore(
     watcher: postcopy.Watcher | None = None,
     bases: Sequence[Path] = (),
     cgroup_parents: Mapping[Path, Path] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -90,14 +93,23 @@ def restore(
     file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
     (Store.chain resolves them); without them it is refused (UsageError). Its cgroups go beneath
     `cgroup_parents` if given (see cgroups.own).
+
+    A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
+    regular files open at `stdout` and `stderr` in their place, or without them its log here.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
+    checked = stdio.Given.of(stdout, stderr)
     registry = containers.Registry(state_dir)
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
     handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
-    helper = restorer.Helper()  # its Python starts while the archive is read
+    given = checked.copies()  # the helper gets them at its start, at these numbers
+    try:
+        helper = restorer.Helper(given.fds)  # its Python starts while the archive is read
+    except BaseException:
+        given.close()
+        raise
     try:
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
@@ -123,15 +135,18 @@ def restore(
         layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers)
+            init_pid = _restore_as(
+                registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
+            )
         handed_over = watcher is not None
     finally:
         helper.close()
+        given.close()
         if not handed_over:
             shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
     pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(group.pids())}
-    warnings = [d.message for d in verdict.differences]
+    warnings = [d.message for d in verdict.differences] + given.unused(manifest.stdio)
     return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings)
 
 
@@ -164,6 +179,7 @@ def _restore_as(
     feed: feeder.Feed | None,
     helper: restorer.Helper,
     layers: list[layerchain.Delta],
+    given: stdio.Given,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -176,7 +192,7 @@ def _restore_as(
         if manifest.confinement is not None:
             confined = _confine(registry, name, manifest, scratch, feed, layers)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
-        inherit: dict[str, Path] = {}
+        inherit: dict[str, Path | int] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
             # with what the source had written; CRIU hands them this file (the helper opens it) in place of the
@@ -192,6 +208,9 @@ def _restore_as(
                 with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                     shutil.copyfileobj(saved, out)
             inherit[manifest.log_external or manifest.log_path.lstrip("/")] = registry.log_path(name)
+        if manifest.stdio is not None:
+            # The caller's files, or this container's log (opened by the helper, for a confined one shared above).
+            inherit.update(given.inherit(manifest.stdio, registry.log_path(name)))
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
@@ -216,6 +235,7 @@ def _restore_as(
                 migration=migration_id,
                 host_job=manifest.pid_namespace == "host",
                 confinement=plan.confinement,
+                stdio=given.restored(manifest.stdio),
             )
         )
         return init_pid

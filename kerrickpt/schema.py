@@ -121,6 +121,17 @@ class LayerBase(msgspec.Struct):
     index: Digest
 
 
+# CRIU's name for an open file (criuopts.fd_key): it goes on CRIU's command line.
+FileKey = Annotated[str, msgspec.Meta(pattern=r"^file\[[0-9a-f]{1,16}:[0-9a-f]{1,16}\]$")]
+
+
+class Stdio(msgspec.Struct):
+    """See stdio.Stdio."""
+
+    stdout: FileKey | None = None
+    stderr: FileKey | None = None
+
+
 class Manifest(msgspec.Struct):
     """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
 
@@ -144,6 +155,7 @@ class Manifest(msgspec.Struct):
     log_external: str | None = None  # CRIU's name for the log of a confined container (criuopts.file_key)
     layer: Layer | None = None
     layer_base: LayerBase | None = None
+    stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).
