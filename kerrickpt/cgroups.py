@@ -155,11 +155,14 @@ class Cgroup:
             return None
 
     def remove(self) -> None:
-        """Kill what is left and remove the directories."""
+        """Kill what is left and remove the directories, with any cgroup made beneath them (a batch job's
+        container beneath the cgroup its job ran in, which a daemon's may be)."""
         existing = Cgroup(tuple(d for d in self.dirs if d.exists()))
         if existing.dirs:
             existing.kill()
         for path in existing.dirs:
+            for child in [p for p in path.iterdir() if p.is_dir()]:
+                Cgroup((child,)).remove()
             _rmdir(path)
 
     def to_list(self) -> list[str]:

@@ -21,7 +21,7 @@ from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
     ContainerNotFoundError,
-    KerrickptError,
+    ExitedAtOnce,
     NotReadyError,
     StateDamagedError,
     UsageError,
@@ -301,7 +301,7 @@ def run(
             outputs.close()
         started = procs.start_time(init_pid)
         if started is None:
-            raise KerrickptError(f"{argv[0]} exited at once; see {registry.log_path(name)}")
+            raise ExitedAtOnce(f"{argv[0]} exited at once; see {registry.log_path(name)}", pid=init_pid)
         container = Container(
             name=name,
             cgroup=group.to_list(),

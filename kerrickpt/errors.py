@@ -146,6 +146,14 @@ class SourceNotEnded(KerrickptError):
     exit_code = 18
 
 
+class ExitedAtOnce(KerrickptError):
+    """The container's command exited as it started (`pid`, its init, whose exit status its parent may reap)."""
+
+    def __init__(self, message: str, *, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 class ContainerDamaged(KerrickptError):
     """CRIU was stopped, or died, while its code may have been inside the container's processes:
     they may not run correctly, so the container is left frozen for the operator to end (or thaw)."""

@@ -21,7 +21,14 @@ from typing import Any
 
 from kerrickpt import archive, cgroups, command, containers
 from kerrickpt.containers import run as run_container
-from kerrickpt.errors import ArchiveCorruptError, BusyError, KerrickptError, StateDamagedError, UsageError
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    BusyError,
+    ExitedAtOnce,
+    KerrickptError,
+    StateDamagedError,
+    UsageError,
+)
 from kerrickpt.events import Events
 from kerrickpt.manifest import Manifest
 from kerrickpt.restore import restore
@@ -142,7 +149,10 @@ class Job:
         self._clear_stale(registry)
         parents = cgroups.own(cgroups.detect()) if self.in_own_cgroup else None
         try:
-            init, resumed = self._resume_or_start(parents)
+            try:
+                init, resumed = self._resume_or_start(parents)
+            except ExitedAtOnce as exc:
+                return self._exited(exc.pid, resumed=False)
             return self._supervise(init, resumed)
         except BaseException:
             self._end_container()  # its job is over: never leave it running unwatched
@@ -228,7 +238,7 @@ class Job:
 
     def _exited(self, init: int, resumed: bool) -> JobResult:
         code = _reap(init)
-        containers.kill(self.container, self.state_dir)
+        self._end_container()
         if not self.keep:
             for path in self._checkpoints():
                 path.unlink(missing_ok=True)

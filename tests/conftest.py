@@ -17,6 +17,7 @@ from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
 WORKLOAD_SOURCE = Path(__file__).parent / "workload" / "ipcworkload.c"
+JOBCOUNT_SOURCE = Path(__file__).parent / "workload" / "jobcount.c"
 MEMLOAD_SOURCE = Path(__file__).parent.parent / "bench" / "memload.c"
 
 
@@ -102,6 +103,14 @@ def memload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The benchmark's workload (fills N MiB and verifies them on SIGUSR1), compiled for this run."""
     binary = tmp_path_factory.mktemp("memload") / "memload"
     subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(MEMLOAD_SOURCE)], check=True)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def jobcount(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The counting job of the job tests (memory, SysV shm and a semaphore in step), compiled for this run."""
+    binary = tmp_path_factory.mktemp("jobcount") / "jobcount"
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(JOBCOUNT_SOURCE)], check=True)
     return binary
 
 

@@ -47,6 +47,15 @@ def ticks(text: str) -> list[int]:
     return [int(m.group(1)) for m in TICK.finditer(text)]
 
 
+COUNT = re.compile(r"^count (\d+)$", re.M)
+
+
+def counts(text: str) -> list[int]:
+    """The counts the job tests' jobcount printed."""
+    assert "MISMATCH" not in text, text
+    return [int(n) for n in COUNT.findall(text)]
+
+
 def assert_consecutive(numbers: list[int]) -> None:
     assert numbers, "no ticks"
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the counter skipped or was reset"

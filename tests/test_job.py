@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -17,27 +16,9 @@ import pytest
 import kerrickpt
 from kerrickpt import archive
 from kerrickpt.events import Events
-from tests.helpers import KERRICKPT, cli_env, unique_name, wait_for
+from tests.helpers import KERRICKPT, cli_env, counts, unique_name, wait_for
 
 pytestmark = pytest.mark.root
-
-JOBCOUNT_SOURCE = Path(__file__).parent / "workload" / "jobcount.c"
-COUNT = re.compile(r"^count (\d+)$", re.M)
-
-
-@pytest.fixture(scope="session")
-def jobcount(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The counting job (memory, SysV shm and a semaphore in step), compiled for this run."""
-    directory = tmp_path_factory.mktemp("jobcount")
-    directory.chmod(0o755)  # Slurm's jobs run it as the test user
-    binary = directory / "jobcount"
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(JOBCOUNT_SOURCE)], check=True)
-    return binary
-
-
-def counts(text: str) -> list[int]:
-    assert "MISMATCH" not in text, text
-    return [int(n) for n in COUNT.findall(text)]
 
 
 class Running:
@@ -117,8 +98,11 @@ def test_a_command_that_ends_by_itself_passes_its_exit_code_and_leaves_no_checkp
 
 def test_a_command_ended_by_a_signal_exits_128_plus_its_number(tmp_path: Path, state_dir: Path) -> None:
     name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
-    with running(job_args(name, directory, log, "--", "/bin/sh", "-c", "kill -KILL $$"), out, state_dir) as job:
-        assert job.end() == 128 + signal.SIGKILL
+    # A fault's signal ends even a PID namespace's init, which a kill from inside would not.
+    crash = ["/usr/bin/python3", "-c", "import ctypes, time; time.sleep(0.5); ctypes.string_at(0)"]
+    with running(job_args(name, directory, log, "--", *crash), out, state_dir) as job:
+        assert job.end() == 128 + signal.SIGSEGV
+    assert events(log)[-1]["exit_code"] == 128 + signal.SIGSEGV
 
 
 def test_sigint_ends_the_job_without_a_checkpoint_and_keeps_the_last_one(
@@ -227,3 +211,10 @@ def test_the_python_api_preempts_and_resumes_a_job_from_another_thread(
     assert (second.ended, second.resumed) == ("cancelled", True)
     numbers = counts(out_path.read_text())
     assert numbers == list(range(1, len(numbers) + 1))
+
+
+def test_a_command_that_exits_as_it_starts_passes_its_exit_code(tmp_path: Path, state_dir: Path) -> None:
+    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    with running(job_args(name, directory, log, "--", "/bin/sh", "-c", "exit 3"), out, state_dir) as job:
+        assert job.end() == 3
+    assert kinds(log) == ["exited"] and not kerrickpt.ps(state_dir)
