@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kerrickpt import cgroups, command, criu
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
@@ -37,6 +37,9 @@ SAMPLE_INTERVAL = 0.02
 # hide the host's path.
 BIN = "/opt/kerrickpt-bench"
 LAYER_FILE = "/var/tmp/layer"  # what a confined workload writes first, in its own layer
+
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -170,6 +173,8 @@ class Lab:
         self.cluster: Cluster | None = None
         self.criu = criu.locate()
         self._serial = 0
+        self._baselines: dict[str, Any] = {}
+        self._teardown = contextlib.ExitStack()
 
     def __enter__(self) -> Lab:
         try:
@@ -182,6 +187,9 @@ class Lab:
             (self.root / "bin").mkdir(mode=0o755)  # any user may read it: a confined container's root is not root
             self.binary = self.root / "bin" / "memload"
             run(["gcc", "-O2", "-static", "-o", str(self.binary), str(SOURCE)], timeout=120)
+            # DMTCP preloads itself into the programs it runs: the job case's workload is linked dynamically.
+            self.dynamic_binary = self.root / "bin" / "memload-dynamic"
+            run(["gcc", "-O2", "-o", str(self.dynamic_binary), str(SOURCE)], timeout=120)
             self.cluster = Cluster(2)
         except BaseException:
             self.close()
@@ -193,6 +201,7 @@ class Lab:
 
     def close(self) -> None:
         try:
+            self._teardown.close()
             if self.cluster is not None:
                 self.cluster.close()
         finally:
@@ -200,6 +209,13 @@ class Lab:
             if self.mounted:
                 run(["umount", str(self.root)], timeout=60)
             os.rmdir(self.root)
+
+    def baseline(self, name: str, setup: Callable[[], contextlib.AbstractContextManager[T]]) -> T:
+        """A baseline tool (DMTCP) set up by `setup` on its first use in the run, torn down with the lab."""
+        if name not in self._baselines:
+            self._baselines[name] = self._teardown.enter_context(setup())
+        value: T = self._baselines[name]
+        return value
 
     @property
     def nodes(self) -> tuple[Node, Node]:

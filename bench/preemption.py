@@ -1,0 +1,152 @@
+"""Owns the job case: one workload preempted and requeued under `kerrickpt job`, and the same under DMTCP.
+
+Three numbers each, as a Slurm job sees them: from the preemption signal until the
+checkpoint is complete, the checkpoint's size, and from the requeued job's start until the
+workload runs again. The workload counts its wake-ups into a file (memload --ticks); the
+count is zeroed before the restart, so the first non-zero count is the restored workload
+running. Both run the same dynamically linked memload (DMTCP preloads itself into it) with
+its output appended to a log, and the restored workload's memory is verified as in every case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import dmtcp
+from bench.lab import MIB, READY, BenchError, Lab, removed, timeout_for, verify, wait_for_line
+from kerrickpt.localnodes import kerrickpt_path
+
+REQUEUE_EXIT = 85  # `kerrickpt job`: checkpointed, requeue me
+TICKS_ZERO = b"0" * 20 + b"\n"  # what memload writes, at count 0: the file keeps its size
+
+
+def parse_ticks(text: str) -> int:
+    """memload's count from its ticks file; 0 for a file it has not written yet."""
+    return int(text) if text.strip() else 0
+
+
+def parse_events(text: str) -> list[dict[str, Any]]:
+    """The events `kerrickpt job --events` appended, one JSON object a line, oldest first."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def last_event(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for event in reversed(events):
+        if event.get("event") == name:
+            return event
+    raise BenchError(f"kerrickpt job logged no {name!r} event; it logged {[e.get('event') for e in events]}")
+
+
+def workload(lab: Lab, mib: int, kind: str, work: Path) -> list[str]:
+    """memload counting into work/ticks, its output appended to work/log (a file it opens itself, so a restored
+    copy writes on there whatever the restorer does with its own output)."""
+    memload = [str(lab.dynamic_binary), "--ticks", str(work / "ticks"), str(mib), kind]
+    return ["/bin/sh", "-c", f"exec {shlex.join(memload)} >>{shlex.quote(str(work / 'log'))} 2>&1"]
+
+
+def wait_running(ticks: Path, timeout: float) -> float:
+    """Poll the ticks file every 5 ms until its count is above 0; the monotonic time it was first seen so."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if parse_ticks(ticks.read_text()) > 0:
+                return time.monotonic()
+        if time.monotonic() > deadline:
+            raise BenchError(f"the workload did not count in {ticks} within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+def holder(ticks: Path) -> int:
+    """The PID of the process holding the ticks file open: the restored workload, whatever restored it."""
+    target = str(ticks)
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            fds = Path(f"/proc/{pid}/fd")
+            if any(os.readlink(fds / fd) == target for fd in os.listdir(fds)):
+                return pid
+    raise BenchError(f"no process holds {ticks} open")
+
+
+def started(lab: Lab, work: Path, mib: int) -> str:
+    """Wait until the workload filled its memory and counts; the memory's sum it reported."""
+    expected = wait_for_line(work / "log", READY, 0, timeout_for(mib)).group(1)
+    wait_running(work / "ticks", timeout_for(mib))
+    return expected
+
+
+def resumed(work: Path, expected: str, mib: int, restart_at: float) -> tuple[float, bool]:
+    """Seconds from `restart_at` until the restored workload counts, and whether its memory is as written."""
+    running_at = wait_running(work / "ticks", timeout_for(mib))
+    return running_at - restart_at, verify(work / "log", holder(work / "ticks"), expected, mib)
+
+
+def under_dmtcp(lab: Lab, mib: int, kind: str) -> tuple[dict[str, float], dict[str, bool]]:
+    """dmtcp_launch, `dmtcp_command --bcheckpoint`, the whole computation killed, dmtcp_restart."""
+    tool = lab.baseline("dmtcp", dmtcp.baseline)
+    limit = timeout_for(mib)
+    with lab.scratch("dmtcp") as work, contextlib.ExitStack() as cleanup:
+        work.chmod(0o700)
+        cleanup.callback(tool.kill_all)
+        session = dmtcp.Session(tool, work)
+        session.launch(workload(lab, mib, kind, work), work / "dmtcp.log")
+        expected = started(lab, work, mib)
+        checkpoint_s = session.checkpoint(limit)
+        size = session.image_bytes()
+        tool.kill_all()  # preempted: the job and its coordinator end
+        (work / "ticks").write_bytes(TICKS_ZERO)
+        restart_at = time.monotonic()
+        session.restart(work / "dmtcp.log")
+        resume_s, ok = resumed(work, expected, mib, restart_at)
+    return ({"dmtcp.checkpoint_s": checkpoint_s, "dmtcp.image_mib": size / MIB, "dmtcp.resume_s": resume_s},
+            {"dmtcp.restart": ok})  # fmt: skip
+
+
+def under_kerrickpt(lab: Lab, mib: int, kind: str) -> tuple[dict[str, float], dict[str, bool]]:
+    """`kerrickpt job` on node a, SIGTERM until it exits 85, then `kerrickpt job` again with the same name and dir."""
+    node = lab.nodes[0]
+    limit = timeout_for(mib)
+    with lab.scratch("job") as work, removed(node, work.name):
+        work.chmod(0o700)
+        name = work.name
+        events = work / "events.jsonl"
+        argv = ["nsenter", f"--net=/run/netns/{node.netns}", kerrickpt_path(), "job", "--name", name,
+                "--dir", str(work / "dir"), "--events", str(events), "--", *workload(lab, mib, kind, work)]  # fmt: skip
+        env = {**os.environ, **node.env()}
+        with _job(argv, env, work / "job.log") as first:
+            expected = started(lab, work, mib)
+            preempted_at = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            code = first.wait(timeout=limit)
+            checkpoint_s = time.monotonic() - preempted_at
+        if code != REQUEUE_EXIT:
+            raise BenchError(f"kerrickpt job exited {code} after SIGTERM, not {REQUEUE_EXIT}:\n"
+                             f"{(work / 'job.log').read_text()[-2000:]}")  # fmt: skip
+        checkpointed = last_event(parse_events(events.read_text()), "checkpointed")
+        (work / "ticks").write_bytes(TICKS_ZERO)
+        restart_at = time.monotonic()
+        with _job(argv, env, work / "job.log"):
+            resume_s, ok = resumed(work, expected, mib, restart_at)
+            last_event(parse_events(events.read_text()), "restored")  # not a fresh start
+    return ({"job.checkpoint_s": checkpoint_s, "job.archive_mib": checkpointed["archive_bytes"] / MIB,
+             "job.resume_s": resume_s}, {"job.restore": ok})  # fmt: skip
+
+
+@contextlib.contextmanager
+def _job(argv: list[str], env: dict[str, str], log: Path) -> Any:
+    """`kerrickpt job` in the foreground as a batch script runs it; killed (no checkpoint) if still running after."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
