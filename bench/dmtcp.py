@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.lab import BenchError, run
+from bench.lab import BenchError, Runner, run
 from kerrickpt import cgroups, command
 
 BUILD = Path(__file__).with_name("dmtcp-build")
@@ -44,11 +44,12 @@ class Dmtcp:
     def argv(self, program: str, *args: str) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{NETNS}", str(self.prefix / "bin" / program), *args]
 
-    def start(self, argv: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    def start(self, argv: Sequence[str], log: Path, cwd: Path) -> Runner:
         """Start `argv` in the cgroup, its output appended to `log`."""
         with log.open("ab") as out:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                    preexec_fn=self._join, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                       preexec_fn=self._join, start_new_session=True)  # fmt: skip
+        return Runner(process, log)
 
     def _join(self) -> None:  # pragma: no cover - runs in the child before exec
         self.group.add(os.getpid())
@@ -85,7 +86,7 @@ class Session:
     def images(self) -> Path:
         return self.work / "images"
 
-    def launch(self, workload: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    def launch(self, workload: Sequence[str], log: Path) -> Runner:
         """`dmtcp_launch` of the workload (gzip images, DMTCP's default) with a new coordinator on a free port."""
         self.images.mkdir(mode=0o700)
         (self.work / "tmp").mkdir(mode=0o700)
@@ -102,7 +103,7 @@ class Session:
             raise BenchError(f"DMTCP wrote no {IMAGE_GLOB} into {self.images}")
         return sum(p.stat().st_size for p in images)
 
-    def restart(self, log: Path) -> subprocess.Popen[bytes]:
+    def restart(self, log: Path) -> Runner:
         """`dmtcp_restart` of the images with a new coordinator, as a requeued job would run it."""
         images = [str(p) for p in sorted(self.images.rglob(IMAGE_GLOB))]
         return self.dmtcp.start(self.dmtcp.argv("dmtcp_restart", *self._coordinator("restart"), *images), log,

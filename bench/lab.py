@@ -342,14 +342,32 @@ def json_of(node: Node, *args: str) -> Any:
     return kerrickpt(node, *args, timeout=60)[0]
 
 
-def wait_for_line(path: Path, pattern: re.Pattern[str], offset: int, timeout: float) -> re.Match[str]:
-    """The first line matching `pattern` that `path` gains past byte `offset`."""
+@dataclass
+class Runner:
+    """A program started in the background, its output going to `log`."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def check(self) -> None:
+        """BenchError with the log's tail if the program has ended: what it was to start will never come."""
+        if (code := self.process.poll()) is not None:
+            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
+
+
+def wait_for_line(
+    path: Path, pattern: re.Pattern[str], offset: int, timeout: float, *, runner: Runner | None = None
+) -> re.Match[str]:
+    """The first line matching `pattern` that `path` gains past byte `offset`; gives up early if `runner` (what
+    runs the program writing `path`) ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError), path.open("rb") as fh:
             fh.seek(offset)
             if match := pattern.search(fh.read().decode(errors="replace")):
                 return match
+        if runner is not None:
+            runner.check()
         time.sleep(0.05)
     raise BenchError(f"{path} did not show {pattern.pattern!r} within {timeout:.0f} s")
 

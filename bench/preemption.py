@@ -17,11 +17,13 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench import dmtcp
-from bench.lab import MIB, READY, BenchError, Lab, removed, timeout_for, verify, wait_for_line
+from bench.lab import MIB, READY, BenchError, Lab, Runner, removed, timeout_for, verify, wait_for_line
+from kerrickpt import command
 from kerrickpt.localnodes import kerrickpt_path
 
 REQUEUE_EXIT = 85  # `kerrickpt job`: checkpointed, requeue me
@@ -52,13 +54,14 @@ def workload(lab: Lab, mib: int, kind: str, work: Path) -> list[str]:
     return ["/bin/sh", "-c", f"exec {shlex.join(memload)} >>{shlex.quote(str(work / 'log'))} 2>&1"]
 
 
-def wait_running(ticks: Path, timeout: float) -> float:
+def wait_running(ticks: Path, timeout: float, runner: Runner) -> float:
     """Poll the ticks file every 5 ms until its count is above 0; the monotonic time it was first seen so."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(FileNotFoundError, ValueError):
             if parse_ticks(ticks.read_text()) > 0:
                 return time.monotonic()
+        runner.check()
         if time.monotonic() > deadline:
             raise BenchError(f"the workload did not count in {ticks} within {timeout:.0f} s")
         time.sleep(0.005)
@@ -75,16 +78,16 @@ def holder(ticks: Path) -> int:
     raise BenchError(f"no process holds {ticks} open")
 
 
-def started(lab: Lab, work: Path, mib: int) -> str:
-    """Wait until the workload filled its memory and counts; the memory's sum it reported."""
-    expected = wait_for_line(work / "log", READY, 0, timeout_for(mib)).group(1)
-    wait_running(work / "ticks", timeout_for(mib))
+def started(work: Path, mib: int, runner: Runner) -> str:
+    """Wait until the workload `runner` started filled its memory and counts; the memory's sum it reported."""
+    expected = wait_for_line(work / "log", READY, 0, timeout_for(mib), runner=runner).group(1)
+    wait_running(work / "ticks", timeout_for(mib), runner)
     return expected
 
 
-def resumed(work: Path, expected: str, mib: int, restart_at: float) -> tuple[float, bool]:
-    """Seconds from `restart_at` until the restored workload counts, and whether its memory is as written."""
-    running_at = wait_running(work / "ticks", timeout_for(mib))
+def resumed(work: Path, expected: str, mib: int, restart_at: float, runner: Runner) -> tuple[float, bool]:
+    """Seconds from `restart_at` until the workload `runner` restores counts, and whether its memory is as written."""
+    running_at = wait_running(work / "ticks", timeout_for(mib), runner)
     return running_at - restart_at, verify(work / "log", holder(work / "ticks"), expected, mib)
 
 
@@ -96,15 +99,15 @@ def under_dmtcp(lab: Lab, mib: int, kind: str) -> tuple[dict[str, float], dict[s
         work.chmod(0o700)
         cleanup.callback(tool.kill_all)
         session = dmtcp.Session(tool, work)
-        session.launch(workload(lab, mib, kind, work), work / "dmtcp.log")
-        expected = started(lab, work, mib)
+        launched = session.launch(workload(lab, mib, kind, work), work / "dmtcp.log")
+        expected = started(work, mib, launched)
         checkpoint_s = session.checkpoint(limit)
         size = session.image_bytes()
         tool.kill_all()  # preempted: the job and its coordinator end
         (work / "ticks").write_bytes(TICKS_ZERO)
         restart_at = time.monotonic()
-        session.restart(work / "dmtcp.log")
-        resume_s, ok = resumed(work, expected, mib, restart_at)
+        restarted = session.restart(work / "dmtcp.log")
+        resume_s, ok = resumed(work, expected, mib, restart_at, restarted)
     return ({"dmtcp.checkpoint_s": checkpoint_s, "dmtcp.image_mib": size / MIB, "dmtcp.resume_s": resume_s},
             {"dmtcp.restart": ok})  # fmt: skip
 
@@ -121,31 +124,31 @@ def under_kerrickpt(lab: Lab, mib: int, kind: str) -> tuple[dict[str, float], di
                 "--dir", str(work / "dir"), "--events", str(events), "--", *workload(lab, mib, kind, work)]  # fmt: skip
         env = {**os.environ, **node.env()}
         with _job(argv, env, work / "job.log") as first:
-            expected = started(lab, work, mib)
+            expected = started(work, mib, first)
             preempted_at = time.monotonic()
-            first.send_signal(signal.SIGTERM)
-            code = first.wait(timeout=limit)
+            first.process.send_signal(signal.SIGTERM)
+            code = first.process.wait(timeout=limit)
             checkpoint_s = time.monotonic() - preempted_at
         if code != REQUEUE_EXIT:
             raise BenchError(f"kerrickpt job exited {code} after SIGTERM, not {REQUEUE_EXIT}:\n"
-                             f"{(work / 'job.log').read_text()[-2000:]}")  # fmt: skip
+                             f"{command.tail_file(work / 'job.log')}")  # fmt: skip
         checkpointed = last_event(parse_events(events.read_text()), "checkpointed")
         (work / "ticks").write_bytes(TICKS_ZERO)
         restart_at = time.monotonic()
-        with _job(argv, env, work / "job.log"):
-            resume_s, ok = resumed(work, expected, mib, restart_at)
+        with _job(argv, env, work / "job.log") as second:
+            resume_s, ok = resumed(work, expected, mib, restart_at, second)
             last_event(parse_events(events.read_text()), "restored")  # not a fresh start
     return ({"job.checkpoint_s": checkpoint_s, "job.archive_mib": checkpointed["archive_bytes"] / MIB,
              "job.resume_s": resume_s}, {"job.restore": ok})  # fmt: skip
 
 
 @contextlib.contextmanager
-def _job(argv: list[str], env: dict[str, str], log: Path) -> Any:
+def _job(argv: list[str], env: dict[str, str], log: Path) -> Iterator[Runner]:
     """`kerrickpt job` in the foreground as a batch script runs it; killed (no checkpoint) if still running after."""
     with log.open("ab") as out:
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield process
+        yield Runner(process, log)
     finally:
         if process.poll() is None:
             process.kill()
