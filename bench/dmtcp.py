@@ -21,8 +21,6 @@ from bench.lab import BenchError, Runner, run
 from kerrickpt import cgroups, command
 
 BUILD = Path(__file__).with_name("dmtcp-build")
-NETNS = "kerrickpt-bench-dmtcp"
-CGROUP = "kerrickpt-bench-dmtcp"
 IMAGE_GLOB = "ckpt_*.dmtcp"  # its images; the restart script beside them is no part of the size
 
 
@@ -39,10 +37,11 @@ class Dmtcp:
     """The built DMTCP, its network namespace and its cgroup (one directory in each hierarchy)."""
 
     prefix: Path
+    netns: str
     group: cgroups.Cgroup
 
     def argv(self, program: str, *args: str) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{NETNS}", str(self.prefix / "bin" / program), *args]
+        return ["nsenter", f"--net=/run/netns/{self.netns}", str(self.prefix / "bin" / program), *args]
 
     def start(self, argv: Sequence[str], log: Path, cwd: Path) -> Runner:
         """Start `argv` in the cgroup, its output appended to `log`."""
@@ -63,16 +62,17 @@ class Dmtcp:
 def baseline() -> Iterator[Dmtcp]:
     """DMTCP, built if needed, with its namespace and cgroup; both removed when the block ends."""
     prefix = build()
+    name = f"kerrickpt-bench-dmtcp-{os.getpid()}"  # of its namespace and cgroup: two runs never share them
     with contextlib.ExitStack() as cleanup:
-        run(["ip", "netns", "add", NETNS], timeout=30)
-        cleanup.callback(run, ["ip", "netns", "del", NETNS], timeout=30)
-        run(["ip", "-n", NETNS, "link", "set", "lo", "up"], timeout=30)
+        run(["ip", "netns", "add", name], timeout=30)
+        cleanup.callback(run, ["ip", "netns", "del", name], timeout=30)
+        run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=30)
         dirs = []
         for root in cgroups.detect().roots():
-            (root / CGROUP).mkdir()
-            dirs.append(root / CGROUP)
-            cleanup.callback(cgroups.Cgroup((root / CGROUP,)).remove)
-        yield Dmtcp(prefix, cgroups.Cgroup(tuple(dirs)))
+            (root / name).mkdir()
+            dirs.append(root / name)
+            cleanup.callback(cgroups.Cgroup((root / name,)).remove)
+        yield Dmtcp(prefix, name, cgroups.Cgroup(tuple(dirs)))
 
 
 @dataclass
