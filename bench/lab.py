@@ -344,14 +344,17 @@ def json_of(node: Node, *args: str) -> Any:
 
 @dataclass
 class Runner:
-    """A program started in the background, its output going to `log`."""
+    """A program started in the background, its output going to `log` (through `copier` if it is not None)."""
 
     process: subprocess.Popen[bytes]
     log: Path
+    copier: threading.Thread | None = None
 
     def check(self) -> None:
         """BenchError with the log's tail if the program has ended: what it was to start will never come."""
         if (code := self.process.poll()) is not None:
+            if self.copier is not None:
+                self.copier.join(timeout=10)
             raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
 
 

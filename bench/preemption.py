@@ -16,10 +16,11 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bench import dmtcp
 from bench.lab import MIB, READY, BenchError, Lab, Runner, removed, timeout_for, verify, wait_for_line
@@ -144,12 +145,27 @@ def under_kerrickpt(lab: Lab, mib: int, kind: str) -> tuple[dict[str, float], di
 
 @contextlib.contextmanager
 def _job(argv: list[str], env: dict[str, str], log: Path) -> Iterator[Runner]:
-    """`kerrickpt job` in the foreground as a batch script runs it; killed (no checkpoint) if still running after."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    """`kerrickpt job` in the foreground as a batch script runs it; killed (no checkpoint) if still running after.
+
+    Its output comes through a pipe, copied to `log`: the workload writes a log of its own, and with a regular file
+    for stdout `kerrickpt job` would hand that file to the container (Slurm's case), a step this case leaves out.
+    """
+    process = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    copier = threading.Thread(target=_copy, args=(process.stdout, log), daemon=True)
+    copier.start()
     try:
-        yield Runner(process, log)
+        yield Runner(process, log, copier)
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=60)
+        process.wait(timeout=60)
+        copier.join(timeout=60)
+
+
+def _copy(source: IO[bytes], log: Path) -> None:
+    with source, log.open("ab", buffering=0) as out:
+        for line in source:
+            out.write(line)
