@@ -31,6 +31,7 @@ from kerrickpt.errors import (
 )
 from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
+from kerrickpt.job import REQUEUE_EXIT, Job, JobResult, job
 from kerrickpt.lock import Holder
 from kerrickpt.logs import logs
 from kerrickpt.manifest import Manifest
@@ -45,6 +46,7 @@ from kerrickpt.store import Snapshot, Store
 __all__ = [
     "CHECKPOINT_LEVEL",
     "DEFAULT_LEVEL",
+    "REQUEUE_EXIT",
     "ArchiveCorruptError",
     "ArchiveInfo",
     "BusyError",
@@ -60,6 +62,8 @@ __all__ = [
     "Holder",
     "HostError",
     "Interrupted",
+    "Job",
+    "JobResult",
     "KerrickptError",
     "Leftover",
     "Manifest",
@@ -89,6 +93,7 @@ __all__ = [
     "exec_in",
     "gc",
     "inspect",
+    "job",
     "kill",
     "logs",
     "migrate",

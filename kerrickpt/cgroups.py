@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,15 +194,18 @@ def parent_name() -> str:
     return os.environ.get(PARENT_ENV) or DEFAULT_PARENT
 
 
-def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup:
-    """Make the container's cgroup in every hierarchy used, with its memory limit."""
+def create(
+    layout: Layout, name: str, memory_limit: int | None = None, parents: Mapping[Path, Path] | None = None
+) -> Cgroup:
+    """Make the container's cgroup in every hierarchy used, with its memory limit: beneath this node's
+    parent, or beneath `parents` (hierarchy root -> cgroup there, see `own`)."""
     roots = layout.roots()
     if not roots:
         raise KerrickptError("no cgroup hierarchy is mounted on this host")
     dirs: list[Path] = []
     try:
         for root in roots:
-            parent = root / parent_name()
+            parent = parents[root] if parents is not None else root / parent_name()
             parent.mkdir(exist_ok=True)
             if root == layout.unified and memory_limit is not None and layout.memory is None:
                 _enable_controller(root, parent, "memory")
@@ -216,6 +220,25 @@ def create(layout: Layout, name: str, memory_limit: int | None = None) -> Cgroup
         for path in reversed(dirs):
             path.rmdir()
         raise
+
+
+def own(layout: Layout, table: Path = Path("/proc/self/cgroup")) -> dict[Path, Path]:
+    """The cgroup this process is in, in each hierarchy kerrickpt uses: a batch job's own, which the
+    scheduler accounts, limits and ends (containers made beneath them stay the job's)."""
+    paths: dict[str, str] = {}
+    for line in table.read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    wanted = {layout.unified: "", layout.freezer: "freezer", layout.memory: "memory"}
+    found: dict[Path, Path] = {}
+    for root, controller in wanted.items():
+        if root is None:
+            continue
+        if controller not in paths:
+            raise KerrickptError(f"this process is in no cgroup of the {controller or 'unified'} hierarchy")
+        found[root] = root / paths[controller].lstrip("/")
+    return found
 
 
 def _enable_controller(root: Path, parent: Path, controller: str) -> None:

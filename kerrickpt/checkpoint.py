@@ -217,6 +217,8 @@ def capture(
         _refuse_what_cannot_travel(group)
     # Its log is opened on the host's side, where this process sees it too (see criuopts.file_key).
     log_external = criuopts.file_key(Path(container.log)) if confined and container and container.log else None
+    # Its caller's files, which grow on: named only, so that a restore hands in the files to go on with.
+    stdio = container.stdio if container else None
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -261,6 +263,7 @@ def capture(
                 dump_started = time.monotonic()
                 cgroup = str(freezer.path)
                 external = criuopts.dump_externals(confined, log_external) if confined else []
+                external += stdio.keys if stdio else []
                 if lazy is not None:
                     lazy.dump(pids[0], images, cgroup, shell_job, external)
                 elif thaw_after_dump:
@@ -300,6 +303,7 @@ def capture(
                     log_start=tail.start if tail else 0,
                     confinement=confined,
                     log_external=log_external,
+                    stdio=stdio,
                     layer=layerchain.identity(lineage, index) if lineage and index else None,
                     layer_base=base.as_base() if base else None,
                 )

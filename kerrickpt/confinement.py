@@ -14,6 +14,11 @@ from kerrickpt.errors import UsageError
 
 HOST_ROOT = "host"  # --rootfs host: an overlay of the node's own root file system
 RANGE = 65536  # the ids a container has: root (0) to nobody (65534) and 65535
+# The ids of a container with host ids (`--ids host`): every id the kernel maps (all but (uid_t)-1), each
+# the host's own, so that a job's files on its volumes belong to its user (see Confinement.host_ids).
+HOST_IDS = (1 << 32) - 1
+OWN, HOST = "own", "host"  # `--ids`: a host id range of its own, or the host's ids
+ID_MODES = (OWN, HOST)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class Confinement:
     are host ids uid_base.. and gid_base..; the command runs as `uid`:`gid` inside. With `idmapped_lower` its
     lower layer is seen through that map, so the lower layer's owners are the container's (host root's files
     its root's); without it (a node that refused, or a container from before), they are nobody unless in the
-    range."""
+    range. A container with host ids (`host_ids`) is said so: uid_base and gid_base 0 and `ids` HOST_IDS, an
+    identity map claiming no range (records and archives from before it have RANGE ids: their own)."""
 
     rootfs: str
     uid_base: int
@@ -45,6 +51,16 @@ class Confinement:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     idmapped_lower: bool = False
+
+    @property
+    def host_ids(self) -> bool:
+        """Whether the container's ids are the host's: its root is host root as files go, so its own mounts
+        that hold files are nosuid (see rootfs)."""
+        return self.ids == HOST_IDS
+
+    @property
+    def id_mode(self) -> str:
+        return HOST if self.host_ids else OWN
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +89,7 @@ def parse_volume(text: str) -> Volume:
     if not (source.startswith("/") and target.startswith("/")):
         raise UsageError(f"bad volume {text!r}: SRC and DST must be absolute paths")
     target = os.path.normpath(target)
-    if target in RESERVED or target.startswith(("/proc/", "/dev/", "/sys/")):
+    if target in RESERVED or target.startswith(("/proc/", "/dev/", "/sys/", "/tmp/")):
         raise UsageError(f"bad volume {text!r}: {target} is the container's own")
     if not os.path.exists(source):
         raise UsageError(f"volume source {source} does not exist")
@@ -128,19 +144,20 @@ def confine(
     name: str,
     argv0: str,
     rootfs: str,
-    ids: tuple[int, int],
+    ids: tuple[int, int] | None,
     *,
     user: str | None = None,
     volumes: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
 ) -> Confinement:
-    """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` on; UsageError
-    for a root, user, volume or command the container would not find."""
+    """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` (uid, gid) on, or
+    the host's ids if None; UsageError for a root, user, volume or command the container would not find."""
     root = lower_dir(rootfs)
     account = users.resolve(user or "0", root)
-    if account.uid >= RANGE or account.gid >= RANGE:
-        raise UsageError(f"--user {user}: ids inside a container go up to {RANGE - 1}")
+    count = RANGE if ids is not None else HOST_IDS
+    if account.uid >= count or account.gid >= count:
+        raise UsageError(f"--user {user}: ids inside a container go up to {count - 1}")
     environment = {"PATH": DEFAULT_PATH, "HOSTNAME": name, "HOME": account.home, **(env or {})}
     bound = tuple(parse_volume(v) for v in volumes)
     if command_path(root, argv0, environment["PATH"], bound) is None:
@@ -154,15 +171,19 @@ def confine(
     where = seen(root, workdir, bound)
     if where is None or not where.is_dir():
         raise UsageError(f"--workdir {workdir}: no such directory in the container's root or its volumes")
+    uid_base, gid_base = ids or (0, 0)
     return Confinement(
         rootfs=rootfs,
-        uid_base=ids[0],
-        gid_base=ids[1],
+        uid_base=uid_base,
+        gid_base=gid_base,
+        ids=count,
         uid=account.uid,
         gid=account.gid,
         groups=account.groups,
         volumes=bound,
         env=environment,
         workdir=workdir,
-        idmapped_lower=True,  # asked for; the launcher falls back if this node refuses (rootfs.stage)
+        # Asked for, with a range of its own (the launcher falls back if this node refuses: rootfs.stage); host
+        # ids see the lower layer's owners as they are.
+        idmapped_lower=ids is not None,
     )

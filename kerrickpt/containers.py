@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, procs
+from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, procs, stdio
 from kerrickpt import rootfs as rootfs_
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
@@ -86,6 +86,7 @@ class Container:
     migration: str | None = None  # the id of the migration that brought it here
     host_job: bool = False  # restored from a job that shared the host's namespaces
     confinement: Confinement | None = None  # its own root and users; None: it shares the host's
+    stdio: stdio.Stdio | None = None  # its fd 1 and 2 when they are its caller's files; None: its log
 
     @property
     def group(self) -> cgroups.Cgroup:
@@ -98,7 +99,8 @@ class Container:
 @dataclass(frozen=True)
 class ContainerStatus:
     """One row of `kerrickpt ps`; an `abandoned` one (its run died before registering it) has no init,
-    and a `damaged` one (its record is unreadable) nothing but its name."""
+    and a `damaged` one (its record is unreadable) nothing but its name. `ids` is a confined container's
+    (confinement.OWN or HOST), None for one that shares the node's users."""
 
     name: str
     state: str
@@ -110,6 +112,7 @@ class ContainerStatus:
     cgroup: list[str]
     log: str | None
     created: str | None
+    ids: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -173,6 +176,8 @@ class Registry:
             fields = json.loads(record.read_text())
             if fields.get("confinement") is not None:
                 fields["confinement"] = Confinement.from_dict(fields["confinement"])
+            if fields.get("stdio") is not None:
+                fields["stdio"] = stdio.Stdio.from_dict(fields["stdio"])
             container = Container(**fields)
         except FileNotFoundError:
             raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
@@ -243,44 +248,57 @@ def run(
     volumes: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
+    ids: str = confinement.OWN,
+    cgroup_parents: Mapping[Path, Path] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
 ) -> ContainerStatus:
     """Start a checkpointable container and return once its command runs.
 
+    Its fd 1 and 2 are its log, or the regular files open at `stdout` and `stderr` (the caller's, best opened
+    O_WRONLY | O_APPEND), which a checkpoint names to CRIU and a restore may replace (see stdio).
+
     With `rootfs` (a directory, or confinement.HOST_ROOT) it is confined: its own root (an overlay of
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
-    own; the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in."""
+    own (`ids` "own") or the host's ids themselves ("host": no range claimed, its root and volumes
+    nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
+    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own)."""
     if not argv:
         raise UsageError("no command given to run")
-    if rootfs is None and (user or volumes or env or workdir):
-        raise UsageError("--user, --volume, --env and --workdir need a root of the container's own (--rootfs)")
+    if ids not in confinement.ID_MODES:
+        raise UsageError(f"--ids {ids}: give one of {', '.join(confinement.ID_MODES)}")
+    if rootfs is None and (user or volumes or env or workdir or ids != confinement.OWN):
+        raise UsageError("--user, --volume, --env, --workdir and --ids need a root of the container's own (--rootfs)")
+    given = stdio.Given.of(stdout, stderr)
     registry = Registry(state_dir)
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     try:
         confined = None
         if rootfs is not None:
-            ids = idranges.claim(registry, name, isolation.id_pool())
+            bases = idranges.claim(registry, name, isolation.id_pool()) if ids == confinement.OWN else None
             confined = confinement.confine(
-                name, argv[0], rootfs, ids, user=user, volumes=volumes, env=env, workdir=workdir
+                name, argv[0], rootfs, bases, user=user, volumes=volumes, env=env, workdir=workdir
             )
         try:
-            group = cgroups.create(cgroups.detect(), name, memory_limit)
+            group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)
         except FileExistsError:
             raise ContainerExistsError(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         layer = None
         log_fd = registry.open_log(name)
+        outputs = given.copies()
         try:
             if confined is not None:
                 layer = rootfs_.Layer.of(registry.path(name))
                 layer.create(confined)
                 # CRIU's restore reopens the log from inside the container's user namespace.
                 rootfs_.share(log_fd, confined)
-            init_pid, idmapped = launcher.spawn(name, argv, group, log_fd, confined, layer)
+            init_pid, idmapped = launcher.spawn(name, argv, group, outputs.outputs(log_fd), confined, layer)
             if confined is not None:
                 confined = replace(confined, idmapped_lower=idmapped)
         finally:
             os.close(log_fd)
+            outputs.close()
         started = procs.start_time(init_pid)
         if started is None:
             raise KerrickptError(f"{argv[0]} exited at once; see {registry.log_path(name)}")
@@ -294,6 +312,7 @@ def run(
             log=str(registry.log_path(name)),
             memory_limit=memory_limit,
             confinement=confined,
+            stdio=given.record(),
         )
         registry.save(container)
         return status(container)
@@ -326,6 +345,7 @@ def status(container: Container) -> ContainerStatus:
         cgroup=container.cgroup,
         log=container.log,
         created=container.created,
+        ids=container.confinement.id_mode if container.confinement else None,
     )
 
 

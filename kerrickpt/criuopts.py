@@ -1,5 +1,5 @@
 """Owns the CRIU options a confined container needs, said once as `--external`/`--inherit-fd` strings that
-CRIU's RPC and its command line both take: the host mounts it binds, and the host file its output goes to."""
+CRIU's RPC and its command line both take: the host mounts it binds, and the host files its output goes to."""
 
 from __future__ import annotations
 
@@ -18,16 +18,31 @@ def _keys(confinement: Confinement) -> list[tuple[str, str]]:
 
 
 def file_key(path: Path) -> str:
-    """CRIU's name for a host file the container holds open on a mount it cannot see (its log):
-    `file[MOUNT_ID:INODE]`, in hex as CRIU prints them. The container's processes got it opened at this
-    path, on the host's side, so on the mount this process sees there too."""
+    """CRIU's name for a host file the container holds open on a mount it cannot see (its log): see fd_key.
+    The container's processes got it opened at this path, on the host's side, so on the mount this process
+    sees there too."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+        return fd_key(fd)
     finally:
         os.close(fd)
+
+
+def fd_key(fd: int) -> str:
+    """CRIU's name for the file open at `fd`, as `--external` and `--inherit-fd` take it: `file[MOUNT_ID:INODE]`,
+    in hex as CRIU prints them."""
+    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
     fields = dict(line.split(":", 1) for line in lines)
     return f"file[{int(fields['mnt_id']):x}:{int(fields['ino']):x}]"
+
+
+def handed_as_is(key: str) -> str:
+    """The `--inherit-fd` name under which CRIU uses an fd as it is for the external file `key`. CRIU names an
+    external file after its key less the first character (as it names /tmp/x `tmp/x`), and takes an fd given
+    under that name as the file; one given under `key` it reopens (/proc/self/fd/N) as the restored task, which
+    the root of a confined container may not do for a file that is not its own (its caller's output file), and
+    refuses a file whose mode differs from the archived one's."""
+    return key[1:]
 
 
 def dump_externals(confinement: Confinement, log_key: str | None) -> list[str]:

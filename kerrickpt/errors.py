@@ -166,6 +166,12 @@ class UntrustedStoreError(KerrickptError):
     exit_code = 21
 
 
+class NotAllowedError(KerrickptError):
+    """Not allowed to a user through sudo: only their own jobs, as themselves, in the site's checkpoints."""
+
+    exit_code = 22
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGHUP, SIGINT or SIGTERM arrived: unwinds like Ctrl-C (guards thaw, scratch goes), exit 128+N."""
 

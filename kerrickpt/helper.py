@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 # Each has main(order).
-PROGRAMS = {"launch": "kerrickpt.launcher", "restore": "kerrickpt.restorer", "idmap-probe": "kerrickpt.isolation"}
+PROGRAMS = {
+    "launch": "kerrickpt.launcher",
+    "restore": "kerrickpt.restorer",
+    "idmap-probe": "kerrickpt.isolation",
+    "open-as": "kerrickpt.privilege",
+}
 # The package's __init__ imports all of kerrickpt, a quarter of a second, and a restore's helper starts
 # within the container's downtime: the helper loads the package bare and imports only what it runs.
 # (Not `-m` either: the package imports these modules, and runpy warns of a module imported already.)

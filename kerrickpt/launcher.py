@@ -23,11 +23,12 @@ def spawn(
     name: str,
     argv: list[str],
     group: cgroups.Cgroup,
-    log_fd: int,
+    outputs: tuple[int, int],
     confinement: Confinement | None = None,
     layer: rootfs.Layer | None = None,
 ) -> tuple[int, bool]:
-    """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`; returns its host PID and
+    """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`, its fd 1 and 2 the files open at
+    `outputs` (numbered 3 or above), its fd 0 /dev/null; returns its host PID and
     whether its lower layer is idmapped. With a `confinement`, also in its own user and mount namespaces,
     its root the overlay of `layer`, its lower layer idmapped if it asks and this node can (see rootfs.stage).
 
@@ -39,11 +40,11 @@ def spawn(
         "name": name,
         "argv": argv,
         "cgroup": group.to_list(),
-        "log": log_fd,
+        "outputs": list(outputs),
         "confinement": confinement.to_dict() if confinement else None,
         "layer": str(layer.root) if layer else None,
     }
-    process = helper.start("launch", pass_fds=(log_fd,), stdout=subprocess.PIPE)
+    process = helper.start("launch", pass_fds=sorted(set(outputs)), stdout=subprocess.PIPE)
     helper.send(process, order)
     assert process.stdout is not None
     with process.stdout:
@@ -76,7 +77,7 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
             namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)
             init = os.fork()  # safe here: the helper has no other thread
             if init == 0:
-                _exec_init(order["name"], order["argv"], int(order["log"]), exec_w)
+                _exec_init(order["name"], order["argv"], _outputs(order), exec_w)
         else:
             confinement = Confinement.from_dict(order["confinement"])
             idmapped = rootfs.stage(confinement, rootfs.Layer(Path(order["layer"])), fall_back=True)
@@ -116,7 +117,7 @@ def _confined(
             namespaces.unshare(others | namespaces.CLONE_NEWUTS)
             init = os.fork()
             if init == 0:
-                _exec_init(order["name"], order["argv"], int(order["log"]), exec_w, confinement)
+                _exec_init(order["name"], order["argv"], _outputs(order), exec_w, confinement)
             os.write(init_w, str(init).encode())
         except BaseException as exc:
             os.write(exec_w, f"making the container's namespaces failed: {exc}".encode())
@@ -137,10 +138,15 @@ def _confined(
     return int(init) if init else None
 
 
+def _outputs(order: dict[str, Any]) -> tuple[int, int]:  # pragma: no cover - the helper
+    stdout, stderr = order["outputs"]
+    return int(stdout), int(stderr)
+
+
 def _exec_init(
     name: str,
     argv: list[str],
-    log_fd: int,
+    outputs: tuple[int, int],
     exec_w: int,
     confinement: Confinement | None = None,
 ) -> NoReturn:  # pragma: no cover - child
@@ -152,8 +158,8 @@ def _exec_init(
         os.chdir("/")
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        os.dup2(outputs[0], 1)
+        os.dup2(outputs[1], 2)
         os.closerange(3, exec_w)
         os.closerange(exec_w + 1, os.sysconf("SC_OPEN_MAX"))
         # Python ignores these; an ignored signal would survive exec into the container.

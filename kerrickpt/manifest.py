@@ -15,6 +15,7 @@ from kerrickpt import schema, sysvipc
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.node import Fingerprint
+from kerrickpt.stdio import Stdio
 
 FORMAT = "kerrickpt-archive"
 # Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
@@ -76,6 +77,8 @@ class Manifest:
     # Set when only what changed is carried: {"snapshot": the base's id in its store, "lineage", "index": the
     # base's `layer` index digest}. Such an archive restores only on top of that base (see layerchain).
     layer_base: dict[str, str] | None = None
+    # CRIU's keys of the caller's files that were its fd 1 and 2 (see stdio), external to the images; None: its log.
+    stdio: Stdio | None = None
 
     @property
     def criu_version(self) -> str:
@@ -158,6 +161,7 @@ class Manifest:
             log_external=checked.log_external,
             layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
+            stdio=Stdio.from_dict(msgspec.to_builtins(checked.stdio)) if checked.stdio else None,
         )
 
 

@@ -32,6 +32,7 @@ from kerrickpt import (
     procs,
     progress,
     schema,
+    stdio,
     transport,
 )
 from kerrickpt.checkpoint import Subject, capture
@@ -365,13 +366,19 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
         "name": container.name,
         "fingerprint": node.fingerprint(found.version).to_dict(),
         "cpuinfo": base64.b64encode(cpuinfo).decode(),
-        # The log travels in the archive; everything else must already be on the target. A confined
-        # container's files are its layer's, which travel, or its volumes', which the target checks.
-        "files": {} if confined else procs.open_files(pids, exclude=[container.log] if container.log else []),
+        # The log travels in the archive, the caller's files for its output are handed in anew (see stdio);
+        # everything else must already be on the target. A confined container's files are its layer's, which
+        # travel, or its volumes', which the target checks.
+        "files": {} if confined else procs.open_files(pids, exclude=_travelling(container)),
         "memory_bytes": memory,
         "force": force,
         "confinement": confined.to_dict() if confined else None,
     }
+
+
+def _travelling(container: containers.Container) -> list[str]:
+    """The files of a container that need not be on the target."""
+    return ([container.log] if container.log else []) + stdio.paths(container.stdio, container.init_pid)
 
 
 class _Live:

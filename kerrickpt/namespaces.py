@@ -52,11 +52,17 @@ def mount(source: str | None, target: str | Path, fstype: str | None, flags: int
     _check(_libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]), f"mount {target}")
 
 
-def bind(source: str | Path, target: str | Path, *, read_only: bool = False, recursive: bool = False) -> None:
-    """Bind `source` at `target`; read-only takes a second call: the kernel ignores MS_RDONLY on the first."""
+def bind(
+    source: str | Path, target: str | Path, *, read_only: bool = False, recursive: bool = False, nosuid: bool = False
+) -> None:
+    """Bind `source` at `target`; read-only or nosuid takes a second call: the kernel ignores those flags on the
+    first. A nosuid bind keeps the nodev and noexec its source has."""
     mount(str(source), target, None, MS_BIND | (MS_REC if recursive else 0))
     if read_only:
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    elif nosuid:
+        kept = os.statvfs(target).f_flag & (MS_NODEV | MS_NOEXEC)  # statvfs's ST_ flags have these numbers
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | kept)
 
 
 def umount(target: str | Path) -> None:

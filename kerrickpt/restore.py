@@ -7,7 +7,7 @@ import dataclasses
 import fnmatch
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -31,6 +31,7 @@ from kerrickpt import (
     progress,
     restorer,
     rootfs,
+    stdio,
     sysvipc,
 )
 from kerrickpt.confinement import Confinement
@@ -75,6 +76,9 @@ def restore(
     pid_namespace: str = "new",
     watcher: postcopy.Watcher | None = None,
     bases: Sequence[Path] = (),
+    cgroup_parents: Mapping[Path, Path] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -87,15 +91,25 @@ def restore(
     PIDs on the host, which must all be free. With a post-copy `watcher`, the memory the
     archive lacks comes through it after this returns. A snapshot that carries only what changed in its
     file-system layer needs `bases`: the archives its layer builds on, the one with the whole layer first
-    (Store.chain resolves them); without them it is refused (UsageError).
+    (Store.chain resolves them); without them it is refused (UsageError). Its cgroups go beneath
+    `cgroup_parents` if given (see cgroups.own).
+
+    A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
+    regular files open at `stdout` and `stderr` in their place, or without them its log here.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
+    checked = stdio.Given.of(stdout, stderr)
     registry = containers.Registry(state_dir)
     found = criu.locate()
     scratch = registry.scratch_dir("restore-")
     handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
-    helper = restorer.Helper()  # its Python starts while the archive is read
+    given = checked.copies()  # the helper gets them at its start, at these numbers
+    try:
+        helper = restorer.Helper(given.fds)  # its Python starts while the archive is read
+    except BaseException:
+        given.close()
+        raise
     try:
         source = Path(path) if isinstance(path, (str, Path)) else path
         label = archive.label(source)
@@ -119,17 +133,20 @@ def restore(
         name = containers.check_name(name or manifest.name)
         # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
         layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
-        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher)
+        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers)
+            init_pid = _restore_as(
+                registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
+            )
         handed_over = watcher is not None
     finally:
         helper.close()
+        given.close()
         if not handed_over:
             shutil.rmtree(scratch, ignore_errors=True)
     group = registry.get(name).group
     pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(group.pids())}
-    warnings = [d.message for d in verdict.differences]
+    warnings = [d.message for d in verdict.differences] + given.unused(manifest.stdio)
     return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings)
 
 
@@ -162,19 +179,20 @@ def _restore_as(
     feed: feeder.Feed | None,
     helper: restorer.Helper,
     layers: list[layerchain.Delta],
+    given: stdio.Given,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
     try:
         try:
-            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit)
+            group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
             confined = _confine(registry, name, manifest, scratch, feed, layers)
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
-        inherit: dict[str, Path] = {}
+        inherit: dict[str, Path | int] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts
             # with what the source had written; CRIU hands them this file (the helper opens it) in place of the
@@ -190,6 +208,9 @@ def _restore_as(
                 with (scratch / "log").open("rb") as saved, os.fdopen(os.dup(log_fd), "wb") as out:
                     shutil.copyfileobj(saved, out)
             inherit[manifest.log_external or manifest.log_path.lstrip("/")] = registry.log_path(name)
+        if manifest.stdio is not None:
+            # The caller's files, or this container's log (opened by the helper, for a confined one shared above).
+            inherit.update(given.inherit(manifest.stdio, registry.log_path(name)))
         faults.inject("restore-before-criu")
         if plan.watcher is not None:
             plan.watcher.start(found, scratch, group, name)
@@ -214,6 +235,7 @@ def _restore_as(
                 migration=migration_id,
                 host_job=manifest.pid_namespace == "host",
                 confinement=plan.confinement,
+                stdio=given.restored(manifest.stdio),
             )
         )
         return init_pid
@@ -245,13 +267,15 @@ def _confine(
     feed: feeder.Feed | None,
     layers: list[layerchain.Delta],
 ) -> Confinement:
-    """Give a confined container its id range here (the one it had, if free) and its writable layer as the
-    archive carries it: from the unpacked archive (`layers`: its own over the chain it builds on), or read from
-    the archive's start (its first file) while the rest waits for CRIU."""
+    """Give a confined container its id range here (the one it had, if free; none for host ids, which stay the
+    host's) and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
+    the chain it builds on), or read from the archive's start (its first file) while the rest waits for CRIU."""
     archived = manifest.confinement
     assert archived is not None
-    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
-    confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
+    confined = archived
+    if not archived.host_ids:
+        ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+        confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
     if member is None:
         raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
@@ -259,8 +283,11 @@ def _confine(
     target.create(confined)
     images = scratch / "images"
     owners = (confined.uid_base, confined.gid_base, confined.ids)
+    ids = (confined.uid_base, confined.gid_base)
+    remap = not confined.host_ids  # host ids: the images hold the identity map, as true here as where it was
     if feed is None:
-        idranges.remap_images(images, *ids)
+        if remap:
+            idranges.remap_images(images, *ids)
         with layers[0].tar.open("rb") as fh:
             layer.unpack(fh, target.upper, *owners)
         for delta in layers[1:]:
@@ -268,7 +295,8 @@ def _confine(
                 layer.apply(fh, delta.removed, target.upper, *owners)
         shared = [images, *images.iterdir()]
     else:
-        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        if remap:
+            feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
         with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
             layer.unpack(cast(BinaryIO, fh), target.upper, *owners)
             fh.finish()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -31,20 +31,22 @@ class Plan:
     timeout: float | None = None  # for CRIU's restore: limits.RESTORE unless a streamed restore's own
     confinement: Confinement | None = None  # a confined container's, its layer unpacked at `layer`
     layer: rootfs.Layer | None = None
+    cgroup_parents: Mapping[Path, Path] | None = None  # where its cgroups go (see cgroups.own); None: the node's
 
 
 class Helper:
     """The program that runs CRIU's restore: a fresh one (fork and exec, no Python in between), since a
     caller with threads must never run Python in a forked child, where a lock another thread held at
     the fork stays locked for good. Its Python takes a while to start: it starts as the restore
-    begins, and gets its order once the restore is planned (`run`); left without one, it leaves.
+    begins, and gets its order once the restore is planned (`run`); left without one, it leaves. It holds
+    `pass_fds` (numbered 3 or above) at their numbers, for `run` to hand to CRIU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pass_fds: Sequence[int] = ()) -> None:
         self.answers: int | None
         self.answers, writer = os.pipe()
         try:
-            self.process = helper.start("restore", pass_fds=(writer,))
+            self.process = helper.start("restore", pass_fds=(writer, *pass_fds))
         except BaseException:
             os.close(self.answers)
             raise
@@ -57,13 +59,13 @@ class Helper:
         group: cgroups.Cgroup,
         found: criu.Criu,
         scratch: Path,
-        inherit: Mapping[str, Path],
+        inherit: Mapping[str, Path | int],
         plan: Plan,
         feed: feeder.Feed | None = None,
     ) -> int:
         """Restore the images in `scratch`, or those `feed` serves while CRIU restores; returns the host PID
         of the tree's init (its root, or kerrickpt's init). CRIU gives the restored tree each file of
-        `inherit`, opened for appending, in place of the file its key names."""
+        `inherit` in place of the file its key names: a path opened for appending, or a number of `pass_fds`."""
         if feed is not None:
             plan = dataclasses.replace(plan, gate=feed.gate, timeout=feed.timeout)
         helper.send(self.process, _order(group, found, scratch, inherit, plan, self.writer))
@@ -99,14 +101,19 @@ class Helper:
 
 
 def _order(
-    group: cgroups.Cgroup, found: criu.Criu, scratch: Path, inherit: Mapping[str, Path], plan: Plan, writer: int
+    group: cgroups.Cgroup,
+    found: criu.Criu,
+    scratch: Path,
+    inherit: Mapping[str, Path | int],
+    plan: Plan,
+    writer: int,
 ) -> dict[str, Any]:
     """What the helper needs, as JSON: the plan, with only whether a post-copy watcher serves the memory."""
     return {
         "cgroup": group.to_list(),
         "criu": dataclasses.asdict(found),
         "scratch": str(scratch.absolute()),  # the helper runs in /
-        "inherit": {key: str(path.absolute()) for key, path in inherit.items()},
+        "inherit": {key: path if isinstance(path, int) else str(path.absolute()) for key, path in inherit.items()},
         "shell_job": plan.shell_job,
         "ipc": plan.ipc.to_dict() if plan.ipc is not None else None,
         "new_pid_namespace": plan.new_pid_namespace,
@@ -126,7 +133,7 @@ class _Order:
     group: cgroups.Cgroup
     found: criu.Criu
     scratch: Path
-    inherit: dict[str, Path]
+    inherit: dict[str, Path | int]  # an int: a descriptor the helper got at its start
     shell_job: bool
     ipc: sysvipc.JobIpc | None
     new_pid_namespace: bool
@@ -142,7 +149,7 @@ class _Order:
             group=cgroups.Cgroup(tuple(Path(d) for d in data["cgroup"])),
             found=criu.Criu(**data["criu"]),
             scratch=Path(data["scratch"]),
-            inherit={str(k): Path(v) for k, v in data["inherit"].items()},
+            inherit={str(k): v if isinstance(v, int) else Path(v) for k, v in data["inherit"].items()},
             shell_job=bool(data["shell_job"]),
             ipc=sysvipc.JobIpc.from_dict(data["ipc"]) if data["ipc"] is not None else None,
             new_pid_namespace=bool(data["new_pid_namespace"]),
@@ -208,7 +215,7 @@ def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
 def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restore helper
     """Join the cgroup (CRIU and the tree it makes inherit it), make the IPC objects, restore."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC  # as the processes held them: see containers.open_log
-    inherit = {key: os.open(path, flags) for key, path in order.inherit.items()}
+    inherit = {key: path if isinstance(path, int) else os.open(path, flags) for key, path in order.inherit.items()}
     order.group.add(os.getpid())
     if order.confinement is not None and order.layer is not None:
         rootfs.stage(order.confinement, order.layer)

@@ -1,5 +1,6 @@
 """Owns a confined container's root file system: the overlay of its read-only lower layer and its writable
-layer in the container's state, and the mounts inside it (/proc, a minimal /dev, /sys read-only, /tmp, volumes)."""
+layer in the container's state, and the mounts inside it (/proc, a minimal /dev, /sys read-only, /tmp, volumes).
+With host ids (Confinement.host_ids) its root and volumes are nosuid: its root is host root as files go."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def stage(confinement: Confinement, layer: Layer, *, fall_back: bool = False) ->
     ROOT.mkdir()
     if confinement.idmapped_lower:
         try:
-            _overlay(_idmapped_lower(confinement), layer)
+            _overlay(_idmapped_lower(confinement), layer, confinement)
             return True
         except OSError as exc:
             if not (fall_back and exc.errno in IDMAP_REFUSED):
@@ -107,7 +108,7 @@ def stage(confinement: Confinement, layer: Layer, *, fall_back: bool = False) ->
                 raise OSError(exc.errno, why) from exc
             if os.path.ismount(LOWER):
                 namespaces.umount(LOWER)
-    _overlay(lower(confinement), layer)
+    _overlay(lower(confinement), layer, confinement)
     return False
 
 
@@ -123,19 +124,22 @@ def _idmapped_lower(confinement: Confinement) -> Path:
     return LOWER
 
 
-def _overlay(lower_dir: str | Path, layer: Layer) -> None:
+def _overlay(lower_dir: str | Path, layer: Layer, confinement: Confinement) -> None:
     # Without redirects and metacopy (the kernel's defaults, said here since a node may change them): the
     # layer alone then holds every file it changed, as a checkpoint must carry it (see layer).
     options = f"lowerdir={lower_dir},upperdir={layer.upper},workdir={layer.work},redirect_dir=off,metacopy=off"
-    namespaces.mount("overlay", ROOT, "overlay", 0, options)
+    namespaces.mount("overlay", ROOT, "overlay", MS_NOSUID if confinement.host_ids else 0, options)
 
 
 def bind_host_paths(confinement: Confinement, under: Path) -> None:
     """Bind /sys (read-only) and each volume's source at its bind point beneath `under`, each without what
     is mounted beneath it: inside the container's user namespace those would be locked to their parent,
-    and a bind of a mount with locked children is refused."""
+    and a bind of a mount with locked children is refused. With host ids each is nosuid, as its root is: the
+    container's root is host root as files go, and a setuid-root file it made must give its users nothing.
+    The binds of a restore are nosuid too, and CRIU's binds of them, made from them, stay so."""
     for volume in host_paths(confinement):
-        namespaces.bind(volume.source, _mount_point(under, volume), read_only=volume.read_only)
+        point = _mount_point(under, volume)
+        namespaces.bind(volume.source, point, read_only=volume.read_only, nosuid=confinement.host_ids)
 
 
 def bind_point(under: Path, volume: Volume) -> Path:

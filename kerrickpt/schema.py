@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from kerrickpt.confinement import HOST_IDS, RANGE
 from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
 
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class Confinement(msgspec.Struct):
     rootfs: str
     uid_base: Count
     gid_base: Count
-    ids: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 1 << 16
+    ids: Annotated[int, msgspec.Meta(ge=1, le=HOST_IDS)] = RANGE
     uid: Count = 0
     gid: Count = 0
     groups: list[Count] = []
@@ -95,6 +96,10 @@ class Confinement(msgspec.Struct):
     env: dict[str, str] = {}
     workdir: str = "/"
     idmapped_lower: bool = False  # absent from archives made before idmapped lower layers
+
+    def __post_init__(self) -> None:
+        if self.ids > RANGE and (self.ids, self.uid_base, self.gid_base) != (HOST_IDS, 0, 0):
+            raise ValueError(f"a container has {RANGE} ids or less of its own, or the host's (all {HOST_IDS} from 0)")
 
 
 Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -114,6 +119,17 @@ class LayerBase(msgspec.Struct):
     snapshot: Annotated[str, msgspec.Meta(pattern=r"^\d{8}T\d{6}\.\d{3}Z$")]
     lineage: Lineage
     index: Digest
+
+
+# CRIU's name for an open file (criuopts.fd_key): it goes on CRIU's command line.
+FileKey = Annotated[str, msgspec.Meta(pattern=r"^file\[[0-9a-f]{1,16}:[0-9a-f]{1,16}\]$")]
+
+
+class Stdio(msgspec.Struct):
+    """See stdio.Stdio."""
+
+    stdout: FileKey | None = None
+    stderr: FileKey | None = None
 
 
 class Manifest(msgspec.Struct):
@@ -139,6 +155,7 @@ class Manifest(msgspec.Struct):
     log_external: str | None = None  # CRIU's name for the log of a confined container (criuopts.file_key)
     layer: Layer | None = None
     layer_base: LayerBase | None = None
+    stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).

@@ -170,6 +170,7 @@ def test_checkpoint_and_restore_carry_the_layer_under_another_name(state_dir: Pa
         (["--rootfs", "host", "--user", "no-such-user", "--", "true"], "no user"),
         (["--rootfs", "host", "--volume", "/nonexistent:/data", "--", "true"], "does not exist"),
         (["--rootfs", "host", "--volume", "/etc:/proc", "--", "true"], "the container's own"),
+        (["--rootfs", "host", "--volume", "/etc:/tmp/etc", "--", "true"], "the container's own"),
         (["--user", "1000", "--", "true"], "--rootfs"),
         (["--rootfs", "host", "--workdir", "/no/such/dir", "--", "true"], "no such directory"),
         # /var/run is a link to /run here: a bind point through it would be made on the host's /run.

@@ -27,6 +27,7 @@ from kerrickpt.manifest import VERSION, Manifest
 from kerrickpt.migrate import _Live, _preflight
 from kerrickpt.migrate import status as target_status
 from kerrickpt.restore import _plan as restore_plan
+from kerrickpt.stdio import Stdio
 from tests.helpers import cgroup_dirs, cli, ipc_keys, unique_name
 
 README = Path(__file__).parent.parent / "README.md"
@@ -132,6 +133,14 @@ def check_before_criu(manifest: Manifest) -> None:
         outcome(lambda route=route: restore_plan(manifest, route))
 
 
+def test_the_keys_of_a_containers_output_files_are_read_back() -> None:
+    data = with_members(full_manifest(SOURCE))
+    data["stdio"] = {"stdout": "file[1b:20c69a]", "stderr": None}
+    manifest = Manifest.from_json(json.dumps(data).encode())
+    assert manifest.stdio == Stdio(stdout="file[1b:20c69a]")
+    assert manifest.to_dict()["stdio"] == data["stdio"]
+
+
 def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
     rng = random.Random(SEED)
     base = with_members(full_manifest(SOURCE))
@@ -168,6 +177,8 @@ def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
         (("log_path",), 5),
         (("shell_job",), "no"),
         (("source",), None),
+        (("stdio",), {"stdout": "file[1b:2c] --action-script=/tmp/x"}),  # it goes on CRIU's command line
+        (("stdio",), {"stderr": 3}),
     ],
 )
 def test_a_wrong_type_or_range_is_a_corrupt_archive(where: tuple[Any, ...], value: object) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -15,8 +16,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import kerrickpt
-from kerrickpt import cgroups, containers, layerchain, logtail, postcopy, progress, receiver, retention, transport
-from kerrickpt.confinement import parse_env
+from kerrickpt import (
+    cgroups,
+    containers,
+    layerchain,
+    logtail,
+    postcopy,
+    privilege,
+    progress,
+    receiver,
+    retention,
+    slurm,
+    transport,
+)
+from kerrickpt.confinement import ID_MODES, OWN, parse_env
 from kerrickpt.errors import (
     ArchiveCorruptError,
     HostError,
@@ -26,7 +39,9 @@ from kerrickpt.errors import (
     NotReadyError,
     UsageError,
 )
+from kerrickpt.events import Events
 from kerrickpt.inspection import restore_route
+from kerrickpt.job import REQUEUE_EXIT, parse_duration
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
 
 EXAMPLES = """\
@@ -158,27 +173,107 @@ def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
     return verdict.to_dict(), 0
 
 
-def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
-    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+def _command(args: argparse.Namespace) -> list[str]:
+    return args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+
+
+def _memory_limit(args: argparse.Namespace) -> int | None:
     try:
-        limit = cgroups.parse_size(args.memory_limit) if args.memory_limit else None
+        return cgroups.parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
     status = kerrickpt.run(
         args.name,
-        argv,
-        memory_limit=limit,
+        _command(args),
+        memory_limit=_memory_limit(args),
         state_dir=args.state_dir,
         rootfs=args.rootfs,
         user=args.user,
         volumes=args.volume,
         env=parse_env(args.env),
         workdir=args.workdir,
+        ids=args.ids or OWN,
     )
     if not args.json:
         inside = status.init_ns_pid or "-"
         print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}")
     return status.to_dict(), 0
+
+
+def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
+    who = privilege.caller()
+    asked_for = privilege.RunOptions(
+        rootfs=args.rootfs, user=args.user, volumes=tuple(args.volume), ids=args.ids, state_dir=args.state_dir
+    )
+    request = privilege.job_request(who, args.name, args.dir, asked_for)
+    options = request.options
+    preempting = _signal(args.signal)
+    # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
+    as_user = privilege.as_user(who)
+    after_term = args.grace if args.grace is not None else slurm.grace(True, as_user=as_user)
+    after_signal = args.grace if args.grace is not None else slurm.grace(False, as_user=as_user)
+    stdio = {name: fd for name, fd in (("stdout", 1), ("stderr", 2)) if stat.S_ISREG(os.fstat(fd).st_mode)}
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    job = kerrickpt.Job(
+        args.name,
+        _command(args),
+        request.directory,
+        state_dir=options.state_dir,
+        every=parse_duration(args.every) if args.every else None,
+        grace=after_signal,
+        keep=args.keep,
+        events=Events.open(args.events, args.name, opener=lambda path: privilege.open_as(who, path, flags)),
+        level=args.level,
+        # Two users' jobs of one name may meet on a node.
+        container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
+        admit=lambda manifest: privilege.check_archive(who, manifest),
+        memory_limit=_memory_limit(args),
+        rootfs=options.rootfs,
+        user=options.user,
+        volumes=options.volumes,
+        env=parse_env(args.env),
+        workdir=args.workdir,
+        ids=options.ids or OWN,
+        **stdio,
+    )
+
+    def asked(signum: int, _frame: object) -> None:
+        # SIGTERM is both Slurm's requeue and its scancel: Slurm counts a requeue's restart before it signals.
+        if signum == preempting and signum != signal.SIGTERM:
+            job.preempt()
+        elif signum == signal.SIGTERM and slurm.is_requeue(as_user=as_user):
+            job.preempt(after_term)
+        else:
+            job.cancel(signum)
+
+    with _handling({preempting, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}, asked):
+        result = job.run()
+    return result.to_dict(), result.exit_code
+
+
+def _signal(name: str) -> signal.Signals:
+    text = name.upper()
+    try:
+        return (
+            signal.Signals(int(text))
+            if text.isdigit()
+            else signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+        )
+    except (KeyError, ValueError):
+        raise UsageError(f"--signal {name}: no such signal (examples: TERM, USR1, 10)") from None
+
+
+@contextlib.contextmanager
+def _handling(signals: set[signal.Signals], handler: Callable[[int, object], None]) -> Iterator[None]:
+    before = {signum: signal.signal(signum, handler) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
 
 
 def cmd_exec(args: argparse.Namespace) -> tuple[Any, int]:
@@ -316,10 +411,14 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
             seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
+            seen = "as is" if c.host_ids else seen
             carried = f"what changed since snapshot {m.layer_base['snapshot']}" if m.layer_base else "its layer"
             print(f"root:      {root}, its lower layer {seen}; {carried} {_mib(m.layer_bytes)} (as a tar)")
-            print(f"users:     ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
-                  f"runs as {c.uid}:{c.gid}")  # fmt: skip
+            if c.host_ids:
+                print(f"users:     ids host: the host's ids, its root and volumes nosuid; runs as {c.uid}:{c.gid}")
+            else:
+                print(f"users:     ids own: ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- "
+                      f"(gid); runs as {c.uid}:{c.gid}")  # fmt: skip
             for v in c.volumes:
                 print(f"volume:    {v.source} -> {v.target}{' (read-only)' if v.read_only else ''}, not carried")
         print("processes (pid inside, host pid at dump, threads, command):")
@@ -525,6 +624,30 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """The container options of `run` (and `job`), and its command."""
+    p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
+    p.add_argument(
+        "--rootfs",
+        metavar="DIR|host",
+        help="a root of its own: an overlay of DIR (or of this node's root: host) and a writable layer that "
+        "checkpoints carry; also its own user and mount namespaces (default: share the node's)",
+    )
+    p.add_argument("--user", metavar="NAME|UID[:GID]", help="with --rootfs: run the command as this user inside")
+    p.add_argument(
+        "--volume", action="append", default=[], metavar="SRC:DST[:ro]", help="with --rootfs: bind a host path"
+    )
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="with --rootfs: set a variable")
+    p.add_argument("--workdir", metavar="DIR", help="with --rootfs: the command's working directory")
+    p.add_argument(
+        "--ids",
+        choices=ID_MODES,
+        help="with --rootfs: a host id range of its own (own, the default) or the host's ids (host: files on "
+        "volumes belong to their user; its root and volumes are nosuid)",
+    )
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     located = _Parser(add_help=False)
     located.add_argument(
@@ -565,20 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --against: accept errors that --force accepts")
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
     p.add_argument("--name", required=True)
-    p.add_argument("--memory-limit", metavar="SIZE", help="cgroup memory limit, e.g. 512M or 2G")
-    p.add_argument(
-        "--rootfs",
-        metavar="DIR|host",
-        help="a root of its own: an overlay of DIR (or of this node's root: host) and a writable layer that "
-        "checkpoints carry; also its own user and mount namespaces (default: share the node's)",
-    )
-    p.add_argument("--user", metavar="NAME|UID[:GID]", help="with --rootfs: run the command as this user inside")
-    p.add_argument(
-        "--volume", action="append", default=[], metavar="SRC:DST[:ro]", help="with --rootfs: bind a host path"
-    )
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="with --rootfs: set a variable")
-    p.add_argument("--workdir", metavar="DIR", help="with --rootfs: the command's working directory")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    _run_options(p)
     add("ps", cmd_ps, "list this node's containers")
 
     def add_plain(
@@ -598,6 +708,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p = add_plain(
+        "job",
+        cmd_job,
+        "run a batch job's container in the foreground: resumed from its checkpoint in DIR, or started; "
+        f"checkpointed on SIGTERM (Slurm's requeue; not scancel) or --signal, then exit {REQUEUE_EXIT}",
+    )
+    p.add_argument("--name", required=True, help="the job's name: its checkpoint is DIR/NAME.kckpt")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where its checkpoint is kept, on storage the nodes share (root only; default and for users: "
+        "the site's directory, see /etc/kerrickpt/jobs.toml)",
+    )
+    p.add_argument(
+        "--signal", default="TERM", metavar="SIG", help="also checkpoint and stop on this signal (e.g. USR1)"
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="time for the final checkpoint (default: Slurm's GraceTime, or KillWait after SIGTERM; else 60)",
+    )
+    p.add_argument("--every", metavar="DURATION", help="also checkpoint every DURATION while it runs (e.g. 30m)")
+    p.add_argument("--keep", action="store_true", help="keep its checkpoint when the command ends by itself")
+    p.add_argument("--events", metavar="PATH|fd:N", help="append one JSON object per line for each event there")
+    p.add_argument("--level", type=int, default=kerrickpt.CHECKPOINT_LEVEL, help="zstd level (default %(default)s)")
+    _run_options(p)
     p = add_plain("logs", cmd_logs, "print a container's output (its log file)")
     p.add_argument("-f", "--follow", action="store_true", help="then follow it until the container ends")
     p.add_argument("name")

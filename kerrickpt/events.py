@@ -1,0 +1,48 @@
+"""Owns a job's machine-readable events: one JSON object per line, to a file or a file descriptor."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kerrickpt.errors import UsageError
+
+
+class Events:
+    """Where a job's events go: each `emit` writes one whole line, `{"event": KIND, "time": UNIX, "job": NAME, ...}`
+    (started, restored, checkpoint-start, checkpointed, checkpoint-failed, requeue, exited)."""
+
+    def __init__(self, fd: int | None, job: str) -> None:
+        self.fd = fd
+        self.job = job
+        self.lock = threading.Lock()
+
+    @classmethod
+    def open(cls, target: str | None, job: str, opener: Callable[[str], int] | None = None) -> Events:
+        """`target`: a path (appended to, made 0644 if new; by `opener`, which returns its descriptor, if
+        given), `fd:N` (an open descriptor, kept open), or None."""
+        if target is None:
+            return cls(None, job)
+        if target.startswith("fd:"):
+            try:
+                fd = int(target[3:])
+                os.fstat(fd)
+            except (ValueError, OSError):
+                raise UsageError(f"--events {target}: not an open file descriptor") from None
+            return cls(fd, job)
+        if opener is not None:
+            return cls(opener(target), job)
+        return cls(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644), job)
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": round(time.time(), 3), "job": self.job, **fields}
+        if self.fd is not None:
+            # One write per line, O_APPEND: a reader never sees half of one, even with other writers.
+            line = json.dumps(event, default=str).encode() + b"\n"
+            with self.lock:
+                os.write(self.fd, line)
+        return event

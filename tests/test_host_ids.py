@@ -1,0 +1,211 @@
+"""Confined containers with host ids (`run --ids host`): their users are the host's, so a job's files on its
+volumes belong to it; they claim no id range, keep their ids through checkpoint, restore and snapshots, and
+their root and volumes are nosuid, by the real kernel and CRIU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import containers, idranges, layer, schema
+from kerrickpt.confinement import HOST, HOST_IDS, RANGE, Confinement
+from kerrickpt.errors import ArchiveCorruptError
+from tests.helpers import assert_consecutive, cli, ticks, unique_name, wait_for
+from tests.test_confined import log, upper
+
+pytestmark = pytest.mark.root
+
+USER = 1000
+BIG = 1_000_000  # a uid as LDAP gives them: beyond any container range of its own
+# Counts in its log and in a volume's file; first leaves a file of its own in its layer.
+COUNT = (
+    "echo mine > /var/tmp/mine; i=0; "
+    'while :; do i=$((i+1)); echo $i > /v/count; echo "tick $i pid $$"; sleep 0.05; done'
+)
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    """A host directory any user of a container may write in."""
+    directory = tmp_path / "v"
+    directory.mkdir()
+    directory.chmod(0o777)
+    return directory
+
+
+def run_host_ids(state_dir: Path, argv: list[str], user: str, volume: Path) -> kerrickpt.ContainerStatus:
+    name = unique_name("hostids")
+    return kerrickpt.run(name, argv, state_dir=state_dir, rootfs="host", user=user, volumes=[f"{volume}:/v"], ids=HOST)
+
+
+def mount_options(pid: int) -> dict[str, list[str]]:
+    """Each mount point of `pid`'s mount namespace and its per-mount options."""
+    lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    return {line.split()[4]: line.split()[5].split(",") for line in lines}
+
+
+def claims_of(state_dir: Path, name: str) -> list[str]:
+    """The id range claims in STATE/idranges that name the container."""
+    directory = state_dir / idranges.DIRECTORY
+    found = sorted(directory.iterdir()) if directory.is_dir() else []
+    return [path.name for path in found if name in path.read_text()]
+
+
+def test_a_host_ids_container_writes_volume_files_its_user_owns_on_the_host(state_dir: Path, volume: Path) -> None:
+    status = run_host_ids(state_dir, ["sh", "-c", "id -u > /v/uid; exec sleep 600"], f"{USER}:{USER}", volume)
+    wait_for(lambda: (volume / "uid").exists() and (volume / "uid").read_text(), what="the job's file")
+
+    written = (volume / "uid").stat()
+    assert (written.st_uid, written.st_gid) == (USER, USER), "the host sees the file as its user's"
+    assert (volume / "uid").read_text().strip() == str(USER)
+    uid_map = Path(f"/proc/{status.init_pid}/uid_map").read_text().split()
+    assert uid_map == ["0", "0", str(HOST_IDS)], "the identity map of every id"
+    assert claims_of(state_dir, status.name) == [], "no host id range claimed"
+    record = containers.Registry(state_dir).get(status.name).confinement
+    assert record is not None and record.host_ids
+    shown = json.loads(cli("ps", "--json", state_dir=state_dir).stdout)
+    assert next(row for row in shown if row["name"] == status.name)["ids"] == HOST
+
+
+def test_a_large_uid_is_checkpointed_and_restored_claiming_no_range_and_keeping_its_files(
+    state_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    status = run_host_ids(state_dir, ["sh", "-c", COUNT], f"{BIG}:{BIG}", volume)
+    name = status.name
+    wait_for(lambda: len(ticks(log(state_dir, name))) > 3, what="ticks")
+    archive = tmp_path / "big.kckpt"
+
+    kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+    before = int((volume / "count").read_text())  # where the job stopped
+    shown = cli("inspect", str(archive), state_dir=state_dir)
+    assert "ids host" in shown.stdout, shown.stdout
+    restored = kerrickpt.restore(archive, state_dir=state_dir)
+
+    assert claims_of(state_dir, name) == [], "the restore claimed no id range"
+    wait_for(lambda: int((volume / "count").read_text() or 0) > before + 3, what="the count to go on")
+    assert_consecutive(ticks(log(state_dir, name)))  # from where it stopped: not from 1 again
+    written = (volume / "count").stat()
+    assert (written.st_uid, written.st_gid) == (BIG, BIG)
+    mine = (upper(state_dir, name) / "var/tmp/mine").stat()
+    assert (mine.st_uid, mine.st_gid) == (BIG, BIG), "the layer's file kept its true owner"
+    said = dict(line.split(":\t", 1) for line in Path(f"/proc/{restored.init_pid}/status").read_text().splitlines())
+    assert said["Uid"].split() == [str(BIG)] * 4
+    options = mount_options(restored.init_pid)
+    assert "nosuid" in options["/"] and "nosuid" in options["/v"], "the restore kept its mounts nosuid"
+
+
+@pytest.fixture
+def setuid_id(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Setuid-root copies of id(1): one in a volume's source, one in the host's /var/tmp, which the container
+    sees through its root's lower layer (its own /tmp hides the host's)."""
+    volume = tmp_path / "suid"
+    volume.mkdir()
+    volume.chmod(0o777)
+    lower = Path(f"/var/tmp/kerrickpt-suid-{uuid.uuid4().hex[:10]}")
+    lower.mkdir(mode=0o755)
+    try:
+        for directory in (volume, lower):
+            shutil.copy("/usr/bin/id", directory / "id")
+            os.chown(directory / "id", 0, 0)
+            os.chmod(directory / "id", 0o4755)
+        yield volume, lower
+    finally:
+        shutil.rmtree(lower)
+
+
+def test_a_setuid_root_binary_gives_a_host_ids_container_user_nothing(
+    state_dir: Path, setuid_id: tuple[Path, Path]
+) -> None:
+    volume, lower = setuid_id
+    control = subprocess.run(
+        ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", str(volume / "id"), "-u"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+    assert control.stdout.strip() == "0", "on the host the copy does make its user root"
+    script = f"/v/id -u > /v/volume; {lower}/id -u > /v/root; exec sleep 600"
+
+    status = run_host_ids(state_dir, ["sh", "-c", script], f"{USER}:{USER}", volume)
+    wait_for(lambda: (volume / "root").exists() and (volume / "root").read_text(), what="both ids to be said")
+
+    assert (volume / "volume").read_text().strip() == str(USER), "a volume is nosuid"
+    assert (volume / "root").read_text().strip() == str(USER), "the container's root is nosuid"
+    assert "nosuid" in mount_options(status.init_pid)["/v"]
+
+
+def test_a_snapshot_chain_carries_a_large_uid_layer_and_restores_it(
+    state_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    name = run_host_ids(state_dir, ["sh", "-c", COUNT], f"{BIG}:{BIG}", volume).name
+    wait_for(lambda: (upper(state_dir, name) / "var/tmp/mine").exists(), what="the job's file")
+    first = kerrickpt.snapshot(name, store, state_dir=state_dir).snapshot
+    added = cli(
+        "exec", name, "--user", f"{BIG}:{BIG}", "--", "sh", "-c", "echo later > /var/tmp/later", state_dir=state_dir
+    )
+    assert added.returncode == 0, added.stderr
+    second = kerrickpt.snapshot(name, store, state_dir=state_dir).snapshot
+    assert second.base == first.id, "the second snapshot is a delta"
+    kerrickpt.kill(name, state_dir)
+
+    restored = cli("restore", "--store", str(store), name, state_dir=state_dir)
+
+    assert restored.returncode == 0, restored.stderr
+    assert claims_of(state_dir, name) == []
+    for file in ("mine", "later"):
+        owned = (upper(state_dir, name) / "var/tmp" / file).stat()
+        assert (owned.st_uid, owned.st_gid) == (BIG, BIG), file
+
+
+def test_host_ids_need_a_root_of_its_own_and_lift_the_range_limit_on_users(state_dir: Path) -> None:
+    alone = cli("run", "--name", unique_name("hostids"), "--ids", HOST, "--", "true", state_dir=state_dir)
+    assert alone.returncode == 2 and "--rootfs" in alone.stderr, alone.stderr
+    big = ["--rootfs", "host", "--user", str(BIG), "--", "sleep", "600"]
+    own = cli("run", "--name", unique_name("hostids"), *big, state_dir=state_dir)
+    assert own.returncode == 2 and f"up to {RANGE - 1}" in own.stderr, own.stderr
+    host = cli("run", "--name", unique_name("hostids"), "--ids", HOST, *big, state_dir=state_dir)
+    assert host.returncode == 0, host.stderr
+
+
+def test_a_layer_of_host_ids_packs_and_unpacks_its_true_owners(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    (source / "file").write_text("data")
+    os.chown(source / "file", BIG, BIG + 1)
+    pieces: list[bytes] = []
+    layer.pack(source, 0, 0, HOST_IDS, pieces.append)
+    data = b"".join(pieces)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        carried = tar.getmember("file")
+    assert (carried.uid, carried.gid) == (BIG, BIG + 1)
+
+    target.mkdir()
+    layer.unpack(io.BytesIO(data), target, 0, 0, HOST_IDS)
+
+    owned = (target / "file").stat()
+    assert (owned.st_uid, owned.st_gid) == (BIG, BIG + 1)
+
+
+def test_old_confinements_are_their_own_ids_and_bad_host_ids_are_refused() -> None:
+    old = {"rootfs": "host", "uid_base": 1_000_000, "gid_base": 1_000_000}
+    assert not Confinement.from_dict(old).host_ids
+    assert schema.from_archive(old, schema.Confinement, "its confinement").ids == RANGE
+    host = {"rootfs": "host", "uid_base": 0, "gid_base": 0, "ids": HOST_IDS}
+    assert Confinement.from_dict(host).host_ids
+    assert schema.from_archive(host, schema.Confinement, "its confinement").ids == HOST_IDS
+    for bad in ({**host, "uid_base": 1_000_000}, {**host, "ids": RANGE + 1}):
+        with pytest.raises(ArchiveCorruptError):
+            schema.from_archive(bad, schema.Confinement, "its confinement")

@@ -1,0 +1,227 @@
+"""`kerrickpt job` under a real Slurm, run by the test user through the site's sudo rule: preempted, requeued
+or drained, a job resumes on the other node and its count goes on; scancel ends it; its exit code is Slurm's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import kerrickpt
+from kerrickpt import privilege
+from kerrickpt.localslurm import HIGH, LOW, TEST_USER, LocalSlurm
+from tests.helpers import wait_for
+from tests.test_job import counts
+
+pytestmark = pytest.mark.root
+
+TIMEOUT = 180.0  # Slurm's timers (its 5 s wait before a requeued job starts again) and CRIU on a loaded machine
+ROOT = Path(__file__).resolve().parent.parent
+KERRICKPT_BIN = ROOT / ".venv" / "bin" / "kerrickpt"
+SUDOERS = ROOT / "contrib" / "sudoers" / "kerrickpt"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Path]:
+    """The site's set-up for users' jobs, as README says to install it: the sudo rule (for this checkout's
+    kerrickpt) and /etc/kerrickpt/jobs.toml naming a checkpoints directory; both removed afterwards."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    rule = Path(f"/etc/sudoers.d/kerrickpt-test-{uuid.uuid4().hex[:8]}")
+    config = privilege.CONFIG
+    saved = config.read_bytes() if config.exists() else None
+    made_dir = not config.parent.exists()
+    try:
+        rule.write_text(SUDOERS.read_text().replace("/usr/local/bin/kerrickpt", str(KERRICKPT_BIN)))
+        rule.chmod(0o440)
+        config.parent.mkdir(mode=0o755, exist_ok=True)
+        config.write_text(f'checkpoints = "{checkpoints}"\n')
+        config.chmod(0o644)
+        yield checkpoints
+    finally:
+        rule.unlink(missing_ok=True)
+        if saved is not None:
+            config.write_bytes(saved)
+        else:
+            config.unlink(missing_ok=True)
+            if made_dir:
+                config.parent.rmdir()
+
+
+@pytest.fixture
+def jobs(jobcount: Path) -> Callable[..., contextlib.AbstractContextManager[Jobs]]:
+    @contextlib.contextmanager
+    def start(**options: object) -> Iterator[Jobs]:
+        with LocalSlurm(requeue_exit=[kerrickpt.REQUEUE_EXIT], **options) as slurm:  # type: ignore[arg-type]
+            target = slurm.jobs_dir / "jobcount"
+            shutil.copy(jobcount, target)
+            target.chmod(0o755)
+            yield Jobs(slurm)
+
+    return start
+
+
+class Jobs:
+    """Counting jobs on a local Slurm, each in the foreground of its batch script through sudo."""
+
+    def __init__(self, slurm: LocalSlurm) -> None:
+        self.slurm = slurm
+
+    def submit(self, name: str, *sbatch: str, job: str = "", command: str = "/work/jobcount") -> int:
+        script = (
+            "#!/bin/sh\n"
+            f'exec sudo -n {KERRICKPT_BIN} job --name {name} --volume "$SLURM_SUBMIT_DIR:/work" --workdir /work '
+            f'--events "$SLURM_SUBMIT_DIR/{name}.events" {job} -- {command}\n'
+        )
+        return self.slurm.submit(script, "--output=job-%j.out", "--open-mode=append", "--requeue", *sbatch)
+
+    def output(self, job: int) -> str:
+        path = self.slurm.jobs_dir / f"job-{job}.out"
+        return path.read_text() if path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        path = self.slurm.jobs_dir / f"{name}.events"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def kinds(self, name: str) -> list[object]:
+        return [e["event"] for e in self.events(name)]
+
+    def field(self, job: int, key: str) -> str:
+        return self.slurm.job(job)[key]
+
+    def wait(self, predicate: Callable[[], object], what: str) -> None:
+        wait_for(predicate, TIMEOUT, what, interval=0.2)
+
+    def running(self, job: int, restarts: int) -> str:
+        """Wait until the job runs its `restarts`-th time and counts; returns its node."""
+        self.wait(
+            lambda: self.field(job, "JobState") == "RUNNING" and self.field(job, "Restarts") == str(restarts),
+            f"job {job} running after {restarts} requeues",
+        )
+        seen = len(counts(self.output(job)))
+        self.wait(lambda: len(counts(self.output(job))) > seen + 10, f"job {job} counting")
+        return self.field(job, "NodeList")
+
+    def ended(self, job: int) -> str:
+        self.wait(lambda: self.field(job, "JobState") not in ("RUNNING", "PENDING", "COMPLETING"), f"job {job} ended")
+        return self.field(job, "JobState")
+
+
+def user_dir(checkpoints: Path, name: str) -> Path:
+    return checkpoints / str(pwd.getpwnam(TEST_USER).pw_uid) / name
+
+
+def assert_counted_on(text: str) -> list[int]:
+    numbers = counts(text)
+    assert numbers == list(range(1, len(numbers) + 1)), "a count lost or repeated"
+    return numbers
+
+
+def other(slurm: LocalSlurm, node: str) -> str:
+    return next(name for name in slurm.names if name != node)
+
+
+def test_a_preempted_job_checkpoints_is_requeued_and_counts_on_on_the_other_node(site: Path, jobs: Callable) -> None:
+    with jobs(grace_time=120) as cluster:
+        slurm = cluster.slurm
+        low = cluster.submit("pre", f"--partition={LOW}", "--signal=B:USR1", job="--signal USR1")
+        node = cluster.running(low, 0)
+        high = slurm.submit("#!/bin/sh\nexec sleep 600\n", f"--partition={HIGH}", f"--nodelist={node}")
+        assert cluster.running(low, 1) == other(slurm, node), "requeued, on the node still free"
+        slurm.run("scancel", str(low), str(high))
+        cluster.ended(low)
+        numbers = assert_counted_on(cluster.output(low))
+        assert cluster.kinds("pre")[:4] == ["started", "checkpoint-start", "checkpointed", "requeue"]
+        assert "restored" in cluster.kinds("pre")
+        assert len(numbers) > 20
+        who = {e["event"]: e for e in cluster.events("pre")}
+        assert who["checkpointed"]["final"] is True
+
+
+def test_scontrol_requeue_and_a_drained_node_resume_the_job_where_it_stopped(site: Path, jobs: Callable) -> None:
+    with jobs() as cluster:
+        slurm = cluster.slurm
+        job = cluster.submit("req")
+        node = cluster.running(job, 0)
+        slurm.run("scontrol", "requeue", str(job))
+        node = cluster.running(job, 1)
+        slurm.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=kerrickpt-test")
+        slurm.run("scontrol", "requeue", str(job))
+        assert cluster.running(job, 2) == other(slurm, node), "off the drained node"
+        slurm.run("scancel", str(job))
+        cluster.ended(job)
+        assert_counted_on(cluster.output(job))
+        assert cluster.kinds("req").count("restored") == 2
+
+
+def test_a_job_that_ends_by_itself_gives_slurm_its_exit_code_and_leaves_no_checkpoint(
+    site: Path, jobs: Callable
+) -> None:
+    with jobs() as cluster:
+        job = cluster.submit("end", job="--every 1s", command="/bin/sh -c '/work/jobcount 60; exit 7'")
+        assert cluster.ended(job) == "FAILED"
+        assert cluster.field(job, "ExitCode") == "7:0"
+        assert counts(cluster.output(job)) == list(range(1, 61))
+        assert "checkpointed" in cluster.kinds("end")
+        assert not any(user_dir(site, "end").iterdir()), "its checkpoints are gone"
+
+
+def test_scancel_ends_the_job_without_a_checkpoint_and_leaves_nothing_running(site: Path, jobs: Callable) -> None:
+    with jobs(job_cgroups=True) as cluster:
+        slurm = cluster.slurm
+        job = cluster.submit("can")
+        cluster.running(job, 0)
+        [row] = [c for c in kerrickpt.ps() if c.name.endswith("can")]
+        inside = f"/job_{job}/"
+        assert all(inside in path for path in row.cgroup), "its container is in the job's own cgroups"
+        slurm.run("scancel", str(job))
+        assert cluster.ended(job) == "CANCELLED"
+        assert "checkpoint-start" not in cluster.kinds("can")
+        assert not [c for c in kerrickpt.ps() if c.name.endswith("can")], "nothing of it left on the node"
+        assert not [p for p in row.cgroup if os.path.exists(p)]
+        assert not list(user_dir(site, "can").iterdir())
+
+
+def test_a_checkpoint_past_the_grace_time_keeps_the_previous_one_which_the_requeued_job_resumes(
+    site: Path, jobs: Callable
+) -> None:
+    with jobs() as cluster:
+        slurm = cluster.slurm
+        job = cluster.submit("grace", job="--every 2s --grace 0.001")
+        cluster.running(job, 0)
+        cluster.wait(lambda: "checkpointed" in cluster.kinds("grace"), "a periodic checkpoint")
+        slurm.run("scontrol", "requeue", str(job))
+        cluster.running(job, 1)
+        slurm.run("scancel", str(job))
+        cluster.ended(job)
+        failed = [e for e in cluster.events("grace") if e["event"] == "checkpoint-failed" and e["final"]]
+        assert failed and "grace time" in str(failed[0]["reason"])
+        numbers = counts(cluster.output(job))
+        again = next(i for i in range(1, len(numbers)) if numbers[i] <= numbers[i - 1])
+        assert numbers[again] > 1, "resumed from the periodic checkpoint, not from the start"
+        assert numbers[again:] == list(range(numbers[again], numbers[again] + len(numbers) - again))
+
+
+def test_another_user_cannot_restore_read_or_remove_the_jobs_checkpoints(site: Path, jobs: Callable) -> None:
+    with jobs() as cluster:
+        job = cluster.submit("mine")
+        cluster.running(job, 0)
+        cluster.slurm.run("scontrol", "requeue", str(job))
+        cluster.running(job, 1)
+        cluster.slurm.run("scancel", str(job))
+        cluster.ended(job)
+    directory = user_dir(site, "mine")
+    archive = directory / "mine.kckpt"
+    assert archive.exists()
+    st = directory.stat()
+    assert (st.st_uid, st.st_mode & 0o777, archive.stat().st_mode & 0o777) == (0, 0o700, 0o600)
+    assert re.search("mine", str(directory))
