@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.lab import BenchError, Runner, run
+from bench.lab import BenchError, Runner, run, wait_for
 from kerrickpt import cgroups, command
 
 BUILD = Path(__file__).with_name("dmtcp-build")
@@ -122,13 +121,3 @@ def _read_port(path: Path) -> int | None:
     with contextlib.suppress(FileNotFoundError, ValueError):
         return int(path.read_text())
     return None
-
-
-def wait_for(probe: Callable[[], int | None], timeout: float, what: str) -> int:
-    """Poll `probe` every 5 ms until it gives a value."""
-    deadline = time.monotonic() + timeout
-    while (value := probe()) is None:
-        if time.monotonic() > deadline:
-            raise BenchError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.005)
-    return value

@@ -358,6 +358,18 @@ class Runner:
             raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
 
 
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, *, runner: Runner | None = None) -> T:
+    """Poll `probe` every 5 ms until it gives a value; BenchError after `timeout`, or once `runner` has ended."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) is None:
+        if runner is not None:
+            runner.check()
+        if time.monotonic() > deadline:
+            raise BenchError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.005)
+    return value
+
+
 def wait_for_line(
     path: Path, pattern: re.Pattern[str], offset: int, timeout: float, *, runner: Runner | None = None
 ) -> re.Match[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench import dmtcp
-from bench.lab import MIB, READY, BenchError, Lab, Runner, removed, timeout_for, verify, wait_for_line
+from bench.lab import MIB, READY, BenchError, Lab, Runner, removed, timeout_for, verify, wait_for, wait_for_line
 from kerrickpt import command
 from kerrickpt.localnodes import kerrickpt_path
 
@@ -56,16 +56,15 @@ def workload(lab: Lab, mib: int, kind: str, work: Path) -> list[str]:
 
 
 def wait_running(ticks: Path, timeout: float, runner: Runner) -> float:
-    """Poll the ticks file every 5 ms until its count is above 0; the monotonic time it was first seen so."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if parse_ticks(ticks.read_text()) > 0:
-                return time.monotonic()
-        runner.check()
-        if time.monotonic() > deadline:
-            raise BenchError(f"the workload did not count in {ticks} within {timeout:.0f} s")
-        time.sleep(0.005)
+    """Poll the ticks file until its count is above 0; the monotonic time it was first seen so."""
+    return wait_for(lambda: time.monotonic() if _count(ticks) > 0 else None, timeout, f"count in {ticks}",
+                    runner=runner)  # fmt: skip
+
+
+def _count(ticks: Path) -> int:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        return parse_ticks(ticks.read_text())
+    return 0
 
 
 def holder(ticks: Path) -> int:
