@@ -1,4 +1,4 @@
-"""`bench/run`: measure kerrickpt against raw CRIU and the sequential export pipeline, in one run.
+"""`bench/run`: measure kerrickpt against raw CRIU, the sequential export pipeline, runc and DMTCP, in one run.
 
 Sizes outermost (so one size's memory is freed before the next), then repetitions, then
 kinds, and within each the cases in turn: baselines and kerrickpt interleave, so a slow
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import NAMES, plan
+from bench.cases import DEFAULT, NAMES, plan
 from bench.lab import BenchError, Lab, run
 from bench.report import Results
 from kerrickpt import cgroups, command, criu
@@ -33,7 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", default="256M,1G,4G", help="memory sizes, comma-separated (default: %(default)s)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="workload kinds: heap, mixed (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every case (default: %(default)s)")
-    parser.add_argument("--cases", default=",".join(NAMES), help="cases to run (default: %(default)s)")
+    extra = ", ".join(name for name in NAMES if name not in DEFAULT)
+    parser.add_argument("--cases", default=",".join(DEFAULT), help=f"cases to run (default: %(default)s; "
+                        f"also: {extra})")  # fmt: skip
     parser.add_argument("--layers", default="0,64M,512M", help="what the confined cases write into their layer "
                         "before the checkpoint, comma-separated (default: %(default)s)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where to write the JSON")

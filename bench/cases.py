@@ -1,4 +1,4 @@
-"""The measured cases: the baselines (raw CRIU, the sequential export pipeline) and kerrickpt's commands.
+"""The measured cases: the baselines (raw CRIU, the sequential export pipeline, runc, DMTCP) and kerrickpt's commands.
 
 Each case starts its own workload, measures, checks the workload's memory after every
 restore, and removes what it made. It returns metrics named `<case>.<what>`:
@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench import preemption
 from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
 from kerrickpt.node import LAZY_PIPE_SIZE
 
@@ -169,6 +170,16 @@ def confined_migrate(lab: Lab, mib: int, kind: str, layer_mib: int) -> Outcome:
     return migrate(lab, mib, kind, layer_mib)
 
 
+def dmtcp(lab: Lab, mib: int, kind: str) -> Outcome:
+    """DMTCP preempted and requeued: `dmtcp_command --bcheckpoint` (gzip images), all killed, `dmtcp_restart`."""
+    return Outcome(*preemption.under_dmtcp(lab, mib, kind))
+
+
+def job(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`kerrickpt job` preempted (SIGTERM, exit 85) and requeued (`kerrickpt job` again on the same directory)."""
+    return Outcome(*preemption.under_kerrickpt(lab, mib, kind))
+
+
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "raw": raw,
     "sequential": sequential,
@@ -177,6 +188,8 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "migrate": migrate,
     "lazy": migrate_lazy,
     "runc": runc,
+    "dmtcp": dmtcp,
+    "job": job,
 }
 
 # The cases run once for each layer size of the run (`--layers`).
@@ -185,6 +198,8 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
     "confined_migrate": confined_migrate,
 }
 NAMES = (*CASES, *LAYERED)
+# DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for.
+DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job"))
 
 
 def plan(cases: list[str], layers: list[int]) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:

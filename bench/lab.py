@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kerrickpt import cgroups, command, criu
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
@@ -37,6 +37,9 @@ SAMPLE_INTERVAL = 0.02
 # hide the host's path.
 BIN = "/opt/kerrickpt-bench"
 LAYER_FILE = "/var/tmp/layer"  # what a confined workload writes first, in its own layer
+
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -170,6 +173,8 @@ class Lab:
         self.cluster: Cluster | None = None
         self.criu = criu.locate()
         self._serial = 0
+        self._baselines: dict[str, Any] = {}
+        self._teardown = contextlib.ExitStack()
 
     def __enter__(self) -> Lab:
         try:
@@ -182,6 +187,9 @@ class Lab:
             (self.root / "bin").mkdir(mode=0o755)  # any user may read it: a confined container's root is not root
             self.binary = self.root / "bin" / "memload"
             run(["gcc", "-O2", "-static", "-o", str(self.binary), str(SOURCE)], timeout=120)
+            # DMTCP preloads itself into the programs it runs: the job case's workload is linked dynamically.
+            self.dynamic_binary = self.root / "bin" / "memload-dynamic"
+            run(["gcc", "-O2", "-o", str(self.dynamic_binary), str(SOURCE)], timeout=120)
             self.cluster = Cluster(2)
         except BaseException:
             self.close()
@@ -193,6 +201,7 @@ class Lab:
 
     def close(self) -> None:
         try:
+            self._teardown.close()
             if self.cluster is not None:
                 self.cluster.close()
         finally:
@@ -200,6 +209,13 @@ class Lab:
             if self.mounted:
                 run(["umount", str(self.root)], timeout=60)
             os.rmdir(self.root)
+
+    def baseline(self, name: str, setup: Callable[[], contextlib.AbstractContextManager[T]]) -> T:
+        """A baseline tool (DMTCP) set up by `setup` on its first use in the run, torn down with the lab."""
+        if name not in self._baselines:
+            self._baselines[name] = self._teardown.enter_context(setup())
+        value: T = self._baselines[name]
+        return value
 
     @property
     def nodes(self) -> tuple[Node, Node]:
@@ -326,14 +342,47 @@ def json_of(node: Node, *args: str) -> Any:
     return kerrickpt(node, *args, timeout=60)[0]
 
 
-def wait_for_line(path: Path, pattern: re.Pattern[str], offset: int, timeout: float) -> re.Match[str]:
-    """The first line matching `pattern` that `path` gains past byte `offset`."""
+@dataclass
+class Runner:
+    """A program started in the background, its output going to `log` (through `copier` if it is not None)."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    copier: threading.Thread | None = None
+
+    def check(self) -> None:
+        """BenchError with the log's tail if the program has ended: what it was to start will never come."""
+        if (code := self.process.poll()) is not None:
+            if self.copier is not None:
+                self.copier.join(timeout=10)
+            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, *, runner: Runner | None = None) -> T:
+    """Poll `probe` every 5 ms until it gives a value; BenchError after `timeout`, or once `runner` has ended."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) is None:
+        if runner is not None:
+            runner.check()
+        if time.monotonic() > deadline:
+            raise BenchError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.005)
+    return value
+
+
+def wait_for_line(
+    path: Path, pattern: re.Pattern[str], offset: int, timeout: float, *, runner: Runner | None = None
+) -> re.Match[str]:
+    """The first line matching `pattern` that `path` gains past byte `offset`; gives up early if `runner` (what
+    runs the program writing `path`) ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError), path.open("rb") as fh:
             fh.seek(offset)
             if match := pattern.search(fh.read().decode(errors="replace")):
                 return match
+        if runner is not None:
+            runner.check()
         time.sleep(0.05)
     raise BenchError(f"{path} did not show {pattern.pattern!r} within {timeout:.0f} s")
 

@@ -1,6 +1,6 @@
 /* The benchmark's workload: fills N MiB of anonymous memory, then idles until killed.
  *
- *   memload MIB heap|mixed [FILE FILE_MIB]
+ *   memload [--ticks PATH] MIB heap|mixed [FILE FILE_MIB]
  *
  * heap:  64-byte records like a program's heap (ids, pointers into one arena, small
  *        counters, a random hash, words from a small vocabulary): zstd -3 squeezes it
@@ -13,10 +13,18 @@
  *
  * It prints "ready mib=N kind=K sum=S" once filled. On SIGUSR1 it hashes its memory again
  * and prints "verify OK sum=S" or "verify BAD sum=S expected=E": that is how the benchmark
- * checks a restored copy. The SIGUSR1 handler only sets a flag (CRIU restores handlers);
+ * checks a restored copy.
+ *
+ * With --ticks, once filled it counts its wake-ups (every 10 ms) into PATH: the count as 20
+ * decimal digits and a newline, rewritten in place, so the file keeps its size (CRIU checks
+ * the size of a file a process holds open for writing). A counter that moves is how the
+ * benchmark sees the workload running, after a restart too, without asking it to hash GiBs.
+ *
+ * The SIGUSR1 handler only sets a flag (CRIU restores handlers);
  * there is no other handler, so SIGTERM/SIGKILL end it as usual, and no parent-death signal.
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -24,6 +32,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #define RECORD 64
 #define STRIPE (1u << 20)
@@ -109,8 +118,18 @@ static uint64_t checksum(const unsigned char *p, size_t len) {
 }
 
 int main(int argc, char **argv) {
+    int ticks = -1;
+    if (argc > 2 && strcmp(argv[1], "--ticks") == 0) {
+        ticks = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (ticks < 0) {
+            perror(argv[2]);
+            return 1;
+        }
+        argc -= 2;
+        argv += 2;
+    }
     if ((argc != 3 && argc != 5) || (strcmp(argv[2], "heap") != 0 && strcmp(argv[2], "mixed") != 0)) {
-        fprintf(stderr, "usage: memload MIB heap|mixed [FILE FILE_MIB]\n");
+        fprintf(stderr, "usage: memload [--ticks PATH] MIB heap|mixed [FILE FILE_MIB]\n");
         return 2;
     }
     size_t len = (size_t)strtoull(argv[1], NULL, 10) << 20;
@@ -136,9 +155,17 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready mib=%s kind=%s sum=%016llx\n", argv[1], argv[2], (unsigned long long)expected);
 
-    const struct timespec nap = {0, 100 * 1000 * 1000};
-    for (;;) {
+    const struct timespec nap = {0, (ticks < 0 ? 100 : 10) * 1000 * 1000};
+    for (uint64_t tick = 1;; tick++) {
         nanosleep(&nap, NULL);
+        if (ticks >= 0) {
+            char line[22];
+            snprintf(line, sizeof(line), "%020llu\n", (unsigned long long)tick);
+            if (pwrite(ticks, line, 21, 0) != 21) {
+                perror("ticks");
+                return 1;
+            }
+        }
         if (verify_requested) {
             verify_requested = 0;
             uint64_t sum = checksum(mem, len);

@@ -1,4 +1,4 @@
-"""Owns the results: samples per size and kind, min and median, the targets of issues 6 and 13, the table and JSON."""
+"""Owns the results: samples per size and kind, min and median, the targets of issues 6, 13 and 14, table and JSON."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ LAYER_GOAL = 1.0
 
 @dataclass(frozen=True)
 class Ratio:
-    """A target of issue 6: median of `metric` at most `goal` times the median of `baseline`."""
+    """A target of issue 6, 13 or 14: median of `metric` at most `goal` times the median of `baseline`."""
 
     label: str
     metric: str
@@ -42,6 +42,10 @@ RATIOS = (
     Ratio("confined checkpoint, layer 0 / plain checkpoint", "conf.L0.checkpoint_s", "kpt.checkpoint_s", 1.1),
     Ratio("confined restore, layer 0 / plain restore", "conf.L0.restore_s", "kpt.restore_s", 1.1),
     Ratio("confined migration downtime, layer 0 / plain", "conf.L0.migrate_downtime_s", "kpt.migrate_downtime_s", 1.1),
+    # Issue 14: a preempted Slurm job under `kerrickpt job` against the same under DMTCP.
+    Ratio("job: preemption signal to checkpoint / DMTCP's", "job.checkpoint_s", "dmtcp.checkpoint_s", 0.5),
+    Ratio("job: archive size / DMTCP's gzip image size", "job.archive_mib", "dmtcp.image_mib", 1.2),
+    Ratio("job: requeued start to running / dmtcp_restart's", "job.resume_s", "dmtcp.resume_s", 0.5),
 )
 
 
@@ -147,7 +151,7 @@ class Results:
                              f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
-        head = "target of issue 6 or 13 (confined)"
+        head = "target of issue 6, 13 (confined) or 14 (job)"
         lines += ["", f"{'MiB':>5} {'kind':<6} {head:<{width}} {'measured':>9} {'goal':>10}  holds"]
         for row in targets:
             value = "-" if row["value"] is None else f"{row['value']:.2f}"

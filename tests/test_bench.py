@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cases import NAMES
+from bench.cases import DEFAULT
 from bench.report import LAYER_PHASES, RATIOS
 
 pytestmark = pytest.mark.root
@@ -29,7 +29,7 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
 
-    assert report["config"]["cases"] == list(NAMES)
+    assert report["config"]["cases"] == list(DEFAULT)
     for kind in ("heap", "mixed"):
         metrics = {r["metric"] for r in report["results"] if r["kind"] == kind and r["mib"] == 16}
         kerrickpt = ("snapshot", "checkpoint", "restore", "migrate", "migrate_lazy")
@@ -49,7 +49,7 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert len(restores) == 2 * (7 + 2 * 2), restores
     assert all(c["ok"] for c in report["verified"]), report["verified"]
 
-    assert "target of issue 6 or 13" in result.stdout
+    assert "target of issue 6, 13 (confined) or 14 (job)" in result.stdout
     assert "memory verified after 22 of 22 restores" in result.stdout
     for ratio in RATIOS:
         assert ratio.label in result.stdout
