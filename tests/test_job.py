@@ -45,12 +45,24 @@ def running(args: list[str], out: Path, state_dir: Path) -> Iterator[Running]:
             job.process.wait()
 
 
+def checkpointed(args: list[str], out: Path, state_dir: Path) -> None:
+    """Run the job until it counts, then SIGTERM: it checkpoints and asks to be requeued."""
+    with running(args, out, state_dir) as job:
+        wait_for(lambda: len(counts(out.read_text())) > 5, 30, "the job counting")
+        assert job.end(signal.SIGTERM) == kerrickpt.REQUEUE_EXIT
+
+
 def events(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def kinds(path: Path) -> list[object]:
     return [e["event"] for e in events(path)]
+
+
+def job_paths(tmp_path: Path) -> tuple[str, Path, Path, Path]:
+    """A job's name, its checkpoint directory, its events file and its output."""
+    return unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
 
 
 def job_args(name: str, directory: Path, log: Path, *more: str) -> list[str]:
@@ -60,7 +72,7 @@ def job_args(name: str, directory: Path, log: Path, *more: str) -> list[str]:
 def test_sigterm_checkpoints_exits_85_and_the_next_run_continues_the_count(
     tmp_path: Path, state_dir: Path, jobcount: Path
 ) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--", str(jobcount))
     for run in range(3):
         with running(args, out, state_dir) as job:
@@ -83,7 +95,7 @@ def test_sigterm_checkpoints_exits_85_and_the_next_run_continues_the_count(
 def test_a_command_that_ends_by_itself_passes_its_exit_code_and_leaves_no_checkpoint(
     tmp_path: Path, state_dir: Path, jobcount: Path
 ) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     script = f"{jobcount} 40 && exit 7"
     with running(
         job_args(name, directory, log, "--every", "0.5s", "--", "/bin/sh", "-c", script), out, state_dir
@@ -97,7 +109,7 @@ def test_a_command_that_ends_by_itself_passes_its_exit_code_and_leaves_no_checkp
 
 
 def test_a_command_ended_by_a_signal_exits_128_plus_its_number(tmp_path: Path, state_dir: Path) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     # A fault's signal ends even a PID namespace's init, which a kill from inside would not.
     crash = ["/usr/bin/python3", "-c", "import ctypes, time; time.sleep(0.5); ctypes.string_at(0)"]
     with running(job_args(name, directory, log, "--", *crash), out, state_dir) as job:
@@ -108,11 +120,9 @@ def test_a_command_ended_by_a_signal_exits_128_plus_its_number(tmp_path: Path, s
 def test_sigint_ends_the_job_without_a_checkpoint_and_keeps_the_last_one(
     tmp_path: Path, state_dir: Path, jobcount: Path
 ) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--", str(jobcount))
-    with running(args, out, state_dir) as job:
-        wait_for(lambda: len(counts(out.read_text())) > 5, 30, "the job counting")
-        assert job.end(signal.SIGTERM) == kerrickpt.REQUEUE_EXIT
+    checkpointed(args, out, state_dir)
     kept = (directory / f"{name}.kckpt").stat()
     with running(args, out, state_dir) as job:
         wait_for(lambda: "restored" in kinds(log), 30, "the job resumed")
@@ -126,7 +136,7 @@ def test_sigint_ends_the_job_without_a_checkpoint_and_keeps_the_last_one(
 def test_a_checkpoint_past_its_grace_time_keeps_the_previous_one_and_the_job_resumes_from_it(
     tmp_path: Path, state_dir: Path, jobcount: Path
 ) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--every", "1s", "--grace", "0.001", "--", str(jobcount))
     with running(args, out, state_dir) as job:
         wait_for(lambda: "checkpointed" in kinds(log), 30, "a periodic checkpoint")
@@ -154,11 +164,9 @@ def test_a_checkpoint_past_its_grace_time_keeps_the_previous_one_and_the_job_res
 def test_an_unusable_checkpoint_is_kept_aside_and_the_job_starts_afresh(
     tmp_path: Path, state_dir: Path, jobcount: Path
 ) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--", str(jobcount))
-    with running(args, out, state_dir) as job:
-        wait_for(lambda: len(counts(out.read_text())) > 5, 30, "the job counting")
-        assert job.end(signal.SIGTERM) == kerrickpt.REQUEUE_EXIT
+    checkpointed(args, out, state_dir)
     path = directory / f"{name}.kckpt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -173,7 +181,7 @@ def test_an_unusable_checkpoint_is_kept_aside_and_the_job_starts_afresh(
 
 
 def test_a_second_run_of_a_job_on_the_same_node_is_refused(tmp_path: Path, state_dir: Path, jobcount: Path) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--", str(jobcount))
     with running(args, out, state_dir) as first:
         wait_for(lambda: "started" in kinds(log), 30, "the first run started")
@@ -214,7 +222,7 @@ def test_the_python_api_preempts_and_resumes_a_job_from_another_thread(
 
 
 def test_a_command_that_exits_as_it_starts_passes_its_exit_code(tmp_path: Path, state_dir: Path) -> None:
-    name, directory, log, out = unique_name("job"), tmp_path / "ckpt", tmp_path / "events", tmp_path / "out"
+    name, directory, log, out = job_paths(tmp_path)
     with running(job_args(name, directory, log, "--", "/bin/sh", "-c", "exit 3"), out, state_dir) as job:
         assert job.end() == 3
     assert kinds(log) == ["exited"] and not kerrickpt.ps(state_dir)

@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,19 +216,27 @@ def test_a_checkpoint_past_the_grace_time_keeps_the_previous_one_which_the_reque
         assert numbers[again:] == list(range(numbers[again], numbers[again] + len(numbers) - again))
 
 
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A directory of the test user's, which they can reach (pytest's own are root's alone)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="kerrickpt-work-") as path:
+        os.chmod(path, 0o755)
+        yield Path(path)
+
+
 def test_another_user_cannot_restore_read_or_remove_a_users_checkpoints(
-    site: Path, jobcount: Path, tmp_path: Path
+    site: Path, jobcount: Path, tmp_path: Path, work: Path
 ) -> None:
     test_user = pwd.getpwnam(TEST_USER)
-    work = tmp_path / "work"
-    work.mkdir(mode=0o755)
     shutil.copy(jobcount, work / "jobcount")
     os.chown(work, test_user.pw_uid, test_user.pw_gid)
     out = tmp_path / "out"
     job = ["sudo", "-n", str(KERRICKPT_BIN), "job", "--name", "mine"]
+    as_test_user = ["setpriv", f"--reuid={TEST_USER}", f"--regid={test_user.pw_gid}", "--init-groups", "--"]
     with out.open("ab") as fh:
         mine = subprocess.Popen(
-            ["runuser", "-u", TEST_USER, "--", *job, "--volume", f"{work}:/work", "--", "/work/jobcount"],
+            # setpriv execs sudo: the signal below reaches sudo itself, which passes it on.
+            [*as_test_user, *job, "--volume", f"{work}:/work", "--", "/work/jobcount"],
             stdout=fh,
             stderr=fh,
         )

@@ -69,6 +69,8 @@ examples:
   kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
   kerrickpt snapshots verify --store /srv/snap
   kerrickpt restore --store /srv/snap job1 --at 2025-01-31T14:00 --name job1-then
+  kerrickpt job --name train --dir /shared/ckpt --signal USR1 --every 30m -- ./train --epochs 100
+  sudo -n kerrickpt job --name train --volume "$PWD:/work" --workdir /work -- ./train   # as a user
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
   5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
@@ -82,6 +84,8 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   18 checkpoint: archive complete, but the container could not all be ended (`kerrickpt kill NAME`),
   20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
   129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
+job: once its command runs, the command's exit code (128+N: signal N); 85 checkpointed on the
+  scheduler's signal, requeue me; 128+N cancelled by signal N; 22 not allowed to a user through sudo
 exec: once its command runs, the command's exit code (128+N: ended by signal N; 126/127: it could not
   be run / was not found); before that, the codes above (4: no such container running)
 """
@@ -184,18 +188,28 @@ def _memory_limit(args: argparse.Namespace) -> int | None:
         raise UsageError(str(exc)) from None
 
 
+def _asked(args: argparse.Namespace) -> privilege.RunOptions:
+    return privilege.RunOptions(
+        rootfs=args.rootfs, user=args.user, volumes=tuple(args.volume), ids=args.ids, state_dir=args.state_dir
+    )
+
+
+def _container_options(args: argparse.Namespace, chosen: privilege.RunOptions) -> dict[str, Any]:
+    """`run`'s container options as the library takes them; `chosen`: those a job's policy rules on."""
+    return {
+        "memory_limit": _memory_limit(args),
+        "rootfs": chosen.rootfs,
+        "user": chosen.user,
+        "volumes": chosen.volumes,
+        "env": parse_env(args.env),
+        "workdir": args.workdir,
+        "ids": chosen.ids or OWN,
+    }
+
+
 def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
     status = kerrickpt.run(
-        args.name,
-        _command(args),
-        memory_limit=_memory_limit(args),
-        state_dir=args.state_dir,
-        rootfs=args.rootfs,
-        user=args.user,
-        volumes=args.volume,
-        env=parse_env(args.env),
-        workdir=args.workdir,
-        ids=args.ids or OWN,
+        args.name, _command(args), state_dir=args.state_dir, **_container_options(args, _asked(args))
     )
     if not args.json:
         inside = status.init_ns_pid or "-"
@@ -205,11 +219,7 @@ def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
     who = privilege.caller()
-    asked_for = privilege.RunOptions(
-        rootfs=args.rootfs, user=args.user, volumes=tuple(args.volume), ids=args.ids, state_dir=args.state_dir
-    )
-    request = privilege.job_request(who, args.name, args.dir, asked_for)
-    options = request.options
+    request = privilege.job_request(who, args.name, args.dir, _asked(args))
     preempting = _signal(args.signal)
     # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
     as_user = privilege.as_user(who)
@@ -221,7 +231,7 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         args.name,
         _command(args),
         request.directory,
-        state_dir=options.state_dir,
+        state_dir=request.options.state_dir,
         every=parse_duration(args.every) if args.every else None,
         grace=after_signal,
         keep=args.keep,
@@ -230,13 +240,7 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         # Two users' jobs of one name may meet on a node.
         container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
         admit=lambda manifest: privilege.check_archive(who, manifest),
-        memory_limit=_memory_limit(args),
-        rootfs=options.rootfs,
-        user=options.user,
-        volumes=options.volumes,
-        env=parse_env(args.env),
-        workdir=args.workdir,
-        ids=options.ids or OWN,
+        **_container_options(args, request.options),
         **stdio,
     )
 
@@ -268,6 +272,7 @@ def _signal(name: str) -> signal.Signals:
 
 @contextlib.contextmanager
 def _handling(signals: set[signal.Signals], handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for `signals` in the block; the caller's handlers come back afterwards."""
     before = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield
@@ -839,12 +844,8 @@ def unwinding_on(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
             signal.signal(other, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    before = {signum: signal.signal(signum, interrupted) for signum in signals}
-    try:
+    with _handling(set(signals), interrupted):
         yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 UNWINDING = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
