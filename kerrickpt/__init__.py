@@ -31,7 +31,7 @@ from kerrickpt.errors import (
 )
 from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
-from kerrickpt.job import REQUEUE_EXIT, Job, JobResult, job
+from kerrickpt.job import Job, job
 from kerrickpt.lock import Holder
 from kerrickpt.logs import logs
 from kerrickpt.manifest import Manifest
@@ -42,6 +42,7 @@ from kerrickpt.retention import Decision, Plan, Policy
 from kerrickpt.session import exec_in
 from kerrickpt.snapshot import SnapshotResult, snapshot
 from kerrickpt.store import Snapshot, Store
+from kerrickpt.supervisor import REQUEUE_EXIT, JobResult
 
 __all__ = [
     "CHECKPOINT_LEVEL",

@@ -155,18 +155,25 @@ class Cgroup:
             return None
 
     def remove(self) -> None:
-        """Kill what is left and remove the directories, with any cgroup made beneath them (a batch job's
-        container beneath the cgroup its job ran in, which a daemon's may be)."""
+        """Kill what is left and remove the directories."""
         existing = Cgroup(tuple(d for d in self.dirs if d.exists()))
         if existing.dirs:
             existing.kill()
         for path in existing.dirs:
-            for child in [p for p in path.iterdir() if p.is_dir()]:
-                Cgroup((child,)).remove()
             _rmdir(path)
 
     def to_list(self) -> list[str]:
         return [str(d) for d in self.dirs]
+
+
+def remove_tree(group: Cgroup) -> None:
+    """Remove a cgroup with every cgroup beneath it, deepest first: a daemon's (slurmd's) holds the containers of
+    the batch jobs it started (see `own`), which a test's teardown removes with it."""
+    for path in group.dirs:
+        if path.is_dir():
+            for child in [p for p in path.iterdir() if p.is_dir()]:
+                remove_tree(Cgroup((child,)))
+    group.remove()
 
 
 def _members(path: Path) -> list[int]:

@@ -223,9 +223,7 @@ class Cluster:
         for root in cgroups.detect().roots():
             parent = root / node.cgroup_parent
             if parent.is_dir():
-                for child in [p for p in parent.iterdir() if p.is_dir()]:
-                    cgroups.Cgroup((child,)).remove()
-                parent.rmdir()
+                cgroups.remove_tree(cgroups.Cgroup((parent,)))
 
     def __enter__(self) -> Cluster:
         return self

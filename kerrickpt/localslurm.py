@@ -318,7 +318,7 @@ class LocalSlurm:
             cleanup.callback(self._remove_job_cgroups)
             for daemon in self._daemons:  # the slurmds first, munged last
                 cleanup.callback(daemon.process.wait, 10)
-                cleanup.callback(daemon.cgroup.remove)
+                cleanup.callback(cgroups.remove_tree, daemon.cgroup)
             self._daemons = []
 
     def job_cgroup_dirs(self) -> list[Path]:
@@ -328,9 +328,7 @@ class LocalSlurm:
 
     def _remove_job_cgroups(self) -> None:
         for top in self.job_cgroup_dirs():
-            tree = [path for path in top.rglob("*") if path.is_dir()]
-            for path in [*sorted(tree, key=lambda path: len(path.parts), reverse=True), top]:
-                cgroups.Cgroup((path,)).remove()
+            cgroups.remove_tree(cgroups.Cgroup((top,)))
 
     def __enter__(self) -> LocalSlurm:
         return self

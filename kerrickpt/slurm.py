@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -53,14 +54,31 @@ def grace(signal_is_term: bool, env: Mapping[str, str] = os.environ, as_user: Se
     job = job_id(env)
     if job is None:
         return None
-    config = _scontrol(["show", "config"], as_user) or {}
-    kill_wait = _seconds(config.get("KillWait", ""))
+    kill_wait = _seconds(_config(tuple(as_user)).get("KillWait", ""))
     if signal_is_term:
         return kill_wait
     fields = _scontrol(["show", "job", job], as_user) or {}
     partition = _scontrol(["show", "partition", fields.get("Partition", "")], as_user) or {}
     grace_time = _seconds(partition.get("GraceTime", ""))
     return grace_time if grace_time else kill_wait
+
+
+def escapes_signals(env: Mapping[str, str] = os.environ, as_user: Sequence[str] = ()) -> bool | None:
+    """Whether a container beneath this job is out of reach of Slurm's own signals, as kerrickpt needs: so with
+    proctrack/cgroup, which signals the members of a step's cgroup and not those of cgroups made beneath it;
+    not with proctrack/linuxproc or pgid, which signal the job's whole process tree, where the container's
+    processes would get the SIGTERM of a requeue before kerrickpt could checkpoint them. None outside Slurm
+    or without an answer."""
+    if job_id(env) is None:
+        return None
+    tracking = _config(tuple(as_user)).get("ProctrackType")
+    return None if tracking is None else tracking == "proctrack/cgroup"
+
+
+@functools.lru_cache(maxsize=4)
+def _config(as_user: tuple[str, ...]) -> dict[str, str]:
+    """`scontrol show config`, asked once: it does not change under a running job."""
+    return _scontrol(["show", "config"], as_user) or {}
 
 
 def _seconds(text: str) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import pytest
 
 import kerrickpt
 from kerrickpt import archive
-from kerrickpt.events import Events
 from tests.helpers import KERRICKPT, cli_env, counts, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -203,7 +203,6 @@ def test_the_python_api_preempts_and_resumes_a_job_from_another_thread(
         for ask in ("preempt", "cancel"):
             job = kerrickpt.Job(
                 name, [str(jobcount)], directory, state_dir=state_dir, stdout=out.fileno(), stderr=out.fileno(),
-                events=Events(None, name), in_own_cgroup=False,
             )  # fmt: skip
             runner = threading.Thread(target=lambda job=job: outcomes.append(job.run()))
             runner.start()
@@ -219,6 +218,13 @@ def test_the_python_api_preempts_and_resumes_a_job_from_another_thread(
     assert (second.ended, second.resumed) == ("cancelled", True)
     numbers = counts(out_path.read_text())
     assert numbers == list(range(1, len(numbers) + 1))
+    assert not is_subreaper(), "the caller is left as it was: its helper was the container's subreaper"
+
+
+def is_subreaper() -> bool:
+    flag = ctypes.c_int()
+    assert ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    return bool(flag.value)
 
 
 def test_a_command_that_exits_as_it_starts_passes_its_exit_code(tmp_path: Path, state_dir: Path) -> None:

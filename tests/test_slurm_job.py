@@ -62,6 +62,8 @@ def site(tmp_path: Path) -> Iterator[Path]:
 def jobs(jobcount: Path) -> Callable[..., contextlib.AbstractContextManager[Jobs]]:
     @contextlib.contextmanager
     def start(**options: object) -> Iterator[Jobs]:
+        # Slurm keeps the signals of a requeue or scancel off a container only with its jobs in cgroups.
+        options.setdefault("job_cgroups", True)
         with LocalSlurm(requeue_exit=[kerrickpt.REQUEUE_EXIT], **options) as slurm:  # type: ignore[arg-type]
             target = slurm.jobs_dir / "jobcount"
             shutil.copy(jobcount, target)
@@ -146,12 +148,14 @@ def test_a_preempted_job_checkpoints_is_requeued_and_counts_on_on_the_other_node
         assert len(numbers) > 20
         who = {e["event"]: e for e in cluster.events("pre")}
         assert who["checkpointed"]["final"] is True
+        assert 60 < float(who["checkpoint-start"]["within_s"]) <= 120, "the partition's GraceTime, from Slurm"
 
 
 def test_scontrol_requeue_and_a_drained_node_resume_the_job_where_it_stopped(site: Path, jobs: Callable) -> None:
     with jobs() as cluster:
         slurm = cluster.slurm
-        job = cluster.submit("req")
+        # The count in a child of the container's init: Slurm's SIGTERM must not reach it behind kerrickpt's back.
+        job = cluster.submit("req", command="/bin/sh -c '/work/jobcount; echo ended $?'")
         node = cluster.running(job, 0)
         slurm.run("scontrol", "requeue", str(job))
         node = cluster.running(job, 1)
@@ -161,6 +165,7 @@ def test_scontrol_requeue_and_a_drained_node_resume_the_job_where_it_stopped(sit
         slurm.run("scancel", str(job))
         cluster.ended(job)
         assert_counted_on(cluster.output(job))
+        assert "ended" not in cluster.output(job)
         assert cluster.kinds("req").count("restored") == 2
 
 
@@ -177,7 +182,7 @@ def test_a_job_that_ends_by_itself_gives_slurm_its_exit_code_and_leaves_no_check
 
 
 def test_scancel_ends_the_job_without_a_checkpoint_and_leaves_nothing_running(site: Path, jobs: Callable) -> None:
-    with jobs(job_cgroups=True) as cluster:
+    with jobs() as cluster:
         slurm = cluster.slurm
         job = cluster.submit("can")
         cluster.running(job, 0)
@@ -222,6 +227,15 @@ def work() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="kerrickpt-work-") as path:
         os.chmod(path, 0o755)
         yield Path(path)
+
+
+def test_a_job_is_refused_where_slurm_would_signal_its_container_behind_its_back(site: Path, jobs: Callable) -> None:
+    with jobs(job_cgroups=False) as cluster:
+        job = cluster.submit("tree")
+        assert cluster.ended(job) == "FAILED"
+        assert cluster.field(job, "ExitCode") == "3:0"
+        assert "ProctrackType=proctrack/cgroup" in cluster.output(job)
+        assert not cluster.kinds("tree") and not counts(cluster.output(job))
 
 
 def test_another_user_cannot_restore_read_or_remove_a_users_checkpoints(

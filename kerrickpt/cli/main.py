@@ -41,8 +41,8 @@ from kerrickpt.errors import (
 )
 from kerrickpt.events import Events
 from kerrickpt.inspection import restore_route
-from kerrickpt.job import REQUEUE_EXIT, parse_duration
 from kerrickpt.migrate import DEFAULT_ATTEMPTS
+from kerrickpt.supervisor import REQUEUE_EXIT, Supervisor, parse_duration
 
 EXAMPLES = """\
 examples:
@@ -221,13 +221,18 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
     who = privilege.caller()
     request = privilege.job_request(who, args.name, args.dir, _asked(args))
     preempting = _signal(args.signal)
-    # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
     as_user = privilege.as_user(who)
+    if slurm.escapes_signals(as_user=as_user) is False:
+        raise NotReadyError(
+            "kerrickpt job needs Slurm's ProctrackType=proctrack/cgroup: with another, Slurm's SIGTERM of a requeue "
+            "reaches the job's processes before kerrickpt can checkpoint them (see the README's Preemptible jobs)"
+        )
+    # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
     after_term = args.grace if args.grace is not None else slurm.grace(True, as_user=as_user)
     after_signal = args.grace if args.grace is not None else slurm.grace(False, as_user=as_user)
     stdio = {name: fd for name, fd in (("stdout", 1), ("stderr", 2)) if stat.S_ISREG(os.fstat(fd).st_mode)}
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    job = kerrickpt.Job(
+    job = Supervisor(
         args.name,
         _command(args),
         request.directory,
