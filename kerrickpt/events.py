@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -11,12 +13,16 @@ from typing import Any
 
 from kerrickpt.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 
 class Events:
     """Where a job's events go: each `emit` writes one whole line, `{"event": KIND, "time": UNIX, "job": NAME, ...}`
     (started, restored, checkpoint-start, checkpointed, checkpoint-failed, requeue, exited)."""
 
     def __init__(self, fd: int | None, job: str) -> None:
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, False)  # a FIFO nobody reads never holds the job up
         self.fd = fd
         self.job = job
         self.lock = threading.Lock()
@@ -44,5 +50,10 @@ class Events:
             # One write per line, O_APPEND: a reader never sees half of one, even with other writers.
             line = json.dumps(event, default=str).encode() + b"\n"
             with self.lock:
-                os.write(self.fd, line)
+                try:
+                    os.write(self.fd, line)
+                except OSError as exc:
+                    # The job matters more than its report: a full disk, a reader gone, a pipe that blocks.
+                    log.warning("events of %s stop: %s", self.job, exc.strerror or exc)
+                    self.fd = None
         return event

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, containers, errors, helper
-from kerrickpt.errors import KerrickptError, UsageError
+from kerrickpt.errors import HostError, KerrickptError, UsageError
 from kerrickpt.events import Events
 from kerrickpt.supervisor import JobResult, Supervisor
 
@@ -132,19 +132,22 @@ def job(name: str, argv: Sequence[str], directory: Path | str, **options: Any) -
 def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program
     """Supervise the job; say {"ready": true} once a signal from the Job is taken, then {"result": ...} or
     {"error": ...}."""
-    options = order.pop("options")
-    events = Events.open(order.pop("events"), order["name"])
-    supervisor = Supervisor(order.pop("name"), order.pop("argv"), order.pop("directory"), events=events, **order,
-                            **options)  # fmt: skip
-    signal.signal(PREEMPT, lambda _signum, _frame: supervisor.preempt())
-    signal.signal(CANCEL, lambda _signum, _frame: supervisor.cancel())
-    for ending in ENDING:
-        signal.signal(ending, lambda signum, _frame: supervisor.cancel(signum))
-    _say({"ready": True})
     try:
+        options = order.pop("options")
+        events = Events.open(order.pop("events"), order["name"])
+        supervisor = Supervisor(order.pop("name"), order.pop("argv"), order.pop("directory"), events=events,
+                                **order, **options)  # fmt: skip
+        signal.signal(PREEMPT, lambda _signum, _frame: supervisor.preempt())
+        signal.signal(CANCEL, lambda _signum, _frame: supervisor.cancel())
+        for ending in ENDING:
+            signal.signal(ending, lambda signum, _frame: supervisor.cancel(signum))
+        _say({"ready": True})
         _say({"result": supervisor.run().to_dict()})
     except KerrickptError as exc:
         _say({"error": exc.to_dict()})
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _say({"error": HostError(f"{exc.strerror or exc}{where}").to_dict()})
 
 
 def _say(message: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import pwd
 import socket
 import stat
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def check_archive(who: Caller, manifest: Manifest) -> None:
     if not who.through_sudo:
         return
     confined = manifest.confinement
-    if confined is None or confined.rootfs != HOST_ROOT:
+    if confined is None or confined.rootfs != HOST_ROOT or not confined.host_ids:
         raise NotAllowedError(
             f"not allowed to a user through sudo: the archive of {manifest.name} is not a job run for a user"
         )
@@ -180,6 +181,13 @@ def check_archive(who: Caller, manifest: Manifest) -> None:
         )
     for volume in confined.volumes:
         _check_reach(who, volume.source, write=not volume.read_only)
+
+
+def nests_safely(who: Caller, parents: Iterable[Path]) -> bool:
+    """Whether a job of `who` may put its container beneath the cgroups it runs in (`parents`): for a user, only
+    where they cannot reach into it, as Slurm's job cgroups are root's; a cgroup delegated to them (a systemd
+    user slice) is not, and the container goes where kerrickpt's go."""
+    return not who.through_sudo or all(trust.problem(path) is None for path in parents)
 
 
 def can_reach(who: Caller, path: str, *, write: bool) -> bool:
@@ -219,8 +227,9 @@ def open_as(who: Caller, path: str, flags: int, mode: int = 0o644) -> int:
             raise CommandTimeout(f"opening {path} as {who.name} did not finish within {ACCESS_TIMEOUT:.0f} s") from None
     if fds:
         os.set_blocking(fds[0], True)
+        os.set_inheritable(fds[0], False)
         return fds[0]
-    code = int(answer or errno.EIO)
+    code = int(answer) if answer.isdigit() else errno.EIO
     if code in (errno.EACCES, errno.EPERM):
         raise NotAllowedError(f"not allowed to a user through sudo: {who.name} cannot open {path}")
     raise UsageError(f"cannot open {path}: {os.strerror(code)}")

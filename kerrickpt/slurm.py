@@ -11,6 +11,7 @@ from kerrickpt import command
 from kerrickpt.errors import CommandTimeout
 
 TIMEOUT = 10.0  # for one scontrol call: slurmctld answers in milliseconds when it is up
+TERM_GRACE = 25.0  # after SIGTERM, when Slurm does not say: within its default KillWait, 30 s
 
 
 def job_id(env: Mapping[str, str] = os.environ) -> str | None:

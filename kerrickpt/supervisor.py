@@ -19,13 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, command, containers
+from kerrickpt import archive, cgroups, command, containers, lock
 from kerrickpt.containers import run as run_container
 from kerrickpt.errors import (
     ArchiveCorruptError,
+    ArchiveUnreadableError,
     BusyError,
     ExitedAtOnce,
     KerrickptError,
+    SourceNotEnded,
     StateDamagedError,
     UsageError,
 )
@@ -38,6 +40,7 @@ from kerrickpt.restore import restore
 REQUEUE_EXIT = 85
 SUFFIX = ".kckpt"
 DEFAULT_GRACE = 60.0  # seconds for the final checkpoint when neither --grace nor Slurm says
+DUMP_SHARE = 0.9
 _PR_SET_CHILD_SUBREAPER = 36
 _PREEMPT, _CANCEL = b"p", b"c"
 GAVE_WAY = "it gave way to the job's end or a request"
@@ -131,7 +134,8 @@ class Supervisor:
     def preempt(self, within: float | None = None) -> None:
         """Checkpoint and stop (with REQUEUE_EXIT) within `within` seconds (default: the grace time) from now."""
         if self.deadline is None:
-            self.deadline = time.monotonic() + (self.grace if within is None else within)
+            # The dump by nine tenths of the time: the rest is for reading the archive back and replacing the last.
+            self.deadline = time.monotonic() + DUMP_SHARE * (self.grace if within is None else within)
         self._ask(_PREEMPT)
 
     def cancel(self, signum: int = signal.SIGTERM) -> None:
@@ -147,9 +151,19 @@ class Supervisor:
         """Resume or start the job and wait until its command ends or it is preempted or cancelled."""
         registry = containers.Registry(self.state_dir)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _become_subreaper()
-        self._clear_stale(registry)
-        parents = cgroups.own(cgroups.detect()) if self.in_own_cgroup else None
+        try:
+            # One run of a job at a time, on whichever node: two would replace, and remove, each other's checkpoint.
+            with lock.held(self.directory / f".{self.name}.lock", wait=0, what=f"job {self.name}"):
+                for stale in self.directory.glob(f".{self.name}{SUFFIX}.partial-*"):  # of a run that was killed
+                    stale.unlink()
+                _become_subreaper()
+                self._clear_stale(registry)
+                return self._run(cgroups.own(cgroups.detect()) if self.in_own_cgroup else None)
+        finally:
+            os.close(self._requests_r)
+            os.close(self._requests_w)
+
+    def _run(self, parents: Mapping[Path, Path] | None) -> JobResult:
         try:
             try:
                 init, resumed = self._resume_or_start(parents)
@@ -159,9 +173,6 @@ class Supervisor:
         except BaseException:
             self._end_container()  # its job is over: never leave it running unwatched
             raise
-        finally:
-            os.close(self._requests_r)
-            os.close(self._requests_w)
 
     def _clear_stale(self, registry: containers.Registry) -> None:
         """What a run of this job that died left on this node (a node that runs it again)."""
@@ -188,6 +199,8 @@ class Supervisor:
                     self.archive, name=self.container, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio
                 )
             except ArchiveCorruptError as exc:
+                if isinstance(exc, ArchiveUnreadableError):  # the storage's trouble, perhaps for a moment: no verdict
+                    raise
                 aside = self.archive.with_name(f"{self.archive.name}.corrupt-{_stamp()}")
                 self.archive.rename(aside)
                 log.warning("the checkpoint of %s is unusable (%s): kept as %s; starting afresh", self.name, exc, aside)
@@ -217,7 +230,8 @@ class Supervisor:
                     request = self._request() if self._requests_r in ready else None
                 if request == _CANCEL:
                     self._end_container()
-                    _reap(init)
+                    with contextlib.suppress(ChildProcessError):
+                        _reap(init)
                     self.events.emit("exited", cancelled=True)
                     return JobResult(self.name, "cancelled", 128 + self.cancelled_by, resumed, self._kept())
                 if request == _PREEMPT:
@@ -239,18 +253,20 @@ class Supervisor:
         return _CANCEL if _CANCEL in pending else _PREEMPT
 
     def _exited(self, init: int, resumed: bool) -> JobResult:
-        code = _reap(init)
+        code, killed = _reap(init)
         self._end_container()
-        if not self.keep:
-            for path in self._checkpoints():
-                path.unlink(missing_ok=True)
-        self.events.emit("exited", exit_code=code)
+        # A command a signal ended (the kernel's OOM killer, say) did not end by itself: its checkpoint stays.
+        # One set aside as corrupt stays for whoever looks into it.
+        if not (self.keep or killed):
+            self.archive.unlink(missing_ok=True)
+        self.events.emit("exited", exit_code=code, checkpoint=self._kept())
         return JobResult(self.name, "exited", code, resumed, self._kept())
 
     def _preempted(self, init: int, resumed: bool) -> JobResult:
         saved = self._checkpoint(leave_running=False, pidfd=None)
-        if not saved:
-            self._end_container()
+        if not saved and _has_ended(init):  # it ended by itself meanwhile: that, not a requeue, is its outcome
+            return self._exited(init, resumed)
+        self._end_container()  # also what a checkpoint that could not end it all left (its exit code 18)
         with contextlib.suppress(ChildProcessError):
             _reap(init)
         self.events.emit("requeue", checkpoint=self._kept(), checkpointed=saved)
@@ -318,16 +334,14 @@ class Supervisor:
         assert process.stderr is not None
         said = process.stderr.read().decode(errors="replace").strip()
         process.stderr.close()
-        if process.wait() != 0:
+        # 18: the archive is complete, but not all of the container could be ended (the caller ends it).
+        if process.wait() not in (0, SourceNotEnded.exit_code):
             return said.splitlines()[-1] if said else f"kerrickpt checkpoint exited with {process.returncode}"
         return None
 
     def _end_container(self) -> None:
         with contextlib.suppress(KerrickptError):
             containers.kill(self.container, self.state_dir)
-
-    def _checkpoints(self) -> list[Path]:
-        return [self.archive, *self.directory.glob(f"{self.name}{SUFFIX}.corrupt-*")]
 
     def _kept(self) -> str | None:
         return str(self.archive) if self.archive.exists() else None
@@ -340,11 +354,20 @@ def _become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def _reap(pid: int) -> int:
-    """Wait for child `pid`: its exit code, or 128+N if signal N ended it."""
+def _reap(pid: int) -> tuple[int, bool]:
+    """Wait for child `pid`: its exit code (128+N if signal N ended it), and whether a signal did."""
     info = os.waitid(os.P_PID, pid, os.WEXITED)
     assert info is not None
-    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+    killed = info.si_code != os.CLD_EXITED
+    return (128 + info.si_status if killed else info.si_status), killed
+
+
+def _has_ended(pid: int) -> bool:
+    """Whether child `pid` has ended (it stays to be reaped)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _stamp() -> str:

@@ -111,10 +111,13 @@ def test_a_command_that_ends_by_itself_passes_its_exit_code_and_leaves_no_checkp
 def test_a_command_ended_by_a_signal_exits_128_plus_its_number(tmp_path: Path, state_dir: Path) -> None:
     name, directory, log, out = job_paths(tmp_path)
     # A fault's signal ends even a PID namespace's init, which a kill from inside would not.
-    crash = ["/usr/bin/python3", "-c", "import ctypes, time; time.sleep(0.5); ctypes.string_at(0)"]
-    with running(job_args(name, directory, log, "--", *crash), out, state_dir) as job:
+    crash = ["/usr/bin/python3", "-c", "import ctypes, time; time.sleep(2); ctypes.string_at(0)"]
+    with running(job_args(name, directory, log, "--every", "0.5s", "--", *crash), out, state_dir) as job:
         assert job.end() == 128 + signal.SIGSEGV
     assert events(log)[-1]["exit_code"] == 128 + signal.SIGSEGV
+    assert "checkpointed" in kinds(log)
+    assert events(log)[-1]["checkpoint"] == str(directory / f"{name}.kckpt"), "a crash is no end by itself: it stays"
+    assert (directory / f"{name}.kckpt").exists()
 
 
 def test_sigint_ends_the_job_without_a_checkpoint_and_keeps_the_last_one(
@@ -180,18 +183,23 @@ def test_an_unusable_checkpoint_is_kept_aside_and_the_job_starts_afresh(
     assert len(list(directory.glob(f"{name}.kckpt.corrupt-*"))) == 1
 
 
-def test_a_second_run_of_a_job_on_the_same_node_is_refused(tmp_path: Path, state_dir: Path, jobcount: Path) -> None:
+def test_a_second_run_of_a_job_on_this_or_another_node_is_refused(
+    tmp_path: Path, state_dir: Path, jobcount: Path
+) -> None:
     name, directory, log, out = job_paths(tmp_path)
     args = job_args(name, directory, log, "--", str(jobcount))
     with running(args, out, state_dir) as first:
         wait_for(lambda: "started" in kinds(log), 30, "the first run started")
-        second = subprocess.run(
-            [*KERRICKPT, "job", *args], capture_output=True, text=True, env=cli_env(state_dir), timeout=60
-        )
-        assert second.returncode == kerrickpt.BusyError.exit_code, second.stderr
-        assert "runs on this node already" in second.stderr
+        # Another state directory stands for another node that shares the job's directory.
+        for other_state in (state_dir, tmp_path / "other-node"):
+            second = subprocess.run(
+                [*KERRICKPT, "job", *args], capture_output=True, text=True, env=cli_env(other_state), timeout=60
+            )
+            assert second.returncode == kerrickpt.BusyError.exit_code, second.stderr
+            assert f"job {name}" in second.stderr
         assert first.process.poll() is None, "the first run goes on"
         first.end(signal.SIGINT)
+    assert kinds(log) == ["started", "exited"]
 
 
 def test_the_python_api_preempts_and_resumes_a_job_from_another_thread(
@@ -232,3 +240,19 @@ def test_a_command_that_exits_as_it_starts_passes_its_exit_code(tmp_path: Path, 
     with running(job_args(name, directory, log, "--", "/bin/sh", "-c", "exit 3"), out, state_dir) as job:
         assert job.end() == 3
     assert kinds(log) == ["exited"] and not kerrickpt.ps(state_dir)
+
+
+def test_events_that_cannot_be_written_stop_and_the_job_goes_on(tmp_path: Path, state_dir: Path) -> None:
+    name, directory, _, _ = job_paths(tmp_path)
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads them
+    try:
+        args = ["--name", name, "--dir", str(directory), "--events", f"fd:{writer}", "--"]
+        done = subprocess.run(
+            [*KERRICKPT, "job", *args, "/bin/sh", "-c", "sleep 0.3; exit 5"],
+            capture_output=True, text=True, env=cli_env(state_dir), timeout=60, pass_fds=(writer,),
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == 5, done.stderr
+    assert "events of" in done.stderr and "stop" in done.stderr

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -229,6 +230,8 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         )
     # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
     after_term = args.grace if args.grace is not None else slurm.grace(True, as_user=as_user)
+    if after_term is None and slurm.job_id() is not None:
+        after_term = slurm.TERM_GRACE  # no answer from Slurm: within its default KillWait
     after_signal = args.grace if args.grace is not None else slurm.grace(False, as_user=as_user)
     stdio = {name: fd for name, fd in (("stdout", 1), ("stderr", 2)) if stat.S_ISREG(os.fstat(fd).st_mode)}
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -245,16 +248,19 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         # Two users' jobs of one name may meet on a node.
         container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
         admit=lambda manifest: privilege.check_archive(who, manifest),
+        in_own_cgroup=privilege.nests_safely(who, cgroups.own(cgroups.detect()).values()),
         **_container_options(args, request.options),
         **stdio,
     )
 
     def asked(signum: int, _frame: object) -> None:
+        arrived = time.monotonic()
         # SIGTERM is both Slurm's requeue and its scancel: Slurm counts a requeue's restart before it signals.
         if signum == preempting and signum != signal.SIGTERM:
             job.preempt()
         elif signum == signal.SIGTERM and slurm.is_requeue(as_user=as_user):
-            job.preempt(after_term)
+            # The grace time runs from the signal, not from Slurm's answer.
+            job.preempt(None if after_term is None else after_term - (time.monotonic() - arrived))
         else:
             job.cancel(signum)
 
