@@ -8,7 +8,6 @@ import pwd
 import socket
 import stat
 import tomllib
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -181,13 +180,6 @@ def check_archive(who: Caller, manifest: Manifest) -> None:
         )
     for volume in confined.volumes:
         _check_reach(who, volume.source, write=not volume.read_only)
-
-
-def nests_safely(who: Caller, parents: Iterable[Path]) -> bool:
-    """Whether a job of `who` may put its container beneath the cgroups it runs in (`parents`): for a user, only
-    where they cannot reach into it, as Slurm's job cgroups are root's; a cgroup delegated to them (a systemd
-    user slice) is not, and the container goes where kerrickpt's go."""
-    return not who.through_sudo or all(trust.problem(path) is None for path in parents)
 
 
 def can_reach(who: Caller, path: str, *, write: bool) -> bool:

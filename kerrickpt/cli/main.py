@@ -248,7 +248,6 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         # Two users' jobs of one name may meet on a node.
         container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
         admit=lambda manifest: privilege.check_archive(who, manifest),
-        in_own_cgroup=privilege.nests_safely(who, cgroups.own(cgroups.detect()).values()),
         **_container_options(args, request.options),
         **stdio,
     )
