@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, errors, helper
+from kerrickpt import containers, errors, helper
 from kerrickpt.errors import HostError, KerrickptError, UsageError
 from kerrickpt.events import Events
 from kerrickpt.supervisor import JobResult, Supervisor
@@ -37,33 +37,23 @@ class Job:
         argv: Sequence[str],
         directory: Path | str,
         *,
-        state_dir: Path | str | None = None,
-        every: float | None = None,
-        grace: float | None = None,
-        keep: bool = False,
         events: str | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
-        in_own_cgroup: bool = True,
-        level: int = archive.CHECKPOINT_LEVEL,
-        **options: Any,
+        **settings: Any,
     ) -> None:
+        """`settings`: Supervisor's (state_dir, every, grace, keep, in_own_cgroup, level) and `containers.run`'s
+        container options; JSON-able, for the helper gets them so."""
         if not argv:
             raise UsageError("no command given to run")
         self.order: dict[str, Any] = {
             "name": containers.check_name(name),
             "argv": list(argv),
             "directory": str(Path(directory).absolute()),
-            "state_dir": None if state_dir is None else str(state_dir),
-            "every": every,
-            "grace": grace,
-            "keep": keep,
             "events": events,
             "stdout": stdout,
             "stderr": stderr,
-            "in_own_cgroup": in_own_cgroup,
-            "level": level,
-            "options": {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()},
+            "settings": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
         }
         given = [stdout, stderr, int(events[3:]) if events and events.startswith("fd:") else None]
         self.fds = sorted({fd for fd in given if fd is not None})
@@ -133,10 +123,9 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
     """Supervise the job; say {"ready": true} once a signal from the Job is taken, then {"result": ...} or
     {"error": ...}."""
     try:
-        options = order.pop("options")
         events = Events.open(order.pop("events"), order["name"])
         supervisor = Supervisor(order.pop("name"), order.pop("argv"), order.pop("directory"), events=events,
-                                **order, **options)  # fmt: skip
+                                **order.pop("settings"), **order)  # fmt: skip
         signal.signal(PREEMPT, lambda _signum, _frame: supervisor.preempt())
         signal.signal(CANCEL, lambda _signum, _frame: supervisor.cancel())
         for ending in ENDING:
