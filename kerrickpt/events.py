@@ -16,6 +16,16 @@ from kerrickpt.errors import UsageError
 log = logging.getLogger(__name__)
 
 
+def descriptor(target: str | None) -> int | None:
+    """The N of an events target `fd:N`; None for a path or none. UsageError for an `fd:` without a number."""
+    if target is None or not target.startswith("fd:"):
+        return None
+    try:
+        return int(target[3:])
+    except ValueError:
+        raise UsageError(f"--events {target}: not a file descriptor number") from None
+
+
 class Events:
     """Where a job's events go: each `emit` writes one whole line, `{"event": KIND, "time": UNIX, "job": NAME, ...}`
     (started, restored, checkpoint-start, checkpointed, checkpoint-failed, requeue, exited)."""
@@ -33,11 +43,11 @@ class Events:
         given), `fd:N` (an open descriptor, kept open), or None."""
         if target is None:
             return cls(None, job)
-        if target.startswith("fd:"):
+        fd = descriptor(target)
+        if fd is not None:
             try:
-                fd = int(target[3:])
                 os.fstat(fd)
-            except (ValueError, OSError):
+            except OSError:
                 raise UsageError(f"--events {target}: not an open file descriptor") from None
             return cls(fd, job)
         if opener is not None:

@@ -5,6 +5,7 @@ caller: a caller may have threads, and a lock another thread held at the fork st
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import subprocess
@@ -39,6 +40,12 @@ def start(program: str, *, pass_fds: Sequence[int] = (), stdout: int = subproces
     return subprocess.Popen(
         [sys.executable, "-c", ENTRY, program], stdin=subprocess.PIPE, stdout=stdout, pass_fds=pass_fds, cwd="/"
     )
+
+
+def above_stdio(fd: int) -> int:
+    """A copy of `fd` numbered 3 or above (close-on-exec; close it): a helper's own 0 to 2 are its order, its
+    answers and stderr, and a child that dup2s copies onto 1 and 2 never overwrites one before copying it."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
 
 
 def send(process: subprocess.Popen[bytes], order: dict[str, Any] | None) -> None:

@@ -3,7 +3,6 @@ of its own, which alone becomes the subreaper of the container's init, and passe
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from typing import Any
 
 from kerrickpt import containers, errors, helper
 from kerrickpt.errors import HostError, KerrickptError, UsageError
-from kerrickpt.events import Events
+from kerrickpt.events import Events, descriptor
 from kerrickpt.supervisor import JobResult, Supervisor
 
 PREEMPT, CANCEL = signal.SIGUSR1, signal.SIGUSR2  # what the helper takes from its Job
@@ -55,7 +54,7 @@ class Job:
             "stderr": stderr,
             "settings": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
         }
-        given = [stdout, stderr, int(events[3:]) if events and events.startswith("fd:") else None]
+        given = [stdout, stderr, descriptor(events)]
         self.fds = sorted({fd for fd in given if fd is not None})
         self.process: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
@@ -78,8 +77,7 @@ class Job:
 
     def run(self) -> JobResult:
         """Resume or start the job and wait until it ends: its JobResult, or the KerrickptError it failed with."""
-        # At 3 and above: the helper's own 0 to 2 are its order, its answers and the caller's stderr.
-        copies = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in self.fds}
+        copies = {fd: helper.above_stdio(fd) for fd in self.fds}
         try:
             process = helper.start("job", pass_fds=list(copies.values()), stdout=subprocess.PIPE)
         finally:
@@ -108,8 +106,9 @@ class Job:
 
 def _renumbered(order: dict[str, Any], copies: dict[int, int]) -> dict[str, Any]:
     events = order["events"]
-    if events and events.startswith("fd:"):
-        events = f"fd:{copies[int(events[3:])]}"
+    fd = descriptor(events)
+    if fd is not None:
+        events = f"fd:{copies[fd]}"
     stdio = {key: None if order[key] is None else copies[order[key]] for key in ("stdout", "stderr")}
     return {**order, **stdio, "events": events}
 

@@ -49,15 +49,15 @@ def is_requeue(env: Mapping[str, str] = os.environ, as_user: Sequence[str] = ())
 
 
 def grace(signal_is_term: bool, env: Mapping[str, str] = os.environ, as_user: Sequence[str] = ()) -> float | None:
-    """The seconds Slurm leaves a job between its signal and SIGKILL: after SIGTERM, the cluster's KillWait;
-    after a preemption signal (`--signal`), the partition's GraceTime (KillWait if it has none). None outside
-    Slurm or without an answer."""
+    """The seconds Slurm leaves a job between its signal and SIGKILL: after SIGTERM, the cluster's KillWait
+    (TERM_GRACE without an answer); after a preemption signal (`--signal`), the partition's GraceTime (KillWait
+    if it has none). None outside Slurm, or after a preemption signal without an answer."""
     job = job_id(env)
     if job is None:
         return None
     kill_wait = _seconds(_config(tuple(as_user)).get("KillWait", ""))
     if signal_is_term:
-        return kill_wait
+        return TERM_GRACE if kill_wait is None else kill_wait
     fields = _scontrol(["show", "job", job], as_user) or {}
     partition = _scontrol(["show", "partition", fields.get("Partition", "")], as_user) or {}
     grace_time = _seconds(partition.get("GraceTime", ""))

@@ -5,7 +5,6 @@ restore hands the caller's new files for."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import stat
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import criuopts
+from kerrickpt import criuopts, helper
 from kerrickpt.errors import UsageError
 
 STREAMS = ("stdout", "stderr")
@@ -59,9 +58,8 @@ class Given:
         return cls(stdout, stderr)
 
     def copies(self) -> Given:
-        """Copies numbered 3 or above (close them): a child that dup2s them onto 1 and 2 then never overwrites
-        one before copying it, nor do a helper's pipes at 0 to 2."""
-        return Given(*(None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in self.pair))
+        """Copies numbered 3 or above (close them; see helper.above_stdio)."""
+        return Given(*(None if fd is None else helper.above_stdio(fd) for fd in self.pair))
 
     def close(self) -> None:
         for fd in self.fds:

@@ -230,8 +230,6 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         )
     # Slurm says how long a job has after each signal (asked as the job's user); --grace overrides both.
     after_term = args.grace if args.grace is not None else slurm.grace(True, as_user=as_user)
-    if after_term is None and slurm.job_id() is not None:
-        after_term = slurm.TERM_GRACE  # no answer from Slurm: within its default KillWait
     after_signal = args.grace if args.grace is not None else slurm.grace(False, as_user=as_user)
     stdio = {name: fd for name, fd in (("stdout", 1), ("stderr", 2)) if stat.S_ISREG(os.fstat(fd).st_mode)}
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
