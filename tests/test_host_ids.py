@@ -87,7 +87,7 @@ def test_a_host_ids_container_writes_volume_files_its_user_owns_on_the_host(stat
     ], "its root and other ids its range's, its user the host's own"
     assert Path(f"/proc/{status.init_pid}/gid_map").read_text().split()[:3] == ["0", str(gid_base), str(USER)]
     as_root = cli("exec", status.name, "--", "cat", "/v/secret", state_dir=state_dir)
-    assert "Permission denied" in as_root.stderr and "root's alone" not in as_root.stdout, "its root: nothing to host root"
+    assert "Permission denied" in as_root.stderr and "root's alone" not in as_root.stdout, "root: not host root"
     record = containers.Registry(state_dir).get(status.name).confinement
     assert record is not None and record.host_ids and not record.idmapped_lower
     shown = json.loads(cli("ps", "--json", state_dir=state_dir).stdout)
