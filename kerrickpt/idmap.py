@@ -73,8 +73,9 @@ def _keeping(base: int, count: int, own: Iterable[int], kind: str) -> tuple[Exte
         start = host + 1
     identity: list[Extent] = []
     for host in kept:  # a run of consecutive ids is one extent: the kernel takes 340 at most
-        if identity and sum(identity[-1][1:]) == host:
-            identity[-1] = (identity[-1][0], identity[-1][1], identity[-1][2] + 1)
+        first, _, length = identity[-1] if identity else (0, 0, 0)
+        if identity and first + length == host:
+            identity[-1] = (first, first, length + 1)
         else:
             identity.append((host, host, 1))
     extents += identity
