@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench import preemption
+from bench import engines, preemption
 from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
 from kerrickpt.node import LAZY_PIPE_SIZE
 
@@ -180,6 +180,12 @@ def job(lab: Lab, mib: int, kind: str) -> Outcome:
     return Outcome(*preemption.under_kerrickpt(lab, mib, kind))
 
 
+def stores(lab: Lab, mib: int, kind: str) -> Outcome:
+    """Snapshots of one container kept in borg and in fixed-chunk stores of our own, against plain archives
+    (bench/engines.py, with its defaults: 6 snapshots, 5% of the pages rewritten between them)."""
+    return Outcome(*engines.case(lab, mib, kind))
+
+
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "raw": raw,
     "sequential": sequential,
@@ -190,6 +196,7 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "runc": runc,
     "dmtcp": dmtcp,
     "job": job,
+    "stores": stores,
 }
 
 # The cases run once for each layer size of the run (`--layers`).
@@ -198,8 +205,9 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
     "confined_migrate": confined_migrate,
 }
 NAMES = (*CASES, *LAYERED)
-# DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for.
-DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job"))
+# DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for;
+# so does the store case, which needs borg (apt-get install borgbackup).
+DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores"))
 
 
 def plan(cases: list[str], layers: list[int]) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:

@@ -234,20 +234,22 @@ class Lab:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def start(self, mib: int, kind: str, layer_mib: int | None = None) -> Job:
+    def start(self, mib: int, kind: str, layer_mib: int | None = None, *, churn: tuple[int, int] | None = None) -> Job:
         """Start the workload as a kerrickpt container on node a; returns once its memory is filled.
 
         With `layer_mib`, a confined container (`--rootfs host`) that first writes that many MiB into its layer.
+        With `churn` (percent, run of pages), it rewrites that share of its pages on SIGUSR2 (see memload.c).
         """
+        churning = ["--churn", *map(str, churn)] if churn else []
         node = self.nodes[0]
         self._serial += 1
         name = f"bench-{kind}-{mib}-{self._serial}"
         if layer_mib is None:
-            command = ["--", str(self.binary), str(mib), kind]
+            command = ["--", str(self.binary), *churning, str(mib), kind]
         else:
             bound = f"{self.binary.parent}:{BIN}:ro"
-            command = ["--rootfs", "host", "--volume", bound, "--", f"{BIN}/{self.binary.name}", str(mib), kind,
-                       LAYER_FILE, str(layer_mib)]  # fmt: skip
+            command = ["--rootfs", "host", "--volume", bound, "--", f"{BIN}/{self.binary.name}", *churning, str(mib),
+                       kind, LAYER_FILE, str(layer_mib)]  # fmt: skip
         kerrickpt(node, "run", "--name", name, *command, timeout=60)
         row = next(r for r in json_of(node, "ps") if r["name"] == name)
         job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "")

@@ -1,6 +1,6 @@
 /* The benchmark's workload: fills N MiB of anonymous memory, then idles until killed.
  *
- *   memload [--ticks PATH] MIB heap|mixed [FILE FILE_MIB]
+ *   memload [--ticks PATH] [--churn PERCENT RUN_PAGES] MIB heap|mixed [FILE FILE_MIB]
  *
  * heap:  64-byte records like a program's heap (ids, pointers into one arena, small
  *        counters, a random hash, words from a small vocabulary): zstd -3 squeezes it
@@ -15,12 +15,17 @@
  * and prints "verify OK sum=S" or "verify BAD sum=S expected=E": that is how the benchmark
  * checks a restored copy.
  *
+ * With --churn, on SIGUSR2 it rewrites about PERCENT% of its pages with new data of its kind, in
+ * runs of RUN_PAGES pages at random page-aligned places (1: scattered pages, as a program rewriting
+ * keys all over its heap dirties them), then prints "churned pages=N sum=S": S is what verify
+ * expects from then on. That is how the store benchmark changes memory between snapshots.
+ *
  * With --ticks, once filled it counts its wake-ups (every 10 ms) into PATH: the count as 20
  * decimal digits and a newline, rewritten in place, so the file keeps its size (CRIU checks
  * the size of a file a process holds open for writing). A counter that moves is how the
  * benchmark sees the workload running, after a restart too, without asking it to hash GiBs.
  *
- * The SIGUSR1 handler only sets a flag (CRIU restores handlers);
+ * The SIGUSR1 and SIGUSR2 handlers only set a flag (CRIU restores handlers);
  * there is no other handler, so SIGTERM/SIGKILL end it as usual, and no parent-death signal.
  */
 #define _GNU_SOURCE
@@ -36,12 +41,18 @@
 
 #define RECORD 64
 #define STRIPE (1u << 20)
+#define PAGE 4096u
 
-static volatile sig_atomic_t verify_requested;
+static volatile sig_atomic_t verify_requested, churn_requested;
 
 static void on_usr1(int sig) {
     (void)sig;
     verify_requested = 1;
+}
+
+static void on_usr2(int sig) {
+    (void)sig;
+    churn_requested = 1;
 }
 
 static uint64_t xorshift(uint64_t *state) {
@@ -106,6 +117,20 @@ static int write_file(const char *path, size_t mib, int mixed) {
     return fclose(out) == 0 ? 0 : -1;
 }
 
+/* About `percent`% of the pages of `mem` rewritten, in runs of `run` pages at random places; returns the pages. */
+static size_t churn(unsigned char *mem, size_t len, unsigned percent, size_t run, int mixed, uint64_t *id,
+                    uint64_t *rng) {
+    size_t pages = len / PAGE, runs = pages * percent / 100 / run;
+    if (run > pages)
+        return 0;
+    for (size_t i = 0; i < runs; i++) {
+        size_t first = xorshift(rng) % (pages - run + 1);
+        for (size_t page = first; page < first + run; page++)
+            fill_stripe(mem + page * PAGE, PAGE, page * PAGE / STRIPE, mixed, (uintptr_t)mem, id, rng);
+    }
+    return runs * run;
+}
+
 /* FNV-1a over 64-bit words: fast enough for GiBs, and any lost or zeroed page changes it. */
 static uint64_t checksum(const unsigned char *p, size_t len) {
     uint64_t h = 1469598103934665603ULL;
@@ -119,6 +144,8 @@ static uint64_t checksum(const unsigned char *p, size_t len) {
 
 int main(int argc, char **argv) {
     int ticks = -1;
+    unsigned churn_percent = 0;
+    size_t churn_run = 1;
     if (argc > 2 && strcmp(argv[1], "--ticks") == 0) {
         ticks = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (ticks < 0) {
@@ -128,8 +155,16 @@ int main(int argc, char **argv) {
         argc -= 2;
         argv += 2;
     }
-    if ((argc != 3 && argc != 5) || (strcmp(argv[2], "heap") != 0 && strcmp(argv[2], "mixed") != 0)) {
-        fprintf(stderr, "usage: memload [--ticks PATH] MIB heap|mixed [FILE FILE_MIB]\n");
+    if (argc > 3 && strcmp(argv[1], "--churn") == 0) {
+        churn_percent = (unsigned)strtoul(argv[2], NULL, 10);
+        churn_run = (size_t)strtoull(argv[3], NULL, 10);
+        argc -= 3;
+        argv += 3;
+    }
+    if ((argc != 3 && argc != 5) || (strcmp(argv[2], "heap") != 0 && strcmp(argv[2], "mixed") != 0) ||
+        churn_percent > 100 || churn_run == 0) {
+        fprintf(stderr, "usage: memload [--ticks PATH] [--churn PERCENT RUN_PAGES] MIB heap|mixed"
+                        " [FILE FILE_MIB]\n");
         return 2;
     }
     size_t len = (size_t)strtoull(argv[1], NULL, 10) << 20;
@@ -146,12 +181,14 @@ int main(int argc, char **argv) {
         size_t n = len - off < STRIPE ? len - off : STRIPE;
         fill_stripe(mem + off, n, off / STRIPE, mixed, (uintptr_t)mem, &id, &rng);
     }
-    const uint64_t expected = checksum(mem, len);
+    uint64_t expected = checksum(mem, len);
 
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
+    sa.sa_handler = on_usr2;
+    sigaction(SIGUSR2, &sa, NULL);
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready mib=%s kind=%s sum=%016llx\n", argv[1], argv[2], (unsigned long long)expected);
 
@@ -165,6 +202,12 @@ int main(int argc, char **argv) {
                 perror("ticks");
                 return 1;
             }
+        }
+        if (churn_requested && churn_percent > 0) {
+            churn_requested = 0;
+            size_t pages = churn(mem, len, churn_percent, churn_run, mixed, &id, &rng);
+            expected = checksum(mem, len);
+            printf("churned pages=%zu sum=%016llx\n", pages, (unsigned long long)expected);
         }
         if (verify_requested) {
             verify_requested = 0;

@@ -3,7 +3,6 @@
 The typed API a scheduler calls; the `kerrickpt` command is a thin layer over it.
 """
 
-from kerrickpt.archive import CHECKPOINT_LEVEL, DEFAULT_LEVEL
 from kerrickpt.checkpoint import CheckpointResult, checkpoint
 from kerrickpt.compat import Verdict
 from kerrickpt.containers import ContainerStatus, kill, ps, run
@@ -43,6 +42,7 @@ from kerrickpt.session import exec_in
 from kerrickpt.snapshot import SnapshotResult, snapshot
 from kerrickpt.store import Snapshot, Store
 from kerrickpt.supervisor import REQUEUE_EXIT, JobResult
+from kerrickpt.zstdframe import CHECKPOINT_LEVEL, DEFAULT_LEVEL
 
 __all__ = [
     "CHECKPOINT_LEVEL",

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import zstandard
 
 from kerrickpt import (
-    archive,
+    archivewriter,
     cgroups,
     containers,
     criu,
@@ -29,6 +29,7 @@ from kerrickpt import (
     progress,
     rootfs,
     sysvipc,
+    zstdframe,
 )
 from kerrickpt.errors import (
     CommandTimeout,
@@ -73,7 +74,7 @@ def checkpoint(
     cgroup: Path | str | None = None,
     leave_running: bool = False,
     state_dir: Path | str | None = None,
-    level: int = archive.CHECKPOINT_LEVEL,
+    level: int = zstdframe.CHECKPOINT_LEVEL,
     log_tail: int = logtail.DEFAULT_BYTES,
     layer_base: layerchain.Carried | None = None,
 ) -> CheckpointResult:
@@ -228,7 +229,7 @@ def capture(
     progress.current().phase("freezing")
     try:
         freezer = group.freezer
-        with archive.Writer(output, level=level, mirror=mirror) as writer:
+        with archivewriter.Writer(output, level=level, mirror=mirror) as writer:
             guardian = guard.Guardian(freezer, (writer.tmp, writer.path))
             frozen_at = time.monotonic()
             with guardian, frozen(freezer), _stopped_on_failure(lazy):
@@ -245,7 +246,7 @@ def capture(
                 ipc = sysvipc.save(pids) if host_job and procs.shares_namespace(pids[0], "ipc") else None
                 lineage, index, base = None, None, None
                 # Thawed after the dump, it has its layer written aside and compressed after the thaw.
-                spool = archive.Spool(scratch) if thaw_after_dump and lazy is None else None
+                spool = archivewriter.Spool(scratch) if thaw_after_dump and lazy is None else None
                 if confined:
                     assert container is not None  # a confined container is always one of this node's
                     # Its files as they are with its memory (it is frozen), and first in the archive: a restore

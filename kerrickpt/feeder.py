@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kerrickpt import archive, cgroups, faults, limits, streamer
+from kerrickpt import archive, archiveindex, cgroups, faults, limits, members, streamer
 from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
@@ -79,7 +79,7 @@ class Feed:
     only on kerrickpt's verdict, which comes once the whole archive is verified.
     """
 
-    def __init__(self, path: Path, index: archive.Index, scratch: Path) -> None:
+    def __init__(self, path: Path, index: archiveindex.Index, scratch: Path) -> None:
         self.path = path
         self.index = index
         self.timeout = limits.RESTORE.seconds() + path.stat().st_size / READ_FLOOR
@@ -284,7 +284,7 @@ class Feed:
             self.connection = None
             return
         member = IMAGES + name
-        exists = bool(archive.SAFE_MEMBER.fullmatch(member)) and (member in self.index.files or name in self.files)
+        exists = bool(members.SAFE_MEMBER.fullmatch(member)) and (member in self.index.files or name in self.files)
         pipe = streamer.Serve.answer(self.connection, name, exists)
         if pipe is None:
             return

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kerrickpt.archive import CHUNK, Writer
+from kerrickpt.archivewriter import CHUNK, Writer
 from kerrickpt.errors import ArchiveCorruptError
 
 MEMBER = "log"

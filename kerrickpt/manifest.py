@@ -19,7 +19,7 @@ from kerrickpt.stdio import Stdio
 
 FORMAT = "kerrickpt-archive"
 # Version 2 cuts big files into chunk members (see Member); version 3 checksums them with XXH3-128
-# and says so up front (archive.HEADER); version 4 ends with an index (archive.INDEX_MAGIC) that a
+# and says so up front (members.HEADER); version 4 ends with an index (archiveindex.INDEX_MAGIC) that a
 # restore reads first; version 5 may carry a confined container's confinement and writable layer (see
 # layer); versions 1 and 2 (sha256), 3 and 4 read the same way. A snapshot whose layer is only what changed
 # since its base (`layer_base`) is version 6, so that a kerrickpt that knows no deltas refuses it rather than

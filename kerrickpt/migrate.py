@@ -20,7 +20,6 @@ import msgspec
 import tenacity
 
 from kerrickpt import (
-    archive,
     containers,
     criu,
     faults,
@@ -34,6 +33,7 @@ from kerrickpt import (
     schema,
     stdio,
     transport,
+    zstdframe,
 )
 from kerrickpt.checkpoint import Subject, capture
 from kerrickpt.errors import (
@@ -228,7 +228,7 @@ def _migrate(
     link_mib_s = None
     if level is None:
         link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
-        level = archive.level_for_link(link_mib_s)
+        level = zstdframe.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id]
     receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else [])]

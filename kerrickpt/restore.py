@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, cast
 
 from kerrickpt import (
     archive,
+    archiveindex,
     cgroups,
     compat,
     containers,
@@ -253,7 +254,7 @@ def _restore_as(
             os.close(log_fd)
 
 
-def _userns_indexed(index: archive.Index) -> bool:
+def _userns_indexed(index: archiveindex.Index) -> bool:
     """Whether the archive's index holds every user namespace image (a streamed restore may rewrite those only)."""
     names = [m.name for m in index.manifest.members if fnmatch.fnmatch(m.name, f"images/{idranges.USERNS_IMAGES}")]
     return all(name in index.files for name in names)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, garbage, layerchain, logtail, rootfs
+from kerrickpt import containers, garbage, layerchain, logtail, rootfs, zstdframe
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -48,7 +48,7 @@ def snapshot(
     policy: Policy | None = None,
     wait: float = 0.0,
     state_dir: Path | str | None = None,
-    level: int = archive.DEFAULT_LEVEL,
+    level: int = zstdframe.DEFAULT_LEVEL,
     log_tail: int = logtail.DEFAULT_BYTES,
 ) -> SnapshotResult:
     """Snapshot container `name` (or the tree in `cgroup`, stored under its last path component).

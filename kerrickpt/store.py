@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, containers, faults, trust
+from kerrickpt import archive, archivewriter, containers, faults, trust
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest, is_layer
@@ -270,7 +270,7 @@ class Store:
             except BaseException:
                 _meta_path(final).unlink(missing_ok=True)
                 raise
-            archive.fsync_dir(final.parent)
+            archivewriter.fsync_dir(final.parent)
         except OSError as exc:
             raise DumpFailed(f"publishing the snapshot of {name} in {self.root} failed: {exc}") from exc
         finally:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, cgroups, command, containers, lock
+from kerrickpt import archive, archivewriter, cgroups, command, containers, lock, zstdframe
 from kerrickpt.containers import run as run_container
 from kerrickpt.errors import (
     ArchiveCorruptError,
@@ -101,7 +101,7 @@ class Supervisor:
         stdout: int | None = None,
         stderr: int | None = None,
         in_own_cgroup: bool = True,
-        level: int = archive.CHECKPOINT_LEVEL,
+        level: int = zstdframe.CHECKPOINT_LEVEL,
         container: str | None = None,
         admit: Callable[[Manifest], None] | None = None,
         **options: Any,
@@ -289,7 +289,7 @@ class Supervisor:
             if failure is None:
                 manifest = archive.verify(partial)
                 os.replace(partial, self.archive)
-                archive.fsync_dir(self.directory)
+                archivewriter.fsync_dir(self.directory)
         except (KerrickptError, OSError) as exc:
             failure = str(exc)
         finally:

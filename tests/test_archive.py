@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kerrickpt import archive
+from kerrickpt import archive, archiveindex, archivewriter, members, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, UsageError
 from kerrickpt.manifest import VERSION, Manifest
 from kerrickpt.node import Fingerprint
@@ -40,7 +40,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 def test_round_trip_and_standard_tools(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    written = archive.write(out, manifest(), files)
+    written = archivewriter.write(out, manifest(), files)
     assert out.stat().st_mode & 0o777 == 0o600
     listing = subprocess.run(f"zstd -dc {out} | tar -t", shell=True, capture_output=True, text=True, check=True)
     assert listing.stdout.split() == ["format", "images/core-1.img", "images/pages-1.img", "log", "manifest.json"]
@@ -59,7 +59,7 @@ def test_write_never_replaces_a_file(files: dict[str, Path], tmp_path: Path) -> 
     out = tmp_path / "a.kckpt"
     out.write_text("keep")
     with pytest.raises(UsageError):
-        archive.write(out, manifest(), files)
+        archivewriter.write(out, manifest(), files)
     assert out.read_text() == "keep"
 
 
@@ -67,13 +67,13 @@ def test_failed_write_leaves_nothing(files: dict[str, Path], tmp_path: Path) -> 
     files["images/gone.img"] = tmp_path / "missing"
     out = tmp_path / "a.kckpt"
     with pytest.raises(FileNotFoundError):
-        archive.write(out, manifest(), files)
+        archivewriter.write(out, manifest(), files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_sizes_cap_a_member(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files, sizes={"log": 1})
+    archivewriter.write(out, manifest(), files, sizes={"log": 1})
     dest = tmp_path / "out"
     dest.mkdir()
     archive.extract(out, dest)
@@ -91,7 +91,7 @@ def _extract_error(path: Path, tmp_path: Path) -> str:
 @pytest.mark.parametrize("offset", [0.1, 0.5, 0.9])
 def test_flipped_byte_is_refused(files: dict[str, Path], tmp_path: Path, offset: float) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     data = bytearray(out.read_bytes())
     data[int(len(data) * offset)] ^= 0x10
     out.write_bytes(bytes(data))
@@ -100,7 +100,7 @@ def test_flipped_byte_is_refused(files: dict[str, Path], tmp_path: Path, offset:
 
 def test_truncated_archive_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     out.write_bytes(out.read_bytes()[:-1])
     assert "truncated" in _extract_error(out, tmp_path)
 
@@ -138,7 +138,7 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
 )
 def test_tampered_members_are_refused(files: dict[str, Path], tmp_path: Path, tamper, message: str) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     _rebuild(out, tamper(_members(out)))
     assert message in _extract_error(out, tmp_path)
     assert not (tmp_path / "escape").exists()
@@ -151,21 +151,21 @@ def test_missing_file_is_unreadable(tmp_path: Path) -> None:
 
 def test_other_format_version_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     current = f'"version": {VERSION}'.encode()
     _rebuild(out, [(n, d.replace(current, b'"version": 99')) for n, d in _members(out)])
     with pytest.raises(ArchiveCorruptError, match="version 99"):
         archive.read_manifest(out)
 
 
-BIG = random.Random(6).randbytes(archive.CHUNK_BYTES * 2) + b"rest"  # no two chunks alike
+BIG = random.Random(6).randbytes(archivewriter.CHUNK_BYTES * 2) + b"rest"  # no two chunks alike
 
 
 @pytest.fixture
 def streamed(tmp_path: Path) -> Path:
     """An archive written as CRIU's stream writes it: two files at once, one of them in three chunks."""
     out = tmp_path / "s.kckpt"
-    with archive.Writer(out) as writer:
+    with archivewriter.Writer(out) as writer:
         images = writer.under("images/")
         for start in range(0, len(BIG), 1 << 20):
             images.write("pages-1.img", BIG[start : start + (1 << 20)])
@@ -196,21 +196,21 @@ def test_streams_are_cut_into_chunks_and_reassembled(streamed: Path, tmp_path: P
     assert (dest / "images" / "empty.img").read_bytes() == b""
     assert (dest / "images" / "pages-1.img").stat().st_mode & 0o777 == 0o600
     pages = next(m for m in read.members if m.name == "images/pages-1.img")
-    assert (pages.size, pages.chunks, pages.chunk_bytes) == (len(BIG), 3, archive.CHUNK_BYTES)
+    assert (pages.size, pages.chunks, pages.chunk_bytes) == (len(BIG), 3, archivewriter.CHUNK_BYTES)
     assert read.memory_bytes == len(BIG)
 
 
 def test_a_file_of_exactly_one_chunk_is_one_member(tmp_path: Path) -> None:
     source = tmp_path / "one"
-    source.write_bytes(b"x" * archive.CHUNK_BYTES)
+    source.write_bytes(b"x" * archivewriter.CHUNK_BYTES)
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), {"images/pages-1.img": source})
+    archivewriter.write(out, manifest(), {"images/pages-1.img": source})
     assert [name for name, _ in _members(out)] == ["format", "images/pages-1.img", "manifest.json"]
 
 
 def test_version_1_archives_still_read(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     current = f'"version": {VERSION}'.encode()
     _rebuild(out, [(n, d.replace(current, b'"version": 1')) for n, d in _members(out)])
     assert archive.verify(out).name == "demo"
@@ -225,12 +225,12 @@ def _as_version_2(ms: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         del member["digest"]
     body.update(version=2)
     del body["checksum"]
-    return [(n, json.dumps(body).encode() if n == "manifest.json" else d) for n, d in ms if n != archive.HEADER]
+    return [(n, json.dumps(body).encode() if n == "manifest.json" else d) for n, d in ms if n != members.HEADER]
 
 
 def test_version_2_archives_with_sha256_still_read_and_are_checked(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     old = _as_version_2(_members(out))
     _rebuild(out, old)
     (tmp_path / "x").mkdir()
@@ -246,15 +246,15 @@ def test_version_2_archives_with_sha256_still_read_and_are_checked(files: dict[s
         # Without its header a version 3 archive would be checked with sha256: the manifest says otherwise.
         (lambda ms: ms[1:], "its manifest says xxh3_128"),
         (lambda ms: [ms[1], ms[0], *ms[2:]], "header in the middle"),
-        (lambda ms: [(n, b"{}" if n == archive.HEADER else d) for n, d in ms], "damaged format header"),
+        (lambda ms: [(n, b"{}" if n == members.HEADER else d) for n, d in ms], "damaged format header"),
     ],
 )
 def test_a_missing_misplaced_or_damaged_header_is_refused(
     files: dict[str, Path], tmp_path: Path, tamper, message: str
 ) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
-    assert _members(out)[0][0] == archive.HEADER
+    archivewriter.write(out, manifest(), files)
+    assert _members(out)[0][0] == members.HEADER
     _rebuild(out, tamper(_members(out)))
     assert message in _extract_error(out, tmp_path)
 
@@ -293,7 +293,7 @@ def test_damaged_chunks_are_refused(streamed: Path, tmp_path: Path, tamper, mess
 
 
 def test_chunk_like_and_repeated_names_are_never_written(tmp_path: Path) -> None:
-    with archive.Writer(tmp_path / "a.kckpt") as writer:
+    with archivewriter.Writer(tmp_path / "a.kckpt") as writer:
         with pytest.raises(ValueError, match="unsafe"):
             writer.write("images/pages-1.img.000000", b"x")
         writer.end("images/core-1.img")
@@ -312,7 +312,7 @@ def test_an_io_error_is_unreadable_not_corrupt(tmp_path: Path) -> None:
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_a_frame_cut_anywhere_is_truncated(files: dict[str, Path], tmp_path: Path, keep: float) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     data = out.read_bytes()
     out.write_bytes(data[: int(len(data) * keep)])
     assert "truncated" in _extract_error(out, tmp_path)
@@ -320,7 +320,7 @@ def test_a_frame_cut_anywhere_is_truncated(files: dict[str, Path], tmp_path: Pat
 
 def test_a_block_claiming_too_much_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), files)
+    archivewriter.write(out, manifest(), files)
     data = bytearray(out.read_bytes())
     start = zstandard.frame_header_size(bytes(data))
     data[start : start + 3] = ((1 << 20) << 3).to_bytes(3, "little")  # a raw block of 1 MiB: over zstd's limit
@@ -333,15 +333,15 @@ def test_zeroed_memory_after_random_memory_decompresses_in_bounded_steps() -> No
     packer = zstandard.ZstdCompressor(write_checksum=True).compressobj()
     frame = packer.compress(random.Random(1).randbytes(1 << 20))
     frame += b"".join(packer.compress(bytes(1 << 24)) for _ in range(16)) + packer.flush()
-    steps = [len(step) for step in archive._decompressed(io.BytesIO(frame), "zeros")]
+    steps = [len(step) for step in zstdframe.blocks(io.BytesIO(frame), "zeros")]
     assert sum(steps) == (1 << 20) + (1 << 28)
-    assert max(steps) <= archive.BLOCKS_PER_STEP * zstandard.BLOCKSIZE_MAX
+    assert max(steps) <= zstdframe.BLOCKS_PER_STEP * zstandard.BLOCKSIZE_MAX
 
 
 def test_a_long_name_goes_through_a_pax_header(tmp_path: Path) -> None:
     name = "images/" + "x" * 120 + ".img"
     out = tmp_path / "a.kckpt"
-    with archive.Writer(out) as writer:
+    with archivewriter.Writer(out) as writer:
         writer.write(name, b"long")
         writer.end(name)
         writer.commit(manifest())
@@ -390,9 +390,9 @@ def test_a_write_error_stops_the_worker(streamed: Path, tmp_path: Path) -> None:
 
 def test_a_log_bigger_than_a_chunk_comes_back(tmp_path: Path) -> None:
     log = tmp_path / "log"
-    log.write_bytes(random.Random(7).randbytes(archive.CHUNK_BYTES + 1000))
+    log.write_bytes(random.Random(7).randbytes(archivewriter.CHUNK_BYTES + 1000))
     out = tmp_path / "a.kckpt"
-    archive.write(out, manifest(), {"log": log})
+    archivewriter.write(out, manifest(), {"log": log})
     assert "log.000001" in [n for n, _ in _members(out)]
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -446,7 +446,7 @@ def test_the_index_at_the_end_holds_the_manifest_and_the_small_images_but_no_mem
     assert index is not None
     assert index.manifest == archive.verify(streamed) == archive.read_manifest(streamed)
     assert index.files == {"images/pagemap-1.img": b"map" * 9, "images/empty.img": b""}
-    assert streamed.read_bytes().endswith(archive.INDEX_TAG)
+    assert streamed.read_bytes().endswith(archiveindex.INDEX_TAG)
 
 
 def _index_start(path: Path) -> int:
@@ -472,9 +472,9 @@ def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tm
     assert index is not None
     other = index.body.replace(b'"demo"', b'"omed"')
     data = streamed.read_bytes()[: _index_start(streamed)]
-    streamed.write_bytes(data + archive._index(other, index.files))
+    streamed.write_bytes(data + archiveindex.pack(other, index.files))
     assert "does not match its manifest" in _extract_error(streamed, tmp_path)
-    streamed.write_bytes(data + archive._index(index.body, {"images/pagemap-1.img": b"pam" * 9}))
+    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}))
     with pytest.raises(ArchiveCorruptError, match=r"copy of images/pagemap-1\.img"):
         archive.read_index(streamed)
 
@@ -490,9 +490,10 @@ def test_an_archive_cut_in_or_before_its_index_is_truncated(
 
 
 def test_over_its_budget_the_index_keeps_the_smallest_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(archive, "INDEX_BYTES", 2 * archive.INDEX_FRAMING + 60)  # room for two, framing counted
+    # Room for two images, framing counted.
+    monkeypatch.setattr(archiveindex, "INDEX_BYTES", 2 * archiveindex.INDEX_FRAMING + 60)
     out = tmp_path / "a.kckpt"
-    with archive.Writer(out) as writer:
+    with archivewriter.Writer(out) as writer:
         for name, size in (("core-1.img", 60), ("mm-1.img", 50), ("inventory.img", 10)):  # the dump's order
             writer.write(f"images/{name}", b"x" * size)
             writer.end(f"images/{name}")
@@ -514,7 +515,7 @@ def test_a_mirror_that_fails_and_keeps_its_failure_does_not_stop_the_archive(tmp
                 kept.append(exc)
 
     out = tmp_path / "s.kckpt"
-    with archive.Writer(out, mirror=mirror) as writer:
+    with archivewriter.Writer(out, mirror=mirror) as writer:
         for start in range(0, len(BIG), 1 << 20):
             writer.write("images/pages-1.img", BIG[start : start + (1 << 20)])
         writer.end("images/pages-1.img")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import archive, containers, idranges
+from kerrickpt import archive, archivewriter, containers, idranges
 from kerrickpt.errors import ArchiveCorruptError
 from tests.helpers import cgroup_dirs, cli, ipc_keys, probe, ticks, unique_name, wait_for
 
@@ -242,7 +242,7 @@ def test_an_archive_whose_layer_escapes_its_root_is_refused_before_any_process_r
     files = {m.name: unpacked / m.name for m in manifest.members if m.name != "layer.tar"}
     files["layer.tar"] = hostile
     bad = tmp_path / "bad.kckpt"
-    archive.write(bad, manifest, files)
+    archivewriter.write(bad, manifest, files)
 
     with pytest.raises(ArchiveCorruptError):
         kerrickpt.restore(bad, state_dir=state_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import archive, cgroups, sysvipc
+from kerrickpt import archive, archivewriter, cgroups, sysvipc
 from kerrickpt.manifest import Manifest
 from tests.helpers import cli, unique_name
 from tests.test_restorer import host_job  # noqa: F401 - the fixture
@@ -27,7 +27,7 @@ def _with_limits(original: Path, limits: dict[str, str], dest: Path) -> Path:
     assert manifest.ipc is not None
     manifest.ipc["limits"] = limits
     files = {f"images/{p.name}": p for p in (unpacked / "images").iterdir()} | {"log": unpacked / "log"}
-    archive.write(dest, manifest, files)
+    archivewriter.write(dest, manifest, files)
     return dest
 
 

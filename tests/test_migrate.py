@@ -17,7 +17,7 @@ import pytest
 
 from bench.lab import READY, pipe_max_size, wait_for_line
 from bench.lab import Job as MemJob
-from kerrickpt import archive, containers, node, procs, sysvipc, transport
+from kerrickpt import containers, node, procs, sysvipc, transport, zstdframe
 from kerrickpt.localnodes import SSHD, Cluster, Node, kerrickpt_path
 from tests.helpers import KERRICKPT, cli_env, ipc_keys, probe, ticks, unique_name, wait_for
 from tests.test_confined import STEPS, USER, steps_written
@@ -318,7 +318,7 @@ def test_the_target_takes_the_archive_while_the_source_still_writes_it(cluster: 
     assert run.returncode == 0, err
     moved = json.loads(out)
     assert moved["attempts"]["transfer"] == 1
-    assert moved["compression"]["level"] == archive.level_for_link(moved["compression"]["link_mib_s"])
+    assert moved["compression"]["level"] == zstdframe.level_for_link(moved["compression"]["link_mib_s"])
     assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
     assert not list((b.state_dir / "tmp").iterdir()), "the target removed the archive it restored from"
     assert not [r for r in a.json("ps") if r["name"] == name]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import archive, progress
+from kerrickpt import archive, archivewriter, progress
 from kerrickpt.localnodes import Cluster, kerrickpt_path
 from tests import test_archive
 from tests.helpers import KERRICKPT, cli, cli_env, ipc_keys, unique_name
@@ -96,7 +96,7 @@ def test_writing_and_reading_an_archive_report_their_bytes(tmp_path: Path) -> No
     path = tmp_path / "a.kckpt"
     written, read = Recorder(), Recorder()
     with progress.reporting(written):
-        archive.write(path, test_archive.manifest(), {"log": log})
+        archivewriter.write(path, test_archive.manifest(), {"log": log})
     assert 300_000 < written.bytes <= path.stat().st_size, "the compressed bytes, as they are written"
     with progress.reporting(read):
         archive.verify(path)

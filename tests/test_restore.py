@@ -105,7 +105,7 @@ def test_corrupt_archive_is_refused_before_any_restored_process_runs(
     good = tmp_path / "good.kckpt"
     kerrickpt.checkpoint(w.name, good, leave_running=True, state_dir=state_dir)
     data = bytearray(good.read_bytes())
-    index_at = len(data) - int.from_bytes(data[-16:-8], "little")  # see archive.INDEX_MAGIC
+    index_at = len(data) - int.from_bytes(data[-16:-8], "little")  # see archiveindex.INDEX_MAGIC
     if damage == "flip":  # in the memory, which CRIU is restoring when it shows
         _flip_a_bit_zstd_reads(data, 0, index_at, index_at // 2)
     elif damage == "truncate":
@@ -113,7 +113,7 @@ def test_corrupt_archive_is_refused_before_any_restored_process_runs(
     elif damage == "end-cut":
         data = data[: len(data) - 200]
     elif damage == "index-flip":
-        # The index's zstd frame lies between its skippable frame's head and its foot (see archive._index).
+        # The index's zstd frame lies between its skippable frame's head and its foot (see archiveindex.pack).
         _flip_a_bit_zstd_reads(data, index_at + 8, len(data) - 16, (index_at + len(data)) // 2)
     else:
         data = data[:index_at]
@@ -300,7 +300,7 @@ def test_an_archive_found_damaged_at_its_very_end_never_lets_the_restored_tree_r
     created = f'"created": "{index.manifest.created}"'.encode()
     other = created.replace(b'"created": "2', b'"created": "1')
     bad = tmp_path / "bad.kckpt"
-    bad.write_bytes(data[:start] + kerrickpt.archive._index(index.body.replace(created, other), index.files))
+    bad.write_bytes(data[:start] + kerrickpt.archiveindex.pack(index.body.replace(created, other), index.files))
     ticks_before = side.stat().st_size
 
     with pytest.raises(kerrickpt.ArchiveCorruptError, match="does not match its manifest"):

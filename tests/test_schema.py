@@ -20,7 +20,19 @@ import pytest
 import zstandard
 
 import kerrickpt
-from kerrickpt import archive, cgroups, compat, containers, criu, node, receiver, schema, transport
+from kerrickpt import (
+    archive,
+    archiveindex,
+    archivewriter,
+    cgroups,
+    compat,
+    containers,
+    criu,
+    node,
+    receiver,
+    schema,
+    transport,
+)
 from kerrickpt.errors import ArchiveCorruptError, KerrickptError, ProtocolError
 from kerrickpt.localnodes import Cluster, kerrickpt_path
 from kerrickpt.manifest import VERSION, Manifest
@@ -220,7 +232,7 @@ def rewrite(path: Path, out: Path, frame: bytes | None = None, index: bytes | No
     original = archive.read_index(path)
     assert original is not None
     body = index if index is not None else original.body
-    out.write_bytes(zstandard.ZstdCompressor().compress(members.getvalue()) + archive._index(body, original.files))
+    out.write_bytes(zstandard.ZstdCompressor().compress(members.getvalue()) + archiveindex.pack(body, original.files))
 
 
 def small_archive(tmp_path: Path, source: node.Fingerprint) -> Path:
@@ -230,7 +242,7 @@ def small_archive(tmp_path: Path, source: node.Fingerprint) -> Path:
         files[name] = tmp_path / name.replace("/", "_")
         files[name].write_bytes(data)
     path = tmp_path / "base.kckpt"
-    archive.write(path, full_manifest(source), files)
+    archivewriter.write(path, full_manifest(source), files)
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import archive
+from kerrickpt import archivewriter
 from kerrickpt import store as snapshot_store
 from kerrickpt.errors import (
     ArchiveCorruptError,
@@ -49,7 +49,7 @@ def write_incoming(store: Store, name: str, when: datetime) -> Path:
         timings={"frozen_s": 0.05},
     )
     store.directory(name).mkdir(exist_ok=True)
-    archive.write(store.incoming(name), manifest, {"images/pages-1.img": image})
+    archivewriter.write(store.incoming(name), manifest, {"images/pages-1.img": image})
     return store.incoming(name)
 
 

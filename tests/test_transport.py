@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import archive, node, transport
+from kerrickpt import node, transport, zstdframe
 from kerrickpt.errors import BusyError, MigrationUnknown, TransportError, UsageError
 from kerrickpt.transport import Link, Target
 
@@ -139,7 +139,7 @@ def test_a_stream_whose_end_frame_disagrees_is_refused() -> None:
 
 @pytest.mark.parametrize(("mib_s", "level"), [(5000.0, -3), (400.0, -2), (150.0, 1), (20.0, 3)])
 def test_the_level_follows_the_link(mib_s: float, level: int) -> None:
-    assert archive.level_for_link(mib_s) == level
+    assert zstdframe.level_for_link(mib_s) == level
 
 
 def test_a_source_that_goes_silent_is_given_up() -> None:

@@ -1,0 +1,143 @@
+"""Owns the index an archive ends with: its manifest and small images in a skippable zstd frame."""
+
+from __future__ import annotations
+
+import os
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from kerrickpt import tarstream
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError
+from kerrickpt.manifest import CHECKSUMS, Manifest
+from kerrickpt.manifest import NAME as MANIFEST_NAME
+from kerrickpt.members import SAFE_MEMBER
+from kerrickpt.zstdframe import DEFAULT_LEVEL
+
+# Since version 4 the archive ends with an index after its zstd frame: a copy of the manifest and of
+# the small images, in a zstd skippable frame (which `zstd -d` passes over), found from the file's
+# end. CRIU's restore asks for inventory.img first, which its dump writes last: with the index a
+# restore can serve CRIU from the start and stream the memory (pages-*.img) as the frame is read.
+INDEX_MAGIC = 0x184D2A5B  # one of the 16 magic numbers zstd reserves for skippable frames
+_INDEX_HEAD = struct.Struct("<II")  # the skippable frame's magic and size
+_INDEX_FOOT = struct.Struct("<Q8s")  # the index's whole length and a tag, the file's last bytes
+INDEX_TAG = b"kckptidx"
+INDEX_BYTES = 32 << 20  # the most the index's images may hold: bigger ones come from the frame
+INDEX_FRAMING = 2048  # what the index's tar adds to an image at the most: its header, a pax header, padding
+MAX_INDEX = INDEX_BYTES + 2 * tarstream.SMALL_MEMBER  # the index's images with their framing, and its manifest
+
+
+def indexable(name: str) -> bool:
+    """Whether a file may go into the index: an image, but never process memory, which is streamed."""
+    return name.startswith("images/") and not name.startswith("images/pages-")
+
+
+@dataclass
+class Copies:
+    """The small images an index will hold: over INDEX_BYTES the biggest go, as their framing counts too."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    held: int = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        self.files[name] = data
+        self.held += len(data) + INDEX_FRAMING
+        # CRIU's first request, inventory.img, is small and written last.
+        while self.held > INDEX_BYTES:
+            biggest = self.files.pop(max(self.files, key=lambda n: len(self.files[n])))
+            self.held -= len(biggest) + INDEX_FRAMING
+
+
+def pack(manifest: bytes, files: dict[str, bytes]) -> bytes:
+    """The index frame: a zstd-compressed tar of the manifest and `files`, skippable, findable from the end."""
+    tar = bytearray()
+    for name, data in [(MANIFEST_NAME, manifest), *files.items()]:
+        header, padding = tarstream.framing(name, len(data))
+        tar += header + data + padding
+    body = zstandard.ZstdCompressor(level=DEFAULT_LEVEL, write_checksum=True).compress(tar + bytes(1024))
+    size = len(body) + _INDEX_FOOT.size
+    return _INDEX_HEAD.pack(INDEX_MAGIC, size) + body + _INDEX_FOOT.pack(_INDEX_HEAD.size + size, INDEX_TAG)
+
+
+@dataclass(frozen=True)
+class Index:
+    """What a version 4 archive ends with: its manifest and its small images, each checked against the manifest."""
+
+    manifest: Manifest
+    body: bytes  # the manifest as written, to compare with the one inside the frame
+    files: dict[str, bytes]
+
+
+def unpack(rest: bytes, path: str) -> bytes:
+    """The compressed tar inside an index frame (`rest`: everything after the archive's zstd frame)."""
+    if len(rest) < _INDEX_HEAD.size or _INDEX_HEAD.unpack_from(rest)[0] != INDEX_MAGIC:
+        raise ArchiveCorruptError(f"{path} has trailing data after its end")
+    size = _INDEX_HEAD.unpack_from(rest)[1]
+    if len(rest) < _INDEX_HEAD.size + size:
+        raise ArchiveCorruptError(f"{path} is truncated (its index ends early)")
+    if len(rest) > _INDEX_HEAD.size + size or size < _INDEX_FOOT.size:
+        raise ArchiveCorruptError(f"{path} has trailing data after its end")
+    if _INDEX_FOOT.unpack_from(rest, len(rest) - _INDEX_FOOT.size) != (len(rest), INDEX_TAG):
+        raise ArchiveCorruptError(f"{path} has a damaged index")
+    return rest[_INDEX_HEAD.size : -_INDEX_FOOT.size]
+
+
+def parse(rest: bytes, path: str) -> Index:
+    """The index in `rest`, every image in it checked against its manifest's digest."""
+    compressed = unpack(rest, path)
+    try:
+        if not 0 <= zstandard.frame_content_size(compressed) <= MAX_INDEX:  # -1: not said; zeros compress 30,000:1
+            raise zstandard.ZstdError("its size is not given or too big")
+        tar = zstandard.ZstdDecompressor().decompress(compressed, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise ArchiveCorruptError(f"{path} has a damaged index: {exc}") from exc
+    body: bytes | None = None
+    files: dict[str, bytes] = {}
+    for info, data in tarstream.Reader(iter([tar]), path).members():
+        name = info.name
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not (
+            name == MANIFEST_NAME if body is None else indexable(name) and SAFE_MEMBER.fullmatch(name)
+        ):
+            raise ArchiveCorruptError(f"unexpected member {name!r} in the index of {path}")
+        if name in files:
+            raise ArchiveCorruptError(f"the index of {path} holds {name} twice")
+        if body is None:
+            body = b"".join(data)
+        else:
+            files[name] = b"".join(data)
+    if body is None:
+        raise ArchiveCorruptError(f"the index of {path} has no manifest")
+    manifest = Manifest.from_json(body)
+    expected = {m.name: m for m in manifest.members}
+    for name, data in files.items():
+        member = expected.get(name)
+        digest = CHECKSUMS[manifest.checksum](data).hexdigest()
+        if member is None or member.chunks or (member.size, member.digest) != (len(data), digest):
+            raise ArchiveCorruptError(f"the copy of {name} in the index of {path} does not match its checksum")
+    return Index(manifest, body, files)
+
+
+def read(fh: BinaryIO, path: str) -> Index | None:
+    """The index the archive open as `fh` ends with, read from the end (nothing else is read); None without one.
+
+    `fh` is closed once read.
+    """
+    try:
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < _INDEX_HEAD.size + _INDEX_FOOT.size:
+                return None
+            fh.seek(size - _INDEX_FOOT.size)
+            length, tag = _INDEX_FOOT.unpack(fh.read(_INDEX_FOOT.size))
+            if tag != INDEX_TAG:
+                return None
+            if not _INDEX_HEAD.size + _INDEX_FOOT.size <= length <= min(size, MAX_INDEX):
+                raise ArchiveCorruptError(f"{path} has a damaged index")
+            fh.seek(size - length)
+            rest = fh.read(length)
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"reading {path} failed: {exc.strerror}") from exc
+    return parse(rest, path)
