@@ -75,6 +75,10 @@ class NodeIncompatibleError(KerrickptError):
     exit_code = 7
 
 
+class StoreFormatError(NodeIncompatibleError):
+    """The snapshot store, its index or a recipe in it was written by a newer kerrickpt: refused unread."""
+
+
 class RestoreFailed(KerrickptError):
     """CRIU could not restore the container; nothing of it was left behind."""
 

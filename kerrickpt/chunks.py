@@ -1,0 +1,411 @@
+"""Owns a store's chunks: 4 KiB pieces of content kept once, compressed in pack files, found by an index on disk."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import zstandard
+
+from kerrickpt import archivewriter, faults, trust, zstdframe
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, BusyError, StoreFormatError
+
+CHUNK = 4096  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
+DIRECTORY = ".chunks"
+PACKS = "packs"
+INDEX = "index.sqlite"
+LOCK = "lock"
+PACK_SUFFIX = ".pack"
+INDEX_VERSION = 1
+# Each chunk in a pack: magic, sha256 of the plain chunk, how it is sealed, the bytes that follow.
+ENTRY = struct.Struct("<4s32sBI")
+MAGIC = b"KCH1"
+PLAIN = 0  # not encrypted; encryption (issue 16's next step) gives its sealing here, its key id in the recipe
+LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
+BATCH = 256  # chunks a thread hashes, compresses or reads at a time
+REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
+LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
+POLL = 0.05
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its sha256."""
+
+    id: int
+    digest: bytes
+    pack: str
+    offset: int
+    length: int
+
+
+class Chunks:
+    """The chunks of one store under `root` (`STORE/.chunks`), shared by every container in it.
+
+    Chunks are only added by an `Adding` (a run holding the lock shared) and only forgotten by
+    `sweep` (the lock held exclusive), so what the index names is always whole in a pack on disk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.packs = root / PACKS
+        for directory in (root, self.packs):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            trust.check(directory, "snapshot store's chunks")
+        index = root / INDEX
+        # Its own file first, 0600: SQLite would create it (and its journal, which copies its mode) 0644.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(index, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        self.db = sqlite3.connect(index, isolation_level=None, timeout=LOCK_WAIT)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        with self.transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
+                "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
+            )
+            self.db.execute("CREATE INDEX IF NOT EXISTS chunks_pack ON chunks (pack)")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
+            (version,) = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if version > INDEX_VERSION:
+            self.db.close()
+            raise StoreFormatError(
+                f"the chunk index {index} is of format version {version}; this kerrickpt reads up to "
+                f"{INDEX_VERSION}: use the kerrickpt that wrote it, or a newer one"
+            )
+        self.threads = os.cpu_count() or 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
+        self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.db.close()
+
+    def __enter__(self) -> Chunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction, taken for writing at once: concurrent runs queue rather than deadlock."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool, wait: float = LOCK_WAIT) -> Iterator[None]:
+        """The store's chunk lock: shared by runs adding chunks and publishing, exclusive for a sweep."""
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            while True:
+                try:
+                    fcntl.flock(fd, how | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        what = "a prune's sweep" if not exclusive else "snapshot runs adding chunks"
+                        raise BusyError(f"the chunks of {self.root.parent} are held by {what}") from None
+                    time.sleep(POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    def adding(self) -> Adding:
+        """A new pack for the chunks a run adds; hold `lock` shared from before it to the recipe's publishing."""
+        return Adding(self)
+
+    def lookup(self, digests: list[bytes]) -> dict[bytes, int]:
+        """The ids of those of `digests` the index holds."""
+        found: dict[bytes, int] = {}
+        for start in range(0, len(digests), LOOKUP_BATCH):
+            batch = digests[start : start + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
+        return found
+
+    def locate(self, first: int, count: int) -> list[Located]:
+        """Chunks first..first+count-1, in that order; ArchiveCorruptError if the index lacks one."""
+        rows = self.db.execute(
+            "SELECT id, digest, pack, offset, length FROM chunks WHERE id >= ? AND id < ? ORDER BY id",
+            (first, first + count),
+        ).fetchall()
+        if len(rows) != count:
+            have = {row[0] for row in rows}
+            missing = next(i for i in range(first, first + count) if i not in have)
+            raise ArchiveCorruptError(f"chunk {missing} is missing from the index of {self.root}")
+        return [Located(*row) for row in rows]
+
+    def read(self, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+        """The plain chunks `runs` (first id, count) name, in order, each checked against its sha256.
+
+        Raises ArchiveCorruptError for a chunk missing, damaged or not what its name says.
+        """
+        with _Packs(self.packs) as packs:
+            pending: list[Located] = []
+            for first, count in runs:
+                for start in range(first, first + count, BATCH):
+                    pending += self.locate(start, min(BATCH, first + count - start))
+                    if len(pending) >= BATCH * self.threads:
+                        yield from self._decoded(packs, pending)
+                        pending = []
+            yield from self._decoded(packs, pending)
+
+    def _decoded(self, packs: _Packs, chunks: list[Located]) -> Iterator[bytes]:
+        batches = [chunks[i : i + BATCH] for i in range(0, len(chunks), BATCH)]
+        for batch in self.pool.map(lambda b: [self._decode(packs, c) for c in b], batches):
+            yield from batch
+
+    def _decode(self, packs: _Packs, chunk: Located) -> bytes:
+        """A chunk's plain bytes, checked against its sha256."""
+        entry = packs.entry(chunk)
+        local = self.local
+        if not hasattr(local, "unzstd"):
+            local.unzstd = zstandard.ZstdDecompressor()
+        try:
+            plain = local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK)
+        except zstandard.ZstdError as exc:
+            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}") from exc
+        if _digest(plain) != chunk.digest:
+            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} does not match its sha256")
+        return plain
+
+    def sweep(self, live: set[int]) -> int:
+        """Forget every chunk not in `live`; how many were forgotten. Hold `lock` exclusive."""
+        with self.transaction():
+            self.db.execute("CREATE TEMP TABLE live (id INTEGER PRIMARY KEY)")
+            self.db.executemany("INSERT INTO live VALUES (?)", ((i,) for i in live))
+            gone = self.db.execute("DELETE FROM chunks WHERE id NOT IN (SELECT id FROM live)").rowcount
+            self.db.execute("DROP TABLE live")
+        return gone
+
+    def rewrite(self) -> list[str]:
+        """Rewrite the packs whose dead chunks passed REWRITE_DEAD into new packs; the old ones' names.
+
+        Each new pack is whole on disk before the index names it, the old one removed only
+        once the index no longer does: a kill at any point loses nothing the index names. Hold `lock` exclusive.
+        """
+        rewritten = []
+        for pack, live in self.db.execute("SELECT pack, SUM(length) FROM chunks GROUP BY pack").fetchall():
+            size = (self.packs / pack).stat().st_size
+            if size - live < REWRITE_DEAD * size:
+                continue
+            rows = [
+                Located(*row)
+                for row in self.db.execute(
+                    "SELECT id, digest, pack, offset, length FROM chunks WHERE pack = ? ORDER BY offset", (pack,)
+                )
+            ]
+            with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
+                moved = [(new.append(packs.entry(row)), row.id) for row in rows]
+                faults.inject("chunks-rewrite-before-rename")
+                new.publish()
+            faults.inject("chunks-rewrite-before-index")
+            with self.transaction():
+                self.db.executemany(
+                    "UPDATE chunks SET pack = ?, offset = ? WHERE id = ?", ((new.name, o, i) for o, i in moved)
+                )
+            faults.inject("chunks-rewrite-before-unlink")
+            (self.packs / pack).unlink()
+            rewritten.append(pack)
+        archivewriter.fsync_dir(self.packs)
+        return rewritten
+
+    def clean(self) -> list[Path]:
+        """Remove packs the index does not name and the hidden files of runs that died. Hold `lock` exclusive."""
+        named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks")}
+        gone = [p for p in sorted(self.packs.iterdir()) if p.name not in named]
+        for path in gone:
+            path.unlink(missing_ok=True)
+        return gone
+
+    def stored_bytes(self) -> int:
+        """What the packs take on disk."""
+        return sum(p.stat().st_size for p in self.packs.iterdir())
+
+
+class Adding:
+    """The chunks one run adds: new ones go into a new pack, and into the index only at `commit`.
+
+    `add` gives each chunk a reference: its id if the index holds it, else -(k+1) for the
+    k-th new chunk of this pack; `resolve` turns references into ids once committed.
+    """
+
+    def __init__(self, chunks: Chunks) -> None:
+        self.chunks = chunks
+        self.pack = _NewPack(chunks.packs)
+        self.new: dict[bytes, int] = {}  # digest -> k, in pack order
+        self.offsets: list[tuple[int, int]] = []  # the new chunks' entries: offset, length
+        self.ids: array[int] | None = None
+
+    def __enter__(self) -> Adding:
+        self.pack.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.pack.__exit__(kind, value, traceback)
+
+    def add(self, data: memoryview) -> array[int]:
+        """References to the chunks of `data`, cut every CHUNK bytes (the last may be shorter)."""
+        pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        batches = [pieces[i : i + BATCH] for i in range(0, len(pieces), BATCH)]
+        digests = [d for ds in self.chunks.pool.map(lambda b: [_digest(p) for p in b], batches) for d in ds]
+        known = self.chunks.lookup([d for d in digests if d not in self.new])
+        fresh: dict[bytes, memoryview] = {}
+        for digest, piece in zip(digests, pieces, strict=True):
+            if digest not in known and digest not in self.new and digest not in fresh:
+                fresh[digest] = piece
+        items = list(fresh.items())
+        sealed = self.chunks.pool.map(
+            lambda b: [self._entry(d, p) for d, p in b], [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+        )
+        for entry, digest in zip((e for es in sealed for e in es), fresh, strict=True):
+            self.offsets.append((self.pack.append(entry), len(entry)))
+            self.new[digest] = len(self.new)
+        return array("q", (known[d] if d in known else -1 - self.new[d] for d in digests))
+
+    def _entry(self, digest: bytes, piece: memoryview) -> bytes:
+        local = self.chunks.local
+        if not hasattr(local, "zstd"):
+            local.zstd = zstandard.ZstdCompressor(level=zstdframe.DEFAULT_LEVEL)
+        body = local.zstd.compress(piece)
+        return ENTRY.pack(MAGIC, digest, PLAIN, len(body)) + body
+
+    def commit(self) -> None:
+        """Put the pack on disk under its name, then its chunks into the index, in one transaction."""
+        if not self.new:
+            self.pack.discard()
+            self.ids = array("q")
+            return
+        self.pack.publish()
+        faults.inject("chunks-before-index")
+        db = self.chunks.db
+        digests = list(self.new)
+        with self.chunks.transaction():
+            # Another run may have stored one of them meanwhile: the index keeps its, ours is dead weight.
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks (digest, pack, offset, length) VALUES (?, ?, ?, ?)",
+                ((d, self.pack.name, o, n) for d, (o, n) in zip(digests, self.offsets, strict=True)),
+            )
+            ids = self.chunks.lookup(digests)
+        self.ids = array("q", (ids[d] for d in digests))
+
+    def resolve(self, refs: array[int]) -> array[int]:
+        """The ids of references `add` gave, once committed."""
+        assert self.ids is not None, "commit first"
+        ids = self.ids
+        return array("q", (r if r > 0 else ids[-1 - r] for r in refs))
+
+
+class _NewPack:
+    """A pack being written under a hidden name, renamed into place whole and on disk, or removed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = secrets.token_hex(16) + PACK_SUFFIX
+        self.hidden = directory / f".{self.name}.tmp"
+        self.fd: int | None = None
+        self.size = 0
+
+    def __enter__(self) -> _NewPack:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.hidden, flags, 0o600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.hidden.unlink(missing_ok=True)
+
+    def append(self, entry: bytes) -> int:
+        """Write one entry at the pack's end; its offset."""
+        assert self.fd is not None
+        at = self.size
+        view = memoryview(entry)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size += len(entry)
+        return at
+
+    def publish(self) -> None:
+        assert self.fd is not None
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.rename(self.hidden, self.directory / self.name)  # a random name: never over another pack
+        archivewriter.fsync_dir(self.directory)
+
+    def discard(self) -> None:
+        self.__exit__()
+
+
+class _Packs:
+    """Packs open for reading, each opened once."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fds: dict[str, int] = {}
+
+    def __enter__(self) -> _Packs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def entry(self, chunk: Located) -> bytes:
+        """A chunk's whole entry as stored, its header checked against the index."""
+        fd = self.fds.get(chunk.pack)
+        if fd is None:
+            try:
+                fd = self.fds[chunk.pack] = os.open(self.directory / chunk.pack, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ArchiveCorruptError(f"pack {chunk.pack} of chunk {chunk.id} is gone from the store") from None
+        try:
+            data = os.pread(fd, chunk.length, chunk.offset)
+        except OSError as exc:
+            raise ArchiveUnreadableError(f"reading pack {chunk.pack} failed: {exc.strerror}") from exc
+        if len(data) != chunk.length or chunk.length < ENTRY.size:
+            raise ArchiveCorruptError(f"pack {chunk.pack} is truncated (chunk {chunk.id} ends early)")
+        magic, digest, sealing, length = ENTRY.unpack_from(data)
+        if (magic, digest, length) != (MAGIC, chunk.digest, chunk.length - ENTRY.size):
+            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)")
+        if sealing != PLAIN:
+            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")
+        return data

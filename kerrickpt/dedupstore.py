@@ -1,0 +1,201 @@
+"""Owns a deduplicating store's snapshots: an archive taken in as chunks and a recipe, read back checked, pruned."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archive, archiveindex, chunks, faults, recipe
+from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.manifest import CHECKSUMS, Manifest, Member
+
+MARKER = ".kerrickpt-store"
+STORE_FORMAT = "kerrickpt-store"
+STORE_VERSION = 2  # version 1: a directory of whole archives, with no marker
+ENGINE = "chunks"
+ADD_BYTES = 8 << 20
+
+
+def engine(root: Path) -> str | None:
+    """The engine of the store at `root`: "chunks", or None for a store of whole archives (no marker).
+
+    Raises StoreFormatError for a store a newer kerrickpt wrote, ArchiveCorruptError for a damaged marker.
+    """
+    try:
+        marker = json.loads((root / MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ArchiveCorruptError(f"the store's marker {root / MARKER} is unreadable: {exc}") from exc
+    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+        raise ArchiveCorruptError(f"{root / MARKER} does not describe a kerrickpt store")
+    version = marker.get("version")
+    if type(version) is not int or version > STORE_VERSION:
+        raise StoreFormatError(
+            f"the snapshot store {root} is of format version {version}; this kerrickpt reads up to "
+            f"{STORE_VERSION}: use the kerrickpt that wrote it, or a newer one"
+        )
+    if marker.get("engine") != ENGINE:
+        raise ArchiveCorruptError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
+    return ENGINE
+
+
+def create(root: Path) -> None:
+    """Make the store at `root` (an existing directory, empty of snapshots) a deduplicating one."""
+    body = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION, "engine": ENGINE}) + "\n"
+    fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    chunks.Chunks(root / chunks.DIRECTORY).close()
+
+
+class _Cutter:
+    """Each file's bytes as they come, cut into chunks at the file's own offsets, handed on ADD_BYTES at a time
+    (enough for every thread to hash and compress a share)."""
+
+    def __init__(self, adding: chunks.Adding) -> None:
+        self.adding = adding
+        self.refs: dict[str, array[int]] = {}
+        self.held: dict[str, bytearray] = {}
+
+    def take(self, name: str, piece: memoryview) -> None:
+        held = self.held.setdefault(name, bytearray())
+        held += piece
+        if len(held) >= ADD_BYTES:
+            whole = len(held) - len(held) % chunks.CHUNK
+            self._add(name, held[:whole])
+            del held[:whole]
+
+    def _add(self, name: str, data: bytes | bytearray) -> None:
+        self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data)))
+
+    def finish(self) -> None:
+        for name, held in self.held.items():
+            if held:
+                self._add(name, bytes(held))
+                held.clear()
+
+
+@dataclass(frozen=True)
+class TakenIn:
+    """What `take_in` stored: the snapshot's manifest, its recipe and the bytes its new pack added."""
+
+    manifest: Manifest
+    recipe: recipe.Recipe
+    added_bytes: int
+
+
+def take_in(store: chunks.Chunks, source: Path, target: Path) -> TakenIn:
+    """Store the archive `source` as the recipe `target`: checked whole as it is read, only the chunks the store
+    lacks added, the recipe published last (see recipe.publish). Holds the chunk lock shared throughout."""
+    with store.lock(exclusive=False), store.adding() as adding:
+        cutter = _Cutter(adding)
+        manifest = archive.extract(source, None, into=cutter.take)
+        cutter.finish()
+        adding.commit()
+        faults.inject("dedup-before-recipe")
+        files = {m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q")))) for m in manifest.members}
+        made = recipe.Recipe(manifest.to_json(), files)
+        recipe.publish(target, made)
+    return TakenIn(manifest, made, adding.pack.size)
+
+
+class Source:
+    """A recipe as a source of files, as an archive is one: each file's bytes checked as they are read."""
+
+    def __init__(self, store: chunks.Chunks, path: Path) -> None:
+        self.store = store
+        self.path = path
+        self.recipe = recipe.read(path)
+        self.manifest = Manifest.from_json(self.recipe.manifest)
+        if self.recipe.key is not None:
+            raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
+        recipe.files_in_order(self.recipe, [m.name for m in self.manifest.members])
+
+    def member(self, expected: Member) -> Iterator[bytes]:
+        """The file's bytes, chunk by chunk; ArchiveCorruptError at its end if it is not what the manifest says."""
+        digest = CHECKSUMS[self.manifest.checksum]()
+        size = 0
+        for data in self.store.read(self.recipe.files[expected.name]):
+            digest.update(data)
+            size += len(data)
+            yield data
+        if (size, digest.hexdigest()) != (expected.size, expected.digest):
+            raise ArchiveCorruptError(f"{expected.name} in {self.path} does not match its checksum")
+
+    def extract(self, dest: Path | None, into: Callable[[str, memoryview], None] | None = None) -> Manifest:
+        """As archive.extract: every file into `dest` (0600) or `into`, in the archive's order, each checked."""
+        for expected in self.manifest.members:
+            with archive.output(dest, expected.name, first=True) as fd:
+                for data in self.member(expected):
+                    if fd is not None:
+                        archive.write_all(fd, memoryview(data))
+                    elif into is not None:
+                        into(expected.name, memoryview(data))
+        return self.manifest
+
+    def index(self) -> archiveindex.Index:
+        """The manifest and the small images, as an archive's index holds them: read first, checked."""
+        copies = archiveindex.Copies()
+        for expected in self.manifest.members:
+            if archiveindex.indexable(expected.name) and expected.size <= archiveindex.INDEX_BYTES:
+                copies.add(expected.name, b"".join(self.member(expected)))
+        return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files)
+
+    def reader(self, expected: Member) -> io.BufferedReader:
+        """One file as a file object, checked at its end (see `member`)."""
+        return io.BufferedReader(_Pieces(self.member(expected)))
+
+
+class _Pieces(io.RawIOBase):
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.view = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.view:
+            piece = next(self.pieces, None)
+            if piece is None:
+                return 0
+            self.view = memoryview(piece)
+        taken = min(len(buffer), len(self.view))
+        buffer[:taken] = self.view[:taken]
+        self.view = self.view[taken:]
+        return taken
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep did: chunks forgotten, packs rewritten, files of dead runs removed."""
+
+    forgotten: int
+    rewritten: list[str]
+    cleaned: list[Path]
+
+
+def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
+    """Free the chunks no recipe in `recipes()` (every recipe in the store) names, under the chunk lock held
+    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs."""
+    with store.lock(exclusive=True):
+        live: set[int] = set()
+        for path in recipes():
+            with contextlib.suppress(FileNotFoundError):
+                live |= recipe.read(path).ids()
+        faults.inject("dedup-before-sweep")
+        forgotten = store.sweep(live)
+        faults.inject("dedup-before-rewrite")
+        rewritten = store.rewrite()
+        return Swept(forgotten, rewritten, store.clean())
