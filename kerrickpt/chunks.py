@@ -71,9 +71,11 @@ class Chunks:
     `sweep` (the lock held exclusive), so what the index names is always whole in a pack on disk.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root
         self.packs = root / PACKS
+        if not create and not (root / INDEX).is_file():
+            raise ArchiveCorruptError(f"the store's chunks are gone: {root / INDEX} does not exist")
         for directory in (root, self.packs):
             directory.mkdir(mode=0o700, exist_ok=True)
             trust.check(directory, "snapshot store's chunks")

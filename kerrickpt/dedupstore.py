@@ -94,9 +94,10 @@ class TakenIn:
     added_bytes: int
 
 
-def take_in(store: chunks.Chunks, source: Path, target: Path) -> TakenIn:
-    """Store the archive `source` as the recipe `target`: checked whole as it is read, only the chunks the store
-    lacks added, the recipe published last (see recipe.publish). Holds the chunk lock shared throughout."""
+def take_in(store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path]) -> TakenIn:
+    """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
+    the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
+    whose size and time the snapshot will have) says. Holds the chunk lock shared throughout."""
     with store.lock(exclusive=False), store.adding() as adding:
         cutter = _Cutter(adding)
         manifest = archive.extract(source, None, into=cutter.take)
@@ -105,7 +106,8 @@ def take_in(store: chunks.Chunks, source: Path, target: Path) -> TakenIn:
         faults.inject("dedup-before-recipe")
         files = {m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q")))) for m in manifest.members}
         made = recipe.Recipe(manifest.to_json(), files)
-        recipe.publish(target, made)
+        with recipe.staged(source.parent, made) as hidden:
+            recipe.link(hidden, place(manifest, hidden))
     return TakenIn(manifest, made, adding.pack.size)
 
 
@@ -121,7 +123,7 @@ class Source:
             raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
         recipe.files_in_order(self.recipe, [m.name for m in self.manifest.members])
 
-    def member(self, expected: Member) -> Iterator[bytes]:
+    def pieces(self, expected: Member) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk; ArchiveCorruptError at its end if it is not what the manifest says."""
         digest = CHECKSUMS[self.manifest.checksum]()
         size = 0
@@ -136,7 +138,7 @@ class Source:
         """As archive.extract: every file into `dest` (0600) or `into`, in the archive's order, each checked."""
         for expected in self.manifest.members:
             with archive.output(dest, expected.name, first=True) as fd:
-                for data in self.member(expected):
+                for data in self.pieces(expected):
                     if fd is not None:
                         archive.write_all(fd, memoryview(data))
                     elif into is not None:
@@ -148,19 +150,26 @@ class Source:
         copies = archiveindex.Copies()
         for expected in self.manifest.members:
             if archiveindex.indexable(expected.name) and expected.size <= archiveindex.INDEX_BYTES:
-                copies.add(expected.name, b"".join(self.member(expected)))
+                copies.add(expected.name, b"".join(self.pieces(expected)))
         return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files)
 
-    def reader(self, expected: Member) -> io.BufferedReader:
-        """One file as a file object, checked at its end (see `member`)."""
-        return io.BufferedReader(_Pieces(self.member(expected)))
+    def member(self, expected: Member, checksum: str) -> Reader:
+        """One file as a file object (`checksum` is the manifest's own), checked at its end (see `pieces`)."""
+        return Reader(self.pieces(expected))
 
 
-class _Pieces(io.RawIOBase):
+class Reader(io.RawIOBase):
+    """A file's pieces as a file object; `finish` reads the rest, so that its check at the end is made."""
+
     def __init__(self, pieces: Iterator[bytes]) -> None:
         super().__init__()
         self.pieces = pieces
         self.view = memoryview(b"")
+
+    def finish(self) -> None:
+        self.view = memoryview(b"")
+        for _ in self.pieces:
+            pass
 
     def readable(self) -> bool:
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ from kerrickpt import archivewriter, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, StoreFormatError
 
 SUFFIX = ".recipe"
+HIDDEN = ".tmp"  # a recipe being written: `.RANDOM.recipe.tmp`
 FORMAT = "kerrickpt-recipe"
 VERSION = 1
 MAX_BYTES = 1 << 30  # a recipe's plain size at the most: some 3 bytes a run, a run per page at worst
@@ -134,18 +136,25 @@ def _varints(data: bytes) -> list[int]:
     return numbers
 
 
-def publish(path: Path, recipe: Recipe) -> None:
-    """Write `recipe` as `path`, whole and on disk, never over a file: a snapshot appears by this link."""
-    hidden = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+@contextlib.contextmanager
+def staged(directory: Path, recipe: Recipe) -> Iterator[Path]:
+    """`recipe` written whole and on disk under a hidden name in `directory`, removed at the block's end (`link`
+    it in first: a snapshot appears by that link)."""
+    hidden = directory / f".{secrets.token_hex(8)}{SUFFIX}{HIDDEN}"
     fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(recipe.encode())
             out.flush()
             os.fsync(out.fileno())
-        os.link(hidden, path)  # FileExistsError rather than over another snapshot
+        yield hidden
     finally:
         hidden.unlink(missing_ok=True)
+
+
+def link(hidden: Path, path: Path) -> None:
+    """Publish a staged recipe as `path`, never over a file (FileExistsError), and on disk."""
+    os.link(hidden, path)
     archivewriter.fsync_dir(path.parent)
 
 

@@ -73,7 +73,8 @@ def snapshot(
         leftovers = garbage.collect(registry, kinds=(garbage.SCRATCH,))
         cleaned += [Path(leftover.path) for leftover in leftovers]
         where = rootfs.Layer.of(registry.path(name)) if name else None
-        base = layerchain.base_for(store, label, where) if where else None
+        # A deduplicating store shares whatever the layer's tar has unchanged; a delta would only add a chain.
+        base = layerchain.base_for(store, label, where) if where and not store.deduplicates else None
         taken = checkpoint(
             name,
             store.incoming(label),

@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archivewriter, containers, faults, trust
+from kerrickpt import archive, archivewriter, chunks, containers, dedupstore, faults, recipe, sources, trust
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest, is_layer
@@ -25,7 +25,7 @@ LOCK = ".lock"
 SOURCE = ".source"  # what the series is of: one container, or one cgroup by its path
 INCOMING = ".incoming" + SUFFIX
 # What a run that died may leave: its incoming archive, the archive Writer's partial file, a record half written.
-TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*")
+TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*", f".*{recipe.SUFFIX}{recipe.HIDDEN}")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
@@ -54,8 +54,8 @@ class Snapshot:
 
     @property
     def id(self) -> str:
-        """Its time in UTC, e.g. 20250102T030405.678Z: the file name without `.kckpt`."""
-        return self.path.name.removesuffix(SUFFIX)
+        """Its time in UTC, e.g. 20250102T030405.678Z: the file name without `.kckpt` (or `.recipe`)."""
+        return _id_of(self.path)
 
     @property
     def verified(self) -> bool:
@@ -88,8 +88,12 @@ def stamp(created: str) -> str:
     return when.strftime("%Y%m%dT%H%M%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
+def _id_of(path: Path) -> str:
+    return path.name.rsplit(".", 1)[0]
+
+
 def _time_of(path: Path) -> datetime:
-    return datetime.fromisoformat(path.name.removesuffix(SUFFIX))
+    return datetime.fromisoformat(_id_of(path))
 
 
 def _summary(name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None) -> Snapshot:
@@ -115,6 +119,20 @@ class Store:
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
         # Root restores what it finds here: nobody else may have been able to put it there.
         trust.check_tree(self.root, "snapshot store")
+        # A store of whole archives, or of recipes over chunks shared by all (see dedupstore); a newer one refused.
+        self.deduplicates = dedupstore.engine(self.root) is not None
+        self.suffix = recipe.SUFFIX if self.deduplicates else SUFFIX
+
+    @classmethod
+    def deduplicating(cls, root: Path | str) -> Store:
+        """Make the empty store at `root` (an existing directory) a deduplicating one (see dedupstore)."""
+        store = cls(root)
+        if store.deduplicates:
+            raise UsageError(f"{store.root} is a deduplicating store already")
+        if store.list():
+            raise UsageError(f"{store.root} holds snapshots as whole archives; start the deduplicating store elsewhere")
+        dedupstore.create(store.root)
+        return cls(root)
 
     def directory(self, name: str) -> Path:
         """Where the snapshots of container `name` live."""
@@ -137,9 +155,9 @@ class Store:
         found = []
         for container in [name] if name else self.names():
             directory = self._series(container)
-            paths = sorted(directory.glob("*" + SUFFIX)) if directory else []
+            paths = sorted(directory.glob("*" + self.suffix)) if directory else []
             for path in paths:
-                if STAMP.fullmatch(path.name.removesuffix(SUFFIX)):
+                if STAMP.fullmatch(_id_of(path)):
                     with contextlib.suppress(FileNotFoundError):
                         found.append(self._load(container, path))
         return found
@@ -243,7 +261,7 @@ class Store:
     def clean(self, name: str) -> list[Path]:
         """Remove what runs that died left behind; call with the lock held."""
         directory = self.directory(name)
-        archives = {p.name.removesuffix(SUFFIX) for p in directory.glob("*" + SUFFIX)}
+        archives = {_id_of(p) for p in directory.glob("*" + self.suffix)}
         leftovers = [
             p
             for p in sorted(directory.iterdir())
@@ -254,9 +272,12 @@ class Store:
         return leftovers
 
     def publish(self, name: str) -> Snapshot:
-        """Verify the incoming archive, record it and link it in under its id; call with the lock held."""
+        """Verify the incoming archive, record it and link it in under its id (in a deduplicating store: take it in
+        as chunks and a recipe, and link that in); call with the lock held."""
         incoming = self.incoming(name)
         try:
+            if self.deduplicates:
+                return self._take_in(name, incoming)
             manifest = archive.verify(incoming)
             size, mtime = _identity(incoming)
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
@@ -277,6 +298,36 @@ class Store:
             incoming.unlink(missing_ok=True)
         return snap
 
+    def _take_in(self, name: str, incoming: Path) -> Snapshot:
+        placed: list[Snapshot] = []
+
+        def place(manifest: Manifest, staged: Path) -> Path:
+            final = self.directory(name) / f"{stamp(manifest.created)}{recipe.SUFFIX}"
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
+            size, mtime = _identity(staged)  # the link shares them
+            placed.append(_summary(name, final, size, manifest, VERIFIED, containers.utc_now()))
+            self._record(placed[0], mtime)
+            faults.inject("store-before-link")
+            return final
+
+        try:
+            with self.chunks() as store:
+                dedupstore.take_in(store, incoming, place)
+        except BaseException:
+            if placed:
+                _meta_path(placed[0].path).unlink(missing_ok=True)
+            raise
+        return placed[0]
+
+    def chunks(self) -> chunks.Chunks:
+        """The chunks of a deduplicating store, open."""
+        return chunks.Chunks(self.root / chunks.DIRECTORY)
+
+    def recipes(self) -> list[Path]:
+        """Every snapshot's recipe in a deduplicating store, of every container: what a sweep keeps."""
+        return [p for p in self.root.glob("*/*" + recipe.SUFFIX) if STAMP.fullmatch(_id_of(p))]
+
     def verify(self, name: str | None = None, *, wait: float = 0.0) -> list[Snapshot]:
         """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out."""
         checked = []
@@ -284,7 +335,8 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 before = _identity(snap.path)
                 try:
-                    manifest = archive.verify(snap.path)
+                    with sources.opened(snap.path) as source:
+                        manifest = source.extract(None)
                     now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
                 except ArchiveUnreadableError as exc:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
@@ -306,11 +358,22 @@ class Store:
         plan = policy.thin(series, now or datetime.now(UTC))
         return keep_bases(plan, lambda s: by_id.get(s.base) if s.base else None, lambda s: s.id)
 
-    def remove(self, snapshots: list[Snapshot]) -> None:
-        """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held."""
+    def remove(self, snapshots: list[Snapshot], *, sweep: bool = False) -> dedupstore.Swept | None:
+        """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held.
+
+        In a deduplicating store, recipes first, then the chunks no recipe left names (see dedupstore.sweep): if
+        any was removed, or with `sweep` (what a prune killed before its sweep left is freed by the next prune).
+        """
         for snap in snapshots:
             snap.path.unlink(missing_ok=True)
             _meta_path(snap.path).unlink(missing_ok=True)
+        if not self.deduplicates or not (snapshots or sweep):
+            return None
+        for directory in {snap.path.parent for snap in snapshots}:
+            archivewriter.fsync_dir(directory)
+        faults.inject("store-before-sweep")
+        with self.chunks() as store:
+            return dedupstore.sweep(store, self.recipes)
 
     def prune(
         self,
@@ -334,7 +397,7 @@ class Store:
                 continue
             with self.lock(container, wait=wait):
                 plans[container] = self.plan(container, policy, now)
-                self.remove(plans[container].removed)
+                self.remove(plans[container].removed, sweep=True)
         return plans
 
     def _load(self, name: str, path: Path) -> Snapshot:
@@ -346,7 +409,7 @@ class Store:
         # No record that matches (an archive copied in, or changed since): read the manifest,
         # which shows that the archive is whole, not that its checksums hold.
         try:
-            return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
+            return _summary(name, path, size, _manifest_of(path), UNVERIFIED, None)
         except ArchiveCorruptError as exc:
             # Unrecorded, so maybe still being copied in: only `verify` may call it corrupt (and so prunable).
             return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
@@ -359,7 +422,14 @@ class Store:
 
 
 def _meta_path(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(SUFFIX) + META)
+    return path.with_name(_id_of(path) + META)
+
+
+def _manifest_of(path: Path) -> Manifest:
+    """A snapshot's manifest, read without reading its files."""
+    if path.name.endswith(recipe.SUFFIX):
+        return Manifest.from_json(recipe.read(path).manifest)
+    return archive.read_manifest(path)
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -1,0 +1,286 @@
+"""A deduplicating store: snapshots share their chunks, removing one frees only its own, damage and kills lose none."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from kerrickpt import archivewriter, chunks, dedupstore, recipe, sources
+from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.manifest import Manifest
+from kerrickpt.store import VERIFIED, Snapshot, Store
+from tests.helpers import cli
+from tests.test_store import SOURCE
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
+PAGE = 4096
+PAGES = 1024  # 4 MiB of memory
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    (tmp_path / "store").mkdir()
+    return Store.deduplicating(tmp_path / "store")
+
+
+def memory(seed: int) -> bytearray:
+    return bytearray(random.Random(seed).randbytes(PAGE * PAGES))
+
+
+def rewrite(pages: bytearray, share: float, seed: int) -> bytearray:
+    """`pages` with `share` of its pages rewritten, scattered, as a program rewriting keys over its heap does."""
+    rng = random.Random(seed)
+    changed = bytearray(pages)
+    for page in rng.sample(range(PAGES), int(PAGES * share)):
+        changed[page * PAGE : (page + 1) * PAGE] = rng.randbytes(PAGE)
+    return changed
+
+
+def write_incoming(store: Store, name: str, when: datetime, pages: bytes) -> Path:
+    """What a run's checkpoint leaves for `publish`: an archive of `pages` and a small image, as incoming."""
+    work = store.root.parent / f"images-{name}"
+    work.mkdir(exist_ok=True)
+    (work / "pages-1.img").write_bytes(pages)
+    (work / "inventory.img").write_bytes(b"inventory of " + name.encode())
+    manifest = Manifest(
+        name=name, created=when.isoformat(timespec="milliseconds"), source=SOURCE, processes=[], command=["sh"]
+    )
+    store.directory(name).mkdir(exist_ok=True)
+    files = {"images/pages-1.img": work / "pages-1.img", "images/inventory.img": work / "inventory.img"}
+    archivewriter.write(store.incoming(name), manifest, files)
+    return store.incoming(name)
+
+
+def take(store: Store, name: str, when: datetime, pages: bytes) -> Snapshot:
+    with store.lock(name):
+        write_incoming(store, name, when, pages)
+        return store.publish(name)
+
+
+def read_back(snap: Snapshot, dest: Path) -> bytes:
+    """The memory a snapshot holds, read from the store's chunks, every chunk and file checked."""
+    dest.mkdir()
+    with sources.opened(snap.path) as source:
+        source.extract(dest)
+    return (dest / "images" / "pages-1.img").read_bytes()
+
+
+def stored(store: Store) -> int:
+    """What the store takes: its packs, its index and its recipes."""
+    return sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file() and not p.name.endswith(".meta"))
+
+
+def test_a_second_snapshot_of_barely_changed_memory_grows_the_store_by_a_small_fraction(
+    store: Store, tmp_path: Path
+) -> None:
+    before = stored(store)
+    first_pages = memory(1)
+    first = take(store, "job1", T0, first_pages)
+    after_first = stored(store) - before
+    second_pages = rewrite(first_pages, 0.05, 2)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+    growth = stored(store) - before - after_first
+
+    assert after_first > PAGE * PAGES  # random memory does not compress: the first holds it all
+    assert growth < 0.10 * after_first
+    assert [s.id for s in store.list("job1")] == [first.id, second.id]
+    assert all(s.status == VERIFIED for s in store.list("job1"))
+    assert not list(store.directory("job1").glob("*.kckpt")) and not store.incoming("job1").exists()
+    assert read_back(first, tmp_path / "a") == first_pages
+    assert read_back(second, tmp_path / "b") == second_pages
+
+
+def test_snapshots_of_two_containers_share_the_store(store: Store, tmp_path: Path) -> None:
+    pages = memory(3)
+    take(store, "job1", T0, pages)
+    one = stored(store)
+    other = take(store, "job2", T0, pages)
+
+    assert stored(store) - one < 0.02 * one
+    assert read_back(other, tmp_path / "b") == pages
+
+
+def test_removing_a_snapshot_frees_only_the_chunks_nobody_else_uses(store: Store, tmp_path: Path) -> None:
+    base = memory(4)
+    kept = [take(store, "job1", T0, base)]
+    gone = take(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.5, 5))  # its own half
+    kept.append(take(store, "job1", T0 + timedelta(hours=2), rewrite(base, 0.05, 6)))
+    full = stored(store)
+
+    with store.lock("job1"):
+        swept = store.remove([gone])
+
+    assert swept is not None and swept.forgotten >= PAGES // 2
+    assert full - stored(store) > 0.4 * PAGE * PAGES  # its half went
+    assert [s.id for s in store.list("job1")] == [s.id for s in kept]
+    assert read_back(kept[0], tmp_path / "a") == base
+    assert read_back(kept[1], tmp_path / "b") == rewrite(base, 0.05, 6)
+    assert all(s.status == VERIFIED for s in store.verify("job1"))
+
+
+def test_a_pack_mostly_dead_is_rewritten_and_what_it_kept_still_reads(store: Store, tmp_path: Path) -> None:
+    first_pages = memory(7)
+    first = take(store, "job1", T0, first_pages)
+    second_pages = rewrite(first_pages, 0.6, 8)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+    packs = sorted(p.name for p in (store.root / ".chunks" / "packs").iterdir())
+
+    with store.lock("job1"):
+        swept = store.remove([first])
+
+    assert swept is not None and swept.rewritten  # the first's pack, 60% dead, was copied whole into a new one
+    assert not set(swept.rewritten) - set(packs)
+    assert read_back(second, tmp_path / "b") == second_pages
+    assert stored(store) < 1.2 * PAGE * PAGES + 64 * 1024
+
+
+def test_a_flipped_byte_in_a_chunk_is_refused_and_verify_calls_it_corrupt(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(9))
+    (pack,) = (store.root / ".chunks" / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    pack.write_bytes(bytes(data))
+
+    with pytest.raises(ArchiveCorruptError):
+        read_back(snap, tmp_path / "out")
+    (checked,) = store.verify("job1")
+    assert checked.corrupt
+    done = cli("snapshots", "verify", "--store", str(store.root))
+    assert done.returncode == 6 and "corrupt" in done.stderr
+
+
+def test_a_damaged_recipe_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(10))
+    data = bytearray(snap.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    snap.path.write_bytes(bytes(data))
+
+    with pytest.raises(ArchiveCorruptError):
+        read_back(snap, tmp_path / "out")
+
+
+def test_a_store_index_or_recipe_of_a_newer_format_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(11))
+    marker = store.root / dedupstore.MARKER
+    saved = marker.read_text()
+    marker.write_text(json.dumps({**json.loads(saved), "version": dedupstore.STORE_VERSION + 1}))
+    with pytest.raises(StoreFormatError, match="format version 3"):
+        Store(store.root)
+    done = cli("snapshots", "list", "--store", str(store.root))
+    assert done.returncode == 7 and "newer" in done.stderr
+    marker.write_text(saved)
+
+    head = {"format": recipe.FORMAT, "version": recipe.VERSION + 1, "key": None, "manifest": "{}", "files": []}
+    coded = zstandard.ZstdCompressor().compress(json.dumps(head).encode() + b"\n")
+    with pytest.raises(StoreFormatError):
+        recipe.Recipe.decode(coded, "a recipe")
+
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        opened.db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (chunks.INDEX_VERSION + 1,))
+    with pytest.raises(StoreFormatError):
+        read_back(snap, tmp_path / "out")
+
+
+def test_recipes_are_compact(store: Store) -> None:
+    first_pages = memory(12)
+    take(store, "job1", T0, first_pages)
+    second = take(store, "job1", T0 + timedelta(hours=1), rewrite(first_pages, 0.05, 13))
+
+    # 32 bytes a page as a list of digests; as runs, a few bytes per changed page
+    assert second.path.stat().st_size < 8 * PAGES * 0.05 + 1024
+
+
+KILL_PRUNE = [
+    "store-before-sweep",
+    "dedup-before-sweep",
+    "dedup-before-rewrite",
+    "chunks-rewrite-before-rename",
+    "chunks-rewrite-before-index",
+    "chunks-rewrite-before-unlink",
+]
+
+
+@pytest.mark.parametrize("point", KILL_PRUNE)
+def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(store: Store, tmp_path: Path, point: str) -> None:
+    base = memory(14)
+    pages = [base, rewrite(base, 0.6, 15)]
+    pages.append(rewrite(pages[1], 0.05, 16))
+    for hour, content in enumerate(pages):
+        take(store, "job1", T0 + timedelta(hours=hour), content)
+    # The first goes: 60% of its pack is no other's, so the pack is rewritten after the sweep.
+    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2")
+
+    killed = cli(*args, KERRICKPT_FAULT=f"{point}:kill")
+    assert killed.returncode == -9
+
+    kept = store.list("job1")
+    assert len(kept) in (2, 3)
+    for i, snap in enumerate(store.list("job1")[-2:]):
+        assert read_back(snap, tmp_path / f"after-kill-{i}") == pages[i + 1]
+    assert cli(*args).returncode == 0
+    assert len(store.list("job1")) == 2
+    for i, snap in enumerate(store.list("job1")):
+        assert read_back(snap, tmp_path / f"after-prune-{i}") == pages[i + 1]
+    assert not [p for p in (store.root / ".chunks" / "packs").iterdir() if p.name.startswith(".")]
+    assert stored(store) < 1.2 * PAGE * PAGES  # 40% of the first's, 60% of the second's, 5% of the last's
+
+
+PUBLISH = """
+import sys
+from kerrickpt.store import Store
+store = Store(sys.argv[1])
+with store.lock(sys.argv[2], wait=60):
+    store.publish(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("point", ["chunks-before-index", "dedup-before-recipe", "store-before-link"])
+def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(store: Store, tmp_path: Path, point: str) -> None:
+    base = memory(17)
+    first = take(store, "job1", T0, base)
+    write_incoming(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.3, 18))
+    env = os.environ | {"KERRICKPT_FAULT": f"{point}:kill"}
+    killed = subprocess.run([sys.executable, "-c", PUBLISH, str(store.root), "job1"], env=env, check=False)
+    assert killed.returncode == -9
+
+    assert [s.id for s in store.list("job1")] == [first.id]
+    assert read_back(first, tmp_path / "a") == base
+    later = rewrite(base, 0.05, 19)
+    with store.lock("job1"):
+        store.clean("job1")
+    second = take(store, "job1", T0 + timedelta(hours=2), later)
+    assert read_back(second, tmp_path / "b") == later
+    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "2").returncode == 0
+    known = (".lock", ".source", dedupstore.MARKER, chunks.DIRECTORY)
+    assert not [p for p in store.root.rglob(".*") if p.name not in known]
+    assert stored(store) < 1.3 * PAGE * PAGES
+
+
+def test_two_runs_at_once_into_one_store_both_publish_whole(store: Store, tmp_path: Path) -> None:
+    base = memory(20)
+    contents = {"job1": rewrite(base, 0.05, 21), "job2": rewrite(base, 0.05, 22)}
+    for name, content in contents.items():
+        write_incoming(store, name, T0, content)
+    runs = [
+        subprocess.Popen([sys.executable, "-c", PUBLISH, str(store.root), name], env=dict(os.environ))
+        for name in contents
+    ]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / name) == content
+    # Both may have stored the shared 95% at once; the index names one copy, the next prune drops the other.
+    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1").returncode == 0
+    assert stored(store) < 1.3 * PAGE * PAGES
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / f"{name}-pruned") == content
