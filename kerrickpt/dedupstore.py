@@ -123,6 +123,14 @@ class Source:
             raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
         recipe.files_in_order(self.recipe, [m.name for m in self.manifest.members])
 
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def size(self) -> int:
+        return sum(m.size for m in self.manifest.members)
+
     def pieces(self, expected: Member) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk; ArchiveCorruptError at its end if it is not what the manifest says."""
         digest = CHECKSUMS[self.manifest.checksum]()
@@ -145,7 +153,7 @@ class Source:
                         into(expected.name, memoryview(data))
         return self.manifest
 
-    def index(self) -> archiveindex.Index:
+    def read_index(self) -> archiveindex.Index:
         """The manifest and the small images, as an archive's index holds them: read first, checked."""
         copies = archiveindex.Copies()
         for expected in self.manifest.members:
