@@ -14,9 +14,9 @@ import threading
 import time
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import zstandard
 
@@ -36,6 +36,8 @@ MAGIC = b"KCH1"
 PLAIN = 0  # not encrypted; encryption (issue 16's next step) gives its sealing here, its key id in the recipe
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
 BATCH = 256  # chunks a thread hashes, compresses or reads at a time
+LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
+SPAN_BYTES = 4 << 20  # the most read from a pack at once
 REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
 LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
 POLL = 0.05
@@ -53,8 +55,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class Located:
+class Located(NamedTuple):
     """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its sha256."""
 
     id: int
@@ -159,51 +160,76 @@ class Chunks:
             found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
         return found
 
-    def locate(self, first: int, count: int) -> list[Located]:
-        """Chunks first..first+count-1, in that order; ArchiveCorruptError if the index lacks one."""
-        rows = self.db.execute(
-            "SELECT id, digest, pack, offset, length FROM chunks WHERE id >= ? AND id < ? ORDER BY id",
-            (first, first + count),
-        ).fetchall()
-        if len(rows) != count:
-            have = {row[0] for row in rows}
-            missing = next(i for i in range(first, first + count) if i not in have)
-            raise ArchiveCorruptError(f"chunk {missing} is missing from the index of {self.root}")
-        return [Located(*row) for row in rows]
+    def locate(self, runs: list[tuple[int, int]]) -> list[Located]:
+        """The chunks `runs` (first id, count) name, in that order, found by one query (runs: up to
+        LOOKUP_BATCH / 2); ArchiveCorruptError if the index lacks one."""
+        ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(runs))
+        bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
+        found = {
+            row[0]: Located._make(row)
+            for row in self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
+        }
+        try:
+            return [found[i] for first, count in runs for i in range(first, first + count)]
+        except KeyError as exc:
+            raise ArchiveCorruptError(f"chunk {exc.args[0]} is missing from the index of {self.root}") from None
 
     def read(self, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
-        """The plain chunks `runs` (first id, count) name, in order, each checked against its sha256.
+        """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to BATCH
+        chunks, decompressed on every core.
 
-        Raises ArchiveCorruptError for a chunk missing, damaged or not what its name says.
+        Each is checked as it is decompressed: its header names the sha256 the index has for it, and
+        its zstd frame's own checksum holds (its sha256 is not computed again: it would double the
+        cost of a read, and each file's digest is checked against the manifest at its end anyway).
+        Raises ArchiveCorruptError for a chunk missing or damaged.
         """
         with _Packs(self.packs) as packs:
-            pending: list[Located] = []
-            for first, count in runs:
-                for start in range(first, first + count, BATCH):
-                    pending += self.locate(start, min(BATCH, first + count - start))
-                    if len(pending) >= BATCH * self.threads:
-                        yield from self._decoded(packs, pending)
-                        pending = []
-            yield from self._decoded(packs, pending)
+            # The next group is located and decoding while the one before is taken.
+            ahead: list[concurrent.futures.Future[bytes]] = []
+            for group in self._groups(runs):
+                located = self.locate(group)
+                started = [
+                    self.pool.submit(self._decode, packs, located[i : i + BATCH]) for i in range(0, len(located), BATCH)
+                ]
+                for future in ahead:
+                    yield future.result()
+                ahead = started
+            for future in ahead:
+                yield future.result()
 
-    def _decoded(self, packs: _Packs, chunks: list[Located]) -> Iterator[bytes]:
-        batches = [chunks[i : i + BATCH] for i in range(0, len(chunks), BATCH)]
-        for batch in self.pool.map(lambda b: [self._decode(packs, c) for c in b], batches):
-            yield from batch
+    @staticmethod
+    def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+        """`runs` in groups of about LOCATE_BATCH chunks that one query locates."""
+        wanted: list[tuple[int, int]] = []
+        size = 0
+        for first, count in runs:
+            for start in range(first, first + count, LOCATE_BATCH):
+                wanted.append((start, min(LOCATE_BATCH, first + count - start)))
+                size += wanted[-1][1]
+                if size >= LOCATE_BATCH or len(wanted) >= LOOKUP_BATCH // 2:
+                    yield wanted
+                    wanted, size = [], 0
+        if wanted:
+            yield wanted
 
-    def _decode(self, packs: _Packs, chunk: Located) -> bytes:
-        """A chunk's plain bytes, checked against its sha256."""
-        entry = packs.entry(chunk)
+    def _decode(self, packs: _Packs, chunks: list[Located]) -> bytes:
+        """The plain bytes of `chunks`, each entry checked; entries that follow one another in a pack in one read."""
         local = self.local
         if not hasattr(local, "unzstd"):
             local.unzstd = zstandard.ZstdDecompressor()
-        try:
-            plain = local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK)
-        except zstandard.ZstdError as exc:
-            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}") from exc
-        if _digest(plain) != chunk.digest:
-            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} does not match its sha256")
-        return plain
+        plain = []
+        for span in _spans(chunks):
+            data = memoryview(packs.read(span))
+            at = 0
+            for chunk in span:
+                entry = data[at : at + chunk.length]
+                at += chunk.length
+                _check_header(entry, chunk)
+                try:
+                    plain.append(local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK))
+                except zstandard.ZstdError as exc:
+                    raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}") from exc
+        return b"".join(plain)
 
     def sweep(self, live: set[int]) -> int:
         """Forget every chunk not in `live`; how many were forgotten. Hold `lock` exclusive."""
@@ -304,7 +330,8 @@ class Adding:
     def _entry(self, digest: bytes, piece: memoryview) -> bytes:
         local = self.chunks.local
         if not hasattr(local, "zstd"):
-            local.zstd = zstandard.ZstdCompressor(level=zstdframe.DEFAULT_LEVEL)
+            # Its frame's checksum is what a read checks (see `Chunks.read`).
+            local.zstd = zstandard.ZstdCompressor(level=zstdframe.DEFAULT_LEVEL, write_checksum=True)
         body = local.zstd.compress(piece)
         return ENTRY.pack(MAGIC, digest, PLAIN, len(body)) + body
 
@@ -383,6 +410,7 @@ class _Packs:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.fds: dict[str, int] = {}
+        self.opening = threading.Lock()  # threads read at once; each pack is opened once
 
     def __enter__(self) -> _Packs:
         return self
@@ -391,23 +419,53 @@ class _Packs:
         for fd in self.fds.values():
             os.close(fd)
 
+    def read(self, span: list[Located]) -> bytes:
+        """The entries of `span`, which follow one another in one pack, in one read."""
+        first = span[0]
+        with self.opening:
+            fd = self.fds.get(first.pack)
+            if fd is None:
+                try:
+                    fd = self.fds[first.pack] = os.open(self.directory / first.pack, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise ArchiveCorruptError(f"pack {first.pack} of chunk {first.id} is gone from the store") from None
+        size = span[-1].offset + span[-1].length - first.offset
+        try:
+            data = os.pread(fd, size, first.offset)
+        except OSError as exc:
+            raise ArchiveUnreadableError(f"reading pack {first.pack} failed: {exc.strerror}") from exc
+        if len(data) != size:
+            raise ArchiveCorruptError(f"pack {first.pack} is truncated (chunk {span[-1].id} ends early)")
+        return data
+
     def entry(self, chunk: Located) -> bytes:
         """A chunk's whole entry as stored, its header checked against the index."""
-        fd = self.fds.get(chunk.pack)
-        if fd is None:
-            try:
-                fd = self.fds[chunk.pack] = os.open(self.directory / chunk.pack, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ArchiveCorruptError(f"pack {chunk.pack} of chunk {chunk.id} is gone from the store") from None
-        try:
-            data = os.pread(fd, chunk.length, chunk.offset)
-        except OSError as exc:
-            raise ArchiveUnreadableError(f"reading pack {chunk.pack} failed: {exc.strerror}") from exc
-        if len(data) != chunk.length or chunk.length < ENTRY.size:
-            raise ArchiveCorruptError(f"pack {chunk.pack} is truncated (chunk {chunk.id} ends early)")
-        magic, digest, sealing, length = ENTRY.unpack_from(data)
-        if (magic, digest, length) != (MAGIC, chunk.digest, chunk.length - ENTRY.size):
-            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)")
-        if sealing != PLAIN:
-            raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")
+        data = self.read([chunk])
+        _check_header(memoryview(data), chunk)
         return data
+
+
+def _spans(chunks: list[Located]) -> Iterator[list[Located]]:
+    """`chunks` in runs whose entries follow one another in a pack, of SPAN_BYTES at the most."""
+    span: list[Located] = []
+    for chunk in chunks:
+        if span and (
+            chunk.pack != span[-1].pack
+            or chunk.offset != span[-1].offset + span[-1].length
+            or chunk.offset + chunk.length - span[0].offset > SPAN_BYTES
+        ):
+            yield span
+            span = []
+        span.append(chunk)
+    if span:
+        yield span
+
+
+def _check_header(entry: memoryview, chunk: Located) -> None:
+    if len(entry) < ENTRY.size:
+        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)")
+    magic, digest, sealing, length = ENTRY.unpack_from(entry)
+    if (magic, digest, length) != (MAGIC, chunk.digest, chunk.length - ENTRY.size):
+        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)")
+    if sealing != PLAIN:
+        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")

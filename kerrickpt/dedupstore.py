@@ -132,7 +132,7 @@ class Source:
         return sum(m.size for m in self.manifest.members)
 
     def pieces(self, expected: Member) -> Iterator[bytes]:
-        """The file's bytes, chunk by chunk; ArchiveCorruptError at its end if it is not what the manifest says."""
+        """The file's bytes, piece by piece; ArchiveCorruptError at its end if it is not what the manifest says."""
         digest = CHECKSUMS[self.manifest.checksum]()
         size = 0
         for data in self.store.read(self.recipe.files[expected.name]):
