@@ -47,14 +47,6 @@ def _digest(data: bytes | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Located(NamedTuple):
     """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its sha256."""
 
@@ -279,10 +271,6 @@ class Chunks:
         for path in gone:
             path.unlink(missing_ok=True)
         return gone
-
-    def stored_bytes(self) -> int:
-        """What the packs take on disk."""
-        return sum(p.stat().st_size for p in self.packs.iterdir())
 
 
 class Adding:

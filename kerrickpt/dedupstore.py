@@ -85,16 +85,7 @@ class _Cutter:
                 held.clear()
 
 
-@dataclass(frozen=True)
-class TakenIn:
-    """What `take_in` stored: the snapshot's manifest, its recipe and the bytes its new pack added."""
-
-    manifest: Manifest
-    recipe: recipe.Recipe
-    added_bytes: int
-
-
-def take_in(store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path]) -> TakenIn:
+def take_in(store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path]) -> None:
     """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
     the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
     whose size and time the snapshot will have) says. Holds the chunk lock shared throughout."""
@@ -108,7 +99,6 @@ def take_in(store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path]
         made = recipe.Recipe(manifest.to_json(), files)
         with recipe.staged(source.parent, made) as hidden:
             recipe.link(hidden, place(manifest, hidden))
-    return TakenIn(manifest, made, adding.pack.size)
 
 
 class Source:
@@ -121,7 +111,7 @@ class Source:
         self.manifest = Manifest.from_json(self.recipe.manifest)
         if self.recipe.key is not None:
             raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
-        recipe.files_in_order(self.recipe, [m.name for m in self.manifest.members])
+        recipe.check_files(self.recipe, [m.name for m in self.manifest.members])
 
     @property
     def label(self) -> str:

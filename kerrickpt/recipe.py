@@ -8,7 +8,7 @@ import os
 import secrets
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
@@ -46,10 +46,6 @@ class Recipe:
     manifest: bytes
     files: dict[str, Runs]
     key: str | None = None
-    chunks: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "chunks", sum(n for runs in self.files.values() for _, n in runs))
 
     def ids(self) -> set[int]:
         """Every chunk it names."""
@@ -169,9 +165,7 @@ def read(path: Path) -> Recipe:
     return Recipe.decode(data, str(path))
 
 
-def files_in_order(recipe: Recipe, names: list[str]) -> Iterator[tuple[str, Runs]]:
-    """The recipe's files in the order `names` gives; ArchiveCorruptError if the two do not list the same files."""
+def check_files(recipe: Recipe, names: list[str]) -> None:
+    """ArchiveCorruptError unless the recipe lists the files `names` (its manifest's) does."""
     if sorted(names) != sorted(recipe.files):
         raise ArchiveCorruptError("the recipe's files are not those its manifest lists")
-    for name in names:
-        yield name, recipe.files[name]

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -155,6 +156,32 @@ def test_a_flipped_byte_in_a_chunk_is_refused_and_verify_calls_it_corrupt(store:
     assert checked.corrupt
     done = cli("snapshots", "verify", "--store", str(store.root))
     assert done.returncode == 6 and "corrupt" in done.stderr
+
+
+def lose_pack(store: Store) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        pack.unlink()
+
+
+def truncate_pack(store: Store) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        os.truncate(pack, pack.stat().st_size // 2)
+
+
+def forget_chunks(store: Store) -> None:
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
+        opened.db.execute("DELETE FROM chunks WHERE id % 7 = 3")
+
+
+@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks])
+def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path: Path, damage: Callable) -> None:
+    snap = take(store, "job1", T0, memory(23))
+    damage(store)
+
+    with pytest.raises(ArchiveCorruptError, match=r"chunk|pack"):
+        read_back(snap, tmp_path / "out")
+    (checked,) = store.verify("job1")
+    assert checked.corrupt
 
 
 def test_a_damaged_recipe_is_refused(store: Store, tmp_path: Path) -> None:
