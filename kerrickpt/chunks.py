@@ -250,7 +250,7 @@ class Chunks:
                 )
             ]
             with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
-                moved = [(new.append(packs.entry(row)), row.id) for row in rows]
+                moved = list(zip(new.append([packs.entry(row) for row in rows]), [row.id for row in rows], strict=True))
                 faults.inject("chunks-rewrite-before-rename")
                 new.publish()
             faults.inject("chunks-rewrite-before-index")
@@ -310,8 +310,9 @@ class Adding:
         sealed = self.chunks.pool.map(
             lambda b: [self._entry(d, p) for d, p in b], [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
         )
-        for entry, digest in zip((e for es in sealed for e in es), fresh, strict=True):
-            self.offsets.append((self.pack.append(entry), len(entry)))
+        for entries in sealed:
+            self.offsets += zip(self.pack.append(entries), map(len, entries), strict=True)
+        for digest in fresh:
             self.new[digest] = len(self.new)
         return array("q", (known[d] if d in known else -1 - self.new[d] for d in digests))
 
@@ -370,15 +371,17 @@ class _NewPack:
             self.fd = None
         self.hidden.unlink(missing_ok=True)
 
-    def append(self, entry: bytes) -> int:
-        """Write one entry at the pack's end; its offset."""
+    def append(self, entries: list[bytes]) -> list[int]:
+        """Write entries at the pack's end, in one write; their offsets."""
         assert self.fd is not None
-        at = self.size
-        view = memoryview(entry)
+        offsets = []
+        for entry in entries:
+            offsets.append(self.size)
+            self.size += len(entry)
+        view = memoryview(b"".join(entries))
         while view:
             view = view[os.write(self.fd, view) :]
-        self.size += len(entry)
-        return at
+        return offsets
 
     def publish(self) -> None:
         assert self.fd is not None
