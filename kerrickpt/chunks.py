@@ -139,9 +139,10 @@ class Chunks:
         finally:
             os.close(fd)
 
-    def adding(self) -> Adding:
-        """A new pack for the chunks a run adds; hold `lock` shared from before it to the recipe's publishing."""
-        return Adding(self)
+    def adding(self, level: int = zstdframe.DEFAULT_LEVEL) -> Adding:
+        """A new pack for the chunks a run adds, compressed at zstd `level`; hold `lock` shared from before it to
+        the recipe's publishing."""
+        return Adding(self, level)
 
     def lookup(self, digests: list[bytes]) -> dict[bytes, int]:
         """The ids of those of `digests` the index holds."""
@@ -280,8 +281,9 @@ class Adding:
     k-th new chunk of this pack; `resolve` turns references into ids once committed.
     """
 
-    def __init__(self, chunks: Chunks) -> None:
+    def __init__(self, chunks: Chunks, level: int) -> None:
         self.chunks = chunks
+        self.level = level
         self.pack = _NewPack(chunks.packs)
         self.new: dict[bytes, int] = {}  # digest -> k, in pack order
         self.offsets: list[tuple[int, int]] = []  # the new chunks' entries: offset, length
@@ -318,9 +320,10 @@ class Adding:
 
     def _entry(self, digest: bytes, piece: memoryview) -> bytes:
         local = self.chunks.local
-        if not hasattr(local, "zstd"):
+        if getattr(local, "level", None) != self.level:
             # Its frame's checksum is what a read checks (see `Chunks.read`).
-            local.zstd = zstandard.ZstdCompressor(level=zstdframe.DEFAULT_LEVEL, write_checksum=True)
+            local.zstd = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+            local.level = self.level
         body = local.zstd.compress(piece)
         return ENTRY.pack(MAGIC, digest, PLAIN, len(body)) + body
 

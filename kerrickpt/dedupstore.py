@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archiveindex, chunks, faults, recipe
+from kerrickpt import archive, archiveindex, chunks, faults, recipe, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
@@ -21,6 +21,9 @@ STORE_FORMAT = "kerrickpt-store"
 STORE_VERSION = 2  # version 1: a directory of whole archives, with no marker
 ENGINE = "chunks"
 ADD_BYTES = 8 << 20
+# The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
+# level spares the frozen-free part of the run most of the compression, which the chunks then do.
+INCOMING_LEVEL = -3
 
 
 def engine(root: Path) -> str | None:
@@ -85,11 +88,14 @@ class _Cutter:
                 held.clear()
 
 
-def take_in(store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path]) -> None:
+def take_in(
+    store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path], level: int = zstdframe.DEFAULT_LEVEL
+) -> None:
     """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
     the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
-    whose size and time the snapshot will have) says. Holds the chunk lock shared throughout."""
-    with store.lock(exclusive=False), store.adding() as adding:
+    whose size and time the snapshot will have) says; new chunks compressed at zstd `level`. Holds the chunk lock
+    shared throughout."""
+    with store.lock(exclusive=False), store.adding(level) as adding:
         cutter = _Cutter(adding)
         manifest = archive.extract(source, None, into=cutter.take)
         cutter.finish()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import containers, garbage, layerchain, logtail, rootfs, zstdframe
+from kerrickpt import containers, dedupstore, garbage, layerchain, logtail, rootfs, zstdframe
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -81,11 +81,11 @@ def snapshot(
             cgroup=cgroup,
             leave_running=True,
             state_dir=state_dir,
-            level=level,
+            level=dedupstore.INCOMING_LEVEL if store.deduplicates else level,
             log_tail=log_tail,
             layer_base=base,
         )
-        published = store.publish(label)
+        published = store.publish(label, level=level)
         if where and taken.layer_index and published.layer:
             carried = layerchain.Carried(published.layer["lineage"], str(store.root), published.id, taken.layer_index)
             layerchain.record(where, carried)

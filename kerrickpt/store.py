@@ -13,7 +13,18 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archivewriter, chunks, containers, dedupstore, faults, recipe, sources, trust
+from kerrickpt import (
+    archive,
+    archivewriter,
+    chunks,
+    containers,
+    dedupstore,
+    faults,
+    recipe,
+    sources,
+    trust,
+    zstdframe,
+)
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest, is_layer
@@ -271,13 +282,13 @@ class Store:
             path.unlink(missing_ok=True)
         return leftovers
 
-    def publish(self, name: str) -> Snapshot:
+    def publish(self, name: str, *, level: int = zstdframe.DEFAULT_LEVEL) -> Snapshot:
         """Verify the incoming archive, record it and link it in under its id (in a deduplicating store: take it in
-        as chunks and a recipe, and link that in); call with the lock held."""
+        as chunks compressed at zstd `level` and a recipe, and link that in); call with the lock held."""
         incoming = self.incoming(name)
         try:
             if self.deduplicates:
-                return self._take_in(name, incoming)
+                return self._take_in(name, incoming, level)
             manifest = archive.verify(incoming)
             size, mtime = _identity(incoming)
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
@@ -298,7 +309,7 @@ class Store:
             incoming.unlink(missing_ok=True)
         return snap
 
-    def _take_in(self, name: str, incoming: Path) -> Snapshot:
+    def _take_in(self, name: str, incoming: Path, level: int) -> Snapshot:
         placed: list[Snapshot] = []
 
         def place(manifest: Manifest, staged: Path) -> Path:
@@ -313,7 +324,7 @@ class Store:
 
         try:
             with self.chunks() as store:
-                dedupstore.take_in(store, incoming, place)
+                dedupstore.take_in(store, incoming, place, level)
         except BaseException:
             if placed:
                 _meta_path(placed[0].path).unlink(missing_ok=True)
