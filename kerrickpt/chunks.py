@@ -77,17 +77,11 @@ class Chunks:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(index, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         self.db = sqlite3.connect(index, isolation_level=None, timeout=LOCK_WAIT)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        with self.transaction():
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
-                "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
-            )
-            self.db.execute("CREATE INDEX IF NOT EXISTS chunks_pack ON chunks (pack)")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
-            (version,) = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        try:
+            version = self._open()
+        except BaseException:
+            self.db.close()
+            raise
         if version > INDEX_VERSION:
             self.db.close()
             raise StoreFormatError(
@@ -97,6 +91,22 @@ class Chunks:
         self.threads = os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
         self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
+
+    def _open(self) -> int:
+        """Set the index up (if new) and return its format version."""
+        with _index_errors(self.root / INDEX):
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            with self.transaction():
+                self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
+                    "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
+                )
+                self.db.execute("CREATE INDEX IF NOT EXISTS chunks_pack ON chunks (pack)")
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
+                (version,) = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        return int(version)
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -158,10 +168,9 @@ class Chunks:
         LOOKUP_BATCH / 2); ArchiveCorruptError if the index lacks one."""
         ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(runs))
         bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
-        found = {
-            row[0]: Located._make(row)
-            for row in self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
-        }
+        with _index_errors(self.root / INDEX):
+            rows = self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
+            found = {row[0]: Located._make(row) for row in rows}
         try:
             return [found[i] for first, count in runs for i in range(first, first + count)]
         except KeyError as exc:
@@ -437,6 +446,17 @@ class _Packs:
         data = self.read([chunk])
         _check_header(memoryview(data), chunk)
         return data
+
+
+@contextlib.contextmanager
+def _index_errors(path: Path) -> Iterator[None]:
+    """SQLite's word that the index is not a database, or a damaged one, as ArchiveCorruptError."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise
+        raise ArchiveCorruptError(f"the chunk index {path} is damaged: {exc}") from exc
 
 
 def _spans(chunks: list[Located]) -> Iterator[list[Located]]:

@@ -173,12 +173,17 @@ def forget_chunks(store: Store) -> None:
         opened.db.execute("DELETE FROM chunks WHERE id % 7 = 3")
 
 
-@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks])
+def scramble_index(store: Store) -> None:
+    index = store.root / ".chunks" / "index.sqlite"
+    index.write_bytes(b"not a database" * 100)
+
+
+@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks, scramble_index])
 def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path: Path, damage: Callable) -> None:
     snap = take(store, "job1", T0, memory(23))
     damage(store)
 
-    with pytest.raises(ArchiveCorruptError, match=r"chunk|pack"):
+    with pytest.raises(ArchiveCorruptError, match=r"chunk|pack|index"):
         read_back(snap, tmp_path / "out")
     (checked,) = store.verify("job1")
     assert checked.corrupt
