@@ -134,6 +134,27 @@ def test_every_kept_snapshot_restores_after_a_prune_killed(
     assert kerrickpt.Store(store).list(w.name) == kept
 
 
+@pytest.mark.parametrize("point", ["chunks-before-index", "dedup-before-recipe", "store-before-link"])
+def test_a_snapshot_killed_while_stored_leaves_every_snapshot_restorable(
+    state_dir: Path, store: Path, tmp_path: Path, point: str
+) -> None:
+    w = start(state_dir, CHURN)
+    done = cli("snapshot", w.name, "--store", str(store), state_dir=state_dir)
+    assert done.returncode == 0, done.stderr
+    w.wait_ticking(beyond=max(ticks(w.log)) + 20)
+
+    killed = cli("snapshot", w.name, "--store", str(store), state_dir=state_dir, KERRICKPT_FAULT=f"{point}:kill")
+
+    assert killed.returncode == -9, killed.stderr
+    assert len(kerrickpt.Store(store).list(w.name)) == 1
+    done = cli("snapshot", w.name, "--store", str(store), "--keep-last", "1", state_dir=state_dir)
+    assert done.returncode == 0, done.stderr
+    (kept,) = kerrickpt.Store(store).list(w.name)
+    restores_from_its_point(store, w, kept, snapshot_ticks(kept, tmp_path / "kept"))
+    assert cli("snapshots", "prune", "--store", str(store), "--keep-last", "1").returncode == 0
+    assert not [p for p in store.rglob(".*") if p.is_file() and p.name not in (".lock", ".source", ".kerrickpt-store")]
+
+
 def test_a_flipped_byte_in_a_chunk_is_refused_before_anything_runs(
     state_dir: Path, store: Path, tmp_path: Path
 ) -> None:
