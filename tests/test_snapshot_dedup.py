@@ -14,6 +14,7 @@ import kerrickpt
 from kerrickpt import sources
 from kerrickpt.store import Snapshot
 from tests.helpers import Workload, assert_consecutive, cli, ticks, unique_name, wait_for
+from tests.test_confined import log, run_steps, steps_written
 
 pytestmark = pytest.mark.root
 
@@ -172,3 +173,24 @@ def test_a_flipped_byte_in_a_chunk_is_refused_before_anything_runs(
     assert refused.returncode == 6, refused.stderr
     assert copy not in [c.name for c in kerrickpt.ps(state_dir)]
     w.wait_ticking(beyond=max(ticks(w.log)))
+
+
+def test_a_confined_container_restored_from_an_older_snapshot_gets_that_snapshots_files(
+    state_dir: Path, store: Path, tmp_path: Path
+) -> None:
+    name = run_steps(state_dir)
+    older = kerrickpt.snapshot(name, store, state_dir=state_dir).snapshot
+    seen = max(ticks(log(state_dir, name)))
+    wait_for(lambda: max(ticks(log(state_dir, name))) > seen + 10, what="more steps after the older snapshot")
+    newer = kerrickpt.snapshot(name, store, state_dir=state_dir).snapshot
+    wait_for(lambda: max(ticks(log(state_dir, name))) > seen + 20, what="more steps after the newer snapshot")
+    kerrickpt.kill(name, state_dir)
+
+    restored = cli("restore", "--store", str(store), name, "--at", older.id, state_dir=state_dir)
+
+    assert restored.returncode == 0, restored.stderr
+    assert newer.layer_base is None  # a deduplicating store carries the layer whole, shared where unchanged
+    point = max(snapshot_ticks(older, tmp_path / "older"))
+    wait_for(lambda: max(ticks(log(state_dir, name))) > point + 5, what="steps after the restore")
+    written = steps_written(state_dir, name)
+    assert written == list(range(1, len(written) + 1)), "the file as it was at the older snapshot, going on from there"
