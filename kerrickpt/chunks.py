@@ -250,7 +250,10 @@ class Chunks:
         """
         rewritten = []
         for pack, live in self.db.execute("SELECT pack, SUM(length) FROM chunks GROUP BY pack").fetchall():
-            size = (self.packs / pack).stat().st_size
+            try:
+                size = (self.packs / pack).stat().st_size
+            except FileNotFoundError:
+                continue  # lost: what needs it is corrupt (`verify` says so), and there is nothing to move
             if size - live < REWRITE_DEAD * size:
                 continue
             rows = [

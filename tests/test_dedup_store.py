@@ -187,6 +187,10 @@ def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path:
         read_back(snap, tmp_path / "out")
     (checked,) = store.verify("job1")
     assert checked.corrupt
+    if damage is not scramble_index:  # a prune goes on; a corrupt snapshot goes
+        pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")
+        assert pruned.returncode == 0, pruned.stderr
+        assert store.list("job1") == []
 
 
 def test_a_damaged_recipe_is_refused(store: Store, tmp_path: Path) -> None:
