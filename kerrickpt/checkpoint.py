@@ -231,9 +231,9 @@ def capture(
     try:
         freezer = group.freezer
         with archive.Writer(output, level=level, mirror=mirror) as writer:
-            guardian = guard.Guardian(freezer, (writer.tmp, writer.path))
-            frozen_at = time.monotonic()
             cut_off = own_net if not thaw_after_dump else None
+            guardian = guard.Guardian(freezer, (writer.tmp, writer.path), cut_off.veth if cut_off else None)
+            frozen_at = time.monotonic()
             with guardian, frozen(freezer), _stopped_on_failure(lazy), _cut_off(cut_off):
                 step = "reading the process tree"
                 if host_job:

@@ -418,6 +418,14 @@ def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
     return sorted(rows, key=lambda row: row.name)
 
 
+def resume(container: Container) -> None:
+    """Let a frozen container run again, on its network too: a checkpoint that was to end it cut it off
+    (see network.lock)."""
+    container.group.freezer.thaw()
+    if container.network is not None:
+        network.unlock(container.network)
+
+
 def remove(registry: Registry, container: Container) -> None:
     """Kill every process of the container and remove its cgroups, network and state."""
     container.group.remove()

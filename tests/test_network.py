@@ -156,6 +156,11 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
                             KERRICKPT_FAULT="checkpoint-before-criu:fail")  # fmt: skip
     assert failed.returncode != 0
     talking.wait_more()
+    # So does one whose kerrickpt is killed there: its guardian thaws the container and connects it again.
+    killed = node.kerrickpt("checkpoint", name, "-o", str(tmp_path / "killed.kckpt"),
+                            KERRICKPT_FAULT="checkpoint-before-criu:kill")  # fmt: skip
+    assert killed.returncode == -9
+    talking.wait_more()
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "stopped.kckpt"))
     assert name not in node.kerrickpt("ps").stdout
