@@ -147,7 +147,12 @@ def drop_stale(registry: Registry, path: Path) -> None:
 
 
 def _directory(registry: Registry) -> Path:
-    directory = registry.root / DIRECTORY
+    return claims_directory(registry, DIRECTORY)
+
+
+def claims_directory(registry: Registry, name: str) -> Path:
+    """STATE/`name`, a private directory of claim files, made if missing."""
+    directory = registry.root / name
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
         os.chmod(directory, 0o700)  # whatever the umask

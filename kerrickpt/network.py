@@ -243,11 +243,7 @@ def _claims(directory: Path) -> Iterator[Path]:
 
 
 def _directory(registry: Registry) -> Path:
-    directory = registry.root / DIRECTORY
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-        os.chmod(directory, 0o700)  # whatever the umask
-    return directory
+    return idranges.claims_directory(registry, DIRECTORY)
 
 
 def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:

@@ -163,6 +163,8 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     talking.wait_more()
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "stopped.kckpt"))
+    carried = node.ok("inspect", str(tmp_path / "stopped.kckpt"))["network"]
+    assert carried["address"] == f"{address}/16"  # type: ignore[index]
     assert name not in node.kerrickpt("ps").stdout
     restored = node.ok("restore", str(tmp_path / "stopped.kckpt"))
     assert restored["name"] == name
