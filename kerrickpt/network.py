@@ -257,10 +257,10 @@ def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
     ]
 
 
-def create(net: Network) -> None:
+def create(net: Network, *, connected: bool = True) -> None:
     """Make `net`: the node's bridge if it has none, the container's network namespace with loopback up and
-    its veth on the bridge (its address, MAC and default route), and its published ports. On failure,
-    whatever was made goes."""
+    its veth on the bridge (its address, MAC and default route), and its published ports; not `connected`, it
+    stays cut off (see `lock`) until `unlock`. On failure, whatever was made goes."""
     node_net = subnet()
     via = gateway(node_net)
     try:
@@ -271,7 +271,7 @@ def create(net: Network) -> None:
         _ip("-n", net.netns, "addr", "add", net.address, "dev", INSIDE)
         _ip("-n", net.netns, "link", "set", INSIDE, "up")
         _ip("-n", net.netns, "route", "add", "default", "via", str(via))
-        _ip("link", "set", net.veth, "master", bridge(), "up")
+        _ip("link", "set", net.veth, "master", bridge(), *(["up"] if connected else []))
         if net.ports:
             firewall.publish(net.chain, net.ip, [(p.host, p.container, p.protocol) for p in net.ports])
     except BaseException:

@@ -198,7 +198,9 @@ def _restore_as(
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
             own_net = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
-            network.create(own_net)
+            # Cut off until its sockets are back: CRIU does not lock a network namespace it did not dump, and
+            # a client's packet for a connection not restored yet would be answered with a reset.
+            network.create(own_net, connected=False)
             plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
@@ -232,6 +234,8 @@ def _restore_as(
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
+        if own_net is not None:
+            network.unlock(own_net)
         started = procs.start_time(init_pid)
         if started is None:
             if plan.watcher is not None:
