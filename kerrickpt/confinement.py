@@ -11,13 +11,11 @@ from typing import Any
 
 from kerrickpt import users
 from kerrickpt.errors import UsageError
+from kerrickpt.idmap import IdMap
 
 HOST_ROOT = "host"  # --rootfs host: an overlay of the node's own root file system
 RANGE = 65536  # the ids a container has: root (0) to nobody (65534) and 65535
-# The ids of a container with host ids (`--ids host`): every id the kernel maps (all but (uid_t)-1), each
-# the host's own, so that a job's files on its volumes belong to its user (see Confinement.host_ids).
-HOST_IDS = (1 << 32) - 1
-OWN, HOST = "own", "host"  # `--ids`: a host id range of its own, or the host's ids
+OWN, HOST = "own", "host"  # `--ids`: a host id range of its own, or that with its user's ids the host's own
 ID_MODES = (OWN, HOST)
 
 
@@ -37,8 +35,8 @@ class Confinement:
     are host ids uid_base.. and gid_base..; the command runs as `uid`:`gid` inside. With `idmapped_lower` its
     lower layer is seen through that map, so the lower layer's owners are the container's (host root's files
     its root's); without it (a node that refused, or a container from before), they are nobody unless in the
-    range. A container with host ids (`host_ids`) is said so: uid_base and gid_base 0 and `ids` HOST_IDS, an
-    identity map claiming no range (records and archives from before it have RANGE ids: their own)."""
+    range. With `host_ids` (`--ids host`) the ids it runs as, `uid`, `gid` and `groups` but 0, are not of its
+    range but the host's own, each mapped to itself (see id_map)."""
 
     rootfs: str
     uid_base: int
@@ -51,12 +49,14 @@ class Confinement:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     idmapped_lower: bool = False
+    host_ids: bool = False
 
     @property
-    def host_ids(self) -> bool:
-        """Whether the container's ids are the host's: its root is host root as files go, so its own mounts
-        that hold files are nosuid (see rootfs)."""
-        return self.ids == HOST_IDS
+    def id_map(self) -> IdMap:
+        """The container's user namespace map; NoIdRangeError if its user's own ids lie in its range."""
+        if not self.host_ids:
+            return IdMap.shifted(self.uid_base, self.gid_base, self.ids)
+        return IdMap.keeping(self.uid_base, self.gid_base, self.ids, (self.uid,), (self.gid, *self.groups))
 
     @property
     def id_mode(self) -> str:
@@ -144,20 +144,21 @@ def confine(
     name: str,
     argv0: str,
     rootfs: str,
-    ids: tuple[int, int] | None,
+    ids: tuple[int, int],
     *,
+    host_ids: bool = False,
     user: str | None = None,
     volumes: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
 ) -> Confinement:
-    """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` (uid, gid) on, or
-    the host's ids if None; UsageError for a root, user, volume or command the container would not find."""
+    """The confinement `kerrickpt run --rootfs` asks for, container ids from host ids `ids` (uid, gid) on, its
+    user's the host's own with `host_ids`; UsageError for a root, user, volume or command the container would not
+    find, NoIdRangeError for host ids its range holds."""
     root = lower_dir(rootfs)
     account = users.resolve(user or "0", root)
-    count = RANGE if ids is not None else HOST_IDS
-    if account.uid >= count or account.gid >= count:
-        raise UsageError(f"--user {user}: ids inside a container go up to {count - 1}")
+    if not host_ids and (account.uid >= RANGE or account.gid >= RANGE):
+        raise UsageError(f"--user {user}: ids inside a container go up to {RANGE - 1} (but with --ids host)")
     environment = {"PATH": DEFAULT_PATH, "HOSTNAME": name, "HOME": account.home, **(env or {})}
     bound = tuple(parse_volume(v) for v in volumes)
     if command_path(root, argv0, environment["PATH"], bound) is None:
@@ -171,19 +172,20 @@ def confine(
     where = seen(root, workdir, bound)
     if where is None or not where.is_dir():
         raise UsageError(f"--workdir {workdir}: no such directory in the container's root or its volumes")
-    uid_base, gid_base = ids or (0, 0)
-    return Confinement(
+    confined = Confinement(
         rootfs=rootfs,
-        uid_base=uid_base,
-        gid_base=gid_base,
-        ids=count,
+        uid_base=ids[0],
+        gid_base=ids[1],
         uid=account.uid,
         gid=account.gid,
         groups=account.groups,
         volumes=bound,
         env=environment,
         workdir=workdir,
-        # Asked for, with a range of its own (the launcher falls back if this node refuses: rootfs.stage); host
-        # ids see the lower layer's owners as they are.
-        idmapped_lower=ids is not None,
+        # Asked for (the launcher falls back if this node refuses: rootfs.stage), but with host ids: through the
+        # map, host root's files would be the container's root's, and so CRIU's restore's, to open.
+        idmapped_lower=not host_ids,
+        host_ids=host_ids,
     )
+    confined.id_map  # noqa: B018 - refused now, not in the launcher
+    return confined

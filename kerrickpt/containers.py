@@ -268,8 +268,8 @@ def run(
 
     With `rootfs` (a directory, or confinement.HOST_ROOT) it is confined: its own root (an overlay of
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
-    own (`ids` "own") or the host's ids themselves ("host": no range claimed, its root and volumes
-    nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
+    own (`ids` "own"), but for "host" the uid, gid and groups of `user`, which are the host's own (its root
+    and volumes nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
     (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
 
     With `net` network.OWN it has a network namespace of its own on the node's bridge (see network), its
@@ -301,9 +301,16 @@ def run(
             own_net = network.plan(registry, name, address, ports)
             network.create(own_net)
         if rootfs is not None:
-            bases = idranges.claim(registry, name, isolation.id_pool()) if ids == confinement.OWN else None
             confined = confinement.confine(
-                name, argv[0], rootfs, bases, user=user, volumes=volumes, env=env, workdir=workdir
+                name,
+                argv[0],
+                rootfs,
+                idranges.claim(registry, name, isolation.id_pool()),
+                host_ids=ids == confinement.HOST,
+                user=user,
+                volumes=volumes,
+                env=env,
+                workdir=workdir,
             )
         try:
             group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)

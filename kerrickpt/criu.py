@@ -146,7 +146,7 @@ def _call(  # type: ignore[no-untyped-def]
                 f"criu {request} did not finish within {timeout:g} s and was stopped",
                 log_tail=command.tail_file(log),
             ) from exc
-        raise error(f"criu {request} failed: {exc}", log_tail=command.tail_file(log)) from exc
+        raise error(_said(f"criu {request} failed: {exc}", log), log_tail=command.tail_file(log)) from exc
     except BaseException:
         # pycriu lets a signal's exception (SIGTERM, Ctrl-C) out of its call with CRIU still
         # running. CRIU may be seizing the tree, some tasks held by ptrace and the rest only by
@@ -233,6 +233,22 @@ def _parasite_left(freeze_cgroup: str) -> list[int]:
             if PARASITE_MAP in Path(f"/proc/{pid}/maps").read_text():
                 left.append(int(pid))
     return left
+
+
+# What CRIU logs as an error on every run where it may not raise its own limit (field notes), and goes on.
+HARMLESS = b"Can't setup RLIMIT_NOFILE for self"
+
+
+def _said(what: str, log: Path) -> str:
+    """`what` failed, and the first error CRIU's `log` gives, which says why where the last lines (the log's tail)
+    often tell only of the unwinding after it."""
+    try:
+        with log.open("rb") as fh:
+            first = next((line for line in fh if b"Error (" in line and HARMLESS not in line), b"")
+    except OSError:
+        first = b""
+    said = first.decode(errors="replace").partition("Error (")[2].partition("): ")[2].strip()
+    return f"{what}: {said}" if said else what
 
 
 def _damaged(freeze_cgroup: str, what: str, log: Path) -> ContainerDamaged:
@@ -396,7 +412,7 @@ def _start_until_ready(
         what = f"criu {argv[1]} was not ready within {timeout:g} s and was stopped"
     if freeze_cgroup is not None and (not ended or code < 0 or _parasite_left(freeze_cgroup)):
         raise _damaged(freeze_cgroup, what, log)
-    raise error(what, log_tail=command.tail_file(log))
+    raise error(_said(what, log), log_tail=command.tail_file(log))
 
 
 def restore(
@@ -470,5 +486,6 @@ def _restore_streamed(
     process = command.start(argv + (["--shell-job"] if shell_job else []), cwd=images_dir)
     returncode = command.wait(process, deadline=time.monotonic() + timeout, log=log)
     if returncode != 0:
-        raise RestoreFailed(f"criu restore failed (exit code {returncode})", log_tail=command.tail_file(log))
+        what = f"criu restore failed (exit code {returncode})"
+        raise RestoreFailed(_said(what, log), log_tail=command.tail_file(log))
     return int((work_dir / RESTORE_PIDFILE).read_text())

@@ -292,9 +292,11 @@ def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
 
 
 def remap(userns: Mapping[str, bytes], uid_base: int, gid_base: int) -> dict[str, bytes]:
-    """User-namespace images (name -> bytes) moved to the host range at uid_base and gid_base: every extent's
-    host ids (lower_first) shift by one offset, so that container ids (first, count) and the extents' places
-    relative to each other stay. The images that changed, as their new bytes."""
+    """User-namespace images (name -> bytes) moved to the host range at uid_base and gid_base: the host ids
+    (lower_first) of every extent of the range shift by one offset, so that container ids (first, count) and the
+    extents' places relative to each other stay. An extent that maps ids to themselves holds the host's own ids
+    of a user (see idmap.IdMap.keeping), the same on every node: it stays. The images that changed, as their
+    new bytes."""
     from pycriu import images  # imported late, as in criu.py: `kerrickpt check` must work without it
 
     loaded = {name: _load(images, name, data) for name, data in userns.items()}
@@ -302,7 +304,7 @@ def remap(userns: Mapping[str, bytes], uid_base: int, gid_base: int) -> dict[str
     shifts = {
         key: base - lowest
         for key, base in (("uid_map", uid_base), ("gid_map", gid_base))
-        if (lowest := min((e["lower_first"] for entry in entries for e in entry.get(key, [])), default=None))
+        if (lowest := min((e["lower_first"] for entry in entries for e in _ranged(entry, key)), default=None))
         is not None
     }
     if not any(shifts.values()):
@@ -311,12 +313,17 @@ def remap(userns: Mapping[str, bytes], uid_base: int, gid_base: int) -> dict[str
     for name, image in loaded.items():
         for entry in image["entries"]:
             for key, shift in shifts.items():
-                for extent in entry.get(key, []):
+                for extent in _ranged(entry, key):
                     extent["lower_first"] += shift
         out = io.BytesIO()
         images.dump(image, out)
         changed[name] = out.getvalue()
     return changed
+
+
+def _ranged(entry: dict[str, Any], key: str) -> list[dict[str, int]]:
+    """The extents of `entry`'s `key` map that are of the container's range (CRIU leaves out fields that are 0)."""
+    return [e for e in entry.get(key, []) if e.get("first", 0) != e.get("lower_first", 0)]
 
 
 def _load(images: Any, name: str, data: bytes) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from kerrickpt import command, helper, namespaces, rootfs
 from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, lower_dir
 from kerrickpt.errors import CommandTimeout, UsageError
+from kerrickpt.idmap import IdMap
 
 PROBE_TIMEOUT = 10.0
 # Without an entry for root in /etc/subuid and /etc/subgid: systemd's range for containers' ids
@@ -186,7 +187,7 @@ def _map_once_unshared(pid: int, first: tuple[int, int]) -> str:
             return "the user namespace probe did not answer"
         time.sleep(0.005)
     try:
-        namespaces.map_ids(pid, *first, RANGE)
+        namespaces.map_ids(pid, IdMap.shifted(*first, RANGE))
     except OSError as exc:
         return f"mapping {RANGE} ids from host uid/gid {first} into a user namespace failed: {exc}"
     return ""

@@ -133,7 +133,7 @@ def _confined(
         os.close(fd)
     try:
         if os.read(unshared_r, 1) == b"u":
-            namespaces.map_ids(child, confinement.uid_base, confinement.gid_base, confinement.ids)
+            namespaces.map_ids(child, confinement.id_map)
             os.write(mapped_w, b"m")
     finally:
         os.close(mapped_w)

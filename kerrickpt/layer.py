@@ -22,6 +22,7 @@ from typing import BinaryIO
 from kerrickpt import filecaps, manifest, sparse, streamer
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, DumpFailed, HostError, NotCheckpointable
+from kerrickpt.idmap import IdMap
 
 MEMBER = manifest.LAYER  # the archive's member that carries the layer (all of it, or what changed since a base)
 REMOVED = "layer-removed.json"  # a delta's member: the names its base has and the layer no longer has
@@ -88,13 +89,12 @@ def _settled(entries: dict[str, list[int | str]], before: int) -> dict[str, list
     return entries
 
 
-def pack(
-    upper: Path, uid_base: int, gid_base: int, ids: int, out: Callable[[bytes], None], base: Index | None = None
-) -> tuple[int, Index]:
+def pack(upper: Path, ids: IdMap, out: Callable[[bytes], None], base: Index | None = None) -> tuple[int, Index]:
     """Write the layer at `upper` to `out` as a tar stream (PAX, uncompressed, `.` first, then every entry after
-    its directory) whose owners are container ids; returns the bytes written and the layer's index. With `base`,
-    only the entries whose attributes differ from it. Memory stays bounded whatever the layer's size, but for the
-    index. Raises NotCheckpointable for what the layer may hold but a restore may not recreate."""
+    its directory) whose owners are container ids (as `ids` maps them); returns the bytes written and the
+    layer's index. With `base`, only the entries whose attributes differ from it. Memory stays bounded
+    whatever the layer's size, but for the index. Raises NotCheckpointable for what the layer may hold but a
+    restore may not recreate."""
     tar = _TarStream(out)
     first_names: dict[tuple[int, int], str] = {}  # files with more than one link: the name carried first
     entries: dict[str, list[int | str]] = {}
@@ -107,7 +107,7 @@ def pack(
         entries[name] = _attributes(st, link)
         if base is not None and base.entries.get(name) == entries[name]:
             continue  # a new link to a file changes its ctime: every name of a changed file is carried
-        info = _info(name, path, st, uid_base, gid_base, ids, link)
+        info = _info(name, path, st, ids, link)
         inode = (st.st_dev, st.st_ino)
         if info.isreg() and inode in first_names:
             info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
@@ -123,14 +123,14 @@ def pack(
     return tar.written, Index(_settled(entries, time.time_ns() - RACY_NS))
 
 
-def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
+def unpack(source: BinaryIO, upper: Path, ids: IdMap) -> int:
     """Recreate at `upper` (which must not exist, or be an empty directory) the layer `pack` wrote to `source`,
-    owned by host ids uid_base + id and gid_base + id; returns the bytes of file data written (runs of zeros
+    owned by the host ids `ids` maps its ids to; returns the bytes of file data written (runs of zeros
     become holes). The layer's top takes the owner and mode carried for `.` (0755 and the container's root if none).
 
     Raises ArchiveCorruptError, leaving `upper` empty (gone, if it made it), for an archive that is not such a
     layer: a name that is absolute, holds `..` or passes through a link; a hard link out of the layer; a device other
-    than the overlay's whiteout (0:0); an id outside [0, ids); a relative symbolic link that climbs above the layer's
+    than the overlay's whiteout (0:0); an id `ids` does not map; a relative symbolic link that climbs above the layer's
     top. An absolute link target is kept: inside the container it resolves within the container's root, and nothing
     follows links (every directory is opened with O_NOFOLLOW), so no entry is ever made outside `upper`."""
     created = not upper.exists()
@@ -139,14 +139,14 @@ def unpack(source: BinaryIO, upper: Path, uid_base: int, gid_base: int, ids: int
     elif any(upper.iterdir()):
         raise HostError(f"{upper} is not empty: a file-system layer is unpacked only into a new directory")
     try:
-        with _Extraction(upper, uid_base, gid_base, ids) as extraction:
+        with _Extraction(upper, ids) as extraction:
             return _extract(extraction, source)
     except BaseException:
         _remove(upper, created)
         raise
 
 
-def apply(source: BinaryIO, removed: Sequence[str], upper: Path, uid_base: int, gid_base: int, ids: int) -> int:
+def apply(source: BinaryIO, removed: Sequence[str], upper: Path, ids: IdMap) -> int:
     """Bring the layer at `upper`, as its base was, to the delta `pack` wrote against that base to `source`: take
     away the `removed` names, then make each entry over what is there (a changed directory keeps what it holds;
     anything else replaces what had its name). Returns the bytes of file data written.
@@ -154,7 +154,7 @@ def apply(source: BinaryIO, removed: Sequence[str], upper: Path, uid_base: int, 
     Refuses what `unpack` refuses, and a removed name the layer does not hold (a delta on another base), with
     ArchiveCorruptError; `upper` is then half changed, and the caller discards it. Nothing is removed or made
     through a link: every directory is opened with O_NOFOLLOW, and a directory is removed below its parent's fd."""
-    with _Extraction(upper, uid_base, gid_base, ids, over=True) as extraction:
+    with _Extraction(upper, ids, over=True) as extraction:
         for name in removed:
             extraction.remove(name)
         return _extract(extraction, source)
@@ -220,14 +220,12 @@ def _walk(upper: Path) -> Iterator[tuple[str, str, os.stat_result]]:
         pending.extend(reversed(below))
 
 
-def _info(
-    name: str, path: str, st: os.stat_result, uid_base: int, gid_base: int, ids: int, link: str
-) -> tarfile.TarInfo:
+def _info(name: str, path: str, st: os.stat_result, ids: IdMap, link: str) -> tarfile.TarInfo:
     """The tar header that carries one entry of the layer (not a socket: see pack)."""
     info = tarfile.TarInfo(name)
     info.mode = stat.S_IMODE(st.st_mode)
-    info.uid = _relative(st.st_uid, uid_base, ids)
-    info.gid = _relative(st.st_gid, gid_base, ids)
+    uid, gid = ids.container_uid(st.st_uid), ids.container_gid(st.st_gid)
+    info.uid, info.gid = NOBODY if uid is None else uid, NOBODY if gid is None else gid
     info.uname = info.gname = ""  # numeric ids only: names differ between the host and the container
     info.mtime = max(0, st.st_mtime_ns // 10**9)
     info.pax_headers["mtime"] = _pax_time(st.st_mtime_ns)  # to the nanosecond, as the layer had it
@@ -249,12 +247,8 @@ def _info(
             "in a layer (they would open the host's devices to the container)"
         )
     if kind in (stat.S_IFREG, stat.S_IFDIR):
-        info.pax_headers.update(_xattrs(name, path, uid_base, ids))
+        info.pax_headers.update(_xattrs(name, path, ids))
     return info
-
-
-def _relative(host_id: int, base: int, ids: int) -> int:
-    return host_id - base if base <= host_id < base + ids else NOBODY
 
 
 def _pax_time(ns: int) -> str:
@@ -296,7 +290,7 @@ def _within(depth: int, target: str) -> str | None:
     return "/".join(kept) or "."
 
 
-def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
+def _xattrs(name: str, path: str, ids: IdMap) -> dict[str, str]:
     """The pax headers carrying the extended attributes the overlay and the container's programs need."""
     headers = {}
     user: dict[str, str] = {}
@@ -312,7 +306,7 @@ def _xattrs(name: str, path: str, uid_base: int, ids: int) -> dict[str, str]:
                 raise NotCheckpointable(f"/{name} in the container's file-system layer has {xattr}={value!r}")
             headers[PAX_OPAQUE + xattr] = value
         elif xattr == filecaps.XATTR:
-            carried = filecaps.carry(name, os.getxattr(path, xattr, follow_symlinks=False), uid_base, ids)
+            carried = filecaps.carry(name, os.getxattr(path, xattr, follow_symlinks=False), ids)
             if carried is not None:
                 headers[PAX_CAPABILITY] = carried
         elif _users(xattr):
@@ -357,13 +351,13 @@ class _Extraction:
     """A layer being unpacked under `upper`: entries are made relative to directory descriptors opened with
     O_NOFOLLOW from the top down, so a name whose directory is a link (or is missing) is refused, never followed."""
 
-    def __init__(self, upper: Path, uid_base: int, gid_base: int, ids: int, *, over: bool = False) -> None:
-        self.uid_base, self.gid_base, self.ids = uid_base, gid_base, ids
+    def __init__(self, upper: Path, ids: IdMap, *, over: bool = False) -> None:
+        self.ids = ids
         self.over = over  # entries go over a layer that holds its base (a delta), not into an empty one
         self.top = os.open(upper, DIR_FLAGS)
         if not over:  # the container's root owns its layer's top unless `.` says otherwise
             try:
-                os.chown(self.top, uid_base, gid_base)
+                os.chown(self.top, *ids.root)
                 os.chmod(self.top, 0o755)
             except BaseException:
                 os.close(self.top)
@@ -384,7 +378,7 @@ class _Extraction:
 
     def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         parts = _parts(member.name)
-        uid, gid = self._id(member.uid, self.uid_base, member), self._id(member.gid, self.gid_base, member)
+        uid, gid = self._id(member.uid, self.ids.host_uid, member), self._id(member.gid, self.ids.host_gid, member)
         mtime = _mtime_ns(member)
         unknown = [key for key in member.pax_headers if key.startswith(PAX) and not self._known(key, member)]
         if unknown:
@@ -520,13 +514,14 @@ class _Extraction:
             return member.isreg() or member.isdir()
         return key.removeprefix(PAX_OPAQUE) in OPAQUE and member.isdir()
 
-    def _id(self, carried: int, base: int, member: tarfile.TarInfo) -> int:
-        if not 0 <= carried < self.ids:
+    @staticmethod
+    def _id(carried: int, host: Callable[[int], int | None], member: tarfile.TarInfo) -> int:
+        found = host(carried)
+        if found is None:
             raise ArchiveCorruptError(
-                f"the file-system layer's {member.name!r} is owned by id {carried}, "
-                f"outside the container's 0-{self.ids - 1}"
+                f"the file-system layer's {member.name!r} is owned by id {carried}, which the container does not map"
             )
-        return base + carried
+        return found
 
     def _parent(self, parts: tuple[str, ...]) -> int:
         """The directory that holds `parts`, entries being grouped by directory: the last one is kept open."""
@@ -584,7 +579,7 @@ class _Extraction:
         os.chmod(fd, member.mode & 0o7777)
         for key, value in member.pax_headers.items():
             if key == PAX_CAPABILITY:
-                os.setxattr(fd, filecaps.XATTR, filecaps.restore(value, self.uid_base, self.ids))
+                os.setxattr(fd, filecaps.XATTR, filecaps.restore(value, self.ids))
             elif key.startswith(PAX_OPAQUE):
                 if value not in OPAQUE_VALUES:
                     raise ArchiveCorruptError(f"the file-system layer's {member.name!r} carries {key}={value!r}")
@@ -646,9 +641,7 @@ def add(writer: streamer.Sink, upper: Path, confinement: Confinement, base: Inde
     gone since as REMOVED); returns its index."""
     _, index = pack(
         upper,
-        confinement.uid_base,
-        confinement.gid_base,
-        confinement.ids,
+        confinement.id_map,
         lambda data: writer.write(MEMBER, data),
         base,
     )

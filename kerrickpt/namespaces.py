@@ -7,6 +7,9 @@ import errno
 import os
 from pathlib import Path
 
+from kerrickpt import idmap
+from kerrickpt.idmap import IdMap
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -34,14 +37,14 @@ def setns(path: str | Path, flag: int) -> None:
         os.close(fd)
 
 
-def map_ids(pid: int, host_uid: int, host_gid: int, count: int) -> None:
-    """Map ids 0..count-1 in `pid`'s new user namespace to host uids from `host_uid` and gids from `host_gid`.
+def map_ids(pid: int, ids: IdMap) -> None:
+    """Map `pid`'s new user namespace's ids as `ids` says.
 
     Written from the parent, which holds CAP_SETUID/CAP_SETGID here, so `setgroups` stays allowed:
     denying it would make the container's own setgroups() fail (field notes).
     """
-    Path(f"/proc/{pid}/uid_map").write_text(f"0 {host_uid} {count}\n")
-    Path(f"/proc/{pid}/gid_map").write_text(f"0 {host_gid} {count}\n")
+    Path(f"/proc/{pid}/uid_map").write_text(idmap.text(ids.uids))
+    Path(f"/proc/{pid}/gid_map").write_text(idmap.text(ids.gids))
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -115,9 +118,9 @@ def _syscall(number: int, *args: int | bytes | ctypes.c_void_p) -> int:
     return int(_libc.syscall(ctypes.c_long(number), *converted))
 
 
-def mapped_user_namespace(uid_base: int, gid_base: int, count: int) -> int:
-    """An fd of a new user namespace whose ids 0..count-1 are host ids from `uid_base` and `gid_base`; it
-    forks (a child makes the namespace and leaves; the fd keeps it): call only from a helper program."""
+def mapped_user_namespace(ids: IdMap) -> int:
+    """An fd of a new user namespace mapped as `ids` says; it forks (a child makes the namespace and leaves;
+    the fd keeps it): call only from a helper program."""
     made_r, made_w = os.pipe()
     done_r, done_w = os.pipe()
     child = os.fork()
@@ -135,7 +138,7 @@ def mapped_user_namespace(uid_base: int, gid_base: int, count: int) -> int:
     try:
         if os.read(made_r, 1) != b"u":
             raise OSError(errno.EPERM, "could not make a user namespace for an idmapped mount")
-        map_ids(child, uid_base, gid_base, count)
+        map_ids(child, ids)
         return os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(done_w)

@@ -21,7 +21,7 @@ from kerrickpt.manifest import Manifest
 CONFIG = Path("/etc/kerrickpt/jobs.toml")
 # Another site configuration, for tests: honoured for root itself only, never through sudo.
 CONFIG_ENV = "KERRICKPT_JOBS_CONFIG"
-HOST_IDS = "host"  # --ids host: the container's ids are the host's own
+HOST_IDS = "host"  # --ids host: the ids the job runs as are the host's own, the others its range's
 ACCESS_TIMEOUT = 30.0  # a volume on storage that hangs must not hold the job forever
 WHAT = "the jobs' checkpoints directory"
 
@@ -135,9 +135,10 @@ def job_request(
     who: Caller, name: str, directory: str | None, options: RunOptions, *, where: Site | None = None
 ) -> JobRequest:
     """What the job `name` may run with. Root itself gets what it asks (its `directory`, else the site's
-    directory for uid 0). A user through sudo runs as themselves with the host's ids over the node's own
-    root, their checkpoints in the site's directory for their uid, and binds in only what they could
-    reach themselves; anything else raises NotAllowedError. `where` defaults to `site(who)`."""
+    directory for uid 0). A user through sudo runs as themselves, their uid and groups the host's own and every
+    other id (root's first) of an unprivileged range (`--ids host`), over the node's own root, their
+    checkpoints in the site's directory for their uid, and binds in only what they could reach themselves;
+    anything else raises NotAllowedError. `where` defaults to `site(who)`."""
     if not who.through_sudo:
         found = Path(directory) if directory else checkpoint_dir(where or site(who), 0, name)
         return JobRequest(found, options)
@@ -149,7 +150,7 @@ def job_request(
     if refused:
         raise NotAllowedError(
             f"not allowed to a user through sudo: {', '.join(refused)} (a user's job runs over the node's own "
-            "root with the host's ids, its checkpoints in the site's directory for that user)"
+            "root with --ids host, its checkpoints in the site's directory for that user)"
         )
     gid = _own_group(who, options.user)
     volumes = tuple(_reachable_volume(who, text) for text in options.volumes)
@@ -163,7 +164,7 @@ def check_archive(who: Caller, manifest: Manifest) -> None:
     if not who.through_sudo:
         return
     confined = manifest.confinement
-    if confined is None or confined.rootfs != HOST_ROOT or not confined.host_ids:
+    if confined is None or confined.rootfs != HOST_ROOT or not confined.host_ids or confined.idmapped_lower:
         raise NotAllowedError(
             f"not allowed to a user through sudo: the archive of {manifest.name} is not a job run for a user"
         )
@@ -270,8 +271,8 @@ def _check_reach(who: Caller, source: str, *, write: bool) -> None:
         raise NotAllowedError(f"not allowed to a user through sudo: {who.name} cannot {how} the volume {source}")
 
 
-def _host_ids(confined: Confinement) -> tuple[int, set[int]]:
-    """The host uid an archive's processes run as, and their host groups."""
-    uid = confined.uid_base + confined.uid
-    gids = {confined.gid_base + g for g in (confined.gid, *confined.groups)}
-    return uid, gids
+def _host_ids(confined: Confinement) -> tuple[int | None, set[int]]:
+    """The host uid an archive's processes run as, and the host groups they keep: a group of its range (its
+    root's, 0) is the container's own and gives nothing on the host."""
+    ids = confined.id_map
+    return ids.host_uid(confined.uid), {g for g in (confined.gid, *confined.groups) if ids.host_gid(g) == g}

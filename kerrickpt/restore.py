@@ -289,38 +289,32 @@ def _confine(
     feed: feeder.Feed | None,
     layers: list[layerchain.Delta],
 ) -> Confinement:
-    """Give a confined container its id range here (the one it had, if free; none for host ids, which stay the
-    host's) and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
+    """Give a confined container its id range here (the one it had, if free; a user's own host ids stay theirs)
+    and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
     the chain it builds on), or read from the archive's start (its first file) while the rest waits for CRIU."""
     archived = manifest.confinement
     assert archived is not None
-    confined = archived
-    if not archived.host_ids:
-        ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
-        confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
+    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+    confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
+    id_map = confined.id_map  # NoIdRangeError here, before anything is unpacked, if the range holds the user's ids
     member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
     if member is None:
         raise ArchiveCorruptError("the archive of a container with a root of its own carries no file-system layer")
     target = rootfs.Layer.of(registry.path(name))
     target.create(confined)
     images = scratch / "images"
-    owners = (confined.uid_base, confined.gid_base, confined.ids)
-    ids = (confined.uid_base, confined.gid_base)
-    remap = not confined.host_ids  # host ids: the images hold the identity map, as true here as where it was
     if feed is None:
-        if remap:
-            idranges.remap_images(images, *ids)
+        idranges.remap_images(images, *ids)
         with layers[0].tar.open("rb") as fh:
-            layer.unpack(fh, target.upper, *owners)
+            layer.unpack(fh, target.upper, id_map)
         for delta in layers[1:]:
             with delta.tar.open("rb") as fh:
-                layer.apply(fh, delta.removed, target.upper, *owners)
+                layer.apply(fh, delta.removed, target.upper, id_map)
         shared = [images, *images.iterdir()]
     else:
-        if remap:
-            feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
         with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
-            layer.unpack(cast(BinaryIO, fh), target.upper, *owners)
+            layer.unpack(cast(BinaryIO, fh), target.upper, id_map)
             fh.finish()
         shared = [images]  # CRIU reads the images from the feeder's socket there
     for path in shared:

@@ -1,6 +1,7 @@
 """Owns a confined container's root file system: the overlay of its read-only lower layer and its writable
 layer in the container's state, and the mounts inside it (/proc, a minimal /dev, /sys read-only, /tmp, volumes).
-With host ids (Confinement.host_ids) its root and volumes are nosuid: its root is host root as files go."""
+With host ids (Confinement.host_ids) its root and volumes are nosuid: its user is a host user, who gains nothing
+inside that they could not outside."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _idmapped_lower(confinement: Confinement) -> Path:
     """The lower layer at LOWER, its owners seen through the container's id map: host root's files are the
     container root's, host uid 101's its uid 101's, as Podman shows an image's."""
     LOWER.mkdir()
-    userns = namespaces.mapped_user_namespace(confinement.uid_base, confinement.gid_base, confinement.ids)
+    userns = namespaces.mapped_user_namespace(confinement.id_map)
     try:
         namespaces.bind_idmapped(lower(confinement), LOWER, userns)
     finally:
@@ -134,9 +135,9 @@ def _overlay(lower_dir: str | Path, layer: Layer, confinement: Confinement) -> N
 def bind_host_paths(confinement: Confinement, under: Path) -> None:
     """Bind /sys (read-only) and each volume's source at its bind point beneath `under`, each without what
     is mounted beneath it: inside the container's user namespace those would be locked to their parent,
-    and a bind of a mount with locked children is refused. With host ids each is nosuid, as its root is: the
-    container's root is host root as files go, and a setuid-root file it made must give its users nothing.
-    The binds of a restore are nosuid too, and CRIU's binds of them, made from them, stay so."""
+    and a bind of a mount with locked children is refused. With host ids each is nosuid, as its root is: a
+    setuid file of its root's (or of anyone's) must give its user, a host user, nothing. The binds of a
+    restore are nosuid too, and CRIU's binds of them, made from them, stay so."""
     for volume in host_paths(confinement):
         point = _mount_point(under, volume)
         namespaces.bind(volume.source, point, read_only=volume.read_only, nosuid=confinement.host_ids)

@@ -8,10 +8,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from kerrickpt.confinement import HOST_IDS, RANGE
+from kerrickpt.confinement import RANGE
 from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
 
 T = TypeVar("T")
+# `ids` of a container of `--ids host` as it was at first: all the host's ids, mapped to themselves.
+LEGACY_HOST_IDS = (1 << 32) - 1
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Pid = Annotated[int, msgspec.Meta(ge=1, le=2**22)]  # the kernel's pid_max is at most 2^22
@@ -88,7 +90,7 @@ class Confinement(msgspec.Struct):
     rootfs: str
     uid_base: Count
     gid_base: Count
-    ids: Annotated[int, msgspec.Meta(ge=1, le=HOST_IDS)] = RANGE
+    ids: Annotated[int, msgspec.Meta(ge=1)] = RANGE
     uid: Count = 0
     gid: Count = 0
     groups: list[Count] = []
@@ -96,10 +98,18 @@ class Confinement(msgspec.Struct):
     env: dict[str, str] = {}
     workdir: str = "/"
     idmapped_lower: bool = False  # absent from archives made before idmapped lower layers
+    host_ids: bool = False  # absent from archives made before its user kept the host's ids
 
     def __post_init__(self) -> None:
-        if self.ids > RANGE and (self.ids, self.uid_base, self.gid_base) != (HOST_IDS, 0, 0):
-            raise ValueError(f"a container has {RANGE} ids or less of its own, or the host's (all {HOST_IDS} from 0)")
+        if self.ids == LEGACY_HOST_IDS:
+            raise ValueError(
+                "it maps every id to itself (`--ids host` before its user alone kept the host's ids): its root was "
+                "host root as files go, and a restore of it could open any file of the node's; it is not restored"
+            )
+        if self.ids > RANGE:
+            raise ValueError(f"a container has {RANGE} ids or less")
+        if self.host_ids and self.idmapped_lower:
+            raise ValueError("a container whose user keeps the host's ids sees its lower layer as it is")
 
 
 Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]

@@ -1,6 +1,7 @@
-"""Confined containers with host ids (`run --ids host`): their users are the host's, so a job's files on its
-volumes belong to it; they claim no id range, keep their ids through checkpoint, restore and snapshots, and
-their root and volumes are nosuid, by the real kernel and CRIU."""
+"""Confined containers with host ids (`run --ids host`): the user they run as keeps their host uid and groups, so
+a job's files on its volumes belong to it, while their root and every other id are of a range of their own, which
+has no power over the host's files; they keep their ids through checkpoint, restore and snapshots, and their root
+and volumes are nosuid, by the real kernel and CRIU."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import pytest
 
 import kerrickpt
 from kerrickpt import containers, idranges, layer, schema
-from kerrickpt.confinement import HOST, HOST_IDS, RANGE, Confinement
-from kerrickpt.errors import ArchiveCorruptError
+from kerrickpt.confinement import HOST, RANGE, Confinement
+from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
+from kerrickpt.idmap import IdMap
 from tests.helpers import assert_consecutive, cli, ticks, unique_name, wait_for
 from tests.test_confined import log, upper
 
@@ -61,23 +63,38 @@ def claims_of(state_dir: Path, name: str) -> list[str]:
     return [path.name for path in found if name in path.read_text()]
 
 
+def ranged(state_dir: Path, name: str) -> tuple[int, int]:
+    """The (uid_base, gid_base) container `name` claimed."""
+    return idranges.held(containers.Registry(state_dir))[name]
+
+
 def test_a_host_ids_container_writes_volume_files_its_user_owns_on_the_host(state_dir: Path, volume: Path) -> None:
+    secret = volume / "secret"
+    secret.write_text("root's alone\n")
+    secret.chmod(0o600)
     status = run_host_ids(state_dir, ["sh", "-c", "id -u > /v/uid; exec sleep 600"], f"{USER}:{USER}", volume)
     wait_for(lambda: (volume / "uid").exists() and (volume / "uid").read_text(), what="the job's file")
 
     written = (volume / "uid").stat()
     assert (written.st_uid, written.st_gid) == (USER, USER), "the host sees the file as its user's"
     assert (volume / "uid").read_text().strip() == str(USER)
-    uid_map = Path(f"/proc/{status.init_pid}/uid_map").read_text().split()
-    assert uid_map == ["0", "0", str(HOST_IDS)], "the identity map of every id"
-    assert claims_of(state_dir, status.name) == [], "no host id range claimed"
+    uid_base, gid_base = ranged(state_dir, status.name)
+    uid_map = [line.split() for line in Path(f"/proc/{status.init_pid}/uid_map").read_text().splitlines()]
+    assert uid_map == [
+        ["0", str(uid_base), str(USER)],
+        [str(USER), str(USER), "1"],
+        [str(USER + 1), str(uid_base + USER + 1), str(RANGE - USER - 1)],
+    ], "its root and other ids its range's, its user the host's own"
+    assert Path(f"/proc/{status.init_pid}/gid_map").read_text().split()[:3] == ["0", str(gid_base), str(USER)]
+    as_root = cli("exec", status.name, "--", "cat", "/v/secret", state_dir=state_dir)
+    assert "Permission denied" in as_root.stderr and "root's alone" not in as_root.stdout, "root: not host root"
     record = containers.Registry(state_dir).get(status.name).confinement
-    assert record is not None and record.host_ids
+    assert record is not None and record.host_ids and not record.idmapped_lower
     shown = json.loads(cli("ps", "--json", state_dir=state_dir).stdout)
     assert next(row for row in shown if row["name"] == status.name)["ids"] == HOST
 
 
-def test_a_large_uid_is_checkpointed_and_restored_claiming_no_range_and_keeping_its_files(
+def test_a_large_uid_is_checkpointed_and_restored_keeping_its_files(
     state_dir: Path, volume: Path, tmp_path: Path
 ) -> None:
     status = run_host_ids(state_dir, ["sh", "-c", COUNT], f"{BIG}:{BIG}", volume)
@@ -91,7 +108,9 @@ def test_a_large_uid_is_checkpointed_and_restored_claiming_no_range_and_keeping_
     assert "ids host" in shown.stdout, shown.stdout
     restored = kerrickpt.restore(archive, state_dir=state_dir)
 
-    assert claims_of(state_dir, name) == [], "the restore claimed no id range"
+    uid_base, _ = ranged(state_dir, name)
+    uid_map = [line.split() for line in Path(f"/proc/{restored.init_pid}/uid_map").read_text().splitlines()]
+    assert uid_map == [["0", str(uid_base), str(RANGE)], [str(BIG), str(BIG), "1"]], "its range and its own uid"
     wait_for(lambda: int((volume / "count").read_text() or 0) > before + 3, what="the count to go on")
     assert_consecutive(ticks(log(state_dir, name)))  # from where it stopped: not from 1 again
     written = (volume / "count").stat()
@@ -164,7 +183,7 @@ def test_a_snapshot_chain_carries_a_large_uid_layer_and_restores_it(
     restored = cli("restore", "--store", str(store), name, state_dir=state_dir)
 
     assert restored.returncode == 0, restored.stderr
-    assert claims_of(state_dir, name) == []
+    assert len(claims_of(state_dir, name)) == 2, "a uid and a gid range"
     for file in ("mine", "later"):
         owned = (upper(state_dir, name) / "var/tmp" / file).stat()
         assert (owned.st_uid, owned.st_gid) == (BIG, BIG), file
@@ -180,32 +199,58 @@ def test_host_ids_need_a_root_of_its_own_and_lift_the_range_limit_on_users(state
     assert host.returncode == 0, host.stderr
 
 
+SOURCE, TARGET = (3_000_000, 3_200_000), (5_000_000, 5_200_000)  # ranges of the node that packs, and that unpacks
+
+
 def test_a_layer_of_host_ids_packs_and_unpacks_its_true_owners(tmp_path: Path) -> None:
     source, target = tmp_path / "source", tmp_path / "target"
     source.mkdir()
-    (source / "file").write_text("data")
-    os.chown(source / "file", BIG, BIG + 1)
+    for file, owner in (("user", (BIG, BIG + 1)), ("root", SOURCE), ("host-root", (0, 0))):
+        (source / file).write_text("data")
+        os.chown(source / file, *owner)
     pieces: list[bytes] = []
-    layer.pack(source, 0, 0, HOST_IDS, pieces.append)
+    layer.pack(source, IdMap.keeping(*SOURCE, RANGE, [BIG], [BIG + 1]), pieces.append)
     data = b"".join(pieces)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        carried = tar.getmember("file")
-    assert (carried.uid, carried.gid) == (BIG, BIG + 1)
+        carried = {m.name: (m.uid, m.gid) for m in tar.getmembers()}
+    assert carried["user"] == (BIG, BIG + 1) and carried["root"] == (0, 0)
+    assert carried["host-root"] == (layer.NOBODY, layer.NOBODY), "host root is none of the container's"
 
     target.mkdir()
-    layer.unpack(io.BytesIO(data), target, 0, 0, HOST_IDS)
+    layer.unpack(io.BytesIO(data), target, IdMap.keeping(*TARGET, RANGE, [BIG], [BIG + 1]))
 
-    owned = (target / "file").stat()
-    assert (owned.st_uid, owned.st_gid) == (BIG, BIG + 1)
+    assert [(target / f).stat().st_uid for f in ("user", "root")] == [BIG, TARGET[0]]
+    assert [(target / f).stat().st_gid for f in ("user", "root")] == [BIG + 1, TARGET[1]]
 
 
-def test_old_confinements_are_their_own_ids_and_bad_host_ids_are_refused() -> None:
+def test_the_map_keeps_its_users_ids_and_its_range_around_them() -> None:
+    ids = IdMap.keeping(SOURCE[0], SOURCE[1], RANGE, [USER], [0, USER, 27, 28, BIG])
+    assert ids.uids == ((0, SOURCE[0], USER), (USER, USER, 1), (USER + 1, SOURCE[0] + USER + 1, RANGE - USER - 1))
+    assert ids.gids == (
+        (0, SOURCE[1], 27),
+        (27, 27, 2),  # consecutive ids: one extent
+        (29, SOURCE[1] + 29, USER - 29),
+        (USER, USER, 1),
+        (USER + 1, SOURCE[1] + USER + 1, RANGE - USER - 1),
+        (BIG, BIG, 1),
+    )
+    assert ids.root == SOURCE and ids.host_gid(0) == SOURCE[1], "root and its group stay the range's"
+    assert ids.container_uid(SOURCE[0] + USER) is None, "the range's id the user's stands on is no one"
+    assert ids.container_uid(0) is None and ids.host_uid(RANGE) is None
+    with pytest.raises(NoIdRangeError) as clash:
+        IdMap.keeping(*SOURCE, RANGE, [SOURCE[0] + 5], [USER])
+    assert f"uid {SOURCE[0] + 5}" in str(clash.value)
+
+
+def test_old_confinements_are_their_own_ids_and_the_first_host_ids_are_refused() -> None:
     old = {"rootfs": "host", "uid_base": 1_000_000, "gid_base": 1_000_000}
     assert not Confinement.from_dict(old).host_ids
     assert schema.from_archive(old, schema.Confinement, "its confinement").ids == RANGE
-    host = {"rootfs": "host", "uid_base": 0, "gid_base": 0, "ids": HOST_IDS}
-    assert Confinement.from_dict(host).host_ids
-    assert schema.from_archive(host, schema.Confinement, "its confinement").ids == HOST_IDS
-    for bad in ({**host, "uid_base": 1_000_000}, {**host, "ids": RANGE + 1}):
+    first = {"rootfs": "host", "uid_base": 0, "gid_base": 0, "ids": schema.LEGACY_HOST_IDS}
+    with pytest.raises(ArchiveCorruptError) as refused:
+        schema.from_archive(first, schema.Confinement, "its confinement")
+    assert "maps every id to itself" in str(refused.value) and "not restored" in str(refused.value)
+    seen_mapped = {**old, "host_ids": True, "idmapped_lower": True}
+    for bad in (seen_mapped, {**old, "ids": RANGE + 1}):
         with pytest.raises(ArchiveCorruptError):
             schema.from_archive(bad, schema.Confinement, "its confinement")

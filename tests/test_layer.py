@@ -17,6 +17,7 @@ import pytest
 
 from kerrickpt import layer
 from kerrickpt.errors import ArchiveCorruptError, HostError, NotCheckpointable
+from kerrickpt.idmap import IdMap
 
 pytestmark = pytest.mark.root
 
@@ -39,14 +40,14 @@ CAPS_V3 = _capability(0x03000000, CAP_NET_RAW, SOURCE[0])
 
 def _pack(upper: Path, bases: tuple[int, int] = SOURCE) -> bytes:
     pieces: list[bytes] = []
-    written, _ = layer.pack(upper, *bases, IDS, pieces.append)
+    written, _ = layer.pack(upper, IdMap.shifted(*bases, IDS), pieces.append)
     data = b"".join(pieces)
     assert written == len(data)
     return data
 
 
 def _unpack(data: bytes, upper: Path, bases: tuple[int, int] = TARGET) -> int:
-    return layer.unpack(io.BytesIO(data), upper, *bases, IDS)
+    return layer.unpack(io.BytesIO(data), upper, IdMap.shifted(*bases, IDS))
 
 
 def _own(path: Path, uid: int, gid: int, bases: tuple[int, int] = SOURCE) -> None:
@@ -300,7 +301,7 @@ def test_a_cut_layer_is_refused_and_an_empty_directory_given_stays_empty(
 
 def _pack_indexed(upper: Path, base: layer.Index | None = None) -> tuple[bytes, layer.Index]:
     pieces: list[bytes] = []
-    _, index = layer.pack(upper, *SOURCE, IDS, pieces.append, base)
+    _, index = layer.pack(upper, IdMap.shifted(*SOURCE, IDS), pieces.append, base)
     return b"".join(pieces), index
 
 
@@ -338,7 +339,7 @@ def test_a_delta_over_its_base_makes_the_layer_as_a_whole_one_would(tmp_path: Pa
 
     delta, _ = _pack_indexed(source, index)
     removed = _pack_indexed(source)[1].removed_since(index)
-    layer.apply(io.BytesIO(delta), removed, target, *TARGET, IDS)
+    layer.apply(io.BytesIO(delta), removed, target, IdMap.shifted(*TARGET, IDS))
 
     fresh = tmp_path / "fresh-upper"
     _unpack(_pack(source), fresh)
@@ -371,7 +372,7 @@ def test_a_delta_that_does_not_fit_its_base_or_leaves_the_layer_is_refused(
     _unpack(_tar(_entry(".", tarfile.DIRTYPE), _entry("link", tarfile.SYMTYPE, linkname=str(outside))), upper)
 
     with pytest.raises(ArchiveCorruptError):
-        layer.apply(io.BytesIO(_tar(*entries)), removed, upper, *TARGET, IDS)
+        layer.apply(io.BytesIO(_tar(*entries)), removed, upper, IdMap.shifted(*TARGET, IDS))
 
     assert sorted(os.listdir(outside)) == ["target"] and (outside / "target").read_text() == "host file\n"
 

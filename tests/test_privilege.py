@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import privilege
-from kerrickpt.confinement import HOST_IDS, HOST_ROOT, Confinement, Volume
+from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, Volume
 from kerrickpt.errors import NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
 from kerrickpt.localslurm import TEST_USER
 from kerrickpt.manifest import Manifest
@@ -224,23 +224,28 @@ def archived(confinement: Confinement | None) -> Manifest:
 
 def test_an_archive_restores_for_its_own_user_only(public_dir: Path) -> None:
     user = sudo_user()
-    host = HOST_IDS  # a user's job runs with the host's ids
-    own = Confinement(HOST_ROOT, 0, 0, host, uid=user.uid, gid=user.gid, groups=user.groups)
+    base = 1_000_000  # a range of its own, with the user's own ids kept: a user's job
+    own = Confinement(HOST_ROOT, base, base, uid=user.uid, gid=user.gid, groups=user.groups, host_ids=True)
     privilege.check_archive(user, archived(own))
+    ranged_group = Confinement(HOST_ROOT, base, base, uid=user.uid, gid=user.gid, groups=(0,), host_ids=True)
+    privilege.check_archive(user, archived(ranged_group))  # its group 0 is its range's, not the host's
+    stranger = next(g for g in range(1, RANGE) if g not in (user.gid, *user.groups))
     root = Caller(0, 0, (0,), "root", through_sudo=False)
     privilege.check_archive(root, archived(None))  # root restores what it likes
     other = pwd.getpwnam("nobody")
     hidden = public_dir / "root-only"
     hidden.mkdir(mode=0o700)
+    mine = {"uid": user.uid, "gid": user.gid, "host_ids": True}
     refused = {
-        "another uid": Confinement(HOST_ROOT, 0, 0, host, uid=other.pw_uid, gid=user.gid),
+        "another uid": Confinement(HOST_ROOT, base, base, **{**mine, "uid": other.pw_uid}),
         "another uid through its id range": Confinement(HOST_ROOT, 100000, 0, uid=user.uid, gid=user.gid),
-        "ids of its own, the user's uid mapped elsewhere": Confinement(HOST_ROOT, 0, 0, uid=user.uid, gid=user.gid),
-        "a group the user is not in": Confinement(HOST_ROOT, 0, 0, host, uid=user.uid, gid=user.gid, groups=(0,)),
+        "ids of its own, the user's uid mapped elsewhere": Confinement(HOST_ROOT, base, base, uid=user.uid),
+        "a group the user is not in": Confinement(HOST_ROOT, base, base, **mine, groups=(stranger,)),
         "not a user's job": None,
-        "its own root": Confinement(str(public_dir), 0, 0, host, uid=user.uid, gid=user.gid),
+        "its own root": Confinement(str(public_dir), base, base, **mine),
+        "its lower layer through its map": Confinement(HOST_ROOT, base, base, **mine, idmapped_lower=True),
         "a volume the user cannot reach": Confinement(
-            HOST_ROOT, 0, 0, host, uid=user.uid, gid=user.gid, volumes=(Volume(str(hidden), "/data", True),)
+            HOST_ROOT, base, base, **mine, volumes=(Volume(str(hidden), "/data", True),)
         ),
     }
     for what, confinement in refused.items():

@@ -18,7 +18,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import privilege
-from kerrickpt.errors import NotAllowedError
+from kerrickpt.errors import NotAllowedError, RestoreFailed
 from kerrickpt.localslurm import HIGH, LOW, TEST_USER, LocalSlurm
 from tests.helpers import counts, wait_for
 
@@ -291,3 +291,83 @@ def test_another_user_cannot_restore_read_or_remove_a_users_checkpoints(
     assert stolen.returncode == NotAllowedError.exit_code, stolen.stderr
     assert f"runs as uid {test_user.pw_uid}" in stolen.stderr
     assert archive.exists() and not [c for c in kerrickpt.ps() if c.name.endswith("mine")]
+
+
+# A user's job holding a file of its volume open and mapped: it says its ids, then what both show, until stopped.
+HOLDER = """
+import mmap, os, time
+fd = os.open("/work/data", os.O_RDONLY)
+view = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+with open("/work/ids", "w") as fh:
+    fh.write(f"{os.getuid()} {os.getgid()}")
+i = 0
+while True:
+    i += 1
+    print(f"tick {i} fd {os.pread(fd, 64, 0)!r} map {view[:]!r}", flush=True)
+    time.sleep(0.05)
+"""
+DATA, SECRET = b"the job's own data\n", b"ROOT-ONLY-SECRET!\n\n"  # of one size, as CRIU checks a file's size
+
+
+@pytest.fixture
+def secret() -> Iterator[Path]:
+    """A root-only file (0600) the size of DATA, where the container's root (the node's own) shows it."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="kerrickpt-secret-") as path:
+        os.chmod(path, 0o755)
+        file = Path(path) / "secret"
+        file.write_bytes(SECRET)
+        file.chmod(0o600)
+        yield file
+
+
+def test_a_file_swapped_for_a_link_to_a_root_only_file_is_never_opened_by_the_resumed_job(
+    site: Path, work: Path, secret: Path, tmp_path: Path
+) -> None:
+    assert len(DATA) == len(SECRET)
+    user = pwd.getpwnam(TEST_USER)
+    os.chown(work, user.pw_uid, user.pw_gid)
+    as_user = ["setpriv", f"--reuid={TEST_USER}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+    data = work / "data"
+    data.write_bytes(DATA)
+    data.chmod(0o600)  # the mode of the secret: CRIU checks a file's mode too
+    os.chown(data, user.pw_uid, user.pw_gid)
+    out = tmp_path / "out"
+    job = [*as_user, "sudo", "-n", str(KERRICKPT_BIN), "job", "--name", "holder", "--volume", f"{work}:/work"]
+    job += ["--", "/usr/bin/python3", "-c", HOLDER]
+
+    def started(ticks: int) -> subprocess.Popen[bytes]:
+        seen = out.read_text().count("tick") if out.exists() else 0
+        with out.open("ab") as fh:
+            process = subprocess.Popen(job, stdout=fh, stderr=fh)
+        wait_for(lambda: out.read_text().count("tick") > seen + ticks or process.poll() is not None, 60, "ticks")
+        return process
+
+    def checkpointed(process: subprocess.Popen[bytes]) -> None:
+        try:
+            process.terminate()  # to sudo, which passes it on
+            assert process.wait(60) == kerrickpt.REQUEUE_EXIT, out.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    checkpointed(started(5))
+    assert (work / "ids").read_text() == f"{user.pw_uid} {user.pw_gid}", "the job sees its own ids"
+    owned = (work / "ids").stat()
+    assert (owned.st_uid, owned.st_gid) == (user.pw_uid, user.pw_gid), "its file is its user's on the host"
+    swap = ["sh", "-c", f"mv {data} {data}.real && ln -s {secret} {data}"]
+    subprocess.run([*as_user, *swap], check=True, timeout=30)
+
+    resumed = subprocess.run(job, capture_output=True, timeout=120)
+
+    assert resumed.returncode == RestoreFailed.exit_code, resumed.stderr
+    assert b"Can't open file work/data on restore: Permission denied" in resumed.stderr, resumed.stderr
+    assert b"ROOT-ONLY" not in resumed.stdout + resumed.stderr + out.read_bytes(), "the secret reached the job"
+    assert not [c for c in kerrickpt.ps() if c.name.endswith("holder")], "nothing of the failed restore runs"
+    # The checkpoint is kept: with the user's file back, the job resumes and reads its own data again.
+    subprocess.run([*as_user, "sh", "-c", f"rm {data} && mv {data}.real {data}"], check=True, timeout=30)
+    before = out.read_text().count("tick")
+    checkpointed(started(5))
+    text = out.read_text()
+    assert f"tick {before + 1} " in text, "it resumed where it stopped"
+    assert "ROOT-ONLY" not in text and repr(DATA) in text

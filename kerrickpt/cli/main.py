@@ -433,11 +433,13 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
             seen = "seen through its id map" if c.idmapped_lower else "as is (host owners outside its range: nobody)"
-            seen = "as is" if c.host_ids else seen
+            seen = "as is (host owners but its user: nobody)" if c.host_ids else seen
             carried = f"what changed since snapshot {m.layer_base['snapshot']}" if m.layer_base else "its layer"
             print(f"root:      {root}, its lower layer {seen}; {carried} {_mib(m.layer_bytes)} (as a tar)")
             if c.host_ids:
-                print(f"users:     ids host: the host's ids, its root and volumes nosuid; runs as {c.uid}:{c.gid}")
+                print(f"users:     ids host: runs as {c.uid}:{c.gid}, its user's own host ids (and groups); "
+                      f"its other ids 0-{c.ids - 1} are host ids {c.uid_base}- (uid), {c.gid_base}- (gid); "
+                      "root and volumes nosuid")  # fmt: skip
             else:
                 print(f"users:     ids own: ids 0-{c.ids - 1} inside are host ids {c.uid_base}- (uid), {c.gid_base}- "
                       f"(gid); runs as {c.uid}:{c.gid}")  # fmt: skip
@@ -664,8 +666,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ids",
         choices=ID_MODES,
-        help="with --rootfs: a host id range of its own (own, the default) or the host's ids (host: files on "
-        "volumes belong to their user; its root and volumes are nosuid)",
+        help="with --rootfs: a host id range of its own (own, the default), or that range but for the uid and groups "
+        "of --user, which keep the host's ids (host: files on volumes belong to their user; its root and volumes "
+        "are nosuid)",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
