@@ -263,6 +263,7 @@ def create(net: Network, *, connected: bool = True) -> None:
     stays cut off (see `lock`) until `unlock`. On failure, whatever was made goes."""
     node_net = subnet()
     via = gateway(node_net)
+    sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
     try:
         _bridge(bridge(), f"{via}/{node_net.prefixlen}")
         _ip("netns", "add", net.netns)
@@ -299,11 +300,12 @@ def destroy(net: Network) -> None:
 def sweep(netns: str, veth: str) -> None:
     """Remove the network namespace `netns`, the veth `veth` and their published ports, what is left of them
     (as for a run that died before recording its network: see `names`)."""
+    if not (NETNS_DIR / netns).exists():
+        return  # `create` makes it first and this removes it last: nothing else was made, or is left
     firewall.unpublish(netns.upper())
     if _exists(veth):
         _ip("link", "del", veth)  # both ends: the container's goes with it
-    if (NETNS_DIR / netns).exists():
-        _ip("netns", "del", netns)
+    _ip("netns", "del", netns)
 
 
 def lock(net: Network) -> None:

@@ -197,7 +197,7 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
     assert talking.finish()
 
 
-def test_two_containers_listen_on_one_port_and_publish_it(node: Node) -> None:
+def test_two_containers_listen_on_one_port_and_publish_it(node: Node, tmp_path: Path) -> None:
     first, second = unique_name("a"), unique_name("b")
     first_address = node.serve(first, "--publish", "18080:7000")
     second_address = node.serve(second, "--ip", "198.19.7.7/16", "--publish", "18081:7000/tcp")
@@ -207,6 +207,12 @@ def test_two_containers_listen_on_one_port_and_publish_it(node: Node) -> None:
     gateway = str(network.gateway(network.subnet()))
     assert node.ask(gateway, 18080) == first  # the node's ports, from the node itself
     assert node.ask(gateway, 18081) == second
+
+    # A restore on the node publishes its ports again.
+    node.ok("checkpoint", first, "-o", str(tmp_path / "first.kckpt"))
+    assert "18080" not in node.nat_rules()
+    node.ok("restore", str(tmp_path / "first.kckpt"))
+    assert node.ask(gateway, 18080) == first
 
     node.ok("kill", first)
     assert "18080" not in node.nat_rules()
