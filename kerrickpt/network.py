@@ -160,7 +160,7 @@ def plan(
                 f"the node network {net} overlaps this node's own address {interface} on {ifname}: "
                 f"give the node network another subnet ({SUBNET_ENV})"
             )
-    used = {interface.ip for _, interface in own} | {gateway(net), net.network_address, net.broadcast_address}
+    used = {interface.ip for _, interface in own} | {gateway(net)}
     directory = _directory(registry)
     try:
         wanted = _address(address, net) if address is not None else None
@@ -192,6 +192,8 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
         raise UsageError(f"address {text}: give an IPv4 ADDR/PREFIX") from None
     if interface.ip not in net or ("/" in text and interface.network.prefixlen != net.prefixlen):
         raise UsageError(f"address {text} is outside this node's network {net} ({SUBNET_ENV})")
+    if interface.ip in (net.network_address, net.broadcast_address):
+        raise UsageError(f"address {text} is the network {net}'s own (its network or broadcast address)")
     return interface.ip
 
 

@@ -232,6 +232,7 @@ def test_bad_network_input_is_refused_before_the_container_starts(node: Node) ->
         "is in use on this node (by container": ["--net", "own", "--ip", "198.19.0.20/16"],
         "is in use on this node (the node's own)": ["--net", "own", "--ip", f"{gateway}/16"],
         "is outside this node's network": ["--net", "own", "--ip", "198.18.255.5/16"],
+        "(its network or broadcast address)": ["--net", "own", "--ip", "198.19.255.255/16"],
         "publishes node port 18090/tcp": ["--net", "own", "--publish", "18090:80"],
         "need a network of the container's own": ["--ip", "198.19.0.30/16"],
         "give HOSTPORT:PORT": ["--net", "own", "--publish", "80"],
