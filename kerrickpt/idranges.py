@@ -101,6 +101,24 @@ def _claim_one(
     return None
 
 
+def take(registry: Registry, path: Path, name: str) -> bool:
+    """Make the claim file `path` (in a directory of STATE other than this module's) `name`'s, under this module's
+    rule for stale claims and by its means; False if another container holds it. What network claims use."""
+    return _take(registry, path, name)
+
+
+def drop(path: Path, name: str) -> None:
+    """Remove the claim file `path` if `name` still holds it."""
+    _remove_if(path, lambda owner: owner == name)
+
+
+def owner(path: Path) -> str | None:
+    """The container the claim file `path` names; None if there is none (or it is unreadable)."""
+    with contextlib.suppress(FileNotFoundError):
+        return _owner(path.read_bytes())
+    return None
+
+
 def release(registry: Registry, name: str) -> None:
     """Drop the claims of `name`, if it has any; call it before the name is freed (see the module's rule)."""
     for path, owner in _claims(_directory(registry)):
@@ -129,7 +147,12 @@ def drop_stale(registry: Registry, path: Path) -> None:
 
 
 def _directory(registry: Registry) -> Path:
-    directory = registry.root / DIRECTORY
+    return claims_directory(registry, DIRECTORY)
+
+
+def claims_directory(registry: Registry, name: str) -> Path:
+    """STATE/`name`, a private directory of claim files, made if missing."""
+    directory = registry.root / name
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
         os.chmod(directory, 0o700)  # whatever the umask

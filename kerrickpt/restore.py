@@ -26,6 +26,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    network,
     node,
     postcopy,
     procs,
@@ -80,6 +81,7 @@ def restore(
     cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
+    tcp_close: bool = False,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -97,6 +99,10 @@ def restore(
 
     A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
     regular files open at `stdout` and `stderr` in their place, or without them its log here.
+
+    A container with a network of its own gets it back here: its address (it must be free) and MAC, its published
+    ports, and its established TCP connections, or, with `tcp_close`, those closed (a copy next to its source:
+    then it takes another address of the node's subnet if its own is in use).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -135,6 +141,8 @@ def restore(
         # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
         layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
         plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
+        if manifest.network is not None:
+            plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
             init_pid = _restore_as(
                 registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
@@ -185,7 +193,16 @@ def _restore_as(
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
+    own_net: network.Network | None = None
     try:
+        if manifest.network is not None:
+            archived = manifest.network
+            fall_back = plan.tcp == criu.TCP_CLOSE
+            own_net = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
+            # Cut off until its sockets are back: CRIU does not lock a network namespace it did not dump, and
+            # a client's packet for a connection not restored yet would be answered with a reset.
+            network.create(own_net, connected=False)
+            plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
@@ -218,6 +235,8 @@ def _restore_as(
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
+        if own_net is not None:
+            network.unlock(own_net)
         started = procs.start_time(init_pid)
         if started is None:
             if plan.watcher is not None:
@@ -237,6 +256,7 @@ def _restore_as(
                 host_job=manifest.pid_namespace == "host",
                 confinement=plan.confinement,
                 stdio=given.restored(manifest.stdio),
+                network=own_net,
             )
         )
         return init_pid
@@ -245,6 +265,8 @@ def _restore_as(
             plan.watcher.abort()  # before anything else: its daemon must not serve what is torn down
         if group is not None:
             group.remove()
+        if own_net is not None:
+            network.destroy(own_net)
         registry.release(name)
         if isinstance(exc, KerrickptError) and not isinstance(exc, PASSED_ON):
             raise RestoreFailed(f"restore of {name} failed: {exc.message}", log_tail=exc.log_tail) from exc

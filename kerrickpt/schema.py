@@ -142,6 +142,27 @@ class Stdio(msgspec.Struct):
     stderr: FileKey | None = None
 
 
+PortNumber = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Port(msgspec.Struct):
+    """See network.Port."""
+
+    host: PortNumber
+    container: PortNumber
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class Network(msgspec.Struct):
+    """See network.Network."""
+
+    address: Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")]
+    mac: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
+    netns: Annotated[str, msgspec.Meta(pattern=r"^kpn-[0-9a-f]{10}$")]
+    veth: Annotated[str, msgspec.Meta(pattern=r"^kpn[0-9a-f]{10}$")]
+    ports: list[Port] = []
+
+
 class Manifest(msgspec.Struct):
     """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
 
@@ -166,6 +187,7 @@ class Manifest(msgspec.Struct):
     layer: Layer | None = None
     layer_base: LayerBase | None = None
     stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
+    network: Network | None = None  # its own network (absent: it shared its node's)
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).
