@@ -293,4 +293,3 @@ def test_a_record_of_the_first_host_ids_is_refused_and_shown_damaged(tmp_path: P
         registry.get("first")
     assert "maps every id to itself" in str(refused.value) and "`kerrickpt kill first`" in str(refused.value)
     assert {row.name: row.state for row in kerrickpt.ps(state)}["first"] == "damaged"
-

@@ -225,8 +225,8 @@ def test_a_site_without_a_sound_pool_for_users_jobs_is_not_set_up(
 def test_users_jobs_take_ids_that_no_user_has_and_root_s_containers_never_get(checkpoints: Path) -> None:
     user = sudo_user()
     first, _ = isolation.DEFAULT_POOL  # no /etc/subuid entry for root here: the node's pool is the default one
-    shared = Site(checkpoints, isolation.declared_pool(first + 5 * RANGE, 2 * RANGE, "ids of jobs.toml"))
-    with pytest.raises(NotReadyError, match="ids of jobs.toml overlap the id pool of this node's own containers"):
+    shared = Site(checkpoints, isolation.declared_pool(first + 5 * RANGE, 2 * RANGE, "ids of the test site"))
+    with pytest.raises(NotReadyError, match="ids of the test site overlap the id pool of this node's own containers"):
         privilege.job_request(user, "job1", None, RunOptions(), where=shared)
     assert list(checkpoints.iterdir()) == [], "refused before anything is made"
     inside = Caller(JOBS_IDS[0] + 7, user.gid, (user.gid, JOBS_IDS[0] + 9), "ldapuser", through_sudo=True)
