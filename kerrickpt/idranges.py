@@ -71,7 +71,7 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
         raise NoIdRangeError(
             f"no free host id range for container {name}: containers on this node hold all {pool.ranges} of the "
             f"pool ({pool.source}); remove some (`kerrickpt ps`; `kerrickpt gc` frees those of containers that "
-            "are gone) or give root more ranges of 65536 ids in /etc/subuid and /etc/subgid"
+            f"are gone) or {pool.grow}"
         )
     kept = (directory / f"{UID}-{uid_base}", directory / f"{GID}-{gid_base}")
     for path, owner in _claims(directory):  # what a claim of `name` cut short left

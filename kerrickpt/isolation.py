@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kerrickpt import command, helper, namespaces, rootfs
@@ -40,6 +40,7 @@ class IdPool:
     uids: tuple[tuple[int, int], ...]
     gids: tuple[tuple[int, int], ...]
     ranges: int
+    grow: str = "give root more ranges of 65536 ids in /etc/subuid and /etc/subgid"  # how to make it hold more
 
     def first(self) -> tuple[int, int] | None:
         """The host uid and gid the first container range starts at."""
@@ -56,6 +57,7 @@ class IdPool:
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
+        del data["grow"]
         data["uids"] = [list(span) for span in self.uids]
         data["gids"] = [list(span) for span in self.gids]
         return data
@@ -117,7 +119,7 @@ def declared_pool(first: int, count: int, source: str) -> IdPool:
     """The pool users' jobs take their ranges from, as the site declares it: host ids first..first+count-1, for
     uids and gids alike (its whole ranges of ids from LOWEST on)."""
     spans = _whole_ranges([(first, count)], [])
-    return _pool(source, spans, spans)
+    return replace(_pool(source, spans, spans), grow=f"widen the {source}")
 
 
 def _pool(source: str, uids: list[tuple[int, int]], gids: list[tuple[int, int]]) -> IdPool:

@@ -17,7 +17,7 @@ import kerrickpt
 from kerrickpt import containers, idranges
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
 from kerrickpt.idmap import IdMap
-from kerrickpt.isolation import RANGE, IdPool
+from kerrickpt.isolation import RANGE, IdPool, declared_pool
 from tests.helpers import wait_for
 
 UID_FIRST, GID_FIRST = 0x40000000, 0x50000000  # never mapped here: the claims are only files
@@ -62,6 +62,9 @@ def test_a_node_without_a_free_range_refuses_with_exit_3_and_says_how_to_fix_it(
     with pytest.raises(NoIdRangeError) as empty:
         idranges.claim(registry, "b", IdPool("default", (), (), 0))
     assert "no host id range" in str(empty.value) and "root:" in str(empty.value)
+    with pytest.raises(NoIdRangeError) as jobs_full:  # users' jobs' pool, the site's: the site widens it
+        idranges.claim(registry, "b", declared_pool(UID_FIRST, RANGE, "ids of jobs.toml"))
+    assert "widen the ids of jobs.toml" in str(jobs_full.value) and "/etc/subuid" not in str(jobs_full.value)
     assert idranges.held(registry) == {"a": held}
 
 
