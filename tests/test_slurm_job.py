@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import privilege
+from kerrickpt import containers, idranges, privilege
 from kerrickpt.errors import NotAllowedError, RestoreFailed
 from kerrickpt.localslurm import HIGH, LOW, TEST_USER, LocalSlurm
 from tests.helpers import counts, wait_for
@@ -200,6 +200,9 @@ def test_scancel_ends_the_job_without_a_checkpoint_and_leaves_nothing_running(si
         v1 = [path for path in row.cgroup if "/unified/" not in path]
         assert v1 and all(f"/job_{job}/step_batch/" in path for path in v1), "in the job's own cgroups"
         assert all("/slurmd/" in path for path in row.cgroup if "/unified/" in path)
+        first, count = map(int, JOBS_IDS.split(":"))
+        bases = idranges.held(containers.Registry())[row.name]
+        assert all(first <= base < first + count for base in bases), "a user's job's range is of the jobs' pool"
         slurm.run("scancel", str(job))
         assert cluster.ended(job) == "CANCELLED"
         print("DBG", cluster.events("can"), kerrickpt.ps())
