@@ -12,6 +12,7 @@ from kerrickpt.errors import NoIdRangeError, UsageError
 Extent = tuple[int, int, int]
 # Host ids below are the node's own (its system's and its users'): no container's range starts there.
 LOWEST = 65536
+LAST = (1 << 32) - 2  # the last host id: (1 << 32) - 1 is (uid_t) -1, no one's, and no map may name it
 # What the kernel takes in one uid_map or gid_map (user_namespaces(7)): 340 lines, a write of less than a page.
 MAX_EXTENTS = 340
 MAX_BYTES = 4095

@@ -23,14 +23,13 @@ from kerrickpt.errors import (
     UntrustedStoreError,
     UsageError,
 )
-from kerrickpt.idmap import LOWEST
+from kerrickpt.idmap import LAST, LOWEST
 from kerrickpt.isolation import IdPool
 from kerrickpt.manifest import Manifest
 
 CONFIG = Path("/etc/kerrickpt/jobs.toml")
 # Another site configuration, for tests: honoured for root itself only, never through sudo.
 CONFIG_ENV = "KERRICKPT_JOBS_CONFIG"
-LAST_ID = (1 << 32) - 2  # (1 << 32) - 1 is (uid_t) -1, no one's: no map may name it
 ACCESS_TIMEOUT = 30.0  # a volume on storage that hangs must not hold the job forever
 WHAT = "the jobs' checkpoints directory"
 
@@ -127,7 +126,7 @@ def site(who: Caller) -> Site:
 
 
 def _declared_ids(value: object, path: Path) -> IdPool:
-    """The jobs' pool `ids = "FIRST:COUNT"` declares: whole ranges of RANGE ids, from LOWEST up to LAST_ID."""
+    """The jobs' pool `ids = "FIRST:COUNT"` declares: whole ranges of RANGE ids, from LOWEST up to LAST."""
     first, _, count = value.partition(":") if isinstance(value, str) else ("", "", "")
     if not (first.isdigit() and count.isdigit()):
         raise NotReadyError(
@@ -135,10 +134,10 @@ def _declared_ids(value: object, path: Path) -> IdPool:
             "id ranges from, which no user has and root's own containers never get (see contrib/jobs.toml)"
         )
     start, size = int(first), int(count)
-    if start < LOWEST or size < RANGE or start + size - 1 > LAST_ID:
+    if start < LOWEST or size < RANGE or start + size - 1 > LAST:
         raise NotReadyError(
             f"the jobs' configuration {path}: ids {value} must hold at least {RANGE} ids, from {LOWEST} on, "
-            f"up to {LAST_ID}"
+            f"up to {LAST}"
         )
     return isolation.declared_pool(start, size, f"ids of {path}")
 

@@ -40,6 +40,7 @@ from kerrickpt.errors import (
     CommandTimeout,
     KerrickptError,
     NodeIncompatibleError,
+    NoIdRangeError,
     RestoreFailed,
     TransportError,
     UsageError,
@@ -277,7 +278,10 @@ def _confine(
     CRIU. Its user namespace images must map what its confinement says; they are given the new range's map."""
     archived = manifest.confinement
     assert archived is not None
-    was = archived.id_map
+    try:
+        was = archived.id_map
+    except (NoIdRangeError, UsageError) as exc:  # on any node: a range among the node's own ids, or too many groups
+        raise ArchiveCorruptError(f"the archive's recorded id map cannot be given to it: {exc.message}") from None
     ids = idranges.claim(registry, name, pool, prefer=(archived.uid_base, archived.gid_base))
     confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     id_map = confined.id_map  # NoIdRangeError here, before anything is unpacked, if the range holds the user's ids

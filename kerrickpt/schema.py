@@ -10,15 +10,14 @@ import msgspec
 
 from kerrickpt.confinement import RANGE
 from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
+from kerrickpt.idmap import LAST
 
 T = TypeVar("T")
 # `ids` of a container of `--ids host` as it was at first: all the host's ids, mapped to themselves.
 LEGACY_HOST_IDS = (1 << 32) - 1
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
-# A uid or gid: (1 << 32) - 1 is (uid_t) -1, no one's, and no map may hold it.
-LAST_ID = (1 << 32) - 2
-Id = Annotated[int, msgspec.Meta(ge=0, le=LAST_ID)]
+Id = Annotated[int, msgspec.Meta(ge=0, le=LAST)]  # a host or container uid or gid
 Pid = Annotated[int, msgspec.Meta(ge=1, le=2**22)]  # the kernel's pid_max is at most 2^22
 # What migrate makes (uuid4().hex): it names files on the target, so nothing else may pass.
 MIGRATION_ID = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
@@ -112,8 +111,8 @@ class Confinement(msgspec.Struct):
                 if self.ids == LEGACY_HOST_IDS
                 else f"a container has {RANGE} ids or less"
             )
-        if max(self.uid_base, self.gid_base) + self.ids - 1 > LAST_ID:
-            raise ValueError(f"its id range runs past host id {LAST_ID}, the last there is")
+        if max(self.uid_base, self.gid_base) + self.ids - 1 > LAST:
+            raise ValueError(f"its id range runs past host id {LAST}, the last there is")
         if self.host_ids and self.idmapped_lower:
             raise ValueError("a container whose user keeps the host's ids sees its lower layer as it is")
 

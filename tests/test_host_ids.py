@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, idranges, layer, schema
+from kerrickpt import archive, containers, idranges, layer, schema
 from kerrickpt.confinement import HOST, RANGE, Confinement
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError, StateDamagedError, UsageError
 from kerrickpt.idmap import IdMap
 from tests.helpers import assert_consecutive, cli, ticks, unique_name, wait_for
 from tests.test_confined import log, upper
+from tests.test_schema import rewrite
 
 pytestmark = pytest.mark.root
 
@@ -121,6 +122,32 @@ def test_a_large_uid_is_checkpointed_and_restored_keeping_its_files(
     assert said["Uid"].split() == [str(BIG)] * 4
     options = mount_options(restored.init_pid)
     assert "nosuid" in options["/"] and "nosuid" in options["/v"], "the restore kept its mounts nosuid"
+
+
+def test_an_archive_whose_recorded_ids_are_not_what_its_images_map_is_refused_with_exit_6(
+    state_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    status = run_host_ids(state_dir, ["sh", "-c", COUNT], f"{BIG}:{BIG}", volume)
+    wait_for(lambda: len(ticks(log(state_dir, status.name))) > 3, what="ticks")
+    checkpointed = tmp_path / "big.kckpt"
+    kerrickpt.checkpoint(status.name, checkpointed, state_dir=state_dir)
+    body = json.loads(archive.read_index(checkpointed).body)  # type: ignore[union-attr]
+    said = {
+        "otherwise than its recorded confinement": {"uid": BIG + 7},  # what a user's restore would have checked
+        "recorded id map cannot be given": {"uid_base": 4096},  # its root would be a host user's
+    }
+    for why, change in said.items():
+        recorded = json.dumps({**body, "confinement": {**body["confinement"], **change}}).encode()
+        bad = tmp_path / "bad.kckpt"
+        rewrite(checkpointed, bad, frame=recorded, index=recorded)
+        name = unique_name("bad")
+        result = cli("restore", str(bad), "--name", name, state_dir=state_dir)
+        assert result.returncode == 6 and why in result.stderr, result.stderr
+        assert name not in [c.name for c in kerrickpt.ps(state_dir)] and name not in idranges.held(
+            containers.Registry(state_dir)
+        )
+        bad.unlink()
+    assert kerrickpt.restore(checkpointed, state_dir=state_dir).name == status.name, "the archive as it was restores"
 
 
 @pytest.fixture
