@@ -133,7 +133,8 @@ def test_an_archive_whose_recorded_ids_are_not_what_its_images_map_is_refused_wi
     kerrickpt.checkpoint(status.name, checkpointed, state_dir=state_dir)
     body = json.loads(archive.read_index(checkpointed).body)  # type: ignore[union-attr]
     said = {
-        "otherwise than its recorded confinement": {"uid": BIG + 7},  # what a user's restore would have checked
+        # What a user's restore checks is the record: the images must map what it says, nothing else.
+        "otherwise than its recorded confinement": {"groups": [BIG + 9]},
         "recorded id map cannot be given": {"uid_base": 4096},  # its root would be a host user's
     }
     for why, change in said.items():
