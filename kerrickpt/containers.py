@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, network, procs, stdio
+from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, network, procs, schema, stdio
 from kerrickpt import rootfs as rootfs_
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
@@ -178,7 +178,7 @@ class Registry:
         try:
             fields = json.loads(record.read_text())
             if fields.get("confinement") is not None:
-                fields["confinement"] = Confinement.from_dict(fields["confinement"])
+                fields["confinement"] = Confinement.from_dict(schema.recorded_confinement(fields["confinement"]))
             if fields.get("stdio") is not None:
                 fields["stdio"] = stdio.Stdio.from_dict(fields["stdio"])
             if fields.get("network") is not None:
@@ -254,6 +254,7 @@ def run(
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
     ids: str = confinement.OWN,
+    pool: isolation.IdPool | None = None,
     cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -270,7 +271,8 @@ def run(
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
     own (`ids` "own"), but for "host" the uid, gid and groups of `user`, which are the host's own (its root
     and volumes nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
+    (SRC:DST[:ro]) are bound in. Its range comes from `pool`, by default the node's (isolation.id_pool); users'
+    jobs give theirs (privilege.jobs_pool). Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
 
     With `net` network.OWN it has a network namespace of its own on the node's bridge (see network), its
     address `address` (ADDR/PREFIX) or the subnet's first free one, and the node ports `publish`
@@ -305,7 +307,7 @@ def run(
                 name,
                 argv[0],
                 rootfs,
-                idranges.claim(registry, name, isolation.id_pool()),
+                idranges.claim(registry, name, pool or isolation.id_pool()),
                 host_ids=ids == confinement.HOST,
                 user=user,
                 volumes=volumes,

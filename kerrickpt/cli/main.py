@@ -254,6 +254,7 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         # Two users' jobs of one name may meet on a node.
         container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
         admit=lambda manifest: privilege.check_archive(who, manifest),
+        pool=request.pool,
         **_container_options(args, request.options),
         **stdio,
     )
