@@ -29,7 +29,8 @@ from kerrickpt.errors import (
 
 STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_MAX = 63
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
 RECORD = "container.json"
 OWNER = "owner"  # the run that reserved the name, until the record exists
 LOG = "log"
@@ -67,7 +68,7 @@ def claimant_alive(claim: Path) -> bool | None:
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most {NAME_MAX})")
     return name
 
 

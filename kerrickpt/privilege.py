@@ -14,7 +14,7 @@ from typing import Any
 
 from kerrickpt import command, helper, isolation, trust, users
 from kerrickpt.confinement import HOST, HOST_ROOT, RANGE, parse_volume
-from kerrickpt.containers import check_name
+from kerrickpt.containers import NAME_MAX, check_name
 from kerrickpt.errors import (
     CommandTimeout,
     NoIdRangeError,
@@ -75,6 +75,7 @@ class JobRequest:
     directory: Path
     options: RunOptions
     pool: IdPool | None = None
+    container: str | None = None  # its container's name on the node, if not the job's
 
 
 def caller() -> Caller:
@@ -204,9 +205,19 @@ def job_request(
     gid = _own_group(who, options.user)
     volumes = tuple(_reachable_volume(who, text) for text in options.volumes)
     forced = replace(options, rootfs=HOST_ROOT, ids=HOST, user=f"{who.uid}:{gid}", volumes=volumes)
+    container = container_name(who, name)
     where = where or site(who)
     pool = jobs_pool(who, where)
-    return JobRequest(checkpoint_dir(where, who.uid, name), forced, pool)
+    return JobRequest(checkpoint_dir(where, who.uid, name), forced, pool, container)
+
+
+def container_name(who: Caller, name: str) -> str:
+    """The container of `who`'s job `name` on a node, `u<uid>.<name>`: two users' jobs of one name may meet there."""
+    container = f"u{who.uid}.{name}"
+    if len(container) > NAME_MAX:
+        longest = NAME_MAX - len(container) + len(name)
+        raise UsageError(f"job name {name!r} too long: a user's job name has at most {longest} characters")
+    return container
 
 
 def check_archive(who: Caller, manifest: Manifest) -> None:

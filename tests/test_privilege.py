@@ -348,3 +348,16 @@ def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path, monkeypatc
     os.chown(mine / "fifo", user.uid, user.gid)
     with pytest.raises(UsageError, match="No such device"):
         privilege.open_as(user, f"{mine}/fifo", os.O_WRONLY)  # no reader: refused, never waited for
+
+
+def test_a_user_s_job_is_named_for_its_user_on_the_node_and_a_name_too_long_for_that_is_refused(
+    checkpoints: Path,
+) -> None:
+    user = sudo_user()
+    found = privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints, JOBS))
+    assert found.container == f"u{user.uid}.job1", "two users' jobs of one name must not meet on a node"
+    longest = 63 - len(f"u{user.uid}.")
+    assert privilege.job_request(user, "j" * longest, None, RunOptions(), where=Site(checkpoints, JOBS)).container
+    with pytest.raises(UsageError, match=f"at most {longest} characters"):
+        privilege.job_request(user, "j" * (longest + 1), None, RunOptions(), where=Site(checkpoints, JOBS))
+    assert not (checkpoints / str(user.uid) / ("j" * (longest + 1))).exists(), "refused before anything is made"
