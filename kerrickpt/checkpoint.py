@@ -24,6 +24,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    network,
     node,
     procs,
     progress,
@@ -220,6 +221,7 @@ def capture(
     log_external = criuopts.file_key(Path(container.log)) if confined and container and container.log else None
     # Its caller's files, which grow on: named only, so that a restore hands in the files to go on with.
     stdio = container.stdio if container else None
+    own_net = container.network if container else None
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
@@ -230,9 +232,10 @@ def capture(
     try:
         freezer = group.freezer
         with archivewriter.Writer(output, level=level, mirror=mirror) as writer:
-            guardian = guard.Guardian(freezer, (writer.tmp, writer.path))
+            cut_off = own_net if not thaw_after_dump else None
+            guardian = guard.Guardian(freezer, (writer.tmp, writer.path), cut_off.veth if cut_off else None)
             frozen_at = time.monotonic()
-            with guardian, frozen(freezer), _stopped_on_failure(lazy):
+            with guardian, frozen(freezer), _stopped_on_failure(lazy), _cut_off(cut_off):
                 step = "reading the process tree"
                 if host_job:
                     _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
@@ -265,19 +268,22 @@ def capture(
                 cgroup = str(freezer.path)
                 external = criuopts.dump_externals(confined, log_external) if confined else []
                 external += stdio.keys if stdio else []
+                external += [criuopts.netns_external(own_net.pin)] if own_net else []
+                tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source
                 if lazy is not None:
                     lazy.dump(pids[0], images, cgroup, shell_job, external)
                 elif thaw_after_dump:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
                     criu.dump(
-                        found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job, external=external
-                    )
+                        found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job, external=external,
+                        tcp_established=tcp,
+                    )  # fmt: skip
                 else:
                     # The container stays down until its archive is complete: compress while CRIU dumps.
                     sink = writer.under("images/")
                     criu.dump_streamed(
                         found, pids[0], images, scratch, sink, freeze_cgroup=cgroup, shell_job=shell_job,
-                        external=external,
+                        external=external, tcp_established=tcp,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
                 if thaw_after_dump:
@@ -295,7 +301,7 @@ def capture(
                     command=container.command if container else list(tree[0]["cmdline"]),
                     memory_limit=container.memory_limit if container else group.memory_limit(),
                     log_path=log,
-                    namespaces=["ipc"] if host_job else NAMESPACES,
+                    namespaces=["ipc"] if host_job else NAMESPACES + (["net"] if own_net else []),
                     timings=timings,
                     pid_namespace="host" if host_job else "own",
                     shell_job=shell_job,
@@ -307,6 +313,7 @@ def capture(
                     stdio=stdio,
                     layer=layerchain.identity(lineage, index) if lineage and index else None,
                     layer_base=base.as_base() if base else None,
+                    network=own_net,
                 )
                 for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
@@ -349,6 +356,22 @@ def _stopped_on_failure(lazy: LazyDump | None) -> Iterator[None]:
     except BaseException:
         if lazy is not None:
             lazy.stop()
+        raise
+
+
+@contextlib.contextmanager
+def _cut_off(own_net: network.Network | None) -> Iterator[None]:
+    """Cut a container that is to end off its network (see network.lock) until it has: CRIU unlocks the network
+    once it has dumped, and its connections would take packets the archive lacks, then answer its end with a reset.
+    On failure it is connected again."""
+    if own_net is None:
+        yield
+        return
+    network.lock(own_net)
+    try:
+        yield
+    except BaseException:
+        network.unlock(own_net)
         raise
 
 

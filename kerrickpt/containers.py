@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, procs, stdio
+from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, network, procs, schema, stdio
 from kerrickpt import rootfs as rootfs_
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
@@ -29,7 +29,8 @@ from kerrickpt.errors import (
 
 STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_MAX = 63
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
 RECORD = "container.json"
 OWNER = "owner"  # the run that reserved the name, until the record exists
 LOG = "log"
@@ -67,7 +68,7 @@ def claimant_alive(claim: Path) -> bool | None:
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most {NAME_MAX})")
     return name
 
 
@@ -87,6 +88,7 @@ class Container:
     host_job: bool = False  # restored from a job that shared the host's namespaces
     confinement: Confinement | None = None  # its own root and users; None: it shares the host's
     stdio: stdio.Stdio | None = None  # its fd 1 and 2 when they are its caller's files; None: its log
+    network: network.Network | None = None  # its own network namespace and address; None: it shares the node's
 
     @property
     def group(self) -> cgroups.Cgroup:
@@ -113,6 +115,7 @@ class ContainerStatus:
     log: str | None
     created: str | None
     ids: str | None = None
+    address: str | None = None  # its own network's address; None: it shares the node's network
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -168,6 +171,7 @@ class Registry:
 
     def release(self, name: str) -> None:
         idranges.release(self, name)  # first: a claim whose name is gone is anyone's (see idranges)
+        network.release(self, name)
         shutil.rmtree(self.path(name), ignore_errors=True)
 
     def get(self, name: str) -> Container:
@@ -175,9 +179,11 @@ class Registry:
         try:
             fields = json.loads(record.read_text())
             if fields.get("confinement") is not None:
-                fields["confinement"] = Confinement.from_dict(fields["confinement"])
+                fields["confinement"] = Confinement.from_dict(schema.recorded_confinement(fields["confinement"]))
             if fields.get("stdio") is not None:
                 fields["stdio"] = stdio.Stdio.from_dict(fields["stdio"])
+            if fields.get("network") is not None:
+                fields["network"] = network.Network.from_dict(fields["network"])
             container = Container(**fields)
         except FileNotFoundError:
             raise ContainerNotFoundError(f"no container named {name!r} on this node (state: {self.root})") from None
@@ -249,9 +255,13 @@ def run(
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
     ids: str = confinement.OWN,
+    pool: isolation.IdPool | None = None,
     cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
+    net: str | None = None,
+    address: str | None = None,
+    publish: Sequence[str] = (),
 ) -> ContainerStatus:
     """Start a checkpointable container and return once its command runs.
 
@@ -262,9 +272,23 @@ def run(
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
     own (`ids` "own"), but for "host" the uid, gid and groups of `user`, which are the host's own (its root
     and volumes nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own)."""
+    (SRC:DST[:ro]) are bound in. Its range comes from `pool`, by default the node's (isolation.id_pool); users'
+    jobs give theirs (privilege.jobs_pool). Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
+
+    With `net` network.OWN it has a network namespace of its own on the node's bridge (see network), its
+    address `address` (ADDR/PREFIX) or the subnet's first free one, and the node ports `publish`
+    (HOSTPORT:PORT[/tcp|udp]) forwarded to it; with network.HOST (or None) it shares the node's."""
     if not argv:
         raise UsageError("no command given to run")
+    net = net or network.HOST
+    if net not in network.MODES:
+        raise UsageError(f"--net {net}: give one of {', '.join(network.MODES)}")
+    if net == network.HOST and (address or publish):
+        raise UsageError("--ip and --publish need a network of the container's own (--net own)")
+    if net == network.OWN and rootfs is not None:
+        # CRIU dumps only namespaces that belong to the container's user namespace; kerrickpt's is the host's.
+        raise UsageError("--net own does not go with --rootfs yet: such a container could not be checkpointed")
+    ports = network.parse_ports(publish)
     if ids not in confinement.ID_MODES:
         raise UsageError(f"--ids {ids}: give one of {', '.join(confinement.ID_MODES)}")
     if rootfs is None and (user or volumes or env or workdir or ids != confinement.OWN):
@@ -273,14 +297,18 @@ def run(
     registry = Registry(state_dir)
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
+    own_net: network.Network | None = None
     try:
         confined = None
+        if net == network.OWN:
+            own_net = network.plan(registry, name, address, ports)
+            network.create(own_net)
         if rootfs is not None:
             confined = confinement.confine(
                 name,
                 argv[0],
                 rootfs,
-                idranges.claim(registry, name, isolation.id_pool()),
+                idranges.claim(registry, name, pool or isolation.id_pool()),
                 host_ids=ids == confinement.HOST,
                 user=user,
                 volumes=volumes,
@@ -300,7 +328,8 @@ def run(
                 layer.create(confined)
                 # CRIU's restore reopens the log from inside the container's user namespace.
                 rootfs_.share(log_fd, confined)
-            init_pid, idmapped = launcher.spawn(name, argv, group, outputs.outputs(log_fd), confined, layer)
+            netns = own_net.pin if own_net else None
+            init_pid, idmapped = launcher.spawn(name, argv, group, outputs.outputs(log_fd), confined, layer, netns)
             if confined is not None:
                 confined = replace(confined, idmapped_lower=idmapped)
         finally:
@@ -320,12 +349,15 @@ def run(
             memory_limit=memory_limit,
             confinement=confined,
             stdio=given.record(),
+            network=own_net,
         )
         registry.save(container)
         return status(container)
     except BaseException:
         if group is not None:
             group.remove()
+        if own_net is not None:
+            network.destroy(own_net)
         registry.release(name)
         raise
 
@@ -353,6 +385,7 @@ def status(container: Container) -> ContainerStatus:
         log=container.log,
         created=container.created,
         ids=container.confinement.id_mode if container.confinement else None,
+        address=container.network.address if container.network else None,
     )
 
 
@@ -395,9 +428,19 @@ def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
     return sorted(rows, key=lambda row: row.name)
 
 
+def resume(container: Container) -> None:
+    """Let a frozen container run again, on its network too: a checkpoint that was to end it cut it off
+    (see network.lock)."""
+    container.group.freezer.thaw()
+    if container.network is not None:
+        network.unlock(container.network)
+
+
 def remove(registry: Registry, container: Container) -> None:
-    """Kill every process of the container and remove its cgroups and state."""
+    """Kill every process of the container and remove its cgroups, network and state."""
     container.group.remove()
+    if container.network is not None:
+        network.destroy(container.network)
     registry.release(container.name)
 
 
@@ -405,6 +448,7 @@ def remove_abandoned(registry: Registry, name: str) -> None:
     """Kill what runs in `name`'s cgroups and free the name: for one without a (readable) record, such as
     a name whose run died before registering it."""
     cgroups.existing(cgroups.detect(), name).remove()
+    network.sweep(*network.names(registry, name))
     registry.release(name)
 
 

@@ -34,6 +34,8 @@ LOG_LEVEL = 4
 # What compel names the memfd that carries CRIU's parasite code into a task (MEMFD_FNAME): a task
 # whose /proc/PID/maps still shows it was left with CRIU's code inside.
 PARASITE_MAP = "/memfd:CRIUMFD"
+# What a restore does with the established TCP connections in the images (CRIU's option names).
+TCP_ESTABLISHED, TCP_CLOSE = "tcp-established", "tcp-close"
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,11 @@ def dump(
     freeze_cgroup: str,
     shell_job: bool = False,
     external: Sequence[str] = (),
+    tcp_established: bool = False,
 ) -> None:
     """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`;
-    `external` names what CRIU may not dump itself (see criuopts).
+    `external` names what CRIU may not dump itself (see criuopts). With `tcp_established`, its established TCP
+    connections too (CRIU's TCP repair, the network locked meanwhile).
 
     CRIU has limits.DUMP in all. ContainerDamaged if it had to be stopped, or left its code inside.
     """
@@ -194,6 +198,7 @@ def dump(
     client.opts.freeze_cgroup = freeze_cgroup
     client.opts.shell_job = shell_job
     client.opts.external.extend(external)
+    client.opts.tcp_established = tcp_established
     log = work_dir / DUMP_LOG
     try:
         _call(client, "dump", limits.DUMP.seconds(), DumpFailed, log, before_stop=lambda: _hold(freeze_cgroup))
@@ -259,7 +264,14 @@ def _damaged(freeze_cgroup: str, what: str, log: Path) -> ContainerDamaged:
 
 
 def _dump_argv(
-    criu: Criu, pid: int, images_dir: Path, work_dir: Path, freeze_cgroup: str, shell_job: bool, external: Sequence[str]
+    criu: Criu,
+    pid: int,
+    images_dir: Path,
+    work_dir: Path,
+    freeze_cgroup: str,
+    shell_job: bool,
+    external: Sequence[str],
+    tcp_established: bool = False,
 ) -> list[str]:
     """`criu dump` with the options `dump` gives the RPC, for the dumps only the command line can do."""
     argv = [
@@ -271,7 +283,8 @@ def _dump_argv(
         # kerrickpt recreates cgroups itself, with the limits from the manifest.
         "--manage-cgroups=ignore",
     ]  # fmt: skip
-    return argv + (["--shell-job"] if shell_job else []) + criuopts.command_line(external)
+    argv += ["--shell-job"] if shell_job else []
+    return argv + (["--tcp-established"] if tcp_established else []) + criuopts.command_line(external)
 
 
 def dump_streamed(
@@ -284,6 +297,7 @@ def dump_streamed(
     freeze_cgroup: str,
     shell_job: bool = False,
     external: Sequence[str] = (),
+    tcp_established: bool = False,
 ) -> None:
     """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
 
@@ -295,7 +309,8 @@ def dump_streamed(
     coming: limits.DUMP is how long it may send none.
     """
     # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
-    argv = [*_dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job, external), "--stream"]
+    argv = _dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job, external, tcp_established)
+    argv.append("--stream")
     log = work_dir / DUMP_LOG
     with streamer.Capture(images_dir) as capture:
         process = command.start(argv, cwd=images_dir)
@@ -412,9 +427,11 @@ def restore(
     timeout: float | None = None,
     root: Path | None = None,
     external: Sequence[str] = (),
+    tcp: str | None = None,
 ) -> int:
     """Restore a tree (always detached); returns the host PID of its root. A confined container's tree
-    gets `root` as its root and `external` binds (see criuopts).
+    gets `root` as its root and `external` binds (see criuopts). Its established TCP connections come back
+    with `tcp` TCP_ESTABLISHED, or closed with TCP_CLOSE (a copy whose peers must not see two).
 
     With `lazy_pages`, memory comes on demand from the lazy-pages daemon running in `work_dir`.
     With a `gate`, the images come from the streamer serving `images_dir` (`criu restore
@@ -426,8 +443,10 @@ def restore(
     for fd in inherit_fds.values():
         os.set_inheritable(fd, True)
     if gate is not None:
-        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, gate, timeout, root, external)
+        return _restore_streamed(criu, images_dir, work_dir, inherit_fds, shell_job, gate, timeout, root, external, tcp)
     client = _rpc(criu, images_dir, work_dir, RESTORE_LOG)
+    client.opts.tcp_established = tcp == TCP_ESTABLISHED
+    client.opts.tcp_close = tcp == TCP_CLOSE
     client.opts.shell_job = shell_job
     client.opts.lazy_pages = lazy_pages
     client.opts.external.extend(external)
@@ -451,6 +470,7 @@ def _restore_streamed(
     timeout: float,
     root: Path | None,
     external: Sequence[str],
+    tcp: str | None,
 ) -> int:
     argv = [
         # Relative, as for the dump: the socket's path must fit sun_path's 108 bytes.
@@ -461,6 +481,7 @@ def _restore_streamed(
     for key, fd in inherit_fds.items():
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
     argv += criuopts.command_line(external) + (["--root", str(root)] if root is not None else [])
+    argv += [f"--{tcp}"] if tcp is not None else []
     log = work_dir / RESTORE_LOG
     process = command.start(argv + (["--shell-job"] if shell_job else []), cwd=images_dir)
     returncode = command.wait(process, deadline=time.monotonic() + timeout, log=log)

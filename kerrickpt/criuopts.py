@@ -1,5 +1,6 @@
 """Owns the CRIU options a confined container needs, said once as `--external`/`--inherit-fd` strings that
-CRIU's RPC and its command line both take: the host mounts it binds, and the host files its output goes to."""
+CRIU's RPC and its command line both take: the host mounts it binds, the host files its output goes to, and
+the network namespace of its own that kerrickpt makes (see network)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def restore_externals(confinement: Confinement) -> list[str]:
     sources = [f"/dev/{device}" for device in rootfs.DEVICES]
     sources += [str(rootfs.bind_point(rootfs.HOST_BINDS, v)) for v in rootfs.host_paths(confinement)]
     return [f"mnt[{key}]:{source}" for (_, key), source in zip(_keys(confinement), sources, strict=True)]
+
+
+# The `--inherit-fd` key under which a restore hands CRIU the container's network namespace. kerrickpt makes that
+# namespace itself (its interfaces, addresses and routes from the container's record), so CRIU names it rather
+# than dumping it, and restores the processes and their sockets into the one made for the restore.
+NETNS_KEY = "kerrickpt-netns"
+
+
+def netns_external(pin: Path) -> str:
+    """The `--external` that names the network namespace pinned at `pin` as NETNS_KEY."""
+    return f"net[{os.stat(pin).st_ino}]:{NETNS_KEY}"
 
 
 def command_line(externals: list[str]) -> list[str]:

@@ -24,9 +24,10 @@ class Guardian:
     guardian thaws the cgroup. Like Popen, it starts in the constructor.
     """
 
-    def __init__(self, freezer: Freezer, archive: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, freezer: Freezer, archive: tuple[Path, Path] | None = None, link: str | None = None) -> None:
         """`archive` is (the partial file, where it is linked when complete): once it is there,
-        the container's state is in the archive, and a death leaves it frozen for `recover`."""
+        the container's state is in the archive, and a death leaves it frozen for `recover`. `link`, the node end
+        of a container's veth that a checkpoint may have cut off (see network.lock), is set up again with the thaw."""
         reader, writer = os.pipe()
         try:
             # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the
@@ -37,7 +38,7 @@ class Guardian:
             control, thawed = freezer.control(frozen=False)
             written = [str(p) for p in archive] if archive else []
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, str(control), thawed, *written],
+                [sys.executable, "-I", "-S", __file__, str(control), thawed, link or "", *written],
                 stdin=reader,
                 stdout=subprocess.DEVNULL,
                 close_fds=False,
@@ -69,15 +70,15 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, then maybe
-    the archive's partial file and its final path; the pipe is on stdin."""
-    control, thawed = Path(argv[1]), argv[2]
+    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, argv[3] the veth to set
+    up after the thaw (or ""), then maybe the archive's partial file and its final path; the pipe is on stdin."""
+    control, thawed, link = Path(argv[1]), argv[2], argv[3]
     # A container that was ended meanwhile has nothing left to thaw.
     if os.read(0, len(DISARM)) == DISARM or not control.exists():
         return 0
-    if len(argv) == 5 and _linked(Path(argv[3]), Path(argv[4])):
+    if len(argv) == 6 and _linked(Path(argv[4]), Path(argv[5])):
         print(
-            f"kerrickpt guardian: the archive {argv[4]} is complete; {control.parent} stays frozen: "
+            f"kerrickpt guardian: the archive {argv[5]} is complete; {control.parent} stays frozen: "
             "`kerrickpt recover NAME` thaws it, `kerrickpt kill NAME` ends it",
             file=sys.stderr,
         )
@@ -87,6 +88,10 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"kerrickpt guardian: could not thaw {control.parent}: {exc}", file=sys.stderr)
         return 1
+    if link:
+        # network.unlock's command, here without the package (see Guardian): the container is connected again.
+        done = subprocess.run(["ip", "link", "set", link, "up"], stdin=subprocess.DEVNULL, timeout=10, check=False)
+        return 1 if done.returncode else 0
     return 0
 
 

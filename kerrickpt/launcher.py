@@ -26,11 +26,13 @@ def spawn(
     outputs: tuple[int, int],
     confinement: Confinement | None = None,
     layer: rootfs.Layer | None = None,
+    netns: Path | None = None,
 ) -> tuple[int, bool]:
     """Start `argv` as the init of new PID, IPC and UTS namespaces in `group`, its fd 1 and 2 the files open at
     `outputs` (numbered 3 or above), its fd 0 /dev/null; returns its host PID and
     whether its lower layer is idmapped. With a `confinement`, also in its own user and mount namespaces,
     its root the overlay of `layer`, its lower layer idmapped if it asks and this node can (see rootfs.stage).
+    With `netns` (a pinned network namespace) in that network namespace.
 
     The init is PID 1 and a session leader inside its namespace (CRIU refuses a session
     leader outside the tree), has no parent-death signal (a detached restore would kill it),
@@ -43,6 +45,7 @@ def spawn(
         "outputs": list(outputs),
         "confinement": confinement.to_dict() if confinement else None,
         "layer": str(layer.root) if layer else None,
+        "netns": str(netns) if netns else None,
     }
     process = helper.start("launch", pass_fds=sorted(set(outputs)), stdout=subprocess.PIPE)
     helper.send(process, order)
@@ -72,6 +75,9 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
     exec_r, exec_w = os.pipe()  # CLOEXEC: EOF means exec succeeded
     try:
         cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
+        if order["netns"]:
+            # First, with the host's privileges: the network namespace belongs to the host's user namespace.
+            namespaces.setns(order["netns"], namespaces.CLONE_NEWNET)
         idmapped = False
         if order["confinement"] is None:
             namespaces.unshare(namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS)

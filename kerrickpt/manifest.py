@@ -14,6 +14,7 @@ import xxhash
 from kerrickpt import schema, sysvipc
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError
+from kerrickpt.network import Network
 from kerrickpt.node import Fingerprint
 from kerrickpt.stdio import Stdio
 
@@ -79,6 +80,7 @@ class Manifest:
     layer_base: dict[str, str] | None = None
     # CRIU's keys of the caller's files that were its fd 1 and 2 (see stdio), external to the images; None: its log.
     stdio: Stdio | None = None
+    network: Network | None = None  # its own network namespace's address, MAC and published ports
 
     @property
     def criu_version(self) -> str:
@@ -102,6 +104,7 @@ class Manifest:
         data = asdict(self)
         data["source"] = self.source.to_dict()
         data["confinement"] = self.confinement.to_dict() if self.confinement else None
+        data["network"] = self.network.to_dict() if self.network else None
         version = DELTA_VERSION if self.layer_base else VERSION
         return {"format": FORMAT, "version": version, "criu_version": self.criu_version, **data}
 
@@ -162,6 +165,7 @@ class Manifest:
             layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
             stdio=Stdio.from_dict(msgspec.to_builtins(checked.stdio)) if checked.stdio else None,
+            network=Network.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
         )
 
 

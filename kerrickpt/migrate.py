@@ -292,7 +292,7 @@ def _migrate(
             # The target never ran it (it said so, or it cannot have had the whole archive).
             if pages is not None:
                 pages.close()
-            container.group.freezer.thaw()
+            containers.resume(container)
             journal.remove()
             exc.message = f"migration of {name} to {link.target} failed; {name} runs on here again: {exc.message}"
             raise
@@ -454,7 +454,7 @@ def _finish_pages(
     if state in MOVED:
         return  # every page is there
     if state in NEVER_RAN:
-        container.group.freezer.thaw()
+        containers.resume(container)
         journal.remove()
         raise TransportError(
             f"migration of {name} to {link.target} failed; {name} runs on here again: the transfer of its "
@@ -547,7 +547,7 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
             container = registry.get(name)
             if not container.group.freezer.is_frozen():
                 raise UsageError(f"{name} is not frozen and no migration of it is pending: nothing to recover")
-            container.group.freezer.thaw()
+            containers.resume(container)
             return RecoverResult(name=name, migration_id="", outcome="resumed")
         pending = journal.read()
         link = pending.link
@@ -579,7 +579,7 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
         else:  # the target says it does not have it: the only answer that lets the source run again
             if container_here is None:
                 raise ContainerNotFoundError(f"{name} is neither here nor on {link.target}")
-            container_here.group.freezer.thaw()
+            containers.resume(container_here)
             outcome = "resumed"
         journal.remove()
         shutil.rmtree(pending.scratch, ignore_errors=True)

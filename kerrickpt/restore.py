@@ -25,6 +25,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    network,
     node,
     postcopy,
     procs,
@@ -41,6 +42,7 @@ from kerrickpt.errors import (
     CommandTimeout,
     KerrickptError,
     NodeIncompatibleError,
+    NoIdRangeError,
     RestoreFailed,
     TransportError,
     UsageError,
@@ -80,6 +82,8 @@ def restore(
     cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
+    tcp_close: bool = False,
+    pool: isolation.IdPool | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -96,7 +100,12 @@ def restore(
     `cgroup_parents` if given (see cgroups.own).
 
     A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
-    regular files open at `stdout` and `stderr` in their place, or without them its log here.
+    regular files open at `stdout` and `stderr` in their place, or without them its log here. A confined
+    container's id range comes from `pool`, by default the node's (as `containers.run`'s).
+
+    A container with a network of its own gets it back here: its address (it must be free) and MAC, its published
+    ports, and its established TCP connections, or, with `tcp_close`, those closed (a copy next to its source:
+    then it takes another address of the node's subnet if its own is in use).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -136,9 +145,11 @@ def restore(
             # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
             layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
             plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
+            if manifest.network is not None:
+                plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
                 init_pid = _restore_as(
-                    registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
+                    registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
                 )
         handed_over = watcher is not None
     finally:
@@ -182,17 +193,27 @@ def _restore_as(
     helper: restorer.Helper,
     layers: list[layerchain.Delta],
     given: stdio.Given,
+    pool: isolation.IdPool | None,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
+    own_net: network.Network | None = None
     try:
+        if manifest.network is not None:
+            archived = manifest.network
+            fall_back = plan.tcp == criu.TCP_CLOSE
+            own_net = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
+            # Cut off until its sockets are back: CRIU does not lock a network namespace it did not dump, and
+            # a client's packet for a connection not restored yet would be answered with a reset.
+            network.create(own_net, connected=False)
+            plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest, scratch, feed, layers)
+            confined = _confine(registry, name, manifest, scratch, feed, layers, pool or isolation.id_pool())
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path | int] = {}
         if manifest.log_path:
@@ -219,6 +240,8 @@ def _restore_as(
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
+        if own_net is not None:
+            network.unlock(own_net)
         started = procs.start_time(init_pid)
         if started is None:
             if plan.watcher is not None:
@@ -238,6 +261,7 @@ def _restore_as(
                 host_job=manifest.pid_namespace == "host",
                 confinement=plan.confinement,
                 stdio=given.restored(manifest.stdio),
+                network=own_net,
             )
         )
         return init_pid
@@ -246,6 +270,8 @@ def _restore_as(
             plan.watcher.abort()  # before anything else: its daemon must not serve what is torn down
         if group is not None:
             group.remove()
+        if own_net is not None:
+            network.destroy(own_net)
         registry.release(name)
         if isinstance(exc, KerrickptError) and not isinstance(exc, PASSED_ON):
             raise RestoreFailed(f"restore of {name} failed: {exc.message}", log_tail=exc.log_tail) from exc
@@ -268,13 +294,19 @@ def _confine(
     scratch: Path,
     feed: feeder.Feed | None,
     layers: list[layerchain.Delta],
+    pool: isolation.IdPool,
 ) -> Confinement:
-    """Give a confined container its id range here (the one it had, if free; a user's own host ids stay theirs)
-    and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
-    the chain it builds on), or read from the archive's start (its first file) while the rest waits for CRIU."""
+    """Give a confined container its id range here, from `pool` (the one it had, if free; a user's own host ids
+    stay theirs), and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own
+    over the chain it builds on), or read from the archive's start (its first file) while the rest waits for
+    CRIU. Its user namespace images must map what its confinement says; they are given the new range's map."""
     archived = manifest.confinement
     assert archived is not None
-    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+    try:
+        was = archived.id_map
+    except (NoIdRangeError, UsageError) as exc:  # on any node: a range among the node's own ids, or too many groups
+        raise ArchiveCorruptError(f"the archive's recorded id map cannot be given to it: {exc.message}") from None
+    ids = idranges.claim(registry, name, pool, prefer=(archived.uid_base, archived.gid_base))
     confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     id_map = confined.id_map  # NoIdRangeError here, before anything is unpacked, if the range holds the user's ids
     member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
@@ -284,7 +316,7 @@ def _confine(
     target.create(confined)
     images = scratch / "images"
     if feed is None:
-        idranges.remap_images(images, *ids)
+        idranges.remap_images(images, was, id_map)
         with layers[0].tar.open("rb") as fh:
             layer.unpack(fh, target.upper, id_map)
         for delta in layers[1:]:
@@ -292,7 +324,7 @@ def _confine(
                 layer.apply(fh, delta.removed, target.upper, id_map)
         shared = [images, *images.iterdir()]
     else:
-        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, was, id_map))
         with feed.source.member(member, manifest.checksum) as fh:
             layer.unpack(cast(BinaryIO, fh), target.upper, id_map)
             fh.finish()

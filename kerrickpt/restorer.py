@@ -32,6 +32,8 @@ class Plan:
     confinement: Confinement | None = None  # a confined container's, its layer unpacked at `layer`
     layer: rootfs.Layer | None = None
     cgroup_parents: Mapping[Path, Path] | None = None  # where its cgroups go (see cgroups.own); None: the node's
+    netns: Path | None = None  # its own network namespace, made for it (see network); None: it shares the node's
+    tcp: str | None = None  # criu.TCP_ESTABLISHED or TCP_CLOSE: what becomes of its established connections
 
 
 class Helper:
@@ -122,6 +124,8 @@ def _order(
         "timeout": plan.timeout,
         "confinement": plan.confinement.to_dict() if plan.confinement else None,
         "layer": str(plan.layer.root) if plan.layer else None,
+        "netns": str(plan.netns) if plan.netns else None,
+        "tcp": plan.tcp,
         "answers": writer,
     }
 
@@ -142,6 +146,8 @@ class _Order:
     timeout: float | None
     confinement: Confinement | None
     layer: rootfs.Layer | None
+    netns: Path | None
+    tcp: str | None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _Order:
@@ -158,6 +164,8 @@ class _Order:
             timeout=None if data["timeout"] is None else float(data["timeout"]),
             confinement=Confinement.from_dict(data["confinement"]) if data["confinement"] else None,
             layer=rootfs.Layer(Path(data["layer"])) if data["layer"] else None,
+            netns=Path(data["netns"]) if data["netns"] else None,
+            tcp=data["tcp"],
         )
 
 
@@ -209,6 +217,7 @@ def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
         timeout=order.timeout,
         root=rootfs.ROOT if confined else None,
         external=criuopts.restore_externals(confined) if confined else (),
+        tcp=order.tcp,
     )
 
 
@@ -216,6 +225,8 @@ def _child(order: _Order, writer: int) -> None:  # pragma: no cover - the restor
     """Join the cgroup (CRIU and the tree it makes inherit it), make the IPC objects, restore."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC  # as the processes held them: see containers.open_log
     inherit = {key: path if isinstance(path, int) else os.open(path, flags) for key, path in order.inherit.items()}
+    if order.netns is not None:
+        inherit[criuopts.NETNS_KEY] = os.open(order.netns, os.O_RDONLY | os.O_CLOEXEC)
     order.group.add(os.getpid())
     if order.confinement is not None and order.layer is not None:
         rootfs.stage(order.confinement, order.layer)

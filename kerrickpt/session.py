@@ -19,10 +19,10 @@ SHELL = "/bin/sh"
 # The session stops itself until kerrickpt has put it in the container's cgroup, then becomes nsenter,
 # whose child, the command, starts in that cgroup too: nsenter enters namespaces, not cgroups.
 GATE = 'kill -STOP $$ && exec "$@"'
-# nsenter's option for each namespace of the container it enters. The user and mount namespaces only where
-# they are the container's own: entering one's own user namespace fails (EINVAL).
+# nsenter's option for each namespace of the container it enters. The user, mount and network namespaces only
+# where they are the container's own: entering one's own user namespace fails (EINVAL).
 ALWAYS = {"pid": "--pid", "ipc": "--ipc", "uts": "--uts"}
-WHERE_OWN = {"user": "--user", "mnt": "--mount"}
+WHERE_OWN = {"user": "--user", "mnt": "--mount", "net": "--net"}
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 TYPED = (signal.SIGINT, signal.SIGQUIT)  # a terminal sends these to its whole foreground process group
 

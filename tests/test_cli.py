@@ -210,6 +210,7 @@ def test_a_damaged_record_exits_15_and_kill_still_ends_the_container(start_workl
         assert rows[w.name] == {
             "name": w.name, "state": "damaged", "init_pid": None, "init_ns_pid": None, "processes": None,
             "memory_bytes": None, "memory_limit": None, "cgroup": [], "log": None, "created": None, "ids": None,
+            "address": None,
         }  # fmt: skip
         table = cli("ps", state_dir=state_dir)
         assert table.returncode == 0, table.stderr

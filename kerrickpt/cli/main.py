@@ -22,6 +22,7 @@ from kerrickpt import (
     containers,
     layerchain,
     logtail,
+    network,
     postcopy,
     privilege,
     progress,
@@ -211,11 +212,18 @@ def _container_options(args: argparse.Namespace, chosen: privilege.RunOptions) -
 
 def cmd_run(args: argparse.Namespace) -> tuple[Any, int]:
     status = kerrickpt.run(
-        args.name, _command(args), state_dir=args.state_dir, **_container_options(args, _asked(args))
+        args.name,
+        _command(args),
+        state_dir=args.state_dir,
+        net=args.net,
+        address=args.ip,
+        publish=args.publish,
+        **_container_options(args, _asked(args)),
     )
     if not args.json:
         inside = status.init_ns_pid or "-"
-        print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}")
+        at = f", address {status.address}" if status.address else ""
+        print(f"started {status.name}: init pid {status.init_pid} (pid {inside} inside), {status.state}{at}")
     return status.to_dict(), 0
 
 
@@ -244,9 +252,9 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         keep=args.keep,
         events=Events.open(args.events, args.name, opener=lambda path: privilege.open_as(who, path, flags)),
         level=args.level,
-        # Two users' jobs of one name may meet on a node.
-        container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
+        container=request.container,
         admit=lambda manifest: privilege.check_archive(who, manifest),
+        pool=request.pool,
         **_container_options(args, request.options),
         **stdio,
     )
@@ -388,6 +396,7 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
             force=args.force,
             pid_namespace=args.pid_namespace,
             bases=bases,
+            tcp_close=args.tcp_close,
         )
     if not args.json:
         if args.store:
@@ -712,6 +721,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --against: accept errors that --force accepts")
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
     p.add_argument("--name", required=True)
+    p.add_argument(
+        "--net",
+        choices=network.MODES,
+        default=network.HOST,
+        help="host: share this node's network (the default); own: a network namespace of its own, with "
+        "loopback and one interface on the node's bridge (see README, Network)",
+    )
+    p.add_argument(
+        "--ip",
+        metavar="ADDR/PREFIX",
+        help="with --net own: this address in the node's subnet (default: its first free one)",
+    )
+    p.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="HOSTPORT:PORT[/tcp|udp]",
+        help="with --net own: forward this node port to the container's port (repeatable)",
+    )
     _run_options(p)
     add("ps", cmd_ps, "list this node's containers")
 
@@ -783,6 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="new",
         help="for a job that shared the host's namespaces: back at its PIDs in a new PID namespace (default), "
         "or in the host's, if its PIDs are free there",
+    )
+    p.add_argument(
+        "--tcp-close",
+        action="store_true",
+        help="for a container with its own network: restore its established TCP connections closed (a copy "
+        "next to a source that still runs; it takes another address if its own is in use)",
     )
     p.add_argument("--store", metavar="DIR", help="restore NAME's latest snapshot in this store (or the one --at)")
     pick = p.add_mutually_exclusive_group()
