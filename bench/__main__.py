@@ -61,7 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.reps < 1 or min(args.sizes) < 1 or args.snapshots < 1:
         parser.error("--reps, --snapshots and every size must be at least 1 (MiB)")
     if "repeated" in args.cases and (absent := [m for m in args.repeat_at if m not in args.sizes]):
-        parser.error(f"--repeat-at {', '.join(f'{m}M' for m in absent)} is not among --sizes")
+        parser.error(f"--repeat-at {', '.join(f'{m}M' for m in absent)} is not among --sizes: "
+                     "give sizes of the run, or leave `repeated` out of --cases")  # fmt: skip
     if min(args.layers) < 0:
         parser.error("a layer size cannot be negative")
     return args
