@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import DEFAULT, NAMES, plan
+from bench.cases import DEFAULT, NAMES, Repeat, plan
 from bench.lab import BenchError, Lab, run
 from bench.picture import draw
 from bench.report import Results
@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "before the checkpoint, comma-separated (default: %(default)s)")  # fmt: skip
     parser.add_argument("--snapshots", type=int, default=20, help="snapshots in a row of the repeated case "
                         "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between the repeated case's snapshots "
+                        "(default: %(default)s, back to back)")  # fmt: skip
     parser.add_argument("--repeat-at", default="1G", help="the sizes the repeated case runs at, among --sizes, "
                         "comma-separated (default: %(default)s)")  # fmt: skip
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -60,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
     if args.reps < 1 or min(args.sizes) < 1 or args.snapshots < 1:
         parser.error("--reps, --snapshots and every size must be at least 1 (MiB)")
+    if args.pause < 0:
+        parser.error("--pause cannot be negative")
     if "repeated" in args.cases and (absent := [m for m in args.repeat_at if m not in args.sizes]):
         parser.error(f"--repeat-at {', '.join(f'{m}M' for m in absent)} is not among --sizes: "
                      "give sizes of the run, or leave `repeated` out of --cases")  # fmt: skip
@@ -96,7 +100,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         with Lab() as lab:
             for mib in args.sizes:
-                steps = plan(args.cases, args.layers, args.snapshots if mib in args.repeat_at else 0)
+                repeat = Repeat(args.snapshots, args.pause) if mib in args.repeat_at else None
+                steps = plan(args.cases, args.layers, repeat)
                 for rep in range(0 if args.warmup else 1, args.reps + 1):
                     for kind in args.kinds:
                         for step, case in steps:
@@ -112,7 +117,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     config: dict[str, Any] = {"sizes_mib": args.sizes, "kinds": args.kinds, "reps": args.reps, "cases": args.cases,
-                              "layers_mib": args.layers, "snapshots": args.snapshots, "repeat_at_mib": args.repeat_at,
+                              "layers_mib": args.layers, "snapshots": args.snapshots, "pause_s": args.pause,
+                              "repeat_at_mib": args.repeat_at,
                               "warmup": args.warmup, "command": " ".join(["bench/run", *argv])}  # fmt: skip
     report = results.to_dict(machine(), config)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -87,13 +87,23 @@ def snapshot(lab: Lab, mib: int, kind: str) -> Outcome:
     )
 
 
-def repeated(lab: Lab, mib: int, kind: str, count: int) -> Outcome:
-    """`kerrickpt snapshot` `count` times in a row into a store that keeps the last one: each one's frozen window."""
+@dataclass(frozen=True)
+class Repeat:
+    """How the repeated case runs: `count` snapshots, `pause` seconds between them (cron's minutes, shortened)."""
+
+    count: int
+    pause: float = 0.0
+
+
+def repeated(lab: Lab, mib: int, kind: str, repeat: Repeat) -> Outcome:
+    """`kerrickpt snapshot` again and again into a store that keeps the last one: each one's frozen window."""
     job = lab.start(mib, kind)
     frozen, walls = [], []
     with removed(job.node, job.name), lab.scratch("store") as store:
         started = time.monotonic()
-        for _ in range(count):
+        for n in range(repeat.count):
+            if n:
+                time.sleep(repeat.pause)
             answer, wall, _peak = kerrickpt(
                 job.node, "snapshot", job.name, "--store", str(store), "--keep-last", "1", timeout=timeout_for(mib)
             )
@@ -222,22 +232,23 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
     "confined": confined,
     "confined_migrate": confined_migrate,
 }
-REPEATED = "repeated"  # runs only at the sizes of `--repeat-at`, `--snapshots` snapshots each time
+REPEATED = "repeated"  # runs only at the sizes of `--repeat-at`, `--snapshots` snapshots `--pause` s apart
 NAMES = (*CASES, *LAYERED, REPEATED)
 # DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for.
 DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job"))
 
 
 def plan(
-    cases: list[str], layers: list[int], snapshots: int = 0
+    cases: list[str], layers: list[int], repeat: Repeat | None = None
 ) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
     """The steps of one repetition, in the order given: each case, a layered one once per layer size, the repeated
-    one with `snapshots` snapshots (left out when 0: not at this size)."""
+    one as `repeat` says (left out without it: not at this size)."""
     steps: list[tuple[str, Callable[[Lab, int, str], Outcome]]] = []
     for case in cases:
         if case == REPEATED:
-            if snapshots:
-                steps.append((f"{case} ({snapshots} snapshots)", functools.partial(repeated, count=snapshots)))
+            if repeat:
+                label = f"{case} ({repeat.count} snapshots, {repeat.pause:g} s apart)"
+                steps.append((label, functools.partial(repeated, repeat=repeat)))
         elif case in LAYERED:
             steps += [(f"{case} layer {n} MiB", functools.partial(LAYERED[case], layer_mib=n)) for n in layers]
         else:

@@ -13,7 +13,7 @@ READ_BYTES = 1 << 20
 
 
 class Reserve:
-    """A streamer.Sink for a dump's images that writes them into pages the machine has already given out.
+    """A streamer.PipeSink for a dump's images that writes them into pages the machine has already given out.
 
     Memory taken while the container is frozen costs the freeze what the machine makes it cost: page
     allocation and zeroing, reclaim when memory is short, and on a VM that hands free pages back to
@@ -40,16 +40,26 @@ class Reserve:
             raise
 
     def write(self, name: str, data: bytes) -> None:
-        pieces = self.pieces.setdefault(name, [])
         view, at = memoryview(data), self.used
         while view:  # a short write goes on where it stopped
             written = os.pwrite(self.fd, view, at)
             view, at = view[written:], at + written
+        self._add(name, len(data))
+
+    def take(self, name: str, pipe: int, most: int) -> int:
+        """streamer.PipeSink: CRIU's pages go from its pipe into the reserve's pages, copied once, by the kernel."""
+        moved = os.splice(pipe, self.fd, most, offset_dst=self.used)
+        self._add(name, moved)
+        return moved
+
+    def _add(self, name: str, length: int) -> None:
+        """`length` more bytes of image `name` were written at the end of what is used."""
+        pieces = self.pieces.setdefault(name, [])
         if pieces and sum(pieces[-1]) == self.used:  # CRIU's writes to one image often follow each other
-            pieces[-1] = (pieces[-1][0], pieces[-1][1] + len(data))
-        else:
-            pieces.append((self.used, len(data)))
-        self.used += len(data)
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + length)
+        elif length:
+            pieces.append((self.used, length))
+        self.used += length
 
     def end(self, name: str) -> None:
         self.pieces.setdefault(name, [])  # an empty image is an image too

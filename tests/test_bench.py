@@ -19,23 +19,11 @@ RUN = Path(__file__).parent.parent / "bench" / "run"
 
 def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
+    # A tiny layer beside the empty one: enough to show the layer's cost is measured.
+    args = ["--sizes", "16M", "--reps", "1", "--layers", "0,4M", "--json", str(out)]
+    args += ["--repeat-at", "16M", "--snapshots", "3", "--pause", "0.1"]
     result = subprocess.run(
-        # A tiny layer beside the empty one: enough to show the layer's cost is measured.
-        [
-            str(RUN),
-            "--sizes",
-            "16M",
-            "--reps",
-            "1",
-            "--layers",
-            "0,4M",
-            "--repeat-at",
-            "16M",
-            "--snapshots",
-            "3",
-            "--json",
-            str(out),
-        ],
+        [str(RUN), *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -72,5 +60,7 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert "target of issue 6, 13 (confined), 14 (job) or 17 (repeated)" in result.stdout
     assert "memory verified after 48 of 48 restores (24 of them in warm-up runs)" in result.stdout
     assert "16 MiB heap warm-up: raw" in result.stderr
+    assert "16 MiB mixed rep 1: repeated (3 snapshots, 0.1 s apart)" in result.stderr
+    assert report["config"]["pause_s"] == 0.1
     for ratio in RATIOS:
         assert ratio.label in result.stdout

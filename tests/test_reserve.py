@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt.reserve import NAME, Reserve
+from kerrickpt.streamer import PipeSink
 
 
 class Recorder:
@@ -85,3 +86,28 @@ def test_nothing_is_kept_once_it_is_closed_even_after_a_failure(scratch: Path) -
         empty.write("pages-1.img", b"a")
         assert os.stat(scratch / NAME).st_size == 1
     assert list(scratch.iterdir()) == []
+
+
+def test_images_taken_straight_from_criu_pipes_land_as_written_ones_do(scratch: Path) -> None:
+    pages, core = os.urandom(300_000), os.urandom(5000)
+    reader, writer = os.pipe()
+    with closing(Reserve(scratch, 2**20)) as reserve:
+        assert isinstance(reserve, PipeSink), "the streamer splices into it rather than reading through Python"
+        os.write(writer, pages[:60_000])
+        assert reserve.take("pages-1.img", reader, 2**20) == 60_000
+        reserve.write("core-1.img", core)
+        reserve.end("core-1.img")
+        rest = memoryview(pages)[60_000:]
+        while rest:
+            sent = os.write(writer, rest[:50_000])
+            rest = rest[sent:]
+            assert reserve.take("pages-1.img", reader, 2**20) == sent
+        os.close(writer)
+        assert reserve.take("pages-1.img", reader, 2**20) == 0, "the pipe's end"
+        os.close(reader)
+        reserve.end("pages-1.img")
+        assert os.stat(scratch / NAME).st_size == 2**20, "in place"
+        out = Recorder()
+        reserve.into(out)
+    assert out.files == {"pages-1.img": pages, "core-1.img": core}
+    assert list(out.files) == ["pages-1.img", "core-1.img"]
