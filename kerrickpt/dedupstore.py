@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archiveindex, chunks, faults, recipe, zstdframe
+from kerrickpt import archive, archiveindex, chunks, faults, members, recipe, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
@@ -118,6 +118,10 @@ class Source:
         if self.recipe.key is not None:
             raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
         recipe.check_files(self.recipe, [m.name for m in self.manifest.members])
+        # Each becomes a file under the restore's scratch, written as root: as the archive's tar parser does.
+        unsafe = [name for name in self.recipe.files if not members.allowed(name)]
+        if unsafe:
+            raise ArchiveCorruptError(f"{path} names files kerrickpt never writes: {', '.join(map(repr, unsafe))}")
 
     @property
     def label(self) -> str:

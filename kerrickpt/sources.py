@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -76,8 +77,10 @@ def opened(source: Path | BinaryIO) -> Iterator[Source]:
     """`source` as a Source: a `*.recipe` in a deduplicating store is read from the store's chunks, under their
     lock held shared (no prune frees or moves a chunk meanwhile); anything else is an archive."""
     if isinstance(source, Path) and source.name.endswith(recipe.SUFFIX):
-        root = source.absolute().parent.parent
+        series = Path(os.path.realpath(source.absolute().parent))
+        root = series.parent
         trust.check_tree(root, "snapshot store")  # root restores what it finds there
+        trust.check(series, "snapshot series")  # as the store's: whoever writes there could plant a recipe
         if dedupstore.engine(root) is None:  # a newer store is refused here, before anything is read
             raise ArchiveCorruptError(f"{source} is a recipe outside a deduplicating store")
         with chunks.Chunks(root / chunks.DIRECTORY, create=False) as store, store.lock(exclusive=False):

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from kerrickpt import archivewriter, chunks, dedupstore, recipe, sources
-from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.errors import ArchiveCorruptError, StoreFormatError, UntrustedStoreError
 from kerrickpt.manifest import Manifest
 from kerrickpt.store import VERIFIED, Snapshot, Store
 from tests.helpers import cli
@@ -320,3 +320,34 @@ def test_two_runs_at_once_into_one_store_both_publish_whole(store: Store, tmp_pa
     for name, content in contents.items():
         (snap,) = store.list(name)
         assert read_back(snap, tmp_path / f"{name}-pruned") == content
+
+
+def test_a_recipe_naming_a_file_outside_its_folder_is_refused_before_anything_is_written(
+    store: Store, tmp_path: Path
+) -> None:
+    snap = take(store, "job1", T0, memory(24))
+    made = recipe.read(snap.path)
+    escape = "images/../../escaped"
+    manifest = json.loads(made.manifest)
+    for member in manifest["members"]:
+        if member["name"] == "images/inventory.img":
+            member["name"] = escape
+    files = {escape if name == "images/inventory.img" else name: runs for name, runs in made.files.items()}
+    snap.path.write_bytes(recipe.Recipe(json.dumps(manifest).encode(), files).encode())
+    (tmp_path / "out" / "deep").mkdir(parents=True)
+
+    with pytest.raises(ArchiveCorruptError, match="never writes"), sources.opened(snap.path) as source:
+        source.extract(tmp_path / "out" / "deep")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out" / "escaped").exists()
+    assert not list((tmp_path / "out" / "deep").iterdir())
+
+
+def test_a_recipe_in_a_series_folder_others_may_write_in_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(25))
+    store.directory("job1").chmod(0o777)
+    try:
+        with pytest.raises(UntrustedStoreError, match="series"):
+            read_back(snap, tmp_path / "out")
+    finally:
+        store.directory("job1").chmod(0o700)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
