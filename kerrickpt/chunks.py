@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import sqlite3
@@ -17,11 +18,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
+from urllib.parse import quote
 
 import zstandard
 
 from kerrickpt import archivewriter, faults, trust, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, BusyError, StoreFormatError
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    ArchiveUnreadableError,
+    BusyError,
+    StoreDamagedError,
+    StoreFormatError,
+    StoreUnreadableError,
+)
 
 CHUNK = 4096  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
 DIRECTORY = ".chunks"
@@ -41,6 +50,8 @@ SPAN_BYTES = 4 << 20  # the most read from a pack at once
 REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
 LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
 POLL = 0.05
+
+log = logging.getLogger(__name__)
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -64,49 +75,68 @@ class Chunks:
     `sweep` (the lock held exclusive), so what the index names is always whole in a pack on disk.
     """
 
-    def __init__(self, root: Path, *, create: bool = True) -> None:
+    def __init__(self, root: Path, *, create: bool = False) -> None:
+        """Open the chunks under `root`; only `create` (`snapshots init`) makes them. Any other open refuses an index
+        that is missing, empty or not kerrickpt's (StoreDamagedError): a new one would number chunks again from 1,
+        the ids the recipes name, and a prune would then take every pack for dead."""
         self.root = root
         self.packs = root / PACKS
-        if not create and not (root / INDEX).is_file():
-            raise ArchiveCorruptError(f"the store's chunks are gone: {root / INDEX} does not exist")
+        self.index = root / INDEX
+        if create:
+            for directory in (root, self.packs):
+                directory.mkdir(mode=0o700)
+            # Its own file first, 0600: SQLite would create it (and its journal, which copies its mode) 0644.
+            os.close(os.open(self.index, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif not self.index.is_file() or self.index.stat().st_size == 0:
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} is missing or empty: its snapshots cannot be read, and nothing "
+                "in the store is changed (restore the index from a backup of the store)"
+            )
         for directory in (root, self.packs):
-            directory.mkdir(mode=0o700, exist_ok=True)
             trust.check(directory, "snapshot store's chunks")
-        index = root / INDEX
-        # Its own file first, 0600: SQLite would create it (and its journal, which copies its mode) 0644.
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(index, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        self.db = sqlite3.connect(index, isolation_level=None, timeout=LOCK_WAIT)
+        with _index_errors(self.index):
+            # mode=rw: never made anew here, should it go between the check above and this.
+            self.db = sqlite3.connect(
+                f"file:{quote(str(self.index))}?mode=rw", uri=True, isolation_level=None, timeout=LOCK_WAIT
+            )
         try:
-            version = self._open()
+            with _index_errors(self.index):
+                if create:
+                    self._create()
+                self._check_version()
+                self.db.execute("PRAGMA synchronous=FULL")
         except BaseException:
             self.db.close()
             raise
-        if version > INDEX_VERSION:
-            self.db.close()
-            raise StoreFormatError(
-                f"the chunk index {index} is of format version {version}; this kerrickpt reads up to "
-                f"{INDEX_VERSION}: use the kerrickpt that wrote it, or a newer one"
-            )
         self.threads = os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
         self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
 
-    def _open(self) -> int:
-        """Set the index up (if new) and return its format version."""
-        with _index_errors(self.root / INDEX):
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            with self.transaction():
-                self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-                self.db.execute(
-                    "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
-                    "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
-                )
-                self.db.execute("CREATE INDEX IF NOT EXISTS chunks_pack ON chunks (pack)")
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
-                (version,) = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-        return int(version)
+    def _create(self) -> None:
+        self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later open uses it
+        with self.transaction():
+            self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
+                "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
+            )
+            self.db.execute("CREATE INDEX chunks_pack ON chunks (pack)")
+            self.db.execute("INSERT INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
+
+    def _check_version(self) -> None:
+        """Refuse an index of a newer format, or one that is not kerrickpt's, before anything is written to it."""
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone() if "meta" in tables else None
+        if row is None or "chunks" not in tables or type(row[0]) is not int:
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} is not a kerrickpt chunk index (its tables or version are "
+                "missing): nothing in the store is changed (restore the index from a backup of the store)"
+            )
+        if row[0] > INDEX_VERSION:
+            raise StoreFormatError(
+                f"the chunk index {self.index} is of format version {row[0]}; this kerrickpt reads up to "
+                f"{INDEX_VERSION}: use the kerrickpt that wrote it, or a newer one"
+            )
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -121,13 +151,14 @@ class Chunks:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One SQLite transaction, taken for writing at once: concurrent runs queue rather than deadlock."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with _index_errors(self.index):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     @contextlib.contextmanager
     def lock(self, *, exclusive: bool, wait: float = LOCK_WAIT) -> Iterator[None]:
@@ -160,7 +191,8 @@ class Chunks:
         for start in range(0, len(digests), LOOKUP_BATCH):
             batch = digests[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
-            found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
+            with _index_errors(self.index):
+                found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
         return found
 
     def locate(self, runs: list[tuple[int, int]]) -> list[Located]:
@@ -168,7 +200,7 @@ class Chunks:
         LOOKUP_BATCH / 2); ArchiveCorruptError if the index lacks one."""
         ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(runs))
         bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
-        with _index_errors(self.root / INDEX):
+        with _index_errors(self.index):
             rows = self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
             found = {row[0]: Located._make(row) for row in rows}
         try:
@@ -246,41 +278,68 @@ class Chunks:
         """Rewrite the packs whose dead chunks passed REWRITE_DEAD into new packs; the old ones' names.
 
         Each new pack is whole on disk before the index names it, the old one removed only
-        once the index no longer does: a kill at any point loses nothing the index names. Hold `lock` exclusive.
+        once the index no longer does: a kill at any point loses nothing the index names. A pack that cannot be
+        read whole is left as it is, with a warning (`verify` finds what it damages), so that it stops no prune.
+        Copied SPAN_BYTES at a time. Hold `lock` exclusive.
         """
         rewritten = []
-        for pack, live in self.db.execute("SELECT pack, SUM(length) FROM chunks GROUP BY pack").fetchall():
+        with _index_errors(self.index):
+            packs = self.db.execute("SELECT pack, SUM(length) FROM chunks GROUP BY pack").fetchall()
+        for pack, live in packs:
             try:
                 size = (self.packs / pack).stat().st_size
             except FileNotFoundError:
                 continue  # lost: what needs it is corrupt (`verify` says so), and there is nothing to move
             if size - live < REWRITE_DEAD * size:
                 continue
-            rows = [
-                Located(*row)
-                for row in self.db.execute(
-                    "SELECT id, digest, pack, offset, length FROM chunks WHERE pack = ? ORDER BY offset", (pack,)
-                )
-            ]
-            with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
-                moved = list(zip(new.append([packs.entry(row) for row in rows]), [row.id for row in rows], strict=True))
-                faults.inject("chunks-rewrite-before-rename")
-                new.publish()
+            with _index_errors(self.index):
+                rows = [
+                    Located(*row)
+                    for row in self.db.execute(
+                        "SELECT id, digest, pack, offset, length FROM chunks WHERE pack = ? ORDER BY offset", (pack,)
+                    )
+                ]
+            try:
+                new = self._copy(rows)
+            except ArchiveCorruptError as exc:  # unreadable too
+                log.warning("pack %s was not rewritten, its dead chunks stay: %s", pack, exc.message)
+                continue
             faults.inject("chunks-rewrite-before-index")
             with self.transaction():
-                self.db.executemany(
-                    "UPDATE chunks SET pack = ?, offset = ? WHERE id = ?", ((new.name, o, i) for o, i in moved)
-                )
+                self.db.executemany("UPDATE chunks SET pack = ?, offset = ? WHERE id = ?", new)
             faults.inject("chunks-rewrite-before-unlink")
             (self.packs / pack).unlink()
             rewritten.append(pack)
         archivewriter.fsync_dir(self.packs)
         return rewritten
 
-    def clean(self) -> list[Path]:
-        """Remove packs the index does not name and the hidden files of runs that died. Hold `lock` exclusive."""
-        named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks")}
-        gone = [p for p in sorted(self.packs.iterdir()) if p.name not in named]
+    def _copy(self, rows: list[Located]) -> list[tuple[str, int, int]]:
+        """The entries of `rows` copied span by span into a new pack, on disk; each one's new (pack, offset, id)."""
+        moved: list[tuple[str, int, int]] = []
+        with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
+            for span in _spans(rows):
+                offsets = new.append(packs.entries(span))
+                moved += ((new.name, offset, row.id) for offset, row in zip(offsets, span, strict=True))
+            faults.inject("chunks-rewrite-before-rename")
+            new.publish()
+        return moved
+
+    def clean(self, *, needed: bool) -> list[Path]:
+        """Remove packs the index does not name and the hidden files of runs that died. Hold `lock` exclusive.
+
+        `needed`: snapshots name chunks. Then an index that names no pack while packs exist has lost them (a
+        store's packs are the only copy of its snapshots): StoreDamagedError, and nothing is removed.
+        """
+        with _index_errors(self.index):
+            named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks")}
+        present = sorted(self.packs.iterdir())
+        if needed and not named and any(p.name.endswith(PACK_SUFFIX) and not p.name.startswith(".") for p in present):
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} names no chunk while its snapshots need some and "
+                f"{self.packs} holds packs: the index was lost or replaced; no pack was removed "
+                "(restore the index from a backup of the store)"
+            )
+        gone = [p for p in present if p.name not in named]
         for path in gone:
             path.unlink(missing_ok=True)
         return gone
@@ -444,22 +503,32 @@ class _Packs:
             raise ArchiveCorruptError(f"pack {first.pack} is truncated (chunk {span[-1].id} ends early)")
         return data
 
-    def entry(self, chunk: Located) -> bytes:
-        """A chunk's whole entry as stored, its header checked against the index."""
-        data = self.read([chunk])
-        _check_header(memoryview(data), chunk)
-        return data
+    def entries(self, span: list[Located]) -> list[bytes]:
+        """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index."""
+        data = memoryview(self.read(span))
+        entries = []
+        for chunk in span:
+            entry, data = data[: chunk.length], data[chunk.length :]
+            _check_header(entry, chunk)
+            entries.append(bytes(entry))
+        return entries
 
 
 @contextlib.contextmanager
 def _index_errors(path: Path) -> Iterator[None]:
-    """SQLite's word that the index is not a database, or a damaged one, as ArchiveCorruptError."""
+    """SQLite's failures as the store's: only its word that the index is damaged or not a database says so
+    (StoreDamagedError); any other (an I/O error, a full disk, a file it cannot open) says nothing of what the
+    index holds (StoreUnreadableError); held by another past the wait, BusyError."""
     try:
         yield
-    except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-            raise
-        raise ArchiveCorruptError(f"the chunk index {path} is damaged: {exc}") from exc
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise StoreDamagedError(f"the store's chunk index {path} is damaged: {exc}") from exc
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise BusyError(f"the store's chunk index {path} is held by another kerrickpt: {exc}") from exc
+        raise StoreUnreadableError(f"the store's chunk index {path} could not be used: {exc}") from exc
 
 
 def _spans(chunks: list[Located]) -> Iterator[list[Located]]:

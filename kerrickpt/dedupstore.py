@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, archiveindex, chunks, faults, members, recipe, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.errors import ArchiveCorruptError, StoreDamagedError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
@@ -29,24 +29,26 @@ INCOMING_LEVEL = -3
 def engine(root: Path) -> str | None:
     """The engine of the store at `root`: "chunks", or None for a store of whole archives (no marker).
 
-    Raises StoreFormatError for a store a newer kerrickpt wrote, ArchiveCorruptError for a damaged marker.
+    Raises StoreFormatError for a store a newer kerrickpt wrote, StoreDamagedError for a damaged marker.
     """
     try:
         marker = json.loads((root / MARKER).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ArchiveCorruptError(f"the store's marker {root / MARKER} is unreadable: {exc}") from exc
+        raise StoreDamagedError(f"the store's marker {root / MARKER} is unreadable: {exc}") from exc
     if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
-        raise ArchiveCorruptError(f"{root / MARKER} does not describe a kerrickpt store")
+        raise StoreDamagedError(f"{root / MARKER} does not describe a kerrickpt store")
     version = marker.get("version")
-    if type(version) is not int or version > STORE_VERSION:
+    if type(version) is not int:
+        raise StoreDamagedError(f"{root / MARKER} gives no format version: {version!r}")
+    if version > STORE_VERSION:
         raise StoreFormatError(
             f"the snapshot store {root} is of format version {version}; this kerrickpt reads up to "
             f"{STORE_VERSION}: use the kerrickpt that wrote it, or a newer one"
         )
     if marker.get("engine") != ENGINE:
-        raise ArchiveCorruptError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
+        raise StoreDamagedError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
     return ENGINE
 
 
@@ -58,7 +60,7 @@ def create(root: Path) -> None:
         out.write(body)
         out.flush()
         os.fsync(out.fileno())
-    chunks.Chunks(root / chunks.DIRECTORY).close()
+    chunks.Chunks(root / chunks.DIRECTORY, create=True).close()
 
 
 class _Cutter:
@@ -215,4 +217,4 @@ def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
         forgotten = store.sweep(live)
         faults.inject("dedup-before-rewrite")
         rewritten = store.rewrite()
-        return Swept(forgotten, rewritten, store.clean())
+        return Swept(forgotten, rewritten, store.clean(needed=bool(live)))

@@ -69,6 +69,16 @@ class ArchiveUnreadableError(ArchiveCorruptError):
     """The archive could not be read (an I/O error): that says nothing about its contents."""
 
 
+class StoreUnreadableError(ArchiveUnreadableError):
+    """A deduplicating store's chunk index could not be read or written (an I/O error, a full disk): that says
+    nothing of any one snapshot, so nothing is judged by it."""
+
+
+class StoreDamagedError(StoreUnreadableError):
+    """A deduplicating store's chunk index is missing, empty, not a database or damaged: the store as a whole is,
+    not any one snapshot, so none is judged corrupt by it (nor pruned for it)."""
+
+
 class NodeIncompatibleError(KerrickptError):
     """This node cannot take the archive (architecture, CPU, kernel, CRIU...)."""
 

@@ -83,7 +83,7 @@ def opened(source: Path | BinaryIO) -> Iterator[Source]:
         trust.check(series, "snapshot series")  # as the store's: whoever writes there could plant a recipe
         if dedupstore.engine(root) is None:  # a newer store is refused here, before anything is read
             raise ArchiveCorruptError(f"{source} is a recipe outside a deduplicating store")
-        with chunks.Chunks(root / chunks.DIRECTORY, create=False) as store, store.lock(exclusive=False):
+        with chunks.Chunks(root / chunks.DIRECTORY) as store, store.lock(exclusive=False):
             yield dedupstore.Source(store, source)
         return
     yield ArchiveSource(source)

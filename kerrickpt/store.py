@@ -25,7 +25,14 @@ from kerrickpt import (
     trust,
     zstdframe,
 )
-from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    ArchiveUnreadableError,
+    DumpFailed,
+    SnapshotNotFoundError,
+    StoreUnreadableError,
+    UsageError,
+)
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest, is_layer
 from kerrickpt.retention import Plan, Policy, keep_bases
@@ -349,6 +356,8 @@ class Store:
                     with sources.opened(snap.path) as source:
                         manifest = source.extract(None)
                     now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
+                except StoreUnreadableError:
+                    raise  # the store's index as a whole: no snapshot is judged by it
                 except ArchiveUnreadableError as exc:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
                     checked.append(replace(snap, error=exc.message))

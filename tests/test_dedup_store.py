@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,7 +16,13 @@ import pytest
 import zstandard
 
 from kerrickpt import archivewriter, chunks, dedupstore, recipe, sources
-from kerrickpt.errors import ArchiveCorruptError, StoreFormatError, UntrustedStoreError
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    StoreDamagedError,
+    StoreFormatError,
+    StoreUnreadableError,
+    UntrustedStoreError,
+)
 from kerrickpt.manifest import Manifest
 from kerrickpt.store import VERIFIED, Snapshot, Store
 from tests.helpers import cli
@@ -173,12 +180,7 @@ def forget_chunks(store: Store) -> None:
         opened.db.execute("DELETE FROM chunks WHERE id % 7 = 3")
 
 
-def scramble_index(store: Store) -> None:
-    index = store.root / ".chunks" / "index.sqlite"
-    index.write_bytes(b"not a database" * 100)
-
-
-@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks, scramble_index])
+@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks])
 def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path: Path, damage: Callable) -> None:
     snap = take(store, "job1", T0, memory(23))
     damage(store)
@@ -187,10 +189,101 @@ def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path:
         read_back(snap, tmp_path / "out")
     (checked,) = store.verify("job1")
     assert checked.corrupt
-    if damage is not scramble_index:  # a prune goes on; a corrupt snapshot goes
-        pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")
-        assert pruned.returncode == 0, pruned.stderr
-        assert store.list("job1") == []
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")  # a corrupt snapshot goes
+    assert pruned.returncode == 0, pruned.stderr
+    assert store.list("job1") == []
+
+
+def index_files(store: Store) -> list[Path]:
+    return sorted((store.root / chunks.DIRECTORY).glob(chunks.INDEX + "*"))
+
+
+def remove_index(store: Store) -> None:
+    for path in index_files(store):
+        path.unlink()
+
+
+def empty_index(store: Store) -> None:
+    remove_index(store)
+    (store.root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"")
+
+
+def foreign_index(store: Store) -> None:
+    remove_index(store)
+    db = sqlite3.connect(store.root / chunks.DIRECTORY / chunks.INDEX)
+    db.execute("CREATE TABLE other (x)")
+    db.commit()
+    db.close()
+
+
+def scramble_index(store: Store) -> None:
+    remove_index(store)
+    (store.root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"not a database" * 100)
+
+
+@pytest.mark.parametrize("damage", [remove_index, empty_index, foreign_index, scramble_index])
+def test_a_lost_or_damaged_index_is_refused_and_no_snapshot_is_judged_or_removed(
+    store: Store, tmp_path: Path, damage: Callable
+) -> None:
+    base = memory(26)
+    snap = take(store, "job1", T0, base)
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    damage(store)
+    damaged = [(p.name, p.read_bytes()) for p in index_files(store)]
+
+    with pytest.raises(StoreDamagedError, match="chunk index"):
+        read_back(snap, tmp_path / "out")
+    with pytest.raises(StoreDamagedError):  # no new index numbering chunks from 1 again
+        take(store, "job1", T0 + timedelta(hours=1), base)
+    verified = cli("snapshots", "verify", "--store", str(store.root))
+    assert verified.returncode == 6 and "chunk index" in verified.stderr and "corrupt:" not in verified.stderr
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")
+    assert pruned.returncode == 6 and "chunk index" in pruned.stderr
+
+    assert [(p.name, p.read_bytes()) for p in index_files(store)] == damaged
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+    assert [(s.id, s.status) for s in store.list("job1")] == [(snap.id, VERIFIED)]
+
+
+def test_a_prune_removes_no_pack_when_the_index_names_none_but_snapshots_need_some(store: Store) -> None:
+    take(store, "job1", T0, memory(27))
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
+        opened.db.execute("DELETE FROM chunks")
+
+    with store.lock("job1"), pytest.raises(StoreDamagedError, match="no pack was removed"):
+        store.remove([], sweep=True)
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+
+
+class FailingIndex(sqlite3.Connection):
+    """An index whose reads of chunks fail as a disk failing does (SQLITE_IOERR)."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if "FROM chunks" in sql:
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise error
+        return super().execute(sql, *args)  # type: ignore[arg-type]
+
+
+def test_an_index_that_cannot_be_read_stops_verify_and_judges_no_snapshot(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = take(store, "job1", T0, memory(28))
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=FailingIndex))
+
+    with pytest.raises(StoreUnreadableError, match="disk I/O error") as raised:
+        store.verify("job1")
+    assert not isinstance(raised.value, StoreDamagedError)
+    with pytest.raises(StoreUnreadableError):
+        take(store, "job1", T0 + timedelta(hours=1), memory(28))
+    with store.lock("job1"), pytest.raises(StoreUnreadableError):
+        store.remove([], sweep=True)
+    monkeypatch.undo()
+    assert [(s.id, s.status) for s in store.list("job1")] == [(snap.id, VERIFIED)]
+    assert read_back(snap, tmp_path / "out") == memory(28)
 
 
 def test_a_damaged_recipe_is_refused(store: Store, tmp_path: Path) -> None:
@@ -351,3 +444,25 @@ def test_a_recipe_in_a_series_folder_others_may_write_in_is_refused(store: Store
     finally:
         store.directory("job1").chmod(0o700)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_damaged_pack_a_prune_would_rewrite_is_left_with_a_warning_and_stops_no_prune(store: Store) -> None:
+    first_pages = memory(29)
+    take(store, "job1", T0, first_pages)
+    (pack,) = (store.root / ".chunks" / "packs").iterdir()
+    take(store, "job1", T0 + timedelta(hours=1), rewrite(first_pages, 0.6, 30))
+    take(store, "job1", T0 + timedelta(hours=2), rewrite(first_pages, 0.6, 30))
+    # The first's pack, 60% dead once it goes, so a rewrite is due: every entry's header damaged.
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        offsets = [row[0] for row in opened.db.execute("SELECT offset FROM chunks WHERE pack = ?", (pack.name,))]
+    data = bytearray(pack.read_bytes())
+    for offset in offsets:
+        data[offset] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2")
+
+    for _ in range(2):  # and again: the damaged pack stops no later prune either
+        pruned = cli(*args)
+        assert pruned.returncode == 0, pruned.stderr
+        assert f"pack {pack.name} was not rewritten" in pruned.stderr and "damaged" in pruned.stderr
+    assert pack.exists() and len(store.list("job1")) == 2
