@@ -27,6 +27,7 @@ from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
     BusyError,
+    ChunkDamagedError,
     StoreDamagedError,
     StoreFormatError,
     StoreUnreadableError,
@@ -38,6 +39,7 @@ PACKS = "packs"
 INDEX = "index.sqlite"
 LOCK = "lock"
 PACK_SUFFIX = ".pack"
+DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a later run to store it again
 INDEX_VERSION = 1
 # Each chunk in a pack: magic, sha256 of the plain chunk, how it is sealed, the bytes that follow.
 ENTRY = struct.Struct("<4s32sBI")
@@ -186,13 +188,15 @@ class Chunks:
         return Adding(self, level)
 
     def lookup(self, digests: list[bytes]) -> dict[bytes, int]:
-        """The ids of those of `digests` the index holds."""
+        """The ids of those of `digests` the index holds whole (a damaged one's content is stored again)."""
         found: dict[bytes, int] = {}
         for start in range(0, len(digests), LOOKUP_BATCH):
             batch = digests[start : start + LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
             with _index_errors(self.index):
-                found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
+                found.update(
+                    self.db.execute(f"SELECT digest, id FROM chunks WHERE pack != '' AND digest IN ({marks})", batch)
+                )
         return found
 
     def locate(self, runs: list[tuple[int, int]]) -> list[Located]:
@@ -204,9 +208,17 @@ class Chunks:
             rows = self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
             found = {row[0]: Located._make(row) for row in rows}
         try:
-            return [found[i] for first, count in runs for i in range(first, first + count)]
+            located = [found[i] for first, count in runs for i in range(first, first + count)]
         except KeyError as exc:
-            raise ArchiveCorruptError(f"chunk {exc.args[0]} is missing from the index of {self.root}") from None
+            chunk = exc.args[0]
+            raise ChunkDamagedError(f"chunk {chunk} is missing from the index of {self.root}", chunk=chunk) from None
+        for chunk in located:
+            if chunk.pack == DAMAGED:
+                raise ChunkDamagedError(
+                    f"chunk {chunk.id} was found damaged; a later snapshot holding its content stores it again",
+                    chunk=chunk.id,
+                )
+        return located
 
     def read(self, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
         """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to BATCH
@@ -262,8 +274,34 @@ class Chunks:
                 try:
                     plain.append(local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK))
                 except zstandard.ZstdError as exc:
-                    raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}") from exc
+                    raise ChunkDamagedError(
+                        f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}", chunk=chunk.id
+                    ) from exc
         return b"".join(plain)
+
+    def damaged(self, runs: Iterable[tuple[int, int]]) -> list[int]:
+        """Those of the chunks `runs` name that are damaged or gone, each read and checked as `read` does."""
+        found = []
+        for group in self._groups(runs):
+            try:
+                for _ in self.read(group):
+                    pass
+            except ChunkDamagedError:
+                for first, count in group:  # one by one, to name every one
+                    for chunk in range(first, first + count):
+                        try:
+                            for _ in self.read([(chunk, 1)]):
+                                pass
+                        except ChunkDamagedError:
+                            found.append(chunk)
+        return found
+
+    def mark_damaged(self, chunk: int) -> None:
+        """Take chunk `chunk` for damaged: the index keeps its id and digest but no place, so no run reuses it and
+        the next run whose content holds it stores it again, under this id, which heals every snapshot naming it.
+        Its pack's bytes go at a prune's rewrite or clean. Hold `lock` (shared will do)."""
+        with self.transaction():
+            self.db.execute("UPDATE chunks SET pack = ?, offset = 0, length = 0 WHERE id = ?", (DAMAGED, chunk))
 
     def sweep(self, live: set[int]) -> int:
         """Forget every chunk not in `live`; how many were forgotten. Hold `lock` exclusive."""
@@ -284,7 +322,7 @@ class Chunks:
         """
         rewritten = []
         with _index_errors(self.index):
-            packs = self.db.execute("SELECT pack, SUM(length) FROM chunks GROUP BY pack").fetchall()
+            packs = self.db.execute("SELECT pack, SUM(length) FROM chunks WHERE pack != '' GROUP BY pack").fetchall()
         for pack, live in packs:
             try:
                 size = (self.packs / pack).stat().st_size
@@ -331,7 +369,7 @@ class Chunks:
         store's packs are the only copy of its snapshots): StoreDamagedError, and nothing is removed.
         """
         with _index_errors(self.index):
-            named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks")}
+            named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks WHERE pack != ''")}
         present = sorted(self.packs.iterdir())
         if needed and not named and any(p.name.endswith(PACK_SUFFIX) and not p.name.startswith(".") for p in present):
             raise StoreDamagedError(
@@ -409,9 +447,11 @@ class Adding:
         db = self.chunks.db
         digests = list(self.new)
         with self.chunks.transaction():
-            # Another run may have stored one of them meanwhile: the index keeps its, ours is dead weight.
+            # Another run may have stored one of them meanwhile: the index keeps its, ours is dead weight. One found
+            # damaged takes ours, under its own id: every snapshot that names it is whole again.
             db.executemany(
-                "INSERT OR IGNORE INTO chunks (digest, pack, offset, length) VALUES (?, ?, ?, ?)",
+                "INSERT INTO chunks (digest, pack, offset, length) VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                "SET pack = excluded.pack, offset = excluded.offset, length = excluded.length WHERE chunks.pack = ''",
                 ((d, self.pack.name, o, n) for d, (o, n) in zip(digests, self.offsets, strict=True)),
             )
             ids = self.chunks.lookup(digests)
@@ -493,14 +533,17 @@ class _Packs:
                 try:
                     fd = self.fds[first.pack] = os.open(self.directory / first.pack, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    raise ArchiveCorruptError(f"pack {first.pack} of chunk {first.id} is gone from the store") from None
+                    raise ChunkDamagedError(
+                        f"pack {first.pack} of chunk {first.id} is gone from the store", chunk=first.id
+                    ) from None
         size = span[-1].offset + span[-1].length - first.offset
         try:
             data = os.pread(fd, size, first.offset)
         except OSError as exc:
             raise ArchiveUnreadableError(f"reading pack {first.pack} failed: {exc.strerror}") from exc
         if len(data) != size:
-            raise ArchiveCorruptError(f"pack {first.pack} is truncated (chunk {span[-1].id} ends early)")
+            ends = next(c for c in span if c.offset + c.length > first.offset + len(data))
+            raise ChunkDamagedError(f"pack {first.pack} is truncated (chunk {ends.id} ends early)", chunk=ends.id)
         return data
 
     def entries(self, span: list[Located]) -> list[bytes]:
@@ -553,4 +596,4 @@ def _check_header(entry: memoryview, chunk: Located) -> None:
         return
     if len(entry) >= ENTRY.size and entry[: len(MAGIC)] == MAGIC and entry[ENTRY.size - 5] != PLAIN:
         raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")
-    raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)")
+    raise ChunkDamagedError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)", chunk=chunk.id)

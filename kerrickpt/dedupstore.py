@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,8 @@ ADD_BYTES = 8 << 20
 # The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
 # level spares the frozen-free part of the run most of the compression, which the chunks then do.
 INCOMING_LEVEL = -3
+
+log = logging.getLogger(__name__)
 
 
 def engine(root: Path) -> str | None:
@@ -96,17 +99,44 @@ def take_in(
     """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
     the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
     whose size and time the snapshot will have) says; new chunks compressed at zstd `level`. Holds the chunk lock
-    shared throughout."""
-    with store.lock(exclusive=False), store.adding(level) as adding:
-        cutter = _Cutter(adding)
-        manifest = archive.extract(source, None, into=cutter.take)
-        cutter.finish()
-        adding.commit()
-        faults.inject("dedup-before-recipe")
-        files = {m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q")))) for m in manifest.members}
-        made = recipe.Recipe(manifest.to_json(), files)
-        with recipe.staged(source.parent, made) as hidden:
-            recipe.link(hidden, place(manifest, hidden))
+    shared throughout.
+
+    The chunks it reuses are read back and checked before it is linked in, so that it is recorded verified only
+    whole: one found damaged is marked so (`Chunks.mark_damaged`) and the archive taken in once more, which stores
+    that content again and so heals every snapshot that shares it.
+    """
+    with store.lock(exclusive=False):
+        for attempt in range(2):
+            with store.adding(level) as adding:
+                cutter = _Cutter(adding)
+                manifest = archive.extract(source, None, into=cutter.take)
+                cutter.finish()
+                adding.commit()
+                reused = sorted({r for refs in cutter.refs.values() for r in refs if r > 0})
+                damaged = store.damaged(recipe.runs_of(array("q", reused)))
+                if damaged:
+                    if attempt:
+                        raise ArchiveCorruptError(
+                            f"chunks {damaged} of {source} stay damaged after it was taken in again"
+                        )
+                    for chunk in damaged:
+                        store.mark_damaged(chunk)
+                    log.warning(
+                        "%d chunk(s) this snapshot shares with older ones are damaged (%s): storing them again, which "
+                        "heals the snapshots that need them",
+                        len(damaged),
+                        ", ".join(map(str, damaged[:10])),
+                    )
+                    continue
+                faults.inject("dedup-before-recipe")
+                files = {
+                    m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q"))))
+                    for m in manifest.members
+                }
+                made = recipe.Recipe(manifest.to_json(), files)
+                with recipe.staged(source.parent, made) as hidden:
+                    recipe.link(hidden, place(manifest, hidden))
+                return
 
 
 class Source:

@@ -69,6 +69,15 @@ class ArchiveUnreadableError(ArchiveCorruptError):
     """The archive could not be read (an I/O error): that says nothing about its contents."""
 
 
+class ChunkDamagedError(ArchiveCorruptError):
+    """A chunk of a deduplicating store is damaged or gone: every snapshot that names it is corrupt until a later
+    snapshot holding the same content stores it again (see `Chunks.mark_damaged`)."""
+
+    def __init__(self, message: str, *, chunk: int) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+
+
 class StoreUnreadableError(ArchiveUnreadableError):
     """A deduplicating store's chunk index could not be read or written (an I/O error, a full disk): that says
     nothing of any one snapshot, so nothing is judged by it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from kerrickpt import (
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
+    ChunkDamagedError,
     DumpFailed,
     SnapshotNotFoundError,
     StoreUnreadableError,
@@ -47,6 +49,8 @@ TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*", f".*{recipe.
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -347,8 +351,14 @@ class Store:
         return [p for p in self.root.glob("*/*" + recipe.SUFFIX) if STAMP.fullmatch(_id_of(p))]
 
     def verify(self, name: str | None = None, *, wait: float = 0.0) -> list[Snapshot]:
-        """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out."""
+        """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out.
+
+        In a deduplicating store, a chunk found damaged is marked so in the index (see `Chunks.mark_damaged`: the
+        next snapshot holding its content stores it again and heals every snapshot that needs it), and a warning
+        names those snapshots. A failure of the store's index as a whole stops it, judging no snapshot.
+        """
         checked = []
+        damaged: set[int] = set()
         for snap in self.list(name):
             with contextlib.suppress(FileNotFoundError):
                 before = _identity(snap.path)
@@ -362,6 +372,9 @@ class Store:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
                     checked.append(replace(snap, error=exc.message))
                     continue
+                except ChunkDamagedError as exc:
+                    damaged |= self._mark_damaged(snap.path)
+                    now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
                 except ArchiveCorruptError as exc:
                     now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
                 with self.lock(snap.name, wait=wait):
@@ -369,7 +382,26 @@ class Store:
                     if _identity(snap.path) == before:
                         self._record(now, before[1])
                         checked.append(now)
+        if damaged:
+            needing = [p for p in self.recipes() if not damaged.isdisjoint(_ids_of(p))]
+            log.warning(
+                "%d damaged chunk(s) found; %d snapshot(s) need them and are corrupt until a later snapshot holding "
+                "the same content stores them again (run verify after it; a prune removes corrupt snapshots "
+                "meanwhile): %s",
+                len(damaged),
+                len(needing),
+                ", ".join(f"{p.parent.name} {_id_of(p)}" for p in needing),
+            )
         return checked
+
+    def _mark_damaged(self, path: Path) -> set[int]:
+        """Mark every damaged chunk the recipe at `path` names as such (see `Chunks.mark_damaged`); their ids."""
+        runs = [run for runs in recipe.read(path).files.values() for run in runs]
+        with self.chunks() as store, store.lock(exclusive=False):
+            found = store.damaged(runs)
+            for chunk in found:
+                store.mark_damaged(chunk)
+        return set(found)
 
     def plan(self, name: str, policy: Policy, now: datetime | None = None) -> Plan[Snapshot]:
         """What `prune` would keep and remove, and why: the rules, and what a kept snapshot builds on."""
@@ -384,6 +416,14 @@ class Store:
         In a deduplicating store, recipes first, then the chunks no recipe left names (see dedupstore.sweep): if
         any was removed, or with `sweep` (what a prune killed before its sweep left is freed by the next prune).
         """
+        corrupt = [s for s in snapshots if s.corrupt]
+        if corrupt:
+            # Many at once may share one damaged chunk in a deduplicating store: never without a word.
+            log.warning(
+                "removing %d snapshot(s) that verify found corrupt: %s",
+                len(corrupt),
+                "; ".join(f"{s.name} {s.id}: {s.error}" for s in corrupt),
+            )
         for snap in snapshots:
             snap.path.unlink(missing_ok=True)
             _meta_path(snap.path).unlink(missing_ok=True)
@@ -439,6 +479,14 @@ class Store:
         body = {"format": META_FORMAT, "version": 1, "archive_mtime_ns": mtime, **snap.to_dict()}
         del body["path"]
         containers.write_atomic(_meta_path(snap.path), json.dumps(body, indent=2))
+
+
+def _ids_of(path: Path) -> set[int]:
+    """The chunks a recipe names; none if it went meanwhile or cannot be read (verify says so for it)."""
+    try:
+        return recipe.read(path).ids()
+    except (FileNotFoundError, ArchiveCorruptError):
+        return set()
 
 
 def _meta_path(path: Path) -> Path:

@@ -466,3 +466,56 @@ def test_a_damaged_pack_a_prune_would_rewrite_is_left_with_a_warning_and_stops_n
         assert pruned.returncode == 0, pruned.stderr
         assert f"pack {pack.name} was not rewritten" in pruned.stderr and "damaged" in pruned.stderr
     assert pack.exists() and len(store.list("job1")) == 2
+
+
+def damage_chunk(store: Store, chunk: int) -> None:
+    """A flipped byte inside chunk `chunk`'s compressed body, as a disk's bit rot does."""
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        pack, offset = opened.db.execute("SELECT pack, offset FROM chunks WHERE id = ?", (chunk,)).fetchone()
+    path = store.root / chunks.DIRECTORY / chunks.PACKS / pack
+    data = bytearray(path.read_bytes())
+    data[offset + chunks.ENTRY.size + 4] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_snapshot_reusing_a_damaged_chunk_stores_it_again_and_heals_the_older_ones(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = memory(31)
+    older = take(store, "job1", T0, base)
+    other = take(store, "job2", T0, base)
+    damage_chunk(store, 100)
+    with pytest.raises(ArchiveCorruptError, match="chunk 100"):
+        read_back(older, tmp_path / "damaged")
+
+    newer = take(store, "job1", T0 + timedelta(hours=1), base)
+
+    assert "damaged" in caplog.text and "storing them again" in caplog.text
+    assert newer.status == VERIFIED and read_back(newer, tmp_path / "newer") == base
+    assert read_back(older, tmp_path / "older") == base  # the same chunk id, whole again
+    assert read_back(other, tmp_path / "other") == base
+    assert all(s.status == VERIFIED for s in store.verify())
+
+
+def test_verify_names_every_snapshot_a_damaged_chunk_breaks_and_a_prune_says_it_removes_them(
+    store: Store, tmp_path: Path
+) -> None:
+    base = memory(32)
+    snaps = [take(store, "job1", T0 + timedelta(hours=h), base) for h in range(2)]
+    snaps.append(take(store, "job2", T0, base))
+    damage_chunk(store, 100)
+
+    verified = cli("snapshots", "verify", "--store", str(store.root))
+    assert verified.returncode == 6
+    assert "1 damaged chunk(s) found; 3 snapshot(s) need them" in verified.stderr
+    assert all(f"{s.name} {s.id}" in verified.stderr for s in snaps)
+    assert all(s.corrupt for s in store.list())
+
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "5")
+    assert pruned.returncode == 0
+    assert "removing 2 snapshot(s) that verify found corrupt" in pruned.stderr and "chunk 100" in pruned.stderr
+    # The damaged chunk is not reused: the next snapshot stores its content again and heals job2's.
+    newer = take(store, "job1", T0 + timedelta(hours=3), base)
+    assert read_back(newer, tmp_path / "newer") == base
+    (kept,) = store.verify("job2")
+    assert kept.status == VERIFIED
