@@ -79,8 +79,8 @@ class ChunkDamagedError(ArchiveCorruptError):
 
 
 class StoreUnreadableError(ArchiveUnreadableError):
-    """A deduplicating store's chunk index could not be read or written (an I/O error, a full disk): that says
-    nothing of any one snapshot, so nothing is judged by it."""
+    """A deduplicating store's chunk index or folders could not be read or written (an I/O error, a full disk):
+    that says nothing of any one snapshot, so nothing is judged or freed by it."""
 
 
 class StoreDamagedError(StoreUnreadableError):

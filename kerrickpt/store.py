@@ -347,8 +347,19 @@ class Store:
         return chunks.Chunks(self.root / chunks.DIRECTORY)
 
     def recipes(self) -> list[Path]:
-        """Every snapshot's recipe in a deduplicating store, of every container: what a sweep keeps."""
-        return [p for p in self.root.glob("*/*" + recipe.SUFFIX) if STAMP.fullmatch(_id_of(p))]
+        """Every recipe in a deduplicating store's folders, whatever its name (a restore reads any): what a sweep
+        keeps. A folder that cannot be read raises StoreUnreadableError: a sweep that missed its recipes would
+        free chunks they need."""
+        found = []
+        try:
+            with os.scandir(self.root) as folders:
+                for folder in folders:
+                    if folder.is_dir(follow_symlinks=False):
+                        with os.scandir(folder.path) as entries:
+                            found += [Path(e.path) for e in entries if e.name.endswith(recipe.SUFFIX)]
+        except OSError as exc:
+            raise StoreUnreadableError(f"cannot list the recipes of {self.root}: {exc}") from exc
+        return found
 
     def verify(self, name: str | None = None, *, wait: float = 0.0) -> list[Snapshot]:
         """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out.

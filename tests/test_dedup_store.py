@@ -519,3 +519,35 @@ def test_verify_names_every_snapshot_a_damaged_chunk_breaks_and_a_prune_says_it_
     assert read_back(newer, tmp_path / "newer") == base
     (kept,) = store.verify("job2")
     assert kept.status == VERIFIED
+
+
+def test_a_sweep_keeps_the_chunks_of_every_recipe_and_frees_none_if_a_folder_cannot_be_read(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = memory(33)
+    snap = take(store, "job1", T0, base)
+    kept = store.directory("job1") / "kept-by-hand.recipe"
+    os.link(snap.path, kept)
+    take(store, "job2", T0, memory(34))
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    scandir = os.scandir
+
+    def unreadable(path: object) -> object:
+        if str(path) == str(store.directory("job2")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with store.lock("job1"), pytest.raises(StoreUnreadableError, match="Permission denied"):
+        store.remove([snap])
+    monkeypatch.undo()
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+    (other,) = store.list("job2")
+    assert read_back(other, tmp_path / "other") == memory(34)
+
+    with store.lock("job1"):
+        store.remove([], sweep=True)
+    (tmp_path / "kept").mkdir()
+    with sources.opened(kept) as source:
+        source.extract(tmp_path / "kept")
+    assert (tmp_path / "kept" / "images" / "pages-1.img").read_bytes() == base
