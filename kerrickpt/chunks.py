@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -49,6 +50,7 @@ LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameter
 BATCH = 256  # chunks a thread hashes, compresses or reads at a time
 LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
+OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
 REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
 LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
 POLL = 0.05
@@ -231,17 +233,24 @@ class Chunks:
         """
         with _Packs(self.packs) as packs:
             # The next group is located and decoding while the one before is taken.
-            ahead: list[concurrent.futures.Future[bytes]] = []
-            for group in self._groups(runs):
-                located = self.locate(group)
-                started = [
-                    self.pool.submit(self._decode, packs, located[i : i + BATCH]) for i in range(0, len(located), BATCH)
-                ]
-                for future in ahead:
-                    yield future.result()
-                ahead = started
-            for future in ahead:
-                yield future.result()
+            pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+            try:
+                for group in self._groups(runs):
+                    located = self.locate(group)
+                    ready = len(pending)
+                    pending += [
+                        self.pool.submit(self._decode, packs, located[i : i + BATCH])
+                        for i in range(0, len(located), BATCH)
+                    ]
+                    for _ in range(ready):
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                # Read no further (closed early, or failed): no thread may read the packs once they are closed.
+                for future in pending:
+                    future.cancel()
+                concurrent.futures.wait(pending)
 
     @staticmethod
     def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
@@ -510,11 +519,12 @@ class _NewPack:
 
 
 class _Packs:
-    """Packs open for reading, each opened once."""
+    """Packs open for reading, each opened once while it is in use, at most OPEN_PACKS kept open at a time."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.fds: dict[str, int] = {}
+        self.fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # least recently used first
+        self.users: collections.Counter[str] = collections.Counter()
         self.opening = threading.Lock()  # threads read at once; each pack is opened once
 
     def __enter__(self) -> _Packs:
@@ -523,24 +533,41 @@ class _Packs:
     def __exit__(self, *exc: object) -> None:
         for fd in self.fds.values():
             os.close(fd)
+        self.fds.clear()
+
+    @contextlib.contextmanager
+    def _open(self, chunk: Located) -> Iterator[int]:
+        """Chunk's pack open; closed later only once no thread reads it and OPEN_PACKS others are open."""
+        with self.opening:
+            fd = self.fds.get(chunk.pack)
+            if fd is None:
+                try:
+                    fd = os.open(self.directory / chunk.pack, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise ChunkDamagedError(
+                        f"pack {chunk.pack} of chunk {chunk.id} is gone from the store", chunk=chunk.id
+                    ) from None
+                self.fds[chunk.pack] = fd
+            self.fds.move_to_end(chunk.pack)
+            self.users[chunk.pack] += 1
+            idle = [pack for pack in self.fds if not self.users[pack]]
+            for pack in idle[: max(0, len(self.fds) - OPEN_PACKS)]:
+                os.close(self.fds.pop(pack))
+        try:
+            yield fd
+        finally:
+            with self.opening:
+                self.users[chunk.pack] -= 1
 
     def read(self, span: list[Located]) -> bytes:
         """The entries of `span`, which follow one another in one pack, in one read."""
         first = span[0]
-        with self.opening:
-            fd = self.fds.get(first.pack)
-            if fd is None:
-                try:
-                    fd = self.fds[first.pack] = os.open(self.directory / first.pack, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise ChunkDamagedError(
-                        f"pack {first.pack} of chunk {first.id} is gone from the store", chunk=first.id
-                    ) from None
         size = span[-1].offset + span[-1].length - first.offset
-        try:
-            data = os.pread(fd, size, first.offset)
-        except OSError as exc:
-            raise ArchiveUnreadableError(f"reading pack {first.pack} failed: {exc.strerror}") from exc
+        with self._open(first) as fd:
+            try:
+                data = os.pread(fd, size, first.offset)
+            except OSError as exc:
+                raise ArchiveUnreadableError(f"reading pack {first.pack} failed: {exc.strerror}") from exc
         if len(data) != size:
             ends = next(c for c in span if c.offset + c.length > first.offset + len(data))
             raise ChunkDamagedError(f"pack {first.pack} is truncated (chunk {ends.id} ends early)", chunk=ends.id)

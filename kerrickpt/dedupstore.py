@@ -68,29 +68,33 @@ def create(root: Path) -> None:
 
 class _Cutter:
     """Each file's bytes as they come, cut into chunks at the file's own offsets, handed on ADD_BYTES at a time
-    (enough for every thread to hash and compress a share)."""
+    (enough for every thread to hash and compress a share); a file's tail as soon as the next file starts."""
 
     def __init__(self, adding: chunks.Adding) -> None:
         self.adding = adding
         self.refs: dict[str, array[int]] = {}
-        self.held: dict[str, bytearray] = {}
+        self.name: str | None = None
+        self.held = bytearray()
 
     def take(self, name: str, piece: memoryview) -> None:
-        held = self.held.setdefault(name, bytearray())
-        held += piece
-        if len(held) >= ADD_BYTES:
-            whole = len(held) - len(held) % chunks.CHUNK
-            self._add(name, held[:whole])
-            del held[:whole]
+        if name != self.name:
+            # The file before is whole, or paused at the end of one of its 4 MiB archive members (page-aligned, so
+            # its chunks stay at its own page offsets): its tail is not held until the end (a tree has many files).
+            self.finish()
+            self.name = name
+        self.held += piece
+        if len(self.held) >= ADD_BYTES:
+            whole = len(self.held) - len(self.held) % chunks.CHUNK
+            self._add(name, self.held[:whole])
+            del self.held[:whole]
 
     def _add(self, name: str, data: bytes | bytearray) -> None:
         self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data)))
 
     def finish(self) -> None:
-        for name, held in self.held.items():
-            if held:
-                self._add(name, bytes(held))
-                held.clear()
+        if self.held and self.name is not None:
+            self._add(self.name, bytes(self.held))
+            self.held.clear()
 
 
 def take_in(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -551,3 +552,67 @@ def test_a_sweep_keeps_the_chunks_of_every_recipe_and_frees_none_if_a_folder_can
     with sources.opened(kept) as source:
         source.extract(tmp_path / "kept")
     assert (tmp_path / "kept" / "images" / "pages-1.img").read_bytes() == base
+
+
+def test_a_files_tail_is_stored_when_the_next_file_starts_not_held_to_the_end(store: Store) -> None:
+    with store.chunks() as opened, opened.lock(exclusive=False), opened.adding() as adding:
+        cutter = dedupstore._Cutter(adding)
+        cutter.take("images/a.img", memoryview(bytes(range(256)) * 20))  # a page and a tail
+        assert "images/a.img" not in cutter.refs
+        cutter.take("images/b.img", memoryview(b"b"))
+        assert len(cutter.refs["images/a.img"]) == 2
+        cutter.finish()
+        assert len(cutter.refs["images/b.img"]) == 1
+
+
+def packs_open() -> int:
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile by another thread
+            found += f"/{chunks.PACKS}/" in os.readlink(f"/proc/self/fd/{fd}")
+    return found
+
+
+def test_a_read_over_many_packs_keeps_few_open(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = memory(35)
+    for hour in range(8):  # each run's new pages in a pack of its own
+        pages = rewrite(pages, 0.2, 36 + hour)
+        last = take(store, "job1", T0 + timedelta(hours=hour), pages)
+    assert len(list((store.root / ".chunks" / "packs").iterdir())) == 8
+    most = []
+    pread = os.pread
+
+    def counted(fd: int, size: int, offset: int) -> bytes:
+        most.append(packs_open())
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(chunks, "OPEN_PACKS", 1)
+    monkeypatch.setattr(os, "pread", counted)
+    assert read_back(last, tmp_path / "last") == pages
+    assert max(most) <= 1 + (os.cpu_count() or 1)  # one kept, and one for each thread reading at that moment
+
+
+def test_a_read_closed_early_leaves_no_thread_reading_the_packs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    take(store, "job1", T0, memory(44))
+    take(store, "job2", T0, memory(45))
+    closed: list[bool] = []
+    late: list[bool] = []
+    exit_packs, decode = chunks._Packs.__exit__, chunks.Chunks._decode
+
+    def exiting(packs: chunks._Packs, *exc: object) -> None:
+        closed.append(True)
+        exit_packs(packs, *exc)
+
+    def decoding(self: chunks.Chunks, packs: chunks._Packs, located: list[chunks.Located]) -> bytes:
+        late.append(bool(closed))
+        return decode(self, packs, located)
+
+    monkeypatch.setattr(chunks._Packs, "__exit__", exiting)
+    monkeypatch.setattr(chunks.Chunks, "_decode", decoding)
+    opened = store.chunks()
+    pieces = opened.read([(1, 2 * PAGES)])
+    next(pieces)
+    pieces.close()
+    opened.close()  # waits for what the threads were given
+
+    assert closed and not any(late)
