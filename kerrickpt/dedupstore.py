@@ -7,13 +7,14 @@ import io
 import json
 import logging
 import os
+import shutil
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archiveindex, chunks, faults, members, recipe, zstdframe
+from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, members, recipe, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, StoreDamagedError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
@@ -56,14 +57,21 @@ def engine(root: Path) -> str | None:
 
 
 def create(root: Path) -> None:
-    """Make the store at `root` (an existing directory, empty of snapshots) a deduplicating one."""
+    """Make the store at `root` (an existing directory, empty of snapshots, with no marker) a deduplicating one.
+
+    The chunks first, the marker last, each on disk: a store is deduplicating only once its index exists (no
+    other command makes one). Chunks an `init` that died left without a marker are made again.
+    """
+    shutil.rmtree(root / chunks.DIRECTORY, ignore_errors=True)
+    chunks.Chunks(root / chunks.DIRECTORY, create=True).close()
+    archivewriter.fsync_dir(root / chunks.DIRECTORY)
     body = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION, "engine": ENGINE}) + "\n"
     fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(body)
         out.flush()
         os.fsync(out.fileno())
-    chunks.Chunks(root / chunks.DIRECTORY, create=True).close()
+    archivewriter.fsync_dir(root)
 
 
 class _Cutter:

@@ -616,3 +616,18 @@ def test_a_read_closed_early_leaves_no_thread_reading_the_packs(store: Store, mo
     opened.close()  # waits for what the threads were given
 
     assert closed and not any(late)
+
+
+def test_init_after_one_that_died_before_its_marker_makes_a_whole_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / chunks.DIRECTORY / chunks.PACKS).mkdir(parents=True, mode=0o700)
+    (root / chunks.DIRECTORY).chmod(0o700)
+    (root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"")  # a dead init's index, never filled
+
+    done = cli("snapshots", "init", "--store", str(root))
+
+    assert done.returncode == 0, done.stderr
+    store = Store(root)
+    assert store.deduplicates
+    take(store, "job1", T0, memory(46))
+    assert [s.status for s in store.list("job1")] == [VERIFIED]
