@@ -243,6 +243,7 @@ def _restore_as(
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
+        faults.inject("restore-after-criu")  # restored, not yet recorded
         started = procs.start_time(init_pid)
         if started is None:
             if plan.watcher is not None:
