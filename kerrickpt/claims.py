@@ -22,18 +22,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from kerrickpt import containers, procs
-
-if TYPE_CHECKING:
-    from kerrickpt.containers import Registry
+from kerrickpt import procs
 
 TEMP = ".claim-"  # a claim being written: .claim-PID-THREAD-N
 _GONE = object()  # what _locked yields for a claim file that went
 
 
-def directory(registry: Registry, name: str) -> Path:
+class State(Protocol):
+    """What claims need of a node's state directory (containers.Registry is one): where it is, and whether the
+    container a claim names is gone from it (never so for what is not a container's name, which could lead
+    anywhere as a path)."""
+
+    root: Path
+
+    def is_gone(self, name: str) -> bool: ...
+
+
+def directory(registry: State, name: str) -> Path:
     """STATE/`name`, a private directory of claim files, made if missing."""
     path = registry.root / name
     with contextlib.suppress(FileExistsError):
@@ -58,7 +65,7 @@ def owner(path: Path) -> str | None:
     return None
 
 
-def take(registry: Registry, path: Path, name: str) -> bool:
+def take(registry: State, path: Path, name: str) -> bool:
     """Make the claim `path` `name`'s (or find it is already), taking it over from a container that is gone;
     False if another container holds it."""
     while True:
@@ -86,13 +93,13 @@ def release(where: Path, kind: Callable[[str], bool], name: str) -> None:
             drop(path, name)
 
 
-def stale(registry: Registry, where: Path, kind: Callable[[str], bool]) -> list[Path]:
+def stale(registry: State, where: Path, kind: Callable[[str], bool]) -> list[Path]:
     """The claims in `where` (of `kind`) whose container is gone, and claims a run that died left half written."""
     found = [path for path, current in held(where, kind) if current is not None and is_stale(registry, current)]
     return found + [path for path in sorted(where.glob(f"{TEMP}*")) if _writer_dead(path)]
 
 
-def drop_stale(registry: Registry, path: Path) -> None:
+def drop_stale(registry: State, path: Path) -> None:
     """Remove the claim (or half-written claim) `path` if it is still stale."""
     if path.name.startswith(TEMP):
         path.unlink(missing_ok=True)
@@ -100,8 +107,8 @@ def drop_stale(registry: Registry, path: Path) -> None:
         remove_if(path, lambda current: current is not None and is_stale(registry, current))
 
 
-def is_stale(registry: Registry, holder: str) -> bool:
-    return not (registry.containers / holder).is_dir()
+def is_stale(registry: State, holder: str) -> bool:
+    return registry.is_gone(holder)
 
 
 def remove_if(path: Path, should: Callable[[str | None], bool]) -> None:
@@ -116,8 +123,7 @@ def _owner(data: bytes) -> str | None:
         holder = json.loads(data)["container"]
     except (ValueError, KeyError, TypeError):
         return None
-    # A name that is not a container's could lead anywhere as a path: such a claim is never stale.
-    return holder if isinstance(holder, str) and containers.NAME_PATTERN.fullmatch(holder) else None
+    return holder if isinstance(holder, str) else None
 
 
 def _create(path: Path, name: str) -> bool:

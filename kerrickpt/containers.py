@@ -164,6 +164,10 @@ class Registry:
         """Names whose run died before registering them: `kill NAME` or `gc` removes what it left."""
         return [p.name for p in sorted(self.containers.iterdir()) if self.is_abandoned(p.name)]
 
+    def is_gone(self, name: str) -> bool:
+        """Whether no container of `name` is here, its directory gone (see claims); never for what is not a name."""
+        return NAME_PATTERN.fullmatch(name) is not None and not self.path(name).is_dir()
+
     def is_abandoned(self, name: str) -> bool:
         path = self.path(name)
         return not (path / RECORD).exists() and claimant_alive(path / OWNER) is False

@@ -11,13 +11,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kerrickpt import claims
 from kerrickpt.errors import StateDamagedError, UsageError
-
-if TYPE_CHECKING:
-    from kerrickpt.containers import Registry
 
 BRIDGE_ENV, SUBNET_ENV = "KERRICKPT_BRIDGE", "KERRICKPT_SUBNET"
 DEFAULT_BRIDGE = "kerrickpt0"
@@ -41,7 +37,7 @@ class Settings:
         return ipaddress.IPv4Interface(f"{next(self.subnet.hosts())}/{self.subnet.prefixlen}")
 
 
-def load(registry: Registry) -> Settings:
+def load(registry: claims.State) -> Settings:
     """This node's settings: as stored, else as the environment (or the defaults) choose them, to be kept once its
     bridge is made (`keep`). UsageError for a bad choice, or an environment that asks for other settings than
     the stored ones."""
@@ -54,7 +50,7 @@ def load(registry: Registry) -> Settings:
     return stored
 
 
-def keep(registry: Registry, settings: Settings) -> None:
+def keep(registry: claims.State, settings: Settings) -> None:
     """Store `settings` as this node's, unless they are already; UsageError if another command stored others."""
     path = registry.root / FILE
     data = json.dumps({"bridge": settings.bridge, "subnet": str(settings.subnet)}).encode()

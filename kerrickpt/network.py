@@ -9,14 +9,11 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kerrickpt import claims, firewall, netlinks, netports, netsettings
 from kerrickpt.errors import HostError, UsageError
 from kerrickpt.netports import Port
-
-if TYPE_CHECKING:
-    from kerrickpt.containers import Registry
 
 HOST, OWN = "host", "own"  # `--net`: the node's network namespace, or one of its own on the node's bridge
 MODES = (HOST, OWN)
@@ -80,7 +77,7 @@ def mac_of(address: ipaddress.IPv4Address) -> str:
     return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *address.packed))
 
 
-def names(registry: Registry, name: str) -> tuple[str, str]:
+def names(registry: claims.State, name: str) -> tuple[str, str]:
     """This node's names of `name`'s network namespace and veth end: unique among state directories (two
     nodes on one machine share /run/netns), short enough for an interface (15) and a chain (28)."""
     digest = hashlib.sha256(f"{registry.root.resolve()}\0{name}".encode()).hexdigest()[:10]
@@ -88,7 +85,7 @@ def names(registry: Registry, name: str) -> tuple[str, str]:
 
 
 def plan(
-    registry: Registry,
+    registry: claims.State,
     name: str,
     address: str | None,
     ports: Sequence[Port],
@@ -146,7 +143,7 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _allocate(
-    registry: Registry, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
 ) -> ipaddress.IPv4Address:
     """The subnet's first address not in `used` that `name` can claim (claims.take judges an existing claim)."""
     for candidate in net.hosts():
@@ -155,7 +152,7 @@ def _allocate(
     raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
 
 
-def _claim_port(registry: Registry, directory: Path, port: Port, name: str) -> None:
+def _claim_port(registry: claims.State, directory: Path, port: Port, name: str) -> None:
     if port.host in netports.bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
@@ -164,12 +161,12 @@ def _claim_port(registry: Registry, directory: Path, port: Port, name: str) -> N
         raise UsageError(f"--publish {port}: container {holder} publishes node port {port.host}/{port.protocol}")
 
 
-def release(registry: Registry, name: str) -> None:
+def release(registry: claims.State, name: str) -> None:
     """Drop `name`'s claims (its address, its node ports): call it before the name is freed (see claims)."""
     claims.release(_directory(registry), _is_claim, name)
 
 
-def stale(registry: Registry) -> list[Path]:
+def stale(registry: claims.State) -> list[Path]:
     """Claims whose container is gone, and claims a run that died left half written: what `gc` removes."""
     return claims.stale(registry, _directory(registry), _is_claim)
 
@@ -179,11 +176,11 @@ def _is_claim(filename: str) -> bool:
     return kind in (ADDRESS, *netports.PROTOCOLS)
 
 
-def _directory(registry: Registry) -> Path:
+def _directory(registry: claims.State) -> Path:
     return claims.directory(registry, DIRECTORY)
 
 
-def create(registry: Registry, net: Network, *, connected: bool = True) -> None:
+def create(registry: claims.State, net: Network, *, connected: bool = True) -> None:
     """Make `net`: the node's bridge if it has none, the container's network namespace and veth (see
     netlinks.make), and its published ports; not `connected`, it stays cut off until netlinks.connect. On
     failure, what was made stays: the caller removes it (`destroy`)."""

@@ -143,13 +143,20 @@ def client(node: Node, tmp_path: Path) -> Iterator[Callable[[str], Client]]:
             made.process.wait()
 
 
-def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
-    node: Node, client: Callable[[str], Client], tmp_path: Path
-) -> None:
+def _talking(node: Node, client: Callable[[str], Client]) -> tuple[str, str, Client]:
+    """A counter server in a container of its own network, and a client talking to it: its name, address and
+    the client, which has had answers already."""
     name = unique_name("net")
     address = node.serve(name)
     talking = client(address)
     talking.wait_more()
+    return name, address, talking
+
+
+def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
+    node: Node, client: Callable[[str], Client], tmp_path: Path
+) -> None:
+    name, address, talking = _talking(node, client)
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
     talking.wait_more()
@@ -333,10 +340,7 @@ def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
 def test_migrating_a_container_with_its_own_network_is_refused_before_the_freeze(
     node: Node, client: Callable[[str], Client]
 ) -> None:
-    name = unique_name("net")
-    address = node.serve(name)
-    talking = client(address)
-    talking.wait_more()
+    name, _, talking = _talking(node, client)
     # Refused before the target is asked anything: this one does not exist.
     refused = node.kerrickpt("migrate", name, "--to", "root@198.18.255.254")
     assert refused.returncode == 14, refused.stderr
@@ -418,10 +422,7 @@ def test_kill_goes_as_far_as_it_can_when_iptables_fails(node: Node, tmp_path: Pa
 def test_a_restore_that_fails_after_criu_answers_no_packet(
     node: Node, client: Callable[[str], Client], tmp_path: Path
 ) -> None:
-    name = unique_name("net")
-    address = node.serve(name)
-    talking = client(address)
-    talking.wait_more()
+    name, _, talking = _talking(node, client)
     node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
     # Restored, then failed and killed: cut off all along, it never answered the client, whose connection the
     # archive still holds for the next try.
