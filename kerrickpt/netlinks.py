@@ -11,7 +11,7 @@ from typing import Any
 
 from kerrickpt import command
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
-from kerrickpt.netsettings import Settings
+from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
@@ -23,9 +23,11 @@ def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
     return [(link["ifname"], address) for link in _links("-4", "addr", "show") for address in _inet(link)]
 
 
-def bridge(settings: Settings) -> None:
-    """The node network's bridge, up, with the node's address on it: made if missing (another command may make
-    it meanwhile). UsageError if an interface of that name is not a bridge, or carries another address."""
+def bridge(settings: Settings, owner: str) -> None:
+    """The node network's bridge, up, with the node's address on it, marked as `owner`'s (a state directory's:
+    its alias): made if missing (another command may make it meanwhile). UsageError if an interface of that name
+    is not a bridge, carries another address, or is the node network of another state directory that still has
+    one (its claims are its own: the two would hand out one address twice)."""
     name, gateway = settings.bridge, settings.gateway
     if not exists(name):
         try:
@@ -34,6 +36,12 @@ def bridge(settings: Settings) -> None:
             if not exists(name):
                 raise
     (link,) = _links("-d", "addr", "show", "dev", name)
+    other = link.get("ifalias") or ""
+    if other not in ("", owner) and Path(other, FILE).exists():
+        raise UsageError(
+            f"bridge {name} is the node network of state directory {other}: give this one ({owner}) another "
+            "bridge and subnet (see README, Network)"
+        )
     kind = link.get("linkinfo", {}).get("info_kind")
     if kind != "bridge":
         raise UsageError(
@@ -48,6 +56,8 @@ def bridge(settings: Settings) -> None:
         )
     if gateway not in _inet(link):
         _ip("addr", "add", str(gateway), "dev", name)
+    if other != owner:
+        _ip("link", "set", name, "alias", owner)
     _ip("link", "set", name, "up")
 
 

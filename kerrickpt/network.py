@@ -186,7 +186,7 @@ def create(registry: claims.State, net: Network, *, connected: bool = True) -> N
     failure, what was made stays: the caller removes it (`destroy`)."""
     settings = netsettings.load(registry)
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
-    netlinks.bridge(settings)
+    netlinks.bridge(settings, str(registry.root.resolve()))
     netsettings.keep(registry, settings)  # this node's from now on
     netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected)
     if net.ports:

@@ -477,3 +477,12 @@ def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
     assert reason in refused.stderr
     assert not (node.state_dir / "network.json").exists()  # nothing chosen: the next may choose better
     assert "lo" in node.ip("-4", "-o", "addr", "show", "dev", "lo")  # left as it was
+
+
+def test_two_state_directories_never_share_a_node_network(node: Node, tmp_path: Path) -> None:
+    node.serve(unique_name("first"))
+    other, second = Node(node.netns, tmp_path / "other-state"), unique_name("second")
+    refused = other.kerrickpt("run", "--name", second, "--net", "own", "--", "sleep", "600")
+    assert refused.returncode == 2
+    assert f"bridge kerrickpt0 is the node network of state directory {node.state_dir.resolve()}" in refused.stderr
+    assert not (other.state_dir / "containers" / second).exists()  # nothing of it left
