@@ -58,6 +58,11 @@ class Confinement:
             return IdMap.shifted(self.uid_base, self.gid_base, self.ids)
         return IdMap.keeping(self.uid_base, self.gid_base, self.ids, (self.uid,), (self.gid, *self.groups))
 
+    def check_ids(self) -> None:
+        """Refuse now, before anything is made for it, an id map the container could not be given: its range holds
+        its user's own ids or starts among the node's (NoIdRangeError), or the kernel would not take it (UsageError)."""
+        self.id_map  # noqa: B018 - building the map is the check
+
     @property
     def id_mode(self) -> str:
         return HOST if self.host_ids else OWN
@@ -187,5 +192,5 @@ def confine(
         idmapped_lower=not host_ids,
         host_ids=host_ids,
     )
-    confined.id_map  # noqa: B018 - refused now, not in the launcher
+    confined.check_ids()
     return confined

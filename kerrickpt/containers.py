@@ -26,6 +26,7 @@ from kerrickpt import (
     netports,
     network,
     procs,
+    schema,
     stdio,
 )
 from kerrickpt import rootfs as rootfs_
@@ -44,7 +45,8 @@ from kerrickpt.errors import (
 
 STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_MAX = 63
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
 RECORD = "container.json"
 OWNER = "owner"  # the run that reserved the name, until the record exists
 LOG = "log"
@@ -82,7 +84,7 @@ def claimant_alive(claim: Path) -> bool | None:
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+        raise UsageError(f"bad container name {name!r}: use letters, digits, '.', '_' and '-' (at most {NAME_MAX})")
     return name
 
 
@@ -197,7 +199,7 @@ class Registry:
         try:
             fields = json.loads(record.read_text())
             if fields.get("confinement") is not None:
-                fields["confinement"] = Confinement.from_dict(fields["confinement"])
+                fields["confinement"] = Confinement.from_dict(schema.recorded_confinement(fields["confinement"]))
             if fields.get("stdio") is not None:
                 fields["stdio"] = stdio.Stdio.from_dict(fields["stdio"])
             if fields.get("network") is not None:
@@ -273,6 +275,7 @@ def run(
     env: Mapping[str, str] | None = None,
     workdir: str | None = None,
     ids: str = confinement.OWN,
+    pool: isolation.IdPool | None = None,
     cgroup_parents: Mapping[Path, Path] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
@@ -289,7 +292,8 @@ def run(
     `rootfs` and a writable layer of its own), user and mount namespaces, its ids a host range of its
     own (`ids` "own"), but for "host" the uid, gid and groups of `user`, which are the host's own (its root
     and volumes nosuid); the command runs as `user` (NAME|UID[:GID]) with `env`, in `workdir`, and `volumes`
-    (SRC:DST[:ro]) are bound in. Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
+    (SRC:DST[:ro]) are bound in. Its range comes from `pool`, by default the node's (isolation.id_pool); users'
+    jobs give theirs (privilege.jobs_pool). Its cgroups go beneath `cgroup_parents` if given (see cgroups.own).
 
     With `net` network.OWN it has a network namespace of its own on the node's bridge (see network), its
     address `address` (ADDR/PREFIX) or the subnet's first free one, and the node ports `publish`
@@ -324,7 +328,7 @@ def run(
                 name,
                 argv[0],
                 rootfs,
-                idranges.claim(registry, name, isolation.id_pool()),
+                idranges.claim(registry, name, pool or isolation.id_pool()),
                 host_ids=ids == confinement.HOST,
                 user=user,
                 volumes=volumes,

@@ -6,10 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kerrickpt.errors import NoIdRangeError
+from kerrickpt.errors import NoIdRangeError, UsageError
 
 # (first container id, first host id, count): one line of /proc/PID/uid_map.
 Extent = tuple[int, int, int]
+# Host ids below are the node's own (its system's and its users'): no container's range starts there.
+LOWEST = 65536
+LAST = (1 << 32) - 2  # the last host id: (1 << 32) - 1 is (uid_t) -1, no one's, and no map may name it
+# What the kernel takes in one uid_map or gid_map (user_namespaces(7)): 340 lines, a write of less than a page.
+MAX_EXTENTS = 340
+MAX_BYTES = 4095
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,15 @@ class IdMap:
     uids: tuple[Extent, ...]
     gids: tuple[Extent, ...]
 
+    def __post_init__(self) -> None:
+        for kind, extents in (("uid", self.uids), ("gid", self.gids)):
+            size = len(text(extents).encode())
+            if len(extents) > MAX_EXTENTS or size > MAX_BYTES:
+                raise UsageError(
+                    f"the container's {kind} map would have {len(extents)} lines ({size} bytes), more than the kernel "
+                    f"takes ({MAX_EXTENTS} lines, {MAX_BYTES} bytes): its user is in too many groups to keep them all"
+                )
+
     @classmethod
     def shifted(cls, uid_base: int, gid_base: int, count: int) -> IdMap:
         """Container ids 0..count-1 are host ids from uid_base and from gid_base."""
@@ -27,7 +42,8 @@ class IdMap:
     @classmethod
     def keeping(cls, uid_base: int, gid_base: int, count: int, uids: Iterable[int], gids: Iterable[int]) -> IdMap:
         """As `shifted`, but each of `uids` and `gids` (never 0: the container's root stays its own) is the host's
-        own id, mapped to itself; the container ids of the range they stand on map to nothing."""
+        own id, mapped to itself; the container ids of the range they stand on map to nothing. NoIdRangeError if
+        a range starts below LOWEST (its root would be a host id of the node's own) or holds one of those ids."""
         return cls(_keeping(uid_base, count, uids, "uid"), _keeping(gid_base, count, gids, "gid"))
 
     @property
@@ -58,6 +74,11 @@ def text(extents: tuple[Extent, ...]) -> str:
 
 
 def _keeping(base: int, count: int, own: Iterable[int], kind: str) -> tuple[Extent, ...]:
+    if base < LOWEST:
+        raise NoIdRangeError(
+            f"the container's {kind} range starts at host {kind} {base}, one of the node's own: its root would be "
+            f"a host user's; ranges start at {LOWEST} or above"
+        )
     kept = sorted(set(own) - {0})
     clash = [host for host in kept if base <= host < base + count]
     if clash:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kerrickpt import claims, containers
 from kerrickpt.confinement import RANGE
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
+from kerrickpt.idmap import Extent, IdMap
 from kerrickpt.isolation import IdPool
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
         raise NoIdRangeError(
             f"no free host id range for container {name}: containers on this node hold all {pool.ranges} of the "
             f"pool ({pool.source}); remove some (`kerrickpt ps`; `kerrickpt gc` frees those of containers that "
-            "are gone) or give root more ranges of 65536 ids in /etc/subuid and /etc/subgid"
+            f"are gone) or {pool.grow}"
         )
     kept = (directory / f"{UID}-{uid_base}", directory / f"{GID}-{gid_base}")
     for path, owner in _claims(directory):  # what a claim of `name` cut short left
@@ -143,49 +144,48 @@ def _free(registry: Registry, seen: list[tuple[str, int, Path, str | None]], kin
     return True
 
 
-def remap_images(images_dir: Path, uid_base: int, gid_base: int) -> bool:
-    """Move the user namespaces CRIU dumped in `images_dir` (userns-*.img) to the host range at uid_base and
-    gid_base (see `remap`); each changed image is replaced whole, root's and 0600. Whether anything changed."""
+def remap_images(images_dir: Path, archived: IdMap, restored: IdMap) -> bool:
+    """Give the user namespaces CRIU dumped in `images_dir` (userns-*.img) the map `restored` (see `remap`); each
+    changed image is replaced whole, root's and 0600. Whether anything changed."""
     paths = {path.name: path for path in sorted(images_dir.glob(USERNS_IMAGES))}
-    changed = remap({name: path.read_bytes() for name, path in paths.items()}, uid_base, gid_base)
+    changed = remap({name: path.read_bytes() for name, path in paths.items()}, archived, restored)
     for name, data in changed.items():
         containers.write_atomic(paths[name], data)  # 0600, root's: a restore shares it with the container's root
     return bool(changed)
 
 
-def remap(userns: Mapping[str, bytes], uid_base: int, gid_base: int) -> dict[str, bytes]:
-    """User-namespace images (name -> bytes) moved to the host range at uid_base and gid_base: the host ids
-    (lower_first) of every extent of the range shift by one offset, so that container ids (first, count) and the
-    extents' places relative to each other stay. An extent that maps ids to themselves holds the host's own ids
-    of a user (see idmap.IdMap.keeping), the same on every node: it stays. The images that changed, as their
-    new bytes."""
+def remap(userns: Mapping[str, bytes], archived: IdMap, restored: IdMap) -> dict[str, bytes]:
+    """User-namespace images (name -> bytes) given the map `restored` in place of `archived`, the map of the
+    confinement the archive records (what a restore for a user checks): an image that maps anything else is
+    refused (ArchiveCorruptError), for it is that map, not the recorded one, that CRIU would give the
+    restored processes. The images that changed, as their new bytes."""
     from pycriu import images  # imported late, as in criu.py: `kerrickpt check` must work without it
 
     loaded = {name: _load(images, name, data) for name, data in userns.items()}
-    entries = [entry for image in loaded.values() for entry in image["entries"]]
-    shifts = {
-        key: base - lowest
-        for key, base in (("uid_map", uid_base), ("gid_map", gid_base))
-        if (lowest := min((e["lower_first"] for entry in entries for e in _ranged(entry, key)), default=None))
-        is not None
-    }
-    if not any(shifts.values()):
+    for name, image in loaded.items():
+        for entry in image["entries"]:
+            for key, extents in (("uid_map", archived.uids), ("gid_map", archived.gids)):
+                if _extents(entry.get(key, [])) != sorted(extents):
+                    raise ArchiveCorruptError(
+                        f"CRIU image {name} maps the container's {key.removesuffix('_map')}s otherwise than its "
+                        "recorded confinement: it is not restored"
+                    )
+    if archived == restored:
         return {}
     changed = {}
     for name, image in loaded.items():
         for entry in image["entries"]:
-            for key, shift in shifts.items():
-                for extent in _ranged(entry, key):
-                    extent["lower_first"] += shift
+            for key, extents in (("uid_map", restored.uids), ("gid_map", restored.gids)):
+                entry[key] = [{"first": first, "lower_first": lower, "count": count} for first, lower, count in extents]
         out = io.BytesIO()
         images.dump(image, out)
         changed[name] = out.getvalue()
     return changed
 
 
-def _ranged(entry: dict[str, Any], key: str) -> list[dict[str, int]]:
-    """The extents of `entry`'s `key` map that are of the container's range (CRIU leaves out fields that are 0)."""
-    return [e for e in entry.get(key, []) if e.get("first", 0) != e.get("lower_first", 0)]
+def _extents(found: list[dict[str, int]]) -> list[Extent]:
+    """An image's map as extents, in order (CRIU's images leave out fields that are 0)."""
+    return sorted((e.get("first", 0), e.get("lower_first", 0), e.get("count", 0)) for e in found)
 
 
 def _load(images: Any, name: str, data: bytes) -> dict[str, Any]:

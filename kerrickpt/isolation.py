@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kerrickpt import command, helper, namespaces, rootfs
 from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, lower_dir
 from kerrickpt.errors import CommandTimeout, UsageError
-from kerrickpt.idmap import IdMap
+from kerrickpt.idmap import LOWEST, IdMap
 
 PROBE_TIMEOUT = 10.0
 # Without an entry for root in /etc/subuid and /etc/subgid: systemd's range for containers' ids
@@ -39,16 +40,38 @@ class IdPool:
     uids: tuple[tuple[int, int], ...]
     gids: tuple[tuple[int, int], ...]
     ranges: int
+    grow: str = "give root more ranges of 65536 ids in /etc/subuid and /etc/subgid"  # how to make it hold more
 
     def first(self) -> tuple[int, int] | None:
         """The host uid and gid the first container range starts at."""
         return (self.uids[0][0], self.gids[0][0]) if self.ranges else None
 
+    def holding(self, uids: Iterable[int], gids: Iterable[int]) -> list[str]:
+        """Those of host uids `uids` and gids `gids` that are the pool's, as `uid N` and `gid N`."""
+        found = [f"uid {uid}" for uid in sorted(set(uids)) if _within(uid, self.uids)]
+        return found + [f"gid {gid}" for gid in sorted(set(gids)) if _within(gid, self.gids)]
+
+    def overlaps(self, other: IdPool) -> bool:
+        """Whether any id of `other`'s is one of this pool's (uids with uids, gids with gids)."""
+        return _meet(self.uids, other.uids) or _meet(self.gids, other.gids)
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
+        del data["grow"]
         data["uids"] = [list(span) for span in self.uids]
         data["gids"] = [list(span) for span in self.gids]
         return data
+
+
+def _within(value: int, spans: tuple[tuple[int, int], ...]) -> bool:
+    return any(first <= value < first + count for first, count in spans)
+
+
+def _meet(spans: Sequence[tuple[int, int]], others: Sequence[tuple[int, int]]) -> bool:
+    """Whether an id of `spans` (first, count) is one of `others`."""
+    return any(
+        first < o_first + o_count and o_first < first + count for first, count in spans for o_first, o_count in others
+    )
 
 
 def _subordinate(path: Path) -> dict[str, list[tuple[int, int]]]:
@@ -63,11 +86,12 @@ def _subordinate(path: Path) -> dict[str, list[tuple[int, int]]]:
 
 
 def _whole_ranges(spans: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The RANGE-sized blocks in `spans` that overlap no span in `taken`, merged back into spans."""
+    """The RANGE-sized blocks in `spans` that overlap no span in `taken` and hold no id below LOWEST (a root:0:N
+    entry would make a container's root host root again), merged back into spans."""
     free: list[tuple[int, int]] = []
     for first, count in spans:
         for start in range(first, first + count - RANGE + 1, RANGE):
-            if any(start < t_first + t_count and t_first < start + RANGE for t_first, t_count in taken):
+            if start < LOWEST or _meet([(start, RANGE)], taken):
                 continue
             if free and free[-1][0] + free[-1][1] == start:
                 free[-1] = (free[-1][0], free[-1][1] + RANGE)
@@ -88,6 +112,17 @@ def id_pool(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid
         others = [span for owners in (uid_owners, gid_owners) for spans in owners.values() for span in spans]
         uids = gids = _whole_ranges([DEFAULT_POOL], others)
         source = "default"
+    return _pool(source, uids, gids)
+
+
+def declared_pool(first: int, count: int, source: str) -> IdPool:
+    """The pool users' jobs take their ranges from, as the site declares it: host ids first..first+count-1, for
+    uids and gids alike (its whole ranges of ids from LOWEST on)."""
+    spans = _whole_ranges([(first, count)], [])
+    return replace(_pool(source, spans, spans), grow=f"widen the {source}")
+
+
+def _pool(source: str, uids: list[tuple[int, int]], gids: list[tuple[int, int]]) -> IdPool:
     count = min(sum(c for _, c in uids), sum(c for _, c in gids)) // RANGE
     return IdPool(source=source, uids=tuple(uids), gids=tuple(gids), ranges=count)
 

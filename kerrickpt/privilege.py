@@ -12,16 +12,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command, helper, trust, users
-from kerrickpt.confinement import HOST_ROOT, Confinement, parse_volume
-from kerrickpt.containers import check_name
-from kerrickpt.errors import CommandTimeout, NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
+from kerrickpt import command, helper, isolation, trust, users
+from kerrickpt.confinement import HOST, HOST_ROOT, RANGE, parse_volume
+from kerrickpt.containers import NAME_MAX, check_name
+from kerrickpt.errors import (
+    CommandTimeout,
+    NoIdRangeError,
+    NotAllowedError,
+    NotReadyError,
+    UntrustedStoreError,
+    UsageError,
+)
+from kerrickpt.idmap import LAST, LOWEST
+from kerrickpt.isolation import IdPool
 from kerrickpt.manifest import Manifest
 
 CONFIG = Path("/etc/kerrickpt/jobs.toml")
 # Another site configuration, for tests: honoured for root itself only, never through sudo.
 CONFIG_ENV = "KERRICKPT_JOBS_CONFIG"
-HOST_IDS = "host"  # --ids host: the ids the job runs as are the host's own, the others its range's
 ACCESS_TIMEOUT = 30.0  # a volume on storage that hangs must not hold the job forever
 WHAT = "the jobs' checkpoints directory"
 
@@ -40,9 +48,11 @@ class Caller:
 @dataclass(frozen=True)
 class Site:
     """What the site configured in CONFIG: `checkpoints`, on storage every node shares, holds
-    `<uid>/<name>/` for each user's job."""
+    `<uid>/<name>/` for each user's job; users' jobs take their id ranges from `ids` alone, host ids that
+    the site declares no user has and that root's own containers never get (see jobs_pool)."""
 
     checkpoints: Path
+    ids: IdPool
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,13 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What a job runs with once the policy has ruled: where its checkpoints live, and its options."""
+    """What a job runs with once the policy has ruled: where its checkpoints live, its options, and the pool
+    its container's id range comes from (None: the node's, as for `kerrickpt run`)."""
 
     directory: Path
     options: RunOptions
+    pool: IdPool | None = None
+    container: str | None = None  # its container's name on the node, if not the job's
 
 
 def caller() -> Caller:
@@ -110,7 +123,43 @@ def site(who: Caller) -> Site:
     checkpoints = data.get("checkpoints")
     if not isinstance(checkpoints, str) or not checkpoints.startswith("/"):
         raise NotReadyError(f"the jobs' configuration {path} must set checkpoints to an absolute path")
-    return Site(Path(checkpoints))
+    return Site(Path(checkpoints), _declared_ids(data.get("ids"), path))
+
+
+def _declared_ids(value: object, path: Path) -> IdPool:
+    """The jobs' pool `ids = "FIRST:COUNT"` declares: whole ranges of RANGE ids, from LOWEST up to LAST."""
+    first, _, count = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not (first.isdigit() and count.isdigit()):
+        raise NotReadyError(
+            f"the jobs' configuration {path} must set ids = \"FIRST:COUNT\": the host ids users' jobs take their "
+            "id ranges from, which no user has and root's own containers never get (see contrib/jobs.toml)"
+        )
+    start, size = int(first), int(count)
+    if start < LOWEST or size < RANGE or start + size - 1 > LAST:
+        raise NotReadyError(
+            f"the jobs' configuration {path}: ids {value} must hold at least {RANGE} ids, from {LOWEST} on, "
+            f"up to {LAST}"
+        )
+    return isolation.declared_pool(start, size, f"ids of {path}")
+
+
+def jobs_pool(who: Caller, where: Site) -> IdPool:
+    """The site's pool for users' jobs, once it is known to be theirs alone: it shares no id with the pool of
+    the node's own containers (whose files, on volumes, outlive them, and whose ranges a job's root must never
+    be), and holds none of the caller's ids (which the job keeps the host's own)."""
+    node = isolation.id_pool()
+    if where.ids.overlaps(node):
+        raise NotReadyError(
+            f"the {where.ids.source} overlap the id pool of this node's own containers ({node.source}): the "
+            "jobs' ids must be theirs alone (see the README's What the site must ensure)"
+        )
+    held = where.ids.holding([who.uid], {who.gid, *who.groups} - {0})
+    if held:
+        raise NoIdRangeError(
+            f"the {where.ids.source} hold {who.name}'s own {', '.join(held)}: the site must give users' jobs "
+            "host ids that no user has"
+        )
+    return where.ids
 
 
 def checkpoint_dir(where: Site, uid: int, name: str) -> Path:
@@ -138,14 +187,15 @@ def job_request(
     directory for uid 0). A user through sudo runs as themselves, their uid and groups the host's own and every
     other id (root's first) of an unprivileged range (`--ids host`), over the node's own root, their
     checkpoints in the site's directory for their uid, and binds in only what they could reach themselves;
-    anything else raises NotAllowedError. `where` defaults to `site(who)`."""
+    anything else raises NotAllowedError. Its range comes from the site's pool for users' jobs (jobs_pool).
+    `where` defaults to `site(who)`."""
     if not who.through_sudo:
         found = Path(directory) if directory else checkpoint_dir(where or site(who), 0, name)
         return JobRequest(found, options)
     refused = [flag for flag, asked in (("--dir", directory), ("--state-dir", options.state_dir)) if asked is not None]
     if options.rootfs not in (None, HOST_ROOT):
         refused.append(f"--rootfs {options.rootfs}")
-    if options.ids not in (None, HOST_IDS):
+    if options.ids not in (None, HOST):
         refused.append(f"--ids {options.ids}")
     if refused:
         raise NotAllowedError(
@@ -154,14 +204,27 @@ def job_request(
         )
     gid = _own_group(who, options.user)
     volumes = tuple(_reachable_volume(who, text) for text in options.volumes)
-    forced = replace(options, rootfs=HOST_ROOT, ids=HOST_IDS, user=f"{who.uid}:{gid}", volumes=volumes)
-    return JobRequest(checkpoint_dir(where or site(who), who.uid, name), forced)
+    forced = replace(options, rootfs=HOST_ROOT, ids=HOST, user=f"{who.uid}:{gid}", volumes=volumes)
+    container = container_name(who, name)
+    where = where or site(who)
+    pool = jobs_pool(who, where)
+    return JobRequest(checkpoint_dir(where, who.uid, name), forced, pool, container)
+
+
+def container_name(who: Caller, name: str) -> str:
+    """The container of `who`'s job `name` on a node, `u<uid>.<name>`: two users' jobs of one name may meet there."""
+    container = f"u{who.uid}.{name}"
+    if len(container) > NAME_MAX:
+        longest = NAME_MAX - len(container) + len(name)
+        raise UsageError(f"job name {name!r} too long: a user's job name has at most {longest} characters")
+    return container
 
 
 def check_archive(who: Caller, manifest: Manifest) -> None:
     """Refuse to restore for a user through sudo an archive whose processes are not that user's (with none
     of the user's groups they may have lost since), that binds in what they can no longer reach, or that has a
-    network of its own."""
+    network of its own. Its ids are compared as the archive records them, never through its map: the restore
+    gives it a range of its own."""
     if not who.through_sudo:
         return
     confined = manifest.confinement
@@ -174,12 +237,13 @@ def check_archive(who: Caller, manifest: Manifest) -> None:
         raise NotAllowedError(
             f"not allowed to a user through sudo: the archive of {manifest.name} has a network of its own"
         )
-    uid, gids = _host_ids(confined)
-    if uid != who.uid:
+    if confined.uid != who.uid or confined.uid == 0:
         raise NotAllowedError(
-            f"not allowed to a user through sudo: the archive of {manifest.name} runs as uid {uid}, not {who.uid}"
+            f"not allowed to a user through sudo: the archive of {manifest.name} runs as uid {confined.uid}, "
+            f"not {who.uid}"
         )
-    lost = sorted(gids - {who.gid, *who.groups})
+    # Group 0 is the container's root's, of its range: it gives nothing on the host.
+    lost = sorted({confined.gid, *confined.groups} - {0, who.gid, *who.groups})
     if lost:
         raise NotAllowedError(
             f"not allowed to a user through sudo: the archive of {manifest.name} runs with group(s) "
@@ -275,10 +339,3 @@ def _check_reach(who: Caller, source: str, *, write: bool) -> None:
     if not can_reach(who, source, write=write):
         how = "read and write" if write else "read"
         raise NotAllowedError(f"not allowed to a user through sudo: {who.name} cannot {how} the volume {source}")
-
-
-def _host_ids(confined: Confinement) -> tuple[int | None, set[int]]:
-    """The host uid an archive's processes run as, and the host groups they keep: a group of its range (its
-    root's, 0) is the container's own and gives nothing on the host."""
-    ids = confined.id_map
-    return ids.host_uid(confined.uid), {g for g in (confined.gid, *confined.groups) if ids.host_gid(g) == g}

@@ -43,6 +43,7 @@ from kerrickpt.errors import (
     CommandTimeout,
     KerrickptError,
     NodeIncompatibleError,
+    NoIdRangeError,
     RestoreFailed,
     TransportError,
     UsageError,
@@ -84,6 +85,7 @@ def restore(
     stdout: int | None = None,
     stderr: int | None = None,
     tcp_close: bool = False,
+    pool: isolation.IdPool | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -100,7 +102,8 @@ def restore(
     `cgroup_parents` if given (see cgroups.own).
 
     A container whose fd 1 and 2 were its caller's files (`containers.run`'s `stdout` and `stderr`) gets the
-    regular files open at `stdout` and `stderr` in their place, or without them its log here.
+    regular files open at `stdout` and `stderr` in their place, or without them its log here. A confined
+    container's id range comes from `pool`, by default the node's (as `containers.run`'s).
 
     A container with a network of its own gets it back here: its address (it must be free) and MAC, its published
     ports, and its established TCP connections, or, with `tcp_close`, those closed (a copy next to its source:
@@ -152,7 +155,7 @@ def restore(
             )
         with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
             init_pid = _restore_as(
-                registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given
+                registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
             )
         handed_over = watcher is not None
     finally:
@@ -196,6 +199,7 @@ def _restore_as(
     helper: restorer.Helper,
     layers: list[layerchain.Delta],
     given: stdio.Given,
+    pool: isolation.IdPool | None,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -216,7 +220,7 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest, scratch, feed, layers)
+            confined = _confine(registry, name, manifest, scratch, feed, layers, pool or isolation.id_pool())
             plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path | int] = {}
         if manifest.log_path:
@@ -294,13 +298,19 @@ def _confine(
     scratch: Path,
     feed: feeder.Feed | None,
     layers: list[layerchain.Delta],
+    pool: isolation.IdPool,
 ) -> Confinement:
-    """Give a confined container its id range here (the one it had, if free; a user's own host ids stay theirs)
-    and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own over
-    the chain it builds on), or read from the archive's start (its first file) while the rest waits for CRIU."""
+    """Give a confined container its id range here, from `pool` (the one it had, if free; a user's own host ids
+    stay theirs), and its writable layer as the archive carries it: from the unpacked archive (`layers`: its own
+    over the chain it builds on), or read from the archive's start (its first file) while the rest waits for
+    CRIU. Its user namespace images must map what its confinement says; they are given the new range's map."""
     archived = manifest.confinement
     assert archived is not None
-    ids = idranges.claim(registry, name, isolation.id_pool(), prefer=(archived.uid_base, archived.gid_base))
+    try:
+        was = archived.id_map
+    except (NoIdRangeError, UsageError) as exc:  # on any node: a range among the node's own ids, or too many groups
+        raise ArchiveCorruptError(f"the archive's recorded id map cannot be given to it: {exc.message}") from None
+    ids = idranges.claim(registry, name, pool, prefer=(archived.uid_base, archived.gid_base))
     confined = dataclasses.replace(archived, uid_base=ids[0], gid_base=ids[1])
     id_map = confined.id_map  # NoIdRangeError here, before anything is unpacked, if the range holds the user's ids
     member = next((m for m in manifest.members if m.name == layer.MEMBER), None)
@@ -310,7 +320,7 @@ def _confine(
     target.create(confined)
     images = scratch / "images"
     if feed is None:
-        idranges.remap_images(images, *ids)
+        idranges.remap_images(images, was, id_map)
         with layers[0].tar.open("rb") as fh:
             layer.unpack(fh, target.upper, id_map)
         for delta in layers[1:]:
@@ -318,7 +328,7 @@ def _confine(
                 layer.apply(fh, delta.removed, target.upper, id_map)
         shared = [images, *images.iterdir()]
     else:
-        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, *ids))
+        feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, was, id_map))
         with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
             layer.unpack(cast(BinaryIO, fh), target.upper, id_map)
             fh.finish()

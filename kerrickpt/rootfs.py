@@ -64,7 +64,7 @@ class Layer:
         self.root.mkdir(mode=0o700)
         self.work.mkdir(mode=0o700)
         self.upper.mkdir(mode=0o755)
-        os.chown(self.upper, confinement.uid_base, confinement.gid_base)
+        os.chown(self.upper, *confinement.id_map.root)
         (self.root / "lineage").write_text(secrets.token_hex(16) + "\n")
 
 
@@ -73,11 +73,12 @@ def share(target: Path | int, confinement: Confinement) -> None:
     namespace. Its tasks there are host root until CRIU makes them root inside, and then the
     container's root group: root's file, that group's too, and no one else's. Its images hold its own
     memory, which its root may read anyway; the scratch directory above them stays root's, 0700."""
+    _, group = confinement.id_map.root
     if isinstance(target, int):
-        os.fchown(target, 0, confinement.gid_base)
+        os.fchown(target, 0, group)
         os.fchmod(target, 0o660)
     else:
-        os.chown(target, 0, confinement.gid_base)
+        os.chown(target, 0, group)
         os.chmod(target, 0o750 if target.is_dir() else 0o640)
 
 

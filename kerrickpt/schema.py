@@ -10,12 +10,14 @@ import msgspec
 
 from kerrickpt.confinement import RANGE
 from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
+from kerrickpt.idmap import LAST
 
 T = TypeVar("T")
 # `ids` of a container of `--ids host` as it was at first: all the host's ids, mapped to themselves.
 LEGACY_HOST_IDS = (1 << 32) - 1
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
+Id = Annotated[int, msgspec.Meta(ge=0, le=LAST)]  # a host or container uid or gid
 Pid = Annotated[int, msgspec.Meta(ge=1, le=2**22)]  # the kernel's pid_max is at most 2^22
 # What migrate makes (uuid4().hex): it names files on the target, so nothing else may pass.
 MIGRATION_ID = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
@@ -88,12 +90,12 @@ class Confinement(msgspec.Struct):
     """See confinement.Confinement."""
 
     rootfs: str
-    uid_base: Count
-    gid_base: Count
+    uid_base: Id
+    gid_base: Id
     ids: Annotated[int, msgspec.Meta(ge=1)] = RANGE
-    uid: Count = 0
-    gid: Count = 0
-    groups: list[Count] = []
+    uid: Id = 0
+    gid: Id = 0
+    groups: list[Id] = []
     volumes: list[Volume] = []
     env: dict[str, str] = {}
     workdir: str = "/"
@@ -101,13 +103,16 @@ class Confinement(msgspec.Struct):
     host_ids: bool = False  # absent from archives made before its user kept the host's ids
 
     def __post_init__(self) -> None:
-        if self.ids == LEGACY_HOST_IDS:
+        if self.ids > RANGE:
             raise ValueError(
                 "it maps every id to itself (`--ids host` before its user alone kept the host's ids): its root was "
-                "host root as files go, and a restore of it could open any file of the node's; it is not restored"
+                "host root as files go, and a restore of it could open any file of the node's; kerrickpt neither "
+                "restores nor keeps it"
+                if self.ids == LEGACY_HOST_IDS
+                else f"a container has {RANGE} ids or less"
             )
-        if self.ids > RANGE:
-            raise ValueError(f"a container has {RANGE} ids or less")
+        if max(self.uid_base, self.gid_base) + self.ids - 1 > LAST:
+            raise ValueError(f"its id range runs past host id {LAST}, the last there is")
         if self.host_ids and self.idmapped_lower:
             raise ValueError("a container whose user keeps the host's ids sees its lower layer as it is")
 
@@ -286,6 +291,14 @@ def from_state(data: object, kind: type[T], what: str) -> T:
         return _convert(data, kind)
     except (msgspec.ValidationError, ValueError) as exc:
         raise StateDamagedError(f"{what} is damaged ({exc})") from exc
+
+
+def recorded_confinement(data: object) -> dict[str, Any]:
+    """A container record's confinement, checked as an archive's is; ValueError if kerrickpt does not keep it."""
+    try:
+        return msgspec.to_builtins(_convert(data, Confinement))  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"its confinement: {exc}") from None
 
 
 def migration_id(text: object) -> str:

@@ -32,6 +32,7 @@ from kerrickpt.errors import (
     UsageError,
 )
 from kerrickpt.events import Events
+from kerrickpt.isolation import IdPool
 from kerrickpt.manifest import Manifest
 from kerrickpt.restore import restore
 
@@ -85,7 +86,8 @@ class Supervisor:
     checkpoint and stop, or to stop. Container options are those of `containers.run`; `stdout`/`stderr`
     (regular files) take the command's output, also after a restore elsewhere. The container on the node is
     named `container` (default: the job's name); `admit` may refuse a checkpoint's manifest before it is
-    restored (privilege.check_archive)."""
+    restored (privilege.check_archive); its id range comes from `pool` (default: the node's) when started and
+    when restored."""
 
     def __init__(
         self,
@@ -104,6 +106,7 @@ class Supervisor:
         level: int = zstdframe.CHECKPOINT_LEVEL,
         container: str | None = None,
         admit: Callable[[Manifest], None] | None = None,
+        pool: IdPool | None = None,
         **options: Any,
     ) -> None:
         if not argv:
@@ -111,6 +114,7 @@ class Supervisor:
         self.name = containers.check_name(name)
         self.container = containers.check_name(container or name)
         self.admit = admit
+        self.pool = pool
         self.argv = list(argv)
         self.directory = Path(directory).absolute()
         self.state_dir = state_dir
@@ -196,7 +200,12 @@ class Supervisor:
                 if self.admit is not None:
                     self.admit(archive.read_manifest(self.archive))
                 restored = restore(
-                    self.archive, name=self.container, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio
+                    self.archive,
+                    name=self.container,
+                    state_dir=self.state_dir,
+                    cgroup_parents=parents,
+                    pool=self.pool,
+                    **self.stdio,
                 )
             except ArchiveCorruptError as exc:
                 if isinstance(exc, ArchiveUnreadableError):  # the storage's trouble, perhaps for a moment: no verdict
@@ -210,7 +219,13 @@ class Supervisor:
                 self.events.emit("restored", archive=str(self.archive), seconds=seconds, init_pid=restored.init_pid)
                 return restored.init_pid, True
         status = run_container(
-            self.container, self.argv, state_dir=self.state_dir, cgroup_parents=parents, **self.stdio, **self.options
+            self.container,
+            self.argv,
+            state_dir=self.state_dir,
+            cgroup_parents=parents,
+            pool=self.pool,
+            **self.stdio,
+            **self.options,
         )
         assert status.init_pid is not None
         self.events.emit("started", command=self.argv, init_pid=status.init_pid)

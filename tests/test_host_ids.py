@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, idranges, layer, schema
+from kerrickpt import archive, containers, idranges, layer, schema
 from kerrickpt.confinement import HOST, RANGE, Confinement
-from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
+from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError, StateDamagedError, UsageError
 from kerrickpt.idmap import IdMap
 from tests.helpers import assert_consecutive, cli, ticks, unique_name, wait_for
 from tests.test_confined import log, upper
+from tests.test_schema import rewrite
 
 pytestmark = pytest.mark.root
 
@@ -121,6 +122,33 @@ def test_a_large_uid_is_checkpointed_and_restored_keeping_its_files(
     assert said["Uid"].split() == [str(BIG)] * 4
     options = mount_options(restored.init_pid)
     assert "nosuid" in options["/"] and "nosuid" in options["/v"], "the restore kept its mounts nosuid"
+
+
+def test_an_archive_whose_recorded_ids_are_not_what_its_images_map_is_refused_with_exit_6(
+    state_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    status = run_host_ids(state_dir, ["sh", "-c", COUNT], f"{BIG}:{BIG}", volume)
+    wait_for(lambda: len(ticks(log(state_dir, status.name))) > 3, what="ticks")
+    checkpointed = tmp_path / "big.kckpt"
+    kerrickpt.checkpoint(status.name, checkpointed, state_dir=state_dir)
+    body = json.loads(archive.read_index(checkpointed).body)  # type: ignore[union-attr]
+    said = {
+        # What a user's restore checks is the record: the images must map what it says, nothing else.
+        "otherwise than its recorded confinement": {"groups": [BIG + 9]},
+        "recorded id map cannot be given": {"uid_base": 4096},  # its root would be a host user's
+    }
+    for why, change in said.items():
+        recorded = json.dumps({**body, "confinement": {**body["confinement"], **change}}).encode()
+        bad = tmp_path / "bad.kckpt"
+        rewrite(checkpointed, bad, frame=recorded, index=recorded)
+        name = unique_name("bad")
+        result = cli("restore", str(bad), "--name", name, state_dir=state_dir)
+        assert result.returncode == 6 and why in result.stderr, result.stderr
+        assert name not in [c.name for c in kerrickpt.ps(state_dir)] and name not in idranges.held(
+            containers.Registry(state_dir)
+        )
+        bad.unlink()
+    assert kerrickpt.restore(checkpointed, state_dir=state_dir).name == status.name, "the archive as it was restores"
 
 
 @pytest.fixture
@@ -242,6 +270,25 @@ def test_the_map_keeps_its_users_ids_and_its_range_around_them() -> None:
     assert f"uid {SOURCE[0] + 5}" in str(clash.value)
 
 
+def test_a_range_among_the_node_s_own_ids_is_refused_for_a_user_s_map() -> None:
+    for base in (0, 1000, 65535):
+        with pytest.raises(NoIdRangeError) as refused:
+            IdMap.keeping(base, SOURCE[1], RANGE, [USER], [USER])
+        assert f"starts at host uid {base}" in str(refused.value) and refused.value.exit_code == 3
+    assert IdMap.keeping(65536, 65536, RANGE, [USER], [USER]).root == (65536, 65536)
+
+
+def test_a_map_the_kernel_would_not_take_is_refused_before_anything_runs() -> None:
+    lines = [(i, 65536 + i, 1) for i in range(341)]  # short lines: under a page, one line too many
+    assert len(IdMap(tuple(lines[:340]), ()).uids) == 340
+    with pytest.raises(UsageError) as refused:
+        IdMap(tuple(lines), ())
+    assert "341 lines" in str(refused.value) and "too many groups" in str(refused.value)
+    long_ids = [4_000_000_000 + 2 * i for i in range(200)]  # 10 digits each: over a page before 340 lines
+    with pytest.raises(UsageError, match="bytes"):
+        IdMap.keeping(*SOURCE, RANGE, [USER], long_ids)
+
+
 def test_old_confinements_are_their_own_ids_and_the_first_host_ids_are_refused() -> None:
     old = {"rootfs": "host", "uid_base": 1_000_000, "gid_base": 1_000_000}
     assert not Confinement.from_dict(old).host_ids
@@ -249,8 +296,28 @@ def test_old_confinements_are_their_own_ids_and_the_first_host_ids_are_refused()
     first = {"rootfs": "host", "uid_base": 0, "gid_base": 0, "ids": schema.LEGACY_HOST_IDS}
     with pytest.raises(ArchiveCorruptError) as refused:
         schema.from_archive(first, schema.Confinement, "its confinement")
-    assert "maps every id to itself" in str(refused.value) and "not restored" in str(refused.value)
+    assert "maps every id to itself" in str(refused.value) and "neither restores nor keeps" in str(refused.value)
     seen_mapped = {**old, "host_ids": True, "idmapped_lower": True}
-    for bad in (seen_mapped, {**old, "ids": RANGE + 1}):
+    last = 2**32 - 2  # (uid_t) -1 is no one's
+    top = {**old, "uid_base": last + 1 - RANGE, "uid": last, "groups": [last]}
+    assert schema.from_archive(top, schema.Confinement, "its confinement").uid_base == last + 1 - RANGE
+    beyond = [{**top, "uid_base": last + 2 - RANGE}, {**old, "uid": last + 1}, {**old, "groups": [last + 1]}]
+    for bad in (seen_mapped, {**old, "ids": RANGE + 1}, *beyond):
         with pytest.raises(ArchiveCorruptError):
             schema.from_archive(bad, schema.Confinement, "its confinement")
+
+
+def test_a_record_of_the_first_host_ids_is_refused_and_shown_damaged(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    registry = containers.Registry(state)
+    now = {"rootfs": "host", "uid_base": 1_000_000, "gid_base": 1_000_000}
+    first = {"rootfs": "host", "uid_base": 0, "gid_base": 0, "ids": schema.LEGACY_HOST_IDS}
+    for name, confinement in (("now", now), ("first", first)):
+        registry.reserve(name)
+        record = {"name": name, "cgroup": [], "init_pid": 1, "init_start": 1, "command": ["sh"], "created": "x"}
+        (registry.path(name) / containers.RECORD).write_text(json.dumps({**record, "confinement": confinement}))
+    assert registry.get("now").confinement == Confinement("host", 1_000_000, 1_000_000)
+    with pytest.raises(StateDamagedError) as refused:
+        registry.get("first")
+    assert "maps every id to itself" in str(refused.value) and "`kerrickpt kill first`" in str(refused.value)
+    assert {row.name: row.state for row in kerrickpt.ps(state)}["first"] == "damaged"

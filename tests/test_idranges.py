@@ -16,7 +16,8 @@ import pytest
 import kerrickpt
 from kerrickpt import containers, idranges
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
-from kerrickpt.isolation import RANGE, IdPool
+from kerrickpt.idmap import IdMap
+from kerrickpt.isolation import RANGE, IdPool, declared_pool
 from tests.helpers import wait_for
 
 UID_FIRST, GID_FIRST = 0x40000000, 0x50000000  # never mapped here: the claims are only files
@@ -61,6 +62,9 @@ def test_a_node_without_a_free_range_refuses_with_exit_3_and_says_how_to_fix_it(
     with pytest.raises(NoIdRangeError) as empty:
         idranges.claim(registry, "b", IdPool("default", (), (), 0))
     assert "no host id range" in str(empty.value) and "root:" in str(empty.value)
+    with pytest.raises(NoIdRangeError) as jobs_full:  # users' jobs' pool, the site's: the site widens it
+        idranges.claim(registry, "b", declared_pool(UID_FIRST, RANGE, "ids of jobs.toml"))
+    assert "widen the ids of jobs.toml" in str(jobs_full.value) and "/etc/subuid" not in str(jobs_full.value)
     assert idranges.held(registry) == {"a": held}
 
 
@@ -249,41 +253,61 @@ def _load(path: Path) -> dict[str, object]:
         return images.load(fh)
 
 
-def test_remapped_images_map_the_same_container_ids_to_the_new_range(tmp_path: Path) -> None:
+def test_remapped_images_get_the_map_of_the_new_range(tmp_path: Path) -> None:
     image = tmp_path / "userns-13.img"
-    _userns_image(
-        image,
-        [{"first": 0, "lower_first": 524288, "count": 1000}, {"first": 1000, "lower_first": 525288, "count": 64536}],
-        [{"first": 0, "lower_first": 589824, "count": 65536}],
-    )
+    user = 1000  # a user's job: their uid the host's own, every other id the range's
+    archived = IdMap.keeping(524288, 589824, RANGE, [user], [user])
+    restored = IdMap.keeping(1048576, 2097152, RANGE, [user], [user])
+    _userns_image(image, _as_criu(archived.uids), _as_criu(archived.gids))
     os.chmod(image, 0o600)
     (tmp_path / "core-1.img").write_bytes(b"untouched")
-    assert idranges.remap_images(tmp_path, 1048576, 2097152)
+    assert idranges.remap_images(tmp_path, archived, restored)
     assert _load(image)["entries"] == [
         {
             "uid_map": [
                 {"first": 0, "lower_first": 1048576, "count": 1000},
-                {"first": 1000, "lower_first": 1049576, "count": 64536},
+                {"first": 1000, "lower_first": 1000, "count": 1},
+                {"first": 1001, "lower_first": 1049577, "count": 64535},
             ],
-            "gid_map": [{"first": 0, "lower_first": 2097152, "count": 65536}],
+            "gid_map": _as_criu(restored.gids),
         }
     ]
     assert image.stat().st_mode & 0o7777 == 0o600 and image.stat().st_uid == os.geteuid()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["core-1.img", "userns-13.img"]  # nothing left aside
     written = image.stat().st_ino
-    assert not idranges.remap_images(tmp_path, 1048576, 2097152)  # already there: not rewritten
+    assert not idranges.remap_images(tmp_path, restored, restored)  # already there: not rewritten
     assert image.stat().st_ino == written
+
+
+def test_an_image_that_maps_otherwise_than_the_recorded_confinement_is_refused(tmp_path: Path) -> None:
+    recorded = IdMap.keeping(524288, 589824, RANGE, [1000], [1000])
+    other = 1001  # the image keeps another user's uid the host's own, which the archive does not say
+    for uid_map in (
+        _as_criu(IdMap.keeping(524288, 589824, RANGE, [other], [1000]).uids),
+        _as_criu(IdMap.shifted(524288, 589824, RANGE).uids),
+        [{"first": 0, "lower_first": 0, "count": 4294967295}],  # every id itself: host root
+    ):
+        _userns_image(tmp_path / "userns-13.img", uid_map, _as_criu(recorded.gids))
+        with pytest.raises(ArchiveCorruptError) as refused:
+            idranges.remap_images(tmp_path, recorded, IdMap.keeping(1048576, 2097152, RANGE, [1000], [1000]))
+        assert refused.value.exit_code == 6 and "otherwise than its recorded confinement" in str(refused.value)
+
+
+def _as_criu(extents: tuple[tuple[int, int, int], ...]) -> list[dict[str, int]]:
+    return [{"first": first, "lower_first": lower, "count": count} for first, lower, count in extents]
 
 
 # userns-12.img as CRIU 4.2.1 wrote it here, dumping a task whose user namespace mapped ids 0-65535 to
 # host ids 1610612736-1610678271 (uid and gid).
 CRIU_USERNS_IMAGE = bytes.fromhex("19435654064947551c0000000a0c080010808080800618808004120c080010808080800618808004")
+CRIU_MAP = IdMap.shifted(1610612736, 1610612736, RANGE)
 
 
 def test_an_image_criu_wrote_is_moved_to_the_new_range(tmp_path: Path) -> None:
     image = tmp_path / "userns-12.img"
     image.write_bytes(CRIU_USERNS_IMAGE)
-    assert idranges.remap_images(tmp_path, 524288, 589824)
+    moved = IdMap.shifted(524288, 589824, RANGE)
+    assert idranges.remap_images(tmp_path, CRIU_MAP, moved)
     assert _load(image) == {
         "magic": "USERNS",
         "entries": [
@@ -293,16 +317,16 @@ def test_an_image_criu_wrote_is_moved_to_the_new_range(tmp_path: Path) -> None:
             }
         ],
     }
-    assert idranges.remap_images(tmp_path, 1610612736, 1610612736)
+    assert idranges.remap_images(tmp_path, moved, CRIU_MAP)
     assert image.read_bytes() == CRIU_USERNS_IMAGE  # and back, byte for byte
 
 
 def test_images_without_a_user_namespace_are_left_as_they_are(tmp_path: Path) -> None:
-    assert not idranges.remap_images(tmp_path, 1048576, 1048576)
+    assert not idranges.remap_images(tmp_path, CRIU_MAP, IdMap.shifted(1048576, 1048576, RANGE))
 
 
 def test_a_damaged_user_namespace_image_is_a_corrupt_archive(tmp_path: Path) -> None:
     (tmp_path / "userns-13.img").write_bytes(b"not an image at all")
     with pytest.raises(ArchiveCorruptError) as refused:
-        idranges.remap_images(tmp_path, 1048576, 1048576)
+        idranges.remap_images(tmp_path, CRIU_MAP, IdMap.shifted(1048576, 1048576, RANGE))
     assert refused.value.exit_code == 6 and "userns-13.img" in str(refused.value)

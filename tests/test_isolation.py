@@ -88,3 +88,24 @@ def test_without_root_entries_the_default_pool_skips_other_users_ids(tmp_path: P
     assert pool.ranges == count // isolation.RANGE - 2
     subgid.write_text("root:1000:5\n")  # root needs entries in both files
     assert isolation.id_pool(subuid, subgid).source == "default"
+
+
+def test_no_pool_holds_the_node_s_own_ids_below_65536(tmp_path: Path) -> None:
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("root:0:196608\n")  # its first range would make a container's root host root
+    subgid.write_text("root:0:65536\nroot:65536:65536\n")
+    pool = isolation.id_pool(subuid, subgid)
+    assert pool.uids == ((65536, 131072),) and pool.gids == ((65536, 65536),) and pool.first() == (65536, 65536)
+    assert isolation.declared_pool(0, 3 * isolation.RANGE, "test").uids == ((65536, 131072),)
+
+
+def test_a_pool_says_which_ids_it_holds_and_whether_it_meets_another() -> None:
+    jobs = isolation.declared_pool(0x70000000, 4 * isolation.RANGE, "test")
+    assert jobs.ranges == 4 and jobs.uids == jobs.gids == ((0x70000000, 4 * isolation.RANGE),)
+    assert jobs.holding([1000, 0x70000000], [0x70000000 + 4 * isolation.RANGE, 0x70000005]) == [
+        f"uid {0x70000000}",
+        f"gid {0x70000005}",
+    ]
+    first, count = isolation.DEFAULT_POOL
+    assert not jobs.overlaps(isolation.declared_pool(first, count, "default"))
+    assert jobs.overlaps(isolation.declared_pool(0x70000000 + 3 * isolation.RANGE, isolation.RANGE, "other"))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import privilege
+from kerrickpt import isolation, privilege
 from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, Volume
-from kerrickpt.errors import NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
+from kerrickpt.errors import NoIdRangeError, NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
 from kerrickpt.localslurm import TEST_USER
 from kerrickpt.manifest import Manifest
 from kerrickpt.netports import Port
@@ -33,13 +33,16 @@ CONTRIB = Path(__file__).parent.parent / "contrib"
 SUDOERS = CONTRIB / "sudoers" / "kerrickpt"
 INSTALLED = "/usr/local/bin/kerrickpt"
 SOURCE = Fingerprint("x86_64", "6.1.0", "debian 12", "4.2.1", ("fpu",), 4096, "v2")
+# Users' jobs' ids as the tests' site declares them: past the node's default pool, which ends at 0x70000000.
+JOBS_IDS = (0x70000000, 16 * RANGE)
+JOBS = isolation.declared_pool(*JOBS_IDS, "test")
 
 # Run as root by sudo: who kerrickpt takes the caller for, and how it rules on each request given as JSON.
 ENTRY = f"""#!{sys.executable}
 import json, sys
 from dataclasses import asdict
 from pathlib import Path
-from kerrickpt import privilege
+from kerrickpt import isolation, privilege
 from kerrickpt.errors import KerrickptError
 who = privilege.caller()
 answers = []
@@ -47,9 +50,11 @@ for asked in json.loads(sys.argv[1]):
     options = privilege.RunOptions(**{{**asked["options"], "volumes": tuple(asked["options"].get("volumes", ()))}})
     try:
         found = privilege.job_request(
-            who, asked["name"], asked["dir"], options, where=privilege.Site(Path(asked["checkpoints"]))
+            who, asked["name"], asked["dir"], options,
+            where=privilege.Site(Path(asked["checkpoints"]), isolation.declared_pool(*{JOBS_IDS}, "test")),
         )
-        answers.append({{"directory": str(found.directory), "options": asdict(found.options)}})
+        answers.append({{"directory": str(found.directory), "options": asdict(found.options),
+                        "pool": found.pool.to_dict()}})
     except KerrickptError as exc:
         answers.append({{"error": type(exc).__name__, "exit_code": exc.exit_code, "message": exc.message}})
 print(json.dumps({{"caller": asdict(who), "answers": answers}}))
@@ -154,6 +159,7 @@ def test_a_user_through_sudo_is_taken_for_themselves_and_refused_what_is_not_the
     for label, answer in answers.items():
         assert answer.get("exit_code") == 22 and answer["error"] == "NotAllowedError", (label, answer)
     assert allowed["directory"] == str(checkpoints / str(user.uid) / "job1")
+    assert allowed["pool"] == JOBS.to_dict(), "a user's job takes its range from the site's pool for jobs"
     assert allowed["options"] == {
         "rootfs": HOST_ROOT,
         "user": f"{user.uid}:{user.gid}",
@@ -179,10 +185,10 @@ def test_the_site_configuration_is_root_s_and_its_override_is_root_s_alone(
     monkeypatch: pytest.MonkeyPatch, public_dir: Path, checkpoints: Path
 ) -> None:
     config = public_dir / "jobs.toml"
-    config.write_text(f'checkpoints = "{checkpoints}"\n')
+    config.write_text(f'checkpoints = "{checkpoints}"\nids = "{JOBS_IDS[0]}:{JOBS_IDS[1]}"\n')
     monkeypatch.setenv(privilege.CONFIG_ENV, str(config))
     root = Caller(0, 0, (0,), "root", through_sudo=False)
-    assert privilege.site(root) == Site(checkpoints)
+    assert privilege.site(root) == Site(checkpoints, isolation.declared_pool(*JOBS_IDS, f"ids of {config}"))
     assert privilege.job_request(root, "job1", None, RunOptions()).directory == checkpoints / "0" / "job1"
     monkeypatch.setattr(privilege, "CONFIG", public_dir / "absent.toml")
     with pytest.raises(NotReadyError, match="absent\\.toml"):
@@ -190,6 +196,47 @@ def test_the_site_configuration_is_root_s_and_its_override_is_root_s_alone(
     config.chmod(0o666)
     with pytest.raises(UntrustedStoreError, match="only root can write"):
         privilege.site(root)
+
+
+def test_the_shipped_site_configuration_gives_users_jobs_ids_apart_from_the_default_pool(
+    monkeypatch: pytest.MonkeyPatch, public_dir: Path, checkpoints: Path
+) -> None:
+    config = public_dir / "jobs.toml"
+    config.write_text((CONTRIB / "jobs.toml").read_text().replace("/shared/kerrickpt/jobs", str(checkpoints)))
+    monkeypatch.setenv(privilege.CONFIG_ENV, str(config))
+    where = privilege.site(Caller(0, 0, (0,), "root", through_sudo=False))
+    assert where.checkpoints == checkpoints and where.ids.ranges == 2048
+    assert not where.ids.overlaps(isolation.declared_pool(*isolation.DEFAULT_POOL, "default"))
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [None, "", "65536", "0:65536", "1000:65536", f"{JOBS_IDS[0]}:1000", f"{2**32 - 65536}:65536", "a:b", 5],
+)
+def test_a_site_without_a_sound_pool_for_users_jobs_is_not_set_up(
+    monkeypatch: pytest.MonkeyPatch, public_dir: Path, checkpoints: Path, ids: object
+) -> None:
+    config = public_dir / "jobs.toml"
+    declared = "" if ids is None else f"ids = {json.dumps(ids)}\n"
+    config.write_text(f'checkpoints = "{checkpoints}"\n{declared}')
+    monkeypatch.setenv(privilege.CONFIG_ENV, str(config))
+    with pytest.raises(NotReadyError, match=f"{config}.*ids") as refused:
+        privilege.site(Caller(0, 0, (0,), "root", through_sudo=False))
+    assert refused.value.exit_code == 3
+
+
+def test_users_jobs_take_ids_that_no_user_has_and_root_s_containers_never_get(checkpoints: Path) -> None:
+    user = sudo_user()
+    first, _ = isolation.DEFAULT_POOL  # no /etc/subuid entry for root here: the node's pool is the default one
+    shared = Site(checkpoints, isolation.declared_pool(first + 5 * RANGE, 2 * RANGE, "ids of the test site"))
+    with pytest.raises(NotReadyError, match="ids of the test site overlap the id pool of this node's own containers"):
+        privilege.job_request(user, "job1", None, RunOptions(), where=shared)
+    assert list(checkpoints.iterdir()) == [], "refused before anything is made"
+    inside = Caller(JOBS_IDS[0] + 7, user.gid, (user.gid, JOBS_IDS[0] + 9), "ldapuser", through_sudo=True)
+    with pytest.raises(NoIdRangeError) as refused:
+        privilege.jobs_pool(inside, Site(checkpoints, JOBS))
+    assert f"ldapuser's own uid {JOBS_IDS[0] + 7}, gid {JOBS_IDS[0] + 9}" in str(refused.value)
+    assert privilege.jobs_pool(user, Site(checkpoints, JOBS)) == JOBS
 
 
 @pytest.mark.parametrize("flaw", ["group-writable", "the user's"])
@@ -200,7 +247,7 @@ def test_checkpoints_others_control_are_refused(public_dir: Path, checkpoints: P
     else:
         os.chown(checkpoints, user.uid, user.gid)
     with pytest.raises(UntrustedStoreError, match=str(checkpoints)):
-        privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints))
+        privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints, JOBS))
     assert list(checkpoints.iterdir()) == [], "nothing is made in a directory root does not control"
 
 
@@ -210,13 +257,13 @@ def test_a_per_uid_directory_someone_else_made_is_refused(checkpoints: Path) -> 
     planted.mkdir()
     os.chown(planted, user.uid, user.gid)
     with pytest.raises(UntrustedStoreError, match=str(planted)):
-        privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints))
+        privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints, JOBS))
 
 
 def test_a_per_uid_directory_of_root_s_is_made_private(checkpoints: Path) -> None:
     user = sudo_user()
     (checkpoints / str(user.uid)).mkdir(mode=0o755)
-    found = privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints))
+    found = privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints, JOBS))
     assert found.directory == checkpoints / str(user.uid) / "job1"
     assert (checkpoints / str(user.uid)).stat().st_mode & 0o777 == 0o700, "a job's images are root's alone"
 
@@ -241,6 +288,8 @@ def test_an_archive_restores_for_its_own_user_only(public_dir: Path) -> None:
     mine = {"uid": user.uid, "gid": user.gid, "host_ids": True}
     refused = {
         "another uid": Confinement(HOST_ROOT, base, base, **{**mine, "uid": other.pw_uid}),
+        # Restored, it gets a range of its own: whatever its archived map made of uid 0, it is the range's root.
+        "root, its range at the user's uid": Confinement(HOST_ROOT, user.uid, user.gid, **{**mine, "uid": 0}),
         "another uid through its id range": Confinement(HOST_ROOT, 100000, 0, uid=user.uid, gid=user.gid),
         "ids of its own, the user's uid mapped elsewhere": Confinement(HOST_ROOT, base, base, uid=user.uid),
         "a group the user is not in": Confinement(HOST_ROOT, base, base, **mine, groups=(stranger,)),
@@ -308,3 +357,16 @@ def test_a_file_a_user_names_is_opened_as_that_user(public_dir: Path, monkeypatc
     os.chown(mine / "fifo", user.uid, user.gid)
     with pytest.raises(UsageError, match="No such device"):
         privilege.open_as(user, f"{mine}/fifo", os.O_WRONLY)  # no reader: refused, never waited for
+
+
+def test_a_user_s_job_is_named_for_its_user_on_the_node_and_a_name_too_long_for_that_is_refused(
+    checkpoints: Path,
+) -> None:
+    user = sudo_user()
+    found = privilege.job_request(user, "job1", None, RunOptions(), where=Site(checkpoints, JOBS))
+    assert found.container == f"u{user.uid}.job1", "two users' jobs of one name must not meet on a node"
+    longest = 63 - len(f"u{user.uid}.")
+    assert privilege.job_request(user, "j" * longest, None, RunOptions(), where=Site(checkpoints, JOBS)).container
+    with pytest.raises(UsageError, match=f"at most {longest} characters"):
+        privilege.job_request(user, "j" * (longest + 1), None, RunOptions(), where=Site(checkpoints, JOBS))
+    assert not (checkpoints / str(user.uid) / ("j" * (longest + 1))).exists(), "refused before anything is made"

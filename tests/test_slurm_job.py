@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import privilege
+from kerrickpt import containers, idranges, privilege
 from kerrickpt.errors import NotAllowedError, RestoreFailed
 from kerrickpt.localslurm import HIGH, LOW, TEST_USER, LocalSlurm
 from tests.helpers import counts, wait_for
@@ -28,12 +28,14 @@ TIMEOUT = 180.0  # Slurm's timers (its 5 s wait before a requeued job starts aga
 ROOT = Path(__file__).resolve().parent.parent
 KERRICKPT_BIN = ROOT / ".venv" / "bin" / "kerrickpt"
 SUDOERS = ROOT / "contrib" / "sudoers" / "kerrickpt"
+JOBS_IDS = f"{0x70000000}:{64 * 65536}"
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Path]:
     """The site's set-up for users' jobs, as README says to install it: the sudo rule (for this checkout's
-    kerrickpt) and /etc/kerrickpt/jobs.toml naming a checkpoints directory; both removed afterwards."""
+    kerrickpt) and /etc/kerrickpt/jobs.toml naming a checkpoints directory and the ids of users' jobs (past the
+    node's default pool, as no /etc/subuid entry of root's makes another here); both removed afterwards."""
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir(mode=0o755)
     tmp_path.chmod(0o755)
@@ -45,7 +47,7 @@ def site(tmp_path: Path) -> Iterator[Path]:
         rule.write_text(SUDOERS.read_text().replace("/usr/local/bin/kerrickpt", str(KERRICKPT_BIN)))
         rule.chmod(0o440)
         config.parent.mkdir(mode=0o755, exist_ok=True)
-        config.write_text(f'checkpoints = "{checkpoints}"\n')
+        config.write_text(f'checkpoints = "{checkpoints}"\nids = "{JOBS_IDS}"\n')
         config.chmod(0o644)
         yield checkpoints
     finally:
@@ -198,6 +200,9 @@ def test_scancel_ends_the_job_without_a_checkpoint_and_leaves_nothing_running(si
         v1 = [path for path in row.cgroup if "/unified/" not in path]
         assert v1 and all(f"/job_{job}/step_batch/" in path for path in v1), "in the job's own cgroups"
         assert all("/slurmd/" in path for path in row.cgroup if "/unified/" in path)
+        first, count = map(int, JOBS_IDS.split(":"))
+        bases = idranges.held(containers.Registry())[row.name]
+        assert all(first <= base < first + count for base in bases), "a user's job's range is of the jobs' pool"
         slurm.run("scancel", str(job))
         assert cluster.ended(job) == "CANCELLED"
         print("DBG", cluster.events("can"), kerrickpt.ps())

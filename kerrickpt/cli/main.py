@@ -251,9 +251,9 @@ def cmd_job(args: argparse.Namespace) -> tuple[Any, int]:
         keep=args.keep,
         events=Events.open(args.events, args.name, opener=lambda path: privilege.open_as(who, path, flags)),
         level=args.level,
-        # Two users' jobs of one name may meet on a node.
-        container=f"u{who.uid}.{args.name}" if who.through_sudo else None,
+        container=request.container,
         admit=lambda manifest: privilege.check_archive(who, manifest),
+        pool=request.pool,
         **_container_options(args, request.options),
         **stdio,
     )
