@@ -2,7 +2,9 @@
 
 Sizes outermost (so one size's memory is freed before the next), then repetitions, then
 kinds, and within each the cases in turn: baselines and kerrickpt interleave, so a slow
-moment of the machine hits all of them alike.
+moment of the machine hits all of them alike. Each size starts with a warm-up repetition,
+run as the others but not counted: the first run of a case at a size pays what the next
+ones do not (page cache, memory the VM has not backed yet).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import DEFAULT, NAMES, plan
+from bench.cases import DEFAULT, NAMES, Repeat, plan
 from bench.lab import BenchError, Lab, run
+from bench.picture import draw
 from bench.report import Results
 from kerrickpt import cgroups, command, criu
 from kerrickpt.cli.main import unwinding_on
@@ -38,17 +41,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"also: {extra})")  # fmt: skip
     parser.add_argument("--layers", default="0,64M,512M", help="what the confined cases write into their layer "
                         "before the checkpoint, comma-separated (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where to write the JSON")
+    parser.add_argument("--snapshots", type=int, default=20, help="snapshots in a row of the repeated case "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between the repeated case's snapshots "
+                        "(default: %(default)s, back to back)")  # fmt: skip
+    parser.add_argument("--repeat-at", default="1G", help="the sizes the repeated case runs at, among --sizes, "
+                        "comma-separated (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="a warm-up repetition, not counted, before each size's (default: on)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"),
+                        help="where to write the JSON; the picture goes beside it, as .png")  # fmt: skip
     args = parser.parse_args(argv)
     args.sizes = [cgroups.parse_size(s) // 2**20 for s in args.sizes.split(",")]
+    args.repeat_at = [cgroups.parse_size(s) // 2**20 for s in args.repeat_at.split(",")]
     args.kinds = args.kinds.split(",")
     args.cases = args.cases.split(",")
     args.layers = [cgroups.parse_size(s) // 2**20 for s in args.layers.split(",")]
     for value, known, what in ((args.kinds, KINDS, "kind"), (args.cases, NAMES, "case")):
         if unknown := [v for v in value if v not in known]:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
-    if args.reps < 1 or min(args.sizes) < 1:
-        parser.error("--reps and every size must be at least 1 (MiB)")
+    if args.reps < 1 or min(args.sizes) < 1 or args.snapshots < 1:
+        parser.error("--reps, --snapshots and every size must be at least 1 (MiB)")
+    if args.pause < 0:
+        parser.error("--pause cannot be negative")
+    if "repeated" in args.cases and (absent := [m for m in args.repeat_at if m not in args.sizes]):
+        parser.error(f"--repeat-at {', '.join(f'{m}M' for m in absent)} is not among --sizes: "
+                     "give sizes of the run, or leave `repeated` out of --cases")  # fmt: skip
     if min(args.layers) < 0:
         parser.error("a layer size cannot be negative")
     return args
@@ -82,24 +100,32 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         with Lab() as lab:
             for mib in args.sizes:
-                for rep in range(1, args.reps + 1):
+                repeat = Repeat(args.snapshots, args.pause) if mib in args.repeat_at else None
+                steps = plan(args.cases, args.layers, repeat)
+                for rep in range(0 if args.warmup else 1, args.reps + 1):
                     for kind in args.kinds:
-                        for step, case in plan(args.cases, args.layers):
+                        for step, case in steps:
                             # Writeback of an earlier case must not land in this one's numbers.
                             run(["sync"], timeout=300)
-                            print(f"[{time.monotonic() - started:7.1f} s] {mib} MiB {kind} rep {rep}: {step}",
+                            which = f"rep {rep}" if rep else "warm-up"
+                            print(f"[{time.monotonic() - started:7.1f} s] {mib} MiB {kind} {which}: {step}",
                                   file=sys.stderr, flush=True)  # fmt: skip
                             outcome = case(lab, mib, kind)
-                            results.add(mib, kind, rep, outcome.metrics, outcome.verified)
+                            results.add(mib, kind, rep, outcome.metrics, outcome.verified, outcome.series,
+                                        warmup=rep == 0)  # fmt: skip
     except (BenchError, command.CommandTimeout, subprocess.TimeoutExpired) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     config: dict[str, Any] = {"sizes_mib": args.sizes, "kinds": args.kinds, "reps": args.reps, "cases": args.cases,
-                              "layers_mib": args.layers, "command": " ".join(["bench/run", *argv])}  # fmt: skip
+                              "layers_mib": args.layers, "snapshots": args.snapshots, "pause_s": args.pause,
+                              "repeat_at_mib": args.repeat_at,
+                              "warmup": args.warmup, "command": " ".join(["bench/run", *argv])}  # fmt: skip
     report = results.to_dict(machine(), config)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
+    picture = args.json.with_suffix(".png")
+    draw(report, picture)
     print(results.table())
-    print(f"\nmachine: {json.dumps(report['machine'])}\nJSON: {args.json}")
+    print(f"\nmachine: {json.dumps(report['machine'])}\nJSON: {args.json}\npicture: {picture}")
     return 0 if all(c["ok"] for c in results.checks) else 1
 
 

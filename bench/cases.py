@@ -3,12 +3,14 @@
 Each case starts its own workload, measures, checks the workload's memory after every
 restore, and removes what it made. It returns metrics named `<case>.<what>`:
 seconds end in `_s`, sizes and memory in `_mib`. The confined cases run once per layer
-size; their metrics are named `conf.L<layer MiB>.<what>`.
+size; their metrics are named `conf.L<layer MiB>.<what>`. Every file a case writes (images,
+archives, the store, the nodes' state and scratch) is on the lab's one tmpfs.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ from kerrickpt.node import LAZY_PIPE_SIZE
 class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     verified: dict[str, bool] = field(default_factory=dict)  # restore -> the workload's memory was intact
+    series: dict[str, list[float]] = field(default_factory=dict)  # metrics a case measures many times in one run
 
 
 def raw(lab: Lab, mib: int, kind: str) -> Outcome:
@@ -84,6 +87,37 @@ def snapshot(lab: Lab, mib: int, kind: str) -> Outcome:
     )
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """How the repeated case runs: `count` snapshots, `pause` seconds between them (cron's minutes, shortened)."""
+
+    count: int
+    pause: float = 0.0
+
+
+def repeated(lab: Lab, mib: int, kind: str, repeat: Repeat) -> Outcome:
+    """`kerrickpt snapshot` again and again into a store that keeps the last one: each one's frozen window."""
+    job = lab.start(mib, kind)
+    frozen, walls = [], []
+    with removed(job.node, job.name), lab.scratch("store") as store:
+        started = time.monotonic()
+        for n in range(repeat.count):
+            if n:
+                time.sleep(repeat.pause)
+            answer, wall, _peak = kerrickpt(
+                job.node, "snapshot", job.name, "--store", str(store), "--keep-last", "1", timeout=timeout_for(mib)
+            )
+            frozen.append(answer["snapshot"]["frozen_s"])
+            walls.append(wall)
+        total = time.monotonic() - started
+        ok = job.verify(mib)
+    return Outcome(
+        {"kpt.repeated_total_s": total},
+        {"kpt.repeated (left running)": ok},
+        {"kpt.repeated_frozen_s": frozen, "kpt.repeated_snapshot_s": walls},
+    )
+
+
 def prefix(layer_mib: int | None) -> str:
     """What a case's metrics start with: `kpt` for plain containers, `conf.L<MiB>` for confined ones."""
     return "kpt" if layer_mib is None else f"conf.L{layer_mib}"
@@ -114,6 +148,7 @@ def checkpoint(lab: Lab, mib: int, kind: str, layer_mib: int | None = None) -> O
             f"{at}.checkpoint_peak_mib": ckpt_peak,
             f"{at}.restore_s": restore_s,
             f"{at}.restore_peak_mib": restore_peak,
+            f"{at}.downtime_s": checkpoint_s + restore_s,  # on one node, as raw's and runc's
             **layer,
         },
         {f"{at}.restore": ok},
@@ -204,17 +239,25 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
     "confined": confined,
     "confined_migrate": confined_migrate,
 }
-NAMES = (*CASES, *LAYERED)
+REPEATED = "repeated"  # runs only at the sizes of `--repeat-at`, `--snapshots` snapshots `--pause` s apart
+NAMES = (*CASES, *LAYERED, REPEATED)
 # DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for;
 # so does the store case, which needs borg (apt-get install borgbackup).
 DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores"))
 
 
-def plan(cases: list[str], layers: list[int]) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
-    """The steps of one repetition, in the order given: each case, a layered one once per layer size."""
+def plan(
+    cases: list[str], layers: list[int], repeat: Repeat | None = None
+) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
+    """The steps of one repetition, in the order given: each case, a layered one once per layer size, the repeated
+    one as `repeat` says (left out without it: not at this size)."""
     steps: list[tuple[str, Callable[[Lab, int, str], Outcome]]] = []
     for case in cases:
-        if case in LAYERED:
+        if case == REPEATED:
+            if repeat:
+                label = f"{case} ({repeat.count} snapshots, {repeat.pause:g} s apart)"
+                steps.append((label, functools.partial(repeated, repeat=repeat)))
+        elif case in LAYERED:
             steps += [(f"{case} layer {n} MiB", functools.partial(LAYERED[case], layer_mib=n)) for n in layers]
         else:
             steps.append((case, CASES[case]))

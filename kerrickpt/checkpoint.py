@@ -29,6 +29,7 @@ from kerrickpt import (
     node,
     procs,
     progress,
+    reserve,
     rootfs,
     sysvipc,
     zstdframe,
@@ -226,11 +227,15 @@ def capture(
     scratch = registry.scratch_dir("checkpoint-")
     images = scratch / "images"
     images.mkdir(mode=0o700)
-    if thaw_after_dump and lazy is None:
-        criu.prepare()  # for the RPC dump below; the other dumps run CRIU's command line
-    step = "freezing the cgroup"
-    progress.current().phase("freezing")
+    warmed: reserve.Reserve | None = None
     try:
+        if thaw_after_dump and lazy is None:
+            # Its images go to memory taken before the freeze, not during it (see reserve).
+            step = "reserving space for the images"
+            progress.current().phase("reserving space for the images")
+            warmed = reserve.Reserve(scratch, group.memory_usage() or 0)
+        step = "freezing the cgroup"
+        progress.current().phase("freezing")
         freezer = group.freezer
         with archivewriter.Writer(output, level=level, mirror=mirror) as writer:
             guardian = guard.Guardian(freezer, (writer.tmp, writer.path), own_net.veth if own_net else None)
@@ -273,11 +278,11 @@ def capture(
                 tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source
                 if lazy is not None:
                     lazy.dump(pids[0], images, cgroup, shell_job, external)
-                elif thaw_after_dump:
+                elif warmed is not None:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
-                    criu.dump(
-                        found, pids[0], images, scratch, freeze_cgroup=cgroup, shell_job=shell_job, external=external,
-                        tcp_established=tcp,
+                    criu.dump_streamed(
+                        found, pids[0], images, scratch, warmed, freeze_cgroup=cgroup, shell_job=shell_job,
+                        external=external, tcp_established=tcp,
                     )  # fmt: skip
                 else:
                     # The container stays down until its archive is complete: compress while CRIU dumps.
@@ -296,6 +301,9 @@ def capture(
                 progress.current().phase("writing the archive")
                 if spool is not None:
                     spool.into(writer)
+                if warmed is not None:
+                    warmed.into(writer.under("images/"))
+                    warmed.close()
                 manifest = Manifest(
                     name=subject.label,
                     created=containers.utc_now(),
@@ -318,7 +326,7 @@ def capture(
                     layer_base=base.as_base() if base else None,
                     network=own_net.identity() if own_net else None,
                 )
-                for dumped in sorted(images.iterdir()):  # the RPC dump's images; a streamed one left none here
+                for dumped in sorted(images.iterdir()):  # the lazy dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
                 if tail:
                     logtail.add(writer, tail)
@@ -348,6 +356,8 @@ def capture(
     except (OSError, ValueError, zstandard.ZstdError) as exc:
         raise DumpFailed(f"checkpoint of {subject.label} failed while {step}: {exc}") from exc
     finally:
+        if warmed is not None:
+            warmed.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,13 +89,6 @@ def cpuinfo_check(criu: Criu, directory: Path) -> tuple[bool, str]:
     return result.returncode == 0, command.tail(result.stdout + result.stderr)
 
 
-def prepare() -> None:
-    """Import pycriu now, for an RPC `dump` to come: its first import takes ~50 ms, too long to fall
-    inside a freeze window."""
-    with contextlib.suppress(ImportError):
-        import pycriu  # noqa: F401
-
-
 def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: ignore[no-untyped-def]
     """A pycriu client with the options every request shares."""
     import pycriu  # imported late: `kerrickpt check` must work without it
@@ -124,10 +117,9 @@ def _call(  # type: ignore[no-untyped-def]
     timeout: float,
     error: type[KerrickptError],
     log: Path,
-    before_stop: Callable[[], None] | None = None,
 ):
-    """Send one RPC request; stop criu if it overruns (`before_stop` first, see command.stop_pid); turn
-    failures into `error` with the log tail, CommandTimeout if it was stopped."""
+    """Send one RPC request; stop criu if it overruns (see command.stop_pid); turn failures into `error`
+    with the log tail, CommandTimeout if it was stopped."""
     import pycriu
 
     timed_out, ended = threading.Event(), threading.Event()
@@ -138,8 +130,6 @@ def _call(  # type: ignore[no-untyped-def]
             pass
         if swrk and not ended.is_set():
             timed_out.set()
-            if before_stop is not None:
-                before_stop()
             command.stop_pid(swrk)
 
     timer = threading.Timer(timeout, watchdog)
@@ -177,47 +167,6 @@ def _hang_up(client) -> None:  # type: ignore[no-untyped-def]
     if swrk:
         with contextlib.suppress(ChildProcessError):  # pycriu reaped it already
             os.waitpid(swrk, 0)
-
-
-def dump(
-    criu: Criu,
-    pid: int,
-    images_dir: Path,
-    work_dir: Path,
-    *,
-    freeze_cgroup: str,
-    shell_job: bool = False,
-    external: Sequence[str] = (),
-    tcp_established: bool = False,
-) -> None:
-    """Dump the tree rooted at host PID `pid` into `images_dir`, leaving it frozen in `freeze_cgroup`;
-    `external` names what CRIU may not dump itself (see criuopts). With `tcp_established`, its established TCP
-    connections too (CRIU's TCP repair, the network locked meanwhile).
-
-    CRIU has limits.DUMP in all. ContainerDamaged if it had to be stopped, or left its code inside.
-    """
-    client = _rpc(criu, images_dir, work_dir, DUMP_LOG)
-    client.opts.pid = pid
-    # The caller froze the cgroup; CRIU puts it back to FROZEN when it lets go, so
-    # kerrickpt alone decides between killing the source and thawing it.
-    client.opts.leave_running = True
-    client.opts.freeze_cgroup = freeze_cgroup
-    client.opts.shell_job = shell_job
-    client.opts.external.extend(external)
-    client.opts.tcp_established = tcp_established
-    log = work_dir / DUMP_LOG
-    try:
-        _call(client, "dump", limits.DUMP.seconds(), DumpFailed, log, before_stop=lambda: _hold(freeze_cgroup))
-    except CommandTimeout as exc:
-        raise _damaged(freeze_cgroup, exc.message, log) from exc
-    except BaseException as exc:
-        # A CRIU that failed, or that a signal to the whole process group ended with its caller
-        # (Ctrl-C, systemd's stop), may have left its code inside.
-        if _parasite_left(freeze_cgroup):
-            interrupted = f"criu dump was interrupted ({type(exc).__name__})"
-            what = exc.message if isinstance(exc, KerrickptError) else interrupted
-            raise _damaged(freeze_cgroup, what, log) from exc
-        raise
 
 
 def _hold(freeze_cgroup: str) -> None:
@@ -279,7 +228,7 @@ def _dump_argv(
     external: Sequence[str],
     tcp_established: bool = False,
 ) -> list[str]:
-    """`criu dump` with the options `dump` gives the RPC, for the dumps only the command line can do."""
+    """`criu dump` with the options every dump of kerrickpt's gets: the freeze is the caller's, and so are cgroups."""
     argv = [
         criu.path, "dump", "--tree", str(pid), "--images-dir", str(images_dir), "--work-dir", str(work_dir),
         "--log-file", DUMP_LOG, f"-v{LOG_LEVEL}",
@@ -305,14 +254,15 @@ def dump_streamed(
     external: Sequence[str] = (),
     tcp_established: bool = False,
 ) -> None:
-    """Dump as `dump` does, but stream the images into `sink` while CRIU writes them (`criu dump --stream`).
+    """Dump the tree rooted at host PID `pid`, leaving it frozen in `freeze_cgroup`, streaming the images into
+    `sink` while CRIU writes them (`criu dump --stream`); `external` names what CRIU may not dump itself (see
+    criuopts).
 
-    The archive is then compressed during the dump rather than after it; CRIU goes only
-    as fast as `sink` takes the images. This one call runs CRIU's command line, not its
-    RPC: CRIU's service refuses to stream ("Image streaming is not supported with CRIU's
-    service feature", criu/cr-service.c). It takes the options `dump` gives the RPC;
-    `images_dir` holds only the streamer's socket. CRIU may go on as long as its images keep
-    coming: limits.DUMP is how long it may send none.
+    `sink` is the archive (compressed during the dump) or a snapshot's reserve (see reserve); CRIU goes only
+    as fast as `sink` takes the images. This runs CRIU's command line, not its RPC: CRIU's service refuses
+    to stream ("Image streaming is not supported with CRIU's service feature", criu/cr-service.c).
+    `images_dir` holds only the streamer's socket. CRIU may go on as long as its images keep coming:
+    limits.DUMP is how long it may send none. ContainerDamaged if it had to be stopped, or left its code inside.
     """
     # Relative: CRIU puts the socket's path in sun_path, 108 bytes, too few for a deep state dir.
     argv = _dump_argv(criu, pid, Path("."), work_dir, freeze_cgroup, shell_job, external, tcp_established)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 from kerrickpt.errors import KerrickptError
 
@@ -36,6 +36,15 @@ class Sink(Protocol):
     def write(self, name: str, data: bytes) -> None: ...
 
     def end(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class PipeSink(Sink, Protocol):
+    """A Sink that moves an image's bytes from CRIU's pipe itself (splice): they never pass through Python."""
+
+    def take(self, name: str, pipe: int, most: int) -> int:
+        """Move up to `most` bytes of image `name` from the readable `pipe`; how many (0: the pipe has ended)."""
+        ...
 
 
 def filename(message: bytes) -> str:
@@ -156,10 +165,15 @@ class Capture(_Listener):
                         selector.register(fd, selectors.EVENT_READ)
                     else:
                         fd = key.fd
-                        data = os.read(fd, READ_BYTES)
+                        if isinstance(sink, PipeSink):
+                            moved = sink.take(pipes[fd], fd, READ_BYTES)
+                        else:
+                            data = os.read(fd, READ_BYTES)
+                            moved = len(data)
+                            if moved:
+                                sink.write(pipes[fd], data)
                         last_heard = time.monotonic()
-                        if data:
-                            sink.write(pipes[fd], data)
+                        if moved:
                             continue
                         selector.unregister(fd)
                         os.close(fd)

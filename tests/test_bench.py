@@ -1,4 +1,5 @@
-"""Smoke run of the benchmark at its smallest size: it still works end to end. No timings are judged here."""
+"""Smoke run of the benchmark at its smallest size, warm-up run and repeated snapshots included: it still works end to
+end and writes its JSON and its picture. No timings are judged here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.cases import DEFAULT
-from bench.report import LAYER_PHASES, RATIOS
+from bench.report import LAYER_PHASES, RATIOS, REPEATED_FROZEN
 
 pytestmark = pytest.mark.root
 
@@ -18,12 +19,14 @@ RUN = Path(__file__).parent.parent / "bench" / "run"
 
 def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
+    # A tiny layer beside the empty one: enough to show the layer's cost is measured.
+    args = ["--sizes", "16M", "--reps", "1", "--layers", "0,4M", "--json", str(out)]
+    args += ["--repeat-at", "16M", "--snapshots", "3", "--pause", "0.1"]
     result = subprocess.run(
-        # A tiny layer beside the empty one: enough to show the layer's cost is measured.
-        [str(RUN), "--sizes", "16M", "--reps", "1", "--layers", "0,4M", "--json", str(out)],
+        [str(RUN), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -34,7 +37,7 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
         metrics = {r["metric"] for r in report["results"] if r["kind"] == kind and r["mib"] == 16}
         kerrickpt = ("snapshot", "checkpoint", "restore", "migrate", "migrate_lazy")
         confined = (f"conf.L{layer}.{what}" for layer in (0, 4) for what in ("checkpoint", "restore", "migrate"))
-        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in kerrickpt), *confined):
+        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in (*kerrickpt, "repeated")), *confined):
             assert any(m.startswith(prefix) for m in metrics), f"{prefix} missing for {kind}"
         targets = {t["target"] for t in report["targets"] if t["kind"] == kind}
         assert {r.label for r in RATIOS} <= targets
@@ -42,14 +45,22 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
         assert [(c["layer_mib"], c["phase"]) for c in costs] == [(4, phase) for phase in LAYER_PHASES]
         assert all(c["layer_tar_mib"] >= 4 and c["budget_s"] > 0 for c in costs), costs
     for row in report["results"]:
-        assert row["min"] <= row["median"] and len(row["samples"]) == 1
+        # The warm-up run's samples are not among them: one repetition, one sample (three frozen windows).
+        assert len(row["samples"]) == (3 if row["metric"] in (REPEATED_FROZEN, "kpt.repeated_snapshot_s") else 1)
+        assert row["min"] <= row["median"] <= row["p95"] <= row["max"]
+    assert [(r["kind"], r["snapshots"]) for r in report["repeated"]] == [("heap", 3), ("mixed", 3)]
     restores = {(c["kind"], c["restore"]) for c in report["verified"]}
-    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate, and a confined restore and
-    # migration with each layer; both kinds
-    assert len(restores) == 2 * (7 + 2 * 2), restores
+    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate, the repeated snapshots, and a
+    # confined restore and migration with each layer; both kinds
+    assert len(restores) == 2 * (8 + 2 * 2), restores
+    assert [c["warmup"] for c in report["verified"]].count(True) == len(restores)
     assert all(c["ok"] for c in report["verified"]), report["verified"]
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
-    assert "target of issue 6, 13 (confined) or 14 (job)" in result.stdout
-    assert "memory verified after 22 of 22 restores" in result.stdout
+    assert "target of issue 6, 13 (confined), 14 (job) or 17 (repeated)" in result.stdout
+    assert "memory verified after 48 of 48 restores (24 of them in warm-up runs)" in result.stdout
+    assert "16 MiB heap warm-up: raw" in result.stderr
+    assert "16 MiB mixed rep 1: repeated (3 snapshots, 0.1 s apart)" in result.stderr
+    assert report["config"]["pause_s"] == 0.1
     for ratio in RATIOS:
         assert ratio.label in result.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import cgroups
+from kerrickpt import cgroups, criu
 from tests.helpers import cli, freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -185,9 +185,9 @@ BIG_COUNTER = textwrap.dedent(
 )
 
 
-def _hang_criu_mid_dump(pages: Callable[[], list[Path]]) -> None:
-    """Stop (SIGSTOP) the CRIU this process started once the files `pages` lists hold 8 MiB: a CRIU stuck
-    while it dumps memory, its parasite inside the processes."""
+def _hang_criu_mid_dump(dumping: Callable[[], bool]) -> None:
+    """Stop (SIGSTOP) the CRIU this process started once it is `dumping`: a CRIU stuck while it dumps
+    memory, its parasite inside the processes."""
     me = os.getpid()
 
     def criu() -> int | None:
@@ -198,33 +198,34 @@ def _hang_criu_mid_dump(pages: Callable[[], list[Path]]) -> None:
         return None
 
     # Looked for only then: `criu --version` (criu.locate) is a short-lived child called criu too.
-    wait_for(lambda: sum(p.stat().st_size for p in pages()) > 8 << 20, timeout=60, what="memory being dumped")
+    wait_for(dumping, timeout=60, what="memory being dumped")
     pid = wait_for(criu, timeout=60, what="the dumping CRIU")
     os.kill(int(pid), signal.SIGSTOP)  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["rpc-dump", "streamed-dump"])
+@pytest.mark.parametrize("leave_running", [True, False], ids=["into-reserve", "into-archive"])
 def test_criu_stopped_at_its_time_limit_mid_dump_leaves_the_container_frozen_as_damaged(
-    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streamed: bool
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, leave_running: bool
 ) -> None:
     name = unique_name("big")
     kerrickpt.run(name, [sys.executable, "-c", BIG_COUNTER], state_dir=state_dir)
     log = Path(kerrickpt.ps(state_dir)[0].log or "")
     wait_for(lambda: ticks(log.read_text()), timeout=60, what="ticks")
-    # The RPC dump has this long in all; a streamed one goes at the archive's pace, and this is how
-    # long it may send nothing. Cut off, it gets as long to let go, then SIGTERM, a second, SIGKILL.
+    # A dump goes at its images' reader's pace, and this is how long it may send nothing. Cut off, it gets
+    # as long to let go, then SIGTERM, a second, SIGKILL.
     monkeypatch.setenv("KERRICKPT_DUMP_TIMEOUT", "1")
     monkeypatch.setenv("KERRICKPT_CRIU_LET_GO", "0.5")
     monkeypatch.setenv("KERRICKPT_STOP_GRACE", "1")
     archive = tmp_path / "never.kckpt"
-    if streamed:  # the archive's hidden partial file grows as CRIU streams
-        pages = lambda: list(tmp_path.glob(".*partial*"))  # noqa: E731
-    else:  # CRIU writes its images to the checkpoint's scratch directory
-        pages = lambda: list((state_dir / "tmp").glob("*/images/pages-*.img"))  # noqa: E731
-    threading.Thread(target=_hang_criu_mid_dump, args=(pages,), daemon=True).start()
+    init = kerrickpt.ps(state_dir)[0].init_pid
+    if leave_running:  # written into space taken before the freeze, which hides how far CRIU got: its code is in
+        dumping = lambda: criu.PARASITE_MAP in Path(f"/proc/{init}/maps").read_text()  # noqa: E731
+    else:  # the archive's hidden partial file grows as CRIU streams
+        dumping = lambda: sum(p.stat().st_size for p in tmp_path.glob(".*partial*")) > 8 << 20  # noqa: E731
+    threading.Thread(target=_hang_criu_mid_dump, args=(dumping,), daemon=True).start()
 
     with pytest.raises(kerrickpt.ContainerDamaged) as failure:
-        kerrickpt.checkpoint(name, archive, state_dir=state_dir, leave_running=not streamed)
+        kerrickpt.checkpoint(name, archive, state_dir=state_dir, leave_running=leave_running)
 
     assert failure.value.exit_code == 17
     assert "left frozen" in str(failure.value) and f"kerrickpt kill {name}" in str(failure.value)

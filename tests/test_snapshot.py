@@ -204,8 +204,8 @@ def test_a_run_ended_while_criu_dumps_thaws_only_once_criu_is_done(
             run.wait(timeout=60)
             (guardian,) = guardians(freezer_of(w))
             wait_for(lambda: waits_in(guardian, "pipe_read"), what="the guardian to wait for CRIU")
-        else:
-            wait_for(lambda: waits_in(run.pid, "do_wait"), what="the run to wait for CRIU")
+        else:  # its pipes to CRIU closed, it polls for CRIU's exit (subprocess's wait with a time limit sleeps)
+            wait_for(lambda: waits_in(run.pid, "nanosleep"), what="the run to wait for CRIU")
         assert tracer(init) == criu, "CRIU holds the tree (it thaws the cgroup once it has seized it)"
         assert ticks(w.log) == seen, "CRIU still holds the tree: the guardian must not thaw it yet"
     finally:
