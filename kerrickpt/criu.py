@@ -39,7 +39,7 @@ TCP_ESTABLISHED, TCP_CLOSE = "tcp-established", "tcp-close"
 # CRIU's network lock is never taken: its iptables chain inside the container's network namespace outlives a CRIU
 # that is stopped or killed (it has no handler for SIGTERM), which would leave the container cut off for good.
 # kerrickpt cuts a container with a network of its own off itself, around every dump (see netlinks.cut_off), and
-# undoes that on every path; the method is recorded in the images, so restores skip it too.
+# undoes that on every path; the method is recorded in the images, and a restore takes it from there.
 NETWORK_LOCK = "skip"
 
 
@@ -101,7 +101,6 @@ def _rpc(criu: Criu, images_dir: Path, work_dir: Path, log_name: str):  # type: 
     client.opts.log_level = LOG_LEVEL
     # kerrickpt recreates cgroups itself, with the limits from the manifest.
     client.opts.manage_cgroups = False
-    client.opts.network_lock = pycriu.rpc.SKIP  # NETWORK_LOCK (a restore takes the dump's from the images)
     return client
 
 
