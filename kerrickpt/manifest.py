@@ -14,7 +14,7 @@ import xxhash
 from kerrickpt import schema, sysvipc
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError
-from kerrickpt.network import Network
+from kerrickpt.network import Identity
 from kerrickpt.node import Fingerprint
 from kerrickpt.stdio import Stdio
 
@@ -80,7 +80,7 @@ class Manifest:
     layer_base: dict[str, str] | None = None
     # CRIU's keys of the caller's files that were its fd 1 and 2 (see stdio), external to the images; None: its log.
     stdio: Stdio | None = None
-    network: Network | None = None  # its own network namespace's address, MAC and published ports
+    network: Identity | None = None  # its own network's address, MAC and published ports
 
     @property
     def criu_version(self) -> str:
@@ -165,7 +165,7 @@ class Manifest:
             layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
             stdio=Stdio.from_dict(msgspec.to_builtins(checked.stdio)) if checked.stdio else None,
-            network=Network.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
+            network=Identity.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
         )
 
 

@@ -153,6 +153,15 @@ def test_the_keys_of_a_containers_output_files_are_read_back() -> None:
     assert manifest.to_dict()["stdio"] == data["stdio"]
 
 
+def test_a_network_carries_its_address_mac_and_ports_only() -> None:
+    data = with_members(full_manifest(SOURCE))
+    carried = {"address": "198.19.0.5/16", "mac": "0a:58:c6:13:00:05", "ports": [{"host": 8080, "container": 80}]}
+    # As issue 15's first step wrote them: with the source node's names, which a restore never used.
+    data["network"] = {**carried, "netns": "kpn-0123456789", "veth": "kpn0123456789"}
+    manifest = Manifest.from_json(json.dumps(data).encode())
+    assert manifest.to_dict()["network"] == {**carried, "ports": [{"host": 8080, "container": 80, "protocol": "tcp"}]}
+
+
 def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
     rng = random.Random(SEED)
     base = with_members(full_manifest(SOURCE))
