@@ -446,7 +446,7 @@ def test_the_index_at_the_end_holds_the_manifest_and_the_small_images_but_no_mem
     assert index is not None
     assert index.manifest == archive.verify(streamed) == archive.read_manifest(streamed)
     assert index.files == {"images/pagemap-1.img": b"map" * 9, "images/empty.img": b""}
-    assert streamed.read_bytes().endswith(archiveindex.INDEX_TAG)
+    assert streamed.read_bytes().endswith(archiveindex.DIGESTED_TAG)
 
 
 def _index_start(path: Path) -> int:
@@ -472,9 +472,9 @@ def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tm
     assert index is not None
     other = index.body.replace(b'"demo"', b'"omed"')
     data = streamed.read_bytes()[: _index_start(streamed)]
-    streamed.write_bytes(data + archiveindex.pack(other, index.files))
+    streamed.write_bytes(data + archiveindex.pack(other, index.files, index.frame or b""))
     assert "does not match its manifest" in _extract_error(streamed, tmp_path)
-    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}))
+    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}, index.frame or b""))
     with pytest.raises(ArchiveCorruptError, match=r"copy of images/pagemap-1\.img"):
         archive.read_index(streamed)
 
@@ -526,3 +526,59 @@ def test_a_mirror_that_fails_and_keeps_its_failure_does_not_stop_the_archive(tmp
     dest.mkdir()
     archive.extract(out, dest)
     assert (dest / "images" / "pages-1.img").read_bytes() == BIG
+
+
+def _small_checkpoint(path: Path) -> bytes:
+    """A ~25 KB archive of what a small checkpoint holds: memory of random, zeroed and text pages, small images."""
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghij", k=rng.randint(2, 8))) for _ in range(200)]
+    text = b" ".join(rng.choices(words, k=4000))
+    with archivewriter.Writer(path) as writer:
+        for name, data in (
+            ("pages-1.img", rng.randbytes(12000) + bytes(40000) + text),
+            ("core-1.img", text[:5000]),
+            ("inventory.img", b"inv" * 30),
+        ):
+            writer.write(f"images/{name}", data)
+            writer.end(f"images/{name}")
+        writer.commit(manifest())
+    return path.read_bytes()
+
+
+def _zstd_holds(data: bytes, start: int) -> bytes | None:
+    """What the zstd frame at data[start:] decompresses to, its checksum checked; None if zstd refuses it."""
+    try:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data[start:])
+    except zstandard.ZstdError:
+        return None
+
+
+def test_a_bit_flipped_anywhere_is_refused_even_where_zstd_decodes_the_same(tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    data = _small_checkpoint(out)
+    index_at = _index_start(out)
+    flips = []
+    for at in range(len(data)):
+        damaged = bytearray(data)
+        damaged[at] ^= 1 << at % 8
+        flips.append(bytes(damaged))
+    # zstd ignores some bits of its encoding (the frame header's unused bit, a window size bigger than
+    # needed, some bits of its entropy tables): such a flip changes no byte a frame holds, nor a checksum.
+    frame = _zstd_holds(data, 0)
+    unseen = [at for at in range(index_at) if _zstd_holds(flips[at], 0) == frame]
+    index = _zstd_holds(data, index_at + 8)  # the index's frame, after its skippable frame's head
+    foot = len(data) - 48  # two digests, the index's length and its tag (see archiveindex)
+    unseen_in_index = [at for at in range(index_at + 8, foot) if _zstd_holds(flips[at], index_at + 8) == index]
+    assert len(unseen) >= 5 and 5 in unseen, "the frame has flips only the digest of its bytes catches"
+    assert unseen_in_index, "so has the index"
+    for at, damaged in enumerate(flips):
+        with pytest.raises(ArchiveCorruptError):
+            archive.extract(io.BytesIO(damaged), None)
+            pytest.fail(f"a flipped bit at offset {at} of {len(data)} was accepted")
+    for at in [*unseen, *range(index_at, len(data))]:  # unseen_in_index among them
+        out.write_bytes(flips[at])
+        with pytest.raises(ArchiveCorruptError):
+            archive.verify(out)
+        if at >= index_at:  # inspect reads the index alone
+            with pytest.raises(ArchiveCorruptError):
+                archive.read_manifest(out)
