@@ -469,12 +469,12 @@ def test_a_damaged_index_is_refused(streamed: Path, tmp_path: Path, where: str) 
 
 def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tmp_path: Path) -> None:
     index = archive.read_index(streamed)
-    assert index is not None
+    assert index is not None and index.frame is not None
     other = index.body.replace(b'"demo"', b'"omed"')
     data = streamed.read_bytes()[: _index_start(streamed)]
-    streamed.write_bytes(data + archiveindex.pack(other, index.files, index.frame or b""))
+    streamed.write_bytes(data + archiveindex.pack(other, index.files, index.frame))
     assert "does not match its manifest" in _extract_error(streamed, tmp_path)
-    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}, index.frame or b""))
+    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}, index.frame))
     with pytest.raises(ArchiveCorruptError, match=r"copy of images/pagemap-1\.img"):
         archive.read_index(streamed)
 

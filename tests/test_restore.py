@@ -298,13 +298,15 @@ def test_an_archive_found_damaged_at_its_very_end_never_lets_the_restored_tree_r
     # read, while CRIU, its memory all served, waits at the gate. A tree that ran would write on.
     _, side, good = _checkpointed_side_writer(memload, 192, state_dir, tmp_path)
     index = kerrickpt.archive.read_index(good)
-    assert index is not None
+    assert index is not None and index.frame is not None
     data = good.read_bytes()
     start = len(data) - int.from_bytes(data[-16:-8], "little")
     created = f'"created": "{index.manifest.created}"'.encode()
     other = created.replace(b'"created": "2', b'"created": "1')
     bad = tmp_path / "bad.kckpt"
-    bad.write_bytes(data[:start] + kerrickpt.archiveindex.pack(index.body.replace(created, other), index.files))
+    bad.write_bytes(
+        data[:start] + kerrickpt.archiveindex.pack(index.body.replace(created, other), index.files, index.frame)
+    )
     ticks_before = side.stat().st_size
 
     with pytest.raises(kerrickpt.ArchiveCorruptError, match="does not match its manifest"):
