@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+import struct
 import subprocess
 import tarfile
 import threading
@@ -479,6 +480,18 @@ def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tm
         archive.read_index(streamed)
 
 
+def test_a_version_7_archive_whose_index_lacks_the_digests_is_refused(streamed: Path, tmp_path: Path) -> None:
+    data = streamed.read_bytes()
+    start = _index_start(streamed)
+    body = data[start + 8 : -48]  # the index's compressed tar, without its foot of digests, length and tag
+    old = struct.pack("<II", archiveindex.INDEX_MAGIC, len(body) + 16) + body
+    old += struct.pack("<Q8s", len(old) + 16, archiveindex.INDEX_TAG)  # the foot of versions 4 to 6
+    streamed.write_bytes(data[:start] + old)
+    index = archive.read_index(streamed)
+    assert index is not None and index.frame is None, "an index as versions 4 to 6 end with still reads"
+    assert "lacks the digests" in _extract_error(streamed, tmp_path)
+
+
 @pytest.mark.parametrize(("cut", "message"), [("all", "lacks the index"), ("part", "its index ends early")])
 def test_an_archive_cut_in_or_before_its_index_is_truncated(
     streamed: Path, tmp_path: Path, cut: str, message: str
@@ -557,26 +570,27 @@ def test_a_bit_flipped_anywhere_is_refused_even_where_zstd_decodes_the_same(tmp_
     out = tmp_path / "a.kckpt"
     data = _small_checkpoint(out)
     index_at = _index_start(out)
-    flips = []
-    for at in range(len(data)):
+
+    def flipped(at: int) -> bytes:
         damaged = bytearray(data)
         damaged[at] ^= 1 << at % 8
-        flips.append(bytes(damaged))
+        return bytes(damaged)
+
     # zstd ignores some bits of its encoding (the frame header's unused bit, a window size bigger than
     # needed, some bits of its entropy tables): such a flip changes no byte a frame holds, nor a checksum.
     frame = _zstd_holds(data, 0)
-    unseen = [at for at in range(index_at) if _zstd_holds(flips[at], 0) == frame]
+    unseen = [at for at in range(index_at) if _zstd_holds(flipped(at), 0) == frame]
     index = _zstd_holds(data, index_at + 8)  # the index's frame, after its skippable frame's head
     foot = len(data) - 48  # two digests, the index's length and its tag (see archiveindex)
-    unseen_in_index = [at for at in range(index_at + 8, foot) if _zstd_holds(flips[at], index_at + 8) == index]
+    unseen_in_index = [at for at in range(index_at + 8, foot) if _zstd_holds(flipped(at), index_at + 8) == index]
     assert len(unseen) >= 5 and 5 in unseen, "the frame has flips only the digest of its bytes catches"
     assert unseen_in_index, "so has the index"
-    for at, damaged in enumerate(flips):
+    for at in range(len(data)):
         with pytest.raises(ArchiveCorruptError):
-            archive.extract(io.BytesIO(damaged), None)
+            archive.extract(io.BytesIO(flipped(at)), None)
             pytest.fail(f"a flipped bit at offset {at} of {len(data)} was accepted")
     for at in [*unseen, *range(index_at, len(data))]:  # unseen_in_index among them
-        out.write_bytes(flips[at])
+        out.write_bytes(flipped(at))
         with pytest.raises(ArchiveCorruptError):
             archive.verify(out)
         if at >= index_at:  # inspect reads the index alone
