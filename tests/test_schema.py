@@ -241,11 +241,12 @@ def rewrite(path: Path, out: Path, frame: bytes | None = None, index: bytes | No
     original = archive.read_index(path)
     assert original is not None
     body = index if index is not None else original.body
-    out.write_bytes(zstandard.ZstdCompressor().compress(members.getvalue()) + archiveindex.pack(body, original.files))
+    compressed = zstandard.ZstdCompressor().compress(members.getvalue())
+    out.write_bytes(compressed + archiveindex.pack(body, original.files, archiveindex.DIGEST(compressed).digest()))
 
 
 def small_archive(tmp_path: Path, source: node.Fingerprint) -> Path:
-    """A version 4 archive of made-up images (CRIU cannot restore them) whose manifest has every field."""
+    """An archive (of today's format) of made-up images (CRIU cannot restore them) whose manifest has every field."""
     files = {}
     for name, data in {"images/core-1.img": b"core", "images/pages-1.img": b"\0" * 5000, "log": b"hi\n"}.items():
         files[name] = tmp_path / name.replace("/", "_")
