@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, cast
 from kerrickpt import archiveindex, progress, tarstream, zstdframe
 from kerrickpt.ahead import Ahead
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError
-from kerrickpt.manifest import CHECKSUMS, FORMAT, Manifest, Member
+from kerrickpt.manifest import CHECKSUMS, DIGESTED, FORMAT, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.members import CHUNK_MEMBER, HEADER, SAFE_MEMBER, allowed
 
@@ -41,16 +41,19 @@ def _reported(fh: BinaryIO, path: Path) -> BinaryIO:
     return cast(BinaryIO, progress.Counted(fh, tracker))
 
 
-def _members(source: Source, after: list[bytes] | None = None) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
+def _members(
+    source: Source, after: list[bytes] | None = None, digest: Any = None
+) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
-    The index after the frame, if any, goes to `after` once the last member was read.
+    The index after the frame, if any, goes to `after` once the last member was read; `digest` (a hash)
+    is updated with the frame's compressed bytes as they are read.
     """
     path = label(source)
     fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
     if isinstance(source, Path):
         fh = _reported(fh, source)
-    frame = zstdframe.blocks(fh, path, after, archiveindex.MAX_INDEX)
+    frame = zstdframe.blocks(fh, path, after, archiveindex.MAX_INDEX, digest)
     with fh, Ahead(frame, "kerrickpt-unzstd") as blocks:
         for info, data in tarstream.Reader(blocks, path).members():
             if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not allowed(info.name):
@@ -167,7 +170,8 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
     body: bytes | None = None
     version, checksum = 0, "sha256"  # unless the archive starts with its HEADER
     after: list[bytes] = []
-    with contextlib.closing(_members(source, after)) as members:
+    frame = archiveindex.DIGEST()
+    with contextlib.closing(_members(source, after, frame)) as members:
         for member, size, data in members:
             if body is not None:
                 raise ArchiveCorruptError(f"{path} has data after its manifest")
@@ -222,6 +226,10 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
         index = archiveindex.parse(after[0], path)
         if index.body != body:
             raise ArchiveCorruptError(f"the index of {path} does not match its manifest")
+        if index.frame is None and version >= DIGESTED:
+            raise ArchiveCorruptError(f"{path} has a damaged index (it lacks the digests its version has)")
+        if index.frame is not None and index.frame != frame.digest():
+            raise ArchiveCorruptError(f"{path} is corrupt: its compressed bytes do not match their digest")
     elif version >= 4:
         raise ArchiveCorruptError(f"{path} is truncated (it lacks the index it ends with)")
     return manifest
@@ -239,7 +247,10 @@ def _header(data: bytes, path: str) -> tuple[int, str]:
 
 
 def read_index(path: Path) -> archiveindex.Index | None:
-    """The index a version 4 archive ends with, read from the end (nothing else is read); None without one."""
+    """The index a version 4 archive ends with, read from the end (nothing else is read); None without one.
+
+    Since version 7 the index's bytes are checked against their digest, but the frame's are not read.
+    """
     return archiveindex.read(_open(path), str(path))
 
 
@@ -249,12 +260,7 @@ def verify(path: Path) -> Manifest:
 
 
 def read_manifest(path: Path) -> Manifest:
-    """The manifest, without unpacking anything: from the index, or else read through the whole archive."""
+    """The manifest, without unpacking anything: from the index, or else (an archive without one) from a
+    verify, which reads through the whole archive as finding its manifest, the last member, would."""
     index = read_index(path)
-    if index is not None:
-        return index.manifest
-    with contextlib.closing(_members(path, [])) as members:
-        for member, _, data in members:
-            if member == MANIFEST_NAME:
-                return Manifest.from_json(b"".join(data))
-    raise ArchiveCorruptError(f"{path} has no manifest: it is incomplete")
+    return index.manifest if index is not None else verify(path)

@@ -8,6 +8,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import xxhash
 import zstandard
 
 from kerrickpt import tarstream
@@ -25,6 +26,14 @@ INDEX_MAGIC = 0x184D2A5B  # one of the 16 magic numbers zstd reserves for skippa
 _INDEX_HEAD = struct.Struct("<II")  # the skippable frame's magic and size
 _INDEX_FOOT = struct.Struct("<Q8s")  # the index's whole length and a tag, the file's last bytes
 INDEX_TAG = b"kckptidx"
+# Since version 7 the foot also holds two XXH3-128 digests, so that no byte of the file goes unchecked
+# (zstd decodes some changed bytes to the same output, which its checksum and the members' then
+# miss): of the zstd frame's compressed bytes, and of the index's own bytes but that digest. Its
+# last 16 bytes are laid out as before, with a tag of its own.
+_DIGESTED_FOOT = struct.Struct("<16s16sQ8s")  # the frame's digest, the index's digest, length, tag
+DIGESTED_TAG = b"kckptdig"
+_TAGS = {INDEX_TAG: _INDEX_FOOT, DIGESTED_TAG: _DIGESTED_FOOT}
+DIGEST = xxhash.xxh3_128
 INDEX_BYTES = 32 << 20  # the most the index's images may hold: bigger ones come from the frame
 INDEX_FRAMING = 2048  # what the index's tar adds to an image at the most: its header, a pax header, padding
 MAX_INDEX = INDEX_BYTES + 2 * tarstream.SMALL_MEMBER  # the index's images with their framing, and its manifest
@@ -51,15 +60,18 @@ class Copies:
             self.held -= len(biggest) + INDEX_FRAMING
 
 
-def pack(manifest: bytes, files: dict[str, bytes]) -> bytes:
-    """The index frame: a zstd-compressed tar of the manifest and `files`, skippable, findable from the end."""
+def pack(manifest: bytes, files: dict[str, bytes], frame: bytes) -> bytes:
+    """The index frame: a zstd-compressed tar of the manifest and `files`, skippable, findable from the end,
+    with `frame`, the digest of the archive's zstd frame, and a digest of its own bytes."""
     tar = bytearray()
     for name, data in [(MANIFEST_NAME, manifest), *files.items()]:
         header, padding = tarstream.framing(name, len(data))
         tar += header + data + padding
     body = zstandard.ZstdCompressor(level=DEFAULT_LEVEL, write_checksum=True).compress(tar + bytes(1024))
-    size = len(body) + _INDEX_FOOT.size
-    return _INDEX_HEAD.pack(INDEX_MAGIC, size) + body + _INDEX_FOOT.pack(_INDEX_HEAD.size + size, INDEX_TAG)
+    size = len(body) + _DIGESTED_FOOT.size
+    head = _INDEX_HEAD.pack(INDEX_MAGIC, size) + body + frame
+    ending = _INDEX_FOOT.pack(_INDEX_HEAD.size + size, DIGESTED_TAG)
+    return head + DIGEST(head + ending).digest() + ending
 
 
 @dataclass(frozen=True)
@@ -69,10 +81,12 @@ class Index:
     manifest: Manifest
     body: bytes  # the manifest as written, to compare with the one inside the frame
     files: dict[str, bytes]
+    frame: bytes | None  # the digest of the zstd frame's compressed bytes (DIGEST); None before version 7
 
 
-def unpack(rest: bytes, path: str) -> bytes:
-    """The compressed tar inside an index frame (`rest`: everything after the archive's zstd frame)."""
+def unpack(rest: bytes, path: str) -> tuple[bytes, bytes | None]:
+    """The compressed tar inside an index frame (`rest`: everything after the archive's zstd frame), and the
+    digest of the zstd frame the index gives since version 7 (its own digest checked)."""
     if len(rest) < _INDEX_HEAD.size or _INDEX_HEAD.unpack_from(rest)[0] != INDEX_MAGIC:
         raise ArchiveCorruptError(f"{path} has trailing data after its end")
     size = _INDEX_HEAD.unpack_from(rest)[1]
@@ -80,14 +94,22 @@ def unpack(rest: bytes, path: str) -> bytes:
         raise ArchiveCorruptError(f"{path} is truncated (its index ends early)")
     if len(rest) > _INDEX_HEAD.size + size or size < _INDEX_FOOT.size:
         raise ArchiveCorruptError(f"{path} has trailing data after its end")
-    if _INDEX_FOOT.unpack_from(rest, len(rest) - _INDEX_FOOT.size) != (len(rest), INDEX_TAG):
+    length, tag = _INDEX_FOOT.unpack_from(rest, len(rest) - _INDEX_FOOT.size)
+    foot = _TAGS.get(tag)
+    if foot is None or length != len(rest) or size < foot.size:
         raise ArchiveCorruptError(f"{path} has a damaged index")
-    return rest[_INDEX_HEAD.size : -_INDEX_FOOT.size]
+    body = rest[_INDEX_HEAD.size : -foot.size]
+    if foot is _INDEX_FOOT:
+        return body, None
+    frame, digest, _, _ = foot.unpack_from(rest, len(rest) - foot.size)
+    if DIGEST(rest[: -_INDEX_FOOT.size - len(digest)] + rest[-_INDEX_FOOT.size :]).digest() != digest:
+        raise ArchiveCorruptError(f"{path} has a damaged index (its bytes do not match their digest)")
+    return body, frame
 
 
 def parse(rest: bytes, path: str) -> Index:
     """The index in `rest`, every image in it checked against its manifest's digest."""
-    compressed = unpack(rest, path)
+    compressed, frame = unpack(rest, path)
     try:
         if not 0 <= zstandard.frame_content_size(compressed) <= MAX_INDEX:  # -1: not said; zeros compress 30,000:1
             raise zstandard.ZstdError("its size is not given or too big")
@@ -117,7 +139,7 @@ def parse(rest: bytes, path: str) -> Index:
         digest = CHECKSUMS[manifest.checksum](data).hexdigest()
         if member is None or member.chunks or (member.size, member.digest) != (len(data), digest):
             raise ArchiveCorruptError(f"the copy of {name} in the index of {path} does not match its checksum")
-    return Index(manifest, body, files)
+    return Index(manifest, body, files, frame)
 
 
 def read(fh: BinaryIO, path: str) -> Index | None:
@@ -132,7 +154,7 @@ def read(fh: BinaryIO, path: str) -> Index | None:
                 return None
             fh.seek(size - _INDEX_FOOT.size)
             length, tag = _INDEX_FOOT.unpack(fh.read(_INDEX_FOOT.size))
-            if tag != INDEX_TAG:
+            if tag not in _TAGS:
                 return None
             if not _INDEX_HEAD.size + _INDEX_FOOT.size <= length <= min(size, MAX_INDEX):
                 raise ArchiveCorruptError(f"{path} has a damaged index")

@@ -89,6 +89,7 @@ class Writer:
         self.pending: dict[str, _Pending] = {}
         self.members: list[Member] = []
         self.indexed = archiveindex.Copies()
+        self.frame = archiveindex.DIGEST()  # of the zstd frame's bytes, as they are written
         self.mirror = mirror
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
@@ -106,6 +107,7 @@ class Writer:
             self.started = time.monotonic()
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self.raw: BinaryIO | _Tee = os.fdopen(self.fd, "wb", closefd=False)
+            self.raw = _Tee(self.raw, self.frame.update)
             if self.mirror:
                 self.raw = _Tee(self.raw, self.mirror)
             if self.progress is not progress.SILENT:
@@ -187,7 +189,7 @@ class Writer:
         self.zstd.write(ending)
         self.offset += len(ending)
         self.zstd.close()
-        self.raw.write(archiveindex.pack(body, self.indexed.files))
+        self.raw.write(archiveindex.pack(body, self.indexed.files, self.frame.digest()))
         self.raw.flush()
         os.fsync(self.raw.fileno())
         # link() fails if `path` appeared meanwhile: never replace someone's file.

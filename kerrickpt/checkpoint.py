@@ -24,6 +24,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    netlinks,
     network,
     node,
     procs,
@@ -237,10 +238,10 @@ def capture(
         progress.current().phase("freezing")
         freezer = group.freezer
         with archivewriter.Writer(output, level=level, mirror=mirror) as writer:
-            cut_off = own_net if not thaw_after_dump else None
-            guardian = guard.Guardian(freezer, (writer.tmp, writer.path), cut_off.veth if cut_off else None)
+            guardian = guard.Guardian(freezer, (writer.tmp, writer.path), own_net.veth if own_net else None)
             frozen_at = time.monotonic()
-            with guardian, frozen(freezer), _stopped_on_failure(lazy), _cut_off(cut_off):
+            # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.
+            with guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
                 step = "reading the process tree"
                 if host_job:
                     _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
@@ -292,6 +293,8 @@ def capture(
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
                 if thaw_after_dump:
+                    if own_net is not None:
+                        netlinks.connect(own_net.veth)  # before the thaw: a container never runs cut off
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"
@@ -321,7 +324,7 @@ def capture(
                     stdio=stdio,
                     layer=layerchain.identity(lineage, index) if lineage and index else None,
                     layer_base=base.as_base() if base else None,
-                    network=own_net,
+                    network=own_net.identity() if own_net else None,
                 )
                 for dumped in sorted(images.iterdir()):  # the lazy dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)
@@ -371,17 +374,20 @@ def _stopped_on_failure(lazy: LazyDump | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _cut_off(own_net: network.Network | None) -> Iterator[None]:
-    """Cut a container that is to end off its network (see network.lock) until it has: CRIU unlocks the network
-    once it has dumped, and its connections would take packets the archive lacks, then answer its end with a reset.
-    On failure it is connected again."""
+    """Cut a container off its network (see netlinks.cut_off) while it is dumped, the only network lock (see
+    criu.NETWORK_LOCK): a packet taken while CRIU reads its sockets, in TCP repair, would be missing from the
+    archive or change what is read. One that is to end stays cut off until it has: its connections would take
+    packets the archive lacks, then answer its end with a reset. On failure it is connected again, before
+    the thaw; but not while a damaged container stays frozen (errors.ContainerDamaged): `recover` does it."""
     if own_net is None:
         yield
         return
-    network.lock(own_net)
+    netlinks.cut_off(own_net.veth)
     try:
         yield
-    except BaseException:
-        network.unlock(own_net)
+    except BaseException as exc:
+        if not getattr(exc, "keeps_frozen", False):
+            netlinks.connect(own_net.veth)
         raise
 
 

@@ -14,7 +14,21 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kerrickpt import cgroups, confinement, idranges, isolation, launcher, lock, network, procs, schema, stdio
+from kerrickpt import (
+    cgroups,
+    confinement,
+    faults,
+    idranges,
+    isolation,
+    launcher,
+    lock,
+    netlinks,
+    netports,
+    network,
+    procs,
+    schema,
+    stdio,
+)
 from kerrickpt import rootfs as rootfs_
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
@@ -22,6 +36,8 @@ from kerrickpt.errors import (
     ContainerExistsError,
     ContainerNotFoundError,
     ExitedAtOnce,
+    HostError,
+    KerrickptError,
     NotReadyError,
     StateDamagedError,
     UsageError,
@@ -149,6 +165,10 @@ class Registry:
     def abandoned(self) -> list[str]:
         """Names whose run died before registering them: `kill NAME` or `gc` removes what it left."""
         return [p.name for p in sorted(self.containers.iterdir()) if self.is_abandoned(p.name)]
+
+    def is_gone(self, name: str) -> bool:
+        """Whether no container of `name` is here, its directory gone (see claims); never for what is not a name."""
+        return NAME_PATTERN.fullmatch(name) is not None and not self.path(name).is_dir()
 
     def is_abandoned(self, name: str) -> bool:
         path = self.path(name)
@@ -288,7 +308,7 @@ def run(
     if net == network.OWN and rootfs is not None:
         # CRIU dumps only namespaces that belong to the container's user namespace; kerrickpt's is the host's.
         raise UsageError("--net own does not go with --rootfs yet: such a container could not be checkpointed")
-    ports = network.parse_ports(publish)
+    ports = netports.parse(publish)
     if ids not in confinement.ID_MODES:
         raise UsageError(f"--ids {ids}: give one of {', '.join(confinement.ID_MODES)}")
     if rootfs is None and (user or volumes or env or workdir or ids != confinement.OWN):
@@ -302,7 +322,7 @@ def run(
         confined = None
         if net == network.OWN:
             own_net = network.plan(registry, name, address, ports)
-            network.create(own_net)
+            network.create(registry, own_net)
         if rootfs is not None:
             confined = confinement.confine(
                 name,
@@ -351,15 +371,30 @@ def run(
             stdio=given.record(),
             network=own_net,
         )
+        faults.inject("run-before-save")  # all made, nothing recorded: what `gc` finds of a run that died
         registry.save(container)
         return status(container)
-    except BaseException:
-        if group is not None:
-            group.remove()
-        if own_net is not None:
-            network.destroy(own_net)
-        registry.release(name)
+    except BaseException as exc:
+        undo(registry, name, group, own_net, exc)
         raise
+
+
+def undo(
+    registry: Registry, name: str, group: cgroups.Cgroup | None, own_net: network.Network | None, exc: BaseException
+) -> None:
+    """Remove what a run or restore of `name` that failed with `exc` made: its cgroups, its network, then the name.
+    Should its network not all go, the name stays reserved (abandoned once this process is gone: `kill` and `gc`
+    finish the removal), and `exc` says so."""
+    if group is not None:
+        group.remove()
+    if own_net is not None:
+        try:
+            network.destroy(own_net)
+        except HostError as failed:
+            if isinstance(exc, KerrickptError):
+                exc.message += f"; and {failed.message}: `kerrickpt gc` (or `kerrickpt kill {name}`) removes the rest"
+            return
+    registry.release(name)
 
 
 def status(container: Container) -> ContainerStatus:
@@ -429,11 +464,19 @@ def ps(state_dir: Path | str | None = None) -> list[ContainerStatus]:
 
 
 def resume(container: Container) -> None:
-    """Let a frozen container run again, on its network too: a checkpoint that was to end it cut it off
-    (see network.lock)."""
-    container.group.freezer.thaw()
+    """Let a frozen container run again, on its network too: a checkpoint cut it off (see netlinks.cut_off).
+    Connected first: should that fail, it stays frozen rather than running cut off."""
     if container.network is not None:
-        network.unlock(container.network)
+        netlinks.connect(container.network.veth)
+    container.group.freezer.thaw()
+
+
+def needs_recovery(container: Container) -> bool:
+    """Whether `recover` has something to do for it: it is frozen, or cut off its network (a checkpoint's
+    kerrickpt died after the thaw, or its guardian could not connect it again)."""
+    return container.group.freezer.is_frozen() or (
+        container.network is not None and netlinks.is_cut_off(container.network.veth)
+    )
 
 
 def remove(registry: Registry, container: Container) -> None:
@@ -448,7 +491,7 @@ def remove_abandoned(registry: Registry, name: str) -> None:
     """Kill what runs in `name`'s cgroups and free the name: for one without a (readable) record, such as
     a name whose run died before registering it."""
     cgroups.existing(cgroups.detect(), name).remove()
-    network.sweep(*network.names(registry, name))
+    network.sweep(*network.names(registry, name))  # all of it tried; the name stays if some could not go
     registry.release(name)
 
 

@@ -36,6 +36,11 @@ LOG_LEVEL = 4
 PARASITE_MAP = "/memfd:CRIUMFD"
 # What a restore does with the established TCP connections in the images (CRIU's option names).
 TCP_ESTABLISHED, TCP_CLOSE = "tcp-established", "tcp-close"
+# CRIU's network lock is never taken: its iptables chain inside the container's network namespace outlives a CRIU
+# that is stopped or killed (it has no handler for SIGTERM), which would leave the container cut off for good.
+# kerrickpt cuts a container with a network of its own off itself, around every dump (see netlinks.cut_off), and
+# undoes that on every path; the method is recorded in the images, and a restore takes it from there.
+NETWORK_LOCK = "skip"
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,7 @@ def _dump_argv(
         # kerrickpt alone decides between killing the source and thawing it.
         "--leave-running", "--freeze-cgroup", freeze_cgroup,
         # kerrickpt recreates cgroups itself, with the limits from the manifest.
-        "--manage-cgroups=ignore",
+        "--manage-cgroups=ignore", "--network-lock", NETWORK_LOCK,
     ]  # fmt: skip
     argv += ["--shell-job"] if shell_job else []
     return argv + (["--tcp-established"] if tcp_established else []) + criuopts.command_line(external)

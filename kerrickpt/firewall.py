@@ -3,7 +3,6 @@ with timeouts)."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Sequence
 
 from kerrickpt import command
@@ -18,26 +17,52 @@ JUMP = "-m addrtype --dst-type LOCAL -j {chain}"
 
 def publish(chain: str, address: str, ports: Sequence[tuple[int, int, str]]) -> None:
     """Forward each (node port, container port, protocol) of `ports` to `address`, in one transaction:
-    the rules live in the nat chain `chain` (at most 28 characters), which jumps from HOOKS."""
-    rules = [f":{chain} - [0:0]"]
+    the rules live in the nat chain `chain` (at most 28 characters, made anew), which HOOKS jump to once each."""
+    try:
+        present = _listing()
+    except FileNotFoundError:
+        raise HostError("publishing ports needs iptables, which this node lacks (see README, Dependencies)") from None
+    rules = [f":{chain} - [0:0]"]  # under --noflush, emptied if it was there
     rules += [
         f"-A {chain} -p {proto} -m {proto} --dport {host} -j DNAT --to-destination {address}:{inside}"
         for host, inside, proto in ports
     ]
-    rules += [f"-A {hook} {JUMP.format(chain=chain)}" for hook in HOOKS]
+    rules += [f"-A {hook} {JUMP.format(chain=chain)}" for hook in HOOKS if _jump(hook, chain) not in present]
     _restore(rules, f"publishing ports to {address}")
 
 
 def unpublish(chain: str) -> None:
-    """Remove `chain` and the jumps to it, if they are there."""
-    if _iptables("-t", "nat", "-S", chain).returncode != 0:
-        return  # never made, or removed already
-    jumps = [f"-D {hook} {JUMP.format(chain=chain)}" for hook in HOOKS if _has_jump(hook, chain)]
-    _restore([*jumps, f"-F {chain}", f"-X {chain}"], f"removing the rules of {chain}")
+    """Remove `chain` and every jump to it, if they are there. A node without iptables has none: kerrickpt
+    could not have made them."""
+    try:
+        present = _listing()
+    except FileNotFoundError:
+        return
+    jumps = [f"-D {line.removeprefix('-A ')}" for line in present if line in {_jump(h, chain) for h in HOOKS}]
+    made = f"-N {chain}" in present
+    if jumps or made:
+        _restore([*jumps, *([f"-F {chain}", f"-X {chain}"] if made else [])], f"removing the rules of {chain}")
 
 
-def _has_jump(hook: str, chain: str) -> bool:
-    return _iptables("-t", "nat", "-C", hook, *JUMP.format(chain=chain).split()).returncode == 0
+def _jump(hook: str, chain: str) -> str:
+    """A jump to `chain` from `hook`, as `iptables -S` lists it."""
+    return f"-A {hook} {JUMP.format(chain=chain)}"
+
+
+def _listing() -> list[str]:
+    """The nat table's chains and rules, as `iptables -S` lists them (exact: never judged from an error's words).
+    FileNotFoundError if iptables is not installed."""
+    argv = ["iptables", "-w", str(int(TIMEOUT)), "-t", "nat", "-S"]
+    try:
+        result = command.run(argv, timeout=TIMEOUT + 5)
+    except FileNotFoundError:
+        raise  # not installed: the caller says what that means
+    except (OSError, CommandTimeout) as exc:
+        raise HostError(f"iptables -t nat -S failed: {exc}") from exc
+    if result.returncode != 0:
+        failed = f"iptables -t nat -S failed (exit code {result.returncode})"
+        raise HostError(failed, log_tail=command.tail(result.stderr))
+    return result.stdout.splitlines()
 
 
 def _restore(rules: list[str], what: str) -> None:
@@ -50,10 +75,3 @@ def _restore(rules: list[str], what: str) -> None:
     if result.returncode != 0:
         failed = f"{what} failed: iptables-restore exited with {result.returncode}"
         raise HostError(failed, log_tail=command.tail(result.stderr))
-
-
-def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return command.run(["iptables", "-w", str(int(TIMEOUT)), *args], timeout=TIMEOUT + 5)
-    except (OSError, CommandTimeout) as exc:
-        raise HostError(f"iptables {' '.join(args)} failed: {exc}") from exc

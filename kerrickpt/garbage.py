@@ -6,17 +6,18 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kerrickpt import containers, idranges, postcopy, procs
+from kerrickpt import claims, containers, idranges, network, postcopy, procs
 
-CONTAINER, SCRATCH, POSTCOPY, MARKER, ID_RANGE = "container", "scratch", "post-copy", "marker", "id-range"
-KINDS = (POSTCOPY, CONTAINER, SCRATCH, ID_RANGE, MARKER)
+CONTAINER, SCRATCH, POSTCOPY, MARKER = "container", "scratch", "post-copy", "marker"
+ID_RANGE, NETWORK = "id-range", "network"
+KINDS = (POSTCOPY, CONTAINER, SCRATCH, ID_RANGE, NETWORK, MARKER)
 
 
 @dataclass(frozen=True)
 class Leftover:
     """One thing a dead kerrickpt process left: what it is, where, and why it is garbage."""
 
-    kind: str  # container (a name its run never registered), scratch, post-copy, marker or id-range
+    kind: str  # container (a name its run never registered), scratch, post-copy, marker, id-range or network
     path: str
     why: str
 
@@ -45,6 +46,10 @@ def find(registry: containers.Registry) -> list[Leftover]:
         for claim in idranges.stale(registry)
     ]
     found += [
+        Leftover(NETWORK, str(claim), "its container is gone from this node: the address or node port is free again")
+        for claim in network.stale(registry)
+    ]
+    found += [
         Leftover(MARKER, str(marker), "its receiver died")
         for marker in sorted(_incoming(registry, ".json"))
         if containers.claimant_alive(marker) is False
@@ -55,8 +60,8 @@ def find(registry: containers.Registry) -> list[Leftover]:
 def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tuple[str, ...] = KINDS) -> list[Leftover]:
     """Remove what dead kerrickpt processes left (or, with `dry_run`, only say what): kill the container
     of a post-copy whose watcher died, then names never registered and their cgroups, scratch
-    directories (memory images), the id range claims of containers that are gone (after the names, whose
-    removal frees theirs), and markers of receivers that died; only those of `kinds`."""
+    directories (memory images), the id range, address and node port claims of containers that are gone
+    (after the names, whose removal frees theirs), and markers of receivers that died; only those of `kinds`."""
     found = [leftover for leftover in find(registry) if leftover.kind in kinds]
     if dry_run:
         return found
@@ -68,8 +73,8 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
             containers.remove_abandoned(registry, path.name)
         elif leftover.kind == SCRATCH:
             shutil.rmtree(path, ignore_errors=True)
-        elif leftover.kind == ID_RANGE:
-            idranges.drop_stale(registry, path)
+        elif leftover.kind in (ID_RANGE, NETWORK):
+            claims.drop_stale(registry, path)
         else:  # a marker goes last: until then, the migration's status says what is left
             path.unlink(missing_ok=True)
     return found

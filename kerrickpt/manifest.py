@@ -14,7 +14,7 @@ import xxhash
 from kerrickpt import schema, sysvipc
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError
-from kerrickpt.network import Network
+from kerrickpt.network import Identity
 from kerrickpt.node import Fingerprint
 from kerrickpt.stdio import Stdio
 
@@ -23,11 +23,12 @@ FORMAT = "kerrickpt-archive"
 # and says so up front (members.HEADER); version 4 ends with an index (archiveindex.INDEX_MAGIC) that a
 # restore reads first; version 5 may carry a confined container's confinement and writable layer (see
 # layer); versions 1 and 2 (sha256), 3 and 4 read the same way. A snapshot whose layer is only what changed
-# since its base (`layer_base`) is version 6, so that a kerrickpt that knows no deltas refuses it rather than
-# restoring a few files as the whole layer; every other archive stays version 5.
-VERSION = 5
-DELTA_VERSION = 6
-READABLE = (1, 2, 3, 4, 5, 6)
+# since its base (`layer_base`) was version 6, so that a kerrickpt that knows no deltas refuses it rather than
+# restoring a few files as the whole layer. Version 7 (every archive, a delta or not) ends with digests of
+# every byte of the file (see archiveindex.DIGESTED_TAG), which a reader then requires.
+VERSION = 7
+DIGESTED = 7
+READABLE = (1, 2, 3, 4, 5, 6, 7)
 NAME = "manifest.json"
 LAYER = "layer.tar"  # the member that carries a confined container's file-system layer (see layer)
 # How a member's digest is computed, by the name an archive gives it.
@@ -80,7 +81,7 @@ class Manifest:
     layer_base: dict[str, str] | None = None
     # CRIU's keys of the caller's files that were its fd 1 and 2 (see stdio), external to the images; None: its log.
     stdio: Stdio | None = None
-    network: Network | None = None  # its own network namespace's address, MAC and published ports
+    network: Identity | None = None  # its own network's address, MAC and published ports
 
     @property
     def criu_version(self) -> str:
@@ -105,8 +106,7 @@ class Manifest:
         data["source"] = self.source.to_dict()
         data["confinement"] = self.confinement.to_dict() if self.confinement else None
         data["network"] = self.network.to_dict() if self.network else None
-        version = DELTA_VERSION if self.layer_base else VERSION
-        return {"format": FORMAT, "version": version, "criu_version": self.criu_version, **data}
+        return {"format": FORMAT, "version": VERSION, "criu_version": self.criu_version, **data}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
@@ -165,7 +165,7 @@ class Manifest:
             layer=msgspec.to_builtins(checked.layer) if checked.layer else None,
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
             stdio=Stdio.from_dict(msgspec.to_builtins(checked.stdio)) if checked.stdio else None,
-            network=Network.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
+            network=Identity.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
         )
 
 

@@ -42,6 +42,7 @@ from kerrickpt.errors import (
     KerrickptError,
     MigrationUnknown,
     NodeIncompatibleError,
+    NotCheckpointable,
     NotReadyError,
     ProtocolError,
     StateDamagedError,
@@ -212,6 +213,7 @@ def _migrate(
     registry.refuse_while_migrating(name)
     journal = Journal(registry, name)
     subject = Subject.of(container)
+    _refuse_own_network(container)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
     request = _preflight_request(found, container, force)
@@ -351,6 +353,17 @@ def status(link: transport.Link, migration_id: str) -> schema.Status:
 def _ask_target(link: transport.Link, op: str, migration_id: str) -> schema.Status:
     answer = transport.call(link, ["agent", op, "--migration-id", migration_id], {})
     return schema.from_peer(answer, schema.Status, str(link.target))
+
+
+def _refuse_own_network(container: containers.Container) -> None:
+    """Before anything is asked of the target or frozen: a container with a network of its own cannot move yet.
+    Its target would restore its address on a bridge of its own, which its peers do not reach, and its
+    connections would be reset; an address the target holds would fail after the freeze."""
+    if container.network is not None:
+        raise NotCheckpointable(
+            f"{container.name} has a network of its own (run --net own, address {container.network.address}), "
+            "which kerrickpt cannot migrate yet (see README, Network). It was not frozen and keeps running here."
+        )
 
 
 def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
@@ -545,8 +558,11 @@ def recover(name: str, *, state_dir: Path | str | None = None, attempts: int = D
         journal = Journal(registry, name)
         if not journal.exists():
             container = registry.get(name)
-            if not container.group.freezer.is_frozen():
-                raise UsageError(f"{name} is not frozen and no migration of it is pending: nothing to recover")
+            if not containers.needs_recovery(container):
+                raise UsageError(
+                    f"{name} is neither frozen nor cut off its network, and no migration of it is pending: "
+                    "nothing to recover"
+                )
             containers.resume(container)
             return RecoverResult(name=name, migration_id="", outcome="resumed")
         pending = journal.read()

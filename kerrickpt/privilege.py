@@ -222,14 +222,20 @@ def container_name(who: Caller, name: str) -> str:
 
 def check_archive(who: Caller, manifest: Manifest) -> None:
     """Refuse to restore for a user through sudo an archive whose processes are not that user's (with none
-    of the user's groups they may have lost since), or that binds in what they can no longer reach. Its ids are
-    compared as the archive records them, never through its map: the restore gives it a range of its own."""
+    of the user's groups they may have lost since), that binds in what they can no longer reach, or that has a
+    network of its own. Its ids are compared as the archive records them, never through its map: the restore
+    gives it a range of its own."""
     if not who.through_sudo:
         return
     confined = manifest.confinement
     if confined is None or confined.rootfs != HOST_ROOT or not confined.host_ids or confined.idmapped_lower:
         raise NotAllowedError(
             f"not allowed to a user through sudo: the archive of {manifest.name} is not a job run for a user"
+        )
+    if manifest.network is not None:
+        # Its restore would claim an address of the node network and forward node ports to it.
+        raise NotAllowedError(
+            f"not allowed to a user through sudo: the archive of {manifest.name} has a network of its own"
         )
     if confined.uid != who.uid or confined.uid == 0:
         raise NotAllowedError(

@@ -25,6 +25,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    netlinks,
     network,
     node,
     postcopy,
@@ -50,7 +51,8 @@ from kerrickpt.errors import (
 from kerrickpt.manifest import Manifest
 
 # What a failed restore raises as it is; any other error of kerrickpt's becomes a RestoreFailed.
-PASSED_ON = (RestoreFailed, CommandTimeout, ArchiveCorruptError, TransportError)
+# Said as they are; a UsageError is a refusal of what was asked (an address or node port taken): exit 2.
+PASSED_ON = (RestoreFailed, CommandTimeout, ArchiveCorruptError, TransportError, UsageError)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,11 @@ def restore(
             plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
             if manifest.network is not None:
                 plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
+            elif tcp_close:
+                raise UsageError(
+                    f"--tcp-close: {label} has no network of its own (it shared its node's), so no TCP connection of "
+                    "it was carried to close"
+                )
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
                 init_pid = _restore_as(
                     registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
@@ -204,9 +211,10 @@ def _restore_as(
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
             own_net = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
-            # Cut off until its sockets are back: CRIU does not lock a network namespace it did not dump, and
-            # a client's packet for a connection not restored yet would be answered with a reset.
-            network.create(own_net, connected=False)
+            # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
+            # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
+            # have answered any (the archive's connections stay good for another try).
+            network.create(registry, own_net, connected=False)
             plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
@@ -240,8 +248,7 @@ def _restore_as(
             faults.inject("restore-after-lazy-daemon")
         progress.current().phase("restoring with CRIU")
         init_pid = helper.run(group, found, scratch, inherit, plan, feed)
-        if own_net is not None:
-            network.unlock(own_net)
+        faults.inject("restore-after-criu")  # restored, not yet recorded
         started = procs.start_time(init_pid)
         if started is None:
             if plan.watcher is not None:
@@ -264,15 +271,13 @@ def _restore_as(
                 network=own_net,
             )
         )
+        if own_net is not None:
+            netlinks.connect(own_net.veth)  # the very last step (see above)
         return init_pid
     except BaseException as exc:
         if plan.watcher is not None:
             plan.watcher.abort()  # before anything else: its daemon must not serve what is torn down
-        if group is not None:
-            group.remove()
-        if own_net is not None:
-            network.destroy(own_net)
-        registry.release(name)
+        containers.undo(registry, name, group, own_net, exc)
         if isinstance(exc, KerrickptError) and not isinstance(exc, PASSED_ON):
             raise RestoreFailed(f"restore of {name} failed: {exc.message}", log_tail=exc.log_tail) from exc
         raise

@@ -151,7 +151,7 @@ PortNumber = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class Port(msgspec.Struct):
-    """See network.Port."""
+    """See netports.Port."""
 
     host: PortNumber
     container: PortNumber
@@ -159,12 +159,11 @@ class Port(msgspec.Struct):
 
 
 class Network(msgspec.Struct):
-    """See network.Network."""
+    """See network.Identity. (Archives of issue 15's first step also name the source node's network namespace and
+    veth: unknown fields, ignored.)"""
 
     address: Annotated[str, msgspec.Meta(pattern=r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")]
     mac: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
-    netns: Annotated[str, msgspec.Meta(pattern=r"^kpn-[0-9a-f]{10}$")]
-    veth: Annotated[str, msgspec.Meta(pattern=r"^kpn[0-9a-f]{10}$")]
     ports: list[Port] = []
 
 

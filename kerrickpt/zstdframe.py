@@ -12,6 +12,8 @@ from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError
 COMPRESSED_CHUNK = 1 << 20  # read at once
 BLOCKS_PER_STEP = 32  # zstd blocks decompressed at once: 4 MiB at most
 ZSTD_RLE_BLOCK = 1  # a block type whose content is one byte, repeated
+ZSTD_CHECKSUM_FLAG = 0x04  # in the frame header's descriptor byte: the frame ends with a 4-byte checksum
+ZSTD_CHECKSUM_BYTES = 4
 # zstd's own job size at level 3 is 8 MiB: fed as fast as a stream comes, its jobs in flight
 # hold some 50 MiB. 2 MiB jobs hold a quarter of that, at the same speed and ratio.
 JOB_BYTES = 2 << 20
@@ -41,11 +43,14 @@ def compressor(raw: Any, level: int) -> zstandard.ZstdCompressionWriter:
     return zstandard.ZstdCompressor(compression_params=params).stream_writer(raw, closefd=False)
 
 
-def blocks(fh: BinaryIO, label: str, after: list[bytes] | None = None, most_after: int = 0) -> Iterator[bytes]:
+def blocks(
+    fh: BinaryIO, label: str, after: list[bytes] | None = None, most_after: int = 0, digest: Any = None
+) -> Iterator[bytes]:
     """The bytes of one zstd frame, BLOCKS_PER_STEP blocks at a time; a frame that does not end is an error.
 
     What follows the frame (an archive's index), `most_after` bytes at the most, goes to `after`;
-    without `after`, nothing may follow.
+    without `after`, nothing may follow. `digest` (a hash), if given, is updated with the frame's
+    compressed bytes, exactly those, as they are fed to zstd.
 
     zstandard's stream_reader bounds its output but accepts a cut-off frame silently, and
     decompressobj checks the frame but returns all the output of its input at once: zeroed
@@ -65,6 +70,8 @@ def blocks(fh: BinaryIO, label: str, after: list[bytes] | None = None, most_afte
 
     def feed(end: int) -> bytes:
         with memoryview(data) as view, view[:end] as fed:
+            if digest is not None:
+                digest.update(fed)
             block = dobj.decompress(fed)
         del data[:end]
         return block
@@ -75,6 +82,7 @@ def blocks(fh: BinaryIO, label: str, after: list[bytes] | None = None, most_afte
         if not data.startswith(zstandard.FRAME_HEADER):
             raise ArchiveCorruptError(f"{label} is not a kerrickpt archive (it is not zstd-compressed)")
         end = zstandard.frame_header_size(bytes(data[:start]))
+        checksum = ZSTD_CHECKSUM_BYTES if data[start - 1] & ZSTD_CHECKSUM_FLAG else 0
         last = False
         while not last:
             for _ in range(BLOCKS_PER_STEP):
@@ -85,15 +93,16 @@ def blocks(fh: BinaryIO, label: str, after: list[bytes] | None = None, most_afte
                     raise ArchiveCorruptError(f"{label} is corrupt: a zstd block claims {size} bytes")
                 end += 3 + (1 if kind == ZSTD_RLE_BLOCK else size)
                 if last:
+                    end += checksum
                     break
             fill(end)
-            if block := feed(len(data) if last else end):  # after the last block: its checksum
+            if block := feed(end):
                 yield block
             end = 0
-        while not dobj.eof:
-            fill(1)
-            feed(len(data))
-        rest = dobj.unused_data + fh.read(most_after)
+        # Fed to its last byte and no further, so that `digest` covers the frame and nothing else.
+        if not dobj.eof:
+            raise ArchiveCorruptError(f"{label} is corrupt: its zstd frame does not end after its last block")
+        rest = bytes(data) + fh.read(most_after)
         if fh.read(1) or (rest and after is None):
             raise ArchiveCorruptError("the archive has trailing data after its end")
         if rest and after is not None:

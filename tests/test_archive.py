@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+import struct
 import subprocess
 import tarfile
 import threading
@@ -446,7 +447,7 @@ def test_the_index_at_the_end_holds_the_manifest_and_the_small_images_but_no_mem
     assert index is not None
     assert index.manifest == archive.verify(streamed) == archive.read_manifest(streamed)
     assert index.files == {"images/pagemap-1.img": b"map" * 9, "images/empty.img": b""}
-    assert streamed.read_bytes().endswith(archiveindex.INDEX_TAG)
+    assert streamed.read_bytes().endswith(archiveindex.DIGESTED_TAG)
 
 
 def _index_start(path: Path) -> int:
@@ -469,14 +470,26 @@ def test_a_damaged_index_is_refused(streamed: Path, tmp_path: Path, where: str) 
 
 def test_an_index_that_does_not_match_the_manifest_is_refused(streamed: Path, tmp_path: Path) -> None:
     index = archive.read_index(streamed)
-    assert index is not None
+    assert index is not None and index.frame is not None
     other = index.body.replace(b'"demo"', b'"omed"')
     data = streamed.read_bytes()[: _index_start(streamed)]
-    streamed.write_bytes(data + archiveindex.pack(other, index.files))
+    streamed.write_bytes(data + archiveindex.pack(other, index.files, index.frame))
     assert "does not match its manifest" in _extract_error(streamed, tmp_path)
-    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}))
+    streamed.write_bytes(data + archiveindex.pack(index.body, {"images/pagemap-1.img": b"pam" * 9}, index.frame))
     with pytest.raises(ArchiveCorruptError, match=r"copy of images/pagemap-1\.img"):
         archive.read_index(streamed)
+
+
+def test_a_version_7_archive_whose_index_lacks_the_digests_is_refused(streamed: Path, tmp_path: Path) -> None:
+    data = streamed.read_bytes()
+    start = _index_start(streamed)
+    body = data[start + 8 : -48]  # the index's compressed tar, without its foot of digests, length and tag
+    old = struct.pack("<II", archiveindex.INDEX_MAGIC, len(body) + 16) + body
+    old += struct.pack("<Q8s", len(old) + 16, archiveindex.INDEX_TAG)  # the foot of versions 4 to 6
+    streamed.write_bytes(data[:start] + old)
+    index = archive.read_index(streamed)
+    assert index is not None and index.frame is None, "an index as versions 4 to 6 end with still reads"
+    assert "lacks the digests" in _extract_error(streamed, tmp_path)
 
 
 @pytest.mark.parametrize(("cut", "message"), [("all", "lacks the index"), ("part", "its index ends early")])
@@ -526,3 +539,60 @@ def test_a_mirror_that_fails_and_keeps_its_failure_does_not_stop_the_archive(tmp
     dest.mkdir()
     archive.extract(out, dest)
     assert (dest / "images" / "pages-1.img").read_bytes() == BIG
+
+
+def _small_checkpoint(path: Path) -> bytes:
+    """A ~25 KB archive of what a small checkpoint holds: memory of random, zeroed and text pages, small images."""
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghij", k=rng.randint(2, 8))) for _ in range(200)]
+    text = b" ".join(rng.choices(words, k=4000))
+    with archivewriter.Writer(path) as writer:
+        for name, data in (
+            ("pages-1.img", rng.randbytes(12000) + bytes(40000) + text),
+            ("core-1.img", text[:5000]),
+            ("inventory.img", b"inv" * 30),
+        ):
+            writer.write(f"images/{name}", data)
+            writer.end(f"images/{name}")
+        writer.commit(manifest())
+    return path.read_bytes()
+
+
+def _zstd_holds(data: bytes, start: int) -> bytes | None:
+    """What the zstd frame at data[start:] decompresses to, its checksum checked; None if zstd refuses it."""
+    try:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data[start:])
+    except zstandard.ZstdError:
+        return None
+
+
+def test_a_bit_flipped_anywhere_is_refused_even_where_zstd_decodes_the_same(tmp_path: Path) -> None:
+    out = tmp_path / "a.kckpt"
+    data = _small_checkpoint(out)
+    index_at = _index_start(out)
+
+    def flipped(at: int) -> bytes:
+        damaged = bytearray(data)
+        damaged[at] ^= 1 << at % 8
+        return bytes(damaged)
+
+    # zstd ignores some bits of its encoding (the frame header's unused bit, a window size bigger than
+    # needed, some bits of its entropy tables): such a flip changes no byte a frame holds, nor a checksum.
+    frame = _zstd_holds(data, 0)
+    unseen = [at for at in range(index_at) if _zstd_holds(flipped(at), 0) == frame]
+    index = _zstd_holds(data, index_at + 8)  # the index's frame, after its skippable frame's head
+    foot = len(data) - 48  # two digests, the index's length and its tag (see archiveindex)
+    unseen_in_index = [at for at in range(index_at + 8, foot) if _zstd_holds(flipped(at), index_at + 8) == index]
+    assert len(unseen) >= 5 and 5 in unseen, "the frame has flips only the digest of its bytes catches"
+    assert unseen_in_index, "so has the index"
+    for at in range(len(data)):
+        with pytest.raises(ArchiveCorruptError):
+            archive.extract(io.BytesIO(flipped(at)), None)
+            pytest.fail(f"a flipped bit at offset {at} of {len(data)} was accepted")
+    for at in [*unseen, *range(index_at, len(data))]:  # unseen_in_index among them
+        out.write_bytes(flipped(at))
+        with pytest.raises(ArchiveCorruptError):
+            archive.verify(out)
+        if at >= index_at:  # inspect reads the index alone
+            with pytest.raises(ArchiveCorruptError):
+                archive.read_manifest(out)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -39,8 +42,8 @@ class Node:
         argv = [*self.enter(), *KERRICKPT, *args]
         return subprocess.run(argv, capture_output=True, text=True, env=cli_env(self.state_dir, **env), timeout=120)
 
-    def ok(self, *args: str) -> dict[str, object]:
-        done = self.kerrickpt(args[0], "--json", *args[1:])
+    def ok(self, *args: str, **env: str) -> dict[str, object]:
+        done = self.kerrickpt(args[0], "--json", *args[1:], **env)
         assert done.returncode == 0, done.stderr
         result: dict[str, object] = json.loads(done.stdout)
         return result
@@ -140,13 +143,20 @@ def client(node: Node, tmp_path: Path) -> Iterator[Callable[[str], Client]]:
             made.process.wait()
 
 
-def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
-    node: Node, client: Callable[[str], Client], tmp_path: Path
-) -> None:
+def _talking(node: Node, client: Callable[[str], Client]) -> tuple[str, str, Client]:
+    """A counter server in a container of its own network, and a client talking to it: its name, address and
+    the client, which has had answers already."""
     name = unique_name("net")
     address = node.serve(name)
     talking = client(address)
     talking.wait_more()
+    return name, address, talking
+
+
+def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
+    node: Node, client: Callable[[str], Client], tmp_path: Path
+) -> None:
+    name, address, talking = _talking(node, client)
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
     talking.wait_more()
@@ -186,7 +196,7 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
     node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"), "--leave-running")
 
     taken = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), "--name", copy)
-    assert taken.returncode != 0
+    assert taken.returncode == 2
     assert f"address {address} is in use on this node (by container {name})" in taken.stderr
 
     node.ok("restore", str(tmp_path / "a.kckpt"), "--name", copy, "--tcp-close")
@@ -204,7 +214,7 @@ def test_two_containers_listen_on_one_port_and_publish_it(node: Node, tmp_path: 
     assert second_address == "198.19.7.7"
     assert node.ask(first_address, PORT) == first
     assert node.ask(second_address, PORT) == second
-    gateway = str(network.gateway(network.subnet()))
+    gateway = "198.19.0.1"  # the default subnet's first address
     assert node.ask(gateway, 18080) == first  # the node's ports, from the node itself
     assert node.ask(gateway, 18081) == second
 
@@ -227,7 +237,7 @@ def test_two_containers_listen_on_one_port_and_publish_it(node: Node, tmp_path: 
 def test_bad_network_input_is_refused_before_the_container_starts(node: Node) -> None:
     holder = unique_name("holder")
     node.serve(holder, "--ip", "198.19.0.20/16", "--publish", "18090:7000")
-    gateway = str(network.gateway(network.subnet()))
+    gateway = "198.19.0.1"  # the default subnet's first address
     cases = {
         "is in use on this node (by container": ["--net", "own", "--ip", "198.19.0.20/16"],
         "is in use on this node (the node's own)": ["--net", "own", "--ip", f"{gateway}/16"],
@@ -263,3 +273,216 @@ def _listens(node: Node, port: int) -> bool:
     argv = [*node.enter(), "cat", "/proc/net/tcp"]
     table = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
     return f":{port:04X} 00000000:0000 0A" in table
+
+
+# A CRIU action script (given through CRIU's own $CRIU_CONFIG_FILE) that stops CRIU's dump once it has dumped,
+# its sockets still in TCP repair: it writes CRIU's PID, then waits until CRIU is gone (the test kills it).
+HANG = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
+echo $PPID > {marker}
+for _ in $(seq 2400); do
+    grep -qs '^State:[[:space:]]*[^Z]' /proc/$PPID/status || exit 0
+    sleep 0.05
+done
+"""
+
+
+@pytest.mark.parametrize("mode", [["--leave-running"], []], ids=["leave-running", "ending"])
+def test_a_checkpoint_whose_criu_is_killed_mid_dump_leaves_the_container_reachable(
+    node: Node, tmp_path: Path, mode: list[str]
+) -> None:
+    name = unique_name("net")
+    address = node.serve(name)
+    veth = network.names(containers.Registry(node.state_dir), name)[1]
+    marker, script, config = tmp_path / "criu.pid", tmp_path / "hang.sh", tmp_path / "criu.conf"
+    script.write_text(HANG.format(marker=marker))
+    script.chmod(0o700)
+    config.write_text(f"action-script {script}\n")
+    argv = [*node.enter(), *KERRICKPT, "checkpoint", name, "-o", str(tmp_path / "a.kckpt"), *mode]
+    env = cli_env(node.state_dir, CRIU_CONFIG_FILE=str(config), KERRICKPT_DUMP_TIMEOUT="120")
+    checkpoint = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: marker.exists() and marker.read_text().strip(), timeout=60, what="CRIU at post-dump")
+        # Dumped, its sockets in repair: cut off (no packet taken that the archive lacks), --leave-running too.
+        assert "state DOWN" in node.ip("link", "show", "dev", veth)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        _, err = checkpoint.communicate(timeout=120)
+    finally:
+        if checkpoint.poll() is None:
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            checkpoint.kill()
+            checkpoint.wait()
+    assert checkpoint.returncode in (5, 17), err  # failed, thawed; or left frozen, CRIU's code perhaps inside
+    if checkpoint.returncode == 17:
+        assert node.ok("recover", name)["outcome"] == "resumed"
+    assert "state UP" in node.ip("link", "show", "dev", veth)
+    # No lock of CRIU's left in the container's network: it answers a new connection.
+    assert node.ask(address, PORT) == name
+    assert "CRIU" not in subprocess.run(
+        ["ip", "netns", "exec", network.names(containers.Registry(node.state_dir), name)[0], "iptables", "-w", "-S"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+
+
+def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
+    name = unique_name("net")
+    address = node.serve(name)
+    veth = network.names(containers.Registry(node.state_dir), name)[1]
+    node.ip("link", "set", veth, "down")  # as a guardian that could not connect it again leaves it
+    assert node.ok("recover", name)["outcome"] == "resumed"
+    assert node.ask(address, PORT) == name
+    refused = node.kerrickpt("recover", name)
+    assert refused.returncode == 2
+    assert "neither frozen nor cut off its network" in refused.stderr
+
+
+def test_migrating_a_container_with_its_own_network_is_refused_before_the_freeze(
+    node: Node, client: Callable[[str], Client]
+) -> None:
+    name, _, talking = _talking(node, client)
+    # Refused before the target is asked anything: this one does not exist.
+    refused = node.kerrickpt("migrate", name, "--to", "root@198.18.255.254")
+    assert refused.returncode == 14, refused.stderr
+    assert "has a network of its own" in refused.stderr
+    assert "It was not frozen and keeps running here" in refused.stderr
+    talking.wait_more()
+    assert talking.finish()
+
+
+def test_gc_removes_what_an_abandoned_run_with_its_own_network_left(node: Node) -> None:
+    name = unique_name("net")
+    options = ["--net", "own", "--ip", "198.19.0.9/16", "--publish", "18100:7000"]
+    died = node.kerrickpt("run", "--name", name, *options, "--", "sleep", "600",
+                          KERRICKPT_FAULT="run-before-save:kill")  # fmt: skip
+    assert died.returncode == -9
+    netns, veth = network.names(containers.Registry(node.state_dir), name)
+    assert "KPN-" in node.nat_rules()
+    # Its namespace gone by other means (as after a reboot, with the node's iptables rules saved and restored):
+    # its rules are still found and go.
+    subprocess.run(["ip", "netns", "del", netns], check=True, timeout=30)
+    listed = node.ok("gc", "--dry-run")
+    assert any(row["kind"] == "container" for row in listed["removed"]), listed  # type: ignore[union-attr]
+    node.ok("gc")
+    assert "KPN-" not in node.nat_rules()
+    assert veth not in node.ip("-o", "link", "show")
+    # Its address and node port are free again.
+    assert node.serve(unique_name("again"), *options[2:]) == "198.19.0.9"
+
+
+def test_claims_of_containers_that_are_gone_are_taken_and_collected(node: Node) -> None:
+    node.serve(unique_name("first"))  # makes the node network and its claims directory
+    claims_dir = node.state_dir / network.DIRECTORY
+    (claims_dir / "address-198.19.0.3").write_text('{"container": "gone"}')
+    (claims_dir / "tcp-18110").write_text('{"container": "gone"}')
+    (claims_dir / ".claim-999999999-1-1").write_text("")  # half written by a run that died
+    listed = node.ok("gc", "--dry-run")["removed"]
+    stale = {Path(row["path"]).name for row in listed if row["kind"] == "network"}  # type: ignore[union-attr]
+    assert stale == {"address-198.19.0.3", "tcp-18110", ".claim-999999999-1-1"}
+    # A run takes a stale claim over rather than skipping it.
+    assert node.serve(unique_name("second"), "--publish", "18110:7000") == "198.19.0.3"
+    node.ok("gc")
+    assert sorted(p.name for p in claims_dir.iterdir()) == [
+        "address-198.19.0.2", "address-198.19.0.3", "tcp-18110"
+    ]  # fmt: skip
+
+
+def test_kill_goes_as_far_as_it_can_when_iptables_fails(node: Node, tmp_path: Path) -> None:
+    published, plain = unique_name("pub"), unique_name("plain")
+    node.serve(published, "--publish", "18120:7000")
+    node.serve(plain)
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    for program in ("iptables", "iptables-restore"):
+        (failing / program).write_text("#!/bin/sh\necho 'iptables: resource problem' >&2\nexit 4\n")
+        (failing / program).chmod(0o755)
+    registry = containers.Registry(node.state_dir)
+    netns, veth = network.names(registry, published)
+    broken = node.kerrickpt("kill", published, PATH=f"{failing}:{os.environ['PATH']}")
+    assert broken.returncode == 16, broken.stderr
+    assert "its published ports" in broken.stderr
+    # The rest went all the same; the container stays listed until its rules go too.
+    assert veth not in node.ip("-o", "link", "show")
+    assert not (Path("/run/netns") / netns).exists()
+    assert published in node.addresses()
+    node.ok("kill", published)
+    assert "18120" not in node.nat_rules()
+    assert published not in node.addresses()
+
+    # A node without iptables has no rules of kerrickpt's: a container that published nothing goes.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for program in ("ip", "nsenter"):
+        (bare / program).symlink_to(shutil.which(program) or program)
+    done = node.kerrickpt("kill", plain, PATH=str(bare))
+    assert done.returncode == 0, done.stderr
+    assert plain not in node.addresses()
+
+
+def test_a_restore_that_fails_after_criu_answers_no_packet(
+    node: Node, client: Callable[[str], Client], tmp_path: Path
+) -> None:
+    name, _, talking = _talking(node, client)
+    node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
+    # Restored, then failed and killed: cut off all along, it never answered the client, whose connection the
+    # archive still holds for the next try.
+    failed = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), KERRICKPT_FAULT="restore-after-criu:fail")
+    assert failed.returncode == 8, failed.stderr
+    assert name not in node.addresses()
+    node.ok("restore", str(tmp_path / "a.kckpt"))
+    talking.wait_more()
+    answers = talking.finish()
+    assert answers == list(range(1, len(answers) + 1))
+
+
+def test_tcp_close_needs_an_archive_with_a_network(node: Node, tmp_path: Path) -> None:
+    name = unique_name("hostnet")
+    node.ok("run", "--name", name, "--", "sleep", "600")
+    node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
+    refused = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), "--tcp-close")
+    assert refused.returncode == 2
+    assert "has no network of its own" in refused.stderr
+
+
+def test_the_node_network_is_chosen_once_and_checked(node: Node) -> None:
+    subnet = {"KERRICKPT_SUBNET": "198.19.128.0/24"}
+    first = node.ok("run", "--name", unique_name("a"), "--net", "own", "--", "sleep", "600", **subnet)
+    assert first["address"] == "198.19.128.2/24"
+    # Later commands keep it, whatever their environment says (a migration's agent, gc, cron).
+    second = node.ok("run", "--name", unique_name("b"), "--net", "own", "--", "sleep", "600")
+    assert second["address"] == "198.19.128.3/24"
+    other = node.kerrickpt("run", "--name", unique_name("c"), "--net", "own", "--", "sleep", "600",
+                           KERRICKPT_SUBNET="198.19.64.0/24")  # fmt: skip
+    assert other.returncode == 2
+    assert "this node's network is 198.19.128.0/24 on bridge kerrickpt0" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"KERRICKPT_BRIDGE": "lo"}, "is a plain interface of this node, not a bridge"),
+        ({"KERRICKPT_BRIDGE": "kerrickpt-bridge0"}, "give an interface name of 1 to 15"),
+        ({"KERRICKPT_BRIDGE": "kpt-taken"}, "carries 198.19.5.1/24, not only the node network's gateway"),
+        ({"KERRICKPT_SUBNET": "198.19.0.0/31"}, "too small for a gateway and a container"),
+    ],
+)
+def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
+    node: Node, env: dict[str, str], reason: str
+) -> None:
+    if env.get("KERRICKPT_BRIDGE") == "kpt-taken":  # a bridge of another network, on the node network's subnet
+        node.ip("link", "add", "kpt-taken", "type", "bridge")
+        node.ip("addr", "add", "198.19.5.1/24", "dev", "kpt-taken")
+    refused = node.kerrickpt("run", "--name", unique_name("bad"), "--net", "own", "--", "sleep", "600", **env)
+    assert refused.returncode == 2, refused.stderr
+    assert reason in refused.stderr
+    assert not (node.state_dir / "network.json").exists()  # nothing chosen: the next may choose better
+    assert "lo" in node.ip("-4", "-o", "addr", "show", "dev", "lo")  # left as it was
+
+
+def test_two_state_directories_never_share_a_node_network(node: Node, tmp_path: Path) -> None:
+    node.serve(unique_name("first"))
+    other, second = Node(node.netns, tmp_path / "other-state"), unique_name("second")
+    refused = other.kerrickpt("run", "--name", second, "--net", "own", "--", "sleep", "600")
+    assert refused.returncode == 2
+    assert f"bridge kerrickpt0 is the node network of state directory {node.state_dir.resolve()}" in refused.stderr
+    assert not (other.state_dir / "containers" / second).exists()  # nothing of it left

@@ -1,4 +1,4 @@
-"""Archives that earlier kerrickpt versions wrote (formats 1-4) restore with today's code and real CRIU."""
+"""Archives that earlier kerrickpt versions wrote (formats 1-5) restore with today's code and real CRIU."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parent.parent
 # The last commit that wrote each format: the one before the commit that introduced the next.
-LAST_WRITER = {1: "888dd47^", 2: "0ae6748^", 3: "e8e279e^", 4: "52eaba9^"}
+# Format 5 (6 only for a layer delta) was written up to 93f4ea8, on which format 7, digests of every byte, was built.
+LAST_WRITER = {1: "888dd47^", 2: "0ae6748^", 3: "e8e279e^", 4: "52eaba9^", 5: "93f4ea8"}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import json
 import os
@@ -21,6 +22,8 @@ from kerrickpt.confinement import HOST_ROOT, RANGE, Confinement, Volume
 from kerrickpt.errors import NoIdRangeError, NotAllowedError, NotReadyError, UntrustedStoreError, UsageError
 from kerrickpt.localslurm import TEST_USER
 from kerrickpt.manifest import Manifest
+from kerrickpt.netports import Port
+from kerrickpt.network import Identity
 from kerrickpt.node import Fingerprint
 from kerrickpt.privilege import Caller, RunOptions, Site
 
@@ -301,6 +304,12 @@ def test_an_archive_restores_for_its_own_user_only(public_dir: Path) -> None:
         with pytest.raises(NotAllowedError, match="not allowed to a user through sudo"):
             privilege.check_archive(user, archived(confinement))
             pytest.fail(f"restored an archive with {what}")
+    # Its restore would claim an address of the node network and forward node ports to it.
+    networked = dataclasses.replace(
+        archived(own), network=Identity("198.19.0.5/16", "0a:58:c6:13:00:05", (Port(80, 8080),))
+    )
+    with pytest.raises(NotAllowedError, match="has a network of its own"):
+        privilege.check_archive(user, networked)
 
 
 def test_the_shipped_sudo_rule_grants_kerrickpt_job_alone(public_dir: Path) -> None:

@@ -153,6 +153,15 @@ def test_the_keys_of_a_containers_output_files_are_read_back() -> None:
     assert manifest.to_dict()["stdio"] == data["stdio"]
 
 
+def test_a_network_carries_its_address_mac_and_ports_only() -> None:
+    data = with_members(full_manifest(SOURCE))
+    carried = {"address": "198.19.0.5/16", "mac": "0a:58:c6:13:00:05", "ports": [{"host": 8080, "container": 80}]}
+    # As issue 15's first step wrote them: with the source node's names, which a restore never used.
+    data["network"] = {**carried, "netns": "kpn-0123456789", "veth": "kpn0123456789"}
+    manifest = Manifest.from_json(json.dumps(data).encode())
+    assert manifest.to_dict()["network"] == {**carried, "ports": [{"host": 8080, "container": 80, "protocol": "tcp"}]}
+
+
 def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
     rng = random.Random(SEED)
     base = with_members(full_manifest(SOURCE))
@@ -232,11 +241,12 @@ def rewrite(path: Path, out: Path, frame: bytes | None = None, index: bytes | No
     original = archive.read_index(path)
     assert original is not None
     body = index if index is not None else original.body
-    out.write_bytes(zstandard.ZstdCompressor().compress(members.getvalue()) + archiveindex.pack(body, original.files))
+    compressed = zstandard.ZstdCompressor().compress(members.getvalue())
+    out.write_bytes(compressed + archiveindex.pack(body, original.files, archiveindex.DIGEST(compressed).digest()))
 
 
 def small_archive(tmp_path: Path, source: node.Fingerprint) -> Path:
-    """A version 4 archive of made-up images (CRIU cannot restore them) whose manifest has every field."""
+    """An archive (of today's format) of made-up images (CRIU cannot restore them) whose manifest has every field."""
     files = {}
     for name, data in {"images/core-1.img": b"core", "images/pages-1.img": b"\0" * 5000, "log": b"hi\n"}.items():
         files[name] = tmp_path / name.replace("/", "_")

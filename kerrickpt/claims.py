@@ -1,0 +1,179 @@
+"""Owns claim files: a thing of this node that one container holds (a host id range, an address, a node port),
+as a file in a directory of STATE naming its container, and the rule by which a claim is stale.
+
+A claim comes into being whole and exclusively (written aside, then link(2), which fails on an existing name as
+O_CREAT|O_EXCL does), so two runs never hold one thing, whatever their timing.
+
+The rule for stale claims: a claim whose container has no directory (STATE/containers/NAME) is stale and may be
+taken. `containers.run` and restore reserve the name (its directory) before they claim, and must release the
+claims before they free the name: so a claim is never seen stale while its container is alive, and a name
+reserved anew never inherits, nor loses, the claim of the container it was before. Only a process that holds a
+claim file's flock, having seen that the name still leads to that very file, removes it: two runs that both find
+a claim stale never remove each other's new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from kerrickpt import procs
+
+TEMP = ".claim-"  # a claim being written: .claim-PID-THREAD-N
+_GONE = object()  # what _locked yields for a claim file that went
+
+
+class State(Protocol):
+    """What claims need of a node's state directory (containers.Registry is one): where it is, and whether the
+    container a claim names is gone from it (never so for what is not a container's name, which could lead
+    anywhere as a path)."""
+
+    root: Path
+
+    def is_gone(self, name: str) -> bool: ...
+
+
+def directory(registry: State, name: str) -> Path:
+    """STATE/`name`, a private directory of claim files, made if missing."""
+    path = registry.root / name
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    return path
+
+
+def held(where: Path, kind: Callable[[str], bool]) -> Iterator[tuple[Path, str | None]]:
+    """Each claim file in `where` whose name `kind` accepts, and the container it names (None if unreadable:
+    never taken as stale)."""
+    for path in sorted(where.iterdir()):
+        if not path.name.startswith(TEMP) and kind(path.name):
+            with contextlib.suppress(FileNotFoundError):  # released meanwhile
+                yield path, _owner(path.read_bytes())
+
+
+def owner(path: Path) -> str | None:
+    """The container the claim file `path` names; None if there is none (or it is unreadable)."""
+    with contextlib.suppress(FileNotFoundError):
+        return _owner(path.read_bytes())
+    return None
+
+
+def take(registry: State, path: Path, name: str) -> bool:
+    """Make the claim `path` `name`'s (or find it is already), taking it over from a container that is gone;
+    False if another container holds it."""
+    while True:
+        if _create(path, name):
+            return True
+        with _locked(path) as current:
+            if current is _GONE:
+                continue  # released meanwhile: look again
+            if current == name:
+                return True
+            if current is None or not is_stale(registry, current):
+                return False
+            path.unlink()
+
+
+def drop(path: Path, name: str) -> None:
+    """Remove the claim `path` if `name` still holds it."""
+    remove_if(path, lambda current: current == name)
+
+
+def release(where: Path, kind: Callable[[str], bool], name: str) -> None:
+    """Drop the claims in `where` (of `kind`) that `name` holds; call it before the name is freed (see the rule)."""
+    for path, current in held(where, kind):
+        if current == name:
+            drop(path, name)
+
+
+def stale(registry: State, where: Path, kind: Callable[[str], bool]) -> list[Path]:
+    """The claims in `where` (of `kind`) whose container is gone, and claims a run that died left half written."""
+    found = [path for path, current in held(where, kind) if current is not None and is_stale(registry, current)]
+    return found + [path for path in sorted(where.glob(f"{TEMP}*")) if _writer_dead(path)]
+
+
+def drop_stale(registry: State, path: Path) -> None:
+    """Remove the claim (or half-written claim) `path` if it is still stale."""
+    if path.name.startswith(TEMP):
+        path.unlink(missing_ok=True)
+    else:
+        remove_if(path, lambda current: current is not None and is_stale(registry, current))
+
+
+def is_stale(registry: State, holder: str) -> bool:
+    return registry.is_gone(holder)
+
+
+def remove_if(path: Path, should: Callable[[str | None], bool]) -> None:
+    """Remove the claim `path` if it still is and `should(its container)`."""
+    with _locked(path) as current:
+        if current is not _GONE and should(current):  # type: ignore[arg-type]
+            path.unlink()
+
+
+def _owner(data: bytes) -> str | None:
+    try:
+        holder = json.loads(data)["container"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return holder if isinstance(holder, str) else None
+
+
+def _create(path: Path, name: str) -> bool:
+    """Make the claim file `path` naming `name`, whole; False if it exists."""
+    return write_new(path, json.dumps({"container": name}).encode())
+
+
+def write_new(path: Path, data: bytes) -> bool:
+    """Make the file `path` (root's, 0600) holding `data`, whole and exclusively: written aside, then linked
+    (link(2) fails on an existing name as O_CREAT|O_EXCL does); False if it exists."""
+    temp = path.parent / f"{TEMP}{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[object]:
+    """Hold the flock of the claim `path` and yield its container (None if unreadable), or _GONE if `path` was
+    removed, or removed and made anew, before the lock was held. Every change of a claim that exists is
+    made this way, so that what was seen of it is still true when it is acted on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield _GONE
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held only for a check and an unlink
+        mine = os.fstat(fd)
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            yield _GONE
+        else:
+            yield _owner(os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)
+
+
+def _writer_dead(temp: Path) -> bool:
+    pid = temp.name.removeprefix(TEMP).split("-")[0]
+    return pid.isdigit() and procs.start_time(int(pid)) is None

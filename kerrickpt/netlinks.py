@@ -1,0 +1,129 @@
+"""Owns the node's network plumbing, through `ip` (one place, with timeouts): the node network's bridge, a
+container's network namespace and veth, and cutting a container off its network and connecting it again."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import command
+from kerrickpt.errors import CommandTimeout, HostError, UsageError
+from kerrickpt.netsettings import FILE, Settings
+
+NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
+INSIDE = "eth0"  # the container's end of its veth
+TIMEOUT = 10.0
+
+
+def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
+    """Each IPv4 address of this network namespace, with its interface's name."""
+    return [(link["ifname"], address) for link in _links("-4", "addr", "show") for address in _inet(link)]
+
+
+def bridge(settings: Settings, owner: str) -> None:
+    """The node network's bridge, up, with the node's address on it, marked as `owner`'s (a state directory's:
+    its alias): made if missing (another command may make it meanwhile). UsageError if an interface of that name
+    is not a bridge, carries another address, or is the node network of another state directory that still has
+    one (its claims are its own: the two would hand out one address twice)."""
+    name, gateway = settings.bridge, settings.gateway
+    if not exists(name):
+        try:
+            _ip("link", "add", name, "type", "bridge")
+        except HostError:
+            if not exists(name):
+                raise
+    (link,) = _links("-d", "addr", "show", "dev", name)
+    other = link.get("ifalias") or ""
+    if other not in ("", owner) and Path(other, FILE).exists():
+        raise UsageError(
+            f"bridge {name} is the node network of state directory {other}: give this one ({owner}) another "
+            "bridge and subnet (see README, Network)"
+        )
+    kind = link.get("linkinfo", {}).get("info_kind")
+    if kind != "bridge":
+        raise UsageError(
+            f"the node network's bridge {name} is a {kind or 'plain'} interface of this node, not a bridge: "
+            "choose another name (see README, Network)"
+        )
+    others = [str(address) for address in _inet(link) if address != gateway]
+    if others:
+        raise UsageError(
+            f"bridge {name} carries {', '.join(others)}, not only the node network's gateway {gateway}: "
+            "another network uses it; choose another bridge or subnet (see README, Network)"
+        )
+    if gateway not in _inet(link):
+        _ip("addr", "add", str(gateway), "dev", name)
+    if other != owner:
+        _ip("link", "set", name, "alias", owner)
+    _ip("link", "set", name, "up")
+
+
+def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:
+    """The network namespace `netns` (pinned in NETNS_DIR) with loopback up and one veth, INSIDE with `mac` and
+    `address` and its default route the node's address, its node end `veth` on the bridge, up if `connected`."""
+    _ip("netns", "add", netns)
+    _ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE, "address", mac, "netns", netns)
+    _ip("-n", netns, "link", "set", "lo", "up")
+    _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
+    _ip("-n", netns, "link", "set", INSIDE, "up")
+    _ip("-n", netns, "route", "add", "default", "via", str(settings.gateway.ip))
+    _ip("link", "set", veth, "master", settings.bridge, *(["up"] if connected else []))
+
+
+def remove_veth(veth: str) -> None:
+    if exists(veth):
+        _ip("link", "del", veth)  # both ends: the container's goes with it
+
+
+def remove_netns(netns: str) -> None:
+    if (NETNS_DIR / netns).exists():
+        _ip("netns", "del", netns)
+
+
+def cut_off(veth: str) -> None:
+    """Cut a container off the node network: its veth's node end down, nothing it sends leaves, nothing reaches
+    it (a peer's packets are lost, and the peer retransmits)."""
+    _ip("link", "set", veth, "down")
+
+
+def connect(veth: str) -> None:
+    _ip("link", "set", veth, "up")
+
+
+def is_cut_off(veth: str) -> bool:
+    """Whether `veth` is there and down."""
+    return exists(veth) and all("UP" not in link.get("flags", []) for link in _links("link", "show", "dev", veth))
+
+
+def exists(ifname: str) -> bool:
+    return _run("link", "show", "dev", ifname).returncode == 0
+
+
+def _inet(link: dict[str, Any]) -> list[ipaddress.IPv4Interface]:
+    return [
+        ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")
+        for info in link.get("addr_info", [])
+        if info.get("family") == "inet"
+    ]
+
+
+def _links(*args: str) -> list[dict[str, Any]]:
+    links: list[dict[str, Any]] = json.loads(_ip("-j", *args) or "[]")
+    return links
+
+
+def _ip(*args: str) -> str:
+    result = _run(*args)
+    if result.returncode != 0:
+        raise HostError(f"ip {' '.join(args)} failed (exit code {result.returncode})", log_tail=result.stderr.strip())
+    return result.stdout
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return command.run(["ip", *args], timeout=TIMEOUT)
+    except (OSError, CommandTimeout) as exc:
+        raise HostError(f"ip {' '.join(args)} failed: {exc}") from exc
