@@ -203,7 +203,7 @@ class Source:
         for expected in self.manifest.members:
             if archiveindex.indexable(expected.name) and expected.size <= archiveindex.INDEX_BYTES:
                 copies.add(expected.name, b"".join(self.pieces(expected)))
-        return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files)
+        return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files, None)  # no zstd frame to digest
 
     def member(self, expected: Member, checksum: str) -> Reader:
         """One file as a file object (`checksum` is the manifest's own), checked at its end (see `pieces`)."""
