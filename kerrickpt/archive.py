@@ -69,7 +69,7 @@ def _members(
 
 
 @contextlib.contextmanager
-def _output(dest: Path | None, name: str, *, first: bool) -> Iterator[int | None]:
+def output(dest: Path | None, name: str, *, first: bool) -> Iterator[int | None]:
     """Where a member's bytes go: a new 0600 file under `dest` (appended to by later chunks), or nowhere."""
     if dest is None:
         yield None
@@ -196,7 +196,7 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
                     f"chunk {index} of {name} in {path} is out of order (chunk {got.chunks} was next): "
                     "a chunk is missing, repeated or misplaced"
                 )
-            with _output(dest, name, first=first) as fd:
+            with output(dest, name, first=first) as fd:
                 for piece in data:
                     got.hash.update(piece)
                     if fd is not None:

@@ -69,10 +69,33 @@ class ArchiveUnreadableError(ArchiveCorruptError):
     """The archive could not be read (an I/O error): that says nothing about its contents."""
 
 
+class ChunkDamagedError(ArchiveCorruptError):
+    """A chunk of a deduplicating store is damaged or gone: every snapshot that names it is corrupt until a later
+    snapshot holding the same content stores it again (see `Chunks.mark_damaged`)."""
+
+    def __init__(self, message: str, *, chunk: int) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+
+
+class StoreUnreadableError(ArchiveUnreadableError):
+    """A deduplicating store's chunk index or folders could not be read or written (an I/O error, a full disk):
+    that says nothing of any one snapshot, so nothing is judged or freed by it."""
+
+
+class StoreDamagedError(StoreUnreadableError):
+    """A deduplicating store's chunk index is missing, empty, not a database or damaged: the store as a whole is,
+    not any one snapshot, so none is judged corrupt by it (nor pruned for it)."""
+
+
 class NodeIncompatibleError(KerrickptError):
     """This node cannot take the archive (architecture, CPU, kernel, CRIU...)."""
 
     exit_code = 7
+
+
+class StoreFormatError(NodeIncompatibleError):
+    """The snapshot store, its index or a recipe in it was written by a newer kerrickpt: refused unread."""
 
 
 class RestoreFailed(KerrickptError):

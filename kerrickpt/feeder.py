@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kerrickpt import archive, archiveindex, cgroups, faults, limits, members, streamer
+from kerrickpt import archive, archiveindex, cgroups, faults, limits, members, sources, streamer
 from kerrickpt.errors import ArchiveCorruptError, RestoreFailed
 
 IMAGES = "images/"
@@ -79,10 +79,10 @@ class Feed:
     only on kerrickpt's verdict, which comes once the whole archive is verified.
     """
 
-    def __init__(self, path: Path, index: archiveindex.Index, scratch: Path) -> None:
-        self.path = path
+    def __init__(self, source: sources.Source, index: archiveindex.Index, scratch: Path) -> None:
+        self.source = source
         self.index = index
-        self.timeout = limits.RESTORE.seconds() + path.stat().st_size / READ_FLOOR
+        self.timeout = limits.RESTORE.seconds() + source.size / READ_FLOOR
         self.checked = False  # the whole archive was read and found sound
         self.images_dir = scratch / "images"
         self.gate = scratch / "gate.sh"
@@ -164,7 +164,7 @@ class Feed:
                 while self.answer_fd is not None:
                     self._pump(1.0)
             except OSError as exc:  # this node's: a spill file on a full disk, say (the archive's raise their own)
-                raise RestoreFailed(f"serving {self.path} to CRIU failed: {exc}") from exc
+                raise RestoreFailed(f"serving {self.source.label} to CRIU failed: {exc}") from exc
         except BaseException as exc:
             self._cut()  # CRIU's next read fails, or its gate; it kills the tree and gives up; its helper answers
             deadline = time.monotonic() + ANSWER_TIMEOUT
@@ -182,8 +182,8 @@ class Feed:
 
     def _check(self, into: Callable[[str, memoryview], None] | None) -> None:
         """Read and verify the whole archive, passing its pieces `into` CRIU; ArchiveCorruptError if damaged."""
-        if archive.extract(self.path, None, into=into) != self.index.manifest:
-            raise ArchiveCorruptError(f"the index of {self.path} does not match its manifest")
+        if self.source.extract(None, into=into) != self.index.manifest:
+            raise ArchiveCorruptError(f"the index of {self.source.label} does not match its manifest")
         self.checked = True
 
     def _take(self, name: str, piece: memoryview) -> None:

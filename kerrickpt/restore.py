@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from kerrickpt import (
-    archive,
     archiveindex,
     cgroups,
     compat,
@@ -34,6 +33,7 @@ from kerrickpt import (
     progress,
     restorer,
     rootfs,
+    sources,
     stdio,
     sysvipc,
 )
@@ -123,40 +123,41 @@ def restore(
         given.close()
         raise
     try:
-        source = Path(path) if isinstance(path, (str, Path)) else path
-        label = archive.label(source)
-        # A file with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
-        streams = isinstance(source, Path) and watcher is None and feeder.can_gate(scratch)
-        index = archive.read_index(source) if streams else None
-        if index is not None and index.manifest.confinement is not None and not _userns_indexed(index):
-            index = None  # its user namespace images may have to move to another range: unpacked first
-        if index is not None and index.manifest.layer_base is not None:
-            index = None  # a layer delta goes over its chain, with the names it removes: unpacked first
-        if index is not None:
-            manifest = index.manifest
-        else:
-            try:
-                manifest = archive.extract(source, scratch)
-            except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
-                raise RestoreFailed(f"unpacking {label} failed: {exc}") from exc
-        verdict = compat.compare(manifest.source, node.fingerprint(found.version))
-        if not verdict.is_acceptable(force=force):
-            raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
-        name = containers.check_name(name or manifest.name)
-        # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
-        layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
-        plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
-        if manifest.network is not None:
-            plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
-        elif tcp_close:
-            raise UsageError(
-                f"--tcp-close: {label} has no network of its own (it shared its node's), so no TCP connection of "
-                "it was carried to close"
-            )
-        with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-            init_pid = _restore_as(
-                registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
-            )
+        # An archive, or a store's recipe (its chunks held from pruning until the restore is done).
+        with sources.opened(Path(path) if isinstance(path, (str, Path)) else path) as source:
+            label = source.label
+            # A source with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
+            streams = watcher is None and feeder.can_gate(scratch)
+            index = source.read_index() if streams else None
+            if index is not None and index.manifest.confinement is not None and not _userns_indexed(index):
+                index = None  # its user namespace images may have to move to another range: unpacked first
+            if index is not None and index.manifest.layer_base is not None:
+                index = None  # a layer delta goes over its chain, with the names it removes: unpacked first
+            if index is not None:
+                manifest = index.manifest
+            else:
+                try:
+                    manifest = source.extract(scratch)
+                except OSError as exc:  # a full disk while unpacking, say: the archive may be fine
+                    raise RestoreFailed(f"unpacking {label} failed: {exc}") from exc
+            verdict = compat.compare(manifest.source, node.fingerprint(found.version))
+            if not verdict.is_acceptable(force=force):
+                raise NodeIncompatibleError(f"this node cannot take {label}:\n{verdict.explain()}")
+            name = containers.check_name(name or manifest.name)
+            # Every base verified before anything is made (a streamed restore reads its one layer from the archive).
+            layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
+            plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
+            if manifest.network is not None:
+                plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
+            elif tcp_close:
+                raise UsageError(
+                    f"--tcp-close: {label} has no network of its own (it shared its node's), so no TCP connection of "
+                    "it was carried to close"
+                )
+            with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
+                init_pid = _restore_as(
+                    registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
+                )
         handed_over = watcher is not None
     finally:
         helper.close()
@@ -329,7 +330,7 @@ def _confine(
         shared = [images, *images.iterdir()]
     else:
         feed.substitute(idranges.USERNS_IMAGES, lambda found: idranges.remap(found, was, id_map))
-        with archive.MemberReader(feed.path, member, manifest.checksum) as fh:
+        with feed.source.member(member, manifest.checksum) as fh:
             layer.unpack(cast(BinaryIO, fh), target.upper, id_map)
             fh.finish()
         shared = [images]  # CRIU reads the images from the feeder's socket there

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import containers, garbage, layerchain, logtail, rootfs, zstdframe
+from kerrickpt import containers, dedupstore, garbage, layerchain, logtail, rootfs, zstdframe
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -73,18 +73,19 @@ def snapshot(
         leftovers = garbage.collect(registry, kinds=(garbage.SCRATCH,))
         cleaned += [Path(leftover.path) for leftover in leftovers]
         where = rootfs.Layer.of(registry.path(name)) if name else None
-        base = layerchain.base_for(store, label, where) if where else None
+        # A deduplicating store shares whatever the layer's tar has unchanged; a delta would only add a chain.
+        base = layerchain.base_for(store, label, where) if where and not store.deduplicates else None
         taken = checkpoint(
             name,
             store.incoming(label),
             cgroup=cgroup,
             leave_running=True,
             state_dir=state_dir,
-            level=level,
+            level=dedupstore.INCOMING_LEVEL if store.deduplicates else level,
             log_tail=log_tail,
             layer_base=base,
         )
-        published = store.publish(label)
+        published = store.publish(label, level=level)
         if where and taken.layer_index and published.layer:
             carried = layerchain.Carried(published.layer["lineage"], str(store.root), published.id, taken.layer_index)
             layerchain.record(where, carried)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -13,8 +14,27 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archivewriter, containers, faults, trust
-from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, DumpFailed, SnapshotNotFoundError, UsageError
+from kerrickpt import (
+    archive,
+    archivewriter,
+    chunks,
+    containers,
+    dedupstore,
+    faults,
+    recipe,
+    sources,
+    trust,
+    zstdframe,
+)
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    ArchiveUnreadableError,
+    ChunkDamagedError,
+    DumpFailed,
+    SnapshotNotFoundError,
+    StoreUnreadableError,
+    UsageError,
+)
 from kerrickpt.lock import Holder, held
 from kerrickpt.manifest import Manifest, is_layer
 from kerrickpt.retention import Plan, Policy, keep_bases
@@ -25,10 +45,12 @@ LOCK = ".lock"
 SOURCE = ".source"  # what the series is of: one container, or one cgroup by its path
 INCOMING = ".incoming" + SUFFIX
 # What a run that died may leave: its incoming archive, the archive Writer's partial file, a record half written.
-TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*")
+TEMPORARY = (INCOMING, f".{INCOMING}.partial-*", f".*{META}.tmp-*", f".*{recipe.SUFFIX}{recipe.HIDDEN}")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d{3}Z")
 META_FORMAT = "kerrickpt-snapshot-meta"
 VERIFIED, UNVERIFIED, CORRUPT = "verified", "unverified", "corrupt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,8 +76,8 @@ class Snapshot:
 
     @property
     def id(self) -> str:
-        """Its time in UTC, e.g. 20250102T030405.678Z: the file name without `.kckpt`."""
-        return self.path.name.removesuffix(SUFFIX)
+        """Its time in UTC, e.g. 20250102T030405.678Z: the file name without `.kckpt` (or `.recipe`)."""
+        return _id_of(self.path)
 
     @property
     def verified(self) -> bool:
@@ -88,8 +110,12 @@ def stamp(created: str) -> str:
     return when.strftime("%Y%m%dT%H%M%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
+def _id_of(path: Path) -> str:
+    return path.name.rsplit(".", 1)[0]
+
+
 def _time_of(path: Path) -> datetime:
-    return datetime.fromisoformat(path.name.removesuffix(SUFFIX))
+    return datetime.fromisoformat(_id_of(path))
 
 
 def _summary(name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None) -> Snapshot:
@@ -115,6 +141,20 @@ class Store:
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
         # Root restores what it finds here: nobody else may have been able to put it there.
         trust.check_tree(self.root, "snapshot store")
+        # A store of whole archives, or of recipes over chunks shared by all (see dedupstore); a newer one refused.
+        self.deduplicates = dedupstore.engine(self.root) is not None
+        self.suffix = recipe.SUFFIX if self.deduplicates else SUFFIX
+
+    @classmethod
+    def deduplicating(cls, root: Path | str) -> Store:
+        """Make the empty store at `root` (an existing directory) a deduplicating one (see dedupstore)."""
+        store = cls(root)
+        if store.deduplicates:
+            raise UsageError(f"{store.root} is a deduplicating store already")
+        if store.list():
+            raise UsageError(f"{store.root} holds snapshots as whole archives; start the deduplicating store elsewhere")
+        dedupstore.create(store.root)
+        return cls(root)
 
     def directory(self, name: str) -> Path:
         """Where the snapshots of container `name` live."""
@@ -137,9 +177,9 @@ class Store:
         found = []
         for container in [name] if name else self.names():
             directory = self._series(container)
-            paths = sorted(directory.glob("*" + SUFFIX)) if directory else []
+            paths = sorted(directory.glob("*" + self.suffix)) if directory else []
             for path in paths:
-                if STAMP.fullmatch(path.name.removesuffix(SUFFIX)):
+                if STAMP.fullmatch(_id_of(path)):
                     with contextlib.suppress(FileNotFoundError):
                         found.append(self._load(container, path))
         return found
@@ -243,7 +283,7 @@ class Store:
     def clean(self, name: str) -> list[Path]:
         """Remove what runs that died left behind; call with the lock held."""
         directory = self.directory(name)
-        archives = {p.name.removesuffix(SUFFIX) for p in directory.glob("*" + SUFFIX)}
+        archives = {_id_of(p) for p in directory.glob("*" + self.suffix)}
         leftovers = [
             p
             for p in sorted(directory.iterdir())
@@ -253,10 +293,13 @@ class Store:
             path.unlink(missing_ok=True)
         return leftovers
 
-    def publish(self, name: str) -> Snapshot:
-        """Verify the incoming archive, record it and link it in under its id; call with the lock held."""
+    def publish(self, name: str, *, level: int = zstdframe.DEFAULT_LEVEL) -> Snapshot:
+        """Verify the incoming archive, record it and link it in under its id (in a deduplicating store: take it in
+        as chunks compressed at zstd `level` and a recipe, and link that in); call with the lock held."""
         incoming = self.incoming(name)
         try:
+            if self.deduplicates:
+                return self._take_in(name, incoming, level)
             manifest = archive.verify(incoming)
             size, mtime = _identity(incoming)
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
@@ -277,19 +320,72 @@ class Store:
             incoming.unlink(missing_ok=True)
         return snap
 
+    def _take_in(self, name: str, incoming: Path, level: int) -> Snapshot:
+        placed: list[Snapshot] = []
+
+        def place(manifest: Manifest, staged: Path) -> Path:
+            final = self.directory(name) / f"{stamp(manifest.created)}{recipe.SUFFIX}"
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
+            size, mtime = _identity(staged)  # the link shares them
+            placed.append(_summary(name, final, size, manifest, VERIFIED, containers.utc_now()))
+            self._record(placed[0], mtime)
+            faults.inject("store-before-link")
+            return final
+
+        try:
+            with self.chunks() as store:
+                dedupstore.take_in(store, incoming, place, level)
+        except BaseException:
+            if placed:
+                _meta_path(placed[0].path).unlink(missing_ok=True)
+            raise
+        return placed[0]
+
+    def chunks(self) -> chunks.Chunks:
+        """The chunks of a deduplicating store, open."""
+        return chunks.Chunks(self.root / chunks.DIRECTORY)
+
+    def recipes(self) -> list[Path]:
+        """Every recipe in a deduplicating store's folders, whatever its name (a restore reads any): what a sweep
+        keeps. A folder that cannot be read raises StoreUnreadableError: a sweep that missed its recipes would
+        free chunks they need."""
+        found = []
+        try:
+            with os.scandir(self.root) as folders:
+                for folder in folders:
+                    if folder.is_dir(follow_symlinks=False):
+                        with os.scandir(folder.path) as entries:
+                            found += [Path(e.path) for e in entries if e.name.endswith(recipe.SUFFIX)]
+        except OSError as exc:
+            raise StoreUnreadableError(f"cannot list the recipes of {self.root}: {exc}") from exc
+        return found
+
     def verify(self, name: str | None = None, *, wait: float = 0.0) -> list[Snapshot]:
-        """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out."""
+        """Check every archive's checksums and record the verdict; a snapshot pruned meanwhile is left out.
+
+        In a deduplicating store, a chunk found damaged is marked so in the index (see `Chunks.mark_damaged`: the
+        next snapshot holding its content stores it again and heals every snapshot that needs it), and a warning
+        names those snapshots. A failure of the store's index as a whole stops it, judging no snapshot.
+        """
         checked = []
+        damaged: set[int] = set()
         for snap in self.list(name):
             with contextlib.suppress(FileNotFoundError):
                 before = _identity(snap.path)
                 try:
-                    manifest = archive.verify(snap.path)
+                    with sources.opened(snap.path) as source:
+                        manifest = source.extract(None)
                     now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
+                except StoreUnreadableError:
+                    raise  # the store's index as a whole: no snapshot is judged by it
                 except ArchiveUnreadableError as exc:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
                     checked.append(replace(snap, error=exc.message))
                     continue
+                except ChunkDamagedError as exc:
+                    damaged |= self._mark_damaged(snap.path)
+                    now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
                 except ArchiveCorruptError as exc:
                     now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)
                 with self.lock(snap.name, wait=wait):
@@ -297,7 +393,26 @@ class Store:
                     if _identity(snap.path) == before:
                         self._record(now, before[1])
                         checked.append(now)
+        if damaged:
+            needing = [p for p in self.recipes() if not damaged.isdisjoint(_ids_of(p))]
+            log.warning(
+                "%d damaged chunk(s) found; %d snapshot(s) need them and are corrupt until a later snapshot holding "
+                "the same content stores them again (run verify after it; a prune removes corrupt snapshots "
+                "meanwhile): %s",
+                len(damaged),
+                len(needing),
+                ", ".join(f"{p.parent.name} {_id_of(p)}" for p in needing),
+            )
         return checked
+
+    def _mark_damaged(self, path: Path) -> set[int]:
+        """Mark every damaged chunk the recipe at `path` names as such (see `Chunks.mark_damaged`); their ids."""
+        runs = [run for runs in recipe.read(path).files.values() for run in runs]
+        with self.chunks() as store, store.lock(exclusive=False):
+            found = store.damaged(runs)
+            for chunk in found:
+                store.mark_damaged(chunk)
+        return set(found)
 
     def plan(self, name: str, policy: Policy, now: datetime | None = None) -> Plan[Snapshot]:
         """What `prune` would keep and remove, and why: the rules, and what a kept snapshot builds on."""
@@ -306,11 +421,30 @@ class Store:
         plan = policy.thin(series, now or datetime.now(UTC))
         return keep_bases(plan, lambda s: by_id.get(s.base) if s.base else None, lambda s: s.id)
 
-    def remove(self, snapshots: list[Snapshot]) -> None:
-        """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held."""
+    def remove(self, snapshots: list[Snapshot], *, sweep: bool = False) -> dedupstore.Swept | None:
+        """Delete snapshots, archive first (a record without its archive is ignored); call with the lock held.
+
+        In a deduplicating store, recipes first, then the chunks no recipe left names (see dedupstore.sweep): if
+        any was removed, or with `sweep` (what a prune killed before its sweep left is freed by the next prune).
+        """
+        corrupt = [s for s in snapshots if s.corrupt]
+        if corrupt:
+            # Many at once may share one damaged chunk in a deduplicating store: never without a word.
+            log.warning(
+                "removing %d snapshot(s) that verify found corrupt: %s",
+                len(corrupt),
+                "; ".join(f"{s.name} {s.id}: {s.error}" for s in corrupt),
+            )
         for snap in snapshots:
             snap.path.unlink(missing_ok=True)
             _meta_path(snap.path).unlink(missing_ok=True)
+        if not self.deduplicates or not (snapshots or sweep):
+            return None
+        for directory in {snap.path.parent for snap in snapshots}:
+            archivewriter.fsync_dir(directory)
+        faults.inject("store-before-sweep")
+        with self.chunks() as store:
+            return dedupstore.sweep(store, self.recipes)
 
     def prune(
         self,
@@ -334,7 +468,7 @@ class Store:
                 continue
             with self.lock(container, wait=wait):
                 plans[container] = self.plan(container, policy, now)
-                self.remove(plans[container].removed)
+                self.remove(plans[container].removed, sweep=True)
         return plans
 
     def _load(self, name: str, path: Path) -> Snapshot:
@@ -346,7 +480,7 @@ class Store:
         # No record that matches (an archive copied in, or changed since): read the manifest,
         # which shows that the archive is whole, not that its checksums hold.
         try:
-            return _summary(name, path, size, archive.read_manifest(path), UNVERIFIED, None)
+            return _summary(name, path, size, _manifest_of(path), UNVERIFIED, None)
         except ArchiveCorruptError as exc:
             # Unrecorded, so maybe still being copied in: only `verify` may call it corrupt (and so prunable).
             return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
@@ -358,8 +492,23 @@ class Store:
         containers.write_atomic(_meta_path(snap.path), json.dumps(body, indent=2))
 
 
+def _ids_of(path: Path) -> set[int]:
+    """The chunks a recipe names; none if it went meanwhile or cannot be read (verify says so for it)."""
+    try:
+        return recipe.read(path).ids()
+    except (FileNotFoundError, ArchiveCorruptError):
+        return set()
+
+
 def _meta_path(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(SUFFIX) + META)
+    return path.with_name(_id_of(path) + META)
+
+
+def _manifest_of(path: Path) -> Manifest:
+    """A snapshot's manifest, read without reading its files."""
+    if path.name.endswith(recipe.SUFFIX):
+        return Manifest.from_json(recipe.read(path).manifest)
+    return archive.read_manifest(path)
 
 
 def _identity(path: Path) -> tuple[int, int]:

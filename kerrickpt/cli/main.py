@@ -67,6 +67,7 @@ examples:
   kerrickpt migrate job1 --to root@node7 --ssh-option IdentityFile=/etc/kerrickpt/id_ed25519
   kerrickpt recover job1
   kerrickpt snapshot job1 --store /srv/snap --keep-last 4 --keep-hourly 24 --keep-daily 7 --wait 300 --quiet
+  kerrickpt snapshots init --store /srv/snap
   kerrickpt snapshots list --store /srv/snap job1
   kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
   kerrickpt snapshots verify --store /srv/snap
@@ -570,6 +571,13 @@ def _snapshot_rows(rows: list[kerrickpt.Snapshot], broken: dict[Path, str]) -> l
     return [{**r.to_dict(), "base": r.base, "unusable": broken.get(r.path)} for r in rows]
 
 
+def cmd_snapshots_init(args: argparse.Namespace) -> tuple[Any, int]:
+    store = kerrickpt.Store.deduplicating(args.store)
+    if not args.json:
+        print(f"{store.root}: a deduplicating snapshot store")
+    return {"store": str(store.root), "deduplicates": True}, 0
+
+
 def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
     policy = _policy(args)
     plans = kerrickpt.Store(args.store).prune(args.name, policy, dry_run=args.dry_run, wait=args.wait)
@@ -870,6 +878,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("name", nargs="?", help="only this container's snapshots")
         return q
 
+    q = actions.add_parser(
+        "init",
+        parents=[common, in_store],
+        help="make an empty store deduplicating: its snapshots share what they hold alike",
+        description="make an empty store deduplicating: its snapshots share what they hold alike",
+    )
+    q.set_defaults(func=cmd_snapshots_init)
     act("list", cmd_snapshots_list, "list snapshots: time, size, frozen time, source node, verified or not")
     q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", waiting)
     _keep_options(q)

@@ -1,0 +1,626 @@
+"""Owns a store's chunks: 4 KiB pieces of content kept once, compressed in pack files, found by an index on disk."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+from urllib.parse import quote
+
+import zstandard
+
+from kerrickpt import archivewriter, faults, trust, zstdframe
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    ArchiveUnreadableError,
+    BusyError,
+    ChunkDamagedError,
+    StoreDamagedError,
+    StoreFormatError,
+    StoreUnreadableError,
+)
+
+CHUNK = 4096  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
+DIRECTORY = ".chunks"
+PACKS = "packs"
+INDEX = "index.sqlite"
+LOCK = "lock"
+PACK_SUFFIX = ".pack"
+DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a later run to store it again
+INDEX_VERSION = 1
+# Each chunk in a pack: magic, sha256 of the plain chunk, how it is sealed, the bytes that follow.
+ENTRY = struct.Struct("<4s32sBI")
+MAGIC = b"KCH1"
+PLAIN = 0  # not encrypted; encryption (issue 16's next step) gives its sealing here, its key id in the recipe
+LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
+BATCH = 256  # chunks a thread hashes, compresses or reads at a time
+LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
+SPAN_BYTES = 4 << 20  # the most read from a pack at once
+OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
+REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
+LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
+POLL = 0.05
+
+log = logging.getLogger(__name__)
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class Located(NamedTuple):
+    """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its sha256."""
+
+    id: int
+    digest: bytes
+    pack: str
+    offset: int
+    length: int
+
+
+class Chunks:
+    """The chunks of one store under `root` (`STORE/.chunks`), shared by every container in it.
+
+    Chunks are only added by an `Adding` (a run holding the lock shared) and only forgotten by
+    `sweep` (the lock held exclusive), so what the index names is always whole in a pack on disk.
+    """
+
+    def __init__(self, root: Path, *, create: bool = False) -> None:
+        """Open the chunks under `root`; only `create` (`snapshots init`) makes them. Any other open refuses an index
+        that is missing, empty or not kerrickpt's (StoreDamagedError): a new one would number chunks again from 1,
+        the ids the recipes name, and a prune would then take every pack for dead."""
+        self.root = root
+        self.packs = root / PACKS
+        self.index = root / INDEX
+        if create:
+            for directory in (root, self.packs):
+                directory.mkdir(mode=0o700)
+            # Its own file first, 0600: SQLite would create it (and its journal, which copies its mode) 0644.
+            os.close(os.open(self.index, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        elif not self.index.is_file() or self.index.stat().st_size == 0:
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} is missing or empty: its snapshots cannot be read, and nothing "
+                "in the store is changed (restore the index from a backup of the store)"
+            )
+        for directory in (root, self.packs):
+            trust.check(directory, "snapshot store's chunks")
+        with _index_errors(self.index):
+            # mode=rw: never made anew here, should it go between the check above and this.
+            self.db = sqlite3.connect(
+                f"file:{quote(str(self.index))}?mode=rw", uri=True, isolation_level=None, timeout=LOCK_WAIT
+            )
+        try:
+            with _index_errors(self.index):
+                if create:
+                    self._create()
+                self._check_version()
+                self.db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            self.db.close()
+            raise
+        self.threads = os.cpu_count() or 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
+        self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
+
+    def _create(self) -> None:
+        self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later open uses it
+        with self.transaction():
+            self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL "
+                "UNIQUE, pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)"
+            )
+            self.db.execute("CREATE INDEX chunks_pack ON chunks (pack)")
+            self.db.execute("INSERT INTO meta VALUES ('version', ?)", (INDEX_VERSION,))
+
+    def _check_version(self) -> None:
+        """Refuse an index of a newer format, or one that is not kerrickpt's, before anything is written to it."""
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone() if "meta" in tables else None
+        if row is None or "chunks" not in tables or type(row[0]) is not int:
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} is not a kerrickpt chunk index (its tables or version are "
+                "missing): nothing in the store is changed (restore the index from a backup of the store)"
+            )
+        if row[0] > INDEX_VERSION:
+            raise StoreFormatError(
+                f"the chunk index {self.index} is of format version {row[0]}; this kerrickpt reads up to "
+                f"{INDEX_VERSION}: use the kerrickpt that wrote it, or a newer one"
+            )
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.db.close()
+
+    def __enter__(self) -> Chunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction, taken for writing at once: concurrent runs queue rather than deadlock."""
+        with _index_errors(self.index):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool, wait: float = LOCK_WAIT) -> Iterator[None]:
+        """The store's chunk lock: shared by runs adding chunks and publishing, exclusive for a sweep."""
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            while True:
+                try:
+                    fcntl.flock(fd, how | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        what = "a prune's sweep" if not exclusive else "snapshot runs adding chunks"
+                        raise BusyError(f"the chunks of {self.root.parent} are held by {what}") from None
+                    time.sleep(POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    def adding(self, level: int = zstdframe.DEFAULT_LEVEL) -> Adding:
+        """A new pack for the chunks a run adds, compressed at zstd `level`; hold `lock` shared from before it to
+        the recipe's publishing."""
+        return Adding(self, level)
+
+    def lookup(self, digests: list[bytes]) -> dict[bytes, int]:
+        """The ids of those of `digests` the index holds whole (a damaged one's content is stored again)."""
+        found: dict[bytes, int] = {}
+        for start in range(0, len(digests), LOOKUP_BATCH):
+            batch = digests[start : start + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            with _index_errors(self.index):
+                found.update(
+                    self.db.execute(f"SELECT digest, id FROM chunks WHERE pack != '' AND digest IN ({marks})", batch)
+                )
+        return found
+
+    def locate(self, runs: list[tuple[int, int]]) -> list[Located]:
+        """The chunks `runs` (first id, count) name, in that order, found by one query (runs: up to
+        LOOKUP_BATCH / 2); ArchiveCorruptError if the index lacks one."""
+        ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(runs))
+        bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
+        with _index_errors(self.index):
+            rows = self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds)
+            found = {row[0]: Located._make(row) for row in rows}
+        try:
+            located = [found[i] for first, count in runs for i in range(first, first + count)]
+        except KeyError as exc:
+            chunk = exc.args[0]
+            raise ChunkDamagedError(f"chunk {chunk} is missing from the index of {self.root}", chunk=chunk) from None
+        for chunk in located:
+            if chunk.pack == DAMAGED:
+                raise ChunkDamagedError(
+                    f"chunk {chunk.id} was found damaged; a later snapshot holding its content stores it again",
+                    chunk=chunk.id,
+                )
+        return located
+
+    def read(self, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+        """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to BATCH
+        chunks, decompressed on every core.
+
+        Each is checked as it is decompressed: its header names the sha256 the index has for it, and
+        its zstd frame's own checksum holds (its sha256 is not computed again: it would double the
+        cost of a read, and each file's digest is checked against the manifest at its end anyway).
+        Raises ArchiveCorruptError for a chunk missing or damaged.
+        """
+        with _Packs(self.packs) as packs:
+            # The next group is located and decoding while the one before is taken.
+            pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+            try:
+                for group in self._groups(runs):
+                    located = self.locate(group)
+                    ready = len(pending)
+                    pending += [
+                        self.pool.submit(self._decode, packs, located[i : i + BATCH])
+                        for i in range(0, len(located), BATCH)
+                    ]
+                    for _ in range(ready):
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                # Read no further (closed early, or failed): no thread may read the packs once they are closed.
+                for future in pending:
+                    future.cancel()
+                concurrent.futures.wait(pending)
+
+    @staticmethod
+    def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+        """`runs` in groups of about LOCATE_BATCH chunks that one query locates."""
+        wanted: list[tuple[int, int]] = []
+        size = 0
+        for first, count in runs:
+            for start in range(first, first + count, LOCATE_BATCH):
+                wanted.append((start, min(LOCATE_BATCH, first + count - start)))
+                size += wanted[-1][1]
+                if size >= LOCATE_BATCH or len(wanted) >= LOOKUP_BATCH // 2:
+                    yield wanted
+                    wanted, size = [], 0
+        if wanted:
+            yield wanted
+
+    def _decode(self, packs: _Packs, chunks: list[Located]) -> bytes:
+        """The plain bytes of `chunks`, each entry checked; entries that follow one another in a pack in one read."""
+        local = self.local
+        if not hasattr(local, "unzstd"):
+            local.unzstd = zstandard.ZstdDecompressor()
+        plain = []
+        for span in _spans(chunks):
+            data = memoryview(packs.read(span))
+            at = 0
+            for chunk in span:
+                entry = data[at : at + chunk.length]
+                at += chunk.length
+                _check_header(entry, chunk)
+                try:
+                    plain.append(local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK))
+                except zstandard.ZstdError as exc:
+                    raise ChunkDamagedError(
+                        f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}", chunk=chunk.id
+                    ) from exc
+        return b"".join(plain)
+
+    def damaged(self, runs: Iterable[tuple[int, int]]) -> list[int]:
+        """Those of the chunks `runs` name that are damaged or gone, each read and checked as `read` does."""
+        found = []
+        for group in self._groups(runs):
+            try:
+                for _ in self.read(group):
+                    pass
+            except ChunkDamagedError:
+                for first, count in group:  # one by one, to name every one
+                    for chunk in range(first, first + count):
+                        try:
+                            for _ in self.read([(chunk, 1)]):
+                                pass
+                        except ChunkDamagedError:
+                            found.append(chunk)
+        return found
+
+    def mark_damaged(self, chunk: int) -> None:
+        """Take chunk `chunk` for damaged: the index keeps its id and digest but no place, so no run reuses it and
+        the next run whose content holds it stores it again, under this id, which heals every snapshot naming it.
+        Its pack's bytes go at a prune's rewrite or clean. Hold `lock` (shared will do)."""
+        with self.transaction():
+            self.db.execute("UPDATE chunks SET pack = ?, offset = 0, length = 0 WHERE id = ?", (DAMAGED, chunk))
+
+    def sweep(self, live: set[int]) -> int:
+        """Forget every chunk not in `live`; how many were forgotten. Hold `lock` exclusive."""
+        with self.transaction():
+            self.db.execute("CREATE TEMP TABLE live (id INTEGER PRIMARY KEY)")
+            self.db.executemany("INSERT INTO live VALUES (?)", ((i,) for i in live))
+            gone = self.db.execute("DELETE FROM chunks WHERE id NOT IN (SELECT id FROM live)").rowcount
+            self.db.execute("DROP TABLE live")
+        return gone
+
+    def rewrite(self) -> list[str]:
+        """Rewrite the packs whose dead chunks passed REWRITE_DEAD into new packs; the old ones' names.
+
+        Each new pack is whole on disk before the index names it, the old one removed only
+        once the index no longer does: a kill at any point loses nothing the index names. A pack that cannot be
+        read whole is left as it is, with a warning (`verify` finds what it damages), so that it stops no prune.
+        Copied SPAN_BYTES at a time. Hold `lock` exclusive.
+        """
+        rewritten = []
+        with _index_errors(self.index):
+            packs = self.db.execute("SELECT pack, SUM(length) FROM chunks WHERE pack != '' GROUP BY pack").fetchall()
+        for pack, live in packs:
+            try:
+                size = (self.packs / pack).stat().st_size
+            except FileNotFoundError:
+                continue  # lost: what needs it is corrupt (`verify` says so), and there is nothing to move
+            if size - live < REWRITE_DEAD * size:
+                continue
+            with _index_errors(self.index):
+                rows = [
+                    Located(*row)
+                    for row in self.db.execute(
+                        "SELECT id, digest, pack, offset, length FROM chunks WHERE pack = ? ORDER BY offset", (pack,)
+                    )
+                ]
+            try:
+                new = self._copy(rows)
+            except ArchiveCorruptError as exc:  # unreadable too
+                log.warning("pack %s was not rewritten, its dead chunks stay: %s", pack, exc.message)
+                continue
+            faults.inject("chunks-rewrite-before-index")
+            with self.transaction():
+                self.db.executemany("UPDATE chunks SET pack = ?, offset = ? WHERE id = ?", new)
+            faults.inject("chunks-rewrite-before-unlink")
+            (self.packs / pack).unlink()
+            rewritten.append(pack)
+        archivewriter.fsync_dir(self.packs)
+        return rewritten
+
+    def _copy(self, rows: list[Located]) -> list[tuple[str, int, int]]:
+        """The entries of `rows` copied span by span into a new pack, on disk; each one's new (pack, offset, id)."""
+        moved: list[tuple[str, int, int]] = []
+        with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
+            for span in _spans(rows):
+                offsets = new.append(packs.entries(span))
+                moved += ((new.name, offset, row.id) for offset, row in zip(offsets, span, strict=True))
+            faults.inject("chunks-rewrite-before-rename")
+            new.publish()
+        return moved
+
+    def clean(self, *, needed: bool) -> list[Path]:
+        """Remove packs the index does not name and the hidden files of runs that died. Hold `lock` exclusive.
+
+        `needed`: snapshots name chunks. Then an index that names no pack while packs exist has lost them (a
+        store's packs are the only copy of its snapshots): StoreDamagedError, and nothing is removed.
+        """
+        with _index_errors(self.index):
+            named = {row[0] for row in self.db.execute("SELECT DISTINCT pack FROM chunks WHERE pack != ''")}
+        present = sorted(self.packs.iterdir())
+        if needed and not named and any(p.name.endswith(PACK_SUFFIX) and not p.name.startswith(".") for p in present):
+            raise StoreDamagedError(
+                f"the store's chunk index {self.index} names no chunk while its snapshots need some and "
+                f"{self.packs} holds packs: the index was lost or replaced; no pack was removed "
+                "(restore the index from a backup of the store)"
+            )
+        gone = [p for p in present if p.name not in named]
+        for path in gone:
+            path.unlink(missing_ok=True)
+        return gone
+
+
+class Adding:
+    """The chunks one run adds: new ones go into a new pack, and into the index only at `commit`.
+
+    `add` gives each chunk a reference: its id if the index holds it, else -(k+1) for the
+    k-th new chunk of this pack; `resolve` turns references into ids once committed.
+    """
+
+    def __init__(self, chunks: Chunks, level: int) -> None:
+        self.chunks = chunks
+        self.level = level
+        self.pack = _NewPack(chunks.packs)
+        self.new: dict[bytes, int] = {}  # digest -> k, in pack order
+        self.offsets: list[tuple[int, int]] = []  # the new chunks' entries: offset, length
+        self.ids: array[int] | None = None
+
+    def __enter__(self) -> Adding:
+        self.pack.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.pack.__exit__(kind, value, traceback)
+
+    def add(self, data: memoryview) -> array[int]:
+        """References to the chunks of `data`, cut every CHUNK bytes (the last may be shorter)."""
+        pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        batches = [pieces[i : i + BATCH] for i in range(0, len(pieces), BATCH)]
+        digests = [d for ds in self.chunks.pool.map(lambda b: [_digest(p) for p in b], batches) for d in ds]
+        known = self.chunks.lookup([d for d in digests if d not in self.new])
+        fresh: dict[bytes, memoryview] = {}
+        for digest, piece in zip(digests, pieces, strict=True):
+            if digest not in known and digest not in self.new and digest not in fresh:
+                fresh[digest] = piece
+        items = list(fresh.items())
+        sealed = self.chunks.pool.map(
+            lambda b: [self._entry(d, p) for d, p in b], [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+        )
+        for entries in sealed:
+            self.offsets += zip(self.pack.append(entries), map(len, entries), strict=True)
+        for digest in fresh:
+            self.new[digest] = len(self.new)
+        return array("q", (known[d] if d in known else -1 - self.new[d] for d in digests))
+
+    def _entry(self, digest: bytes, piece: memoryview) -> bytes:
+        local = self.chunks.local
+        if getattr(local, "level", None) != self.level:
+            # Its frame's checksum is what a read checks (see `Chunks.read`).
+            local.zstd = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
+            local.level = self.level
+        body = local.zstd.compress(piece)
+        return ENTRY.pack(MAGIC, digest, PLAIN, len(body)) + body
+
+    def commit(self) -> None:
+        """Put the pack on disk under its name, then its chunks into the index, in one transaction."""
+        if not self.new:
+            self.pack.discard()
+            self.ids = array("q")
+            return
+        self.pack.publish()
+        faults.inject("chunks-before-index")
+        db = self.chunks.db
+        digests = list(self.new)
+        with self.chunks.transaction():
+            # Another run may have stored one of them meanwhile: the index keeps its, ours is dead weight. One found
+            # damaged takes ours, under its own id: every snapshot that names it is whole again.
+            db.executemany(
+                "INSERT INTO chunks (digest, pack, offset, length) VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                "SET pack = excluded.pack, offset = excluded.offset, length = excluded.length WHERE chunks.pack = ''",
+                ((d, self.pack.name, o, n) for d, (o, n) in zip(digests, self.offsets, strict=True)),
+            )
+            ids = self.chunks.lookup(digests)
+        self.ids = array("q", (ids[d] for d in digests))
+
+    def resolve(self, refs: array[int]) -> array[int]:
+        """The ids of references `add` gave, once committed."""
+        assert self.ids is not None, "commit first"
+        ids = self.ids
+        return array("q", (r if r > 0 else ids[-1 - r] for r in refs))
+
+
+class _NewPack:
+    """A pack being written under a hidden name, renamed into place whole and on disk, or removed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = secrets.token_hex(16) + PACK_SUFFIX
+        self.hidden = directory / f".{self.name}.tmp"
+        self.fd: int | None = None
+        self.size = 0
+
+    def __enter__(self) -> _NewPack:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.hidden, flags, 0o600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.hidden.unlink(missing_ok=True)
+
+    def append(self, entries: list[bytes]) -> list[int]:
+        """Write entries at the pack's end, in one write; their offsets."""
+        assert self.fd is not None
+        offsets = []
+        for entry in entries:
+            offsets.append(self.size)
+            self.size += len(entry)
+        view = memoryview(b"".join(entries))
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return offsets
+
+    def publish(self) -> None:
+        assert self.fd is not None
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.rename(self.hidden, self.directory / self.name)  # a random name: never over another pack
+        archivewriter.fsync_dir(self.directory)
+
+    def discard(self) -> None:
+        self.__exit__()
+
+
+class _Packs:
+    """Packs open for reading, each opened once while it is in use, at most OPEN_PACKS kept open at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fds: collections.OrderedDict[str, int] = collections.OrderedDict()  # least recently used first
+        self.users: collections.Counter[str] = collections.Counter()
+        self.opening = threading.Lock()  # threads read at once; each pack is opened once
+
+    def __enter__(self) -> _Packs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    @contextlib.contextmanager
+    def _open(self, chunk: Located) -> Iterator[int]:
+        """Chunk's pack open; closed later only once no thread reads it and OPEN_PACKS others are open."""
+        with self.opening:
+            fd = self.fds.get(chunk.pack)
+            if fd is None:
+                try:
+                    fd = os.open(self.directory / chunk.pack, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise ChunkDamagedError(
+                        f"pack {chunk.pack} of chunk {chunk.id} is gone from the store", chunk=chunk.id
+                    ) from None
+                self.fds[chunk.pack] = fd
+            self.fds.move_to_end(chunk.pack)
+            self.users[chunk.pack] += 1
+            idle = [pack for pack in self.fds if not self.users[pack]]
+            for pack in idle[: max(0, len(self.fds) - OPEN_PACKS)]:
+                os.close(self.fds.pop(pack))
+        try:
+            yield fd
+        finally:
+            with self.opening:
+                self.users[chunk.pack] -= 1
+
+    def read(self, span: list[Located]) -> bytes:
+        """The entries of `span`, which follow one another in one pack, in one read."""
+        first = span[0]
+        size = span[-1].offset + span[-1].length - first.offset
+        with self._open(first) as fd:
+            try:
+                data = os.pread(fd, size, first.offset)
+            except OSError as exc:
+                raise ArchiveUnreadableError(f"reading pack {first.pack} failed: {exc.strerror}") from exc
+        if len(data) != size:
+            ends = next(c for c in span if c.offset + c.length > first.offset + len(data))
+            raise ChunkDamagedError(f"pack {first.pack} is truncated (chunk {ends.id} ends early)", chunk=ends.id)
+        return data
+
+    def entries(self, span: list[Located]) -> list[bytes]:
+        """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index."""
+        data = memoryview(self.read(span))
+        entries = []
+        for chunk in span:
+            entry, data = data[: chunk.length], data[chunk.length :]
+            _check_header(entry, chunk)
+            entries.append(bytes(entry))
+        return entries
+
+
+@contextlib.contextmanager
+def _index_errors(path: Path) -> Iterator[None]:
+    """SQLite's failures as the store's: only its word that the index is damaged or not a database says so
+    (StoreDamagedError); any other (an I/O error, a full disk, a file it cannot open) says nothing of what the
+    index holds (StoreUnreadableError); held by another past the wait, BusyError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise StoreDamagedError(f"the store's chunk index {path} is damaged: {exc}") from exc
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise BusyError(f"the store's chunk index {path} is held by another kerrickpt: {exc}") from exc
+        raise StoreUnreadableError(f"the store's chunk index {path} could not be used: {exc}") from exc
+
+
+def _spans(chunks: list[Located]) -> Iterator[list[Located]]:
+    """`chunks` in runs whose entries follow one another in a pack, of SPAN_BYTES at the most."""
+    span: list[Located] = []
+    for chunk in chunks:
+        if span and (
+            chunk.pack != span[-1].pack
+            or chunk.offset != span[-1].offset + span[-1].length
+            or chunk.offset + chunk.length - span[0].offset > SPAN_BYTES
+        ):
+            yield span
+            span = []
+        span.append(chunk)
+    if span:
+        yield span
+
+
+def _check_header(entry: memoryview, chunk: Located) -> None:
+    # One comparison with the header it must be: this runs once per 4 KiB read.
+    if entry[: ENTRY.size] == ENTRY.pack(MAGIC, chunk.digest, PLAIN, chunk.length - ENTRY.size):
+        return
+    if len(entry) >= ENTRY.size and entry[: len(MAGIC)] == MAGIC and entry[ENTRY.size - 5] != PLAIN:
+        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")
+    raise ChunkDamagedError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)", chunk=chunk.id)

@@ -1,0 +1,262 @@
+"""Owns a deduplicating store's snapshots: an archive taken in as chunks and a recipe, read back checked, pruned."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, members, recipe, zstdframe
+from kerrickpt.errors import ArchiveCorruptError, StoreDamagedError, StoreFormatError
+from kerrickpt.manifest import CHECKSUMS, Manifest, Member
+
+MARKER = ".kerrickpt-store"
+STORE_FORMAT = "kerrickpt-store"
+STORE_VERSION = 2  # version 1: a directory of whole archives, with no marker
+ENGINE = "chunks"
+ADD_BYTES = 8 << 20
+# The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
+# level spares the frozen-free part of the run most of the compression, which the chunks then do.
+INCOMING_LEVEL = -3
+
+log = logging.getLogger(__name__)
+
+
+def engine(root: Path) -> str | None:
+    """The engine of the store at `root`: "chunks", or None for a store of whole archives (no marker).
+
+    Raises StoreFormatError for a store a newer kerrickpt wrote, StoreDamagedError for a damaged marker.
+    """
+    try:
+        marker = json.loads((root / MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreDamagedError(f"the store's marker {root / MARKER} is unreadable: {exc}") from exc
+    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+        raise StoreDamagedError(f"{root / MARKER} does not describe a kerrickpt store")
+    version = marker.get("version")
+    if type(version) is not int:
+        raise StoreDamagedError(f"{root / MARKER} gives no format version: {version!r}")
+    if version > STORE_VERSION:
+        raise StoreFormatError(
+            f"the snapshot store {root} is of format version {version}; this kerrickpt reads up to "
+            f"{STORE_VERSION}: use the kerrickpt that wrote it, or a newer one"
+        )
+    if marker.get("engine") != ENGINE:
+        raise StoreDamagedError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
+    return ENGINE
+
+
+def create(root: Path) -> None:
+    """Make the store at `root` (an existing directory, empty of snapshots, with no marker) a deduplicating one.
+
+    The chunks first, the marker last, each on disk: a store is deduplicating only once its index exists (no
+    other command makes one). Chunks an `init` that died left without a marker are made again.
+    """
+    shutil.rmtree(root / chunks.DIRECTORY, ignore_errors=True)
+    chunks.Chunks(root / chunks.DIRECTORY, create=True).close()
+    archivewriter.fsync_dir(root / chunks.DIRECTORY)
+    body = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION, "engine": ENGINE}) + "\n"
+    fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    archivewriter.fsync_dir(root)
+
+
+class _Cutter:
+    """Each file's bytes as they come, cut into chunks at the file's own offsets, handed on ADD_BYTES at a time
+    (enough for every thread to hash and compress a share); a file's tail as soon as the next file starts."""
+
+    def __init__(self, adding: chunks.Adding) -> None:
+        self.adding = adding
+        self.refs: dict[str, array[int]] = {}
+        self.name: str | None = None
+        self.held = bytearray()
+
+    def take(self, name: str, piece: memoryview) -> None:
+        if name != self.name:
+            # The file before is whole, or paused at the end of one of its 4 MiB archive members (page-aligned, so
+            # its chunks stay at its own page offsets): its tail is not held until the end (a tree has many files).
+            self.finish()
+            self.name = name
+        self.held += piece
+        if len(self.held) >= ADD_BYTES:
+            whole = len(self.held) - len(self.held) % chunks.CHUNK
+            self._add(name, self.held[:whole])
+            del self.held[:whole]
+
+    def _add(self, name: str, data: bytes | bytearray) -> None:
+        self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data)))
+
+    def finish(self) -> None:
+        if self.held and self.name is not None:
+            self._add(self.name, bytes(self.held))
+            self.held.clear()
+
+
+def take_in(
+    store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path], level: int = zstdframe.DEFAULT_LEVEL
+) -> None:
+    """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
+    the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
+    whose size and time the snapshot will have) says; new chunks compressed at zstd `level`. Holds the chunk lock
+    shared throughout.
+
+    The chunks it reuses are read back and checked before it is linked in, so that it is recorded verified only
+    whole: one found damaged is marked so (`Chunks.mark_damaged`) and the archive taken in once more, which stores
+    that content again and so heals every snapshot that shares it.
+    """
+    with store.lock(exclusive=False):
+        for attempt in range(2):
+            with store.adding(level) as adding:
+                cutter = _Cutter(adding)
+                manifest = archive.extract(source, None, into=cutter.take)
+                cutter.finish()
+                adding.commit()
+                reused = sorted({r for refs in cutter.refs.values() for r in refs if r > 0})
+                damaged = store.damaged(recipe.runs_of(array("q", reused)))
+                if damaged:
+                    if attempt:
+                        raise ArchiveCorruptError(
+                            f"chunks {damaged} of {source} stay damaged after it was taken in again"
+                        )
+                    for chunk in damaged:
+                        store.mark_damaged(chunk)
+                    log.warning(
+                        "%d chunk(s) this snapshot shares with older ones are damaged (%s): storing them again, which "
+                        "heals the snapshots that need them",
+                        len(damaged),
+                        ", ".join(map(str, damaged[:10])),
+                    )
+                    continue
+                faults.inject("dedup-before-recipe")
+                files = {
+                    m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q"))))
+                    for m in manifest.members
+                }
+                made = recipe.Recipe(manifest.to_json(), files)
+                with recipe.staged(source.parent, made) as hidden:
+                    recipe.link(hidden, place(manifest, hidden))
+                return
+
+
+class Source:
+    """A recipe as a source of files, as an archive is one: each file's bytes checked as they are read."""
+
+    def __init__(self, store: chunks.Chunks, path: Path) -> None:
+        self.store = store
+        self.path = path
+        self.recipe = recipe.read(path)
+        self.manifest = Manifest.from_json(self.recipe.manifest)
+        if self.recipe.key is not None:
+            raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
+        recipe.check_files(self.recipe, [m.name for m in self.manifest.members])
+        # Each becomes a file under the restore's scratch, written as root: as the archive's tar parser does.
+        unsafe = [name for name in self.recipe.files if not members.allowed(name)]
+        if unsafe:
+            raise ArchiveCorruptError(f"{path} names files kerrickpt never writes: {', '.join(map(repr, unsafe))}")
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def size(self) -> int:
+        return sum(m.size for m in self.manifest.members)
+
+    def pieces(self, expected: Member) -> Iterator[bytes]:
+        """The file's bytes, piece by piece; ArchiveCorruptError at its end if it is not what the manifest says."""
+        digest = CHECKSUMS[self.manifest.checksum]()
+        size = 0
+        for data in self.store.read(self.recipe.files[expected.name]):
+            digest.update(data)
+            size += len(data)
+            yield data
+        if (size, digest.hexdigest()) != (expected.size, expected.digest):
+            raise ArchiveCorruptError(f"{expected.name} in {self.path} does not match its checksum")
+
+    def extract(self, dest: Path | None, into: Callable[[str, memoryview], None] | None = None) -> Manifest:
+        """As archive.extract: every file into `dest` (0600) or `into`, in the archive's order, each checked."""
+        for expected in self.manifest.members:
+            with archive.output(dest, expected.name, first=True) as fd:
+                for data in self.pieces(expected):
+                    if fd is not None:
+                        archive.write_all(fd, memoryview(data))
+                    elif into is not None:
+                        into(expected.name, memoryview(data))
+        return self.manifest
+
+    def read_index(self) -> archiveindex.Index:
+        """The manifest and the small images, as an archive's index holds them: read first, checked."""
+        copies = archiveindex.Copies()
+        for expected in self.manifest.members:
+            if archiveindex.indexable(expected.name) and expected.size <= archiveindex.INDEX_BYTES:
+                copies.add(expected.name, b"".join(self.pieces(expected)))
+        return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files, None)  # no zstd frame to digest
+
+    def member(self, expected: Member, checksum: str) -> Reader:
+        """One file as a file object (`checksum` is the manifest's own), checked at its end (see `pieces`)."""
+        return Reader(self.pieces(expected))
+
+
+class Reader(io.RawIOBase):
+    """A file's pieces as a file object; `finish` reads the rest, so that its check at the end is made."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.view = memoryview(b"")
+
+    def finish(self) -> None:
+        self.view = memoryview(b"")
+        for _ in self.pieces:
+            pass
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.view:
+            piece = next(self.pieces, None)
+            if piece is None:
+                return 0
+            self.view = memoryview(piece)
+        taken = min(len(buffer), len(self.view))
+        buffer[:taken] = self.view[:taken]
+        self.view = self.view[taken:]
+        return taken
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep did: chunks forgotten, packs rewritten, files of dead runs removed."""
+
+    forgotten: int
+    rewritten: list[str]
+    cleaned: list[Path]
+
+
+def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
+    """Free the chunks no recipe in `recipes()` (every recipe in the store) names, under the chunk lock held
+    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs."""
+    with store.lock(exclusive=True):
+        live: set[int] = set()
+        for path in recipes():
+            with contextlib.suppress(FileNotFoundError):
+                live |= recipe.read(path).ids()
+        faults.inject("dedup-before-sweep")
+        forgotten = store.sweep(live)
+        faults.inject("dedup-before-rewrite")
+        rewritten = store.rewrite()
+        return Swept(forgotten, rewritten, store.clean(needed=bool(live)))

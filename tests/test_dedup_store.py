@@ -1,0 +1,633 @@
+"""A deduplicating store: snapshots share their chunks, removing one frees only its own, damage and kills lose none."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from kerrickpt import archivewriter, chunks, dedupstore, recipe, sources
+from kerrickpt.errors import (
+    ArchiveCorruptError,
+    StoreDamagedError,
+    StoreFormatError,
+    StoreUnreadableError,
+    UntrustedStoreError,
+)
+from kerrickpt.manifest import Manifest
+from kerrickpt.store import VERIFIED, Snapshot, Store
+from tests.helpers import cli
+from tests.test_store import SOURCE
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
+PAGE = 4096
+PAGES = 1024  # 4 MiB of memory
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    (tmp_path / "store").mkdir()
+    return Store.deduplicating(tmp_path / "store")
+
+
+def memory(seed: int) -> bytearray:
+    return bytearray(random.Random(seed).randbytes(PAGE * PAGES))
+
+
+def rewrite(pages: bytearray, share: float, seed: int) -> bytearray:
+    """`pages` with `share` of its pages rewritten, scattered, as a program rewriting keys over its heap does."""
+    rng = random.Random(seed)
+    changed = bytearray(pages)
+    for page in rng.sample(range(PAGES), int(PAGES * share)):
+        changed[page * PAGE : (page + 1) * PAGE] = rng.randbytes(PAGE)
+    return changed
+
+
+def write_incoming(store: Store, name: str, when: datetime, pages: bytes) -> Path:
+    """What a run's checkpoint leaves for `publish`: an archive of `pages` and a small image, as incoming."""
+    work = store.root.parent / f"images-{name}"
+    work.mkdir(exist_ok=True)
+    (work / "pages-1.img").write_bytes(pages)
+    (work / "inventory.img").write_bytes(b"inventory of " + name.encode())
+    manifest = Manifest(
+        name=name, created=when.isoformat(timespec="milliseconds"), source=SOURCE, processes=[], command=["sh"]
+    )
+    store.directory(name).mkdir(exist_ok=True)
+    files = {"images/pages-1.img": work / "pages-1.img", "images/inventory.img": work / "inventory.img"}
+    archivewriter.write(store.incoming(name), manifest, files)
+    return store.incoming(name)
+
+
+def take(store: Store, name: str, when: datetime, pages: bytes) -> Snapshot:
+    with store.lock(name):
+        write_incoming(store, name, when, pages)
+        return store.publish(name)
+
+
+def read_back(snap: Snapshot, dest: Path) -> bytes:
+    """The memory a snapshot holds, read from the store's chunks, every chunk and file checked."""
+    dest.mkdir()
+    with sources.opened(snap.path) as source:
+        source.extract(dest)
+    return (dest / "images" / "pages-1.img").read_bytes()
+
+
+def stored(store: Store) -> int:
+    """What the store takes: its packs, its index and its recipes."""
+    return sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file() and not p.name.endswith(".meta"))
+
+
+def test_a_second_snapshot_of_barely_changed_memory_grows_the_store_by_a_small_fraction(
+    store: Store, tmp_path: Path
+) -> None:
+    before = stored(store)
+    first_pages = memory(1)
+    first = take(store, "job1", T0, first_pages)
+    after_first = stored(store) - before
+    second_pages = rewrite(first_pages, 0.05, 2)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+    growth = stored(store) - before - after_first
+
+    assert after_first > PAGE * PAGES  # random memory does not compress: the first holds it all
+    assert growth < 0.10 * after_first
+    assert [s.id for s in store.list("job1")] == [first.id, second.id]
+    assert all(s.status == VERIFIED for s in store.list("job1"))
+    assert not list(store.directory("job1").glob("*.kckpt")) and not store.incoming("job1").exists()
+    assert read_back(first, tmp_path / "a") == first_pages
+    assert read_back(second, tmp_path / "b") == second_pages
+
+
+def test_snapshots_of_two_containers_share_the_store(store: Store, tmp_path: Path) -> None:
+    pages = memory(3)
+    take(store, "job1", T0, pages)
+    one = stored(store)
+    other = take(store, "job2", T0, pages)
+
+    assert stored(store) - one < 0.02 * one
+    assert read_back(other, tmp_path / "b") == pages
+
+
+def test_removing_a_snapshot_frees_only_the_chunks_nobody_else_uses(store: Store, tmp_path: Path) -> None:
+    base = memory(4)
+    kept = [take(store, "job1", T0, base)]
+    gone = take(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.5, 5))  # its own half
+    kept.append(take(store, "job1", T0 + timedelta(hours=2), rewrite(base, 0.05, 6)))
+    full = stored(store)
+
+    with store.lock("job1"):
+        swept = store.remove([gone])
+
+    assert swept is not None and swept.forgotten >= PAGES // 2
+    assert full - stored(store) > 0.4 * PAGE * PAGES  # its half went
+    assert [s.id for s in store.list("job1")] == [s.id for s in kept]
+    assert read_back(kept[0], tmp_path / "a") == base
+    assert read_back(kept[1], tmp_path / "b") == rewrite(base, 0.05, 6)
+    assert all(s.status == VERIFIED for s in store.verify("job1"))
+
+
+def test_a_pack_mostly_dead_is_rewritten_and_what_it_kept_still_reads(store: Store, tmp_path: Path) -> None:
+    first_pages = memory(7)
+    first = take(store, "job1", T0, first_pages)
+    second_pages = rewrite(first_pages, 0.6, 8)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+    packs = sorted(p.name for p in (store.root / ".chunks" / "packs").iterdir())
+
+    with store.lock("job1"):
+        swept = store.remove([first])
+
+    assert swept is not None and swept.rewritten  # the first's pack, 60% dead, was copied whole into a new one
+    assert not set(swept.rewritten) - set(packs)
+    assert read_back(second, tmp_path / "b") == second_pages
+    assert stored(store) < 1.2 * PAGE * PAGES + 64 * 1024
+
+
+def test_a_flipped_byte_in_a_chunk_is_refused_and_verify_calls_it_corrupt(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(9))
+    (pack,) = (store.root / ".chunks" / "packs").iterdir()
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    pack.write_bytes(bytes(data))
+
+    with pytest.raises(ArchiveCorruptError):
+        read_back(snap, tmp_path / "out")
+    (checked,) = store.verify("job1")
+    assert checked.corrupt
+    done = cli("snapshots", "verify", "--store", str(store.root))
+    assert done.returncode == 6 and "corrupt" in done.stderr
+
+
+def lose_pack(store: Store) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        pack.unlink()
+
+
+def truncate_pack(store: Store) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        os.truncate(pack, pack.stat().st_size // 2)
+
+
+def forget_chunks(store: Store) -> None:
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
+        opened.db.execute("DELETE FROM chunks WHERE id % 7 = 3")
+
+
+@pytest.mark.parametrize("damage", [lose_pack, truncate_pack, forget_chunks])
+def test_a_store_that_lost_part_of_its_chunks_is_refused(store: Store, tmp_path: Path, damage: Callable) -> None:
+    snap = take(store, "job1", T0, memory(23))
+    damage(store)
+
+    with pytest.raises(ArchiveCorruptError, match=r"chunk|pack|index"):
+        read_back(snap, tmp_path / "out")
+    (checked,) = store.verify("job1")
+    assert checked.corrupt
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")  # a corrupt snapshot goes
+    assert pruned.returncode == 0, pruned.stderr
+    assert store.list("job1") == []
+
+
+def index_files(store: Store) -> list[Path]:
+    return sorted((store.root / chunks.DIRECTORY).glob(chunks.INDEX + "*"))
+
+
+def remove_index(store: Store) -> None:
+    for path in index_files(store):
+        path.unlink()
+
+
+def empty_index(store: Store) -> None:
+    remove_index(store)
+    (store.root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"")
+
+
+def foreign_index(store: Store) -> None:
+    remove_index(store)
+    db = sqlite3.connect(store.root / chunks.DIRECTORY / chunks.INDEX)
+    db.execute("CREATE TABLE other (x)")
+    db.commit()
+    db.close()
+
+
+def scramble_index(store: Store) -> None:
+    remove_index(store)
+    (store.root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"not a database" * 100)
+
+
+@pytest.mark.parametrize("damage", [remove_index, empty_index, foreign_index, scramble_index])
+def test_a_lost_or_damaged_index_is_refused_and_no_snapshot_is_judged_or_removed(
+    store: Store, tmp_path: Path, damage: Callable
+) -> None:
+    base = memory(26)
+    snap = take(store, "job1", T0, base)
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    damage(store)
+    damaged = [(p.name, p.read_bytes()) for p in index_files(store)]
+
+    with pytest.raises(StoreDamagedError, match="chunk index"):
+        read_back(snap, tmp_path / "out")
+    with pytest.raises(StoreDamagedError):  # no new index numbering chunks from 1 again
+        take(store, "job1", T0 + timedelta(hours=1), base)
+    verified = cli("snapshots", "verify", "--store", str(store.root))
+    assert verified.returncode == 6 and "chunk index" in verified.stderr and "corrupt:" not in verified.stderr
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1")
+    assert pruned.returncode == 6 and "chunk index" in pruned.stderr
+
+    assert [(p.name, p.read_bytes()) for p in index_files(store)] == damaged
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+    assert [(s.id, s.status) for s in store.list("job1")] == [(snap.id, VERIFIED)]
+
+
+def test_a_prune_removes_no_pack_when_the_index_names_none_but_snapshots_need_some(store: Store) -> None:
+    take(store, "job1", T0, memory(27))
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
+        opened.db.execute("DELETE FROM chunks")
+
+    with store.lock("job1"), pytest.raises(StoreDamagedError, match="no pack was removed"):
+        store.remove([], sweep=True)
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+
+
+class FailingIndex(sqlite3.Connection):
+    """An index whose reads of chunks fail as a disk failing does (SQLITE_IOERR)."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if "FROM chunks" in sql:
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise error
+        return super().execute(sql, *args)  # type: ignore[arg-type]
+
+
+def test_an_index_that_cannot_be_read_stops_verify_and_judges_no_snapshot(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = take(store, "job1", T0, memory(28))
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=FailingIndex))
+
+    with pytest.raises(StoreUnreadableError, match="disk I/O error") as raised:
+        store.verify("job1")
+    assert not isinstance(raised.value, StoreDamagedError)
+    with pytest.raises(StoreUnreadableError):
+        take(store, "job1", T0 + timedelta(hours=1), memory(28))
+    with store.lock("job1"), pytest.raises(StoreUnreadableError):
+        store.remove([], sweep=True)
+    monkeypatch.undo()
+    assert [(s.id, s.status) for s in store.list("job1")] == [(snap.id, VERIFIED)]
+    assert read_back(snap, tmp_path / "out") == memory(28)
+
+
+def test_a_damaged_recipe_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(10))
+    data = bytearray(snap.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    snap.path.write_bytes(bytes(data))
+
+    with pytest.raises(ArchiveCorruptError):
+        read_back(snap, tmp_path / "out")
+
+
+def test_a_store_index_or_recipe_of_a_newer_format_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(11))
+    marker = store.root / dedupstore.MARKER
+    saved = marker.read_text()
+    marker.write_text(json.dumps({**json.loads(saved), "version": dedupstore.STORE_VERSION + 1}))
+    with pytest.raises(StoreFormatError, match="format version 3"):
+        Store(store.root)
+    done = cli("snapshots", "list", "--store", str(store.root))
+    assert done.returncode == 7 and "newer" in done.stderr
+    marker.write_text(saved)
+
+    head = {"format": recipe.FORMAT, "version": recipe.VERSION + 1, "key": None, "manifest": "{}", "files": []}
+    coded = zstandard.ZstdCompressor().compress(json.dumps(head).encode() + b"\n")
+    with pytest.raises(StoreFormatError):
+        recipe.Recipe.decode(coded, "a recipe")
+
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        opened.db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (chunks.INDEX_VERSION + 1,))
+    with pytest.raises(StoreFormatError):
+        read_back(snap, tmp_path / "out")
+
+
+def test_recipes_are_compact(store: Store) -> None:
+    first_pages = memory(12)
+    take(store, "job1", T0, first_pages)
+    second = take(store, "job1", T0 + timedelta(hours=1), rewrite(first_pages, 0.05, 13))
+
+    # 32 bytes a page as a list of digests; as runs, a few bytes per changed page
+    assert second.path.stat().st_size < 8 * PAGES * 0.05 + 1024
+
+
+KILL_PRUNE = [
+    "store-before-sweep",
+    "dedup-before-sweep",
+    "dedup-before-rewrite",
+    "chunks-rewrite-before-rename",
+    "chunks-rewrite-before-index",
+    "chunks-rewrite-before-unlink",
+]
+
+
+@pytest.mark.parametrize("point", KILL_PRUNE)
+def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(store: Store, tmp_path: Path, point: str) -> None:
+    base = memory(14)
+    pages = [base, rewrite(base, 0.6, 15)]
+    pages.append(rewrite(pages[1], 0.05, 16))
+    for hour, content in enumerate(pages):
+        take(store, "job1", T0 + timedelta(hours=hour), content)
+    # The first goes: 60% of its pack is no other's, so the pack is rewritten after the sweep.
+    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2")
+
+    killed = cli(*args, KERRICKPT_FAULT=f"{point}:kill")
+    assert killed.returncode == -9
+
+    kept = store.list("job1")
+    assert len(kept) in (2, 3)
+    for i, snap in enumerate(store.list("job1")[-2:]):
+        assert read_back(snap, tmp_path / f"after-kill-{i}") == pages[i + 1]
+    assert cli(*args).returncode == 0
+    assert len(store.list("job1")) == 2
+    for i, snap in enumerate(store.list("job1")):
+        assert read_back(snap, tmp_path / f"after-prune-{i}") == pages[i + 1]
+    assert not [p for p in (store.root / ".chunks" / "packs").iterdir() if p.name.startswith(".")]
+    assert stored(store) < 1.2 * PAGE * PAGES  # 40% of the first's, 60% of the second's, 5% of the last's
+
+
+PUBLISH = """
+import sys
+from kerrickpt.store import Store
+store = Store(sys.argv[1])
+with store.lock(sys.argv[2], wait=60):
+    store.publish(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("point", ["chunks-before-index", "dedup-before-recipe", "store-before-link"])
+def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(store: Store, tmp_path: Path, point: str) -> None:
+    base = memory(17)
+    first = take(store, "job1", T0, base)
+    write_incoming(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.3, 18))
+    env = os.environ | {"KERRICKPT_FAULT": f"{point}:kill"}
+    killed = subprocess.run([sys.executable, "-c", PUBLISH, str(store.root), "job1"], env=env, check=False)
+    assert killed.returncode == -9
+
+    assert [s.id for s in store.list("job1")] == [first.id]
+    assert read_back(first, tmp_path / "a") == base
+    later = rewrite(base, 0.05, 19)
+    with store.lock("job1"):
+        store.clean("job1")
+    second = take(store, "job1", T0 + timedelta(hours=2), later)
+    assert read_back(second, tmp_path / "b") == later
+    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "2").returncode == 0
+    known = (".lock", ".source", dedupstore.MARKER, chunks.DIRECTORY)
+    assert not [p for p in store.root.rglob(".*") if p.name not in known]
+    assert stored(store) < 1.3 * PAGE * PAGES
+
+
+def test_two_runs_at_once_into_one_store_both_publish_whole(store: Store, tmp_path: Path) -> None:
+    base = memory(20)
+    contents = {"job1": rewrite(base, 0.05, 21), "job2": rewrite(base, 0.05, 22)}
+    for name, content in contents.items():
+        write_incoming(store, name, T0, content)
+    runs = [
+        subprocess.Popen([sys.executable, "-c", PUBLISH, str(store.root), name], env=dict(os.environ))
+        for name in contents
+    ]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / name) == content
+    # Both may have stored the shared 95% at once; the index names one copy, the next prune drops the other.
+    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "1").returncode == 0
+    assert stored(store) < 1.3 * PAGE * PAGES
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / f"{name}-pruned") == content
+
+
+def test_a_recipe_naming_a_file_outside_its_folder_is_refused_before_anything_is_written(
+    store: Store, tmp_path: Path
+) -> None:
+    snap = take(store, "job1", T0, memory(24))
+    made = recipe.read(snap.path)
+    escape = "images/../../escaped"
+    manifest = json.loads(made.manifest)
+    for member in manifest["members"]:
+        if member["name"] == "images/inventory.img":
+            member["name"] = escape
+    files = {escape if name == "images/inventory.img" else name: runs for name, runs in made.files.items()}
+    snap.path.write_bytes(recipe.Recipe(json.dumps(manifest).encode(), files).encode())
+    (tmp_path / "out" / "deep").mkdir(parents=True)
+
+    with pytest.raises(ArchiveCorruptError, match="never writes"), sources.opened(snap.path) as source:
+        source.extract(tmp_path / "out" / "deep")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out" / "escaped").exists()
+    assert not list((tmp_path / "out" / "deep").iterdir())
+
+
+def test_a_recipe_in_a_series_folder_others_may_write_in_is_refused(store: Store, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(25))
+    store.directory("job1").chmod(0o777)
+    try:
+        with pytest.raises(UntrustedStoreError, match="series"):
+            read_back(snap, tmp_path / "out")
+    finally:
+        store.directory("job1").chmod(0o700)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_damaged_pack_a_prune_would_rewrite_is_left_with_a_warning_and_stops_no_prune(store: Store) -> None:
+    first_pages = memory(29)
+    take(store, "job1", T0, first_pages)
+    (pack,) = (store.root / ".chunks" / "packs").iterdir()
+    take(store, "job1", T0 + timedelta(hours=1), rewrite(first_pages, 0.6, 30))
+    take(store, "job1", T0 + timedelta(hours=2), rewrite(first_pages, 0.6, 30))
+    # The first's pack, 60% dead once it goes, so a rewrite is due: every entry's header damaged.
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        offsets = [row[0] for row in opened.db.execute("SELECT offset FROM chunks WHERE pack = ?", (pack.name,))]
+    data = bytearray(pack.read_bytes())
+    for offset in offsets:
+        data[offset] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2")
+
+    for _ in range(2):  # and again: the damaged pack stops no later prune either
+        pruned = cli(*args)
+        assert pruned.returncode == 0, pruned.stderr
+        assert f"pack {pack.name} was not rewritten" in pruned.stderr and "damaged" in pruned.stderr
+    assert pack.exists() and len(store.list("job1")) == 2
+
+
+def damage_chunk(store: Store, chunk: int) -> None:
+    """A flipped byte inside chunk `chunk`'s compressed body, as a disk's bit rot does."""
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        pack, offset = opened.db.execute("SELECT pack, offset FROM chunks WHERE id = ?", (chunk,)).fetchone()
+    path = store.root / chunks.DIRECTORY / chunks.PACKS / pack
+    data = bytearray(path.read_bytes())
+    data[offset + chunks.ENTRY.size + 4] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_snapshot_reusing_a_damaged_chunk_stores_it_again_and_heals_the_older_ones(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = memory(31)
+    older = take(store, "job1", T0, base)
+    other = take(store, "job2", T0, base)
+    damage_chunk(store, 100)
+    with pytest.raises(ArchiveCorruptError, match="chunk 100"):
+        read_back(older, tmp_path / "damaged")
+
+    newer = take(store, "job1", T0 + timedelta(hours=1), base)
+
+    assert "damaged" in caplog.text and "storing them again" in caplog.text
+    assert newer.status == VERIFIED and read_back(newer, tmp_path / "newer") == base
+    assert read_back(older, tmp_path / "older") == base  # the same chunk id, whole again
+    assert read_back(other, tmp_path / "other") == base
+    assert all(s.status == VERIFIED for s in store.verify())
+
+
+def test_verify_names_every_snapshot_a_damaged_chunk_breaks_and_a_prune_says_it_removes_them(
+    store: Store, tmp_path: Path
+) -> None:
+    base = memory(32)
+    snaps = [take(store, "job1", T0 + timedelta(hours=h), base) for h in range(2)]
+    snaps.append(take(store, "job2", T0, base))
+    damage_chunk(store, 100)
+
+    verified = cli("snapshots", "verify", "--store", str(store.root))
+    assert verified.returncode == 6
+    assert "1 damaged chunk(s) found; 3 snapshot(s) need them" in verified.stderr
+    assert all(f"{s.name} {s.id}" in verified.stderr for s in snaps)
+    assert all(s.corrupt for s in store.list())
+
+    pruned = cli("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "5")
+    assert pruned.returncode == 0
+    assert "removing 2 snapshot(s) that verify found corrupt" in pruned.stderr and "chunk 100" in pruned.stderr
+    # The damaged chunk is not reused: the next snapshot stores its content again and heals job2's.
+    newer = take(store, "job1", T0 + timedelta(hours=3), base)
+    assert read_back(newer, tmp_path / "newer") == base
+    (kept,) = store.verify("job2")
+    assert kept.status == VERIFIED
+
+
+def test_a_sweep_keeps_the_chunks_of_every_recipe_and_frees_none_if_a_folder_cannot_be_read(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = memory(33)
+    snap = take(store, "job1", T0, base)
+    kept = store.directory("job1") / "kept-by-hand.recipe"
+    os.link(snap.path, kept)
+    take(store, "job2", T0, memory(34))
+    packs = sorted((store.root / ".chunks" / "packs").iterdir())
+    scandir = os.scandir
+
+    def unreadable(path: object) -> object:
+        if str(path) == str(store.directory("job2")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with store.lock("job1"), pytest.raises(StoreUnreadableError, match="Permission denied"):
+        store.remove([snap])
+    monkeypatch.undo()
+    assert sorted((store.root / ".chunks" / "packs").iterdir()) == packs
+    (other,) = store.list("job2")
+    assert read_back(other, tmp_path / "other") == memory(34)
+
+    with store.lock("job1"):
+        store.remove([], sweep=True)
+    (tmp_path / "kept").mkdir()
+    with sources.opened(kept) as source:
+        source.extract(tmp_path / "kept")
+    assert (tmp_path / "kept" / "images" / "pages-1.img").read_bytes() == base
+
+
+def test_a_files_tail_is_stored_when_the_next_file_starts_not_held_to_the_end(store: Store) -> None:
+    with store.chunks() as opened, opened.lock(exclusive=False), opened.adding() as adding:
+        cutter = dedupstore._Cutter(adding)
+        cutter.take("images/a.img", memoryview(bytes(range(256)) * 20))  # a page and a tail
+        assert "images/a.img" not in cutter.refs
+        cutter.take("images/b.img", memoryview(b"b"))
+        assert len(cutter.refs["images/a.img"]) == 2
+        cutter.finish()
+        assert len(cutter.refs["images/b.img"]) == 1
+
+
+def packs_open() -> int:
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile by another thread
+            found += f"/{chunks.PACKS}/" in os.readlink(f"/proc/self/fd/{fd}")
+    return found
+
+
+def test_a_read_over_many_packs_keeps_few_open(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = memory(35)
+    for hour in range(8):  # each run's new pages in a pack of its own
+        pages = rewrite(pages, 0.2, 36 + hour)
+        last = take(store, "job1", T0 + timedelta(hours=hour), pages)
+    assert len(list((store.root / ".chunks" / "packs").iterdir())) == 8
+    most = []
+    pread = os.pread
+
+    def counted(fd: int, size: int, offset: int) -> bytes:
+        most.append(packs_open())
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(chunks, "OPEN_PACKS", 1)
+    monkeypatch.setattr(os, "pread", counted)
+    assert read_back(last, tmp_path / "last") == pages
+    assert max(most) <= 1 + (os.cpu_count() or 1)  # one kept, and one for each thread reading at that moment
+
+
+def test_a_read_closed_early_leaves_no_thread_reading_the_packs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    take(store, "job1", T0, memory(44))
+    take(store, "job2", T0, memory(45))
+    closed: list[bool] = []
+    late: list[bool] = []
+    exit_packs, decode = chunks._Packs.__exit__, chunks.Chunks._decode
+
+    def exiting(packs: chunks._Packs, *exc: object) -> None:
+        closed.append(True)
+        exit_packs(packs, *exc)
+
+    def decoding(self: chunks.Chunks, packs: chunks._Packs, located: list[chunks.Located]) -> bytes:
+        late.append(bool(closed))
+        return decode(self, packs, located)
+
+    monkeypatch.setattr(chunks._Packs, "__exit__", exiting)
+    monkeypatch.setattr(chunks.Chunks, "_decode", decoding)
+    opened = store.chunks()
+    pieces = opened.read([(1, 2 * PAGES)])
+    next(pieces)
+    pieces.close()
+    opened.close()  # waits for what the threads were given
+
+    assert closed and not any(late)
+
+
+def test_init_after_one_that_died_before_its_marker_makes_a_whole_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / chunks.DIRECTORY / chunks.PACKS).mkdir(parents=True, mode=0o700)
+    (root / chunks.DIRECTORY).chmod(0o700)
+    (root / chunks.DIRECTORY / chunks.INDEX).write_bytes(b"")  # a dead init's index, never filled
+
+    done = cli("snapshots", "init", "--store", str(root))
+
+    assert done.returncode == 0, done.stderr
+    store = Store(root)
+    assert store.deduplicates
+    take(store, "job1", T0, memory(46))
+    assert [s.status for s in store.list("job1")] == [VERIFIED]
