@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import zstandard
 
-from kerrickpt import archivewriter, faults, trust, zstdframe
+from kerrickpt import archive, archivewriter, faults, trust, zstdframe
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
@@ -501,9 +501,7 @@ class _NewPack:
         for entry in entries:
             offsets.append(self.size)
             self.size += len(entry)
-        view = memoryview(b"".join(entries))
-        while view:
-            view = view[os.write(self.fd, view) :]
+        archive.write_all(self.fd, memoryview(b"".join(entries)))
         return offsets
 
     def publish(self) -> None:
