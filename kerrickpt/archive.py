@@ -103,19 +103,47 @@ class _Received:
         return Member(name, self.size, self.hash.hexdigest(), self.chunks, self.chunk_bytes)
 
 
-class MemberReader(io.RawIOBase):
+class PieceReader(io.RawIOBase):
+    """A file's pieces as a file object; `finish` reads the rest, so that the check its pieces make at their end
+    is made."""
+
+    def __init__(self, pieces: Iterator[bytes | memoryview]) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.view = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.view:
+            piece = next(self.pieces, None)
+            if piece is None:
+                return 0
+            self.view = memoryview(piece)
+        taken = min(len(buffer), len(self.view))
+        buffer[:taken] = self.view[:taken]
+        self.view = self.view[taken:]
+        return taken
+
+    def finish(self) -> None:
+        """Read what is left of the file (a tar's padding, say) and check it whole."""
+        self.view = memoryview(b"")
+        for _ in self.pieces:
+            pass
+
+
+class MemberReader(PieceReader):
     """One file of an archive, read as a file from the archive's start: a member and its chunks, which follow
     one another. At its end, ArchiveCorruptError if it is not what the manifest says (`expected`). Only as
     much of the archive is read as it takes to reach the file's end."""
 
     def __init__(self, path: Path, expected: Member, checksum: str) -> None:
-        super().__init__()
         self.expected = expected
         self.hash = CHECKSUMS[checksum]()
         self.size = 0
         self.members = _members(path)
-        self.pieces = self._pieces()
-        self.view = memoryview(b"")
+        super().__init__(self._pieces())
 
     def _pieces(self) -> Iterator[memoryview]:
         seen = False
@@ -134,23 +162,6 @@ class MemberReader(io.RawIOBase):
                 break
         if self.size != self.expected.size or self.hash.hexdigest() != self.expected.digest:
             raise ArchiveCorruptError(f"{self.expected.name} in the archive does not match its checksum")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if not self.view:
-            self.view = next(self.pieces, memoryview(b""))
-        taken = min(len(buffer), len(self.view))
-        buffer[:taken] = self.view[:taken]
-        self.view = self.view[taken:]
-        return taken
-
-    def finish(self) -> None:
-        """Read what is left of the file (a tar's padding, say) and check it whole."""
-        self.view = memoryview(b"")
-        for _ in self.pieces:
-            pass
 
     def close(self) -> None:
         self.members.close()  # type: ignore[attr-defined]
