@@ -76,9 +76,14 @@ def take(registry: State, path: Path, name: str) -> bool:
                 continue  # released meanwhile: look again
             if current == name:
                 return True
-            if current is None or not registry.is_gone(current):
+            if refuses(registry, current, name):  # type: ignore[arg-type]
                 return False
             path.unlink()
+
+
+def refuses(registry: State, holder: str | None, name: str) -> bool:
+    """Whether a claim seen naming `holder` is one `take` refuses `name`: unreadable, or a live other's."""
+    return holder is None or (holder != name and not registry.is_gone(holder))
 
 
 def drop(path: Path, name: str) -> None:

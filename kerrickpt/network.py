@@ -146,8 +146,14 @@ def _allocate(
     registry: claims.State, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
 ) -> ipaddress.IPv4Address:
     """The subnet's first address not in `used` that `name` can claim (claims.take judges an existing claim)."""
+    # Read once: an address another live container holds is passed over without trying (each try writes and
+    # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
+    holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
     for candidate in net.hosts():
-        if candidate not in used and claims.take(registry, directory / f"{ADDRESS}-{candidate}", name):
+        filename = f"{ADDRESS}-{candidate}"
+        if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
+            continue
+        if claims.take(registry, directory / filename, name):
             return candidate
     raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
 
