@@ -91,11 +91,11 @@ def plan(
     ports: Sequence[Port],
     *,
     fall_back: bool = False,
-) -> Network:
+) -> tuple[Network, netsettings.Settings]:
     """Claim `name`'s network on this node: `address` (ADDR/PREFIX from `--ip`, or an archive's ADDR), else the
-    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`. UsageError, with
-    nothing claimed, for an address outside the subnet or in use, a port taken, a subnet the node's own
-    addresses overlap."""
+    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`; with the node
+    network's settings it was claimed in, for `create`. UsageError, with nothing claimed, for an address outside
+    the subnet or in use, a port taken, a subnet the node's own addresses overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
     own = netlinks.node_addresses()
@@ -126,7 +126,7 @@ def plan(
         release(registry, name)
         raise
     netns, veth = names(registry, name)
-    return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth)
+    return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth), settings
 
 
 def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -186,11 +186,10 @@ def _directory(registry: claims.State) -> Path:
     return claims.directory(registry, DIRECTORY)
 
 
-def create(registry: claims.State, net: Network, *, connected: bool = True) -> None:
-    """Make `net`: the node's bridge if it has none, the container's network namespace and veth (see
-    netlinks.make), and its published ports; not `connected`, it stays cut off until netlinks.connect. On
-    failure, what was made stays: the caller removes it (`destroy`)."""
-    settings = netsettings.load(registry)
+def create(registry: claims.State, net: Network, settings: netsettings.Settings, *, connected: bool = True) -> None:
+    """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
+    container's network namespace and veth (see netlinks.make), and its published ports; not `connected`, it
+    stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
     netlinks.bridge(settings, str(registry.root.resolve()))
     netsettings.keep(registry, settings)  # this node's from now on
