@@ -42,17 +42,19 @@ def _reported(fh: BinaryIO, path: Path) -> BinaryIO:
 
 
 def _members(
-    source: Source, after: list[bytes] | None = None, digest: Any = None
+    source: Source, index: list[archiveindex.Unpacked] | None = None, digest: Any = None
 ) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
-    The index after the frame, if any, goes to `after` once the last member was read; `digest` (a hash)
-    is updated with the frame's compressed bytes as they are read.
+    The index after the frame, if any, goes to `index` once the last member was read, unpacked (see
+    archiveindex.unpack); without `index`, nothing may follow the frame. `digest` (a hash) is updated with the
+    frame's compressed bytes as they are read.
     """
     path = label(source)
     fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
     if isinstance(source, Path):
         fh = _reported(fh, source)
+    after: list[bytes] | None = [] if index is not None else None
     frame = zstdframe.blocks(fh, path, after, archiveindex.MAX_INDEX, digest)
     with fh, Ahead(frame, "kerrickpt-unzstd") as blocks:
         for info, data in tarstream.Reader(blocks, path).members():
@@ -64,8 +66,8 @@ def _members(
         # tar stops at its end marker; read on so a cut or damaged zstd frame end is seen.
         for _ in blocks:
             pass
-        if after:
-            archiveindex.unpack(after[0], path)  # its framing: a cut-off index is a truncated archive
+        if index is not None and after:
+            index.append(archiveindex.unpack(after[0], path))  # its framing: a cut-off index is a truncated archive
 
 
 @contextlib.contextmanager
@@ -180,7 +182,7 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
     received: dict[str, _Received] = {}
     body: bytes | None = None
     version, checksum = 0, "sha256"  # unless the archive starts with its HEADER
-    after: list[bytes] = []
+    after: list[archiveindex.Unpacked] = []
     frame = archiveindex.DIGEST()
     with contextlib.closing(_members(source, after, frame)) as members:
         for member, size, data in members:
