@@ -4,6 +4,7 @@ the making and removal of what carries it on this node (see netlinks, firewall).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable, Sequence
@@ -120,8 +121,9 @@ def plan(
             wanted = None
         if wanted is None:
             wanted = _allocate(registry, directory, net, used, name)
+        bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
-            _claim_port(registry, directory, port, name)
+            _claim_port(registry, directory, port, bound, name)
     except BaseException:
         release(registry, name)
         raise
@@ -158,8 +160,10 @@ def _allocate(
     raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
 
 
-def _claim_port(registry: claims.State, directory: Path, port: Port, name: str) -> None:
-    if port.host in netports.bound(port.protocol):
+def _claim_port(
+    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
+) -> None:
+    if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
     if not claims.take(registry, path, name):
