@@ -58,7 +58,7 @@ class Network(Identity):
     @property
     def chain(self) -> str:
         """Its nat chain (see firewall)."""
-        return self.netns.upper()
+        return _chain(self.netns)
 
     def identity(self) -> Identity:
         return Identity(self.address, self.mac, self.ports)
@@ -211,7 +211,12 @@ def destroy(net: Network) -> None:
 def sweep(netns: str, veth: str) -> None:
     """`destroy` by this node's names alone, published ports included (for a run that died before recording its
     network: see `names`)."""
-    _remove(netns, veth, netns.upper())
+    _remove(netns, veth, _chain(netns))
+
+
+def _chain(netns: str) -> str:
+    """The nat chain of the network whose namespace is `netns` (see firewall)."""
+    return netns.upper()
 
 
 def _remove(netns: str, veth: str, chain: str | None) -> None:
