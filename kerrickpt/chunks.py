@@ -165,11 +165,11 @@ class Chunks:
             self.db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def lock(self, *, exclusive: bool, wait: float = LOCK_WAIT) -> Iterator[None]:
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
         """The store's chunk lock: shared by runs adding chunks and publishing, exclusive for a sweep."""
         fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            deadline = time.monotonic() + wait
+            deadline = time.monotonic() + LOCK_WAIT
             how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             while True:
                 try:
