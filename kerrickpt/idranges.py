@@ -137,7 +137,7 @@ def _free(registry: Registry, seen: list[tuple[str, int, Path, str | None]], kin
     for other_kind, other, path, owner in seen:
         if other_kind != kind or abs(other - base) >= RANGE or owner == name:
             continue
-        if owner is None or not registry.is_gone(owner):
+        if claims.refuses(registry, owner, name):
             return False
         if other != base:  # one at `base` itself is taken over by _take
             claims.drop_stale(registry, path)
