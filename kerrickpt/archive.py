@@ -42,17 +42,19 @@ def _reported(fh: BinaryIO, path: Path) -> BinaryIO:
 
 
 def _members(
-    source: Source, after: list[bytes] | None = None, digest: Any = None
+    source: Source, index: list[archiveindex.Unpacked] | None = None, digest: Any = None
 ) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
-    The index after the frame, if any, goes to `after` once the last member was read; `digest` (a hash)
-    is updated with the frame's compressed bytes as they are read.
+    The index after the frame, if any, goes to `index` once the last member was read, unpacked (see
+    archiveindex.unpack); without `index`, nothing may follow the frame. `digest` (a hash) is updated with the
+    frame's compressed bytes as they are read.
     """
     path = label(source)
     fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
     if isinstance(source, Path):
         fh = _reported(fh, source)
+    after: list[bytes] | None = [] if index is not None else None
     frame = zstdframe.blocks(fh, path, after, archiveindex.MAX_INDEX, digest)
     with fh, Ahead(frame, "kerrickpt-unzstd") as blocks:
         for info, data in tarstream.Reader(blocks, path).members():
@@ -64,8 +66,8 @@ def _members(
         # tar stops at its end marker; read on so a cut or damaged zstd frame end is seen.
         for _ in blocks:
             pass
-        if after:
-            archiveindex.unpack(after[0], path)  # its framing: a cut-off index is a truncated archive
+        if index is not None and after:
+            index.append(archiveindex.unpack(after[0], path))  # its framing: a cut-off index is a truncated archive
 
 
 @contextlib.contextmanager
@@ -103,19 +105,47 @@ class _Received:
         return Member(name, self.size, self.hash.hexdigest(), self.chunks, self.chunk_bytes)
 
 
-class MemberReader(io.RawIOBase):
+class PieceReader(io.RawIOBase):
+    """A file's pieces as a file object; `finish` reads the rest, so that the check its pieces make at their end
+    is made."""
+
+    def __init__(self, pieces: Iterator[bytes | memoryview]) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.view = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.view:
+            piece = next(self.pieces, None)
+            if piece is None:
+                return 0
+            self.view = memoryview(piece)
+        taken = min(len(buffer), len(self.view))
+        buffer[:taken] = self.view[:taken]
+        self.view = self.view[taken:]
+        return taken
+
+    def finish(self) -> None:
+        """Read what is left of the file (a tar's padding, say) and check it whole."""
+        self.view = memoryview(b"")
+        for _ in self.pieces:
+            pass
+
+
+class MemberReader(PieceReader):
     """One file of an archive, read as a file from the archive's start: a member and its chunks, which follow
     one another. At its end, ArchiveCorruptError if it is not what the manifest says (`expected`). Only as
     much of the archive is read as it takes to reach the file's end."""
 
     def __init__(self, path: Path, expected: Member, checksum: str) -> None:
-        super().__init__()
         self.expected = expected
         self.hash = CHECKSUMS[checksum]()
         self.size = 0
         self.members = _members(path)
-        self.pieces = self._pieces()
-        self.view = memoryview(b"")
+        super().__init__(self._pieces())
 
     def _pieces(self) -> Iterator[memoryview]:
         seen = False
@@ -135,23 +165,6 @@ class MemberReader(io.RawIOBase):
         if self.size != self.expected.size or self.hash.hexdigest() != self.expected.digest:
             raise ArchiveCorruptError(f"{self.expected.name} in the archive does not match its checksum")
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if not self.view:
-            self.view = next(self.pieces, memoryview(b""))
-        taken = min(len(buffer), len(self.view))
-        buffer[:taken] = self.view[:taken]
-        self.view = self.view[taken:]
-        return taken
-
-    def finish(self) -> None:
-        """Read what is left of the file (a tar's padding, say) and check it whole."""
-        self.view = memoryview(b"")
-        for _ in self.pieces:
-            pass
-
     def close(self) -> None:
         self.members.close()  # type: ignore[attr-defined]
         super().close()
@@ -169,7 +182,7 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
     received: dict[str, _Received] = {}
     body: bytes | None = None
     version, checksum = 0, "sha256"  # unless the archive starts with its HEADER
-    after: list[bytes] = []
+    after: list[archiveindex.Unpacked] = []
     frame = archiveindex.DIGEST()
     with contextlib.closing(_members(source, after, frame)) as members:
         for member, size, data in members:

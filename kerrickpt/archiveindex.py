@@ -84,7 +84,10 @@ class Index:
     frame: bytes | None  # the digest of the zstd frame's compressed bytes (DIGEST); None before version 7
 
 
-def unpack(rest: bytes, path: str) -> tuple[bytes, bytes | None]:
+Unpacked = tuple[bytes, bytes | None]  # what `unpack` gives
+
+
+def unpack(rest: bytes, path: str) -> Unpacked:
     """The compressed tar inside an index frame (`rest`: everything after the archive's zstd frame), and the
     digest of the zstd frame the index gives since version 7 (its own digest checked)."""
     if len(rest) < _INDEX_HEAD.size or _INDEX_HEAD.unpack_from(rest)[0] != INDEX_MAGIC:
@@ -107,9 +110,9 @@ def unpack(rest: bytes, path: str) -> tuple[bytes, bytes | None]:
     return body, frame
 
 
-def parse(rest: bytes, path: str) -> Index:
-    """The index in `rest`, every image in it checked against its manifest's digest."""
-    compressed, frame = unpack(rest, path)
+def parse(unpacked: Unpacked, path: str) -> Index:
+    """The index `unpack` found, every image in it checked against its manifest's digest."""
+    compressed, frame = unpacked
     try:
         if not 0 <= zstandard.frame_content_size(compressed) <= MAX_INDEX:  # -1: not said; zeros compress 30,000:1
             raise zstandard.ZstdError("its size is not given or too big")
@@ -162,4 +165,4 @@ def read(fh: BinaryIO, path: str) -> Index | None:
             rest = fh.read(length)
     except OSError as exc:
         raise ArchiveUnreadableError(f"reading {path} failed: {exc.strerror}") from exc
-    return parse(rest, path)
+    return parse(unpack(rest, path), path)

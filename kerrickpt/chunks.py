@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import zstandard
 
-from kerrickpt import archivewriter, faults, trust, zstdframe
+from kerrickpt import archive, archivewriter, faults, trust, zstdframe
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
@@ -165,11 +165,11 @@ class Chunks:
             self.db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def lock(self, *, exclusive: bool, wait: float = LOCK_WAIT) -> Iterator[None]:
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
         """The store's chunk lock: shared by runs adding chunks and publishing, exclusive for a sweep."""
         fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            deadline = time.monotonic() + wait
+            deadline = time.monotonic() + LOCK_WAIT
             how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             while True:
                 try:
@@ -501,9 +501,7 @@ class _NewPack:
         for entry in entries:
             offsets.append(self.size)
             self.size += len(entry)
-        view = memoryview(b"".join(entries))
-        while view:
-            view = view[os.write(self.fd, view) :]
+        archive.write_all(self.fd, memoryview(b"".join(entries)))
         return offsets
 
     def publish(self) -> None:

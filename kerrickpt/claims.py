@@ -76,14 +76,19 @@ def take(registry: State, path: Path, name: str) -> bool:
                 continue  # released meanwhile: look again
             if current == name:
                 return True
-            if current is None or not is_stale(registry, current):
+            if refuses(registry, current, name):  # type: ignore[arg-type]
                 return False
             path.unlink()
 
 
+def refuses(registry: State, holder: str | None, name: str) -> bool:
+    """Whether a claim seen naming `holder` is one `take` refuses `name`: unreadable, or a live other's."""
+    return holder is None or (holder != name and not registry.is_gone(holder))
+
+
 def drop(path: Path, name: str) -> None:
     """Remove the claim `path` if `name` still holds it."""
-    remove_if(path, lambda current: current == name)
+    _remove_if(path, lambda current: current == name)
 
 
 def release(where: Path, kind: Callable[[str], bool], name: str) -> None:
@@ -95,7 +100,7 @@ def release(where: Path, kind: Callable[[str], bool], name: str) -> None:
 
 def stale(registry: State, where: Path, kind: Callable[[str], bool]) -> list[Path]:
     """The claims in `where` (of `kind`) whose container is gone, and claims a run that died left half written."""
-    found = [path for path, current in held(where, kind) if current is not None and is_stale(registry, current)]
+    found = [path for path, current in held(where, kind) if current is not None and registry.is_gone(current)]
     return found + [path for path in sorted(where.glob(f"{TEMP}*")) if _writer_dead(path)]
 
 
@@ -104,14 +109,10 @@ def drop_stale(registry: State, path: Path) -> None:
     if path.name.startswith(TEMP):
         path.unlink(missing_ok=True)
     else:
-        remove_if(path, lambda current: current is not None and is_stale(registry, current))
+        _remove_if(path, lambda current: current is not None and registry.is_gone(current))
 
 
-def is_stale(registry: State, holder: str) -> bool:
-    return registry.is_gone(holder)
-
-
-def remove_if(path: Path, should: Callable[[str | None], bool]) -> None:
+def _remove_if(path: Path, should: Callable[[str | None], bool]) -> None:
     """Remove the claim `path` if it still is and `should(its container)`."""
     with _locked(path) as current:
         if current is not _GONE and should(current):  # type: ignore[arg-type]

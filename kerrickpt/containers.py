@@ -321,8 +321,8 @@ def run(
     try:
         confined = None
         if net == network.OWN:
-            own_net = network.plan(registry, name, address, ports)
-            network.create(registry, own_net)
+            own_net, settings = network.plan(registry, name, address, ports)
+            network.create(registry, own_net, settings)
         if rootfs is not None:
             confined = confinement.confine(
                 name,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, members, recipe, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, StoreDamagedError, StoreFormatError
@@ -205,37 +203,9 @@ class Source:
                 copies.add(expected.name, b"".join(self.pieces(expected)))
         return archiveindex.Index(self.manifest, self.recipe.manifest, copies.files, None)  # no zstd frame to digest
 
-    def member(self, expected: Member, checksum: str) -> Reader:
+    def member(self, expected: Member, checksum: str) -> archive.PieceReader:
         """One file as a file object (`checksum` is the manifest's own), checked at its end (see `pieces`)."""
-        return Reader(self.pieces(expected))
-
-
-class Reader(io.RawIOBase):
-    """A file's pieces as a file object; `finish` reads the rest, so that its check at the end is made."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        super().__init__()
-        self.pieces = pieces
-        self.view = memoryview(b"")
-
-    def finish(self) -> None:
-        self.view = memoryview(b"")
-        for _ in self.pieces:
-            pass
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self.view:
-            piece = next(self.pieces, None)
-            if piece is None:
-                return 0
-            self.view = memoryview(piece)
-        taken = min(len(buffer), len(self.view))
-        buffer[:taken] = self.view[:taken]
-        self.view = self.view[taken:]
-        return taken
+        return archive.PieceReader(self.pieces(expected))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
     if uid_base is not None:
         gid_base = _claim_one(registry, directory, seen, GID, pool.gids, start, gid_prefer, name)
         if gid_base is None:
-            claims.remove_if(directory / f"{UID}-{uid_base}", lambda owner: owner == name)
+            claims.drop(directory / f"{UID}-{uid_base}", name)
     if uid_base is None or gid_base is None:
         if not pool.ranges:
             raise NoIdRangeError(
@@ -60,7 +60,7 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
     kept = (directory / f"{UID}-{uid_base}", directory / f"{GID}-{gid_base}")
     for path, owner in _claims(directory):  # what a claim of `name` cut short left
         if owner == name and path not in kept:
-            claims.remove_if(path, lambda current: current == name)
+            claims.drop(path, name)
     return uid_base, gid_base
 
 
@@ -137,10 +137,10 @@ def _free(registry: Registry, seen: list[tuple[str, int, Path, str | None]], kin
     for other_kind, other, path, owner in seen:
         if other_kind != kind or abs(other - base) >= RANGE or owner == name:
             continue
-        if owner is None or not claims.is_stale(registry, owner):
+        if claims.refuses(registry, owner, name):
             return False
         if other != base:  # one at `base` itself is taken over by _take
-            claims.remove_if(path, lambda current: current is not None and claims.is_stale(registry, current))
+            claims.drop_stale(registry, path)
     return True
 
 

@@ -53,6 +53,8 @@ def load(registry: claims.State) -> Settings:
 def keep(registry: claims.State, settings: Settings) -> None:
     """Store `settings` as this node's, unless they are already; UsageError if another command stored others."""
     path = registry.root / FILE
+    if _read(path) == settings:
+        return  # the usual case: nothing written aside and fsynced
     data = json.dumps({"bridge": settings.bridge, "subnet": str(settings.subnet)}).encode()
     if not claims.write_new(path, data):
         stored = _read(path)

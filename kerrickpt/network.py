@@ -4,6 +4,7 @@ the making and removal of what carries it on this node (see netlinks, firewall).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ class Network(Identity):
     @property
     def chain(self) -> str:
         """Its nat chain (see firewall)."""
-        return self.netns.upper()
+        return _chain(self.netns)
 
     def identity(self) -> Identity:
         return Identity(self.address, self.mac, self.ports)
@@ -91,11 +92,11 @@ def plan(
     ports: Sequence[Port],
     *,
     fall_back: bool = False,
-) -> Network:
+) -> tuple[Network, netsettings.Settings]:
     """Claim `name`'s network on this node: `address` (ADDR/PREFIX from `--ip`, or an archive's ADDR), else the
-    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`. UsageError, with
-    nothing claimed, for an address outside the subnet or in use, a port taken, a subnet the node's own
-    addresses overlap."""
+    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`; with the node
+    network's settings it was claimed in, for `create`. UsageError, with nothing claimed, for an address outside
+    the subnet or in use, a port taken, a subnet the node's own addresses overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
     own = netlinks.node_addresses()
@@ -120,13 +121,14 @@ def plan(
             wanted = None
         if wanted is None:
             wanted = _allocate(registry, directory, net, used, name)
+        bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
-            _claim_port(registry, directory, port, name)
+            _claim_port(registry, directory, port, bound, name)
     except BaseException:
         release(registry, name)
         raise
     netns, veth = names(registry, name)
-    return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth)
+    return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth), settings
 
 
 def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -146,14 +148,22 @@ def _allocate(
     registry: claims.State, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
 ) -> ipaddress.IPv4Address:
     """The subnet's first address not in `used` that `name` can claim (claims.take judges an existing claim)."""
+    # Read once: an address another live container holds is passed over without trying (each try writes and
+    # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
+    holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
     for candidate in net.hosts():
-        if candidate not in used and claims.take(registry, directory / f"{ADDRESS}-{candidate}", name):
+        filename = f"{ADDRESS}-{candidate}"
+        if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
+            continue
+        if claims.take(registry, directory / filename, name):
             return candidate
     raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
 
 
-def _claim_port(registry: claims.State, directory: Path, port: Port, name: str) -> None:
-    if port.host in netports.bound(port.protocol):
+def _claim_port(
+    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
+) -> None:
+    if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
     if not claims.take(registry, path, name):
@@ -180,11 +190,10 @@ def _directory(registry: claims.State) -> Path:
     return claims.directory(registry, DIRECTORY)
 
 
-def create(registry: claims.State, net: Network, *, connected: bool = True) -> None:
-    """Make `net`: the node's bridge if it has none, the container's network namespace and veth (see
-    netlinks.make), and its published ports; not `connected`, it stays cut off until netlinks.connect. On
-    failure, what was made stays: the caller removes it (`destroy`)."""
-    settings = netsettings.load(registry)
+def create(registry: claims.State, net: Network, settings: netsettings.Settings, *, connected: bool = True) -> None:
+    """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
+    container's network namespace and veth (see netlinks.make), and its published ports; not `connected`, it
+    stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
     netlinks.bridge(settings, str(registry.root.resolve()))
     netsettings.keep(registry, settings)  # this node's from now on
@@ -202,7 +211,12 @@ def destroy(net: Network) -> None:
 def sweep(netns: str, veth: str) -> None:
     """`destroy` by this node's names alone, published ports included (for a run that died before recording its
     network: see `names`)."""
-    _remove(netns, veth, netns.upper())
+    _remove(netns, veth, _chain(netns))
+
+
+def _chain(netns: str) -> str:
+    """The nat chain of the network whose namespace is `netns` (see firewall)."""
+    return netns.upper()
 
 
 def _remove(netns: str, veth: str, chain: str | None) -> None:

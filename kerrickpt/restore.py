@@ -210,11 +210,11 @@ def _restore_as(
         if manifest.network is not None:
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
-            own_net = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
+            own_net, settings = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
             # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
             # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
             # have answered any (the archive's connections stay good for another try).
-            network.create(registry, own_net, connected=False)
+            network.create(registry, own_net, settings, connected=False)
             plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)

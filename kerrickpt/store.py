@@ -427,6 +427,13 @@ class Store:
         In a deduplicating store, recipes first, then the chunks no recipe left names (see dedupstore.sweep): if
         any was removed, or with `sweep` (what a prune killed before its sweep left is freed by the next prune).
         """
+        self._delete(snapshots)
+        if not self.deduplicates or not (snapshots or sweep):
+            return None
+        return self._sweep()
+
+    def _delete(self, snapshots: list[Snapshot]) -> None:
+        """Delete snapshots, archive first, and (in a deduplicating store) make that durable before any sweep."""
         corrupt = [s for s in snapshots if s.corrupt]
         if corrupt:
             # Many at once may share one damaged chunk in a deduplicating store: never without a word.
@@ -438,10 +445,13 @@ class Store:
         for snap in snapshots:
             snap.path.unlink(missing_ok=True)
             _meta_path(snap.path).unlink(missing_ok=True)
-        if not self.deduplicates or not (snapshots or sweep):
-            return None
-        for directory in {snap.path.parent for snap in snapshots}:
-            archivewriter.fsync_dir(directory)
+        if self.deduplicates:
+            for directory in {snap.path.parent for snap in snapshots}:
+                archivewriter.fsync_dir(directory)
+
+    def _sweep(self) -> dedupstore.Swept:
+        """Free the chunks of a deduplicating store that no recipe names (see dedupstore.sweep); safe without a
+        container's lock, for it holds the store's lock exclusive and reads every container's recipes."""
         faults.inject("store-before-sweep")
         with self.chunks() as store:
             return dedupstore.sweep(store, self.recipes)
@@ -462,13 +472,19 @@ class Store:
         if policy.is_empty:
             raise UsageError("give at least one --keep-* rule; without one, prune would have nothing to go by")
         plans = {}
-        for container in [name] if name else self.names():
-            if dry_run:
-                plans[container] = self.plan(container, policy, now)
-                continue
-            with self.lock(container, wait=wait):
-                plans[container] = self.plan(container, policy, now)
-                self.remove(plans[container].removed, sweep=True)
+        try:
+            for container in [name] if name else self.names():
+                if dry_run:
+                    plans[container] = self.plan(container, policy, now)
+                    continue
+                with self.lock(container, wait=wait):
+                    plans[container] = self.plan(container, policy, now)
+                    self._delete(plans[container].removed)
+        finally:
+            # Once for all the containers (a sweep reads every recipe of the store), and after a failure too: what
+            # the containers before it gave up is freed, as when each container's removal swept.
+            if plans and not dry_run and self.deduplicates:
+                self._sweep()
         return plans
 
     def _load(self, name: str, path: Path) -> Snapshot:

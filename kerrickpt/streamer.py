@@ -138,6 +138,8 @@ class Capture(_Listener):
         connection: socket.socket | None = None
         pipes: dict[int, str] = {}
         accepted = gone = False
+        # Decided once: a runtime_checkable Protocol's isinstance is slow, and each read is in the freeze window.
+        pipe_sink = sink if isinstance(sink, PipeSink) else None
         last_heard = time.monotonic()
         try:
             while (not accepted and not gone) or connection is not None or pipes:
@@ -165,8 +167,8 @@ class Capture(_Listener):
                         selector.register(fd, selectors.EVENT_READ)
                     else:
                         fd = key.fd
-                        if isinstance(sink, PipeSink):
-                            moved = sink.take(pipes[fd], fd, READ_BYTES)
+                        if pipe_sink is not None:
+                            moved = pipe_sink.take(pipes[fd], fd, READ_BYTES)
                         else:
                             data = os.read(fd, READ_BYTES)
                             moved = len(data)
