@@ -203,6 +203,13 @@ class NotAllowedError(KerrickptError):
     exit_code = 22
 
 
+class KeyUnusableError(KerrickptError):
+    """Encrypted data and no key, the wrong key, or a key file that cannot be used (missing, readable by others,
+    damaged, or its passphrase wrong or not given): nothing was read or written."""
+
+    exit_code = 23
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGHUP, SIGINT or SIGTERM arrived: unwinds like Ctrl-C (guards thaw, scratch goes), exit 128+N."""
 
