@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # not pyplot: a file, never a window, and no global state
 from matplotlib.ticker import FuncFormatter
@@ -93,6 +94,9 @@ def _sizes_panel(
     ax: Axes, title: str, lines: list[tuple[str, str]], rows: dict[tuple[str, str], Any], kind: str
 ) -> None:
     plotted, sizes_seen = 0, set()
+    # A downtime panel has a dozen lines: the default cycle's ten colours would repeat.
+    pairs = colormaps["tab20"].colors
+    ax.set_prop_cycle(color=[*pairs[::2], *pairs[1::2]])
     for label, metric in lines:
         by_size = rows.get((kind, metric))
         if not by_size:
