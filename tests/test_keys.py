@@ -10,6 +10,7 @@ import pytest
 
 from kerrickpt import keys
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError
+from tests.helpers import cli
 
 
 def test_a_sealed_piece_opens_only_unchanged_with_its_key_and_where_it_belongs(tmp_path: Path) -> None:
@@ -81,3 +82,14 @@ def test_the_wrong_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(KeyUnusableError, match="sealed with key 00"):
         key.check("0011223344556677", "the archive")
     key.check(key.id, "the archive")
+
+
+def test_key_create_writes_a_key_file_and_never_over_one(tmp_path: Path) -> None:
+    made = cli("key", "create", str(tmp_path / "k"), "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["key_id"] == keys.load(tmp_path / "k").id
+    again = cli("key", "create", str(tmp_path / "k"))
+    assert again.returncode == 23 and "never written over" in again.stderr
+    locked = cli("key", "create", str(tmp_path / "p"), "--passphrase", KERRICKPT_PASSPHRASE="s3cret")
+    assert locked.returncode == 0, locked.stderr
+    assert keys.load(tmp_path / "p", lambda: b"s3cret").id in locked.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import kerrickpt
 from kerrickpt import (
     cgroups,
     containers,
+    keys,
     layerchain,
     logtail,
     network,
@@ -37,6 +39,7 @@ from kerrickpt.errors import (
     HostError,
     Interrupted,
     KerrickptError,
+    KeyUnusableError,
     NodeIncompatibleError,
     NotReadyError,
     UsageError,
@@ -72,6 +75,7 @@ examples:
   kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
   kerrickpt snapshots verify --store /srv/snap
   kerrickpt restore --store /srv/snap job1 --at 2025-01-31T14:00 --name job1-then
+  kerrickpt key create /etc/kerrickpt/snap.key
   kerrickpt job --name train --dir /shared/ckpt --signal USR1 --every 30m -- ./train --epochs 100
   sudo -n kerrickpt job --name train --volume "$PWD:/work" --workdir /work -- ./train   # as a user
 
@@ -86,6 +90,7 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   17 CRIU stopped or died with its code perhaps inside the container (left frozen),
   18 checkpoint: archive complete, but the container could not all be ended (`kerrickpt kill NAME`),
   20 no such snapshot in the store, 21 a snapshot store or series others than root may write in,
+  23 encrypted and no key or the wrong key given, or the key file is unusable (not 0600, bad passphrase),
   129/130/143 ended by SIGHUP/SIGINT/SIGTERM (after unwinding)
 job: once its command runs, the command's exit code (128+N: signal N); 85 checkpointed on the
   scheduler's signal, requeue me; 128+N cancelled by signal N; 22 not allowed to a user through sudo
@@ -118,6 +123,36 @@ def _policy(args: argparse.Namespace) -> kerrickpt.Policy:
     return kerrickpt.Policy(
         last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily, weekly=args.keep_weekly
     )
+
+
+PASSPHRASE_ENV = "KERRICKPT_PASSPHRASE"
+KEY_FILE_ENV = "KERRICKPT_KEY_FILE"
+
+
+def _passphrase(*, twice: bool = False) -> bytes:
+    """A key file's passphrase: $KERRICKPT_PASSPHRASE (cron), or asked on the terminal."""
+    given = os.environ.get(PASSPHRASE_ENV)
+    if given is not None:
+        return given.encode()
+    if not sys.stdin.isatty():
+        raise KeyUnusableError(f"the key file's passphrase: set ${PASSPHRASE_ENV}, or run on a terminal to be asked")
+    first = getpass.getpass("passphrase: ")
+    if twice and getpass.getpass("again: ") != first:
+        raise UsageError("the two passphrases differ")
+    return first.encode()
+
+
+def _key(args: argparse.Namespace) -> keys.Key | None:
+    """The key of --key-file (or $KERRICKPT_KEY_FILE), or None if neither is given."""
+    path = args.key_file or os.environ.get(KEY_FILE_ENV)
+    return keys.load(Path(path), _passphrase) if path else None
+
+
+def cmd_key_create(args: argparse.Namespace) -> tuple[Any, int]:
+    key = keys.create(args.file, _passphrase(twice=True) if args.passphrase else None)
+    if not args.json:
+        print(f"key {key.id} written to {args.file} (0600); keep a copy elsewhere: what it seals is lost without it")
+    return {"key_file": str(args.file), "key_id": key.id, "passphrase": args.passphrase}, 0
 
 
 def _time(text: str) -> datetime:
@@ -695,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress line on a terminal (snapshot: nothing at all on success)",
     )
+    keyed = _Parser(add_help=False)  # commands that seal or open encrypted archives and stores
+    keyed.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help=f"the key (`kerrickpt key create`; default ${KEY_FILE_ENV}); a passphrase it is under is read from "
+        f"${PASSPHRASE_ENV} or asked on the terminal",
+    )
     in_store = _Parser(add_help=False)
     in_store.add_argument("--store", required=True, metavar="DIR", help="the snapshot store (an existing directory)")
     waiting = _Parser(add_help=False)
@@ -843,6 +885,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="post-copy: the container runs on the target before its memory has all arrived (see README: "
         "if the page transfer breaks off, the target's copy is killed and this one resumes from the freeze)",
+    )
+    p = sub.add_parser("key", help="make a key file for encrypted archives and stores")
+    key_actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = key_actions.add_parser(
+        "create",
+        parents=[common],
+        help="write a new random key to FILE (0600, never over an existing file)",
+        description="write a new random key to FILE (0600, never over an existing file); back it up: what it "
+        "seals cannot be read without it",
+    )
+    q.set_defaults(func=cmd_key_create)
+    q.add_argument("file", type=Path, metavar="FILE")
+    q.add_argument(
+        "--passphrase",
+        action="store_true",
+        help=f"keep the key under a passphrase (scrypt), from ${PASSPHRASE_ENV} or asked twice on the terminal",
     )
     p = add("recover", cmd_recover, "finish a migration whose outcome is unknown, by asking the target")
     p.add_argument("name")
