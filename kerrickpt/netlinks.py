@@ -59,6 +59,25 @@ def bridge(settings: Settings, owner: str) -> None:
     if other != owner:
         _ip("link", "set", name, "alias", owner)
     _ip("link", "set", name, "up")
+    if settings.segment is not None:
+        _join(settings.segment, name)
+
+
+def _join(segment: str, bridge: str) -> None:
+    """`segment`, an interface of the node, joined to `bridge` and up: the bridge is one layer-2 segment with what
+    lies beyond it (other nodes' bridges). UsageError if there is no such interface or another bridge has it."""
+    if not exists(segment):
+        raise UsageError(
+            f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
+            "the other nodes (see README, Network)"
+        )
+    (link,) = _links("link", "show", "dev", segment)
+    master = link.get("master")
+    if master not in (None, bridge):
+        raise UsageError(f"the node network's segment {segment} belongs to bridge {master} already, not {bridge}")
+    if master is None:
+        _ip("link", "set", segment, "master", bridge)
+    _ip("link", "set", segment, "up")
 
 
 def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:

@@ -120,7 +120,7 @@ def plan(
                 raise UsageError(f"address {wanted} is in use on this node (by container {holder})")
             wanted = None
         if wanted is None:
-            wanted = _allocate(registry, directory, net, used, name)
+            wanted = _allocate(registry, directory, settings, used, name)
         bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
             _claim_port(registry, directory, port, bound, name)
@@ -145,19 +145,23 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _allocate(
-    registry: claims.State, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
 ) -> ipaddress.IPv4Address:
-    """The subnet's first address not in `used` that `name` can claim (claims.take judges an existing claim)."""
+    """The first address of the node's pool not in `used` that `name` can claim (claims.take judges an existing
+    claim)."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
     # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
     holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
-    for candidate in net.hosts():
+    net = settings.subnet
+    for candidate in settings.pool:
+        if candidate in (net.network_address, net.broadcast_address):
+            continue
         filename = f"{ADDRESS}-{candidate}"
         if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
             continue
         if claims.take(registry, directory / filename, name):
             return candidate
-    raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
+    raise UsageError(f"no free address left in this node's pool {settings.pool}: containers hold them all")
 
 
 def _claim_port(
