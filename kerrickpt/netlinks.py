@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from kerrickpt.netsettings import FILE, Settings
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
 TIMEOUT = 10.0
+CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
 
 
 def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
@@ -110,6 +112,21 @@ def cut_off(veth: str) -> None:
 
 def connect(veth: str) -> None:
     _ip("link", "set", veth, "up")
+
+
+def wait_carrying(netns: str, veth: str, timeout: float = CARRY_WAIT) -> bool:
+    """Whether, within `timeout`, a container just connected can send: its INSIDE end up (the kernel starts its
+    queue only then) and the bridge forwarding through `veth`. A frame sent before is lost."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
+        (port,) = _links("-d", "link", "show", "dev", veth)
+        state = port.get("linkinfo", {}).get("info_slave_data", {}).get("state")
+        if inside.get("operstate") == "UP" and state == "forwarding":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
 
 
 def is_cut_off(veth: str) -> bool:

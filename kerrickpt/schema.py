@@ -205,6 +205,8 @@ class PreflightRequest(msgspec.Struct):
     memory_bytes: Count
     force: bool = False
     confinement: Confinement | None = None  # a confined container's: what the target must offer it
+    network: Network | None = None  # a container's own network, which the target must take (see network.admit)
+    net_remap: bool = False  # the target gives it an address of its own: only its published ports are checked
 
 
 class Answer(msgspec.Struct):
@@ -228,6 +230,7 @@ class Restored(msgspec.Struct):
     name: str
     pid_map: dict[Pid, Pid]  # in the container -> on the target's host
     warnings: list[str] = []
+    address: str | None = None  # its own network's address there (a kerrickpt before migrations of one: absent)
 
 
 class Status(Answer):
