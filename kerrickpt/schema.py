@@ -192,6 +192,7 @@ class Manifest(msgspec.Struct):
     layer_base: LayerBase | None = None
     stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
     network: Network | None = None  # its own network (absent: it shared its node's)
+    connections: list[Annotated[str, msgspec.Meta(max_length=120)]] = []  # see manifest.Manifest.connections
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).

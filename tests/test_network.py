@@ -137,8 +137,11 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     talking.wait_more()
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "stopped.kckpt"))
-    carried = node.ok("inspect", str(tmp_path / "stopped.kckpt"))["network"]
-    assert carried["address"] == f"{address}/16"  # type: ignore[index]
+    carried = node.ok("inspect", str(tmp_path / "stopped.kckpt"))
+    assert carried["network"]["address"] == f"{address}/16"  # type: ignore[index]
+    assert [c.split()[0] for c in carried["connections"]] == [f"{address}:{PORT}"]  # type: ignore[union-attr]
+    shown = node.kerrickpt("inspect", str(tmp_path / "stopped.kckpt")).stdout
+    assert f"network:   its own: {address}/16" in shown and "1 established TCP connections carried" in shown
     assert name not in node.kerrickpt("ps").stdout
     restored = node.ok("restore", str(tmp_path / "stopped.kckpt"))
     assert restored["name"] == name

@@ -465,6 +465,12 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         link = f" (chosen for a {m.compression['link_mib_s']} MiB/s link)" if "link_mib_s" in m.compression else ""
         print(f"format:    zstd level {level}{link}, {m.checksum} checksums")
         print(f"route:     {restore_route(m)}")
+        if m.network:
+            published = ", ".join(map(str, m.network.ports)) or "no node port"
+            print(f"network:   its own: {m.network.address}, MAC {m.network.mac}, publishes {published}")
+            print(f"           {len(m.connections)} established TCP connections carried")
+            for connection in m.connections:
+                print(f"  {connection}")
         if m.confinement:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
@@ -777,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ip",
         metavar="ADDR/PREFIX",
-        help="with --net own: this address in the node's subnet (default: its first free one)",
+        help="with --net own: this address in the node's subnet (default: the node's pool's first free one)",
     )
     p.add_argument(
         "--publish",
