@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -132,6 +133,23 @@ def wait_carrying(netns: str, veth: str, timeout: float = CARRY_WAIT) -> bool:
 def is_cut_off(veth: str) -> bool:
     """Whether `veth` is there and down."""
     return exists(veth) and all("UP" not in link.get("flags", []) for link in _links("link", "show", "dev", veth))
+
+
+def cut_off_fails() -> str | None:
+    """Why a container could not be cut off its network on this node, None if it can: tried on a veth made in a
+    network namespace of its own (gone afterwards), set down and up again as `cut_off` and `connect` do."""
+    netns = f"kpn-probe-{os.getpid()}"
+    try:
+        _ip("netns", "add", netns)
+        try:
+            _ip("-n", netns, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
+            for state in ("up", "down", "up"):
+                _ip("-n", netns, "link", "set", "kpnprobe", state)
+        finally:
+            remove_netns(netns)
+    except HostError as exc:
+        return f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message
+    return None
 
 
 def exists(ifname: str) -> bool:
