@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +116,37 @@ def connect(veth: str) -> None:
     _ip("link", "set", veth, "up")
 
 
-def wait_carrying(netns: str, veth: str, timeout: float = CARRY_WAIT) -> bool:
-    """Whether, within `timeout`, a container just connected can send: its INSIDE end up (the kernel starts its
+def wait_carrying(netns: str, veth: str) -> bool:
+    """Whether, within CARRY_WAIT, a container just connected can send: its INSIDE end up (the kernel starts its
     queue only then) and the bridge forwarding through `veth`. A frame sent before is lost."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def carrying() -> bool:
         (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
         (port,) = _links("-d", "link", "show", "dev", veth)
         state = port.get("linkinfo", {}).get("info_slave_data", {}).get("state")
-        if inside.get("operstate") == "UP" and state == "forwarding":
-            return True
+        return inside.get("operstate") == "UP" and state == "forwarding"
+
+    return _until(carrying)
+
+
+def wait_bridge_carrying(bridge: str) -> bool:
+    """Whether, within CARRY_WAIT, the bridge can send: up, with a port that forwards (a bridge just made, or just
+    joined to its segment, gets there a moment later). A frame sent before is lost."""
+
+    def carrying() -> bool:
+        (link,) = _links("link", "show", "dev", bridge)
+        return link.get("operstate") == "UP"
+
+    return _until(carrying)
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + CARRY_WAIT
+    while not condition():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
+    return True
 
 
 def is_cut_off(veth: str) -> bool:

@@ -158,6 +158,7 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     if claim.exists() and claims.refuses(registry, claims.owner(claim), name):
         raise _held(address.ip, directory)
     _bridge(registry, settings)
+    netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
     answered = arp.probe(settings.bridge, str(address.ip))
     if answered - {carried.mac}:
         others = ", ".join(sorted(answered - {carried.mac}))
