@@ -25,6 +25,7 @@ from kerrickpt import (
     layerchain,
     logtail,
     netlinks,
+    netports,
     network,
     node,
     procs,
@@ -275,6 +276,8 @@ def capture(
                 external = criuopts.dump_externals(confined, log_external) if confined else []
                 external += stdio.keys if stdio else []
                 external += [criuopts.netns_external(own_net.pin)] if own_net else []
+                # Frozen and cut off, as CRIU finds them: what `inspect` says the archive carries.
+                connections = netports.established(pids[0]) if own_net else []
                 tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source
                 if lazy is not None:
                     lazy.dump(pids[0], images, cgroup, shell_job, external)
@@ -325,6 +328,7 @@ def capture(
                     layer=layerchain.identity(lineage, index) if lineage and index else None,
                     layer_base=base.as_base() if base else None,
                     network=own_net.identity() if own_net else None,
+                    connections=connections,
                 )
                 for dumped in sorted(images.iterdir()):  # the lazy dump's images; a streamed one left none here
                     writer.add_file(f"images/{dumped.name}", dumped)

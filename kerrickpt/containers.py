@@ -467,7 +467,7 @@ def resume(container: Container) -> None:
     """Let a frozen container run again, on its network too: a checkpoint cut it off (see netlinks.cut_off).
     Connected first: should that fail, it stays frozen rather than running cut off."""
     if container.network is not None:
-        netlinks.connect(container.network.veth)
+        network.reconnect(container.network)  # announced too: a migration's target may have announced it
     container.group.freezer.thaw()
 
 

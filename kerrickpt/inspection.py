@@ -40,6 +40,7 @@ class ArchiveInfo:
             "log_start": m.log_start,
             "confinement": m.confinement.to_dict() if m.confinement else None,
             "network": m.network.to_dict() if m.network else None,
+            "connections": m.connections,
             "layer_bytes": m.layer_bytes,
             "members": [{"name": x.name, "size": x.size, "digest": x.digest} for x in m.members],
         }

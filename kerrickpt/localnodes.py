@@ -1,12 +1,15 @@
 """Owns local test nodes: network namespaces on this machine, each with its own sshd, state and cgroup parent.
 
 The migration tests and the built-in example move containers between such nodes.
-Addresses come from 198.18.0.0/15, the range set aside for benchmarking.
+Addresses come from 198.18.0.0/15, the range set aside for benchmarking: the nodes' own from a 198.18.X.0/24, and
+their containers' (`run --net own`) from 198.19.X.0/24, one layer-2 segment the nodes share (standing in for a
+LAN), on which each node has a gateway and a part of the subnet to hand out of its own (see netsettings).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -20,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import cgroups, containers, testmode
+from kerrickpt import cgroups, containers, netsettings, testmode
 
 SSHD = "/usr/sbin/sshd"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SEGMENT = "lan0"  # the segment's bridge in the switch, and each node's interface on it
+POOL_START, POOL_PREFIX = 64, 28  # node N hands out the containers' addresses .64+16N to .79+16N
+LAN_HOST = 254  # the segment's address for clients in the switch (a machine on the LAN)
 
 
 def _sh(*argv: str) -> None:
@@ -130,6 +136,7 @@ class Cluster:
         self.test_env = testmode.write_marker(self.workdir / "test-mode") if test_mode else {}
         self.switch = f"kpt-{self.id}-sw"
         subnet = random.randrange(0, 256)
+        self.segment = ipaddress.IPv4Network(f"198.19.{subnet}.0/24")
         self.nodes: list[Node] = []
         try:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
@@ -137,6 +144,9 @@ class Cluster:
             _sh("ip", "netns", "add", self.switch)
             _sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
             _sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+            _sh("ip", "-n", self.switch, "link", "add", SEGMENT, "type", "bridge")
+            _sh("ip", "-n", self.switch, "addr", "add", f"{self.lan_address}/24", "dev", SEGMENT)
+            _sh("ip", "-n", self.switch, "link", "set", SEGMENT, "up")
             known = []
             for index in range(count):
                 node = self._add_node(index, f"198.18.{subnet}.{index + 1}")
@@ -153,26 +163,42 @@ class Cluster:
 
     def _add_node(self, index: int, address: str) -> Node:
         name = "abcdefgh"[index]
+        pool = f"{self.segment[POOL_START + 16 * index]}/{POOL_PREFIX}"
         node = Node(
             name=name,
             netns=f"kpt-{self.id}-{name}",
             address=address,
             workdir=self.workdir / name,
-            extra_env=dict(self.test_env),
+            extra_env={
+                **self.test_env,
+                netsettings.SUBNET_ENV: str(self.segment),
+                netsettings.GATEWAY_ENV: str(self.segment[index + 1]),
+                netsettings.POOL_ENV: pool,
+                netsettings.SEGMENT_ENV: SEGMENT,
+            },
         )
         node.workdir.mkdir(mode=0o700)
         self.nodes.append(node)
-        veth = f"v{self.id}{name}"
         _sh("ip", "netns", "add", node.netns)
-        _sh(
-            "ip", "link", "add", veth, "netns", self.switch, "type", "veth", "peer", "name", "eth0", "netns", node.netns
-        )
-        _sh("ip", "-n", self.switch, "link", "set", veth, "master", "br0", "up")
+        self._plug(node, "br0", f"v{self.id}{name}", "eth0")
         _sh("ip", "-n", node.netns, "addr", "add", f"{address}/24", "dev", "eth0")
         _sh("ip", "-n", node.netns, "link", "set", "eth0", "up")
         _sh("ip", "-n", node.netns, "link", "set", "lo", "up")
+        # Its end of the segment: the node's kerrickpt joins it to its bridge with the first --net own container.
+        self._plug(node, SEGMENT, f"l{self.id}{name}", SEGMENT)
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.workdir / "host_key"))
         return node
+
+    def _plug(self, node: Node, bridge: str, outside: str, inside: str) -> None:
+        """A veth from the switch's `bridge` (its end there `outside`, up) into `node` (its end there `inside`)."""
+        _sh("ip", "link", "add", outside, "netns", self.switch, "type", "veth", "peer", "name", inside,
+            "netns", node.netns)  # fmt: skip
+        _sh("ip", "-n", self.switch, "link", "set", outside, "master", bridge, "up")
+
+    @property
+    def lan_address(self) -> ipaddress.IPv4Address:
+        """The switch's address on the segment: a client there stands for a machine on the LAN."""
+        return self.segment[LAN_HOST]
 
     def ssh_options(self) -> list[str]:
         return [

@@ -82,6 +82,8 @@ class Manifest:
     # CRIU's keys of the caller's files that were its fd 1 and 2 (see stdio), external to the images; None: its log.
     stdio: Stdio | None = None
     network: Identity | None = None  # its own network's address, MAC and published ports
+    # Its established TCP connections as the dump found them ("LOCAL:PORT PEER:PORT"), carried in the images.
+    connections: list[str] = field(default_factory=list)
 
     @property
     def criu_version(self) -> str:
@@ -166,6 +168,7 @@ class Manifest:
             layer_base=msgspec.to_builtins(checked.layer_base) if checked.layer_base else None,
             stdio=Stdio.from_dict(msgspec.to_builtins(checked.stdio)) if checked.stdio else None,
             network=Identity.from_dict(msgspec.to_builtins(checked.network)) if checked.network else None,
+            connections=checked.connections,
         )
 
 

@@ -42,7 +42,6 @@ from kerrickpt.errors import (
     KerrickptError,
     MigrationUnknown,
     NodeIncompatibleError,
-    NotCheckpointable,
     NotReadyError,
     ProtocolError,
     StateDamagedError,
@@ -76,6 +75,7 @@ class MigrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)  # the level, and the link speed it was chosen for
     lazy: bool = False  # post-copy: downtime_s ended before the memory had all arrived
+    address: str | None = None  # its own network's address on the target; None: it shares the node's
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -178,6 +178,7 @@ def migrate(
     level: int | None = None,
     lazy: bool = False,
     log_tail: int = logtail.DEFAULT_BYTES,
+    net_remap: bool = False,
 ) -> MigrationResult:
     """Move container `name` to the node `to` ([USER@]HOST[:PORT]) over ssh, exactly once.
 
@@ -191,10 +192,18 @@ def migrate(
     (`run --rootfs`) moves so only to a target that grants a userfaultfd inside a user
     namespace (node.lazy_pages_confined): else NotReadyError, before anything is frozen.
     Of the log, the last `log_tail` bytes travel (see logtail).
+
+    A container with a network of its own keeps its address, MAC and TCP connections if the target's node network
+    is one layer-2 segment with this node's (see network.admit, which the target's pre-flight asks): cut off here
+    while it is dumped, it is restored there cut off, connected, and announced (a gratuitous ARP). Else the
+    pre-flight refuses it (NotCheckpointable; UsageError if its address or a published port is taken there), before
+    anything is frozen; with `net_remap` it gets an address of the target's, its connections closed.
     """
     registry = containers.Registry(state_dir)
     with registry.lock(name):
-        return _migrate(registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy, log_tail)
+        return _migrate(
+            registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy, log_tail, net_remap
+        )
 
 
 def _migrate(
@@ -208,15 +217,17 @@ def _migrate(
     level: int | None,
     lazy: bool,
     log_tail: int,
+    net_remap: bool,
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
     journal = Journal(registry, name)
     subject = Subject.of(container)
-    _refuse_own_network(container)
+    if net_remap and container.network is None:
+        raise UsageError(f"--net-remap: {name} shares its node's network, so it has no address of its own to change")
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
-    request = _preflight_request(found, container, force)
+    request = {**_preflight_request(found, container, force), "net_remap": net_remap}
     progress.current().phase(f"pre-flight on {link.target}")
     answer, preflight_attempts = _retrying(attempts, f"pre-flight on {link.target}", lambda: _preflight(link, request))
     readable = answer.archive_versions
@@ -233,7 +244,7 @@ def _migrate(
         level = zstdframe.level_for_link(link_mib_s)
     migration_id = uuid.uuid4().hex
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id]
-    receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else [])]
+    receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else []), *(["--net-remap"] if net_remap else [])]
     scratch = registry.scratch_dir("migrate-")
     pages: postcopy.Source | None = None
     try:
@@ -330,6 +341,7 @@ def _migrate(
         timings=manifest.timings,
         compression=manifest.compression,
         lazy=lazy,
+        address=restored.address,
     )
 
 
@@ -355,17 +367,6 @@ def _ask_target(link: transport.Link, op: str, migration_id: str) -> schema.Stat
     return schema.from_peer(answer, schema.Status, str(link.target))
 
 
-def _refuse_own_network(container: containers.Container) -> None:
-    """Before anything is asked of the target or frozen: a container with a network of its own cannot move yet.
-    Its target would restore its address on a bridge of its own, which its peers do not reach, and its
-    connections would be reset; an address the target holds would fail after the freeze."""
-    if container.network is not None:
-        raise NotCheckpointable(
-            f"{container.name} has a network of its own (run --net own, address {container.network.address}), "
-            "which kerrickpt cannot migrate yet (see README, Network). It was not frozen and keeps running here."
-        )
-
-
 def _preflight_request(found: criu.Criu, container: containers.Container, force: bool) -> dict[str, Any]:
     group = container.group
     pids = group.pids()
@@ -386,6 +387,7 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
         "memory_bytes": memory,
         "force": force,
         "confinement": confined.to_dict() if confined else None,
+        "network": container.network.identity().to_dict() if container.network else None,
     }
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from kerrickpt.netsettings import FILE, Settings
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
 TIMEOUT = 10.0
+CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
 
 
 def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
@@ -59,6 +63,25 @@ def bridge(settings: Settings, owner: str) -> None:
     if other != owner:
         _ip("link", "set", name, "alias", owner)
     _ip("link", "set", name, "up")
+    if settings.segment is not None:
+        _join(settings.segment, name)
+
+
+def _join(segment: str, bridge: str) -> None:
+    """`segment`, an interface of the node, joined to `bridge` and up: the bridge is one layer-2 segment with what
+    lies beyond it (other nodes' bridges). UsageError if there is no such interface or another bridge has it."""
+    if not exists(segment):
+        raise UsageError(
+            f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
+            "the other nodes (see README, Network)"
+        )
+    (link,) = _links("link", "show", "dev", segment)
+    master = link.get("master")
+    if master not in (None, bridge):
+        raise UsageError(f"the node network's segment {segment} belongs to bridge {master} already, not {bridge}")
+    if master is None:
+        _ip("link", "set", segment, "master", bridge)
+    _ip("link", "set", segment, "up")
 
 
 def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:
@@ -93,9 +116,59 @@ def connect(veth: str) -> None:
     _ip("link", "set", veth, "up")
 
 
+def wait_carrying(netns: str, veth: str) -> bool:
+    """Whether, within CARRY_WAIT, a container just connected can send: its INSIDE end up (the kernel starts its
+    queue only then) and the bridge forwarding through `veth`. A frame sent before is lost."""
+
+    def carrying() -> bool:
+        (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
+        (port,) = _links("-d", "link", "show", "dev", veth)
+        state = port.get("linkinfo", {}).get("info_slave_data", {}).get("state")
+        return inside.get("operstate") == "UP" and state == "forwarding"
+
+    return _until(carrying)
+
+
+def wait_bridge_carrying(bridge: str) -> bool:
+    """Whether, within CARRY_WAIT, the bridge can send: up, with a port that forwards (a bridge just made, or just
+    joined to its segment, gets there a moment later). A frame sent before is lost."""
+
+    def carrying() -> bool:
+        (link,) = _links("link", "show", "dev", bridge)
+        return link.get("operstate") == "UP"
+
+    return _until(carrying)
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + CARRY_WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def is_cut_off(veth: str) -> bool:
     """Whether `veth` is there and down."""
     return exists(veth) and all("UP" not in link.get("flags", []) for link in _links("link", "show", "dev", veth))
+
+
+def cut_off_fails() -> str | None:
+    """Why a container could not be cut off its network on this node, None if it can: tried on a veth made in a
+    network namespace of its own (gone afterwards), set down and up again as `cut_off` and `connect` do."""
+    netns = f"kpn-probe-{os.getpid()}"
+    try:
+        _ip("netns", "add", netns)
+        try:
+            _ip("-n", netns, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
+            for state in ("up", "down", "up"):
+                _ip("-n", netns, "link", "set", "kpnprobe", state)
+        finally:
+            remove_netns(netns)
+    except HostError as exc:
+        return f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message
+    return None
 
 
 def exists(ifname: str) -> bool:

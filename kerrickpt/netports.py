@@ -4,8 +4,9 @@ this node hold already (/proc/net)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from kerrickpt.errors import UsageError
 
 PROTOCOLS = ("tcp", "udp")
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # states as /proc/net/tcp writes them
 PATTERN = re.compile(r"(\d{1,5}):(\d{1,5})(?:/(tcp|udp))?")
 
 
@@ -48,11 +50,34 @@ def parse(items: Sequence[str]) -> tuple[Port, ...]:
 
 def bound(protocol: str) -> set[int]:
     """The ports of `protocol` a socket of this network namespace listens on (tcp) or is bound to (udp)."""
-    ports: set[int] = set()
+    return {
+        int(fields[1].rsplit(":", 1)[1], 16)
+        for fields in _sockets(Path("/proc/net"), protocol)
+        if protocol == "udp" or fields[3] == TCP_LISTEN
+    }
+
+
+def established(pid: int) -> list[str]:
+    """The established TCP connections of the network namespace of process `pid`, each "LOCAL:PORT PEER:PORT"."""
+    return [
+        f"{_endpoint(fields[1])} {_endpoint(fields[2])}"
+        for fields in _sockets(Path(f"/proc/{pid}/net"), "tcp")
+        if fields[3] == TCP_ESTABLISHED
+    ]
+
+
+def _sockets(directory: Path, protocol: str) -> Iterator[list[str]]:
+    """The fields of each socket line of `directory`/`protocol` and its IPv6 table."""
     for suffix in ("", "6"):
         with contextlib.suppress(FileNotFoundError):
-            for line in Path(f"/proc/net/{protocol}{suffix}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if protocol == "udp" or fields[3] == "0A":  # TCP_LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+            for line in (directory / f"{protocol}{suffix}").read_text().splitlines()[1:]:
+                yield line.split()
+
+
+def _endpoint(text: str) -> str:
+    """An address:port of /proc/net/tcp (the address in 32-bit words of the host's byte order, little-endian
+    here), as people write it."""
+    address, port = text.split(":")
+    raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+    shown = ipaddress.ip_address(raw)
+    return f"{shown}:{int(port, 16)}" if shown.version == 4 else f"[{shown}]:{int(port, 16)}"

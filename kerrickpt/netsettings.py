@@ -1,7 +1,8 @@
-"""Owns the node network's settings (see network): its subnet and bridge, chosen once per node, at the first
-container with a network of its own (from $KERRICKPT_SUBNET and $KERRICKPT_BRIDGE, else the defaults), and
-stored in STATE/network.json, which every later command reads: a migration's agent, `gc` or cron see the
-node's network whatever their environment says."""
+"""Owns the node network's settings (see network): its subnet and bridge, the node's address on it, the part of
+the subnet it hands out, and the interface that joins it to a segment other nodes share; chosen once per node, at
+the first container with a network of its own (from $KERRICKPT_SUBNET, $KERRICKPT_BRIDGE, $KERRICKPT_GATEWAY,
+$KERRICKPT_POOL and $KERRICKPT_SEGMENT, else the defaults), and stored in STATE/network.json, which every later
+command reads: a migration's agent, `gc` or cron see the node's network whatever their environment says."""
 
 from __future__ import annotations
 
@@ -16,25 +17,40 @@ from kerrickpt import claims
 from kerrickpt.errors import StateDamagedError, UsageError
 
 BRIDGE_ENV, SUBNET_ENV = "KERRICKPT_BRIDGE", "KERRICKPT_SUBNET"
+GATEWAY_ENV, POOL_ENV, SEGMENT_ENV = "KERRICKPT_GATEWAY", "KERRICKPT_POOL", "KERRICKPT_SEGMENT"
+ENVS = (BRIDGE_ENV, SUBNET_ENV, GATEWAY_ENV, POOL_ENV, SEGMENT_ENV)
 DEFAULT_BRIDGE = "kerrickpt0"
 # Set aside for benchmarking (RFC 2544), so never a real network's; the local test nodes take 198.18.0.0/16.
 DEFAULT_SUBNET = "198.19.0.0/16"
 FILE = "network.json"
 # An interface name the kernel takes (IFNAMSIZ: 15 characters) and that no `ip` argument mistakes for an option.
-BRIDGE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+IFNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The node network: its bridge, and its subnet, whose first address is the node's own on the bridge."""
+    """The node network: its bridge and subnet; the node's own address on the bridge, the containers' default
+    route (by default the subnet's first); the part of the subnet whose addresses this node hands out (`pool`, by
+    default all of it); and `segment`, an interface of the node joined to the bridge, through which the bridge is
+    one layer-2 segment with other nodes' (None: the bridge is this node's alone).
+
+    Nodes that share a segment share its subnet, each with a gateway and a pool of its own: a container's address
+    is then good on any of them, and two nodes never hand out one address."""
 
     bridge: str
     subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Interface
+    pool: ipaddress.IPv4Network
+    segment: str | None = None
 
-    @property
-    def gateway(self) -> ipaddress.IPv4Interface:
-        """The node's own address on its bridge, the containers' default route: the subnet's first."""
-        return ipaddress.IPv4Interface(f"{next(self.subnet.hosts())}/{self.subnet.prefixlen}")
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "bridge": self.bridge,
+            "subnet": str(self.subnet),
+            "gateway": str(self.gateway.ip),
+            "pool": str(self.pool),
+            "segment": self.segment,
+        }
 
 
 def load(registry: claims.State) -> Settings:
@@ -44,7 +60,7 @@ def load(registry: claims.State) -> Settings:
     path = registry.root / FILE
     asked, stored = _asked(), _read(path)
     if stored is None:
-        return asked or Settings(DEFAULT_BRIDGE, ipaddress.IPv4Network(DEFAULT_SUBNET))
+        return asked or _checked({})
     if asked is not None and asked != stored:
         raise _differ(path, stored, asked)
     return stored
@@ -55,7 +71,7 @@ def keep(registry: claims.State, settings: Settings) -> None:
     path = registry.root / FILE
     if _read(path) == settings:
         return  # the usual case: nothing written aside and fsynced
-    data = json.dumps({"bridge": settings.bridge, "subnet": str(settings.subnet)}).encode()
+    data = json.dumps(settings.to_dict()).encode()
     if not claims.write_new(path, data):
         stored = _read(path)
         if stored != settings:
@@ -65,37 +81,73 @@ def keep(registry: claims.State, settings: Settings) -> None:
 
 def _differ(path: Path, stored: Settings, asked: Settings) -> UsageError:
     return UsageError(
-        f"this node's network is {stored.subnet} on bridge {stored.bridge} (chosen at its first container with a "
-        f"network of its own, kept in {path}); ${SUBNET_ENV} and ${BRIDGE_ENV} ask for {asked.subnet} on "
-        f"{asked.bridge}: unset them, or remove {path} while no container has a network of its own"
+        f"this node's network is {describe(stored)} (chosen at its first container with a network of its own, "
+        f"kept in {path}); the environment ({', '.join('$' + e for e in ENVS)}) asks for {describe(asked)}: "
+        f"unset them, or remove {path} while no container has a network of its own"
     )
 
 
+def describe(settings: Settings) -> str:
+    """The settings in words, as a message gives them."""
+    words = f"{settings.subnet} on bridge {settings.bridge}"
+    if settings.gateway != _first(settings.subnet):
+        words += f" at {settings.gateway.ip}"
+    if settings.pool != settings.subnet:
+        words += f", handing out {settings.pool}"
+    return words + (f", joined to segment {settings.segment}" if settings.segment else "")
+
+
 def _asked() -> Settings | None:
-    """The settings the environment asks for; None if it names neither."""
-    bridge, subnet = os.environ.get(BRIDGE_ENV) or None, os.environ.get(SUBNET_ENV) or None
-    if bridge is None and subnet is None:
-        return None
-    return _checked(bridge or DEFAULT_BRIDGE, subnet or DEFAULT_SUBNET)
+    """The settings the environment asks for; None if it names none."""
+    given = {key: value for key in ENVS if (value := os.environ.get(key))}
+    return _checked(given) if given else None
 
 
-def _checked(bridge: str, text: str) -> Settings:
-    if not BRIDGE_PATTERN.fullmatch(bridge):
-        raise UsageError(f"{BRIDGE_ENV}={bridge}: give an interface name of 1 to 15 letters, digits, '_', '.', '-'")
-    try:
-        net = ipaddress.IPv4Network(text)
-    except ValueError as exc:
-        raise UsageError(f"{SUBNET_ENV}={text}: not an IPv4 subnet ({exc})") from None
+def _checked(given: dict[str, str | None]) -> Settings:
+    """Settings from `given` (the environment's names as keys; a missing one takes its default)."""
+    bridge = given.get(BRIDGE_ENV) or DEFAULT_BRIDGE
+    segment = given.get(SEGMENT_ENV) or None
+    for key, name in ((BRIDGE_ENV, bridge), (SEGMENT_ENV, segment)):
+        if name is not None and not IFNAME_PATTERN.fullmatch(name):
+            raise UsageError(f"{key}={name}: give an interface name of 1 to 15 letters, digits, '_', '.', '-'")
+    if segment == bridge:
+        raise UsageError(f"{SEGMENT_ENV}={segment}: the segment's interface cannot be the bridge itself")
+    net = _network(SUBNET_ENV, given.get(SUBNET_ENV) or DEFAULT_SUBNET)
     if net.prefixlen > 30:
-        raise UsageError(f"{SUBNET_ENV}={text}: too small for a gateway and a container")
-    return Settings(bridge, net)
+        raise UsageError(f"{SUBNET_ENV}={net}: too small for a gateway and a container")
+    pool = _network(POOL_ENV, given.get(POOL_ENV) or str(net))
+    if not pool.subnet_of(net):
+        raise UsageError(f"{POOL_ENV}={pool}: not a part of the node network {net}")
+    gateway = _first(net)
+    if given.get(GATEWAY_ENV):
+        try:
+            gateway = ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(given[GATEWAY_ENV])}/{net.prefixlen}")
+        except ValueError as exc:
+            raise UsageError(f"{GATEWAY_ENV}={given[GATEWAY_ENV]}: not an IPv4 address ({exc})") from None
+        if gateway.ip not in net or gateway.ip in (net.network_address, net.broadcast_address):
+            raise UsageError(f"{GATEWAY_ENV}={gateway.ip}: not an address of the node network {net}")
+    return Settings(bridge, net, gateway, pool, segment)
+
+
+def _network(key: str, text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        raise UsageError(f"{key}={text}: not an IPv4 subnet ({exc})") from None
+
+
+def _first(net: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
+    return ipaddress.IPv4Interface(f"{next(net.hosts())}/{net.prefixlen}")
 
 
 def _read(path: Path) -> Settings | None:
     try:
         data = json.loads(path.read_bytes())
-        return _checked(data["bridge"], data["subnet"])
+        # A file of a kerrickpt before segments names the bridge and subnet only: the rest takes its defaults.
+        keys = {"bridge": BRIDGE_ENV, "subnet": SUBNET_ENV, "gateway": GATEWAY_ENV, "pool": POOL_ENV}
+        given = {env: data[key] for key, env in keys.items() if key in data}
+        return _checked({**given, SEGMENT_ENV: data.get("segment")})
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, UsageError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
         raise StateDamagedError(f"{path} is damaged ({exc}): remove it to choose the node network again") from None

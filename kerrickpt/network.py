@@ -7,14 +7,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import claims, firewall, netlinks, netports, netsettings
-from kerrickpt.errors import HostError, UsageError
+from kerrickpt import arp, claims, firewall, netlinks, netports, netsettings
+from kerrickpt.errors import HostError, NotCheckpointable, UsageError
 from kerrickpt.netports import Port
+
+log = logging.getLogger(__name__)
 
 HOST, OWN = "host", "own"  # `--net`: the node's network namespace, or one of its own on the node's bridge
 MODES = (HOST, OWN)
@@ -99,14 +102,7 @@ def plan(
     the subnet or in use, a port taken, a subnet the node's own addresses overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
-    own = netlinks.node_addresses()
-    for ifname, interface in own:
-        if ifname != settings.bridge and interface.network.overlaps(net):
-            raise UsageError(
-                f"the node network {net} overlaps this node's own address {interface} on {ifname}: "
-                f"give the node network another subnet (see README, Network)"
-            )
-    used = {interface.ip for _, interface in own} | {settings.gateway.ip}
+    used = _node_own(settings)
     directory = _directory(registry)
     try:
         wanted = _address(address, net) if address is not None else None
@@ -115,12 +111,11 @@ def plan(
                 raise UsageError(f"address {wanted} is in use on this node (the node's own)")
             wanted = None
         if wanted is not None and not claims.take(registry, directory / f"{ADDRESS}-{wanted}", name):
-            holder = claims.owner(directory / f"{ADDRESS}-{wanted}")
             if not fall_back:
-                raise UsageError(f"address {wanted} is in use on this node (by container {holder})")
+                raise _held(wanted, directory)
             wanted = None
         if wanted is None:
-            wanted = _allocate(registry, directory, net, used, name)
+            wanted = _allocate(registry, directory, settings, used, name)
         bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
             _claim_port(registry, directory, port, bound, name)
@@ -129,6 +124,68 @@ def plan(
         raise
     netns, veth = names(registry, name)
     return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth), settings
+
+
+def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) -> None:
+    """Check that this node can take `name`, a container that migrates here with the network `carried`, before its
+    source freezes it (a migration's pre-flight): its published ports are free here; and, unless `remap` (it gets
+    an address of this node's), its address is this node's subnet's, free on this node, and on a segment that
+    reaches the source: the container answers for it there (from the source node), and no other machine does.
+    So the container keeps its address and connections here. Claims nothing (its restore does), but makes the
+    node network's bridge, which the question goes out on. NotCheckpointable if the address cannot live here
+    (`--net-remap` can move the container), UsageError if it is taken."""
+    settings = netsettings.load(registry)
+    used = _node_own(settings)
+    directory = _directory(registry)
+    bound = functools.cache(netports.bound)
+    for port in carried.ports:
+        _free_port(registry, directory, port, bound, name)
+    if remap:
+        return
+    address = ipaddress.IPv4Interface(carried.address)
+    where = netsettings.describe(settings)
+    remedy = "migrate it with --net-remap to give it an address of the target's (its connections are closed)"
+    if address.network != settings.subnet:
+        raise NotCheckpointable(f"its address {address} is not of this node's network ({where}): {remedy}")
+    if settings.segment is None:
+        raise NotCheckpointable(
+            f"this node's network ({where}) is joined to no segment (${netsettings.SEGMENT_ENV}), so the source's "
+            f"peers would not reach {address.ip} here: {remedy}"
+        )
+    if address.ip in used:
+        raise UsageError(f"address {address.ip} is in use on this node (the node's own)")
+    claim = directory / f"{ADDRESS}-{address.ip}"
+    if claim.exists() and claims.refuses(registry, claims.owner(claim), name):
+        raise _held(address.ip, directory)
+    _bridge(registry, settings)
+    netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
+    answered = arp.probe(settings.bridge, str(address.ip))
+    if answered - {carried.mac}:
+        others = ", ".join(sorted(answered - {carried.mac}))
+        raise UsageError(f"address {address.ip} is in use on this node's segment {settings.segment}, by {others}")
+    if carried.mac not in answered:
+        raise NotCheckpointable(
+            f"the container does not answer at {address.ip} on this node's segment {settings.segment}: the segment "
+            f"does not reach the source's node network, so its peers would not reach it here: {remedy}"
+        )
+
+
+def _node_own(settings: netsettings.Settings) -> set[ipaddress.IPv4Address]:
+    """The addresses the node itself holds, its gateway's among them. UsageError if an address of another of its
+    interfaces overlaps the node network: which of the two a packet is for could not be told."""
+    own = netlinks.node_addresses()
+    for ifname, interface in own:
+        if ifname != settings.bridge and interface.network.overlaps(settings.subnet):
+            raise UsageError(
+                f"the node network {settings.subnet} overlaps this node's own address {interface} on {ifname}: "
+                f"give the node network another subnet (see README, Network)"
+            )
+    return {interface.ip for _, interface in own} | {settings.gateway.ip}
+
+
+def _held(address: ipaddress.IPv4Address, directory: Path) -> UsageError:
+    holder = claims.owner(directory / f"{ADDRESS}-{address}")
+    return UsageError(f"address {address} is in use on this node (by container {holder})")
 
 
 def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -145,30 +202,49 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _allocate(
-    registry: claims.State, directory: Path, net: ipaddress.IPv4Network, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
 ) -> ipaddress.IPv4Address:
-    """The subnet's first address not in `used` that `name` can claim (claims.take judges an existing claim)."""
+    """The first address of the node's pool not in `used` that `name` can claim (claims.take judges an existing
+    claim)."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
     # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
     holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
-    for candidate in net.hosts():
+    net = settings.subnet
+    for candidate in settings.pool:
+        if candidate in (net.network_address, net.broadcast_address):
+            continue
         filename = f"{ADDRESS}-{candidate}"
         if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
             continue
         if claims.take(registry, directory / filename, name):
             return candidate
-    raise UsageError(f"no free address left in this node's network {net}: containers hold them all")
+    raise UsageError(f"no free address left in this node's pool {settings.pool}: containers hold them all")
 
 
 def _claim_port(
     registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
 ) -> None:
+    path = _free_port(registry, directory, port, bound, name)
+    if not claims.take(registry, path, name):
+        raise _published(port, path)
+
+
+def _free_port(
+    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
+) -> Path:
+    """The claim file of the node port `port`, which no program of the node listens on and no other container
+    publishes (else UsageError)."""
     if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
-    if not claims.take(registry, path, name):
-        holder = claims.owner(path)
-        raise UsageError(f"--publish {port}: container {holder} publishes node port {port.host}/{port.protocol}")
+    if path.exists() and claims.refuses(registry, claims.owner(path), name):
+        raise _published(port, path)
+    return path
+
+
+def _published(port: Port, path: Path) -> UsageError:
+    holder = claims.owner(path)
+    return UsageError(f"--publish {port}: container {holder} publishes node port {port.host}/{port.protocol}")
 
 
 def release(registry: claims.State, name: str) -> None:
@@ -195,11 +271,30 @@ def create(registry: claims.State, net: Network, settings: netsettings.Settings,
     container's network namespace and veth (see netlinks.make), and its published ports; not `connected`, it
     stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
-    netlinks.bridge(settings, str(registry.root.resolve()))
-    netsettings.keep(registry, settings)  # this node's from now on
+    _bridge(registry, settings)
     netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected)
     if net.ports:
         firewall.publish(net.chain, net.ip, [(p.host, p.container, p.protocol) for p in net.ports])
+
+
+def _bridge(registry: claims.State, settings: netsettings.Settings) -> None:
+    """The node network's bridge, made if missing (see netlinks.bridge), and `settings` this node's from now on."""
+    netlinks.bridge(settings, str(registry.root.resolve()))
+    netsettings.keep(registry, settings)
+
+
+def reconnect(net: Network) -> None:
+    """Connect `net` to the node network again (see netlinks.connect) and announce its address from it (see
+    arp.announce): a segment that learned it behind another node's port (a migration's source) learns at once that
+    it lives here now, not when the container next sends. The announcement is a courtesy: should it fail, the
+    segment learns from the container's next frame, and a warning says so."""
+    netlinks.connect(net.veth)
+    try:
+        if not netlinks.wait_carrying(net.netns, net.veth):
+            log.warning("%s's link was not up after %.0f s: announcing its address anyway", net.ip, netlinks.CARRY_WAIT)
+        arp.announce(net.pin, netlinks.INSIDE, net.ip, net.mac)
+    except HostError as exc:
+        log.warning("%s: the network learns where it lives from its next frame", exc.message)
 
 
 def destroy(net: Network) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kerrickpt import cgroups, containers, criu, idranges, isolation, schema, testmode
+from kerrickpt import cgroups, containers, criu, idranges, isolation, netlinks, schema, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -178,6 +178,7 @@ def check(state_dir: Path | str | None = None) -> Report:
         problems.append(str(exc))
     if not features["mem_dirty_track"]:
         notes.append("soft-dirty memory tracking is off: no pre-dump or incremental snapshots")
+    features |= _network_features(found, criu_check_text, is_root, notes)
     can_dump_others = has_capability(CAP_SYS_RESOURCE)
     features["lazy_pages"] = features["userfaultfd"] and pipes_allow_lazy_pages()
     features["lazy_pages_confined"] = lazy_pages_confined(features["lazy_pages"])
@@ -209,6 +210,24 @@ def check(state_dir: Path | str | None = None) -> Report:
         problems=problems,
         notes=notes,
     )
+
+
+def _network_features(
+    found: criu.Criu | None, criu_check_text: str, is_root: bool, notes: list[str]
+) -> dict[str, bool]:
+    """features.tcp_repair, features.external_net_ns and features.network_lock: what a container with a network
+    of its own needs to keep its connections (see README, Network), a note saying why for each one missing."""
+    # TCP repair is among the checks `criu check` requires: its verdict is TCP repair's.
+    tcp_repair = found is not None and "Looks good" in criu_check_text
+    external = found is not None and criu.has_feature(found, "external_net_ns")
+    why_not = netlinks.cut_off_fails() if is_root else "not root"
+    if not tcp_repair:
+        notes.append("no TCP repair (see `criu check`): a container's TCP connections cannot be carried")
+    if found is not None and not external:
+        notes.append("CRIU here cannot restore into a network namespace kerrickpt made (external_net_ns)")
+    if why_not is not None:
+        notes.append(f"a container cannot be cut off its network while it is dumped (the network lock): {why_not}")
+    return {"tcp_repair": tcp_repair, "external_net_ns": external, "network_lock": why_not is None}
 
 
 def _held(state_dir: Path | str | None) -> int:

@@ -24,6 +24,7 @@ from kerrickpt import (
     feeder,
     garbage,
     isolation,
+    network,
     node,
     postcopy,
     procs,
@@ -36,9 +37,11 @@ from kerrickpt.errors import (
     ContainerExistsError,
     KerrickptError,
     NodeIncompatibleError,
+    NotCheckpointable,
     NotReadyError,
     ProtocolError,
     RestoreFailed,
+    UsageError,
 )
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
@@ -81,6 +84,13 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
     name = containers.check_name(request.name)
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
+    if request.network is not None:
+        carried = network.Identity.from_dict(msgspec.to_builtins(request.network))
+        try:
+            network.admit(registry, name, carried, remap=request.net_remap)
+        except (UsageError, NotCheckpointable) as exc:
+            exc.message = f"the target cannot take the network of {name} (nothing was frozen): {exc.message}"
+            raise
     differ = []
     for path, size in request.files.items():
         try:
@@ -112,11 +122,13 @@ def receive(
     migration_id: str,
     force: bool = False,
     lazy: bool = False,
+    net_remap: bool = False,
     state_dir: Path | str | None = None,
 ) -> int:
     """Take an archive streamed by the source, restore it, and tell the source once it runs.
 
     With `lazy`, the memory the archive lacks comes afterwards through `agent pages` (post-copy).
+    With `net_remap`, a container with a network of its own gets an address of this node's (see restore).
 
     Until the container runs here, any failure removes what this side made and is
     reported; once it runs it stays, whatever happens to the connection.
@@ -151,7 +163,7 @@ def receive(
                 # Else unpacked and verified while it arrives. Restored only after the source's END frame.
                 result = restore(
                     incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
-                    watcher=watcher,
+                    watcher=watcher, net_remap=net_remap,
                 )  # fmt: skip
             except Exception as exc:
                 return _failed(stdout, registry, name, migration_id, exc)

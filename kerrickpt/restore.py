@@ -25,7 +25,6 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
-    netlinks,
     network,
     node,
     postcopy,
@@ -61,6 +60,7 @@ class RestoreResult:
     init_pid: int
     pid_map: dict[int, int]
     warnings: list[str] = field(default_factory=list)
+    address: str | None = None  # its own network's address here (ADDR/PREFIX); None: it shares the node's
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +68,7 @@ class RestoreResult:
             "init_pid": self.init_pid,
             "pid_map": {str(k): v for k, v in sorted(self.pid_map.items())},
             "warnings": self.warnings,
+            "address": self.address,
         }
 
 
@@ -85,6 +86,7 @@ def restore(
     stdout: int | None = None,
     stderr: int | None = None,
     tcp_close: bool = False,
+    net_remap: bool = False,
     pool: isolation.IdPool | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
@@ -107,7 +109,9 @@ def restore(
 
     A container with a network of its own gets it back here: its address (it must be free) and MAC, its published
     ports, and its established TCP connections, or, with `tcp_close`, those closed (a copy next to its source:
-    then it takes another address of the node's subnet if its own is in use).
+    then it takes another address of the node's subnet if its own is in use). With `net_remap` it takes an address
+    of this node's pool whatever its own was, its connections closed, its listeners kept (a migration to a node
+    its address cannot live on).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -148,7 +152,8 @@ def restore(
             layers = layerchain.gather(manifest, list(bases), scratch) if index is None else []
             plan = dataclasses.replace(_plan(manifest, pid_namespace), watcher=watcher, cgroup_parents=cgroup_parents)
             if manifest.network is not None:
-                plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if tcp_close else criu.TCP_ESTABLISHED)
+                closes = tcp_close or net_remap
+                plan = dataclasses.replace(plan, tcp=criu.TCP_CLOSE if closes else criu.TCP_ESTABLISHED)
             elif tcp_close:
                 raise UsageError(
                     f"--tcp-close: {label} has no network of its own (it shared its node's), so no TCP connection of "
@@ -156,18 +161,20 @@ def restore(
                 )
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
                 init_pid = _restore_as(
-                    registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool
-                )
+                    registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool,
+                    remap=net_remap,
+                )  # fmt: skip
         handed_over = watcher is not None
     finally:
         helper.close()
         given.close()
         if not handed_over:
             shutil.rmtree(scratch, ignore_errors=True)
-    group = registry.get(name).group
-    pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(group.pids())}
+    restored = registry.get(name)
+    pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(restored.group.pids())}
     warnings = [d.message for d in verdict.differences] + given.unused(manifest.stdio)
-    return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings)
+    address = restored.network.address if restored.network else None
+    return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings, address=address)
 
 
 def _plan(manifest: Manifest, pid_namespace: str) -> restorer.Plan:
@@ -201,6 +208,8 @@ def _restore_as(
     layers: list[layerchain.Delta],
     given: stdio.Given,
     pool: isolation.IdPool | None,
+    *,
+    remap: bool,
 ) -> int:
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
@@ -210,7 +219,8 @@ def _restore_as(
         if manifest.network is not None:
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
-            own_net, settings = network.plan(registry, name, archived.ip, archived.ports, fall_back=fall_back)
+            wanted = None if remap else archived.ip  # None: the pool's first free address
+            own_net, settings = network.plan(registry, name, wanted, archived.ports, fall_back=fall_back)
             # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
             # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
             # have answered any (the archive's connections stay good for another try).
@@ -272,7 +282,7 @@ def _restore_as(
             )
         )
         if own_net is not None:
-            netlinks.connect(own_net.veth)  # the very last step (see above)
+            network.reconnect(own_net)  # the very last step (see above)
         return init_pid
     except BaseException as exc:
         if plan.watcher is not None:

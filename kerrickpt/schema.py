@@ -192,6 +192,7 @@ class Manifest(msgspec.Struct):
     layer_base: LayerBase | None = None
     stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
     network: Network | None = None  # its own network (absent: it shared its node's)
+    connections: list[Annotated[str, msgspec.Meta(max_length=120)]] = []  # see manifest.Manifest.connections
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).
@@ -205,6 +206,8 @@ class PreflightRequest(msgspec.Struct):
     memory_bytes: Count
     force: bool = False
     confinement: Confinement | None = None  # a confined container's: what the target must offer it
+    network: Network | None = None  # a container's own network, which the target must take (see network.admit)
+    net_remap: bool = False  # the target gives it an address of its own: only its published ports are checked
 
 
 class Answer(msgspec.Struct):
@@ -228,6 +231,7 @@ class Restored(msgspec.Struct):
     name: str
     pid_map: dict[Pid, Pid]  # in the container -> on the target's host
     warnings: list[str] = []
+    address: str | None = None  # its own network's address there (a kerrickpt before migrations of one: absent)
 
 
 class Status(Answer):

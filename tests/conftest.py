@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, criu, limits, testmode
+from kerrickpt import containers, criu, limits, netsettings, testmode
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -74,6 +74,8 @@ def _test_mode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("KERRICKPT_STATE_DIR", "KERRICKPT_FAULT", "KERRICKPT_CGROUP_PARENT", "KERRICKPT_TEST_FINGERPRINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in netsettings.ENVS:
         monkeypatch.delenv(name, raising=False)
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import kerrickpt
@@ -153,3 +154,51 @@ def guardians(freezer: Freezer) -> list[int]:
 def waits_in(pid: int, kernel_function: str) -> bool:
     """Whether the process sleeps in the kernel in a function named like `kernel_function` (its wchan)."""
     return kernel_function in Path(f"/proc/{pid}/wchan").read_text()
+
+
+COUNTER = Path(__file__).parent / "workload" / "counter.py"
+
+
+@dataclass
+class Client:
+    """The counter's client (workload/counter.py), talking to a server over one connection."""
+
+    process: subprocess.Popen[str]
+    output: Path
+    stop: Path
+
+    @classmethod
+    def start(cls, enter: list[str], address: str, port: int, directory: Path) -> Client:
+        """One talking to `address`:`port` from where `enter` (an nsenter prefix) puts it; its files in
+        `directory`, named for the address (several may talk at once)."""
+        output, stop = directory / f"client-{address}.out", directory / f"client-{address}.stop"
+        with output.open("w") as out:
+            argv = [*enter, sys.executable, str(COUNTER), "talk", address, str(port), str(stop)]
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
+        return cls(process, output, stop)
+
+    def answers(self) -> list[int]:
+        return [int(n) for n in re.findall(r"^answer (\d+) ", self.output.read_text(), re.M)]
+
+    def wait_more(self, count: int = 5) -> None:
+        """Until `count` more answers came; fails at once if the client gave up."""
+        before = len(self.answers())
+        wait_for(
+            lambda: len(self.answers()) >= before + count or self.process.poll() is not None,
+            timeout=60,
+            what=f"{count} more answers",
+        )
+        assert self.process.poll() is None, self.output.read_text()[-500:]
+
+    def finish(self) -> list[int]:
+        """Stop it; every answer it got, which it checked one by one."""
+        self.stop.touch()
+        assert self.process.wait(timeout=60) == 0, self.output.read_text()[-500:]
+        assert re.search(r"^done \d+$", self.output.read_text(), re.M)
+        return self.answers()
+
+    def end(self) -> None:
+        """Kill it if it still runs."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

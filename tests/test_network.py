@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import containers, network
-from tests.helpers import KERRICKPT, cli_env, unique_name, wait_for
+from tests.helpers import COUNTER, KERRICKPT, Client, cli_env, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
-COUNTER = Path(__file__).parent / "workload" / "counter.py"
 PORT = 7000
 
 
@@ -94,53 +93,18 @@ def node(state_dir: Path) -> Iterator[Node]:
                     cleanup.callback(made.kerrickpt, "kill", name)
 
 
-@dataclass
-class Client:
-    """The counter's client, talking to a server over one connection from the node."""
-
-    process: subprocess.Popen[str]
-    output: Path
-    stop: Path
-
-    def answers(self) -> list[int]:
-        return [int(n) for n in re.findall(r"^answer (\d+) ", self.output.read_text(), re.M)]
-
-    def wait_more(self, count: int = 5) -> None:
-        """Until `count` more answers came; fails at once if the client gave up."""
-        before = len(self.answers())
-        wait_for(
-            lambda: len(self.answers()) >= before + count or self.process.poll() is not None,
-            timeout=60,
-            what=f"{count} more answers",
-        )
-        assert self.process.poll() is None, self.output.read_text()[-500:]
-
-    def finish(self) -> list[int]:
-        """Stop it; every answer it got, which it checked one by one."""
-        self.stop.touch()
-        assert self.process.wait(timeout=60) == 0, self.output.read_text()[-500:]
-        assert re.search(r"^done \d+$", self.output.read_text(), re.M)
-        return self.answers()
-
-
 @pytest.fixture
 def client(node: Node, tmp_path: Path) -> Iterator[Callable[[str], Client]]:
     """Start it with `talk(address)`; it is ended afterwards whatever happened."""
     started: list[Client] = []
 
     def talk(address: str) -> Client:
-        output, stop = tmp_path / "client.out", tmp_path / "client.stop"
-        with output.open("w") as out:
-            argv = [*node.enter(), sys.executable, str(COUNTER), "talk", address, str(PORT), str(stop)]
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
-        started.append(Client(process, output, stop))
+        started.append(Client.start(node.enter(), address, PORT, tmp_path))
         return started[-1]
 
     yield talk
     for made in started:
-        if made.process.poll() is None:
-            made.process.kill()
-            made.process.wait()
+        made.end()
 
 
 def _talking(node: Node, client: Callable[[str], Client]) -> tuple[str, str, Client]:
@@ -173,8 +137,11 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     talking.wait_more()
 
     node.ok("checkpoint", name, "-o", str(tmp_path / "stopped.kckpt"))
-    carried = node.ok("inspect", str(tmp_path / "stopped.kckpt"))["network"]
-    assert carried["address"] == f"{address}/16"  # type: ignore[index]
+    carried = node.ok("inspect", str(tmp_path / "stopped.kckpt"))
+    assert carried["network"]["address"] == f"{address}/16"  # type: ignore[index]
+    assert [c.split()[0] for c in carried["connections"]] == [f"{address}:{PORT}"]  # type: ignore[union-attr]
+    shown = node.kerrickpt("inspect", str(tmp_path / "stopped.kckpt")).stdout
+    assert f"network:   its own: {address}/16" in shown and "1 established TCP connections carried" in shown
     assert name not in node.kerrickpt("ps").stdout
     restored = node.ok("restore", str(tmp_path / "stopped.kckpt"))
     assert restored["name"] == name
@@ -337,17 +304,16 @@ def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
     assert "neither frozen nor cut off its network" in refused.stderr
 
 
-def test_migrating_a_container_with_its_own_network_is_refused_before_the_freeze(
-    node: Node, client: Callable[[str], Client]
+def test_net_remap_of_a_container_sharing_the_nodes_network_is_refused_before_the_target_is_asked(
+    node: Node,
 ) -> None:
-    name, _, talking = _talking(node, client)
-    # Refused before the target is asked anything: this one does not exist.
-    refused = node.kerrickpt("migrate", name, "--to", "root@198.18.255.254")
-    assert refused.returncode == 14, refused.stderr
-    assert "has a network of its own" in refused.stderr
-    assert "It was not frozen and keeps running here" in refused.stderr
-    talking.wait_more()
-    assert talking.finish()
+    name = unique_name("hostnet")
+    node.ok("run", "--name", name, "--", "sleep", "600")
+    # This target does not exist: the refusal comes before anything is asked of it.
+    refused = node.kerrickpt("migrate", name, "--to", "root@198.18.255.254", "--net-remap")
+    assert refused.returncode == 2, refused.stderr
+    assert "shares its node's network, so it has no address of its own to change" in refused.stderr
+    assert [row["state"] for row in json.loads(node.kerrickpt("ps", "--json").stdout)] == ["running"]
 
 
 def test_gc_removes_what_an_abandoned_run_with_its_own_network_left(node: Node) -> None:

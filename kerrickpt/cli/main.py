@@ -465,6 +465,12 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
         link = f" (chosen for a {m.compression['link_mib_s']} MiB/s link)" if "link_mib_s" in m.compression else ""
         print(f"format:    zstd level {level}{link}, {m.checksum} checksums")
         print(f"route:     {restore_route(m)}")
+        if m.network:
+            published = ", ".join(map(str, m.network.ports)) or "no node port"
+            print(f"network:   its own: {m.network.address}, MAC {m.network.mac}, publishes {published}")
+            print(f"           {len(m.connections)} established TCP connections carried")
+            for connection in m.connections:
+                print(f"  {connection}")
         if m.confinement:
             c = m.confinement
             root = "an overlay of the node's root" if c.rootfs == "host" else f"an overlay of {c.rootfs}"
@@ -506,9 +512,12 @@ def cmd_migrate(args: argparse.Namespace) -> tuple[Any, int]:
             level=args.level,
             log_tail=args.log_tail,
             lazy=args.lazy,
+            net_remap=args.net_remap,
         )
     if not args.json:
         headline = f"moved {result.name} to {result.target}: down {result.downtime_s:.3f} s"
+        if result.address:
+            headline += f", at {result.address}"
         _print_placed(headline, result.warnings, result.pid_map)
     return result.to_dict(), 0
 
@@ -531,6 +540,7 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
             migration_id=args.migration_id,
             force=args.force,
             lazy=args.lazy,
+            net_remap=args.net_remap,
             state_dir=args.state_dir,
         )
         return None, code
@@ -773,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ip",
         metavar="ADDR/PREFIX",
-        help="with --net own: this address in the node's subnet (default: its first free one)",
+        help="with --net own: this address in the node's subnet (default: the node's pool's first free one)",
     )
     p.add_argument(
         "--publish",
@@ -886,6 +896,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-copy: the container runs on the target before its memory has all arrived (see README: "
         "if the page transfer breaks off, the target's copy is killed and this one resumes from the freeze)",
     )
+    p.add_argument(
+        "--net-remap",
+        action="store_true",
+        help="a container with a network of its own gets an address of the target's (its TCP connections are "
+        "closed, its listeners kept): for a target whose network is not one segment with this node's",
+    )
     p = sub.add_parser("key", help="make a key file for encrypted archives and stores")
     key_actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = key_actions.add_parser(
@@ -912,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migration-id")
     p.add_argument("--force", action="store_true")
     p.add_argument("--lazy", action="store_true")
+    p.add_argument("--net-remap", action="store_true")
 
     p = sub.add_parser(
         "snapshot",

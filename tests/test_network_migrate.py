@@ -1,0 +1,163 @@
+"""Migration of containers with a network of their own between local nodes that share a segment (see localnodes):
+a client on the segment keeps its connection, every answer checked; a target off the segment is refused before the
+freeze and `--net-remap` moves the container there with a new address; a migration that fails resumes the source
+with its connections; an address another machine of the segment holds is refused before the freeze."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kerrickpt import netsettings, network
+from kerrickpt.localnodes import SEGMENT, Cluster, Node
+from tests.helpers import COUNTER, Client, unique_name
+
+pytestmark = pytest.mark.root
+
+PORT = 7000
+Talk = Callable[[list[str], str], Client]
+
+
+@pytest.fixture
+def talk(tmp_path: Path) -> Iterator[Talk]:
+    """Start a counter client with `talk(enter, address)`; each is ended afterwards whatever happened."""
+    started: list[Client] = []
+
+    def start(enter: list[str], address: str) -> Client:
+        started.append(Client.start(enter, address, PORT, tmp_path))
+        return started[-1]
+
+    yield start
+    for client in started:
+        client.end()
+
+
+def _serve(node: Node, name: str) -> str:
+    """Start the counter server as container `name` on `node`, with a network of its own; its ADDR/PREFIX."""
+    started = node.kerrickpt("run", "--json", "--name", name, "--net", "own", "--", sys.executable, str(COUNTER),
+                             "serve", str(PORT), name)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    return str(json.loads(started.stdout)["address"])
+
+
+def _in(netns: str) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
+def _migrate(cluster: Cluster, source: Node, target: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return source.kerrickpt("migrate", name, *cluster.migrate_args(target), *extra, "--json")
+
+
+def _rows(node: Node) -> dict[str, dict[str, object]]:
+    return {row["name"]: row for row in node.json("ps")}
+
+
+def _in_sequence(client: Client, name: str) -> None:
+    """Stop `client`: each answer came from `name`, in turn, none lost or twice (the client checked each)."""
+    answers = client.finish()
+    assert answers == list(range(1, len(answers) + 1))
+    assert f"from {name}" in client.output.read_text()
+
+
+def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(cluster: Cluster, talk: Talk) -> None:
+    a, b = cluster.nodes
+    # The LAN's switch drops IPv6 frames, which a container sends as its link comes up: so it learns the
+    # container's new place from the announcement alone (else from them, about a second later).
+    drop = ["ebtables", "-t", "nat", "-A", "PREROUTING", "-p", "IPv6", "-j", "DROP"]
+    subprocess.run([*_in(cluster.switch), *drop], check=True, timeout=30)
+    name = unique_name("net")
+    address = _serve(a, name)
+    client = talk(_in(cluster.switch), address.split("/")[0])  # a machine on the LAN
+    client.wait_more()
+
+    moved = _migrate(cluster, a, b, name)
+
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["address"] == address
+    # Announced from b before the migration ended: the LAN's switch sends the container's frames to b's port.
+    fdb = json.loads(subprocess.check_output(["bridge", "-n", cluster.switch, "-j", "fdb", "show", "br", SEGMENT]))
+    mac = network.mac_of(ipaddress.IPv4Interface(address).ip)
+    assert [row["ifname"] for row in fdb if row["mac"] == mac] == [f"l{cluster.id}b"]
+    client.wait_more()
+    _in_sequence(client, name)
+    assert _rows(b)[name]["address"] == address
+    assert name not in _rows(a)
+
+
+def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connection(
+    cluster: Cluster, talk: Talk
+) -> None:
+    a, b = cluster.nodes
+    name = unique_name("net")
+    address = _serve(a, name)
+    client = talk(_in(cluster.switch), address.split("/")[0])
+    client.wait_more()
+
+    # Restored on b, then failed: b never connected it, and a takes its connection back.
+    failed = a.kerrickpt("migrate", name, *cluster.migrate_args(b), env={"KERRICKPT_FAULT": "restore-after-criu:fail"})
+
+    assert failed.returncode == 8, failed.stderr
+    assert "runs on here again" in failed.stderr
+    client.wait_more()
+    _in_sequence(client, name)
+    assert _rows(a)[name]["state"] == "running"
+    assert name not in _rows(b)
+
+
+def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_freeze(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("net")
+    address = _serve(a, name)
+    ip = address.split("/")[0]
+    # A machine of the LAN (the switch) answers for the container's address too, with a MAC of its own.
+    subprocess.run(["ip", "-n", cluster.switch, "addr", "add", f"{ip}/32", "dev", SEGMENT], check=True, timeout=30)
+    squatter = json.loads(subprocess.check_output(["ip", "-n", cluster.switch, "-j", "link", "show", SEGMENT]))
+
+    refused = _migrate(cluster, a, b, name)
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"address {ip} is in use on this node's segment {SEGMENT}, by {squatter[0]['address']}" in refused.stderr
+    assert "nothing was frozen" in refused.stderr
+    assert _rows(a)[name]["state"] == "running"
+    assert name not in _rows(b)
+
+
+def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_to_a_new_address(
+    cluster: Cluster, talk: Talk
+) -> None:
+    a, b = cluster.nodes
+    # b's node network is joined to an interface that reaches no other node, not to the LAN.
+    subprocess.run(["ip", "-n", b.netns, "link", "add", "lanx", "type", "veth", "peer", "name", "lany"], check=True)
+    b.stop_sshd()
+    b.extra_env[netsettings.SEGMENT_ENV] = "lanx"
+    b.start_sshd()
+    cluster.wait_for_sshd(b)
+    name = unique_name("net")
+    address = _serve(a, name)
+    client = talk(_in(cluster.switch), address.split("/")[0])
+    client.wait_more()
+
+    refused = _migrate(cluster, a, b, name)
+
+    assert refused.returncode == 14, refused.stderr
+    assert "does not answer at" in refused.stderr and "--net-remap" in refused.stderr
+    client.wait_more()  # nothing was frozen
+
+    moved = _migrate(cluster, a, b, name, "--net-remap")
+
+    assert moved.returncode == 0, moved.stderr
+    remapped = json.loads(moved.stdout)["address"]
+    assert remapped != address
+    pool = ipaddress.IPv4Network(b.extra_env[netsettings.POOL_ENV])
+    assert ipaddress.IPv4Interface(remapped).ip in pool
+    # Its listener came along: a new connection (from b, the only way to it now) is answered.
+    again = talk(_in(b.netns), remapped.split("/")[0])
+    again.wait_more()
+    _in_sequence(again, name)
+    assert _rows(b)[name]["address"] == remapped
