@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,10 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the restore helpe
         _child(_Order.from_dict(order), writer)
     except BaseException as exc:
         _send(writer, _error(exc))
+    # The restore waits for the answer pipe's end, which comes when this process is gone: Python's own
+    # teardown would add some 30 ms to the container's downtime. Everything it needed to say is said.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _answer(said: bytes) -> dict[str, Any]:
