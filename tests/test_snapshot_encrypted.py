@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,23 +15,14 @@ import pytest
 import kerrickpt
 from kerrickpt import keys
 from tests.helpers import KERRICKPT, cli, cli_env, ticks, unique_name
-from tests.test_snapshot_dedup import CHURN, restores_from_its_point, snapshot_ticks, start
+from tests.test_snapshot_dedup import CHURN, STILL, restores_from_its_point, snapshot_ticks, start
 
 pytestmark = pytest.mark.root
 
 SECRET = b"kerrickpt-test-secret-in-memory"
-# The counter, and SECRET in memory, made at run time: the program's own text (its command line) never holds it.
-HOLDING = textwrap.dedent(
-    """
-    import os, time
-    secret = "-".join(["kerrickpt", "test", "secret", "in", "memory"]) * 1000
-    ballast = os.urandom(4 << 20)
-    i = 0
-    while True:
-        i += 1
-        print(f"tick {i} pid 1", flush=True)
-        time.sleep(0.05)
-    """
+# STILL's counter, with SECRET in memory, made at run time: the program's text (its command line) never holds it.
+HOLDING = STILL.replace(
+    "ballast =", 'secret = "-".join(["kerrickpt", "test", "secret", "in", "memory"]) * 1000\nballast =', 1
 )
 
 
