@@ -1,5 +1,4 @@
-"""Owns a store's chunks: 4 KiB pieces of content kept once, compressed (and sealed, in an encrypted store) in pack
-files, found by an index on disk."""
+"""Owns a store's chunks: 4 KiB pieces kept once, compressed (and sealed if encrypted) in packs, found by an index."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Owns a snapshot's recipe: its manifest and each file's chunks as runs of chunk ids, coded compactly (and sealed,
-in an encrypted store: see storeseal)."""
+"""Owns a snapshot's recipe: its manifest and each file's chunks as runs of chunk ids, coded compactly."""
 
 from __future__ import annotations
 

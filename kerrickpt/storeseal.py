@@ -1,5 +1,4 @@
-"""Owns how a deduplicating store seals what it keeps: chunk addresses, chunk bodies and recipes, plain or under
-the store's key, each sealed piece bound to its place so that none can be moved, swapped or changed unseen."""
+"""Owns how a deduplicating store seals what it keeps (chunk addresses, chunks, recipes) and binds each to its place."""
 
 from __future__ import annotations
 
