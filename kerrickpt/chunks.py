@@ -286,14 +286,17 @@ class Chunks:
                 entry = data[at : at + chunk.length]
                 at += chunk.length
                 sealing = _check_header(entry, chunk, self.seal.sealings)
-                what = f"chunk {chunk.id} in pack {chunk.pack}"
                 try:
-                    body = self.seal.open_chunk(chunk.digest, sealing, entry[ENTRY.size :], what)
+                    body = self.seal.open_chunk(chunk.digest, sealing, entry[ENTRY.size :], "it")
                     plain.append(local.unzstd.decompress(body, max_output_size=CHUNK))
                 except zstandard.ZstdError as exc:
-                    raise ChunkDamagedError(f"{what} is damaged: {exc}", chunk=chunk.id) from exc
+                    raise ChunkDamagedError(
+                        f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}", chunk=chunk.id
+                    ) from exc
                 except ArchiveCorruptError as exc:  # its seal: damaged or changed, as a flipped byte in a plain one
-                    raise ChunkDamagedError(exc.message, chunk=chunk.id) from exc
+                    raise ChunkDamagedError(
+                        f"chunk {chunk.id} in pack {chunk.pack}: {exc.message}", chunk=chunk.id
+                    ) from exc
         return b"".join(plain), b"".join(chunk.digest for chunk in chunks)
 
     def damaged(self, runs: Iterable[tuple[int, int]]) -> list[int]:
