@@ -4,7 +4,9 @@ A container whose memload rewrites PERCENT% of its pages between snapshots is ch
 N times (`checkpoint --leave-running --level 3`, what `snapshot` writes); each archive's
 images are unpacked and stored, in turn, in every engine: a plain kerrickpt archive (the
 baseline), borg repositories (its default content-defined chunker, a finer one, a fixed
-one) and a minimal content-addressed store of our own with fixed-size chunks. Each store
+one), a minimal content-addressed store of our own with fixed-size chunks, and kerrickpt's
+deduplicating store itself, plain and encrypted (what `snapshot` does after the freeze: the
+incoming archive written and taken in; read back as `restore --store` reads it). Each store
 and each read-back runs as a process of its own, whose wall time and peak RSS (VmHWM) are
 taken, so borg and our engine are measured alike. After the snapshots, the first and the
 last are read back in full from every engine and compared with the images they came from.
@@ -43,7 +45,8 @@ import xxhash
 import zstandard
 
 from bench.lab import MIB, SAMPLE_INTERVAL, BenchError, Job, Lab, kerrickpt, removed, timeout_for, wait_for_line
-from kerrickpt import archive, archivewriter, cgroups
+from kerrickpt import archive, archivewriter, cgroups, dedupstore, keys, sources
+from kerrickpt.store import Store
 
 CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
 LEVEL = 3  # what `snapshot` writes its archives with
@@ -65,6 +68,7 @@ class Engine:
     chunk: int = 0  # our store's chunk size
     encryption: str = "none"  # borg's --encryption
     dictionary: bool = False  # our store: chunks compressed with a zstd dictionary trained on the first snapshot
+    sealed: bool = False  # kerrickpt's store: encrypted (`snapshots init --encrypt`)
 
 
 ENGINES = {
@@ -81,6 +85,8 @@ ENGINES = {
         Engine("cas16k", "cas", chunk=16384),
         Engine("cas64k", "cas", chunk=65536),
         Engine("cas1m", "cas", chunk=MIB),
+        Engine("kerrickpt", "kerrickpt"),
+        Engine("kerrickpt-enc", "kerrickpt", sealed=True),
     )
 }
 DEFAULT = (
@@ -94,7 +100,10 @@ DEFAULT = (
     "cas16k",
     "cas64k",
     "cas1m",
+    "kerrickpt",
+    "kerrickpt-enc",
 )
+SERIES = "bench"  # the container's name in kerrickpt's store
 
 
 class Cas:
@@ -228,6 +237,20 @@ def worker(job: dict[str, Any]) -> None:
             archivewriter.write(path, archive.read_manifest(Path(job["manifest"])), files, level=LEVEL)
         else:
             archive.extract(path, Path(job["dest"]))
+    elif engine.kind == "kerrickpt":
+        key = keys.load(Path(job["key"])) if engine.sealed else None
+        store = Store(repo, key)
+        if verb == "store":
+            with store.lock(SERIES):
+                images = Path(job["images"])
+                files = {f"images/{p.name}": p for p in images.iterdir()}
+                manifest = archive.read_manifest(Path(job["manifest"]))
+                archivewriter.write(store.incoming(SERIES), manifest, files, level=dedupstore.INCOMING_LEVEL)
+                store.publish(SERIES, level=LEVEL)
+        else:
+            snap = store.list(SERIES)[int(job["name"].removeprefix("snap-"))]  # its id is its time: the n-th
+            with sources.opened(snap.path, key) as source:
+                source.extract(Path(job["dest"]))
     elif verb == "store":
         Cas(repo, engine.chunk, engine.dictionary).store(Path(job["images"]), job["name"])
     else:
@@ -286,6 +309,11 @@ class Bench:
                       env=self.borg_env(engine))  # fmt: skip
             else:
                 self.repo(engine).mkdir(parents=True)
+            if engine.kind == "kerrickpt":
+                Store.deduplicating(self.repo(engine), keys.create(self.key(engine)) if engine.sealed else None)
+
+    def key(self, engine: Engine) -> Path:
+        return self.work / f"{engine.name}.key"
 
     def run(self, engine: Engine, verb: str, name: str, **paths: Path) -> tuple[float, float]:
         repo = self.repo(engine)
@@ -303,6 +331,7 @@ class Bench:
             "verb": verb,
             "repo": str(repo),
             "name": name,
+            "key": str(self.key(engine)),
             **{k: str(v) for k, v in paths.items()},
         }
         env = {**os.environ, "PYTHONPATH": str(REPO)}

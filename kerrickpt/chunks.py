@@ -1,4 +1,4 @@
-"""Owns a store's chunks: 4 KiB pieces of content kept once, compressed in pack files, found by an index on disk."""
+"""Owns a store's chunks: 4 KiB pieces kept once, compressed (and sealed if encrypted) in packs, found by an index."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import collections
 import concurrent.futures
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -15,7 +14,7 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -23,7 +22,7 @@ from urllib.parse import quote
 
 import zstandard
 
-from kerrickpt import archive, archivewriter, faults, trust, zstdframe
+from kerrickpt import archive, archivewriter, faults, storeseal, trust, zstdframe
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
@@ -42,10 +41,10 @@ LOCK = "lock"
 PACK_SUFFIX = ".pack"
 DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a later run to store it again
 INDEX_VERSION = 1
-# Each chunk in a pack: magic, sha256 of the plain chunk, how it is sealed, the bytes that follow.
+# Each chunk in a pack: magic, its address (sha256 of the plain chunk, or in an encrypted store its keyed address),
+# how it is sealed (see storeseal), the bytes that follow.
 ENTRY = struct.Struct("<4s32sBI")
 MAGIC = b"KCH1"
-PLAIN = 0  # not encrypted; encryption (issue 16's next step) gives its sealing here, its key id in the recipe
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
 BATCH = 256  # chunks a thread hashes, compresses or reads at a time
 LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
@@ -57,13 +56,11 @@ POLL = 0.05
 
 log = logging.getLogger(__name__)
 
-
-def _digest(data: bytes | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()
+Seen = Callable[[bytes], None]  # given the addresses of chunks, in order, as they are cut or read
 
 
 class Located(NamedTuple):
-    """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its sha256."""
+    """Where a chunk is: its pack, the offset of its entry there, the entry's whole length; and its address."""
 
     id: int
     digest: bytes
@@ -79,11 +76,12 @@ class Chunks:
     `sweep` (the lock held exclusive), so what the index names is always whole in a pack on disk.
     """
 
-    def __init__(self, root: Path, *, create: bool = False) -> None:
-        """Open the chunks under `root`; only `create` (`snapshots init`) makes them. Any other open refuses an index
-        that is missing, empty or not kerrickpt's (StoreDamagedError): a new one would number chunks again from 1,
-        the ids the recipes name, and a prune would then take every pack for dead."""
+    def __init__(self, root: Path, *, create: bool = False, seal: storeseal.Seal = storeseal.PLAIN_SEAL) -> None:
+        """Open the chunks under `root`, named and sealed by `seal`; only `create` (`snapshots init`) makes them. Any
+        other open refuses an index that is missing, empty or not kerrickpt's (StoreDamagedError): a new one would
+        number chunks again from 1, the ids the recipes name, and a prune would then take every pack for dead."""
         self.root = root
+        self.seal = seal
         self.packs = root / PACKS
         self.index = root / INDEX
         if create:
@@ -222,18 +220,18 @@ class Chunks:
                 )
         return located
 
-    def read(self, runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    def read(self, runs: Iterable[tuple[int, int]], seen: Seen | None = None) -> Iterator[bytes]:
         """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to BATCH
-        chunks, decompressed on every core.
+        chunks, decompressed on every core; `seen` is given each piece's chunk addresses before it is yielded.
 
-        Each is checked as it is decompressed: its header names the sha256 the index has for it, and
-        its zstd frame's own checksum holds (its sha256 is not computed again: it would double the
-        cost of a read, and each file's digest is checked against the manifest at its end anyway).
-        Raises ArchiveCorruptError for a chunk missing or damaged.
+        Each is checked as it is decompressed: its header names the address the index has for it, its seal
+        (in an encrypted store) opens bound to that address, and its zstd frame's own checksum holds (its
+        address is not computed again: it would double the cost of a read, and each file's digest is checked
+        against the manifest at its end anyway). Raises ArchiveCorruptError for a chunk missing or damaged.
         """
         with _Packs(self.packs) as packs:
             # The next group is located and decoding while the one before is taken.
-            pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+            pending: collections.deque[concurrent.futures.Future[tuple[bytes, bytes]]] = collections.deque()
             try:
                 for group in self._groups(runs):
                     located = self.locate(group)
@@ -243,14 +241,21 @@ class Chunks:
                         for i in range(0, len(located), BATCH)
                     ]
                     for _ in range(ready):
-                        yield pending.popleft().result()
+                        yield self._taken(pending.popleft(), seen)
                 while pending:
-                    yield pending.popleft().result()
+                    yield self._taken(pending.popleft(), seen)
             finally:
                 # Read no further (closed early, or failed): no thread may read the packs once they are closed.
                 for future in pending:
                     future.cancel()
                 concurrent.futures.wait(pending)
+
+    @staticmethod
+    def _taken(decoded: concurrent.futures.Future[tuple[bytes, bytes]], seen: Seen | None) -> bytes:
+        plain, addresses = decoded.result()
+        if seen is not None:
+            seen(addresses)
+        return plain
 
     @staticmethod
     def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
@@ -267,8 +272,9 @@ class Chunks:
         if wanted:
             yield wanted
 
-    def _decode(self, packs: _Packs, chunks: list[Located]) -> bytes:
-        """The plain bytes of `chunks`, each entry checked; entries that follow one another in a pack in one read."""
+    def _decode(self, packs: _Packs, chunks: list[Located]) -> tuple[bytes, bytes]:
+        """The plain bytes of `chunks`, each entry checked, and their addresses; entries that follow one another in
+        a pack in one read."""
         local = self.local
         if not hasattr(local, "unzstd"):
             local.unzstd = zstandard.ZstdDecompressor()
@@ -279,14 +285,19 @@ class Chunks:
             for chunk in span:
                 entry = data[at : at + chunk.length]
                 at += chunk.length
-                _check_header(entry, chunk)
+                sealing = _check_header(entry, chunk, self.seal.sealings)
                 try:
-                    plain.append(local.unzstd.decompress(entry[ENTRY.size :], max_output_size=CHUNK))
+                    body = self.seal.open_chunk(chunk.digest, sealing, entry[ENTRY.size :], "it")
+                    plain.append(local.unzstd.decompress(body, max_output_size=CHUNK))
                 except zstandard.ZstdError as exc:
                     raise ChunkDamagedError(
                         f"chunk {chunk.id} in pack {chunk.pack} is damaged: {exc}", chunk=chunk.id
                     ) from exc
-        return b"".join(plain)
+                except ArchiveCorruptError as exc:  # its seal: damaged or changed, as a flipped byte in a plain one
+                    raise ChunkDamagedError(
+                        f"chunk {chunk.id} in pack {chunk.pack}: {exc.message}", chunk=chunk.id
+                    ) from exc
+        return b"".join(plain), b"".join(chunk.digest for chunk in chunks)
 
     def damaged(self, runs: Iterable[tuple[int, int]]) -> list[int]:
         """Those of the chunks `runs` name that are damaged or gone, each read and checked as `read` does."""
@@ -365,7 +376,7 @@ class Chunks:
         moved: list[tuple[str, int, int]] = []
         with _NewPack(self.packs) as new, _Packs(self.packs) as packs:
             for span in _spans(rows):
-                offsets = new.append(packs.entries(span))
+                offsets = new.append(packs.entries(span, self.seal.sealings))
                 moved += ((new.name, offset, row.id) for offset, row in zip(offsets, span, strict=True))
             faults.inject("chunks-rewrite-before-rename")
             new.publish()
@@ -416,11 +427,15 @@ class Adding:
     ) -> None:
         self.pack.__exit__(kind, value, traceback)
 
-    def add(self, data: memoryview) -> array[int]:
-        """References to the chunks of `data`, cut every CHUNK bytes (the last may be shorter)."""
+    def add(self, data: memoryview, seen: Seen | None = None) -> array[int]:
+        """References to the chunks of `data`, cut every CHUNK bytes (the last may be shorter); `seen` is given
+        their addresses."""
         pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
         batches = [pieces[i : i + BATCH] for i in range(0, len(pieces), BATCH)]
-        digests = [d for ds in self.chunks.pool.map(lambda b: [_digest(p) for p in b], batches) for d in ds]
+        address = self.chunks.seal.address
+        digests = [d for ds in self.chunks.pool.map(lambda b: [address(p) for p in b], batches) for d in ds]
+        if seen is not None:
+            seen(b"".join(digests))
         known = self.chunks.lookup([d for d in digests if d not in self.new])
         fresh: dict[bytes, memoryview] = {}
         for digest, piece in zip(digests, pieces, strict=True):
@@ -442,8 +457,9 @@ class Adding:
             # Its frame's checksum is what a read checks (see `Chunks.read`).
             local.zstd = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
             local.level = self.level
-        body = local.zstd.compress(piece)
-        return ENTRY.pack(MAGIC, digest, PLAIN, len(body)) + body
+        seal = self.chunks.seal
+        body = seal.seal_chunk(digest, local.zstd.compress(piece))
+        return ENTRY.pack(MAGIC, digest, seal.sealing, len(body)) + body
 
     def commit(self) -> None:
         """Put the pack on disk under its name, then its chunks into the index, in one transaction."""
@@ -571,13 +587,14 @@ class _Packs:
             raise ChunkDamagedError(f"pack {first.pack} is truncated (chunk {ends.id} ends early)", chunk=ends.id)
         return data
 
-    def entries(self, span: list[Located]) -> list[bytes]:
-        """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index."""
+    def entries(self, span: list[Located], sealings: frozenset[int]) -> list[bytes]:
+        """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index
+        (sealed in one of `sealings`)."""
         data = memoryview(self.read(span))
         entries = []
         for chunk in span:
             entry, data = data[: chunk.length], data[chunk.length :]
-            _check_header(entry, chunk)
+            _check_header(entry, chunk, sealings)
             entries.append(bytes(entry))
         return entries
 
@@ -615,10 +632,14 @@ def _spans(chunks: list[Located]) -> Iterator[list[Located]]:
         yield span
 
 
-def _check_header(entry: memoryview, chunk: Located) -> None:
+def _check_header(entry: memoryview, chunk: Located, sealings: frozenset[int]) -> int:
+    """The entry's sealing, one of `sealings`, once its header is the one the index says it must be."""
     # One comparison with the header it must be: this runs once per 4 KiB read.
-    if entry[: ENTRY.size] == ENTRY.pack(MAGIC, chunk.digest, PLAIN, chunk.length - ENTRY.size):
-        return
-    if len(entry) >= ENTRY.size and entry[: len(MAGIC)] == MAGIC and entry[ENTRY.size - 5] != PLAIN:
-        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way unknown here")
+    sealing = entry[ENTRY.size - 5] if len(entry) >= ENTRY.size else -1
+    if sealing in sealings and entry[: ENTRY.size] == ENTRY.pack(
+        MAGIC, chunk.digest, sealing, chunk.length - ENTRY.size
+    ):
+        return sealing
+    if sealing >= 0 and entry[: len(MAGIC)] == MAGIC and sealing not in sealings:
+        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way this store does not use")
     raise ChunkDamagedError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)", chunk=chunk.id)

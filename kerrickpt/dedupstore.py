@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, members, recipe, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, StoreDamagedError, StoreFormatError
+from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, keys, members, recipe, storeseal, zstdframe
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, StoreFormatError, UsageError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
 STORE_FORMAT = "kerrickpt-store"
-STORE_VERSION = 2  # version 1: a directory of whole archives, with no marker
+# Version 1: a directory of whole archives, with no marker; 2: deduplicating; 3: deduplicating and encrypted, which a
+# kerrickpt that reads up to 2 refuses rather than add plain chunks to it. A plain store stays version 2.
+PLAIN_VERSION = 2
+STORE_VERSION = 3
 ENGINE = "chunks"
 ADD_BYTES = 8 << 20
 # The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
@@ -28,8 +34,47 @@ INCOMING_LEVEL = -3
 log = logging.getLogger(__name__)
 
 
-def engine(root: Path) -> str | None:
-    """The engine of the store at `root`: "chunks", or None for a store of whole archives (no marker).
+@dataclass(frozen=True)
+class Marker:
+    """What a deduplicating store's marker says: its engine, and if it is encrypted, with which key (`key`, its id)
+    and its own random id (`store`), which every seal in it is bound to."""
+
+    root: Path
+    engine: str
+    key: str | None = None
+    store: str | None = None
+
+    def seal(self, key: keys.Key | None) -> storeseal.Seal | None:
+        """How to read and write the store with `key`: None if it is encrypted and no key is given (only a listing
+        works then). A key for a plain store is refused (UsageError): it would suggest protection that is not
+        there; the wrong key with KeyUnusableError naming both."""
+        if self.key is None or self.store is None:
+            refuse_key(self.root, key)
+            return storeseal.PLAIN_SEAL
+        if key is None:
+            return None
+        key.check(self.key, f"the snapshot store {self.root}")
+        return storeseal.Sealed(key, self.store)
+
+    def needed(self) -> KeyUnusableError:
+        """The error for a command that reads or writes the snapshots of this encrypted store without its key."""
+        return KeyUnusableError(
+            f"the snapshot store {self.root} is encrypted with key {self.key}: give its key file (--key-file, or "
+            "$KERRICKPT_KEY_FILE)"
+        )
+
+
+def refuse_key(root: Path, key: keys.Key | None) -> None:
+    """UsageError if `key` is given for the plain store at `root`."""
+    if key is not None:
+        raise UsageError(
+            f"the snapshot store {root} is not encrypted, so a key protects nothing in it: drop --key-file (and "
+            "$KERRICKPT_KEY_FILE); a store's encryption is chosen once, by `snapshots init --encrypt` on an empty store"
+        )
+
+
+def marker(root: Path) -> Marker | None:
+    """The marker of the store at `root`, or None for a store of whole archives (no marker).
 
     Raises StoreFormatError for a store a newer kerrickpt wrote, StoreDamagedError for a damaged marker.
     """
@@ -51,11 +96,16 @@ def engine(root: Path) -> str | None:
         )
     if marker.get("engine") != ENGINE:
         raise StoreDamagedError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
-    return ENGINE
+    key, store = marker.get("key"), marker.get("store")
+    if (version >= STORE_VERSION) != (isinstance(key, str) and isinstance(store, str)):
+        # Never taken for plain: that would read (and add) chunks unsealed.
+        raise StoreDamagedError(f"{root / MARKER} is damaged: its version and its key id do not go together")
+    return Marker(root, ENGINE, key, store)
 
 
-def create(root: Path) -> None:
-    """Make the store at `root` (an existing directory, empty of snapshots, with no marker) a deduplicating one.
+def create(root: Path, key: keys.Key | None = None) -> None:
+    """Make the store at `root` (an existing directory, empty of snapshots, with no marker) a deduplicating one,
+    encrypted with `key` if given.
 
     The chunks first, the marker last, each on disk: a store is deduplicating only once its index exists (no
     other command makes one). Chunks an `init` that died left without a marker are made again.
@@ -63,7 +113,10 @@ def create(root: Path) -> None:
     shutil.rmtree(root / chunks.DIRECTORY, ignore_errors=True)
     chunks.Chunks(root / chunks.DIRECTORY, create=True).close()
     archivewriter.fsync_dir(root / chunks.DIRECTORY)
-    body = json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION, "engine": ENGINE}) + "\n"
+    fields: dict[str, Any] = {"format": STORE_FORMAT, "version": PLAIN_VERSION, "engine": ENGINE}
+    if key is not None:
+        fields |= {"version": STORE_VERSION, "key": key.id, "store": secrets.token_hex(8)}
+    body = json.dumps(fields) + "\n"
     fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(body)
@@ -79,6 +132,7 @@ class _Cutter:
     def __init__(self, adding: chunks.Adding) -> None:
         self.adding = adding
         self.refs: dict[str, array[int]] = {}
+        self.addresses: dict[str, Any] = {}  # each file's chunk addresses, hashed (sha256) in order
         self.name: str | None = None
         self.held = bytearray()
 
@@ -95,7 +149,8 @@ class _Cutter:
             del self.held[:whole]
 
     def _add(self, name: str, data: bytes | bytearray) -> None:
-        self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data)))
+        seen = self.addresses.setdefault(name, hashlib.sha256())
+        self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data), seen.update))
 
     def finish(self) -> None:
         if self.held and self.name is not None:
@@ -104,12 +159,16 @@ class _Cutter:
 
 
 def take_in(
-    store: chunks.Chunks, source: Path, place: Callable[[Manifest, Path], Path], level: int = zstdframe.DEFAULT_LEVEL
+    store: chunks.Chunks,
+    source: Path,
+    final: Callable[[Manifest], Path],
+    place: Callable[[Path, Manifest, Path], None],
+    level: int = zstdframe.DEFAULT_LEVEL,
 ) -> None:
     """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
-    the recipe staged beside `source`, then linked in where `place` (given the manifest and the staged recipe,
-    whose size and time the snapshot will have) says; new chunks compressed at zstd `level`. Holds the chunk lock
-    shared throughout.
+    the recipe staged beside `source` (sealed, in an encrypted store, to the path `final` gives), then linked in
+    there once `place` (given that path, the manifest and the staged recipe, whose size and time the snapshot will
+    have) returns; new chunks compressed at zstd `level`. Holds the chunk lock shared throughout.
 
     The chunks it reuses are read back and checked before it is linked in, so that it is recorded verified only
     whole: one found damaged is marked so (`Chunks.mark_damaged`) and the archive taken in once more, which stores
@@ -143,9 +202,18 @@ def take_in(
                     m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q"))))
                     for m in manifest.members
                 }
-                made = recipe.Recipe(manifest.to_json(), files)
-                with recipe.staged(source.parent, made) as hidden:
-                    recipe.link(hidden, place(manifest, hidden))
+                seal = store.seal
+                addresses = {}
+                if seal.key_id is not None:
+                    addresses = {
+                        m.name: cutter.addresses.get(m.name, hashlib.sha256()).digest() for m in manifest.members
+                    }
+                made = recipe.Recipe(manifest.to_json(), files, seal.key_id, addresses)
+                path = final(manifest)
+                listed = {"node": manifest.source.hostname, "frozen_s": manifest.timings.get("frozen_s")}
+                with recipe.staged(source.parent, made, seal, path, listed) as hidden:
+                    place(path, manifest, hidden)
+                    recipe.link(hidden, path)
                 return
 
 
@@ -155,11 +223,11 @@ class Source:
     def __init__(self, store: chunks.Chunks, path: Path) -> None:
         self.store = store
         self.path = path
-        self.recipe = recipe.read(path)
+        self.recipe = recipe.read(path, store.seal)
         self.manifest = Manifest.from_json(self.recipe.manifest)
-        if self.recipe.key is not None:
-            raise ArchiveCorruptError(f"{path} is sealed with key {self.recipe.key}; this kerrickpt has no keys")
         recipe.check_files(self.recipe, [m.name for m in self.manifest.members])
+        if self.recipe.key is not None and sorted(self.recipe.addresses) != sorted(self.recipe.files):
+            raise ArchiveCorruptError(f"{path} does not give every file's chunk addresses, as a sealed recipe does")
         # Each becomes a file under the restore's scratch, written as root: as the archive's tar parser does.
         unsafe = [name for name in self.recipe.files if not members.allowed(name)]
         if unsafe:
@@ -176,11 +244,18 @@ class Source:
     def pieces(self, expected: Member) -> Iterator[bytes]:
         """The file's bytes, piece by piece; ArchiveCorruptError at its end if it is not what the manifest says."""
         digest = CHECKSUMS[self.manifest.checksum]()
+        seen = hashlib.sha256()
         size = 0
-        for data in self.store.read(self.recipe.files[expected.name]):
+        for data in self.store.read(self.recipe.files[expected.name], seen.update):
             digest.update(data)
             size += len(data)
             yield data
+        # Each chunk's seal holds for the address the index gave; this holds those addresses to the sealed recipe's.
+        if self.recipe.addresses and seen.digest() != self.recipe.addresses[expected.name]:
+            raise ArchiveCorruptError(
+                f"{expected.name} in {self.path}: the store's index leads to other chunks than its sealed recipe "
+                "names (the index was changed)"
+            )
         if (size, digest.hexdigest()) != (expected.size, expected.digest):
             raise ArchiveCorruptError(f"{expected.name} in {self.path} does not match its checksum")
 
@@ -224,7 +299,7 @@ def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
         live: set[int] = set()
         for path in recipes():
             with contextlib.suppress(FileNotFoundError):
-                live |= recipe.read(path).ids()
+                live |= recipe.read(path, store.seal).ids()
         faults.inject("dedup-before-sweep")
         forgotten = store.sweep(live)
         faults.inject("dedup-before-rewrite")

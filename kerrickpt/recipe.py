@@ -8,12 +8,13 @@ import os
 import secrets
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
-from kerrickpt import archivewriter, zstdframe
+from kerrickpt import archivewriter, storeseal, zstdframe
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, StoreFormatError
 
 SUFFIX = ".recipe"
@@ -40,12 +41,15 @@ def runs_of(ids: array[int]) -> Runs:
 class Recipe:
     """A snapshot: the manifest as written (JSON) and, for each of its files, the chunks that hold its bytes.
 
-    `key` names the key its chunks are sealed with (None: plain), for issue 16's encryption.
+    `key` names the key its chunks are sealed with (None: plain). In an encrypted store, `addresses` holds, for each
+    file, the sha256 of its chunks' addresses in order: what a read checks the chunks the index led it to against,
+    so that an index changed to name other chunks for these ids is caught (see dedupstore.Source).
     """
 
     manifest: bytes
     files: dict[str, Runs]
     key: str | None = None
+    addresses: dict[str, bytes] = field(default_factory=dict)
 
     def ids(self) -> set[int]:
         """Every chunk it names."""
@@ -54,13 +58,15 @@ class Recipe:
     def encode(self) -> bytes:
         """JSON (format, version, key, manifest, each file's name and number of runs), a newline, then the runs:
         each as the signed distance of its first id from the previous run's end and its count, as varints."""
-        head = {
+        head: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "key": self.key,
             "manifest": self.manifest.decode(),
             "files": [[name, len(runs)] for name, runs in self.files.items()],
         }
+        if self.addresses:  # an encrypted store's only: a plain recipe stays as older kerrickpts read it
+            head["addresses"] = {name: digest.hex() for name, digest in self.addresses.items()}
         body = bytearray(json.dumps(head).encode() + b"\n")
         end = 0
         for runs in self.files.values():
@@ -106,7 +112,8 @@ class Recipe:
                 files[str(name)] = runs
             if at != len(numbers) or len(files) != len(head["files"]):
                 raise ValueError("its runs do not add up")
-            return cls(str(head["manifest"]).encode(), files, head.get("key"))
+            addresses = {str(name): bytes.fromhex(digest) for name, digest in head.get("addresses", {}).items()}
+            return cls(str(head["manifest"]).encode(), files, head.get("key"), addresses)
         except (zstandard.ZstdError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise ArchiveCorruptError(f"{label} is damaged: {exc}") from exc
 
@@ -132,15 +139,23 @@ def _varints(data: bytes) -> list[int]:
     return numbers
 
 
+def place(path: Path) -> str:
+    """What a recipe at `path` is sealed to: its container and snapshot id (`job1/20250131T130000.456Z`)."""
+    return f"{path.parent.name}/{path.name.removesuffix(SUFFIX)}"
+
+
 @contextlib.contextmanager
-def staged(directory: Path, recipe: Recipe) -> Iterator[Path]:
-    """`recipe` written whole and on disk under a hidden name in `directory`, removed at the block's end (`link`
-    it in first: a snapshot appears by that link)."""
+def staged(
+    directory: Path, recipe: Recipe, seal: storeseal.Seal, final: Path, listed: dict[str, Any]
+) -> Iterator[Path]:
+    """`recipe` written whole and on disk under a hidden name in `directory`, sealed by `seal` for its `final` path
+    (showing `listed` without the key), removed at the block's end (`link` it in first: a snapshot appears by that
+    link)."""
     hidden = directory / f".{secrets.token_hex(8)}{SUFFIX}{HIDDEN}"
     fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(recipe.encode())
+            out.write(seal.seal_recipe(recipe.encode(), place(final), listed))
             out.flush()
             os.fsync(out.fileno())
         yield hidden
@@ -154,15 +169,24 @@ def link(hidden: Path, path: Path) -> None:
     archivewriter.fsync_dir(path.parent)
 
 
-def read(path: Path) -> Recipe:
-    """The recipe at `path`; FileNotFoundError if it is gone (pruned meanwhile)."""
+def read_bytes(path: Path) -> bytes:
+    """The recipe file at `path` as stored; FileNotFoundError if it is gone (pruned meanwhile)."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
-    return Recipe.decode(data, str(path))
+
+
+def read(path: Path, seal: storeseal.Seal) -> Recipe:
+    """The recipe at `path`, opened by `seal` (the store's) where it is sealed to; FileNotFoundError if it is gone
+    (pruned meanwhile)."""
+    label = str(path)
+    made = Recipe.decode(seal.open_recipe(read_bytes(path), place(path), label), label)
+    if made.key != seal.key_id:
+        raise ArchiveCorruptError(f"{label} names key {made.key} for its chunks, not its store's ({seal.key_id})")
+    return made
 
 
 def check_files(recipe: Recipe, names: list[str]) -> None:

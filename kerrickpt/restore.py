@@ -22,6 +22,7 @@ from kerrickpt import (
     feeder,
     idranges,
     isolation,
+    keys,
     layer,
     layerchain,
     logtail,
@@ -88,6 +89,7 @@ def restore(
     tcp_close: bool = False,
     net_remap: bool = False,
     pool: isolation.IdPool | None = None,
+    key: keys.Key | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -112,6 +114,9 @@ def restore(
     then it takes another address of the node's subnet if its own is in use). With `net_remap` it takes an address
     of this node's pool whatever its own was, its connections closed, its listeners kept (a migration to a node
     its address cannot live on).
+
+    A snapshot in an encrypted store needs its `key` (KeyUnusableError before anything is read if it is missing or
+    wrong); every chunk and its recipe are authenticated before any restored process runs.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -128,7 +133,7 @@ def restore(
         raise
     try:
         # An archive, or a store's recipe (its chunks held from pruning until the restore is done).
-        with sources.opened(Path(path) if isinstance(path, (str, Path)) else path) as source:
+        with sources.opened(Path(path) if isinstance(path, (str, Path)) else path, key) as source:
             label = source.label
             # A source with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
             streams = watcher is None and feeder.can_gate(scratch)

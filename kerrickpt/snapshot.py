@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import containers, dedupstore, garbage, layerchain, logtail, rootfs, zstdframe
+from kerrickpt import containers, dedupstore, garbage, keys, layerchain, logtail, rootfs, zstdframe
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -50,6 +50,8 @@ def snapshot(
     state_dir: Path | str | None = None,
     level: int = zstdframe.DEFAULT_LEVEL,
     log_tail: int = logtail.DEFAULT_BYTES,
+    key: keys.Key | None = None,
+    encrypt: bool = False,
 ) -> SnapshotResult:
     """Snapshot container `name` (or the tree in `cgroup`, stored under its last path component).
 
@@ -57,12 +59,24 @@ def snapshot(
     The snapshot appears in the store complete and verified, or not at all; only then are
     older ones pruned by `policy` (no rule: nothing is pruned). A confined container's layer is
     carried whole, or only what changed since the last snapshot of it in this store (see layerchain).
+
+    An encrypted store needs its `key`: missing or wrong, the run is refused before the container is touched
+    (KeyUnusableError). `encrypt` asks for an encrypted store: a plain one is refused (UsageError), as a store's
+    encryption is chosen once, by `snapshots init --encrypt`.
     """
     started = time.monotonic()
     if (name is None) == (cgroup is None):
         raise UsageError("give either a container name or --cgroup PATH")
     label = containers.check_name(name or Path(str(cgroup)).name)
-    store = store if isinstance(store, Store) else Store(store)
+    store = store if isinstance(store, Store) else Store(store, key)
+    if encrypt and store.key_id is None:
+        raise UsageError(
+            f"{store.root} is not an encrypted store, and a store's encryption is chosen once, for the whole store: "
+            "make an encrypted one with `kerrickpt snapshots init --store DIR --encrypt --key-file FILE` (on an empty "
+            "directory) and snapshot into it"
+        )
+    if store.deduplicates:
+        store.seal()  # an encrypted store's key, before anything is frozen or written
     policy = policy or Policy()
     source = f"container {name}" if name else f"cgroup {Path(str(cgroup)).resolve()}"
     with store.lock(label, wait=wait) as took_over:

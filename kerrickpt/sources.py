@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from kerrickpt import archive, archiveindex, chunks, dedupstore, recipe, trust
+from kerrickpt import archive, archiveindex, chunks, dedupstore, keys, recipe, trust
 from kerrickpt.errors import ArchiveCorruptError
 from kerrickpt.manifest import Manifest, Member
 
@@ -73,17 +73,22 @@ class ArchiveSource:
 
 
 @contextlib.contextmanager
-def opened(source: Path | BinaryIO) -> Iterator[Source]:
+def opened(source: Path | BinaryIO, key: keys.Key | None = None) -> Iterator[Source]:
     """`source` as a Source: a `*.recipe` in a deduplicating store is read from the store's chunks, under their
-    lock held shared (no prune frees or moves a chunk meanwhile); anything else is an archive."""
+    lock held shared (no prune frees or moves a chunk meanwhile), with `key` if the store is encrypted (missing or
+    wrong: KeyUnusableError; given for a plain store: UsageError); anything else is an archive."""
     if isinstance(source, Path) and source.name.endswith(recipe.SUFFIX):
         series = Path(os.path.realpath(source.absolute().parent))
         root = series.parent
         trust.check_tree(root, "snapshot store")  # root restores what it finds there
         trust.check(series, "snapshot series")  # as the store's: whoever writes there could plant a recipe
-        if dedupstore.engine(root) is None:  # a newer store is refused here, before anything is read
+        marker = dedupstore.marker(root)  # a newer store is refused here, before anything is read
+        if marker is None:
             raise ArchiveCorruptError(f"{source} is a recipe outside a deduplicating store")
-        with chunks.Chunks(root / chunks.DIRECTORY) as store, store.lock(exclusive=False):
-            yield dedupstore.Source(store, source)
+        seal = marker.seal(key)
+        if seal is None:
+            raise marker.needed()
+        with chunks.Chunks(root / chunks.DIRECTORY, seal=seal) as store, store.lock(exclusive=False):
+            yield dedupstore.Source(store, series / source.name)  # sealed to its series and id: by its real place
         return
     yield ArchiveSource(source)

@@ -21,8 +21,10 @@ from kerrickpt import (
     containers,
     dedupstore,
     faults,
+    keys,
     recipe,
     sources,
+    storeseal,
     trust,
     zstdframe,
 )
@@ -68,6 +70,7 @@ class Snapshot:
     error: str | None = None
     layer: dict[str, str] | None = None  # see Manifest.layer
     layer_base: dict[str, str] | None = None  # see Manifest.layer_base: set, it carries only what changed
+    key: str | None = None  # the id of the key it is sealed with (its store's), None if plain
 
     @property
     def base(self) -> str | None:
@@ -101,6 +104,8 @@ class Snapshot:
             "error": self.error,
             "layer": self.layer,
             "layer_base": self.layer_base,
+            "encrypted": self.key is not None,
+            "key_id": self.key,
         }
 
 
@@ -118,11 +123,13 @@ def _time_of(path: Path) -> datetime:
     return datetime.fromisoformat(_id_of(path))
 
 
-def _summary(name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None) -> Snapshot:
+def _summary(
+    name: str, path: Path, size: int, manifest: Manifest, status: str, checked: str | None, key: str | None
+) -> Snapshot:
     node = manifest.source.hostname or f"{manifest.source.arch} {manifest.source.kernel}"
     frozen = manifest.timings.get("frozen_s")
     return Snapshot(
-        name, path, _time_of(path), size, frozen, node, status, checked, None, manifest.layer, manifest.layer_base
+        name, path, _time_of(path), size, frozen, node, status, checked, None, manifest.layer, manifest.layer_base, key
     )
 
 
@@ -135,26 +142,46 @@ class Store:
     by the next run, under the lock.
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, key: keys.Key | None = None) -> None:
+        """Open the store at `root`, with `key` if it is encrypted: the wrong key is refused here (KeyUnusableError),
+        a key for a store that is not encrypted too (UsageError); without one, only its listing can be read."""
         self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
         # Root restores what it finds here: nobody else may have been able to put it there.
         trust.check_tree(self.root, "snapshot store")
         # A store of whole archives, or of recipes over chunks shared by all (see dedupstore); a newer one refused.
-        self.deduplicates = dedupstore.engine(self.root) is not None
+        self.marker = dedupstore.marker(self.root)
+        self.deduplicates = self.marker is not None
         self.suffix = recipe.SUFFIX if self.deduplicates else SUFFIX
+        self.key = key
+        if self.marker is None:
+            dedupstore.refuse_key(self.root, key)
+        self._seal = self.marker.seal(key) if self.marker else storeseal.PLAIN_SEAL
 
     @classmethod
-    def deduplicating(cls, root: Path | str) -> Store:
-        """Make the empty store at `root` (an existing directory) a deduplicating one (see dedupstore)."""
+    def deduplicating(cls, root: Path | str, key: keys.Key | None = None) -> Store:
+        """Make the empty store at `root` (an existing directory) a deduplicating one (see dedupstore), encrypted
+        with `key` if given (see storeseal)."""
         store = cls(root)
         if store.deduplicates:
             raise UsageError(f"{store.root} is a deduplicating store already")
         if store.list():
             raise UsageError(f"{store.root} holds snapshots as whole archives; start the deduplicating store elsewhere")
-        dedupstore.create(store.root)
-        return cls(root)
+        dedupstore.create(store.root, key)
+        return cls(root, key)
+
+    @property
+    def key_id(self) -> str | None:
+        """The id of the key an encrypted store is sealed with; None for a plain one."""
+        return self.marker.key if self.marker else None
+
+    def seal(self) -> storeseal.Seal:
+        """How the store's content is sealed and read; KeyUnusableError if it is encrypted and no key was given."""
+        if self._seal is None:
+            assert self.marker is not None
+            raise self.marker.needed()
+        return self._seal
 
     def directory(self, name: str) -> Path:
         """Where the snapshots of container `name` live."""
@@ -305,7 +332,7 @@ class Store:
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
             if final.exists():
                 raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
-            snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now())
+            snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now(), None)
             self._record(snap, mtime)
             faults.inject("store-before-link")
             try:
@@ -323,19 +350,20 @@ class Store:
     def _take_in(self, name: str, incoming: Path, level: int) -> Snapshot:
         placed: list[Snapshot] = []
 
-        def place(manifest: Manifest, staged: Path) -> Path:
-            final = self.directory(name) / f"{stamp(manifest.created)}{recipe.SUFFIX}"
-            if final.exists():
-                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
+        def final(manifest: Manifest) -> Path:
+            return self.directory(name) / f"{stamp(manifest.created)}{recipe.SUFFIX}"
+
+        def place(path: Path, manifest: Manifest, staged: Path) -> None:
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(path))
             size, mtime = _identity(staged)  # the link shares them
-            placed.append(_summary(name, final, size, manifest, VERIFIED, containers.utc_now()))
+            placed.append(_summary(name, path, size, manifest, VERIFIED, containers.utc_now(), self.key_id))
             self._record(placed[0], mtime)
             faults.inject("store-before-link")
-            return final
 
         try:
             with self.chunks() as store:
-                dedupstore.take_in(store, incoming, place, level)
+                dedupstore.take_in(store, incoming, final, place, level)
         except BaseException:
             if placed:
                 _meta_path(placed[0].path).unlink(missing_ok=True)
@@ -343,8 +371,8 @@ class Store:
         return placed[0]
 
     def chunks(self) -> chunks.Chunks:
-        """The chunks of a deduplicating store, open."""
-        return chunks.Chunks(self.root / chunks.DIRECTORY)
+        """The chunks of a deduplicating store, open (KeyUnusableError if it is encrypted and no key was given)."""
+        return chunks.Chunks(self.root / chunks.DIRECTORY, seal=self.seal())
 
     def recipes(self) -> list[Path]:
         """Every recipe in a deduplicating store's folders, whatever its name (a restore reads any): what a sweep
@@ -368,15 +396,18 @@ class Store:
         next snapshot holding its content stores it again and heals every snapshot that needs it), and a warning
         names those snapshots. A failure of the store's index as a whole stops it, judging no snapshot.
         """
+        seal = self.seal()  # an encrypted store's key, before anything is read
         checked = []
         damaged: set[int] = set()
         for snap in self.list(name):
             with contextlib.suppress(FileNotFoundError):
                 before = _identity(snap.path)
                 try:
-                    with sources.opened(snap.path) as source:
+                    with sources.opened(snap.path, key=self.key) as source:
                         manifest = source.extract(None)
-                    now = _summary(snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now())
+                    now = _summary(
+                        snap.name, snap.path, before[0], manifest, VERIFIED, containers.utc_now(), seal.key_id
+                    )
                 except StoreUnreadableError:
                     raise  # the store's index as a whole: no snapshot is judged by it
                 except ArchiveUnreadableError as exc:
@@ -394,7 +425,7 @@ class Store:
                         self._record(now, before[1])
                         checked.append(now)
         if damaged:
-            needing = [p for p in self.recipes() if not damaged.isdisjoint(_ids_of(p))]
+            needing = [p for p in self.recipes() if not damaged.isdisjoint(_ids_of(p, seal))]
             log.warning(
                 "%d damaged chunk(s) found; %d snapshot(s) need them and are corrupt until a later snapshot holding "
                 "the same content stores them again (run verify after it; a prune removes corrupt snapshots "
@@ -407,7 +438,7 @@ class Store:
 
     def _mark_damaged(self, path: Path) -> set[int]:
         """Mark every damaged chunk the recipe at `path` names as such (see `Chunks.mark_damaged`); their ids."""
-        runs = [run for runs in recipe.read(path).files.values() for run in runs]
+        runs = [run for runs in recipe.read(path, self.seal()).files.values() for run in runs]
         with self.chunks() as store, store.lock(exclusive=False):
             found = store.damaged(runs)
             for chunk in found:
@@ -426,7 +457,10 @@ class Store:
 
         In a deduplicating store, recipes first, then the chunks no recipe left names (see dedupstore.sweep): if
         any was removed, or with `sweep` (what a prune killed before its sweep left is freed by the next prune).
+        An encrypted store's key is needed for that (KeyUnusableError before anything is removed).
         """
+        if self.deduplicates:
+            self.seal()
         self._delete(snapshots)
         if not self.deduplicates or not (snapshots or sweep):
             return None
@@ -471,6 +505,8 @@ class Store:
         """
         if policy.is_empty:
             raise UsageError("give at least one --keep-* rule; without one, prune would have nothing to go by")
+        if self.deduplicates and not dry_run:
+            self.seal()  # its sweep reads every recipe: an encrypted store's key, before anything is removed
         plans = {}
         try:
             for container in [name] if name else self.names():
@@ -492,14 +528,27 @@ class Store:
         record = _read_meta(path)
         if record and record.get("archive_bytes") == size and record.get("archive_mtime_ns") == mtime:
             fields = ("frozen_s", "node", "status", "checked", "error", "layer", "layer_base")
-            return Snapshot(name, path, _time_of(path), size, **{k: record.get(k) for k in fields})
+            # The key is the store's: every snapshot in an encrypted store is sealed with it, or refused.
+            return Snapshot(name, path, _time_of(path), size, **{k: record.get(k) for k in fields}, key=self.key_id)
         # No record that matches (an archive copied in, or changed since): read the manifest,
         # which shows that the archive is whole, not that its checksums hold.
         try:
-            return _summary(name, path, size, _manifest_of(path), UNVERIFIED, None)
+            if self._seal is None:  # an encrypted store listed without its key: what the recipe shows unsealed
+                shown = storeseal.listed(recipe.read_bytes(path), str(path))
+                return Snapshot(
+                    name, path, _time_of(path), size, shown.get("frozen_s"), shown.get("node") or "", UNVERIFIED,
+                    key=self.key_id,
+                )  # fmt: skip
+            return _summary(name, path, size, self._manifest_of(path), UNVERIFIED, None, self.key_id)
         except ArchiveCorruptError as exc:
             # Unrecorded, so maybe still being copied in: only `verify` may call it corrupt (and so prunable).
-            return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message)
+            return Snapshot(name, path, _time_of(path), size, None, "", UNVERIFIED, None, exc.message, key=self.key_id)
+
+    def _manifest_of(self, path: Path) -> Manifest:
+        """A snapshot's manifest, read without reading its files."""
+        if path.name.endswith(recipe.SUFFIX):
+            return Manifest.from_json(recipe.read(path, self.seal()).manifest)
+        return archive.read_manifest(path)
 
     def _record(self, snap: Snapshot, mtime: int) -> None:
         """Write the snapshot's record atomically; call with the lock held."""
@@ -508,23 +557,16 @@ class Store:
         containers.write_atomic(_meta_path(snap.path), json.dumps(body, indent=2))
 
 
-def _ids_of(path: Path) -> set[int]:
+def _ids_of(path: Path, seal: storeseal.Seal) -> set[int]:
     """The chunks a recipe names; none if it went meanwhile or cannot be read (verify says so for it)."""
     try:
-        return recipe.read(path).ids()
+        return recipe.read(path, seal).ids()
     except (FileNotFoundError, ArchiveCorruptError):
         return set()
 
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(_id_of(path) + META)
-
-
-def _manifest_of(path: Path) -> Manifest:
-    """A snapshot's manifest, read without reading its files."""
-    if path.name.endswith(recipe.SUFFIX):
-        return Manifest.from_json(recipe.read(path).manifest)
-    return archive.read_manifest(path)
 
 
 def _identity(path: Path) -> tuple[int, int]:

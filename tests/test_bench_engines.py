@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.engines import CHURNED, ENGINES, Cas, digests, summary, tree_size
+from bench.engines import CHURNED, ENGINES, Bench, Cas, digests, summary, tree_size
+from kerrickpt import archivewriter
+from kerrickpt.manifest import Manifest
+from tests.test_store import SOURCE
 
 PAGE = 4096
 
@@ -38,6 +41,28 @@ def test_a_snapshot_that_changed_one_page_grows_the_store_by_about_that_page(tmp
     for name, images in (("snap-0", first), ("snap-1", second)):
         Cas(repo, PAGE, dictionary).read(name, tmp_path / f"read-{name}")
         assert digests(tmp_path / f"read-{name}") == digests(images)
+
+
+def test_kerrickpts_store_plain_and_encrypted_stores_and_reads_back_each_snapshot(tmp_path: Path) -> None:
+    memory = bytearray(random.Random(3).randbytes(256 * PAGE))
+    engines = [ENGINES["archive"], ENGINES["kerrickpt"], ENGINES["kerrickpt-enc"]]
+    (tmp_path / "work").mkdir()
+    bench = Bench(tmp_path / "work", engines)
+    bench.setup()
+    taken = {}
+    for index in range(2):
+        memory[index * PAGE : (index + 1) * PAGE] = random.Random(4 + index).randbytes(PAGE)
+        taken[index] = _images(tmp_path / f"images-{index}", bytes(memory))
+        created = f"2025-03-01T12:0{index}:00.000+00:00"
+        manifest = Manifest(name="bench", created=created, source=SOURCE, processes=[], command=["sh"])
+        archive = tmp_path / f"taken-{index}.kckpt"
+        archivewriter.write(archive, manifest, {f"images/{p.name}": p for p in taken[index].iterdir()})
+        bench.store_all(index, taken[index], archive)
+    for index, images in taken.items():
+        bench.read_all(index, images)  # each compared with its images
+
+    rows = {row["engine"]: row for row in summary(bench.rows, engines)}
+    assert rows["kerrickpt"]["growth_x"] < 0.1 and rows["kerrickpt-enc"]["growth_x"] < 0.1
 
 
 def test_the_summary_is_against_the_plain_archive_of_the_same_snapshot() -> None:

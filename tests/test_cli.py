@@ -146,7 +146,7 @@ def test_snapshots_through_the_command(start_workload, state_dir: Path, tmp_path
     assert shown["snapshot"]["status"] == "verified" and len(shown["kept"]) == 2 and len(shown["removed"]) == 1
 
     lines = cli("snapshots", "list", "--store", s).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "SNAPSHOT", "TIME", "SIZE", "FROZEN", "NODE", "LAYER", "STATUS"]
+    assert lines[0].split() == ["NAME", "SNAPSHOT", "TIME", "SIZE", "FROZEN", "NODE", "LAYER", "KEY", "STATUS"]
     assert len(lines) == 3 and all(line.startswith(w.name) and line.endswith(" verified") for line in lines[1:])
     rows = json.loads(cli("snapshots", "list", "--store", s, w.name, "--json").stdout)
     older, newer = (r["id"] for r in rows)

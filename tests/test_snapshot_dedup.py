@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import sources
+from kerrickpt import keys, sources
 from kerrickpt.store import Snapshot
 from tests.helpers import Workload, assert_consecutive, cli, ticks, unique_name, wait_for
 from tests.test_confined import log, run_steps, steps_written
@@ -67,17 +67,19 @@ def stored(store: Path) -> int:
     return sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and not p.name.endswith(".meta"))
 
 
-def snapshot_ticks(snap: Snapshot, scratch: Path) -> list[int]:
-    """The counter's ticks as the snapshot's log holds them, read from the store."""
+def snapshot_ticks(snap: Snapshot, scratch: Path, key: keys.Key | None = None) -> list[int]:
+    """The counter's ticks as the snapshot's log holds them, read from the store (with its `key`, if encrypted)."""
     scratch.mkdir()
-    with sources.opened(snap.path) as source:
+    with sources.opened(snap.path, key) as source:
         source.extract(scratch)
     return ticks((scratch / "log").read_text())
 
 
-def restores_from_its_point(store: Path, w: Workload, snap: Snapshot, point: list[int]) -> None:
+def restores_from_its_point(store: Path, w: Workload, snap: Snapshot, point: list[int], *keyed: str) -> None:
+    """A copy restored from `snap` (`keyed`: --key-file FILE, for an encrypted store) goes on from `point`."""
     copy = unique_name("copy")
-    done = cli("restore", "--store", str(store), w.name, "--at", snap.id, "--name", copy, state_dir=w.state_dir)
+    at = ("--at", snap.id, "--name", copy, *keyed)
+    done = cli("restore", "--store", str(store), w.name, *at, state_dir=w.state_dir)
     assert done.returncode == 0, done.stderr
     c = Workload(copy, w.keys, w.state_dir, w.binary)
     c.wait_ticking(beyond=point[-1])

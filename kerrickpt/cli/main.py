@@ -71,6 +71,7 @@ examples:
   kerrickpt recover job1
   kerrickpt snapshot job1 --store /srv/snap --keep-last 4 --keep-hourly 24 --keep-daily 7 --wait 300 --quiet
   kerrickpt snapshots init --store /srv/snap
+  kerrickpt snapshots init --store /srv/secret --encrypt --key-file /etc/kerrickpt/snap.key
   kerrickpt snapshots list --store /srv/snap job1
   kerrickpt snapshots prune --store /srv/snap --keep-daily 7 --keep-weekly 4 --dry-run
   kerrickpt snapshots verify --store /srv/snap
@@ -416,9 +417,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
     path, bases = args.archive, []
+    key = _key(args)
     if args.store:
         when = _time(args.at) if args.at else None
-        store = kerrickpt.Store(args.store)
+        store = kerrickpt.Store(args.store, key)
+        if store.deduplicates:
+            store.seal()  # an encrypted store's key, before anything is read
         *below, top = store.restorable(args.archive, when, allow_unverified=args.allow_unverified)
         path, bases = top.path, [s.path for s in below]
     elif args.at or args.latest or args.allow_unverified:
@@ -432,6 +436,7 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
             pid_namespace=args.pid_namespace,
             bases=bases,
             tcp_close=args.tcp_close,
+            key=key,
         )
     if not args.json:
         if args.store:
@@ -570,6 +575,8 @@ def cmd_snapshot(args: argparse.Namespace) -> tuple[Any, int]:
             state_dir=args.state_dir,
             level=args.level,
             log_tail=args.log_tail,
+            key=_key(args),
+            encrypt=args.encrypt,
         )
     if not args.quiet:
         print(_log_line(result), file=sys.stderr)
@@ -594,19 +601,20 @@ def _log_line(result: kerrickpt.SnapshotResult) -> str:
 
 
 def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
-    store = kerrickpt.Store(args.store)
+    store = kerrickpt.Store(args.store, _key(args))
     rows = store.list(args.name)
     broken = store.broken(rows)
     if not args.json:
         print(
-            f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} {'LAYER':<29} STATUS"
+            f"{'NAME':<24} {'SNAPSHOT':<20} {'TIME':<19} {'SIZE':>12} {'FROZEN':>8} {'NODE':<16} {'LAYER':<29} "
+            f"{'KEY':<16} STATUS"
         )
         for r in rows:
             frozen = "-" if r.frozen_s is None else f"{r.frozen_s:.3f}s"
             status = f"{r.status}, unusable (its base is gone or corrupt)" if r.path in broken else r.status
             print(
                 f"{r.name:<24} {r.id:<20} {_local(r.time):<19} {_size(r.archive_bytes):>12} {frozen:>8} "
-                f"{r.node or '-':<16} {layerchain.describe(r):<29} {status}"
+                f"{r.node or '-':<16} {layerchain.describe(r):<29} {r.key or '-':<16} {status}"
             )
     return _snapshot_rows(rows, broken), 0
 
@@ -617,15 +625,21 @@ def _snapshot_rows(rows: list[kerrickpt.Snapshot], broken: dict[Path, str]) -> l
 
 
 def cmd_snapshots_init(args: argparse.Namespace) -> tuple[Any, int]:
-    store = kerrickpt.Store.deduplicating(args.store)
+    key = _key(args)
+    if args.encrypt and key is None:
+        raise KeyUnusableError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create`)")
+    if key is not None and not args.encrypt:
+        raise UsageError("a key was given (--key-file or $KERRICKPT_KEY_FILE): add --encrypt for an encrypted store")
+    store = kerrickpt.Store.deduplicating(args.store, key)
     if not args.json:
-        print(f"{store.root}: a deduplicating snapshot store")
-    return {"store": str(store.root), "deduplicates": True}, 0
+        sealed = f", encrypted with key {store.key_id}" if store.key_id else ""
+        print(f"{store.root}: a deduplicating snapshot store{sealed}")
+    return {"store": str(store.root), "deduplicates": True, "encrypted": bool(store.key_id), "key_id": store.key_id}, 0
 
 
 def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
     policy = _policy(args)
-    plans = kerrickpt.Store(args.store).prune(args.name, policy, dry_run=args.dry_run, wait=args.wait)
+    plans = kerrickpt.Store(args.store, _key(args)).prune(args.name, policy, dry_run=args.dry_run, wait=args.wait)
     gone = "would remove" if args.dry_run else "removed"
     if not args.json:
         for sentence in policy.describe():
@@ -643,7 +657,7 @@ def cmd_snapshots_prune(args: argparse.Namespace) -> tuple[Any, int]:
 
 def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
     with _watched(args):
-        store = kerrickpt.Store(args.store)
+        store = kerrickpt.Store(args.store, _key(args))
         rows = store.verify(args.name, wait=args.wait)
     broken = store.broken(rows)
     for r in rows:
@@ -763,8 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     Handler = Callable[[argparse.Namespace], tuple[Any, int]]
 
-    def add(name: str, func: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+    def add(name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, *parents], help=help_text, description=help_text)
         p.set_defaults(func=func)
         return p
 
@@ -853,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
     p.add_argument("--level", type=int, default=kerrickpt.CHECKPOINT_LEVEL, help="zstd level (default %(default)s)")
     _log_tail_option(p)
-    p = add("restore", cmd_restore, "verify an archive and restore its container on this node")
+    p = add("restore", cmd_restore, "verify an archive and restore its container on this node", keyed)
     p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
     p.add_argument("--name", help="restore under this name (default: the name it was checkpointed under)")
     p.add_argument("--force", action="store_true", help="accept compatibility errors that are not fatal")
@@ -932,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "snapshot",
-        parents=[common, in_store, waiting],
+        parents=[common, in_store, waiting, keyed],
         help="checkpoint a running container into a snapshot store, then prune (made for cron)",
         description="Checkpoint a container into a snapshot store and leave it running, then prune by the "
         "--keep-* rules. Quiet on stdout; one log line on stderr per run (none on success with --quiet).",
@@ -943,24 +957,35 @@ def build_parser() -> argparse.ArgumentParser:
     _keep_options(p)
     p.add_argument("--level", type=int, default=kerrickpt.DEFAULT_LEVEL, help="zstd level (default %(default)s)")
     _log_tail_option(p)
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="refuse to snapshot unless the store is encrypted (`snapshots init --encrypt`); its key: --key-file",
+    )
 
     p = sub.add_parser("snapshots", help="list, prune or verify the snapshots in a store")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def act(name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        q = actions.add_parser(name, parents=[common, in_store, *parents], help=help_text, description=help_text)
+        q = actions.add_parser(name, parents=[common, in_store, keyed, *parents], help=help_text, description=help_text)
         q.set_defaults(func=func)
         q.add_argument("name", nargs="?", help="only this container's snapshots")
         return q
 
     q = actions.add_parser(
         "init",
-        parents=[common, in_store],
+        parents=[common, in_store, keyed],
         help="make an empty store deduplicating: its snapshots share what they hold alike",
-        description="make an empty store deduplicating: its snapshots share what they hold alike",
+        description="make an empty store deduplicating: its snapshots share what they hold alike; with --encrypt, "
+        "sealed with the key of --key-file (see README, Encrypted stores)",
     )
     q.set_defaults(func=cmd_snapshots_init)
-    act("list", cmd_snapshots_list, "list snapshots: time, size, frozen time, source node, verified or not")
+    q.add_argument("--encrypt", action="store_true", help="encrypt and authenticate everything it keeps (--key-file)")
+    act(
+        "list",
+        cmd_snapshots_list,
+        "list snapshots: time, size, frozen time, source node, key id if encrypted (no key needed), verified or not",
+    )
     q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", waiting)
     _keep_options(q)
     q.add_argument("--dry-run", action="store_true", help="only say what would be removed")

@@ -1,0 +1,135 @@
+"""Owns how a deduplicating store seals what it keeps (chunk addresses, chunks, recipes) and binds each to its place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kerrickpt import keys
+from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+
+PLAIN = 0  # a chunk's sealing byte in a plain store; an encrypted store's name keys.AES_GCM or CHACHA20_POLY1305
+SEALED_FORMAT = "kerrickpt-sealed-recipe"
+SEALED_VERSION = 1
+# What a sealed recipe shows without the key, for `snapshots list` when the snapshot's record does not match it.
+LISTED = ("node", "frozen_s")
+
+
+class Plain:
+    """A plain store's: chunks named by their sha256, nothing sealed (checksums guard against accidents only)."""
+
+    key_id: str | None = None
+    sealing = PLAIN
+    sealings = frozenset({PLAIN})
+
+    def address(self, data: bytes | memoryview) -> bytes:
+        return hashlib.sha256(data).digest()
+
+    def seal_chunk(self, address: bytes, body: bytes) -> bytes:
+        return body
+
+    def open_chunk(self, address: bytes, sealing: int, body: memoryview, what: str) -> memoryview:
+        return body
+
+    def seal_recipe(self, coded: bytes, place: str, listed: dict[str, Any]) -> bytes:
+        return coded
+
+    def open_recipe(self, data: bytes, place: str, label: str) -> bytes:
+        if data[:1] == b"{":
+            raise ArchiveCorruptError(
+                f"{label} is sealed (with key {_header(data, label).get('key')}) in a store whose marker says it is "
+                "plain: the marker was changed, or the recipe was put there"
+            )
+        return data
+
+
+PLAIN_SEAL = Plain()
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """An encrypted store's: chunks named by a keyed address (`Key.address`), compressed then sealed; recipes sealed
+    whole behind a plain header. Every seal is bound to the store (`store`, its random id) and to the piece's place:
+    a chunk to its address, a recipe to its container and snapshot id (see `place`)."""
+
+    key: keys.Key
+    store: str
+
+    @property
+    def key_id(self) -> str:
+        return self.key.id
+
+    @property
+    def sealing(self) -> int:
+        return self.key.sealing
+
+    sealings = frozenset(keys.NAMES)
+
+    def address(self, data: bytes | memoryview) -> bytes:
+        return self.key.address(data)
+
+    def _chunk_bound(self, address: bytes) -> bytes:
+        return b"kerrickpt chunk\0" + self.store.encode() + b"\0" + address
+
+    def seal_chunk(self, address: bytes, body: bytes) -> bytes:
+        return self.key.seal(body, self._chunk_bound(address))
+
+    def open_chunk(self, address: bytes, sealing: int, body: memoryview, what: str) -> bytes:
+        return self.key.open(body, self._chunk_bound(address), sealing, what)
+
+    def _recipe_bound(self, place: str, header: bytes) -> bytes:
+        return b"kerrickpt recipe\0" + self.store.encode() + b"\0" + place.encode() + b"\0" + header
+
+    def seal_recipe(self, coded: bytes, place: str, listed: dict[str, Any]) -> bytes:
+        """A plain JSON line (format, version, key id, sealing, and what `snapshots list` shows: LISTED), then the
+        coded recipe sealed, bound to that line, the store and `place`."""
+        head = {"format": SEALED_FORMAT, "version": SEALED_VERSION, "key": self.key.id, "sealing": self.sealing}
+        header = json.dumps({**head, **{k: listed.get(k) for k in LISTED}}).encode()
+        return header + b"\n" + self.key.seal(coded, self._recipe_bound(place, header))
+
+    def open_recipe(self, data: bytes, place: str, label: str) -> bytes:
+        if data[:1] != b"{":
+            raise ArchiveCorruptError(
+                f"{label} is not sealed, in an encrypted store: anyone could have written it, it is refused"
+            )
+        head = _header(data, label)
+        if head.get("key") != self.key.id:
+            raise ArchiveCorruptError(
+                f"{label} is sealed with key {head.get('key')}, not with its store's key {self.key.id}: it was put "
+                "there"
+            )
+        header, _, sealed = data.partition(b"\n")
+        return self.key.open(sealed, self._recipe_bound(place, header), head.get("sealing", 0), label)
+
+
+Seal = Plain | Sealed
+
+
+def listed(data: bytes, label: str) -> dict[str, Any]:
+    """What a sealed recipe shows without the key (LISTED); nothing for a plain one."""
+    if data[:1] != b"{":
+        return {}
+    head = _header(data, label)
+    return {k: head.get(k) for k in LISTED}
+
+
+def _header(data: bytes, label: str) -> dict[str, Any]:
+    """A sealed recipe's plain header; ArchiveCorruptError if damaged, StoreFormatError if of a newer format."""
+    line = data.partition(b"\n")[0]
+    try:
+        head = json.loads(line)
+        if not isinstance(head, dict) or head.get("format") != SEALED_FORMAT:
+            raise ValueError("not a sealed kerrickpt recipe")
+    except ValueError as exc:
+        raise ArchiveCorruptError(f"{label} is damaged: {exc}") from exc
+    version = head.get("version")
+    if type(version) is not int:
+        raise ArchiveCorruptError(f"{label} is damaged: its header gives no format version")
+    if version > SEALED_VERSION:
+        raise StoreFormatError(
+            f"{label} is a sealed recipe of format version {version}; this kerrickpt reads up to {SEALED_VERSION}: "
+            "use the kerrickpt that wrote it, or a newer one"
+        )
+    return head

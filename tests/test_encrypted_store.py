@@ -1,0 +1,285 @@
+"""An encrypted deduplicating store: nothing of a snapshot's memory or manifest in its files, the key checked before
+anything is read or written, and anything changed, moved or swapped without the key refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from kerrickpt import keys, recipe, sources
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, UsageError
+from kerrickpt.retention import Policy
+from kerrickpt.store import VERIFIED, Snapshot, Store
+from tests.helpers import cli
+from tests.test_dedup_store import PAGE, PAGES, T0, memory, rewrite, stored, write_incoming
+
+SECRET = b"kerrickpt-test-secret-in-memory:"  # what a workload holds: it must appear in no file of the store
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> keys.Key:
+    return keys.create(tmp_path / "store.key")
+
+
+@pytest.fixture
+def store(tmp_path: Path, key: keys.Key) -> Store:
+    (tmp_path / "store").mkdir()
+    return Store.deduplicating(tmp_path / "store", key)
+
+
+def secret_memory(seed: int) -> bytearray:
+    """Random pages, every tenth one holding SECRET over and over (compressible, as a heap of strings is)."""
+    pages = memory(seed)
+    for page in range(0, PAGES, 10):
+        pages[page * PAGE : (page + 1) * PAGE] = (SECRET * (PAGE // len(SECRET) + 1))[:PAGE]
+    return pages
+
+
+def take(store: Store, name: str, when: object, pages: bytes) -> Snapshot:
+    with store.lock(name):
+        write_incoming(store, name, when, pages)  # type: ignore[arg-type]
+        return store.publish(name)
+
+
+def read_back(snap: Snapshot, dest: Path, key: keys.Key | None) -> bytes:
+    dest.mkdir()
+    with sources.opened(snap.path, key) as source:
+        source.extract(dest)
+    return (dest / "images" / "pages-1.img").read_bytes()
+
+
+def files_of(store: Store) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+
+
+def test_an_encrypted_store_keeps_no_memory_or_manifest_in_the_clear_and_reads_back_with_its_key(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    pages = secret_memory(1)
+    first = take(store, "job1", T0, pages)
+    second_pages = rewrite(pages, 0.05, 2)
+    before = stored(store)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+
+    held = b"".join(files_of(store).values())
+    assert SECRET not in held and b"inventory of job1" not in held
+    assert b'"command"' not in held  # the manifest is sealed; only the snapshot's record shows what list does
+    plain_addresses = {hashlib.sha256(pages[i : i + PAGE]).digest() for i in range(0, len(pages), PAGE)}
+    with sqlite3.connect(store.root / ".chunks" / "index.sqlite") as db:
+        named = {row[0] for row in db.execute("SELECT digest FROM chunks")}
+    assert not named & plain_addresses, "the index names chunks by keyed address, not by sha256"
+    assert stored(store) - before < 0.15 * PAGE * PAGES  # sealing keeps deduplication
+    assert read_back(first, tmp_path / "a", key) == pages
+    assert read_back(second, tmp_path / "b", key) == second_pages
+    assert all(s.status == VERIFIED and s.key == key.id for s in store.verify("job1"))
+
+
+def test_list_needs_no_key_and_shows_it_every_other_command_needs_it(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    snap = take(store, "job1", T0, memory(3))
+    unkeyed = Store(store.root)
+    before = files_of(store)
+
+    assert [(s.id, s.key, s.status) for s in unkeyed.list()] == [(snap.id, key.id, VERIFIED)]
+    listed = cli("snapshots", "list", "--store", str(store.root), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["encrypted"] is True and row["key_id"] == key.id and row["frozen_s"] is None
+    snap.path.with_suffix(".meta").unlink()  # no record: list reads what the recipe shows unsealed
+    (bare,) = unkeyed.list()
+    assert (bare.key, bare.node, bare.status) == (key.id, snap.node, "unverified")
+
+    for run in (
+        lambda: unkeyed.verify(),
+        lambda: unkeyed.prune(None, Policy(last=0, hourly=1)),
+        lambda: read_back(snap, tmp_path / "out", None),
+    ):
+        with pytest.raises(KeyUnusableError, match=f"encrypted with key {key.id}"):
+            run()
+    other = keys.create(tmp_path / "other.key")
+    with pytest.raises(KeyUnusableError, match=f"{key.id}.*{other.id}"):
+        Store(store.root, other)
+    with pytest.raises(KeyUnusableError, match=f"{key.id}.*{other.id}"):
+        read_back(snap, tmp_path / "out2", other)
+    for args in (("snapshots", "verify"), ("snapshots", "prune", "--keep-last", "1")):
+        done = cli(*args, "--store", str(store.root))
+        assert done.returncode == 23 and key.id in done.stderr, done.stderr
+        done = cli(*args, "--store", str(store.root), "--key-file", str(tmp_path / "other.key"))
+        assert done.returncode == 23 and key.id in done.stderr and other.id in done.stderr, done.stderr
+    del before[snap.path.with_suffix(".meta")]
+    assert files_of(store) == before
+
+
+def test_a_wrong_passphrase_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    made = cli("key", "create", str(tmp_path / "k"), "--passphrase", KERRICKPT_PASSPHRASE="right horse")
+    assert made.returncode == 0, made.stderr
+    init = ("snapshots", "init", "--store", str(tmp_path / "store"), "--encrypt", "--key-file", str(tmp_path / "k"))
+    wrong = cli(*init, KERRICKPT_PASSPHRASE="wrong horse")
+    assert wrong.returncode == 23 and "wrong passphrase" in wrong.stderr
+    assert not list((tmp_path / "store").iterdir())
+    done = cli(*init, KERRICKPT_PASSPHRASE="right horse")
+    assert done.returncode == 0, done.stderr
+    verify = ("snapshots", "verify", "--store", str(tmp_path / "store"), "--key-file", str(tmp_path / "k"))
+    assert cli(*verify, KERRICKPT_PASSPHRASE="wrong horse").returncode == 23
+    assert cli(*verify, KERRICKPT_PASSPHRASE="right horse").returncode == 0
+
+
+def test_a_key_for_a_plain_store_and_encrypt_for_one_not_made_so_are_refused(tmp_path: Path, key: keys.Key) -> None:
+    (tmp_path / "dedup").mkdir()
+    (tmp_path / "archives").mkdir()
+    Store.deduplicating(tmp_path / "dedup")
+    for root in (tmp_path / "dedup", tmp_path / "archives"):
+        with pytest.raises(UsageError, match="not encrypted"):
+            Store(root, key)
+        done = cli("snapshot", "job1", "--store", str(root), "--encrypt")
+        assert done.returncode == 2 and "snapshots init --store DIR --encrypt" in done.stderr, done.stderr
+        listed = cli("snapshots", "list", "--store", str(root), "--key-file", str(tmp_path / "store.key"))
+        assert listed.returncode == 2 and "not encrypted" in listed.stderr
+    (tmp_path / "fresh").mkdir()
+    done = cli("snapshots", "init", "--store", str(tmp_path / "fresh"), "--encrypt")
+    assert done.returncode == 23 and "--key-file" in done.stderr
+    assert not list((tmp_path / "fresh").iterdir())
+
+
+def flip_in_pack(store: Store, snaps: list[Snapshot]) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        data = bytearray(pack.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        pack.write_bytes(bytes(data))
+
+
+def flip_in_recipe(store: Store, snaps: list[Snapshot]) -> None:
+    data = bytearray(snaps[0].path.read_bytes())
+    data[-20] ^= 0x01
+    snaps[0].path.write_bytes(bytes(data))
+
+
+def swap_chunks_in_index(store: Store, snaps: list[Snapshot]) -> None:
+    """Two chunks' rows swap ids: each row still names its own entry, whose seal holds for its address."""
+    with sqlite3.connect(store.root / ".chunks" / "index.sqlite") as db:
+        a, b = (row[0] for row in db.execute("SELECT id FROM chunks ORDER BY id LIMIT 2 OFFSET 7"))
+        for old, new in ((a, -a), (b, a), (-a, b)):
+            db.execute("UPDATE chunks SET id = ? WHERE id = ?", (new, old))
+
+
+def point_chunk_at_another(store: Store, snaps: list[Snapshot]) -> None:
+    with sqlite3.connect(store.root / ".chunks" / "index.sqlite") as db:
+        a, b = (row[0] for row in db.execute("SELECT id FROM chunks ORDER BY id LIMIT 2 OFFSET 7"))
+        db.execute(
+            "UPDATE chunks SET (pack, offset, length) = (SELECT pack, offset, length FROM chunks WHERE id = ?) "
+            "WHERE id = ?",
+            (b, a),
+        )
+
+
+def swap_recipes(store: Store, snaps: list[Snapshot]) -> None:
+    first, second = (s.path.read_bytes() for s in snaps)
+    snaps[0].path.write_bytes(second)
+    snaps[1].path.write_bytes(first)
+
+
+def plant_plain_recipe(store: Store, snaps: list[Snapshot]) -> None:
+    made = recipe.read(snaps[0].path, store.seal())
+    snaps[0].path.write_bytes(recipe.Recipe(made.manifest, made.files).encode())
+
+
+@pytest.mark.parametrize(
+    ("tamper", "said"),
+    [
+        (flip_in_pack, "fails its authentication"),
+        (flip_in_recipe, "fails its authentication"),
+        (swap_chunks_in_index, "index leads to other chunks than its sealed recipe names"),
+        (point_chunk_at_another, "damaged"),
+        (swap_recipes, "fails its authentication"),
+        (plant_plain_recipe, "not sealed"),
+    ],
+)
+def test_anything_changed_moved_or_swapped_without_the_key_is_refused(
+    store: Store, key: keys.Key, tmp_path: Path, tamper: Callable[[Store, list[Snapshot]], None], said: str
+) -> None:
+    pages = memory(5)
+    snaps = [take(store, "job1", T0, pages), take(store, "job1", T0 + timedelta(hours=1), rewrite(pages, 0.5, 6))]
+    tamper(store, snaps)
+
+    with pytest.raises(ArchiveCorruptError, match=said):
+        read_back(snaps[0], tmp_path / "out", key)
+    done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert done.returncode == 6 and "corrupt" in done.stderr, done.stderr
+
+
+def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    (tmp_path / "other").mkdir()
+    other = Store.deduplicating(tmp_path / "other", key)
+    pages = memory(7)
+    ours = take(store, "job1", T0, pages)
+    theirs = take(other, "job1", T0, pages)
+    ours.path.write_bytes(theirs.path.read_bytes())
+
+    with pytest.raises(ArchiveCorruptError, match="authentication"):
+        read_back(ours, tmp_path / "out", key)
+
+
+def test_prune_with_the_key_keeps_every_kept_snapshot_whole_and_frees_the_rest(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(8)
+    contents = [rewrite(base, 0.5, 9 + i) for i in range(3)]
+    for i, content in enumerate(contents):
+        take(store, "job1", T0 + timedelta(hours=i), content)
+    full = stored(store)
+
+    done = cli(
+        "snapshots", "prune", "--store", str(store.root), "--keep-last", "1", "--key-file", str(tmp_path / "store.key")
+    )
+    assert done.returncode == 0, done.stderr
+
+    (kept,) = store.list("job1")
+    assert full - stored(store) > 0.3 * PAGE * PAGES
+    assert read_back(kept, tmp_path / "kept", key) == contents[-1]
+
+
+PUBLISH = """
+import sys
+from kerrickpt import keys
+from kerrickpt.store import Store
+store = Store(sys.argv[1], keys.load(sys.argv[3]))
+with store.lock(sys.argv[2], wait=60):
+    store.publish(sys.argv[2])
+"""
+
+
+def test_two_runs_at_once_into_an_encrypted_store_both_publish_whole(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(20)
+    contents = {"job1": rewrite(base, 0.05, 21), "job2": rewrite(base, 0.05, 22)}
+    for name, content in contents.items():
+        write_incoming(store, name, T0, content)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PUBLISH, str(store.root), name, str(tmp_path / "store.key")], env=dict(os.environ)
+        )
+        for name in contents
+    ]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / name, key) == content
+    assert store.prune(None, Policy(last=1))
+    for name, content in contents.items():
+        (snap,) = store.list(name)
+        assert read_back(snap, tmp_path / f"{name}-pruned", key) == content
