@@ -108,6 +108,12 @@ class Key:
                 f"{what} fails its authentication with key {self.id}: it was changed, or damaged, after it was sealed"
             ) from None
 
+    def derived(self, context: bytes) -> Key:
+        """A key of one object's own (a sealed file of many segments), from this key and `context` (random, recorded
+        with the object): random nonces stay far from their limit (2^32 seals with one key) however many objects
+        this key seals. Its id is not this key's: check this key against the object first."""
+        return Key(_derive(self.master, "object " + context.hex()), self.sealing)
+
     def address(self, data: bytes | memoryview) -> bytes:
         """A keyed digest of `data` (HMAC-SHA256) to find it by: equal content, equal address, but without the key
         nobody can tell whether a chunk holds content they can guess, as a plain sha256 would let them."""

@@ -48,6 +48,7 @@ from kerrickpt.errors import (
     TransportError,
     UsageError,
 )
+from kerrickpt.keys import Key
 from kerrickpt.manifest import Manifest
 
 # What a failed restore raises as it is; any other error of kerrickpt's becomes a RestoreFailed.
@@ -86,6 +87,7 @@ def restore(
     stderr: int | None = None,
     tcp_close: bool = False,
     pool: isolation.IdPool | None = None,
+    key: Key | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -108,6 +110,9 @@ def restore(
     A container with a network of its own gets it back here: its address (it must be free) and MAC, its published
     ports, and its established TCP connections, or, with `tcp_close`, those closed (a copy next to its source:
     then it takes another address of the node's subnet if its own is in use).
+
+    An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
+    taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -124,7 +129,7 @@ def restore(
         raise
     try:
         # An archive, or a store's recipe (its chunks held from pruning until the restore is done).
-        with sources.opened(Path(path) if isinstance(path, (str, Path)) else path) as source:
+        with sources.opened(Path(path) if isinstance(path, (str, Path)) else path, key) as source:
             label = source.label
             # A source with an index is read while CRIU restores from it (see feeder); else it is unpacked first.
             streams = watcher is None and feeder.can_gate(scratch)

@@ -10,6 +10,7 @@ from typing import BinaryIO, Protocol
 
 from kerrickpt import archive, archiveindex, chunks, dedupstore, recipe, trust
 from kerrickpt.errors import ArchiveCorruptError
+from kerrickpt.keys import Key
 from kerrickpt.manifest import Manifest, Member
 
 Into = Callable[[str, memoryview], None]
@@ -48,10 +49,11 @@ class Source(Protocol):
 
 
 class ArchiveSource:
-    """An archive file, or one arriving on a stream."""
+    """An archive file (sealed with `key`, if given: see sealed.opened), or one arriving on a stream."""
 
-    def __init__(self, source: Path | BinaryIO) -> None:
+    def __init__(self, source: Path | BinaryIO, key: Key | None = None) -> None:
         self.source = source
+        self.key = key
 
     @property
     def label(self) -> str:
@@ -62,20 +64,20 @@ class ArchiveSource:
         return self.source.stat().st_size if isinstance(self.source, Path) else 0
 
     def read_index(self) -> archiveindex.Index | None:
-        return archive.read_index(self.source) if isinstance(self.source, Path) else None
+        return archive.read_index(self.source, self.key) if isinstance(self.source, Path) else None
 
     def extract(self, dest: Path | None, into: Into | None = None) -> Manifest:
-        return archive.extract(self.source, dest, into=into)
+        return archive.extract(self.source, dest, into=into, key=self.key)
 
     def member(self, expected: Member, checksum: str) -> Reader:
         assert isinstance(self.source, Path), "a stream is read once"
-        return archive.MemberReader(self.source, expected, checksum)
+        return archive.MemberReader(self.source, expected, checksum, self.key)
 
 
 @contextlib.contextmanager
-def opened(source: Path | BinaryIO) -> Iterator[Source]:
+def opened(source: Path | BinaryIO, key: Key | None = None) -> Iterator[Source]:
     """`source` as a Source: a `*.recipe` in a deduplicating store is read from the store's chunks, under their
-    lock held shared (no prune frees or moves a chunk meanwhile); anything else is an archive."""
+    lock held shared (no prune frees or moves a chunk meanwhile); anything else is an archive, opened with `key`."""
     if isinstance(source, Path) and source.name.endswith(recipe.SUFFIX):
         series = Path(os.path.realpath(source.absolute().parent))
         root = series.parent
@@ -86,4 +88,4 @@ def opened(source: Path | BinaryIO) -> Iterator[Source]:
         with chunks.Chunks(root / chunks.DIRECTORY) as store, store.lock(exclusive=False):
             yield dedupstore.Source(store, source)
         return
-    yield ArchiveSource(source)
+    yield ArchiveSource(source, key)
