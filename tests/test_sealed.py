@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import kerrickpt
 from kerrickpt import archive, archivewriter, keys, sealed
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError
 from kerrickpt.manifest import Manifest
-from tests.helpers import cli
+from tests.helpers import assert_consecutive, checkpointed_side_writer, cli, ticks, unique_name, wait_for
 from tests.test_archive import manifest
 
 SEGMENT = sealed.MIN_SEGMENT
@@ -224,3 +225,65 @@ def test_checkpoint_encrypt_needs_a_key_and_a_key_needs_encrypt(tmp_path: Path) 
     unsaid = cli("checkpoint", "x", "-o", out, "--key-file", str(tmp_path / "key"))
     assert unsaid.returncode == 2 and "add --encrypt" in unsaid.stderr
     assert not (tmp_path / "a.kckpt").exists()
+
+
+@pytest.mark.root
+def test_an_encrypted_checkpoint_holds_no_memory_in_the_clear_and_restores_with_its_key_only(
+    state_dir: Path, tmp_path: Path, key: keys.Key
+) -> None:
+    secret = f"kerrickpt-marker-{os.urandom(16).hex()}"
+    (tmp_path / "secret").write_text(secret + "\n")
+    name = unique_name("sealed")
+    # The marker is only in the shell's memory: read from a file that is gone before the checkpoint.
+    count = 'i=0; while :; do i=$((i+1)); echo "tick $i pid $$"; sleep 0.05; done'
+    script = f"read secret < {tmp_path / 'secret'}; {count}"
+    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
+    log = state_dir / "containers" / name / "log"
+    wait_for(lambda: ticks(log.read_text()), what="the counter")
+    (tmp_path / "secret").unlink()
+    archive_path = tmp_path / "w.kckpt"
+    key_file = str(tmp_path / "key")
+
+    taken = cli("checkpoint", name, "-o", str(archive_path), "--encrypt", "--key-file", key_file, state_dir=state_dir)
+
+    assert taken.returncode == 0, taken.stderr
+    assert f"encrypted with key {key.id}" in taken.stdout
+    assert secret.encode() not in archive_path.read_bytes()
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    archive.extract(archive_path, unpacked, key=key)
+    pages = b"".join(p.read_bytes() for p in (unpacked / "images").glob("pages-*.img"))
+    assert secret.encode() in pages, "the archive carries the shell's memory, marker and all"
+    last = max(ticks((unpacked / "log").read_text()))
+    keyless = cli("restore", str(archive_path), state_dir=state_dir)
+    assert keyless.returncode == 23 and key.id in keyless.stderr
+    keys.create(tmp_path / "other")
+    wrong = cli("restore", str(archive_path), "--key-file", str(tmp_path / "other"), state_dir=state_dir)
+    assert wrong.returncode == 23 and key.id in wrong.stderr and keys.load(tmp_path / "other").id in wrong.stderr
+    assert kerrickpt.ps(state_dir) == []
+
+    restored = cli("restore", str(archive_path), "--key-file", key_file, state_dir=state_dir)
+
+    assert restored.returncode == 0, restored.stderr
+    wait_for(lambda: max(ticks(log.read_text())) > last + 2, what="the counter to go on")
+    assert_consecutive(ticks(log.read_text()))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("where", ["memory", "end"])
+def test_a_changed_byte_in_an_encrypted_archive_is_refused_before_any_restored_process_runs(
+    memload: Path, state_dir: Path, tmp_path: Path, key: keys.Key, where: str
+) -> None:
+    _, side, good = checkpointed_side_writer(memload, 64, state_dir, tmp_path, key)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2 if where == "memory" else len(data) - 1] ^= 1
+    bad = tmp_path / "bad.kckpt"
+    bad.write_bytes(data)
+    ticks_before = side.stat().st_size
+
+    refused = cli("restore", str(bad), "--key-file", str(tmp_path / "key"), state_dir=state_dir)
+
+    assert refused.returncode == 6, refused.stderr
+    assert "fails its authentication" in refused.stderr
+    assert side.stat().st_size == ticks_before, "no restored process ever ran"
+    assert kerrickpt.ps(state_dir) == []
