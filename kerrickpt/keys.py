@@ -93,7 +93,7 @@ class Key:
         """`data` encrypted and authenticated with `bound` (bytes that must be the same to open it: where it
         belongs, so that sealed pieces cannot be swapped): a random nonce, then the ciphertext and its tag."""
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self._aead(self.sealing).encrypt(nonce, bytes(data), bound)
+        return nonce + self._aead(self.sealing).encrypt(nonce, data, bound)  # a view is not copied first
 
     def open(self, sealed: bytes | memoryview, bound: bytes, sealing: int, what: str) -> bytes:
         """The bytes `seal` sealed with `sealing` and `bound`; ArchiveCorruptError naming `what` if they were changed
@@ -102,7 +102,7 @@ class Key:
             raise ArchiveCorruptError(f"{what} is truncated: shorter than its seal")
         view = memoryview(sealed)
         try:
-            return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), bytes(view[NONCE_BYTES:]), bound)
+            return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), view[NONCE_BYTES:], bound)
         except InvalidTag:
             raise ArchiveCorruptError(
                 f"{what} fails its authentication with key {self.id}: it was changed, or damaged, after it was sealed"
