@@ -1,10 +1,11 @@
 """Owns sealed files: an archive's bytes encrypted and authenticated with a key, as a stream of sealed segments.
 
-A sealed file is a plain header, then segments of SEGMENT bytes of the plain file each (the last one shorter, even
-empty), each sealed with a key of the file's own (keys.Key.derived, from the header's random salt) and bound to the
-header, to its index and to whether it is the last (the STREAM construction of Tink's streaming AEAD and of age): a
-segment changed, moved, repeated or dropped, or a file cut short or grown, even at a segment boundary, fails its
-authentication. The header says which key and method sealed it, so that it can be named without the key.
+A sealed file is a plain header, then segments of SEGMENT bytes of the plain file each (the last one at most that,
+empty only if the whole file is), each sealed with a key of the file's own (keys.Key.derived, from the header's
+random salt) and bound to the header, to its index and to whether it is the last (the STREAM construction of Tink's
+streaming AEAD and of age): a segment changed, moved, repeated or dropped, or a file cut short or grown, even at a
+segment boundary, fails its authentication. The header says which key and method sealed it, so that it can be
+named without the key.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def _bound(header: bytes, index: int, last: bool) -> bytes:
 def peek(fh: BinaryIO, label: str) -> Header | None:
     """The header of the file open as `fh` if it is sealed, None if it is not (a plain archive); `fh` is left at
     its start. ArchiveCorruptError for a header this kerrickpt cannot use."""
-    start = fh.read(_HEADER.size)
-    fh.seek(0)
+    try:
+        start = fh.read(_HEADER.size)
+        fh.seek(0)
+    except OSError as exc:
+        raise ArchiveUnreadableError(f"reading {label} failed: {exc.strerror}") from exc
     if not start.startswith(MAGIC):
         return None
     if len(start) < _HEADER.size:

@@ -61,6 +61,8 @@ examples:
   kerrickpt checkpoint job1 -o /srv/ckpt/job1.kckpt
   kerrickpt checkpoint job1 -o /srv/ckpt/job1-copy.kckpt --leave-running
   kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
+  kerrickpt checkpoint job3 -o /shared/job3.kckpt --encrypt --key-file /etc/kerrickpt/ckpt.key
+  kerrickpt restore /shared/job3.kckpt --key-file /etc/kerrickpt/ckpt.key
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
   kerrickpt restore job7.kckpt --pid-namespace host
@@ -80,7 +82,8 @@ examples:
   sudo -n kerrickpt job --name train --volume "$PWD:/work" --workdir /work -- ./train   # as a user
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
-  5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
+  5 dump failed, 6 archive corrupt or unreadable (an encrypted one: changed without its key),
+  7 node incompatible, 8 restore failed,
   9 container exists, 10 an external program timed out and was stopped,
   11 ssh failed or the other side's message was malformed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 busy (here or on the target),
@@ -439,7 +442,7 @@ def cmd_restore(args: argparse.Namespace) -> tuple[Any, int]:
             pid_namespace=args.pid_namespace,
             bases=bases,
             tcp_close=args.tcp_close,
-            key=_key(args),
+            key=None if args.store else _key(args),  # a store's snapshots are not sealed archives
         )
     if not args.json:
         if args.store:
