@@ -59,7 +59,8 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
     assert "target of issue 6, 13 (confined), 14 (job), 16 (encrypted) or 17 (repeated)" in result.stdout
-    assert "memory verified after 48 of 48 restores (24 of them in warm-up runs)" in result.stdout
+    runs = 2 * len(restores)  # every restore in the warm-up run and in the one counted
+    assert f"memory verified after {runs} of {runs} restores ({len(restores)} of them in warm-up runs)" in result.stdout
     assert "16 MiB heap warm-up: raw" in result.stderr
     assert "16 MiB mixed rep 1: repeated (3 snapshots, 0.1 s apart)" in result.stderr
     assert report["config"]["pause_s"] == 0.1
