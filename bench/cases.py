@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from bench import engines, preemption
 from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
+from kerrickpt import keys
 from kerrickpt.node import LAZY_PIPE_SIZE
 
 
@@ -123,17 +124,27 @@ def prefix(layer_mib: int | None) -> str:
     return "kpt" if layer_mib is None else f"conf.L{layer_mib}"
 
 
-def checkpoint(lab: Lab, mib: int, kind: str, layer_mib: int | None = None) -> Outcome:
-    """`kerrickpt checkpoint` end to end, then `kerrickpt restore` of that archive on the same node."""
+def checkpoint(lab: Lab, mib: int, kind: str, layer_mib: int | None = None, *, encrypted: bool = False) -> Outcome:
+    """`kerrickpt checkpoint` end to end, then `kerrickpt restore` of that archive on the same node; `encrypted`,
+    with a key file (metrics `sealed.*`)."""
     job = lab.start(mib, kind, layer_mib)
     node = job.node
     copy = f"{job.name}-r"
     limit = timeout_for(mib + (layer_mib or 0))
-    at = prefix(layer_mib)
+    at = "sealed" if encrypted else prefix(layer_mib)
     with removed(node, job.name), removed(node, copy), lab.scratch("ckpt") as work:
         archive = work / "ckpt.kckpt"
-        taken, checkpoint_s, ckpt_peak = kerrickpt(node, "checkpoint", job.name, "-o", str(archive), timeout=limit)
-        restored, restore_s, restore_peak = kerrickpt(node, "restore", str(archive), "--name", copy, timeout=limit)
+        keyed, sealing = [], []
+        if encrypted:
+            keys.create(work / "key")
+            keyed = ["--key-file", str(work / "key")]
+            sealing = ["--encrypt", *keyed]
+        taken, checkpoint_s, ckpt_peak = kerrickpt(
+            node, "checkpoint", job.name, "-o", str(archive), *sealing, timeout=limit
+        )
+        restored, restore_s, restore_peak = kerrickpt(
+            node, "restore", str(archive), "--name", copy, *keyed, timeout=limit
+        )
         ok = job.moved(node, copy, int(restored["init_pid"])).verify(mib)
         layer = {}
         if layer_mib is not None:  # the layer as the archive carries it: a tar, before compression
@@ -153,6 +164,11 @@ def checkpoint(lab: Lab, mib: int, kind: str, layer_mib: int | None = None) -> O
         },
         {f"{at}.restore": ok},
     )
+
+
+def sealed(lab: Lab, mib: int, kind: str) -> Outcome:
+    """`checkpoint --encrypt` and `restore` with its key: what encryption costs over `checkpoint` (issue 16)."""
+    return checkpoint(lab, mib, kind, encrypted=True)
 
 
 def migrate(lab: Lab, mib: int, kind: str, layer_mib: int | None = None, *, lazy: bool = False) -> Outcome:
@@ -226,6 +242,7 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "sequential": sequential,
     "snapshot": snapshot,
     "checkpoint": checkpoint,
+    "sealed": sealed,
     "migrate": migrate,
     "lazy": migrate_lazy,
     "runc": runc,

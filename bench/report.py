@@ -1,5 +1,5 @@
 """Owns the results: samples per size and kind, min, median and max (p95 of repeated snapshots), the targets of
-issues 6, 13, 14 and 17, table and JSON."""
+issues 6, 13, 14, 16 and 17, table and JSON."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ REPEATED_GOAL = 1.5
 
 @dataclass(frozen=True)
 class Ratio:
-    """A target of issue 6, 13 or 14: median of `metric` at most `goal` times the median of `baseline`."""
+    """A target of issue 6, 13, 14 or 16: median of `metric` at most `goal` times the median of `baseline`."""
 
     label: str
     metric: str
@@ -51,6 +51,9 @@ RATIOS = (
     Ratio("job: preemption signal to checkpoint / DMTCP's", "job.checkpoint_s", "dmtcp.checkpoint_s", 0.5),
     Ratio("job: archive size / DMTCP's gzip image size", "job.archive_mib", "dmtcp.image_mib", 1.2),
     Ratio("job: requeued start to running / dmtcp_restart's", "job.resume_s", "dmtcp.resume_s", 0.5),
+    # Issue 16: what encrypting an archive (`checkpoint --encrypt`) and restoring from it cost.
+    Ratio("encrypted checkpoint / plain checkpoint", "sealed.checkpoint_s", "kpt.checkpoint_s", 1.15),
+    Ratio("restore of an encrypted archive / of a plain one", "sealed.restore_s", "kpt.restore_s", 1.15),
 )
 
 
@@ -207,7 +210,7 @@ class Results:
                              f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
-        head = "target of issue 6, 13 (confined), 14 (job) or 17 (repeated)"
+        head = "target of issue 6, 13 (confined), 14 (job), 16 (encrypted) or 17 (repeated)"
         lines += ["", f"{'MiB':>5} {'kind':<6} {head:<{width}} {'measured':>9} {'goal':>10}  holds"]
         for row in targets:
             value = "-" if row["value"] is None else f"{row['value']:.2f}"

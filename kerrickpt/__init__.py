@@ -17,6 +17,7 @@ from kerrickpt.errors import (
     HostError,
     Interrupted,
     KerrickptError,
+    KeyUnusableError,
     MigrationUnknown,
     NodeIncompatibleError,
     NotCheckpointable,
@@ -31,6 +32,7 @@ from kerrickpt.errors import (
 from kerrickpt.garbage import Leftover, gc
 from kerrickpt.inspection import ArchiveInfo, check_archive, inspect
 from kerrickpt.job import Job, job
+from kerrickpt.keys import Key
 from kerrickpt.lock import Holder
 from kerrickpt.logs import logs
 from kerrickpt.manifest import Manifest
@@ -66,6 +68,8 @@ __all__ = [
     "Job",
     "JobResult",
     "KerrickptError",
+    "Key",
+    "KeyUnusableError",
     "Leftover",
     "Manifest",
     "MigrationResult",

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from kerrickpt import archiveindex, progress, tarstream, zstdframe
+from kerrickpt import archiveindex, progress, sealed, tarstream, zstdframe
 from kerrickpt.ahead import Ahead
 from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError
+from kerrickpt.keys import Key
 from kerrickpt.manifest import CHECKSUMS, DIGESTED, FORMAT, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.members import CHUNK_MEMBER, HEADER, SAFE_MEMBER, allowed
@@ -27,31 +28,43 @@ def label(source: Source) -> str:
     return str(source) if isinstance(source, Path) else "the incoming archive"
 
 
-def _open(path: Path) -> BinaryIO:
+def _file(path: Path) -> BinaryIO:
     try:
         return path.open("rb")
     except OSError as exc:
         raise ArchiveUnreadableError(f"cannot read {path}: {exc.strerror}") from exc
 
 
+def _open(path: Path, key: Key | None) -> BinaryIO:
+    """The archive file as written before any sealing: plain, or opened with `key` (see sealed.opened)."""
+    return sealed.opened(_file(path), key, str(path))
+
+
+def sealing(path: Path) -> sealed.Header | None:
+    """How the archive at `path` is sealed (its key id and method, read without the key); None if it is not."""
+    with _file(path) as fh:
+        return sealed.peek(fh, str(path))
+
+
 def _reported(fh: BinaryIO, path: Path) -> BinaryIO:
     """The archive file, its reads reported as a phase of the Progress in effect (see progress)."""
     tracker = progress.current()
-    tracker.phase(f"reading {path.name}", os.fstat(fh.fileno()).st_size)
+    tracker.phase(f"reading {path.name}", fh.seek(0, os.SEEK_END))
+    fh.seek(0)
     return cast(BinaryIO, progress.Counted(fh, tracker))
 
 
 def _members(
-    source: Source, index: list[archiveindex.Unpacked] | None = None, digest: Any = None
+    source: Source, index: list[archiveindex.Unpacked] | None = None, digest: Any = None, key: Key | None = None
 ) -> Iterator[tuple[str, int, Iterator[memoryview]]]:
     """Each member of the archive (name, size, bytes); corruption becomes ArchiveCorruptError.
 
     The index after the frame, if any, goes to `index` once the last member was read, unpacked (see
     archiveindex.unpack); without `index`, nothing may follow the frame. `digest` (a hash) is updated with the
-    frame's compressed bytes as they are read.
+    frame's compressed bytes as they are read. An archive file sealed with `key` is opened with it.
     """
     path = label(source)
-    fh = _open(source) if isinstance(source, Path) else source  # closed once read, either way
+    fh = _open(source, key) if isinstance(source, Path) else source  # closed once read, either way
     if isinstance(source, Path):
         fh = _reported(fh, source)
     after: list[bytes] | None = [] if index is not None else None
@@ -140,11 +153,11 @@ class MemberReader(PieceReader):
     one another. At its end, ArchiveCorruptError if it is not what the manifest says (`expected`). Only as
     much of the archive is read as it takes to reach the file's end."""
 
-    def __init__(self, path: Path, expected: Member, checksum: str) -> None:
+    def __init__(self, path: Path, expected: Member, checksum: str, key: Key | None = None) -> None:
         self.expected = expected
         self.hash = CHECKSUMS[checksum]()
         self.size = 0
-        self.members = _members(path)
+        self.members = _members(path, key=key)
         super().__init__(self._pieces())
 
     def _pieces(self) -> Iterator[memoryview]:
@@ -170,13 +183,19 @@ class MemberReader(PieceReader):
         super().close()
 
 
-def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview], None] | None = None) -> Manifest:
+def extract(
+    source: Source,
+    dest: Path | None,
+    into: Callable[[str, memoryview], None] | None = None,
+    key: Key | None = None,
+) -> Manifest:
     """Unpack into `dest` (0600 files; None unpacks nothing) and verify every file against the manifest.
 
     With `into`, each file's bytes go there instead, piece by piece as they are read and
     hashed, under the file's name: a file is whole once it has had its manifest size.
     Raises ArchiveCorruptError for a flipped byte, a truncated archive, or a file or chunk
     that is missing, extra, repeated, out of order or unexpected; `dest` then holds nothing worth using.
+    An archive file sealed with `key` is opened with it (see sealed.opened).
     """
     path = label(source)
     received: dict[str, _Received] = {}
@@ -184,7 +203,7 @@ def extract(source: Source, dest: Path | None, into: Callable[[str, memoryview],
     version, checksum = 0, "sha256"  # unless the archive starts with its HEADER
     after: list[archiveindex.Unpacked] = []
     frame = archiveindex.DIGEST()
-    with contextlib.closing(_members(source, after, frame)) as members:
+    with contextlib.closing(_members(source, after, frame, key)) as members:
         for member, size, data in members:
             if body is not None:
                 raise ArchiveCorruptError(f"{path} has data after its manifest")
@@ -259,21 +278,21 @@ def _header(data: bytes, path: str) -> tuple[int, str]:
         raise ArchiveCorruptError(f"{path} has a damaged format header: {exc}") from exc
 
 
-def read_index(path: Path) -> archiveindex.Index | None:
+def read_index(path: Path, key: Key | None = None) -> archiveindex.Index | None:
     """The index a version 4 archive ends with, read from the end (nothing else is read); None without one.
 
     Since version 7 the index's bytes are checked against their digest, but the frame's are not read.
     """
-    return archiveindex.read(_open(path), str(path))
+    return archiveindex.read(_open(path, key), str(path))
 
 
-def verify(path: Path) -> Manifest:
+def verify(path: Path, key: Key | None = None) -> Manifest:
     """Check every member against the manifest, unpacking nothing; raises ArchiveCorruptError."""
-    return extract(path, None)
+    return extract(path, None, key=key)
 
 
-def read_manifest(path: Path) -> Manifest:
+def read_manifest(path: Path, key: Key | None = None) -> Manifest:
     """The manifest, without unpacking anything: from the index, or else (an archive without one) from a
     verify, which reads through the whole archive as finding its manifest, the last member, would."""
-    index = read_index(path)
-    return index.manifest if index is not None else verify(path)
+    index = read_index(path, key)
+    return index.manifest if index is not None else verify(path, key)

@@ -152,7 +152,7 @@ def read(fh: BinaryIO, path: str) -> Index | None:
     """
     try:
         with fh:
-            size = os.fstat(fh.fileno()).st_size
+            size = fh.seek(0, os.SEEK_END)  # a sealed archive's plain size, not its file's
             if size < _INDEX_HEAD.size + _INDEX_FOOT.size:
                 return None
             fh.seek(size - _INDEX_FOOT.size)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kerrickpt import archiveindex, faults, progress, tarstream, zstdframe
+from kerrickpt import archiveindex, faults, progress, sealed, tarstream, zstdframe
 from kerrickpt.archive import write_all
 from kerrickpt.errors import UsageError
+from kerrickpt.keys import Key
 from kerrickpt.manifest import CHECKSUMS, FORMAT, VERSION, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
 from kerrickpt.members import CHUNK_MEMBER, HEADER, SAFE_MEMBER
@@ -69,6 +70,7 @@ class Writer:
     under a hidden temporary name in the same directory, removed if anything fails.
     A stream's size is not known up front, so a file is held back until it ends or
     exceeds CHUNK_BYTES, then written as chunk members: memory stays bounded.
+    With `key`, the file is sealed with it (see sealed): what `mirror` gets is the archive as it is before.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Writer:
         *,
         level: int = zstdframe.DEFAULT_LEVEL,
         mirror: Callable[[bytes | memoryview], None] | None = None,
+        key: Key | None = None,
     ) -> None:
         if path.exists():
             raise UsageError(f"{path} exists already; remove it or choose another name")
@@ -91,6 +94,8 @@ class Writer:
         self.indexed = archiveindex.Copies()
         self.frame = archiveindex.DIGEST()  # of the zstd frame's bytes, as they are written
         self.mirror = mirror
+        self.key = key
+        self.sealer: sealed.Writer | None = None
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
     def __enter__(self) -> Writer:
@@ -106,7 +111,10 @@ class Writer:
         if self.fd is None:
             self.started = time.monotonic()
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            self.raw: BinaryIO | _Tee = os.fdopen(self.fd, "wb", closefd=False)
+            self.file = os.fdopen(self.fd, "wb", closefd=False)
+            self.raw: BinaryIO | sealed.Writer | _Tee = self.file
+            if self.key is not None:
+                self.raw = self.sealer = sealed.Writer(self.file, self.key)
             self.raw = _Tee(self.raw, self.frame.update)
             if self.mirror:
                 self.raw = _Tee(self.raw, self.mirror)
@@ -190,8 +198,10 @@ class Writer:
         self.offset += len(ending)
         self.zstd.close()
         self.raw.write(archiveindex.pack(body, self.indexed.files, self.frame.digest()))
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
+        if self.sealer is not None:
+            self.sealer.finish()
+        self.file.flush()
+        os.fsync(self.file.fileno())
         # link() fails if `path` appeared meanwhile: never replace someone's file.
         os.link(self.tmp, self.path)
         fsync_dir(self.path.parent)
@@ -202,19 +212,13 @@ class Writer:
 class _Tee:
     """The archive file, whose every compressed byte also goes to `mirror` as it is written."""
 
-    file: BinaryIO
+    file: BinaryIO | sealed.Writer | _Tee
     mirror: Callable[[bytes | memoryview], None]
 
     def write(self, data: bytes | memoryview) -> int:
         self.file.write(data)
         self.mirror(data)
         return len(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def fileno(self) -> int:
-        return self.file.fileno()
 
 
 class Spool:

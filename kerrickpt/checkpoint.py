@@ -46,6 +46,7 @@ from kerrickpt.errors import (
     UsageError,
 )
 from kerrickpt.freezer import frozen
+from kerrickpt.keys import Key
 from kerrickpt.manifest import Manifest
 
 NAMESPACES = ["pid", "ipc", "uts"]
@@ -81,9 +82,11 @@ def checkpoint(
     level: int = zstdframe.CHECKPOINT_LEVEL,
     log_tail: int = logtail.DEFAULT_BYTES,
     layer_base: layerchain.Carried | None = None,
+    key: Key | None = None,
 ) -> CheckpointResult:
     """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`, with the
-    last `log_tail` bytes of its log; with `layer_base`, only what changed in its layer since that snapshot.
+    last `log_tail` bytes of its log; with `layer_base`, only what changed in its layer since that snapshot;
+    with `key`, sealed with it (encrypted and authenticated: see sealed).
 
     Whatever fails, the container is thawed and keeps running and nothing is left at `output`.
     """
@@ -102,11 +105,11 @@ def checkpoint(
         key = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
         with registry.lock(key):
             subject = Subject(Path(str(cgroup)).name, group)
-            return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, None)
+            return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, None, key)
     with registry.lock(name):
         registry.refuse_while_migrating(name)
         subject = Subject.of(registry.get(name))
-        return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, layer_base)
+        return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, layer_base, key)
 
 
 def _checkpoint(
@@ -118,11 +121,12 @@ def _checkpoint(
     level: int,
     log_tail: int,
     layer_base: layerchain.Carried | None,
+    key: Key | None,
 ) -> CheckpointResult:
     carried: list[layer.Index] = []
     manifest = capture(
         found, registry, subject, output, level=level, thaw_after_dump=leave_running, log_tail=log_tail,
-        layer_base=layer_base, carried=carried.append,
+        layer_base=layer_base, carried=carried.append, key=key,
     )  # fmt: skip
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
@@ -202,6 +206,7 @@ def capture(
     log_tail: int = logtail.DEFAULT_BYTES,
     layer_base: layerchain.Carried | None = None,
     carried: Callable[[layer.Index], None] | None = None,
+    key: Key | None = None,
 ) -> Manifest:
     """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
     on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step; but if CRIU
@@ -212,6 +217,7 @@ def capture(
     `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
     Of the log, the archive carries the last `log_tail` bytes (see logtail). A confined container's layer is
     carried whole, or with `layer_base` only what changed since that snapshot; `carried` gets its index.
+    With `key`, the archive is sealed with it (`mirror` still gets it as it is before).
     """
     if log_tail < 0:
         raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
@@ -238,7 +244,7 @@ def capture(
         step = "freezing the cgroup"
         progress.current().phase("freezing")
         freezer = group.freezer
-        with archivewriter.Writer(output, level=level, mirror=mirror) as writer:
+        with archivewriter.Writer(output, level=level, mirror=mirror, key=key) as writer:
             guardian = guard.Guardian(freezer, (writer.tmp, writer.path), own_net.veth if own_net else None)
             frozen_at = time.monotonic()
             # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.

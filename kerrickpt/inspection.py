@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, criu, node
+from kerrickpt import archive, criu, node, sealed
 from kerrickpt.compat import Verdict, compare
+from kerrickpt.keys import Key
 from kerrickpt.manifest import Manifest
 
 
@@ -15,13 +16,20 @@ from kerrickpt.manifest import Manifest
 class ArchiveInfo:
     path: Path
     archive_bytes: int
-    manifest: Manifest
+    manifest: Manifest | None  # None: it is sealed, and its key was not given
+    sealing: sealed.Header | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        m = self.manifest
-        return {
+        known = {
             "path": str(self.path),
             "archive_bytes": self.archive_bytes,
+            "encryption": self.sealing.to_dict() if self.sealing else None,
+        }
+        m = self.manifest
+        if m is None:
+            return known
+        return {
+            **known,
             "name": m.name,
             "created": m.created,
             "criu_version": m.criu_version,
@@ -61,13 +69,15 @@ def restore_route(manifest: Manifest) -> str:
     return "own PID, IPC and UTS namespaces, restored as dumped by CRIU"
 
 
-def check_archive(path: Path | str) -> Verdict:
-    """Could this node restore the archive at `path`? (`kerrickpt check --against`)."""
-    return compare(archive.read_manifest(Path(path)).source, node.fingerprint(criu.locate().version))
+def check_archive(path: Path | str, key: Key | None = None) -> Verdict:
+    """Could this node restore the archive at `path` (sealed with `key`, if given)? (`kerrickpt check --against`)."""
+    return compare(archive.read_manifest(Path(path), key).source, node.fingerprint(criu.locate().version))
 
 
-def inspect(path: Path | str) -> ArchiveInfo:
-    """Read an archive's manifest (checksums are verified by `restore`)."""
+def inspect(path: Path | str, key: Key | None = None) -> ArchiveInfo:
+    """Read an archive's manifest (checksums are verified by `restore`): of a sealed one only with its `key`;
+    without, only how it is sealed."""
     path = Path(path)
-    manifest = archive.read_manifest(path)
-    return ArchiveInfo(path=path, archive_bytes=path.stat().st_size, manifest=manifest)
+    sealing = archive.sealing(path)
+    manifest = None if sealing is not None and key is None else archive.read_manifest(path, key)
+    return ArchiveInfo(path=path, archive_bytes=path.stat().st_size, manifest=manifest, sealing=sealing)

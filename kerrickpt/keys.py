@@ -99,7 +99,7 @@ class Key:
         """`data` encrypted and authenticated with `bound` (bytes that must be the same to open it: where it
         belongs, so that sealed pieces cannot be swapped): a random nonce, then the ciphertext and its tag."""
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self._aead(self.sealing).encrypt(nonce, bytes(data), bound)
+        return nonce + self._aead(self.sealing).encrypt(nonce, data, bound)  # a view is not copied first
 
     def open(self, sealed: bytes | memoryview, bound: bytes, sealing: int, what: str) -> bytes:
         """The bytes `seal` sealed with `sealing` and `bound`; ArchiveCorruptError naming `what` if they were changed
@@ -108,11 +108,17 @@ class Key:
             raise ArchiveCorruptError(f"{what} is truncated: shorter than its seal")
         view = memoryview(sealed)
         try:
-            return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), bytes(view[NONCE_BYTES:]), bound)
+            return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), view[NONCE_BYTES:], bound)
         except InvalidTag:
             raise ArchiveCorruptError(
                 f"{what} fails its authentication with key {self.id}: it was changed, or damaged, after it was sealed"
             ) from None
+
+    def derived(self, context: bytes) -> Key:
+        """A key of one object's own (a sealed file of many segments), from this key and `context` (random, recorded
+        with the object): random nonces stay far from their limit (2^32 seals with one key) however many objects
+        this key seals. Its id is not this key's: check this key against the object first."""
+        return Key(_derive(self.master, "object " + context.hex()), self.sealing)
 
     def address(self, data: bytes | memoryview) -> bytes:
         """A keyed digest of `data` (HMAC-SHA256) to find it by: equal content, equal address, but without the key

@@ -117,6 +117,9 @@ def restore(
 
     A snapshot in an encrypted store needs its `key` (KeyUnusableError before anything is read if it is missing or
     wrong); every chunk and its recipe are authenticated before any restored process runs.
+
+    An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
+    taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")

@@ -48,10 +48,11 @@ class Source(Protocol):
 
 
 class ArchiveSource:
-    """An archive file, or one arriving on a stream."""
+    """An archive file (sealed with `key`, if given: see sealed.opened), or one arriving on a stream."""
 
-    def __init__(self, source: Path | BinaryIO) -> None:
+    def __init__(self, source: Path | BinaryIO, key: keys.Key | None = None) -> None:
         self.source = source
+        self.key = key
 
     @property
     def label(self) -> str:
@@ -62,21 +63,22 @@ class ArchiveSource:
         return self.source.stat().st_size if isinstance(self.source, Path) else 0
 
     def read_index(self) -> archiveindex.Index | None:
-        return archive.read_index(self.source) if isinstance(self.source, Path) else None
+        return archive.read_index(self.source, self.key) if isinstance(self.source, Path) else None
 
     def extract(self, dest: Path | None, into: Into | None = None) -> Manifest:
-        return archive.extract(self.source, dest, into=into)
+        return archive.extract(self.source, dest, into=into, key=self.key)
 
     def member(self, expected: Member, checksum: str) -> Reader:
         assert isinstance(self.source, Path), "a stream is read once"
-        return archive.MemberReader(self.source, expected, checksum)
+        return archive.MemberReader(self.source, expected, checksum, self.key)
 
 
 @contextlib.contextmanager
 def opened(source: Path | BinaryIO, key: keys.Key | None = None) -> Iterator[Source]:
     """`source` as a Source: a `*.recipe` in a deduplicating store is read from the store's chunks, under their
     lock held shared (no prune frees or moves a chunk meanwhile), with `key` if the store is encrypted (missing or
-    wrong: KeyUnusableError; given for a plain store: UsageError); anything else is an archive."""
+    wrong: KeyUnusableError; given for a plain store: UsageError); anything else is an archive, opened with `key`
+    (see sealed.opened)."""
     if isinstance(source, Path) and source.name.endswith(recipe.SUFFIX):
         series = Path(os.path.realpath(source.absolute().parent))
         root = series.parent
@@ -91,4 +93,4 @@ def opened(source: Path | BinaryIO, key: keys.Key | None = None) -> Iterator[Sou
         with chunks.Chunks(root / chunks.DIRECTORY, seal=seal) as store, store.lock(exclusive=False):
             yield dedupstore.Source(store, series / source.name)  # sealed to its series and id: by its real place
         return
-    yield ArchiveSource(source)
+    yield ArchiveSource(source, key)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kerrickpt
+from bench.lab import READY
 from kerrickpt import cgroups, procs
 from kerrickpt.freezer import Freezer
 
@@ -60,6 +61,22 @@ def counts(text: str) -> list[int]:
 def assert_consecutive(numbers: list[int]) -> None:
     assert numbers, "no ticks"
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "the counter skipped or was reset"
+
+
+def checkpointed_side_writer(
+    memload: Path, mib: int, state_dir: Path, tmp_path: Path, key: kerrickpt.Key | None = None
+) -> tuple[str, Path, Path]:
+    """A container with `mib` MiB of memory that ticks into a file outside it (opened anew for every tick),
+    checkpointed (sealed with `key`, if given): its name, that file, and the archive. A restored tree that ran
+    would tick on."""
+    side = tmp_path / "side"
+    name = unique_name("side")
+    script = f"{memload} {mib} mixed & while :; do echo tick >> {side}; sleep 0.02; done"
+    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
+    wait_for(lambda: READY.search((state_dir / "containers" / name / "log").read_text()), timeout=60, what="fill")
+    archive = tmp_path / "w.kckpt"
+    kerrickpt.checkpoint(name, archive, state_dir=state_dir, key=key)
+    return name, side, archive
 
 
 def archived_log(archive: Path) -> str:

@@ -37,7 +37,8 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
         metrics = {r["metric"] for r in report["results"] if r["kind"] == kind and r["mib"] == 16}
         kerrickpt = ("snapshot", "checkpoint", "restore", "migrate", "migrate_lazy")
         confined = (f"conf.L{layer}.{what}" for layer in (0, 4) for what in ("checkpoint", "restore", "migrate"))
-        for prefix in ("raw.", "seq.", "runc.", *(f"kpt.{case}" for case in (*kerrickpt, "repeated")), *confined):
+        kerrickpt_cases = (f"kpt.{case}" for case in (*kerrickpt, "repeated"))
+        for prefix in ("raw.", "seq.", "runc.", "sealed.checkpoint", "sealed.restore", *kerrickpt_cases, *confined):
             assert any(m.startswith(prefix) for m in metrics), f"{prefix} missing for {kind}"
         targets = {t["target"] for t in report["targets"] if t["kind"] == kind}
         assert {r.label for r in RATIOS} <= targets
@@ -50,15 +51,16 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
         assert row["min"] <= row["median"] <= row["p95"] <= row["max"]
     assert [(r["kind"], r["snapshots"]) for r in report["repeated"]] == [("heap", 3), ("mixed", 3)]
     restores = {(c["kind"], c["restore"]) for c in report["verified"]}
-    # raw, sequential, runc, snapshot, kerrickpt restore, migrate, lazy migrate, the repeated snapshots, and a
-    # confined restore and migration with each layer; both kinds
-    assert len(restores) == 2 * (8 + 2 * 2), restores
+    # raw, sequential, runc, snapshot, kerrickpt restore, of an encrypted archive, migrate, lazy migrate, the
+    # repeated snapshots, and a confined restore and migration with each layer; both kinds
+    assert len(restores) == 2 * (9 + 2 * 2), restores
     assert [c["warmup"] for c in report["verified"]].count(True) == len(restores)
     assert all(c["ok"] for c in report["verified"]), report["verified"]
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
-    assert "target of issue 6, 13 (confined), 14 (job) or 17 (repeated)" in result.stdout
-    assert "memory verified after 48 of 48 restores (24 of them in warm-up runs)" in result.stdout
+    assert "target of issue 6, 13 (confined), 14 (job), 16 (encrypted) or 17 (repeated)" in result.stdout
+    runs = 2 * len(restores)  # every restore in the warm-up run and in the one counted
+    assert f"memory verified after {runs} of {runs} restores ({len(restores)} of them in warm-up runs)" in result.stdout
     assert "16 MiB heap warm-up: raw" in result.stderr
     assert "16 MiB mixed rep 1: repeated (3 snapshots, 0.1 s apart)" in result.stderr
     assert report["config"]["pause_s"] == 0.1

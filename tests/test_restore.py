@@ -19,6 +19,7 @@ from tests.helpers import (
     archived_log,
     assert_consecutive,
     cgroup_dirs,
+    checkpointed_side_writer,
     cli,
     cli_env,
     ticks,
@@ -246,23 +247,10 @@ def test_a_restore_that_ends_before_its_verdict_never_lets_the_tree_run(
     assert cgroup_dirs(copy) == []
 
 
-def _checkpointed_side_writer(memload: Path, mib: int, state_dir: Path, tmp_path: Path) -> tuple[str, Path, Path]:
-    """A container with `mib` MiB of memory that ticks into a file outside it (opened anew for every tick),
-    checkpointed: its name, that file, and the archive. A restored tree that ran would tick on."""
-    side = tmp_path / "side"
-    name = unique_name("side")
-    script = f"{memload} {mib} mixed & while :; do echo tick >> {side}; sleep 0.02; done"
-    kerrickpt.run(name, ["/bin/sh", "-c", script], state_dir=state_dir)
-    wait_for(lambda: READY.search((state_dir / "containers" / name / "log").read_text()), timeout=60, what="fill")
-    archive = tmp_path / "w.kckpt"
-    kerrickpt.checkpoint(name, archive, state_dir=state_dir)
-    return name, side, archive
-
-
 def test_a_restore_whose_criu_is_stopped_at_its_time_limit_never_lets_the_tree_run(
     memload: Path, state_dir: Path, tmp_path: Path
 ) -> None:
-    name, side, archive = _checkpointed_side_writer(memload, 64, state_dir, tmp_path)
+    name, side, archive = checkpointed_side_writer(memload, 64, state_dir, tmp_path)
     ticks_before = side.stat().st_size
     # kerrickpt stops once it has read the archive, before its verdict: CRIU, fed no more, is stuck mid-restore
     # until its limit (a second, and one per 10 MiB of archive) has the restore's helper stop it.
@@ -296,7 +284,7 @@ def test_an_archive_found_damaged_at_its_very_end_never_lets_the_restored_tree_r
 ) -> None:
     # The index's manifest differs from the frame's in one date: found only once the whole archive is
     # read, while CRIU, its memory all served, waits at the gate. A tree that ran would write on.
-    _, side, good = _checkpointed_side_writer(memload, 192, state_dir, tmp_path)
+    _, side, good = checkpointed_side_writer(memload, 192, state_dir, tmp_path)
     index = kerrickpt.archive.read_index(good)
     assert index is not None and index.frame is not None
     data = good.read_bytes()

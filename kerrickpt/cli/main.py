@@ -61,6 +61,8 @@ examples:
   kerrickpt checkpoint job1 -o /srv/ckpt/job1.kckpt
   kerrickpt checkpoint job1 -o /srv/ckpt/job1-copy.kckpt --leave-running
   kerrickpt checkpoint --cgroup /sys/fs/cgroup/batch/job7 -o job7.kckpt
+  kerrickpt checkpoint job3 -o /shared/job3.kckpt --encrypt --key-file /etc/kerrickpt/ckpt.key
+  kerrickpt restore /shared/job3.kckpt --key-file /etc/kerrickpt/ckpt.key
   kerrickpt inspect /srv/ckpt/job1.kckpt
   kerrickpt restore /srv/ckpt/job1.kckpt --name job1
   kerrickpt restore job7.kckpt --pid-namespace host
@@ -81,7 +83,8 @@ examples:
   sudo -n kerrickpt job --name train --volume "$PWD:/work" --workdir /work -- ./train   # as a user
 
 exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 container not found,
-  5 dump failed, 6 archive corrupt or unreadable, 7 node incompatible, 8 restore failed,
+  5 dump failed, 6 archive corrupt or unreadable (an encrypted one: changed without its key),
+  7 node incompatible, 8 restore failed,
   9 container exists, 10 an external program timed out and was stopped,
   11 ssh failed or the other side's message was malformed, 12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 busy (here or on the target),
@@ -204,7 +207,7 @@ def _spans(spans: Any) -> str:
 
 
 def _check_against(args: argparse.Namespace) -> tuple[Any, int]:
-    verdict = kerrickpt.check_archive(args.against)
+    verdict = kerrickpt.check_archive(args.against, _key(args))
     acceptable = verdict.is_acceptable(force=args.force)
     if not args.json:
         print(verdict.explain())
@@ -394,6 +397,11 @@ def cmd_gc(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
+    if args.encrypt and not (args.key_file or os.environ.get(KEY_FILE_ENV)):
+        raise UsageError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create FILE`)")
+    if args.key_file and not args.encrypt:
+        raise UsageError("--key-file: add --encrypt to encrypt the archive with it")
+    key = _key(args) if args.encrypt else None
     with _watched(args):
         result = kerrickpt.checkpoint(
             args.name,
@@ -403,12 +411,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
             state_dir=args.state_dir,
             level=args.level,
             log_tail=args.log_tail,
+            key=key,
         )
     if not args.json:
         t = result.manifest.timings
         after = "left running" if result.left_running else "stopped"
+        sealed = f", encrypted with key {key.id}" if key else ""
         print(
-            f"checkpointed {result.name} to {result.archive} ({_mib(result.archive_bytes)}; "
+            f"checkpointed {result.name} to {result.archive} ({_mib(result.archive_bytes)}{sealed}; "
             f"frozen {t.get('frozen_s', 0):.3f} s, dump {t.get('dump_s', 0):.3f} s, "
             f"compress {t.get('compress_s', 0):.3f} s); container {after}"
         )
@@ -456,11 +466,16 @@ def _print_placed(headline: str, warnings: list[str], pid_map: dict[int, int]) -
 
 
 def cmd_inspect(args: argparse.Namespace) -> tuple[Any, int]:
-    info = kerrickpt.inspect(args.archive)
+    info = kerrickpt.inspect(args.archive, _key(args))
     if not args.json:
         m = info.manifest
-        src = m.source
         print(f"archive:   {info.path} ({_mib(info.archive_bytes)})")
+        if info.sealing:
+            print(f"encrypted: {info.sealing.method}, key {info.sealing.key_id}")
+        if m is None:
+            print("(the rest is encrypted: give its key file with --key-file to see it)")
+            return info.to_dict(), 0
+        src = m.source
         print(f"container: {m.name}, taken {m.created}")
         print(f"source:    {src.arch}, kernel {src.kernel}, {src.os_release}, CRIU {m.criu_version}")
         print(f"memory:    {_mib(m.memory_bytes)} in pages, {_mib(m.image_bytes)} of images")
@@ -782,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)")
+    p = add("check", cmd_check, "can this node checkpoint and restore? (exit 0 only when ready)", keyed)
     p.add_argument("--against", metavar="FILE", help="instead: could this node restore this archive?")
     p.add_argument("--force", action="store_true", help="with --against: accept errors that --force accepts")
     p = add("run", cmd_run, "start a checkpointable container (new PID, IPC and UTS namespaces, own cgroup)")
@@ -860,12 +875,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = add("gc", cmd_gc, "remove what kerrickpt processes that died left: unregistered names, images, markers")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    p = add("checkpoint", cmd_checkpoint, "freeze, dump and archive a container, then stop it (or leave it running)")
+    p = add(
+        "checkpoint", cmd_checkpoint, "freeze, dump and archive a container, then stop it (or leave it running)", keyed
+    )
     p.add_argument("name", nargs="?", help="a container started by kerrickpt")
     p.add_argument("--cgroup", metavar="PATH", help="instead of NAME: a cgroup kerrickpt did not create")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write (must not exist)")
     p.add_argument("--leave-running", action="store_true", help="thaw the container after the dump")
     p.add_argument("--level", type=int, default=kerrickpt.CHECKPOINT_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt and authenticate the archive with the key of --key-file (see README, Encryption)",
+    )
     _log_tail_option(p)
     p = add("restore", cmd_restore, "verify an archive and restore its container on this node", keyed)
     p.add_argument("archive", metavar="FILE|NAME", help="an archive; with --store, a container's name")
@@ -893,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --store: may pick a snapshot whose checksums no run has checked (one copied in)",
     )
-    p = add("inspect", cmd_inspect, "show what an archive holds")
+    p = add("inspect", cmd_inspect, "show what an archive holds (an encrypted one's only with its key)", keyed)
     p.add_argument("archive")
     p = add("migrate", cmd_migrate, "move a running container to another node over ssh, exactly once")
     p.add_argument("name")
