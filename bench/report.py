@@ -1,5 +1,5 @@
 """Owns the results: samples per size and kind, min, median and max (p95 of repeated snapshots), the targets of
-issues 6, 13, 14 and 17, table and JSON."""
+issues 6, 13, 14, 15 and 17, table and JSON."""
 
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ RATIOS = (
     Ratio("job: preemption signal to checkpoint / DMTCP's", "job.checkpoint_s", "dmtcp.checkpoint_s", 0.5),
     Ratio("job: archive size / DMTCP's gzip image size", "job.archive_mib", "dmtcp.image_mib", 1.2),
     Ratio("job: requeued start to running / dmtcp_restart's", "job.resume_s", "dmtcp.resume_s", 0.5),
+)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A target of issue 15: the median of `metric`, in seconds, at most `goal`."""
+
+    label: str
+    metric: str
+    goal: float
+
+
+LIMITS = (
+    # Issue 15: what established connections add to a migration's downtime (each run's pair: with them, without).
+    Limit("netmigrate: downtime with connections - without, s", "net.added_downtime_s", 0.05),
 )
 
 
@@ -132,6 +147,9 @@ class Results:
                 num, den = self.median(mib, kind, ratio.metric), self.median(mib, kind, ratio.baseline)
                 value = num / den if num is not None and den else None
                 rows.append(_row(mib, kind, ratio.label, value, f"<= {ratio.goal}x", value, ratio.goal))
+            for limit in LIMITS:
+                value = self.median(mib, kind, limit.metric)
+                rows.append(_row(mib, kind, limit.label, value, f"<= {limit.goal} s", value, limit.goal))
             for cost in self._layer_costs(mib, kind):
                 extra, budget = cost["extra_s"], cost["budget_s"]
                 value = extra / budget if extra is not None and budget else None
@@ -207,7 +225,7 @@ class Results:
                              f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
-        head = "target of issue 6, 13 (confined), 14 (job) or 17 (repeated)"
+        head = "target of issue 6, 13 (confined), 14 (job), 15 (network) or 17 (repeated)"
         lines += ["", f"{'MiB':>5} {'kind':<6} {head:<{width}} {'measured':>9} {'goal':>10}  holds"]
         for row in targets:
             value = "-" if row["value"] is None else f"{row['value']:.2f}"

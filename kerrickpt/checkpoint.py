@@ -243,6 +243,7 @@ def capture(
             frozen_at = time.monotonic()
             # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.
             with guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
+                locked_at = time.monotonic()  # cut off (with a network of its own): the network lock holds
                 step = "reading the process tree"
                 if host_job:
                     _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
@@ -295,9 +296,12 @@ def capture(
                         external=external, tcp_established=tcp,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+                if own_net is not None:
+                    timings["cut_off_s"] = round(locked_at - frozen_at, 4)  # how far into the freeze
                 if thaw_after_dump:
                     if own_net is not None:
                         netlinks.connect(own_net.veth)  # before the thaw: a container never runs cut off
+                        timings["network_lock_s"] = round(time.monotonic() - locked_at, 4)
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"
