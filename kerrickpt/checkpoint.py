@@ -159,7 +159,9 @@ def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
 class LazyDump(Protocol):
     """A post-copy dump, whose CRIU is left serving the memory it did not write."""
 
-    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str]) -> None: ...
+    def dump(
+        self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str], tcp_established: bool
+    ) -> None: ...
 
     def stop(self) -> None:
         """Give up: CRIU lets go of the tree, leaving it frozen."""
@@ -281,7 +283,7 @@ def capture(
                 connections = netports.established(pids[0]) if own_net else []
                 tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source
                 if lazy is not None:
-                    lazy.dump(pids[0], images, cgroup, shell_job, external)
+                    lazy.dump(pids[0], images, cgroup, shell_job, external, tcp)
                 elif warmed is not None:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
                     criu.dump_streamed(
