@@ -9,10 +9,14 @@ archives, the store, the nodes' state and scratch) is on the lab's one tmpfs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench import engines, preemption
 from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
@@ -192,6 +196,50 @@ def migrate_lazy(lab: Lab, mib: int, kind: str) -> Outcome:
         return migrate(lab, mib, kind, lazy=True)
 
 
+CONNECTIONS = 100  # the netmigrate case's established connections, by default (bench/run --connections)
+
+
+def netmigrate(lab: Lab, mib: int, kind: str, connections: int = CONNECTIONS) -> Outcome:
+    """`migrate` of a container with a network of its own (bench/echo.py's server, holding `mib` MiB of random bytes
+    whatever the kind) from node a to node b with `connections` established TCP connections from a machine of their
+    segment, each asking every 100 ms, right after the same container with none: downtime, the network lock (cut
+    off to connected on b), each client's longest wait between two answers, and that every answer came, in turn."""
+    idle, idle_ok, _ = _migrate_echo(lab, mib, 0)
+    busy, busy_ok, report = _migrate_echo(lab, mib, connections)
+    gaps = report["longest_gap_s"]
+    return Outcome(
+        {
+            "net.idle_downtime_s": idle["downtime_s"],
+            "net.downtime_s": busy["downtime_s"],
+            "net.added_downtime_s": busy["downtime_s"] - idle["downtime_s"],
+            "net.idle_network_lock_s": idle["timings"]["network_lock_s"],
+            "net.network_lock_s": busy["timings"]["network_lock_s"],
+            "net.longest_gap_s": max(gaps),
+            "net.median_longest_gap_s": statistics.median(gaps),
+        },
+        {"net.migrate (no connections)": idle_ok, f"net.migrate ({connections} connections, every answer)": busy_ok},
+    )
+
+
+def _migrate_echo(lab: Lab, mib: int, connections: int) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+    """Migrate the echo server from node a to node b with `connections` clients talking to it: kerrickpt's answer,
+    whether its memory and (with clients) every answer they got was right, and the clients' report."""
+    job = lab.start_echo(mib)
+    source, target = lab.nodes
+    assert lab.cluster is not None and job.address is not None
+    ip = job.address.split("/")[0]
+    with removed(source, job.name), removed(target, job.name), contextlib.ExitStack() as stack:
+        clients = stack.enter_context(lab.echo_clients(ip, connections)) if connections else None
+        moved, _wall, _peak = kerrickpt(
+            source, "migrate", job.name, *lab.cluster.migrate_args(target), timeout=2 * timeout_for(mib)
+        )
+        ok = job.moved(target, job.name, int(moved["pid_map"]["1"])).verify(mib)
+        report = clients.finish() if clients else {"longest_gap_s": [], "error": ""}
+    if report["error"]:
+        print(f"bench: netmigrate: {report['error']}", file=sys.stderr)
+    return moved, ok and not report["error"], report
+
+
 def runc(lab: Lab, mib: int, kind: str) -> Outcome:
     """`runc checkpoint` and `runc restore` of a busybox container running the workload, with the project's CRIU."""
     limit = timeout_for(mib)
@@ -249,6 +297,7 @@ CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "dmtcp": dmtcp,
     "job": job,
     "stores": stores,
+    "netmigrate": netmigrate,
 }
 
 # The cases run once for each layer size of the run (`--layers`).
@@ -259,18 +308,21 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
 REPEATED = "repeated"  # runs only at the sizes of `--repeat-at`, `--snapshots` snapshots `--pause` s apart
 NAMES = (*CASES, *LAYERED, REPEATED)
 # DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for;
-# so does the store case, which needs borg (apt-get install borgbackup).
-DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores"))
+# so does the store case, which needs borg (apt-get install borgbackup), and the network's, which issue 15 asked for.
+DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores", "netmigrate"))
 
 
 def plan(
-    cases: list[str], layers: list[int], repeat: Repeat | None = None
+    cases: list[str], layers: list[int], repeat: Repeat | None = None, connections: int = CONNECTIONS
 ) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
     """The steps of one repetition, in the order given: each case, a layered one once per layer size, the repeated
-    one as `repeat` says (left out without it: not at this size)."""
+    one as `repeat` says (left out without it: not at this size), netmigrate with `connections`."""
     steps: list[tuple[str, Callable[[Lab, int, str], Outcome]]] = []
     for case in cases:
-        if case == REPEATED:
+        if case == "netmigrate":
+            talking = functools.partial(netmigrate, connections=connections)
+            steps.append((f"{case} ({connections} connections)", talking))
+        elif case == REPEATED:
             if repeat:
                 label = f"{case} ({repeat.count} snapshots, {repeat.pause:g} s apart)"
                 steps.append((label, functools.partial(repeated, repeat=repeat)))

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,12 +27,15 @@ from kerrickpt import cgroups, command, criu
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 
 SOURCE = Path(__file__).with_name("memload.c")
+ECHO = Path(__file__).with_name("echo.py")
+ECHO_PORT = 7000
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: a rootfs of one file
 CGROUP_FS = Path("/sys/fs/cgroup")
 RUNC_CGROUP = "kerrickpt-bench-runc"
 MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
+CONNECTED = re.compile(r"^connected \d+$", re.M)  # bench/echo.py's clients, all connected
 SAMPLE_INTERVAL = 0.02
 # Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
 # hide the host's path.
@@ -117,6 +121,7 @@ class Job:
     pid: int
     cgroup: list[str]
     expected_sum: str
+    address: str | None = None  # its network's address (ADDR/PREFIX), with a network of its own
 
     @property
     def log(self) -> Path:
@@ -137,6 +142,25 @@ def verify(log: Path, pid: int, expected_sum: str, mib: int) -> bool:
     os.kill(pid, signal.SIGUSR1)
     match = wait_for_line(log, VERIFY, offset, timeout_for(mib))
     return match.group(1) == "OK" and match.group(2) == expected_sum
+
+
+@dataclass
+class EchoClients:
+    """bench/echo.py's clients, running: the file that stops them, their report, and their output."""
+
+    stop: Path
+    report: Path
+    runner: Runner
+
+    def finish(self) -> dict[str, Any]:
+        """Stop them (each gets a few more answers first) and read their report: every connection's answers, its
+        longest wait between two, and the first wrong or missing answer (`error`, empty if none)."""
+        self.stop.touch()
+        self.runner.process.wait(timeout=120)
+        if not self.report.exists():
+            raise BenchError(f"the echo clients wrote no report:\n{command.tail_file(self.runner.log)}")
+        report: dict[str, Any] = json.loads(self.report.read_text())
+        return report
 
 
 @dataclass
@@ -241,20 +265,51 @@ class Lab:
         With `churn` (percent, run of pages), it rewrites that share of its pages on SIGUSR2 (see memload.c).
         """
         churning = ["--churn", *map(str, churn)] if churn else []
-        node = self.nodes[0]
-        self._serial += 1
-        name = f"bench-{kind}-{mib}-{self._serial}"
         if layer_mib is None:
             command = ["--", str(self.binary), *churning, str(mib), kind]
         else:
             bound = f"{self.binary.parent}:{BIN}:ro"
             command = ["--rootfs", "host", "--volume", bound, "--", f"{BIN}/{self.binary.name}", *churning, str(mib),
                        kind, LAYER_FILE, str(layer_mib)]  # fmt: skip
+        return self._launch(f"bench-{kind}-{mib}", command, mib + (layer_mib or 0))
+
+    def start_echo(self, mib: int) -> Job:
+        """Start bench/echo.py's server, holding `mib` MiB, as a container with a network of its own on node a,
+        listening on ECHO_PORT; returns once its memory is filled."""
+        return self._launch(f"bench-echo-{mib}", ["--net", "own", "--", sys.executable, str(ECHO), "serve",
+                            str(ECHO_PORT), str(mib)], mib)  # fmt: skip
+
+    def _launch(self, stem: str, command: list[str], mib: int) -> Job:
+        """Run `command` (`kerrickpt run`'s arguments after the name) as a container named for `stem` on node a;
+        returns once the workload said it is ready (memload.c's line), its `mib` MiB filled."""
+        node = self.nodes[0]
+        self._serial += 1
+        name = f"{stem}-{self._serial}"
         kerrickpt(node, "run", "--name", name, *command, timeout=60)
         row = next(r for r in json_of(node, "ps") if r["name"] == name)
-        job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "")
-        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib + (layer_mib or 0))).group(1)
+        job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "", row.get("address"))
+        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
         return job
+
+    @contextlib.contextmanager
+    def echo_clients(self, address: str, count: int) -> Iterator[EchoClients]:
+        """bench/echo.py's `count` clients of the server at `address`, in one process on a machine of the nodes'
+        segment (the local nodes' switch), once all are connected; killed when the block ends if they still run."""
+        assert self.cluster is not None
+        with self.scratch("clients") as work:
+            stop, report, log = work / "stop", work / "report.json", work / "log"
+            argv = ["nsenter", f"--net=/run/netns/{self.cluster.switch}", sys.executable, str(ECHO), "talk", address,
+                    str(ECHO_PORT), str(count), str(stop), str(report)]  # fmt: skip
+            with log.open("wb") as out:
+                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            clients = EchoClients(stop, report, Runner(process, log))
+            try:
+                wait_for_line(log, CONNECTED, 0, 60, runner=clients.runner)
+                yield clients
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
 
     @contextlib.contextmanager
     def runc_container(self, mib: int, kind: str) -> Iterator[RuncJob]:
@@ -357,7 +412,7 @@ class Runner:
         if (code := self.process.poll()) is not None:
             if self.copier is not None:
                 self.copier.join(timeout=10)
-            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
+            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.runner.log)}")
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, *, runner: Runner | None = None) -> T:

@@ -53,6 +53,8 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], ...] = (
             ("kerrickpt checkpoint + restore", "kpt.downtime_s"),
             ("kerrickpt migrate", "kpt.migrate_downtime_s"),
             ("kerrickpt migrate --lazy", "kpt.migrate_lazy_downtime_s"),
+            ("kerrickpt migrate --net own, connections", "net.downtime_s"),
+            ("kerrickpt migrate --net own, none", "net.idle_downtime_s"),
         ),
         ("downtime_s", "migrate_downtime_s"),
     ),

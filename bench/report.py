@@ -1,5 +1,5 @@
 """Owns the results: samples per size and kind, min, median and max (p95 of repeated snapshots), the targets of
-issues 6, 13, 14, 16 and 17, table and JSON."""
+issues 6, 13, 14, 15, 16 and 17, table and JSON."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ RATIOS = (
     # Issue 16: what encrypting an archive (`checkpoint --encrypt`) and restoring from it cost.
     Ratio("encrypted checkpoint / plain checkpoint", "sealed.checkpoint_s", "kpt.checkpoint_s", 1.15),
     Ratio("restore of an encrypted archive / of a plain one", "sealed.restore_s", "kpt.restore_s", 1.15),
+)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A target of issue 15: the median of `metric`, in seconds, at most `goal`."""
+
+    label: str
+    metric: str
+    goal: float
+
+
+LIMITS = (
+    # Issue 15: what established connections add to a migration's downtime (each run's pair: with them, without).
+    Limit("netmigrate: downtime with connections - without, s", "net.added_downtime_s", 0.05),
 )
 
 
@@ -135,6 +150,9 @@ class Results:
                 num, den = self.median(mib, kind, ratio.metric), self.median(mib, kind, ratio.baseline)
                 value = num / den if num is not None and den else None
                 rows.append(_row(mib, kind, ratio.label, value, f"<= {ratio.goal}x", value, ratio.goal))
+            for limit in LIMITS:
+                value = self.median(mib, kind, limit.metric)
+                rows.append(_row(mib, kind, limit.label, value, f"<= {limit.goal} s", value, limit.goal))
             for cost in self._layer_costs(mib, kind):
                 extra, budget = cost["extra_s"], cost["budget_s"]
                 value = extra / budget if extra is not None and budget else None
@@ -210,7 +228,7 @@ class Results:
                              f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
-        head = "target of issue 6, 13 (confined), 14 (job), 16 (encrypted) or 17 (repeated)"
+        head = "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted) or 17 (repeated)"
         lines += ["", f"{'MiB':>5} {'kind':<6} {head:<{width}} {'measured':>9} {'goal':>10}  holds"]
         for row in targets:
             value = "-" if row["value"] is None else f"{row['value']:.2f}"

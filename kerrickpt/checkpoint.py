@@ -163,7 +163,9 @@ def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
 class LazyDump(Protocol):
     """A post-copy dump, whose CRIU is left serving the memory it did not write."""
 
-    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str]) -> None: ...
+    def dump(
+        self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str], tcp_established: bool
+    ) -> None: ...
 
     def stop(self) -> None:
         """Give up: CRIU lets go of the tree, leaving it frozen."""
@@ -249,6 +251,7 @@ def capture(
             frozen_at = time.monotonic()
             # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.
             with guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
+                locked_at = time.monotonic()  # cut off (with a network of its own): the network lock holds
                 step = "reading the process tree"
                 if host_job:
                     _refuse_what_cannot_travel(group)  # again: it may have appeared since the first look
@@ -286,7 +289,7 @@ def capture(
                 connections = netports.established(pids[0]) if own_net else []
                 tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source
                 if lazy is not None:
-                    lazy.dump(pids[0], images, cgroup, shell_job, external)
+                    lazy.dump(pids[0], images, cgroup, shell_job, external, tcp)
                 elif warmed is not None:
                     # The freeze window is what counts: CRIU writes at full speed, compression follows the thaw.
                     criu.dump_streamed(
@@ -301,9 +304,12 @@ def capture(
                         external=external, tcp_established=tcp,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+                if own_net is not None:
+                    timings["cut_off_s"] = round(locked_at - frozen_at, 4)  # how far into the freeze
                 if thaw_after_dump:
                     if own_net is not None:
                         netlinks.connect(own_net.veth)  # before the thaw: a container never runs cut off
+                        timings["network_lock_s"] = round(time.monotonic() - locked_at, 4)
                     freezer.thaw()
                     timings["frozen_s"] = round(time.monotonic() - frozen_at, 4)
                 step = "writing the archive"

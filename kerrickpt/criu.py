@@ -298,6 +298,7 @@ def dump_lazy(
     freeze_cgroup: str,
     shell_job: bool = False,
     external: Sequence[str] = (),
+    tcp_established: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Dump as `dump` does, but leave the memory CRIU can fetch on demand for post-copy (`--lazy-pages`).
 
@@ -309,7 +310,7 @@ def dump_lazy(
     """
     ready_read, ready_write = os.pipe()
     os.set_inheritable(pages.fileno(), True)
-    argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job, external)
+    argv = _dump_argv(criu, pid, images_dir, work_dir, freeze_cgroup, shell_job, external, tcp_established)
     argv += ["--lazy-pages", "--ps-socket", str(pages.fileno()), "--status-fd", str(ready_write)]
     timeout = limits.DUMP.seconds()
     log = work_dir / DUMP_LOG

@@ -6,18 +6,18 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kerrickpt import claims, containers, idranges, network, postcopy, procs
+from kerrickpt import claims, containers, idranges, netlinks, network, postcopy, procs
 
 CONTAINER, SCRATCH, POSTCOPY, MARKER = "container", "scratch", "post-copy", "marker"
-ID_RANGE, NETWORK = "id-range", "network"
-KINDS = (POSTCOPY, CONTAINER, SCRATCH, ID_RANGE, NETWORK, MARKER)
+ID_RANGE, NETWORK, PROBE = "id-range", "network", "probe"
+KINDS = (POSTCOPY, CONTAINER, SCRATCH, ID_RANGE, NETWORK, PROBE, MARKER)
 
 
 @dataclass(frozen=True)
 class Leftover:
     """One thing a dead kerrickpt process left: what it is, where, and why it is garbage."""
 
-    kind: str  # container (a name its run never registered), scratch, post-copy, marker, id-range or network
+    kind: str  # container (a name its run never registered), scratch, post-copy, marker, id-range, network or probe
     path: str
     why: str
 
@@ -50,6 +50,11 @@ def find(registry: containers.Registry) -> list[Leftover]:
         for claim in network.stale(registry)
     ]
     found += [
+        Leftover(PROBE, str(netlinks.NETNS_DIR / netns), "the `kerrickpt check` that probed with it died")
+        for netns, pid in netlinks.probes()
+        if procs.start_time(pid) is None
+    ]
+    found += [
         Leftover(MARKER, str(marker), "its receiver died")
         for marker in sorted(_incoming(registry, ".json"))
         if containers.claimant_alive(marker) is False
@@ -61,7 +66,8 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
     """Remove what dead kerrickpt processes left (or, with `dry_run`, only say what): kill the container
     of a post-copy whose watcher died, then names never registered and their cgroups, scratch
     directories (memory images), the id range, address and node port claims of containers that are gone
-    (after the names, whose removal frees theirs), and markers of receivers that died; only those of `kinds`."""
+    (after the names, whose removal frees theirs), the network namespaces of `kerrickpt check`s killed while they
+    probed (of this node, whatever its state directory), and markers of receivers that died; only those of `kinds`."""
     found = [leftover for leftover in find(registry) if leftover.kind in kinds]
     if dry_run:
         return found
@@ -75,6 +81,8 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
             shutil.rmtree(path, ignore_errors=True)
         elif leftover.kind in (ID_RANGE, NETWORK):
             claims.drop_stale(registry, path)
+        elif leftover.kind == PROBE:
+            netlinks.remove_netns(path.name)
         else:  # a marker goes last: until then, the migration's status says what is left
             path.unlink(missing_ok=True)
     return found

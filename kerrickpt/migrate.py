@@ -51,6 +51,7 @@ from kerrickpt.errors import (
 )
 from kerrickpt.freezer import Freezer
 from kerrickpt.manifest import VERSION as ARCHIVE_VERSION
+from kerrickpt.manifest import Manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -338,11 +339,21 @@ def _migrate(
         downtime_s=round(downtime, 4),
         attempts={"preflight": preflight_attempts, "transfer": transfer_attempts},
         warnings=answer.warnings + restored.warnings,
-        timings=manifest.timings,
+        timings={**manifest.timings, **_network_lock(manifest, downtime, restored)},
         compression=manifest.compression,
         lazy=lazy,
         address=restored.address,
     )
+
+
+def _network_lock(manifest: Manifest, downtime: float, restored: schema.Restored) -> dict[str, float]:
+    """How long a container with a network of its own was cut off: from the cut-off here (see checkpoint._cut_off)
+    to its connecting on the target, which the target says how long before its answer it was. By this node's clock
+    alone; the answer's trip back is counted in, so it is an upper bound, by milliseconds."""
+    cut_off_s, answered_after_s = manifest.timings.get("cut_off_s"), restored.answered_after_s
+    if cut_off_s is None or answered_after_s is None:
+        return {}  # no network of its own, or a target that does not say
+    return {"network_lock_s": round(downtime - cut_off_s - answered_after_s, 4)}
 
 
 def _preflight(link: transport.Link, request: dict[str, Any]) -> schema.PreflightAnswer:

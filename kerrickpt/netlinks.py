@@ -18,6 +18,7 @@ from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
+PROBE = "kpn-probe-"  # and the PID of the `kerrickpt check` that probes with it: a network namespace of cut_off_fails
 TIMEOUT = 10.0
 CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
 
@@ -157,7 +158,7 @@ def is_cut_off(veth: str) -> bool:
 def cut_off_fails() -> str | None:
     """Why a container could not be cut off its network on this node, None if it can: tried on a veth made in a
     network namespace of its own (gone afterwards), set down and up again as `cut_off` and `connect` do."""
-    netns = f"kpn-probe-{os.getpid()}"
+    netns = f"{PROBE}{os.getpid()}"
     try:
         _ip("netns", "add", netns)
         try:
@@ -169,6 +170,13 @@ def cut_off_fails() -> str | None:
     except HostError as exc:
         return f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message
     return None
+
+
+def probes() -> list[tuple[str, int]]:
+    """The network namespaces `cut_off_fails` made that are still there, each with the PID of the process that made it
+    (one killed mid-probe cannot remove its own)."""
+    names = sorted(path.name for path in NETNS_DIR.glob(f"{PROBE}*")) if NETNS_DIR.is_dir() else []
+    return [(name, int(pid)) for name in names if (pid := name.removeprefix(PROBE)).isdigit()]
 
 
 def exists(ifname: str) -> bool:

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,18 +284,21 @@ def _bridge(registry: claims.State, settings: netsettings.Settings) -> None:
     netsettings.keep(registry, settings)
 
 
-def reconnect(net: Network) -> None:
+def reconnect(net: Network) -> float:
     """Connect `net` to the node network again (see netlinks.connect) and announce its address from it (see
     arp.announce): a segment that learned it behind another node's port (a migration's source) learns at once that
     it lives here now, not when the container next sends. The announcement is a courtesy: should it fail, the
-    segment learns from the container's next frame, and a warning says so."""
+    segment learns from the container's next frame, and a warning says so. Returns when (time.monotonic) it was
+    connected: the end of its network lock."""
     netlinks.connect(net.veth)
+    connected_at = time.monotonic()
     try:
         if not netlinks.wait_carrying(net.netns, net.veth):
             log.warning("%s's link was not up after %.0f s: announcing its address anyway", net.ip, netlinks.CARRY_WAIT)
         arp.announce(net.pin, netlinks.INSIDE, net.ip, net.mac)
     except HostError as exc:
         log.warning("%s: the network learns where it lives from its next frame", exc.message)
+    return connected_at
 
 
 def destroy(net: Network) -> None:

@@ -53,12 +53,15 @@ class Source:
             pass
         self.channel.proc.kill()
 
-    def dump(self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str]) -> None:
-        """The capture's dump: all but the memory CRIU serves afterwards."""
+    def dump(
+        self, pid: int, images: Path, cgroup: str, shell_job: bool, external: Sequence[str], tcp_established: bool
+    ) -> None:
+        """The capture's dump: all but the memory CRIU serves afterwards (see checkpoint.LazyDump)."""
         self.work.mkdir(mode=0o700, exist_ok=True)
         try:
             self.criu = criu.dump_lazy(self.found, pid, images, self.work, self.for_criu, freeze_cgroup=cgroup,
-                                       shell_job=shell_job, external=external)  # fmt: skip
+                                       shell_job=shell_job, external=external,
+                                       tcp_established=tcp_established)  # fmt: skip
         finally:
             self.for_criu.close()  # CRIU has its own: when it is done, the relay sees the socket end
 

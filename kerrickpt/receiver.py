@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -174,7 +175,9 @@ def receive(
             faults.inject("target-after-restore")
         except Exception as exc:
             log.warning("receiving %s: %s after it came up here; `recover` may not see it once it leaves", name, exc)
-        transport.emit(stdout, "restored", **result.to_dict())
+        # The source learns from it when the network lock ended here, whatever this node's clock says.
+        since = None if result.connected_at is None else round(time.monotonic() - result.connected_at, 4)
+        transport.emit(stdout, "restored", **result.to_dict(), answered_after_s=since)
         return 0
     finally:
         marker.unlink(missing_ok=True)

@@ -62,6 +62,8 @@ class RestoreResult:
     pid_map: dict[int, int]
     warnings: list[str] = field(default_factory=list)
     address: str | None = None  # its own network's address here (ADDR/PREFIX); None: it shares the node's
+    # When (time.monotonic) its own network was connected here, the end of a migration's network lock; not shown.
+    connected_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,7 +170,7 @@ def restore(
                     "it was carried to close"
                 )
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
-                init_pid = _restore_as(
+                init_pid, connected_at = _restore_as(
                     registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool,
                     remap=net_remap,
                 )  # fmt: skip
@@ -182,7 +184,9 @@ def restore(
     pid_map = {p.ns_pid: p.host_pid for p in procs.read_all(restored.group.pids())}
     warnings = [d.message for d in verdict.differences] + given.unused(manifest.stdio)
     address = restored.network.address if restored.network else None
-    return RestoreResult(name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings, address=address)
+    return RestoreResult(
+        name=name, init_pid=init_pid, pid_map=pid_map, warnings=warnings, address=address, connected_at=connected_at
+    )
 
 
 def _plan(manifest: Manifest, pid_namespace: str) -> restorer.Plan:
@@ -218,7 +222,8 @@ def _restore_as(
     pool: isolation.IdPool | None,
     *,
     remap: bool,
-) -> int:
+) -> tuple[int, float | None]:
+    """The restored init's host PID, and when its own network was connected (None: it shares the node's)."""
     registry.reserve(name)
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
@@ -289,9 +294,8 @@ def _restore_as(
                 network=own_net,
             )
         )
-        if own_net is not None:
-            network.reconnect(own_net)  # the very last step (see above)
-        return init_pid
+        # The very last step (see above).
+        return init_pid, network.reconnect(own_net) if own_net is not None else None
     except BaseException as exc:
         if plan.watcher is not None:
             plan.watcher.abort()  # before anything else: its daemon must not serve what is torn down

@@ -232,6 +232,8 @@ class Restored(msgspec.Struct):
     pid_map: dict[Pid, Pid]  # in the container -> on the target's host
     warnings: list[str] = []
     address: str | None = None  # its own network's address there (a kerrickpt before migrations of one: absent)
+    # From connecting its own network there to this answer (a kerrickpt before it, or no network of its own: absent).
+    answered_after_s: float | None = None
 
 
 class Status(Answer):

@@ -1,5 +1,6 @@
-"""Smoke run of the benchmark at its smallest size, warm-up run and repeated snapshots included: it still works end to
-end and writes its JSON and its picture. No timings are judged here."""
+"""Smoke runs of the benchmark at its smallest size, warm-up run and repeated snapshots included, and of the network's
+case, which runs only when named: they still work end to end and write their JSON and picture. No timings are judged
+here."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert all(c["ok"] for c in report["verified"]), report["verified"]
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
-    assert "target of issue 6, 13 (confined), 14 (job), 16 (encrypted) or 17 (repeated)" in result.stdout
+    assert "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted) or 17 (repeated)" in result.stdout
     runs = 2 * len(restores)  # every restore in the warm-up run and in the one counted
     assert f"memory verified after {runs} of {runs} restores ({len(restores)} of them in warm-up runs)" in result.stdout
     assert "16 MiB heap warm-up: raw" in result.stderr
@@ -66,3 +67,25 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert report["config"]["pause_s"] == 0.1
     for ratio in RATIOS:
         assert ratio.label in result.stdout
+
+
+def test_the_network_case_migrates_a_container_with_its_connections_and_checks_every_answer(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = ["--cases", "netmigrate", "--connections", "5", "--sizes", "16M", "--kinds", "heap", "--reps", "1"]
+    result = subprocess.run([str(RUN), *args, "--json", str(out)], capture_output=True, text=True, timeout=600,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+
+    metrics = {r["metric"] for r in report["results"]}
+    assert {"net.downtime_s", "net.idle_downtime_s", "net.added_downtime_s", "net.network_lock_s",
+            "net.idle_network_lock_s", "net.longest_gap_s", "net.median_longest_gap_s"} == metrics  # fmt: skip
+    # The memory of both migrated containers, and each of the five clients' every answer, in turn.
+    assert {c["restore"] for c in report["verified"]} == {"net.migrate (no connections)",
+                                                          "net.migrate (5 connections, every answer)"}  # fmt: skip
+    assert all(c["ok"] for c in report["verified"]), report["verified"]
+    assert [t["target"] for t in report["targets"] if t["target"].startswith("netmigrate:")] == [
+        "netmigrate: downtime with connections - without, s"
+    ]
+    assert report["config"]["connections"] == 5
+    assert "16 MiB heap rep 1: netmigrate (5 connections)" in result.stderr

@@ -93,3 +93,14 @@ def test_the_picture_is_drawn_without_repeated_snapshots_or_with_cases_missing(t
     path = tmp_path / "bench-results.png"
     draw(fake_report(("heap",), repeated=False), path)
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_what_connections_add_to_a_migration_is_judged_in_seconds_against_issue_15s_limit() -> None:
+    results = Results()
+    for rep, added in enumerate((0.02, 0.09, 0.03), start=1):
+        results.add(256, "heap", rep, {"net.added_downtime_s": added}, {})
+    results.add(16, "heap", 1, {"net.added_downtime_s": 0.3}, {})
+    rows = {r["mib"]: r for r in results.targets() if r["target"].startswith("netmigrate:")}
+    assert (rows[256]["value"], rows[256]["goal"], rows[256]["holds"]) == (0.03, "<= 0.05 s", True)
+    assert rows[16]["holds"] is False
+    assert "netmigrate: downtime with connections - without, s      0.30  <= 0.05 s  NO" in results.table()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import cgroups, containers, postcopy, procs, receiver
+from kerrickpt import cgroups, containers, netlinks, postcopy, procs, receiver
 from tests.helpers import cli, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -164,3 +164,36 @@ def test_a_receiver_that_died_is_abandoned_until_reaped(state_dir: Path) -> None
     assert marker.exists(), "asking removed nothing"
     assert receiver.reap(migration_id, state_dir) == {"state": "absent"}
     assert not marker.exists()
+
+
+@pytest.fixture
+def probes() -> Iterator[tuple[str, str]]:
+    """The network lock's probe namespaces of a `kerrickpt check` killed mid-probe and of one still probing (this
+    process); whichever gc leaves is removed afterwards."""
+    dead, alive = f"{netlinks.PROBE}{dead_pid()}", f"{netlinks.PROBE}{os.getpid()}"
+    try:
+        for netns in (dead, alive):
+            subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
+        yield dead, alive
+    finally:
+        for netns in (dead, alive):
+            netlinks.remove_netns(netns)
+
+
+def test_gc_removes_the_probe_namespace_of_a_check_that_died_and_leaves_one_probing(
+    state_dir: Path, probes: tuple[str, str]
+) -> None:
+    dead, alive = probes
+
+    would = cli("gc", "--dry-run", "--json", state_dir=state_dir)
+
+    assert would.returncode == 0, would.stderr
+    assert [(x["kind"], x["path"]) for x in json.loads(would.stdout)["removed"]] == [("probe", f"/run/netns/{dead}")]
+    assert (netlinks.NETNS_DIR / dead).exists(), "asking removed nothing"
+
+    removed = kerrickpt.gc(state_dir)
+
+    assert [x.kind for x in removed] == ["probe"]
+    assert not (netlinks.NETNS_DIR / dead).exists()
+    assert (netlinks.NETNS_DIR / alive).exists()
+    assert kerrickpt.gc(state_dir) == []

@@ -122,8 +122,12 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
 ) -> None:
     name, address, talking = _talking(node, client)
 
-    node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
+    taken = node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
     talking.wait_more()
+    timings = taken["timings"]
+    assert isinstance(timings, dict)
+    # Cut off once frozen, connected again before the thaw: the network lock lies within the freeze.
+    assert 0 < timings["network_lock_s"] < timings["frozen_s"]
 
     # A checkpoint that fails after the network was locked lets it go: the connection goes on.
     failed = node.kerrickpt("checkpoint", name, "-o", str(tmp_path / "failed.kckpt"),
