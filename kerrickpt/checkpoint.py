@@ -102,8 +102,8 @@ def checkpoint(
     if name is None:
         group = cgroups.adopt(Path(str(cgroup)), cgroups.detect())
         # Keyed by the cgroup's path: two runs on one foreign cgroup must not freeze it at once.
-        key = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
-        with registry.lock(key):
+        held = "cgroup-" + hashlib.sha256(str(group.dirs[0]).encode()).hexdigest()[:16]
+        with registry.lock(held):
             subject = Subject(Path(str(cgroup)).name, group)
             return _checkpoint(found, registry, subject, output, leave_running, level, log_tail, None, key)
     with registry.lock(name):
