@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kerrickpt.errors import HostError
@@ -27,10 +28,29 @@ PROBES, PROBE_WAIT = 3, 0.6
 CLONE_NEWNET = 0x40000000
 
 
-def probe(ifname: str, address: str) -> set[str]:
-    """The MACs of the machines that answer for `address` on the segment `ifname` reaches (empty: none did)."""
+@dataclass(frozen=True)
+class Answers:
+    """Who answered a probe on a segment: each MAC that answered for the address (or claimed it meanwhile), and the
+    replies each sent to the `probes` sent."""
+
+    replies: dict[str, int]
+    probes: int
+
+    @property
+    def macs(self) -> set[str]:
+        return set(self.replies)
+
+    def doubled(self) -> set[str]:
+        """The MACs that replied more often than they were asked: two machines answer with one MAC (a container
+        and a copy of it), which the MACs alone cannot tell apart."""
+        return {mac for mac, count in self.replies.items() if count > self.probes}
+
+
+def probe(ifname: str, address: str) -> Answers:
+    """Who answers for `address` on the segment `ifname` reaches (no MAC: none did)."""
     wanted = ipaddress.IPv4Address(address).packed
-    answered: set[str] = set()
+    replies: dict[str, int] = {}
+    sent = 0
     try:
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
             sock.bind((ifname, ETH_P_ARP))
@@ -38,7 +58,6 @@ def probe(ifname: str, address: str) -> set[str]:
             # A probe says it is from no address (0.0.0.0), so that no neighbour's cache takes it for a claim.
             ask = _frame(mine, REQUEST, bytes(4), wanted)
             start = time.monotonic()
-            sent = 0
             while (elapsed := time.monotonic() - start) < PROBE_WAIT:
                 if sent < PROBES and elapsed >= sent * PROBE_WAIT / PROBES:
                     sock.send(ask)
@@ -50,10 +69,13 @@ def probe(ifname: str, address: str) -> set[str]:
                     continue
                 sender = _sender(frame)
                 if sender is not None and sender[1] == wanted and sender[0] != mine:
-                    answered.add(_mac(sender[0]))
+                    mac = _mac(sender[0])
+                    # Only a reply to this node counts as an answer to one of its probes; a request from the holder
+                    # (asking for its gateway, or announcing itself) says only that it is there.
+                    replies[mac] = replies.get(mac, 0) + int(_is_reply_to(frame, mine))
     except OSError as exc:
         raise HostError(f"asking who holds {address} on {ifname} failed: {exc}") from exc
-    return answered
+    return Answers(replies, sent)
 
 
 def announce(netns: Path, ifname: str, address: str, mac: str) -> None:
@@ -100,6 +122,11 @@ def _sender(frame: bytes) -> tuple[bytes, bytes] | None:
     if (htype, ptype, hlen, plen) != (1, 0x0800, 6, 4) or op not in (REQUEST, REPLY):
         return None
     return frame[22:28], frame[28:32]
+
+
+def _is_reply_to(frame: bytes, mac: bytes) -> bool:
+    """Whether the ARP frame `frame` (see _sender) is a reply addressed to `mac`."""
+    return struct.unpack("!H", frame[20:22])[0] == REPLY and frame[32:38] == mac
 
 
 def _mac(raw: bytes) -> str:

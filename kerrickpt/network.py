@@ -95,15 +95,21 @@ def plan(
     ports: Sequence[Port],
     *,
     fall_back: bool = False,
+    ask_segment: bool = True,
 ) -> tuple[Network, netsettings.Settings]:
     """Claim `name`'s network on this node: `address` (ADDR/PREFIX from `--ip`, or an archive's ADDR), else the
-    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`; with the node
-    network's settings it was claimed in, for `create`. UsageError, with nothing claimed, for an address outside
-    the subnet or in use, a port taken, a subnet the node's own addresses overlap."""
+    first free one of the node's pool (also when `address` is taken and `fall_back`), and `ports`; with the node
+    network's settings it was claimed in, for `create`. Free means: neither the node nor another of its containers
+    holds it, and, on a node joined to a segment, no machine answers for it there (asked with ARP probes, see
+    `_segment_holders`; a container that migrated away from this node holds an address of its pool on another
+    node) unless not `ask_segment` (a migration's target, whose pre-flight asked). UsageError, with nothing
+    claimed, for an address outside the subnet or in use, a port taken, a subnet the node's own addresses
+    overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
     used = _node_own(settings)
     directory = _directory(registry)
+    holders = functools.partial(_segment_holders, registry, settings) if ask_segment else lambda _: set()
     try:
         wanted = _address(address, net) if address is not None else None
         if wanted is not None and wanted in used:
@@ -114,8 +120,13 @@ def plan(
             if not fall_back:
                 raise _held(wanted, directory)
             wanted = None
+        if wanted is not None and (others := holders(wanted)):
+            claims.drop(directory / f"{ADDRESS}-{wanted}", name)
+            if not fall_back:
+                raise _on_segment(wanted, settings, others)
+            wanted = None
         if wanted is None:
-            wanted = _allocate(registry, directory, settings, used, name)
+            wanted = _allocate(registry, directory, settings, used, name, holders)
         bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
             _claim_port(registry, directory, port, bound, name)
@@ -124,6 +135,24 @@ def plan(
         raise
     netns, veth = names(registry, name)
     return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth), settings
+
+
+def _segment_holders(
+    registry: claims.State, settings: netsettings.Settings, address: ipaddress.IPv4Address
+) -> set[str]:
+    """The MACs of the machines that answer for `address` on the node network's segment (none without one): the
+    question goes out on the bridge, made if missing."""
+    if settings.segment is None:
+        return set()
+    _bridge(registry, settings)
+    netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: the claims alone judged
+    return arp.probe(settings.bridge, str(address)).macs
+
+
+def _on_segment(address: ipaddress.IPv4Address, settings: netsettings.Settings, macs: set[str]) -> UsageError:
+    return UsageError(
+        f"address {address} is in use on this node's segment {settings.segment}, by {', '.join(sorted(macs))}"
+    )
 
 
 def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) -> None:
@@ -159,14 +188,18 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
         raise _held(address.ip, directory)
     _bridge(registry, settings)
     netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
-    answered = arp.probe(settings.bridge, str(address.ip))
-    if answered - {carried.mac}:
-        others = ", ".join(sorted(answered - {carried.mac}))
-        raise UsageError(f"address {address.ip} is in use on this node's segment {settings.segment}, by {others}")
-    if carried.mac not in answered:
+    answers = arp.probe(settings.bridge, str(address.ip))
+    if answers.macs - {carried.mac}:
+        raise _on_segment(address.ip, settings, answers.macs - {carried.mac})
+    if carried.mac not in answers.macs:
         raise NotCheckpointable(
             f"the container does not answer at {address.ip} on this node's segment {settings.segment}: the segment "
             f"does not reach the source's node network, so its peers would not reach it here: {remedy}"
+        )
+    if carried.mac in answers.doubled():
+        raise UsageError(
+            f"address {address.ip} is in use on this node's segment {settings.segment} twice, with the container's "
+            f"own MAC {carried.mac}: another machine holds a copy of it (a restore of its archive?)"
         )
 
 
@@ -202,23 +235,33 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _allocate(
-    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State,
+    directory: Path,
+    settings: netsettings.Settings,
+    used: set[ipaddress.IPv4Address],
+    name: str,
+    holders: Callable[[ipaddress.IPv4Address], set[str]],
 ) -> ipaddress.IPv4Address:
     """The first address of the node's pool not in `used` that `name` can claim (claims.take judges an existing
-    claim)."""
+    claim) and no machine of the segment answers for (`holders`)."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
     # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
-    holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
+    taken = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
     net = settings.subnet
     for candidate in settings.pool:
         if candidate in (net.network_address, net.broadcast_address):
             continue
         filename = f"{ADDRESS}-{candidate}"
-        if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
+        if candidate in used or (filename in taken and claims.refuses(registry, taken[filename], name)):
             continue
         if claims.take(registry, directory / filename, name):
-            return candidate
-    raise UsageError(f"no free address left in this node's pool {settings.pool}: containers hold them all")
+            if not holders(candidate):
+                return candidate
+            claims.drop(directory / filename, name)
+    raise UsageError(
+        f"no free address left in this node's pool {settings.pool}: containers (of this node, or of its segment) "
+        "hold them all"
+    )
 
 
 def _claim_port(

@@ -1,7 +1,8 @@
 """Migration of containers with a network of their own between local nodes that share a segment (see localnodes):
 a client on the segment keeps its connection, every answer checked; a target off the segment is refused before the
 freeze and `--net-remap` moves the container there with a new address; a migration that fails resumes the source
-with its connections; an address another machine of the segment holds is refused before the freeze."""
+with its connections; an address another machine of the segment holds is refused before the freeze, and the source
+never hands out the address of a container that migrated away."""
 
 from __future__ import annotations
 
@@ -88,6 +89,25 @@ def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(clust
     _in_sequence(client, name)
     assert _rows(b)[name]["address"] == address
     assert name not in _rows(a)
+
+
+def test_the_source_never_hands_out_the_address_of_a_container_that_migrated_away(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("net")
+    address = _serve(a, name)  # the first free address of a's pool
+    assert _migrate(cluster, a, b, name).returncode == 0
+
+    # a's claim went with the container, but the segment still answers for the address: from b.
+    other = _serve(a, unique_name("net"))
+    ip = address.split("/")[0]
+    refused = a.kerrickpt("run", "--name", unique_name("net"), "--net", "own", "--ip", address, "--", "true")
+
+    assert other != address
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        f"address {ip} is in use on this node's segment {SEGMENT}, by {network.mac_of(ipaddress.IPv4Address(ip))}"
+        in (refused.stderr)
+    )
 
 
 def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connection(
