@@ -340,6 +340,14 @@ def reconnect(net: Network) -> None:
         log.warning("%s: the network learns where it lives from its next frame", exc.message)
 
 
+def cut_off(net: Network) -> None:
+    """Cut `net` off the node network (see netlinks.cut_off), if its veth is there: before its container is killed
+    where a copy of it elsewhere may hold its connections (a migration's other side), which what its dying sockets
+    send (FIN, RST) would end."""
+    if netlinks.exists(net.veth):
+        netlinks.cut_off(net.veth)
+
+
 def destroy(net: Network) -> None:
     """Remove what `create` made for `net`, whatever is left of it (the bridge stays: other containers use it):
     every part is tried; HostError afterwards if one could not go."""
