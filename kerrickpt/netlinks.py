@@ -69,13 +69,26 @@ def bridge(settings: Settings, owner: str) -> None:
 
 def _join(segment: str, bridge: str) -> None:
     """`segment`, an interface of the node, joined to `bridge` and up: the bridge is one layer-2 segment with what
-    lies beyond it (other nodes' bridges). UsageError if there is no such interface or another bridge has it."""
+    lies beyond it (other nodes' bridges). UsageError if there is no such interface, another bridge has it, or it
+    carries addresses of the node's own (IPv4, or IPv6 beyond its link): a port of a bridge takes no traffic of the
+    node's, so joining it would cut the node off that network, ssh sessions included."""
     if not exists(segment):
         raise UsageError(
             f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
             "the other nodes (see README, Network)"
         )
-    (link,) = _links("link", "show", "dev", segment)
+    (link,) = _links("addr", "show", "dev", segment)
+    own = [
+        f"{info['local']}/{info['prefixlen']}"
+        for info in link.get("addr_info", [])
+        if info.get("family") == "inet" or (info.get("family") == "inet6" and info.get("scope") != "link")
+    ]
+    if own:
+        raise UsageError(
+            f"the node network's segment {segment} carries this node's own addresses ({', '.join(own)}): joined to "
+            "the bridge it would carry no traffic of the node's; give an interface without addresses (a second NIC, "
+            "a VLAN, a VXLAN; see README, Network)"
+        )
     master = link.get("master")
     if master not in (None, bridge):
         raise UsageError(f"the node network's segment {segment} belongs to bridge {master} already, not {bridge}")
