@@ -26,6 +26,9 @@ REQUEST, REPLY = 1, 2
 # any of them is a machine that holds the address.
 PROBES, PROBE_WAIT = 3, 0.6
 CLONE_NEWNET = 0x40000000
+# RFC 5227 sends two announcements, two seconds apart; a migration's segment must learn at once, and a repeat soon
+# after covers a first one lost.
+ANNOUNCEMENTS, ANNOUNCE_GAP = 3, 0.1
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,12 @@ def probe(ifname: str, address: str) -> Answers:
 
 def announce(netns: Path, ifname: str, address: str, mac: str) -> None:
     """Send a gratuitous ARP for `address` at `mac` out of `ifname` of the network namespace pinned at `netns`:
-    switches learn the port the address lives behind now, neighbours refresh their caches. HostError if it
-    could not be sent."""
+    switches learn the port the address lives behind now, neighbours refresh their caches. Returns once the first
+    is sent (HostError if it could not be); ANNOUNCEMENTS - 1 more follow, ANNOUNCE_GAP apart, from a thread this
+    process waits for at its exit (a frame lost on the way is not the last word), so the caller goes on at once."""
     own = ipaddress.IPv4Address(address).packed
     frame = _frame(bytes.fromhex(mac.replace(":", "")), REQUEST, own, own)
+    first_sent = threading.Event()
     failed: list[BaseException] = []
 
     def send() -> None:
@@ -98,12 +103,18 @@ def announce(netns: Path, ifname: str, address: str, mac: str) -> None:
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
                 sock.bind((ifname, ETH_P_ARP))
                 sock.send(frame)
+                first_sent.set()
+                for _ in range(ANNOUNCEMENTS - 1):
+                    time.sleep(ANNOUNCE_GAP)
+                    sock.send(frame)
         except OSError as exc:
-            failed.append(exc)
+            if not first_sent.is_set():  # a repeat that fails is no failure of the announcement
+                failed.append(exc)
+        finally:
+            first_sent.set()
 
-    thread = threading.Thread(target=send, name="kerrickpt-arp")
-    thread.start()
-    thread.join()
+    threading.Thread(target=send, name="kerrickpt-arp").start()
+    first_sent.wait()
     if failed:
         raise HostError(f"announcing {address} from {ifname} in {netns} failed: {failed[0]}")
 

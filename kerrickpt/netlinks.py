@@ -143,8 +143,9 @@ def wait_carrying(netns: str, veth: str) -> bool:
 
 
 def wait_bridge_carrying(bridge: str) -> bool:
-    """Whether, within CARRY_WAIT, the bridge can send: up, with a port that forwards (a bridge just made, or just
-    joined to its segment, gets there a moment later). A frame sent before is lost."""
+    """Whether, within CARRY_WAIT, the bridge can send: its operational state up, which it reaches a moment after
+    it is made or joined to its segment (a port's own forwarding state is not waited for). A frame sent before is
+    lost."""
 
     def carrying() -> bool:
         (link,) = _links("link", "show", "dev", bridge)
