@@ -8,7 +8,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ def plan(
             wanted = None
         if wanted is not None and not claims.take(registry, directory / f"{ADDRESS}-{wanted}", name):
             if not fall_back:
-                raise _held(wanted, directory)
+                raise _held(wanted, claims.blocking(registry, directory / f"{ADDRESS}-{wanted}", name))
             wanted = None
         if wanted is not None and (others := holders(wanted)):
             claims.drop(directory / f"{ADDRESS}-{wanted}", name)
@@ -157,8 +157,9 @@ def _on_segment(address: ipaddress.IPv4Address, settings: netsettings.Settings, 
 
 def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) -> None:
     """Check that this node can take `name`, a container that migrates here with the network `carried`, before its
-    source freezes it (a migration's pre-flight): its published ports are free here; and, unless `remap` (it gets
-    an address of this node's), its address is this node's subnet's, free on this node, and on a segment that
+    source freezes it (a migration's pre-flight): its published ports are free here; with `remap` (it gets an
+    address of this node's), that this node's pool has one free (the segment is asked at the restore); else its
+    address is this node's subnet's, free on this node, and on a segment that
     reaches the source: the container answers for it there (from the source node), and no other machine does.
     So the container keeps its address and connections here. Claims nothing (its restore does), but makes the
     node network's bridge, which the question goes out on. NotCheckpointable if the address cannot live here
@@ -170,6 +171,8 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     for port in carried.ports:
         _free_port(registry, directory, port, bound, name)
     if remap:
+        if next(_candidates(registry, directory, settings, used, name), None) is None:
+            raise _pool_full(settings)
         return
     address = ipaddress.IPv4Interface(carried.address)
     where = netsettings.describe(settings)
@@ -184,8 +187,8 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     if address.ip in used:
         raise UsageError(f"address {address.ip} is in use on this node (the node's own)")
     claim = directory / f"{ADDRESS}-{address.ip}"
-    if claim.exists() and claims.refuses(registry, claims.owner(claim), name):
-        raise _held(address.ip, directory)
+    if holder := claims.blocking(registry, claim, name):
+        raise _held(address.ip, holder)
     _bridge(registry, settings)
     netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
     answers = arp.probe(settings.bridge, str(address.ip))
@@ -216,9 +219,9 @@ def _node_own(settings: netsettings.Settings) -> set[ipaddress.IPv4Address]:
     return {interface.ip for _, interface in own} | {settings.gateway.ip}
 
 
-def _held(address: ipaddress.IPv4Address, directory: Path) -> UsageError:
-    holder = claims.owner(directory / f"{ADDRESS}-{address}")
-    return UsageError(f"address {address} is in use on this node (by container {holder})")
+def _held(address: ipaddress.IPv4Address, holder: str | None) -> UsageError:
+    """`holder`: see claims.blocking (None: the claim was released just after `take` found it another's)."""
+    return UsageError(f"address {address} is in use on this node (by {holder or 'another container'})")
 
 
 def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -242,23 +245,35 @@ def _allocate(
     name: str,
     holders: Callable[[ipaddress.IPv4Address], set[str]],
 ) -> ipaddress.IPv4Address:
-    """The first address of the node's pool not in `used` that `name` can claim (claims.take judges an existing
-    claim) and no machine of the segment answers for (`holders`)."""
+    """The first address of the node's pool (see `_candidates`) that `name` can claim (claims.take judges an
+    existing claim) and no machine of the segment answers for (`holders`)."""
+    for candidate in _candidates(registry, directory, settings, used, name):
+        filename = f"{ADDRESS}-{candidate}"
+        if claims.take(registry, directory / filename, name):
+            if not holders(candidate):
+                return candidate
+            claims.drop(directory / filename, name)
+    raise _pool_full(settings)
+
+
+def _candidates(
+    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
+) -> Iterator[ipaddress.IPv4Address]:
+    """The addresses of the node's pool that are neither in `used` nor, when looked, another live container's."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
     # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
     taken = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
     net = settings.subnet
     for candidate in settings.pool:
-        if candidate in (net.network_address, net.broadcast_address):
+        if candidate in (net.network_address, net.broadcast_address) or candidate in used:
             continue
         filename = f"{ADDRESS}-{candidate}"
-        if candidate in used or (filename in taken and claims.refuses(registry, taken[filename], name)):
-            continue
-        if claims.take(registry, directory / filename, name):
-            if not holders(candidate):
-                return candidate
-            claims.drop(directory / filename, name)
-    raise UsageError(
+        if not (filename in taken and claims.refuses(registry, taken[filename], name)):
+            yield candidate
+
+
+def _pool_full(settings: netsettings.Settings) -> UsageError:
+    return UsageError(
         f"no free address left in this node's pool {settings.pool}: containers (of this node, or of its segment) "
         "hold them all"
     )
@@ -269,7 +284,7 @@ def _claim_port(
 ) -> None:
     path = _free_port(registry, directory, port, bound, name)
     if not claims.take(registry, path, name):
-        raise _published(port, path)
+        raise _published(port, claims.blocking(registry, path, name))
 
 
 def _free_port(
@@ -280,14 +295,15 @@ def _free_port(
     if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
-    if path.exists() and claims.refuses(registry, claims.owner(path), name):
-        raise _published(port, path)
+    if holder := claims.blocking(registry, path, name):
+        raise _published(port, holder)
     return path
 
 
-def _published(port: Port, path: Path) -> UsageError:
-    holder = claims.owner(path)
-    return UsageError(f"--publish {port}: container {holder} publishes node port {port.host}/{port.protocol}")
+def _published(port: Port, holder: str | None) -> UsageError:
+    """`holder`: see claims.blocking (None: the claim was released just after `take` found it another's)."""
+    who = holder or "another container"
+    return UsageError(f"--publish {port}: {who} publishes node port {port.host}/{port.protocol}")
 
 
 def release(registry: claims.State, name: str) -> None:

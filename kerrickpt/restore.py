@@ -286,6 +286,7 @@ def _restore_as(
                 network=own_net,
             )
         )
+        faults.inject("restore-after-save")  # recorded, not yet connected: see receiver.reap
         if own_net is not None:
             network.reconnect(own_net)  # the very last step (see above)
         return init_pid

@@ -228,6 +228,7 @@ class PreflightAnswer(Answer):
     warnings: list[str] = []
     lazy_pages: bool = False
     lazy_pages_confined: bool = False  # see node.lazy_pages_confined
+    network_migration: bool = False  # it carries a container's network of its own (see network.admit)
 
 
 class Restored(msgspec.Struct):
