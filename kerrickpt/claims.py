@@ -58,11 +58,17 @@ def held(where: Path, kind: Callable[[str], bool]) -> Iterator[tuple[Path, str |
                 yield path, _owner(path.read_bytes())
 
 
-def owner(path: Path) -> str | None:
-    """The container the claim file `path` names; None if there is none (or it is unreadable)."""
-    with contextlib.suppress(FileNotFoundError):
-        return _owner(path.read_bytes())
-    return None
+def blocking(registry: State, path: Path, name: str) -> str | None:
+    """Who holds the claim `path` so that `take` would refuse it `name`, in words ("container NAME", or a claim
+    that cannot be read); None if it would not: there is no claim (or no longer), or it is `name`'s or a gone
+    container's. Read once, so that a claim released meanwhile is never blamed on no one."""
+    try:
+        holder = _owner(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    if not refuses(registry, holder, name):
+        return None
+    return f"container {holder}" if holder is not None else f"a claim file that cannot be read ({path})"
 
 
 def take(registry: State, path: Path, name: str) -> bool:

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -384,7 +384,10 @@ def undo(
 ) -> None:
     """Remove what a run or restore of `name` that failed with `exc` made: its cgroups, its network, then the name.
     Should its network not all go, the name stays reserved (abandoned once this process is gone: `kill` and `gc`
-    finish the removal), and `exc` says so."""
+    finish the removal), and `exc` says so. Its network is cut off before the kill (see network.cut_off)."""
+    if own_net is not None:
+        with suppress(HostError):  # should it fail, destroy below says what could not go
+            network.cut_off(own_net)
     if group is not None:
         group.remove()
     if own_net is not None:
@@ -479,8 +482,12 @@ def needs_recovery(container: Container) -> bool:
     )
 
 
-def remove(registry: Registry, container: Container) -> None:
-    """Kill every process of the container and remove its cgroups, network and state."""
+def remove(registry: Registry, container: Container, *, reset_peers: bool = False) -> None:
+    """Kill every process of the container and remove its cgroups, network and state. Its network is cut off
+    before the kill (see network.cut_off), unless `reset_peers` (a user's `kill`: its connections end here, and its
+    peers had better hear so than wait for their timeouts)."""
+    if container.network is not None and not reset_peers:
+        network.cut_off(container.network)
     container.group.remove()
     if container.network is not None:
         network.destroy(container.network)
@@ -509,4 +516,4 @@ def kill(name: str, state_dir: Path | str | None = None) -> None:
             # Its record is unreadable, but its cgroup is where kerrickpt makes every container's.
             remove_abandoned(registry, name)
             return
-        remove(registry, container)
+        remove(registry, container, reset_peers=True)

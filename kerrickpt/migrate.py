@@ -26,6 +26,7 @@ from kerrickpt import (
     feeder,
     limits,
     logtail,
+    netports,
     node,
     postcopy,
     procs,
@@ -224,8 +225,12 @@ def _migrate(
     registry.refuse_while_migrating(name)
     journal = Journal(registry, name)
     subject = Subject.of(container)
-    if net_remap and container.network is None:
-        raise UsageError(f"--net-remap: {name} shares its node's network, so it has no address of its own to change")
+    if net_remap:
+        if container.network is None:
+            raise UsageError(
+                f"--net-remap: {name} shares its node's network, so it has no address of its own to change"
+            )
+        _refuse_bound_to_address(name, container.init_pid, container.network.ip)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
     request = {**_preflight_request(found, container, force), "net_remap": net_remap}
@@ -236,6 +241,12 @@ def _migrate(
         raise NodeIncompatibleError(
             f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
             f"{ARCHIVE_VERSION}: update kerrickpt there. {name} was not frozen."
+        )
+    if container.network is not None and not answer.network_migration:
+        # An older kerrickpt takes the request without its network and would restore it on a bridge of its own.
+        raise NodeIncompatibleError(
+            f"the kerrickpt on {link.target} cannot carry a container's network of its own: update kerrickpt there. "
+            f"{name} was not frozen."
         )
     if lazy:
         _require_lazy_pages(link, answer, confined=container.confinement is not None)
@@ -400,6 +411,17 @@ def _preflight_request(found: criu.Criu, container: containers.Container, force:
         "confinement": confined.to_dict() if confined else None,
         "network": container.network.identity().to_dict() if container.network else None,
     }
+
+
+def _refuse_bound_to_address(name: str, init_pid: int, address: str) -> None:
+    """UsageError, before the freeze, if a listener of container `name` is bound to its `address`, which
+    `--net-remap` takes away: CRIU could not restore it on the target (only after the freeze would that fail)."""
+    bound = [e for e in netports.listening(init_pid) if e.rsplit(":", 1)[0] == address]
+    if bound:
+        raise UsageError(
+            f"--net-remap: {name} listens on its own address ({', '.join(bound)}), which it would not have "
+            "on the target; a listener bound to 0.0.0.0 is kept. Nothing was frozen."
+        )
 
 
 def _travelling(container: containers.Container) -> list[str]:

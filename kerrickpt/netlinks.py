@@ -70,13 +70,26 @@ def bridge(settings: Settings, owner: str) -> None:
 
 def _join(segment: str, bridge: str) -> None:
     """`segment`, an interface of the node, joined to `bridge` and up: the bridge is one layer-2 segment with what
-    lies beyond it (other nodes' bridges). UsageError if there is no such interface or another bridge has it."""
+    lies beyond it (other nodes' bridges). UsageError if there is no such interface, another bridge has it, or it
+    carries addresses of the node's own (IPv4, or IPv6 beyond its link): a port of a bridge takes no traffic of the
+    node's, so joining it would cut the node off that network, ssh sessions included."""
     if not exists(segment):
         raise UsageError(
             f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
             "the other nodes (see README, Network)"
         )
-    (link,) = _links("link", "show", "dev", segment)
+    (link,) = _links("addr", "show", "dev", segment)
+    own = [
+        f"{info['local']}/{info['prefixlen']}"
+        for info in link.get("addr_info", [])
+        if info.get("family") == "inet" or (info.get("family") == "inet6" and info.get("scope") != "link")
+    ]
+    if own:
+        raise UsageError(
+            f"the node network's segment {segment} carries this node's own addresses ({', '.join(own)}): joined to "
+            "the bridge it would carry no traffic of the node's; give an interface without addresses (a second NIC, "
+            "a VLAN, a VXLAN; see README, Network)"
+        )
     master = link.get("master")
     if master not in (None, bridge):
         raise UsageError(f"the node network's segment {segment} belongs to bridge {master} already, not {bridge}")
@@ -131,8 +144,9 @@ def wait_carrying(netns: str, veth: str) -> bool:
 
 
 def wait_bridge_carrying(bridge: str) -> bool:
-    """Whether, within CARRY_WAIT, the bridge can send: up, with a port that forwards (a bridge just made, or just
-    joined to its segment, gets there a moment later). A frame sent before is lost."""
+    """Whether, within CARRY_WAIT, the bridge can send: its operational state up, which it reaches a moment after
+    it is made or joined to its segment (a port's own forwarding state is not waited for). A frame sent before is
+    lost."""
 
     def carrying() -> bool:
         (link,) = _links("link", "show", "dev", bridge)

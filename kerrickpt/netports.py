@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,16 @@ def bound(protocol: str) -> set[int]:
 
 def established(pid: int) -> list[str]:
     """The established TCP connections of the network namespace of process `pid`, each "LOCAL:PORT PEER:PORT"."""
-    return [
-        f"{_endpoint(fields[1])} {_endpoint(fields[2])}"
-        for fields in _sockets(Path(f"/proc/{pid}/net"), "tcp")
-        if fields[3] == TCP_ESTABLISHED
-    ]
+    return [f"{_endpoint(fields[1])} {_endpoint(fields[2])}" for fields in _tcp(pid, TCP_ESTABLISHED)]
+
+
+def listening(pid: int) -> list[str]:
+    """The TCP listeners of the network namespace of process `pid`, each "ADDRESS:PORT"."""
+    return [_endpoint(fields[1]) for fields in _tcp(pid, TCP_LISTEN)]
+
+
+def _tcp(pid: int, state: str) -> Iterator[list[str]]:
+    return (fields for fields in _sockets(Path(f"/proc/{pid}/net"), "tcp") if fields[3] == state)
 
 
 def _sockets(directory: Path, protocol: str) -> Iterator[list[str]]:
@@ -75,9 +81,10 @@ def _sockets(directory: Path, protocol: str) -> Iterator[list[str]]:
 
 
 def _endpoint(text: str) -> str:
-    """An address:port of /proc/net/tcp (the address in 32-bit words of the host's byte order, little-endian
-    here), as people write it."""
+    """An address:port of /proc/net/tcp (the address in 32-bit words of the host's byte order), as people write
+    it."""
     address, port = text.split(":")
-    raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+    order = -1 if sys.byteorder == "little" else 1
+    raw = b"".join(bytes.fromhex(address[i : i + 8])[::order] for i in range(0, len(address), 8))
     shown = ipaddress.ip_address(raw)
     return f"{shown}:{int(port, 16)}" if shown.version == 4 else f"[{shown}]:{int(port, 16)}"

@@ -19,6 +19,7 @@ from kerrickpt.errors import StateDamagedError, UsageError
 BRIDGE_ENV, SUBNET_ENV = "KERRICKPT_BRIDGE", "KERRICKPT_SUBNET"
 GATEWAY_ENV, POOL_ENV, SEGMENT_ENV = "KERRICKPT_GATEWAY", "KERRICKPT_POOL", "KERRICKPT_SEGMENT"
 ENVS = (BRIDGE_ENV, SUBNET_ENV, GATEWAY_ENV, POOL_ENV, SEGMENT_ENV)
+KEYS = dict(zip(("bridge", "subnet", "gateway", "pool", "segment"), ENVS, strict=True))  # in network.json
 DEFAULT_BRIDGE = "kerrickpt0"
 # Set aside for benchmarking (RFC 2544), so never a real network's; the local test nodes take 198.18.0.0/16.
 DEFAULT_SUBNET = "198.19.0.0/16"
@@ -60,7 +61,7 @@ def load(registry: claims.State) -> Settings:
     path = registry.root / FILE
     asked, stored = _asked(), _read(path)
     if stored is None:
-        return asked or _checked({})
+        return asked or _checked({}, KEYS)
     if asked is not None and asked != stored:
         raise _differ(path, stored, asked)
     return stored
@@ -99,33 +100,34 @@ def describe(settings: Settings) -> str:
 
 def _asked() -> Settings | None:
     """The settings the environment asks for; None if it names none."""
-    given = {key: value for key in ENVS if (value := os.environ.get(key))}
-    return _checked(given) if given else None
+    given = {key: value for key, env in KEYS.items() if (value := os.environ.get(env))}
+    return _checked(given, KEYS) if given else None
 
 
-def _checked(given: dict[str, str | None]) -> Settings:
-    """Settings from `given` (the environment's names as keys; a missing one takes its default)."""
-    bridge = given.get(BRIDGE_ENV) or DEFAULT_BRIDGE
-    segment = given.get(SEGMENT_ENV) or None
-    for key, name in ((BRIDGE_ENV, bridge), (SEGMENT_ENV, segment)):
+def _checked(given: dict[str, str], names: dict[str, str]) -> Settings:
+    """Settings from `given` (by the file's keys; a missing one takes its default), each named in a refusal as
+    `names` says (the environment's variable, or the file's key)."""
+    bridge = given.get("bridge") or DEFAULT_BRIDGE
+    segment = given.get("segment") or None
+    for key, name in (("bridge", bridge), ("segment", segment)):
         if name is not None and not IFNAME_PATTERN.fullmatch(name):
-            raise UsageError(f"{key}={name}: give an interface name of 1 to 15 letters, digits, '_', '.', '-'")
+            raise UsageError(f"{names[key]}={name}: give an interface name of 1 to 15 letters, digits, '_', '.', '-'")
     if segment == bridge:
-        raise UsageError(f"{SEGMENT_ENV}={segment}: the segment's interface cannot be the bridge itself")
-    net = _network(SUBNET_ENV, given.get(SUBNET_ENV) or DEFAULT_SUBNET)
+        raise UsageError(f"{names['segment']}={segment}: the segment's interface cannot be the bridge itself")
+    net = _network(names["subnet"], given.get("subnet") or DEFAULT_SUBNET)
     if net.prefixlen > 30:
-        raise UsageError(f"{SUBNET_ENV}={net}: too small for a gateway and a container")
-    pool = _network(POOL_ENV, given.get(POOL_ENV) or str(net))
+        raise UsageError(f"{names['subnet']}={net}: too small for a gateway and a container")
+    pool = _network(names["pool"], given.get("pool") or str(net))
     if not pool.subnet_of(net):
-        raise UsageError(f"{POOL_ENV}={pool}: not a part of the node network {net}")
+        raise UsageError(f"{names['pool']}={pool}: not a part of the node network {net}")
     gateway = _first(net)
-    if given.get(GATEWAY_ENV):
+    if given.get("gateway"):
         try:
-            gateway = ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(given[GATEWAY_ENV])}/{net.prefixlen}")
+            gateway = ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(given['gateway'])}/{net.prefixlen}")
         except ValueError as exc:
-            raise UsageError(f"{GATEWAY_ENV}={given[GATEWAY_ENV]}: not an IPv4 address ({exc})") from None
+            raise UsageError(f"{names['gateway']}={given['gateway']}: not an IPv4 address ({exc})") from None
         if gateway.ip not in net or gateway.ip in (net.network_address, net.broadcast_address):
-            raise UsageError(f"{GATEWAY_ENV}={gateway.ip}: not an address of the node network {net}")
+            raise UsageError(f"{names['gateway']}={gateway.ip}: not an address of the node network {net}")
     return Settings(bridge, net, gateway, pool, segment)
 
 
@@ -144,9 +146,11 @@ def _read(path: Path) -> Settings | None:
     try:
         data = json.loads(path.read_bytes())
         # A file of a kerrickpt before segments names the bridge and subnet only: the rest takes its defaults.
-        keys = {"bridge": BRIDGE_ENV, "subnet": SUBNET_ENV, "gateway": GATEWAY_ENV, "pool": POOL_ENV}
-        given = {env: data[key] for key, env in keys.items() if key in data}
-        return _checked({**given, SEGMENT_ENV: data.get("segment")})
+        given = {key: data[key] for key in KEYS if data.get(key) is not None}
+        odd = [key for key, value in given.items() if not isinstance(value, str)]
+        if odd:  # ipaddress would take a number for an address
+            raise TypeError(f"{', '.join(odd)}: not a string")
+        return _checked(given, {key: key for key in KEYS})
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:

@@ -9,7 +9,7 @@ import hashlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +96,21 @@ def plan(
     ports: Sequence[Port],
     *,
     fall_back: bool = False,
+    ask_segment: bool = True,
 ) -> tuple[Network, netsettings.Settings]:
     """Claim `name`'s network on this node: `address` (ADDR/PREFIX from `--ip`, or an archive's ADDR), else the
-    first free one of the subnet (also when `address` is taken and `fall_back`), and `ports`; with the node
-    network's settings it was claimed in, for `create`. UsageError, with nothing claimed, for an address outside
-    the subnet or in use, a port taken, a subnet the node's own addresses overlap."""
+    first free one of the node's pool (also when `address` is taken and `fall_back`), and `ports`; with the node
+    network's settings it was claimed in, for `create`. Free means: neither the node nor another of its containers
+    holds it, and, on a node joined to a segment, no machine answers for it there (asked with ARP probes, see
+    `_segment_holders`; a container that migrated away from this node holds an address of its pool on another
+    node) unless not `ask_segment` (a migration's target, whose pre-flight asked). UsageError, with nothing
+    claimed, for an address outside the subnet or in use, a port taken, a subnet the node's own addresses
+    overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
     used = _node_own(settings)
     directory = _directory(registry)
+    holders = functools.partial(_segment_holders, registry, settings) if ask_segment else lambda _: set()
     try:
         wanted = _address(address, net) if address is not None else None
         if wanted is not None and wanted in used:
@@ -113,10 +119,15 @@ def plan(
             wanted = None
         if wanted is not None and not claims.take(registry, directory / f"{ADDRESS}-{wanted}", name):
             if not fall_back:
-                raise _held(wanted, directory)
+                raise _held(wanted, claims.blocking(registry, directory / f"{ADDRESS}-{wanted}", name))
+            wanted = None
+        if wanted is not None and (others := holders(wanted)):
+            claims.drop(directory / f"{ADDRESS}-{wanted}", name)
+            if not fall_back:
+                raise _on_segment(wanted, settings, others)
             wanted = None
         if wanted is None:
-            wanted = _allocate(registry, directory, settings, used, name)
+            wanted = _allocate(registry, directory, settings, used, name, holders)
         bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
             _claim_port(registry, directory, port, bound, name)
@@ -127,10 +138,29 @@ def plan(
     return Network(f"{wanted}/{net.prefixlen}", mac_of(wanted), tuple(ports), netns, veth), settings
 
 
+def _segment_holders(
+    registry: claims.State, settings: netsettings.Settings, address: ipaddress.IPv4Address
+) -> set[str]:
+    """The MACs of the machines that answer for `address` on the node network's segment (none without one): the
+    question goes out on the bridge, made if missing."""
+    if settings.segment is None:
+        return set()
+    _bridge(registry, settings)
+    netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: the claims alone judged
+    return arp.probe(settings.bridge, str(address)).macs
+
+
+def _on_segment(address: ipaddress.IPv4Address, settings: netsettings.Settings, macs: set[str]) -> UsageError:
+    return UsageError(
+        f"address {address} is in use on this node's segment {settings.segment}, by {', '.join(sorted(macs))}"
+    )
+
+
 def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) -> None:
     """Check that this node can take `name`, a container that migrates here with the network `carried`, before its
-    source freezes it (a migration's pre-flight): its published ports are free here; and, unless `remap` (it gets
-    an address of this node's), its address is this node's subnet's, free on this node, and on a segment that
+    source freezes it (a migration's pre-flight): its published ports are free here; with `remap` (it gets an
+    address of this node's), that this node's pool has one free (the segment is asked at the restore); else its
+    address is this node's subnet's, free on this node, and on a segment that
     reaches the source: the container answers for it there (from the source node), and no other machine does.
     So the container keeps its address and connections here. Claims nothing (its restore does), but makes the
     node network's bridge, which the question goes out on. NotCheckpointable if the address cannot live here
@@ -142,6 +172,8 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     for port in carried.ports:
         _free_port(registry, directory, port, bound, name)
     if remap:
+        if next(_candidates(registry, directory, settings, used, name), None) is None:
+            raise _pool_full(settings)
         return
     address = ipaddress.IPv4Interface(carried.address)
     where = netsettings.describe(settings)
@@ -156,18 +188,22 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     if address.ip in used:
         raise UsageError(f"address {address.ip} is in use on this node (the node's own)")
     claim = directory / f"{ADDRESS}-{address.ip}"
-    if claim.exists() and claims.refuses(registry, claims.owner(claim), name):
-        raise _held(address.ip, directory)
+    if holder := claims.blocking(registry, claim, name):
+        raise _held(address.ip, holder)
     _bridge(registry, settings)
     netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
-    answered = arp.probe(settings.bridge, str(address.ip))
-    if answered - {carried.mac}:
-        others = ", ".join(sorted(answered - {carried.mac}))
-        raise UsageError(f"address {address.ip} is in use on this node's segment {settings.segment}, by {others}")
-    if carried.mac not in answered:
+    answers = arp.probe(settings.bridge, str(address.ip))
+    if answers.macs - {carried.mac}:
+        raise _on_segment(address.ip, settings, answers.macs - {carried.mac})
+    if carried.mac not in answers.macs:
         raise NotCheckpointable(
             f"the container does not answer at {address.ip} on this node's segment {settings.segment}: the segment "
             f"does not reach the source's node network, so its peers would not reach it here: {remedy}"
+        )
+    if carried.mac in answers.doubled():
+        raise UsageError(
+            f"address {address.ip} is in use on this node's segment {settings.segment} twice, with the container's "
+            f"own MAC {carried.mac}: another machine holds a copy of it (a restore of its archive?)"
         )
 
 
@@ -184,9 +220,9 @@ def _node_own(settings: netsettings.Settings) -> set[ipaddress.IPv4Address]:
     return {interface.ip for _, interface in own} | {settings.gateway.ip}
 
 
-def _held(address: ipaddress.IPv4Address, directory: Path) -> UsageError:
-    holder = claims.owner(directory / f"{ADDRESS}-{address}")
-    return UsageError(f"address {address} is in use on this node (by container {holder})")
+def _held(address: ipaddress.IPv4Address, holder: str | None) -> UsageError:
+    """`holder`: see claims.blocking (None: the claim was released just after `take` found it another's)."""
+    return UsageError(f"address {address} is in use on this node (by {holder or 'another container'})")
 
 
 def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -203,23 +239,45 @@ def _address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def _allocate(
-    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State,
+    directory: Path,
+    settings: netsettings.Settings,
+    used: set[ipaddress.IPv4Address],
+    name: str,
+    holders: Callable[[ipaddress.IPv4Address], set[str]],
 ) -> ipaddress.IPv4Address:
-    """The first address of the node's pool not in `used` that `name` can claim (claims.take judges an existing
-    claim)."""
+    """The first address of the node's pool (see `_candidates`) that `name` can claim (claims.take judges an
+    existing claim) and no machine of the segment answers for (`holders`)."""
+    for candidate in _candidates(registry, directory, settings, used, name):
+        filename = f"{ADDRESS}-{candidate}"
+        if claims.take(registry, directory / filename, name):
+            if not holders(candidate):
+                return candidate
+            claims.drop(directory / filename, name)
+    raise _pool_full(settings)
+
+
+def _candidates(
+    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
+) -> Iterator[ipaddress.IPv4Address]:
+    """The addresses of the node's pool that are neither in `used` nor, when looked, another live container's."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
     # fsyncs a claim file aside); claims.take still judges the rest, claimed or not meanwhile.
-    holders = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
+    taken = {path.name: owner for path, owner in claims.held(directory, _is_claim)}
     net = settings.subnet
     for candidate in settings.pool:
-        if candidate in (net.network_address, net.broadcast_address):
+        if candidate in (net.network_address, net.broadcast_address) or candidate in used:
             continue
         filename = f"{ADDRESS}-{candidate}"
-        if candidate in used or (filename in holders and claims.refuses(registry, holders[filename], name)):
-            continue
-        if claims.take(registry, directory / filename, name):
-            return candidate
-    raise UsageError(f"no free address left in this node's pool {settings.pool}: containers hold them all")
+        if not (filename in taken and claims.refuses(registry, taken[filename], name)):
+            yield candidate
+
+
+def _pool_full(settings: netsettings.Settings) -> UsageError:
+    return UsageError(
+        f"no free address left in this node's pool {settings.pool}: containers (of this node, or of its segment) "
+        "hold them all"
+    )
 
 
 def _claim_port(
@@ -227,7 +285,7 @@ def _claim_port(
 ) -> None:
     path = _free_port(registry, directory, port, bound, name)
     if not claims.take(registry, path, name):
-        raise _published(port, path)
+        raise _published(port, claims.blocking(registry, path, name))
 
 
 def _free_port(
@@ -238,14 +296,15 @@ def _free_port(
     if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
-    if path.exists() and claims.refuses(registry, claims.owner(path), name):
-        raise _published(port, path)
+    if holder := claims.blocking(registry, path, name):
+        raise _published(port, holder)
     return path
 
 
-def _published(port: Port, path: Path) -> UsageError:
-    holder = claims.owner(path)
-    return UsageError(f"--publish {port}: container {holder} publishes node port {port.host}/{port.protocol}")
+def _published(port: Port, holder: str | None) -> UsageError:
+    """`holder`: see claims.blocking (None: the claim was released just after `take` found it another's)."""
+    who = holder or "another container"
+    return UsageError(f"--publish {port}: {who} publishes node port {port.host}/{port.protocol}")
 
 
 def release(registry: claims.State, name: str) -> None:
@@ -299,6 +358,14 @@ def reconnect(net: Network) -> float:
     except HostError as exc:
         log.warning("%s: the network learns where it lives from its next frame", exc.message)
     return connected_at
+
+
+def cut_off(net: Network) -> None:
+    """Cut `net` off the node network (see netlinks.cut_off), if its veth is there: before its container is killed
+    where a copy of it elsewhere may hold its connections (a migration's other side), which what its dying sockets
+    send (FIN, RST) would end."""
+    if netlinks.exists(net.veth):
+        netlinks.cut_off(net.veth)
 
 
 def destroy(net: Network) -> None:

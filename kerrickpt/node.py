@@ -212,6 +212,18 @@ def check(state_dir: Path | str | None = None) -> Report:
     )
 
 
+_NETWORK_NEEDS = {  # what a restore of a container with a network of its own needs of a node: why, without it
+    "tcp_repair": "no TCP repair (see `criu check`): a container's TCP connections cannot be carried",
+    "external_net_ns": "CRIU here cannot restore into a network namespace kerrickpt made (external_net_ns)",
+}
+
+
+def network_lacking(features: dict[str, bool]) -> list[str]:
+    """What a restore of a container with a network of its own needs and a node whose `features` these are lacks,
+    in words."""
+    return [why for feature, why in _NETWORK_NEEDS.items() if not features.get(feature)]
+
+
 def _network_features(
     found: criu.Criu | None, criu_check_text: str, is_root: bool, notes: list[str]
 ) -> dict[str, bool]:
@@ -222,9 +234,9 @@ def _network_features(
     external = found is not None and criu.has_feature(found, "external_net_ns")
     why_not = netlinks.cut_off_fails() if is_root else "not root"
     if not tcp_repair:
-        notes.append("no TCP repair (see `criu check`): a container's TCP connections cannot be carried")
+        notes.append(_NETWORK_NEEDS["tcp_repair"])
     if found is not None and not external:
-        notes.append("CRIU here cannot restore into a network namespace kerrickpt made (external_net_ns)")
+        notes.append(_NETWORK_NEEDS["external_net_ns"])
     if why_not is not None:
         notes.append(f"a container cannot be cut off its network while it is dumped (the network lock): {why_not}")
     return {"tcp_repair": tcp_repair, "external_net_ns": external, "network_lock": why_not is None}

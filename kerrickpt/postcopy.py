@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import cgroups, command, containers, criu, faults, limits, procs, schema, transport
+from kerrickpt import cgroups, command, containers, criu, faults, limits, network, procs, schema, transport
 from kerrickpt.errors import KerrickptError, RestoreFailed, TransportError
 from kerrickpt.freezer import Freezer
 
@@ -302,16 +302,27 @@ def reap(registry: containers.Registry, migration_id: str) -> dict[str, str] | N
 
 
 def _fail(group: cgroups.Cgroup, path: Path, record: dict[str, Any], why: str, log_tail: str = "") -> None:
-    """Kill the container, whose memory stopped coming, and say so before anyone can take it for moved."""
+    """Kill the container, whose memory stopped coming, and say so before anyone can take it for moved. In this
+    order, each step done before the next (the source resumes on "failed", with its connections and address):
+    cut off (what its dying sockets send must not reach its peers), killed, its network and state removed, then
+    recorded."""
+    registry = containers.Registry(record["state_dir"])
+    container = None
+    with contextlib.suppress(KerrickptError, OSError):
+        found = registry.get(record["name"])
+        container = found if found.migration == path.stem else None
+    if container is not None and container.network is not None:
+        network.cut_off(container.network)
     existing = cgroups.Cgroup(tuple(d for d in group.dirs if d.exists()))
     if existing.dirs:
-        existing.kill()  # must succeed before the record says it: the source resumes on "failed"
-    containers.write_atomic(path, json.dumps({**record, "state": FAILED, "why": why, "log_tail": log_tail}))
-    registry = containers.Registry(record["state_dir"])
-    with contextlib.suppress(KerrickptError, OSError):
-        container = registry.get(record["name"])
-        if container.migration == path.stem:
+        existing.kill()
+    if container is not None:
+        try:
             containers.remove(registry, container)
+        except (KerrickptError, OSError) as exc:
+            # Cut off and dead, what is left answers no one: the source may resume; `kill` or `gc` removes it.
+            log_tail = f"{log_tail}\nremoving the container here failed: {exc}".strip()
+    containers.write_atomic(path, json.dumps({**record, "state": FAILED, "why": why, "log_tail": log_tail}))
 
 
 def _watch(pages_fd: int) -> int:  # pragma: no cover - the watcher process

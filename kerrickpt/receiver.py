@@ -25,6 +25,7 @@ from kerrickpt import (
     feeder,
     garbage,
     isolation,
+    netlinks,
     network,
     node,
     postcopy,
@@ -86,6 +87,9 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
     if request.network is not None:
+        lacking = node.network_lacking(report.features)
+        if lacking:
+            raise NodeIncompatibleError(f"the target cannot take the network of {request.name}: " + "; ".join(lacking))
         carried = network.Identity.from_dict(msgspec.to_builtins(request.network))
         try:
             network.admit(registry, name, carried, remap=request.net_remap)
@@ -112,6 +116,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
         "archive_versions": list(READABLE),
         "lazy_pages": report.features["lazy_pages"],
         "lazy_pages_confined": report.features["lazy_pages_confined"],
+        "network_migration": True,
     }
 
 
@@ -144,7 +149,8 @@ def receive(
         return BusyError.exit_code
     if earlier["state"] != "absent":
         # It came here already: say so, so that the source never runs its copy again.
-        transport.emit(stdout, "restored", name=earlier.get("name", name), pid_map={}, warnings=[])
+        address = _address_here(registry, migration_id)
+        transport.emit(stdout, "restored", name=earlier.get("name", name), pid_map={}, warnings=[], address=address)
         return 0
     started = procs.start_time(os.getpid())
     info = {"pid": os.getpid(), "start": started}
@@ -209,7 +215,9 @@ def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_
     if _came_up(registry, migration_id):
         # It failed after the container came up here: it runs, so that is the only true answer.
         log.warning("receiving %s: %s after it came up here", name, exc)
-        transport.emit(stdout, "restored", name=name, pid_map={}, warnings=[f"after the restore: {exc}"])
+        address = _address_here(registry, migration_id)
+        warnings = [f"after the restore: {exc}"]
+        transport.emit(stdout, "restored", name=name, pid_map={}, warnings=warnings, address=address)
         return 0
     # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
     failure = (
@@ -228,6 +236,15 @@ def _came_up(registry: containers.Registry, migration_id: str) -> bool:
     if pages is not None:
         return pages["state"] != postcopy.FAILED
     return any(c.migration == migration_id for c in registry.all())
+
+
+def _address_here(registry: containers.Registry, migration_id: str) -> str | None:
+    """The address (ADDR/PREFIX) of the container migration `migration_id` brought here, if it is recorded with a
+    network of its own: `migrate --net-remap` prints it."""
+    for container in registry.all():
+        if container.migration == migration_id and container.network is not None:
+            return container.network.address
+    return None
 
 
 def _tombstone(registry: containers.Registry, migration_id: str) -> Path:
@@ -249,6 +266,8 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
         return {"state": "in-progress"}
     for container in registry.all():
         if container.migration == migration_id:
+            if _left_cut_off(registry, migration_id, container) is not None:
+                return {"state": "abandoned", "why": "its receiver died before it connected the container here"}
             return {"state": "running" if container.is_running() else "exited", "name": container.name}
     tombstone = _tombstone(registry, migration_id)
     if tombstone.exists():
@@ -264,7 +283,30 @@ def status(migration_id: str, state_dir: Path | str | None = None) -> dict[str, 
 
 def reap(migration_id: str, state_dir: Path | str | None = None) -> dict[str, Any]:
     """`status`, once what dead kerrickpt processes left here is removed (`garbage.collect`): the
-    half-made container of a receiver that died, the container of a post-copy whose watcher died.
-    What an abandoned migration answers then is `absent` or `failed`."""
-    garbage.collect(containers.Registry(state_dir))
+    half-made container of a receiver that died, the container of a post-copy whose watcher died; and once a
+    container whose receiver died after recording it, before connecting it, is connected (and announced).
+    What an abandoned migration answers then is `absent`, `failed` or `running`."""
+    registry = containers.Registry(state_dir)
+    for container in registry.all():
+        left = _left_cut_off(registry, migration_id, container) if container.migration == migration_id else None
+        if left is not None:
+            # Restored whole and recorded: only the receiver's last step is missing (see restore).
+            network.reconnect(left)
+            containers.write_atomic(_tombstone(registry, migration_id), json.dumps({"name": container.name}))
+    garbage.collect(registry)
     return status(migration_id, state_dir)
+
+
+def _left_cut_off(
+    registry: containers.Registry, migration_id: str, container: containers.Container
+) -> network.Network | None:
+    """The network of `container`, of migration `migration_id`, if it was left cut off here: its receiver died
+    after recording it, before connecting it (restore's very last step) and saying it came here (its tombstone)."""
+    own = container.network
+    if (
+        own is None
+        or _tombstone(registry, migration_id).exists()
+        or containers.claimant_alive(registry.incoming(migration_id)) is True
+    ):
+        return None
+    return own if netlinks.is_cut_off(own.veth) else None

@@ -167,6 +167,12 @@ class Network(msgspec.Struct):
     ports: list[Port] = []
 
 
+# An established TCP connection as netports writes it, "LOCAL:PORT PEER:PORT" (IPv6 in brackets): `inspect` prints
+# it, so nothing else (a terminal's escape sequences) may pass.
+_ENDPOINT = r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]{2,45}\]):\d{1,5}"
+Connection = Annotated[str, msgspec.Meta(pattern=f"^{_ENDPOINT} {_ENDPOINT}$", max_length=120)]
+
+
 class Manifest(msgspec.Struct):
     """An archive's manifest.json; `format` and `version` are checked before (see manifest.Manifest.from_json)."""
 
@@ -192,7 +198,7 @@ class Manifest(msgspec.Struct):
     layer_base: LayerBase | None = None
     stdio: Stdio | None = None  # absent from archives made before a container's output could be its caller's
     network: Network | None = None  # its own network (absent: it shared its node's)
-    connections: list[Annotated[str, msgspec.Meta(max_length=120)]] = []  # see manifest.Manifest.connections
+    connections: list[Connection] = []  # see manifest.Manifest.connections
 
 
 # The migration protocol: the source's requests and the target's answers (JSON, one line each).
@@ -222,6 +228,7 @@ class PreflightAnswer(Answer):
     warnings: list[str] = []
     lazy_pages: bool = False
     lazy_pages_confined: bool = False  # see node.lazy_pages_confined
+    network_migration: bool = False  # it carries a container's network of its own (see network.admit)
 
 
 class Restored(msgspec.Struct):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import netsettings
-from kerrickpt.errors import UsageError
+from kerrickpt.errors import StateDamagedError, UsageError
 
 
 @dataclass
@@ -76,4 +76,17 @@ def test_settings_a_node_network_cannot_have_are_refused(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(UsageError, match=reason):
+        netsettings.load(Registry(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("stored", "reason"),
+    [
+        ({"gateway": 3323133953}, "gateway: not a string"),  # a number ipaddress would take for 198.19.0.1
+        ({"pool": "198.18.0.0/24"}, "pool=198.18.0.0/24: not a part of the node network"),  # the file's key, not $
+    ],
+)
+def test_a_damaged_file_is_refused_naming_its_keys(tmp_path: Path, stored: dict[str, object], reason: str) -> None:
+    (tmp_path / netsettings.FILE).write_text(json.dumps({"bridge": "kerrickpt0", "subnet": "198.19.0.0/16", **stored}))
+    with pytest.raises(StateDamagedError, match=reason):
         netsettings.load(Registry(tmp_path))

@@ -434,6 +434,7 @@ def test_the_node_network_is_chosen_once_and_checked(node: Node) -> None:
         ({"KERRICKPT_BRIDGE": "kerrickpt-bridge0"}, "give an interface name of 1 to 15"),
         ({"KERRICKPT_BRIDGE": "kpt-taken"}, "carries 198.19.5.1/24, not only the node network's gateway"),
         ({"KERRICKPT_SUBNET": "198.19.0.0/31"}, "too small for a gateway and a container"),
+        ({"KERRICKPT_SEGMENT": "kpt-lan"}, "segment kpt-lan carries this node's own addresses (198.18.7.1/24)"),
     ],
 )
 def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
@@ -442,11 +443,16 @@ def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
     if env.get("KERRICKPT_BRIDGE") == "kpt-taken":  # a bridge of another network, on the node network's subnet
         node.ip("link", "add", "kpt-taken", "type", "bridge")
         node.ip("addr", "add", "198.19.5.1/24", "dev", "kpt-taken")
+    if env.get("KERRICKPT_SEGMENT") == "kpt-lan":  # the node's own way to its LAN: joined, it would cut the node off
+        node.ip("link", "add", "kpt-lan", "type", "veth", "peer", "name", "kpt-lan-peer")
+        node.ip("addr", "add", "198.18.7.1/24", "dev", "kpt-lan")
     refused = node.kerrickpt("run", "--name", unique_name("bad"), "--net", "own", "--", "sleep", "600", **env)
     assert refused.returncode == 2, refused.stderr
     assert reason in refused.stderr
     assert not (node.state_dir / "network.json").exists()  # nothing chosen: the next may choose better
     assert "lo" in node.ip("-4", "-o", "addr", "show", "dev", "lo")  # left as it was
+    if "KERRICKPT_SEGMENT" in env:
+        assert "master" not in node.ip("-o", "link", "show", "dev", "kpt-lan")
 
 
 def test_two_state_directories_never_share_a_node_network(node: Node, tmp_path: Path) -> None:

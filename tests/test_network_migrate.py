@@ -1,7 +1,8 @@
 """Migration of containers with a network of their own between local nodes that share a segment (see localnodes):
 a client on the segment keeps its connection, every answer checked, post-copy too; a target off the segment is refused
 before the freeze and `--net-remap` moves the container there with a new address; a migration that fails resumes the
-source with its connections; an address another machine of the segment holds is refused before the freeze."""
+source with its connections; an address another machine of the segment holds is refused before the freeze, and the
+source never hands out the address of a container that migrated away."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from bench.lab import pipe_max_size
-from kerrickpt import netsettings, network
+from kerrickpt import netports, netsettings, network
 from kerrickpt.localnodes import SEGMENT, Cluster, Node
 from kerrickpt.node import LAZY_PIPE_SIZE
-from tests.helpers import COUNTER, Client, unique_name
+from tests.helpers import COUNTER, Client, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -58,6 +59,22 @@ def _migrate(cluster: Cluster, source: Node, target: Node, name: str, *extra: st
 
 def _rows(node: Node) -> dict[str, dict[str, object]]:
     return {row["name"]: row for row in node.json("ps")}
+
+
+def _talking(cluster: Cluster, node: Node, talk: Talk) -> tuple[str, str, Client]:
+    """A counter server started on `node` (see _serve) and a client on the LAN answered by it: its name, address
+    and client."""
+    name = unique_name("net")
+    address = _serve(node, name)
+    client = talk(_in(cluster.switch), address.split("/")[0])
+    client.wait_more()
+    return name, address, client
+
+
+def _stayed(source: Node, target: Node, name: str) -> None:
+    """Nothing moved: `name` runs on `source`, and `target` has nothing of it."""
+    assert _rows(source)[name]["state"] == "running"
+    assert name not in _rows(target)
 
 
 def _in_sequence(client: Client, name: str) -> None:
@@ -114,14 +131,30 @@ def test_a_connection_survives_a_post_copy_migration(cluster: Cluster, talk: Tal
     assert name not in _rows(a)
 
 
+def test_the_source_never_hands_out_the_address_of_a_container_that_migrated_away(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("net")
+    address = _serve(a, name)  # the first free address of a's pool
+    assert _migrate(cluster, a, b, name).returncode == 0
+
+    # a's claim went with the container, but the segment still answers for the address: from b.
+    other = _serve(a, unique_name("net"))
+    ip = address.split("/")[0]
+    refused = a.kerrickpt("run", "--name", unique_name("net"), "--net", "own", "--ip", address, "--", "true")
+
+    assert other != address
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        f"address {ip} is in use on this node's segment {SEGMENT}, by {network.mac_of(ipaddress.IPv4Address(ip))}"
+        in (refused.stderr)
+    )
+
+
 def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connection(
     cluster: Cluster, talk: Talk
 ) -> None:
     a, b = cluster.nodes
-    name = unique_name("net")
-    address = _serve(a, name)
-    client = talk(_in(cluster.switch), address.split("/")[0])
-    client.wait_more()
+    name, _, client = _talking(cluster, a, talk)
 
     # Restored on b, then failed: b never connected it, and a takes its connection back.
     failed = a.kerrickpt("migrate", name, *cluster.migrate_args(b), env={"KERRICKPT_FAULT": "restore-after-criu:fail"})
@@ -130,8 +163,7 @@ def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connec
     assert "runs on here again" in failed.stderr
     client.wait_more()
     _in_sequence(client, name)
-    assert _rows(a)[name]["state"] == "running"
-    assert name not in _rows(b)
+    _stayed(a, b, name)
 
 
 def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_freeze(cluster: Cluster) -> None:
@@ -148,8 +180,7 @@ def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_f
     assert refused.returncode == 2, refused.stderr
     assert f"address {ip} is in use on this node's segment {SEGMENT}, by {squatter[0]['address']}" in refused.stderr
     assert "nothing was frozen" in refused.stderr
-    assert _rows(a)[name]["state"] == "running"
-    assert name not in _rows(b)
+    _stayed(a, b, name)
 
 
 def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_to_a_new_address(
@@ -157,15 +188,13 @@ def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_t
 ) -> None:
     a, b = cluster.nodes
     # b's node network is joined to an interface that reaches no other node, not to the LAN.
-    subprocess.run(["ip", "-n", b.netns, "link", "add", "lanx", "type", "veth", "peer", "name", "lany"], check=True)
+    subprocess.run(["ip", "-n", b.netns, "link", "add", "lanx", "type", "veth", "peer", "name", "lany"], check=True,
+                   timeout=30)  # fmt: skip
     b.stop_sshd()
     b.extra_env[netsettings.SEGMENT_ENV] = "lanx"
     b.start_sshd()
     cluster.wait_for_sshd(b)
-    name = unique_name("net")
-    address = _serve(a, name)
-    client = talk(_in(cluster.switch), address.split("/")[0])
-    client.wait_more()
+    name, address, client = _talking(cluster, a, talk)
 
     refused = _migrate(cluster, a, b, name)
 
@@ -185,3 +214,55 @@ def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_t
     again.wait_more()
     _in_sequence(again, name)
     assert _rows(b)[name]["address"] == remapped
+
+
+def test_net_remap_of_a_container_listening_on_its_own_address_is_refused_before_the_freeze(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    name = unique_name("net")
+    ip = str(list(ipaddress.IPv4Network(a.extra_env[netsettings.POOL_ENV]))[-2])
+    listen = "import socket,sys,time; s=socket.socket(); s.bind((sys.argv[1], 7001)); s.listen(); time.sleep(600)"
+    started = a.kerrickpt("run", "--json", "--name", name, "--net", "own", "--ip", ip, "--", sys.executable, "-c",
+                          listen, ip)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    init_pid = int(json.loads(started.stdout)["init_pid"])
+    wait_for(lambda: netports.listening(init_pid), what="its listener")
+
+    refused = _migrate(cluster, a, b, name, "--net-remap")
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"listens on its own address ({ip}:7001)" in refused.stderr and "Nothing was frozen" in refused.stderr
+    _stayed(a, b, name)
+
+
+def test_a_container_whose_receiver_died_before_connecting_it_is_connected_by_recover(
+    cluster: Cluster, talk: Talk
+) -> None:
+    a, b = cluster.nodes
+    name, _, client = _talking(cluster, a, talk)
+
+    # b's receiver dies with the container restored and recorded, still cut off: `recover` asks what became of it.
+    moved = a.kerrickpt("migrate", name, *cluster.migrate_args(b), env={"KERRICKPT_FAULT": "restore-after-save:kill"})
+    assert moved.returncode == 12, moved.stderr
+    recovered = a.kerrickpt("recover", name)
+
+    assert recovered.returncode == 0, recovered.stderr
+    client.wait_more()
+    _in_sequence(client, name)
+    assert _rows(b)[name]["state"] == "running"
+    assert name not in _rows(a)
+
+
+def test_a_node_port_another_container_of_the_target_publishes_is_refused_before_the_freeze(cluster: Cluster) -> None:
+    a, b = cluster.nodes
+    holder, name = unique_name("net"), unique_name("net")
+    held = b.kerrickpt("run", "--name", holder, "--net", "own", "--publish", "18091:7000", "--", "sleep", "600")
+    assert held.returncode == 0, held.stderr
+    started = a.kerrickpt("run", "--name", name, "--net", "own", "--publish", "18091:7000", "--", "sleep", "600")
+    assert started.returncode == 0, started.stderr
+
+    refused = _migrate(cluster, a, b, name)
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"container {holder} publishes node port 18091/tcp" in refused.stderr
+    assert "nothing was frozen" in refused.stderr
+    _stayed(a, b, name)

@@ -158,7 +158,9 @@ def test_a_network_carries_its_address_mac_and_ports_only() -> None:
     carried = {"address": "198.19.0.5/16", "mac": "0a:58:c6:13:00:05", "ports": [{"host": 8080, "container": 80}]}
     # As issue 15's first step wrote them: with the source node's names, which a restore never used.
     data["network"] = {**carried, "netns": "kpn-0123456789", "veth": "kpn0123456789"}
+    data["connections"] = ["198.19.0.5:7000 198.19.0.9:41000", "[::ffff:198.19.0.5]:7000 [::ffff:198.19.0.9]:41001"]
     manifest = Manifest.from_json(json.dumps(data).encode())
+    assert manifest.connections == data["connections"]
     assert manifest.to_dict()["network"] == {**carried, "ports": [{"host": 8080, "container": 80, "protocol": "tcp"}]}
 
 
@@ -200,6 +202,7 @@ def test_random_manifests_are_read_or_refused_as_corrupt() -> None:
         (("source",), None),
         (("stdio",), {"stdout": "file[1b:2c] --action-script=/tmp/x"}),  # it goes on CRIU's command line
         (("stdio",), {"stderr": 3}),
+        (("connections",), ["198.19.0.5:7000 198.19.0.9:41000\x1b]0;owned\x07"]),  # `inspect` prints it
     ],
 )
 def test_a_wrong_type_or_range_is_a_corrupt_archive(where: tuple[Any, ...], value: object) -> None:
