@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import keys, recipe, sources
+from kerrickpt import chunks, keys, recipe, sources
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, UsageError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
@@ -283,3 +283,23 @@ def test_two_runs_at_once_into_an_encrypted_store_both_publish_whole(
     for name, content in contents.items():
         (snap,) = store.list(name)
         assert read_back(snap, tmp_path / f"{name}-pruned", key) == content
+
+
+def test_a_chunk_whose_sealing_byte_names_no_sealing_is_damage_that_the_next_snapshot_heals(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(35)
+    older = take(store, "job1", T0, base)
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        pack, offset = opened.db.execute("SELECT pack, offset FROM chunks WHERE id = 100").fetchone()
+    path = store.root / chunks.DIRECTORY / chunks.PACKS / pack
+    data = bytearray(path.read_bytes())
+    data[offset + chunks.ENTRY.size - 5] = 3  # a sealing no kerrickpt writes
+    path.write_bytes(bytes(data))
+
+    verified = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert verified.returncode == 6 and "1 damaged chunk(s) found" in verified.stderr, verified.stderr
+    newer = take(store, "job1", T0 + timedelta(hours=1), base)
+
+    assert read_back(newer, tmp_path / "newer", key) == base
+    assert read_back(older, tmp_path / "older", key) == base
