@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from array import array
@@ -26,6 +27,8 @@ STORE_FORMAT = "kerrickpt-store"
 PLAIN_VERSION = 2
 STORE_VERSION = 3
 ENGINE = "chunks"
+STORE_ID_DIGITS = 16  # an encrypted store's random id, which its own key is derived from
+STORE_ID = f"[0-9a-f]{{{STORE_ID_DIGITS}}}"
 ADD_BYTES = 8 << 20
 # The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
 # level spares the frozen-free part of the run most of the compression, which the chunks then do.
@@ -54,7 +57,7 @@ class Marker:
         if key is None:
             return None
         key.check(self.key, f"the snapshot store {self.root}")
-        return storeseal.Sealed(key, self.store)
+        return storeseal.Sealed.of(key, self.store)
 
     def needed(self) -> KeyUnusableError:
         """The error for a command that reads or writes the snapshots of this encrypted store without its key."""
@@ -100,6 +103,10 @@ def marker(root: Path) -> Marker | None:
     if (version >= STORE_VERSION) != (isinstance(key, str) and isinstance(store, str)):
         # Never taken for plain: that would read (and add) chunks unsealed.
         raise StoreDamagedError(f"{root / MARKER} is damaged: its version and its key id do not go together")
+    if isinstance(store, str) and not re.fullmatch(STORE_ID, store):
+        raise StoreDamagedError(
+            f"{root / MARKER} is damaged: its store id {store!r} is not {STORE_ID_DIGITS} hex digits"
+        )
     return Marker(root, ENGINE, key, store)
 
 
@@ -115,7 +122,7 @@ def create(root: Path, key: keys.Key | None = None) -> None:
     archivewriter.fsync_dir(root / chunks.DIRECTORY)
     fields: dict[str, Any] = {"format": STORE_FORMAT, "version": PLAIN_VERSION, "engine": ENGINE}
     if key is not None:
-        fields |= {"version": STORE_VERSION, "key": key.id, "store": secrets.token_hex(8)}
+        fields |= {"version": STORE_VERSION, "key": key.id, "store": secrets.token_hex(STORE_ID_DIGITS // 2)}
     body = json.dumps(fields) + "\n"
     fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:

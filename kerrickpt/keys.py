@@ -63,9 +63,9 @@ def _derive(master: bytes, label: str) -> bytes:
 class Key:
     """A store's or an archive's key: seals and opens bytes, and names content without revealing it.
 
-    From the key file's random master key, HKDF derives one key per use, so that no two uses share one: sealing
-    (`seal`/`open`), content addresses (`address`) and the key id (`id`, which says which key without helping to
-    find it).
+    From the key file's random master key, HKDF derives one key per use, so that no two uses share one: sealing,
+    one per method (`seal`/`open`), content addresses (`address`) and the key id (`id`, which says which key without
+    helping to find it). A sealed file or a store seals with a key of its own (`derived`), not this one.
     """
 
     master: bytes = field(repr=False)
@@ -76,10 +76,6 @@ class Key:
         return _derive(self.master, "key id")[:ID_BYTES].hex()
 
     @cached_property
-    def _sealing_key(self) -> bytes:
-        return _derive(self.master, "seal")
-
-    @cached_property
     def _address_key(self) -> bytes:
         return _derive(self.master, "address")
 
@@ -87,7 +83,8 @@ class Key:
     def _aeads(self) -> dict[int, AESGCM | ChaCha20Poly1305]:
         # Made once: a store seals and opens a chunk per 4 KiB page, and making one costs a third of opening it.
         # They keep no state between calls, so threads share them.
-        return {sealing: aead(self._sealing_key) for sealing, aead in _AEADS.items()}
+        # Each method its own key: one key under two AEADs is a pairing neither was proven safe in.
+        return {sealing: aead(_derive(self.master, f"seal {sealing}")) for sealing, aead in _AEADS.items()}
 
     def _aead(self, sealing: int) -> AESGCM | ChaCha20Poly1305:
         try:
@@ -115,9 +112,10 @@ class Key:
             ) from None
 
     def derived(self, context: bytes) -> Key:
-        """A key of one object's own (a sealed file of many segments), from this key and `context` (random, recorded
-        with the object): random nonces stay far from their limit (2^32 seals with one key) however many objects
-        this key seals. Its id is not this key's: check this key against the object first."""
+        """A key of one object's own (a sealed file of many segments, a store of many chunks), from this key and
+        `context` (random, recorded with the object): random nonces stay far from their limit (2^32 seals with one
+        key) however many objects this key seals, and two stores' addresses of equal content differ. Its id is not
+        this key's: check this key against the object first."""
         return Key(_derive(self.master, "object " + context.hex()), self.sealing)
 
     def address(self, data: bytes | memoryview) -> bytes:

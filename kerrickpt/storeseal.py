@@ -51,15 +51,18 @@ PLAIN_SEAL = Plain()
 @dataclass(frozen=True)
 class Sealed:
     """An encrypted store's: chunks named by a keyed address (`Key.address`), compressed then sealed; recipes sealed
-    whole behind a plain header. Every seal is bound to the store (`store`, its random id) and to the piece's place:
-    a chunk to its address, a recipe to its container and snapshot id (see `place`)."""
+    whole behind a plain header. All with the store's own key (`key`, derived from the key file's `key_id` and the
+    store's random id `store`), and every seal bound to the store and to the piece's place: a chunk to its address,
+    a recipe to its container and snapshot id (see `place`)."""
 
     key: keys.Key
+    key_id: str
     store: str
 
-    @property
-    def key_id(self) -> str:
-        return self.key.id
+    @classmethod
+    def of(cls, key: keys.Key, store: str) -> Sealed:
+        """The seal of the store `store` (its id) that `key` (already checked against it) encrypts."""
+        return cls(key.derived(bytes.fromhex(store)), key.id, store)
 
     @property
     def sealing(self) -> int:
@@ -85,7 +88,7 @@ class Sealed:
     def seal_recipe(self, coded: bytes, place: str, listed: dict[str, Any]) -> bytes:
         """A plain JSON line (format, version, key id, sealing, and what `snapshots list` shows: LISTED), then the
         coded recipe sealed, bound to that line, the store and `place`."""
-        head = {"format": SEALED_FORMAT, "version": SEALED_VERSION, "key": self.key.id, "sealing": self.sealing}
+        head = {"format": SEALED_FORMAT, "version": SEALED_VERSION, "key": self.key_id, "sealing": self.sealing}
         header = json.dumps({**head, **{k: listed.get(k) for k in LISTED}}).encode()
         return header + b"\n" + self.key.seal(coded, self._recipe_bound(place, header))
 
@@ -95,9 +98,9 @@ class Sealed:
                 f"{label} is not sealed, in an encrypted store: anyone could have written it, it is refused"
             )
         head = _header(data, label)
-        if head.get("key") != self.key.id:
+        if head.get("key") != self.key_id:
             raise ArchiveCorruptError(
-                f"{label} is sealed with key {head.get('key')}, not with its store's key {self.key.id}: it was put "
+                f"{label} is sealed with key {head.get('key')}, not with its store's key {self.key_id}: it was put "
                 "there"
             )
         header, _, sealed = data.partition(b"\n")

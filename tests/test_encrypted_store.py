@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import chunks, keys, recipe, sources
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, UsageError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
 from tests.helpers import cli
@@ -230,6 +230,27 @@ def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
 
     with pytest.raises(ArchiveCorruptError, match="authentication"):
         read_back(ours, tmp_path / "out", key)
+
+
+def test_two_stores_with_one_key_name_equal_content_differently(store: Store, key: keys.Key, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    other = Store.deduplicating(tmp_path / "other", key)
+    pages = memory(11)
+    take(store, "job1", T0, pages)
+    take(other, "job1", T0, pages)
+
+    def addresses(root: Path) -> set[bytes]:
+        with sqlite3.connect(root / ".chunks" / "index.sqlite") as db:
+            return {row[0] for row in db.execute("SELECT digest FROM chunks")}
+
+    assert addresses(store.root) and not addresses(store.root) & addresses(other.root)
+
+
+def test_a_marker_whose_store_id_is_not_one_is_refused(store: Store, key: keys.Key) -> None:
+    marker = store.root / ".kerrickpt-store"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "store": "../x"}))
+    with pytest.raises(StoreDamagedError, match="store id"):
+        Store(store.root, key)
 
 
 def test_prune_with_the_key_keeps_every_kept_snapshot_whole_and_frees_the_rest(
