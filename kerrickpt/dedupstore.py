@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, keys, members, recipe, storeseal, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, StoreFormatError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
@@ -49,8 +49,8 @@ class Marker:
 
     def seal(self, key: keys.Key | None) -> storeseal.Seal | None:
         """How to read and write the store with `key`: None if it is encrypted and no key is given (only a listing
-        works then). A key for a plain store is refused (UsageError): it would suggest protection that is not
-        there; the wrong key with KeyUnusableError naming both."""
+        works then). A key for a store whose marker says plain is refused (see `refuse_key`); the wrong key with
+        KeyUnusableError naming both."""
         if self.key is None or self.store is None:
             refuse_key(self.root, key)
             return storeseal.PLAIN_SEAL
@@ -68,11 +68,15 @@ class Marker:
 
 
 def refuse_key(root: Path, key: keys.Key | None) -> None:
-    """UsageError if `key` is given for the plain store at `root`."""
+    """ArchiveCorruptError if `key` is given for the store at `root` that says it is plain: whoever gives a key expects
+    an encrypted store, and a marker changed (or removed) by anyone makes an encrypted store say plain. Taken as plain,
+    what it holds could have been put there by anyone, and would be restored as root."""
     if key is not None:
-        raise UsageError(
-            f"the snapshot store {root} is not encrypted, so a key protects nothing in it: drop --key-file (and "
-            "$KERRICKPT_KEY_FILE); a store's encryption is chosen once, by `snapshots init --encrypt` on an empty store"
+        raise ArchiveCorruptError(
+            f"the snapshot store {root} says it is not encrypted, but a key was given: if it was made encrypted, its "
+            "marker was changed or removed and what it holds may have been put there by anyone, so it is refused; "
+            "a store made plain (without `snapshots init --encrypt`) is used without a key: drop --key-file (and "
+            "$KERRICKPT_KEY_FILE)"
         )
 
 

@@ -144,7 +144,8 @@ class Store:
 
     def __init__(self, root: Path | str, key: keys.Key | None = None) -> None:
         """Open the store at `root`, with `key` if it is encrypted: the wrong key is refused here (KeyUnusableError),
-        a key for a store that is not encrypted too (UsageError); without one, only its listing can be read."""
+        a key for a store that says it is plain too (ArchiveCorruptError, see dedupstore.refuse_key); without one, only
+        its listing can be read."""
         self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")

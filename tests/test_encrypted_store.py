@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import chunks, keys, recipe, sources
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
 from tests.helpers import cli
@@ -133,6 +133,12 @@ def test_a_wrong_passphrase_is_refused_before_anything_is_read(tmp_path: Path) -
     verify = ("snapshots", "verify", "--store", str(tmp_path / "store"), "--key-file", str(tmp_path / "k"))
     assert cli(*verify, KERRICKPT_PASSPHRASE="wrong horse").returncode == 23
     assert cli(*verify, KERRICKPT_PASSPHRASE="right horse").returncode == 0
+    # A listing loads no key, even one in the environment: a wrong passphrase does not get in its way.
+    store = str(tmp_path / "store")
+    listed = cli(
+        "snapshots", "list", "--store", store, KERRICKPT_KEY_FILE=str(tmp_path / "k"), KERRICKPT_PASSPHRASE="x"
+    )
+    assert listed.returncode == 0, listed.stderr
 
 
 def test_a_key_for_a_plain_store_and_encrypt_for_one_not_made_so_are_refused(tmp_path: Path, key: keys.Key) -> None:
@@ -140,16 +146,37 @@ def test_a_key_for_a_plain_store_and_encrypt_for_one_not_made_so_are_refused(tmp
     (tmp_path / "archives").mkdir()
     Store.deduplicating(tmp_path / "dedup")
     for root in (tmp_path / "dedup", tmp_path / "archives"):
-        with pytest.raises(UsageError, match="not encrypted"):
+        with pytest.raises(ArchiveCorruptError, match="marker was changed or removed"):
             Store(root, key)
         done = cli("snapshot", "job1", "--store", str(root), "--encrypt")
         assert done.returncode == 2 and "snapshots init --store DIR --encrypt" in done.stderr, done.stderr
-        listed = cli("snapshots", "list", "--store", str(root), "--key-file", str(tmp_path / "store.key"))
-        assert listed.returncode == 2 and "not encrypted" in listed.stderr
+        verified = cli("snapshots", "verify", "--store", str(root), "--key-file", str(tmp_path / "store.key"))
+        assert verified.returncode == 6 and "says it is not encrypted" in verified.stderr, verified.stderr
     (tmp_path / "fresh").mkdir()
     done = cli("snapshots", "init", "--store", str(tmp_path / "fresh"), "--encrypt")
     assert done.returncode == 23 and "--key-file" in done.stderr
     assert not list((tmp_path / "fresh").iterdir())
+
+
+@pytest.mark.parametrize("how", ["version 2", "no marker"])
+def test_an_encrypted_store_whose_marker_is_made_to_say_plain_is_refused_with_the_key_and_without(
+    store: Store, key: keys.Key, tmp_path: Path, how: str
+) -> None:
+    snap = take(store, "job1", T0, memory(12))
+    marker = store.root / ".kerrickpt-store"
+    if how == "no marker":
+        marker.unlink()
+    else:
+        marker.write_text(json.dumps({"format": "kerrickpt-store", "version": 2, "engine": "chunks"}))
+
+    given = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert given.returncode == 6 and "marker was changed or removed" in given.stderr, given.stderr
+    if how == "version 2":  # without a key it is read as plain: its sealed recipes are refused
+        with pytest.raises(ArchiveCorruptError, match="marker says it is plain"):
+            read_back(Store(store.root).list("job1")[0], tmp_path / "out", None)
+    else:  # a store of whole archives: it holds none, the recipe is not one
+        assert not Store(store.root).list("job1")
+    assert snap.path.exists()
 
 
 def flip_in_pack(store: Store, snaps: list[Snapshot]) -> None:

@@ -616,7 +616,7 @@ def _log_line(result: kerrickpt.SnapshotResult) -> str:
 
 
 def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
-    store = kerrickpt.Store(args.store, _key(args))
+    store = kerrickpt.Store(args.store)  # a listing needs no key: none is loaded (nor its passphrase asked)
     rows = store.list(args.name)
     broken = store.broken(rows)
     if not args.json:
@@ -989,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def act(name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        q = actions.add_parser(name, parents=[common, in_store, keyed, *parents], help=help_text, description=help_text)
+        q = actions.add_parser(name, parents=[common, in_store, *parents], help=help_text, description=help_text)
         q.set_defaults(func=func)
         q.add_argument("name", nargs="?", help="only this container's snapshots")
         return q
@@ -1008,10 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_snapshots_list,
         "list snapshots: time, size, frozen time, source node, key id if encrypted (no key needed), verified or not",
     )
-    q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", waiting)
+    q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", keyed, waiting)
     _keep_options(q)
     q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    act("verify", cmd_snapshots_verify, "check every archive's checksums (exit 6 if any is corrupt)", waiting)
+    act("verify", cmd_snapshots_verify, "check every archive's checksums (exit 6 if any is corrupt)", keyed, waiting)
     return parser
 
 
