@@ -104,7 +104,7 @@ class Sealed:
                 "there"
             )
         header, _, sealed = data.partition(b"\n")
-        return self.key.open(sealed, self._recipe_bound(place, header), head.get("sealing", 0), label)
+        return self.key.open(sealed, self._recipe_bound(place, header), head["sealing"], label)
 
 
 Seal = Plain | Sealed
@@ -115,7 +115,13 @@ def listed(data: bytes, label: str) -> dict[str, Any]:
     if data[:1] != b"{":
         return {}
     head = _header(data, label)
-    return {k: head.get(k) for k in LISTED}
+    node, frozen_s = head.get("node"), head.get("frozen_s")
+    # Anyone may have written the header: what it shows is taken only if it is of the kind the listing prints.
+    if not (node is None or isinstance(node, str)) or not (
+        frozen_s is None or (isinstance(frozen_s, int | float) and not isinstance(frozen_s, bool))
+    ):
+        raise ArchiveCorruptError(f"{label} is damaged: its header's node or frozen time is not one")
+    return {"node": node, "frozen_s": frozen_s}
 
 
 def _header(data: bytes, label: str) -> dict[str, Any]:
@@ -135,4 +141,6 @@ def _header(data: bytes, label: str) -> dict[str, Any]:
             f"{label} is a sealed recipe of format version {version}; this kerrickpt reads up to {SEALED_VERSION}: "
             "use the kerrickpt that wrote it, or a newer one"
         )
+    if type(head.get("sealing")) is not int:
+        raise ArchiveCorruptError(f"{label} is damaged: its header names no sealing method")
     return head

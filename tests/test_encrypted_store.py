@@ -245,6 +245,34 @@ def test_anything_changed_moved_or_swapped_without_the_key_is_refused(
     assert done.returncode == 6 and "corrupt" in done.stderr, done.stderr
 
 
+def rewrite_header(path: Path, **fields: object) -> None:
+    """The sealed recipe at `path` with its plain header's `fields` changed, as anyone who can write it can."""
+    header, _, sealed = path.read_bytes().partition(b"\n")
+    path.write_bytes(json.dumps({**json.loads(header), **fields}).encode() + b"\n" + sealed)
+
+
+@pytest.mark.parametrize("fields", [{"frozen_s": "abc"}, {"node": ["x"]}, {"frozen_s": True}])
+def test_a_listing_takes_no_header_field_of_the_wrong_kind(store: Store, tmp_path: Path, fields: dict) -> None:
+    snap = take(store, "job1", T0, memory(13))
+    snap.path.with_suffix(".meta").unlink()  # no record: list reads what the recipe shows unsealed
+    rewrite_header(snap.path, **fields)
+
+    listed = cli("snapshots", "list", "--store", str(store.root), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert (row["status"], row["frozen_s"], row["node"]) == ("unverified", None, ""), row
+
+
+def test_a_header_naming_its_sealing_with_no_number_is_corrupt(store: Store, key: keys.Key, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(14))
+    rewrite_header(snap.path, sealing=[1])
+
+    with pytest.raises(ArchiveCorruptError, match="names no sealing"):
+        read_back(snap, tmp_path / "out", key)
+    done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert done.returncode == 6 and "names no sealing" in done.stderr, done.stderr
+
+
 def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
     store: Store, key: keys.Key, tmp_path: Path
 ) -> None:
