@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, keys, members, recipe, storeseal, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, StoreFormatError
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, RecipeSealError, StoreDamagedError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
@@ -305,12 +305,21 @@ class Swept:
 
 def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
     """Free the chunks no recipe in `recipes()` (every recipe in the store) names, under the chunk lock held
-    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs."""
+    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs.
+    A sealed recipe that does not open where it is (RecipeSealError: maybe only moved) frees nothing either, with a
+    warning naming it, and stops no prune."""
     with store.lock(exclusive=True):
         live: set[int] = set()
+        unopened = []
         for path in recipes():
             with contextlib.suppress(FileNotFoundError):
-                live |= recipe.read(path, store.seal).ids()
+                try:
+                    live |= recipe.read(path, store.seal).ids()
+                except RecipeSealError as exc:
+                    unopened.append(exc.message)
+        if unopened:
+            log.warning("no chunk freed: the chunks of these recipes are not known: %s", "; ".join(unopened))
+            return Swept(0, [], [])
         faults.inject("dedup-before-sweep")
         forgotten = store.sweep(live)
         faults.inject("dedup-before-rewrite")

@@ -33,6 +33,7 @@ from kerrickpt.errors import (
     ArchiveUnreadableError,
     ChunkDamagedError,
     DumpFailed,
+    RecipeSealError,
     SnapshotNotFoundError,
     StoreUnreadableError,
     UsageError,
@@ -415,6 +416,9 @@ class Store:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
                     checked.append(replace(snap, error=exc.message))
                     continue
+                except RecipeSealError as exc:
+                    # Maybe only moved: refused, and unverified, but never corrupt, which a prune would remove.
+                    now = replace(snap, status=UNVERIFIED, checked=containers.utc_now(), error=exc.message)
                 except ChunkDamagedError as exc:
                     damaged |= self._mark_damaged(snap.path)
                     now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kerrickpt import keys
-from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.errors import ArchiveCorruptError, RecipeSealError, StoreFormatError
 
 PLAIN = 0  # a chunk's sealing byte in a plain store; an encrypted store's name keys.AES_GCM or CHACHA20_POLY1305
 SEALED_FORMAT = "kerrickpt-sealed-recipe"
@@ -104,7 +104,13 @@ class Sealed:
                 "there"
             )
         header, _, sealed = data.partition(b"\n")
-        return self.key.open(sealed, self._recipe_bound(place, header), head["sealing"], label)
+        try:
+            return self.key.open(sealed, self._recipe_bound(place, header), head["sealing"], label)
+        except ArchiveCorruptError as exc:
+            raise RecipeSealError(
+                f"{label} fails its authentication with key {self.key_id} as {place}: it was moved or renamed (a "
+                "recipe is sealed to its series directory and file name: rename it back), changed or damaged"
+            ) from exc
 
 
 Seal = Plain | Sealed

@@ -242,7 +242,46 @@ def test_anything_changed_moved_or_swapped_without_the_key_is_refused(
     with pytest.raises(ArchiveCorruptError, match=said):
         read_back(snaps[0], tmp_path / "out", key)
     done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
-    assert done.returncode == 6 and "corrupt" in done.stderr, done.stderr
+    assert done.returncode == 6 and said in done.stderr, done.stderr
+
+
+def test_a_renamed_series_is_refused_as_moved_kept_by_prune_and_whole_once_named_back(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    pages = memory(15)
+    snaps = [take(store, "job1", T0 + timedelta(hours=h), rewrite(pages, 0.5, 16 + h)) for h in range(2)]
+    (store.root / "job1").rename(store.root / "job2")
+    keyed = ("--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+
+    verified = cli("snapshots", "verify", *keyed)
+    assert verified.returncode == 6 and "moved or renamed" in verified.stderr, verified.stderr
+    assert "job2/" in verified.stderr and "corrupt" not in verified.stderr
+    pruned = cli("snapshots", "prune", *keyed, "--keep-last", "5")
+    assert pruned.returncode == 0 and "removed" not in pruned.stdout, pruned.stdout
+    assert len(store.list("job2")) == 2
+
+    (store.root / "job2").rename(store.root / "job1")
+    assert [read_back(snap, tmp_path / snap.id, key) for snap in snaps] == [
+        rewrite(pages, 0.5, 16 + h) for h in range(2)
+    ]
+
+
+def test_a_recipe_copied_by_hand_under_another_name_frees_no_chunk_and_stops_no_prune(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(17)
+    first = take(store, "job1", T0, base)
+    os.link(first.path, store.directory("job1") / "keep-me.recipe")
+    take(store, "job1", T0 + timedelta(hours=1), memory(18))
+    packs = {p: p.read_bytes() for p in (store.root / ".chunks" / "packs").iterdir()}
+
+    pruned = cli(
+        "snapshots", "prune", "--store", str(store.root), "--keep-last", "1", "--key-file", str(tmp_path / "store.key")
+    )
+    assert pruned.returncode == 0 and "no chunk freed" in pruned.stderr and "keep-me" in pruned.stderr, pruned.stderr
+    assert not first.path.exists()
+    assert {p: p.read_bytes() for p in (store.root / ".chunks" / "packs").iterdir()} == packs
+    assert read_back(store.list("job1")[0], tmp_path / "kept", key) == memory(18)
 
 
 def rewrite_header(path: Path, **fields: object) -> None:

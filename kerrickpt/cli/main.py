@@ -678,11 +678,13 @@ def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
     for r in rows:
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
+        elif r.error and not r.verified:
+            print(f"kerrickpt: refused: {r.path}: {r.error}", file=sys.stderr)
         elif r.path in broken:
             print(f"kerrickpt: unusable: {broken[r.path]}", file=sys.stderr)
         elif not args.json:
             print(f"ok {r.name} {r.id}" + (f" ({layerchain.describe(r)})" if r.base else ""))
-    code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
+    code = ArchiveCorruptError.exit_code if any(r.corrupt or (r.error and not r.verified) for r in rows) else 0
     return _snapshot_rows(rows, broken), code
 
 
