@@ -135,7 +135,8 @@ KEY_FILE_ENV = "KERRICKPT_KEY_FILE"
 
 def _passphrase(*, twice: bool = False) -> bytes:
     """A key file's passphrase: $KERRICKPT_PASSPHRASE (cron), or asked on the terminal."""
-    given = os.environ.get(PASSPHRASE_ENV)
+    # Taken out of the environment once read: CRIU and the rest this command runs inherit it otherwise.
+    given = os.environ.pop(PASSPHRASE_ENV, None)
     if given is not None:
         return given.encode()
     if not sys.stdin.isatty():
