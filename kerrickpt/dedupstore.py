@@ -39,11 +39,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Marker:
-    """What a deduplicating store's marker says: its engine, and if it is encrypted, with which key (`key`, its id)
-    and its own random id (`store`), which every seal in it is bound to."""
+    """What a deduplicating store's marker says: if it is encrypted, with which key (`key`, its id) and its own
+    random id (`store`), which every seal in it is bound to."""
 
     root: Path
-    engine: str
     key: str | None = None
     store: str | None = None
 
@@ -111,7 +110,7 @@ def marker(root: Path) -> Marker | None:
         raise StoreDamagedError(
             f"{root / MARKER} is damaged: its store id {store!r} is not {STORE_ID_DIGITS} hex digits"
         )
-    return Marker(root, ENGINE, key, store)
+    return Marker(root, key, store)
 
 
 def create(root: Path, key: keys.Key | None = None) -> None:

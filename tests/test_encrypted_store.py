@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from kerrickpt import chunks, keys, recipe, sources
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError
@@ -310,6 +311,13 @@ def test_a_header_naming_its_sealing_with_no_number_is_corrupt(store: Store, key
         read_back(snap, tmp_path / "out", key)
     done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
     assert done.returncode == 6 and "names no sealing" in done.stderr, done.stderr
+
+
+def test_a_recipe_whose_addresses_are_not_a_mapping_is_damaged() -> None:
+    head = {"format": recipe.FORMAT, "version": recipe.VERSION, "key": "k", "manifest": "{}", "files": []}
+    coded = zstandard.ZstdCompressor().compress(json.dumps({**head, "addresses": ["x"]}).encode() + b"\n")
+    with pytest.raises(ArchiveCorruptError, match="damaged"):
+        recipe.Recipe.decode(coded, "a recipe")
 
 
 def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
