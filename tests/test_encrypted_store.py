@@ -20,6 +20,7 @@ from kerrickpt import chunks, keys, recipe, sources
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
+from tests import tampering
 from tests.helpers import cli
 from tests.test_dedup_store import PAGE, PAGES, T0, memory, rewrite, stored, write_incoming
 
@@ -181,24 +182,24 @@ def test_an_encrypted_store_whose_marker_is_made_to_say_plain_is_refused_with_th
 
 
 def flip_in_pack(store: Store, snaps: list[Snapshot]) -> None:
-    for pack in (store.root / ".chunks" / "packs").iterdir():
-        data = bytearray(pack.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        pack.write_bytes(bytes(data))
+    tampering.flip_in_packs(store.root)
 
 
 def flip_in_recipe(store: Store, snaps: list[Snapshot]) -> None:
-    data = bytearray(snaps[0].path.read_bytes())
-    data[-20] ^= 0x01
-    snaps[0].path.write_bytes(bytes(data))
+    tampering.flip_in_recipes(store.root)
 
 
 def swap_chunks_in_index(store: Store, snaps: list[Snapshot]) -> None:
-    """Two chunks' rows swap ids: each row still names its own entry, whose seal holds for its address."""
-    with sqlite3.connect(store.root / ".chunks" / "index.sqlite") as db:
-        a, b = (row[0] for row in db.execute("SELECT id FROM chunks ORDER BY id LIMIT 2 OFFSET 7"))
-        for old, new in ((a, -a), (b, a), (-a, b)):
-            db.execute("UPDATE chunks SET id = ? WHERE id = ?", (new, old))
+    tampering.swap_chunks_in_index(store.root, at=7)
+
+
+def truncate_pack(store: Store, snaps: list[Snapshot]) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        os.truncate(pack, pack.stat().st_size // 2)
+
+
+def truncate_recipe(store: Store, snaps: list[Snapshot]) -> None:
+    os.truncate(snaps[0].path, snaps[0].path.stat().st_size - 5)
 
 
 def point_chunk_at_another(store: Store, snaps: list[Snapshot]) -> None:
@@ -229,6 +230,8 @@ def plant_plain_recipe(store: Store, snaps: list[Snapshot]) -> None:
         (flip_in_recipe, "fails its authentication"),
         (swap_chunks_in_index, "index leads to other chunks than its sealed recipe names"),
         (point_chunk_at_another, "damaged"),
+        (truncate_pack, "is truncated"),
+        (truncate_recipe, "fails its authentication"),
         (swap_recipes, "fails its authentication"),
         (plant_plain_recipe, "not sealed"),
     ],
