@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kerrickpt import chunks, keys, recipe, sources
+from kerrickpt import chunks, keys, recipe
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
 from tests import tampering
 from tests.helpers import cli
-from tests.test_dedup_store import PAGE, PAGES, T0, memory, rewrite, stored, write_incoming
+from tests.test_dedup_store import PAGE, PAGES, PUBLISH, T0, memory, read_back, rewrite, stored, write_incoming
 
 SECRET = b"kerrickpt-test-secret-in-memory:"  # what a workload holds: it must appear in no file of the store
 
@@ -50,13 +50,6 @@ def take(store: Store, name: str, when: object, pages: bytes) -> Snapshot:
     with store.lock(name):
         write_incoming(store, name, when, pages)  # type: ignore[arg-type]
         return store.publish(name)
-
-
-def read_back(snap: Snapshot, dest: Path, key: keys.Key | None) -> bytes:
-    dest.mkdir()
-    with sources.opened(snap.path, key) as source:
-        source.extract(dest)
-    return (dest / "images" / "pages-1.img").read_bytes()
 
 
 def files_of(store: Store) -> dict[Path, bytes]:
@@ -375,16 +368,6 @@ def test_prune_with_the_key_keeps_every_kept_snapshot_whole_and_frees_the_rest(
     (kept,) = store.list("job1")
     assert full - stored(store) > 0.3 * PAGE * PAGES
     assert read_back(kept, tmp_path / "kept", key) == contents[-1]
-
-
-PUBLISH = """
-import sys
-from kerrickpt import keys
-from kerrickpt.store import Store
-store = Store(sys.argv[1], keys.load(sys.argv[3]))
-with store.lock(sys.argv[2], wait=60):
-    store.publish(sys.argv[2])
-"""
 
 
 def test_two_runs_at_once_into_an_encrypted_store_both_publish_whole(
