@@ -640,6 +640,6 @@ def _check_header(entry: memoryview, chunk: Located, sealings: frozenset[int]) -
         MAGIC, chunk.digest, sealing, chunk.length - ENTRY.size
     ):
         return sealing
-    if sealing >= 0 and entry[: len(MAGIC)] == MAGIC and sealing not in sealings:
-        raise ArchiveCorruptError(f"chunk {chunk.id} in pack {chunk.pack} is sealed in a way this store does not use")
+    # A sealing byte this store does not use is damage like any other (its entry was written by this store, as the
+    # index says): so verify marks the chunk and the next snapshot of its content stores it again.
     raise ChunkDamagedError(f"chunk {chunk.id} in pack {chunk.pack} is damaged (its header)", chunk=chunk.id)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from array import array
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, keys, members, recipe, storeseal, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError, StoreFormatError, UsageError
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, RecipeSealError, StoreDamagedError, StoreFormatError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
@@ -26,6 +27,8 @@ STORE_FORMAT = "kerrickpt-store"
 PLAIN_VERSION = 2
 STORE_VERSION = 3
 ENGINE = "chunks"
+STORE_ID_DIGITS = 16  # an encrypted store's random id, which its own key is derived from
+STORE_ID = f"[0-9a-f]{{{STORE_ID_DIGITS}}}"
 ADD_BYTES = 8 << 20
 # The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
 # level spares the frozen-free part of the run most of the compression, which the chunks then do.
@@ -36,25 +39,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Marker:
-    """What a deduplicating store's marker says: its engine, and if it is encrypted, with which key (`key`, its id)
-    and its own random id (`store`), which every seal in it is bound to."""
+    """What a deduplicating store's marker says: if it is encrypted, with which key (`key`, its id) and its own
+    random id (`store`), which every seal in it is bound to."""
 
     root: Path
-    engine: str
     key: str | None = None
     store: str | None = None
 
     def seal(self, key: keys.Key | None) -> storeseal.Seal | None:
         """How to read and write the store with `key`: None if it is encrypted and no key is given (only a listing
-        works then). A key for a plain store is refused (UsageError): it would suggest protection that is not
-        there; the wrong key with KeyUnusableError naming both."""
+        works then). A key for a store whose marker says plain is refused (see `refuse_key`); the wrong key with
+        KeyUnusableError naming both."""
         if self.key is None or self.store is None:
             refuse_key(self.root, key)
             return storeseal.PLAIN_SEAL
         if key is None:
             return None
         key.check(self.key, f"the snapshot store {self.root}")
-        return storeseal.Sealed(key, self.store)
+        return storeseal.Sealed.of(key, self.store)
 
     def needed(self) -> KeyUnusableError:
         """The error for a command that reads or writes the snapshots of this encrypted store without its key."""
@@ -65,11 +67,15 @@ class Marker:
 
 
 def refuse_key(root: Path, key: keys.Key | None) -> None:
-    """UsageError if `key` is given for the plain store at `root`."""
+    """ArchiveCorruptError if `key` is given for the store at `root` that says it is plain: whoever gives a key expects
+    an encrypted store, and a marker changed (or removed) by anyone makes an encrypted store say plain. Taken as plain,
+    what it holds could have been put there by anyone, and would be restored as root."""
     if key is not None:
-        raise UsageError(
-            f"the snapshot store {root} is not encrypted, so a key protects nothing in it: drop --key-file (and "
-            "$KERRICKPT_KEY_FILE); a store's encryption is chosen once, by `snapshots init --encrypt` on an empty store"
+        raise ArchiveCorruptError(
+            f"the snapshot store {root} says it is not encrypted, but a key was given: if it was made encrypted, its "
+            "marker was changed or removed and what it holds may have been put there by anyone, so it is refused; "
+            "a store made plain (without `snapshots init --encrypt`) is used without a key: drop --key-file (and "
+            "$KERRICKPT_KEY_FILE)"
         )
 
 
@@ -100,7 +106,11 @@ def marker(root: Path) -> Marker | None:
     if (version >= STORE_VERSION) != (isinstance(key, str) and isinstance(store, str)):
         # Never taken for plain: that would read (and add) chunks unsealed.
         raise StoreDamagedError(f"{root / MARKER} is damaged: its version and its key id do not go together")
-    return Marker(root, ENGINE, key, store)
+    if isinstance(store, str) and not re.fullmatch(STORE_ID, store):
+        raise StoreDamagedError(
+            f"{root / MARKER} is damaged: its store id {store!r} is not {STORE_ID_DIGITS} hex digits"
+        )
+    return Marker(root, key, store)
 
 
 def create(root: Path, key: keys.Key | None = None) -> None:
@@ -115,7 +125,7 @@ def create(root: Path, key: keys.Key | None = None) -> None:
     archivewriter.fsync_dir(root / chunks.DIRECTORY)
     fields: dict[str, Any] = {"format": STORE_FORMAT, "version": PLAIN_VERSION, "engine": ENGINE}
     if key is not None:
-        fields |= {"version": STORE_VERSION, "key": key.id, "store": secrets.token_hex(8)}
+        fields |= {"version": STORE_VERSION, "key": key.id, "store": secrets.token_hex(STORE_ID_DIGITS // 2)}
     body = json.dumps(fields) + "\n"
     fd = os.open(root / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -294,12 +304,21 @@ class Swept:
 
 def sweep(store: chunks.Chunks, recipes: Callable[[], Iterable[Path]]) -> Swept:
     """Free the chunks no recipe in `recipes()` (every recipe in the store) names, under the chunk lock held
-    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs."""
+    exclusive: mark (every recipe read; one unreadable stops the sweep, freeing nothing), sweep, rewrite packs.
+    A sealed recipe that does not open where it is (RecipeSealError: maybe only moved) frees nothing either, with a
+    warning naming it, and stops no prune."""
     with store.lock(exclusive=True):
         live: set[int] = set()
+        unopened = []
         for path in recipes():
             with contextlib.suppress(FileNotFoundError):
-                live |= recipe.read(path, store.seal).ids()
+                try:
+                    live |= recipe.read(path, store.seal).ids()
+                except RecipeSealError as exc:
+                    unopened.append(exc.message)
+        if unopened:
+            log.warning("no chunk freed: the chunks of these recipes are not known: %s", "; ".join(unopened))
+            return Swept(0, [], [])
         faults.inject("dedup-before-sweep")
         forgotten = store.sweep(live)
         faults.inject("dedup-before-rewrite")

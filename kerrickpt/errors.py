@@ -78,6 +78,12 @@ class ChunkDamagedError(ArchiveCorruptError):
         self.chunk = chunk
 
 
+class RecipeSealError(ArchiveCorruptError):
+    """A sealed recipe fails to open where it is: it was moved or renamed (it is sealed to its container and snapshot
+    id), changed or damaged. Never judged corrupt (nor pruned, nor its chunks freed, for it): renaming it back may be
+    all it needs."""
+
+
 class StoreUnreadableError(ArchiveUnreadableError):
     """A deduplicating store's chunk index or folders could not be read or written (an I/O error, a full disk):
     that says nothing of any one snapshot, so nothing is judged or freed by it."""

@@ -35,6 +35,9 @@ NAMES = {AES_GCM: "AES-256-GCM", CHACHA20_POLY1305: "ChaCha20-Poly1305"}
 _AEADS = {AES_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}
 # scrypt's cost for a key file's passphrase: 2^17 x 8 x 128 bytes = 128 MiB and about 0.3 s, once per command.
 SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
+# The most a key file may ask of scrypt (n up to 1 GiB of memory at r 8): anyone who can write the file could
+# otherwise make every command that loads it take all the node's memory or hours.
+SCRYPT_LIMITS = {"n": 1 << 20, "r": 32, "p": 16}
 
 Passphrase = Callable[[], bytes]  # asked only when a key file holds its key under a passphrase
 
@@ -63,9 +66,9 @@ def _derive(master: bytes, label: str) -> bytes:
 class Key:
     """A store's or an archive's key: seals and opens bytes, and names content without revealing it.
 
-    From the key file's random master key, HKDF derives one key per use, so that no two uses share one: sealing
-    (`seal`/`open`), content addresses (`address`) and the key id (`id`, which says which key without helping to
-    find it).
+    From the key file's random master key, HKDF derives one key per use, so that no two uses share one: sealing,
+    one per method (`seal`/`open`), content addresses (`address`) and the key id (`id`, which says which key without
+    helping to find it). A sealed file or a store seals with a key of its own (`derived`), not this one.
     """
 
     master: bytes = field(repr=False)
@@ -76,10 +79,6 @@ class Key:
         return _derive(self.master, "key id")[:ID_BYTES].hex()
 
     @cached_property
-    def _sealing_key(self) -> bytes:
-        return _derive(self.master, "seal")
-
-    @cached_property
     def _address_key(self) -> bytes:
         return _derive(self.master, "address")
 
@@ -87,7 +86,8 @@ class Key:
     def _aeads(self) -> dict[int, AESGCM | ChaCha20Poly1305]:
         # Made once: a store seals and opens a chunk per 4 KiB page, and making one costs a third of opening it.
         # They keep no state between calls, so threads share them.
-        return {sealing: aead(self._sealing_key) for sealing, aead in _AEADS.items()}
+        # Each method its own key: one key under two AEADs is a pairing neither was proven safe in.
+        return {sealing: aead(_derive(self.master, f"seal {sealing}")) for sealing, aead in _AEADS.items()}
 
     def _aead(self, sealing: int) -> AESGCM | ChaCha20Poly1305:
         try:
@@ -115,9 +115,10 @@ class Key:
             ) from None
 
     def derived(self, context: bytes) -> Key:
-        """A key of one object's own (a sealed file of many segments), from this key and `context` (random, recorded
-        with the object): random nonces stay far from their limit (2^32 seals with one key) however many objects
-        this key seals. Its id is not this key's: check this key against the object first."""
+        """A key of one object's own (a sealed file of many segments, a store of many chunks), from this key and
+        `context` (random, recorded with the object): random nonces stay far from their limit (2^32 seals with one
+        key) however many objects this key seals, and two stores' addresses of equal content differ. Its id is not
+        this key's: check this key against the object first."""
         return Key(_derive(self.master, "object " + context.hex()), self.sealing)
 
     def address(self, data: bytes | memoryview) -> bytes:
@@ -132,6 +133,10 @@ class Key:
 
 
 def _wrapping(passphrase: bytes, salt: bytes, cost: dict[str, int]) -> ChaCha20Poly1305:
+    if set(cost) != set(SCRYPT_LIMITS) or any(
+        type(cost[name]) is not int or not 1 <= cost[name] <= most for name, most in SCRYPT_LIMITS.items()
+    ):
+        raise KeyUnusableError(f"the key file's passphrase settings {cost} are not usable: at most {SCRYPT_LIMITS}")
     try:
         return ChaCha20Poly1305(Scrypt(salt=salt, length=KEY_BYTES, **cost).derive(passphrase))
     except (TypeError, ValueError) as exc:  # cost parameters a newer kerrickpt or an editor wrote
@@ -150,16 +155,25 @@ def create(path: Path, passphrase: bytes | None = None) -> Key:
         wrapped = _wrapping(passphrase, salt, SCRYPT).encrypt(nonce, key.master, key.id.encode())
         record["scrypt"] = {**SCRYPT, "salt": base64.b64encode(salt).decode()}
         record["wrapped"] = base64.b64encode(nonce + wrapped).decode()
+    from kerrickpt.archivewriter import fsync_dir  # here: archivewriter seals with a Key, so imports this module
+
+    # Whole and on disk under a hidden name, then linked to `path`: never half a key file, never over one.
+    hidden = path.parent / f".{path.name}.{os.urandom(8).hex()}.tmp"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(hidden, path)
+        finally:
+            hidden.unlink(missing_ok=True)
+        fsync_dir(path.parent)
     except FileExistsError:
         raise KeyUnusableError(f"{path} exists: a key file is never written over (it may be the only copy)") from None
     except OSError as exc:
         raise KeyUnusableError(f"cannot create the key file {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
     return key
 
 

@@ -114,7 +114,8 @@ class Recipe:
                 raise ValueError("its runs do not add up")
             addresses = {str(name): bytes.fromhex(digest) for name, digest in head.get("addresses", {}).items()}
             return cls(str(head["manifest"]).encode(), files, head.get("key"), addresses)
-        except (zstandard.ZstdError, ValueError, KeyError, TypeError, IndexError) as exc:
+        except (zstandard.ZstdError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            # AttributeError too: a field of another JSON kind (a list where a mapping belongs) is damage as well.
             raise ArchiveCorruptError(f"{label} is damaged: {exc}") from exc
 
 

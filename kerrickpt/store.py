@@ -33,6 +33,7 @@ from kerrickpt.errors import (
     ArchiveUnreadableError,
     ChunkDamagedError,
     DumpFailed,
+    RecipeSealError,
     SnapshotNotFoundError,
     StoreUnreadableError,
     UsageError,
@@ -144,7 +145,8 @@ class Store:
 
     def __init__(self, root: Path | str, key: keys.Key | None = None) -> None:
         """Open the store at `root`, with `key` if it is encrypted: the wrong key is refused here (KeyUnusableError),
-        a key for a store that is not encrypted too (UsageError); without one, only its listing can be read."""
+        a key for a store that says it is plain too (ArchiveCorruptError, see dedupstore.refuse_key); without one, only
+        its listing can be read."""
         self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise UsageError(f"snapshot store {self.root} is not a directory; create it first")
@@ -414,6 +416,9 @@ class Store:
                     # An I/O error says nothing of the archive: record nothing, so no prune takes it for corrupt.
                     checked.append(replace(snap, error=exc.message))
                     continue
+                except RecipeSealError as exc:
+                    # Maybe only moved: refused, and unverified, but never corrupt, which a prune would remove.
+                    now = replace(snap, status=UNVERIFIED, checked=containers.utc_now(), error=exc.message)
                 except ChunkDamagedError as exc:
                     damaged |= self._mark_damaged(snap.path)
                     now = replace(snap, status=CORRUPT, checked=containers.utc_now(), error=exc.message)

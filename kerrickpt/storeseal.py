@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kerrickpt import keys
-from kerrickpt.errors import ArchiveCorruptError, StoreFormatError
+from kerrickpt.errors import ArchiveCorruptError, RecipeSealError, StoreFormatError
 
 PLAIN = 0  # a chunk's sealing byte in a plain store; an encrypted store's name keys.AES_GCM or CHACHA20_POLY1305
 SEALED_FORMAT = "kerrickpt-sealed-recipe"
@@ -51,15 +51,18 @@ PLAIN_SEAL = Plain()
 @dataclass(frozen=True)
 class Sealed:
     """An encrypted store's: chunks named by a keyed address (`Key.address`), compressed then sealed; recipes sealed
-    whole behind a plain header. Every seal is bound to the store (`store`, its random id) and to the piece's place:
-    a chunk to its address, a recipe to its container and snapshot id (see `place`)."""
+    whole behind a plain header. All with the store's own key (`key`, derived from the key file's `key_id` and the
+    store's random id `store`), and every seal bound to the store and to the piece's place: a chunk to its address,
+    a recipe to its container and snapshot id (see `place`)."""
 
     key: keys.Key
+    key_id: str
     store: str
 
-    @property
-    def key_id(self) -> str:
-        return self.key.id
+    @classmethod
+    def of(cls, key: keys.Key, store: str) -> Sealed:
+        """The seal of the store `store` (its id) that `key` (already checked against it) encrypts."""
+        return cls(key.derived(bytes.fromhex(store)), key.id, store)
 
     @property
     def sealing(self) -> int:
@@ -85,7 +88,7 @@ class Sealed:
     def seal_recipe(self, coded: bytes, place: str, listed: dict[str, Any]) -> bytes:
         """A plain JSON line (format, version, key id, sealing, and what `snapshots list` shows: LISTED), then the
         coded recipe sealed, bound to that line, the store and `place`."""
-        head = {"format": SEALED_FORMAT, "version": SEALED_VERSION, "key": self.key.id, "sealing": self.sealing}
+        head = {"format": SEALED_FORMAT, "version": SEALED_VERSION, "key": self.key_id, "sealing": self.sealing}
         header = json.dumps({**head, **{k: listed.get(k) for k in LISTED}}).encode()
         return header + b"\n" + self.key.seal(coded, self._recipe_bound(place, header))
 
@@ -95,13 +98,19 @@ class Sealed:
                 f"{label} is not sealed, in an encrypted store: anyone could have written it, it is refused"
             )
         head = _header(data, label)
-        if head.get("key") != self.key.id:
+        if head.get("key") != self.key_id:
             raise ArchiveCorruptError(
-                f"{label} is sealed with key {head.get('key')}, not with its store's key {self.key.id}: it was put "
+                f"{label} is sealed with key {head.get('key')}, not with its store's key {self.key_id}: it was put "
                 "there"
             )
         header, _, sealed = data.partition(b"\n")
-        return self.key.open(sealed, self._recipe_bound(place, header), head.get("sealing", 0), label)
+        try:
+            return self.key.open(sealed, self._recipe_bound(place, header), head["sealing"], label)
+        except ArchiveCorruptError as exc:
+            raise RecipeSealError(
+                f"{label} fails its authentication with key {self.key_id} as {place}: it was moved or renamed (a "
+                "recipe is sealed to its series directory and file name: rename it back), changed or damaged"
+            ) from exc
 
 
 Seal = Plain | Sealed
@@ -112,7 +121,13 @@ def listed(data: bytes, label: str) -> dict[str, Any]:
     if data[:1] != b"{":
         return {}
     head = _header(data, label)
-    return {k: head.get(k) for k in LISTED}
+    node, frozen_s = head.get("node"), head.get("frozen_s")
+    # Anyone may have written the header: what it shows is taken only if it is of the kind the listing prints.
+    if not (node is None or isinstance(node, str)) or not (
+        frozen_s is None or (isinstance(frozen_s, int | float) and not isinstance(frozen_s, bool))
+    ):
+        raise ArchiveCorruptError(f"{label} is damaged: its header's node or frozen time is not one")
+    return {"node": node, "frozen_s": frozen_s}
 
 
 def _header(data: bytes, label: str) -> dict[str, Any]:
@@ -132,4 +147,6 @@ def _header(data: bytes, label: str) -> dict[str, Any]:
             f"{label} is a sealed recipe of format version {version}; this kerrickpt reads up to {SEALED_VERSION}: "
             "use the kerrickpt that wrote it, or a newer one"
         )
+    if type(head.get("sealing")) is not int:
+        raise ArchiveCorruptError(f"{label} is damaged: its header names no sealing method")
     return head

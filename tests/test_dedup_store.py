@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kerrickpt import archivewriter, chunks, dedupstore, recipe, sources
+from kerrickpt import archivewriter, chunks, dedupstore, keys, recipe, sources
 from kerrickpt.errors import (
     ArchiveCorruptError,
     StoreDamagedError,
@@ -38,6 +38,16 @@ PAGES = 1024  # 4 MiB of memory
 def store(tmp_path: Path) -> Store:
     (tmp_path / "store").mkdir()
     return Store.deduplicating(tmp_path / "store")
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def either(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, keys.Key | None, tuple[str, ...]]:
+    """A plain store, then an encrypted one: the store, its key, and the options that give it to a command."""
+    (tmp_path / "store").mkdir()
+    if request.param == "plain":
+        return Store.deduplicating(tmp_path / "store"), None, ()
+    key = keys.create(tmp_path / "store.key")
+    return Store.deduplicating(tmp_path / "store", key), key, ("--key-file", str(tmp_path / "store.key"))
 
 
 def memory(seed: int) -> bytearray:
@@ -74,10 +84,11 @@ def take(store: Store, name: str, when: datetime, pages: bytes) -> Snapshot:
         return store.publish(name)
 
 
-def read_back(snap: Snapshot, dest: Path) -> bytes:
-    """The memory a snapshot holds, read from the store's chunks, every chunk and file checked."""
+def read_back(snap: Snapshot, dest: Path, key: keys.Key | None = None) -> bytes:
+    """The memory a snapshot holds, read from the store's chunks (with `key` if encrypted), every chunk and file
+    checked."""
     dest.mkdir()
-    with sources.opened(snap.path) as source:
+    with sources.opened(snap.path, key) as source:
         source.extract(dest)
     return (dest / "images" / "pages-1.img").read_bytes()
 
@@ -339,14 +350,17 @@ KILL_PRUNE = [
 
 
 @pytest.mark.parametrize("point", KILL_PRUNE)
-def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(store: Store, tmp_path: Path, point: str) -> None:
+def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path, point: str
+) -> None:
+    store, key, keyed = either
     base = memory(14)
     pages = [base, rewrite(base, 0.6, 15)]
     pages.append(rewrite(pages[1], 0.05, 16))
     for hour, content in enumerate(pages):
         take(store, "job1", T0 + timedelta(hours=hour), content)
     # The first goes: 60% of its pack is no other's, so the pack is rewritten after the sweep.
-    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2")
+    args = ("snapshots", "prune", "--store", str(store.root), "job1", "--keep-last", "2", *keyed)
 
     killed = cli(*args, KERRICKPT_FAULT=f"{point}:kill")
     assert killed.returncode == -9
@@ -354,41 +368,45 @@ def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(store: Sto
     kept = store.list("job1")
     assert len(kept) in (2, 3)
     for i, snap in enumerate(store.list("job1")[-2:]):
-        assert read_back(snap, tmp_path / f"after-kill-{i}") == pages[i + 1]
+        assert read_back(snap, tmp_path / f"after-kill-{i}", key) == pages[i + 1]
     assert cli(*args).returncode == 0
     assert len(store.list("job1")) == 2
     for i, snap in enumerate(store.list("job1")):
-        assert read_back(snap, tmp_path / f"after-prune-{i}") == pages[i + 1]
+        assert read_back(snap, tmp_path / f"after-prune-{i}", key) == pages[i + 1]
     assert not [p for p in (store.root / ".chunks" / "packs").iterdir() if p.name.startswith(".")]
     assert stored(store) < 1.2 * PAGE * PAGES  # 40% of the first's, 60% of the second's, 5% of the last's
 
 
 PUBLISH = """
 import sys
+from kerrickpt import keys
 from kerrickpt.store import Store
-store = Store(sys.argv[1])
+store = Store(sys.argv[1], keys.load(sys.argv[3]) if len(sys.argv) > 3 else None)
 with store.lock(sys.argv[2], wait=60):
     store.publish(sys.argv[2])
 """
 
 
 @pytest.mark.parametrize("point", ["chunks-before-index", "dedup-before-recipe", "store-before-link"])
-def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(store: Store, tmp_path: Path, point: str) -> None:
+def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path, point: str
+) -> None:
+    store, key, keyed = either
     base = memory(17)
     first = take(store, "job1", T0, base)
     write_incoming(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.3, 18))
     env = os.environ | {"KERRICKPT_FAULT": f"{point}:kill"}
-    killed = subprocess.run([sys.executable, "-c", PUBLISH, str(store.root), "job1"], env=env, check=False)
+    killed = subprocess.run([sys.executable, "-c", PUBLISH, str(store.root), "job1", *keyed[1:]], env=env, check=False)
     assert killed.returncode == -9
 
     assert [s.id for s in store.list("job1")] == [first.id]
-    assert read_back(first, tmp_path / "a") == base
+    assert read_back(first, tmp_path / "a", key) == base
     later = rewrite(base, 0.05, 19)
     with store.lock("job1"):
         store.clean("job1")
     second = take(store, "job1", T0 + timedelta(hours=2), later)
-    assert read_back(second, tmp_path / "b") == later
-    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "2").returncode == 0
+    assert read_back(second, tmp_path / "b", key) == later
+    assert cli("snapshots", "prune", "--store", str(store.root), "--keep-last", "2", *keyed).returncode == 0
     known = (".lock", ".source", dedupstore.MARKER, chunks.DIRECTORY)
     assert not [p for p in store.root.rglob(".*") if p.name not in known]
     assert stored(store) < 1.3 * PAGE * PAGES

@@ -14,13 +14,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from kerrickpt import keys, recipe, sources
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, UsageError
+from kerrickpt import chunks, keys, recipe
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, StoreDamagedError
 from kerrickpt.retention import Policy
 from kerrickpt.store import VERIFIED, Snapshot, Store
+from tests import tampering
 from tests.helpers import cli
-from tests.test_dedup_store import PAGE, PAGES, T0, memory, rewrite, stored, write_incoming
+from tests.test_dedup_store import PAGE, PAGES, PUBLISH, T0, memory, read_back, rewrite, stored, write_incoming
 
 SECRET = b"kerrickpt-test-secret-in-memory:"  # what a workload holds: it must appear in no file of the store
 
@@ -48,13 +50,6 @@ def take(store: Store, name: str, when: object, pages: bytes) -> Snapshot:
     with store.lock(name):
         write_incoming(store, name, when, pages)  # type: ignore[arg-type]
         return store.publish(name)
-
-
-def read_back(snap: Snapshot, dest: Path, key: keys.Key | None) -> bytes:
-    dest.mkdir()
-    with sources.opened(snap.path, key) as source:
-        source.extract(dest)
-    return (dest / "images" / "pages-1.img").read_bytes()
 
 
 def files_of(store: Store) -> dict[Path, bytes]:
@@ -133,6 +128,12 @@ def test_a_wrong_passphrase_is_refused_before_anything_is_read(tmp_path: Path) -
     verify = ("snapshots", "verify", "--store", str(tmp_path / "store"), "--key-file", str(tmp_path / "k"))
     assert cli(*verify, KERRICKPT_PASSPHRASE="wrong horse").returncode == 23
     assert cli(*verify, KERRICKPT_PASSPHRASE="right horse").returncode == 0
+    # A listing loads no key, even one in the environment: a wrong passphrase does not get in its way.
+    store = str(tmp_path / "store")
+    listed = cli(
+        "snapshots", "list", "--store", store, KERRICKPT_KEY_FILE=str(tmp_path / "k"), KERRICKPT_PASSPHRASE="x"
+    )
+    assert listed.returncode == 0, listed.stderr
 
 
 def test_a_key_for_a_plain_store_and_encrypt_for_one_not_made_so_are_refused(tmp_path: Path, key: keys.Key) -> None:
@@ -140,37 +141,58 @@ def test_a_key_for_a_plain_store_and_encrypt_for_one_not_made_so_are_refused(tmp
     (tmp_path / "archives").mkdir()
     Store.deduplicating(tmp_path / "dedup")
     for root in (tmp_path / "dedup", tmp_path / "archives"):
-        with pytest.raises(UsageError, match="not encrypted"):
+        with pytest.raises(ArchiveCorruptError, match="marker was changed or removed"):
             Store(root, key)
         done = cli("snapshot", "job1", "--store", str(root), "--encrypt")
         assert done.returncode == 2 and "snapshots init --store DIR --encrypt" in done.stderr, done.stderr
-        listed = cli("snapshots", "list", "--store", str(root), "--key-file", str(tmp_path / "store.key"))
-        assert listed.returncode == 2 and "not encrypted" in listed.stderr
+        verified = cli("snapshots", "verify", "--store", str(root), "--key-file", str(tmp_path / "store.key"))
+        assert verified.returncode == 6 and "says it is not encrypted" in verified.stderr, verified.stderr
     (tmp_path / "fresh").mkdir()
     done = cli("snapshots", "init", "--store", str(tmp_path / "fresh"), "--encrypt")
     assert done.returncode == 23 and "--key-file" in done.stderr
     assert not list((tmp_path / "fresh").iterdir())
 
 
+@pytest.mark.parametrize("how", ["version 2", "no marker"])
+def test_an_encrypted_store_whose_marker_is_made_to_say_plain_is_refused_with_the_key_and_without(
+    store: Store, key: keys.Key, tmp_path: Path, how: str
+) -> None:
+    snap = take(store, "job1", T0, memory(12))
+    marker = store.root / ".kerrickpt-store"
+    if how == "no marker":
+        marker.unlink()
+    else:
+        marker.write_text(json.dumps({"format": "kerrickpt-store", "version": 2, "engine": "chunks"}))
+
+    given = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert given.returncode == 6 and "marker was changed or removed" in given.stderr, given.stderr
+    if how == "version 2":  # without a key it is read as plain: its sealed recipes are refused
+        with pytest.raises(ArchiveCorruptError, match="marker says it is plain"):
+            read_back(Store(store.root).list("job1")[0], tmp_path / "out", None)
+    else:  # a store of whole archives: it holds none, the recipe is not one
+        assert not Store(store.root).list("job1")
+    assert snap.path.exists()
+
+
 def flip_in_pack(store: Store, snaps: list[Snapshot]) -> None:
-    for pack in (store.root / ".chunks" / "packs").iterdir():
-        data = bytearray(pack.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        pack.write_bytes(bytes(data))
+    tampering.flip_in_packs(store.root)
 
 
 def flip_in_recipe(store: Store, snaps: list[Snapshot]) -> None:
-    data = bytearray(snaps[0].path.read_bytes())
-    data[-20] ^= 0x01
-    snaps[0].path.write_bytes(bytes(data))
+    tampering.flip_in_recipes(store.root)
 
 
 def swap_chunks_in_index(store: Store, snaps: list[Snapshot]) -> None:
-    """Two chunks' rows swap ids: each row still names its own entry, whose seal holds for its address."""
-    with sqlite3.connect(store.root / ".chunks" / "index.sqlite") as db:
-        a, b = (row[0] for row in db.execute("SELECT id FROM chunks ORDER BY id LIMIT 2 OFFSET 7"))
-        for old, new in ((a, -a), (b, a), (-a, b)):
-            db.execute("UPDATE chunks SET id = ? WHERE id = ?", (new, old))
+    tampering.swap_chunks_in_index(store.root, at=7)
+
+
+def truncate_pack(store: Store, snaps: list[Snapshot]) -> None:
+    for pack in (store.root / ".chunks" / "packs").iterdir():
+        os.truncate(pack, pack.stat().st_size // 2)
+
+
+def truncate_recipe(store: Store, snaps: list[Snapshot]) -> None:
+    os.truncate(snaps[0].path, snaps[0].path.stat().st_size - 5)
 
 
 def point_chunk_at_another(store: Store, snaps: list[Snapshot]) -> None:
@@ -201,6 +223,8 @@ def plant_plain_recipe(store: Store, snaps: list[Snapshot]) -> None:
         (flip_in_recipe, "fails its authentication"),
         (swap_chunks_in_index, "index leads to other chunks than its sealed recipe names"),
         (point_chunk_at_another, "damaged"),
+        (truncate_pack, "is truncated"),
+        (truncate_recipe, "fails its authentication"),
         (swap_recipes, "fails its authentication"),
         (plant_plain_recipe, "not sealed"),
     ],
@@ -215,7 +239,81 @@ def test_anything_changed_moved_or_swapped_without_the_key_is_refused(
     with pytest.raises(ArchiveCorruptError, match=said):
         read_back(snaps[0], tmp_path / "out", key)
     done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
-    assert done.returncode == 6 and "corrupt" in done.stderr, done.stderr
+    assert done.returncode == 6 and said in done.stderr, done.stderr
+
+
+def test_a_renamed_series_is_refused_as_moved_kept_by_prune_and_whole_once_named_back(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    pages = memory(15)
+    snaps = [take(store, "job1", T0 + timedelta(hours=h), rewrite(pages, 0.5, 16 + h)) for h in range(2)]
+    (store.root / "job1").rename(store.root / "job2")
+    keyed = ("--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+
+    verified = cli("snapshots", "verify", *keyed)
+    assert verified.returncode == 6 and "moved or renamed" in verified.stderr, verified.stderr
+    assert "job2/" in verified.stderr and "corrupt" not in verified.stderr
+    pruned = cli("snapshots", "prune", *keyed, "--keep-last", "5")
+    assert pruned.returncode == 0 and "removed" not in pruned.stdout, pruned.stdout
+    assert len(store.list("job2")) == 2
+
+    (store.root / "job2").rename(store.root / "job1")
+    assert [read_back(snap, tmp_path / snap.id, key) for snap in snaps] == [
+        rewrite(pages, 0.5, 16 + h) for h in range(2)
+    ]
+
+
+def test_a_recipe_copied_by_hand_under_another_name_frees_no_chunk_and_stops_no_prune(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(17)
+    first = take(store, "job1", T0, base)
+    os.link(first.path, store.directory("job1") / "keep-me.recipe")
+    take(store, "job1", T0 + timedelta(hours=1), memory(18))
+    packs = {p: p.read_bytes() for p in (store.root / ".chunks" / "packs").iterdir()}
+
+    pruned = cli(
+        "snapshots", "prune", "--store", str(store.root), "--keep-last", "1", "--key-file", str(tmp_path / "store.key")
+    )
+    assert pruned.returncode == 0 and "no chunk freed" in pruned.stderr and "keep-me" in pruned.stderr, pruned.stderr
+    assert not first.path.exists()
+    assert {p: p.read_bytes() for p in (store.root / ".chunks" / "packs").iterdir()} == packs
+    assert read_back(store.list("job1")[0], tmp_path / "kept", key) == memory(18)
+
+
+def rewrite_header(path: Path, **fields: object) -> None:
+    """The sealed recipe at `path` with its plain header's `fields` changed, as anyone who can write it can."""
+    header, _, sealed = path.read_bytes().partition(b"\n")
+    path.write_bytes(json.dumps({**json.loads(header), **fields}).encode() + b"\n" + sealed)
+
+
+@pytest.mark.parametrize("fields", [{"frozen_s": "abc"}, {"node": ["x"]}, {"frozen_s": True}])
+def test_a_listing_takes_no_header_field_of_the_wrong_kind(store: Store, tmp_path: Path, fields: dict) -> None:
+    snap = take(store, "job1", T0, memory(13))
+    snap.path.with_suffix(".meta").unlink()  # no record: list reads what the recipe shows unsealed
+    rewrite_header(snap.path, **fields)
+
+    listed = cli("snapshots", "list", "--store", str(store.root), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert (row["status"], row["frozen_s"], row["node"]) == ("unverified", None, ""), row
+
+
+def test_a_header_naming_its_sealing_with_no_number_is_corrupt(store: Store, key: keys.Key, tmp_path: Path) -> None:
+    snap = take(store, "job1", T0, memory(14))
+    rewrite_header(snap.path, sealing=[1])
+
+    with pytest.raises(ArchiveCorruptError, match="names no sealing"):
+        read_back(snap, tmp_path / "out", key)
+    done = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert done.returncode == 6 and "names no sealing" in done.stderr, done.stderr
+
+
+def test_a_recipe_whose_addresses_are_not_a_mapping_is_damaged() -> None:
+    head = {"format": recipe.FORMAT, "version": recipe.VERSION, "key": "k", "manifest": "{}", "files": []}
+    coded = zstandard.ZstdCompressor().compress(json.dumps({**head, "addresses": ["x"]}).encode() + b"\n")
+    with pytest.raises(ArchiveCorruptError, match="damaged"):
+        recipe.Recipe.decode(coded, "a recipe")
 
 
 def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
@@ -230,6 +328,27 @@ def test_a_recipe_copied_from_another_store_with_the_same_key_is_refused(
 
     with pytest.raises(ArchiveCorruptError, match="authentication"):
         read_back(ours, tmp_path / "out", key)
+
+
+def test_two_stores_with_one_key_name_equal_content_differently(store: Store, key: keys.Key, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    other = Store.deduplicating(tmp_path / "other", key)
+    pages = memory(11)
+    take(store, "job1", T0, pages)
+    take(other, "job1", T0, pages)
+
+    def addresses(root: Path) -> set[bytes]:
+        with sqlite3.connect(root / ".chunks" / "index.sqlite") as db:
+            return {row[0] for row in db.execute("SELECT digest FROM chunks")}
+
+    assert addresses(store.root) and not addresses(store.root) & addresses(other.root)
+
+
+def test_a_marker_whose_store_id_is_not_one_is_refused(store: Store, key: keys.Key) -> None:
+    marker = store.root / ".kerrickpt-store"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "store": "../x"}))
+    with pytest.raises(StoreDamagedError, match="store id"):
+        Store(store.root, key)
 
 
 def test_prune_with_the_key_keeps_every_kept_snapshot_whole_and_frees_the_rest(
@@ -249,16 +368,6 @@ def test_prune_with_the_key_keeps_every_kept_snapshot_whole_and_frees_the_rest(
     (kept,) = store.list("job1")
     assert full - stored(store) > 0.3 * PAGE * PAGES
     assert read_back(kept, tmp_path / "kept", key) == contents[-1]
-
-
-PUBLISH = """
-import sys
-from kerrickpt import keys
-from kerrickpt.store import Store
-store = Store(sys.argv[1], keys.load(sys.argv[3]))
-with store.lock(sys.argv[2], wait=60):
-    store.publish(sys.argv[2])
-"""
 
 
 def test_two_runs_at_once_into_an_encrypted_store_both_publish_whole(
@@ -283,3 +392,23 @@ def test_two_runs_at_once_into_an_encrypted_store_both_publish_whole(
     for name, content in contents.items():
         (snap,) = store.list(name)
         assert read_back(snap, tmp_path / f"{name}-pruned", key) == content
+
+
+def test_a_chunk_whose_sealing_byte_names_no_sealing_is_damage_that_the_next_snapshot_heals(
+    store: Store, key: keys.Key, tmp_path: Path
+) -> None:
+    base = memory(35)
+    older = take(store, "job1", T0, base)
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        pack, offset = opened.db.execute("SELECT pack, offset FROM chunks WHERE id = 100").fetchone()
+    path = store.root / chunks.DIRECTORY / chunks.PACKS / pack
+    data = bytearray(path.read_bytes())
+    data[offset + chunks.ENTRY.size - 5] = 3  # a sealing no kerrickpt writes
+    path.write_bytes(bytes(data))
+
+    verified = cli("snapshots", "verify", "--store", str(store.root), "--key-file", str(tmp_path / "store.key"))
+    assert verified.returncode == 6 and "1 damaged chunk(s) found" in verified.stderr, verified.stderr
+    newer = take(store, "job1", T0 + timedelta(hours=1), base)
+
+    assert read_back(newer, tmp_path / "newer", key) == base
+    assert read_back(older, tmp_path / "older", key) == base

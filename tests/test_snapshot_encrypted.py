@@ -5,8 +5,6 @@ anyone changed the store, nothing is written and nothing runs."""
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import keys
+from tests import tampering
 from tests.helpers import KERRICKPT, cli, cli_env, ticks, unique_name
 from tests.test_snapshot_dedup import CHURN, STILL, restores_from_its_point, snapshot_ticks, start
 
@@ -98,32 +97,11 @@ def test_a_snapshot_or_restore_without_its_key_or_with_the_wrong_one_changes_not
     w.wait_ticking(beyond=max(ticks(w.log)))  # never left frozen
 
 
-def flip_in_pack(store: Path) -> None:
-    for pack in (store / ".chunks" / "packs").iterdir():
-        data = bytearray(pack.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        pack.write_bytes(bytes(data))
-
-
-def flip_in_recipe(store: Path) -> None:
-    """A byte flipped, its time kept: its record still says verified, so restore picks it."""
-    for recipe in store.rglob("*.recipe"):
-        before = recipe.stat()
-        data = bytearray(recipe.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        recipe.write_bytes(bytes(data))
-        os.utime(recipe, ns=(before.st_atime_ns, before.st_mtime_ns))
-
-
 def swap_chunks_in_index(store: Path) -> None:
-    """Two chunks' rows swap ids: each row still names its own entry, whose seal holds for its address."""
-    with sqlite3.connect(store / ".chunks" / "index.sqlite") as db:
-        a, b = (row[0] for row in db.execute("SELECT id FROM chunks ORDER BY id LIMIT 2 OFFSET 100"))
-        for old, new in ((a, -a), (b, a), (-a, b)):
-            db.execute("UPDATE chunks SET id = ? WHERE id = ?", (new, old))
+    tampering.swap_chunks_in_index(store, at=100)
 
 
-@pytest.mark.parametrize("tamper", [flip_in_pack, flip_in_recipe, swap_chunks_in_index])
+@pytest.mark.parametrize("tamper", [tampering.flip_in_packs, tampering.flip_in_recipes, swap_chunks_in_index])
 def test_an_encrypted_snapshot_changed_without_the_key_is_refused_before_anything_runs(
     state_dir: Path, store: Path, key_file: Path, tamper: Callable[[Path], None]
 ) -> None:

@@ -135,7 +135,8 @@ KEY_FILE_ENV = "KERRICKPT_KEY_FILE"
 
 def _passphrase(*, twice: bool = False) -> bytes:
     """A key file's passphrase: $KERRICKPT_PASSPHRASE (cron), or asked on the terminal."""
-    given = os.environ.get(PASSPHRASE_ENV)
+    # Taken out of the environment once read: CRIU and the rest this command runs inherit it otherwise.
+    given = os.environ.pop(PASSPHRASE_ENV, None)
     if given is not None:
         return given.encode()
     if not sys.stdin.isatty():
@@ -616,7 +617,7 @@ def _log_line(result: kerrickpt.SnapshotResult) -> str:
 
 
 def cmd_snapshots_list(args: argparse.Namespace) -> tuple[Any, int]:
-    store = kerrickpt.Store(args.store, _key(args))
+    store = kerrickpt.Store(args.store)  # a listing needs no key: none is loaded (nor its passphrase asked)
     rows = store.list(args.name)
     broken = store.broken(rows)
     if not args.json:
@@ -678,11 +679,13 @@ def cmd_snapshots_verify(args: argparse.Namespace) -> tuple[Any, int]:
     for r in rows:
         if r.corrupt:
             print(f"kerrickpt: corrupt: {r.path}: {r.error}", file=sys.stderr)
+        elif r.error and not r.verified:
+            print(f"kerrickpt: refused: {r.path}: {r.error}", file=sys.stderr)
         elif r.path in broken:
             print(f"kerrickpt: unusable: {broken[r.path]}", file=sys.stderr)
         elif not args.json:
             print(f"ok {r.name} {r.id}" + (f" ({layerchain.describe(r)})" if r.base else ""))
-    code = ArchiveCorruptError.exit_code if any(r.corrupt for r in rows) else 0
+    code = ArchiveCorruptError.exit_code if any(r.corrupt or (r.error and not r.verified) for r in rows) else 0
     return _snapshot_rows(rows, broken), code
 
 
@@ -989,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def act(name: str, func: Handler, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        q = actions.add_parser(name, parents=[common, in_store, keyed, *parents], help=help_text, description=help_text)
+        q = actions.add_parser(name, parents=[common, in_store, *parents], help=help_text, description=help_text)
         q.set_defaults(func=func)
         q.add_argument("name", nargs="?", help="only this container's snapshots")
         return q
@@ -1008,10 +1011,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_snapshots_list,
         "list snapshots: time, size, frozen time, source node, key id if encrypted (no key needed), verified or not",
     )
-    q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", waiting)
+    q = act("prune", cmd_snapshots_prune, "remove the snapshots no --keep-* rule keeps, saying why", keyed, waiting)
     _keep_options(q)
     q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    act("verify", cmd_snapshots_verify, "check every archive's checksums (exit 6 if any is corrupt)", waiting)
+    act("verify", cmd_snapshots_verify, "check every archive's checksums (exit 6 if any is corrupt)", keyed, waiting)
     return parser
 
 
