@@ -23,6 +23,7 @@ from kerrickpt import (
     guard,
     layer,
     layerchain,
+    lock,
     logtail,
     netlinks,
     netports,
@@ -194,6 +195,10 @@ class Subject:
         return cls(container.name, container.group, container)
 
 
+DUMP_TURN = Path("/run/kerrickpt-dump.lock")  # one per node, whatever the state directory
+DUMP_TURN_WAIT = 600.0  # s: CRIU's own limit for a dump
+
+
 def capture(
     found: criu.Criu,
     registry: containers.Registry,
@@ -248,9 +253,15 @@ def capture(
         freezer = group.freezer
         with archivewriter.Writer(output, level=level, mirror=mirror, key=key) as writer:
             guardian = guard.Guardian(freezer, (writer.tmp, writer.path), own_net.veth if own_net else None)
+            # Dumps on this node take turns, each from before its freeze until CRIU let go of its tree: CRIU's
+            # parasite makes `proc.crtools` in the dumped task's working directory when its /proc is not its PID
+            # namespace's, and two dumps at once of tasks in one directory (/, say) fail there (EEXIST). Not
+            # inherited: a post-copy CRIU serving pages long after must not hold it.
+            turn = contextlib.ExitStack()
+            turn.enter_context(lock.held(DUMP_TURN, wait=DUMP_TURN_WAIT, what="a dump on this node", inherit=False))
             frozen_at = time.monotonic()
             # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.
-            with guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
+            with turn, guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
                 locked_at = time.monotonic()  # cut off (with a network of its own): the network lock holds
                 step = "reading the process tree"
                 if host_job:
@@ -304,6 +315,7 @@ def capture(
                         external=external, tcp_established=tcp,
                     )  # fmt: skip
                 timings = {"dump_s": round(time.monotonic() - dump_started, 4)}
+                turn.close()
                 if own_net is not None:
                     timings["cut_off_s"] = round(locked_at - frozen_at, 4)  # how far into the freeze
                 if thaw_after_dump:

@@ -48,16 +48,16 @@ class Holder:
 
 
 @contextlib.contextmanager
-def held(path: Path, *, wait: float, what: str) -> Iterator[Holder | None]:
+def held(path: Path, *, wait: float, what: str, inherit: bool = True) -> Iterator[Holder | None]:
     """Hold the exclusive lock `path` for the block, waiting up to `wait` seconds, else BusyError.
 
     flock() locks die with their process, so a run killed while holding one never blocks the
     next; the next finds the dead run's record still in the file and yields it (else None).
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    # Inheritable on purpose: CRIU and kerrickpt's guardian inherit the lock, so a run killed
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # Inheritable by default: CRIU and kerrickpt's guardian inherit the lock, so a run killed
     # mid-dump keeps it until they have finished and thawed the container.
-    os.set_inheritable(fd, True)
+    os.set_inheritable(fd, inherit)
     try:
         deadline = time.monotonic() + wait
         while not _try_lock(fd):

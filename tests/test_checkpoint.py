@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -18,7 +19,8 @@ import pytest
 
 import kerrickpt
 from kerrickpt import cgroups, criu
-from tests.helpers import cli, freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
+from kerrickpt.checkpoint import DUMP_TURN
+from tests.helpers import KERRICKPT, cli, cli_env, freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -234,3 +236,32 @@ def test_criu_stopped_at_its_time_limit_mid_dump_leaves_the_container_frozen_as_
     seen = ticks(log.read_text())
     time.sleep(1.0)  # 20 ticks' time: the counter must not move
     assert ticks(log.read_text()) == seen, "the damaged processes ran"
+
+
+def test_a_dump_waits_its_turn_on_the_node_before_it_freezes(state_dir: Path, tmp_path: Path) -> None:
+    """Two dumps at once of tasks in one working directory fail in CRIU's parasite: a dump waits for the one
+    running on the node, and its container runs on meanwhile, unfrozen."""
+    name = unique_name("turn")
+    ticking = "import time\nfor i in range(1, 10**6):\n    print(f'tick {i} pid 1', flush=True)\n    time.sleep(0.02)"
+    kerrickpt.run(name, [sys.executable, "-c", ticking], state_dir=state_dir)
+    log = Path(kerrickpt.ps(state_dir)[0].log or "")
+    wait_for(lambda: ticks(log.read_text()), what="ticks")
+    archive = tmp_path / "later.kckpt"
+    fd = os.open(DUMP_TURN, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another dump holds the node's turn
+        waiting = subprocess.Popen(
+            [*KERRICKPT, "checkpoint", name, "-o", str(archive), "--leave-running"], env=cli_env(state_dir)
+        )
+        try:
+            before = len(ticks(log.read_text()))
+            # 3 s of ticks: time enough for a dump that did not wait to be done
+            wait_for(lambda: len(ticks(log.read_text())) > before + 150, what="ticks while the dump waits")
+            assert waiting.poll() is None and not archive.exists()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        assert waiting.wait(timeout=120) == 0
+    finally:
+        os.close(fd)
+        kerrickpt.kill(name, state_dir=state_dir)
+    assert archive.exists()
