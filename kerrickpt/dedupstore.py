@@ -16,8 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archive, archiveindex, archivewriter, chunks, faults, keys, members, recipe, storeseal, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, RecipeSealError, StoreDamagedError, StoreFormatError
+from kerrickpt import (
+    archive,
+    archiveindex,
+    archivewriter,
+    chunks,
+    faults,
+    keys,
+    members,
+    recipe,
+    schema,
+    storeseal,
+    zstdframe,
+)
+from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, RecipeSealError, StoreDamagedError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
 
 MARKER = ".kerrickpt-store"
@@ -90,16 +102,10 @@ def marker(root: Path) -> Marker | None:
         return None
     except (OSError, ValueError) as exc:
         raise StoreDamagedError(f"the store's marker {root / MARKER} is unreadable: {exc}") from exc
-    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
-        raise StoreDamagedError(f"{root / MARKER} does not describe a kerrickpt store")
-    version = marker.get("version")
-    if type(version) is not int:
-        raise StoreDamagedError(f"{root / MARKER} gives no format version: {version!r}")
-    if version > STORE_VERSION:
-        raise StoreFormatError(
-            f"the snapshot store {root} is of format version {version}; this kerrickpt reads up to "
-            f"{STORE_VERSION}: use the kerrickpt that wrote it, or a newer one"
-        )
+    try:
+        version = schema.header_version(marker, STORE_FORMAT, STORE_VERSION, str(root), "a kerrickpt snapshot store")
+    except ValueError as exc:
+        raise StoreDamagedError(f"{root / MARKER} is damaged: {exc}") from exc
     if marker.get("engine") != ENGINE:
         raise StoreDamagedError(f"{root / MARKER} names an engine unknown here: {marker.get('engine')!r}")
     key, store = marker.get("key"), marker.get("store")

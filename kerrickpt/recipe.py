@@ -14,8 +14,8 @@ from typing import Any
 
 import zstandard
 
-from kerrickpt import archivewriter, storeseal, zstdframe
-from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError, StoreFormatError
+from kerrickpt import archivewriter, schema, storeseal, zstdframe
+from kerrickpt.errors import ArchiveCorruptError, ArchiveUnreadableError
 
 SUFFIX = ".recipe"
 HIDDEN = ".tmp"  # a recipe being written: `.RANDOM.recipe.tmp`
@@ -86,14 +86,7 @@ class Recipe:
             body = zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
             line, _, coded = body.partition(b"\n")
             head = json.loads(line)
-            if not isinstance(head, dict) or head.get("format") != FORMAT:
-                raise ValueError("not a kerrickpt recipe")
-            version = head.get("version")
-            if type(version) is int and version > VERSION:
-                raise StoreFormatError(
-                    f"{label} is a recipe of format version {version}; this kerrickpt reads up to {VERSION}: "
-                    "use the kerrickpt that wrote it, or a newer one"
-                )
+            version = schema.header_version(head, FORMAT, VERSION, label, "a kerrickpt recipe")
             if version != VERSION:
                 raise ValueError(f"version {version!r}")
             numbers = _varints(coded)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from kerrickpt.confinement import RANGE
-from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError
+from kerrickpt.errors import ArchiveCorruptError, ProtocolError, StateDamagedError, StoreFormatError
 from kerrickpt.idmap import LAST
 
 T = TypeVar("T")
@@ -312,6 +312,22 @@ def recorded_confinement(data: object) -> dict[str, Any]:
         return msgspec.to_builtins(_convert(data, Confinement))  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
         raise ValueError(f"its confinement: {exc}") from None
+
+
+def header_version(head: object, fmt: str, readable: int, label: str, kind: str) -> int:
+    """The format version of `head`, the JSON header of `label` (`kind`, format `fmt`); ValueError if it is not one
+    or gives no version, StoreFormatError if a newer kerrickpt wrote it (of a version above `readable`)."""
+    if not isinstance(head, dict) or head.get("format") != fmt:
+        raise ValueError(f"not {kind}")
+    version = head.get("version")
+    if type(version) is not int:
+        raise ValueError(f"it gives no format version: {version!r}")
+    if version > readable:
+        raise StoreFormatError(
+            f"{label} is {kind} of format version {version}; this kerrickpt reads up to {readable}: "
+            "use the kerrickpt that wrote it, or a newer one"
+        )
+    return version
 
 
 def migration_id(text: object) -> str:

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kerrickpt import keys
-from kerrickpt.errors import ArchiveCorruptError, RecipeSealError, StoreFormatError
+from kerrickpt import keys, schema
+from kerrickpt.errors import ArchiveCorruptError, RecipeSealError
 
 PLAIN = 0  # a chunk's sealing byte in a plain store; an encrypted store's name keys.AES_GCM or CHACHA20_POLY1305
 SEALED_FORMAT = "kerrickpt-sealed-recipe"
@@ -132,21 +132,11 @@ def listed(data: bytes, label: str) -> dict[str, Any]:
 
 def _header(data: bytes, label: str) -> dict[str, Any]:
     """A sealed recipe's plain header; ArchiveCorruptError if damaged, StoreFormatError if of a newer format."""
-    line = data.partition(b"\n")[0]
     try:
-        head = json.loads(line)
-        if not isinstance(head, dict) or head.get("format") != SEALED_FORMAT:
-            raise ValueError("not a sealed kerrickpt recipe")
+        head = json.loads(data.partition(b"\n")[0])
+        schema.header_version(head, SEALED_FORMAT, SEALED_VERSION, label, "a sealed kerrickpt recipe")
     except ValueError as exc:
         raise ArchiveCorruptError(f"{label} is damaged: {exc}") from exc
-    version = head.get("version")
-    if type(version) is not int:
-        raise ArchiveCorruptError(f"{label} is damaged: its header gives no format version")
-    if version > SEALED_VERSION:
-        raise StoreFormatError(
-            f"{label} is a sealed recipe of format version {version}; this kerrickpt reads up to {SEALED_VERSION}: "
-            "use the kerrickpt that wrote it, or a newer one"
-        )
     if type(head.get("sealing")) is not int:
         raise ArchiveCorruptError(f"{label} is damaged: its header names no sealing method")
     return head
