@@ -12,14 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from typing import TYPE_CHECKING
 
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+# cryptography is imported where a key is used, not here: every command imports this module (the CLI and the
+# archive code name Key), and importing cryptography costs some 10 ms, which a command on nothing sealed need not pay.
 
 FORMAT = "kerrickpt-key"
 VERSION = 1
@@ -32,7 +33,6 @@ MAX_FILE = 4096  # a key file is well under this; more is not one
 AES_GCM = 1
 CHACHA20_POLY1305 = 2
 NAMES = {AES_GCM: "AES-256-GCM", CHACHA20_POLY1305: "ChaCha20-Poly1305"}
-_AEADS = {AES_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}
 # scrypt's cost for a key file's passphrase: 2^17 x 8 x 128 bytes = 128 MiB and about 0.3 s, once per command.
 SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
 # The most a key file may ask of scrypt (n up to 1 GiB of memory at r 8): anyone who can write the file could
@@ -57,6 +57,9 @@ def default_sealing() -> int:
 
 
 def _derive(master: bytes, label: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=b"kerrickpt " + label.encode()).derive(
         master
     )
@@ -87,7 +90,10 @@ class Key:
         # Made once: a store seals and opens a chunk per 4 KiB page, and making one costs a third of opening it.
         # They keep no state between calls, so threads share them.
         # Each method its own key: one key under two AEADs is a pairing neither was proven safe in.
-        return {sealing: aead(_derive(self.master, f"seal {sealing}")) for sealing, aead in _AEADS.items()}
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+        aeads = {AES_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}
+        return {sealing: aead(_derive(self.master, f"seal {sealing}")) for sealing, aead in aeads.items()}
 
     def _aead(self, sealing: int) -> AESGCM | ChaCha20Poly1305:
         try:
@@ -109,7 +115,12 @@ class Key:
         view = memoryview(sealed)
         try:
             return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), view[NONCE_BYTES:], bound)
-        except InvalidTag:
+        except Exception as exc:
+            # Imported on failure only: a chunk is opened per page, and an import costs as much as half an opening.
+            from cryptography.exceptions import InvalidTag
+
+            if not isinstance(exc, InvalidTag):
+                raise
             raise ArchiveCorruptError(
                 f"{what} fails its authentication with key {self.id}: it was changed, or damaged, after it was sealed"
             ) from None
@@ -137,6 +148,9 @@ def _wrapping(passphrase: bytes, salt: bytes, cost: dict[str, int]) -> ChaCha20P
         type(cost[name]) is not int or not 1 <= cost[name] <= most for name, most in SCRYPT_LIMITS.items()
     ):
         raise KeyUnusableError(f"the key file's passphrase settings {cost} are not usable: at most {SCRYPT_LIMITS}")
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
     try:
         return ChaCha20Poly1305(Scrypt(salt=salt, length=KEY_BYTES, **cost).derive(passphrase))
     except (TypeError, ValueError) as exc:  # cost parameters a newer kerrickpt or an editor wrote
@@ -210,6 +224,8 @@ def load(path: Path, passphrase: Passphrase | None = None) -> Key:
             wrapped = base64.b64decode(record["wrapped"], validate=True)
             if passphrase is None:
                 raise KeyUnusableError(f"the key file {path} is protected by a passphrase, and none was given")
+            from cryptography.exceptions import InvalidTag
+
             try:
                 master = _wrapping(passphrase(), salt, cost).decrypt(
                     wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], str(record["id"]).encode()
