@@ -75,6 +75,16 @@ def snapshot_ticks(snap: Snapshot, scratch: Path, key: keys.Key | None = None) -
     return ticks((scratch / "log").read_text())
 
 
+def churned(state_dir: Path, store: Path, *keyed: str) -> Workload:
+    """A workload of CHURN with three snapshots in `store` (`keyed`: --key-file FILE, for an encrypted store)."""
+    w = start(state_dir, CHURN)
+    for _ in range(3):
+        w.wait_ticking(beyond=max(ticks(w.log)) + 20)  # a second or more: much of the memory changed
+        done = cli("snapshot", w.name, "--store", str(store), *keyed, state_dir=state_dir)
+        assert done.returncode == 0, done.stderr
+    return w
+
+
 def restores_from_its_point(store: Path, w: Workload, snap: Snapshot, point: list[int], *keyed: str) -> None:
     """A copy restored from `snap` (`keyed`: --key-file FILE, for an encrypted store) goes on from `point`."""
     copy = unique_name("copy")
@@ -120,11 +130,7 @@ def test_snapshots_share_unchanged_memory_and_each_restores_from_its_own_point(
 def test_every_kept_snapshot_restores_after_a_prune_killed(
     state_dir: Path, store: Path, tmp_path: Path, point: str
 ) -> None:
-    w = start(state_dir, CHURN)
-    for _ in range(3):
-        w.wait_ticking(beyond=max(ticks(w.log)) + 20)  # a second or more: much of the memory changed
-        done = cli("snapshot", w.name, "--store", str(store), state_dir=state_dir)
-        assert done.returncode == 0, done.stderr
+    w = churned(state_dir, store)
     prune = ("snapshots", "prune", "--store", str(store), w.name, "--keep-last", "2")
 
     killed = cli(*prune, KERRICKPT_FAULT=f"{point}:kill")

@@ -15,7 +15,7 @@ import kerrickpt
 from kerrickpt import keys
 from tests import tampering
 from tests.helpers import KERRICKPT, cli, cli_env, ticks, unique_name
-from tests.test_snapshot_dedup import CHURN, STILL, restores_from_its_point, snapshot_ticks, start
+from tests.test_snapshot_dedup import STILL, churned, restores_from_its_point, snapshot_ticks, start
 
 pytestmark = pytest.mark.root
 
@@ -123,11 +123,7 @@ def test_an_encrypted_snapshot_changed_without_the_key_is_refused_before_anythin
 def test_a_prune_with_the_key_keeps_every_kept_snapshot_restorable(
     state_dir: Path, store: Path, key_file: Path, tmp_path: Path
 ) -> None:
-    w = start(state_dir, CHURN)
-    for _ in range(3):
-        w.wait_ticking(beyond=max(ticks(w.log)) + 20)  # a second or more: much of the memory changed
-        done = cli("snapshot", w.name, "--store", str(store), "--key-file", str(key_file), state_dir=state_dir)
-        assert done.returncode == 0, done.stderr
+    w = churned(state_dir, store, "--key-file", str(key_file))
 
     done = cli("snapshots", "prune", "--store", str(store), "--keep-last", "2", "--key-file", str(key_file))
 
