@@ -78,7 +78,9 @@ def _stayed(source: Node, target: Node, name: str) -> None:
 
 
 def _in_sequence(client: Client, name: str) -> None:
-    """Stop `client`: each answer came from `name`, in turn, none lost or twice (the client checked each)."""
+    """Once `client` has more answers, stop it: each answer came from `name`, in turn, none lost or twice (the client
+    checked each)."""
+    client.wait_more()
     answers = client.finish()
     assert answers == list(range(1, len(answers) + 1))
     assert f"from {name}" in client.output.read_text()
@@ -90,10 +92,7 @@ def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(clust
     # container's new place from the announcement alone (else from them, about a second later).
     drop = ["ebtables", "-t", "nat", "-A", "PREROUTING", "-p", "IPv6", "-j", "DROP"]
     subprocess.run([*_in(cluster.switch), *drop], check=True, timeout=30)
-    name = unique_name("net")
-    address = _serve(a, name)
-    client = talk(_in(cluster.switch), address.split("/")[0])  # a machine on the LAN
-    client.wait_more()
+    name, address, client = _talking(cluster, a, talk)
 
     moved = _migrate(cluster, a, b, name)
 
@@ -106,7 +105,6 @@ def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(clust
     fdb = json.loads(subprocess.check_output(["bridge", "-n", cluster.switch, "-j", "fdb", "show", "br", SEGMENT]))
     mac = network.mac_of(ipaddress.IPv4Interface(address).ip)
     assert [row["ifname"] for row in fdb if row["mac"] == mac] == [f"l{cluster.id}b"]
-    client.wait_more()
     _in_sequence(client, name)
     assert _rows(b)[name]["address"] == address
     assert name not in _rows(a)
@@ -114,10 +112,7 @@ def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(clust
 
 def test_a_connection_survives_a_post_copy_migration(cluster: Cluster, talk: Talk) -> None:
     a, b = cluster.nodes
-    name = unique_name("net")
-    address = _serve(a, name)
-    client = talk(_in(cluster.switch), address.split("/")[0])
-    client.wait_more()
+    name, address, client = _talking(cluster, a, talk)
 
     with pipe_max_size(LAZY_PIPE_SIZE):  # what CRIU's lazy pages need here (root lacks CAP_SYS_RESOURCE)
         moved = _migrate(cluster, a, b, name, "--lazy")
@@ -125,8 +120,7 @@ def test_a_connection_survives_a_post_copy_migration(cluster: Cluster, talk: Tal
     assert moved.returncode == 0, moved.stderr
     answer = json.loads(moved.stdout)
     assert answer["lazy"] is True and answer["address"] == address
-    client.wait_more()  # answered from b, its memory coming as it is touched
-    _in_sequence(client, name)
+    _in_sequence(client, name)  # answered from b, its memory coming as it is touched
     assert _rows(b)[name]["address"] == address
     assert name not in _rows(a)
 
@@ -161,7 +155,6 @@ def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connec
 
     assert failed.returncode == 8, failed.stderr
     assert "runs on here again" in failed.stderr
-    client.wait_more()
     _in_sequence(client, name)
     _stayed(a, b, name)
 
@@ -211,7 +204,6 @@ def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_t
     assert ipaddress.IPv4Interface(remapped).ip in pool
     # Its listener came along: a new connection (from b, the only way to it now) is answered.
     again = talk(_in(b.netns), remapped.split("/")[0])
-    again.wait_more()
     _in_sequence(again, name)
     assert _rows(b)[name]["address"] == remapped
 
@@ -246,7 +238,6 @@ def test_a_container_whose_receiver_died_before_connecting_it_is_connected_by_re
     recovered = a.kerrickpt("recover", name)
 
     assert recovered.returncode == 0, recovered.stderr
-    client.wait_more()
     _in_sequence(client, name)
     assert _rows(b)[name]["state"] == "running"
     assert name not in _rows(a)
