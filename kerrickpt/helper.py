@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kerrickpt.errors import CommandTimeout
+
 # Each has main(order).
 PROGRAMS = {
     "launch": "kerrickpt.launcher",
@@ -55,6 +57,30 @@ def send(process: subprocess.Popen[bytes], order: dict[str, Any] | None) -> None
         if order is not None:
             process.stdin.write(json.dumps(order).encode())
         process.stdin.close()
+
+
+def ask(
+    program: str, order: dict[str, Any], *, timeout: float, what: str, pass_fds: Sequence[int] = ()
+) -> dict[str, Any]:
+    """Start helper `program` with `order` and return the JSON it prints, once it has left: a short answer, which
+    the pipe holds; {"error": ...} if it printed none. CommandTimeout (it is killed) if it takes longer than
+    `timeout` s to do `what`."""
+    process = start(program, pass_fds=pass_fds, stdout=subprocess.PIPE)
+    send(process, order)
+    assert process.stdout is not None
+    with process.stdout:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise CommandTimeout(f"{what} did not finish within {timeout:.0f} s") from None
+        out = process.stdout.read()
+    try:
+        answer: dict[str, Any] = json.loads(out)
+    except ValueError:
+        answer = {"error": f"the helper exited with {process.returncode} without an answer"}
+    return answer
 
 
 def main(program: str) -> None:  # pragma: no cover - the helper program

@@ -238,20 +238,14 @@ def idmapped_lower(pool: IdPool, scratch: Path) -> Probe:
     first = pool.first()
     if first is None:
         return Probe(False, "no id range to map: see id_ranges")
+    order = {"scratch": str(scratch), "uid_base": first[0], "gid_base": first[1]}
     try:
-        with helper.start("idmap-probe", stdout=subprocess.PIPE) as process:
-            helper.send(process, {"scratch": str(scratch), "uid_base": first[0], "gid_base": first[1]})
-            try:
-                process.wait(timeout=PROBE_TIMEOUT)  # its answer is one short line: the pipe holds it
-            except subprocess.TimeoutExpired:
-                process.kill()
-                return Probe(False, "the idmapped lower layer probe did not finish")
-            assert process.stdout is not None
-            out = process.stdout.read()
-        try:
-            return Probe(**json.loads(out))
-        except (ValueError, TypeError):
-            return Probe(False, f"the idmapped lower layer probe exited with {process.returncode} without an answer")
+        answer = helper.ask("idmap-probe", order, timeout=PROBE_TIMEOUT, what="the idmapped lower layer probe")
+        return Probe(**answer)
+    except CommandTimeout:
+        return Probe(False, "the idmapped lower layer probe did not finish")
+    except TypeError:  # its answer was no Probe's: {"error": ...}
+        return Probe(False, f"the idmapped lower layer probe failed: {answer.get('error')}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any, NoReturn
 
 from kerrickpt import cgroups, helper, namespaces, rootfs
 from kerrickpt.confinement import Confinement
-from kerrickpt.errors import CommandTimeout, KerrickptError, UsageError
+from kerrickpt.errors import KerrickptError, UsageError
 
 TIMEOUT = 60.0  # for the helper to answer: it forks and waits for one exec
 
@@ -47,21 +46,7 @@ def spawn(
         "layer": str(layer.root) if layer else None,
         "netns": str(netns) if netns else None,
     }
-    process = helper.start("launch", pass_fds=sorted(set(outputs)), stdout=subprocess.PIPE)
-    helper.send(process, order)
-    assert process.stdout is not None
-    with process.stdout:
-        try:
-            process.wait(timeout=TIMEOUT)  # its answer is one short line: the pipe holds it
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise CommandTimeout(f"starting {argv[0]} did not finish within {TIMEOUT:.0f} s") from None
-        out = process.stdout.read()
-    try:
-        answer: dict[str, Any] = json.loads(out)
-    except ValueError:
-        answer = {"error": f"the helper exited with {process.returncode} without an answer"}
+    answer = helper.ask("launch", order, timeout=TIMEOUT, what=f"starting {argv[0]}", pass_fds=sorted(set(outputs)))
     if "error" in answer:
         raise KerrickptError(f"could not start the container: {answer['error']}")
     if answer["exec_error"]:
