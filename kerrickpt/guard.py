@@ -27,7 +27,7 @@ class Guardian:
     def __init__(self, freezer: Freezer, archive: tuple[Path, Path] | None = None, link: str | None = None) -> None:
         """`archive` is (the partial file, where it is linked when complete): once it is there,
         the container's state is in the archive, and a death leaves it frozen for `recover`. `link`, the node end
-        of a container's veth that a checkpoint cuts off (see netlinks.cut_off), is set up again before the thaw."""
+        of a container's veth that a checkpoint cuts off (see netlinks.cut_off), is connected again before the thaw."""
         reader, writer = os.pipe()
         try:
             # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the
@@ -70,8 +70,8 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, argv[3] the veth to set
-    up before the thaw (or ""), then maybe the archive's partial file and its final path; the pipe is on stdin."""
+    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, argv[3] the veth to
+    connect before the thaw (or ""), then maybe the archive's partial file and its final path; the pipe is on stdin."""
     control, thawed, link = Path(argv[1]), argv[2], argv[3]
     # A container that was ended meanwhile has nothing left to thaw.
     if os.read(0, len(DISARM)) == DISARM or not control.exists():
@@ -85,11 +85,12 @@ def main(argv: list[str]) -> int:
         return 0
     failed = 0
     if link:
-        # Before the thaw, as netlinks.connect does (here without the package: see Guardian): a container never runs
-        # cut off. Should this fail, `kerrickpt recover NAME` connects it again.
-        done = subprocess.run(["ip", "link", "set", link, "up"], stdin=subprocess.DEVNULL, timeout=10, check=False)
+        # Before the thaw, as netlinks.connect does for a checkpoint's cut-off (here without the package: see
+        # Guardian): a container never runs cut off. Should this fail, `kerrickpt recover NAME` connects it again.
+        forward = ["bridge", "link", "set", "dev", link, "state", "3"]
+        done = subprocess.run(forward, stdin=subprocess.DEVNULL, timeout=10, check=False)
         if done.returncode:
-            print(f"kerrickpt guardian: could not set {link} up: `kerrickpt recover NAME` does", file=sys.stderr)
+            print(f"kerrickpt guardian: could not connect {link}: `kerrickpt recover NAME` does", file=sys.stderr)
             failed = 1
     try:
         control.write_text(thawed)

@@ -20,6 +20,8 @@ NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the contain
 INSIDE = "eth0"  # the container's end of its veth
 PROBE = "kpn-probe-"  # and the PID of the `kerrickpt check` that probes with it: a network namespace of cut_off_fails
 TIMEOUT = 10.0
+# A bridge port's states, as `bridge link set dev PORT state` takes them (see cut_off).
+DISABLED, FORWARDING = "0", "3"
 CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
 
 
@@ -120,14 +122,31 @@ def remove_netns(netns: str) -> None:
         _ip("netns", "del", netns)
 
 
-def cut_off(veth: str) -> None:
-    """Cut a container off the node network: its veth's node end down, nothing it sends leaves, nothing reaches
-    it (a peer's packets are lost, and the peer retransmits)."""
-    _ip("link", "set", veth, "down")
+def cut_off(veth: str, *where: str) -> None:
+    """Cut a container off the node network: its veth's port on the bridge disabled, nothing it sends leaves, nothing
+    reaches it (a peer's packets are lost, and the peer retransmits). The veth stays up, so the container's link keeps
+    its carrier and its routes stay as they were: CRIU dumps a confined container's routes (see criuopts), and the
+    kernel refuses to restore a route marked linkdown, as a veth whose other end is down marks them. `where`: options
+    naming another network namespace (the probe's)."""
+    _port(veth, DISABLED, *where)
 
 
-def connect(veth: str) -> None:
-    _ip("link", "set", veth, "up")
+def connect(veth: str, *where: str) -> None:
+    """Connect a container cut off (see cut_off), or made so (its veth down), to the node network again."""
+    if _is_up(veth, *where):
+        _port(veth, FORWARDING, *where)
+    else:  # its port forwards once the link is up: see wait_carrying
+        _ip(*where, "link", "set", veth, "up")
+
+
+def _port(veth: str, state: str, *where: str) -> None:
+    """Put `veth`'s bridge port in `state`, through `bridge` (`ip link set ... type bridge_slave state 0` leaves a
+    port as it was)."""
+    _ip(*where, "link", "set", "dev", veth, "state", state, program="bridge")
+
+
+def _is_up(veth: str, *where: str) -> bool:
+    return all("UP" in link.get("flags", []) for link in _links(*where, "link", "show", "dev", veth))
 
 
 def wait_carrying(netns: str, veth: str) -> bool:
@@ -137,8 +156,7 @@ def wait_carrying(netns: str, veth: str) -> bool:
     def carrying() -> bool:
         (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
         (port,) = _links("-d", "link", "show", "dev", veth)
-        state = port.get("linkinfo", {}).get("info_slave_data", {}).get("state")
-        return inside.get("operstate") == "UP" and state == "forwarding"
+        return inside.get("operstate") == "UP" and _port_state(port) == "forwarding"
 
     return _until(carrying)
 
@@ -165,20 +183,38 @@ def _until(condition: Callable[[], bool]) -> bool:
 
 
 def is_cut_off(veth: str) -> bool:
-    """Whether `veth` is there and down."""
-    return exists(veth) and all("UP" not in link.get("flags", []) for link in _links("link", "show", "dev", veth))
+    """Whether `veth` is there and down, or its port disabled (see cut_off)."""
+    if not exists(veth):
+        return False
+    (port,) = _links("-d", "link", "show", "dev", veth)
+    return "UP" not in port.get("flags", []) or _port_state(port) == "disabled"
+
+
+def _port_state(link: dict[str, Any]) -> str | None:
+    """The bridge port state of `link` (as `ip -d -j link show` gives it): forwarding, disabled, ..."""
+    state: str | None = link.get("linkinfo", {}).get("info_slave_data", {}).get("state")
+    return state
 
 
 def cut_off_fails() -> str | None:
-    """Why a container could not be cut off its network on this node, None if it can: tried on a veth made in a
-    network namespace of its own (gone afterwards), set down and up again as `cut_off` and `connect` do."""
+    """Why a container could not be cut off its network on this node, None if it can: tried on a veth on a bridge
+    made in a network namespace of its own (gone afterwards), cut off and connected again as a checkpoint does."""
     netns = f"{PROBE}{os.getpid()}"
+    where = ("-n", netns)
     try:
         _ip("netns", "add", netns)
         try:
-            _ip("-n", netns, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
-            for state in ("up", "down", "up"):
-                _ip("-n", netns, "link", "set", "kpnprobe", state)
+            _ip(*where, "link", "add", "kpbprobe", "type", "bridge")
+            _ip(*where, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
+            _ip(*where, "link", "set", "kpnprobe", "master", "kpbprobe")
+            for link in ("kpbprobe", INSIDE, "kpnprobe"):
+                _ip(*where, "link", "set", link, "up")
+            if not _until(
+                lambda: _port_state(_links(*where, "-d", "link", "show", "dev", "kpnprobe")[0]) == "forwarding"
+            ):
+                return "a veth on a bridge did not start forwarding"
+            cut_off("kpnprobe", *where)
+            connect("kpnprobe", *where)
         finally:
             remove_netns(netns)
     except HostError as exc:
@@ -210,15 +246,16 @@ def _links(*args: str) -> list[dict[str, Any]]:
     return links
 
 
-def _ip(*args: str) -> str:
-    result = _run(*args)
+def _ip(*args: str, program: str = "ip") -> str:
+    result = _run(*args, program=program)
     if result.returncode != 0:
-        raise HostError(f"ip {' '.join(args)} failed (exit code {result.returncode})", log_tail=result.stderr.strip())
+        said = f"{program} {' '.join(args)} failed (exit code {result.returncode})"
+        raise HostError(said, log_tail=result.stderr.strip())
     return result.stdout
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, program: str = "ip") -> subprocess.CompletedProcess[str]:
     try:
-        return command.run(["ip", *args], timeout=TIMEOUT)
+        return command.run([program, *args], timeout=TIMEOUT)
     except (OSError, CommandTimeout) as exc:
-        raise HostError(f"ip {' '.join(args)} failed: {exc}") from exc
+        raise HostError(f"{program} {' '.join(args)} failed: {exc}") from exc
