@@ -295,7 +295,8 @@ def capture(
                 cgroup = str(freezer.path)
                 external = criuopts.dump_externals(confined, log_external) if confined else []
                 external += stdio.keys if stdio else []
-                external += [criuopts.netns_external(own_net.pin)] if own_net else []
+                # A confined container's network namespace is its user namespace's: CRIU dumps it (see criuopts).
+                external += [criuopts.netns_external(own_net.pin)] if own_net and not confined else []
                 # Frozen and cut off, as CRIU finds them: what `inspect` says the archive carries.
                 connections = netports.established(pids[0]) if own_net else []
                 tcp = own_net is not None  # in the node's network, a copy of a connection would clash with its source

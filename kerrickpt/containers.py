@@ -297,7 +297,7 @@ def run(
 
     With `net` network.OWN it has a network namespace of its own on the node's bridge (see network), its
     address `address` (ADDR/PREFIX) or the subnet's first free one, and the node ports `publish`
-    (HOSTPORT:PORT[/tcp|udp]) forwarded to it; with network.HOST (or None) it shares the node's."""
+    (HOSTPORT:PORT[/tcp|udp]) forwarded to it, confined or not; with network.HOST (or None) it shares the node's."""
     if not argv:
         raise UsageError("no command given to run")
     net = net or network.HOST
@@ -305,9 +305,6 @@ def run(
         raise UsageError(f"--net {net}: give one of {', '.join(network.MODES)}")
     if net == network.HOST and (address or publish):
         raise UsageError("--ip and --publish need a network of the container's own (--net own)")
-    if net == network.OWN and rootfs is not None:
-        # CRIU dumps only namespaces that belong to the container's user namespace; kerrickpt's is the host's.
-        raise UsageError("--net own does not go with --rootfs yet: such a container could not be checkpointed")
     ports = netports.parse(publish)
     if ids not in confinement.ID_MODES:
         raise UsageError(f"--ids {ids}: give one of {', '.join(confinement.ID_MODES)}")
@@ -319,10 +316,9 @@ def run(
     group: cgroups.Cgroup | None = None
     own_net: network.Network | None = None
     try:
+        # Claimed first: bad network input is refused before a root is confined.
+        planned = network.plan(registry, name, address, ports) if net == network.OWN else None
         confined = None
-        if net == network.OWN:
-            own_net, settings = network.plan(registry, name, address, ports)
-            network.create(registry, own_net, settings)
         if rootfs is not None:
             confined = confinement.confine(
                 name,
@@ -335,6 +331,10 @@ def run(
                 env=env,
                 workdir=workdir,
             )
+        if planned is not None:
+            own_net, settings = planned
+            # A confined container's is its user namespace's (see netlinks.make): CRIU dumps it so, with its sockets.
+            network.create(registry, own_net, settings, owner=confined.id_map if confined else None)
         try:
             group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)
         except FileExistsError:

@@ -1,13 +1,14 @@
 """Owns the CRIU options a confined container needs, said once as `--external`/`--inherit-fd` strings that
 CRIU's RPC and its command line both take: the host mounts it binds, the host files its output goes to, and
-the network namespace of its own that kerrickpt makes (see network)."""
+the network namespace of its own that kerrickpt makes (see network), or for a confined container the interface
+kerrickpt makes for the one CRIU restores."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from kerrickpt import rootfs
+from kerrickpt import netlinks, rootfs
 from kerrickpt.confinement import Confinement
 
 
@@ -58,15 +59,25 @@ def restore_externals(confinement: Confinement) -> list[str]:
     return [f"mnt[{key}]:{source}" for (_, key), source in zip(_keys(confinement), sources, strict=True)]
 
 
-# The `--inherit-fd` key under which a restore hands CRIU the container's network namespace. kerrickpt makes that
-# namespace itself (its interfaces, addresses and routes from the container's record), so CRIU names it rather
-# than dumping it, and restores the processes and their sockets into the one made for the restore.
+# The `--inherit-fd` key under which a restore hands CRIU the network namespace of a container that shares the
+# node's users. kerrickpt makes that namespace itself (its interfaces, addresses and routes from the container's
+# record), so CRIU names it rather than dumping it, and restores the processes and their sockets into the one made
+# for the restore. (A confined container's is dumped: see netdev_external.)
 NETNS_KEY = "kerrickpt-netns"
 
 
 def netns_external(pin: Path) -> str:
     """The `--external` that names the network namespace pinned at `pin` as NETNS_KEY."""
     return f"net[{os.stat(pin).st_ino}]:{NETNS_KEY}"
+
+
+def netdev_external(unplaced: str) -> str:
+    """The restore's `--external` that has CRIU move the interface `unplaced`, which kerrickpt made on the node (see
+    network.create_unplaced), into the network namespace it restores, as the container's netlinks.INSIDE: a confined
+    container's network namespace is its user namespace's, so CRIU dumps and restores it (interfaces, addresses,
+    routes) with its processes; the veth's node end stays kerrickpt's to make, on the bridge and cut off until the
+    restore is recorded (see restore), as for any container with a network of its own."""
+    return f"netdev[{netlinks.INSIDE}]:{unplaced}"
 
 
 def command_line(externals: list[str]) -> list[str]:

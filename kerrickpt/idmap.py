@@ -46,6 +46,14 @@ class IdMap:
         a range starts below LOWEST (its root would be a host id of the node's own) or holds one of those ids."""
         return cls(_keeping(uid_base, count, uids, "uid"), _keeping(gid_base, count, gids, "gid"))
 
+    def to_dict(self) -> dict[str, list[list[int]]]:
+        return {"uids": [list(e) for e in self.uids], "gids": [list(e) for e in self.gids]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[list[int]]]) -> IdMap:
+        uids, gids = (tuple((int(a), int(b), int(c)) for a, b, c in data[kind]) for kind in ("uids", "gids"))
+        return cls(uids, gids)
+
     @property
     def root(self) -> tuple[int, int]:
         """The host uid and gid of the container's root, which every map has (see keeping)."""

@@ -61,7 +61,8 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
     try:
         cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
         if order["netns"]:
-            # First, with the host's privileges: the network namespace belongs to the host's user namespace.
+            # First, with the host's privileges: the network namespace belongs to the host's user namespace, or to
+            # the one made with it for a confined container (see netlinks.make), which its child joins below.
             namespaces.setns(order["netns"], namespaces.CLONE_NEWNET)
         idmapped = False
         if order["confinement"] is None:
@@ -87,7 +88,8 @@ def _confined(
     order: dict[str, Any], confinement: Confinement, exec_w: int
 ) -> int | None:  # pragma: no cover - the helper
     """With the container's root staged in the helper's mount namespace: a child that makes the user
-    namespace (mapped from here: only the parent may map a range) and the others, and forks the init.
+    namespace (mapped from here: only the parent may map a range), or joins the one that owns the network
+    namespace the helper joined (made and mapped with it), and the others, and forks the init.
     Returns the init's host PID, or None if the child failed (it said why on `exec_w`)."""
     rootfs.bind_host_paths(confinement, rootfs.ROOT)
     unshared_r, unshared_w = os.pipe()
@@ -98,10 +100,16 @@ def _confined(
         for fd in (unshared_r, mapped_w, init_r):
             os.close(fd)
         try:
-            namespaces.unshare(namespaces.CLONE_NEWUSER)
-            os.write(unshared_w, b"u")
-            if os.read(mapped_r, 1) != b"m":
-                os._exit(1)
+            if order["netns"]:
+                userns = namespaces.owner("/proc/self/ns/net")
+                namespaces.setns(userns, namespaces.CLONE_NEWUSER)
+                os.close(userns)
+                os.close(unshared_w)  # mapped already: the parent, told nothing, maps nothing
+            else:
+                namespaces.unshare(namespaces.CLONE_NEWUSER)
+                os.write(unshared_w, b"u")
+                if os.read(mapped_r, 1) != b"m":
+                    os._exit(1)
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
             others = namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID | namespaces.CLONE_NEWIPC

@@ -242,10 +242,13 @@ def _migrate(
             f"the kerrickpt on {link.target} reads archive versions {readable}, this one writes version "
             f"{ARCHIVE_VERSION}: update kerrickpt there. {name} was not frozen."
         )
-    if container.network is not None and not answer.network_migration:
-        # An older kerrickpt takes the request without its network and would restore it on a bridge of its own.
+    carried = answer.confined_network if container.confinement is not None else answer.network_migration
+    if container.network is not None and not carried:
+        # An older kerrickpt takes the request without its network and would restore it on a bridge of its own (a
+        # confined container's into a network namespace of its making, where CRIU restores the one in the images).
+        kind = "a confined container's" if container.confinement is not None else "a container's"
         raise NodeIncompatibleError(
-            f"the kerrickpt on {link.target} cannot carry a container's network of its own: update kerrickpt there. "
+            f"the kerrickpt on {link.target} cannot carry {kind} network of its own: update kerrickpt there. "
             f"{name} was not frozen."
         )
     if lazy:

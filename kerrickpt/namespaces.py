@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from kerrickpt import idmap
@@ -16,6 +19,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+NS_GET_USERNS = 0xB701  # an ioctl on a namespace's file: an fd of the user namespace that owns it
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -26,13 +30,24 @@ def unshare(flags: int) -> None:
         raise OSError(err, f"unshare: {os.strerror(err)}")
 
 
-def setns(path: str | Path, flag: int) -> None:
-    """Join the namespace pinned at `path` (a /proc/PID/ns file or a bind mount of one), of type `flag`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def setns(path: str | Path | int, flag: int) -> None:
+    """Join the namespace pinned at `path` (a /proc/PID/ns file or a bind mount of one), or open at fd `path`, of type
+    `flag`."""
+    fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, flag) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        if fd is not path:
+            os.close(fd)
+
+
+def owner(path: str | Path) -> int:
+    """An fd of the user namespace that owns the namespace pinned at `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fcntl.ioctl(fd, NS_GET_USERNS)
     finally:
         os.close(fd)
 
@@ -121,6 +136,16 @@ def _syscall(number: int, *args: int | bytes | ctypes.c_void_p) -> int:
 def mapped_user_namespace(ids: IdMap) -> int:
     """An fd of a new user namespace mapped as `ids` says; it forks (a child makes the namespace and leaves;
     the fd keeps it): call only from a helper program."""
+    with holding(CLONE_NEWUSER) as child:
+        map_ids(child, ids)
+        return os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def holding(flags: int, userns: int | None = None) -> Iterator[int]:
+    """A child process that made new namespaces `flags` (in the user namespace open at fd `userns`, which then owns
+    them), by PID, while the context lasts; then it leaves, and its namespaces live on only if something else holds
+    them. It forks: call only from a helper program."""
     made_r, made_w = os.pipe()
     done_r, done_w = os.pipe()
     child = os.fork()
@@ -128,18 +153,22 @@ def mapped_user_namespace(ids: IdMap) -> int:
         try:
             os.close(made_r)
             os.close(done_w)
-            unshare(CLONE_NEWUSER)
-            os.write(made_w, b"u")
-            os.read(done_r, 1)  # until the parent holds the namespace
+            if userns is not None:
+                setns(userns, CLONE_NEWUSER)
+            unshare(flags)
+            os.write(made_w, b"n")
+            os.read(done_r, 1)  # until the parent let go of the namespaces
+        except BaseException as exc:
+            os.write(made_w, str(exc).encode())
         finally:
             os._exit(0)
     os.close(made_w)
     os.close(done_r)
     try:
-        if os.read(made_r, 1) != b"u":
-            raise OSError(errno.EPERM, "could not make a user namespace for an idmapped mount")
-        map_ids(child, ids)
-        return os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        said = os.read(made_r, 4096)
+        if said != b"n":
+            raise OSError(errno.EPERM, f"could not make namespaces: {said.decode() or 'no answer'}")
+        yield child
     finally:
         os.close(done_w)
         os.close(made_r)

@@ -1,5 +1,6 @@
-"""Owns the node's network plumbing, through `ip` (one place, with timeouts): the node network's bridge, a
-container's network namespace and veth, and cutting a container off its network and connecting it again."""
+"""Owns the node's network plumbing, through `ip` and `bridge` (one place, with timeouts): the node network's bridge, a
+container's network namespace and veth, and cutting a container off its network and connecting it again; and the
+helper program that makes a confined container's network namespace in a user namespace of its own."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command
+from kerrickpt import command, helper, namespaces
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
+from kerrickpt.idmap import IdMap
 from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
@@ -100,16 +102,78 @@ def _join(segment: str, bridge: str) -> None:
     _ip("link", "set", segment, "up")
 
 
-def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:
+def make(
+    netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool, owner: IdMap | None = None
+) -> None:
     """The network namespace `netns` (pinned in NETNS_DIR) with loopback up and one veth, INSIDE with `mac` and
-    `address` and its default route the node's address, its node end `veth` on the bridge, up if `connected`."""
-    _ip("netns", "add", netns)
+    `address` and its default route the node's address, its node end `veth` on the bridge, up if `connected`.
+    The namespace is the node's user namespace's, or with `owner` that of a new one mapped so: a confined
+    container's, which it joins (see launcher), since CRIU dumps a network namespace only with the user namespace
+    that owns it."""
+    if owner is None:
+        _ip("netns", "add", netns)
+    else:
+        _add_owned(netns, owner)
     _ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE, "address", mac, "netns", netns)
     _ip("-n", netns, "link", "set", "lo", "up")
     _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
     _ip("-n", netns, "link", "set", INSIDE, "up")
     _ip("-n", netns, "route", "add", "default", "via", str(settings.gateway.ip))
     _ip("link", "set", veth, "master", settings.bridge, *(["up"] if connected else []))
+
+
+def make_unplaced(veth: str, end: str, mac: str, settings: Settings) -> None:
+    """A veth without a network namespace: its node end `veth` on the bridge and down, its other end `end`, with
+    `mac`, left on the node for CRIU's restore of a confined container to move into the network namespace it
+    restores, as INSIDE (see criuopts.netdev_external)."""
+    _ip("link", "add", veth, "type", "veth", "peer", "name", end, "address", mac)
+    _ip("link", "set", veth, "master", settings.bridge)
+
+
+def attach(netns: str, pid: int) -> None:
+    """Pin the network namespace of host PID `pid` as `netns` in NETNS_DIR."""
+    _ip("netns", "attach", netns, str(pid))
+
+
+def settle(netns: str, mac: str, address: str, gateway: ipaddress.IPv4Address) -> None:
+    """Make INSIDE of `netns`, as CRIU restored it from the images, have `mac` and `address` (ADDR/PREFIX) alone,
+    and the default route through `gateway`: a copy restored next to its source, or remapped, has another address
+    (and so MAC) than its images say, and a container that migrated here has this node's gateway."""
+    (link,) = _links("-n", netns, "addr", "show", "dev", INSIDE)
+    if link.get("address") != mac or _inet(link) != [ipaddress.IPv4Interface(address)]:
+        # Down, flushed, and up with the new MAC: the kernel then makes the IPv6 link-local address anew from it
+        # (the images had the old one's). Such a container's connections were restored closed (see restore).
+        _ip("-n", netns, "link", "set", INSIDE, "down")
+        _ip("-n", netns, "addr", "flush", "dev", INSIDE)
+        _ip("-n", netns, "link", "set", INSIDE, "address", mac, "up")
+        _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
+    _ip("-n", netns, "route", "replace", "default", "via", str(gateway))
+
+
+def _add_owned(netns: str, owner: IdMap) -> None:
+    """The network namespace `netns`, pinned in NETNS_DIR, owned by a new user namespace mapped as `owner`: made
+    by a helper program (a process must join that user namespace to make it, and only a fork can)."""
+    answer = helper.ask("netns", {"netns": netns, "owner": owner.to_dict()}, timeout=TIMEOUT, what=f"making {netns}")
+    if "error" in answer:
+        raise HostError(f"could not make the network namespace {netns}: {answer['error']}")
+
+
+def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program "netns"
+    """Make the network namespace order["netns"] in a new user namespace mapped as order["owner"] (IdMap.to_dict),
+    and pin it: print {} once it is, or {"error": ...}."""
+    try:
+        userns = namespaces.mapped_user_namespace(IdMap.from_dict(order["owner"]))
+        try:
+            with namespaces.holding(namespaces.CLONE_NEWNET, userns) as holder:
+                attach(order["netns"], holder)
+        finally:
+            os.close(userns)
+        answer = {}
+    except OSError as exc:
+        answer = {"error": str(exc)}
+    except HostError as exc:
+        answer = {"error": f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message}
+    print(json.dumps(answer), flush=True)
 
 
 def remove_veth(veth: str) -> None:

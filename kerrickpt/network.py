@@ -16,6 +16,7 @@ from typing import Any
 
 from kerrickpt import arp, claims, firewall, netlinks, netports, netsettings
 from kerrickpt.errors import HostError, NotCheckpointable, UsageError
+from kerrickpt.idmap import IdMap
 from kerrickpt.netports import Port
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ class Network(Identity):
     @property
     def pin(self) -> Path:
         return netlinks.NETNS_DIR / self.netns
+
+    @property
+    def unplaced(self) -> str:
+        """The name its veth's container end has on the node until a confined container's restore moves it into
+        its network namespace (see create_unplaced)."""
+        return f"kpc{self.veth.removeprefix('kpn')}"
 
     @property
     def chain(self) -> str:
@@ -326,13 +333,45 @@ def _directory(registry: claims.State) -> Path:
     return claims.directory(registry, DIRECTORY)
 
 
-def create(registry: claims.State, net: Network, settings: netsettings.Settings, *, connected: bool = True) -> None:
+def create(
+    registry: claims.State,
+    net: Network,
+    settings: netsettings.Settings,
+    *,
+    connected: bool = True,
+    owner: IdMap | None = None,
+) -> None:
     """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
-    container's network namespace and veth (see netlinks.make), and its published ports; not `connected`, it
-    stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
+    container's network namespace and veth (see netlinks.make; with `owner`, a confined container's id map, in a
+    user namespace of its own that the container joins), and its published ports; not `connected`, it stays cut
+    off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
+    _prepare(registry, net, settings)
+    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected, owner=owner)
+    _publish(net)
+
+
+def create_unplaced(registry: claims.State, net: Network, settings: netsettings.Settings) -> None:
+    """Make `net` in the node network `settings` for a restore of a confined container, whose network namespace
+    CRIU restores from the images (it owns none of the node's): as `create`, cut off, but with no namespace yet,
+    the container's end of its veth on the node (as net.unplaced) for CRIU to move in. `adopt` finishes it."""
+    _prepare(registry, net, settings)
+    netlinks.make_unplaced(net.veth, net.unplaced, net.mac, settings)
+    _publish(net)
+
+
+def adopt(net: Network, settings: netsettings.Settings, pid: int) -> None:
+    """Finish `net` (see create_unplaced) once CRIU has restored its network namespace, that of host PID `pid`:
+    pinned as net.pin, its address, MAC and default route those of `net` on this node, whatever the images had."""
+    netlinks.attach(net.netns, pid)
+    netlinks.settle(net.netns, net.mac, net.address, settings.gateway.ip)
+
+
+def _prepare(registry: claims.State, net: Network, settings: netsettings.Settings) -> None:
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
     _bridge(registry, settings)
-    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected)
+
+
+def _publish(net: Network) -> None:
     if net.ports:
         firewall.publish(net.chain, net.ip, [(p.host, p.container, p.protocol) for p in net.ports])
 

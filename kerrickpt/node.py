@@ -215,31 +215,37 @@ def check(state_dir: Path | str | None = None) -> Report:
 _NETWORK_NEEDS = {  # what a restore of a container with a network of its own needs of a node: why, without it
     "tcp_repair": "no TCP repair (see `criu check`): a container's TCP connections cannot be carried",
     "external_net_ns": "CRIU here cannot restore into a network namespace kerrickpt made (external_net_ns)",
+    "newifindex": "CRIU here cannot move an interface kerrickpt made into a network namespace it restores "
+    "(newifindex), as a confined container's needs",
 }
+_CONFINED_ONLY, _PLAIN_ONLY = "newifindex", "external_net_ns"  # whose network namespace CRIU restores, or not
 
 
-def network_lacking(features: dict[str, bool]) -> list[str]:
-    """What a restore of a container with a network of its own needs and a node whose `features` these are lacks,
-    in words."""
-    return [why for feature, why in _NETWORK_NEEDS.items() if not features.get(feature)]
+def network_lacking(features: dict[str, bool], *, confined: bool) -> list[str]:
+    """What a restore of a container with a network of its own (`confined`, or not) needs and a node whose
+    `features` these are lacks, in words."""
+    needs = [f for f in _NETWORK_NEEDS if f != (_PLAIN_ONLY if confined else _CONFINED_ONLY)]
+    return [_NETWORK_NEEDS[feature] for feature in needs if not features.get(feature)]
 
 
 def _network_features(
     found: criu.Criu | None, criu_check_text: str, is_root: bool, notes: list[str]
 ) -> dict[str, bool]:
-    """features.tcp_repair, features.external_net_ns and features.network_lock: what a container with a network
-    of its own needs to keep its connections (see README, Network), a note saying why for each one missing."""
+    """features.tcp_repair, features.external_net_ns, features.newifindex and features.network_lock: what a
+    container with a network of its own needs to keep its connections (see README, Network), a note saying why for
+    each one missing."""
     # TCP repair is among the checks `criu check` requires: its verdict is TCP repair's.
-    tcp_repair = found is not None and "Looks good" in criu_check_text
-    external = found is not None and criu.has_feature(found, "external_net_ns")
-    why_not = netlinks.cut_off_fails() if is_root else "not root"
-    if not tcp_repair:
+    features = {"tcp_repair": found is not None and "Looks good" in criu_check_text}
+    if not features["tcp_repair"]:
         notes.append(_NETWORK_NEEDS["tcp_repair"])
-    if found is not None and not external:
-        notes.append(_NETWORK_NEEDS["external_net_ns"])
+    for name in (_PLAIN_ONLY, _CONFINED_ONLY):
+        features[name] = found is not None and criu.has_feature(found, name)
+        if found is not None and not features[name]:
+            notes.append(_NETWORK_NEEDS[name])
+    why_not = netlinks.cut_off_fails() if is_root else "not root"
     if why_not is not None:
         notes.append(f"a container cannot be cut off its network while it is dumped (the network lock): {why_not}")
-    return {"tcp_repair": tcp_repair, "external_net_ns": external, "network_lock": why_not is None}
+    return features | {"network_lock": why_not is None}
 
 
 def _held(state_dir: Path | str | None) -> int:

@@ -87,7 +87,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
     if request.network is not None:
-        lacking = node.network_lacking(report.features)
+        lacking = node.network_lacking(report.features, confined=request.confinement is not None)
         if lacking:
             raise NodeIncompatibleError(f"the target cannot take the network of {request.name}: " + "; ".join(lacking))
         carried = network.Identity.from_dict(msgspec.to_builtins(request.network))
@@ -117,6 +117,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
         "lazy_pages": report.features["lazy_pages"],
         "lazy_pages_confined": report.features["lazy_pages_confined"],
         "network_migration": True,
+        "confined_network": True,
     }
 
 

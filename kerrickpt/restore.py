@@ -26,6 +26,7 @@ from kerrickpt import (
     layer,
     layerchain,
     logtail,
+    netsettings,
     network,
     node,
     postcopy,
@@ -228,6 +229,7 @@ def _restore_as(
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
     own_net: network.Network | None = None
+    settings: netsettings.Settings | None = None
     try:
         if manifest.network is not None:
             archived = manifest.network
@@ -242,8 +244,12 @@ def _restore_as(
             # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
             # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
             # have answered any (the archive's connections stay good for another try).
-            network.create(registry, own_net, settings, connected=False)
-            plan = dataclasses.replace(plan, netns=own_net.pin)
+            if manifest.confinement is None:
+                network.create(registry, own_net, settings, connected=False)
+                plan = dataclasses.replace(plan, netns=own_net.pin)
+            else:  # CRIU restores its network namespace, which its user namespace owns (see criuopts.netdev_external)
+                network.create_unplaced(registry, own_net, settings)
+                plan = dataclasses.replace(plan, unplaced=own_net.unplaced)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:
@@ -282,6 +288,9 @@ def _restore_as(
             if plan.watcher is not None:
                 plan.watcher.explain_exit()
             raise RestoreFailed(f"the restored container {name} exited at once")
+        if plan.unplaced is not None:
+            assert own_net is not None and settings is not None
+            network.adopt(own_net, settings, init_pid)
         registry.save(
             containers.Container(
                 name=name,

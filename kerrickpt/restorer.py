@@ -34,6 +34,8 @@ class Plan:
     layer: rootfs.Layer | None = None
     cgroup_parents: Mapping[Path, Path] | None = None  # where its cgroups go (see cgroups.own); None: the node's
     netns: Path | None = None  # its own network namespace, made for it (see network); None: it shares the node's
+    # Or, for a confined container's own network namespace, which CRIU restores: its veth's end that CRIU moves in.
+    unplaced: str | None = None
     tcp: str | None = None  # criu.TCP_ESTABLISHED or TCP_CLOSE: what becomes of its established connections
 
 
@@ -126,6 +128,7 @@ def _order(
         "confinement": plan.confinement.to_dict() if plan.confinement else None,
         "layer": str(plan.layer.root) if plan.layer else None,
         "netns": str(plan.netns) if plan.netns else None,
+        "unplaced": plan.unplaced,
         "tcp": plan.tcp,
         "answers": writer,
     }
@@ -148,6 +151,7 @@ class _Order:
     confinement: Confinement | None
     layer: rootfs.Layer | None
     netns: Path | None
+    unplaced: str | None
     tcp: str | None
 
     @classmethod
@@ -166,6 +170,7 @@ class _Order:
             confinement=Confinement.from_dict(data["confinement"]) if data["confinement"] else None,
             layer=rootfs.Layer(Path(data["layer"])) if data["layer"] else None,
             netns=Path(data["netns"]) if data["netns"] else None,
+            unplaced=data["unplaced"],
             tcp=data["tcp"],
         )
 
@@ -211,6 +216,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
     confined = order.confinement
+    external = criuopts.restore_externals(confined) if confined else []
+    external += [criuopts.netdev_external(order.unplaced)] if order.unplaced else []
     return criu.restore(
         order.found,
         order.scratch / "images",
@@ -221,7 +228,7 @@ def _restore(order: _Order, inherit: Mapping[str, int]) -> int:
         gate=order.gate,
         timeout=order.timeout,
         root=rootfs.ROOT if confined else None,
-        external=criuopts.restore_externals(confined) if confined else (),
+        external=external,
         tcp=order.tcp,
     )
 

@@ -229,6 +229,7 @@ class PreflightAnswer(Answer):
     lazy_pages: bool = False
     lazy_pages_confined: bool = False  # see node.lazy_pages_confined
     network_migration: bool = False  # it carries a container's network of its own (see network.admit)
+    confined_network: bool = False  # and a confined container's, which CRIU restores (see network.create_unplaced)
 
 
 class Restored(msgspec.Struct):

@@ -174,6 +174,27 @@ def waits_in(pid: int, kernel_function: str) -> bool:
 
 
 COUNTER = Path(__file__).parent / "workload" / "counter.py"
+# `run` options of a confined container on the node's own root whose command runs as a user, as services do.
+CONFINED_USER = 1000
+CONFINED = ("--rootfs", "host", "--user", str(CONFINED_USER))
+# A python any user may run, for the counter in a container whose command runs as a user: the venv's may be one
+# under /root.
+USER_PYTHON = "/usr/bin/python3"
+
+
+def host_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status, by field."""
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+
+
+def uid_inside(pid: int) -> int:
+    """The uid host PID `pid` runs as, as its user namespace sees it."""
+    host = int(host_status(pid)["Uid"].split()[0])
+    for line in Path(f"/proc/{pid}/uid_map").read_text().splitlines():
+        inside, outside, count = map(int, line.split())
+        if outside <= host < outside + count:
+            return inside + host - outside
+    raise AssertionError(f"host uid {host} of PID {pid} is unmapped in its own user namespace")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def test_check_json(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None
     assert report["cgroups"]["kind"] in ("v2", "hybrid", "v1")
     assert set(report["features"]) == {
         "userfaultfd", "mem_dirty_track", "lazy_pages", "lazy_pages_confined", "overlay", "user_namespaces",
-        "idmapped_lower", "tcp_repair", "external_net_ns", "network_lock",
+        "idmapped_lower", "tcp_repair", "external_net_ns", "newifindex", "network_lock",
     }  # fmt: skip
     assert report["features"]["tcp_repair"] and report["features"]["network_lock"]
     assert set(report["id_ranges"]) == {"source", "uids", "gids", "ranges", "held"}

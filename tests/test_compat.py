@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kerrickpt import compat
+from kerrickpt import compat, node
 from kerrickpt.node import Fingerprint
 
 SOURCE = Fingerprint("x86_64", "6.1.0-18", "debian 12", "4.2.1", ("avx2", "fpu", "sse2"), 4096, "hybrid")
@@ -44,3 +44,13 @@ def test_newer_kernel_and_other_os_are_warnings() -> None:
 def test_older_criu_is_an_error() -> None:
     assert severities(replace(SOURCE, criu_version="3.17.1")) == {"criu_version": "error"}
     assert severities(replace(SOURCE, criu_version="4.10")) == {}
+
+
+def test_what_a_target_lacks_for_a_network_of_its_own_depends_on_whose_network_namespace_criu_restores() -> None:
+    # CRIU restores a confined container's network namespace and moves kerrickpt's veth into it (newifindex); a
+    # plain container's is kerrickpt's, which CRIU restores into (external_net_ns).
+    features = {"tcp_repair": True, "external_net_ns": True, "newifindex": False}
+    assert node.network_lacking(features, confined=False) == []
+    (why,) = node.network_lacking(features, confined=True)
+    assert "(newifindex)" in why
+    assert node.network_lacking(features | {"newifindex": True, "external_net_ns": False}, confined=True) == []

@@ -13,11 +13,11 @@ import pytest
 import kerrickpt
 from kerrickpt import archive, archivewriter, containers, idranges
 from kerrickpt.errors import ArchiveCorruptError
-from tests.helpers import cgroup_dirs, cli, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import CONFINED_USER, cgroup_dirs, cli, host_status, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
-USER = 1000  # the user the tests' commands run as inside: not root
+USER = CONFINED_USER  # the user the tests' commands run as inside: not root
 BIN = "/opt/kerrickpt-test"  # where the compiled workload is bound in, read-only
 # A job that appends numbered records to a file in its layer and says each in its log.
 STEPS = 'i=0; while :; do i=$((i+1)); echo "step $i" >> /var/tmp/steps; echo "tick $i pid $$"; sleep 0.05; done'
@@ -31,10 +31,6 @@ def bin_dir(workload: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory.chmod(0o755)
     shutil.copy(workload, directory / "ipcworkload")
     return directory
-
-
-def host_status(pid: int) -> dict[str, str]:
-    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
 
 
 def upper(state_dir: Path, name: str) -> Path:

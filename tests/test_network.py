@@ -1,10 +1,12 @@
 """Containers with a network of their own (`run --net own`): addresses, published ports, bad input, and TCP
-connections kept across checkpoint and restore on one node. Each test's node is a network namespace of its own
-(its bridge, veths and iptables rules go with it); its containers use the default subnet, 198.19.0.0/16."""
+connections kept across checkpoint and restore on one node, for confined containers too (their own root and
+users, the server running as a user). Each test's node is a network namespace of its own (its bridge, veths and
+iptables rules go with it); its containers use the default subnet, 198.19.0.0/16."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -20,11 +22,24 @@ from pathlib import Path
 import pytest
 
 from kerrickpt import containers, network
-from tests.helpers import COUNTER, KERRICKPT, Client, cli_env, unique_name, wait_for
+from tests.helpers import (
+    CONFINED,
+    CONFINED_USER,
+    COUNTER,
+    KERRICKPT,
+    USER_PYTHON,
+    Client,
+    cli_env,
+    uid_inside,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
 PORT = 7000
+# Each test of a connection runs for a plain container and for a confined one, whose server runs as a user.
+KINDS = pytest.mark.parametrize("kind", [(), CONFINED], ids=["plain", "confined"])
 
 
 @dataclass
@@ -49,13 +64,21 @@ class Node:
 
     def addresses(self) -> dict[str, str]:
         """Each container's address, by name (`ps`)."""
+        return {name: row["address"] for name, row in self.rows().items()}
+
+    def rows(self) -> dict[str, dict[str, object]]:
+        """Each container's row of `ps`, by name."""
         done = self.kerrickpt("ps", "--json")
         assert done.returncode == 0, done.stderr
-        return {row["name"]: row["address"] for row in json.loads(done.stdout)}
+        return {row["name"]: row for row in json.loads(done.stdout)}
+
+    def serves_as(self, name: str) -> int:
+        """The uid container `name`'s server runs as, inside."""
+        return uid_inside(int(str(self.rows()[name]["init_pid"])))
 
     def serve(self, name: str, *options: str) -> str:
         """Start the counter server as container `name`; its address."""
-        started = self.ok("run", "--name", name, "--net", "own", *options, "--", sys.executable, str(COUNTER),
+        started = self.ok("run", "--name", name, "--net", "own", *options, "--", USER_PYTHON, str(COUNTER),
                           "serve", str(PORT), name)  # fmt: skip
         return str(started["address"]).split("/")[0]
 
@@ -107,20 +130,23 @@ def client(node: Node, tmp_path: Path) -> Iterator[Callable[[str], Client]]:
         made.end()
 
 
-def _talking(node: Node, client: Callable[[str], Client]) -> tuple[str, str, Client]:
-    """A counter server in a container of its own network, and a client talking to it: its name, address and
-    the client, which has had answers already."""
+def _talking(node: Node, client: Callable[[str], Client], *options: str) -> tuple[str, str, Client]:
+    """A counter server in a container of its own network (with `options` of `run`), and a client talking to it:
+    its name, address and the client, which has had answers already."""
     name = unique_name("net")
-    address = node.serve(name)
+    address = node.serve(name, *options)
     talking = client(address)
     talking.wait_more()
     return name, address, talking
 
 
+@KINDS
 def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
-    node: Node, client: Callable[[str], Client], tmp_path: Path
+    node: Node, client: Callable[[str], Client], tmp_path: Path, kind: tuple[str, ...]
 ) -> None:
-    name, address, talking = _talking(node, client)
+    name, address, talking = _talking(node, client, *kind)
+    user = CONFINED_USER if kind else 0
+    assert node.serves_as(name) == user
 
     taken = node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
     talking.wait_more()
@@ -155,15 +181,15 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     assert answers == list(range(1, len(answers) + 1))  # each checked as it came: none lost, none twice
     assert f"from {name}" in talking.output.read_text()
     assert node.addresses()[name] == f"{address}/16"
+    assert node.serves_as(name) == user
 
 
+@KINDS
 def test_a_copy_restored_with_tcp_close_takes_another_address(
-    node: Node, client: Callable[[str], Client], tmp_path: Path
+    node: Node, client: Callable[[str], Client], tmp_path: Path, kind: tuple[str, ...]
 ) -> None:
-    name, copy = unique_name("net"), unique_name("copy")
-    address = node.serve(name)
-    talking = client(address)
-    talking.wait_more()
+    name, address, talking = _talking(node, client, *kind)
+    copy = unique_name("copy")
     node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"), "--leave-running")
 
     taken = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), "--name", copy)
@@ -174,6 +200,7 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
     other = node.addresses()[copy].split("/")[0]
     assert other != address
     assert node.ask(other, PORT) == name  # the copy's server, as it was archived
+    assert f"lladdr {network.mac_of(ipaddress.IPv4Address(other))} " in node.ip("neigh", "show", other)  # its own MAC
     talking.wait_more()  # the original's connection never saw the copy
     assert talking.finish()
 
@@ -224,7 +251,8 @@ def test_bad_network_input_is_refused_before_the_container_starts(node: Node) ->
     try:
         wait_for(lambda: _listens(node, 18095), what="the node's own listener")
         cases["node port 18095/tcp is in use on this node"] = ["--net", "own", "--publish", "18095:80"]
-        for reason, options in cases.items():
+        # A container with its own root and users is refused alike.
+        for reason, options in [*cases.items(), *((r, [*CONFINED, *o]) for r, o in cases.items())]:
             refused = node.kerrickpt("run", "--name", unique_name("bad"), *options, "--", "sleep", "60")
             assert refused.returncode == 2, (options, refused.stderr)
             assert reason in refused.stderr, (options, refused.stderr)

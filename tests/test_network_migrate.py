@@ -2,7 +2,8 @@
 a client on the segment keeps its connection, every answer checked, post-copy too; a target off the segment is refused
 before the freeze and `--net-remap` moves the container there with a new address; a migration that fails resumes the
 source with its connections; an address another machine of the segment holds is refused before the freeze, and the
-source never hands out the address of a container that migrated away."""
+source never hands out the address of a container that migrated away. Confined containers (their own root and users,
+the server running as a user) move with their connections too."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from bench.lab import pipe_max_size
 from kerrickpt import netports, netsettings, network
 from kerrickpt.localnodes import SEGMENT, Cluster, Node
 from kerrickpt.node import LAZY_PIPE_SIZE
-from tests.helpers import COUNTER, Client, unique_name, wait_for
+from tests.helpers import CONFINED, CONFINED_USER, COUNTER, USER_PYTHON, Client, uid_inside, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
 PORT = 7000
 Talk = Callable[[list[str], str], Client]
+# Each test of a connection's move runs for a plain container and for a confined one, whose server runs as a user.
+KINDS = pytest.mark.parametrize("kind", [(), CONFINED], ids=["plain", "confined"])
 
 
 @pytest.fixture
@@ -41,10 +44,11 @@ def talk(tmp_path: Path) -> Iterator[Talk]:
         client.end()
 
 
-def _serve(node: Node, name: str) -> str:
-    """Start the counter server as container `name` on `node`, with a network of its own; its ADDR/PREFIX."""
-    started = node.kerrickpt("run", "--json", "--name", name, "--net", "own", "--", sys.executable, str(COUNTER),
-                             "serve", str(PORT), name)  # fmt: skip
+def _serve(node: Node, name: str, *options: str) -> str:
+    """Start the counter server as container `name` on `node`, with a network of its own (and `options` of `run`);
+    its ADDR/PREFIX."""
+    started = node.kerrickpt("run", "--json", "--name", name, "--net", "own", *options, "--", USER_PYTHON,
+                             str(COUNTER), "serve", str(PORT), name)  # fmt: skip
     assert started.returncode == 0, started.stderr
     return str(json.loads(started.stdout)["address"])
 
@@ -61,11 +65,11 @@ def _rows(node: Node) -> dict[str, dict[str, object]]:
     return {row["name"]: row for row in node.json("ps")}
 
 
-def _talking(cluster: Cluster, node: Node, talk: Talk) -> tuple[str, str, Client]:
-    """A counter server started on `node` (see _serve) and a client on the LAN answered by it: its name, address
-    and client."""
+def _talking(cluster: Cluster, node: Node, talk: Talk, *options: str) -> tuple[str, str, Client]:
+    """A counter server started on `node` (see _serve, with `options`) and a client on the LAN answered by it: its
+    name, address and client."""
     name = unique_name("net")
-    address = _serve(node, name)
+    address = _serve(node, name, *options)
     client = talk(_in(cluster.switch), address.split("/")[0])
     client.wait_more()
     return name, address, client
@@ -77,6 +81,11 @@ def _stayed(source: Node, target: Node, name: str) -> None:
     assert name not in _rows(target)
 
 
+def _serves_as(node: Node, name: str) -> int:
+    """The uid container `name`'s server on `node` runs as, inside."""
+    return uid_inside(int(str(_rows(node)[name]["init_pid"])))
+
+
 def _in_sequence(client: Client, name: str) -> None:
     """Once `client` has more answers, stop it: each answer came from `name`, in turn, none lost or twice (the client
     checked each)."""
@@ -86,19 +95,23 @@ def _in_sequence(client: Client, name: str) -> None:
     assert f"from {name}" in client.output.read_text()
 
 
-def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(cluster: Cluster, talk: Talk) -> None:
+@KINDS
+def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
+) -> None:
     a, b = cluster.nodes
     # The LAN's switch drops IPv6 frames, which a container sends as its link comes up: so it learns the
     # container's new place from the announcement alone (else from them, about a second later).
     drop = ["ebtables", "-t", "nat", "-A", "PREROUTING", "-p", "IPv6", "-j", "DROP"]
     subprocess.run([*_in(cluster.switch), *drop], check=True, timeout=30)
-    name, address, client = _talking(cluster, a, talk)
+    name, address, client = _talking(cluster, a, talk, *kind)
 
     moved = _migrate(cluster, a, b, name)
 
     assert moved.returncode == 0, moved.stderr
     answer = json.loads(moved.stdout)
     assert answer["address"] == address
+    assert _serves_as(b, name) == (CONFINED_USER if kind else 0)
     # Cut off on a once frozen, connected on b before b answered: the network lock lies within the downtime.
     assert 0 < answer["timings"]["network_lock_s"] < answer["downtime_s"]
     # Announced from b before the migration ended: the LAN's switch sends the container's frames to b's port.
@@ -144,11 +157,12 @@ def test_the_source_never_hands_out_the_address_of_a_container_that_migrated_awa
     )
 
 
+@KINDS
 def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connection(
-    cluster: Cluster, talk: Talk
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
 ) -> None:
     a, b = cluster.nodes
-    name, _, client = _talking(cluster, a, talk)
+    name, _, client = _talking(cluster, a, talk, *kind)
 
     # Restored on b, then failed: b never connected it, and a takes its connection back.
     failed = a.kerrickpt("migrate", name, *cluster.migrate_args(b), env={"KERRICKPT_FAULT": "restore-after-criu:fail"})
@@ -176,8 +190,9 @@ def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_f
     _stayed(a, b, name)
 
 
+@KINDS
 def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_to_a_new_address(
-    cluster: Cluster, talk: Talk
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
 ) -> None:
     a, b = cluster.nodes
     # b's node network is joined to an interface that reaches no other node, not to the LAN.
@@ -187,7 +202,7 @@ def test_a_target_off_the_segment_is_refused_and_net_remap_moves_the_container_t
     b.extra_env[netsettings.SEGMENT_ENV] = "lanx"
     b.start_sshd()
     cluster.wait_for_sshd(b)
-    name, address, client = _talking(cluster, a, talk)
+    name, address, client = _talking(cluster, a, talk, *kind)
 
     refused = _migrate(cluster, a, b, name)
 

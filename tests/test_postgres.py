@@ -13,8 +13,8 @@ import pytest
 import kerrickpt
 from kerrickpt import containers
 from kerrickpt.localnodes import Cluster, Node
-from tests.helpers import cli, unique_name
-from tests.test_confined import host_status, upper
+from tests.helpers import cli, host_status, unique_name
+from tests.test_confined import upper
 
 pytestmark = pytest.mark.root
 
