@@ -153,6 +153,14 @@ def _key(args: argparse.Namespace) -> keys.Key | None:
     return keys.load(Path(path), _passphrase) if path else None
 
 
+def _sealing_key(args: argparse.Namespace) -> keys.Key | None:
+    """The key `--encrypt` seals with (see `_key`), None without --encrypt. --encrypt without a key is a usage
+    error (exit 2, as the key without --encrypt is), said before any key file is read."""
+    if args.encrypt and not (args.key_file or os.environ.get(KEY_FILE_ENV)):
+        raise UsageError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create FILE`)")
+    return _key(args) if args.encrypt else None
+
+
 def cmd_key_create(args: argparse.Namespace) -> tuple[Any, int]:
     key = keys.create(args.file, _passphrase(twice=True) if args.passphrase else None)
     if not args.json:
@@ -398,11 +406,9 @@ def cmd_gc(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
-    if args.encrypt and not (args.key_file or os.environ.get(KEY_FILE_ENV)):
-        raise UsageError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create FILE`)")
     if args.key_file and not args.encrypt:
         raise UsageError("--key-file: add --encrypt to encrypt the archive with it")
-    key = _key(args) if args.encrypt else None
+    key = _sealing_key(args)
     with _watched(args):
         result = kerrickpt.checkpoint(
             args.name,
@@ -641,11 +647,9 @@ def _snapshot_rows(rows: list[kerrickpt.Snapshot], broken: dict[Path, str]) -> l
 
 
 def cmd_snapshots_init(args: argparse.Namespace) -> tuple[Any, int]:
-    key = _key(args)
-    if args.encrypt and key is None:
-        raise KeyUnusableError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create`)")
-    if key is not None and not args.encrypt:
-        raise UsageError("a key was given (--key-file or $KERRICKPT_KEY_FILE): add --encrypt for an encrypted store")
+    if not args.encrypt and (args.key_file or os.environ.get(KEY_FILE_ENV)):
+        raise UsageError(f"a key was given (--key-file or ${KEY_FILE_ENV}): add --encrypt for an encrypted store")
+    key = _sealing_key(args)
     store = kerrickpt.Store.deduplicating(args.store, key)
     if not args.json:
         sealed = f", encrypted with key {store.key_id}" if store.key_id else ""
