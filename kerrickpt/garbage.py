@@ -51,8 +51,8 @@ def find(registry: containers.Registry) -> list[Leftover]:
     ]
     found += [
         Leftover(PROBE, str(netlinks.NETNS_DIR / netns), "the `kerrickpt check` that probed with it died")
-        for netns, pid in netlinks.probes()
-        if procs.start_time(pid) is None
+        for netns, pid, start in netlinks.probes()
+        if not _prober_alive(pid, start)
     ]
     found += [
         Leftover(MARKER, str(marker), "its receiver died")
@@ -96,6 +96,11 @@ def gc(state_dir: Path | str | None = None, *, dry_run: bool = False) -> list[Le
 def _incoming(registry: containers.Registry, suffix: str) -> list[Path]:
     directory = registry.root / "incoming"
     return [p for p in directory.iterdir() if p.suffix == suffix] if directory.is_dir() else []
+
+
+def _prober_alive(pid: int, start: int | None) -> bool:
+    """Whether the process that made a probe namespace lives (see netlinks.probes)."""
+    return procs.start_time(pid) is not None if start is None else procs.is_alive(pid, start)
 
 
 def _scratch_owner_dead(path: Path) -> bool:
