@@ -527,10 +527,7 @@ def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
     """A channel to the target's receiver, once it is ready for the archive."""
-    try:
-        channel = transport.Channel(link, receive)
-    except OSError as exc:  # ssh cannot even start (no such program, no memory)
-        raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
+    channel = transport.open_channel(link, receive)
     try:
         channel.ready()
     except BaseException:
