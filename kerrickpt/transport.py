@@ -151,6 +151,21 @@ def call(
     return answer
 
 
+def call_holding(
+    link: Link, remote_args: Sequence[str], request: dict[str, Any], timeout: float = CALL_TIMEOUT
+) -> tuple[Channel, dict[str, Any]]:
+    """As `call`, for a remote command that reads its request as one frame and lives on after its answer until its
+    stdin ends: the channel to it, which the caller closes, and its answer."""
+    channel = open_channel(link, remote_args)
+    try:
+        channel.send(DATA, json.dumps(request).encode())
+        answer = channel.answer(timeout, "waiting for its answer")
+    except BaseException:
+        channel.close()
+        raise
+    return channel, answer
+
+
 def open_channel(link: Link, remote_args: Sequence[str]) -> Channel:
     """A Channel to a remote kerrickpt; TransportError if ssh cannot even start (no such program, no memory)."""
     try:

@@ -568,6 +568,7 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
             force=args.force,
             lazy=args.lazy,
             net_remap=args.net_remap,
+            reserved=args.reserved,
             state_dir=args.state_dir,
         )
         return None, code
@@ -575,8 +576,9 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         postcopy.serve(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
         return None, 0
     if args.op == "preflight":
-        answer = receiver.preflight(sys.stdin.buffer.read(), args.state_dir)
-    elif args.op == "sink":
+        receiver.answer_preflight(sys.stdin.buffer, sys.stdout, hold=args.hold, state_dir=args.state_dir)
+        return None, 0
+    if args.op == "sink":
         answer = transport.sink(sys.stdin.buffer)
     elif args.op == "reap":
         answer = receiver.reap(args.migration_id, args.state_dir)
@@ -972,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--lazy", action="store_true")
     p.add_argument("--net-remap", action="store_true")
+    p.add_argument("--hold", action="store_true")  # preflight: hold its claims until the source closes
+    p.add_argument("--reserved", action="store_true")  # receive: a held pre-flight claimed for it
 
     p = sub.add_parser(
         "snapshot",
