@@ -12,13 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command
+from kerrickpt import command, procs
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
 from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
-PROBE = "kpn-probe-"  # and the PID of the `kerrickpt check` that probes with it: a network namespace of cut_off_fails
+# And the PID and start time of the `kerrickpt check` that probes with it (see `probes`): a network namespace of
+# cut_off_fails.
+PROBE = "kpn-probe-"
 TIMEOUT = 10.0
 CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
 
@@ -172,7 +174,8 @@ def is_cut_off(veth: str) -> bool:
 def cut_off_fails() -> str | None:
     """Why a container could not be cut off its network on this node, None if it can: tried on a veth made in a
     network namespace of its own (gone afterwards), set down and up again as `cut_off` and `connect` do."""
-    netns = f"{PROBE}{os.getpid()}"
+    me = os.getpid()
+    netns = f"{PROBE}{me}-{procs.start_time(me)}"
     try:
         _ip("netns", "add", netns)
         try:
@@ -186,11 +189,17 @@ def cut_off_fails() -> str | None:
     return None
 
 
-def probes() -> list[tuple[str, int]]:
-    """The network namespaces `cut_off_fails` made that are still there, each with the PID of the process that made it
-    (one killed mid-probe cannot remove its own)."""
+def probes() -> list[tuple[str, int, int | None]]:
+    """The network namespaces `cut_off_fails` made that are still there (one killed mid-probe cannot remove its own),
+    each with the PID and start time of the process that made it: the start time tells a PID reused since from its
+    maker (None: named by a kerrickpt from before, with the PID alone)."""
     names = sorted(path.name for path in NETNS_DIR.glob(f"{PROBE}*")) if NETNS_DIR.is_dir() else []
-    return [(name, int(pid)) for name in names if (pid := name.removeprefix(PROBE)).isdigit()]
+    found = []
+    for name in names:
+        pid, _, start = name.removeprefix(PROBE).partition("-")
+        if pid.isdigit() and (start.isdigit() or not start):
+            found.append((name, int(pid), int(start) if start else None))
+    return found
 
 
 def exists(ifname: str) -> bool:
