@@ -1,21 +1,18 @@
-"""The store benchmark's own parts: its fixed-chunk store keeps a changed chunk once; memload rewrites its share, and
-so does redisload of redis's keys."""
+"""The store benchmark's own parts: its fixed-chunk store keeps a changed chunk once; memload rewrites its share."""
 
 from __future__ import annotations
 
 import random
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bench.engines import ENGINES, Bench, Cas, digests, summary, tree_size
-from bench.lab import CHURNED, REDISLOAD, redis_server
+from bench.lab import CHURNED
 from kerrickpt import archivewriter
 from kerrickpt.manifest import Manifest
 from tests.test_store import SOURCE
@@ -115,27 +112,3 @@ def test_memload_rewrites_its_share_of_pages_on_sigusr2_and_verifies_against_the
     finally:
         process.kill()
         process.wait(timeout=30)
-
-
-def _redisload(*args: str) -> dict[str, str]:
-    done = subprocess.run([sys.executable, str(REDISLOAD), *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return dict(field.split("=", 1) for field in done.stdout.split()[1:])
-
-
-@pytest.mark.root  # redis runs as the user redis
-def test_redisload_fills_redis_to_its_size_and_rewrites_its_share_of_keys() -> None:
-    with socket.socket() as probe:  # a free port of loopback: this redis listens nowhere else
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([*redis_server(port), "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
-    try:
-        filled = _redisload("fill", "127.0.0.1", str(port), "16")
-        assert 16 <= int(filled["used_mib"]) <= 17  # one batch of keys, about 1 MiB, past the size asked for
-        churned = _redisload("churn", "127.0.0.1", str(port), "5")
-        assert int(churned["keys"]) == int(filled["keys"]) * 5 // 100
-        assert churned["sum"] != filled["sum"]
-        assert _redisload("digest", "127.0.0.1", str(port)) == {"sum": churned["sum"]}
-    finally:
-        server.kill()
-        server.wait(timeout=30)
