@@ -27,9 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -44,16 +42,14 @@ from typing import Any
 import xxhash
 import zstandard
 
-from bench.lab import MIB, SAMPLE_INTERVAL, BenchError, Job, Lab, kerrickpt, removed, timeout_for, wait_for_line
+from bench.lab import CHURN_PERCENT, MIB, SAMPLE_INTERVAL, BenchError, Lab, kerrickpt, removed, timeout_for
 from kerrickpt import archive, archivewriter, cgroups, dedupstore, keys, sources
 from kerrickpt.store import Store
 
-CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
 LEVEL = 3  # what `snapshot` writes its archives with
 BORG_COMPRESSION = f"zstd,{LEVEL}"  # borg's default is lz4: zstd 3 compares like with like
 BATCH = 8 * MIB  # what our store reads, hashes and compresses at once
 SNAPSHOTS = 6
-CHURN_PERCENT = 5
 THREADS = os.cpu_count() or 2  # our store hashes and compresses on every core, as the archive writer compresses
 REPO = Path(__file__).resolve().parent.parent
 
@@ -412,15 +408,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def churn(job: Job, mib: int) -> int:
-    """Have the workload rewrite its share of pages; the pages it rewrote."""
-    offset = job.log.stat().st_size
-    os.kill(job.pid, signal.SIGUSR2)
-    match = wait_for_line(job.log, CHURNED, offset, timeout_for(mib))
-    job.expected_sum = match.group(2)
-    return int(match.group(1))
-
-
 def measure(
     lab: Lab, mib: int, kind: str, snapshots: int, engines: list[Engine], churn_at: tuple[int, int]
 ) -> tuple[Bench, bool]:
@@ -434,7 +421,7 @@ def measure(
         kept: dict[int, Path] = {}
         for index in range(snapshots):
             if index:
-                churn(job, mib)
+                job.churn(mib)
             taken = work / f"taken-{index}.kckpt"
             kerrickpt(job.node, "checkpoint", job.name, "-o", str(taken), "--leave-running", "--level", str(LEVEL),
                       timeout=limit)  # fmt: skip

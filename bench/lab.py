@@ -35,6 +35,8 @@ RUNC_CGROUP = "kerrickpt-bench-runc"
 MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
+CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
+CHURN_PERCENT = 5  # of the pages the store cases' workload rewrites between snapshots (issue 16's share)
 CONNECTED = re.compile(r"^connected \d+$", re.M)  # bench/echo.py's clients, all connected
 SAMPLE_INTERVAL = 0.02
 # Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
@@ -134,6 +136,15 @@ class Job:
     def verify(self, mib: int) -> bool:
         """Ask the workload to hash its memory again; True if it matches what it wrote."""
         return verify(self.log, self.pid, self.expected_sum, mib)
+
+    def churn(self, mib: int) -> int:
+        """Have the workload (started with `churn`, see Lab.start) rewrite its share of pages; the pages it rewrote.
+        What it verifies against from then on is its new memory."""
+        offset = self.log.stat().st_size
+        os.kill(self.pid, signal.SIGUSR2)
+        match = wait_for_line(self.log, CHURNED, offset, timeout_for(mib))
+        self.expected_sum = match.group(2)
+        return int(match.group(1))
 
 
 def verify(log: Path, pid: int, expected_sum: str, mib: int) -> bool:
