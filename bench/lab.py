@@ -36,9 +36,9 @@ MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
 CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
-CHURN_PERCENT = 5  # of the pages the store cases' workload rewrites between snapshots (issue 16's share)
 CONNECTED = re.compile(r"^connected \d+$", re.M)  # bench/echo.py's clients, all connected
 SAMPLE_INTERVAL = 0.02
+CHURN_PERCENT = 5  # of the pages the store cases' workload rewrites between snapshots (issue 16's share)
 # Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
 # hide the host's path.
 BIN = "/opt/kerrickpt-bench"
@@ -138,8 +138,7 @@ class Job:
         return verify(self.log, self.pid, self.expected_sum, mib)
 
     def churn(self, mib: int) -> int:
-        """Have the workload (started with `churn`, see Lab.start) rewrite its share of pages; the pages it rewrote.
-        What it verifies against from then on is its new memory."""
+        """Have the workload rewrite its share of pages (see Lab.start's `churn`); the pages it rewrote."""
         offset = self.log.stat().st_size
         os.kill(self.pid, signal.SIGUSR2)
         match = wait_for_line(self.log, CHURNED, offset, timeout_for(mib))
