@@ -7,6 +7,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,30 +261,9 @@ class Results:
                     ratio = f"{statistics.median(values) / den:.2f}x {baselines[name].baseline}"
                 low, mid, high = spread(values).values()
                 lines.append(f"{mib:>5} {kind:<6} {name:<30} {low:>9.3f} {mid:>9.3f} {high:>9.3f}  {ratio}")
-        if repeated := self.repeated():
-            lines += ["", f"{'MiB':>5} {'kind':<6} {'repeated snapshots':>18} {'frozen median':>13} {'p95':>7} "
-                      f"{'max':>7} {'p95/median':>10} {'run s (median)':>14}"]  # fmt: skip
-            for r in repeated:
-                total = "-" if r["total_s"] is None else f"{r['total_s']:.2f}"
-                lines.append(f"{r['mib']:>5} {r['kind']:<6} {r['snapshots']:>18} {r['median']:>13.3f} {r['p95']:>7.3f} "
-                             f"{r['max']:>7.3f} {r['p95_over_median']:>10.2f} {total:>14}")  # fmt: skip
-        if stores := self.dedup():
-            lines += ["", f"{'MiB':>5} {'kind':<6} {'dedup store':<11} {'snapshots':>9} {'growth x':>8} {'total x':>7} "
-                      f"{'frozen s':>8} {'snapshot s':>10} {'restore s':>9} {'slowest':>7}"]  # fmt: skip
-            for r in stores:
-                growth = "-" if r["growth_x"] is None else f"{r['growth_x']:.3f}"
-                lines.append(f"{r['mib']:>5} {r['kind']:<6} {r['store']:<11} {r['snapshots']:>9} {growth:>8} "
-                             f"{r['total_x']:>7.2f} {r['frozen_s']:>8.3f} {r['snapshot_s']:>10.2f} "
-                             f"{r['restore_s']:>9.2f} {r['restore_max_s']:>7.2f}")  # fmt: skip
-        if costs := self.layer_costs():
-            lines += ["", f"{'MiB':>5} {'kind':<6} {'layer':>5} {'phase (medians)':<18} {'tar MiB':>8} "
-                      f"{'archive +MiB':>12} {'plain MiB/s':>11} {'added s':>8} {'budget s':>8}"]  # fmt: skip
-            for c in costs:
-                numbers = [c[k] for k in ("layer_tar_mib", "layer_archive_mib", "plain_archive_mib_per_s",
-                                          "extra_s", "budget_s")]  # fmt: skip
-                tar, grown, speed, extra, budget = ("-" if n is None else f"{n:.2f}" for n in numbers)
-                lines.append(f"{c['mib']:>5} {c['kind']:<6} {c['layer_mib']:>5} {c['phase']:<18} {tar:>8} "
-                             f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
+        lines += _block(REPEATED_HEAD, self.repeated(), _repeated_line)
+        lines += _block(DEDUP_HEAD, self.dedup(), _dedup_line)
+        lines += _block(COSTS_HEAD, self.layer_costs(), _cost_line)
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
         head = "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted, dedup) or 17 (repeated)"
@@ -304,6 +284,43 @@ class Results:
             summary += ": BAD after " + ", ".join(f"{c['restore']} ({c['mib']} MiB {c['kind']})" for c in bad)
         lines += ["", summary]
         return "\n".join(lines)
+
+
+# The tables below the samples, each with its head and a function making the line of one of its rows.
+REPEATED_HEAD = (f"{'MiB':>5} {'kind':<6} {'repeated snapshots':>18} {'frozen median':>13} {'p95':>7} {'max':>7} "
+                 f"{'p95/median':>10} {'run s (median)':>14}")  # fmt: skip
+DEDUP_HEAD = (f"{'MiB':>5} {'kind':<6} {'dedup store':<11} {'snapshots':>9} {'growth x':>8} {'total x':>7} "
+              f"{'frozen s':>8} {'snapshot s':>10} {'restore s':>9} {'slowest':>7}")  # fmt: skip
+COSTS_HEAD = (f"{'MiB':>5} {'kind':<6} {'layer':>5} {'phase (medians)':<18} {'tar MiB':>8} {'archive +MiB':>12} "
+              f"{'plain MiB/s':>11} {'added s':>8} {'budget s':>8}")  # fmt: skip
+
+
+def _block(head: str, rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table below the samples: a blank line, `head`, and `line` of each of `rows`; nothing without rows."""
+    return ["", head, *map(line, rows)] if rows else []
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _repeated_line(r: dict[str, Any]) -> str:
+    return (f"{r['mib']:>5} {r['kind']:<6} {r['snapshots']:>18} {r['median']:>13.3f} {r['p95']:>7.3f} {r['max']:>7.3f} "
+            f"{r['p95_over_median']:>10.2f} {_number(r['total_s']):>14}")  # fmt: skip
+
+
+def _dedup_line(r: dict[str, Any]) -> str:
+    growth = "-" if r["growth_x"] is None else f"{r['growth_x']:.3f}"
+    return (f"{r['mib']:>5} {r['kind']:<6} {r['store']:<11} {r['snapshots']:>9} {growth:>8} {r['total_x']:>7.2f} "
+            f"{r['frozen_s']:>8.3f} {r['snapshot_s']:>10.2f} {r['restore_s']:>9.2f} "
+            f"{r['restore_max_s']:>7.2f}")  # fmt: skip
+
+
+def _cost_line(c: dict[str, Any]) -> str:
+    tar, grown, speed, extra, budget = (_number(c[k]) for k in ("layer_tar_mib", "layer_archive_mib",
+                                        "plain_archive_mib_per_s", "extra_s", "budget_s"))  # fmt: skip
+    return (f"{c['mib']:>5} {c['kind']:<6} {c['layer_mib']:>5} {c['phase']:<18} {tar:>8} {grown:>12} {speed:>11} "
+            f"{extra:>8} {budget:>8}")  # fmt: skip
 
 
 def _row(
