@@ -47,7 +47,7 @@ from typing import Any
 import xxhash
 import zstandard
 
-from bench.lab import MIB, REDIS, SAMPLE_INTERVAL, BenchError, Lab, kerrickpt, removed, timeout_for
+from bench.lab import CHURN_PERCENT, MIB, REDIS, SAMPLE_INTERVAL, BenchError, Lab, kerrickpt, removed, timeout_for
 from kerrickpt import archive, archivewriter, cgroups, dedupstore, keys, sources
 from kerrickpt.store import Store
 
@@ -55,7 +55,6 @@ LEVEL = 3  # what `snapshot` writes its archives with
 BORG_COMPRESSION = f"zstd,{LEVEL}"  # borg's default is lz4: zstd 3 compares like with like
 BATCH = 8 * MIB  # what our store reads, hashes and compresses at once
 SNAPSHOTS = 6
-CHURN_PERCENT = 5
 THREADS = os.cpu_count() or 2  # our store hashes and compresses on every core, as the archive writer compresses
 REPO = Path(__file__).resolve().parent.parent
 

@@ -42,6 +42,8 @@ READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
 CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
 CONNECTED = re.compile(r"^connected \d+$", re.M)  # bench/echo.py's clients, all connected
 SAMPLE_INTERVAL = 0.02
+ACTION_COMMANDS = ("key", "snapshots")  # kerrickpt commands whose first argument is an action
+CHURN_PERCENT = 5  # of the pages the store cases' workload rewrites between snapshots (issue 16's share)
 # Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
 # hide the host's path.
 BIN = "/opt/kerrickpt-bench"
@@ -455,8 +457,10 @@ def kerrickpt(node: Node, *args: str, timeout: float) -> tuple[Any, float, float
     """Run `kerrickpt ARGS --json` on `node`: its answer, wall time and the peak memory of kerrickpt's processes."""
     with PeakMemory() as peak:
         started = time.monotonic()
-        # --json right after the command: after `run ... --` it would go to the container's command.
-        result = node.kerrickpt(args[0], "--json", *args[1:], timeout=timeout)
+        # --json right after the command (and its action: `snapshots init`): after `run ... --` it would go to the
+        # container's command.
+        at = 2 if args[0] in ACTION_COMMANDS else 1
+        result = node.kerrickpt(*args[:at], "--json", *args[at:], timeout=timeout)
         elapsed = time.monotonic() - started
     if result.returncode != 0:
         raise BenchError(f"kerrickpt {' '.join(args)} on node {node.name} exited {result.returncode}:\n"
