@@ -143,8 +143,8 @@ class Target(abc.ABC):
 
 
 @dataclass
-class _Pending:
-    """A file's bytes not yet in a member of the archive, and the members it has had.
+class Held:
+    """A file's bytes not yet handed on (into a member of an archive, or cut into a store's chunks).
 
     The bytes wait as the immutable pieces they came in, never in a buffer that grows and
     shrinks: whoever a member's bytes reach may keep them (a broken link's traceback keeps
@@ -153,7 +153,6 @@ class _Pending:
 
     pieces: deque[bytes | memoryview] = field(default_factory=deque)  # memoryviews of bytes only
     held: int = 0  # the bytes in `pieces`
-    chunks: int = 0
 
     def add(self, data: bytes) -> None:
         self.pieces.append(data)
@@ -172,6 +171,13 @@ class _Pending:
             size -= len(piece)
             self.held -= len(piece)
         return taken
+
+
+@dataclass
+class _Pending(Held):
+    """A file's bytes not yet in a member of the archive, and the members it has had."""
+
+    chunks: int = 0
 
 
 class Writer(Target):

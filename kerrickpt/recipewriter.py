@@ -8,7 +8,6 @@ import logging
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,6 @@ ADD_BYTES = 8 << 20
 log = logging.getLogger(__name__)
 
 Place = Callable[[Path, Manifest, Path], contextlib.AbstractContextManager[None]]
-
-
-@dataclass
-class _Held:
-    """A file's bytes not yet cut: less than ADD_BYTES, as the immutable pieces they came in."""
-
-    pieces: list[bytes] = field(default_factory=list)
-    size: int = 0
 
 
 class Writer(archivewriter.Target):
@@ -58,7 +49,7 @@ class Writer(archivewriter.Target):
         self.directory = directory
         self.final = final
         self.place = place
-        self.held: dict[str, _Held] = {}
+        self.pending: dict[str, archivewriter.Held] = {}  # each open file's bytes not cut yet: under ADD_BYTES
         self.refs: dict[str, array[int]] = {}  # each file's chunks, as Adding.add gives them
         self.addresses: dict[str, Any] = {}  # each file's chunk addresses, hashed (sha256) in order
         self.checked: set[int] = set()  # chunks shared with older snapshots, read back whole
@@ -84,23 +75,20 @@ class Writer(archivewriter.Target):
         return self._adding
 
     def _put(self, name: str, data: bytes) -> None:
-        held = self.held.setdefault(name, _Held())
+        pending = self.pending.setdefault(name, archivewriter.Held())
         # Kept as it came, unless the caller may change it afterwards.
-        held.pieces.append(data if isinstance(data, bytes) else bytes(data))
-        held.size += len(data)
-        if held.size >= ADD_BYTES:
-            joined = b"".join(held.pieces)
-            whole = len(joined) - len(joined) % chunks.CHUNK
-            self._add(name, memoryview(joined)[:whole])
-            held.pieces, held.size = [joined[whole:]], len(joined) - whole
+        pending.add(data if isinstance(data, bytes) else bytes(data))
+        if pending.held >= ADD_BYTES:
+            self._add(name, pending.take(pending.held - pending.held % chunks.CHUNK))
 
     def _close(self, member: Member) -> None:
-        held = self.held.pop(member.name, None)
-        if held and held.size:  # its tail, now: a snapshot has many files, whose tails are not held to its end
-            self._add(member.name, memoryview(b"".join(held.pieces)))
+        pending = self.pending.pop(member.name, None)
+        if pending and pending.held:  # its tail, now: a snapshot has many files, whose tails are not held to its end
+            self._add(member.name, pending.take(pending.held))
 
-    def _add(self, name: str, data: memoryview) -> None:
-        """Cut `data`, the next bytes of the file `name`, into chunks; store those the store lacks."""
+    def _add(self, name: str, pieces: list[bytes | memoryview]) -> None:
+        """Cut `pieces`, the next bytes of the file `name`, into chunks; store those the store lacks."""
+        data = memoryview(b"".join(pieces))
         seen = self.addresses.setdefault(name, hashlib.sha256())
         refs = self.adding.add(data, seen.update)
         while damaged := self._damaged(refs):
