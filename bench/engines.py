@@ -6,7 +6,7 @@ images are unpacked and stored, in turn, in every engine: a plain kerrickpt arch
 baseline), borg repositories (its default content-defined chunker, a finer one, a fixed
 one), a minimal content-addressed store of our own with fixed-size chunks, and kerrickpt's
 deduplicating store itself, plain and encrypted (what `snapshot` does after the freeze: the
-incoming archive written and taken in; read back as `restore --store` reads it). Each store
+images cut into chunks as they are written; read back as `restore --store` reads it). Each store
 and each read-back runs as a process of its own, whose wall time and peak RSS (VmHWM) are
 taken, so borg and our engine are measured alike. After the snapshots, the first and the
 last are read back in full from every engine and compared with the images they came from.
@@ -48,7 +48,7 @@ import xxhash
 import zstandard
 
 from bench.lab import CHURN_PERCENT, MIB, REDIS, SAMPLE_INTERVAL, BenchError, Lab, kerrickpt, removed, timeout_for
-from kerrickpt import archive, archivewriter, cgroups, dedupstore, keys, sources
+from kerrickpt import archive, archivewriter, cgroups, keys, sources
 from kerrickpt.store import Store
 
 LEVEL = 3  # what `snapshot` writes its archives with
@@ -242,12 +242,10 @@ def worker(job: dict[str, Any]) -> None:
         key = keys.load(Path(job["key"])) if engine.sealed else None
         store = Store(repo, key)
         if verb == "store":
-            with store.lock(SERIES):
+            with store.lock(SERIES), store.taking_in(SERIES, level=LEVEL) as intake:
                 images = Path(job["images"])
                 files = {f"images/{p.name}": p for p in images.iterdir()}
-                manifest = archive.read_manifest(Path(job["manifest"]))
-                archivewriter.write(store.incoming(SERIES), manifest, files, level=dedupstore.INCOMING_LEVEL)
-                store.publish(SERIES, level=LEVEL)
+                intake.writer.commit_files(archive.read_manifest(Path(job["manifest"])), files)
         else:
             snap = store.list(SERIES)[int(job["name"].removeprefix("snap-"))]  # its id is its time: the n-th
             with sources.opened(snap.path, key) as source:

@@ -20,6 +20,7 @@ import msgspec
 import tenacity
 
 from kerrickpt import (
+    archivewriter,
     containers,
     criu,
     faults,
@@ -291,8 +292,8 @@ def _migrate(
         frozen_at = time.monotonic()
         try:
             manifest = capture(
-                found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
-                link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
+                found, registry, subject, archivewriter.Writer(path, level=level, mirror=live.write),
+                thaw_after_dump=False, link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it received
