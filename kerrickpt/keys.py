@@ -104,12 +104,14 @@ class Key:
     def seal(self, data: bytes | memoryview, bound: bytes) -> bytes:
         """`data` encrypted and authenticated with `bound` (bytes that must be the same to open it: where it
         belongs, so that sealed pieces cannot be swapped): a random nonce, then the ciphertext and its tag."""
-        return bytes(self.seal_into(data, bound, bytearray(NONCE_BYTES + len(data) + TAG_BYTES)))
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead(self.sealing).encrypt(nonce, data, bound)  # a view is not copied first
 
     def seal_into(self, data: bytes | memoryview, bound: bytes, buffer: bytearray | memoryview) -> memoryview:
         """`seal`, written into the start of `buffer` (room for NONCE_BYTES + len(data) + TAG_BYTES at least), which
-        it returns cut to that: who seals much reuses one buffer, as memory fresh for each megabyte sealed (its pages
-        faulted in, then a copy to put the nonce first) cost several times what the cipher does."""
+        it returns cut to that: who seals megabytes at a time reuses one buffer, as memory fresh for each (its pages
+        faulted in, then a copy to put the nonce first) cost several times what the cipher does. Not for small
+        pieces: for a 4 KiB chunk its views cost more than the copy they save (some 1.8 us against `seal`'s 1.1)."""
         nonce = os.urandom(NONCE_BYTES)
         sealed = memoryview(buffer)[: NONCE_BYTES + len(data) + TAG_BYTES]
         sealed[:NONCE_BYTES] = nonce
