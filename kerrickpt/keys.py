@@ -107,6 +107,17 @@ class Key:
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self._aead(self.sealing).encrypt(nonce, data, bound)  # a view is not copied first
 
+    def seal_into(self, data: bytes | memoryview, bound: bytes, buffer: bytearray | memoryview) -> memoryview:
+        """`seal`, written into the start of `buffer` (room for NONCE_BYTES + len(data) + TAG_BYTES at least), which
+        it returns cut to that: who seals megabytes at a time reuses one buffer, as memory fresh for each (its pages
+        faulted in, then a copy to put the nonce first) cost several times what the cipher does. Not for small
+        pieces: for a 4 KiB chunk its views cost more than the copy they save (some 1.8 us against `seal`'s 1.1)."""
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = memoryview(buffer)[: NONCE_BYTES + len(data) + TAG_BYTES]
+        sealed[:NONCE_BYTES] = nonce
+        self._aead(self.sealing).encrypt_into(nonce, data, bound, sealed[NONCE_BYTES:])  # a view is not copied first
+        return sealed
+
     def open(self, sealed: bytes | memoryview, bound: bytes, sealing: int, what: str) -> bytes:
         """The bytes `seal` sealed with `sealing` and `bound`; ArchiveCorruptError naming `what` if they were changed
         (or `bound` is not theirs): with the right key, that can only be tampering or damage."""
