@@ -598,14 +598,14 @@ def test_a_read_over_many_packs_keeps_few_open(store: Store, tmp_path: Path, mon
         last = take(store, "job1", T0 + timedelta(hours=hour), pages)
     assert len(list((store.root / ".chunks" / "packs").iterdir())) == 8
     most = []
-    pread = os.pread
+    preadv = os.preadv
 
-    def counted(fd: int, size: int, offset: int) -> bytes:
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
         most.append(packs_open())
-        return pread(fd, size, offset)
+        return preadv(fd, buffers, offset)
 
     monkeypatch.setattr(chunks, "OPEN_PACKS", 1)
-    monkeypatch.setattr(os, "pread", counted)
+    monkeypatch.setattr(os, "preadv", counted)
     assert read_back(last, tmp_path / "last") == pages
     assert max(most) <= 1 + (os.cpu_count() or 1)  # one kept, and one for each thread reading at that moment
 
