@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -49,7 +50,8 @@ ENTRY = struct.Struct("<4s32sBI")
 SEALING_AT = ENTRY.size - 5  # an entry's sealing byte: after its magic and address, before its length
 MAGIC = b"KCH1"
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
-BATCH = 256  # chunks a thread hashes, compresses or reads at a time
+BATCH = 256  # chunks a thread hashes or compresses at a time
+READ_BATCH = 1024  # chunks a read checks and decodes at a time: the fewer batches, the less Python per chunk
 LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
 GAP_BYTES = 8 << 10  # the most a read of a pack reads over between two entries it wants (dead or another's)
@@ -79,6 +81,7 @@ Row = tuple[int, bytes, str, int, int]
 
 _ID = operator.itemgetter(0)
 _PACK = operator.itemgetter(2)
+_COUNT = operator.itemgetter(1)
 
 
 class _Unchecked(Exception):
@@ -249,7 +252,7 @@ class Chunks:
         return located
 
     def read(self, runs: Iterable[tuple[int, int]], seen: Seen | None = None) -> Iterator[bytes]:
-        """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to BATCH
+        """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to READ_BATCH
         chunks; `seen` is given each piece's chunk addresses before it is yielded.
 
         Each is checked: its header names the address the index has for it, its seal (in an encrypted store)
@@ -267,13 +270,10 @@ class Chunks:
             # Each thread decompresses a batch while this one reads and checks the next.
             pending: collections.deque[tuple[concurrent.futures.Future[bytes], list[Row]]] = collections.deque()
             try:
-                for group in self._groups(runs):
-                    located = self.locate(group)
-                    for start in range(0, len(located), BATCH):
-                        batch = located[start : start + BATCH]
-                        pending.append((self._opened(packs, batch), batch))
-                        if len(pending) > self.threads:
-                            yield self._taken(packs, *pending.popleft(), seen)
+                for batch in self._batches(runs):
+                    pending.append((self._opened(packs, batch), batch))
+                    if len(pending) > self.threads:
+                        yield self._taken(packs, *pending.popleft(), seen)
                 while pending:
                     yield self._taken(packs, *pending.popleft(), seen)
             finally:
@@ -329,25 +329,30 @@ class Chunks:
             local.unzstd = zstandard.ZstdDecompressor()
         return local.unzstd
 
+    def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[list[Row]]:
+        """The chunks `runs` name, located, READ_BATCH at a time (a query locates fewer where runs are short)."""
+        located: list[Row] = []
+        for group in self._groups(runs):
+            located += self.locate(group)
+            while len(located) >= READ_BATCH:
+                yield located[:READ_BATCH]
+                del located[:READ_BATCH]
+        if located:
+            yield located
+
     @staticmethod
     def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
-        """`runs` in groups of about LOCATE_BATCH chunks that one query locates."""
-        wanted: list[tuple[int, int]] = []
-        size = 0
-        for run in runs:
-            first, count = run
-            while count > LOCATE_BATCH:  # a long run, in pieces
-                wanted.append((first, LOCATE_BATCH))
-                first, count = first + LOCATE_BATCH, count - LOCATE_BATCH
-                yield wanted
-                wanted, size = [], 0
-            wanted.append((first, count))
-            size += count
-            if size >= LOCATE_BATCH or len(wanted) >= LOOKUP_BATCH // 2:
-                yield wanted
-                wanted, size = [], 0
-        if wanted:
-            yield wanted
+        """`runs` in groups that one query locates: up to LOOKUP_BATCH / 2 runs of up to LOCATE_BATCH chunks in all
+        (a longer run in pieces). Cut by bisection, a step per group, not per run: a GiB is tens of thousands."""
+        runs = list(runs)
+        if runs and max(map(_COUNT, runs)) > LOCATE_BATCH:
+            runs = [(s, min(LOCATE_BATCH, f + n - s)) for f, n in runs for s in range(f, f + n, LOCATE_BATCH)]
+        ends = [0, *itertools.accumulate(map(_COUNT, runs))]
+        start = 0
+        while start < len(runs):
+            stop = min(start + LOOKUP_BATCH // 2, bisect.bisect_right(ends, ends[start] + LOCATE_BATCH) - 1)
+            yield runs[start:stop]
+            start = stop
 
     def _decode(self, packs: _Packs, batch: list[Row]) -> bytes:
         """The plain bytes of `batch`, chunk by chunk, each entry checked on its own: ChunkDamagedError names the
