@@ -52,7 +52,7 @@ MAGIC = b"KCH1"
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
 BATCH = 256  # chunks a thread hashes or compresses at a time
 READ_BATCH = 1024  # chunks a read checks and decodes at a time: the fewer batches, the less Python per chunk
-LOCATE_BATCH = 2048  # chunks located in the index by one query, then read on every core
+LOCATE_BATCH = 2048  # chunks located in the index by one query at the most
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
 GAP_BYTES = 8 << 10  # the most a read of a pack reads over between two entries it wants (dead or another's)
 OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
@@ -307,7 +307,7 @@ class Chunks:
     ) -> bytes:
         try:
             plain = decoded.result()
-        except (zstandard.ZstdError, ValueError, MemoryError):  # a frame's data, checksum or size is damaged
+        except zstandard.ZstdError:  # a frame's data, checksum or size is damaged
             plain = self._decode(packs, batch)
         if seen is not None:
             seen(b"".join(map(operator.itemgetter(1), batch)))
@@ -701,9 +701,9 @@ class _Packs:
             moved += itertools.repeat(at - firsts[start], stop - start)
             at += size
         buffer = memoryview(bytearray(at))
-        for name, chunk, offset, at, size in reads:
+        for name, chunk, offset, into, size in reads:
             with self._open(name, chunk) as fd, _reading(name):
-                if os.preadv(fd, [buffer[at : at + size]], offset) != size:
+                if os.preadv(fd, [buffer[into : into + size]], offset) != size:
                     raise _Unchecked
         placed = list(map(operator.add, firsts, moved))
         return buffer, list(map(placed.__getitem__, sorted(range(count), key=order.__getitem__)))
