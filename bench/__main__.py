@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import CONNECTIONS, DEFAULT, NAMES, Repeat, plan
+from bench.cases import CONNECTIONS, DEDUP_SNAPSHOTS, DEFAULT, NAMES, Repeat, plan
 from bench.lab import BenchError, Lab, run
 from bench.picture import draw
 from bench.report import Results
@@ -49,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "comma-separated (default: %(default)s)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=CONNECTIONS, help="established TCP connections the "
                         "netmigrate case's container holds (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--dedup-snapshots", type=int, default=DEDUP_SNAPSHOTS, help="snapshots in a row the dedup "
+                        "case takes into each of its stores (default: %(default)s)")  # fmt: skip
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="a warm-up repetition, not counted, before each size's (default: on)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"),
@@ -62,8 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for value, known, what in ((args.kinds, KINDS, "kind"), (args.cases, NAMES, "case")):
         if unknown := [v for v in value if v not in known]:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
-    if args.reps < 1 or min(args.sizes) < 1 or args.snapshots < 1 or args.connections < 1:
-        parser.error("--reps, --snapshots, --connections and every size must be at least 1 (MiB)")
+    if min(args.reps, *args.sizes, args.snapshots, args.connections, args.dedup_snapshots) < 1:
+        parser.error("--reps, --snapshots, --connections, --dedup-snapshots and every size must be at least 1 (MiB)")
     if args.pause < 0:
         parser.error("--pause cannot be negative")
     if "repeated" in args.cases and (absent := [m for m in args.repeat_at if m not in args.sizes]):
@@ -103,7 +105,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
         with Lab() as lab:
             for mib in args.sizes:
                 repeat = Repeat(args.snapshots, args.pause) if mib in args.repeat_at else None
-                steps = plan(args.cases, args.layers, repeat, args.connections)
+                steps = plan(args.cases, args.layers, repeat, args.connections, args.dedup_snapshots)
                 for rep in range(0 if args.warmup else 1, args.reps + 1):
                     for kind in args.kinds:
                         for step, case in steps:
@@ -121,6 +123,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
     config: dict[str, Any] = {"sizes_mib": args.sizes, "kinds": args.kinds, "reps": args.reps, "cases": args.cases,
                               "layers_mib": args.layers, "snapshots": args.snapshots, "pause_s": args.pause,
                               "repeat_at_mib": args.repeat_at, "connections": args.connections,
+                              "dedup_snapshots": args.dedup_snapshots,
                               "warmup": args.warmup, "command": " ".join(["bench/run", *argv])}  # fmt: skip
     report = results.to_dict(machine(), config)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import engines, preemption
+from bench import dedup, engines, preemption
 from bench.lab import MIB, Lab, json_of, kerrickpt, pipe_max_size, removed, run, shell, timeout_for
 from kerrickpt import keys
 from kerrickpt.node import LAZY_PIPE_SIZE
@@ -285,6 +285,16 @@ def stores(lab: Lab, mib: int, kind: str) -> Outcome:
     return Outcome(*engines.case(lab, mib, kind))
 
 
+DEDUP_SNAPSHOTS = 24  # the dedup case's snapshots into each store, by default: issue 16's day of hourly ones
+
+
+def deduplicating(lab: Lab, mib: int, kind: str, snapshots: int = DEDUP_SNAPSHOTS) -> Outcome:
+    """`snapshots` snapshots of one container, 5% of its pages rewritten between them, into a store of whole archives,
+    a deduplicating store and an encrypted one in turn, then restores from each and from archive files (bench/dedup.py):
+    issue 16's targets through kerrickpt's own commands."""
+    return Outcome(*dedup.case(lab, mib, kind, snapshots))
+
+
 CASES: dict[str, Callable[[Lab, int, str], Outcome]] = {
     "raw": raw,
     "sequential": sequential,
@@ -306,20 +316,27 @@ LAYERED: dict[str, Callable[[Lab, int, str, int], Outcome]] = {
     "confined_migrate": confined_migrate,
 }
 REPEATED = "repeated"  # runs only at the sizes of `--repeat-at`, `--snapshots` snapshots `--pause` s apart
-NAMES = (*CASES, *LAYERED, REPEATED)
+DEDUP = "dedup"  # `--dedup-snapshots` snapshots into each of its three stores
+NAMES = (*CASES, *LAYERED, REPEATED, DEDUP)
 # DMTCP's source lies outside the repository (bench/dmtcp-build): the job case and its baseline run when asked for;
-# so does the store case, which needs borg (apt-get install borgbackup), and the network's, which issue 15 asked for.
-DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores", "netmigrate"))
+# so does the store case, which needs borg (apt-get install borgbackup), the network's, which issue 15 asked for, and
+# the dedup case, some 25 full snapshots of each size and kind.
+DEFAULT = tuple(name for name in NAMES if name not in ("dmtcp", "job", "stores", "netmigrate", DEDUP))
 
 
 def plan(
-    cases: list[str], layers: list[int], repeat: Repeat | None = None, connections: int = CONNECTIONS
-) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:
+    cases: list[str], layers: list[int], repeat: Repeat | None = None, connections: int = CONNECTIONS,
+    snapshots: int = DEDUP_SNAPSHOTS,
+) -> list[tuple[str, Callable[[Lab, int, str], Outcome]]]:  # fmt: skip
     """The steps of one repetition, in the order given: each case, a layered one once per layer size, the repeated
-    one as `repeat` says (left out without it: not at this size), netmigrate with `connections`."""
+    one as `repeat` says (left out without it: not at this size), netmigrate with `connections`, dedup with
+    `snapshots` into each store."""
     steps: list[tuple[str, Callable[[Lab, int, str], Outcome]]] = []
     for case in cases:
-        if case == "netmigrate":
+        if case == DEDUP:
+            steps.append((f"{case} ({snapshots} snapshots into 3 stores)",
+                          functools.partial(deduplicating, snapshots=snapshots)))  # fmt: skip
+        elif case == "netmigrate":
             talking = functools.partial(netmigrate, connections=connections)
             steps.append((f"{case} ({connections} connections)", talking))
         elif case == REPEATED:

@@ -82,7 +82,7 @@ class Peer:
 
 
 def talk(address: str, port: int, count: int, stop: Path, report: Path) -> int:
-    peers = [Peer(_connect(address, port)) for _ in range(count)]
+    peers = [Peer(connect(address, port)) for _ in range(count)]
     print(f"connected {count}", flush=True)
     picker = selectors.DefaultSelector()
     start = time.monotonic()
@@ -120,7 +120,8 @@ def talk(address: str, port: int, count: int, stop: Path, report: Path) -> int:
     return 1 if error else 0
 
 
-def _connect(address: str, port: int) -> socket.socket:
+def connect(address: str, port: int) -> socket.socket:
+    """A connection to `address`:`port`, tried again until the server listens (CONNECT_TIMEOUT at most)."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
         try:

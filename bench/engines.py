@@ -6,12 +6,17 @@ images are unpacked and stored, in turn, in every engine: a plain kerrickpt arch
 baseline), borg repositories (its default content-defined chunker, a finer one, a fixed
 one), a minimal content-addressed store of our own with fixed-size chunks, and kerrickpt's
 deduplicating store itself, plain and encrypted (what `snapshot` does after the freeze: the
-incoming archive written and taken in; read back as `restore --store` reads it). Each store
+images cut into chunks as they are written; read back as `restore --store` reads it). Each store
 and each read-back runs as a process of its own, whose wall time and peak RSS (VmHWM) are
 taken, so borg and our engine are measured alike. After the snapshots, the first and the
 last are read back in full from every engine and compared with the images they came from.
+With `--kind redis` the container is a real program instead: Debian's redis-server, filled
+with keys of 1000-byte values until its used_memory reaches --heap, PERCENT% of its keys
+(picked at random) set to new values between snapshots (bench/redisload.py); its data is
+checked by redis's own digest after the snapshots.
 
     PYTHONPATH=. .venv/bin/python -m bench.engines --snapshots 6 --heap 256M
+    PYTHONPATH=. .venv/bin/python -m bench.engines --kind redis --heap 1G
 
 borg comes from Debian (`apt-get install borgbackup`, 1.2.4 on Debian 12), built with its C
 extensions: PyPI has no wheel of it for this machine, only its source, which needs a compiler
@@ -27,9 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -44,16 +47,14 @@ from typing import Any
 import xxhash
 import zstandard
 
-from bench.lab import MIB, SAMPLE_INTERVAL, BenchError, Job, Lab, kerrickpt, removed, timeout_for, wait_for_line
-from kerrickpt import archive, archivewriter, cgroups, dedupstore, keys, sources
+from bench.lab import CHURN_PERCENT, MIB, REDIS, SAMPLE_INTERVAL, BenchError, Lab, kerrickpt, removed, timeout_for
+from kerrickpt import archive, archivewriter, cgroups, keys, sources
 from kerrickpt.store import Store
 
-CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
 LEVEL = 3  # what `snapshot` writes its archives with
 BORG_COMPRESSION = f"zstd,{LEVEL}"  # borg's default is lz4: zstd 3 compares like with like
 BATCH = 8 * MIB  # what our store reads, hashes and compresses at once
 SNAPSHOTS = 6
-CHURN_PERCENT = 5
 THREADS = os.cpu_count() or 2  # our store hashes and compresses on every core, as the archive writer compresses
 REPO = Path(__file__).resolve().parent.parent
 
@@ -241,12 +242,10 @@ def worker(job: dict[str, Any]) -> None:
         key = keys.load(Path(job["key"])) if engine.sealed else None
         store = Store(repo, key)
         if verb == "store":
-            with store.lock(SERIES):
+            with store.lock(SERIES), store.taking_in(SERIES, level=LEVEL) as intake:
                 images = Path(job["images"])
                 files = {f"images/{p.name}": p for p in images.iterdir()}
-                manifest = archive.read_manifest(Path(job["manifest"]))
-                archivewriter.write(store.incoming(SERIES), manifest, files, level=dedupstore.INCOMING_LEVEL)
-                store.publish(SERIES, level=LEVEL)
+                intake.writer.commit_files(archive.read_manifest(Path(job["manifest"])), files)
         else:
             snap = store.list(SERIES)[int(job["name"].removeprefix("snap-"))]  # its id is its time: the n-th
             with sources.opened(snap.path, key) as source:
@@ -412,15 +411,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def churn(job: Job, mib: int) -> int:
-    """Have the workload rewrite its share of pages; the pages it rewrote."""
-    offset = job.log.stat().st_size
-    os.kill(job.pid, signal.SIGUSR2)
-    match = wait_for_line(job.log, CHURNED, offset, timeout_for(mib))
-    job.expected_sum = match.group(2)
-    return int(match.group(1))
-
-
 def measure(
     lab: Lab, mib: int, kind: str, snapshots: int, engines: list[Engine], churn_at: tuple[int, int]
 ) -> tuple[Bench, bool]:
@@ -434,7 +424,7 @@ def measure(
         kept: dict[int, Path] = {}
         for index in range(snapshots):
             if index:
-                churn(job, mib)
+                job.churn(mib)
             taken = work / f"taken-{index}.kckpt"
             kerrickpt(job.node, "checkpoint", job.name, "-o", str(taken), "--leave-running", "--level", str(LEVEL),
                       timeout=limit)  # fmt: skip
@@ -472,9 +462,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--snapshots", type=int, default=SNAPSHOTS, help="snapshots in a row (default: %(default)s)")
     parser.add_argument("--heap", default="256M", help="the workload's memory (default: %(default)s)")
-    parser.add_argument("--kind", default="heap", choices=("heap", "mixed"), help="workload kind (default: heap)")
+    parser.add_argument("--kind", default="heap", choices=("heap", "mixed", REDIS),
+                        help="workload kind: memload's heap or mixed, or redis-server (default: heap)")  # fmt: skip
     parser.add_argument("--churn", type=int, default=CHURN_PERCENT,
-                        help="percent of pages rewritten between snapshots (default: %(default)s)")  # fmt: skip
+                        help="percent of pages (redis: keys) rewritten each time (default: %(default)s)")  # fmt: skip
     parser.add_argument("--run-pages", type=int, default=1,
                         help="they are rewritten in runs of this many pages (default 1: scattered)")  # fmt: skip
     parser.add_argument("--engines", default=",".join(DEFAULT), help=f"of: {', '.join(ENGINES)} (default: %(default)s)")
@@ -489,6 +480,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.mib = cgroups.parse_size(args.heap) // MIB
         if args.snapshots < 2 or args.mib < 1 or not 0 < args.churn <= 100 or args.run_pages < 1:
             parser.error("--snapshots at least 2, --heap at least 1M, --churn 1 to 100, --run-pages at least 1")
+        if args.kind == REDIS and args.run_pages != 1:
+            parser.error("--kind redis rewrites whole keys: no --run-pages")
     return args
 
 

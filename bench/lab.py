@@ -8,6 +8,7 @@ removes their cgroups and namespaces and unmounts the tmpfs, whatever went wrong
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -29,14 +30,20 @@ from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
 SOURCE = Path(__file__).with_name("memload.c")
 ECHO = Path(__file__).with_name("echo.py")
 ECHO_PORT = 7000
+REDISLOAD = Path(__file__).with_name("redisload.py")
+REDIS = "redis"  # the workload kind that is Debian's redis-server, not memload
+REDIS_PORT = 6379
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: a rootfs of one file
 CGROUP_FS = Path("/sys/fs/cgroup")
 RUNC_CGROUP = "kerrickpt-bench-runc"
 MIB = 2**20
 VERIFY = re.compile(r"^verify (OK|BAD) sum=([0-9a-f]+)", re.M)
 READY = re.compile(r"^ready mib=\d+ kind=\w+ sum=([0-9a-f]+)$", re.M)
+CHURNED = re.compile(r"^churned pages=(\d+) sum=([0-9a-f]+)$", re.M)
 CONNECTED = re.compile(r"^connected \d+$", re.M)  # bench/echo.py's clients, all connected
 SAMPLE_INTERVAL = 0.02
+ACTION_COMMANDS = ("key", "snapshots")  # kerrickpt commands whose first argument is an action
+CHURN_PERCENT = 5  # of the pages the store cases' workload rewrites between snapshots (issue 16's share)
 # Where a confined container finds the workload, bound read-only: its own /tmp and the lab's tmpfs (private to root)
 # hide the host's path.
 BIN = "/opt/kerrickpt-bench"
@@ -129,11 +136,57 @@ class Job:
 
     def moved(self, node: Node, name: str, pid: int) -> Job:
         """The same workload, restored as container `name` on `node` with init at host PID `pid`."""
-        return Job(node, name, pid, [], self.expected_sum)
+        return dataclasses.replace(self, node=node, name=name, pid=pid, cgroup=[])
 
     def verify(self, mib: int) -> bool:
         """Ask the workload to hash its memory again; True if it matches what it wrote."""
         return verify(self.log, self.pid, self.expected_sum, mib)
+
+    def churn(self, mib: int) -> int:
+        """Have the workload rewrite its share of pages (see Lab.start's `churn`); the pages it rewrote."""
+        offset = self.log.stat().st_size
+        os.kill(self.pid, signal.SIGUSR2)
+        match = wait_for_line(self.log, CHURNED, offset, timeout_for(mib))
+        self.expected_sum = match.group(2)
+        return int(match.group(1))
+
+
+@dataclass
+class RedisJob(Job):
+    """Debian's redis-server (see redis_server) in a container with a network of its own, filled by
+    bench/redisload.py; `churn` rewrites `percent`% of its keys, picked at random, and `verify` compares redis's
+    digest of its data with the one taken after the last fill or churn."""
+
+    percent: int = 0
+
+    def redisload(self, verb: str, *args: str, mib: int) -> dict[str, str]:
+        """bench/redisload.py's VERB ARGS against this redis, from its node (whose bridge reaches the container's
+        address): the fields (`name=value`) of the line it printed."""
+        assert self.address is not None
+        argv = ["nsenter", f"--net=/run/netns/{self.node.netns}", sys.executable, str(REDISLOAD), verb,
+                self.address.split("/")[0], str(REDIS_PORT), *args]  # fmt: skip
+        done = command.run(argv, timeout=timeout_for(mib))
+        if done.returncode != 0:
+            raise BenchError(f"redisload {verb} exited {done.returncode}:\n{command.tail(done.stdout + done.stderr)}")
+        return dict(field.split("=", 1) for field in done.stdout.split()[1:])
+
+    def verify(self, mib: int) -> bool:
+        return self.redisload("digest", mib=mib)["sum"] == self.expected_sum
+
+    def churn(self, mib: int) -> int:
+        """Have redis's keys rewritten, `percent`% of them; the keys rewritten."""
+        done = self.redisload("churn", str(self.percent), mib=mib)
+        self.expected_sum = done["sum"]
+        return int(done["keys"])
+
+
+def redis_server(port: int) -> list[str]:
+    """The command of Debian's redis-server listening on `port` of every address of its container, keeping nothing on
+    disk, DEBUG allowed (its DIGEST checks the data after the snapshots). It runs as root, not as the package's user
+    `redis`: CRIU cannot dump another user's task where root lacks CAP_SYS_RESOURCE, as on the test machines. In a
+    confined container (`--rootfs`, a user namespace that root owns) it may run as a user (`--user`): CRIU dumps it."""
+    return ["redis-server", "--port", str(port), "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
+            "--appendonly", "no", "--enable-debug-command", "yes"]  # fmt: skip
 
 
 def verify(log: Path, pid: int, expected_sum: str, mib: int) -> bool:
@@ -263,7 +316,12 @@ class Lab:
 
         With `layer_mib`, a confined container (`--rootfs host`) that first writes that many MiB into its layer.
         With `churn` (percent, run of pages), it rewrites that share of its pages on SIGUSR2 (see memload.c).
+        Kind `redis` is redis-server filled with keys instead (see start_redis; its churn rewrites whole keys).
         """
+        if kind == REDIS:
+            if layer_mib is not None or (churn and churn[1] != 1):
+                raise BenchError("redis runs unconfined and rewrites whole keys: no layer, no runs of pages")
+            return self.start_redis(mib, churn[0] if churn else 0)
         churning = ["--churn", *map(str, churn)] if churn else []
         if layer_mib is None:
             command = ["--", str(self.binary), *churning, str(mib), kind]
@@ -279,17 +337,31 @@ class Lab:
         return self._launch(f"bench-echo-{mib}", ["--net", "own", "--", sys.executable, str(ECHO), "serve",
                             str(ECHO_PORT), str(mib)], mib)  # fmt: skip
 
+    def start_redis(self, mib: int, percent: int = 0) -> RedisJob:
+        """Start redis-server as a container with a network of its own on node a and fill it with keys until its
+        used_memory reaches `mib` MiB; each churn rewrites `percent`% of them."""
+        job = RedisJob(**vars(self._run(f"bench-redis-{mib}", ["--net", "own", "--", *redis_server(REDIS_PORT)])),
+                       percent=percent)  # fmt: skip
+        filled = job.redisload("fill", str(mib), mib=mib)
+        job.expected_sum = filled["sum"]
+        print(f"redis filled: {filled['keys']} keys, used_memory {filled['used_mib']} MiB", file=sys.stderr, flush=True)
+        return job
+
     def _launch(self, stem: str, command: list[str], mib: int) -> Job:
-        """Run `command` (`kerrickpt run`'s arguments after the name) as a container named for `stem` on node a;
-        returns once the workload said it is ready (memload.c's line), its `mib` MiB filled."""
+        """Run `command` as a container named for `stem` on node a (see _run); returns once the workload said it is
+        ready (memload.c's line), its `mib` MiB filled."""
+        job = self._run(stem, command)
+        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
+        return job
+
+    def _run(self, stem: str, command: list[str]) -> Job:
+        """Run `command` (`kerrickpt run`'s arguments after the name) as a container named for `stem` on node a."""
         node = self.nodes[0]
         self._serial += 1
         name = f"{stem}-{self._serial}"
         kerrickpt(node, "run", "--name", name, *command, timeout=60)
         row = next(r for r in json_of(node, "ps") if r["name"] == name)
-        job = Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "", row.get("address"))
-        job.expected_sum = wait_for_line(job.log, READY, 0, timeout_for(mib)).group(1)
-        return job
+        return Job(node, name, int(row["init_pid"]), list(row["cgroup"]), "", row.get("address"))
 
     @contextlib.contextmanager
     def echo_clients(self, address: str, count: int) -> Iterator[EchoClients]:
@@ -386,8 +458,10 @@ def kerrickpt(node: Node, *args: str, timeout: float) -> tuple[Any, float, float
     """Run `kerrickpt ARGS --json` on `node`: its answer, wall time and the peak memory of kerrickpt's processes."""
     with PeakMemory() as peak:
         started = time.monotonic()
-        # --json right after the command: after `run ... --` it would go to the container's command.
-        result = node.kerrickpt(args[0], "--json", *args[1:], timeout=timeout)
+        # --json right after the command (and its action: `snapshots init`): after `run ... --` it would go to the
+        # container's command.
+        at = 2 if args[0] in ACTION_COMMANDS else 1
+        result = node.kerrickpt(*args[:at], "--json", *args[at:], timeout=timeout)
         elapsed = time.monotonic() - started
     if result.returncode != 0:
         raise BenchError(f"kerrickpt {' '.join(args)} on node {node.name} exited {result.returncode}:\n"
@@ -412,7 +486,7 @@ class Runner:
         if (code := self.process.poll()) is not None:
             if self.copier is not None:
                 self.copier.join(timeout=10)
-            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.runner.log)}")
+            raise BenchError(f"{self.process.args} exited {code} early:\n{command.tail_file(self.log)}")
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, *, runner: Runner | None = None) -> T:

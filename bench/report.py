@@ -1,5 +1,5 @@
-"""Owns the results: samples per size and kind, min, median and max (p95 of repeated snapshots), the targets of
-issues 6, 13, 14, 15, 16 and 17, table and JSON."""
+"""Owns the results: samples per size and kind, min, median and max (p95 of repeated snapshots), the dedup case's
+stores side by side, the targets of issues 6, 13, 14, 15, 16 and 17, table and JSON."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from bench.dedup import STORES
 
 PEAK_LIMIT_MIB = 100.0
 PEAK_AT_MIB = 4096
@@ -54,21 +57,50 @@ RATIOS = (
     # Issue 16: what encrypting an archive (`checkpoint --encrypt`) and restoring from it cost.
     Ratio("encrypted checkpoint / plain checkpoint", "sealed.checkpoint_s", "kpt.checkpoint_s", 1.15),
     Ratio("restore of an encrypted archive / of a plain one", "sealed.restore_s", "kpt.restore_s", 1.15),
+    # Issue 16, the dedup case (bench/dedup.py): snapshots into a deduplicating store (`chunks`) and an encrypted one
+    # (`sealed`) against a store of whole archives (`whole`, what every store was before); restores against archives.
+    Ratio("dedup store: frozen / whole-archive store's", "dedup.chunks.frozen_s", "dedup.whole.frozen_s", 1.1),
+    Ratio("encrypted store: frozen / whole-archive store's", "dedup.sealed.frozen_s", "dedup.whole.frozen_s", 1.1),
+    Ratio(
+        "dedup store: snapshot run / whole-archive store's", "dedup.chunks.snapshot_s", "dedup.whole.snapshot_s", 0.8
+    ),
+    # Any of the snapshots: the slowest of those restored, against the archive file's median.
+    Ratio(
+        "dedup store: slowest restore / archive restore", "dedup.chunks.restore_max_s", "dedup.archive.restore_s", 1.2
+    ),
+    Ratio("encrypted store: snapshot run / dedup store's", "dedup.sealed.snapshot_s", "dedup.chunks.snapshot_s", 1.15),
+    Ratio("encrypted store: restore / dedup store's", "dedup.sealed.restore_s", "dedup.chunks.restore_s", 1.15),
+    Ratio(
+        "encrypted archive, dedup case: checkpoint / plain",
+        "dedup.sealed_archive.checkpoint_s",
+        "dedup.archive.checkpoint_s",
+        1.15,
+    ),
+    Ratio(
+        "encrypted archive, dedup case: restore / plain",
+        "dedup.sealed_archive.restore_s",
+        "dedup.archive.restore_s",
+        1.15,
+    ),
 )
 
 
 @dataclass(frozen=True)
 class Limit:
-    """A target of issue 15: the median of `metric`, in seconds, at most `goal`."""
+    """A target of issue 15 or 16: the median of `metric` at most `goal` (`unit`: " s" for seconds, "x" a ratio)."""
 
     label: str
     metric: str
     goal: float
+    unit: str = " s"
 
 
 LIMITS = (
     # Issue 15: what established connections add to a migration's downtime (each run's pair: with them, without).
     Limit("netmigrate: downtime with connections - without, s", "net.added_downtime_s", 0.05),
+    # Issue 16: what each snapshot after the first adds to a store, in full archives (see bench/dedup.py).
+    Limit("dedup store: grows per snapshot / full archive", "dedup.chunks.growth_x", 0.15, "x"),
+    Limit("encrypted store: grows per snapshot / full archive", "dedup.sealed.growth_x", 0.15, "x"),
 )
 
 
@@ -152,7 +184,7 @@ class Results:
                 rows.append(_row(mib, kind, ratio.label, value, f"<= {ratio.goal}x", value, ratio.goal))
             for limit in LIMITS:
                 value = self.median(mib, kind, limit.metric)
-                rows.append(_row(mib, kind, limit.label, value, f"<= {limit.goal} s", value, limit.goal))
+                rows.append(_row(mib, kind, limit.label, value, f"<= {limit.goal}{limit.unit}", value, limit.goal))
             for cost in self._layer_costs(mib, kind):
                 extra, budget = cost["extra_s"], cost["budget_s"]
                 value = extra / budget if extra is not None and budget else None
@@ -186,7 +218,8 @@ class Results:
                 results.append({"mib": mib, "kind": kind, "metric": name, "samples": values, **spread(values),
                                 "p95": p95(values)})  # fmt: skip
         return {"machine": machine, "config": config, "results": results, "targets": self.targets(),
-                "repeated": self.repeated(), "layer_costs": self.layer_costs(), "verified": self.checks}  # fmt: skip
+                "repeated": self.repeated(), "dedup": self.dedup(), "layer_costs": self.layer_costs(),
+                "verified": self.checks}  # fmt: skip
 
     def repeated(self) -> list[dict[str, Any]]:
         """The frozen windows of the repeated snapshots per size and kind: how many, median, p95 and max."""
@@ -197,6 +230,24 @@ class Results:
                 rows.append({"mib": mib, "kind": kind, "snapshots": len(frozen), "median": each["median"],
                              "p95": p95(frozen), "max": each["max"], "p95_over_median": p95(frozen) / each["median"],
                              "total_s": self.median(mib, kind, "kpt.repeated_total_s")})  # fmt: skip
+        return rows
+
+    def dedup(self) -> list[dict[str, Any]]:
+        """The dedup case's stores side by side per size and kind: how many snapshots each took, its growth per
+        snapshot and its size after the last (in full archives), the medians of its frozen windows and snapshot runs,
+        and its restores' median and slowest."""
+        rows = []
+        for (mib, kind), metrics in sorted(self.samples.items()):
+            for store in STORES:
+                at = f"dedup.{store}"
+                if frozen := metrics.get(f"{at}.frozen_s"):
+                    restores = metrics[f"{at}.restore_s"]
+                    rows.append({"mib": mib, "kind": kind, "store": store, "snapshots": len(frozen),
+                                 "growth_x": self.median(mib, kind, f"{at}.growth_x"),
+                                 "total_x": self.median(mib, kind, f"{at}.total_x"),
+                                 "frozen_s": statistics.median(frozen),
+                                 "snapshot_s": self.median(mib, kind, f"{at}.snapshot_s"),
+                                 "restore_s": statistics.median(restores), "restore_max_s": max(restores)})  # fmt: skip
         return rows
 
     def table(self) -> str:
@@ -210,25 +261,12 @@ class Results:
                     ratio = f"{statistics.median(values) / den:.2f}x {baselines[name].baseline}"
                 low, mid, high = spread(values).values()
                 lines.append(f"{mib:>5} {kind:<6} {name:<30} {low:>9.3f} {mid:>9.3f} {high:>9.3f}  {ratio}")
-        if repeated := self.repeated():
-            lines += ["", f"{'MiB':>5} {'kind':<6} {'repeated snapshots':>18} {'frozen median':>13} {'p95':>7} "
-                      f"{'max':>7} {'p95/median':>10} {'run s (median)':>14}"]  # fmt: skip
-            for r in repeated:
-                total = "-" if r["total_s"] is None else f"{r['total_s']:.2f}"
-                lines.append(f"{r['mib']:>5} {r['kind']:<6} {r['snapshots']:>18} {r['median']:>13.3f} {r['p95']:>7.3f} "
-                             f"{r['max']:>7.3f} {r['p95_over_median']:>10.2f} {total:>14}")  # fmt: skip
-        if costs := self.layer_costs():
-            lines += ["", f"{'MiB':>5} {'kind':<6} {'layer':>5} {'phase (medians)':<18} {'tar MiB':>8} "
-                      f"{'archive +MiB':>12} {'plain MiB/s':>11} {'added s':>8} {'budget s':>8}"]  # fmt: skip
-            for c in costs:
-                numbers = [c[k] for k in ("layer_tar_mib", "layer_archive_mib", "plain_archive_mib_per_s",
-                                          "extra_s", "budget_s")]  # fmt: skip
-                tar, grown, speed, extra, budget = ("-" if n is None else f"{n:.2f}" for n in numbers)
-                lines.append(f"{c['mib']:>5} {c['kind']:<6} {c['layer_mib']:>5} {c['phase']:<18} {tar:>8} "
-                             f"{grown:>12} {speed:>11} {extra:>8} {budget:>8}")  # fmt: skip
+        lines += _block(REPEATED_HEAD, self.repeated(), _repeated_line)
+        lines += _block(DEDUP_HEAD, self.dedup(), _dedup_line)
+        lines += _block(COSTS_HEAD, self.layer_costs(), _cost_line)
         targets = self.targets()
         width = max(len(row["target"]) for row in targets)
-        head = "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted) or 17 (repeated)"
+        head = "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted, dedup) or 17 (repeated)"
         lines += ["", f"{'MiB':>5} {'kind':<6} {head:<{width}} {'measured':>9} {'goal':>10}  holds"]
         for row in targets:
             value = "-" if row["value"] is None else f"{row['value']:.2f}"
@@ -246,6 +284,43 @@ class Results:
             summary += ": BAD after " + ", ".join(f"{c['restore']} ({c['mib']} MiB {c['kind']})" for c in bad)
         lines += ["", summary]
         return "\n".join(lines)
+
+
+# The tables below the samples, each with its head and a function making the line of one of its rows.
+REPEATED_HEAD = (f"{'MiB':>5} {'kind':<6} {'repeated snapshots':>18} {'frozen median':>13} {'p95':>7} {'max':>7} "
+                 f"{'p95/median':>10} {'run s (median)':>14}")  # fmt: skip
+DEDUP_HEAD = (f"{'MiB':>5} {'kind':<6} {'dedup store':<11} {'snapshots':>9} {'growth x':>8} {'total x':>7} "
+              f"{'frozen s':>8} {'snapshot s':>10} {'restore s':>9} {'slowest':>7}")  # fmt: skip
+COSTS_HEAD = (f"{'MiB':>5} {'kind':<6} {'layer':>5} {'phase (medians)':<18} {'tar MiB':>8} {'archive +MiB':>12} "
+              f"{'plain MiB/s':>11} {'added s':>8} {'budget s':>8}")  # fmt: skip
+
+
+def _block(head: str, rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table below the samples: a blank line, `head`, and `line` of each of `rows`; nothing without rows."""
+    return ["", head, *map(line, rows)] if rows else []
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _repeated_line(r: dict[str, Any]) -> str:
+    return (f"{r['mib']:>5} {r['kind']:<6} {r['snapshots']:>18} {r['median']:>13.3f} {r['p95']:>7.3f} {r['max']:>7.3f} "
+            f"{r['p95_over_median']:>10.2f} {_number(r['total_s']):>14}")  # fmt: skip
+
+
+def _dedup_line(r: dict[str, Any]) -> str:
+    growth = "-" if r["growth_x"] is None else f"{r['growth_x']:.3f}"
+    return (f"{r['mib']:>5} {r['kind']:<6} {r['store']:<11} {r['snapshots']:>9} {growth:>8} {r['total_x']:>7.2f} "
+            f"{r['frozen_s']:>8.3f} {r['snapshot_s']:>10.2f} {r['restore_s']:>9.2f} "
+            f"{r['restore_max_s']:>7.2f}")  # fmt: skip
+
+
+def _cost_line(c: dict[str, Any]) -> str:
+    tar, grown, speed, extra, budget = (_number(c[k]) for k in ("layer_tar_mib", "layer_archive_mib",
+                                        "plain_archive_mib_per_s", "extra_s", "budget_s"))  # fmt: skip
+    return (f"{c['mib']:>5} {c['kind']:<6} {c['layer_mib']:>5} {c['phase']:<18} {tar:>8} {grown:>12} {speed:>11} "
+            f"{extra:>8} {budget:>8}")  # fmt: skip
 
 
 def _row(

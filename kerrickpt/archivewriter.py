@@ -1,7 +1,8 @@
-"""Owns writing an archive: files whole or as chunked streams, the manifest last, put in place once complete."""
+"""Owns writing a checkpoint: what any target does with its files, and the archive, put in place once complete."""
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -9,11 +10,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 from kerrickpt import archiveindex, faults, progress, sealed, tarstream, zstdframe
 from kerrickpt.archive import write_all
-from kerrickpt.errors import UsageError
+from kerrickpt.errors import KerrickptError, UsageError
 from kerrickpt.keys import Key
 from kerrickpt.manifest import CHECKSUMS, FORMAT, VERSION, Manifest, Member
 from kerrickpt.manifest import NAME as MANIFEST_NAME
@@ -28,8 +29,122 @@ CHECKSUM = "xxh3_128"
 
 
 @dataclass
-class _Pending:
-    """A file being written: its bytes not yet in a member, and the hash and size of all of it.
+class _Sum:
+    """A file as written so far: its size and checksum."""
+
+    hash: Any = field(default_factory=CHECKSUMS[CHECKSUM])
+    size: int = 0
+
+
+class Target(abc.ABC):
+    """What a checkpoint writes into: an archive (Writer), or a deduplicating store (recipewriter.Writer). Files go in
+    whole or as streams, several open at once, each under a name checked and written once, its size and checksum
+    taken as it comes; the manifest last (`commit`), listing them in the order they ended.
+
+    Each kind keeps the bytes its way (`_put`, `_close`) and puts the snapshot in place its way (`commit`).
+    """
+
+    # Failures of where it writes that a checkpoint passes on as they are, not as a failed dump.
+    errors: tuple[type[KerrickptError], ...] = ()
+    path: Path | None  # the snapshot's file once committed (an archive's: known from the start)
+
+    def __init__(self, level: int) -> None:
+        self.level = level  # zstd's, for what it compresses
+        self.open: dict[str, _Sum] = {}
+        self.members: list[Member] = []
+        self.started = 0.0  # when its output was opened: compress_s is from then to the manifest
+
+    def __enter__(self) -> Self:
+        return self
+
+    @abc.abstractmethod
+    def __exit__(self, *exc: object) -> None:
+        """Whatever was not committed is removed."""
+
+    @property
+    @abc.abstractmethod
+    def linking(self) -> tuple[Path, Path] | None:
+        """(the partial file, the path it is linked to once complete), for the guardian to tell a snapshot in place
+        from one a death cut short; None if that path is not known up front."""
+
+    def write(self, name: str, data: bytes) -> None:
+        """Append `data` to the file `name`, which may be one of several open at once."""
+        written = self._file(name)
+        written.hash.update(data)
+        written.size += len(data)
+        self._put(name, data)
+
+    def end(self, name: str) -> None:
+        """The file `name` is complete."""
+        written = self._file(name)
+        del self.open[name]
+        # Cut into chunk members once bigger than one (see Writer): a Member says so whoever keeps the bytes.
+        chunks = -(-written.size // CHUNK_BYTES) if written.size > CHUNK_BYTES else 0
+        member = Member(name, written.size, written.hash.hexdigest(), chunks, CHUNK_BYTES if chunks else 0)
+        self._close(member)
+        self.members.append(member)
+
+    def add_file(self, name: str, source: Path, size: int | None = None) -> None:
+        """Add the file at `source` as `name`, its first `size` bytes if given."""
+        with source.open("rb") as fh:
+            left = os.fstat(fh.fileno()).st_size if size is None else size
+            while left and (data := fh.read(min(CHUNK, left))):
+                self.write(name, data)
+                left -= len(data)
+        self.end(name)
+
+    def commit_files(self, manifest: Manifest, files: dict[str, Path], sizes: dict[str, int] | None = None) -> Manifest:
+        """Add whole `files` (archive name -> file), in the order of their names, and commit with `manifest`.
+
+        `sizes` caps members at the length they had at a given moment (a log that kept growing).
+        """
+        for name, source in sorted(files.items()):
+            self.add_file(name, source, (sizes or {}).get(name))
+        return self.commit(manifest)
+
+    def under(self, prefix: str) -> _Under:
+        """This target as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""
+        return _Under(self, prefix)
+
+    def _file(self, name: str) -> _Sum:
+        written = self.open.get(name)
+        if written is None:
+            if not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name):
+                raise ValueError(f"unsafe archive member name {name!r}")
+            if any(m.name == name for m in self.members):
+                raise ValueError(f"{name} was already written to the archive")
+            written = self.open[name] = _Sum()
+        return written
+
+    @abc.abstractmethod
+    def _put(self, name: str, data: bytes) -> None:
+        """Keep `data`, the next bytes of the file `name`."""
+
+    @abc.abstractmethod
+    def _close(self, member: Member) -> None:
+        """The file `member` names is complete: keep the rest of its bytes."""
+
+    def _complete(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None) -> None:
+        """The manifest as `commit` writes it: its members, checksum and compress_s, then `finalize`'s part."""
+        if self.open:
+            raise ValueError(f"unfinished files in the archive: {', '.join(sorted(self.open))}")
+        manifest.members = self.members
+        manifest.checksum = CHECKSUM
+        manifest.timings["compress_s"] = round(time.monotonic() - self.started, 4)
+        if finalize:
+            finalize(manifest)
+
+    @abc.abstractmethod
+    def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
+        """Write the manifest last, then put the snapshot in place, never over a file.
+
+        `finalize` may complete the manifest (timings) just before it is written.
+        """
+
+
+@dataclass
+class Held:
+    """A file's bytes not yet handed on (into a member of an archive, or cut into a store's chunks).
 
     The bytes wait as the immutable pieces they came in, never in a buffer that grows and
     shrinks: whoever a member's bytes reach may keep them (a broken link's traceback keeps
@@ -38,15 +153,10 @@ class _Pending:
 
     pieces: deque[bytes | memoryview] = field(default_factory=deque)  # memoryviews of bytes only
     held: int = 0  # the bytes in `pieces`
-    hash: Any = field(default_factory=CHECKSUMS[CHECKSUM])
-    size: int = 0
-    chunks: int = 0
 
     def add(self, data: bytes) -> None:
         self.pieces.append(data)
         self.held += len(data)
-        self.hash.update(data)
-        self.size += len(data)
 
     def take(self, size: int) -> list[bytes | memoryview]:
         """The first `size` bytes held (all there are, at most), as pieces; a piece cut in two is not copied."""
@@ -63,7 +173,14 @@ class _Pending:
         return taken
 
 
-class Writer:
+@dataclass
+class _Pending(Held):
+    """A file's bytes not yet in a member of the archive, and the members it has had."""
+
+    chunks: int = 0
+
+
+class Writer(Target):
     """An archive being written: files go in whole or as streams, the manifest last (see `commit`).
 
     The archive appears at `path` only once complete and on disk; until then it lives
@@ -83,14 +200,12 @@ class Writer:
     ) -> None:
         if path.exists():
             raise UsageError(f"{path} exists already; remove it or choose another name")
+        super().__init__(level)
         self.path = path
-        self.level = level
         self.tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}"
         self.fd: int | None = None
         self.offset = 0  # bytes of tar written
-        self.started = 0.0  # when the first member came: compress_s is from then to the manifest
         self.pending: dict[str, _Pending] = {}
-        self.members: list[Member] = []
         self.indexed = archiveindex.Copies()
         self.frame = archiveindex.DIGEST()  # of the zstd frame's bytes, as they are written
         self.mirror = mirror
@@ -98,13 +213,14 @@ class Writer:
         self.sealer: sealed.Writer | None = None
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
-    def __enter__(self) -> Writer:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.tmp.unlink(missing_ok=True)
+
+    @property
+    def linking(self) -> tuple[Path, Path]:
+        return self.tmp, self.path
 
     def _out(self) -> Any:
         """The compressed stream, opened with the first member: a run that dies before leaves no file."""
@@ -124,13 +240,8 @@ class Writer:
             self._member(HEADER, [json.dumps({"format": FORMAT, "version": VERSION, "checksum": CHECKSUM}).encode()])
         return self.zstd
 
-    def under(self, prefix: str) -> _Under:
-        """This archive as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""
-        return _Under(self, prefix)
-
-    def write(self, name: str, data: bytes) -> None:
-        """Append `data` to the file `name`, which may be one of several open at once."""
-        pending = self._pending(name)
+    def _put(self, name: str, data: bytes) -> None:
+        pending = self.pending.setdefault(name, _Pending())
         # Kept as it came, unless the caller may change it afterwards.
         pending.add(data if isinstance(data, bytes) else bytes(data))
         while pending.held > CHUNK_BYTES:  # more follows: this file is chunked
@@ -138,36 +249,12 @@ class Writer:
             self._member(f"{name}.{pending.chunks:06d}", pending.take(CHUNK_BYTES))
             pending.chunks += 1
 
-    def end(self, name: str) -> None:
-        """The file `name` is complete."""
-        pending = self._pending(name)
-        del self.pending[name]
-        chunks = pending.chunks + 1 if pending.chunks else 0
+    def _close(self, member: Member) -> None:
+        pending = self.pending.pop(member.name, None) or _Pending()  # an empty file had no write
         rest = pending.take(pending.held)
-        self._member(f"{name}.{pending.chunks:06d}" if chunks else name, rest)
-        digest = pending.hash.hexdigest()
-        self.members.append(Member(name, pending.size, digest, chunks, CHUNK_BYTES if chunks else 0))
-        if not chunks and archiveindex.indexable(name):
-            self.indexed.add(name, b"".join(rest))
-
-    def add_file(self, name: str, source: Path, size: int | None = None) -> None:
-        """Add the file at `source` as `name`, its first `size` bytes if given."""
-        with source.open("rb") as fh:
-            left = os.fstat(fh.fileno()).st_size if size is None else size
-            while left and (data := fh.read(min(CHUNK, left))):
-                self.write(name, data)
-                left -= len(data)
-        self.end(name)
-
-    def _pending(self, name: str) -> _Pending:
-        pending = self.pending.get(name)
-        if pending is None:
-            if not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name):
-                raise ValueError(f"unsafe archive member name {name!r}")
-            if any(m.name == name for m in self.members):
-                raise ValueError(f"{name} was already written to the archive")
-            pending = self.pending[name] = _Pending()
-        return pending
+        self._member(f"{member.name}.{pending.chunks:06d}" if member.chunks else member.name, rest)
+        if not member.chunks and archiveindex.indexable(member.name):
+            self.indexed.add(member.name, b"".join(rest))
 
     def _member(self, name: str, pieces: Sequence[bytes | memoryview]) -> None:
         """One tar member of `pieces`, written straight to the compressor (tarfile's stream mode would copy
@@ -178,19 +265,9 @@ class Writer:
             self.offset += len(piece)
 
     def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
-        """Write the manifest last, then put the archive in place (never over a file).
-
-        `finalize` may complete the manifest (timings) just before it is written.
-        """
-        if self.pending:
-            raise ValueError(f"unfinished files in the archive: {', '.join(sorted(self.pending))}")
         faults.inject("archive-before-manifest")
         self._out()  # opened here if no file came before
-        manifest.members = self.members
-        manifest.checksum = CHECKSUM
-        manifest.timings["compress_s"] = round(time.monotonic() - self.started, 4)
-        if finalize:
-            finalize(manifest)
+        self._complete(manifest, finalize)
         body = manifest.to_json()
         self._member(MANIFEST_NAME, [body])
         ending = tarstream.ending(self.offset)
@@ -247,16 +324,16 @@ class Spool:
         if name not in self.names:  # an empty file
             self.write(name, b"")
 
-    def into(self, writer: Writer) -> None:
+    def into(self, writer: Target) -> None:
         for name in self.names:
             writer.add_file(name, self._path(name))
 
 
 @dataclass(frozen=True)
 class _Under:
-    """A Writer's files under a prefix: a streamer.Sink for CRIU's image names."""
+    """A Target's files under a prefix: a streamer.Sink for CRIU's image names."""
 
-    writer: Writer
+    writer: Target
     prefix: str
 
     def write(self, name: str, data: bytes) -> None:
@@ -274,14 +351,9 @@ def write(
     level: int = zstdframe.DEFAULT_LEVEL,
     sizes: dict[str, int] | None = None,
 ) -> Manifest:
-    """Write whole `files` (archive name -> file) and the manifest to `path` with a Writer, in one call.
-
-    `sizes` caps members at the length they had at a given moment (a log that kept growing).
-    """
+    """Write whole `files` and the manifest to `path` with a Writer, in one call (see Target.commit_files)."""
     with Writer(path, level=level) as writer:
-        for name, source in sorted(files.items()):
-            writer.add_file(name, source, (sizes or {}).get(name))
-        return writer.commit(manifest)
+        return writer.commit_files(manifest, files, sizes)
 
 
 def fsync_dir(path: Path) -> None:

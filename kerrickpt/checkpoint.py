@@ -75,7 +75,7 @@ class CheckpointResult:
 
 def checkpoint(
     name: str | None,
-    output: Path | str,
+    output: Path | str | archivewriter.Target,
     *,
     cgroup: Path | str | None = None,
     leave_running: bool = False,
@@ -85,19 +85,21 @@ def checkpoint(
     layer_base: layerchain.Carried | None = None,
     key: Key | None = None,
 ) -> CheckpointResult:
-    """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output`, with the
-    last `log_tail` bytes of its log; with `layer_base`, only what changed in its layer since that snapshot;
-    with `key`, sealed with it (encrypted and authenticated: see sealed).
+    """Checkpoint container `name` (or the tree in `cgroup`) into the archive `output` (or into the Target given:
+    a deduplicating store's, see store.Store.taking_in), with the last `log_tail` bytes of its log; with
+    `layer_base`, only what changed in its layer since that snapshot; with `key`, sealed with it (encrypted and
+    authenticated: see sealed).
 
     Whatever fails, the container is thawed and keeps running and nothing is left at `output`.
     """
     if (name is None) == (cgroup is None):
         raise UsageError("give either a container name or --cgroup PATH")
-    output = Path(output).absolute()
-    if output.exists():
-        raise UsageError(f"{output} exists already; remove it or choose another name")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output.parent} is not a directory")
+    if not isinstance(output, archivewriter.Target):
+        output = Path(output).absolute()
+        if output.exists():
+            raise UsageError(f"{output} exists already; remove it or choose another name")
+        if not output.parent.is_dir():
+            raise UsageError(f"{output.parent} is not a directory")
     registry = containers.Registry(state_dir)
     found = criu.locate()
     if name is None:
@@ -117,7 +119,7 @@ def _checkpoint(
     found: criu.Criu,
     registry: containers.Registry,
     subject: Subject,
-    output: Path,
+    output: Path | archivewriter.Target,
     leave_running: bool,
     level: int,
     log_tail: int,
@@ -125,10 +127,13 @@ def _checkpoint(
     key: Key | None,
 ) -> CheckpointResult:
     carried: list[layer.Index] = []
+    writer = output if isinstance(output, archivewriter.Target) else archivewriter.Writer(output, level=level, key=key)
     manifest = capture(
-        found, registry, subject, output, level=level, thaw_after_dump=leave_running, log_tail=log_tail,
-        layer_base=layer_base, carried=carried.append, key=key,
+        found, registry, subject, writer, thaw_after_dump=leave_running, log_tail=log_tail, layer_base=layer_base,
+        carried=carried.append,
     )  # fmt: skip
+    path = writer.path
+    assert path is not None  # committed
     if not leave_running:
         # The archive is complete and on disk: now, and only now, end the source.
         try:
@@ -137,12 +142,12 @@ def _checkpoint(
             else:
                 subject.group.kill()
         except (KerrickptError, OSError) as exc:
-            raise SourceNotEnded(_what_is_left(subject, output, exc)) from exc
+            raise SourceNotEnded(_what_is_left(subject, path, exc)) from exc
         if manifest.ipc:
             # The job's queues and semaphores travel in the archive; left behind, they would leak.
             sysvipc.remove(sysvipc.JobIpc.from_dict(manifest.ipc))
     index = carried[0] if carried else None
-    return CheckpointResult(subject.label, output, output.stat().st_size, leave_running, manifest, index)
+    return CheckpointResult(subject.label, path, path.stat().st_size, leave_running, manifest, index)
 
 
 def _what_is_left(subject: Subject, output: Path, exc: Exception) -> str:
@@ -203,28 +208,24 @@ def capture(
     found: criu.Criu,
     registry: containers.Registry,
     subject: Subject,
-    output: Path,
+    writer: archivewriter.Target,
     *,
-    level: int,
     thaw_after_dump: bool,
-    mirror: Callable[[bytes | memoryview], None] | None = None,
     link_mib_s: float | None = None,
     lazy: LazyDump | None = None,
     log_tail: int = logtail.DEFAULT_BYTES,
     layer_base: layerchain.Carried | None = None,
     carried: Callable[[layer.Index], None] | None = None,
-    key: Key | None = None,
 ) -> Manifest:
-    """Freeze, dump and write the archive. On success the subject is left frozen unless `thaw_after_dump`;
-    on failure it is thawed, nothing is at `output`, and DumpFailed names the failing step; but if CRIU
-    was stopped or died with its code perhaps inside the processes, they stay frozen (ContainerDamaged).
+    """Freeze, dump and write into `writer` (an archive, or a deduplicating store's), which it commits. On success
+    the subject is left frozen unless `thaw_after_dump`; on failure it is thawed, nothing is committed, and
+    DumpFailed names the failing step (or the writer's own errors, see Target.errors); but if CRIU was stopped or
+    died with its code perhaps inside the processes, they stay frozen (ContainerDamaged).
 
-    `mirror` also gets the archive's bytes as they are written (a migration's live stream); the
-    manifest records `level` and, when the level was chosen for a link, that link's speed.
+    The manifest records the writer's zstd level and, when the level was chosen for a link, that link's speed.
     `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
     Of the log, the archive carries the last `log_tail` bytes (see logtail). A confined container's layer is
     carried whole, or with `layer_base` only what changed since that snapshot; `carried` gets its index.
-    With `key`, the archive is sealed with it (`mirror` still gets it as it is before).
     """
     if log_tail < 0:
         raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
@@ -251,8 +252,8 @@ def capture(
         step = "freezing the cgroup"
         progress.current().phase("freezing")
         freezer = group.freezer
-        with archivewriter.Writer(output, level=level, mirror=mirror, key=key) as writer:
-            guardian = guard.Guardian(freezer, (writer.tmp, writer.path), own_net.veth if own_net else None)
+        with writer:
+            guardian = guard.Guardian(freezer, writer.linking, own_net.veth if own_net else None)
             # Dumps on this node take turns, each from before its freeze until CRIU let go of its tree: CRIU's
             # parasite makes `proc.crtools` in the dumped task's working directory when its /proc is not its PID
             # namespace's, and two dumps at once of tasks in one directory (/, say) fail there (EEXIST). Not
@@ -345,7 +346,7 @@ def capture(
                     pid_namespace="host" if host_job else "own",
                     shell_job=shell_job,
                     ipc=ipc.to_dict() if ipc else None,
-                    compression=_compression(level, link_mib_s),
+                    compression=_compression(writer.level, link_mib_s),
                     log_start=tail.start if tail else 0,
                     confinement=confined,
                     log_external=log_external,
@@ -378,7 +379,7 @@ def capture(
         exc.message = f"checkpoint of {subject.label} failed: {exc.message}. To go on, {advice}"
         raise
     except KerrickptError as exc:
-        if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable)):
+        if isinstance(exc, (DumpFailed, UsageError, CommandTimeout, NotCheckpointable, *writer.errors)):
             raise
         message = f"checkpoint of {subject.label} failed while {step}: {exc.message}"
         raise DumpFailed(message, log_tail=exc.log_tail) from exc

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kerrickpt import (
     cgroups,
+    claims,
     confinement,
     faults,
     idranges,
@@ -50,6 +51,7 @@ NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
 RECORD = "container.json"
 OWNER = "owner"  # the run that reserved the name, until the record exists
 LOG = "log"
+PREFLIGHT = ".preflight"  # a live pre-flight's mark in STATE/incoming (see Registry.preflight_marker)
 
 
 def utc_now() -> str:
@@ -166,9 +168,44 @@ class Registry:
         """Names whose run died before registering them: `kill NAME` or `gc` removes what it left."""
         return [p.name for p in sorted(self.containers.iterdir()) if self.is_abandoned(p.name)]
 
-    def is_gone(self, name: str) -> bool:
-        """Whether no container of `name` is here, its directory gone (see claims); never for what is not a name."""
-        return NAME_PATTERN.fullmatch(name) is not None and not self.path(name).is_dir()
+    def is_gone(self, holder: claims.Holder) -> bool:
+        """Whether the holder of a claim is gone from here (see claims): a container once its directory is; one that
+        a migration brings once that migration no longer arrives (`is_arriving`) and no container here is the one it
+        brought. Never for what is not a name."""
+        name, migration = holder.container, holder.migration
+        if NAME_PATTERN.fullmatch(name) is None:
+            return False
+        if migration is None:
+            return not self.path(name).is_dir()
+        return not self.is_arriving(migration) and not self._brought(name, migration)
+
+    def is_arriving(self, migration_id: str) -> bool:
+        """Whether migration `migration_id` is arriving here: a pre-flight of it holds claims for its container (see
+        `preflight_marker`), or its receiver runs. Never false for what is not a migration's id."""
+        if NAME_PATTERN.fullmatch(migration_id) is None:
+            return True
+        return claimant_alive(self.incoming(migration_id)) is True or self.preflight_holds(migration_id)
+
+    def preflight_holds(self, migration_id: str) -> bool:
+        """Whether a pre-flight of migration `migration_id` lives and holds what it claimed (see receiver.preflight)."""
+        markers = self.incoming(migration_id).parent.glob(f"{check_name(migration_id)}.*{PREFLIGHT}")
+        return any(claimant_alive(marker) is True for marker in markers)
+
+    def preflight_marker(self, migration_id: str) -> Path:
+        """Where this process, a pre-flight of migration `migration_id`, marks that it lives while it holds claims
+        for the container the migration brings: one mark each, as a pre-flight tried again may overlap the first."""
+        return self.incoming(migration_id).with_name(f"{migration_id}.{os.getpid()}{PREFLIGHT}")
+
+    def _brought(self, name: str, migration_id: str) -> bool:
+        """Whether container `name` here is the one migration `migration_id` brought (or may be: its record is
+        damaged)."""
+        try:
+            fields = json.loads((self.path(name) / RECORD).read_bytes())
+        except FileNotFoundError:
+            return False
+        except ValueError:
+            return True
+        return not isinstance(fields, dict) or fields.get("migration") == migration_id
 
     def is_abandoned(self, name: str) -> bool:
         path = self.path(name)

@@ -1,4 +1,4 @@
-"""Owns a deduplicating store's snapshots: an archive taken in as chunks and a recipe, read back checked, pruned."""
+"""Owns a deduplicating store: its marker, a snapshot read back from its recipe checked, the sweep of dead chunks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import shutil
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from kerrickpt import (
     recipe,
     schema,
     storeseal,
-    zstdframe,
 )
 from kerrickpt.errors import ArchiveCorruptError, KeyUnusableError, RecipeSealError, StoreDamagedError
 from kerrickpt.manifest import CHECKSUMS, Manifest, Member
@@ -41,10 +39,6 @@ STORE_VERSION = 3
 ENGINE = "chunks"
 STORE_ID_DIGITS = 16  # an encrypted store's random id, which its own key is derived from
 STORE_ID = f"[0-9a-f]{{{STORE_ID_DIGITS}}}"
-ADD_BYTES = 8 << 20
-# The incoming archive of a run into a deduplicating store is read back once and removed: zstd's fastest
-# level spares the frozen-free part of the run most of the compression, which the chunks then do.
-INCOMING_LEVEL = -3
 
 log = logging.getLogger(__name__)
 
@@ -139,98 +133,6 @@ def create(root: Path, key: keys.Key | None = None) -> None:
         out.flush()
         os.fsync(out.fileno())
     archivewriter.fsync_dir(root)
-
-
-class _Cutter:
-    """Each file's bytes as they come, cut into chunks at the file's own offsets, handed on ADD_BYTES at a time
-    (enough for every thread to hash and compress a share); a file's tail as soon as the next file starts."""
-
-    def __init__(self, adding: chunks.Adding) -> None:
-        self.adding = adding
-        self.refs: dict[str, array[int]] = {}
-        self.addresses: dict[str, Any] = {}  # each file's chunk addresses, hashed (sha256) in order
-        self.name: str | None = None
-        self.held = bytearray()
-
-    def take(self, name: str, piece: memoryview) -> None:
-        if name != self.name:
-            # The file before is whole, or paused at the end of one of its 4 MiB archive members (page-aligned, so
-            # its chunks stay at its own page offsets): its tail is not held until the end (a tree has many files).
-            self.finish()
-            self.name = name
-        self.held += piece
-        if len(self.held) >= ADD_BYTES:
-            whole = len(self.held) - len(self.held) % chunks.CHUNK
-            self._add(name, self.held[:whole])
-            del self.held[:whole]
-
-    def _add(self, name: str, data: bytes | bytearray) -> None:
-        seen = self.addresses.setdefault(name, hashlib.sha256())
-        self.refs.setdefault(name, array("q")).extend(self.adding.add(memoryview(data), seen.update))
-
-    def finish(self) -> None:
-        if self.held and self.name is not None:
-            self._add(self.name, bytes(self.held))
-            self.held.clear()
-
-
-def take_in(
-    store: chunks.Chunks,
-    source: Path,
-    final: Callable[[Manifest], Path],
-    place: Callable[[Path, Manifest, Path], None],
-    level: int = zstdframe.DEFAULT_LEVEL,
-) -> None:
-    """Store the archive `source` as a recipe: checked whole as it is read, only the chunks the store lacks added,
-    the recipe staged beside `source` (sealed, in an encrypted store, to the path `final` gives), then linked in
-    there once `place` (given that path, the manifest and the staged recipe, whose size and time the snapshot will
-    have) returns; new chunks compressed at zstd `level`. Holds the chunk lock shared throughout.
-
-    The chunks it reuses are read back and checked before it is linked in, so that it is recorded verified only
-    whole: one found damaged is marked so (`Chunks.mark_damaged`) and the archive taken in once more, which stores
-    that content again and so heals every snapshot that shares it.
-    """
-    with store.lock(exclusive=False):
-        for attempt in range(2):
-            with store.adding(level) as adding:
-                cutter = _Cutter(adding)
-                manifest = archive.extract(source, None, into=cutter.take)
-                cutter.finish()
-                adding.commit()
-                reused = sorted({r for refs in cutter.refs.values() for r in refs if r > 0})
-                damaged = store.damaged(recipe.runs_of(array("q", reused)))
-                if damaged:
-                    if attempt:
-                        raise ArchiveCorruptError(
-                            f"chunks {damaged} of {source} stay damaged after it was taken in again"
-                        )
-                    for chunk in damaged:
-                        store.mark_damaged(chunk)
-                    log.warning(
-                        "%d chunk(s) this snapshot shares with older ones are damaged (%s): storing them again, which "
-                        "heals the snapshots that need them",
-                        len(damaged),
-                        ", ".join(map(str, damaged[:10])),
-                    )
-                    continue
-                faults.inject("dedup-before-recipe")
-                files = {
-                    m.name: recipe.runs_of(adding.resolve(cutter.refs.get(m.name, array("q"))))
-                    for m in manifest.members
-                }
-                seal = store.seal
-                addresses = {}
-                if seal.key_id is not None:
-                    addresses = {
-                        m.name: cutter.addresses.get(m.name, hashlib.sha256()).digest() for m in manifest.members
-                    }
-                made = recipe.Recipe(manifest.to_json(), files, seal.key_id, addresses)
-                path = final(manifest)
-                listed = {"node": manifest.source.hostname, "frozen_s": manifest.timings.get("frozen_s")}
-                with recipe.staged(source.parent, made, seal, path, listed) as hidden:
-                    place(path, manifest, hidden)
-                    recipe.link(hidden, path)
-                return
 
 
 class Source:

@@ -46,17 +46,23 @@ def find(registry: containers.Registry) -> list[Leftover]:
         for claim in idranges.stale(registry)
     ]
     found += [
-        Leftover(NETWORK, str(claim), "its container is gone from this node: the address or node port is free again")
+        Leftover(
+            NETWORK,
+            str(claim),
+            "its container is gone from this node, or its migration here ended without it: the address or node port "
+            "is free again",
+        )
         for claim in network.stale(registry)
     ]
     found += [
         Leftover(PROBE, str(netlinks.NETNS_DIR / netns), "the `kerrickpt check` that probed with it died")
-        for netns, pid in netlinks.probes()
-        if procs.start_time(pid) is None
+        for netns, pid, start in netlinks.probes()
+        if not _prober_alive(pid, start)
     ]
     found += [
-        Leftover(MARKER, str(marker), "its receiver died")
-        for marker in sorted(_incoming(registry, ".json"))
+        Leftover(MARKER, str(marker), f"its {maker} died")
+        for suffix, maker in ((".json", "receiver"), (containers.PREFLIGHT, "pre-flight"))
+        for marker in sorted(_incoming(registry, suffix))
         if containers.claimant_alive(marker) is False
     ]
     return found
@@ -67,7 +73,8 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
     of a post-copy whose watcher died, then names never registered and their cgroups, scratch
     directories (memory images), the id range, address and node port claims of containers that are gone
     (after the names, whose removal frees theirs), the network namespaces of `kerrickpt check`s killed while they
-    probed (of this node, whatever its state directory), and markers of receivers that died; only those of `kinds`."""
+    probed (of this node, whatever its state directory), and markers of receivers and pre-flights that died; only
+    those of `kinds`."""
     found = [leftover for leftover in find(registry) if leftover.kind in kinds]
     if dry_run:
         return found
@@ -96,6 +103,11 @@ def gc(state_dir: Path | str | None = None, *, dry_run: bool = False) -> list[Le
 def _incoming(registry: containers.Registry, suffix: str) -> list[Path]:
     directory = registry.root / "incoming"
     return [p for p in directory.iterdir() if p.suffix == suffix] if directory.is_dir() else []
+
+
+def _prober_alive(pid: int, start: int | None) -> bool:
+    """Whether the process that made a probe namespace lives (see netlinks.probes)."""
+    return procs.start_time(pid) is not None if start is None else procs.is_alive(pid, start)
 
 
 def _scratch_owner_dead(path: Path) -> bool:

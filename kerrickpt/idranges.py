@@ -37,15 +37,16 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
     are claimed each on its own: any free one of each serves.
     """
     directory = _directory(registry)
+    me = claims.Holder(name)
     seen = [(*_parse(path.name), path, owner) for path, owner in _claims(directory)]
     start = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
     uid_prefer, gid_prefer = prefer or (None, None)
-    uid_base = _claim_one(registry, directory, seen, UID, pool.uids, start, uid_prefer, name)
+    uid_base = _claim_one(registry, directory, seen, UID, pool.uids, start, uid_prefer, me)
     gid_base = None
     if uid_base is not None:
-        gid_base = _claim_one(registry, directory, seen, GID, pool.gids, start, gid_prefer, name)
+        gid_base = _claim_one(registry, directory, seen, GID, pool.gids, start, gid_prefer, me)
         if gid_base is None:
-            claims.drop(directory / f"{UID}-{uid_base}", name)
+            claims.drop(directory / f"{UID}-{uid_base}", me)
     if uid_base is None or gid_base is None:
         if not pool.ranges:
             raise NoIdRangeError(
@@ -59,36 +60,36 @@ def claim(registry: Registry, name: str, pool: IdPool, prefer: tuple[int, int] |
         )
     kept = (directory / f"{UID}-{uid_base}", directory / f"{GID}-{gid_base}")
     for path, owner in _claims(directory):  # what a claim of `name` cut short left
-        if owner == name and path not in kept:
-            claims.drop(path, name)
+        if owner == me and path not in kept:
+            claims.drop(path, me)
     return uid_base, gid_base
 
 
 def _claim_one(
     registry: Registry,
     directory: Path,
-    seen: list[tuple[str, int, Path, str | None]],
+    seen: list[tuple[str, int, Path, claims.Holder | None]],
     kind: str,
     spans: tuple[tuple[int, int], ...],
     start: int,
     prefer: int | None,
-    name: str,
+    me: claims.Holder,
 ) -> int | None:
-    """Claim a `kind` range of `spans` for `name`: the one it holds, else `prefer`, else the first free one
+    """Claim a `kind` range of `spans` for `me`: the one it holds, else `prefer`, else the first free one
     from the `start`-th on; None if none is free."""
     blocks = _blocks(spans)
     start %= len(blocks) or 1
-    candidates = [base for kind_, base, _, owner in seen if kind_ == kind and owner == name]
+    candidates = [base for kind_, base, _, owner in seen if kind_ == kind and owner == me]
     candidates += [prefer] if prefer in blocks else []
     for base in candidates + blocks[start:] + blocks[:start]:
-        if _free(registry, seen, kind, base, name) and claims.take(registry, directory / f"{kind}-{base}", name):
+        if _free(registry, seen, kind, base, me) and claims.take(registry, directory / f"{kind}-{base}", me):
             return base
     return None
 
 
 def release(registry: Registry, name: str) -> None:
     """Drop the claims of `name`, if it has any; call it before the name is freed (see claims' rule)."""
-    claims.release(_directory(registry), _is_range, name)
+    claims.release(registry, _directory(registry), _is_range, name)
 
 
 def held(registry: Registry) -> dict[str, tuple[int, int]]:
@@ -110,10 +111,10 @@ def _blocks(spans: tuple[tuple[int, int], ...]) -> list[int]:
     return [start for first, count in spans for start in range(first, first + count - RANGE + 1, RANGE)]
 
 
-def _pairs(seen: list[tuple[str, int, Path, str | None]]) -> dict[str, tuple[int, int]]:
+def _pairs(seen: list[tuple[str, int, Path, claims.Holder | None]]) -> dict[str, tuple[int, int]]:
     """The (uid_base, gid_base) of each container that holds both."""
-    uids = {owner: base for kind, base, _, owner in seen if kind == UID and owner is not None}
-    gids = {owner: base for kind, base, _, owner in seen if kind == GID and owner is not None}
+    uids = {owner.container: base for kind, base, _, owner in seen if kind == UID and owner is not None}
+    gids = {owner.container: base for kind, base, _, owner in seen if kind == GID and owner is not None}
     return {name: (uids[name], gids[name]) for name in sorted(uids) if name in gids}
 
 
@@ -127,17 +128,19 @@ def _is_range(filename: str) -> bool:
     return kind in (UID, GID) and base.isdigit()
 
 
-def _claims(directory: Path) -> Iterator[tuple[Path, str | None]]:
+def _claims(directory: Path) -> Iterator[tuple[Path, claims.Holder | None]]:
     return claims.held(directory, _is_range)
 
 
-def _free(registry: Registry, seen: list[tuple[str, int, Path, str | None]], kind: str, base: int, name: str) -> bool:
+def _free(
+    registry: Registry, seen: list[tuple[str, int, Path, claims.Holder | None]], kind: str, base: int, me: claims.Holder
+) -> bool:
     """Whether, as `seen` were, no other container's live claim overlaps the `kind` range at `base`. A stale
     claim overlapping it without being it (made while /etc/subuid cut the pool differently) goes now."""
     for other_kind, other, path, owner in seen:
-        if other_kind != kind or abs(other - base) >= RANGE or owner == name:
+        if other_kind != kind or abs(other - base) >= RANGE or owner == me:
             continue
-        if claims.refuses(registry, owner, name):
+        if claims.refuses(registry, owner, me):
             return False
         if other != base:  # one at `base` itself is taken over by _take
             claims.drop_stale(registry, path)

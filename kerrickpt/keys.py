@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
+import operator
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -107,6 +109,17 @@ class Key:
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self._aead(self.sealing).encrypt(nonce, data, bound)  # a view is not copied first
 
+    def seal_into(self, data: bytes | memoryview, bound: bytes, buffer: bytearray | memoryview) -> memoryview:
+        """`seal`, written into the start of `buffer` (room for NONCE_BYTES + len(data) + TAG_BYTES at least), which
+        it returns cut to that: who seals megabytes at a time reuses one buffer, as memory fresh for each (its pages
+        faulted in, then a copy to put the nonce first) cost several times what the cipher does. Not for small
+        pieces: for a 4 KiB chunk its views cost more than the copy they save (some 1.8 us against `seal`'s 1.1)."""
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = memoryview(buffer)[: NONCE_BYTES + len(data) + TAG_BYTES]
+        sealed[:NONCE_BYTES] = nonce
+        self._aead(self.sealing).encrypt_into(nonce, data, bound, sealed[NONCE_BYTES:])  # a view is not copied first
+        return sealed
+
     def open(self, sealed: bytes | memoryview, bound: bytes, sealing: int, what: str) -> bytes:
         """The bytes `seal` sealed with `sealing` and `bound`; ArchiveCorruptError naming `what` if they were changed
         (or `bound` is not theirs): with the right key, that can only be tampering or damage."""
@@ -116,11 +129,30 @@ class Key:
         try:
             return self._aead(sealing).decrypt(bytes(view[:NONCE_BYTES]), view[NONCE_BYTES:], bound)
         except Exception as exc:
-            # Imported on failure only: a chunk is opened per page, and an import costs as much as half an opening.
-            from cryptography.exceptions import InvalidTag
+            self._refuse_forged(exc, what)
+            raise
 
-            if not isinstance(exc, InvalidTag):
-                raise
+    def open_many(self, sealed: list[memoryview], bounds: Iterable[bytes], sealings: bytes, what: str) -> list[bytes]:
+        """`open` for many pieces, each with its bound and its sealing (a byte each), by one loop in C (a store opens a
+        chunk per 4 KiB page); ArchiveCorruptError naming `what` if one fails, without saying which."""
+        if sealed and min(map(len, sealed)) < NONCE_BYTES + TAG_BYTES:
+            raise ArchiveCorruptError(f"{what} is truncated: shorter than its seal")
+        decrypt = {sealing: self._aead(sealing).decrypt for sealing in set(sealings)}
+        nonces = map(operator.getitem, sealed, itertools.repeat(slice(NONCE_BYTES)))
+        texts = map(operator.getitem, sealed, itertools.repeat(slice(NONCE_BYTES, None)))
+        try:
+            return list(map(operator.call, map(decrypt.__getitem__, sealings), nonces, texts, bounds))
+        except Exception as exc:
+            self._refuse_forged(exc, what)
+            raise
+
+    def _refuse_forged(self, exc: Exception, what: str) -> None:
+        """ArchiveCorruptError naming `what` if `exc` is a seal's failing to open: with the right key, that can only be
+        tampering or damage. Anything else is left to the caller to raise."""
+        # Imported on failure only: a chunk is opened per page, and an import costs as much as half an opening.
+        from cryptography.exceptions import InvalidTag
+
+        if isinstance(exc, InvalidTag):
             raise ArchiveCorruptError(
                 f"{what} fails its authentication with key {self.id}: it was changed, or damaged, after it was sealed"
             ) from None

@@ -20,6 +20,7 @@ import msgspec
 import tenacity
 
 from kerrickpt import (
+    archivewriter,
     containers,
     criu,
     faults,
@@ -196,15 +197,17 @@ def migrate(
     Of the log, the last `log_tail` bytes travel (see logtail).
 
     A container with a network of its own keeps its address, MAC and TCP connections if the target's node network
-    is one layer-2 segment with this node's (see network.admit, which the target's pre-flight asks): cut off here
+    is one layer-2 segment with this node's (see network.reserve, which the target's pre-flight asks): cut off here
     while it is dumped, it is restored there cut off, connected, and announced (a gratuitous ARP). Else the
     pre-flight refuses it (NotCheckpointable; UsageError if its address or a published port is taken there), before
-    anything is frozen; with `net_remap` it gets an address of the target's, its connections closed.
+    anything is frozen; with `net_remap` it gets an address of the target's, its connections closed. What the
+    pre-flight claims there for it stays claimed until this returns or raises (see receiver.preflight_holding).
     """
     registry = containers.Registry(state_dir)
-    with registry.lock(name):
+    # What the target's pre-flight claimed for the container is held until the migration ended, whichever way.
+    with registry.lock(name), contextlib.ExitStack() as hold:
         return _migrate(
-            registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy, log_tail, net_remap
+            registry, name, to, ssh_options, remote_kerrickpt, force, attempts, level, lazy, log_tail, net_remap, hold
         )
 
 
@@ -220,6 +223,7 @@ def _migrate(
     lazy: bool,
     log_tail: int,
     net_remap: bool,
+    hold: contextlib.ExitStack,
 ) -> MigrationResult:
     container = registry.get(name)
     registry.refuse_while_migrating(name)
@@ -233,9 +237,14 @@ def _migrate(
         _refuse_bound_to_address(name, container.init_pid, container.network.ip)
     link = transport.Link(transport.Target.parse(to), tuple(ssh_options), remote_kerrickpt).with_fast_cipher()
     found = criu.locate()
-    request = {**_preflight_request(found, container, force), "net_remap": net_remap}
+    migration_id = uuid.uuid4().hex
+    request = {**_preflight_request(found, container, force), "net_remap": net_remap, "migration_id": migration_id}
+    # Only a network of its own has anything the target claims for it (see receiver.preflight_holding).
+    held = hold if container.network is not None else None
     progress.current().phase(f"pre-flight on {link.target}")
-    answer, preflight_attempts = _retrying(attempts, f"pre-flight on {link.target}", lambda: _preflight(link, request))
+    answer, preflight_attempts = _retrying(
+        attempts, f"pre-flight on {link.target}", lambda: _preflight(link, request, held)
+    )
     readable = answer.archive_versions
     if ARCHIVE_VERSION not in readable:
         raise NodeIncompatibleError(
@@ -257,7 +266,6 @@ def _migrate(
     if level is None:
         link_mib_s, _ = _retrying(attempts, f"measure the link to {link.target}", lambda: transport.measure(link))
         level = zstdframe.level_for_link(link_mib_s)
-    migration_id = uuid.uuid4().hex
     receive = ["agent", "receive", "--name", name, "--migration-id", migration_id]
     receive += [*(["--force"] if force else []), *(["--lazy"] if lazy else []), *(["--net-remap"] if net_remap else [])]
     scratch = registry.scratch_dir("migrate-")
@@ -268,9 +276,9 @@ def _migrate(
             pages = _open_pages(link, migration_id, found, container.group.freezer, scratch / "pages")
         # ssh and the target's kerrickpt start before the freeze, and the archive goes out as it is written.
         # A post-copy's page socket takes one receiver: no second try.
-        live, _ = _retrying(
-            1 if lazy else attempts, f"open the transfer to {link.target}", lambda: _Live(link, receive)
-        )
+        # Only the first receiver asks whether the pre-flight still holds its claims: it answers before the freeze.
+        first = [*receive, *(["--reserved"] if held is not None else [])]
+        live, _ = _retrying(1 if lazy else attempts, f"open the transfer to {link.target}", lambda: _Live(link, first))
         try:
             # Written before the freeze: whatever happens next, `recover` can find out and finish it.
             journal.create(id=migration_id, link=link.to_dict(), scratch=str(scratch), started=containers.utc_now())
@@ -287,8 +295,8 @@ def _migrate(
         frozen_at = time.monotonic()
         try:
             manifest = capture(
-                found, registry, subject, path, level=level, thaw_after_dump=False, mirror=live.write,
-                link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
+                found, registry, subject, archivewriter.Writer(path, level=level, mirror=live.write),
+                thaw_after_dump=False, link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it received
@@ -370,9 +378,17 @@ def _network_lock(manifest: Manifest, downtime: float, restored: schema.Restored
     return {"network_lock_s": round(downtime - cut_off_s - answered_after_s, 4)}
 
 
-def _preflight(link: transport.Link, request: dict[str, Any]) -> schema.PreflightAnswer:
-    """The target's pre-flight answer; raises why it cannot take the container."""
-    answer = transport.call(link, ["agent", "preflight"], request)
+def _preflight(
+    link: transport.Link, request: dict[str, Any], hold: contextlib.ExitStack | None = None
+) -> schema.PreflightAnswer:
+    """The target's pre-flight answer; raises why it cannot take the container. With `hold`, what the target claims
+    for it stays claimed until `hold` closes (see receiver.answer_preflight)."""
+    if hold is None:
+        answer = transport.call(link, ["agent", "preflight"], request)
+    else:
+        channel, answer = transport.call_holding(link, ["agent", "preflight", "--hold"], request)
+        hold.enter_context(channel)
+    faults.inject("source-after-preflight")
     return schema.from_peer(answer, schema.PreflightAnswer, str(link.target))
 
 
@@ -530,10 +546,7 @@ def _settled(link: transport.Link, migration_id: str) -> schema.Status | None:
 
 def _open(link: transport.Link, receive: list[str]) -> transport.Channel:
     """A channel to the target's receiver, once it is ready for the archive."""
-    try:
-        channel = transport.Channel(link, receive)
-    except OSError as exc:  # ssh cannot even start (no such program, no memory)
-        raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
+    channel = transport.open_channel(link, receive)
     try:
         channel.ready()
     except BaseException:

@@ -13,14 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command, helper, namespaces
+from kerrickpt import command, helper, namespaces, procs
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
 from kerrickpt.idmap import IdMap
 from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
 INSIDE = "eth0"  # the container's end of its veth
-PROBE = "kpn-probe-"  # and the PID of the `kerrickpt check` that probes with it: a network namespace of cut_off_fails
+# And the PID and start time of the `kerrickpt check` that probes with it (see `probes`): a network namespace of
+# cut_off_fails.
+PROBE = "kpn-probe-"
 TIMEOUT = 10.0
 # A bridge port's states, as `bridge link set dev PORT state` takes them (see cut_off).
 DISABLED, FORWARDING = "0", "3"
@@ -263,7 +265,8 @@ def _port_state(link: dict[str, Any]) -> str | None:
 def cut_off_fails() -> str | None:
     """Why a container could not be cut off its network on this node, None if it can: tried on a veth on a bridge
     made in a network namespace of its own (gone afterwards), cut off and connected again as a checkpoint does."""
-    netns = f"{PROBE}{os.getpid()}"
+    me = os.getpid()
+    netns = f"{PROBE}{me}-{procs.start_time(me)}"
     where = ("-n", netns)
     try:
         _ip("netns", "add", netns)
@@ -286,11 +289,17 @@ def cut_off_fails() -> str | None:
     return None
 
 
-def probes() -> list[tuple[str, int]]:
-    """The network namespaces `cut_off_fails` made that are still there, each with the PID of the process that made it
-    (one killed mid-probe cannot remove its own)."""
+def probes() -> list[tuple[str, int, int | None]]:
+    """The network namespaces `cut_off_fails` made that are still there (one killed mid-probe cannot remove its own),
+    each with the PID and start time of the process that made it: the start time tells a PID reused since from its
+    maker (None: named by a kerrickpt from before, with the PID alone)."""
     names = sorted(path.name for path in NETNS_DIR.glob(f"{PROBE}*")) if NETNS_DIR.is_dir() else []
-    return [(name, int(pid)) for name in names if (pid := name.removeprefix(PROBE)).isdigit()]
+    found = []
+    for name in names:
+        pid, _, start = name.removeprefix(PROBE).partition("-")
+        if pid.isdigit() and (start.isdigit() or not start):
+            found.append((name, int(pid), int(start) if start else None))
+    return found
 
 
 def exists(ifname: str) -> bool:

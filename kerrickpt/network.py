@@ -104,19 +104,22 @@ def plan(
     *,
     fall_back: bool = False,
     ask_segment: bool = True,
+    migration: str | None = None,
 ) -> tuple[Network, netsettings.Settings]:
     """Claim `name`'s network on this node: `address` (ADDR/PREFIX from `--ip`, or an archive's ADDR), else the
     first free one of the node's pool (also when `address` is taken and `fall_back`), and `ports`; with the node
     network's settings it was claimed in, for `create`. Free means: neither the node nor another of its containers
     holds it, and, on a node joined to a segment, no machine answers for it there (asked with ARP probes, see
     `_segment_holders`; a container that migrated away from this node holds an address of its pool on another
-    node) unless not `ask_segment` (a migration's target, whose pre-flight asked). UsageError, with nothing
-    claimed, for an address outside the subnet or in use, a port taken, a subnet the node's own addresses
-    overlap."""
+    node) unless not `ask_segment` (a migration's target, whose pre-flight asked). The restore of a `migration`
+    claims for the container that migration brings, so it takes over what its pre-flight claimed (see `reserve`).
+    UsageError, with nothing claimed but what `migration` held already, for an address outside the subnet or in
+    use, a port taken, a subnet the node's own addresses overlap."""
     settings = netsettings.load(registry)
     net = settings.subnet
     used = _node_own(settings)
     directory = _directory(registry)
+    holder = claims.Holder(name, migration)
     holders = functools.partial(_segment_holders, registry, settings) if ask_segment else lambda _: set()
     try:
         wanted = _address(address, net) if address is not None else None
@@ -124,20 +127,20 @@ def plan(
             if not fall_back:
                 raise UsageError(f"address {wanted} is in use on this node (the node's own)")
             wanted = None
-        if wanted is not None and not claims.take(registry, directory / f"{ADDRESS}-{wanted}", name):
+        if wanted is not None and not claims.take(registry, directory / f"{ADDRESS}-{wanted}", holder):
             if not fall_back:
-                raise _held(wanted, claims.blocking(registry, directory / f"{ADDRESS}-{wanted}", name))
+                raise _held(wanted, claims.blocking(registry, directory / f"{ADDRESS}-{wanted}", holder))
             wanted = None
         if wanted is not None and (others := holders(wanted)):
-            claims.drop(directory / f"{ADDRESS}-{wanted}", name)
+            claims.drop(directory / f"{ADDRESS}-{wanted}", holder)
             if not fall_back:
                 raise _on_segment(wanted, settings, others)
             wanted = None
         if wanted is None:
-            wanted = _allocate(registry, directory, settings, used, name, holders)
+            wanted = _allocate(registry, directory, settings, used, holder, holders)
         bound = functools.cache(netports.bound)  # /proc/net read once per protocol, not once per port
         for port in ports:
-            _claim_port(registry, directory, port, bound, name)
+            _claim_port(registry, directory, port, bound, holder)
     except BaseException:
         release(registry, name)
         raise
@@ -163,23 +166,24 @@ def _on_segment(address: ipaddress.IPv4Address, settings: netsettings.Settings, 
     )
 
 
-def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) -> None:
-    """Check that this node can take `name`, a container that migrates here with the network `carried`, before its
-    source freezes it (a migration's pre-flight): its published ports are free here; with `remap` (it gets an
-    address of this node's), that this node's pool has one free (the segment is asked at the restore); else its
-    address is this node's subnet's, free on this node, and on a segment that
+def reserve(registry: claims.State, holder: claims.Holder, carried: Identity, *, remap: bool) -> None:
+    """Claim for `holder`, a container that a migration brings here with the network `carried`, what it needs here,
+    before its source freezes it (a migration's pre-flight): its published ports, free here; with `remap` (it gets
+    an address of this node's), check that this node's pool has one free (claimed by its restore, which asks the
+    segment); else its address, which must be this node's subnet's, free on this node, and on a segment that
     reaches the source: the container answers for it there (from the source node), and no other machine does.
-    So the container keeps its address and connections here. Claims nothing (its restore does), but makes the
-    node network's bridge, which the question goes out on. NotCheckpointable if the address cannot live here
-    (`--net-remap` can move the container), UsageError if it is taken."""
+    So the container keeps its address and connections here, and no other run, restore or migration takes them
+    before its restore does (see `plan`). Makes the node network's bridge, which the question goes out on.
+    NotCheckpointable if the address cannot live here (`--net-remap` can move the container), UsageError if it or
+    a port is taken. What it claimed stays `holder`'s, whatever it raises, until its migration lets go (`let_go`)."""
     settings = netsettings.load(registry)
     used = _node_own(settings)
     directory = _directory(registry)
     bound = functools.cache(netports.bound)
     for port in carried.ports:
-        _free_port(registry, directory, port, bound, name)
+        _claim_port(registry, directory, port, bound, holder)
     if remap:
-        if next(_candidates(registry, directory, settings, used, name), None) is None:
+        if next(_candidates(registry, directory, settings, used, holder), None) is None:
             raise _pool_full(settings)
         return
     address = ipaddress.IPv4Interface(carried.address)
@@ -195,8 +199,8 @@ def admit(registry: claims.State, name: str, carried: Identity, *, remap: bool) 
     if address.ip in used:
         raise UsageError(f"address {address.ip} is in use on this node (the node's own)")
     claim = directory / f"{ADDRESS}-{address.ip}"
-    if holder := claims.blocking(registry, claim, name):
-        raise _held(address.ip, holder)
+    if not claims.take(registry, claim, holder):
+        raise _held(address.ip, claims.blocking(registry, claim, holder))
     _bridge(registry, settings)
     netlinks.wait_bridge_carrying(settings.bridge)  # if it never does, no one answers: said below
     answers = arp.probe(settings.bridge, str(address.ip))
@@ -250,22 +254,26 @@ def _allocate(
     directory: Path,
     settings: netsettings.Settings,
     used: set[ipaddress.IPv4Address],
-    name: str,
+    holder: claims.Holder,
     holders: Callable[[ipaddress.IPv4Address], set[str]],
 ) -> ipaddress.IPv4Address:
-    """The first address of the node's pool (see `_candidates`) that `name` can claim (claims.take judges an
+    """The first address of the node's pool (see `_candidates`) that `holder` can claim (claims.take judges an
     existing claim) and no machine of the segment answers for (`holders`)."""
-    for candidate in _candidates(registry, directory, settings, used, name):
+    for candidate in _candidates(registry, directory, settings, used, holder):
         filename = f"{ADDRESS}-{candidate}"
-        if claims.take(registry, directory / filename, name):
+        if claims.take(registry, directory / filename, holder):
             if not holders(candidate):
                 return candidate
-            claims.drop(directory / filename, name)
+            claims.drop(directory / filename, holder)
     raise _pool_full(settings)
 
 
 def _candidates(
-    registry: claims.State, directory: Path, settings: netsettings.Settings, used: set[ipaddress.IPv4Address], name: str
+    registry: claims.State,
+    directory: Path,
+    settings: netsettings.Settings,
+    used: set[ipaddress.IPv4Address],
+    holder: claims.Holder,
 ) -> Iterator[ipaddress.IPv4Address]:
     """The addresses of the node's pool that are neither in `used` nor, when looked, another live container's."""
     # Read once: an address another live container holds is passed over without trying (each try writes and
@@ -276,7 +284,7 @@ def _candidates(
         if candidate in (net.network_address, net.broadcast_address) or candidate in used:
             continue
         filename = f"{ADDRESS}-{candidate}"
-        if not (filename in taken and claims.refuses(registry, taken[filename], name)):
+        if not (filename in taken and claims.refuses(registry, taken[filename], holder)):
             yield candidate
 
 
@@ -288,24 +296,15 @@ def _pool_full(settings: netsettings.Settings) -> UsageError:
 
 
 def _claim_port(
-    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
+    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], holder: claims.Holder
 ) -> None:
-    path = _free_port(registry, directory, port, bound, name)
-    if not claims.take(registry, path, name):
-        raise _published(port, claims.blocking(registry, path, name))
-
-
-def _free_port(
-    registry: claims.State, directory: Path, port: Port, bound: Callable[[str], set[int]], name: str
-) -> Path:
-    """The claim file of the node port `port`, which no program of the node listens on and no other container
-    publishes (else UsageError)."""
+    """Claim the node port `port` for `holder`: no program of the node may listen on it, nor another container
+    publish it (else UsageError)."""
     if port.host in bound(port.protocol):
         raise UsageError(f"--publish {port}: node port {port.host}/{port.protocol} is in use on this node")
     path = directory / f"{port.protocol}-{port.host}"
-    if holder := claims.blocking(registry, path, name):
-        raise _published(port, holder)
-    return path
+    if not claims.take(registry, path, holder):
+        raise _published(port, claims.blocking(registry, path, holder))
 
 
 def _published(port: Port, holder: str | None) -> UsageError:
@@ -315,12 +314,19 @@ def _published(port: Port, holder: str | None) -> UsageError:
 
 
 def release(registry: claims.State, name: str) -> None:
-    """Drop `name`'s claims (its address, its node ports): call it before the name is freed (see claims)."""
-    claims.release(_directory(registry), _is_claim, name)
+    """Drop `name`'s claims (its address, its node ports), but those a migration still arriving holds for it: call
+    it before the name is freed (see claims)."""
+    claims.release(registry, _directory(registry), _is_claim, name)
+
+
+def let_go(registry: claims.State, migration: str) -> None:
+    """Drop what `migration` claimed for the container it brings (see `reserve`) once no one holds it: no pre-flight
+    or receiver of it lives, and it did not bring that container here (see claims.let_go)."""
+    claims.let_go(registry, _directory(registry), _is_claim, migration)
 
 
 def stale(registry: claims.State) -> list[Path]:
-    """Claims whose container is gone, and claims a run that died left half written: what `gc` removes."""
+    """Claims whose holder is gone, and claims a run that died left half written: what `gc` removes."""
     return claims.stale(registry, _directory(registry), _is_claim)
 
 

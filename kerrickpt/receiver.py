@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -18,6 +19,7 @@ import msgspec
 
 from kerrickpt import (
     archive,
+    claims,
     compat,
     containers,
     criu,
@@ -43,6 +45,7 @@ from kerrickpt.errors import (
     NotReadyError,
     ProtocolError,
     RestoreFailed,
+    TransportError,
     UsageError,
 )
 from kerrickpt.manifest import READABLE
@@ -57,13 +60,68 @@ CHUNK = 1 << 20
 
 def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[str, Any]:
     """Can this node take the container the source's request (`raw`: its JSON, or that parsed)
-    describes? Raises the reason it cannot; ProtocolError if the request is malformed."""
+    describes? Raises the reason it cannot; ProtocolError if the request is malformed. What it claims for the
+    container (see `preflight_holding`) is let go as it answers."""
+    with preflight_holding(raw, state_dir) as answer:
+        return answer
+
+
+@contextlib.contextmanager
+def preflight_holding(raw: bytes | object, state_dir: Path | str | None = None) -> Iterator[dict[str, Any]]:
+    """The answer of `preflight`, and what it claims held while the context lasts.
+
+    What the container's network of its own needs here (its address, its published node ports) is claimed for it,
+    as the container the request's migration brings (see network.reserve): the source holds the pre-flight open
+    until the migration ends (see `answer_preflight`), so no other run, restore or migration takes it before the
+    restore does, and the migration's receiver checks that it is still held before the freeze. Once no pre-flight
+    nor receiver of the migration lives, and it did not bring the container, the claims go: as the context ends,
+    or, for one killed, as claims of a holder that is gone (taken over, or removed by `gc`)."""
     request = schema.from_peer(raw, schema.PreflightRequest, "the source")
     try:
         cpuinfo = base64.b64decode(request.cpuinfo, validate=True)
     except ValueError as exc:
         raise ProtocolError(f"the source sent a malformed message: cpuinfo is not base64: {exc}") from exc
     registry = containers.Registry(state_dir)
+    # A source from before sends none: what is claimed then is let go as soon as the answer is given.
+    migration_id = request.migration_id or uuid.uuid4().hex
+    marker = registry.preflight_marker(migration_id)
+    me = os.getpid()
+    containers.write_atomic(marker, json.dumps({"pid": me, "start": procs.start_time(me)}))  # before any claim
+    try:
+        yield _check(request, cpuinfo, registry, migration_id, state_dir)
+    finally:
+        marker.unlink(missing_ok=True)  # first: the receiver then holds the claims, or no one
+        network.let_go(registry, migration_id)
+
+
+def answer_preflight(stdin: BinaryIO, stdout: TextIO, *, hold: bool, state_dir: Path | str | None = None) -> None:
+    """`agent preflight`: answer the source's request (its JSON: all of `stdin`, or `hold`ing, its first frame)
+    and, `hold`ing, keep what the pre-flight claimed (see `preflight_holding`) until the source closes its end: it
+    does so when the migration ends, or its kerrickpt or ssh dies. Also after limits.RECEIVE_STALL without a word
+    from it: a link that died without closing must not hold the claims for ever (a receiver that runs by then
+    holds them)."""
+    if hold:
+        frame = transport.read_frame(stdin)
+        if frame is None:
+            raise ProtocolError("the source sent no pre-flight request")
+        request = bytes(frame[1])
+    else:
+        request = stdin.read()
+    with preflight_holding(request, state_dir) as answer:
+        transport.emit(stdout, "ok", **answer)
+        with contextlib.suppress(TransportError):  # a stall: see above
+            while hold and transport.read_frame(stdin) is not None:
+                pass
+
+
+def _check(
+    request: schema.PreflightRequest,
+    cpuinfo: bytes,
+    registry: containers.Registry,
+    migration_id: str,
+    state_dir: Path | str | None,
+) -> dict[str, Any]:
+    """The pre-flight's checks, and its claims for migration `migration_id` (see `preflight_holding`): its answer."""
     report = node.check(state_dir)
     if not report.ready:
         raise NotReadyError("the target is not ready: " + "; ".join(report.problems))
@@ -92,7 +150,7 @@ def preflight(raw: bytes | object, state_dir: Path | str | None = None) -> dict[
             raise NodeIncompatibleError(f"the target cannot take the network of {request.name}: " + "; ".join(lacking))
         carried = network.Identity.from_dict(msgspec.to_builtins(request.network))
         try:
-            network.admit(registry, name, carried, remap=request.net_remap)
+            network.reserve(registry, claims.Holder(name, migration_id), carried, remap=request.net_remap)
         except (UsageError, NotCheckpointable) as exc:
             exc.message = f"the target cannot take the network of {name} (nothing was frozen): {exc.message}"
             raise
@@ -130,12 +188,15 @@ def receive(
     force: bool = False,
     lazy: bool = False,
     net_remap: bool = False,
+    reserved: bool = False,
     state_dir: Path | str | None = None,
 ) -> int:
     """Take an archive streamed by the source, restore it, and tell the source once it runs.
 
     With `lazy`, the memory the archive lacks comes afterwards through `agent pages` (post-copy).
     With `net_remap`, a container with a network of its own gets an address of this node's (see restore).
+    `reserved`: a pre-flight of the migration claimed what the container's network needs here, and holds it (see
+    `preflight_holding`); should it no longer, the source hears so before it freezes the container.
 
     Until the container runs here, any failure removes what this side made and is
     reported; once it runs it stays, whatever happens to the connection.
@@ -161,6 +222,13 @@ def receive(
             try:
                 # Connected before ready: a page stream that cannot come fails while nothing is frozen yet.
                 watcher = stack.enter_context(postcopy.Watcher(registry, migration_id)) if lazy else None
+                # From here on this receiver holds the claims too: were they held until now, they stay so.
+                if reserved and not registry.preflight_holds(migration_id):
+                    raise TransportError(
+                        f"the pre-flight of migration {migration_id} no longer holds what {name}'s network needs "
+                        "here (its connection ended, or its kerrickpt died), and another container may have taken "
+                        "it since: nothing was frozen; migrate it again"
+                    )
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
                 incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
                 if watcher is None and feeder.can_gate(registry.scratch):
@@ -187,7 +255,8 @@ def receive(
         transport.emit(stdout, "restored", **result.to_dict(), answered_after_s=since)
         return 0
     finally:
-        marker.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)  # first: its pre-flight then holds the claims, or no one
+        network.let_go(registry, migration_id)
 
 
 @contextlib.contextmanager

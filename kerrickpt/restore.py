@@ -235,12 +235,13 @@ def _restore_as(
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
             wanted = None if remap else archived.ip  # None: the pool's first free address
-            # A migration's pre-flight asked the segment for its address before the freeze (network.admit): asked
-            # again here, the downtime would be longer by the probes' wait.
+            # A migration's pre-flight asked the segment for its address before the freeze, and claimed it and the
+            # ports (network.reserve): taken over here. Asked again, the downtime would be longer by the probes' wait.
             asked = migration_id is not None and not remap
             own_net, settings = network.plan(
-                registry, name, wanted, archived.ports, fall_back=fall_back, ask_segment=not asked
-            )
+                registry, name, wanted, archived.ports, fall_back=fall_back, ask_segment=not asked,
+                migration=migration_id,
+            )  # fmt: skip
             # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
             # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
             # have answered any (the archive's connections stay good for another try).

@@ -212,8 +212,9 @@ class PreflightRequest(msgspec.Struct):
     memory_bytes: Count
     force: bool = False
     confinement: Confinement | None = None  # a confined container's: what the target must offer it
-    network: Network | None = None  # a container's own network, which the target must take (see network.admit)
+    network: Network | None = None  # a container's own network, which the target must take (see network.reserve)
     net_remap: bool = False  # the target gives it an address of its own: only its published ports are checked
+    migration_id: MIGRATION_ID | None = None  # held for it: what the target claims (a source from before sends none)
 
 
 class Answer(msgspec.Struct):
@@ -228,7 +229,7 @@ class PreflightAnswer(Answer):
     warnings: list[str] = []
     lazy_pages: bool = False
     lazy_pages_confined: bool = False  # see node.lazy_pages_confined
-    network_migration: bool = False  # it carries a container's network of its own (see network.admit)
+    network_migration: bool = False  # it carries a container's network of its own (see network.reserve)
     confined_network: bool = False  # and a confined container's, which CRIU restores (see network.create_unplaced)
 
 

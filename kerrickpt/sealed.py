@@ -108,7 +108,8 @@ class Writer:
     """A sealed file being written to `out`: `write` the plain bytes, then `finish` (its last segment).
 
     The header is written at once; a segment is sealed once more than a segment's bytes have come, so that the last
-    one, sealed by `finish`, is never empty unless the whole file is.
+    one, sealed by `finish`, is never empty unless the whole file is. A segment gathers in one buffer and is sealed
+    into another, both made once: this runs on the thread that feeds the compressor, while CRIU waits on it.
     """
 
     def __init__(self, out: BinaryIO, key: keys.Key, segment: int = SEGMENT) -> None:
@@ -116,25 +117,32 @@ class Writer:
         self.header = Header(key.sealing, key.id, os.urandom(SALT_BYTES), segment)
         self.packed = self.header.pack()
         self.key = key.derived(self.header.salt)
-        self.buffer = bytearray()
+        self.plain = memoryview(bytearray(segment))
+        self.held = 0  # bytes of `plain` that wait to be sealed
+        self.sealed = bytearray(OVERHEAD + segment)
         self.index = 0
         out.write(self.packed)
 
     def write(self, data: bytes | memoryview) -> int:
-        self.buffer += data
-        while len(self.buffer) > self.header.segment:
-            self._seal(self.header.segment, last=False)
-        return len(data)
+        left = memoryview(data).cast("B")
+        size = len(left)
+        while left:
+            if self.held == len(self.plain):  # full, and more comes: not the last
+                self._seal(last=False)
+            taken = min(len(left), len(self.plain) - self.held)
+            self.plain[self.held : self.held + taken] = left[:taken]
+            self.held += taken
+            left = left[taken:]
+        return size
 
-    def _seal(self, size: int, *, last: bool) -> None:
-        with memoryview(self.buffer) as view, view[:size] as plain:
-            self.out.write(self.key.seal(plain, _bound(self.packed, self.index, last)))
-        del self.buffer[:size]
+    def _seal(self, *, last: bool) -> None:
+        self.out.write(self.key.seal_into(self.plain[: self.held], _bound(self.packed, self.index, last), self.sealed))
+        self.held = 0
         self.index += 1
 
     def finish(self) -> None:
         """Seal what is left as the last segment; nothing may be written after."""
-        self._seal(len(self.buffer), last=True)
+        self._seal(last=True)
 
 
 class Reader(io.RawIOBase):
@@ -158,6 +166,7 @@ class Reader(io.RawIOBase):
         self.size = body - self.count * OVERHEAD  # plain bytes
         self.position = 0
         self.cached: tuple[int, bytes] = (-1, b"")
+        self.read_buffer = bytearray(sealed)  # each segment is read into it: fresh memory each time costs more
 
     def readable(self) -> bool:
         return True
@@ -196,11 +205,12 @@ class Reader(io.RawIOBase):
     def _segment(self, index: int) -> bytes:
         if self.cached[0] == index:
             return self.cached[1]
-        sealed = self.header.segment + OVERHEAD
-        data = os.pread(self.fh.fileno(), sealed, _HEADER.size + index * sealed)
+        sealed = len(self.read_buffer)
+        got = os.preadv(self.fh.fileno(), [self.read_buffer], _HEADER.size + index * sealed)
         last = index == self.count - 1
-        if len(data) != (self.last_bytes if last else sealed):
+        if got != (self.last_bytes if last else sealed):
             raise ArchiveUnreadableError(f"{self.label} changed size while it was read")
+        data = memoryview(self.read_buffer)[:got]
         what = f"encrypted segment {index} of {self.label}"
         try:
             plain = self.key.open(data, _bound(self.packed, index, last), self.header.sealing, what)
@@ -210,7 +220,7 @@ class Reader(io.RawIOBase):
         self.cached = (index, plain)
         return plain
 
-    def _explain(self, data: bytes, index: int, last: bool) -> None:
+    def _explain(self, data: memoryview, index: int, last: bool) -> None:
         """A segment that fails where it is but opens as the last or as not the last: the file was cut off at a
         segment boundary, or has more after its end."""
         try:

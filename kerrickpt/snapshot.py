@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import containers, dedupstore, garbage, keys, layerchain, logtail, rootfs, zstdframe
+from kerrickpt import containers, garbage, keys, layerchain, logtail, rootfs, zstdframe
 from kerrickpt.checkpoint import checkpoint
 from kerrickpt.errors import UsageError
 from kerrickpt.lock import Holder
@@ -89,17 +90,21 @@ def snapshot(
         where = rootfs.Layer.of(registry.path(name)) if name else None
         # A deduplicating store shares whatever the layer's tar has unchanged; a delta would only add a chain.
         base = layerchain.base_for(store, label, where) if where and not store.deduplicates else None
-        taken = checkpoint(
-            name,
-            store.incoming(label),
-            cgroup=cgroup,
-            leave_running=True,
-            state_dir=state_dir,
-            level=dedupstore.INCOMING_LEVEL if store.deduplicates else level,
-            log_tail=log_tail,
-            layer_base=base,
-        )
-        published = store.publish(label, level=level)
+        with contextlib.ExitStack() as stack:
+            # A deduplicating store cuts it into chunks as it is written, after the thaw: no archive is read back.
+            intake = stack.enter_context(store.taking_in(label, level=level)) if store.deduplicates else None
+            taken = checkpoint(
+                name,
+                intake.writer if intake else store.incoming(label),
+                cgroup=cgroup,
+                leave_running=True,
+                state_dir=state_dir,
+                level=level,
+                log_tail=log_tail,
+                layer_base=base,
+            )
+        published = intake.snapshot if intake else store.publish(label)
+        assert published is not None  # a writer's commit published it, or raised
         if where and taken.layer_index and published.layer:
             carried = layerchain.Carried(published.layer["lineage"], str(store.root), published.id, taken.layer_index)
             layerchain.record(where, carried)

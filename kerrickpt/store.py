@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from fnmatch import fnmatch
@@ -23,6 +24,7 @@ from kerrickpt import (
     faults,
     keys,
     recipe,
+    recipewriter,
     sources,
     storeseal,
     trust,
@@ -108,6 +110,15 @@ class Snapshot:
             "encrypted": self.key is not None,
             "key_id": self.key,
         }
+
+
+@dataclass
+class Intake:
+    """A snapshot being taken into a deduplicating store (see Store.taking_in): a checkpoint writes it to `writer`;
+    `snapshot` is what was published, once the writer's commit linked it in."""
+
+    writer: recipewriter.Writer
+    snapshot: Snapshot | None = None
 
 
 def stamp(created: str) -> str:
@@ -322,26 +333,15 @@ class Store:
             path.unlink(missing_ok=True)
         return leftovers
 
-    def publish(self, name: str, *, level: int = zstdframe.DEFAULT_LEVEL) -> Snapshot:
-        """Verify the incoming archive, record it and link it in under its id (in a deduplicating store: take it in
-        as chunks compressed at zstd `level` and a recipe, and link that in); call with the lock held."""
+    def publish(self, name: str) -> Snapshot:
+        """Verify the incoming archive of a store of whole archives, record it and link it in under its id; call with
+        the lock held. (A deduplicating store takes a snapshot in as it is written: see `taking_in`.)"""
         incoming = self.incoming(name)
         try:
-            if self.deduplicates:
-                return self._take_in(name, incoming, level)
             manifest = archive.verify(incoming)
-            size, mtime = _identity(incoming)
             final = self.directory(name) / f"{stamp(manifest.created)}{SUFFIX}"
-            if final.exists():
-                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
-            snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now(), None)
-            self._record(snap, mtime)
-            faults.inject("store-before-link")
-            try:
+            with self._placing(name, final, manifest, incoming, None) as snap:
                 os.link(incoming, final)  # never over an existing file
-            except BaseException:
-                _meta_path(final).unlink(missing_ok=True)
-                raise
             archivewriter.fsync_dir(final.parent)
         except OSError as exc:
             raise DumpFailed(f"publishing the snapshot of {name} in {self.root} failed: {exc}") from exc
@@ -349,28 +349,41 @@ class Store:
             incoming.unlink(missing_ok=True)
         return snap
 
-    def _take_in(self, name: str, incoming: Path, level: int) -> Snapshot:
-        placed: list[Snapshot] = []
+    @contextlib.contextmanager
+    def _placing(self, name: str, final: Path, manifest: Manifest, staged: Path, key: str | None) -> Iterator[Snapshot]:
+        """Record the snapshot that `staged` becomes once the block links it in as `final` (never over a file); its
+        record goes again if the block fails."""
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(final))
+        size, mtime = _identity(staged)  # the link shares them
+        snap = _summary(name, final, size, manifest, VERIFIED, containers.utc_now(), key)
+        self._record(snap, mtime)
+        faults.inject("store-before-link")
+        try:
+            yield snap
+        except BaseException:
+            _meta_path(final).unlink(missing_ok=True)
+            raise
+
+    @contextlib.contextmanager
+    def taking_in(self, name: str, *, level: int = zstdframe.DEFAULT_LEVEL) -> Iterator[Intake]:
+        """A deduplicating store's writer for a snapshot of `name` (see recipewriter): what a checkpoint writes to it
+        is cut into chunks as it comes, the new ones compressed at zstd `level`; its commit records the snapshot and
+        links it in (`Intake.snapshot`). Call with the lock held. An encrypted store's key is needed
+        (KeyUnusableError), and its chunks' index must be whole (StoreDamagedError), before anything is written."""
 
         def final(manifest: Manifest) -> Path:
             return self.directory(name) / f"{stamp(manifest.created)}{recipe.SUFFIX}"
 
-        def place(path: Path, manifest: Manifest, staged: Path) -> None:
-            if path.exists():
-                raise FileExistsError(errno.EEXIST, "a snapshot with this id exists already", str(path))
-            size, mtime = _identity(staged)  # the link shares them
-            placed.append(_summary(name, path, size, manifest, VERIFIED, containers.utc_now(), self.key_id))
-            self._record(placed[0], mtime)
-            faults.inject("store-before-link")
+        @contextlib.contextmanager
+        def place(path: Path, manifest: Manifest, staged: Path) -> Iterator[None]:
+            with self._placing(name, path, manifest, staged, self.key_id) as snap:
+                yield
+            intake.snapshot = snap  # linked in
 
-        try:
-            with self.chunks() as store:
-                dedupstore.take_in(store, incoming, final, place, level)
-        except BaseException:
-            if placed:
-                _meta_path(placed[0].path).unlink(missing_ok=True)
-            raise
-        return placed[0]
+        with self.chunks() as store, recipewriter.Writer(store, self.directory(name), final, place, level) as writer:
+            intake = Intake(writer)
+            yield intake
 
     def chunks(self) -> chunks.Chunks:
         """The chunks of a deduplicating store, open (KeyUnusableError if it is encrypted and no key was given)."""

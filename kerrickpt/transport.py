@@ -151,6 +151,29 @@ def call(
     return answer
 
 
+def call_holding(
+    link: Link, remote_args: Sequence[str], request: dict[str, Any], timeout: float = CALL_TIMEOUT
+) -> tuple[Channel, dict[str, Any]]:
+    """As `call`, for a remote command that reads its request as one frame and lives on after its answer until its
+    stdin ends: the channel to it, which the caller closes, and its answer."""
+    channel = open_channel(link, remote_args)
+    try:
+        channel.send(DATA, json.dumps(request).encode())
+        answer = channel.answer(timeout, "waiting for its answer")
+    except BaseException:
+        channel.close()
+        raise
+    return channel, answer
+
+
+def open_channel(link: Link, remote_args: Sequence[str]) -> Channel:
+    """A Channel to a remote kerrickpt; TransportError if ssh cannot even start (no such program, no memory)."""
+    try:
+        return Channel(link, remote_args)
+    except OSError as exc:
+        raise TransportError(f"cannot start ssh to {link.target}: {exc}") from exc
+
+
 def _last_event(stdout: str) -> dict[str, Any] | None:
     """The remote kerrickpt's answer, None if it said nothing; ProtocolError if it is not a JSON object."""
     lines = [line for line in stdout.splitlines() if line.strip()]
@@ -171,6 +194,12 @@ def remote_failure(target: Target, code: int, event: dict[str, Any] | None, stde
     """What a remote kerrickpt that failed reported; without a report, its exit code decides."""
     if event is not None and event.get("event") == "error":
         return from_dict(event)
+    if code == UsageError.exit_code:
+        # Every error but its arguments' it reports: a kerrickpt from before that lacks one this one sends.
+        return TransportError(
+            f"kerrickpt on {target} refused its arguments (exit {code}): update kerrickpt there",
+            log_tail=command.tail(stderr),
+        )
     # 126/127: the remote kerrickpt cannot be run at all, and will not be on the next try either.
     transient = code not in (126, 127)
     return TransportError(
@@ -258,14 +287,19 @@ class Channel:
             self.proc.kill()
             raise TransportError(f"{self.link.target} took nothing for {stall:g} s", transient=True)
 
-    def ready(self) -> None:
-        """Wait for the remote side's "ready": it has checked what it could before a byte comes."""
-        event = self.event(CALL_TIMEOUT)
+    def answer(self, timeout: float, what: str) -> dict[str, Any]:
+        """The remote side's next event, `what` it is waited for; raises the error it reports, or why none came."""
+        event = self.event(timeout)
         if event is None:
-            raise self.broken("waiting for the target to be ready")
+            raise self.broken(what)
         self.connected = True
         if event.get("event") == "error":
             raise from_dict(event)
+        return event
+
+    def ready(self) -> None:
+        """Wait for the remote side's "ready": it has checked what it could before a byte comes."""
+        event = self.answer(CALL_TIMEOUT, "waiting for the target to be ready")
         if event.get("event") == "restored":  # it arrived there before: never a reason to resume the source
             raise MigrationUnknown(f"{self.link.target} has this migration already; `kerrickpt recover` finishes it")
         if event.get("event") != "ready":

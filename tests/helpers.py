@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kerrickpt
-from bench.lab import READY
+from bench.lab import READY, REDISLOAD
 from kerrickpt import cgroups, procs
 from kerrickpt.freezer import Freezer
 
@@ -199,7 +199,8 @@ def uid_inside(pid: int) -> int:
 
 @dataclass
 class Client:
-    """The counter's client (workload/counter.py), talking to a server over one connection."""
+    """A client of a redis server (bench/redisload.py's `talk`): INCR of a key of its own every 100 ms over one
+    connection, each answer checked to be the previous one plus 1."""
 
     process: subprocess.Popen[str]
     output: Path
@@ -211,12 +212,12 @@ class Client:
         `directory`, named for the address (several may talk at once)."""
         output, stop = directory / f"client-{address}.out", directory / f"client-{address}.stop"
         with output.open("w") as out:
-            argv = [*enter, sys.executable, str(COUNTER), "talk", address, str(port), str(stop)]
+            argv = [*enter, sys.executable, str(REDISLOAD), "talk", address, str(port), str(stop)]
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
         return cls(process, output, stop)
 
     def answers(self) -> list[int]:
-        return [int(n) for n in re.findall(r"^answer (\d+) ", self.output.read_text(), re.M)]
+        return [int(n) for n in re.findall(r"^answer (\d+)$", self.output.read_text(), re.M)]
 
     def wait_more(self, count: int = 5) -> None:
         """Until `count` more answers came; fails at once if the client gave up."""

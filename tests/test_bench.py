@@ -1,6 +1,6 @@
 """Smoke runs of the benchmark at its smallest size, warm-up run and repeated snapshots included, and of the network's
-case, which runs only when named: they still work end to end and write their JSON and picture. No timings are judged
-here."""
+and the dedup case, which run only when named: they still work end to end and write their JSON and picture. No
+timings are judged here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.cases import DEFAULT
-from bench.report import LAYER_PHASES, RATIOS, REPEATED_FROZEN
+from bench.dedup import ARCHIVES, STORES
+from bench.report import LAYER_PHASES, LIMITS, RATIOS, REPEATED_FROZEN
 
 pytestmark = pytest.mark.root
 
@@ -59,7 +60,8 @@ def test_smallest_run_measures_every_case_and_every_restore_keeps_the_memory(tmp
     assert all(c["ok"] for c in report["verified"]), report["verified"]
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
-    assert "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted) or 17 (repeated)" in result.stdout
+    head = "target of issue 6, 13 (confined), 14 (job), 15 (network), 16 (encrypted, dedup) or 17 (repeated)"
+    assert head in result.stdout
     runs = 2 * len(restores)  # every restore in the warm-up run and in the one counted
     assert f"memory verified after {runs} of {runs} restores ({len(restores)} of them in warm-up runs)" in result.stdout
     assert "16 MiB heap warm-up: raw" in result.stderr
@@ -89,3 +91,32 @@ def test_the_network_case_migrates_a_container_with_its_connections_and_checks_e
     ]
     assert report["config"]["connections"] == 5
     assert "16 MiB heap rep 1: netmigrate (5 connections)" in result.stderr
+
+
+def test_the_dedup_case_snapshots_into_three_stores_and_restores_from_each_and_from_archives(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = ["--cases", "dedup", "--dedup-snapshots", "3", "--sizes", "16M", "--kinds", "heap", "--reps", "1",
+            "--no-warmup", "--json", str(out)]  # fmt: skip
+    result = subprocess.run([str(RUN), *args], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+
+    samples = {r["metric"]: r["samples"] for r in report["results"]}
+    for store in STORES:
+        for series in ("frozen_s", "snapshot_s", "size_mib", "restore_s"):
+            assert len(samples[f"dedup.{store}.{series}"]) == 3, (store, series)  # 3 snapshots, 3 of them restored
+    for archive in ARCHIVES:
+        assert len(samples[f"dedup.{archive}.checkpoint_s"]) == len(samples[f"dedup.{archive}.restore_s"]) == 3
+    # What 5% of the pages rewritten add to each store, in full archives: the store of whole archives a whole one.
+    assert 0.8 < samples["dedup.whole.growth_x"][0] < 1.2
+    assert samples["dedup.chunks.growth_x"][0] < 0.5 and samples["dedup.sealed.growth_x"][0] < 0.5
+    # Each store's first, middle and last snapshot and an archive, plain and encrypted, each time; then the workload.
+    checks = {c["restore"]: c["ok"] for c in report["verified"]}
+    assert len(checks) == 3 * len(STORES) + 3 * len(ARCHIVES) + 1, checks
+    assert "dedup.sealed restore of snapshot 2 of 3" in checks and all(checks.values()), checks
+    targets = {t["target"]: t["value"] for t in report["targets"]}
+    assert targets["dedup store: grows per snapshot / full archive"] == samples["dedup.chunks.growth_x"][0]
+    assert all(targets[t.label] is not None for t in (*RATIOS, *LIMITS) if t.metric.startswith("dedup."))
+    assert [(r["store"], r["snapshots"]) for r in report["dedup"]] == [(store, 3) for store in STORES]
+    assert report["config"]["dedup_snapshots"] == 3
+    assert "16 MiB heap rep 1: dedup (3 snapshots into 3 stores)" in result.stderr

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.engines import CHURNED, ENGINES, Bench, Cas, digests, summary, tree_size
+from bench.engines import ENGINES, Bench, Cas, digests, summary, tree_size
+from bench.lab import CHURNED
 from kerrickpt import archivewriter
 from kerrickpt.manifest import Manifest
 from tests.test_store import SOURCE

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from matplotlib.image import imread
 
 from bench.picture import draw
@@ -104,3 +105,41 @@ def test_what_connections_add_to_a_migration_is_judged_in_seconds_against_issue_
     assert (rows[256]["value"], rows[256]["goal"], rows[256]["holds"]) == (0.03, "<= 0.05 s", True)
     assert rows[16]["holds"] is False
     assert "netmigrate: downtime with connections - without, s      0.30  <= 0.05 s  NO" in results.table()
+
+
+def dedup_run(results: Results, kind: str, *, growth: float, chunks_snapshot_s: float) -> None:
+    metrics = {"dedup.chunks.growth_x": growth, "dedup.sealed.growth_x": growth * 1.1,
+               "dedup.chunks.total_x": 1.4 + 23 * growth, "dedup.whole.total_x": 24.0, "dedup.sealed.total_x": 3.0,
+               "dedup.chunks.restore_max_s": 2.0}  # fmt: skip
+    series = {"dedup.whole.frozen_s": [0.40] * 24, "dedup.chunks.frozen_s": [0.42] * 24,
+              "dedup.sealed.frozen_s": [0.50] * 24, "dedup.whole.snapshot_s": [4.0] * 24,
+              "dedup.chunks.snapshot_s": [chunks_snapshot_s] * 24, "dedup.sealed.snapshot_s": [3.3] * 24,
+              "dedup.whole.restore_s": [1.5, 1.6, 1.7], "dedup.chunks.restore_s": [1.8, 2.0, 1.9],
+              "dedup.sealed.restore_s": [2.0, 2.2, 2.1], "dedup.archive.restore_s": [1.6, 1.5, 1.7]}  # fmt: skip
+    results.add(1024, kind, 1, metrics, {"dedup.chunks restore of snapshot 1 of 24": True}, series)
+
+
+def test_the_dedup_stores_are_judged_against_the_store_of_whole_archives_and_archive_files() -> None:
+    results = Results()
+    dedup_run(results, "heap", growth=0.06, chunks_snapshot_s=3.0)
+    dedup_run(results, "mixed", growth=0.2, chunks_snapshot_s=4.4)
+    rows = {(r["kind"], r["target"]): r for r in results.targets()}
+    growth = rows[("heap", "dedup store: grows per snapshot / full archive")]
+    assert (growth["value"], growth["goal"], growth["holds"]) == (0.06, "<= 0.15x", True)
+    assert rows[("mixed", "dedup store: grows per snapshot / full archive")]["holds"] is False
+    frozen = rows[("heap", "dedup store: frozen / whole-archive store's")]
+    assert (frozen["value"], frozen["holds"]) == (pytest.approx(1.05), True)
+    assert rows[("heap", "encrypted store: frozen / whole-archive store's")]["holds"] is False
+    assert rows[("heap", "dedup store: snapshot run / whole-archive store's")]["value"] == 0.75
+    assert rows[("mixed", "dedup store: snapshot run / whole-archive store's")]["holds"] is False
+    # Any snapshot's restore: the slowest restored against the archive's median.
+    assert rows[("heap", "dedup store: slowest restore / archive restore")]["value"] == 2.0 / 1.6
+    assert rows[("heap", "encrypted store: snapshot run / dedup store's")]["value"] == pytest.approx(1.1)
+    assert rows[("heap", "encrypted archive, dedup case: restore / plain")]["value"] is None  # not measured here
+    stores = {(r["kind"], r["store"]): r for r in results.to_dict(MACHINE, {})["dedup"]}
+    assert (stores[("heap", "chunks")]["snapshots"], stores[("heap", "chunks")]["restore_max_s"]) == (24, 2.0)
+    assert stores[("heap", "whole")]["growth_x"] is None
+    table = results.table()
+    assert " 1024 heap   chunks             24    0.060    2.78    0.420       3.00      1.90    2.00" in table
+    assert " 1024 heap   whole              24        -   24.00    0.400       4.00      1.60    1.70" in table
+    assert "dedup store: grows per snapshot / full archive" in table

@@ -63,25 +63,33 @@ def rewrite(pages: bytearray, share: float, seed: int) -> bytearray:
     return changed
 
 
-def write_incoming(store: Store, name: str, when: datetime, pages: bytes) -> Path:
-    """What a run's checkpoint leaves for `publish`: an archive of `pages` and a small image, as incoming."""
+def images(store: Store, name: str, when: datetime, pages: bytes) -> Path:
+    """What a run's checkpoint gives the store, in a folder of its own: its manifest, and images of `pages` and a
+    small inventory (see `taken_in`)."""
     work = store.root.parent / f"images-{name}"
-    work.mkdir(exist_ok=True)
-    (work / "pages-1.img").write_bytes(pages)
-    (work / "inventory.img").write_bytes(b"inventory of " + name.encode())
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    (work / "images" / "pages-1.img").write_bytes(pages)
+    (work / "images" / "inventory.img").write_bytes(b"inventory of " + name.encode())
     manifest = Manifest(
         name=name, created=when.isoformat(timespec="milliseconds"), source=SOURCE, processes=[], command=["sh"]
     )
-    store.directory(name).mkdir(exist_ok=True)
-    files = {"images/pages-1.img": work / "pages-1.img", "images/inventory.img": work / "inventory.img"}
-    archivewriter.write(store.incoming(name), manifest, files)
-    return store.incoming(name)
+    (work / "manifest.json").write_bytes(manifest.to_json())
+    return work
+
+
+def taken_in(store: Store, name: str, work: Path) -> Snapshot:
+    """The images in `work` (see `images`) taken into the store as a run's checkpoint writes them: the pages first,
+    the inventory last, as CRIU does."""
+    with store.lock(name, wait=60), store.taking_in(name) as intake:
+        for image in ("pages-1.img", "inventory.img"):
+            intake.writer.add_file(f"images/{image}", work / "images" / image)
+        intake.writer.commit(Manifest.from_json((work / "manifest.json").read_bytes()))
+    assert intake.snapshot is not None
+    return intake.snapshot
 
 
 def take(store: Store, name: str, when: datetime, pages: bytes) -> Snapshot:
-    with store.lock(name):
-        write_incoming(store, name, when, pages)
-        return store.publish(name)
+    return taken_in(store, name, images(store, name, when, pages))
 
 
 def read_back(snap: Snapshot, dest: Path, key: keys.Key | None = None) -> bytes:
@@ -113,7 +121,7 @@ def test_a_second_snapshot_of_barely_changed_memory_grows_the_store_by_a_small_f
     assert growth < 0.10 * after_first
     assert [s.id for s in store.list("job1")] == [first.id, second.id]
     assert all(s.status == VERIFIED for s in store.list("job1"))
-    assert not list(store.directory("job1").glob("*.kckpt")) and not store.incoming("job1").exists()
+    assert not [p.name for p in store.directory("job1").iterdir() if p.name.endswith(".kckpt")]
     assert read_back(first, tmp_path / "a") == first_pages
     assert read_back(second, tmp_path / "b") == second_pages
 
@@ -377,27 +385,39 @@ def test_a_prune_killed_at_any_point_leaves_every_kept_snapshot_whole(
     assert stored(store) < 1.2 * PAGE * PAGES  # 40% of the first's, 60% of the second's, 5% of the last's
 
 
-PUBLISH = """
+# A run taking the images of `images` in, in a process of its own: STORE NAME WORK [KEY_FILE].
+TAKE = """
 import sys
+from pathlib import Path
 from kerrickpt import keys
 from kerrickpt.store import Store
-store = Store(sys.argv[1], keys.load(sys.argv[3]) if len(sys.argv) > 3 else None)
-with store.lock(sys.argv[2], wait=60):
-    store.publish(sys.argv[2])
+from tests.test_dedup_store import taken_in
+taken_in(Store(sys.argv[1], keys.load(sys.argv[4]) if len(sys.argv) > 4 else None), sys.argv[2], Path(sys.argv[3]))
 """
+REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("point", ["chunks-before-index", "dedup-before-recipe", "store-before-link"])
+def take_in_process(store: Store, name: str, work: Path, *keyed: str, **env: str) -> subprocess.Popen[bytes]:
+    """`taken_in` run in a process of its own (`keyed`: --key-file FILE, for an encrypted store), with `env` added."""
+    argv = [sys.executable, "-c", TAKE, str(store.root), name, str(work), *keyed[1:]]
+    return subprocess.Popen(argv, cwd=REPO, env=os.environ | env)
+
+
+# Where a run taking a snapshot in dies: while it cuts chunks (its pack half written), with its pack whole but not
+# indexed, with its chunks indexed but no recipe, with its record written but its recipe not linked.
+KILL_TAKE = ["dedup-cutting", "chunks-before-index", "dedup-before-recipe", "store-before-link"]
+
+
+@pytest.mark.parametrize("point", KILL_TAKE)
 def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(
     either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path, point: str
 ) -> None:
     store, key, keyed = either
     base = memory(17)
     first = take(store, "job1", T0, base)
-    write_incoming(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.3, 18))
-    env = os.environ | {"KERRICKPT_FAULT": f"{point}:kill"}
-    killed = subprocess.run([sys.executable, "-c", PUBLISH, str(store.root), "job1", *keyed[1:]], env=env, check=False)
-    assert killed.returncode == -9
+    work = images(store, "job1", T0 + timedelta(hours=1), rewrite(base, 0.3, 18))
+    killed = take_in_process(store, "job1", work, *keyed, KERRICKPT_FAULT=f"{point}:kill")
+    assert killed.wait(timeout=120) == -9
 
     assert [s.id for s in store.list("job1")] == [first.id]
     assert read_back(first, tmp_path / "a", key) == base
@@ -415,12 +435,7 @@ def test_a_snapshot_killed_while_taken_in_leaves_the_store_whole(
 def test_two_runs_at_once_into_one_store_both_publish_whole(store: Store, tmp_path: Path) -> None:
     base = memory(20)
     contents = {"job1": rewrite(base, 0.05, 21), "job2": rewrite(base, 0.05, 22)}
-    for name, content in contents.items():
-        write_incoming(store, name, T0, content)
-    runs = [
-        subprocess.Popen([sys.executable, "-c", PUBLISH, str(store.root), name], env=dict(os.environ))
-        for name in contents
-    ]
+    runs = [take_in_process(store, name, images(store, name, T0, content)) for name, content in contents.items()]
     assert [run.wait(timeout=120) for run in runs] == [0, 0]
 
     for name, content in contents.items():
@@ -487,13 +502,13 @@ def test_a_damaged_pack_a_prune_would_rewrite_is_left_with_a_warning_and_stops_n
     assert pack.exists() and len(store.list("job1")) == 2
 
 
-def damage_chunk(store: Store, chunk: int) -> None:
-    """A flipped byte inside chunk `chunk`'s compressed body, as a disk's bit rot does."""
+def damage_chunk(store: Store, chunk: int, bit: int = 0x01) -> None:
+    """A flipped `bit` in chunk `chunk`'s zstd frame header, as a disk's bit rot does."""
     with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
         pack, offset = opened.db.execute("SELECT pack, offset FROM chunks WHERE id = ?", (chunk,)).fetchone()
     path = store.root / chunks.DIRECTORY / chunks.PACKS / pack
     data = bytearray(path.read_bytes())
-    data[offset + chunks.ENTRY.size + 4] ^= 0x01
+    data[offset + chunks.ENTRY.size + 4] ^= bit
     path.write_bytes(bytes(data))
 
 
@@ -516,13 +531,16 @@ def test_a_snapshot_reusing_a_damaged_chunk_stores_it_again_and_heals_the_older_
     assert all(s.status == VERIFIED for s in store.verify())
 
 
+# 0x40: the frame's size field shrinks to its first byte, which says the chunk holds nothing, and zstd decodes it to
+# nothing without a complaint.
+@pytest.mark.parametrize("bit", [0x01, 0x40], ids=["damaged", "says-it-holds-nothing"])
 def test_verify_names_every_snapshot_a_damaged_chunk_breaks_and_a_prune_says_it_removes_them(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, bit: int
 ) -> None:
     base = memory(32)
     snaps = [take(store, "job1", T0 + timedelta(hours=h), base) for h in range(2)]
     snaps.append(take(store, "job2", T0, base))
-    damage_chunk(store, 100)
+    damage_chunk(store, 100, bit)
 
     verified = cli("snapshots", "verify", "--store", str(store.root))
     assert verified.returncode == 6
@@ -572,15 +590,54 @@ def test_a_sweep_keeps_the_chunks_of_every_recipe_and_frees_none_if_a_folder_can
     assert (tmp_path / "kept" / "images" / "pages-1.img").read_bytes() == base
 
 
-def test_a_files_tail_is_stored_when_the_next_file_starts_not_held_to_the_end(store: Store) -> None:
-    with store.chunks() as opened, opened.lock(exclusive=False), opened.adding() as adding:
-        cutter = dedupstore._Cutter(adding)
-        cutter.take("images/a.img", memoryview(bytes(range(256)) * 20))  # a page and a tail
-        assert "images/a.img" not in cutter.refs
-        cutter.take("images/b.img", memoryview(b"b"))
-        assert len(cutter.refs["images/a.img"]) == 2
-        cutter.finish()
-        assert len(cutter.refs["images/b.img"]) == 1
+def test_a_files_tail_is_stored_when_it_ends_not_held_to_the_snapshots_end(store: Store) -> None:
+    with store.lock("job1"), store.taking_in("job1") as intake:
+        writer = intake.writer
+        writer.write("images/a.img", bytes(range(256)) * 20)  # a page and a tail
+        writer.write("images/b.img", b"b")
+        assert "images/a.img" not in writer.refs
+        writer.end("images/a.img")
+        assert len(writer.refs["images/a.img"]) == 2
+        writer.end("images/b.img")
+        assert len(writer.refs["images/b.img"]) == 1
+
+
+def test_files_written_at_once_in_odd_pieces_still_share_their_pages(store: Store, tmp_path: Path) -> None:
+    pages = memory(47)
+    take(store, "job1", T0, pages)
+    before = stored(store)
+    manifest = Manifest(
+        name="job1", created=(T0 + timedelta(hours=1)).isoformat(timespec="milliseconds"), source=SOURCE,
+        processes=[], command=["sh"],
+    )  # fmt: skip
+
+    with store.lock("job1"), store.taking_in("job1") as intake:
+        for at in range(0, len(pages), 1000):  # neither file's pieces fall on its pages
+            intake.writer.write("images/pages-1.img", pages[at : at + 1000])
+            intake.writer.write("images/other.img", b"x" * 333)
+        intake.writer.end("images/other.img")
+        intake.writer.end("images/pages-1.img")
+        intake.writer.commit(manifest)
+
+    assert intake.snapshot is not None and read_back(intake.snapshot, tmp_path / "b") == pages
+    assert stored(store) - before < 0.02 * PAGE * PAGES
+
+
+def test_a_recipe_lists_its_files_as_an_archive_of_them_does(store: Store, tmp_path: Path) -> None:
+    work = images(store, "job1", T0, memory(48) * 3)  # 12 MiB: cut into members in an archive
+    (work / "images" / "empty.img").write_bytes(b"")
+    files = {f"images/{p.name}": p for p in (work / "images").iterdir()}
+    manifest = Manifest.from_json((work / "manifest.json").read_bytes())
+    written = archivewriter.write(tmp_path / "a.kckpt", manifest, files)
+
+    with store.lock("job1"), store.taking_in("job1") as intake:
+        intake.writer.commit_files(Manifest.from_json((work / "manifest.json").read_bytes()), files)
+
+    assert intake.snapshot is not None
+    with sources.opened(intake.snapshot.path) as source:
+        listed = source.extract(None)
+    assert listed.members == written.members and listed.checksum == written.checksum
+    assert any(m.chunks for m in listed.members)
 
 
 def packs_open() -> int:
@@ -598,14 +655,14 @@ def test_a_read_over_many_packs_keeps_few_open(store: Store, tmp_path: Path, mon
         last = take(store, "job1", T0 + timedelta(hours=hour), pages)
     assert len(list((store.root / ".chunks" / "packs").iterdir())) == 8
     most = []
-    pread = os.pread
+    preadv = os.preadv
 
-    def counted(fd: int, size: int, offset: int) -> bytes:
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
         most.append(packs_open())
-        return pread(fd, size, offset)
+        return preadv(fd, buffers, offset)
 
     monkeypatch.setattr(chunks, "OPEN_PACKS", 1)
-    monkeypatch.setattr(os, "pread", counted)
+    monkeypatch.setattr(os, "preadv", counted)
     assert read_back(last, tmp_path / "last") == pages
     assert max(most) <= 1 + (os.cpu_count() or 1)  # one kept, and one for each thread reading at that moment
 

@@ -167,33 +167,39 @@ def test_a_receiver_that_died_is_abandoned_until_reaped(state_dir: Path) -> None
 
 
 @pytest.fixture
-def probes() -> Iterator[tuple[str, str]]:
-    """The network lock's probe namespaces of a `kerrickpt check` killed mid-probe and of one still probing (this
-    process); whichever gc leaves is removed afterwards."""
-    dead, alive = f"{netlinks.PROBE}{dead_pid()}", f"{netlinks.PROBE}{os.getpid()}"
+def probes() -> Iterator[tuple[list[str], str]]:
+    """The network lock's probe namespaces of `kerrickpt check`s killed mid-probe (one whose PID is gone, one whose
+    PID this process has since: another start time) and of one still probing (this process); whichever gc leaves is
+    removed afterwards."""
+    me = os.getpid()
+    start = procs.start_time(me)
+    assert start is not None
+    dead = [f"{netlinks.PROBE}{dead_pid()}-{start}", f"{netlinks.PROBE}{me}-{start - 1}"]
+    alive = f"{netlinks.PROBE}{me}-{start}"
     try:
-        for netns in (dead, alive):
+        for netns in (*dead, alive):
             subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
         yield dead, alive
     finally:
-        for netns in (dead, alive):
+        for netns in (*dead, alive):
             netlinks.remove_netns(netns)
 
 
-def test_gc_removes_the_probe_namespace_of_a_check_that_died_and_leaves_one_probing(
-    state_dir: Path, probes: tuple[str, str]
+def test_gc_removes_the_probe_namespaces_of_checks_that_died_and_leaves_one_probing(
+    state_dir: Path, probes: tuple[list[str], str]
 ) -> None:
     dead, alive = probes
 
     would = cli("gc", "--dry-run", "--json", state_dir=state_dir)
 
     assert would.returncode == 0, would.stderr
-    assert [(x["kind"], x["path"]) for x in json.loads(would.stdout)["removed"]] == [("probe", f"/run/netns/{dead}")]
-    assert (netlinks.NETNS_DIR / dead).exists(), "asking removed nothing"
+    listed = [(x["kind"], x["path"]) for x in json.loads(would.stdout)["removed"]]
+    assert sorted(listed) == sorted(("probe", f"/run/netns/{netns}") for netns in dead)
+    assert all((netlinks.NETNS_DIR / netns).exists() for netns in dead), "asking removed nothing"
 
     removed = kerrickpt.gc(state_dir)
 
-    assert [x.kind for x in removed] == ["probe"]
-    assert not (netlinks.NETNS_DIR / dead).exists()
+    assert [x.kind for x in removed] == ["probe", "probe"]
+    assert not any((netlinks.NETNS_DIR / netns).exists() for netns in dead)
     assert (netlinks.NETNS_DIR / alive).exists()
     assert kerrickpt.gc(state_dir) == []

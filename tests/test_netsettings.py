@@ -17,8 +17,11 @@ from kerrickpt.errors import StateDamagedError, UsageError
 class Registry:
     root: Path
 
-    def is_gone(self, name: str) -> bool:
+    def is_gone(self, holder: object) -> bool:
         return True
+
+    def is_arriving(self, migration: str) -> bool:
+        return False
 
 
 def test_a_node_alone_has_the_subnet_its_first_address_and_no_segment(tmp_path: Path) -> None:

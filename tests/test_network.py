@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.lab import redis_server
 from kerrickpt import containers, network
 from tests.helpers import (
     CONFINED,
@@ -76,10 +77,11 @@ class Node:
         """The uid container `name`'s server runs as, inside."""
         return uid_inside(int(str(self.rows()[name]["init_pid"])))
 
-    def serve(self, name: str, *options: str) -> str:
-        """Start the counter server as container `name`; its address."""
-        started = self.ok("run", "--name", name, "--net", "own", *options, "--", USER_PYTHON, str(COUNTER),
-                          "serve", str(PORT), name)  # fmt: skip
+    def serve(self, name: str, *options: str, redis: bool = False) -> str:
+        """Start the counter server (which says its name, see `ask`), or redis-server, as container `name`; its
+        address."""
+        server = redis_server(PORT) if redis else [USER_PYTHON, str(COUNTER), "serve", str(PORT), name]
+        started = self.ok("run", "--name", name, "--net", "own", *options, "--", *server)
         return str(started["address"]).split("/")[0]
 
     def ip(self, *args: str) -> str:
@@ -96,6 +98,11 @@ class Node:
             "s.sendall(b'1\\n'); print(s.makefile().readline().split()[0])"
         )
         argv = [*self.enter(), sys.executable, "-c", script, address, str(port)]
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    def redis(self, address: str, *command: str) -> str:
+        """redis-cli's answer to `command` from the redis at `address`:PORT, asked from the node."""
+        argv = [*self.enter(), "redis-cli", "-h", address, "-p", str(PORT), *command]
         return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
 
 
@@ -131,10 +138,10 @@ def client(node: Node, tmp_path: Path) -> Iterator[Callable[[str], Client]]:
 
 
 def _talking(node: Node, client: Callable[[str], Client], *options: str) -> tuple[str, str, Client]:
-    """A counter server in a container of its own network (with `options` of `run`), and a client talking to it:
-    its name, address and the client, which has had answers already."""
+    """A redis-server in a container of its own network (with `options` of `run`), and a client talking to it: its
+    name, address and the client, which has had answers already."""
     name = unique_name("net")
-    address = node.serve(name, *options)
+    address = node.serve(name, *options, redis=True)
     talking = client(address)
     talking.wait_more()
     return name, address, talking
@@ -147,6 +154,9 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     name, address, talking = _talking(node, client, *kind)
     user = CONFINED_USER if kind else 0
     assert node.serves_as(name) == user
+    # Another redis listening on the same port, its own client talking to it all along: what is done to the first
+    # never touches its connection.
+    _, _, beside = _talking(node, client, *kind)
 
     taken = node.ok("checkpoint", name, "-o", str(tmp_path / "running.kckpt"), "--leave-running")
     talking.wait_more()
@@ -177,9 +187,9 @@ def test_a_connection_survives_checkpoints_and_a_restore_on_the_node(
     assert restored["name"] == name
     talking.wait_more()
 
-    answers = talking.finish()
-    assert answers == list(range(1, len(answers) + 1))  # each checked as it came: none lost, none twice
-    assert f"from {name}" in talking.output.read_text()
+    for redis in (talking, beside):
+        answers = redis.finish()
+        assert answers == list(range(1, len(answers) + 1))  # each checked as it came: none lost, none twice
     assert node.addresses()[name] == f"{address}/16"
     assert node.serves_as(name) == user
 
@@ -190,6 +200,7 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
 ) -> None:
     name, address, talking = _talking(node, client, *kind)
     copy = unique_name("copy")
+    before = len(talking.answers())
     node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"), "--leave-running")
 
     taken = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), "--name", copy)
@@ -199,7 +210,13 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
     node.ok("restore", str(tmp_path / "a.kckpt"), "--name", copy, "--tcp-close")
     other = node.addresses()[copy].split("/")[0]
     assert other != address
-    assert node.ask(other, PORT) == name  # the copy's server, as it was archived
+    # The copy is the archived server: it holds the original client's counter as the checkpoint found it (past the
+    # answers that client had before), and counts on from there.
+    (key,) = node.redis(other, "--scan", "--pattern", "talk:*").split()
+    archived = int(node.redis(other, "GET", key))
+    assert before <= archived <= len(talking.answers())
+    assert node.redis(other, "INCR", key) == str(archived + 1)
+    client(other).wait_more()  # listening at its new address
     assert f"lladdr {network.mac_of(ipaddress.IPv4Address(other))} " in node.ip("neigh", "show", other)  # its own MAC
     talking.wait_more()  # the original's connection never saw the copy
     assert talking.finish()

@@ -27,11 +27,11 @@ def key(tmp_path: Path) -> keys.Key:
     return keys.create(tmp_path / "key")
 
 
-def _seal(path: Path, plain: bytes, key: keys.Key) -> None:
+def _seal(path: Path, plain: bytes, key: keys.Key, piece: int = 1000) -> None:
     with path.open("wb") as out:
         writer = sealed.Writer(out, key, SEGMENT)
-        for at in range(0, len(plain), 1000):  # in pieces that do not line up with the segments
-            writer.write(plain[at : at + 1000])
+        for at in range(0, len(plain), piece):  # by default in pieces that do not line up with the segments
+            writer.write(plain[at : at + piece])
         writer.finish()
 
 
@@ -40,11 +40,12 @@ def _open(path: Path, key: keys.Key | None) -> bytes:
         return fh.read()
 
 
+@pytest.mark.parametrize("piece", [1000, SEGMENT, 4 * SEGMENT], ids=["small-writes", "segment-writes", "one-write"])
 @pytest.mark.parametrize("size", [0, 1, SEGMENT, 3 * SEGMENT, 3 * SEGMENT + 7])
-def test_a_sealed_file_reads_back_as_written_with_its_key(tmp_path: Path, key: keys.Key, size: int) -> None:
+def test_a_sealed_file_reads_back_as_written_with_its_key(tmp_path: Path, key: keys.Key, size: int, piece: int) -> None:
     plain = os.urandom(size)
     path = tmp_path / "f"
-    _seal(path, plain, key)
+    _seal(path, plain, key, piece)
 
     assert _open(path, key) == plain
     segments = max(1, -(-size // SEGMENT))

@@ -171,3 +171,13 @@ def test_a_receiver_that_has_the_migration_already_is_never_a_reason_to_resume(
         else:
             with pytest.raises(raised):
                 channel.ready()
+
+
+def test_a_remote_kerrickpt_that_refuses_its_arguments_says_to_update_it_and_is_not_retried() -> None:
+    stderr = "kerrickpt: error (exit 2): kerrickpt agent: unrecognized arguments: --hold\n"
+
+    failure = transport.remote_failure(Target.parse("node-b"), 2, None, stderr)
+
+    assert isinstance(failure, TransportError) and not failure.transient
+    assert failure.message == "kerrickpt on node-b refused its arguments (exit 2): update kerrickpt there"
+    assert "unrecognized arguments: --hold" in failure.log_tail

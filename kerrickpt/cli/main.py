@@ -153,6 +153,14 @@ def _key(args: argparse.Namespace) -> keys.Key | None:
     return keys.load(Path(path), _passphrase) if path else None
 
 
+def _sealing_key(args: argparse.Namespace) -> keys.Key | None:
+    """The key `--encrypt` seals with (see `_key`), None without --encrypt. --encrypt without a key is a usage
+    error (exit 2, as the key without --encrypt is), said before any key file is read."""
+    if args.encrypt and not (args.key_file or os.environ.get(KEY_FILE_ENV)):
+        raise UsageError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create FILE`)")
+    return _key(args) if args.encrypt else None
+
+
 def cmd_key_create(args: argparse.Namespace) -> tuple[Any, int]:
     key = keys.create(args.file, _passphrase(twice=True) if args.passphrase else None)
     if not args.json:
@@ -398,11 +406,9 @@ def cmd_gc(args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> tuple[Any, int]:
-    if args.encrypt and not (args.key_file or os.environ.get(KEY_FILE_ENV)):
-        raise UsageError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create FILE`)")
     if args.key_file and not args.encrypt:
         raise UsageError("--key-file: add --encrypt to encrypt the archive with it")
-    key = _key(args) if args.encrypt else None
+    key = _sealing_key(args)
     with _watched(args):
         result = kerrickpt.checkpoint(
             args.name,
@@ -562,6 +568,7 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
             force=args.force,
             lazy=args.lazy,
             net_remap=args.net_remap,
+            reserved=args.reserved,
             state_dir=args.state_dir,
         )
         return None, code
@@ -569,8 +576,9 @@ def cmd_agent(args: argparse.Namespace) -> tuple[Any, int]:
         postcopy.serve(args.migration_id, sys.stdin.fileno(), sys.stdout.fileno(), args.state_dir)
         return None, 0
     if args.op == "preflight":
-        answer = receiver.preflight(sys.stdin.buffer.read(), args.state_dir)
-    elif args.op == "sink":
+        receiver.answer_preflight(sys.stdin.buffer, sys.stdout, hold=args.hold, state_dir=args.state_dir)
+        return None, 0
+    if args.op == "sink":
         answer = transport.sink(sys.stdin.buffer)
     elif args.op == "reap":
         answer = receiver.reap(args.migration_id, args.state_dir)
@@ -641,11 +649,9 @@ def _snapshot_rows(rows: list[kerrickpt.Snapshot], broken: dict[Path, str]) -> l
 
 
 def cmd_snapshots_init(args: argparse.Namespace) -> tuple[Any, int]:
-    key = _key(args)
-    if args.encrypt and key is None:
-        raise KeyUnusableError(f"--encrypt needs a key: --key-file FILE or ${KEY_FILE_ENV} (`kerrickpt key create`)")
-    if key is not None and not args.encrypt:
-        raise UsageError("a key was given (--key-file or $KERRICKPT_KEY_FILE): add --encrypt for an encrypted store")
+    if not args.encrypt and (args.key_file or os.environ.get(KEY_FILE_ENV)):
+        raise UsageError(f"a key was given (--key-file or ${KEY_FILE_ENV}): add --encrypt for an encrypted store")
+    key = _sealing_key(args)
     store = kerrickpt.Store.deduplicating(args.store, key)
     if not args.json:
         sealed = f", encrypted with key {store.key_id}" if store.key_id else ""
@@ -968,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--lazy", action="store_true")
     p.add_argument("--net-remap", action="store_true")
+    p.add_argument("--hold", action="store_true")  # preflight: hold its claims until the source closes
+    p.add_argument("--reserved", action="store_true")  # receive: a held pre-flight claimed for it
 
     p = sub.add_parser(
         "snapshot",

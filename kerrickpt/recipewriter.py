@@ -1,0 +1,133 @@
+"""Owns writing a snapshot into a deduplicating store: files cut into chunks as they come, the recipe linked in last."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kerrickpt import archivewriter, chunks, faults, progress, recipe
+from kerrickpt.errors import ArchiveCorruptError, BusyError
+from kerrickpt.manifest import Manifest, Member
+
+# Cut and handed on at a time: enough for every thread to hash and compress a share.
+ADD_BYTES = 8 << 20
+
+log = logging.getLogger(__name__)
+
+Place = Callable[[Path, Manifest, Path], contextlib.AbstractContextManager[None]]
+
+
+class Writer(archivewriter.Target):
+    """A snapshot written into a deduplicating store's open `store` of chunks (see store.Store.taking_in), as a
+    checkpoint writes an archive: each file cut into chunks at its own offsets as it comes (CRIU's pages stay
+    page-aligned), only the chunks the store lacks compressed (at zstd `level`) into a new pack, each file's size and
+    checksum taken as an archive's are. `commit` puts the new chunks in the index, stages the recipe in `directory`
+    (sealed, in an encrypted store, to the path `final` gives), and links it in there inside `place` (given that
+    path, the manifest and the staged recipe, whose size and time the snapshot has): a context that records it, and
+    undoes that if the link fails.
+
+    The chunk lock is held shared from the first byte to the block's end, so no sweep frees a chunk it shares
+    meanwhile; whatever a run that dies leaves (a hidden pack, chunks no recipe names, a hidden recipe) is never a
+    snapshot. Each chunk it shares with older snapshots is read back and checked before the recipe names it, so that
+    the snapshot is recorded verified only whole: one found damaged is marked so (`Chunks.mark_damaged`) and stored
+    again from the bytes in hand, which heals every snapshot that names it.
+    """
+
+    errors = (ArchiveCorruptError, BusyError)  # the store's, as a snapshot's publishing raised them
+
+    def __init__(
+        self, store: chunks.Chunks, directory: Path, final: Callable[[Manifest], Path], place: Place, level: int
+    ) -> None:
+        super().__init__(level)
+        self.store = store
+        self.directory = directory
+        self.final = final
+        self.place = place
+        self.pending: dict[str, archivewriter.Held] = {}  # each open file's bytes not cut yet: under ADD_BYTES
+        self.refs: dict[str, array[int]] = {}  # each file's chunks, as Adding.add gives them
+        self.addresses: dict[str, Any] = {}  # each file's chunk addresses, hashed (sha256) in order
+        self.checked: set[int] = set()  # chunks shared with older snapshots, read back whole
+        self.path: Path | None = None  # the recipe, once committed
+        self.stack = contextlib.ExitStack()
+        self._adding: chunks.Adding | None = None
+        self.progress = progress.current()  # here: bytes may come from the streamer's thread
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    @property
+    def linking(self) -> None:
+        return None  # a recipe's name comes with its manifest, at the end: a snapshot thaws before it is written
+
+    @property
+    def adding(self) -> chunks.Adding:
+        """The new pack, opened with the first bytes under the chunk lock: a run that dies before leaves nothing."""
+        if self._adding is None:
+            self.started = time.monotonic()
+            self.stack.enter_context(self.store.lock(exclusive=False))
+            self._adding = self.stack.enter_context(self.store.adding(self.level))
+        return self._adding
+
+    def _put(self, name: str, data: bytes) -> None:
+        pending = self.pending.setdefault(name, archivewriter.Held())
+        # Kept as it came, unless the caller may change it afterwards.
+        pending.add(data if isinstance(data, bytes) else bytes(data))
+        if pending.held >= ADD_BYTES:
+            self._add(name, pending.take(pending.held - pending.held % chunks.CHUNK))
+
+    def _close(self, member: Member) -> None:
+        pending = self.pending.pop(member.name, None)
+        if pending and pending.held:  # its tail, now: a snapshot has many files, whose tails are not held to its end
+            self._add(member.name, pending.take(pending.held))
+
+    def _add(self, name: str, pieces: list[bytes | memoryview]) -> None:
+        """Cut `pieces`, the next bytes of the file `name`, into chunks; store those the store lacks."""
+        data = memoryview(b"".join(pieces))
+        seen = self.addresses.setdefault(name, hashlib.sha256())
+        refs = self.adding.add(data, seen.update)
+        while damaged := self._damaged(refs):
+            for chunk in damaged:
+                self.store.mark_damaged(chunk)
+            log.warning(
+                "%d chunk(s) this snapshot shares with older ones are damaged (%s): storing them again, which heals "
+                "the snapshots that need them",
+                len(damaged),
+                ", ".join(map(str, damaged[:10])),
+            )
+            refs = self.adding.add(data)  # no longer found in the index: stored again, under their ids
+        self.refs.setdefault(name, array("q")).extend(refs)
+        self.progress.advance(len(data))
+        faults.inject("dedup-cutting")
+
+    def _damaged(self, refs: array[int]) -> list[int]:
+        """Of the chunks shared with older snapshots in `refs` not read back yet, those that are damaged or gone;
+        the others are checked from now on."""
+        shared = sorted({r for r in refs if r > 0} - self.checked)
+        damaged = self.store.damaged(recipe.runs_of(array("q", shared)))
+        self.checked.update(shared)
+        self.checked.difference_update(damaged)
+        return damaged
+
+    def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
+        adding = self.adding  # opened here if no file came before
+        self._complete(manifest, finalize)
+        adding.commit()
+        faults.inject("dedup-before-recipe")
+        files = {m.name: recipe.runs_of(adding.resolve(self.refs.get(m.name, array("q")))) for m in manifest.members}
+        seal = self.store.seal
+        addresses = {}
+        if seal.key_id is not None:
+            addresses = {m.name: self.addresses.get(m.name, hashlib.sha256()).digest() for m in manifest.members}
+        made = recipe.Recipe(manifest.to_json(), files, seal.key_id, addresses)
+        path = self.final(manifest)
+        listed = {"node": manifest.source.hostname, "frozen_s": manifest.timings.get("frozen_s")}
+        with recipe.staged(self.directory, made, seal, path, listed) as hidden, self.place(path, manifest, hidden):
+            recipe.link(hidden, path)
+        self.path = path
+        return manifest
