@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 from array import array
 from collections.abc import Callable
@@ -17,8 +16,6 @@ from kerrickpt.manifest import Manifest, Member
 
 # Cut and handed on at a time: enough for every thread to hash and compress a share.
 ADD_BYTES = 8 << 20
-
-log = logging.getLogger(__name__)
 
 Place = Callable[[Path, Manifest, Path], contextlib.AbstractContextManager[None]]
 
@@ -34,9 +31,10 @@ class Writer(archivewriter.Target):
 
     The chunk lock is held shared from the first byte to the block's end, so no sweep frees a chunk it shares
     meanwhile; whatever a run that dies leaves (a hidden pack, chunks no recipe names, a hidden recipe) is never a
-    snapshot. Each chunk it shares with older snapshots is read back and checked before the recipe names it, so that
-    the snapshot is recorded verified only whole: one found damaged is marked so (`Chunks.mark_damaged`) and stored
-    again from the bytes in hand, which heals every snapshot that names it.
+    snapshot. The chunks it shares with older snapshots are taken on the index's word, as borg and restic take theirs
+    (`verify` finds damage in them and marks it, and the next snapshot holding the content stores it again); the new
+    ones are read back and checked before the recipe names them, so a snapshot is recorded verified only once what it
+    wrote reads back right.
     """
 
     errors = (ArchiveCorruptError, BusyError)  # the store's, as a snapshot's publishing raised them
@@ -52,7 +50,6 @@ class Writer(archivewriter.Target):
         self.pending: dict[str, archivewriter.Held] = {}  # each open file's bytes not cut yet: under ADD_BYTES
         self.refs: dict[str, array[int]] = {}  # each file's chunks, as Adding.add gives them
         self.addresses: dict[str, Any] = {}  # each file's chunk addresses, hashed (sha256) in order
-        self.checked: set[int] = set()  # chunks shared with older snapshots, read back whole
         self.path: Path | None = None  # the recipe, once committed
         self.stack = contextlib.ExitStack()
         self._adding: chunks.Adding | None = None
@@ -90,34 +87,30 @@ class Writer(archivewriter.Target):
         """Cut `pieces`, the next bytes of the file `name`, into chunks; store those the store lacks."""
         data = memoryview(b"".join(pieces))
         seen = self.addresses.setdefault(name, hashlib.sha256())
-        refs = self.adding.add(data, seen.update)
-        while damaged := self._damaged(refs):
-            for chunk in damaged:
-                self.store.mark_damaged(chunk)
-            log.warning(
-                "%d chunk(s) this snapshot shares with older ones are damaged (%s): storing them again, which heals "
-                "the snapshots that need them",
-                len(damaged),
-                ", ".join(map(str, damaged[:10])),
-            )
-            refs = self.adding.add(data)  # no longer found in the index: stored again, under their ids
-        self.refs.setdefault(name, array("q")).extend(refs)
+        self.refs.setdefault(name, array("q")).extend(self.adding.add(data, seen.update))
         self.progress.advance(len(data))
         faults.inject("dedup-cutting")
 
-    def _damaged(self, refs: array[int]) -> list[int]:
-        """Of the chunks shared with older snapshots in `refs` not read back yet, those that are damaged or gone;
-        the others are checked from now on."""
-        shared = sorted({r for r in refs if r > 0} - self.checked)
-        damaged = self.store.damaged(recipe.runs_of(array("q", shared)))
-        self.checked.update(shared)
-        self.checked.difference_update(damaged)
-        return damaged
+    def _read_back(self, adding: chunks.Adding) -> None:
+        """Read back and check the chunks this run stored, committed; any that does not read back is marked damaged
+        (the next snapshot holding its content stores it again) and the snapshot is not published
+        (ArchiveCorruptError), as an archive that does not read back is not."""
+        assert adding.ids is not None
+        faults.inject("dedup-before-read-back")
+        damaged = self.store.damaged(recipe.runs_of(array("q", sorted(adding.ids))))
+        for chunk in damaged:
+            self.store.mark_damaged(chunk)
+        if damaged:
+            raise ArchiveCorruptError(
+                f"{len(damaged)} chunk(s) this snapshot stored did not read back ({', '.join(map(str, damaged[:10]))}):"
+                " it was not published; the next snapshot stores them again"
+            )
 
     def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
         adding = self.adding  # opened here if no file came before
         self._complete(manifest, finalize)
         adding.commit()
+        self._read_back(adding)
         faults.inject("dedup-before-recipe")
         files = {m.name: recipe.runs_of(adding.resolve(self.refs.get(m.name, array("q")))) for m in manifest.members}
         seal = self.store.seal

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -512,23 +513,56 @@ def damage_chunk(store: Store, chunk: int, bit: int = 0x01) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_snapshot_reusing_a_damaged_chunk_stores_it_again_and_heals_the_older_ones(
-    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_verify_marks_a_damaged_chunk_and_the_next_snapshot_stores_it_again_healing_every_one_that_needs_it(
+    store: Store, tmp_path: Path
 ) -> None:
     base = memory(31)
     older = take(store, "job1", T0, base)
     other = take(store, "job2", T0, base)
     damage_chunk(store, 100)
+    # A run shares what the index holds without reading it back: this one names the damaged chunk too.
+    trusting = take(store, "job1", T0 + timedelta(hours=1), base)
     with pytest.raises(ArchiveCorruptError, match="chunk 100"):
-        read_back(older, tmp_path / "damaged")
+        read_back(trusting, tmp_path / "damaged")
 
-    newer = take(store, "job1", T0 + timedelta(hours=1), base)
+    verified = cli("snapshots", "verify", "--store", str(store.root))
+    assert verified.returncode == 6
+    assert "1 damaged chunk(s) found; 3 snapshot(s) need them" in verified.stderr
+    newer = take(store, "job1", T0 + timedelta(hours=2), base)
 
-    assert "damaged" in caplog.text and "storing them again" in caplog.text
     assert newer.status == VERIFIED and read_back(newer, tmp_path / "newer") == base
-    assert read_back(older, tmp_path / "older") == base  # the same chunk id, whole again
-    assert read_back(other, tmp_path / "other") == base
+    for snap in (older, other, trusting):  # the same chunk id, whole again
+        assert read_back(snap, tmp_path / f"{snap.name}-{snap.id}") == base
     assert all(s.status == VERIFIED for s in store.verify())
+
+
+def test_a_run_whose_new_chunks_do_not_read_back_publishes_nothing_and_the_next_stores_them_again(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
+) -> None:
+    store, key, keyed = either
+    base = memory(36)
+    first = take(store, "job1", T0, base)
+    packs = store.root / chunks.DIRECTORY / chunks.PACKS
+    before = set(packs.iterdir())
+    later = rewrite(base, 0.3, 37)
+    work = images(store, "job1", T0 + timedelta(hours=1), later)
+    run = take_in_process(store, "job1", work, *keyed, KERRICKPT_FAULT="dedup-before-read-back:pause")
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the run stops once its new pack is in the index, before reading it back"
+        (new,) = set(packs.iterdir()) - before
+        data = bytearray(new.read_bytes())
+        data[chunks.ENTRY.size + 4] ^= 0x01  # its first chunk's body, as a disk's bit rot does
+        new.write_bytes(bytes(data))
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        returncode = run.wait(timeout=120)
+
+    assert returncode != 0
+    assert [s.id for s in store.list("job1")] == [first.id]
+    again = take(store, "job1", T0 + timedelta(hours=2), later)
+    assert again.status == VERIFIED and read_back(again, tmp_path / "again", key) == later
+    assert read_back(first, tmp_path / "first", key) == base
 
 
 # 0x40: the frame's size field shrinks to its first byte, which says the chunk holds nothing, and zstd decodes it to
