@@ -353,6 +353,22 @@ def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
     assert "neither frozen nor cut off its network" in refused.stderr
 
 
+def test_a_container_restored_but_never_connected_is_checkpointed_and_removed(node: Node, tmp_path: Path) -> None:
+    name = unique_name("net")
+    address = node.serve(name)
+    node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
+    # Restored and recorded, its kerrickpt killed before connecting it: its veth is down, which is cut off already.
+    killed = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), KERRICKPT_FAULT="restore-after-save:kill")
+    assert killed.returncode == -9, killed.stderr
+    veth = network.names(containers.Registry(node.state_dir), name)[1]
+    assert "state DOWN" in node.ip("link", "show", "dev", veth)
+    # A checkpoint cuts it off before the dump and again before it removes it: neither refuses a link that is down.
+    node.ok("checkpoint", name, "-o", str(tmp_path / "b.kckpt"))
+    assert name not in node.addresses()
+    node.ok("restore", str(tmp_path / "b.kckpt"))
+    assert node.ask(address, PORT) == name
+
+
 def test_net_remap_of_a_container_sharing_the_nodes_network_is_refused_before_the_target_is_asked(
     node: Node,
 ) -> None:
