@@ -24,6 +24,7 @@ INSIDE = "eth0"  # the container's end of its veth
 # cut_off_fails.
 PROBE = "kpn-probe-"
 TIMEOUT = 10.0
+BRIDGE = "bridge"  # the program that sets a bridge port's state
 # A bridge port's states, as `bridge link set dev PORT state` takes them (see cut_off).
 DISABLED, FORWARDING = "0", "3"
 CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
@@ -212,10 +213,20 @@ def connect(veth: str, *where: str) -> None:
         _ip(*where, "link", "set", veth, "up")
 
 
+def reconnect_command(veth: str) -> tuple[list[str], float]:
+    """The command that connects `veth`, cut off (see cut_off), again, and its timeout: for the guardian, which runs
+    it without this package (see guard.Guardian)."""
+    return [BRIDGE, *_port_args(veth, FORWARDING)], TIMEOUT
+
+
 def _port(veth: str, state: str, *where: str) -> None:
     """Put `veth`'s bridge port in `state`, through `bridge` (`ip link set ... type bridge_slave state 0` leaves a
     port as it was)."""
-    _ip(*where, "link", "set", "dev", veth, "state", state, program="bridge")
+    _ip(*_port_args(veth, state, *where), program=BRIDGE)
+
+
+def _port_args(veth: str, state: str, *where: str) -> list[str]:
+    return [*where, "link", "set", "dev", veth, "state", state]
 
 
 def _is_up(veth: str, *where: str) -> bool:
