@@ -47,7 +47,7 @@ def bridge(settings: Settings, owner: str) -> None:
         except HostError:
             if not exists(name):
                 raise
-    (link,) = _links("-d", "addr", "show", "dev", name)
+    link = _link(name, "-d", "addr", "show")
     other = link.get("ifalias") or ""
     if other not in ("", owner) and Path(other, FILE).exists():
         raise UsageError(
@@ -85,7 +85,7 @@ def _join(segment: str, bridge: str) -> None:
             f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
             "the other nodes (see README, Network)"
         )
-    (link,) = _links("addr", "show", "dev", segment)
+    link = _link(segment, "addr", "show")
     own = [
         f"{info['local']}/{info['prefixlen']}"
         for info in link.get("addr_info", [])
@@ -142,7 +142,7 @@ def settle(netns: str, mac: str, address: str, gateway: ipaddress.IPv4Address) -
     """Make INSIDE of `netns`, as CRIU restored it from the images, have `mac` and `address` (ADDR/PREFIX) alone,
     and the default route through `gateway`: a copy restored next to its source, or remapped, has another address
     (and so MAC) than its images say, and a container that migrated here has this node's gateway."""
-    (link,) = _links("-n", netns, "addr", "show", "dev", INSIDE)
+    link = _link(INSIDE, "-n", netns, "addr", "show")
     if link.get("address") != mac or _inet(link) != [ipaddress.IPv4Interface(address)]:
         # Down, flushed, and up with the new MAC: the kernel then makes the IPv6 link-local address anew from it
         # (the images had the old one's). Such a container's connections were restored closed (see restore).
@@ -230,7 +230,7 @@ def _port_args(veth: str, state: str, *where: str) -> list[str]:
 
 
 def _is_up(veth: str, *where: str) -> bool:
-    return all("UP" in link.get("flags", []) for link in _links(*where, "link", "show", "dev", veth))
+    return "UP" in _link(veth, *where, "link", "show").get("flags", [])
 
 
 def wait_carrying(netns: str, veth: str) -> bool:
@@ -238,8 +238,8 @@ def wait_carrying(netns: str, veth: str) -> bool:
     queue only then) and the bridge forwarding through `veth`. A frame sent before is lost."""
 
     def carrying() -> bool:
-        (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
-        (port,) = _links("-d", "link", "show", "dev", veth)
+        inside = _link(INSIDE, "-n", netns, "link", "show")
+        port = _link(veth, "-d", "link", "show")
         return inside.get("operstate") == "UP" and _port_state(port) == "forwarding"
 
     return _until(carrying)
@@ -251,7 +251,7 @@ def wait_bridge_carrying(bridge: str) -> bool:
     lost."""
 
     def carrying() -> bool:
-        (link,) = _links("link", "show", "dev", bridge)
+        link = _link(bridge, "link", "show")
         return link.get("operstate") == "UP"
 
     return _until(carrying)
@@ -270,7 +270,7 @@ def is_cut_off(veth: str) -> bool:
     """Whether `veth` is there and down, or its port disabled (see cut_off)."""
     if not exists(veth):
         return False
-    (port,) = _links("-d", "link", "show", "dev", veth)
+    port = _link(veth, "-d", "link", "show")
     return "UP" not in port.get("flags", []) or _port_state(port) == "disabled"
 
 
@@ -294,9 +294,7 @@ def cut_off_fails() -> str | None:
             _ip(*where, "link", "set", "kpnprobe", "master", "kpbprobe")
             for link in ("kpbprobe", INSIDE, "kpnprobe"):
                 _ip(*where, "link", "set", link, "up")
-            if not _until(
-                lambda: _port_state(_links(*where, "-d", "link", "show", "dev", "kpnprobe")[0]) == "forwarding"
-            ):
+            if not _until(lambda: _port_state(_link("kpnprobe", *where, "-d", "link", "show")) == "forwarding"):
                 return "a veth on a bridge did not start forwarding"
             cut_off("kpnprobe", *where)
             connect("kpnprobe", *where)
@@ -330,6 +328,15 @@ def _inet(link: dict[str, Any]) -> list[ipaddress.IPv4Interface]:
         for info in link.get("addr_info", [])
         if info.get("family") == "inet"
     ]
+
+
+def _link(ifname: str, *args: str) -> dict[str, Any]:
+    """The interface `ifname`, as `ip -j ARGS dev IFNAME` shows it. HostError, naming it, if that shows none (or
+    several): a restored network namespace without INSIDE, say."""
+    links = _links(*args, "dev", ifname)
+    if len(links) != 1:
+        raise HostError(f"interface {ifname} is not there: `ip {' '.join(args)} dev {ifname}` shows {len(links)}")
+    return links[0]
 
 
 def _links(*args: str) -> list[dict[str, Any]]:
