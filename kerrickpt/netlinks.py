@@ -38,8 +38,9 @@ def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
 def bridge(settings: Settings, owner: str) -> None:
     """The node network's bridge, up, with the node's address on it, marked as `owner`'s (a state directory's:
     its alias): made if missing (another command may make it meanwhile). UsageError if an interface of that name
-    is not a bridge, carries another address, or is the node network of another state directory that still has
-    one (its claims are its own: the two would hand out one address twice)."""
+    is not a bridge, runs the kernel's spanning tree (see cut_off), carries another address, or is the node network
+    of another state directory that still has one (its claims are its own: the two would hand out one address
+    twice)."""
     name, gateway = settings.bridge, settings.gateway
     if not exists(name):
         try:
@@ -59,6 +60,12 @@ def bridge(settings: Settings, owner: str) -> None:
         raise UsageError(
             f"the node network's bridge {name} is a {kind or 'plain'} interface of this node, not a bridge: "
             "choose another name (see README, Network)"
+        )
+    if link["linkinfo"].get("info_data", {}).get("stp_state"):
+        raise UsageError(
+            f"bridge {name} runs the kernel's spanning tree protocol, under which the kernel refuses to disable a "
+            f"port: no container on it could be cut off its network for a checkpoint; turn it off (`ip link set {name} "
+            "type bridge stp_state 0`) or choose another bridge (see README, Network)"
         )
     others = [str(address) for address in _inet(link) if address != gateway]
     if others:

@@ -494,6 +494,7 @@ def test_the_node_network_is_chosen_once_and_checked(node: Node) -> None:
         ({"KERRICKPT_BRIDGE": "lo"}, "is a plain interface of this node, not a bridge"),
         ({"KERRICKPT_BRIDGE": "kerrickpt-bridge0"}, "give an interface name of 1 to 15"),
         ({"KERRICKPT_BRIDGE": "kpt-taken"}, "carries 198.19.5.1/24, not only the node network's gateway"),
+        ({"KERRICKPT_BRIDGE": "kpt-stp"}, "bridge kpt-stp runs the kernel's spanning tree protocol"),
         ({"KERRICKPT_SUBNET": "198.19.0.0/31"}, "too small for a gateway and a container"),
         ({"KERRICKPT_SEGMENT": "kpt-lan"}, "segment kpt-lan carries this node's own addresses (198.18.7.1/24)"),
     ],
@@ -504,6 +505,8 @@ def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
     if env.get("KERRICKPT_BRIDGE") == "kpt-taken":  # a bridge of another network, on the node network's subnet
         node.ip("link", "add", "kpt-taken", "type", "bridge")
         node.ip("addr", "add", "198.19.5.1/24", "dev", "kpt-taken")
+    if env.get("KERRICKPT_BRIDGE") == "kpt-stp":  # every cut-off of a container on it would fail (EBUSY)
+        node.ip("link", "add", "kpt-stp", "type", "bridge", "stp_state", "1")
     if env.get("KERRICKPT_SEGMENT") == "kpt-lan":  # the node's own way to its LAN: joined, it would cut the node off
         node.ip("link", "add", "kpt-lan", "type", "veth", "peer", "name", "kpt-lan-peer")
         node.ip("addr", "add", "198.18.7.1/24", "dev", "kpt-lan")
