@@ -341,12 +341,20 @@ def test_a_checkpoint_whose_criu_is_killed_mid_dump_leaves_the_container_reachab
     ).stdout  # fmt: skip
 
 
-def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
+@pytest.mark.parametrize(
+    "cut",
+    # As a guardian that could not connect it again leaves it: its port disabled, the link up; and as a cut-off of
+    # an older kerrickpt left it: the link down.
+    [["bridge", "link", "set", "dev", "VETH", "state", "0"], ["ip", "link", "set", "VETH", "down"]],
+    ids=["port-disabled", "link-down"],
+)
+def test_a_container_cut_off_but_running_is_recovered(node: Node, cut: list[str]) -> None:
     name = unique_name("net")
     address = node.serve(name)
     veth = network.names(containers.Registry(node.state_dir), name)[1]
-    node.ip("link", "set", veth, "down")  # as a guardian that could not connect it again leaves it
+    subprocess.run([*node.enter(), *(veth if word == "VETH" else word for word in cut)], check=True, timeout=30)
     assert node.ok("recover", name)["outcome"] == "resumed"
+    assert "bridge_slave state forwarding " in node.ip("-d", "link", "show", "dev", veth)
     assert node.ask(address, PORT) == name
     refused = node.kerrickpt("recover", name)
     assert refused.returncode == 2
