@@ -1,6 +1,5 @@
 """Owns the node's network plumbing, through `ip` and `bridge` (one place, with timeouts): the node network's bridge, a
-container's network namespace and veth, and cutting a container off its network and connecting it again; and the
-helper program that makes a confined container's network namespace in a user namespace of its own."""
+container's network namespace and veth, and cutting a container off its network and connecting it again."""
 
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command, helper, namespaces, procs
+from kerrickpt import command, procs
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
-from kerrickpt.idmap import IdMap
 from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
@@ -112,18 +110,16 @@ def _join(segment: str, bridge: str) -> None:
     _ip("link", "set", segment, "up")
 
 
-def make(
-    netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool, owner: IdMap | None = None
-) -> None:
-    """The network namespace `netns` (pinned in NETNS_DIR) with loopback up and one veth, INSIDE with `mac` and
-    `address` and its default route the node's address, its node end `veth` on the bridge, up if `connected`.
-    The namespace is the node's user namespace's, or with `owner` that of a new one mapped so: a confined
-    container's, which it joins (see launcher), since CRIU dumps a network namespace only with the user namespace
-    that owns it."""
-    if owner is None:
-        _ip("netns", "add", netns)
-    else:
-        _add_owned(netns, owner)
+def add_netns(netns: str) -> None:
+    """The network namespace `netns`, of the node's user namespace, pinned in NETNS_DIR (a confined container's is
+    made by netnsmaker)."""
+    _ip("netns", "add", netns)
+
+
+def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:
+    """In the network namespace `netns`, made and pinned already (see add_netns), loopback up and one veth, INSIDE
+    with `mac` and `address` and its default route the node's address, its node end `veth` on the bridge, up if
+    `connected`."""
     _ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE, "address", mac, "netns", netns)
     _ip("-n", netns, "link", "set", "lo", "up")
     _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
@@ -158,32 +154,6 @@ def settle(netns: str, mac: str, address: str, gateway: ipaddress.IPv4Address) -
         _ip("-n", netns, "link", "set", INSIDE, "address", mac, "up")
         _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
     _ip("-n", netns, "route", "replace", "default", "via", str(gateway))
-
-
-def _add_owned(netns: str, owner: IdMap) -> None:
-    """The network namespace `netns`, pinned in NETNS_DIR, owned by a new user namespace mapped as `owner`: made
-    by a helper program (a process must join that user namespace to make it, and only a fork can)."""
-    answer = helper.ask("netns", {"netns": netns, "owner": owner.to_dict()}, timeout=TIMEOUT, what=f"making {netns}")
-    if "error" in answer:
-        raise HostError(f"could not make the network namespace {netns}: {answer['error']}")
-
-
-def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program "netns"
-    """Make the network namespace order["netns"] in a new user namespace mapped as order["owner"] (IdMap.to_dict),
-    and pin it: print {} once it is, or {"error": ...}."""
-    try:
-        userns = namespaces.mapped_user_namespace(IdMap.from_dict(order["owner"]))
-        try:
-            with namespaces.holding(namespaces.CLONE_NEWNET, userns) as holder:
-                attach(order["netns"], holder)
-        finally:
-            os.close(userns)
-        answer = {}
-    except OSError as exc:
-        answer = {"error": str(exc)}
-    except HostError as exc:
-        answer = {"error": f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message}
-    print(json.dumps(answer), flush=True)
 
 
 def remove_veth(veth: str) -> None:
@@ -294,7 +264,7 @@ def cut_off_fails() -> str | None:
     netns = f"{PROBE}{me}-{procs.start_time(me)}"
     where = ("-n", netns)
     try:
-        _ip("netns", "add", netns)
+        add_netns(netns)
         try:
             _ip(*where, "link", "add", "kpbprobe", "type", "bridge")
             _ip(*where, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
