@@ -253,7 +253,8 @@ def capture(
         progress.current().phase("freezing")
         freezer = group.freezer
         with writer:
-            guardian = guard.Guardian(freezer, writer.linking, own_net.veth if own_net else None)
+            reconnect = netlinks.reconnect_command(own_net.veth) if own_net else None
+            guardian = guard.Guardian(freezer, writer.linking, reconnect)
             # Dumps on this node take turns, each from before its freeze until CRIU let go of its tree: CRIU's
             # parasite makes `proc.crtools` in the dumped task's working directory when its /proc is not its PID
             # namespace's, and two dumps at once of tasks in one directory (/, say) fail there (EEXIST). Not

@@ -370,7 +370,7 @@ def run(
             )
         if planned is not None:
             own_net, settings = planned
-            # A confined container's is its user namespace's (see netlinks.make): CRIU dumps it so, with its sockets.
+            # A confined container's is its user namespace's (see netnsmaker): CRIU dumps it so, with its sockets.
             network.create(registry, own_net, settings, owner=confined.id_map if confined else None)
         try:
             group = cgroups.create(cgroups.detect(), name, memory_limit, cgroup_parents)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,10 +25,16 @@ class Guardian:
     guardian thaws the cgroup. Like Popen, it starts in the constructor.
     """
 
-    def __init__(self, freezer: Freezer, archive: tuple[Path, Path] | None = None, link: str | None = None) -> None:
+    def __init__(
+        self,
+        freezer: Freezer,
+        archive: tuple[Path, Path] | None = None,
+        reconnect: tuple[list[str], float] | None = None,
+    ) -> None:
         """`archive` is (the partial file, where it is linked when complete): once it is there,
-        the container's state is in the archive, and a death leaves it frozen for `recover`. `link`, the node end
-        of a container's veth that a checkpoint cuts off (see netlinks.cut_off), is connected again before the thaw."""
+        the container's state is in the archive, and a death leaves it frozen for `recover`. `reconnect`, the command
+        that connects a container a checkpoint cut off its network again, with its timeout (see
+        netlinks.reconnect_command), is run before the thaw."""
         reader, writer = os.pipe()
         try:
             # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the
@@ -37,8 +44,9 @@ class Guardian:
             # site), not through the package, whose imports took 70 ms of CPU.
             control, thawed = freezer.control(frozen=False)
             written = [str(p) for p in archive] if archive else []
+            connecting = json.dumps({"argv": reconnect[0], "timeout": reconnect[1]}) if reconnect else ""
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, str(control), thawed, link or "", *written],
+                [sys.executable, "-I", "-S", __file__, str(control), thawed, connecting, *written],
                 stdin=reader,
                 stdout=subprocess.DEVNULL,
                 close_fds=False,
@@ -70,9 +78,10 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, argv[3] the veth to
-    connect before the thaw (or ""), then maybe the archive's partial file and its final path; the pipe is on stdin."""
-    control, thawed, link = Path(argv[1]), argv[2], argv[3]
+    """The guardian process: argv[1] is the freezer's control file, argv[2] what thaws it, argv[3] the command to
+    run before the thaw, as JSON {"argv": [...], "timeout": s} (or ""), then maybe the archive's partial file and its
+    final path; the pipe is on stdin."""
+    control, thawed, connecting = Path(argv[1]), argv[2], argv[3]
     # A container that was ended meanwhile has nothing left to thaw.
     if os.read(0, len(DISARM)) == DISARM or not control.exists():
         return 0
@@ -84,14 +93,18 @@ def main(argv: list[str]) -> int:
         )
         return 0
     failed = 0
-    if link:
+    if connecting:
         # Before the thaw, as netlinks.connect does for a checkpoint's cut-off (here without the package: see
         # Guardian): a container never runs cut off. Should this fail, `kerrickpt recover NAME` connects it again.
-        forward = ["bridge", "link", "set", "dev", link, "state", "3"]
-        done = subprocess.run(forward, stdin=subprocess.DEVNULL, timeout=10, check=False)
-        if done.returncode:
-            print(f"kerrickpt guardian: could not connect {link}: `kerrickpt recover NAME` does", file=sys.stderr)
-            failed = 1
+        order = json.loads(connecting)
+        said = " ".join(order["argv"])
+        try:
+            done = subprocess.run(order["argv"], stdin=subprocess.DEVNULL, timeout=order["timeout"], check=False)
+            failed = int(done.returncode != 0)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            said, failed = f"{said}: {exc}", 1
+        if failed:
+            print(f"kerrickpt guardian: could not connect ({said}): `kerrickpt recover NAME` does", file=sys.stderr)
     try:
         control.write_text(thawed)
     except OSError as exc:

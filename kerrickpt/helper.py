@@ -22,7 +22,7 @@ PROGRAMS = {
     "idmap-probe": "kerrickpt.isolation",
     "open-as": "kerrickpt.privilege",
     "job": "kerrickpt.job",
-    "netns": "kerrickpt.netlinks",
+    "netns": "kerrickpt.netnsmaker",
 }
 # The package's __init__ imports all of kerrickpt, a quarter of a second, and a restore's helper starts
 # within the container's downtime: the helper loads the package bare and imports only what it runs.

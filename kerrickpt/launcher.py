@@ -62,7 +62,7 @@ def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper progra
         cgroups.Cgroup(tuple(Path(d) for d in order["cgroup"])).add(os.getpid())
         if order["netns"]:
             # First, with the host's privileges: the network namespace belongs to the host's user namespace, or to
-            # the one made with it for a confined container (see netlinks.make), which its child joins below.
+            # the one made with it for a confined container (see netnsmaker), which its child joins below.
             namespaces.setns(order["netns"], namespaces.CLONE_NEWNET)
         idmapped = False
         if order["confinement"] is None:

@@ -1,6 +1,5 @@
 """Owns the node's network plumbing, through `ip` and `bridge` (one place, with timeouts): the node network's bridge, a
-container's network namespace and veth, and cutting a container off its network and connecting it again; and the
-helper program that makes a confined container's network namespace in a user namespace of its own."""
+container's network namespace and veth, and cutting a container off its network and connecting it again."""
 
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import command, helper, namespaces, procs
+from kerrickpt import command, procs
 from kerrickpt.errors import CommandTimeout, HostError, UsageError
-from kerrickpt.idmap import IdMap
 from kerrickpt.netsettings import FILE, Settings
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` pins a namespace: the container's outlives its processes there
@@ -24,6 +22,7 @@ INSIDE = "eth0"  # the container's end of its veth
 # cut_off_fails.
 PROBE = "kpn-probe-"
 TIMEOUT = 10.0
+BRIDGE = "bridge"  # the program that sets a bridge port's state
 # A bridge port's states, as `bridge link set dev PORT state` takes them (see cut_off).
 DISABLED, FORWARDING = "0", "3"
 CARRY_WAIT = 2.0  # the kernel brings a link up within milliseconds; this is only a bound
@@ -37,8 +36,9 @@ def node_addresses() -> list[tuple[str, ipaddress.IPv4Interface]]:
 def bridge(settings: Settings, owner: str) -> None:
     """The node network's bridge, up, with the node's address on it, marked as `owner`'s (a state directory's:
     its alias): made if missing (another command may make it meanwhile). UsageError if an interface of that name
-    is not a bridge, carries another address, or is the node network of another state directory that still has
-    one (its claims are its own: the two would hand out one address twice)."""
+    is not a bridge, runs the kernel's spanning tree (see cut_off), carries another address, or is the node network
+    of another state directory that still has one (its claims are its own: the two would hand out one address
+    twice)."""
     name, gateway = settings.bridge, settings.gateway
     if not exists(name):
         try:
@@ -46,7 +46,7 @@ def bridge(settings: Settings, owner: str) -> None:
         except HostError:
             if not exists(name):
                 raise
-    (link,) = _links("-d", "addr", "show", "dev", name)
+    link = _link(name, "-d", "addr", "show")
     other = link.get("ifalias") or ""
     if other not in ("", owner) and Path(other, FILE).exists():
         raise UsageError(
@@ -58,6 +58,12 @@ def bridge(settings: Settings, owner: str) -> None:
         raise UsageError(
             f"the node network's bridge {name} is a {kind or 'plain'} interface of this node, not a bridge: "
             "choose another name (see README, Network)"
+        )
+    if link["linkinfo"].get("info_data", {}).get("stp_state"):
+        raise UsageError(
+            f"bridge {name} runs the kernel's spanning tree protocol, under which the kernel refuses to disable a "
+            f"port: no container on it could be cut off its network for a checkpoint; turn it off (`ip link set {name} "
+            "type bridge stp_state 0`) or choose another bridge (see README, Network)"
         )
     others = [str(address) for address in _inet(link) if address != gateway]
     if others:
@@ -84,7 +90,7 @@ def _join(segment: str, bridge: str) -> None:
             f"the node network's segment {segment} is no interface of this node: give the interface that reaches "
             "the other nodes (see README, Network)"
         )
-    (link,) = _links("addr", "show", "dev", segment)
+    link = _link(segment, "addr", "show")
     own = [
         f"{info['local']}/{info['prefixlen']}"
         for info in link.get("addr_info", [])
@@ -104,18 +110,16 @@ def _join(segment: str, bridge: str) -> None:
     _ip("link", "set", segment, "up")
 
 
-def make(
-    netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool, owner: IdMap | None = None
-) -> None:
-    """The network namespace `netns` (pinned in NETNS_DIR) with loopback up and one veth, INSIDE with `mac` and
-    `address` and its default route the node's address, its node end `veth` on the bridge, up if `connected`.
-    The namespace is the node's user namespace's, or with `owner` that of a new one mapped so: a confined
-    container's, which it joins (see launcher), since CRIU dumps a network namespace only with the user namespace
-    that owns it."""
-    if owner is None:
-        _ip("netns", "add", netns)
-    else:
-        _add_owned(netns, owner)
+def add_netns(netns: str) -> None:
+    """The network namespace `netns`, of the node's user namespace, pinned in NETNS_DIR (a confined container's is
+    made by netnsmaker)."""
+    _ip("netns", "add", netns)
+
+
+def make(netns: str, veth: str, mac: str, address: str, settings: Settings, *, connected: bool) -> None:
+    """In the network namespace `netns`, made and pinned already (see add_netns), loopback up and one veth, INSIDE
+    with `mac` and `address` and its default route the node's address, its node end `veth` on the bridge, up if
+    `connected`."""
     _ip("link", "add", veth, "type", "veth", "peer", "name", INSIDE, "address", mac, "netns", netns)
     _ip("-n", netns, "link", "set", "lo", "up")
     _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
@@ -141,7 +145,7 @@ def settle(netns: str, mac: str, address: str, gateway: ipaddress.IPv4Address) -
     """Make INSIDE of `netns`, as CRIU restored it from the images, have `mac` and `address` (ADDR/PREFIX) alone,
     and the default route through `gateway`: a copy restored next to its source, or remapped, has another address
     (and so MAC) than its images say, and a container that migrated here has this node's gateway."""
-    (link,) = _links("-n", netns, "addr", "show", "dev", INSIDE)
+    link = _link(INSIDE, "-n", netns, "addr", "show")
     if link.get("address") != mac or _inet(link) != [ipaddress.IPv4Interface(address)]:
         # Down, flushed, and up with the new MAC: the kernel then makes the IPv6 link-local address anew from it
         # (the images had the old one's). Such a container's connections were restored closed (see restore).
@@ -150,32 +154,6 @@ def settle(netns: str, mac: str, address: str, gateway: ipaddress.IPv4Address) -
         _ip("-n", netns, "link", "set", INSIDE, "address", mac, "up")
         _ip("-n", netns, "addr", "add", address, "dev", INSIDE)
     _ip("-n", netns, "route", "replace", "default", "via", str(gateway))
-
-
-def _add_owned(netns: str, owner: IdMap) -> None:
-    """The network namespace `netns`, pinned in NETNS_DIR, owned by a new user namespace mapped as `owner`: made
-    by a helper program (a process must join that user namespace to make it, and only a fork can)."""
-    answer = helper.ask("netns", {"netns": netns, "owner": owner.to_dict()}, timeout=TIMEOUT, what=f"making {netns}")
-    if "error" in answer:
-        raise HostError(f"could not make the network namespace {netns}: {answer['error']}")
-
-
-def main(order: dict[str, Any]) -> None:  # pragma: no cover - the helper program "netns"
-    """Make the network namespace order["netns"] in a new user namespace mapped as order["owner"] (IdMap.to_dict),
-    and pin it: print {} once it is, or {"error": ...}."""
-    try:
-        userns = namespaces.mapped_user_namespace(IdMap.from_dict(order["owner"]))
-        try:
-            with namespaces.holding(namespaces.CLONE_NEWNET, userns) as holder:
-                attach(order["netns"], holder)
-        finally:
-            os.close(userns)
-        answer = {}
-    except OSError as exc:
-        answer = {"error": str(exc)}
-    except HostError as exc:
-        answer = {"error": f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message}
-    print(json.dumps(answer), flush=True)
 
 
 def remove_veth(veth: str) -> None:
@@ -192,9 +170,16 @@ def cut_off(veth: str, *where: str) -> None:
     """Cut a container off the node network: its veth's port on the bridge disabled, nothing it sends leaves, nothing
     reaches it (a peer's packets are lost, and the peer retransmits). The veth stays up, so the container's link keeps
     its carrier and its routes stay as they were: CRIU dumps a confined container's routes (see criuopts), and the
-    kernel refuses to restore a route marked linkdown, as a veth whose other end is down marks them. `where`: options
-    naming another network namespace (the probe's)."""
-    _port(veth, DISABLED, *where)
+    kernel refuses to restore a route marked linkdown, as a veth whose other end is down marks them. A veth that is
+    down (a restore made it so, or an older kerrickpt cut it off) is cut off already: the kernel refuses to set its
+    port's state (ENETDOWN), and it is left as it is. `where`: options naming another network namespace (the
+    probe's)."""
+    try:
+        _port(veth, DISABLED, *where)
+    except HostError:
+        # Asked only on failure: a checkpoint cuts off within the freeze, where each `ip` costs milliseconds.
+        if _is_up(veth, *where):
+            raise
 
 
 def connect(veth: str, *where: str) -> None:
@@ -205,14 +190,24 @@ def connect(veth: str, *where: str) -> None:
         _ip(*where, "link", "set", veth, "up")
 
 
+def reconnect_command(veth: str) -> tuple[list[str], float]:
+    """The command that connects `veth`, cut off (see cut_off), again, and its timeout: for the guardian, which runs
+    it without this package (see guard.Guardian)."""
+    return [BRIDGE, *_port_args(veth, FORWARDING)], TIMEOUT
+
+
 def _port(veth: str, state: str, *where: str) -> None:
     """Put `veth`'s bridge port in `state`, through `bridge` (`ip link set ... type bridge_slave state 0` leaves a
     port as it was)."""
-    _ip(*where, "link", "set", "dev", veth, "state", state, program="bridge")
+    _ip(*_port_args(veth, state, *where), program=BRIDGE)
+
+
+def _port_args(veth: str, state: str, *where: str) -> list[str]:
+    return [*where, "link", "set", "dev", veth, "state", state]
 
 
 def _is_up(veth: str, *where: str) -> bool:
-    return all("UP" in link.get("flags", []) for link in _links(*where, "link", "show", "dev", veth))
+    return "UP" in _link(veth, *where, "link", "show").get("flags", [])
 
 
 def wait_carrying(netns: str, veth: str) -> bool:
@@ -220,8 +215,8 @@ def wait_carrying(netns: str, veth: str) -> bool:
     queue only then) and the bridge forwarding through `veth`. A frame sent before is lost."""
 
     def carrying() -> bool:
-        (inside,) = _links("-n", netns, "link", "show", "dev", INSIDE)
-        (port,) = _links("-d", "link", "show", "dev", veth)
+        inside = _link(INSIDE, "-n", netns, "link", "show")
+        port = _link(veth, "-d", "link", "show")
         return inside.get("operstate") == "UP" and _port_state(port) == "forwarding"
 
     return _until(carrying)
@@ -233,7 +228,7 @@ def wait_bridge_carrying(bridge: str) -> bool:
     lost."""
 
     def carrying() -> bool:
-        (link,) = _links("link", "show", "dev", bridge)
+        link = _link(bridge, "link", "show")
         return link.get("operstate") == "UP"
 
     return _until(carrying)
@@ -252,7 +247,7 @@ def is_cut_off(veth: str) -> bool:
     """Whether `veth` is there and down, or its port disabled (see cut_off)."""
     if not exists(veth):
         return False
-    (port,) = _links("-d", "link", "show", "dev", veth)
+    port = _link(veth, "-d", "link", "show")
     return "UP" not in port.get("flags", []) or _port_state(port) == "disabled"
 
 
@@ -269,16 +264,14 @@ def cut_off_fails() -> str | None:
     netns = f"{PROBE}{me}-{procs.start_time(me)}"
     where = ("-n", netns)
     try:
-        _ip("netns", "add", netns)
+        add_netns(netns)
         try:
             _ip(*where, "link", "add", "kpbprobe", "type", "bridge")
             _ip(*where, "link", "add", "kpnprobe", "type", "veth", "peer", "name", INSIDE)
             _ip(*where, "link", "set", "kpnprobe", "master", "kpbprobe")
             for link in ("kpbprobe", INSIDE, "kpnprobe"):
                 _ip(*where, "link", "set", link, "up")
-            if not _until(
-                lambda: _port_state(_links(*where, "-d", "link", "show", "dev", "kpnprobe")[0]) == "forwarding"
-            ):
+            if not _until(lambda: _port_state(_link("kpnprobe", *where, "-d", "link", "show")) == "forwarding"):
                 return "a veth on a bridge did not start forwarding"
             cut_off("kpnprobe", *where)
             connect("kpnprobe", *where)
@@ -312,6 +305,15 @@ def _inet(link: dict[str, Any]) -> list[ipaddress.IPv4Interface]:
         for info in link.get("addr_info", [])
         if info.get("family") == "inet"
     ]
+
+
+def _link(ifname: str, *args: str) -> dict[str, Any]:
+    """The interface `ifname`, as `ip -j ARGS dev IFNAME` shows it. HostError, naming it, if that shows none (or
+    several): a restored network namespace without INSIDE, say."""
+    links = _links(*args, "dev", ifname)
+    if len(links) != 1:
+        raise HostError(f"interface {ifname} is not there: `ip {' '.join(args)} dev {ifname}` shows {len(links)}")
+    return links[0]
 
 
 def _links(*args: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import arp, claims, firewall, netlinks, netports, netsettings
+from kerrickpt import arp, claims, firewall, netlinks, netnsmaker, netports, netsettings
 from kerrickpt.errors import HostError, NotCheckpointable, UsageError
 from kerrickpt.idmap import IdMap
 from kerrickpt.netports import Port
@@ -349,10 +349,14 @@ def create(
 ) -> None:
     """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
     container's network namespace and veth (see netlinks.make; with `owner`, a confined container's id map, in a
-    user namespace of its own that the container joins), and its published ports; not `connected`, it stays cut
-    off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
+    user namespace of its own that the container joins: see netnsmaker), and its published ports; not `connected`,
+    it stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
     _prepare(registry, net, settings)
-    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected, owner=owner)
+    if owner is None:
+        netlinks.add_netns(net.netns)
+    else:
+        netnsmaker.make(net.netns, owner)
+    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected)
     _publish(net)
 
 

@@ -341,16 +341,40 @@ def test_a_checkpoint_whose_criu_is_killed_mid_dump_leaves_the_container_reachab
     ).stdout  # fmt: skip
 
 
-def test_a_container_cut_off_but_running_is_recovered(node: Node) -> None:
+@pytest.mark.parametrize(
+    "cut",
+    # As a guardian that could not connect it again leaves it: its port disabled, the link up; and as a cut-off of
+    # an older kerrickpt left it: the link down.
+    [["bridge", "link", "set", "dev", "VETH", "state", "0"], ["ip", "link", "set", "VETH", "down"]],
+    ids=["port-disabled", "link-down"],
+)
+def test_a_container_cut_off_but_running_is_recovered(node: Node, cut: list[str]) -> None:
     name = unique_name("net")
     address = node.serve(name)
     veth = network.names(containers.Registry(node.state_dir), name)[1]
-    node.ip("link", "set", veth, "down")  # as a guardian that could not connect it again leaves it
+    subprocess.run([*node.enter(), *(veth if word == "VETH" else word for word in cut)], check=True, timeout=30)
     assert node.ok("recover", name)["outcome"] == "resumed"
+    assert "bridge_slave state forwarding " in node.ip("-d", "link", "show", "dev", veth)
     assert node.ask(address, PORT) == name
     refused = node.kerrickpt("recover", name)
     assert refused.returncode == 2
     assert "neither frozen nor cut off its network" in refused.stderr
+
+
+def test_a_container_restored_but_never_connected_is_checkpointed_and_removed(node: Node, tmp_path: Path) -> None:
+    name = unique_name("net")
+    address = node.serve(name)
+    node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
+    # Restored and recorded, its kerrickpt killed before connecting it: its veth is down, which is cut off already.
+    killed = node.kerrickpt("restore", str(tmp_path / "a.kckpt"), KERRICKPT_FAULT="restore-after-save:kill")
+    assert killed.returncode == -9, killed.stderr
+    veth = network.names(containers.Registry(node.state_dir), name)[1]
+    assert "state DOWN" in node.ip("link", "show", "dev", veth)
+    # A checkpoint cuts it off before the dump and again before it removes it: neither refuses a link that is down.
+    node.ok("checkpoint", name, "-o", str(tmp_path / "b.kckpt"))
+    assert name not in node.addresses()
+    node.ok("restore", str(tmp_path / "b.kckpt"))
+    assert node.ask(address, PORT) == name
 
 
 def test_net_remap_of_a_container_sharing_the_nodes_network_is_refused_before_the_target_is_asked(
@@ -478,6 +502,7 @@ def test_the_node_network_is_chosen_once_and_checked(node: Node) -> None:
         ({"KERRICKPT_BRIDGE": "lo"}, "is a plain interface of this node, not a bridge"),
         ({"KERRICKPT_BRIDGE": "kerrickpt-bridge0"}, "give an interface name of 1 to 15"),
         ({"KERRICKPT_BRIDGE": "kpt-taken"}, "carries 198.19.5.1/24, not only the node network's gateway"),
+        ({"KERRICKPT_BRIDGE": "kpt-stp"}, "bridge kpt-stp runs the kernel's spanning tree protocol"),
         ({"KERRICKPT_SUBNET": "198.19.0.0/31"}, "too small for a gateway and a container"),
         ({"KERRICKPT_SEGMENT": "kpt-lan"}, "segment kpt-lan carries this node's own addresses (198.18.7.1/24)"),
     ],
@@ -488,6 +513,8 @@ def test_a_bridge_or_subnet_the_node_network_cannot_have_is_refused(
     if env.get("KERRICKPT_BRIDGE") == "kpt-taken":  # a bridge of another network, on the node network's subnet
         node.ip("link", "add", "kpt-taken", "type", "bridge")
         node.ip("addr", "add", "198.19.5.1/24", "dev", "kpt-taken")
+    if env.get("KERRICKPT_BRIDGE") == "kpt-stp":  # every cut-off of a container on it would fail (EBUSY)
+        node.ip("link", "add", "kpt-stp", "type", "bridge", "stp_state", "1")
     if env.get("KERRICKPT_SEGMENT") == "kpt-lan":  # the node's own way to its LAN: joined, it would cut the node off
         node.ip("link", "add", "kpt-lan", "type", "veth", "peer", "name", "kpt-lan-peer")
         node.ip("addr", "add", "198.18.7.1/24", "dev", "kpt-lan")

@@ -86,7 +86,9 @@ exit codes: 0 ok, 1 other error, 2 usage, 3 not root or CRIU unusable, 4 contain
   5 dump failed, 6 archive corrupt or unreadable (an encrypted one: changed without its key),
   7 node incompatible, 8 restore failed,
   9 container exists, 10 an external program timed out and was stopped,
-  11 ssh failed or the other side's message was malformed, 12 migration outcome unknown
+  11 ssh failed, the other side's message was malformed, the other side's (older) kerrickpt
+  refused its arguments, or the target's pre-flight no longer holds its claims (nothing frozen),
+  12 migration outcome unknown
   (the source stays frozen: run `kerrickpt recover NAME`), 13 busy (here or on the target),
   14 the job uses something kerrickpt cannot carry (nothing was frozen),
   15 a container's record (`kerrickpt kill NAME` still ends it) or migration journal is damaged,
