@@ -565,6 +565,31 @@ def test_a_run_whose_new_chunks_do_not_read_back_publishes_nothing_and_the_next_
     assert read_back(first, tmp_path / "first", key) == base
 
 
+def test_a_run_sharing_a_chunk_verify_marks_damaged_while_it_runs_publishes_nothing_and_the_next_heals_it(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
+) -> None:
+    store, key, keyed = either
+    base = memory(38)
+    first = take(store, "job1", T0, base)
+    damage_chunk(store, 100)  # unseen by the next run's lookup: it takes the chunk on the index's word
+    work = images(store, "job2", T0, base)
+    run = take_in_process(store, "job2", work, *keyed, KERRICKPT_FAULT="dedup-before-recipe:pause")
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the run stops once it has looked up every chunk, before its recipe is linked"
+        verified = cli("snapshots", "verify", "--store", str(store.root), *keyed)
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        returncode = run.wait(timeout=120)
+    assert verified.returncode == 6 and "1 damaged chunk(s) found" in verified.stderr
+
+    assert returncode != 0
+    assert store.list("job2") == []
+    again = take(store, "job2", T0 + timedelta(hours=1), base)
+    assert again.status == VERIFIED and read_back(again, tmp_path / "again", key) == base
+    assert read_back(first, tmp_path / "first", key) == base  # chunk 100 stored again, under its id
+
+
 # 0x40: the frame's size field shrinks to its first byte, which says the chunk holds nothing, and zstd decodes it to
 # nothing without a complaint.
 @pytest.mark.parametrize("bit", [0x01, 0x40], ids=["damaged", "says-it-holds-nothing"])
