@@ -73,8 +73,7 @@ class Writer(archivewriter.Target):
 
     def _put(self, name: str, data: bytes) -> None:
         pending = self.pending.setdefault(name, archivewriter.Held())
-        # Kept as it came, unless the caller may change it afterwards.
-        pending.add(data if isinstance(data, bytes) else bytes(data))
+        pending.add(data)
         if pending.held >= ADD_BYTES:
             self._add(name, pending.take(pending.held - pending.held % chunks.CHUNK))
 
