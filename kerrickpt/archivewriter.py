@@ -72,7 +72,8 @@ class Target(abc.ABC):
         written = self._file(name)
         written.hash.update(data)
         written.size += len(data)
-        self._put(name, data)
+        # Kept as it came, unless the caller may change it afterwards: each kind holds some bytes before it cuts them.
+        self._put(name, data if isinstance(data, bytes) else bytes(data))
 
     def end(self, name: str) -> None:
         """The file `name` is complete."""
@@ -118,7 +119,7 @@ class Target(abc.ABC):
 
     @abc.abstractmethod
     def _put(self, name: str, data: bytes) -> None:
-        """Keep `data`, the next bytes of the file `name`."""
+        """Keep `data`, the next bytes of the file `name` (bytes: `write` copied any other buffer)."""
 
     @abc.abstractmethod
     def _close(self, member: Member) -> None:
@@ -242,8 +243,7 @@ class Writer(Target):
 
     def _put(self, name: str, data: bytes) -> None:
         pending = self.pending.setdefault(name, _Pending())
-        # Kept as it came, unless the caller may change it afterwards.
-        pending.add(data if isinstance(data, bytes) else bytes(data))
+        pending.add(data)
         while pending.held > CHUNK_BYTES:  # more follows: this file is chunked
             faults.inject("archive-chunk")
             self._member(f"{name}.{pending.chunks:06d}", pending.take(CHUNK_BYTES))

@@ -410,6 +410,16 @@ class Chunks:
         with self.transaction():
             self.db.execute("UPDATE chunks SET pack = ?, offset = 0, length = 0 WHERE id = ?", (DAMAGED, chunk))
 
+    def marked(self, runs: Iterable[tuple[int, int]]) -> list[int]:
+        """Those of the chunks `runs` name that the index holds as damaged (see `mark_damaged`), without reading any:
+        the few marked ones, found by their pack's index, then looked for among `runs`."""
+        with _index_errors(self.index):
+            found = [chunk for (chunk,) in self.db.execute("SELECT id FROM chunks WHERE pack = ?", (DAMAGED,))]
+        if not found:
+            return []
+        named = set(itertools.chain.from_iterable(range(first, first + count) for first, count in runs))
+        return sorted(named.intersection(found))
+
     def sweep(self, live: set[int]) -> int:
         """Forget every chunk not in `live`; how many were forgotten. Hold `lock` exclusive."""
         with self.transaction():

@@ -34,7 +34,7 @@ class Writer(archivewriter.Target):
     snapshot. The chunks it shares with older snapshots are taken on the index's word, as borg and restic take theirs
     (`verify` finds damage in them and marks it, and the next snapshot holding the content stores it again); the new
     ones are read back and checked before the recipe names them, so a snapshot is recorded verified only once what it
-    wrote reads back right.
+    wrote reads back right, and none it shares was marked damaged since it looked it up.
     """
 
     errors = (ArchiveCorruptError, BusyError)  # the store's, as a snapshot's publishing raised them
@@ -73,8 +73,7 @@ class Writer(archivewriter.Target):
 
     def _put(self, name: str, data: bytes) -> None:
         pending = self.pending.setdefault(name, archivewriter.Held())
-        # Kept as it came, unless the caller may change it afterwards.
-        pending.add(data if isinstance(data, bytes) else bytes(data))
+        pending.add(data)
         if pending.held >= ADD_BYTES:
             self._add(name, pending.take(pending.held - pending.held % chunks.CHUNK))
 
@@ -106,6 +105,18 @@ class Writer(archivewriter.Target):
                 " it was not published; the next snapshot stores them again"
             )
 
+    def _refuse_marked(self, files: dict[str, recipe.Runs]) -> None:
+        """Refuse the snapshot (ArchiveCorruptError) if a chunk it names was marked damaged since it looked it up, by
+        `verify` or another run's read-back: published, it would be recorded verified and refused at restore. The run
+        no longer holds that content to store it again; the next one does, as a lookup leaves marked chunks out."""
+        marked = self.store.marked([run for runs in files.values() for run in runs])
+        if marked:
+            raise ArchiveCorruptError(
+                f"{len(marked)} chunk(s) this snapshot names were marked damaged while it was taken, by verify or"
+                f" another run ({', '.join(map(str, marked[:10]))}): it was not published; the next snapshot stores"
+                " them again"
+            )
+
     def commit(self, manifest: Manifest, finalize: Callable[[Manifest], None] | None = None) -> Manifest:
         adding = self.adding  # opened here if no file came before
         self._complete(manifest, finalize)
@@ -120,7 +131,12 @@ class Writer(archivewriter.Target):
         made = recipe.Recipe(manifest.to_json(), files, seal.key_id, addresses)
         path = self.final(manifest)
         listed = {"node": manifest.source.hostname, "frozen_s": manifest.timings.get("frozen_s")}
-        with recipe.staged(self.directory, made, seal, path, listed) as hidden, self.place(path, manifest, hidden):
+        with (
+            recipe.staged(self.directory, made, seal, path, listed) as hidden,
+            self.place(path, manifest, hidden),
+            self.store.transaction(),  # for writing: no chunk is marked damaged between the look below and the link
+        ):
+            self._refuse_marked(files)
             recipe.link(hidden, path)
         self.path = path
         return manifest

@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -404,6 +404,22 @@ def take_in_process(store: Store, name: str, work: Path, *keyed: str, **env: str
     return subprocess.Popen(argv, cwd=REPO, env=os.environ | env)
 
 
+@contextlib.contextmanager
+def take_paused(
+    store: Store, name: str, work: Path, keyed: tuple[str, ...], point: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`take_in_process` stopped at the fault point `point` for the block, then let go on and waited for, whatever
+    happened."""
+    run = take_in_process(store, name, work, *keyed, KERRICKPT_FAULT=f"{point}:pause")
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the run stops at {point}"
+        yield run
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        run.wait(timeout=120)
+
+
 # Where a run taking a snapshot in dies: while it cuts chunks (its pack half written), with its pack whole but not
 # indexed, with its chunks indexed but no recipe, with its record written but its recipe not linked.
 KILL_TAKE = ["dedup-cutting", "chunks-before-index", "dedup-before-recipe", "store-before-link"]
@@ -546,23 +562,38 @@ def test_a_run_whose_new_chunks_do_not_read_back_publishes_nothing_and_the_next_
     before = set(packs.iterdir())
     later = rewrite(base, 0.3, 37)
     work = images(store, "job1", T0 + timedelta(hours=1), later)
-    run = take_in_process(store, "job1", work, *keyed, KERRICKPT_FAULT="dedup-before-read-back:pause")
-    try:
-        _, status = os.waitpid(run.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), "the run stops once its new pack is in the index, before reading it back"
+    # Stopped once its new pack is in the index, before reading it back.
+    with take_paused(store, "job1", work, keyed, "dedup-before-read-back") as run:
         (new,) = set(packs.iterdir()) - before
         data = bytearray(new.read_bytes())
         data[chunks.ENTRY.size + 4] ^= 0x01  # its first chunk's body, as a disk's bit rot does
         new.write_bytes(bytes(data))
-    finally:
-        os.kill(run.pid, signal.SIGCONT)
-        returncode = run.wait(timeout=120)
 
-    assert returncode != 0
+    assert run.returncode != 0
     assert [s.id for s in store.list("job1")] == [first.id]
     again = take(store, "job1", T0 + timedelta(hours=2), later)
     assert again.status == VERIFIED and read_back(again, tmp_path / "again", key) == later
     assert read_back(first, tmp_path / "first", key) == base
+
+
+def test_a_run_sharing_a_chunk_verify_marks_damaged_while_it_runs_publishes_nothing_and_the_next_heals_it(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
+) -> None:
+    store, key, keyed = either
+    base = memory(38)
+    first = take(store, "job1", T0, base)
+    damage_chunk(store, 100)  # unseen by the next run's lookup: it takes the chunk on the index's word
+    work = images(store, "job2", T0, base)
+    # Stopped once it has looked up every chunk and read back its new ones, before its recipe is linked.
+    with take_paused(store, "job2", work, keyed, "dedup-before-recipe") as run:
+        verified = cli("snapshots", "verify", "--store", str(store.root), *keyed)
+    assert verified.returncode == 6 and "1 damaged chunk(s) found" in verified.stderr
+
+    assert run.returncode != 0
+    assert store.list("job2") == []
+    again = take(store, "job2", T0 + timedelta(hours=1), base)
+    assert again.status == VERIFIED and read_back(again, tmp_path / "again", key) == base
+    assert read_back(first, tmp_path / "first", key) == base  # chunk 100 stored again, under its id
 
 
 # 0x40: the frame's size field shrinks to its first byte, which says the chunk holds nothing, and zstd decodes it to
