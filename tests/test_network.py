@@ -408,7 +408,7 @@ def test_kill_goes_as_far_as_it_can_when_iptables_fails(node: Node, tmp_path: Pa
     node.serve(plain)
     failing = tmp_path / "failing"
     failing.mkdir()
-    for program in ("iptables", "iptables-restore"):
+    for program in ("iptables", "iptables-save", "iptables-restore"):
         (failing / program).write_text("#!/bin/sh\necho 'iptables: resource problem' >&2\nexit 4\n")
         (failing / program).chmod(0o755)
     registry = containers.Registry(node.state_dir)

@@ -1,0 +1,37 @@
+"""Owns what a container's port on the node network passes from it: frames with its own MAC as their source, and of
+those only IPv4 from its own address and ARP that speaks for its own address and MAC. Every other frame it sends
+(another address or MAC, IPv6, any other protocol) is dropped at its veth's node end, in ebtables' filter table (see
+xtables), before the bridge hands it to the node, another container or the segment."""
+
+from __future__ import annotations
+
+from kerrickpt import xtables
+from kerrickpt.errors import HostError
+
+# Where a container's frames meet its chain: INPUT for those to the node itself (its gateway address), FORWARD for
+# those the bridge passes on to its other ports (other containers, the segment).
+HOOKS = ("INPUT", "FORWARD")
+
+
+def install(chain: str, veth: str, mac: str, ip: str) -> None:
+    """Let through the bridge port `veth` (it need not exist yet) only frames from `mac`: IPv4 from `ip`, and ARP
+    whose sender is `ip` at `mac`; the rules live in the chain `chain` (made anew), which HOOKS jump to first for
+    frames that came in through `veth`."""
+    rules = [
+        f"-A {chain} -p ARP -s {mac} --arp-ip-src {ip} --arp-mac-src {mac} -j RETURN",
+        f"-A {chain} -p IPv4 -s {mac} --ip-src {ip} -j RETURN",
+        f"-A {chain} -j DROP",
+    ]
+    jumps = [f"-A {hook} -i {veth} -j {chain}" for hook in HOOKS]
+    try:
+        xtables.replace(xtables.BRIDGE_FILTER, chain, rules, jumps, f"filtering the port {veth}", first=True)
+    except FileNotFoundError:
+        raise HostError(
+            "a container's own network needs ebtables (Debian's iptables package), which this node lacks: without it "
+            "the container could take any address on the node network (see README, Dependencies)"
+        ) from None
+
+
+def remove(chain: str) -> None:
+    """Remove `chain` and every jump to it, if they are there (see xtables.remove)."""
+    xtables.remove(xtables.BRIDGE_FILTER, chain, f"removing the port filter {chain}")
