@@ -68,7 +68,7 @@ class Network(Identity):
 
     @property
     def chain(self) -> str:
-        """Its chains: in iptables' nat table (see firewall), and in ebtables' filter table (see portfilter)."""
+        """Its chains: in iptables' nat table (see firewall), and in ebtables' nat table (see portfilter)."""
         return _chain(self.netns)
 
     def identity(self) -> Identity:

@@ -29,7 +29,7 @@ class Table:
 # iptables (legacy) serializes its programs with a lock; ebtables' nf_tables programs take none (each -restore is one
 # netlink transaction) and know no -w.
 NAT = Table("iptables", "nat", ("-w", str(int(TIMEOUT))), "- [0:0]")
-BRIDGE_FILTER = Table("ebtables", "filter", declared="RETURN")
+BRIDGE_NAT = Table("ebtables", "nat", declared="RETURN")
 
 
 def replace(
