@@ -350,8 +350,8 @@ def create(
     """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
     container's network namespace and veth (see netlinks.make; with `owner`, a confined container's id map, in a
     user namespace of its own that the container joins), its port filter (see portfilter), made before its veth, and
-    its published ports; not `connected`, it stays cut
-    off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
+    its published ports; not `connected`, it stays cut off until netlinks.connect. On failure, what was made stays:
+    the caller removes it (`destroy`)."""
     _prepare(registry, net, settings)
     netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected, owner=owner)
     _publish(net)
