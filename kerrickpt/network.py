@@ -1,6 +1,6 @@
 """Owns a container's network of its own (`--net own`): its identity on the node network (address, MAC, published
 ports), claimed without collisions among the node's containers (claim files in STATE/network: see claims), and
-the making and removal of what carries it on this node (see netlinks, firewall)."""
+the making and removal of what carries it on this node (see netlinks, portfilter, firewall)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import arp, claims, firewall, netlinks, netnsmaker, netports, netsettings
+from kerrickpt import arp, claims, firewall, netlinks, netnsmaker, netports, netsettings, portfilter
 from kerrickpt.errors import HostError, NotCheckpointable, UsageError
 from kerrickpt.idmap import IdMap
 from kerrickpt.netports import Port
@@ -68,7 +68,7 @@ class Network(Identity):
 
     @property
     def chain(self) -> str:
-        """Its nat chain (see firewall)."""
+        """Its chains: in iptables' nat table (see firewall), and in ebtables' nat table (see portfilter)."""
         return _chain(self.netns)
 
     def identity(self) -> Identity:
@@ -349,8 +349,9 @@ def create(
 ) -> None:
     """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
     container's network namespace and veth (see netlinks.make; with `owner`, a confined container's id map, in a
-    user namespace of its own that the container joins: see netnsmaker), and its published ports; not `connected`,
-    it stays cut off until netlinks.connect. On failure, what was made stays: the caller removes it (`destroy`)."""
+    user namespace of its own that the container joins: see netnsmaker), its port filter (see portfilter), made
+    before its veth, and its published ports; not `connected`, it stays cut off until netlinks.connect. On failure,
+    what was made stays: the caller removes it (`destroy`)."""
     _prepare(registry, net, settings)
     if owner is None:
         netlinks.add_netns(net.netns)
@@ -379,6 +380,8 @@ def adopt(net: Network, settings: netsettings.Settings, pid: int) -> None:
 def _prepare(registry: claims.State, net: Network, settings: netsettings.Settings) -> None:
     sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
     _bridge(registry, settings)
+    # Before its port is made: no frame of the container's passes unfiltered, whatever happens to its veth.
+    portfilter.install(net.chain, net.veth, net.mac, net.ip)
 
 
 def _publish(net: Network) -> None:
@@ -430,13 +433,14 @@ def sweep(netns: str, veth: str) -> None:
 
 
 def _chain(netns: str) -> str:
-    """The nat chain of the network whose namespace is `netns` (see firewall)."""
+    """The chains of the network whose namespace is `netns` (see Network.chain)."""
     return netns.upper()
 
 
 def _remove(netns: str, veth: str, chain: str | None) -> None:
     steps: list[tuple[str, Callable[[], None]]] = [
         (f"its published ports (chain {chain})", lambda: firewall.unpublish(chain) if chain else None),
+        (f"its port filter (chain {_chain(netns)})", lambda: portfilter.remove(_chain(netns))),
         (f"its veth {veth}", lambda: netlinks.remove_veth(veth)),
         (f"its network namespace {netns}", lambda: netlinks.remove_netns(netns)),
     ]

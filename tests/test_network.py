@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.lab import redis_server
-from kerrickpt import containers, network
+from kerrickpt import arp, containers, netsettings, network
 from tests.helpers import (
     CONFINED,
     CONFINED_USER,
@@ -90,6 +90,25 @@ class Node:
     def nat_rules(self) -> str:
         argv = [*self.enter(), "iptables", "-w", "-t", "nat", "-S"]
         return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    def bridge_rules(self) -> str:
+        """The node's ebtables nat table, where the port filters live (see portfilter)."""
+        argv = [*self.enter(), "ebtables-save", "-t", "nat"]
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    def answering(self, address: str) -> arp.Answers:
+        """Who answers an ARP probe for `address`, sent from the node network's bridge."""
+        script = (
+            "import json,sys; from kerrickpt import arp; print(json.dumps(arp.probe(sys.argv[1], sys.argv[2]).replies))"
+        )
+        argv = [*self.enter(), sys.executable, "-c", script, netsettings.DEFAULT_BRIDGE, address]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30)
+        return arp.Answers(json.loads(done.stdout), arp.PROBES)
+
+    def inside(self, name: str, *argv: str) -> None:
+        """Run `argv` in container `name` (as its root: `exec` of a confined container without --user)."""
+        done = self.kerrickpt("exec", name, "--", *argv)
+        assert done.returncode == 0, done.stderr
 
     def ask(self, address: str, port: int) -> str:
         """One request to the counter at `address`:`port` from the node: the name that answered."""
@@ -220,6 +239,37 @@ def test_a_copy_restored_with_tcp_close_takes_another_address(
     assert f"lladdr {network.mac_of(ipaddress.IPv4Address(other))} " in node.ip("neigh", "show", other)  # its own MAC
     talking.wait_more()  # the original's connection never saw the copy
     assert talking.finish()
+
+
+@pytest.mark.parametrize("kind", [("--rootfs", "host"), ()], ids=["confined", "plain"])
+def test_a_containers_root_cannot_answer_for_another_address_or_mac(node: Node, kind: tuple[str, ...]) -> None:
+    """Its root has CAP_NET_ADMIN over its eth0 (a confined container's user namespace owns its network namespace):
+    whatever address or MAC it gives it, no frame it sends as another leaves its port (see portfilter)."""
+    neighbour, spoofer = unique_name("neighbour"), unique_name("spoofer")
+    theirs = node.serve(neighbour)
+    mine = node.serve(spoofer, *kind)  # the counter runs as its root
+    their_mac = network.mac_of(ipaddress.IPv4Address(theirs))
+    free = "198.19.0.77"
+    for address in (theirs, free):
+        node.inside(spoofer, "ip", "addr", "add", f"{address}/16", "dev", "eth0")
+    neighbours = node.answering(theirs)
+    assert (neighbours.macs, neighbours.doubled()) == ({their_mac}, set())
+    assert node.answering(free).macs == set()
+    assert node.ask(theirs, PORT) == neighbour
+    assert node.ask(mine, PORT) == spoofer  # its own address works as before
+
+    # With the neighbour's MAC, nothing it sends leaves (its answers for its own address neither), and the bridge
+    # goes on sending the neighbour's frames to the neighbour.
+    node.inside(spoofer, "ip", "link", "set", "eth0", "address", their_mac)
+    assert node.answering(mine).macs == set()
+    neighbours = node.answering(theirs)
+    assert (neighbours.macs, neighbours.doubled()) == ({their_mac}, set())
+    assert node.ask(theirs, PORT) == neighbour
+
+    chain = network.names(containers.Registry(node.state_dir), spoofer)[0].upper()
+    assert f":{chain} " in node.bridge_rules()
+    node.ok("kill", spoofer)
+    assert chain not in node.bridge_rules()
 
 
 def test_two_containers_listen_on_one_port_and_publish_it(node: Node, tmp_path: Path) -> None:
@@ -397,6 +447,7 @@ def test_gc_removes_what_an_abandoned_run_with_its_own_network_left(node: Node) 
     assert died.returncode == -9
     netns, veth = network.names(containers.Registry(node.state_dir), name)
     assert "KPN-" in node.nat_rules()
+    assert "KPN-" in node.bridge_rules()
     # Its namespace gone by other means (as after a reboot, with the node's iptables rules saved and restored):
     # its rules are still found and go.
     subprocess.run(["ip", "netns", "del", netns], check=True, timeout=30)
@@ -404,6 +455,7 @@ def test_gc_removes_what_an_abandoned_run_with_its_own_network_left(node: Node) 
     assert any(row["kind"] == "container" for row in listed["removed"]), listed  # type: ignore[union-attr]
     node.ok("gc")
     assert "KPN-" not in node.nat_rules()
+    assert "KPN-" not in node.bridge_rules()
     assert veth not in node.ip("-o", "link", "show")
     # Its address and node port are free again.
     assert node.serve(unique_name("again"), *options[2:]) == "198.19.0.9"
@@ -432,7 +484,7 @@ def test_kill_goes_as_far_as_it_can_when_iptables_fails(node: Node, tmp_path: Pa
     node.serve(plain)
     failing = tmp_path / "failing"
     failing.mkdir()
-    for program in ("iptables", "iptables-restore"):
+    for program in ("iptables", "iptables-save", "iptables-restore"):
         (failing / program).write_text("#!/bin/sh\necho 'iptables: resource problem' >&2\nexit 4\n")
         (failing / program).chmod(0o755)
     registry = containers.Registry(node.state_dir)
