@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kerrickpt import cgroups, containers, criu, idranges, isolation, netlinks, schema, testmode
+from kerrickpt import cgroups, containers, criu, idranges, isolation, netlinks, portfilter, schema, testmode
 from kerrickpt.errors import KerrickptError
 
 CAP_SYS_RESOURCE = 24
@@ -217,6 +217,8 @@ _NETWORK_NEEDS = {  # what a restore of a container with a network of its own ne
     "external_net_ns": "CRIU here cannot restore into a network namespace kerrickpt made (external_net_ns)",
     "newifindex": "CRIU here cannot move an interface kerrickpt made into a network namespace it restores "
     "(newifindex), as a confined container's needs",
+    "port_filter": "no port filter (ebtables' nat table, see README, Network): a container could send as any address "
+    "on the node network",
 }
 _CONFINED_ONLY, _PLAIN_ONLY = "newifindex", "external_net_ns"  # whose network namespace CRIU restores, or not
 
@@ -231,9 +233,9 @@ def network_lacking(features: dict[str, bool], *, confined: bool) -> list[str]:
 def _network_features(
     found: criu.Criu | None, criu_check_text: str, is_root: bool, notes: list[str]
 ) -> dict[str, bool]:
-    """features.tcp_repair, features.external_net_ns, features.newifindex and features.network_lock: what a
-    container with a network of its own needs to keep its connections (see README, Network), a note saying why for
-    each one missing."""
+    """features.tcp_repair, features.external_net_ns, features.newifindex, features.port_filter and
+    features.network_lock: what a container with a network of its own needs to keep its connections and its port
+    filtered (see README, Network), a note saying why for each one missing."""
     # TCP repair is among the checks `criu check` requires: its verdict is TCP repair's.
     features = {"tcp_repair": found is not None and "Looks good" in criu_check_text}
     if not features["tcp_repair"]:
@@ -242,6 +244,10 @@ def _network_features(
         features[name] = found is not None and criu.has_feature(found, name)
         if found is not None and not features[name]:
             notes.append(_NETWORK_NEEDS[name])
+    unfiltered = portfilter.unusable()
+    if unfiltered is not None:
+        notes.append(f"{_NETWORK_NEEDS['port_filter']}: {unfiltered}")
+    features["port_filter"] = unfiltered is None
     why_not = netlinks.cut_off_fails() if is_root else "not root"
     if why_not is not None:
         notes.append(f"a container cannot be cut off its network while it is dumped (the network lock): {why_not}")

@@ -33,6 +33,11 @@ def install(chain: str, veth: str, mac: str, ip: str) -> None:
         ) from None
 
 
+def unusable() -> str | None:
+    """Why this node could not filter a container's port, None if it can (see xtables.unusable)."""
+    return xtables.unusable(xtables.BRIDGE_NAT)
+
+
 def remove(chain: str) -> None:
     """Remove `chain` and every jump to it, if they are there (see xtables.remove)."""
     xtables.remove(xtables.BRIDGE_NAT, chain, f"removing the port filter {chain}")

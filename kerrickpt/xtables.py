@@ -58,6 +58,18 @@ def remove(table: Table, chain: str, what: str) -> None:
         _restore(table, [*jumps, *([f"-F {chain}", f"-X {chain}"] if made else [])], what)
 
 
+def unusable(table: Table) -> str | None:
+    """Why kerrickpt could make no chain in `table` on this node, None if it can: the table listed, as replace does
+    first (the program missing, or the kernel's tables refused, fails it)."""
+    try:
+        _listing(table)
+    except FileNotFoundError:
+        return f"{table.program} is not installed"
+    except HostError as exc:
+        return f"{exc.message}: {exc.log_tail}" if exc.log_tail else exc.message
+    return None
+
+
 def _jumps_to(line: str, chain: str) -> bool:
     return line.startswith("-A ") and line.endswith(f" -j {chain}")
 

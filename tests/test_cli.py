@@ -36,9 +36,9 @@ def test_check_json(capsys: pytest.CaptureFixture[str], state_dir: Path) -> None
     assert report["cgroups"]["kind"] in ("v2", "hybrid", "v1")
     assert set(report["features"]) == {
         "userfaultfd", "mem_dirty_track", "lazy_pages", "lazy_pages_confined", "overlay", "user_namespaces",
-        "idmapped_lower", "tcp_repair", "external_net_ns", "newifindex", "network_lock",
+        "idmapped_lower", "tcp_repair", "external_net_ns", "newifindex", "port_filter", "network_lock",
     }  # fmt: skip
-    assert report["features"]["tcp_repair"] and report["features"]["network_lock"]
+    assert report["features"]["tcp_repair"] and report["features"]["port_filter"] and report["features"]["network_lock"]
     assert set(report["id_ranges"]) == {"source", "uids", "gids", "ranges", "held"}
     pipes_ok = int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= 4 * 2**20 or report["can_dump_other_users"]
     assert report["features"]["lazy_pages"] == (report["features"]["userfaultfd"] and pipes_ok)

@@ -49,8 +49,16 @@ def test_older_criu_is_an_error() -> None:
 def test_what_a_target_lacks_for_a_network_of_its_own_depends_on_whose_network_namespace_criu_restores() -> None:
     # CRIU restores a confined container's network namespace and moves kerrickpt's veth into it (newifindex); a
     # plain container's is kerrickpt's, which CRIU restores into (external_net_ns).
-    features = {"tcp_repair": True, "external_net_ns": True, "newifindex": False}
+    features = {"tcp_repair": True, "external_net_ns": True, "newifindex": False, "port_filter": True}
     assert node.network_lacking(features, confined=False) == []
     (why,) = node.network_lacking(features, confined=True)
     assert "(newifindex)" in why
     assert node.network_lacking(features | {"newifindex": True, "external_net_ns": False}, confined=True) == []
+
+
+def test_a_target_without_the_port_filter_lacks_it_for_either_kind_of_container() -> None:
+    # Without ebtables' nat table the target's restore would fail to make the port filter after the source froze.
+    features = {"tcp_repair": True, "external_net_ns": True, "newifindex": True, "port_filter": False}
+    for confined in (False, True):
+        (why,) = node.network_lacking(features, confined=confined)
+        assert "ebtables" in why
