@@ -253,7 +253,7 @@ def capture(
         progress.current().phase("freezing")
         freezer = group.freezer
         with writer:
-            reconnect = netlinks.reconnect_command(own_net.veth) if own_net else None
+            reconnect = (netlinks.connecting(own_net.veth), netlinks.TIMEOUT) if own_net else None
             guardian = guard.Guardian(freezer, writer.linking, reconnect)
             # Dumps on this node take turns, each from before its freeze until CRIU let go of its tree: CRIU's
             # parasite makes `proc.crtools` in the dumped task's working directory when its /proc is not its PID

@@ -34,7 +34,7 @@ class Guardian:
         """`archive` is (the partial file, where it is linked when complete): once it is there,
         the container's state is in the archive, and a death leaves it frozen for `recover`. `reconnect`, the command
         that connects a container a checkpoint cut off its network again, with its timeout (see
-        netlinks.reconnect_command), is run before the thaw."""
+        netlinks.connecting), is run before the thaw."""
         reader, writer = os.pipe()
         try:
             # Inherits the caller's inheritable fds on purpose: a lock the caller holds (the

@@ -184,16 +184,18 @@ def cut_off(veth: str, *where: str) -> None:
 
 def connect(veth: str, *where: str) -> None:
     """Connect a container cut off (see cut_off), or made so (its veth down), to the node network again."""
+    program, *args = connecting(veth, *where)
+    _ip(*args, program=program)
+
+
+def connecting(veth: str, *where: str) -> list[str]:
+    """The command (argv, to run within TIMEOUT) that connects a container cut off (see cut_off), or made so (its veth
+    `veth` down), to the node network again: its port set forwarding, or the veth, down, set up (its port forwards
+    once the link is up: see wait_carrying). A checkpoint asks for it before the freeze, for the guardian, which runs
+    it without this package (see guard.Guardian): cut_off leaves the veth up or down as it was."""
     if _is_up(veth, *where):
-        _port(veth, FORWARDING, *where)
-    else:  # its port forwards once the link is up: see wait_carrying
-        _ip(*where, "link", "set", veth, "up")
-
-
-def reconnect_command(veth: str) -> tuple[list[str], float]:
-    """The command that connects `veth`, cut off (see cut_off), again, and its timeout: for the guardian, which runs
-    it without this package (see guard.Guardian)."""
-    return [BRIDGE, *_port_args(veth, FORWARDING)], TIMEOUT
+        return [BRIDGE, *_port_args(veth, FORWARDING, *where)]
+    return ["ip", *where, "link", "set", veth, "up"]
 
 
 def _port(veth: str, state: str, *where: str) -> None:

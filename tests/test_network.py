@@ -423,7 +423,13 @@ def test_a_container_restored_but_never_connected_is_checkpointed_and_removed(no
     # A checkpoint cuts it off before the dump and again before it removes it: neither refuses a link that is down.
     node.ok("checkpoint", name, "-o", str(tmp_path / "b.kckpt"))
     assert name not in node.addresses()
-    node.ok("restore", str(tmp_path / "b.kckpt"))
+    killed = node.kerrickpt("restore", str(tmp_path / "b.kckpt"), KERRICKPT_FAULT="restore-after-save:kill")
+    assert killed.returncode == -9, killed.stderr
+    assert "state DOWN" in node.ip("link", "show", "dev", veth)
+    # A checkpoint of it killed inside the freeze: its guardian connects it, setting its veth up, and thaws it.
+    killed = node.kerrickpt("checkpoint", name, "-o", str(tmp_path / "c.kckpt"),
+                            KERRICKPT_FAULT="checkpoint-before-criu:kill")  # fmt: skip
+    assert killed.returncode == -9
     assert node.ask(address, PORT) == name
 
 
