@@ -378,7 +378,10 @@ def adopt(net: Network, settings: netsettings.Settings, pid: int) -> None:
 
 
 def _prepare(registry: claims.State, net: Network, settings: netsettings.Settings) -> None:
-    sweep(net.netns, net.veth)  # what a run of this name that died left: its name is this one's now
+    # What a run of this name that died left: its name is this one's now. Its port filter is left to install, which
+    # makes the chain anew and keeps the jump (the same veth's): one ebtables listing less, within a migration's
+    # downtime.
+    _remove(net.netns, net.veth, net.chain, port_filter=False)
     _bridge(registry, settings)
     # Before its port is made: no frame of the container's passes unfiltered, whatever happens to its veth.
     portfilter.install(net.chain, net.veth, net.mac, net.ip)
@@ -423,13 +426,13 @@ def cut_off(net: Network) -> None:
 def destroy(net: Network) -> None:
     """Remove what `create` made for `net`, whatever is left of it (the bridge stays: other containers use it):
     every part is tried; HostError afterwards if one could not go."""
-    _remove(net.netns, net.veth, net.chain if net.ports else None)
+    _remove(net.netns, net.veth, net.chain if net.ports else None, port_filter=True)
 
 
 def sweep(netns: str, veth: str) -> None:
     """`destroy` by this node's names alone, published ports included (for a run that died before recording its
     network: see `names`)."""
-    _remove(netns, veth, _chain(netns))
+    _remove(netns, veth, _chain(netns), port_filter=True)
 
 
 def _chain(netns: str) -> str:
@@ -437,12 +440,14 @@ def _chain(netns: str) -> str:
     return netns.upper()
 
 
-def _remove(netns: str, veth: str, chain: str | None) -> None:
+def _remove(netns: str, veth: str, chain: str | None, *, port_filter: bool) -> None:
+    """Remove the network of namespace `netns` and veth `veth`, with its published ports (`chain`, if any) and its
+    port filter (if `port_filter`): the filter last, so that a veth which could not go keeps it."""
     steps: list[tuple[str, Callable[[], None]]] = [
         (f"its published ports (chain {chain})", lambda: firewall.unpublish(chain) if chain else None),
-        (f"its port filter (chain {_chain(netns)})", lambda: portfilter.remove(_chain(netns))),
         (f"its veth {veth}", lambda: netlinks.remove_veth(veth)),
         (f"its network namespace {netns}", lambda: netlinks.remove_netns(netns)),
+        (f"its port filter (chain {_chain(netns)})", lambda: portfilter.remove(_chain(netns)) if port_filter else None),
     ]
     failed = []
     for what, step in steps:
