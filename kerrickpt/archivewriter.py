@@ -67,7 +67,7 @@ class Target(abc.ABC):
         """(the partial file, the path it is linked to once complete), for the guardian to tell a snapshot in place
         from one a death cut short; None if that path is not known up front."""
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Append `data` to the file `name`, which may be one of several open at once."""
         written = self._file(name)
         written.hash.update(data)
@@ -310,7 +310,7 @@ class Spool:
     def _path(self, name: str) -> Path:
         return self.directory / name.replace("/", "%")
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         if name not in self.names:
             self.names.append(name)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -336,7 +336,7 @@ class _Under:
     writer: Target
     prefix: str
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         self.writer.write(self.prefix + name, data)
 
     def end(self, name: str) -> None:

@@ -22,9 +22,6 @@ class Table:
     wait: tuple[str, ...] = ()  # -restore's options to wait for the program's lock
     declared: str = "-"  # how -restore declares a chain of its own: a user chain, whose policy is its caller's
 
-    def __str__(self) -> str:
-        return f"{self.program} -t {self.name}"
-
 
 # iptables (legacy) serializes its programs with a lock; ebtables' nf_tables programs take none (each -restore is one
 # netlink transaction) and know no -w.
