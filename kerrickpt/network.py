@@ -350,15 +350,20 @@ def create(
     """Make `net` in the node network `settings` (both as `plan` gave them): the node's bridge if it has none, the
     container's network namespace and veth (see netlinks.make; with `owner`, a confined container's id map, in a
     user namespace of its own that the container joins: see netnsmaker), its port filter (see portfilter), made
-    before its veth, and its published ports; not `connected`, it stays cut off until netlinks.connect. On failure,
-    what was made stays: the caller removes it (`destroy`)."""
+    before its veth, and its published ports; `connected`, it is connected and announced as `reconnect` does, else it
+    stays cut off until then. On failure, what was made stays: the caller removes it (`destroy`)."""
     _prepare(registry, net, settings)
     if owner is None:
         netlinks.add_netns(net.netns)
     else:
         netnsmaker.make(net.netns, owner)
-    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=connected)
+    netlinks.make(net.netns, net.veth, net.mac, net.address, settings, connected=False)
     _publish(net)
+    if connected:
+        # Announced as a container that arrives is: its address (and so its MAC) may have lived behind another port
+        # of the segment a moment ago, where switches would still send its frames, and the port filter drops the
+        # IPv6 chatter of a new interface that used to teach them where it is now.
+        reconnect(net)
 
 
 def create_unplaced(registry: claims.State, net: Network, settings: netsettings.Settings) -> None:
