@@ -52,6 +52,9 @@ class Target(abc.ABC):
         self.level = level  # zstd's, for what it compresses
         self.open: dict[str, _Sum] = {}
         self.members: list[Member] = []
+        # Their names, asked for each new file: a list's search made a dump of many small images (a container's TCP
+        # connections, one each) quadratic.
+        self.ended: set[str] = set()
         self.started = 0.0  # when its output was opened: compress_s is from then to the manifest
 
     def __enter__(self) -> Self:
@@ -84,6 +87,7 @@ class Target(abc.ABC):
         member = Member(name, written.size, written.hash.hexdigest(), chunks, CHUNK_BYTES if chunks else 0)
         self._close(member)
         self.members.append(member)
+        self.ended.add(name)
 
     def add_file(self, name: str, source: Path, size: int | None = None) -> None:
         """Add the file at `source` as `name`, its first `size` bytes if given."""
@@ -112,7 +116,7 @@ class Target(abc.ABC):
         if written is None:
             if not SAFE_MEMBER.fullmatch(name) or CHUNK_MEMBER.fullmatch(name):
                 raise ValueError(f"unsafe archive member name {name!r}")
-            if any(m.name == name for m in self.members):
+            if name in self.ended:
                 raise ValueError(f"{name} was already written to the archive")
             written = self.open[name] = _Sum()
         return written

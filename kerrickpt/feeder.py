@@ -92,7 +92,9 @@ class Feed:
             if member.name.startswith(IMAGES) and member.name not in index.files:
                 name = member.name.removeprefix(IMAGES)
                 self.files[name] = _File(name, member.size)
-        self.served: list[_File] = []  # every file CRIU has a pipe of
+        # Each file CRIU has an open pipe of, by the pipe: every round of `_pump` looks at them all, so a file leaves
+        # once its pipe closed (a list of all made a restore of many small images, one per TCP connection, quadratic).
+        self.served: dict[int, _File] = {}
         self.log: int | None = None
         self.verdict: int | None = None  # the gate's lock, held until the verdict
         self.answers = bytearray()
@@ -241,10 +243,10 @@ class Feed:
             poller.register(self.connection, select.POLLIN)
         poller.register(self.answer_fd, select.POLLIN)
         pipes = {}
-        for file in self.served:
-            if file.pipe is not None and min(file.received, file.size) > file.delivered:
-                pipes[file.pipe] = file
-                poller.register(file.pipe, select.POLLOUT)
+        for pipe, file in self.served.items():
+            if min(file.received, file.size) > file.delivered:
+                pipes[pipe] = file
+                poller.register(pipe, select.POLLOUT)
         for fd, _ in poller.poll(wait * 1000):
             if self.answer_fd is None:
                 break
@@ -299,7 +301,7 @@ class Feed:
                 os.close(pipe)
                 raise RestoreFailed(f"CRIU asked for {name} twice; it streams each image once")
         file.pipe = pipe
-        self.served.append(file)
+        self.served[pipe] = file
         self.last_progress = time.monotonic()
         self._deliver(file)
 
@@ -343,6 +345,7 @@ class Feed:
 
     def _close(self, file: _File) -> None:
         if file.pipe is not None:
+            del self.served[file.pipe]
             os.close(file.pipe)
         file.pipe, file.done = None, True
         file.memory.clear()
@@ -352,7 +355,7 @@ class Feed:
 
     def _cut(self) -> None:
         """Close every pipe, the connection, the socket and the gate: CRIU's next read or request fails, or its gate."""
-        for file in self.served:
+        for file in list(self.served.values()):
             self._close(file)
         if self.connection is not None:
             self.connection.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import containers, criu, limits, netsettings, testmode
+from bench.lab import pipe_max_size
+from kerrickpt import containers, criu, limits, netsettings, node, testmode
 from kerrickpt.localnodes import Cluster
 from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
@@ -135,6 +136,25 @@ def cluster() -> Iterator[Cluster]:
     """Two local nodes (network namespaces with their own sshd, state and cgroups), removed afterwards."""
     with Cluster(2, test_mode=True) as nodes:
         yield nodes
+
+
+@pytest.fixture
+def big_pipes() -> Iterator[None]:
+    """Pipes big enough for CRIU's lazy pages (root here lacks CAP_SYS_RESOURCE)."""
+    with pipe_max_size(node.LAZY_PIPE_SIZE):
+        yield
+
+
+@pytest.fixture
+def userfaultfd_in_user_namespaces() -> Iterator[None]:
+    """vm.unprivileged_userfaultfd=1, which a confined container's post-copy needs, put back afterwards."""
+    path = node.UNPRIVILEGED_USERFAULTFD
+    before = path.read_text()
+    path.write_text("1")
+    try:
+        yield
+    finally:
+        path.write_text(before)
 
 
 @pytest.fixture(autouse=True)

@@ -336,13 +336,6 @@ def test_a_failure_after_the_target_runs_it_still_hands_over(cluster: Cluster, w
     job.keeps_counting(b)
 
 
-@pytest.fixture
-def big_pipes() -> Iterator[None]:
-    """Pipes big enough for CRIU's lazy pages (root here lacks CAP_SYS_RESOURCE)."""
-    with pipe_max_size(node.LAZY_PIPE_SIZE):
-        yield
-
-
 def test_lazy_migration_runs_there_before_its_memory_arrived_and_keeps_its_state(
     cluster: Cluster, workload: Path, big_pipes: None
 ) -> None:
@@ -857,18 +850,6 @@ def test_a_target_without_user_namespaces_is_refused_before_the_freeze(cluster: 
 
     assert "no user_namespaces here" in result.stderr
     assert_refused_before_the_freeze(cluster, job, result)
-
-
-@pytest.fixture
-def userfaultfd_in_user_namespaces() -> Iterator[None]:
-    """vm.unprivileged_userfaultfd=1, which a confined container's post-copy needs, put back afterwards."""
-    path = node.UNPRIVILEGED_USERFAULTFD
-    before = path.read_text()
-    path.write_text("1")
-    try:
-        yield
-    finally:
-        path.write_text(before)
 
 
 def test_lazy_migration_of_a_confined_container_without_userfaultfd_in_user_namespaces_is_refused_before_the_freeze(

@@ -517,10 +517,11 @@ def test_kill_goes_as_far_as_it_can_when_iptables_fails(node: Node, tmp_path: Pa
     assert plain not in node.addresses()
 
 
+@KINDS
 def test_a_restore_that_fails_after_criu_answers_no_packet(
-    node: Node, client: Callable[[str], Client], tmp_path: Path
+    node: Node, client: Callable[[str], Client], tmp_path: Path, kind: tuple[str, ...]
 ) -> None:
-    name, _, talking = _talking(node, client)
+    name, _, talking = _talking(node, client, *kind)
     node.ok("checkpoint", name, "-o", str(tmp_path / "a.kckpt"))
     # Restored, then failed and killed: cut off all along, it never answered the client, whose connection the
     # archive still holds for the next try.

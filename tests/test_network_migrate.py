@@ -3,7 +3,8 @@ a client on the segment keeps its connection, every answer checked, post-copy to
 before the freeze and `--net-remap` moves the container there with a new address; a migration that fails resumes the
 source with its connections; an address another machine of the segment holds is refused before the freeze, and the
 source never hands out the address of a container that migrated away. Confined containers (their own root and users,
-the server running as a user) move with their connections too."""
+the server running as a user) move with their connections too, post-copy where the node grants a userfaultfd inside a
+user namespace (refused before the freeze where it does not)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.lab import pipe_max_size, redis_server
+from bench.lab import redis_server
 from kerrickpt import netports, netsettings, network
 from kerrickpt.localnodes import SEGMENT, Cluster, Node
-from kerrickpt.node import LAZY_PIPE_SIZE
+from kerrickpt.node import UNPRIVILEGED_USERFAULTFD
 from tests.helpers import CONFINED, CONFINED_USER, Client, uid_inside, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -121,19 +122,38 @@ def test_a_connection_survives_a_migration_between_nodes_sharing_a_segment(
     assert name not in _rows(a)
 
 
-def test_a_connection_survives_a_post_copy_migration(cluster: Cluster, talk: Talk) -> None:
+@KINDS
+def test_a_connection_survives_a_post_copy_migration(
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...], big_pipes: None, userfaultfd_in_user_namespaces: None
+) -> None:
     a, b = cluster.nodes
-    name, address, client = _talking(cluster, a, talk)
+    name, address, client = _talking(cluster, a, talk, *kind)
 
-    with pipe_max_size(LAZY_PIPE_SIZE):  # what CRIU's lazy pages need here (root lacks CAP_SYS_RESOURCE)
-        moved = _migrate(cluster, a, b, name, "--lazy")
+    moved = _migrate(cluster, a, b, name, "--lazy")
 
     assert moved.returncode == 0, moved.stderr
     answer = json.loads(moved.stdout)
     assert answer["lazy"] is True and answer["address"] == address
     _in_sequence(client)  # answered from b, its memory coming as it is touched
     assert _rows(b)[name]["address"] == address
+    assert _serves_as(b, name) == (CONFINED_USER if kind else 0)
     assert name not in _rows(a)
+
+
+def test_a_post_copy_migration_of_a_confined_container_without_userfaultfd_in_user_namespaces_is_refused(
+    cluster: Cluster, talk: Talk, big_pipes: None
+) -> None:
+    a, b = cluster.nodes
+    if UNPRIVILEGED_USERFAULTFD.read_text().strip() == "1":
+        pytest.fail("this machine allows userfaultfd in user namespaces already: the refusal cannot be seen")
+    name, _, client = _talking(cluster, a, talk, *CONFINED)
+
+    refused = _migrate(cluster, a, b, name, "--lazy")
+
+    assert refused.returncode == 3, refused.stderr
+    assert "vm.unprivileged_userfaultfd=1" in refused.stderr and "Nothing was frozen" in refused.stderr
+    _in_sequence(client)  # never cut off
+    _stayed(a, b, name)
 
 
 def test_the_source_never_hands_out_the_address_of_a_container_that_migrated_away(cluster: Cluster) -> None:
@@ -239,11 +259,12 @@ def test_net_remap_of_a_container_listening_on_its_own_address_is_refused_before
     _stayed(a, b, name)
 
 
+@KINDS
 def test_a_container_whose_receiver_died_before_connecting_it_is_connected_by_recover(
-    cluster: Cluster, talk: Talk
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
 ) -> None:
     a, b = cluster.nodes
-    name, _, client = _talking(cluster, a, talk)
+    name, _, client = _talking(cluster, a, talk, *kind)
 
     # b's receiver dies with the container restored and recorded, still cut off: `recover` asks what became of it.
     moved = a.kerrickpt("migrate", name, *cluster.migrate_args(b), env={"KERRICKPT_FAULT": "restore-after-save:kill"})
