@@ -491,7 +491,7 @@ def _refuse_strangers(container: containers.Container, processes: list[procs.Pro
     members = {p.host_pid for p in procs.tree(processes, container.init_pid)}
     strangers = [p for p in processes if p.host_pid not in members]
     if strangers:
-        named = ", ".join(f"{p.host_pid} ({' '.join(p.cmdline)[:80] or '?'})" for p in strangers)
+        named = ", ".join(map(str, strangers))
         raise NotCheckpointable(
             f"{container.name} holds processes outside its init's tree, which a checkpoint cannot carry: {named}. "
             "A `kerrickpt exec` session (or a process that joined its cgroup from outside) must end first: "

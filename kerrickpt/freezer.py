@@ -7,14 +7,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kerrickpt import vfork
 from kerrickpt.errors import KerrickptError
 
 FREEZE_TIMEOUT = 30.0
 POLL_INTERVAL = 0.005
+V1_REQUEST_AGAIN = 0.1  # s
+VFORK_ATTEMPTS = 20  # freezes that may each catch a task mid-vfork, before giving up
+VFORK_WAIT = 1.0  # s: how long a thawed vfork gets to end (its child to exec or exit) before the next freeze
 
 
 class FreezeTimeout(KerrickptError):
     """The cgroup did not reach the frozen state in time."""
+
+
+class VforkTimeout(FreezeTimeout):
+    """Every freeze caught a task in vfork, which ptrace (so CRIU) cannot seize; the cgroup was thawed."""
 
 
 class Freezer:
@@ -43,8 +51,14 @@ class Freezer:
         """
         timeout = FREEZE_TIMEOUT if timeout is None else timeout
         self._write(frozen=True)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while not self.is_frozen():
+            if self.version == 1 and time.monotonic() - started > V1_REQUEST_AGAIN:
+                # The v1 freezer looks at each task once, when asked: one that went to sleep freezable after that
+                # (a parent entering vfork) is never counted frozen until it is asked again.
+                self._write(frozen=True)
+                started = time.monotonic()
             if time.monotonic() > deadline:
                 if not thaw_on_timeout:
                     raise FreezeTimeout(
@@ -54,6 +68,26 @@ class Freezer:
                 self.thaw()
                 raise FreezeTimeout(f"{self.path} did not freeze within {timeout:.0f} s; it was thawed again")
             time.sleep(POLL_INTERVAL)
+
+    def freeze_for_ptrace(self, attempts: int = VFORK_ATTEMPTS) -> None:
+        """Freeze with no task caught in vfork, so that ptrace can seize every one (CRIU dumps through it).
+
+        A parent in vfork sleeps uninterruptibly until its child execs or exits, and the kernel counts it frozen.
+        ptrace cannot stop it, and once its child is stopped too it never wakes: CRIU's seize fails ("Unseizable
+        non-zombie ... state D"). So such a freeze is undone, the vfork waited out, and the freeze done again, up
+        to `attempts` times; then VforkTimeout names the task, the cgroup thawed. Without a vfork, one freeze.
+        """
+        for _ in range(attempts):
+            self.freeze()
+            caught = vfork.caught(self._members())
+            if not caught:
+                return
+            self.thaw()
+            vfork.wait_out(caught, VFORK_WAIT)
+        raise VforkTimeout(
+            f"{self.path}: {caught[0]} at each of {attempts} freezes; ptrace cannot seize a task mid-vfork, so "
+            "CRIU could not dump it. It was thawed again"
+        )
 
     def thaw(self) -> None:
         self._write(frozen=False)
@@ -72,12 +106,17 @@ class Freezer:
         control, value = self.control(frozen=frozen)
         control.write_text(value)
 
+    def _members(self) -> list[int]:
+        """Every process this freezer freezes: those of its cgroup and of the cgroups below it."""
+        return [int(pid) for procs in self.path.rglob("cgroup.procs") for pid in procs.read_text().split()]
+
 
 @contextmanager
 def frozen(freezer: Freezer) -> Iterator[Freezer]:
-    """Freeze for the block; thaw again if the block raises (the caller thaws or kills on success),
-    unless what it raised says the processes must stay frozen (errors.ContainerDamaged)."""
-    freezer.freeze()
+    """Freeze for the block, ready for ptrace (see Freezer.freeze_for_ptrace); thaw again if the block raises (the
+    caller thaws or kills on success), unless what it raised says the processes must stay frozen
+    (errors.ContainerDamaged)."""
+    freezer.freeze_for_ptrace()
     try:
         yield freezer
     except BaseException as exc:

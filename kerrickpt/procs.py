@@ -22,6 +22,10 @@ class Process:
     sid: int = 0
     tids: tuple[int, ...] = ()
 
+    def __str__(self) -> str:
+        """Its PID and command line, shortened, for a message."""
+        return f"{self.host_pid} ({' '.join(self.cmdline)[:80] or '?'})"
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["cmdline"] = list(self.cmdline)

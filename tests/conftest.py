@@ -19,6 +19,7 @@ from tests.helpers import Workload, ipc_keys, unique_name, wait_for
 
 WORKLOAD_SOURCE = Path(__file__).parent / "workload" / "ipcworkload.c"
 JOBCOUNT_SOURCE = Path(__file__).parent / "workload" / "jobcount.c"
+STUCKVFORK_SOURCE = Path(__file__).parent / "workload" / "stuckvfork.c"
 MEMLOAD_SOURCE = Path(__file__).parent.parent / "bench" / "memload.c"
 
 
@@ -96,24 +97,30 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The C test workload, compiled for this run."""
-    binary = tmp_path_factory.mktemp("workload") / "ipcworkload"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(WORKLOAD_SOURCE)], check=True)
-    return binary
+    return _compiled(tmp_path_factory, WORKLOAD_SOURCE, "-pthread")
 
 
 @pytest.fixture(scope="session")
 def memload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The benchmark's workload (fills N MiB and verifies them on SIGUSR1), compiled for this run."""
-    binary = tmp_path_factory.mktemp("memload") / "memload"
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(MEMLOAD_SOURCE)], check=True)
-    return binary
+    return _compiled(tmp_path_factory, MEMLOAD_SOURCE, "-static")
 
 
 @pytest.fixture(scope="session")
 def jobcount(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The counting job of the job tests (memory, SysV shm and a semaphore in step), compiled for this run."""
-    binary = tmp_path_factory.mktemp("jobcount") / "jobcount"
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(JOBCOUNT_SOURCE)], check=True)
+    return _compiled(tmp_path_factory, JOBCOUNT_SOURCE, "-static")
+
+
+@pytest.fixture(scope="session")
+def stuck_vfork(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A parent whose vfork child never execs or exits, compiled for this run."""
+    return _compiled(tmp_path_factory, STUCKVFORK_SOURCE)
+
+
+def _compiled(tmp_path_factory: pytest.TempPathFactory, source: Path, *flags: str) -> Path:
+    binary = tmp_path_factory.mktemp(source.stem) / source.stem
+    subprocess.run(["gcc", "-O2", *flags, "-o", str(binary), str(source)], check=True)
     return binary
 
 

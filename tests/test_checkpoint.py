@@ -20,7 +20,18 @@ import pytest
 import kerrickpt
 from kerrickpt import cgroups, criu
 from kerrickpt.checkpoint import DUMP_TURN
-from tests.helpers import KERRICKPT, cli, cli_env, freezer_roots, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import (
+    KERRICKPT,
+    assert_consecutive,
+    cli,
+    cli_env,
+    freezer_roots,
+    ipc_keys,
+    probe,
+    ticks,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -265,3 +276,29 @@ def test_a_dump_waits_its_turn_on_the_node_before_it_freezes(state_dir: Path, tm
         os.close(fd)
         kerrickpt.kill(name, state_dir=state_dir)
     assert archive.exists()
+
+
+def test_a_shell_running_commands_is_checkpointed_and_restored_again_and_again(state_dir: Path, tmp_path: Path) -> None:
+    """dash vforks each command it runs: a freeze often finds one in vfork, which CRIU could not seize (its
+    parent sleeps uninterruptibly until the child execs). Checkpointed and restored 20 times, the shell counts on."""
+    counted = tmp_path / "counted"
+    name = unique_name("vfork")
+    loop = f"(while :; do /bin/true; done) & i=0; while :; do i=$((i+1)); /bin/true; echo $i >> {counted}; done"
+    kerrickpt.run(name, ["/bin/sh", "-c", loop], state_dir=state_dir)
+
+    def numbers() -> list[int]:
+        return [int(n) for n in counted.read_text().split()] if counted.exists() else []
+
+    def counting_on(what: str) -> None:
+        floor = len(numbers()) + 10
+        wait_for(lambda: len(numbers()) > floor, what=what)
+
+    counting_on("the shell to count")
+    for round_ in range(20):
+        archive = tmp_path / f"{round_}.kckpt"
+        kerrickpt.checkpoint(name, archive, state_dir=state_dir)
+        kerrickpt.restore(archive, state_dir=state_dir)
+        archive.unlink()
+        counting_on("the restored shell to count on")
+    kerrickpt.kill(name, state_dir=state_dir)
+    assert_consecutive(numbers())

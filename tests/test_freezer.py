@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kerrickpt import cgroups, postcopy
+from kerrickpt import cgroups, postcopy, procs
 from kerrickpt import freezer as freezer_module
-from kerrickpt.freezer import Freezer, FreezeTimeout, frozen
+from kerrickpt.freezer import Freezer, FreezeTimeout, VforkTimeout, frozen
 from tests.helpers import freezer_roots, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -65,6 +65,72 @@ def test_freeze_stops_and_thaw_resumes(counting: tuple[Freezer, Path], tmp_path:
     finally:
         witness.kill()
         witness.wait()
+
+
+@pytest.fixture(params=freezer_roots(), ids=lambda r: r.name)
+def group(request: pytest.FixtureRequest) -> Iterator[cgroups.Cgroup]:
+    """A fresh cgroup of one hierarchy, its processes killed and the cgroup removed afterwards."""
+    made = cgroups.Cgroup((request.param / unique_name("frz"),))
+    made.dirs[0].mkdir()
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+def in_vfork(pid: int) -> bool:
+    """Whether the process sleeps in vfork, by its state and kernel stack (not by kcmp, as the freezer tells)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "D" and "vfork" in Path(f"/proc/{pid}/stack").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # it ended
+        return False
+
+
+def waiting_for_exec(group: cgroups.Cgroup) -> list[int]:
+    """The processes in vfork whose child has not exec'd yet: it still bears its parent's name. (One whose child
+    exec'd may still sleep there, frozen before it could run; ptrace stops it once it does.)"""
+    found = procs.read_all(group.pids())
+    names = {p.host_pid: Path(f"/proc/{p.host_pid}/comm").read_text() for p in found}
+    return [
+        p.host_pid
+        for p in found
+        for c in found
+        if c.host_ppid == p.host_pid and names[c.host_pid] == names[p.host_pid] and in_vfork(p.host_pid)
+    ]
+
+
+def test_a_shell_running_commands_is_frozen_with_none_of_its_tasks_in_vfork(group: cgroups.Cgroup) -> None:
+    """dash vforks each command; a freeze that caught one would leave a task CRIU cannot seize."""
+    shell = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; while :; do /bin/true; done"])
+    try:
+        for _ in range(50):
+            # Running commands again, so that this freeze may catch one in vfork.
+            wait_for(lambda: any(in_vfork(pid) for pid in group.pids()), what="a vfork")
+            group.freezer.freeze_for_ptrace()
+            assert waiting_for_exec(group) == [], "frozen mid-vfork"
+            group.freezer.thaw()
+    finally:
+        group.kill()
+        shell.wait()
+
+
+def test_a_vfork_that_never_ends_fails_the_freeze_naming_its_task_and_thaws(
+    group: cgroups.Cgroup, stuck_vfork: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(freezer_module, "VFORK_WAIT", 0.05)
+    parent = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork}"])
+    try:
+        wait_for(lambda: in_vfork(parent.pid), what="the vfork")
+
+        with pytest.raises(VforkTimeout, match=f"process {parent.pid} .*waits in vfork") as failure:
+            group.freezer.freeze_for_ptrace(attempts=3)
+
+        assert "at each of 3 freezes" in str(failure.value)
+        assert not group.freezer.is_frozen(), "thawed again"
+    finally:
+        group.kill()
+        parent.wait()
 
 
 def test_frozen_block_thaws_on_failure(counting: tuple[Freezer, Path]) -> None:
