@@ -32,6 +32,7 @@ from kerrickpt import (
     node,
     postcopy,
     procs,
+    restorer,
     schema,
     transport,
 )
@@ -229,6 +230,9 @@ def receive(
                         "here (its connection ended, or its kerrickpt died), and another container may have taken "
                         "it since: nothing was frozen; migrate it again"
                     )
+                # Started before the archive comes: else its Python and imports would come after the last byte, in
+                # the container's downtime. Left without an order (the transfer fails), it leaves.
+                helper = stack.enter_context(contextlib.closing(restorer.Helper()))
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
                 incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
                 if watcher is None and feeder.can_gate(registry.scratch):
@@ -239,7 +243,7 @@ def receive(
                 # Else unpacked and verified while it arrives. Restored only after the source's END frame.
                 result = restore(
                     incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
-                    watcher=watcher, net_remap=net_remap,
+                    watcher=watcher, net_remap=net_remap, helper=helper,
                 )  # fmt: skip
             except Exception as exc:
                 return _failed(stdout, registry, name, migration_id, exc)

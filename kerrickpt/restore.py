@@ -93,6 +93,7 @@ def restore(
     net_remap: bool = False,
     pool: isolation.IdPool | None = None,
     key: keys.Key | None = None,
+    helper: restorer.Helper | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -123,6 +124,10 @@ def restore(
 
     An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
     taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
+
+    `helper`: the restore's helper program started ahead, holding none of the caller's files (so not with `stdout`
+    or `stderr`): a migration's receiver starts it before the archive arrives, as its Python and imports take
+    0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -132,8 +137,9 @@ def restore(
     scratch = registry.scratch_dir("restore-")
     handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
     given = checked.copies()  # the helper gets them at its start, at these numbers
+    assert helper is None or not given.fds, "a helper started ahead holds none of the caller's files"
     try:
-        helper = restorer.Helper(given.fds)  # its Python starts while the archive is read
+        helper = helper or restorer.Helper(given.fds)  # its Python starts while the archive is read
     except BaseException:
         given.close()
         raise
