@@ -237,10 +237,11 @@ def receive(
                         "here (its connection ended, or its kerrickpt died), and another container may have taken "
                         "it since: nothing was frozen; migrate it again"
                     )
-                ahead = _ahead(registry, name, migration_id) if reserved and not net_remap else None
-                # Started before the archive comes: else its Python and imports would come after the last byte, in
-                # the container's downtime. Left without an order (the transfer fails), it leaves.
+                # Both before the archive comes, else after its last byte, in the container's downtime: the restore's
+                # helper (its Python's start and imports), which leaves without an order if the transfer fails, and
+                # the container's network, which `_failed` removes then.
                 helper = stack.enter_context(contextlib.closing(restorer.Helper()))
+                ahead = _ahead(registry, name, migration_id) if reserved and not net_remap else None
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
                 incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
                 if watcher is None and feeder.can_gate(registry.scratch):
