@@ -8,11 +8,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from kerrickpt import (
     cgroups,
@@ -188,8 +189,14 @@ class Registry:
 
     def preflight_holds(self, migration_id: str) -> bool:
         """Whether a pre-flight of migration `migration_id` lives and holds what it claimed (see receiver.preflight)."""
-        markers = self.incoming(migration_id).parent.glob(f"{check_name(migration_id)}.*{PREFLIGHT}")
-        return any(claimant_alive(marker) is True for marker in markers)
+        return next(self.preflights(migration_id), None) is not None
+
+    def preflights(self, migration_id: str) -> Iterator[dict[str, Any]]:
+        """The marks of the pre-flights of migration `migration_id` that live (see `preflight_marker`)."""
+        for marker in self.incoming(migration_id).parent.glob(f"{check_name(migration_id)}.*{PREFLIGHT}"):
+            if claimant_alive(marker) is True:
+                with suppress(OSError, ValueError):  # it ended just now
+                    yield json.loads(marker.read_text())
 
     def preflight_marker(self, migration_id: str) -> Path:
         """Where this process, a pre-flight of migration `migration_id`, marks that it lives while it holds claims

@@ -307,7 +307,7 @@ def _migrate(
 
         unconcluded: list[_Live] = [live]  # the first attempt is the one sent while the archive was written
 
-        def attempt() -> schema.Restored:
+        def attempt() -> _Answered:
             if unconcluded:
                 return unconcluded.pop().conclude(link, name)
             return _transfer(link, path, receive, name)
@@ -316,7 +316,7 @@ def _migrate(
             # A post-copy's page stream belongs to its first receiver: no second attempt.
             tries = 1 if lazy else attempts
             progress.current().phase(f"{link.target} restores it")
-            restored, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
+            answered, transfer_attempts = _retrying(tries, f"transfer to {link.target}", attempt)
         except MigrationUnknown as exc:
             if pages is not None:
                 try:
@@ -337,7 +337,7 @@ def _migrate(
             if pages is not None:
                 pages.close()  # a post-copy's target copy is killed then: `recover` resumes this one
             raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
-        downtime = time.monotonic() - frozen_at
+        restored, downtime = answered.restored, answered.at - frozen_at
         if pages is not None:
             # Until every page is there, the source holds the only copy of some of its memory.
             try:
@@ -371,7 +371,8 @@ def _migrate(
 def _network_lock(manifest: Manifest, downtime: float, restored: schema.Restored) -> dict[str, float]:
     """How long a container with a network of its own was cut off: from the cut-off here (see checkpoint._cut_off)
     to its connecting on the target, which the target says how long before its answer it was. By this node's clock
-    alone; the answer's trip back is counted in, so it is an upper bound, by milliseconds."""
+    alone, to the answer's arrival (see _Answered); its trip back is counted in, so it is an upper bound, by well
+    under a millisecond between the local nodes."""
     cut_off_s, answered_after_s = manifest.timings.get("cut_off_s"), restored.answered_after_s
     if cut_off_s is None or answered_after_s is None:
         return {}  # no network of its own, or a target that does not say
@@ -466,7 +467,7 @@ class _Live:
             except KerrickptError as exc:
                 self.failure = exc
 
-    def conclude(self, link: transport.Link, name: str) -> schema.Restored:
+    def conclude(self, link: transport.Link, name: str) -> _Answered:
         with self.channel:
             if self.failure is not None:
                 raise self.failure
@@ -562,7 +563,7 @@ def _send(sender: transport.Sender, data: bytes | memoryview) -> None:
         sender.channel.proc.wait()
 
 
-def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -> dict[str, Any]:
+def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -> _Answered:
     """Send the archive written here again, on a new connection (the attempts after the live one)."""
     with _open(link, receive) as channel, path.open("rb") as fh:
         sender = transport.Sender(channel)
@@ -571,14 +572,25 @@ def _transfer(link: transport.Link, path: Path, receive: list[str], name: str) -
         return _conclude(sender, link, name)
 
 
-def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> schema.Restored:
-    """End the stream; returns the target's `restored` event or raises what the target or the link said."""
+@dataclass(frozen=True)
+class _Answered:
+    """The target's `restored` answer, and when (time.monotonic) it arrived: the end of the downtime. The target's
+    kerrickpt exits and ssh's session ends only afterwards (some 0.27 s between the local nodes), while the
+    container runs there already: the channel's close, which waits for them, is no part of it."""
+
+    restored: schema.Restored
+    at: float
+
+
+def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> _Answered:
+    """End the stream; returns the target's `restored` answer or raises what the target or the link said."""
     faults.inject("source-during-transfer")  # killed with all but the END frame sent
     sender.end()
     # From here on the target may restore: anything but its explicit answer leaves the outcome unknown.
     channel = sender.channel
     try:
         event = channel.event(RESTORE_WAIT + sender.tally.bytes / feeder.READ_FLOOR)
+        arrived = time.monotonic()
     except KerrickptError as exc:
         raise MigrationUnknown(_unknown(name, link, str(exc))) from exc
     if event is None:
@@ -586,9 +598,11 @@ def _conclude(sender: transport.Sender, link: transport.Link, name: str) -> sche
     if event.get("event") == "error":
         raise from_dict(event)  # the target says it does not run it, and removed what it made
     try:
-        return schema.from_peer(event, schema.Restored, str(link.target))
+        restored = schema.from_peer(event, schema.Restored, str(link.target))
     except ProtocolError as exc:
         raise MigrationUnknown(_unknown(name, link, f"the target's answer is unreadable: {exc}")) from exc
+    faults.inject("source-after-answer")  # what the source does from here on is no part of the downtime
+    return _Answered(restored, arrived)
 
 
 def _unknown(name: str, link: transport.Link, why: str) -> str:

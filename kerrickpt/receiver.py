@@ -32,6 +32,7 @@ from kerrickpt import (
     node,
     postcopy,
     procs,
+    restorer,
     schema,
     transport,
 )
@@ -50,7 +51,7 @@ from kerrickpt.errors import (
 )
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
-from kerrickpt.restore import restore
+from kerrickpt.restore import Ahead, prepare, restore
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,15 @@ def preflight_holding(raw: bytes | object, state_dir: Path | str | None = None) 
     migration_id = request.migration_id or uuid.uuid4().hex
     marker = registry.preflight_marker(migration_id)
     me = os.getpid()
-    containers.write_atomic(marker, json.dumps({"pid": me, "start": procs.start_time(me)}))  # before any claim
+    owner = {"pid": me, "start": procs.start_time(me)}
+    containers.write_atomic(marker, json.dumps(owner))  # before any claim
     try:
-        yield _check(request, cpuinfo, registry, migration_id, state_dir)
+        answer = _check(request, cpuinfo, registry, migration_id, state_dir)
+        if request.network is not None and not request.net_remap:
+            # What the receiver makes before the archive comes (see `_ahead`).
+            ahead = {"name": request.name, "network": request.network, "confined": request.confinement is not None}
+            containers.write_atomic(marker, msgspec.json.encode({**owner, "ahead": ahead}))
+        yield answer
     finally:
         marker.unlink(missing_ok=True)  # first: the receiver then holds the claims, or no one
         network.let_go(registry, migration_id)
@@ -217,6 +224,7 @@ def receive(
     started = procs.start_time(os.getpid())
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
+    ahead: Ahead | None = None
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -229,6 +237,11 @@ def receive(
                         "here (its connection ended, or its kerrickpt died), and another container may have taken "
                         "it since: nothing was frozen; migrate it again"
                     )
+                # Both before the archive comes, else after its last byte, in the container's downtime: the restore's
+                # helper (its Python's start and imports), which leaves without an order if the transfer fails, and
+                # the container's network, which `_failed` removes then.
+                helper = stack.enter_context(contextlib.closing(restorer.Helper()))
+                ahead = _ahead(registry, name, migration_id) if reserved and not net_remap else None
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
                 incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
                 if watcher is None and feeder.can_gate(registry.scratch):
@@ -239,10 +252,10 @@ def receive(
                 # Else unpacked and verified while it arrives. Restored only after the source's END frame.
                 result = restore(
                     incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
-                    watcher=watcher, net_remap=net_remap,
+                    watcher=watcher, net_remap=net_remap, helper=helper, ahead=ahead,
                 )  # fmt: skip
             except Exception as exc:
-                return _failed(stdout, registry, name, migration_id, exc)
+                return _failed(stdout, registry, name, migration_id, exc, ahead)
         # It runs here: from now on the only true answer is "restored", whatever fails next.
         try:
             # Outlives the container's record: `recover` must hear "it came here" even after it left again.
@@ -280,8 +293,27 @@ def _store(incoming: transport.FrameReader, directory: Path) -> Path:
     return path
 
 
-def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_id: str, exc: Exception) -> int:
-    """Answer a receive that raised `exc`: restored if the container runs here all the same, else the error."""
+def _ahead(registry: containers.Registry, name: str, migration_id: str) -> Ahead | None:
+    """Container `name`'s network of its own, made (see restore.prepare) as the pre-flight of migration `migration_id`
+    that holds its claims here says it is (see `preflight_holding`); None if none says so (it has none, or gets a new
+    address here: its restore makes it)."""
+    said = next((mark["ahead"] for mark in registry.preflights(migration_id) if "ahead" in mark), None)
+    if said is None or said["name"] != name:
+        return None
+    carried = network.Identity.from_dict(said["network"])
+    return prepare(registry, name, migration_id, carried, confined=said["confined"])
+
+
+def _failed(
+    stdout: TextIO,
+    registry: containers.Registry,
+    name: str,
+    migration_id: str,
+    exc: Exception,
+    ahead: Ahead | None,
+) -> int:
+    """Answer a receive that raised `exc`: restored if the container runs here all the same, else the error, once
+    what was made `ahead` of its archive is removed."""
     if _came_up(registry, migration_id):
         # It failed after the container came up here: it runs, so that is the only true answer.
         log.warning("receiving %s: %s after it came up here", name, exc)
@@ -289,6 +321,8 @@ def _failed(stdout: TextIO, registry: containers.Registry, name: str, migration_
         warnings = [f"after the restore: {exc}"]
         transport.emit(stdout, "restored", name=name, pid_map={}, warnings=warnings, address=address)
         return 0
+    if ahead is not None:
+        ahead.discard(registry, exc)
     # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
     failure = (
         exc

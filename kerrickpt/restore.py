@@ -76,6 +76,55 @@ class RestoreResult:
         }
 
 
+@dataclass
+class Ahead:
+    """What a migration's target makes for the container before its archive arrives (see `prepare`), for its
+    restore to take over: its name reserved, its network of its own made, cut off."""
+
+    name: str
+    net: network.Network
+    settings: netsettings.Settings
+    confined: bool
+    taken: bool = False  # by a restore, whose failure removes it (see _restore_as)
+
+    def discard(self, registry: containers.Registry, exc: BaseException) -> None:
+        """Remove it, unless a restore took it (see containers.undo, which says in `exc` what could not go)."""
+        if not self.taken:
+            containers.undo(registry, self.name, None, self.net, exc)
+
+
+def prepare(
+    registry: containers.Registry, name: str, migration_id: str, carried: network.Identity, *, confined: bool
+) -> Ahead:
+    """Reserve `name` and make its network of its own (`carried`, which the pre-flight of migration `migration_id`
+    claimed here: see network.reserve), cut off, for the restore of a container that migration brings, `confined`
+    or not: made while its archive arrives, not after the last byte, in its downtime (some 40-60 ms)."""
+    registry.reserve(name)
+    own_net: network.Network | None = None
+    try:
+        own_net, settings = network.plan(
+            registry, name, carried.ip, carried.ports, ask_segment=False, migration=migration_id
+        )
+        _make_network(registry, own_net, settings, confined=confined)
+        faults.inject("prepare-after-network")
+    except BaseException as exc:
+        containers.undo(registry, name, None, own_net, exc)
+        raise
+    return Ahead(name, own_net, settings, confined)
+
+
+def _make_network(
+    registry: containers.Registry, own_net: network.Network, settings: netsettings.Settings, *, confined: bool
+) -> None:
+    """Make `own_net`, cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a
+    connection not restored yet would be answered with a reset, and a restore that fails after CRIU's must not have
+    answered any (the archive's connections stay good for another try)."""
+    if confined:  # CRIU restores its network namespace, which its user namespace owns (see criuopts.netdev_external)
+        network.create_unplaced(registry, own_net, settings)
+    else:
+        network.create(registry, own_net, settings, connected=False)
+
+
 def restore(
     path: Path | str | BinaryIO,
     *,
@@ -93,6 +142,8 @@ def restore(
     net_remap: bool = False,
     pool: isolation.IdPool | None = None,
     key: keys.Key | None = None,
+    helper: restorer.Helper | None = None,
+    ahead: Ahead | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -123,6 +174,12 @@ def restore(
 
     An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
     taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
+
+    `helper`: the restore's helper program started ahead, holding none of the caller's files (so not with `stdout`
+    or `stderr`): a migration's receiver starts it before the archive arrives, as its Python and imports take
+    0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
+    `ahead`: what `prepare` made for it, taken over once the archive is read as far as its manifest (RestoreFailed
+    if that carries another name or network); before that, a failure leaves it to the caller (Ahead.discard).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -132,8 +189,9 @@ def restore(
     scratch = registry.scratch_dir("restore-")
     handed_over = False  # to a post-copy watcher, whose daemon reads the images until every page came
     given = checked.copies()  # the helper gets them at its start, at these numbers
+    assert helper is None or not given.fds, "a helper started ahead holds none of the caller's files"
     try:
-        helper = restorer.Helper(given.fds)  # its Python starts while the archive is read
+        helper = helper or restorer.Helper(given.fds)  # its Python starts while the archive is read
     except BaseException:
         given.close()
         raise
@@ -173,7 +231,7 @@ def restore(
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
                 init_pid, connected_at = _restore_as(
                     registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool,
-                    remap=net_remap,
+                    remap=net_remap, ahead=ahead,
                 )  # fmt: skip
         handed_over = watcher is not None
     finally:
@@ -223,15 +281,25 @@ def _restore_as(
     pool: isolation.IdPool | None,
     *,
     remap: bool,
+    ahead: Ahead | None,
 ) -> tuple[int, float | None]:
-    """The restored init's host PID, and when its own network was connected (None: it shares the node's)."""
-    registry.reserve(name)
+    """The restored init's host PID, and when its own network was connected (None: it shares the node's). What
+    `ahead` made is this restore's from here on, whatever happens."""
+    if ahead is None:
+        registry.reserve(name)
+    else:
+        ahead.taken = True
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
-    own_net: network.Network | None = None
+    own_net: network.Network | None = ahead.net if ahead is not None else None
     settings: netsettings.Settings | None = None
     try:
-        if manifest.network is not None:
+        confined = manifest.confinement is not None
+        if ahead is not None:
+            if (name, manifest.network, confined) != (ahead.name, ahead.net.identity(), ahead.confined):
+                raise RestoreFailed(f"the archive of {name} is not the container its migration's pre-flight announced")
+            settings = ahead.settings
+        elif manifest.network is not None:
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
             wanted = None if remap else archived.ip  # None: the pool's first free address
@@ -242,15 +310,11 @@ def _restore_as(
                 registry, name, wanted, archived.ports, fall_back=fall_back, ask_segment=not asked,
                 migration=migration_id,
             )  # fmt: skip
-            # Cut off until it is restored and recorded (see criu.NETWORK_LOCK): a client's packet for a connection
-            # not restored yet would be answered with a reset, and a restore that fails after CRIU's must not
-            # have answered any (the archive's connections stay good for another try).
-            if manifest.confinement is None:
-                network.create(registry, own_net, settings, connected=False)
-                plan = dataclasses.replace(plan, netns=own_net.pin)
-            else:  # CRIU restores its network namespace, which its user namespace owns (see criuopts.netdev_external)
-                network.create_unplaced(registry, own_net, settings)
-                plan = dataclasses.replace(plan, unplaced=own_net.unplaced)
+            _make_network(registry, own_net, settings, confined=confined)
+        if own_net is not None and confined:
+            plan = dataclasses.replace(plan, unplaced=own_net.unplaced)
+        elif own_net is not None:
+            plan = dataclasses.replace(plan, netns=own_net.pin)
         try:
             group = cgroups.create(cgroups.detect(), name, manifest.memory_limit, plan.cgroup_parents)
         except FileExistsError:

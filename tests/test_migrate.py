@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -293,17 +294,28 @@ def test_missing_remote_kerrickpt_is_not_retried(cluster: Cluster, workload: Pat
 BALLAST = "import os, time\nballast = os.urandom(32 << 20)\nwhile True:\n    time.sleep(0.05)\n"
 
 
+def start_migration(cluster: Cluster, name: str, *, fault: str) -> subprocess.Popen[bytes]:
+    """`migrate NAME --json` from node a to node b, run as a child of the test, which `fault` may stop (pause)."""
+    a, b = cluster.nodes
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": fault}
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--json"]
+    return subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def stopped(run: subprocess.Popen[bytes]) -> bool:
+    """Whether `run` stopped (a pause fault) rather than ended."""
+    _, status = os.waitpid(run.pid, os.WUNTRACED)
+    return os.WIFSTOPPED(status)
+
+
 def test_the_target_takes_the_archive_while_the_source_still_writes_it(cluster: Cluster) -> None:
     a, b = cluster.nodes
     name = unique_name("ballast")
     started = a.kerrickpt("run", "--name", name, "--", sys.executable, "-c", BALLAST)
     assert started.returncode == 0, started.stderr
-    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-before-manifest:pause"}
-    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--json"]
-    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run = start_migration(cluster, name, fault="archive-before-manifest:pause")
     try:
-        _, status = os.waitpid(run.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), "the source stops with its archive written up to the manifest"
+        assert stopped(run), "the source stops with its archive written up to the manifest"
         # The source holds the container frozen and has not finished its archive; the target has most of it.
         assert [r["state"] for r in a.json("ps") if r["name"] == name] == ["frozen"]
         # It arrives there as it was written: kept whole, 0600, not unpacked (CRIU is fed from it at the end).
@@ -322,6 +334,27 @@ def test_the_target_takes_the_archive_while_the_source_still_writes_it(cluster: 
     assert [r["state"] for r in b.json("ps") if r["name"] == name] == ["running"]
     assert not list((b.state_dir / "tmp").iterdir()), "the target removed the archive it restored from"
     assert not [r for r in a.json("ps") if r["name"] == name]
+
+
+def test_the_downtime_ends_when_the_targets_answer_arrives(cluster: Cluster, workload: Path) -> None:
+    a, b = cluster.nodes
+    job = Job(a, workload)
+    started = time.monotonic()
+    run = start_migration(cluster, job.name, fault="source-after-answer:pause")
+    try:
+        assert stopped(run), "the source stops once the target's answer arrived"
+        answered = time.monotonic()  # the freeze came after `started`, the answer before this
+        assert running_copies(cluster, job) == ["b"], "it runs there, connected, as the answer says"
+        # Held longer than the freeze can have lasted until the answer: a downtime that went on past the answer
+        # (to the target's kerrickpt exiting and ssh ending, say: the source waits for both after it) takes it in.
+        time.sleep(answered - started)
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert 0 < json.loads(out)["downtime_s"] < answered - started
+    assert_nothing_left(a, job)
+    job.keeps_counting(b)
 
 
 def test_a_failure_after_the_target_runs_it_still_hands_over(cluster: Cluster, workload: Path) -> None:

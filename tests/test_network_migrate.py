@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.lab import redis_server
-from kerrickpt import netports, netsettings, network
+from kerrickpt import containers, netlinks, netports, netsettings, network
 from kerrickpt.localnodes import SEGMENT, Cluster, Node
 from kerrickpt.node import UNPRIVILEGED_USERFAULTFD
 from tests.helpers import CONFINED, CONFINED_USER, Client, uid_inside, unique_name, wait_for
@@ -57,8 +57,10 @@ def _in(netns: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}"]
 
 
-def _migrate(cluster: Cluster, source: Node, target: Node, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return source.kerrickpt("migrate", name, *cluster.migrate_args(target), *extra, "--json")
+def _migrate(
+    cluster: Cluster, source: Node, target: Node, name: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return source.kerrickpt("migrate", name, *cluster.migrate_args(target), *extra, "--json", env=env)
 
 
 def _rows(node: Node) -> dict[str, dict[str, object]]:
@@ -189,6 +191,37 @@ def test_a_migration_that_fails_on_the_target_resumes_the_source_with_its_connec
     assert "runs on here again" in failed.stderr
     _in_sequence(client)
     _stayed(a, b, name)
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "said"),
+    [
+        # b makes the container's network before the archive comes, then the link drops mid-way, twice: each
+        # receiver removes what it made; the source resumes.
+        ("transfer-cut", 11, "runs on here again"),
+        # b fails once it made the network: it removes it, and the source hears so before the freeze.
+        ("prepare-after-network:fail", 1, "fault injected at prepare-after-network"),
+    ],
+)
+@KINDS
+def test_a_migration_that_fails_before_the_restore_leaves_nothing_of_the_network_on_the_target(
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...], fault: str, code: int, said: str
+) -> None:
+    a, b = cluster.nodes
+    name, _, client = _talking(cluster, a, talk, *kind)
+
+    failed = _migrate(cluster, a, b, name, "--attempts", "2", env={"KERRICKPT_FAULT": fault})
+
+    assert failed.returncode == code, failed.stderr
+    assert said in failed.stderr
+    _in_sequence(client)
+    _stayed(a, b, name)
+    netns, veth = network.names(containers.Registry(b.state_dir), name)
+    assert not (netlinks.NETNS_DIR / netns).exists()
+    shown = subprocess.run(["ip", "-n", b.netns, "link", "show", veth], capture_output=True, check=False, timeout=30)
+    assert shown.returncode != 0, "its veth went"
+    assert not (b.state_dir / "containers" / name).exists()
+    assert not [p for p in (b.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()], "its claims went"
 
 
 def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_freeze(cluster: Cluster) -> None:
