@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -281,7 +282,7 @@ class FailingIndex(sqlite3.Connection):
     """An index whose reads of chunks fail as a disk failing does (SQLITE_IOERR)."""
 
     def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if "FROM chunks" in sql:
+        if re.search(r"\bchunks\b", sql):
             error = sqlite3.OperationalError("disk I/O error")
             error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
             raise error
