@@ -308,8 +308,8 @@ class Chunks:
             entries, starts = packs.gather(ids, names, offsets, lengths)
             sealings, bodies = _bodies(entries, starts, addresses, lengths, self.seal.sealings)
             frames = self.seal.open_chunks(addresses, sealings, bodies)
-            # What each frame says it holds: some of a chunk (a damaged header could say nothing, or any size), and
-            # all of it, which decoding the frames back to back checks (the last could otherwise end early unseen).
+            # What each frame says it holds: some of a chunk (a damaged header could say nothing, or any size); that
+            # each holds just that, decoding checks.
             sizes = list(map(zstandard.frame_content_size, frames))
             if min(sizes) < 1 or max(sizes) > CHUNK:
                 raise _Unchecked
@@ -330,7 +330,7 @@ class Chunks:
             seen(b"".join(batch.digests))
         return plain
 
-    def _decompress(self, frames: Sequence[bytes | memoryview], sizes: array[int]) -> bytes:
+    def _decompress(self, frames: list[bytes] | list[memoryview], sizes: array[int]) -> bytes:
         """The plain bytes of zstd `frames`, each of `sizes`, back to back: decoded by one call, which checks each
         frame's checksum and size and lets go of the GIL once for them all. A stream reader takes the GIL again at
         each frame's end, a quarter of a million times a GiB, each time waiting for the Python of the thread reading
