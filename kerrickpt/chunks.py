@@ -46,13 +46,14 @@ DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a
 INDEX_VERSION = 1
 # Each chunk in a pack: magic, its address (sha256 of the plain chunk, or in an encrypted store its keyed address),
 # how it is sealed (see storeseal), the bytes that follow.
-ENTRY = struct.Struct("<4s32sBI")
+ADDRESS = 32  # bytes: a sha256, plain or keyed
+ENTRY = struct.Struct(f"<4s{ADDRESS}sBI")
 SEALING_AT = ENTRY.size - 5  # an entry's sealing byte: after its magic and address, before its length
 MAGIC = b"KCH1"
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
 BATCH = 256  # chunks a thread hashes or compresses at a time
-READ_BATCH = 1024  # chunks a read checks and decodes at a time: the fewer batches, the less Python per chunk
-LOCATE_BATCH = 2048  # chunks located in the index by one query at the most
+READ_BATCH = 1024  # chunks a read locates, checks and decodes at a time: the fewer batches, the less Python per chunk
+LOCATE_RUNS = 499  # runs located by one query at the most: two bound parameters each, within the 999 of older SQLites
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
 GAP_BYTES = 8 << 10  # the most a read of a pack reads over between two entries it wants (dead or another's)
 OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
@@ -75,13 +76,20 @@ class Located(NamedTuple):
     length: int
 
 
-# A chunk as the index gives it, the fields of a Located: a plain tuple, as a read takes a quarter of a million a GiB.
-Row = tuple[int, bytes, str, int, int]
+class Batch(NamedTuple):
+    """Chunks located, in the order a read wants them, as columns (the fields of a Located): a read takes a quarter
+    of a million a GiB, and each of its steps goes over a whole column by a loop in C (map, join), not Python's."""
+
+    ids: Sequence[int]
+    digests: Sequence[bytes]
+    packs: Sequence[str]
+    offsets: Sequence[int]
+    lengths: Sequence[int]
 
 
 _ID = operator.itemgetter(0)
-_PACK = operator.itemgetter(2)
 _COUNT = operator.itemgetter(1)
+_OFFSET = (1 << 64) - 1  # an offset, from the number a read sorts entries by (see `_Packs.gather`)
 
 
 class _Unchecked(Exception):
@@ -222,38 +230,43 @@ class Chunks:
                 found.pop(digest, None)
         return found
 
-    def locate(self, runs: list[tuple[int, int]]) -> list[Row]:
-        """The chunks `runs` (first id, count) name, in that order, found by one query (runs: up to
-        LOOKUP_BATCH / 2); ChunkDamagedError if the index lacks one or holds it as damaged."""
-        ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(runs))
+    def locate(self, runs: list[tuple[int, int]]) -> Batch:
+        """The chunks `runs` (first id, count) name, in that order, found by one query (runs: up to LOCATE_RUNS);
+        ChunkDamagedError if the index lacks one or holds it as damaged."""
+        values = ",".join(["(?, ?)"] * len(runs))
         bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
         with _index_errors(self.index):
-            # Sorted here: ORDER BY makes SQLite scan the whole table rather than look up each range.
-            rows = sorted(
-                self.db.execute(f"SELECT id, digest, pack, offset, length FROM chunks WHERE {ranges}", bounds), key=_ID
-            )
-        # Each run is a slice of the rows, by loops in C (map, chain), not Python's: a GiB is a quarter of a million
-        # chunks in tens of thousands of runs. Ids are unique and sorted: a slice from a run's first id, as long as
-        # the run, that ends at its last id is whole.
-        ids = list(map(_ID, rows))
+            # One row for the whole batch, each field's values joined: a row per chunk lets go of the GIL and takes
+            # it again per chunk, each time behind the threads decompressing (see `_decompress`). Joined with the runs,
+            # not `id BETWEEN ? AND ? OR ...`, which makes SQLite gather and sort the ids found to drop doubles. CROSS
+            # JOIN keeps the runs the outer loop: each run looked up in turn, its ids in order, one named twice given
+            # twice; the values come in the order the read wants them (as checked below).
+            ids, digests, packs, offsets, lengths = self.db.execute(
+                f"WITH runs (first, last) AS (VALUES {values}) SELECT group_concat(id), group_concat(hex(digest), ''),"
+                " group_concat(pack), group_concat(offset), group_concat(length) "
+                "FROM runs CROSS JOIN chunks ON id BETWEEN first AND last",
+                bounds,
+            ).fetchone()
+        columns = [_numbers(ids), _addresses(digests), [] if packs is None else packs.split(","), _numbers(offsets)]
+        columns.append(_numbers(lengths))
+        if len(set(map(len, columns))) > 1:
+            raise StoreDamagedError(f"the store's chunk index {self.index} names a pack that is not one of its own")
         firsts, counts = zip(*runs, strict=True)
-        try:
-            starts = list(map(dict(zip(ids, itertools.count())).__getitem__, firsts))
-            stops = list(map(operator.add, starts, counts))
-            whole = list(map(ids.__getitem__, _plus(stops, -1))) == list(_plus(map(operator.add, firsts, counts), -1))
-        except (KeyError, IndexError):
-            whole = False
-        if not whole:
-            present = set(ids)
-            chunk = next(i for first, count in runs for i in range(first, first + count) if i not in present)
-            raise ChunkDamagedError(f"chunk {chunk} is missing from the index of {self.root}", chunk=chunk)
-        located = list(itertools.chain.from_iterable(map(rows.__getitem__, map(slice, starts, stops))))
-        if DAMAGED in map(_PACK, rows):
-            chunk = min(row[0] for row in rows if row[2] == DAMAGED)
+        wanted = list(itertools.chain.from_iterable(map(range, firsts, map(operator.add, firsts, counts))))
+        if columns[0] != wanted:  # one missing (or, should SQLite change its plan, another order)
+            found = dict(zip(columns[0], itertools.count()))
+            chunk = next((i for i in wanted if i not in found), None)
+            if chunk is not None:
+                raise ChunkDamagedError(f"chunk {chunk} is missing from the index of {self.root}", chunk=chunk)
+            order = list(map(found.__getitem__, wanted))
+            columns = [list(map(column.__getitem__, order)) for column in columns]
+        batch = Batch(*columns)
+        if DAMAGED in batch.packs:
+            chunk = min(itertools.compress(batch.ids, map(DAMAGED.__eq__, batch.packs)))
             raise ChunkDamagedError(
                 f"chunk {chunk} was found damaged; a later snapshot holding its content stores it again", chunk=chunk
             )
-        return located
+        return batch
 
     def read(self, runs: Iterable[tuple[int, int]], seen: Seen | None = None) -> Iterator[bytes]:
         """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to READ_BATCH
@@ -272,7 +285,7 @@ class Chunks:
         """
         with _Packs(self.packs) as packs:
             # Each thread decompresses a batch while this one reads and checks the next.
-            pending: collections.deque[tuple[concurrent.futures.Future[bytes], list[Row]]] = collections.deque()
+            pending: collections.deque[tuple[concurrent.futures.Future[bytes], Batch]] = collections.deque()
             try:
                 for batch in self._batches(runs):
                     pending.append((self._opened(packs, batch), batch))
@@ -286,17 +299,17 @@ class Chunks:
                     future.cancel()
                 concurrent.futures.wait([future for future, _ in pending])
 
-    def _opened(self, packs: _Packs, batch: list[Row]) -> concurrent.futures.Future[bytes]:
+    def _opened(self, packs: _Packs, batch: Batch) -> concurrent.futures.Future[bytes]:
         """The plain bytes of `batch`, to come: its entries read, their headers checked and their seals opened
         here, their frames decompressing on the pool. One that fails a check makes the batch decoded chunk by chunk
         here and now, which names it."""
-        ids, addresses, names, offsets, lengths = zip(*batch, strict=True)
+        ids, addresses, names, offsets, lengths = batch
         try:
             entries, starts = packs.gather(ids, names, offsets, lengths)
             sealings, bodies = _bodies(entries, starts, addresses, lengths, self.seal.sealings)
             frames = self.seal.open_chunks(addresses, sealings, bodies)
-            # What each frame says it holds: some of a chunk (a damaged header could say nothing, or any size), and
-            # all of it, which decoding the frames back to back checks (the last could otherwise end early unseen).
+            # What each frame says it holds: some of a chunk (a damaged header could say nothing, or any size); that
+            # each holds just that, decoding checks.
             sizes = list(map(zstandard.frame_content_size, frames))
             if min(sizes) < 1 or max(sizes) > CHUNK:
                 raise _Unchecked
@@ -304,28 +317,25 @@ class Chunks:
             decoded: concurrent.futures.Future[bytes] = concurrent.futures.Future()
             decoded.set_result(self._decode(packs, batch))
             return decoded
-        return self.pool.submit(self._decompress, b"".join(frames), sum(sizes))
+        return self.pool.submit(self._decompress, frames, array("Q", sizes))
 
     def _taken(
-        self, packs: _Packs, decoded: concurrent.futures.Future[bytes], batch: list[Row], seen: Seen | None
+        self, packs: _Packs, decoded: concurrent.futures.Future[bytes], batch: Batch, seen: Seen | None
     ) -> bytes:
         try:
             plain = decoded.result()
         except zstandard.ZstdError:  # a frame's data, checksum or size is damaged
             plain = self._decode(packs, batch)
         if seen is not None:
-            seen(b"".join(map(operator.itemgetter(1), batch)))
+            seen(b"".join(batch.digests))
         return plain
 
-    def _decompress(self, frames: bytes, size: int) -> bytes:
-        """The plain bytes of zstd `frames`, back to back, `size` in all, decoded by one call into one buffer, which
-        lets go of the GIL throughout and checks each frame's checksum and size; ZstdError if they are not all
-        there."""
-        with self._unzstd().stream_reader(frames, read_across_frames=True) as reader:
-            plain = reader.read(size + 1)
-        if len(plain) != size:
-            raise zstandard.ZstdError(f"the frames hold {len(plain)} bytes, not the {size} they say")
-        return plain
+    def _decompress(self, frames: list[bytes] | list[memoryview], sizes: array[int]) -> bytes:
+        """The plain bytes of zstd `frames`, each of `sizes`, back to back: decoded by one call, which checks each
+        frame's checksum and size and lets go of the GIL once for them all. A stream reader takes the GIL again at
+        each frame's end, a quarter of a million times a GiB, each time waiting for the Python of the thread reading
+        on; ZstdError if one fails."""
+        return b"".join(self._unzstd().multi_decompress_to_buffer(frames, decompressed_sizes=sizes, threads=1))
 
     def _unzstd(self) -> zstandard.ZstdDecompressor:
         local = self.local
@@ -333,37 +343,30 @@ class Chunks:
             local.unzstd = zstandard.ZstdDecompressor()
         return local.unzstd
 
-    def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[list[Row]]:
-        """The chunks `runs` name, located, READ_BATCH at a time (a query locates fewer where runs are short)."""
-        located: list[Row] = []
-        for group in self._groups(runs):
-            located += self.locate(group)
-            while len(located) >= READ_BATCH:
-                yield located[:READ_BATCH]
-                del located[:READ_BATCH]
-        if located:
-            yield located
+    def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[Batch]:
+        """The chunks `runs` name, located, up to READ_BATCH at a time (fewer where LOCATE_RUNS runs hold fewer)."""
+        return map(self.locate, self._groups(runs))
 
     @staticmethod
     def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
-        """`runs` in groups that one query locates: up to LOOKUP_BATCH / 2 runs of up to LOCATE_BATCH chunks in all
-        (a longer run in pieces). Cut by bisection, a step per group, not per run: a GiB is tens of thousands."""
+        """`runs` in groups that one query locates: up to LOCATE_RUNS runs of up to READ_BATCH chunks in all (a
+        longer run in pieces). Cut by bisection, a step per group, not per run: a GiB is tens of thousands."""
         runs = list(runs)
-        if runs and max(map(_COUNT, runs)) > LOCATE_BATCH:
-            runs = [(s, min(LOCATE_BATCH, f + n - s)) for f, n in runs for s in range(f, f + n, LOCATE_BATCH)]
+        if runs and max(map(_COUNT, runs)) > READ_BATCH:
+            runs = [(s, min(READ_BATCH, f + n - s)) for f, n in runs for s in range(f, f + n, READ_BATCH)]
         ends = [0, *itertools.accumulate(map(_COUNT, runs))]
         start = 0
         while start < len(runs):
-            stop = min(start + LOOKUP_BATCH // 2, bisect.bisect_right(ends, ends[start] + LOCATE_BATCH) - 1)
+            stop = min(start + LOCATE_RUNS, bisect.bisect_right(ends, ends[start] + READ_BATCH) - 1)
             yield runs[start:stop]
             start = stop
 
-    def _decode(self, packs: _Packs, batch: list[Row]) -> bytes:
+    def _decode(self, packs: _Packs, batch: Batch) -> bytes:
         """The plain bytes of `batch`, chunk by chunk, each entry checked on its own: ChunkDamagedError names the
         first that fails. Entries that follow one another in a pack in one read."""
         unzstd = self._unzstd()
         plain = []
-        for span in _spans(list(map(Located._make, batch))):
+        for span in _spans(list(map(Located, *batch))):
             data = memoryview(packs.read(span))
             at = 0
             for chunk in span:
@@ -693,25 +696,22 @@ class _Packs:
         count = len(ids)
         if min(lengths) < ENTRY.size:
             raise _Unchecked
-        # By loops in C (sort, map), not Python's: a GiB is a quarter of a million chunks. Sorted by pack, then
-        # offset, as numbers: comparing pack names took as long as the rest.
+        # By loops in C (sort, map), not Python's: a GiB is a quarter of a million chunks. Sorted by a number that
+        # is the pack's, then the offset (comparing pack names took as long as the rest): one pack's entries follow
+        # another's by more than GAP_BYTES, so a read ends where its pack does.
         packed = {name: number << 64 for number, name in enumerate(dict.fromkeys(names))}
-        order = sorted(range(count), key=list(map(operator.add, map(packed.__getitem__, names), offsets)).__getitem__)
-        packs = list(map(names.__getitem__, order))
-        firsts = list(map(offsets.__getitem__, order))
+        keys = list(map(operator.add, map(packed.__getitem__, names), offsets))
+        order = sorted(range(count), key=keys.__getitem__)
+        firsts = list(map(keys.__getitem__, order))
         ends = list(map(operator.add, firsts, map(lengths.__getitem__, order)))
-        breaks = map(
-            operator.or_,
-            map(operator.ne, packs[:-1], packs[1:]),
-            map(operator.lt, _plus(ends[:-1], GAP_BYTES), firsts[1:]),
-        )
+        breaks = map(operator.lt, _plus(ends[:-1], GAP_BYTES), firsts[1:])
         cuts = [0, *itertools.compress(range(1, count), breaks), count]
         reads = []
         at = 0
-        moved: list[int] = []  # for each entry in `order`: where it lands in the buffer less where it is in its pack
+        moved: list[int] = []  # for each entry in `order`: where it lands in the buffer less its key
         for start, stop in itertools.pairwise(cuts):
             size = max(ends[start:stop]) - firsts[start]
-            reads.append((packs[start], ids[order[start]], firsts[start], at, size))
+            reads.append((names[order[start]], ids[order[start]], firsts[start] & _OFFSET, at, size))
             moved += itertools.repeat(at - firsts[start], stop - start)
             at += size
         buffer = memoryview(bytearray(at))
@@ -719,8 +719,9 @@ class _Packs:
             with self._open(name, chunk) as fd, _reading(name):
                 if os.preadv(fd, [buffer[into : into + size]], offset) != size:
                     raise _Unchecked
-        placed = list(map(operator.add, firsts, moved))
-        return buffer, list(map(placed.__getitem__, sorted(range(count), key=order.__getitem__)))
+        placed = [0] * count
+        collections.deque(map(placed.__setitem__, order, map(operator.add, firsts, moved)), maxlen=0)
+        return buffer, placed
 
     def entries(self, span: list[Located], sealings: frozenset[int]) -> list[bytes]:
         """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index
@@ -777,6 +778,17 @@ def _bodies(
     if b"".join(headers) != b"".join(expected) or not sealings.issuperset(sealing):
         raise _Unchecked
     return sealing, list(map(entries.__getitem__, map(slice, bodies, map(operator.add, starts, lengths))))
+
+
+def _numbers(joined: str | None) -> list[int]:
+    """The numbers SQLite's group_concat joined (None: it found none)."""
+    return list(map(int, joined.split(","))) if joined else []
+
+
+def _addresses(joined: str | None) -> list[bytes]:
+    """The chunk addresses SQLite's group_concat joined in hex (None: it found none)."""
+    data = bytes.fromhex(joined or "")
+    return list(map(data.__getitem__, map(slice, range(0, len(data), ADDRESS), range(ADDRESS, len(data) + 1, ADDRESS))))
 
 
 def _plus(values: Iterable[int], n: int) -> Iterator[int]:
