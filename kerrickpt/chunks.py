@@ -11,6 +11,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 import secrets
 import sqlite3
 import struct
@@ -42,6 +43,7 @@ PACKS = "packs"
 INDEX = "index.sqlite"
 LOCK = "lock"
 PACK_SUFFIX = ".pack"
+PACK_NAME = re.compile(r"[0-9a-f]{32}\.pack")  # as _NewPack names one: an index naming another is not the store's
 DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a later run to store it again
 INDEX_VERSION = 1
 # Each chunk in a pack: magic, its address (sha256 of the plain chunk, or in an encrypted store its keyed address),
@@ -656,8 +658,10 @@ class _Packs:
         with self.opening:
             fd = self.fds.get(name)
             if fd is None:
+                if not PACK_NAME.fullmatch(name):  # a changed index could lead a read anywhere: it opens only packs
+                    raise StoreDamagedError(f"the store's chunk index names {name!r} as the pack of chunk {chunk}")
                 try:
-                    fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 except FileNotFoundError:
                     raise ChunkDamagedError(
                         f"pack {name} of chunk {chunk} is gone from the store", chunk=chunk

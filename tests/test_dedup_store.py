@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -809,10 +810,24 @@ def test_an_index_row_leading_a_chunk_to_another_chunks_entry_is_refused_naming_
     assert verified.returncode == 6 and "1 damaged chunk(s) found" in verified.stderr
 
 
-def test_an_index_naming_a_pack_no_kerrickpt_names_is_refused(store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("pack", "message"),
+    [
+        ("other,pack", "names a pack that is not one of its own"),
+        ("../outside.pack", "names '../outside.pack' as the pack"),
+    ],
+    ids=["comma", "outside"],
+)
+def test_an_index_naming_a_pack_no_kerrickpt_names_is_refused(
+    store: Store, tmp_path: Path, pack: str, message: str
+) -> None:
     snap = take(store, "job1", T0, memory(53))
+    # A pack outside the packs' folder, whole and its own, that a read led there would take: it must never be opened.
+    packs = store.root / chunks.DIRECTORY / chunks.PACKS
+    own = next(p for p in packs.iterdir() if chunks.PACK_NAME.fullmatch(p.name))
+    shutil.copyfile(own, packs.parent / "outside.pack")
     with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
-        opened.db.execute("UPDATE chunks SET pack = 'other,pack' WHERE id = 7")
+        opened.db.execute("UPDATE chunks SET pack = ? WHERE pack = ?", (pack, own.name))
 
-    with pytest.raises(StoreDamagedError, match="names a pack that is not one of its own"):
+    with pytest.raises(StoreDamagedError, match=re.escape(message)):
         read_back(snap, tmp_path / "out")
