@@ -19,6 +19,9 @@ SYS_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "loongarch64": 272, "
 POLL_INTERVAL = 0.001
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Variadic: without its types, ctypes would pass each argument as an int and read the result as one.
+_libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = [ctypes.c_long] * 6
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,14 @@ class Vfork:
 
 
 def caught(pids: Iterable[int]) -> list[Vfork]:
-    """The vforks among `pids` (parent and child both in it) whose child has not exec'd or exited yet."""
+    """The vforks among `pids` (parent and child both in it) whose child has not exec'd or exited yet: the parent
+    asleep uninterruptibly, sharing its memory with the child. (A child of clone(CLONE_VM) without CLONE_VFORK shares
+    it too, but its parent runs on, and ptrace seizes both.)"""
     processes = {p.host_pid: p for p in procs.read_all(pids)}
     return [
         Vfork(processes[p.host_ppid], p)
         for p in processes.values()
-        if p.host_ppid in processes and _same_memory(p.host_pid, p.host_ppid)
+        if p.host_ppid in processes and procs.state(p.host_ppid) == "D" and _same_memory(p.host_pid, p.host_ppid)
     ]
 
 
