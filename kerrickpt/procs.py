@@ -100,6 +100,14 @@ def state(pid: int) -> str | None:
     return after_comm[0] if after_comm else None
 
 
+def wchan(pid: int) -> str:
+    """The kernel function the process sleeps in ("0" where this caller may not know); empty if it is gone."""
+    try:
+        return (PROC / str(pid) / "wchan").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks, which tells a reused PID apart; None if gone."""
     after_comm = _stat(pid)
