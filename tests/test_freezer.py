@@ -6,16 +6,15 @@ import contextlib
 import ctypes
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from kerrickpt import cgroups, postcopy, procs, vfork
+from kerrickpt import cgroups, postcopy, procs
 from kerrickpt import freezer as freezer_module
 from kerrickpt.freezer import Freezer, FreezeTimeout, VforkTimeout, frozen
-from tests.helpers import freezer_roots, unique_name, wait_for
+from tests.helpers import ending_vforks, freezer_roots, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -140,18 +139,8 @@ def test_a_vfork_waited_out_counts_in_no_frozen_time(
     group: cgroups.Cgroup, stuck_vfork: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The freeze that caught a vfork was undone: the time frozen counts from the next one, which held."""
-    parent = subprocess.Popen(
-        ["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork} eof"], stdin=subprocess.PIPE
-    )
-    assert parent.stdin is not None
-    stdin, wait_out, waited = parent.stdin, vfork.wait_out, []
-
-    def ending_it(vforks: list[vfork.Vfork], timeout: float) -> None:
-        stdin.close()  # the vfork's child exits: this one is the last vfork waited out
-        wait_out(vforks, timeout)
-        waited.append(time.monotonic())
-
-    monkeypatch.setattr(vfork, "wait_out", ending_it)
+    parent = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork}"])
+    waited = ending_vforks(monkeypatch)
     try:
         wait_for(lambda: in_vfork(parent.pid), what="the vfork")
 

@@ -3,10 +3,8 @@
  *
  *   stuckvfork          a parent that stays in vfork: its child never execs
  *                       or exits (it sleeps in pause()), so the parent waits
- *                       in the kernel, uninterruptibly (state D), until it is
- *                       killed
- *   stuckvfork eof      the same until its standard input ends: then the
- *                       child exits, and the parent sleeps in pause()
+ *                       in the kernel, uninterruptibly (state D), until the
+ *                       child is killed; then it sleeps in pause()
  *   stuckvfork clone    no vfork: a child of clone(CLONE_VM) without
  *                       CLONE_VFORK shares its parent's memory for good, and
  *                       both sleep in pause() (interruptibly, state S)
@@ -29,20 +27,12 @@ static int sleeper(void *unused)
 
 int main(int argc, char **argv)
 {
-	char c;
-
 	if (argc > 1 && strcmp(argv[1], "clone") == 0) {
 		if (clone(sleeper, stack + sizeof(stack), CLONE_VM | SIGCHLD, NULL) < 0)
 			return 1;
 		return sleeper(NULL);
 	}
-	if (vfork() == 0) {
-		if (argc > 1 && strcmp(argv[1], "eof") == 0) {
-			while (read(0, &c, 1) > 0)
-				;
-			_exit(0);
-		}
+	if (vfork() == 0)
 		sleeper(NULL);
-	}
 	return sleeper(NULL);
 }
