@@ -450,15 +450,15 @@ class Chunks:
         Each new pack is whole on disk before the index names it, the old one removed only
         once the index no longer does: a kill at any point loses nothing the index names. A pack that cannot be
         read whole is left as it is, with a warning (`verify` finds what it damages), so that it stops no prune.
+        An index naming a pack as kerrickpt names none is damaged: StoreDamagedError, nothing of it looked at.
         Copied SPAN_BYTES at a time. Hold `lock` exclusive.
         """
         rewritten = []
         with _index_errors(self.index):
             packs = self.db.execute("SELECT pack, SUM(length) FROM chunks WHERE pack != '' GROUP BY pack").fetchall()
         for pack, live in packs:
-            if not PACK_NAME.fullmatch(pack):  # a changed index could lead anywhere: a read refuses it, so does this
-                log.warning("the store's chunk index names %r as a pack, not one of its own: not rewritten", pack)
-                continue
+            if not PACK_NAME.fullmatch(pack):  # a changed index could lead anywhere: refused, as a read refuses it
+                raise StoreDamagedError(f"the store's chunk index {self.index} names {pack!r} as a pack")
             try:
                 size = (self.packs / pack).stat().st_size
             except FileNotFoundError:
