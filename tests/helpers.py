@@ -247,12 +247,13 @@ class Client:
 
 
 def ending_vforks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Each vfork a freeze catches is ended (its child killed) as it is waited out, thawed; returns the list that
-    gets the time.monotonic() at the end of each such wait."""
+    """Each vfork a freeze catches is waited out in vain (it outlasts the wait, thawed), then ended (its child killed)
+    and waited out again; returns the list that gets the time.monotonic() at the end of each such wait."""
     wait_out = vfork.wait_out
     waited: list[float] = []
 
     def ending(vforks: list[vfork.Vfork], timeout: float) -> None:
+        wait_out(vforks, timeout)
         for caught in vforks:
             os.kill(caught.child.host_pid, signal.SIGKILL)
         wait_out(vforks, timeout)
