@@ -52,8 +52,8 @@ class Target(abc.ABC):
         self.level = level  # zstd's, for what it compresses
         self.open: dict[str, _Sum] = {}
         self.members: list[Member] = []
-        # Their names, asked for each new file: a list's search made a dump of many small images (a container's TCP
-        # connections, one each) quadratic.
+        # The names of `members`, kept beside them (each added to both): asked for each new file, a list's search
+        # made a dump of many small images (a container's TCP connections, one each) quadratic.
         self.ended: set[str] = set()
         self.started = 0.0  # when its output was opened: compress_s is from then to the manifest
 

@@ -216,6 +216,7 @@ def capture(
     log_tail: int = logtail.DEFAULT_BYTES,
     layer_base: layerchain.Carried | None = None,
     carried: Callable[[layer.Index], None] | None = None,
+    on_freeze: Callable[[float], None] | None = None,
 ) -> Manifest:
     """Freeze, dump and write into `writer` (an archive, or a deduplicating store's), which it commits. On success
     the subject is left frozen unless `thaw_after_dump`; on failure it is thawed, nothing is committed, and
@@ -226,6 +227,8 @@ def capture(
     `lazy` dumps instead, leaving memory for post-copy: its CRIU outlives this call, serving it.
     Of the log, the archive carries the last `log_tail` bytes (see logtail). A confined container's layer is
     carried whole, or with `layer_base` only what changed since that snapshot; `carried` gets its index.
+    `on_freeze` gets the time.monotonic() of the freeze that held (not of the retries a vfork made undo): the
+    downtime's start.
     """
     if log_tail < 0:
         raise UsageError(f"the log tail cannot be negative ({log_tail} bytes)")
@@ -261,9 +264,10 @@ def capture(
             # inherited: a post-copy CRIU serving pages long after must not hold it.
             turn = contextlib.ExitStack()
             turn.enter_context(lock.held(DUMP_TURN, wait=DUMP_TURN_WAIT, what="a dump on this node", inherit=False))
-            frozen_at = time.monotonic()
             # Cut off outside the lazy CRIU's stop: connected again only once that CRIU has let go.
-            with turn, guardian, frozen(freezer), _cut_off(own_net), _stopped_on_failure(lazy):
+            with turn, guardian, frozen(freezer) as frozen_at, _cut_off(own_net), _stopped_on_failure(lazy):
+                if on_freeze is not None:
+                    on_freeze(frozen_at)
                 locked_at = time.monotonic()  # cut off (with a network of its own): the network lock holds
                 step = "reading the process tree"
                 if host_job:

@@ -58,6 +58,9 @@ READ_BATCH = 1024  # chunks a read locates, checks and decodes at a time: the fe
 LOCATE_RUNS = 499  # runs located by one query at the most: two bound parameters each, within the 999 of older SQLites
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
 GAP_BYTES = 8 << 10  # the most a read of a pack reads over between two entries it wants (dead or another's)
+# multi_decompress_to_buffer is python-zstandard's experimental API, which its C backend has and its CFFI backend
+# lacks: without it, each batch is decoded chunk by chunk (see `_decode`), slower but the same.
+DECODES_BATCHES = "multi_decompress_to_buffer" in zstandard.backend_features
 OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
 REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
 LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
@@ -249,10 +252,15 @@ class Chunks:
                 "FROM runs CROSS JOIN chunks ON id BETWEEN first AND last",
                 bounds,
             ).fetchone()
-        columns = [_numbers(ids), _addresses(digests), [] if packs is None else packs.split(","), _numbers(offsets)]
-        columns.append(_numbers(lengths))
+        malformed = f"the store's chunk index {self.index} holds a chunk row with a missing or malformed field"
+        try:
+            numbers = [_numbers(ids), _numbers(offsets), _numbers(lengths)]
+        except ValueError:  # a changed index: text where a number belongs
+            raise StoreDamagedError(malformed) from None
+        columns = [numbers[0], _addresses(digests), [] if packs is None else packs.split(","), *numbers[1:]]
+        # group_concat skips a NULL, and a comma in a pack's name splits it: either leaves the fields out of step.
         if len(set(map(len, columns))) > 1:
-            raise StoreDamagedError(f"the store's chunk index {self.index} names a pack that is not one of its own")
+            raise StoreDamagedError(malformed)
         firsts, counts = zip(*runs, strict=True)
         wanted = list(itertools.chain.from_iterable(map(range, firsts, map(operator.add, firsts, counts))))
         if columns[0] != wanted:  # one missing (or, should SQLite change its plan, another order)
@@ -307,6 +315,8 @@ class Chunks:
         here and now, which names it."""
         ids, addresses, names, offsets, lengths = batch
         try:
+            if not DECODES_BATCHES:
+                raise _Unchecked
             entries, starts = packs.gather(ids, names, offsets, lengths)
             sealings, bodies = _bodies(entries, starts, addresses, lengths, self.seal.sealings)
             frames = self.seal.open_chunks(addresses, sealings, bodies)
@@ -440,12 +450,15 @@ class Chunks:
         Each new pack is whole on disk before the index names it, the old one removed only
         once the index no longer does: a kill at any point loses nothing the index names. A pack that cannot be
         read whole is left as it is, with a warning (`verify` finds what it damages), so that it stops no prune.
+        An index naming a pack as kerrickpt names none is damaged: StoreDamagedError, nothing of it looked at.
         Copied SPAN_BYTES at a time. Hold `lock` exclusive.
         """
         rewritten = []
         with _index_errors(self.index):
             packs = self.db.execute("SELECT pack, SUM(length) FROM chunks WHERE pack != '' GROUP BY pack").fetchall()
         for pack, live in packs:
+            if not PACK_NAME.fullmatch(pack):  # a changed index could lead anywhere: refused, as a read refuses it
+                raise StoreDamagedError(f"the store's chunk index {self.index} names {pack!r} as a pack")
             try:
                 size = (self.packs / pack).stat().st_size
             except FileNotFoundError:

@@ -69,19 +69,28 @@ class Freezer:
                 raise FreezeTimeout(f"{self.path} did not freeze within {timeout:.0f} s; it was thawed again")
             time.sleep(POLL_INTERVAL)
 
-    def freeze_for_ptrace(self, attempts: int = VFORK_ATTEMPTS) -> None:
-        """Freeze with no task caught in vfork, so that ptrace can seize every one (CRIU dumps through it).
+    def freeze_for_ptrace(self, attempts: int = VFORK_ATTEMPTS) -> float:
+        """Freeze with no task caught in vfork, so that ptrace can seize every one (CRIU dumps through it); return
+        the time.monotonic() at which the freeze that held was asked for (the thawed retries are no downtime).
 
         A parent in vfork sleeps uninterruptibly until its child execs or exits, and the kernel counts it frozen.
         ptrace cannot stop it, and once its child is stopped too it never wakes: CRIU's seize fails ("Unseizable
         non-zombie ... state D"). So such a freeze is undone, the vfork waited out, and the freeze done again, up
         to `attempts` times; then VforkTimeout names the task, the cgroup thawed. Without a vfork, one freeze.
+        Whatever fails, the cgroup is thawed again.
         """
+        if attempts < 1:
+            raise ValueError(f"a freeze takes at least one attempt, not {attempts}")
         for _ in range(attempts):
+            asked = time.monotonic()
             self.freeze()
-            caught = vfork.caught(self._members())
+            try:
+                caught = vfork.caught(self._members())
+            except BaseException:
+                self.thaw()  # a frozen container must not outlive a failed look at it
+                raise
             if not caught:
-                return
+                return asked
             self.thaw()
             vfork.wait_out(caught, VFORK_WAIT)
         raise VforkTimeout(
@@ -112,13 +121,13 @@ class Freezer:
 
 
 @contextmanager
-def frozen(freezer: Freezer) -> Iterator[Freezer]:
-    """Freeze for the block, ready for ptrace (see Freezer.freeze_for_ptrace); thaw again if the block raises (the
-    caller thaws or kills on success), unless what it raised says the processes must stay frozen
-    (errors.ContainerDamaged)."""
-    freezer.freeze_for_ptrace()
+def frozen(freezer: Freezer) -> Iterator[float]:
+    """Freeze for the block, ready for ptrace (see Freezer.freeze_for_ptrace), giving it the time.monotonic() of
+    the freeze that held; thaw again if the block raises (the caller thaws or kills on success), unless what it
+    raised says the processes must stay frozen (errors.ContainerDamaged)."""
+    frozen_at = freezer.freeze_for_ptrace()
     try:
-        yield freezer
+        yield frozen_at
     except BaseException as exc:
         if not getattr(exc, "keeps_frozen", False):
             freezer.thaw()

@@ -292,11 +292,11 @@ def _migrate(
         raise
     try:
         path = scratch / "archive.kckpt"
-        frozen_at = time.monotonic()
+        frozen_at: list[float] = []  # of the freeze that held: the downtime's start
         try:
             manifest = capture(
                 found, registry, subject, archivewriter.Writer(path, level=level, mirror=live.write),
-                thaw_after_dump=False, link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail,
+                thaw_after_dump=False, link_mib_s=link_mib_s, lazy=pages, log_tail=log_tail, on_freeze=frozen_at.append,
             )  # fmt: skip
         except BaseException:
             live.channel.close()  # a torn stream: the target removes what it received
@@ -337,7 +337,7 @@ def _migrate(
             if pages is not None:
                 pages.close()  # a post-copy's target copy is killed then: `recover` resumes this one
             raise MigrationUnknown(_unknown(name, link, f"interrupted: {type(exc).__name__}")) from exc
-        restored, downtime = answered.restored, answered.at - frozen_at
+        restored, downtime = answered.restored, answered.at - frozen_at[0]
         if pages is not None:
             # Until every page is there, the source holds the only copy of some of its memory.
             try:

@@ -40,7 +40,7 @@ def read(pid: int) -> Process:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     raw = (PROC / str(pid) / "cmdline").read_bytes()
-    stat_fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    stat_fields = _after_comm((PROC / str(pid) / "stat").read_text())
     return Process(
         host_pid=pid,
         ns_pid=int(fields["NSpid"].split()[-1]),
@@ -94,16 +94,39 @@ def rss(pid: int) -> int:
     return 0
 
 
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, D, Z, ...); None if it is gone."""
+    after_comm = _stat(pid)
+    return after_comm[0] if after_comm else None
+
+
+def wchan(pid: int) -> str:
+    """The kernel function the process sleeps in ("0" where this caller may not know); empty if it is gone."""
+    try:
+        return (PROC / str(pid) / "wchan").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks, which tells a reused PID apart; None if gone."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    after_comm = stat.rsplit(")", 1)[1].split()
-    if after_comm[0] == "Z":
+    after_comm = _stat(pid)
+    if not after_comm or after_comm[0] == "Z":
         return None
     return int(after_comm[19])
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after its command name (which may hold spaces); empty if it is gone."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return _after_comm(text)
+
+
+def _after_comm(text: str) -> list[str]:
+    return text.rsplit(")", 1)[1].split()
 
 
 def is_alive(pid: int, started: int) -> bool:

@@ -19,6 +19,9 @@ SYS_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "loongarch64": 272, "
 POLL_INTERVAL = 0.001
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Variadic: without its types, ctypes would pass each argument as an int and read the result as one.
+_libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = [ctypes.c_long] * 6
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,14 @@ class Vfork:
 
 
 def caught(pids: Iterable[int]) -> list[Vfork]:
-    """The vforks among `pids` (parent and child both in it) whose child has not exec'd or exited yet."""
+    """The vforks among `pids` (parent and child both in it) whose child has not exec'd or exited yet: the parent
+    asleep in vfork, sharing its memory with the child. (A child of clone(CLONE_VM) without CLONE_VFORK shares it
+    too, but its parent runs on, and ptrace seizes both.)"""
     processes = {p.host_pid: p for p in procs.read_all(pids)}
     return [
         Vfork(processes[p.host_ppid], p)
         for p in processes.values()
-        if p.host_ppid in processes and _same_memory(p.host_pid, p.host_ppid)
+        if p.host_ppid in processes and _may_be_in_vfork(p.host_ppid) and _same_memory(p.host_pid, p.host_ppid)
     ]
 
 
@@ -50,6 +55,13 @@ def wait_out(vforks: Iterable[Vfork], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(v.is_ongoing() for v in vforks) and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL)
+
+
+def _may_be_in_vfork(pid: int) -> bool:
+    """Whether the process sleeps uninterruptibly (state D) where it was, as a parent in vfork does, frozen or not.
+    The v1 freezer shows each task it stopped as D, but one that was running, or asleep interruptibly, sleeps in
+    __refrigerator, where no parent in vfork goes: that one is frozen in place."""
+    return procs.state(pid) == "D" and procs.wchan(pid) != "__refrigerator"
 
 
 def _same_memory(pid: int, other: int) -> bool:

@@ -155,9 +155,22 @@ def big_pipes() -> Iterator[None]:
 @pytest.fixture
 def userfaultfd_in_user_namespaces() -> Iterator[None]:
     """vm.unprivileged_userfaultfd=1, which a confined container's post-copy needs, put back afterwards."""
+    with _unprivileged_userfaultfd("1"):
+        yield
+
+
+@pytest.fixture
+def no_userfaultfd_in_user_namespaces() -> Iterator[None]:
+    """vm.unprivileged_userfaultfd=0, which refuses a confined container's post-copy, put back afterwards."""
+    with _unprivileged_userfaultfd("0"):
+        yield
+
+
+@contextlib.contextmanager
+def _unprivileged_userfaultfd(value: str) -> Iterator[None]:
     path = node.UNPRIVILEGED_USERFAULTFD
     before = path.read_text()
-    path.write_text("1")
+    path.write_text(value)
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 import kerrickpt
 from bench.lab import READY, REDISLOAD
-from kerrickpt import cgroups, procs
+from kerrickpt import cgroups, procs, vfork
 from kerrickpt.freezer import Freezer
 
 
@@ -241,3 +244,20 @@ class Client:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def ending_vforks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Each vfork a freeze catches is waited out in vain (it outlasts the wait, thawed), then ended (its child killed)
+    and waited out again; returns the list that gets the time.monotonic() at the end of each such wait."""
+    wait_out = vfork.wait_out
+    waited: list[float] = []
+
+    def ending(vforks: list[vfork.Vfork], timeout: float) -> None:
+        wait_out(vforks, timeout)
+        for caught in vforks:
+            os.kill(caught.child.host_pid, signal.SIGKILL)
+        wait_out(vforks, timeout)
+        waited.append(time.monotonic())
+
+    monkeypatch.setattr(vfork, "wait_out", ending)
+    return waited

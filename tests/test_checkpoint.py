@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import cgroups, criu
+from kerrickpt import cgroups, containers, criu, procs
 from kerrickpt.checkpoint import DUMP_TURN
+from kerrickpt.errors import KerrickptError
 from tests.helpers import (
     KERRICKPT,
     assert_consecutive,
     cli,
     cli_env,
+    ending_vforks,
     freezer_roots,
     ipc_keys,
     probe,
@@ -302,3 +304,25 @@ def test_a_shell_running_commands_is_checkpointed_and_restored_again_and_again(s
         counting_on("the restored shell to count on")
     kerrickpt.kill(name, state_dir=state_dir)
     assert_consecutive(numbers())
+
+
+def test_the_frozen_time_reported_leaves_out_a_freeze_undone_for_a_vfork(
+    state_dir: Path, tmp_path: Path, stuck_vfork: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first freeze caught the container mid-vfork and was undone: the time frozen counts from the next freeze,
+    which held once the vfork was waited out (ended here, as it was, by killing its child)."""
+    name = unique_name("vfork")
+    kerrickpt.run(name, [str(stuck_vfork)], state_dir=state_dir)
+    waited = ending_vforks(monkeypatch)
+    try:
+        group = containers.Registry(state_dir).get(name).group
+        wait_for(lambda: any(procs.state(pid) == "D" for pid in group.pids()), what="the vfork")
+
+        result = kerrickpt.checkpoint(name, tmp_path / "a.kckpt", state_dir=state_dir)
+        after = time.monotonic()
+
+        assert len(waited) == 1, "the first freeze caught the vfork"
+        assert result.manifest.timings["frozen_s"] <= round(after - waited[0], 4)
+    finally:
+        with contextlib.suppress(KerrickptError):
+            kerrickpt.kill(name, state_dir=state_dir)

@@ -813,7 +813,7 @@ def test_an_index_row_leading_a_chunk_to_another_chunks_entry_is_refused_naming_
 @pytest.mark.parametrize(
     ("pack", "message"),
     [
-        ("other,pack", "names a pack that is not one of its own"),
+        ("other,pack", "holds a chunk row with a missing or malformed field"),
         ("../outside.pack", "names '../outside.pack' as the pack"),
     ],
     ids=["comma", "outside"],
@@ -830,4 +830,16 @@ def test_an_index_naming_a_pack_no_kerrickpt_names_is_refused(
         opened.db.execute("UPDATE chunks SET pack = ? WHERE pack = ?", (pack, own.name))
 
     with pytest.raises(StoreDamagedError, match=re.escape(message)):
+        read_back(snap, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("field", "value"), [("offset", "twelve"), ("digest", b"short")], ids=["text", "digest"])
+def test_an_index_with_a_malformed_chunk_row_is_refused_as_damaged(
+    store: Store, tmp_path: Path, field: str, value: str | bytes
+) -> None:
+    snap = take(store, "job1", T0, memory(54))
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened, opened.transaction():
+        opened.db.execute(f"UPDATE chunks SET {field} = ? WHERE id = (SELECT MIN(id) FROM chunks)", (value,))
+
+    with pytest.raises(StoreDamagedError, match="holds a chunk row with a missing or malformed field"):
         read_back(snap, tmp_path / "out")

@@ -14,11 +14,13 @@ import pytest
 from kerrickpt import cgroups, postcopy, procs
 from kerrickpt import freezer as freezer_module
 from kerrickpt.freezer import Freezer, FreezeTimeout, VforkTimeout, frozen
-from tests.helpers import freezer_roots, unique_name, wait_for
+from tests.helpers import ending_vforks, freezer_roots, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+NOBODY = 65534
+REFUSED = 13  # the exit code of a child refused with EPERM
 
 
 def counter_loop(counter: Path) -> str:
@@ -127,6 +129,72 @@ def test_a_vfork_that_never_ends_fails_the_freeze_naming_its_task_and_thaws(
             group.freezer.freeze_for_ptrace(attempts=3)
 
         assert "at each of 3 freezes" in str(failure.value)
+        assert not group.freezer.is_frozen(), "thawed again"
+    finally:
+        group.kill()
+        parent.wait()
+
+
+def test_a_vfork_waited_out_counts_in_no_frozen_time(
+    group: cgroups.Cgroup, stuck_vfork: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The freeze that caught a vfork was undone: the time frozen counts from the next one, which held."""
+    parent = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork}"])
+    waited = ending_vforks(monkeypatch)
+    try:
+        wait_for(lambda: in_vfork(parent.pid), what="the vfork")
+
+        with frozen(group.freezer) as frozen_at:
+            assert group.freezer.is_frozen()
+
+        assert len(waited) == 1, "a first freeze caught the vfork"
+        assert frozen_at > waited[0], "frozen from before the vfork was waited out"
+    finally:
+        group.kill()
+        parent.wait()
+
+
+def test_a_child_sharing_its_parents_memory_without_vfork_is_frozen_at_once(
+    group: cgroups.Cgroup, stuck_vfork: Path
+) -> None:
+    """clone(CLONE_VM) without CLONE_VFORK: the parent runs on, ptrace can seize both, and there is nothing to wait
+    out (it would never end)."""
+    parent = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork} clone"])
+    try:
+        wait_for(lambda: len(group.pids()) == 2, what="the child")
+
+        group.freezer.freeze_for_ptrace(attempts=1)
+
+        assert group.freezer.is_frozen()
+    finally:
+        group.kill()
+        parent.wait()
+
+
+def test_a_freeze_whose_look_for_vforks_fails_is_thawed(group: cgroups.Cgroup, stuck_vfork: Path) -> None:
+    """A caller the cgroup was delegated to, freezing processes of another user's: kcmp refuses it (EPERM) once they
+    are frozen. They must not stay so."""
+    control, _ = group.freezer.control(frozen=True)
+    os.chown(control, NOBODY, NOBODY)
+    parent = subprocess.Popen(["sh", "-c", f"echo 0 > {group.dirs[0]}/cgroup.procs; exec {stuck_vfork}"])
+    try:
+        wait_for(lambda: in_vfork(parent.pid), what="the vfork")
+        caller = os.fork()
+        if caller == 0:  # reports by its exit code alone
+            code = 1
+            try:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+                group.freezer.freeze_for_ptrace()
+            except PermissionError:
+                code = REFUSED
+            finally:
+                os._exit(code)
+
+        _, status = os.waitpid(caller, 0)
+
+        assert os.waitstatus_to_exitcode(status) == REFUSED, "kcmp refused the unprivileged caller"
         assert not group.freezer.is_frozen(), "thawed again"
     finally:
         group.kill()
