@@ -175,9 +175,9 @@ def restore(
     An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
     taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
 
-    `helper`: the restore's helper program started ahead, holding none of the caller's files (so not with `stdout`
-    or `stderr`): a migration's receiver starts it before the archive arrives, as its Python and imports take
-    0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
+    `helper`: the restore's helper program started ahead, holding none of the caller's files (neither `stdout` nor
+    `stderr`, nor the caller's own stderr: see restorer.Helper): a migration's receiver starts it before the archive
+    arrives, as its Python and imports take 0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
     `prepared`: what `prepare` made for it, taken over once the archive is read as far as its manifest (RestoreFailed
     if that carries another name or network); before that, a failure leaves it to the caller (Prepared.discard).
     """
