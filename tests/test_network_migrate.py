@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ import pytest
 
 from bench.lab import redis_server
 from kerrickpt import containers, netlinks, netports, netsettings, network
-from kerrickpt.localnodes import SEGMENT, Cluster, Node
+from kerrickpt.localnodes import SEGMENT, Cluster, Node, kerrickpt_path
 from kerrickpt.node import UNPRIVILEGED_USERFAULTFD
 from tests.helpers import CONFINED, CONFINED_USER, Client, uid_inside, unique_name, wait_for
 
@@ -216,12 +218,8 @@ def test_a_migration_that_fails_before_the_restore_leaves_nothing_of_the_network
     assert said in failed.stderr
     _in_sequence(client)
     _stayed(a, b, name)
-    netns, veth = network.names(containers.Registry(b.state_dir), name)
-    assert not (netlinks.NETNS_DIR / netns).exists()
-    shown = subprocess.run(["ip", "-n", b.netns, "link", "show", veth], capture_output=True, check=False, timeout=30)
-    assert shown.returncode != 0, "its veth went"
-    assert not (b.state_dir / "containers" / name).exists()
-    assert not [p for p in (b.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()], "its claims went"
+    _nothing_made_on(b, name)
+    assert not _claims_on(b, name), "its claims went"
 
 
 def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_freeze(cluster: Cluster) -> None:
@@ -324,3 +322,57 @@ def test_a_node_port_another_container_of_the_target_publishes_is_refused_before
     assert f"container {holder} publishes node port 18091/tcp" in refused.stderr
     assert "nothing was frozen" in refused.stderr
     _stayed(a, b, name)
+
+
+@KINDS
+def test_a_receiver_ended_by_sigterm_mid_transfer_leaves_nothing_of_the_network_on_the_target(
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
+) -> None:
+    a, b = cluster.nodes
+    name, _, client = _talking(cluster, a, talk, *kind)
+    # The source stops with its archive sent up to the manifest: b's receiver has made the network and waits.
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--attempts", "1"]
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-before-manifest:pause"}
+    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stderr=subprocess.PIPE, env=env)
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the source stops mid-transfer"
+        (marker,) = (b.state_dir / "incoming").glob("*.json")
+        netns, _ = network.names(containers.Registry(b.state_dir), name)
+        assert (netlinks.NETNS_DIR / netns).exists(), "b made the network before the archive came"
+
+        os.kill(int(json.loads(marker.read_text())["pid"]), signal.SIGTERM)  # an operator's, or its node's shutdown
+
+        wait_for(lambda: not marker.exists(), timeout=30, what="the receiver to end")
+        _nothing_made_on(b, name)  # while the source is stopped: the receiver removed it, not `gc` nor the source
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 11, err
+    assert b"runs on here again" in err
+    _in_sequence(client)
+    _stayed(a, b, name)
+    assert not _claims_on(b, name), "its claims went with the pre-flight"
+
+
+def _nothing_made_on(node: Node, name: str) -> None:
+    """`node` has nothing of container `name`: its name, its network namespace, its veth (or the end a confined
+    one's restore would have moved in) and its chains of packet rules are gone."""
+    netns, veth = network.names(containers.Registry(node.state_dir), name)
+    assert not (netlinks.NETNS_DIR / netns).exists()
+    made = network.Network("", "", netns=netns, veth=veth)
+    for look in (
+        ["ip", "link", "show", veth],
+        ["ip", "link", "show", made.unplaced],
+        ["iptables", "-w", "-t", "nat", "-S", made.chain],
+        ["ebtables", "-t", "nat", "-L", made.chain],
+    ):
+        shown = subprocess.run(["ip", "netns", "exec", node.netns, *look], capture_output=True, check=False,
+                               timeout=30)  # fmt: skip
+        assert shown.returncode != 0, f"{look[-1]} went"
+    assert not (node.state_dir / "containers" / name).exists()
+
+
+def _claims_on(node: Node, name: str) -> list[Path]:
+    """The address and node port claims on `node` that name container `name`."""
+    return [p for p in (node.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()]
