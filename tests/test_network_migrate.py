@@ -330,7 +330,41 @@ def test_a_receiver_ended_by_sigterm_mid_transfer_leaves_nothing_of_the_network_
 ) -> None:
     a, b = cluster.nodes
     name, _, client = _talking(cluster, a, talk, *kind)
-    # The source stops with its archive sent up to the manifest: b's receiver has made the network and waits.
+
+    def ended(marker: Path) -> None:
+        wait_for(lambda: not marker.exists(), timeout=30, what="the receiver to end")
+        _nothing_made_on(b, name)  # while the source is stopped: the receiver removed it, not `gc` nor the source
+
+    err = _receiver_signalled_mid_transfer(cluster, name, signal.SIGTERM, ended)
+
+    assert b"runs on here again" in err
+    _in_sequence(client)
+    _stayed(a, b, name)
+    assert not _claims_on(b, name), "its claims went with the pre-flight"
+
+
+def test_what_a_receiver_killed_mid_transfer_left_does_not_stop_the_next_migration(
+    cluster: Cluster, talk: Talk
+) -> None:
+    a, b = cluster.nodes
+    name, address, client = _talking(cluster, a, talk)
+    _receiver_signalled_mid_transfer(cluster, name, signal.SIGKILL, lambda _: None)
+    _stayed(a, b, name)
+
+    moved = _migrate(cluster, a, b, name)  # its pre-flight removes what the killed receiver left under the name
+
+    assert moved.returncode == 0, moved.stderr
+    _in_sequence(client)
+    assert _rows(b)[name]["address"] == address
+
+
+def _receiver_signalled_mid_transfer(
+    cluster: Cluster, name: str, signum: signal.Signals, meanwhile: Callable[[Path], None]
+) -> bytes:
+    """Migrate `name` from a to b, once, sending b's receiver `signum` while the source is stopped with its archive
+    sent up to the manifest (b made the container's network and waits), then `meanwhile(its marker)`: the source's
+    stderr, once it failed (exit 11)."""
+    a, b = cluster.nodes
     argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--attempts", "1"]
     env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-before-manifest:pause"}
     run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stderr=subprocess.PIPE, env=env)
@@ -340,19 +374,13 @@ def test_a_receiver_ended_by_sigterm_mid_transfer_leaves_nothing_of_the_network_
         (marker,) = (b.state_dir / "incoming").glob("*.json")
         netns, _ = network.names(containers.Registry(b.state_dir), name)
         assert (netlinks.NETNS_DIR / netns).exists(), "b made the network before the archive came"
-
-        os.kill(int(json.loads(marker.read_text())["pid"]), signal.SIGTERM)  # an operator's, or its node's shutdown
-
-        wait_for(lambda: not marker.exists(), timeout=30, what="the receiver to end")
-        _nothing_made_on(b, name)  # while the source is stopped: the receiver removed it, not `gc` nor the source
+        os.kill(int(json.loads(marker.read_text())["pid"]), signum)
+        meanwhile(marker)
     finally:
         os.kill(run.pid, signal.SIGCONT)
         _, err = run.communicate(timeout=120)
     assert run.returncode == 11, err
-    assert b"runs on here again" in err
-    _in_sequence(client)
-    _stayed(a, b, name)
-    assert not _claims_on(b, name), "its claims went with the pre-flight"
+    return err
 
 
 def _nothing_made_on(node: Node, name: str) -> None:
