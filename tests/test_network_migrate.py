@@ -349,7 +349,8 @@ def test_what_a_receiver_killed_mid_transfer_left_does_not_stop_the_next_migrati
     a, b = cluster.nodes
     name, address, client = _talking(cluster, a, talk)
     _receiver_signalled_mid_transfer(cluster, name, signal.SIGKILL, lambda _: None)
-    _stayed(a, b, name)
+    assert _rows(a)[name]["state"] == "running"
+    assert _rows(b)[name]["state"] == "abandoned", "the killed receiver left the name, with its network"
 
     moved = _migrate(cluster, a, b, name)  # its pre-flight removes what the killed receiver left under the name
 
@@ -372,8 +373,8 @@ def _receiver_signalled_mid_transfer(
         _, status = os.waitpid(run.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), "the source stops mid-transfer"
         (marker,) = (b.state_dir / "incoming").glob("*.json")
-        netns, _ = network.names(containers.Registry(b.state_dir), name)
-        assert (netlinks.NETNS_DIR / netns).exists(), "b made the network before the archive came"
+        _, veth = network.names(containers.Registry(b.state_dir), name)
+        assert _shows(b, "ip", "link", "show", veth), "b made the network before the archive came"
         os.kill(int(json.loads(marker.read_text())["pid"]), signum)
         meanwhile(marker)
     finally:
@@ -395,12 +396,16 @@ def _nothing_made_on(node: Node, name: str) -> None:
         ["iptables", "-w", "-t", "nat", "-S", made.chain],
         ["ebtables", "-t", "nat", "-L", made.chain],
     ):
-        shown = subprocess.run(["ip", "netns", "exec", node.netns, *look], capture_output=True, check=False,
-                               timeout=30)  # fmt: skip
-        assert shown.returncode != 0, f"{look[-1]} went"
+        assert not _shows(node, *look), f"{look[-1]} went"
     assert not (node.state_dir / "containers" / name).exists()
 
 
 def _claims_on(node: Node, name: str) -> list[Path]:
     """The address and node port claims on `node` that name container `name`."""
     return [p for p in (node.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()]
+
+
+def _shows(node: Node, *look: str) -> bool:
+    """Whether `look` (ip, iptables or ebtables showing a link or a chain) finds it in `node`'s network namespace."""
+    shown = subprocess.run(["ip", "netns", "exec", node.netns, *look], capture_output=True, check=False, timeout=30)
+    return shown.returncode == 0
