@@ -177,7 +177,8 @@ def restore(
 
     `helper`: the restore's helper program started ahead, holding none of the caller's files (neither `stdout` nor
     `stderr`, nor the caller's own stderr: see restorer.Helper): a migration's receiver starts it before the archive
-    arrives, as its Python and imports take 0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
+    arrives, as its Python and imports take 0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close;
+    its caller may close it again).
     `prepared`: what `prepare` made for it, taken over once the archive is read as far as its manifest (RestoreFailed
     if that carries another name or network); before that, a failure leaves it to the caller (Prepared.discard).
     """
