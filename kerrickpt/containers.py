@@ -194,9 +194,13 @@ class Registry:
     def preflights(self, migration_id: str) -> Iterator[dict[str, Any]]:
         """The marks of the pre-flights of migration `migration_id` that live (see `preflight_marker`)."""
         for marker in self.incoming(migration_id).parent.glob(f"{check_name(migration_id)}.*{PREFLIGHT}"):
-            if claimant_alive(marker) is True:
-                with suppress(OSError, ValueError):  # it ended just now
-                    yield json.loads(marker.read_text())
+            if claimant_alive(marker) is not True:
+                continue
+            try:
+                mark = json.loads(marker.read_text())
+            except (OSError, ValueError):  # it ended just now
+                continue
+            yield mark
 
     def preflight_marker(self, migration_id: str) -> Path:
         """Where this process, a pre-flight of migration `migration_id`, marks that it lives while it holds claims

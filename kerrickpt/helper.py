@@ -34,14 +34,21 @@ ENTRY = (
 )
 
 
-def start(program: str, *, pass_fds: Sequence[int] = (), stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """Start helper `program`; it gets `pass_fds` (at the same numbers) and no other fd of ours, and
-    waits for its order (`send`). Its Python takes a while to start: start it ahead of its work.
+def start(
+    program: str, *, pass_fds: Sequence[int] = (), stdout: int = subprocess.DEVNULL, stderr: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start helper `program`; it gets `pass_fds` (at the same numbers) and no other fd of ours but our stderr
+    (or `stderr`), and waits for its order (`send`). Its Python takes a while to start: start it ahead of its work.
 
     It runs in /, where only root can put modules it would import.
     """
     return subprocess.Popen(
-        [sys.executable, "-c", ENTRY, program], stdin=subprocess.PIPE, stdout=stdout, pass_fds=pass_fds, cwd="/"
+        [sys.executable, "-c", ENTRY, program],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        pass_fds=pass_fds,
+        cwd="/",
     )
 
 

@@ -51,7 +51,7 @@ from kerrickpt.errors import (
 )
 from kerrickpt.manifest import READABLE
 from kerrickpt.node import Fingerprint
-from kerrickpt.restore import Ahead, prepare, restore
+from kerrickpt.restore import Prepared, prepare, restore
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ def preflight_holding(raw: bytes | object, state_dir: Path | str | None = None) 
     try:
         answer = _check(request, cpuinfo, registry, migration_id, state_dir)
         if request.network is not None and not request.net_remap:
-            # What the receiver makes before the archive comes (see `_ahead`).
-            ahead = {"name": request.name, "network": request.network, "confined": request.confinement is not None}
-            containers.write_atomic(marker, msgspec.json.encode({**owner, "ahead": ahead}))
+            # What the receiver makes before the archive comes (see `_prepare`).
+            carried = msgspec.to_builtins(request.network)
+            ahead = {"name": request.name, "network": carried, "confined": request.confinement is not None}
+            containers.write_atomic(marker, json.dumps({**owner, "ahead": ahead}))
         yield answer
     finally:
         marker.unlink(missing_ok=True)  # first: the receiver then holds the claims, or no one
@@ -149,6 +150,12 @@ def _check(
         if lacking:
             raise NodeIncompatibleError(f"the target cannot take {request.name}: " + "; ".join(lacking))
     name = containers.check_name(request.name)
+    if registry.is_abandoned(name):
+        # Left by a run or a receiver that died (killed mid-way, its network made ahead): the migration is refused
+        # for it otherwise, and `gc` would remove it all the same.
+        with registry.lock(name):
+            if registry.is_abandoned(name):  # still, under the lock: not reserved anew meanwhile
+                containers.remove_abandoned(registry, name)
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
     if request.network is not None:
@@ -224,7 +231,7 @@ def receive(
     started = procs.start_time(os.getpid())
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
-    ahead: Ahead | None = None
+    prepared: Prepared | None = None
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -241,7 +248,7 @@ def receive(
                 # helper (its Python's start and imports), which leaves without an order if the transfer fails, and
                 # the container's network, which `_failed` removes then.
                 helper = stack.enter_context(contextlib.closing(restorer.Helper()))
-                ahead = _ahead(registry, name, migration_id) if reserved and not net_remap else None
+                prepared = _prepare(registry, name, migration_id) if reserved and not net_remap else None
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
                 incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
                 if watcher is None and feeder.can_gate(registry.scratch):
@@ -252,10 +259,14 @@ def receive(
                 # Else unpacked and verified while it arrives. Restored only after the source's END frame.
                 result = restore(
                     incoming, name=name, state_dir=registry.root, force=force, migration_id=migration_id,
-                    watcher=watcher, net_remap=net_remap, helper=helper, ahead=ahead,
+                    watcher=watcher, net_remap=net_remap, helper=helper, prepared=prepared,
                 )  # fmt: skip
             except Exception as exc:
-                return _failed(stdout, registry, name, migration_id, exc, ahead)
+                return _failed(stdout, registry, name, migration_id, exc, prepared)
+            except BaseException as exc:  # SIGTERM or SIGINT (Interrupted): no answer, but nothing prepared stays
+                if prepared is not None:
+                    prepared.discard(registry, exc)
+                raise
         # It runs here: from now on the only true answer is "restored", whatever fails next.
         try:
             # Outlives the container's record: `recover` must hear "it came here" even after it left again.
@@ -293,7 +304,7 @@ def _store(incoming: transport.FrameReader, directory: Path) -> Path:
     return path
 
 
-def _ahead(registry: containers.Registry, name: str, migration_id: str) -> Ahead | None:
+def _prepare(registry: containers.Registry, name: str, migration_id: str) -> Prepared | None:
     """Container `name`'s network of its own, made (see restore.prepare) as the pre-flight of migration `migration_id`
     that holds its claims here says it is (see `preflight_holding`); None if none says so (it has none, or gets a new
     address here: its restore makes it)."""
@@ -310,10 +321,10 @@ def _failed(
     name: str,
     migration_id: str,
     exc: Exception,
-    ahead: Ahead | None,
+    prepared: Prepared | None,
 ) -> int:
     """Answer a receive that raised `exc`: restored if the container runs here all the same, else the error, once
-    what was made `ahead` of its archive is removed."""
+    what was `prepared` for it before its archive came is removed."""
     if _came_up(registry, migration_id):
         # It failed after the container came up here: it runs, so that is the only true answer.
         log.warning("receiving %s: %s after it came up here", name, exc)
@@ -321,8 +332,8 @@ def _failed(
         warnings = [f"after the restore: {exc}"]
         transport.emit(stdout, "restored", name=name, pid_map={}, warnings=warnings, address=address)
         return 0
-    if ahead is not None:
-        ahead.discard(registry, exc)
+    if prepared is not None:
+        prepared.discard(registry, exc)
     # Whatever went wrong, the source must hear it did not run here, or it waits frozen.
     failure = (
         exc

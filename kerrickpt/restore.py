@@ -77,7 +77,7 @@ class RestoreResult:
 
 
 @dataclass
-class Ahead:
+class Prepared:
     """What a migration's target makes for the container before its archive arrives (see `prepare`), for its
     restore to take over: its name reserved, its network of its own made, cut off."""
 
@@ -95,7 +95,7 @@ class Ahead:
 
 def prepare(
     registry: containers.Registry, name: str, migration_id: str, carried: network.Identity, *, confined: bool
-) -> Ahead:
+) -> Prepared:
     """Reserve `name` and make its network of its own (`carried`, which the pre-flight of migration `migration_id`
     claimed here: see network.reserve), cut off, for the restore of a container that migration brings, `confined`
     or not: made while its archive arrives, not after the last byte, in its downtime (some 40-60 ms)."""
@@ -110,7 +110,7 @@ def prepare(
     except BaseException as exc:
         containers.undo(registry, name, None, own_net, exc)
         raise
-    return Ahead(name, own_net, settings, confined)
+    return Prepared(name, own_net, settings, confined)
 
 
 def _make_network(
@@ -143,7 +143,7 @@ def restore(
     pool: isolation.IdPool | None = None,
     key: keys.Key | None = None,
     helper: restorer.Helper | None = None,
-    ahead: Ahead | None = None,
+    prepared: Prepared | None = None,
 ) -> RestoreResult:
     """Restore the archive at `path` (or arriving on a stream) as container `name` (default: the name
     it was dumped under).
@@ -175,11 +175,12 @@ def restore(
     An archive file sealed with a key (`checkpoint(key=...)`) needs that `key`, and with a key only a sealed one is
     taken (see sealed.opened): KeyUnusableError before anything is read if it is missing or another.
 
-    `helper`: the restore's helper program started ahead, holding none of the caller's files (so not with `stdout`
-    or `stderr`): a migration's receiver starts it before the archive arrives, as its Python and imports take
-    0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close; its caller may close it again).
-    `ahead`: what `prepare` made for it, taken over once the archive is read as far as its manifest (RestoreFailed
-    if that carries another name or network); before that, a failure leaves it to the caller (Ahead.discard).
+    `helper`: the restore's helper program started ahead, holding none of the caller's files (neither `stdout` nor
+    `stderr`, nor the caller's own stderr: see restorer.Helper): a migration's receiver starts it before the archive
+    arrives, as its Python and imports take 0.1-0.3 s. The restore ends it as it ends one of its own (Helper.close;
+    its caller may close it again).
+    `prepared`: what `prepare` made for it, taken over once the archive is read as far as its manifest (RestoreFailed
+    if that carries another name or network); before that, a failure leaves it to the caller (Prepared.discard).
     """
     if pid_namespace not in ("new", "host"):
         raise UsageError(f"pid_namespace must be 'new' or 'host', not {pid_namespace!r}")
@@ -231,7 +232,7 @@ def restore(
             with contextlib.nullcontext() if index is None else feeder.Feed(source, index, scratch) as feed:
                 init_pid, connected_at = _restore_as(
                     registry, found, manifest, scratch, name, migration_id, plan, feed, helper, layers, given, pool,
-                    remap=net_remap, ahead=ahead,
+                    remap=net_remap, prepared=prepared,
                 )  # fmt: skip
         handed_over = watcher is not None
     finally:
@@ -281,24 +282,24 @@ def _restore_as(
     pool: isolation.IdPool | None,
     *,
     remap: bool,
-    ahead: Ahead | None,
+    prepared: Prepared | None,
 ) -> tuple[int, float | None]:
     """The restored init's host PID, and when its own network was connected (None: it shares the node's). What
-    `ahead` made is this restore's from here on, whatever happens."""
-    if ahead is None:
+    was `prepared` for it is this restore's from here on, whatever happens."""
+    if prepared is None:
         registry.reserve(name)
     else:
-        ahead.taken = True
+        prepared.taken = True
     group: cgroups.Cgroup | None = None
     log_fd: int | None = None
-    own_net: network.Network | None = ahead.net if ahead is not None else None
+    own_net: network.Network | None = prepared.net if prepared is not None else None
     settings: netsettings.Settings | None = None
     try:
         confined = manifest.confinement is not None
-        if ahead is not None:
-            if (name, manifest.network, confined) != (ahead.name, ahead.net.identity(), ahead.confined):
+        if prepared is not None:
+            if (name, manifest.network, confined) != (prepared.name, prepared.net.identity(), prepared.confined):
                 raise RestoreFailed(f"the archive of {name} is not the container its migration's pre-flight announced")
-            settings = ahead.settings
+            settings = prepared.settings
         elif manifest.network is not None:
             archived = manifest.network
             fall_back = plan.tcp == criu.TCP_CLOSE
@@ -320,8 +321,8 @@ def _restore_as(
         except FileExistsError:
             raise RestoreFailed(f"cgroup {cgroups.parent_name()}/{name} exists already") from None
         if manifest.confinement is not None:
-            confined = _confine(registry, name, manifest, scratch, feed, layers, pool or isolation.id_pool())
-            plan = dataclasses.replace(plan, confinement=confined, layer=rootfs.Layer.of(registry.path(name)))
+            confinement = _confine(registry, name, manifest, scratch, feed, layers, pool or isolation.id_pool())
+            plan = dataclasses.replace(plan, confinement=confinement, layer=rootfs.Layer.of(registry.path(name)))
         inherit: dict[str, Path | int] = {}
         if manifest.log_path:
             # The restored processes write to this container's own log, which starts

@@ -7,12 +7,13 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kerrickpt import cgroups, criu, criuopts, helper, namespaces, rootfs, sysvipc
+from kerrickpt import cgroups, command, criu, criuopts, helper, namespaces, rootfs, sysvipc
 from kerrickpt.confinement import Confinement
 from kerrickpt.errors import ArchiveCorruptError, CommandTimeout, KerrickptError, RestoreFailed
 
@@ -45,15 +46,22 @@ class Helper:
     the fork stays locked for good. Its Python takes a while to start: it starts as the restore
     begins, and gets its order once the restore is planned (`run`); left without one, it leaves. It holds
     `pass_fds` (numbered 3 or above) at their numbers, for `run` to hand to CRIU.
+
+    Its stderr is a file of its own, not its caller's: a migration's receiver starts it before the archive comes,
+    and the receiver's stderr is its ssh channel, which must close as the receiver ends, whatever becomes of this
+    helper. What it says there (a Python that failed before it could answer) comes with the error that it died
+    without an answer.
     """
 
     def __init__(self, pass_fds: Sequence[int] = ()) -> None:
         self.answers: int | None
         self.answers, writer = os.pipe()
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the helper; closed in close()
         try:
-            self.process = helper.start("restore", pass_fds=(writer, *pass_fds))
+            self.process = helper.start("restore", pass_fds=(writer, *pass_fds), stderr=self.errors.fileno())
         except BaseException:
             os.close(self.answers)
+            self.errors.close()
             raise
         finally:
             os.close(writer)
@@ -93,7 +101,10 @@ class Helper:
         answer = _answer(said)
         _raise_error(answer)
         if "pid" not in answer:
-            raise RestoreFailed(f"the restore helper died without an answer (exit code {self.process.returncode})")
+            raise RestoreFailed(
+                f"the restore helper died without an answer (exit code {self.process.returncode})",
+                log_tail=self._said(),
+            )
         return int(answer.get("init", answer["pid"]))
 
     def close(self) -> None:
@@ -103,6 +114,12 @@ class Helper:
             os.close(self.answers)
             self.answers = None
         self.process.wait()
+        self.errors.close()
+
+    def _said(self) -> str:
+        """The last lines it wrote to its stderr."""
+        self.errors.seek(0)
+        return command.tail(self.errors.read().decode(errors="replace"))
 
 
 def _order(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ import pytest
 
 from bench.lab import redis_server
 from kerrickpt import containers, netlinks, netports, netsettings, network
-from kerrickpt.localnodes import SEGMENT, Cluster, Node
+from kerrickpt.localnodes import SEGMENT, Cluster, Node, kerrickpt_path
 from tests.helpers import CONFINED, CONFINED_USER, Client, uid_inside, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -213,12 +215,8 @@ def test_a_migration_that_fails_before_the_restore_leaves_nothing_of_the_network
     assert said in failed.stderr
     _in_sequence(client)
     _stayed(a, b, name)
-    netns, veth = network.names(containers.Registry(b.state_dir), name)
-    assert not (netlinks.NETNS_DIR / netns).exists()
-    shown = subprocess.run(["ip", "-n", b.netns, "link", "show", veth], capture_output=True, check=False, timeout=30)
-    assert shown.returncode != 0, "its veth went"
-    assert not (b.state_dir / "containers" / name).exists()
-    assert not [p for p in (b.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()], "its claims went"
+    _nothing_made_on(b, name)
+    assert not _claims_on(b, name), "its claims went"
 
 
 def test_an_address_another_machine_of_the_segment_holds_is_refused_before_the_freeze(cluster: Cluster) -> None:
@@ -321,3 +319,90 @@ def test_a_node_port_another_container_of_the_target_publishes_is_refused_before
     assert f"container {holder} publishes node port 18091/tcp" in refused.stderr
     assert "nothing was frozen" in refused.stderr
     _stayed(a, b, name)
+
+
+@KINDS
+def test_a_receiver_ended_by_sigterm_mid_transfer_leaves_nothing_of_the_network_on_the_target(
+    cluster: Cluster, talk: Talk, kind: tuple[str, ...]
+) -> None:
+    a, b = cluster.nodes
+    name, _, client = _talking(cluster, a, talk, *kind)
+
+    def ended(marker: Path) -> None:
+        wait_for(lambda: not marker.exists(), timeout=30, what="the receiver to end")
+        _nothing_made_on(b, name)  # while the source is stopped: the receiver removed it, not `gc` nor the source
+
+    err = _receiver_signalled_mid_transfer(cluster, name, signal.SIGTERM, ended)
+
+    assert b"runs on here again" in err
+    _in_sequence(client)
+    _stayed(a, b, name)
+    assert not _claims_on(b, name), "its claims went with the pre-flight"
+
+
+def test_what_a_receiver_killed_mid_transfer_left_does_not_stop_the_next_migration(
+    cluster: Cluster, talk: Talk
+) -> None:
+    a, b = cluster.nodes
+    name, address, client = _talking(cluster, a, talk)
+    _receiver_signalled_mid_transfer(cluster, name, signal.SIGKILL, lambda _: None)
+    assert _rows(a)[name]["state"] == "running"
+    assert _rows(b)[name]["state"] == "abandoned", "the killed receiver left the name, with its network"
+
+    moved = _migrate(cluster, a, b, name)  # its pre-flight removes what the killed receiver left under the name
+
+    assert moved.returncode == 0, moved.stderr
+    _in_sequence(client)
+    assert _rows(b)[name]["address"] == address
+
+
+def _receiver_signalled_mid_transfer(
+    cluster: Cluster, name: str, signum: signal.Signals, meanwhile: Callable[[Path], None]
+) -> bytes:
+    """Migrate `name` from a to b, once, sending b's receiver `signum` while the source is stopped with its archive
+    sent up to the manifest (b made the container's network and waits), then `meanwhile(its marker)`: the source's
+    stderr, once it failed (exit 11)."""
+    a, b = cluster.nodes
+    argv = ["nsenter", f"--net=/run/netns/{a.netns}", kerrickpt_path(), "migrate", name, "--attempts", "1"]
+    env = {**os.environ, **a.env(), "KERRICKPT_FAULT": "archive-before-manifest:pause"}
+    run = subprocess.Popen([*argv, *cluster.migrate_args(b)], stderr=subprocess.PIPE, env=env)
+    try:
+        _, status = os.waitpid(run.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the source stops mid-transfer"
+        (marker,) = (b.state_dir / "incoming").glob("*.json")
+        _, veth = network.names(containers.Registry(b.state_dir), name)
+        assert _shows(b, "ip", "link", "show", veth), "b made the network before the archive came"
+        os.kill(int(json.loads(marker.read_text())["pid"]), signum)
+        meanwhile(marker)
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 11, err
+    return err
+
+
+def _nothing_made_on(node: Node, name: str) -> None:
+    """`node` has nothing of container `name`: its name, its network namespace, its veth (or the end a confined
+    one's restore would have moved in) and its chains of packet rules are gone."""
+    netns, veth = network.names(containers.Registry(node.state_dir), name)
+    assert not (netlinks.NETNS_DIR / netns).exists()
+    made = network.Network("", "", netns=netns, veth=veth)
+    for look in (
+        ["ip", "link", "show", veth],
+        ["ip", "link", "show", made.unplaced],
+        ["iptables", "-w", "-t", "nat", "-S", made.chain],
+        ["ebtables", "-t", "nat", "-L", made.chain],
+    ):
+        assert not _shows(node, *look), f"{look[-1]} went"
+    assert not (node.state_dir / "containers" / name).exists()
+
+
+def _claims_on(node: Node, name: str) -> list[Path]:
+    """The address and node port claims on `node` that name container `name`."""
+    return [p for p in (node.state_dir / network.DIRECTORY).iterdir() if name in p.read_text()]
+
+
+def _shows(node: Node, *look: str) -> bool:
+    """Whether `look` (ip, iptables or ebtables showing a link or a chain) finds it in `node`'s network namespace."""
+    shown = subprocess.run(["ip", "netns", "exec", node.netns, *look], capture_output=True, check=False, timeout=30)
+    return shown.returncode == 0

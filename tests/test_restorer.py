@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import kerrickpt
-from kerrickpt import cgroups, procs, sysvipc
+from kerrickpt import cgroups, procs, restorer, sysvipc
 from tests.helpers import cli_env, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
@@ -346,3 +346,14 @@ def test_queues_and_semaphores_a_host_daemon_made_are_refused_before_the_freeze_
         wait_for(lambda: max(ticks(job.log.read_text())) > seen + 2, what="the job to keep running")
     finally:
         sysvipc.remove(daemons)
+
+
+def test_a_restore_helper_holds_neither_its_callers_stdout_nor_its_stderr() -> None:
+    # A migration's receiver starts it before the archive comes; the receiver's stderr is its ssh channel, which
+    # must close as the receiver ends (the source waits for it), whatever becomes of the helper.
+    helper = restorer.Helper()
+    try:
+        held = {os.readlink(f"/proc/{helper.process.pid}/fd/{fd}") for fd in (1, 2)}
+        assert not held & {os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+    finally:
+        helper.close()
