@@ -550,6 +550,21 @@ def remove_abandoned(registry: Registry, name: str) -> None:
     registry.release(name)
 
 
+def remove_if_abandoned(registry: Registry, name: str) -> bool:
+    """remove_abandoned, once the container's lock is held and `name` is still abandoned under it: a name seen
+    abandoned a while ago may have been removed by another command and reserved anew by a live run since (reserve
+    needs no lock, but makes the name's directory, which is then no longer abandoned). False if another command
+    holds the name, or it is not abandoned now."""
+    try:
+        with registry.lock(name):
+            if not registry.is_abandoned(name):
+                return False
+            remove_abandoned(registry, name)
+            return True
+    except BusyError:
+        return False
+
+
 def kill(name: str, state_dir: Path | str | None = None) -> None:
     """End a container and remove its cgroups and state (also what an `abandoned` one left)."""
     registry = Registry(state_dir)

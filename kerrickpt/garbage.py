@@ -83,7 +83,7 @@ def collect(registry: containers.Registry, *, dry_run: bool = False, kinds: tupl
         if leftover.kind == POSTCOPY:
             postcopy.reap(registry, path.stem)
         elif leftover.kind == CONTAINER:
-            containers.remove_abandoned(registry, path.name)
+            containers.remove_if_abandoned(registry, path.name)  # found a while ago: looked at again, locked
         elif leftover.kind == SCRATCH:
             shutil.rmtree(path, ignore_errors=True)
         elif leftover.kind in (ID_RANGE, NETWORK):

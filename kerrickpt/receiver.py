@@ -153,9 +153,7 @@ def _check(
     if registry.is_abandoned(name):
         # Left by a run or a receiver that died (killed mid-way, its network made ahead): the migration is refused
         # for it otherwise, and `gc` would remove it all the same.
-        with registry.lock(name):
-            if registry.is_abandoned(name):  # still, under the lock: not reserved anew meanwhile
-                containers.remove_abandoned(registry, name)
+        containers.remove_if_abandoned(registry, name)
     if registry.path(name).exists():
         raise ContainerExistsError(f"the target has a container named {name!r} already")
     if request.network is not None:
@@ -263,7 +261,7 @@ def receive(
                 )  # fmt: skip
             except Exception as exc:
                 return _failed(stdout, registry, name, migration_id, exc, prepared)
-            except BaseException as exc:  # SIGTERM or SIGINT (Interrupted): no answer, but nothing prepared stays
+            except BaseException as exc:  # a signal (Interrupted): no answer, but nothing prepared stays
                 if prepared is not None:
                     prepared.discard(registry, exc)
                 raise

@@ -203,3 +203,22 @@ def test_gc_removes_the_probe_namespaces_of_checks_that_died_and_leaves_one_prob
     assert not any((netlinks.NETNS_DIR / netns).exists() for netns in dead)
     assert (netlinks.NETNS_DIR / alive).exists()
     assert kerrickpt.gc(state_dir) == []
+
+
+def test_gc_leaves_a_name_reserved_anew_after_it_looked_and_one_another_command_holds(
+    state_dir: Path, half_made: tuple[str, subprocess.Popen[bytes], cgroups.Cgroup]
+) -> None:
+    name, orphan, group = half_made
+    registry = containers.Registry(state_dir)
+    with registry.lock(name):  # `kill` or a migration's pre-flight at it
+        assert not containers.remove_if_abandoned(registry, name)
+    assert orphan.poll() is None and registry.path(name).exists()
+    # Removed by another command after gc had seen it abandoned, then reserved by a live run before gc came to it.
+    containers.remove_abandoned(registry, name)
+    registry.reserve(name)
+    try:
+        assert not containers.remove_if_abandoned(registry, name)
+        assert registry.path(name).exists() and not registry.is_abandoned(name)
+    finally:
+        registry.release(name)
+    assert orphan.wait(timeout=10) == -9 and not any(d.exists() for d in group.dirs)
