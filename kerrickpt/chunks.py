@@ -214,10 +214,11 @@ class Chunks:
         finally:
             os.close(fd)
 
-    def adding(self, level: int = zstdframe.DEFAULT_LEVEL) -> Adding:
-        """A new pack for the chunks a run adds, compressed at zstd `level`; hold `lock` shared from before it to
-        the recipe's publishing."""
-        return Adding(self, level)
+    def adding(self, level: int = zstdframe.DEFAULT_LEVEL, known: dict[bytes, int] | None = None) -> Adding:
+        """A new pack for the chunks a run adds, compressed at zstd `level`, sharing those `known` (address -> id,
+        found by `known` under the same lock) without looking them up; hold `lock` shared from before `known` was
+        found to the recipe's publishing."""
+        return Adding(self, level, known)
 
     def lookup(self, digests: list[bytes]) -> dict[bytes, int]:
         """The ids of those of `digests` the index holds whole (a damaged one's content is stored again)."""
@@ -233,6 +234,26 @@ class Chunks:
                 found.update(self.db.execute(f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", batch))
             for (digest,) in self.db.execute("SELECT digest FROM chunks WHERE pack = ?", (DAMAGED,)):
                 found.pop(digest, None)
+        return found
+
+    def known(self, runs: Iterable[tuple[int, int]]) -> dict[bytes, int]:
+        """The address and id of each chunk `runs` (first id, count) name that the index holds whole: what `lookup`
+        would find of them, read along the ids (each run a walk of the table) rather than found address by address
+        in the address's index, some four times faster for a snapshot's worth."""
+        found: dict[bytes, int] = {}
+        runs = list(runs)
+        with _index_errors(self.index):
+            for start in range(0, len(runs), LOCATE_RUNS):
+                group = runs[start : start + LOCATE_RUNS]
+                values = ",".join(["(?, ?)"] * len(group))
+                bounds = [bound for first, count in group for bound in (first, first + count - 1)]
+                found.update(
+                    self.db.execute(
+                        f"WITH runs (first, last) AS (VALUES {values}) SELECT digest, id FROM runs CROSS JOIN chunks "
+                        "ON id BETWEEN first AND last WHERE pack != ?",
+                        [*bounds, DAMAGED],
+                    )
+                )
         return found
 
     def locate(self, runs: list[tuple[int, int]]) -> Batch:
@@ -525,9 +546,11 @@ class Adding:
     k-th new chunk of this pack; `resolve` turns references into ids once committed.
     """
 
-    def __init__(self, chunks: Chunks, level: int) -> None:
+    def __init__(self, chunks: Chunks, level: int, known: dict[bytes, int] | None = None) -> None:
         self.chunks = chunks
         self.level = level
+        # Address -> id of chunks the index holds whole: those `known` gave, then those looked up.
+        self.known: dict[bytes, int] = known if known is not None else {}
         self.pack = _NewPack(chunks.packs)
         self.new: dict[bytes, int] = {}  # digest -> k, in pack order
         self.offsets: list[tuple[int, int]] = []  # the new chunks' entries: offset, length
@@ -551,10 +574,11 @@ class Adding:
         digests = [d for ds in self.chunks.pool.map(lambda b: [address(p) for p in b], batches) for d in ds]
         if seen is not None:
             seen(b"".join(digests))
-        known = self.chunks.lookup([d for d in digests if d not in self.new])
+        known, new = self.known, self.new
+        known.update(self.chunks.lookup([d for d in digests if d not in known and d not in new]))
         fresh: dict[bytes, memoryview] = {}
         for digest, piece in zip(digests, pieces, strict=True):
-            if digest not in known and digest not in self.new and digest not in fresh:
+            if digest not in known and digest not in new and digest not in fresh:
                 fresh[digest] = piece
         items = list(fresh.items())
         sealed = self.chunks.pool.map(
@@ -563,8 +587,8 @@ class Adding:
         for entries in sealed:
             self.offsets += zip(self.pack.append(entries), map(len, entries), strict=True)
         for digest in fresh:
-            self.new[digest] = len(self.new)
-        return array("q", (known[d] if d in known else -1 - self.new[d] for d in digests))
+            new[digest] = len(new)
+        return array("q", (known[d] if d in known else -1 - new[d] for d in digests))
 
     def _entry(self, digest: bytes, piece: memoryview) -> bytes:
         local = self.chunks.local

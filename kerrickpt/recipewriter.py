@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import logging
 import time
 from array import array
 from collections.abc import Callable
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from kerrickpt import archivewriter, chunks, faults, progress, recipe
-from kerrickpt.errors import ArchiveCorruptError, BusyError
+from kerrickpt.errors import ArchiveCorruptError, BusyError, KerrickptError
 from kerrickpt.manifest import Manifest, Member
 
 # Cut and handed on at a time: enough for every thread to hash and compress a share.
 ADD_BYTES = 8 << 20
+
+log = logging.getLogger(__name__)
 
 Place = Callable[[Path, Manifest, Path], contextlib.AbstractContextManager[None]]
 
@@ -29,9 +33,9 @@ class Writer(archivewriter.Target):
     path, the manifest and the staged recipe, whose size and time the snapshot has): a context that records it, and
     undoes that if the link fails.
 
-    The chunk lock is held shared from the first byte to the block's end, so no sweep frees a chunk it shares
-    meanwhile; whatever a run that dies leaves (a hidden pack, chunks no recipe names, a hidden recipe) is never a
-    snapshot. The chunks it shares with older snapshots are taken on the index's word, as borg and restic take theirs
+    The chunk lock is held shared from `prepare` (before the freeze) to the block's end, so no sweep frees a chunk it
+    shares meanwhile; whatever a run that dies leaves (a hidden pack, chunks no recipe names, a hidden recipe) is never
+    a snapshot. The chunks it shares with older snapshots are taken on the index's word, as borg and restic take theirs
     (`verify` finds damage in them and marks it, and the next snapshot holding the content stores it again); the new
     ones are read back and checked before the recipe names them, so a snapshot is recorded verified only once what it
     wrote reads back right, and none it shares was marked damaged since it looked it up.
@@ -53,10 +57,32 @@ class Writer(archivewriter.Target):
         self.path: Path | None = None  # the recipe, once committed
         self.stack = contextlib.ExitStack()
         self._adding: chunks.Adding | None = None
+        self.known: dict[bytes, int] | None = None  # see `prepare`
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
+
+    def prepare(self) -> None:
+        """Take the chunk lock shared, before the freeze, and find the chunks of the container's newest snapshot:
+        held to the block's end, so that no sweep frees them before the recipe names them."""
+        self.stack.enter_context(self.store.lock(exclusive=False))
+        self.known = self._previous()
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
+
+    def _previous(self) -> dict[bytes, int]:
+        """The address and id of each chunk of the newest snapshot in `directory` that the index holds whole: most of
+        a snapshot's pages are the last one's, and finding them by their ids costs a quarter of looking each up by
+        its address after the thaw. Empty if there is none, or its recipe does not read (each of this run's chunks
+        is then looked up)."""
+        newest = max(self.directory.glob(f"*{recipe.SUFFIX}"), default=None)
+        if newest is None:
+            return {}
+        try:
+            runs = recipe.read(newest, self.store.seal).files.values()
+        except (KerrickptError, OSError) as exc:
+            log.info("the chunks of %s are looked up one by one: %s", newest, exc)
+            return {}
+        return self.store.known(itertools.chain.from_iterable(runs))
 
     @property
     def linking(self) -> None:
@@ -66,9 +92,9 @@ class Writer(archivewriter.Target):
     def adding(self) -> chunks.Adding:
         """The new pack, opened with the first bytes under the chunk lock: a run that dies before leaves nothing."""
         if self._adding is None:
+            assert self.known is not None, "prepare first"
             self.started = time.monotonic()
-            self.stack.enter_context(self.store.lock(exclusive=False))
-            self._adding = self.stack.enter_context(self.store.adding(self.level))
+            self._adding = self.stack.enter_context(self.store.adding(self.level, self.known))
         return self._adding
 
     def _put(self, name: str, data: bytes) -> None:

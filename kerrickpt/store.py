@@ -382,6 +382,7 @@ class Store:
             intake.snapshot = snap  # linked in
 
         with self.chunks() as store, recipewriter.Writer(store, self.directory(name), final, place, level) as writer:
+            writer.prepare()
             intake = Intake(writer)
             yield intake
 

@@ -129,6 +129,68 @@ def test_a_second_snapshot_of_barely_changed_memory_grows_the_store_by_a_small_f
     assert read_back(second, tmp_path / "b") == second_pages
 
 
+def test_a_snapshot_looks_up_only_the_pages_its_container_s_last_snapshot_lacks(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, key, _ = either
+    first_pages = memory(40)
+    take(store, "job1", T0, first_pages)
+    looked_up: list[int] = []
+    lookup = chunks.Chunks.lookup
+
+    def counted(self: chunks.Chunks, digests: list[bytes]) -> dict[bytes, int]:
+        looked_up.append(len(digests))
+        return lookup(self, digests)
+
+    monkeypatch.setattr(chunks.Chunks, "lookup", counted)
+    second_pages = rewrite(first_pages, 0.05, 41)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+    with_last = sum(looked_up)
+    looked_up.clear()
+    other = take(store, "job2", T0, second_pages)  # no snapshot before: every page looked up, and found
+
+    # The 51 rewritten pages (and the inventory, where it changed), looked up as they come and again, as new chunks,
+    # for their ids: the rest came with the last snapshot.
+    assert with_last <= 2 * (0.05 * PAGES + 1)
+    assert sum(looked_up) >= PAGES
+    assert read_back(second, tmp_path / "second", key) == second_pages
+    assert read_back(other, tmp_path / "other", key) == second_pages
+
+
+def test_the_chunks_of_a_snapshot_found_by_their_ids_are_what_a_lookup_finds_damaged_ones_left_out(
+    store: Store,
+) -> None:
+    take(store, "job1", T0, memory(42))
+    with chunks.Chunks(store.root / chunks.DIRECTORY) as opened:
+        opened.mark_damaged(5)
+        rows = opened.db.execute("SELECT digest FROM chunks ORDER BY id").fetchall()
+        digests = [digest for (digest,) in rows]
+        runs = [(1, 3), (4, 10), (1, 2), (20, PAGES - 19), (PAGES + 5, 3)]  # repeated, and past the last id
+
+        found = opened.known(runs)
+
+    named = {i for first, count in runs for i in range(first, first + count) if i <= len(digests)}
+    assert found == {digests[i - 1]: i for i in named if i != 5}
+
+
+def test_a_snapshot_whose_last_one_does_not_read_looks_every_page_up_and_still_shares_them(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
+) -> None:
+    store, key, _ = either
+    first_pages = memory(43)
+    first = take(store, "job1", T0, first_pages)
+    size = stored(store)
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    first.path.write_bytes(bytes(data))
+
+    second_pages = rewrite(first_pages, 0.05, 44)
+    second = take(store, "job1", T0 + timedelta(hours=1), second_pages)
+
+    assert second.status == VERIFIED and read_back(second, tmp_path / "second", key) == second_pages
+    assert stored(store) - size < 0.10 * size
+
+
 def test_snapshots_of_two_containers_share_the_store(store: Store, tmp_path: Path) -> None:
     pages = memory(3)
     take(store, "job1", T0, pages)
