@@ -70,6 +70,11 @@ class Target(abc.ABC):
         """(the partial file, the path it is linked to once complete), for the guardian to tell a snapshot in place
         from one a death cut short; None if that path is not known up front."""
 
+    @abc.abstractmethod
+    def ready(self) -> None:
+        """Called before the freeze: what the target prepares meanwhile (see recipewriter.Writer.prepare) is done,
+        so that none of it runs while the container is frozen."""
+
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Append `data` to the file `name`, which may be one of several open at once."""
         written = self._file(name)
@@ -226,6 +231,9 @@ class Writer(Target):
     @property
     def linking(self) -> tuple[Path, Path]:
         return self.tmp, self.path
+
+    def ready(self) -> None:
+        """An archive prepares nothing before the freeze."""
 
     def _out(self) -> Any:
         """The compressed stream, opened with the first member: a run that dies before leaves no file."""

@@ -252,6 +252,7 @@ def capture(
             step = "reserving space for the images"
             progress.current().phase("reserving space for the images")
             warmed = reserve.Reserve(scratch, group.memory_usage() or 0)
+        writer.ready()
         step = "freezing the cgroup"
         progress.current().phase("freezing")
         freezer = group.freezer

@@ -128,11 +128,7 @@ class Chunks:
             )
         for directory in (root, self.packs):
             trust.check(directory, "snapshot store's chunks")
-        with _index_errors(self.index):
-            # mode=rw: never made anew here, should it go between the check above and this.
-            self.db = sqlite3.connect(
-                f"file:{quote(str(self.index))}?mode=rw", uri=True, isolation_level=None, timeout=LOCK_WAIT
-            )
+        self.db = self._connect()
         try:
             with _index_errors(self.index):
                 if create:
@@ -145,6 +141,13 @@ class Chunks:
         self.threads = os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
         self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
+
+    def _connect(self) -> sqlite3.Connection:
+        with _index_errors(self.index):
+            # mode=rw: never made anew here, should it go between the check in __init__ and this.
+            return sqlite3.connect(
+                f"file:{quote(str(self.index))}?mode=rw", uri=True, isolation_level=None, timeout=LOCK_WAIT
+            )
 
     def _create(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later open uses it
@@ -239,16 +242,18 @@ class Chunks:
     def known(self, runs: Iterable[tuple[int, int]]) -> dict[bytes, int]:
         """The address and id of each chunk `runs` (first id, count) name that the index holds whole: what `lookup`
         would find of them, read along the ids (each run a walk of the table) rather than found address by address
-        in the address's index, some four times faster for a snapshot's worth."""
+        in the address's index, some four times faster for a snapshot's worth. On a connection of its own: any thread
+        may call it."""
         found: dict[bytes, int] = {}
         runs = list(runs)
-        with _index_errors(self.index):
+        db = self._connect()
+        with contextlib.closing(db), _index_errors(self.index):
             for start in range(0, len(runs), LOCATE_RUNS):
                 group = runs[start : start + LOCATE_RUNS]
                 values = ",".join(["(?, ?)"] * len(group))
                 bounds = [bound for first, count in group for bound in (first, first + count - 1)]
                 found.update(
-                    self.db.execute(
+                    db.execute(
                         f"WITH runs (first, last) AS (VALUES {values}) SELECT digest, id FROM runs CROSS JOIN chunks "
                         "ON id BETWEEN first AND last WHERE pack != ?",
                         [*bounds, DAMAGED],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -57,14 +58,21 @@ class Writer(archivewriter.Target):
         self.path: Path | None = None  # the recipe, once committed
         self.stack = contextlib.ExitStack()
         self._adding: chunks.Adding | None = None
-        self.known: dict[bytes, int] | None = None  # see `prepare`
+        self.finding: concurrent.futures.Future[dict[bytes, int]] | None = None  # see `prepare`
+        self.known: dict[bytes, int] | None = None
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
     def prepare(self) -> None:
-        """Take the chunk lock shared, before the freeze, and find the chunks of the container's newest snapshot:
-        held to the block's end, so that no sweep frees them before the recipe names them."""
+        """Take the chunk lock shared, before the freeze, and start finding the chunks of the container's newest
+        snapshot, on another thread while the checkpoint takes its reserve (`ready` waits for them): the lock is held
+        to the block's end, so that no sweep frees them before the recipe names them."""
         self.stack.enter_context(self.store.lock(exclusive=False))
-        self.known = self._previous()
+        self.finding = self.store.pool.submit(self._previous)
+
+    def ready(self) -> None:
+        if self.known is None:
+            assert self.finding is not None, "prepare first"
+            self.known = self.finding.result()
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
@@ -92,7 +100,8 @@ class Writer(archivewriter.Target):
     def adding(self) -> chunks.Adding:
         """The new pack, opened with the first bytes under the chunk lock: a run that dies before leaves nothing."""
         if self._adding is None:
-            assert self.known is not None, "prepare first"
+            self.ready()
+            assert self.known is not None
             self.started = time.monotonic()
             self._adding = self.stack.enter_context(self.store.adding(self.level, self.known))
         return self._adding

@@ -9,7 +9,9 @@ from kerrickpt.streamer import Sink
 
 NAME = "images.reserve"
 TOUCH_BYTES = 1 << 20
-READ_BYTES = 1 << 20
+# Handed on at a time after the thaw: as much as a deduplicating store cuts at once (recipewriter.ADD_BYTES), which
+# then takes each piece as it is, not joined from smaller ones (a copy of every byte).
+READ_BYTES = 8 << 20
 
 
 class Reserve:
