@@ -10,12 +10,13 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kerrickpt import limits
 from kerrickpt.errors import CommandTimeout
 
 TAIL_LINES = 20
+TAIL_BYTES = 64 * 1024
 
 
 def tail(text: str, lines: int = TAIL_LINES) -> str:
@@ -23,14 +24,19 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
+def tail_of(fh: BinaryIO, lines: int = TAIL_LINES) -> str:
+    """The last lines of an open file (a program's stderr kept in one), read from its last TAIL_BYTES only: a
+    program that wrote on for long leaves no more to read than one that stopped at once."""
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(max(0, size - TAIL_BYTES))
+    return tail(fh.read().decode(errors="replace"), lines)
+
+
 def tail_file(path: Path, lines: int = TAIL_LINES) -> str:
     """The last lines of a log file, or a note that it is missing."""
     try:
         with path.open("rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            return tail(fh.read().decode(errors="replace"), lines)
+            return tail_of(fh, lines)
     except OSError as exc:
         return f"(no log at {path}: {exc.strerror})"
 

@@ -118,8 +118,7 @@ class Helper:
 
     def _said(self) -> str:
         """The last lines it wrote to its stderr."""
-        self.errors.seek(0)
-        return command.tail(self.errors.read().decode(errors="replace"))
+        return command.tail_of(self.errors)
 
 
 def _order(

@@ -245,8 +245,7 @@ class Channel:
         self.stderr.close()
 
     def error_tail(self) -> str:
-        self.stderr.seek(0)
-        return command.tail(self.stderr.read().decode(errors="replace"))
+        return command.tail_of(self.stderr)
 
     def broken(self, what: str) -> KerrickptError:
         """The connection failed: ssh's reason, or what the remote kerrickpt said before it went."""

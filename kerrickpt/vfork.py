@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kerrickpt import procs
+from kerrickpt.errors import HostError
 
 KCMP_VM = 1
 # kcmp(2) has no libc wrapper: its number on the architectures CRIU runs on (it needs kcmp itself).
@@ -74,5 +75,9 @@ def _same_memory(pid: int, other: int) -> bool:
         err = ctypes.get_errno()
         if err == errno.ESRCH:
             return False
-        raise OSError(err, f"kcmp of processes {pid} and {other}: {os.strerror(err)}")
+        # Refused (EPERM: a caller without ptrace rights over them) or worse: no vfork can be told apart, and a
+        # freeze that goes on might leave one frozen, which CRIU cannot seize.
+        raise HostError(
+            f"could not tell whether process {pid} waits in vfork for {other}: kcmp failed: {os.strerror(err)}"
+        )
     return result == 0

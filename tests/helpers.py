@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,17 @@ def archived_log(archive: Path) -> str:
 
 
 KERRICKPT = [sys.executable, "-m", "kerrickpt.cli.main"]
+
+
+def finished(run: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any]:
+    """`run.communicate(timeout=timeout)`, but a run still going at the timeout is killed and reaped before the
+    TimeoutExpired goes on: no test leaves its kerrickpt running."""
+    try:
+        return run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.communicate()
+        raise
 
 
 def cli_env(state_dir: Path | None = None, **extra: str) -> dict[str, str]:

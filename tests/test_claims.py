@@ -20,7 +20,7 @@ import pytest
 import kerrickpt
 from kerrickpt import claims, containers, network
 from kerrickpt.localnodes import Cluster, Node, kerrickpt_path
-from tests.helpers import unique_name, wait_for
+from tests.helpers import finished, unique_name, wait_for
 from tests.test_garbage import dead_pid
 
 PORT = "18093"  # the node port the migrating container publishes
@@ -57,7 +57,7 @@ def _paused_after_preflight(cluster: Cluster, name: str) -> Iterator[subprocess.
     finally:
         if run.poll() is None:
             os.kill(run.pid, signal.SIGCONT)
-            run.communicate(timeout=300)
+            finished(run, 300)
 
 
 def _holding(node: Node, address: str) -> list[str]:
@@ -84,7 +84,7 @@ def test_what_the_pre_flight_claimed_is_refused_to_others_until_the_migrated_con
         assert f"the container {name} that migration " in published.stderr
         assert f" brings here publishes node port {PORT}/tcp" in published.stderr
         os.kill(run.pid, signal.SIGCONT)
-        _, err = run.communicate(timeout=300)
+        _, err = finished(run, 300)
 
     assert run.returncode == 0, err
     assert _holding(b, address) == [name]

@@ -12,7 +12,7 @@ import pytest
 import kerrickpt
 from kerrickpt import cgroups, containers, procs
 from kerrickpt.cli.main import main
-from tests.helpers import KERRICKPT, cgroup_dirs, cli, cli_env, ipc_keys, ticks, unique_name, wait_for
+from tests.helpers import KERRICKPT, cgroup_dirs, cli, cli_env, finished, ipc_keys, ticks, unique_name, wait_for
 
 
 def test_usage_error_exits_2() -> None:
@@ -308,7 +308,7 @@ def test_signals_unwind_and_exit_128_plus_n(tmp_path: Path, signum: signal.Signa
         try:
             wait_for(lambda: _catches(run.pid, signal.SIGTERM), timeout=60, what="kerrickpt's signal handlers")
             run.send_signal(signum)
-            out, err = run.communicate(timeout=60)
+            out, err = finished(run, 60)
         finally:
             if run.poll() is None:
                 run.kill()

@@ -18,7 +18,7 @@ from kerrickpt import containers, idranges
 from kerrickpt.errors import ArchiveCorruptError, NoIdRangeError
 from kerrickpt.idmap import IdMap
 from kerrickpt.isolation import RANGE, IdPool, declared_pool
-from tests.helpers import wait_for
+from tests.helpers import finished, wait_for
 
 UID_FIRST, GID_FIRST = 0x40000000, 0x50000000  # never mapped here: the claims are only files
 
@@ -197,7 +197,7 @@ def _claim_at_once(
             wait_for(lambda: _waiting_for(held_back) == len(names), timeout=120, what="every claimer waiting")
             os.close(held)
             held = None
-        answers = {name: claimer.communicate(timeout=120)[0] for name, claimer in claimers.items()}
+        answers = {name: finished(claimer, 120)[0] for name, claimer in claimers.items()}
     finally:
         if held is not None:
             os.close(held)

@@ -20,7 +20,7 @@ from bench.lab import READY, pipe_max_size, wait_for_line
 from bench.lab import Job as MemJob
 from kerrickpt import containers, node, procs, sysvipc, transport, zstdframe
 from kerrickpt.localnodes import SSHD, Cluster, Node, kerrickpt_path
-from tests.helpers import KERRICKPT, cli_env, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import KERRICKPT, cli_env, finished, ipc_keys, probe, ticks, unique_name, wait_for
 from tests.test_confined import STEPS, USER, steps_written
 
 pytestmark = pytest.mark.root
@@ -326,7 +326,7 @@ def test_the_target_takes_the_archive_while_the_source_still_writes_it(cluster: 
         assert not [r for r in b.json("ps") if r["name"] == name], "nothing runs there before the end"
     finally:
         os.kill(run.pid, signal.SIGCONT)
-        out, err = run.communicate(timeout=120)
+        out, err = finished(run, 120)
     assert run.returncode == 0, err
     moved = json.loads(out)
     assert moved["attempts"]["transfer"] == 1
@@ -350,7 +350,7 @@ def test_the_downtime_ends_when_the_targets_answer_arrives(cluster: Cluster, wor
         time.sleep(answered - started)
     finally:
         os.kill(run.pid, signal.SIGCONT)
-        out, err = run.communicate(timeout=120)
+        out, err = finished(run, 120)
     assert run.returncode == 0, err
     assert 0 < json.loads(out)["downtime_s"] < answered - started
     assert_nothing_left(a, job)
@@ -483,7 +483,7 @@ def test_lazy_migration_whose_watcher_is_killed_ends_with_the_source_running_alo
             assert traced(init), "a's copy stays held by its CRIU while b's runs"
         finally:
             os.kill(pages, signal.SIGCONT)
-        out, err = run.communicate(timeout=300)
+        out, err = finished(run, 300)
     finally:
         if run.poll() is None:
             run.kill()
@@ -629,7 +629,7 @@ def test_sigterm_after_the_end_frame_keeps_the_source_frozen_and_exits_12(cluste
         # The target stops with the whole archive and its end frame received, before it answers.
         receiver = int(wait_for(stopped_receiver, timeout=120, what="the target's receiver to stop"))
         run.send_signal(signal.SIGTERM)
-        _, err = run.communicate(timeout=120)
+        _, err = finished(run, 120)
     finally:
         if receiver:
             os.kill(receiver, signal.SIGCONT)

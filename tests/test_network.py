@@ -31,6 +31,7 @@ from tests.helpers import (
     USER_PYTHON,
     Client,
     cli_env,
+    finished,
     uid_inside,
     unique_name,
     wait_for,
@@ -373,7 +374,7 @@ def test_a_checkpoint_whose_criu_is_killed_mid_dump_leaves_the_container_reachab
         # Dumped, its sockets in repair: cut off (no packet taken that the archive lacks), --leave-running too.
         assert "bridge_slave state disabled " in node.ip("-d", "link", "show", "dev", veth)
         os.kill(int(marker.read_text()), signal.SIGKILL)
-        _, err = checkpoint.communicate(timeout=120)
+        _, err = finished(checkpoint, 120)
     finally:
         if checkpoint.poll() is None:
             with contextlib.suppress(ValueError, ProcessLookupError):

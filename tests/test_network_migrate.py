@@ -22,7 +22,7 @@ import pytest
 from bench.lab import redis_server
 from kerrickpt import containers, netlinks, netports, netsettings, network
 from kerrickpt.localnodes import SEGMENT, Cluster, Node, kerrickpt_path
-from tests.helpers import CONFINED, CONFINED_USER, Client, uid_inside, unique_name, wait_for
+from tests.helpers import CONFINED, CONFINED_USER, Client, finished, uid_inside, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -376,7 +376,7 @@ def _receiver_signalled_mid_transfer(
         meanwhile(marker)
     finally:
         os.kill(run.pid, signal.SIGCONT)
-        _, err = run.communicate(timeout=120)
+        _, err = finished(run, 120)
     assert run.returncode == 11, err
     return err
 

@@ -19,7 +19,7 @@ import kerrickpt
 from kerrickpt import archive, archivewriter, progress
 from kerrickpt.localnodes import Cluster, kerrickpt_path
 from tests import test_archive
-from tests.helpers import KERRICKPT, cli, cli_env, ipc_keys, unique_name
+from tests.helpers import KERRICKPT, cli, cli_env, finished, ipc_keys, unique_name
 
 MiB = 2**20
 
@@ -125,7 +125,7 @@ def run_on_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str, str
             if not data:
                 break
             shown += data
-        out, _ = run.communicate(timeout=120)
+        out, _ = finished(run, 120)
     finally:
         os.close(controller)
         if run.poll() is None:

@@ -22,6 +22,7 @@ from tests.helpers import (
     checkpointed_side_writer,
     cli,
     cli_env,
+    finished,
     ticks,
     unique_name,
     wait_for,
@@ -270,7 +271,7 @@ def test_a_restore_whose_criu_is_stopped_at_its_time_limit_never_lets_the_tree_r
         wait_for(zombie, timeout=60, what="CRIU to be stopped")
     finally:
         os.kill(run.pid, signal.SIGCONT)
-        _, err = run.communicate(timeout=120)
+        _, err = finished(run, 120)
 
     assert run.returncode == 10, err
     assert b"criu did not finish in time and was stopped" in err

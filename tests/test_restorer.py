@@ -18,7 +18,7 @@ import pytest
 
 import kerrickpt
 from kerrickpt import cgroups, procs, restorer, sysvipc
-from tests.helpers import cli_env, ipc_keys, probe, ticks, unique_name, wait_for
+from tests.helpers import cli_env, finished, ipc_keys, probe, ticks, unique_name, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -225,7 +225,7 @@ def test_one_archive_restored_twice_at_once(host_job, workload: Path, state_dir:
         for name in names
     ]
     try:
-        results = [run.communicate(timeout=120) for run in runs]
+        results = [finished(run, 120) for run in runs]
     finally:
         for run in runs:
             if run.poll() is None:
@@ -298,7 +298,7 @@ def test_a_job_whose_session_leader_is_out_of_sight_is_refused_without_freezing(
         assert not (tmp_path / "never.kckpt").exists()
     finally:
         inner.kill()  # --kill-child: PID 1 of the namespace goes, and every process in it
-        _, err = inner.communicate(timeout=30)
+        _, err = finished(inner, 30)
         cgroups.Cgroup((path,)).remove()
     assert "session whose leader is outside" in err and "setsid" in err, err
 

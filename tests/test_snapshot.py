@@ -26,6 +26,7 @@ from tests.helpers import (
     assert_consecutive,
     cli,
     cli_env,
+    finished,
     guardians,
     ticks,
     unique_name,
@@ -236,7 +237,7 @@ def test_a_checkpoint_ended_while_criu_streams_thaws_once_criu_lets_go(
 
     run.send_signal(how)
     run.send_signal(signal.SIGCONT)
-    run.communicate(timeout=60)
+    finished(run, 60)
     assert run.returncode == (-how if how == signal.SIGKILL else 128 + how), "a signal that unwinds: exit 128+N"
 
     # CRIU's next write to a pipe nobody reads fails: it gives up, lets go, and the guardian thaws.
