@@ -252,6 +252,7 @@ def capture(
             step = "reserving space for the images"
             progress.current().phase("reserving space for the images")
             warmed = reserve.Reserve(scratch, group.memory_usage() or 0)
+        step = "reading what the store holds of the container"
         writer.ready()
         step = "freezing the cgroup"
         progress.current().phase("freezing")

@@ -554,7 +554,7 @@ class Adding:
     def __init__(self, chunks: Chunks, level: int, known: dict[bytes, int] | None = None) -> None:
         self.chunks = chunks
         self.level = level
-        # Address -> id of chunks the index holds whole: those `known` gave, then those looked up.
+        # Address -> id of chunks the index holds whole, found before the run (see Chunks.known).
         self.known: dict[bytes, int] = known if known is not None else {}
         self.pack = _NewPack(chunks.packs)
         self.new: dict[bytes, int] = {}  # digest -> k, in pack order
@@ -580,10 +580,11 @@ class Adding:
         if seen is not None:
             seen(b"".join(digests))
         known, new = self.known, self.new
-        known.update(self.chunks.lookup([d for d in digests if d not in known and d not in new]))
+        # Kept for this piece only: kept for the run, a GiB's lookups would take some 40 MiB more.
+        found = self.chunks.lookup([d for d in digests if d not in known and d not in new])
         fresh: dict[bytes, memoryview] = {}
         for digest, piece in zip(digests, pieces, strict=True):
-            if digest not in known and digest not in new and digest not in fresh:
+            if digest not in known and digest not in found and digest not in new and digest not in fresh:
                 fresh[digest] = piece
         items = list(fresh.items())
         sealed = self.chunks.pool.map(
@@ -593,7 +594,7 @@ class Adding:
             self.offsets += zip(self.pack.append(entries), map(len, entries), strict=True)
         for digest in fresh:
             new[digest] = len(new)
-        return array("q", (known[d] if d in known else -1 - new[d] for d in digests))
+        return array("q", (known[d] if d in known else found[d] if d in found else -1 - new[d] for d in digests))
 
     def _entry(self, digest: bytes, piece: memoryview) -> bytes:
         local = self.chunks.local

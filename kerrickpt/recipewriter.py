@@ -62,12 +62,12 @@ class Writer(archivewriter.Target):
         self.known: dict[bytes, int] | None = None
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
-    def prepare(self) -> None:
-        """Take the chunk lock shared, before the freeze, and start finding the chunks of the container's newest
-        snapshot, on another thread while the checkpoint takes its reserve (`ready` waits for them): the lock is held
-        to the block's end, so that no sweep frees them before the recipe names them."""
+    def prepare(self, last: Path | None) -> None:
+        """Take the chunk lock shared, before the freeze, and start finding the chunks of `last`, the recipe of the
+        container's newest snapshot (if any), on another thread while the checkpoint takes its reserve (`ready` waits
+        for them): the lock is held to the block's end, so that no sweep frees them before the recipe names them."""
         self.stack.enter_context(self.store.lock(exclusive=False))
-        self.finding = self.store.pool.submit(self._previous)
+        self.finding = self.store.pool.submit(self._previous, last)
 
     def ready(self) -> None:
         if self.known is None:
@@ -75,20 +75,20 @@ class Writer(archivewriter.Target):
             self.known = self.finding.result()
 
     def __exit__(self, *exc: object) -> None:
+        if self.finding is not None:
+            self.finding.cancel()  # a run that failed before it began waits for no table walk
         self.stack.close()
 
-    def _previous(self) -> dict[bytes, int]:
-        """The address and id of each chunk of the newest snapshot in `directory` that the index holds whole: most of
-        a snapshot's pages are the last one's, and finding them by their ids costs a quarter of looking each up by
-        its address after the thaw. Empty if there is none, or its recipe does not read (each of this run's chunks
-        is then looked up)."""
-        newest = max(self.directory.glob(f"*{recipe.SUFFIX}"), default=None)
-        if newest is None:
+    def _previous(self, last: Path | None) -> dict[bytes, int]:
+        """The address and id of each chunk of the recipe `last` that the index holds whole: most of a snapshot's
+        pages are the last one's, and finding them by their ids costs a quarter of looking each up by its address
+        after the thaw. Empty if there is none, or it does not read (each of this run's chunks is then looked up)."""
+        if last is None:
             return {}
         try:
-            runs = recipe.read(newest, self.store.seal).files.values()
+            runs = recipe.read(last, self.store.seal).files.values()
         except (KerrickptError, OSError) as exc:
-            log.info("the chunks of %s are looked up one by one: %s", newest, exc)
+            log.info("the chunks of %s are looked up one by one: %s", last, exc)
             return {}
         return self.store.known(itertools.chain.from_iterable(runs))
 

@@ -381,8 +381,10 @@ class Store:
                 yield
             intake.snapshot = snap  # linked in
 
+        snapshots = self.directory(name).glob(f"*{recipe.SUFFIX}")
+        last = max((path for path in snapshots if STAMP.fullmatch(_id_of(path))), default=None)
         with self.chunks() as store, recipewriter.Writer(store, self.directory(name), final, place, level) as writer:
-            writer.prepare()
+            writer.prepare(last)
             intake = Intake(writer)
             yield intake
 

@@ -135,6 +135,8 @@ def test_a_snapshot_looks_up_only_the_pages_its_container_s_last_snapshot_lacks(
     store, key, _ = either
     first_pages = memory(40)
     take(store, "job1", T0, first_pages)
+    # Not a snapshot's name, and after every one in order: the newest snapshot is found by its time stamp.
+    (store.directory("job1") / "notes.recipe").write_bytes(b"not a recipe")
     looked_up: list[int] = []
     lookup = chunks.Chunks.lookup
 
