@@ -218,9 +218,9 @@ class Chunks:
             os.close(fd)
 
     def adding(self, level: int = zstdframe.DEFAULT_LEVEL, known: dict[bytes, int] | None = None) -> Adding:
-        """A new pack for the chunks a run adds, compressed at zstd `level`, sharing those `known` (address -> id,
-        found by `known` under the same lock) without looking them up; hold `lock` shared from before `known` was
-        found to the recipe's publishing."""
+        """A new pack for the chunks a run adds, compressed at zstd `level`, sharing those `known` (address -> id, as
+        the method `known` gives them) without looking them up; hold `lock` shared from before `known` was found to
+        the recipe's publishing."""
         return Adding(self, level, known)
 
     def lookup(self, digests: list[bytes]) -> dict[bytes, int]:

@@ -217,12 +217,14 @@ class Store:
         found = []
         for container in [name] if name else self.names():
             directory = self._series(container)
-            paths = sorted(directory.glob("*" + self.suffix)) if directory else []
-            for path in paths:
-                if STAMP.fullmatch(_id_of(path)):
-                    with contextlib.suppress(FileNotFoundError):
-                        found.append(self._load(container, path))
+            for path in self._published(directory) if directory else []:
+                with contextlib.suppress(FileNotFoundError):
+                    found.append(self._load(container, path))
         return found
+
+    def _published(self, directory: Path) -> list[Path]:
+        """The snapshots' files in the series `directory`, oldest first: those named by their time (no other)."""
+        return sorted(path for path in directory.glob("*" + self.suffix) if STAMP.fullmatch(_id_of(path)))
 
     def at(self, name: str, when: datetime | None = None, *, allow_unverified: bool = False) -> Snapshot:
         """The newest verified snapshot taken at or before `when` (default: the latest) that can be restored: a
@@ -381,10 +383,9 @@ class Store:
                 yield
             intake.snapshot = snap  # linked in
 
-        snapshots = self.directory(name).glob(f"*{recipe.SUFFIX}")
-        last = max((path for path in snapshots if STAMP.fullmatch(_id_of(path))), default=None)
+        published = self._published(self.directory(name))
         with self.chunks() as store, recipewriter.Writer(store, self.directory(name), final, place, level) as writer:
-            writer.prepare(last)
+            writer.prepare(published[-1] if published else None)
             intake = Intake(writer)
             yield intake
 
