@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,8 @@ from kerrickpt.errors import (
     StateDamagedError,
     UsageError,
 )
+
+log = logging.getLogger(__name__)
 
 STATE_ENV = "KERRICKPT_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/var/lib/kerrickpt")
@@ -442,8 +445,11 @@ def undo(
         try:
             network.destroy(own_net)
         except HostError as failed:
+            left = f"{failed.message}: `kerrickpt gc` (or `kerrickpt kill {name}`) removes the rest"
             if isinstance(exc, KerrickptError):
-                exc.message += f"; and {failed.message}: `kerrickpt gc` (or `kerrickpt kill {name}`) removes the rest"
+                exc.message += f"; and {left}"
+            else:  # a signal (Interrupted), whose exit prints no message: said here, or nowhere
+                log.warning("%s: %s", name, left)
             return
     registry.release(name)
 
