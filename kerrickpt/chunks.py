@@ -18,12 +18,14 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 from urllib.parse import quote
 
+import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from kerrickpt import archive, archivewriter, faults, storeseal, trust, zstdframe
@@ -83,18 +85,25 @@ class Located(NamedTuple):
 
 class Batch(NamedTuple):
     """Chunks located, in the order a read wants them, as columns (the fields of a Located): a read takes a quarter
-    of a million a GiB, and each of its steps goes over a whole column by a loop in C (map, join), not Python's."""
+    of a million a GiB, and each of its steps goes over whole columns at once (numpy's loops, not Python's)."""
 
-    ids: Sequence[int]
-    digests: Sequence[bytes]
-    packs: Sequence[str]
-    offsets: Sequence[int]
-    lengths: Sequence[int]
+    ids: npt.NDArray[np.int64]
+    addresses: bytes  # ADDRESS bytes a chunk, back to back
+    packs: list[str]
+    offsets: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+
+    def located(self) -> list[Located]:
+        """The chunks one by one, for a read that checks each on its own."""
+        columns = (self.ids.tolist(), _split(self.addresses), self.packs, self.offsets.tolist(), self.lengths.tolist())
+        return list(map(Located, *columns))
 
 
-_ID = operator.itemgetter(0)
 _COUNT = operator.itemgetter(1)
-_OFFSET = (1 << 64) - 1  # an offset, from the number a read sorts entries by (see `_Packs.gather`)
+# A read sorts entries by their pack's number shifted past any offset, plus the offset (see `_Packs.gather`).
+_PACK_SHIFT = 40
+_OFFSET = (1 << _PACK_SHIFT) - 1
+_HEADER = np.arange(ENTRY.size)
 
 
 class _Unchecked(Exception):
@@ -272,33 +281,42 @@ class Chunks:
             # not `id BETWEEN ? AND ? OR ...`, which makes SQLite gather and sort the ids found to drop doubles. CROSS
             # JOIN keeps the runs the outer loop: each run looked up in turn, its ids in order, one named twice given
             # twice; the values come in the order the read wants them (as checked below).
-            ids, digests, packs, offsets, lengths = self.db.execute(
+            ids, digests, packs, offsets, lengths, count = self.db.execute(
                 f"WITH runs (first, last) AS (VALUES {values}) SELECT group_concat(id), group_concat(hex(digest), ''),"
-                " group_concat(pack), group_concat(offset), group_concat(length) "
+                " group_concat(pack), group_concat(offset), group_concat(length), count(*) "
                 "FROM runs CROSS JOIN chunks ON id BETWEEN first AND last",
                 bounds,
             ).fetchone()
+        names = [] if packs is None else packs.split(",")
         malformed = f"the store's chunk index {self.index} holds a chunk row with a missing or malformed field"
+        # group_concat skips a NULL, and a comma in a pack's name splits it: either leaves the fields out of step.
+        if len(names) != count or len(digests or "") != count * 2 * ADDRESS:
+            raise StoreDamagedError(malformed)
         try:
-            numbers = [_numbers(ids), _numbers(offsets), _numbers(lengths)]
+            numbers = _numbers(ids, count), _numbers(offsets, count), _numbers(lengths, count)
         except ValueError:  # a changed index: text where a number belongs
             raise StoreDamagedError(malformed) from None
-        columns = [numbers[0], _addresses(digests), [] if packs is None else packs.split(","), *numbers[1:]]
-        # group_concat skips a NULL, and a comma in a pack's name splits it: either leaves the fields out of step.
-        if len(set(map(len, columns))) > 1:
-            raise StoreDamagedError(malformed)
-        firsts, counts = zip(*runs, strict=True)
-        wanted = list(itertools.chain.from_iterable(map(range, firsts, map(operator.add, firsts, counts))))
-        if columns[0] != wanted:  # one missing (or, should SQLite change its plan, another order)
-            found = dict(zip(columns[0], itertools.count()))
-            chunk = next((i for i in wanted if i not in found), None)
+        batch = Batch(numbers[0], bytes.fromhex(digests or ""), names, *numbers[1:])
+        firsts, counts = (np.array(column, dtype=np.int64) for column in zip(*runs, strict=True))
+        # Each run's ids, back to back: its first id, then one more for each chunk after it.
+        starts = np.repeat(firsts - np.cumsum(counts) + counts, counts)
+        wanted = starts + np.arange(len(starts))
+        if not np.array_equal(batch.ids, wanted):  # one missing (or, should SQLite change its plan, another order)
+            found = dict(zip(batch.ids.tolist(), itertools.count()))
+            chunk = next((i for i in wanted.tolist() if i not in found), None)
             if chunk is not None:
                 raise ChunkDamagedError(f"chunk {chunk} is missing from the index of {self.root}", chunk=chunk)
-            order = list(map(found.__getitem__, wanted))
-            columns = [list(map(column.__getitem__, order)) for column in columns]
-        batch = Batch(*columns)
+            order = np.array(list(map(found.__getitem__, wanted.tolist())), dtype=np.int64)
+            addresses = _split(batch.addresses)
+            batch = Batch(
+                batch.ids[order],
+                b"".join(map(addresses.__getitem__, order.tolist())),
+                list(map(names.__getitem__, order.tolist())),
+                batch.offsets[order],
+                batch.lengths[order],
+            )
         if DAMAGED in batch.packs:
-            chunk = min(itertools.compress(batch.ids, map(DAMAGED.__eq__, batch.packs)))
+            chunk = min(itertools.compress(batch.ids.tolist(), map(DAMAGED.__eq__, batch.packs)))
             raise ChunkDamagedError(
                 f"chunk {chunk} was found damaged; a later snapshot holding its content stores it again", chunk=chunk
             )
@@ -317,14 +335,19 @@ class Chunks:
         whole batch at once, then decompressed by one call into zstd on another core, which runs without the
         GIL for the whole batch: one call per 4 KiB chunk spent as much in Python as in zstd, and Python runs on
         one core at a time. A batch that fails any check is decoded again chunk by chunk (see `_decode`), which
-        names the damaged chunk for `verify` to mark and the next snapshot to heal.
+        names the damaged chunk for `verify` to mark and the next snapshot to heal. Every chunk is a whole page
+        but a file's last (see `Adding.add`): the decoder is told so, and holds each frame to it.
         """
         with _Packs(self.packs) as packs:
             # Each thread decompresses a batch while this one reads and checks the next.
             pending: collections.deque[tuple[concurrent.futures.Future[bytes], Batch]] = collections.deque()
+            batches = self._batches(runs)
             try:
-                for batch in self._batches(runs):
-                    pending.append((self._opened(packs, batch), batch))
+                batch = next(batches, None)
+                while batch is not None:
+                    following = next(batches, None)
+                    pending.append((self._opened(packs, batch, last=following is None), batch))
+                    batch = following
                     if len(pending) > self.threads:
                         yield self._taken(packs, *pending.popleft(), seen)
                 while pending:
@@ -335,40 +358,47 @@ class Chunks:
                     future.cancel()
                 concurrent.futures.wait([future for future, _ in pending])
 
-    def _opened(self, packs: _Packs, batch: Batch) -> concurrent.futures.Future[bytes]:
-        """The plain bytes of `batch`, to come: its entries read, their headers checked and their seals opened
-        here, their frames decompressing on the pool. One that fails a check makes the batch decoded chunk by chunk
-        here and now, which names it."""
-        ids, addresses, names, offsets, lengths = batch
+    def _opened(self, packs: _Packs, batch: Batch, *, last: bool) -> concurrent.futures.Future[bytes]:
+        """The plain bytes of `batch` (the `last` of its read, or not), to come: its entries read, their headers
+        checked and their seals opened here, their frames decompressing on the pool. One that fails a check makes the
+        batch decoded chunk by chunk here and now, which names it."""
         try:
             if not DECODES_BATCHES:
                 raise _Unchecked
-            entries, starts = packs.gather(ids, names, offsets, lengths)
-            sealings, bodies = _bodies(entries, starts, addresses, lengths, self.seal.sealings)
-            frames = self.seal.open_chunks(addresses, sealings, bodies)
-            # What each frame says it holds: some of a chunk (a damaged header could say nothing, or any size); that
-            # each holds just that, decoding checks.
-            sizes = list(map(zstandard.frame_content_size, frames))
-            if min(sizes) < 1 or max(sizes) > CHUNK:
-                raise _Unchecked
+            entries, starts = packs.gather(batch)
+            sealings = _checked(entries, starts, batch, self.seal.sealings)
+            bodies = np.stack((starts + ENTRY.size, batch.lengths - ENTRY.size), axis=1)
+            frames: zstandard.BufferWithSegments | list[bytes]
+            if self.seal.key_id is None:  # nothing to open: zstd takes the frames where they are, no object for each
+                frames = zstandard.BufferWithSegments(entries, bodies.astype(np.uint64).tobytes())
+            else:
+                view = memoryview(entries)
+                pieces = list(map(view.__getitem__, map(slice, bodies[:, 0].tolist(), bodies.sum(axis=1).tolist())))
+                frames = self.seal.open_chunks(_split(batch.addresses), sealings, pieces)
+            sizes = array("Q", [CHUNK]) * len(batch.ids)
+            if last:  # a file's last chunk may hold less: what its frame says, a page at the most (decoding checks it)
+                end = frames[-1] if isinstance(frames, list) else memoryview(entries)[bodies[-1, 0] : bodies[-1].sum()]
+                sizes[-1] = zstandard.frame_content_size(end)
+                if not 0 < sizes[-1] <= CHUNK:
+                    raise _Unchecked
         except (_Unchecked, ArchiveCorruptError, zstandard.ZstdError):
             decoded: concurrent.futures.Future[bytes] = concurrent.futures.Future()
             decoded.set_result(self._decode(packs, batch))
             return decoded
-        return self.pool.submit(self._decompress, frames, array("Q", sizes))
+        return self.pool.submit(self._decompress, frames, sizes)
 
     def _taken(
         self, packs: _Packs, decoded: concurrent.futures.Future[bytes], batch: Batch, seen: Seen | None
     ) -> bytes:
         try:
             plain = decoded.result()
-        except zstandard.ZstdError:  # a frame's data, checksum or size is damaged
+        except zstandard.ZstdError:  # a frame's data, checksum or size is damaged, or a chunk short of a page
             plain = self._decode(packs, batch)
         if seen is not None:
-            seen(b"".join(batch.digests))
+            seen(batch.addresses)
         return plain
 
-    def _decompress(self, frames: list[bytes] | list[memoryview], sizes: array[int]) -> bytes:
+    def _decompress(self, frames: zstandard.BufferWithSegments | list[bytes], sizes: array[int]) -> bytes:
         """The plain bytes of zstd `frames`, each of `sizes`, back to back: decoded by one call, which checks each
         frame's checksum and size and lets go of the GIL once for them all. A stream reader takes the GIL again at
         each frame's end, a quarter of a million times a GiB, each time waiting for the Python of the thread reading
@@ -404,7 +434,7 @@ class Chunks:
         first that fails. Entries that follow one another in a pack in one read."""
         unzstd = self._unzstd()
         plain = []
-        for span in _spans(list(map(Located, *batch))):
+        for span in _spans(batch.located()):
             data = memoryview(packs.read(span))
             at = 0
             for chunk in span:
@@ -732,43 +762,37 @@ class _Packs:
             raise ChunkDamagedError(f"pack {first.pack} is truncated (chunk {ends.id} ends early)", chunk=ends.id)
         return data
 
-    def gather(
-        self, ids: Sequence[int], names: Sequence[str], offsets: Sequence[int], lengths: Sequence[int]
-    ) -> tuple[memoryview, list[int]]:
-        """The entries of chunks `ids` (at `offsets` in packs `names`, `lengths` long) in one buffer, and where each
-        starts in it. Each pack's entries are read in offset order, in as few reads as gaps of up to GAP_BYTES
-        between them allow: a snapshot's chunks alternate between the packs of the runs that stored them, and one
-        read per run of them took a system call per few chunks. _Unchecked if one is shorter than a header or a pack
-        ends early."""
-        count = len(ids)
-        if min(lengths) < ENTRY.size:
+    def gather(self, batch: Batch) -> tuple[bytearray, npt.NDArray[np.int64]]:
+        """The entries of `batch`'s chunks in one buffer, and where each starts in it. Each pack's entries are read in
+        offset order, in as few reads as gaps of up to GAP_BYTES between them allow: a snapshot's chunks alternate
+        between the packs of the runs that stored them, and one read per run of them took a system call per few
+        chunks. _Unchecked if one is shorter than a header, an offset is out of range or a pack ends early."""
+        offsets, lengths = batch.offsets, batch.lengths
+        if lengths.min() < ENTRY.size or offsets.min() < 0 or (offsets + lengths).max() > _OFFSET:
             raise _Unchecked
-        # By loops in C (sort, map), not Python's: a GiB is a quarter of a million chunks. Sorted by a number that
-        # is the pack's, then the offset (comparing pack names took as long as the rest): one pack's entries follow
-        # another's by more than GAP_BYTES, so a read ends where its pack does.
-        packed = {name: number << 64 for number, name in enumerate(dict.fromkeys(names))}
-        keys = list(map(operator.add, map(packed.__getitem__, names), offsets))
-        order = sorted(range(count), key=keys.__getitem__)
-        firsts = list(map(keys.__getitem__, order))
-        ends = list(map(operator.add, firsts, map(lengths.__getitem__, order)))
-        breaks = map(operator.lt, _plus(ends[:-1], GAP_BYTES), firsts[1:])
-        cuts = [0, *itertools.compress(range(1, count), breaks), count]
-        reads = []
-        at = 0
-        moved: list[int] = []  # for each entry in `order`: where it lands in the buffer less its key
-        for start, stop in itertools.pairwise(cuts):
-            size = max(ends[start:stop]) - firsts[start]
-            reads.append((names[order[start]], ids[order[start]], firsts[start] & _OFFSET, at, size))
-            moved += itertools.repeat(at - firsts[start], stop - start)
-            at += size
-        buffer = memoryview(bytearray(at))
-        for name, chunk, offset, into, size in reads:
-            with self._open(name, chunk) as fd, _reading(name):
-                if os.preadv(fd, [buffer[into : into + size]], offset) != size:
+        # Sorted by a number that is the pack's, then the offset: one pack's entries follow another's by more than
+        # GAP_BYTES, so a read ends where its pack does.
+        numbers = {name: number for number, name in enumerate(dict.fromkeys(batch.packs))}
+        packs = np.fromiter(map(numbers.__getitem__, batch.packs), dtype=np.int64, count=len(batch.packs))
+        keys = (packs << _PACK_SHIFT) + offsets
+        order = np.argsort(keys, kind="stable")
+        firsts = keys[order]
+        reach = np.maximum.accumulate(firsts + lengths[order])  # a changed index could have entries overlap
+        cuts = np.concatenate(([0], np.flatnonzero(firsts[1:] > reach[:-1] + GAP_BYTES) + 1, [len(order)]))
+        begins, stops = firsts[cuts[:-1]], reach[cuts[1:] - 1]
+        into = np.concatenate(([0], np.cumsum(stops - begins)))
+        buffer = bytearray(int(into[-1]))
+        view = memoryview(buffer)
+        for read, (begin, stop, at) in enumerate(zip(begins.tolist(), stops.tolist(), into.tolist(), strict=False)):
+            first = int(order[cuts[read]])
+            name = batch.packs[first]
+            with self._open(name, int(batch.ids[first])) as fd, _reading(name):
+                if os.preadv(fd, [view[at : at + stop - begin]], begin & _OFFSET) != stop - begin:
                     raise _Unchecked
-        placed = [0] * count
-        collections.deque(map(placed.__setitem__, order, map(operator.add, firsts, moved)), maxlen=0)
-        return buffer, placed
+        reads = np.repeat(np.arange(len(begins)), np.diff(cuts))
+        starts = np.empty(len(order), dtype=np.int64)
+        starts[order] = firsts - begins[reads] + into[reads]
+        return buffer, starts
 
     def entries(self, span: list[Located], sealings: frozenset[int]) -> list[bytes]:
         """The whole entries of `span` (as `read` takes it) as stored, each one's header checked against the index
@@ -808,38 +832,47 @@ def _reading(pack: str) -> Iterator[None]:
         raise ArchiveUnreadableError(f"reading pack {pack} failed: {exc.strerror}") from exc
 
 
-def _bodies(
-    entries: memoryview,
-    starts: Sequence[int],
-    addresses: Sequence[bytes],
-    lengths: Sequence[int],
-    sealings: frozenset[int],
-) -> tuple[bytes, list[memoryview]]:
-    """The sealing byte of each of `entries` (at `starts` in the buffer, `lengths` long, each at least a header) and
-    their bodies, once every header is the one the index says it must be (as `_check_header` checks one): all at
-    once, by loops in C. _Unchecked if one is not."""
-    bodies = list(_plus(starts, ENTRY.size))
-    sealing = bytes(map(entries.__getitem__, _plus(starts, SEALING_AT)))
-    expected = map(ENTRY.pack, itertools.repeat(MAGIC), addresses, sealing, _plus(lengths, -ENTRY.size))
-    headers = map(entries.__getitem__, map(slice, starts, bodies))
-    if b"".join(headers) != b"".join(expected) or not sealings.issuperset(sealing):
+def _checked(entries: bytearray, starts: npt.NDArray[np.int64], batch: Batch, sealings: frozenset[int]) -> bytes:
+    """The sealing byte of each of `batch`'s entries (at `starts` in `entries`, each at least a header), once every
+    header is the one the index says it must be (as `_check_header` checks one): all at once. _Unchecked if one is
+    not."""
+    count = len(starts)
+    headers = np.frombuffer(entries, dtype=np.uint8)[starts[:, None] + _HEADER]
+    expected = np.empty_like(headers)
+    expected[:, : len(MAGIC)] = np.frombuffer(MAGIC, dtype=np.uint8)
+    expected[:, len(MAGIC) : SEALING_AT] = np.frombuffer(batch.addresses, dtype=np.uint8).reshape(count, ADDRESS)
+    expected[:, SEALING_AT] = headers[:, SEALING_AT]
+    expected[:, SEALING_AT + 1 :] = (batch.lengths - ENTRY.size).astype("<u4").view(np.uint8).reshape(count, 4)
+    sealing = headers[:, SEALING_AT].tobytes()
+    if not np.array_equal(headers, expected) or not sealings.issuperset(sealing):
         raise _Unchecked
-    return sealing, list(map(entries.__getitem__, map(slice, bodies, map(operator.add, starts, lengths))))
+    return sealing
 
 
-def _numbers(joined: str | None) -> list[int]:
-    """The numbers SQLite's group_concat joined (None: it found none)."""
-    return list(map(int, joined.split(","))) if joined else []
+def _numbers(joined: str | None, count: int) -> npt.NDArray[np.int64]:
+    """The `count` numbers SQLite's group_concat joined (None: it found none); ValueError unless each is a whole
+    number's digits (a changed index: text, or a negative or fractional number, where a number belongs)."""
+    if joined is None:
+        numbers = np.empty(0, dtype=np.int64)
+    elif (
+        joined.isascii() and joined.replace(",", "").isdigit()
+    ):  # numpy's parse stops, with a warning, at anything else
+        numbers = np.fromstring(joined, dtype=np.int64, sep=",")
+    else:
+        raise ValueError(joined)
+    if len(numbers) != count:
+        raise ValueError(joined)
+    return numbers
 
 
-def _addresses(joined: str | None) -> list[bytes]:
-    """The chunk addresses SQLite's group_concat joined in hex (None: it found none)."""
-    data = bytes.fromhex(joined or "")
-    return list(map(data.__getitem__, map(slice, range(0, len(data), ADDRESS), range(ADDRESS, len(data) + 1, ADDRESS))))
-
-
-def _plus(values: Iterable[int], n: int) -> Iterator[int]:
-    return map(operator.add, values, itertools.repeat(n))
+def _split(addresses: bytes) -> list[bytes]:
+    """Chunk addresses, back to back, one by one."""
+    return list(
+        map(
+            addresses.__getitem__,
+            map(slice, range(0, len(addresses), ADDRESS), range(ADDRESS, len(addresses) + 1, ADDRESS)),
+        )
+    )
 
 
 def _spans(chunks: list[Located]) -> Iterator[list[Located]]:

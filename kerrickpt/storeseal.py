@@ -35,9 +35,6 @@ class Plain:
     def open_chunk(self, address: bytes, sealing: int, body: memoryview, what: str) -> memoryview:
         return body
 
-    def open_chunks(self, addresses: Sequence[bytes], sealings: bytes, bodies: list[memoryview]) -> list[memoryview]:
-        return bodies
-
     def seal_recipe(self, coded: bytes, place: str, listed: dict[str, Any]) -> bytes:
         return coded
 

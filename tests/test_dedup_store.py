@@ -857,6 +857,24 @@ def test_a_read_gives_the_chunks_its_runs_name_in_their_order_each_as_often_as_n
     assert addresses == b"".join(opened.seal.address(wanted[i : i + PAGE]) for i in range(0, len(wanted), PAGE))
 
 
+def test_a_read_over_chunks_short_of_a_page_amid_whole_ones_gives_their_bytes(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]],
+) -> None:
+    store, _, _ = either
+    # Three files, as a run's read-back reads them together: each one's last chunk short of a page, the second's its
+    # only one, every batch of the read holding short ones amid whole pages.
+    files = [bytes(memory(60)[: 1500 * PAGE + 100]), b"x" * 10, bytes(memory(61)[: 3 * PAGE + 1])]
+    with store.chunks() as opened:
+        with opened.lock(exclusive=False), opened.adding() as adding:
+            refs = [adding.add(memoryview(data)) for data in files]
+            adding.commit()
+        each = [recipe.runs_of(adding.resolve(ref)) for ref in refs]
+
+        assert [b"".join(opened.read(runs)) for runs in each] == files
+        assert b"".join(opened.read([run for runs in each for run in runs])) == b"".join(files)
+        assert opened.damaged([run for runs in each for run in runs]) == []
+
+
 def test_an_index_row_leading_a_chunk_to_another_chunks_entry_is_refused_naming_it(
     either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
 ) -> None:
