@@ -338,10 +338,14 @@ class Chunks:
         names the damaged chunk for `verify` to mark and the next snapshot to heal. Every chunk is a whole page
         but a file's last (see `Adding.add`): the decoder is told so, and holds each frame to it.
         """
+        return self._read(self._groups(runs), seen)
+
+    def _read(self, groups: Iterator[list[tuple[int, int]]], seen: Seen | None) -> Iterator[bytes]:
+        """`read` of the runs in `groups` (see `_groups`): a piece for each group."""
         with _Packs(self.packs) as packs:
             # Each thread decompresses a batch while this one reads and checks the next.
             pending: collections.deque[tuple[concurrent.futures.Future[bytes], Batch]] = collections.deque()
-            batches = self._batches(runs)
+            batches = map(self.locate, groups)
             try:
                 batch = next(batches, None)
                 while batch is not None:
@@ -411,10 +415,6 @@ class Chunks:
             local.unzstd = zstandard.ZstdDecompressor()
         return local.unzstd
 
-    def _batches(self, runs: Iterable[tuple[int, int]]) -> Iterator[Batch]:
-        """The chunks `runs` name, located, up to READ_BATCH at a time (fewer where LOCATE_RUNS runs hold fewer)."""
-        return map(self.locate, self._groups(runs))
-
     @staticmethod
     def _groups(runs: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
         """`runs` in groups that one query locates: up to LOCATE_RUNS runs of up to READ_BATCH chunks in all (a
@@ -458,9 +458,19 @@ class Chunks:
         return b"".join(plain)
 
     def damaged(self, runs: Iterable[tuple[int, int]]) -> list[int]:
-        """Those of the chunks `runs` name that are damaged or gone, each read and checked as `read` does."""
+        """Those of the chunks `runs` name that are damaged or gone, each read and checked as `read` does: read as one
+        read (a run's read-back, a verify), each batch decoded while the next is read; from a group that fails on,
+        group by group, and chunk by chunk in each group that fails, to name every one."""
+        groups = list(self._groups(runs))
+        whole = 0  # groups read whole: `_read` gives a piece for each
+        try:
+            for _ in self._read(iter(groups), None):
+                whole += 1
+            return []
+        except ChunkDamagedError:
+            pass
         found = []
-        for group in self._groups(runs):
+        for group in groups[whole:]:
             try:
                 for _ in self.read(group):
                     pass
@@ -783,7 +793,7 @@ class _Packs:
         into = np.concatenate(([0], np.cumsum(stops - begins)))
         buffer = bytearray(int(into[-1]))
         view = memoryview(buffer)
-        for read, (begin, stop, at) in enumerate(zip(begins.tolist(), stops.tolist(), into.tolist(), strict=False)):
+        for read, (begin, stop, at) in enumerate(zip(begins.tolist(), stops.tolist(), into[:-1].tolist(), strict=True)):
             first = int(order[cuts[read]])
             name = batch.packs[first]
             with self._open(name, int(batch.ids[first])) as fd, _reading(name):

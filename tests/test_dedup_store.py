@@ -875,6 +875,18 @@ def test_a_read_over_chunks_short_of_a_page_amid_whole_ones_gives_their_bytes(
         assert opened.damaged([run for runs in each for run in runs]) == []
 
 
+def test_a_check_of_chunks_names_every_damaged_one_in_batches_far_apart(store: Store) -> None:
+    take(store, "job1", T0, memory(62))
+    take(store, "job2", T0, memory(63))  # chunks 1 to 2 * PAGES, and some of the images' small files
+    wrecked = [5, chunks.READ_BATCH + 7, 2 * PAGES - 3, 2 * PAGES - 2]
+    for chunk in wrecked:
+        damage_chunk(store, chunk)
+
+    with store.chunks() as opened:
+        assert opened.damaged([(1, 2 * PAGES)]) == wrecked
+        assert opened.damaged([(1, wrecked[0] - 1), (wrecked[-1] + 1, 2)]) == []
+
+
 def test_an_index_row_leading_a_chunk_to_another_chunks_entry_is_refused_naming_it(
     either: tuple[Store, keys.Key | None, tuple[str, ...]], tmp_path: Path
 ) -> None:
