@@ -864,9 +864,8 @@ def _numbers(joined: str | None, count: int) -> npt.NDArray[np.int64]:
     number's digits (a changed index: text, or a negative or fractional number, where a number belongs)."""
     if joined is None:
         numbers = np.empty(0, dtype=np.int64)
-    elif (
-        joined.isascii() and joined.replace(",", "").isdigit()
-    ):  # numpy's parse stops, with a warning, at anything else
+    # Digits and commas only: numpy's parse stops, with a warning, at anything else.
+    elif joined.isascii() and joined.replace(",", "").isdigit():
         numbers = np.fromstring(joined, dtype=np.int64, sep=",")
     else:
         raise ValueError(joined)
