@@ -21,11 +21,9 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote
 
-import numpy as np
-import numpy.typing as npt
 import zstandard
 
 from kerrickpt import archive, archivewriter, faults, storeseal, trust, zstdframe
@@ -38,6 +36,12 @@ from kerrickpt.errors import (
     StoreFormatError,
     StoreUnreadableError,
 )
+
+if TYPE_CHECKING:
+    # Imported where a read needs it, not here: every kerrickpt process imports this module, and numpy's import
+    # (a tenth of a second, a thread of its own) changed how a migration's receiver ended on a signal.
+    import numpy as np
+    import numpy.typing as npt
 
 CHUNK = 4096  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
 DIRECTORY = ".chunks"
@@ -103,7 +107,6 @@ _COUNT = operator.itemgetter(1)
 # A read sorts entries by their pack's number shifted past any offset, plus the offset (see `_Packs.gather`).
 _PACK_SHIFT = 40
 _OFFSET = (1 << _PACK_SHIFT) - 1
-_HEADER = np.arange(ENTRY.size)
 
 
 class _Unchecked(Exception):
@@ -273,6 +276,8 @@ class Chunks:
     def locate(self, runs: list[tuple[int, int]]) -> Batch:
         """The chunks `runs` (first id, count) name, in that order, found by one query (runs: up to LOCATE_RUNS);
         ChunkDamagedError if the index lacks one or holds it as damaged."""
+        import numpy as np
+
         values = ",".join(["(?, ?)"] * len(runs))
         bounds = [bound for first, count in runs for bound in (first, first + count - 1)]
         with _index_errors(self.index):
@@ -366,6 +371,8 @@ class Chunks:
         """The plain bytes of `batch` (the `last` of its read, or not), to come: its entries read, their headers
         checked and their seals opened here, their frames decompressing on the pool. One that fails a check makes the
         batch decoded chunk by chunk here and now, which names it."""
+        import numpy as np
+
         try:
             if not DECODES_BATCHES:
                 raise _Unchecked
@@ -777,6 +784,8 @@ class _Packs:
         offset order, in as few reads as gaps of up to GAP_BYTES between them allow: a snapshot's chunks alternate
         between the packs of the runs that stored them, and one read per run of them took a system call per few
         chunks. _Unchecked if one is shorter than a header, an offset is out of range or a pack ends early."""
+        import numpy as np
+
         offsets, lengths = batch.offsets, batch.lengths
         if lengths.min() < ENTRY.size or offsets.min() < 0 or (offsets + lengths).max() > _OFFSET:
             raise _Unchecked
@@ -846,8 +855,10 @@ def _checked(entries: bytearray, starts: npt.NDArray[np.int64], batch: Batch, se
     """The sealing byte of each of `batch`'s entries (at `starts` in `entries`, each at least a header), once every
     header is the one the index says it must be (as `_check_header` checks one): all at once. _Unchecked if one is
     not."""
+    import numpy as np
+
     count = len(starts)
-    headers = np.frombuffer(entries, dtype=np.uint8)[starts[:, None] + _HEADER]
+    headers = np.frombuffer(entries, dtype=np.uint8)[starts[:, None] + np.arange(ENTRY.size)]
     expected = np.empty_like(headers)
     expected[:, : len(MAGIC)] = np.frombuffer(MAGIC, dtype=np.uint8)
     expected[:, len(MAGIC) : SEALING_AT] = np.frombuffer(batch.addresses, dtype=np.uint8).reshape(count, ADDRESS)
@@ -862,6 +873,8 @@ def _checked(entries: bytearray, starts: npt.NDArray[np.int64], batch: Batch, se
 def _numbers(joined: str | None, count: int) -> npt.NDArray[np.int64]:
     """The `count` numbers SQLite's group_concat joined (None: it found none); ValueError unless each is a whole
     number's digits (a changed index: text, or a negative or fractional number, where a number belongs)."""
+    import numpy as np
+
     if joined is None:
         numbers = np.empty(0, dtype=np.int64)
     # Digits and commas only: numpy's parse stops, with a warning, at anything else.
