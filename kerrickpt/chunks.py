@@ -341,7 +341,8 @@ class Chunks:
         GIL for the whole batch: one call per 4 KiB chunk spent as much in Python as in zstd, and Python runs on
         one core at a time. A batch that fails any check is decoded again chunk by chunk (see `_decode`), which
         names the damaged chunk for `verify` to mark and the next snapshot to heal. Every chunk is a whole page
-        but a file's last (see `Adding.add`): the decoder is told so, and holds each frame to it.
+        but a file's last (a run cuts its files at whole pages: see `recipewriter.Writer._put`): the decoder is told
+        so, and holds each frame to it.
         """
         return self._read(self._groups(runs), seen)
 
