@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -40,6 +41,7 @@ from kerrickpt.confinement import Confinement
 from kerrickpt.errors import (
     BusyError,
     ContainerExistsError,
+    Interrupted,
     KerrickptError,
     NodeIncompatibleError,
     NotCheckpointable,
@@ -230,6 +232,7 @@ def receive(
     info = {"pid": os.getpid(), "start": started}
     containers.write_atomic(marker, json.dumps(info))
     prepared: Prepared | None = None
+    reader: transport.FrameReader | None = None
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -248,7 +251,7 @@ def receive(
                 helper = stack.enter_context(contextlib.closing(restorer.Helper()))
                 prepared = _prepare(registry, name, migration_id) if reserved and not net_remap else None
                 transport.emit(stdout, "ready")  # the source freezes the container only after this
-                incoming: Path | transport.FrameReader = transport.FrameReader(stdin)
+                incoming: Path | transport.FrameReader = (reader := transport.FrameReader(stdin))
                 if watcher is None and feeder.can_gate(registry.scratch):
                     # Kept as it came, then streamed into CRIU (see feeder): unpacking 1 GiB while the
                     # source compresses takes the CPU the source needs, and CRIU waits for the index,
@@ -261,9 +264,11 @@ def receive(
                 )  # fmt: skip
             except Exception as exc:
                 return _failed(stdout, registry, name, migration_id, exc, prepared)
-            except BaseException as exc:  # a signal (Interrupted): no answer, but nothing prepared stays
+            except BaseException as exc:  # a signal (Interrupted): nothing prepared stays
                 if prepared is not None:
                     prepared.discard(registry, exc)
+                if reader is None or not reader.ended:
+                    _interrupted(stdout, name, exc)
                 raise
         # It runs here: from now on the only true answer is "restored", whatever fails next.
         try:
@@ -340,6 +345,17 @@ def _failed(
     )
     transport.emit(stdout, "error", **failure.to_dict())
     return failure.exit_code
+
+
+def _interrupted(stdout: TextIO, name: str, exc: BaseException) -> None:
+    """Tell the source that a signal ended this receiver before the archive's END frame: nothing was restored, so
+    the source runs its copy again now. Without the answer it could not tell whether the END it sent was acted on
+    (its last frames fit in the pipes of a receiver already gone), and would leave the container frozen for
+    `recover`. After the END frame no answer is given: the restore may have begun."""
+    how = f"by {signal.Signals(exc.signum).name}" if isinstance(exc, Interrupted) else f"({type(exc).__name__})"
+    failure = TransportError(f"kerrickpt on the target was ended {how} before {name}'s archive came whole; "
+                             "nothing of it was restored there")  # fmt: skip
+    transport.emit(stdout, "error", **failure.to_dict())
 
 
 def _came_up(registry: containers.Registry, migration_id: str) -> bool:

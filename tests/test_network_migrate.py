@@ -335,6 +335,7 @@ def test_a_receiver_ended_by_sigterm_mid_transfer_leaves_nothing_of_the_network_
     err = _receiver_signalled_mid_transfer(cluster, name, signal.SIGTERM, ended)
 
     assert b"runs on here again" in err
+    assert b"ended by SIGTERM before" in err, "the receiver said it restored nothing: the source need not wait frozen"
     _in_sequence(client)
     _stayed(a, b, name)
     assert not _claims_on(b, name), "its claims went with the pre-flight"
