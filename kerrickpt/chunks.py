@@ -39,7 +39,7 @@ from kerrickpt.errors import (
 
 if TYPE_CHECKING:
     # Imported where a read needs it, not here: every kerrickpt process imports this module, and numpy's import
-    # (a tenth of a second, a thread of its own) changed how a migration's receiver ended on a signal.
+    # costs a tenth of a second (and a thread) that most commands, which never read a store, need not pay.
     import numpy as np
     import numpy.typing as npt
 
