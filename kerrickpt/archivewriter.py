@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
-from kerrickpt import archiveindex, faults, progress, sealed, tarstream, zstdframe
+from kerrickpt import archiveindex, faults, pagehash, progress, sealed, tarstream, zstdframe
 from kerrickpt.archive import write_all
 from kerrickpt.errors import KerrickptError, UsageError
 from kerrickpt.keys import Key
@@ -111,6 +112,11 @@ class Target(abc.ABC):
         for name, source in sorted(files.items()):
             self.add_file(name, source, (sizes or {}).get(name))
         return self.commit(manifest)
+
+    def hashing_ahead(self, path: Path, files: dict[str, pagehash.Pieces]) -> contextlib.AbstractContextManager[None]:
+        """A context in which `files` (each: its pieces of the file at `path`) are written: a target that names
+        chunks by their content has them hashed meanwhile on other cores (see recipewriter); an archive does not."""
+        return contextlib.nullcontext()
 
     def under(self, prefix: str) -> _Under:
         """This target as a Sink whose names go under `prefix` (CRIU names `pages-1.img`, not `images/...`)."""

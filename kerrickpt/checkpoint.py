@@ -338,7 +338,9 @@ def capture(
                 if spool is not None:
                     spool.into(writer)
                 if warmed is not None:
-                    warmed.into(writer.under("images/"))
+                    sink = writer.under("images/")
+                    with writer.hashing_ahead(warmed.path, warmed.layout(sink.prefix)):
+                        warmed.into(sink)
                     warmed.close()
                 manifest = Manifest(
                     name=subject.label,

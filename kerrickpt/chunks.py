@@ -60,6 +60,7 @@ SEALING_AT = ENTRY.size - 5  # an entry's sealing byte: after its magic and addr
 MAGIC = b"KCH1"
 LOOKUP_BATCH = 500  # digests per query: below SQLite's limit of bound parameters
 BATCH = 256  # chunks a thread compresses at a time
+CHECK_EVERY = 32  # of the addresses hashed ahead (see pagehash), one chunk in this many is hashed again to check
 READ_BATCH = 1024  # chunks a read locates, checks and decodes at a time: the fewer batches, the less Python per chunk
 LOCATE_RUNS = 499  # runs located by one query at the most: two bound parameters each, within the 999 of older SQLites
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
@@ -618,15 +619,24 @@ class Adding:
     ) -> None:
         self.pack.__exit__(kind, value, traceback)
 
-    def add(self, data: memoryview, seen: Seen | None = None) -> array[int]:
+    def add(self, data: memoryview, seen: Seen | None = None, addresses: bytes | None = None) -> array[int]:
         """References to the chunks of `data`, cut every CHUNK bytes (the last may be shorter); `seen` is given
-        their addresses."""
+        their addresses. `addresses`: theirs, back to back, if already hashed elsewhere (see pagehash)."""
         pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-        # Hashed on this thread: hashlib lets go of the GIL for each 4 KiB page and takes it back, and threads doing
-        # that wait on each other at every page (two threads of the pool hashed at 0.75x the speed of this one).
-        digests = list(map(self.chunks.seal.address, pieces))
+        address = self.chunks.seal.address
+        if addresses is not None and not _alike(pieces, addresses, address):
+            log.warning("the addresses hashed ahead are not those of the chunks cut: they are hashed again here")
+            addresses = None
+        if addresses is None:
+            # Hashed on this thread: hashlib lets go of the GIL for each 4 KiB page and takes it back, and threads
+            # doing that wait on each other at every page (two threads of the pool hashed at 0.75x the speed of this
+            # one).
+            digests = list(map(address, pieces))
+            addresses = b"".join(digests)
+        else:
+            digests = _split(addresses)
         if seen is not None:
-            seen(b"".join(digests))
+            seen(addresses)
         known, new = self.known, self.new
         # Kept for this piece only: kept for the run, a GiB's lookups would take some 40 MiB more.
         found = self.chunks.lookup([d for d in digests if d not in known and d not in new])
@@ -886,6 +896,16 @@ def _numbers(joined: str | None, count: int) -> npt.NDArray[np.int64]:
     if len(numbers) != count:
         raise ValueError(joined)
     return numbers
+
+
+def _alike(pieces: list[memoryview], addresses: bytes, address: Callable[[memoryview], bytes]) -> bool:
+    """Whether `addresses` are those of `pieces`, as far as their count and every CHECK_EVERY-th piece's and the
+    last's tell: a shift in where they were cut (a run cuts each file at whole pages of its own) shows over more than
+    CHECK_EVERY pages, for the cost of hashing one chunk in CHECK_EVERY again."""
+    if len(addresses) != len(pieces) * ADDRESS:
+        return False
+    picked = [*range(0, len(pieces), CHECK_EVERY), len(pieces) - 1] if pieces else []
+    return all(address(pieces[i]) == addresses[i * ADDRESS : (i + 1) * ADDRESS] for i in picked)
 
 
 def _split(addresses: bytes) -> list[bytes]:

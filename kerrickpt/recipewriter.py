@@ -9,11 +9,11 @@ import itertools
 import logging
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kerrickpt import archivewriter, chunks, faults, progress, recipe
+from kerrickpt import archivewriter, chunks, faults, pagehash, progress, recipe
 from kerrickpt.errors import ArchiveCorruptError, BusyError, KerrickptError
 from kerrickpt.manifest import Manifest, Member
 
@@ -60,6 +60,7 @@ class Writer(archivewriter.Target):
         self._adding: chunks.Adding | None = None
         self.finding: concurrent.futures.Future[dict[bytes, int]] | None = None  # see `prepare`
         self.known: dict[bytes, int] | None = None
+        self.hashing: pagehash.Hashing | None = None  # see `hashing_ahead`
         self.progress = progress.current()  # here: bytes may come from the streamer's thread
 
     def prepare(self, last: Path | None) -> None:
@@ -106,6 +107,20 @@ class Writer(archivewriter.Target):
             self._adding = self.stack.enter_context(self.store.adding(self.level, self.known))
         return self._adding
 
+    @contextlib.contextmanager
+    def hashing_ahead(self, path: Path, files: dict[str, pagehash.Pieces]) -> Iterator[None]:
+        """Their chunks' addresses hashed by workers on the other cores (see pagehash) while `files` are written."""
+        workers = pagehash.workers()
+        if not workers:
+            yield
+            return
+        self.hashing = pagehash.Hashing(path, files, self.store.seal.address_key, workers)
+        try:
+            yield
+        finally:
+            self.hashing.close()
+            self.hashing = None
+
     def _put(self, name: str, data: bytes) -> None:
         pending = self.pending.setdefault(name, archivewriter.Held())
         pending.add(data)
@@ -121,7 +136,8 @@ class Writer(archivewriter.Target):
         """Cut `pieces`, the next bytes of the file `name`, into chunks; store those the store lacks."""
         data = memoryview(b"".join(pieces))
         seen = self.addresses.setdefault(name, hashlib.sha256())
-        self.refs.setdefault(name, array("q")).extend(self.adding.add(data, seen.update))
+        hashed = self.hashing.take(name, -(-len(data) // chunks.CHUNK)) if self.hashing is not None else None
+        self.refs.setdefault(name, array("q")).extend(self.adding.add(data, seen.update, hashed))
         self.progress.advance(len(data))
         faults.inject("dedup-cutting")
 

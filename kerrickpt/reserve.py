@@ -66,6 +66,10 @@ class Reserve:
     def end(self, name: str) -> None:
         self.pieces.setdefault(name, [])  # an empty image is an image too
 
+    def layout(self, prefix: str) -> dict[str, list[tuple[int, int]]]:
+        """Where each image lies in the reserve's file (`path`), named under `prefix`: its pieces, in order."""
+        return {prefix + name: list(pieces) for name, pieces in self.pieces.items()}
+
     def into(self, sink: Sink) -> None:
         """Hand every image to `sink` as CRIU wrote it, in the order CRIU began them."""
         for name, pieces in self.pieces.items():

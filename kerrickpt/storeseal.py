@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from kerrickpt import keys, schema
+from kerrickpt import keys, pagehash, schema
 from kerrickpt.errors import ArchiveCorruptError, RecipeSealError
 
 PLAIN = 0  # a chunk's sealing byte in a plain store; an encrypted store's name keys.AES_GCM or CHACHA20_POLY1305
@@ -25,9 +24,8 @@ class Plain:
     key_id: str | None = None
     sealing = PLAIN
     sealings = frozenset({PLAIN})
-
-    def address(self, data: bytes | memoryview) -> bytes:
-        return hashlib.sha256(data).digest()
+    address_key: bytes | None = None
+    address = staticmethod(pagehash.addresser(address_key))
 
     def seal_chunk(self, address: bytes, body: bytes) -> bytes:
         return body
@@ -71,6 +69,10 @@ class Sealed:
         return self.key.sealing
 
     sealings = frozenset(keys.NAMES)
+
+    @property
+    def address_key(self) -> bytes:
+        return self.key.address_key
 
     def address(self, data: bytes | memoryview) -> bytes:
         return self.key.address(data)
