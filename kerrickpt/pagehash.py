@@ -129,7 +129,10 @@ class Hashing:
 
 
 def workers() -> int:
-    """How many workers hash a snapshot's pages: one per core this process may run on (none on one core)."""
+    """How many workers hash a snapshot's pages: one per core this process may run on (none on one core, nor in a
+    Python embedded in a program that cannot say which Python it is)."""
+    if not sys.executable:
+        return 0
     cores = len(os.sched_getaffinity(0))
     return min(cores, MOST_WORKERS) if cores > 1 else 0
 

@@ -152,3 +152,8 @@ def test_addresses_of_other_bytes_are_hashed_again_and_every_chunk_stored_under_
         # Every page is found by its own address: none was stored under another's.
         addresses = [storeseal.PLAIN_SEAL.address(pages[at : at + PAGE]) for at in range(0, len(pages), PAGE)]
         assert set(opened.lookup(addresses)) == set(addresses)
+
+
+def test_a_python_that_cannot_name_itself_hashes_in_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pagehash.sys, "executable", "")
+    assert pagehash.workers() == 0
