@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import zstandard
 
-from kerrickpt import archive, archivewriter, faults, storeseal, trust, zstdframe
+from kerrickpt import archive, archivewriter, faults, pagehash, storeseal, trust, zstdframe
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-CHUNK = 4096  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
+CHUNK = pagehash.CHUNK  # a memory page: CRIU's pages-*.img hold whole pages at page-aligned offsets
 DIRECTORY = ".chunks"
 PACKS = "packs"
 INDEX = "index.sqlite"
@@ -54,7 +54,7 @@ DAMAGED = ""  # the pack of a chunk found damaged: its id and digest kept, for a
 INDEX_VERSION = 1
 # Each chunk in a pack: magic, its address (sha256 of the plain chunk, or in an encrypted store its keyed address),
 # how it is sealed (see storeseal), the bytes that follow.
-ADDRESS = 32  # bytes: a sha256, plain or keyed
+ADDRESS = pagehash.DIGEST  # bytes: a sha256, plain or keyed
 ENTRY = struct.Struct(f"<4s{ADDRESS}sBI")
 SEALING_AT = ENTRY.size - 5  # an entry's sealing byte: after its magic and address, before its length
 MAGIC = b"KCH1"

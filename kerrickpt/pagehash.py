@@ -29,8 +29,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-CHUNK = 4096  # chunks.CHUNK: kept here too, since a worker imports nothing of kerrickpt
-DIGEST = 32  # bytes an address takes: a sha256
+CHUNK = 4096  # a store's chunk (chunks.CHUNK is this): defined here, since a worker imports nothing of kerrickpt
+DIGEST = 32  # bytes an address takes, a sha256 (chunks.ADDRESS is this)
 SEGMENT = 4 << 20  # bytes a worker hashes as one task: enough to keep it busy, small enough to share out evenly
 MOST_WORKERS = 4
 PIPE_BYTES = 1 << 20  # each worker's output pipe: a quarter of a GiB's addresses, so workers run ahead of the run

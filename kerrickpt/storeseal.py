@@ -25,7 +25,7 @@ class Plain:
     sealing = PLAIN
     sealings = frozenset({PLAIN})
     address_key: bytes | None = None
-    address = staticmethod(pagehash.addresser(address_key))
+    address = staticmethod(pagehash.addresser(None))
 
     def seal_chunk(self, address: bytes, body: bytes) -> bytes:
         return body
