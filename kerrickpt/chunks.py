@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import zstandard
 
-from kerrickpt import archive, archivewriter, faults, pagehash, storeseal, trust, zstdframe
+from kerrickpt import archive, archivewriter, faults, pagehash, storeseal, trust, zstdbatch, zstdframe
 from kerrickpt.errors import (
     ArchiveCorruptError,
     ArchiveUnreadableError,
@@ -65,9 +65,6 @@ READ_BATCH = 1024  # chunks a read locates, checks and decodes at a time: the fe
 LOCATE_RUNS = 499  # runs located by one query at the most: two bound parameters each, within the 999 of older SQLites
 SPAN_BYTES = 4 << 20  # the most read from a pack at once
 GAP_BYTES = 8 << 10  # the most a read of a pack reads over between two entries it wants (dead or another's)
-# multi_decompress_to_buffer is python-zstandard's experimental API, which its C backend has and its CFFI backend
-# lacks: without it, each batch is decoded chunk by chunk (see `_decode`), slower but the same.
-DECODES_BATCHES = "multi_decompress_to_buffer" in zstandard.backend_features
 OPEN_PACKS = 64  # packs a read keeps open: months of hourly packs would pass the limit of open files
 REWRITE_DEAD = 0.2  # a pack is rewritten once this share of its bytes is no live chunk's
 LOCK_WAIT = 600.0  # s a run waits for a prune's sweep, or a prune for the runs adding chunks
@@ -76,6 +73,7 @@ POLL = 0.05
 log = logging.getLogger(__name__)
 
 Seen = Callable[[bytes], None]  # given the addresses of chunks, in order, as they are cut or read
+Decoded = tuple[bytes | bytearray, bytes]  # a batch's plain bytes, and its chunks' addresses
 
 
 class Located(NamedTuple):
@@ -153,13 +151,30 @@ class Chunks:
             raise
         self.threads = os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kerrickpt-chunks")
-        self.local = threading.local()  # a zstd context per thread: making one costs more than a chunk's compression
+        # Per thread: a zstd context (making one costs more than a chunk's compression), a connection to the index.
+        self.local = threading.local()
+        self.readers: list[sqlite3.Connection] = []  # the pool's own connections to the index (see `_reader`)
+        self.readers_lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's connection to the index, to locate chunks on the pool: a connection serves one thread at a
+        time. It sees what is committed, as a read needs (a run reads back its chunks once they are)."""
+        reader: sqlite3.Connection | None = getattr(self.local, "db", None)
+        if reader is None:
+            reader = self.local.db = self._connect(check_same_thread=False)  # closed by `close`, on another thread
+            with self.readers_lock:
+                self.readers.append(reader)
+        return reader
+
+    def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
         with _index_errors(self.index):
             # mode=rw: never made anew here, should it go between the check in __init__ and this.
             return sqlite3.connect(
-                f"file:{quote(str(self.index))}?mode=rw", uri=True, isolation_level=None, timeout=LOCK_WAIT
+                f"file:{quote(str(self.index))}?mode=rw",
+                uri=True,
+                isolation_level=None,
+                timeout=LOCK_WAIT,
+                check_same_thread=check_same_thread,
             )
 
     def _create(self) -> None:
@@ -190,6 +205,8 @@ class Chunks:
 
     def close(self) -> None:
         self.pool.shutdown()
+        for reader in self.readers:
+            reader.close()
         self.db.close()
 
     def __enter__(self) -> Chunks:
@@ -287,7 +304,8 @@ class Chunks:
             # not `id BETWEEN ? AND ? OR ...`, which makes SQLite gather and sort the ids found to drop doubles. CROSS
             # JOIN keeps the runs the outer loop: each run looked up in turn, its ids in order, one named twice given
             # twice; the values come in the order the read wants them (as checked below).
-            ids, digests, packs, offsets, lengths, count = self.db.execute(
+            reader = self._reader()
+            ids, digests, packs, offsets, lengths, count = reader.execute(
                 f"WITH runs (first, last) AS (VALUES {values}) SELECT group_concat(id), group_concat(hex(digest), ''),"
                 " group_concat(pack), group_concat(offset), group_concat(length), count(*) "
                 "FROM runs CROSS JOIN chunks ON id BETWEEN first AND last",
@@ -328,7 +346,7 @@ class Chunks:
             )
         return batch
 
-    def read(self, runs: Iterable[tuple[int, int]], seen: Seen | None = None) -> Iterator[bytes]:
+    def read(self, runs: Iterable[tuple[int, int]], seen: Seen | None = None) -> Iterator[bytes | bytearray]:
         """The plain bytes of the chunks `runs` (first id, count) name, in order, in pieces of up to READ_BATCH
         chunks; `seen` is given each piece's chunk addresses before it is yielded.
 
@@ -337,86 +355,75 @@ class Chunks:
         again: it would double the cost of a read, and each file's digest is checked against the manifest at
         its end anyway). Raises ArchiveCorruptError for a chunk missing or damaged, ChunkDamagedError naming it.
 
-        A batch of chunks is read, its headers checked and its seals opened in this thread, each step for the
-        whole batch at once, then decompressed by one call into zstd on another core, which runs without the
-        GIL for the whole batch: one call per 4 KiB chunk spent as much in Python as in zstd, and Python runs on
-        one core at a time. A batch that fails any check is decoded again chunk by chunk (see `_decode`), which
+        A batch of chunks is located, read, its headers checked and its seals opened on a thread of the pool, each
+        step for the whole batch at once, then decompressed by one call into zstd, which runs without the GIL for
+        the whole batch: one call per 4 KiB chunk spent as much in Python as in zstd, and Python runs on one core
+        at a time. A batch that fails any check is decoded again chunk by chunk (see `_decode`), which
         names the damaged chunk for `verify` to mark and the next snapshot to heal. Every chunk is a whole page
         but a file's last (a run cuts its files at whole pages: see `recipewriter.Writer._put`): the decoder is told
-        so, and holds each frame to it.
+        what the batch comes to, and libzstd holds each frame to the size its header gives. Two frames of a plain
+        store changed to hold other sizes that add up are not caught by the batch, but by the file's digest at its
+        end, as any other content is that a writer of the store puts there with a valid checksum.
         """
         return self._read(self._groups(runs), seen)
 
-    def _read(self, groups: Iterator[list[tuple[int, int]]], seen: Seen | None) -> Iterator[bytes]:
+    def _read(self, groups: Iterator[list[tuple[int, int]]], seen: Seen | None) -> Iterator[bytes | bytearray]:
         """`read` of the runs in `groups` (see `_groups`): a piece for each group."""
         with _Packs(self.packs) as packs:
-            # Each thread decompresses a batch while this one reads and checks the next.
-            pending: collections.deque[tuple[concurrent.futures.Future[bytes], Batch]] = collections.deque()
-            batches = map(self.locate, groups)
+            # Each batch is located, read, checked and decoded on the pool, a batch a thread, as many at once as there
+            # are cores: this thread only hands the pieces on, in order (to CRIU, on a restore). Its query, read and
+            # checks of each batch, done here before, made the read wait on one core.
+            pending: collections.deque[concurrent.futures.Future[Decoded]] = collections.deque()
             try:
-                batch = next(batches, None)
-                while batch is not None:
-                    following = next(batches, None)
-                    pending.append((self._opened(packs, batch, last=following is None), batch))
-                    batch = following
+                group = next(groups, None)
+                while group is not None:
+                    following = next(groups, None)
+                    pending.append(self.pool.submit(self._batch, packs, group, following is None))
+                    group = following
                     if len(pending) > self.threads:
-                        yield self._taken(packs, *pending.popleft(), seen)
+                        yield self._taken(pending.popleft(), seen)
                 while pending:
-                    yield self._taken(packs, *pending.popleft(), seen)
+                    yield self._taken(pending.popleft(), seen)
             finally:
                 # Read no further (closed early, or failed): nothing is left decompressing for a read that is gone.
-                for future, _ in pending:
+                for future in pending:
                     future.cancel()
-                concurrent.futures.wait([future for future, _ in pending])
+                concurrent.futures.wait(pending)
 
-    def _opened(self, packs: _Packs, batch: Batch, *, last: bool) -> concurrent.futures.Future[bytes]:
-        """The plain bytes of `batch` (the `last` of its read, or not), to come: its entries read, their headers
-        checked and their seals opened here, their frames decompressing on the pool. One that fails a check makes the
-        batch decoded chunk by chunk here and now, which names it."""
-        import numpy as np
+    @staticmethod
+    def _taken(decoded: concurrent.futures.Future[Decoded], seen: Seen | None) -> bytes | bytearray:
+        plain, addresses = decoded.result()
+        if seen is not None:
+            seen(addresses)
+        return plain
 
+    def _batch(self, packs: _Packs, group: list[tuple[int, int]], last: bool) -> Decoded:
+        """The plain bytes and the addresses of the chunks `group` names (the `last` group of its read, or not): its
+        entries read, their headers checked, their seals opened and their frames decoded at once. One that fails a
+        check makes the batch decoded chunk by chunk (see `_decode`), which names it."""
+        batch = self.locate(group)
         try:
-            if not DECODES_BATCHES:
+            if not zstdbatch.available():
                 raise _Unchecked
             entries, starts = packs.gather(batch)
             sealings = _checked(entries, starts, batch, self.seal.sealings)
-            bodies = np.stack((starts + ENTRY.size, batch.lengths - ENTRY.size), axis=1)
-            frames: zstandard.BufferWithSegments | list[bytes]
-            if self.seal.key_id is None:  # nothing to open: zstd takes the frames where they are, no object for each
-                frames = zstandard.BufferWithSegments(entries, bodies.astype(np.uint64).tobytes())
-            else:
-                view = memoryview(entries)
-                pieces = list(map(view.__getitem__, map(slice, bodies[:, 0].tolist(), bodies.sum(axis=1).tolist())))
-                frames = self.seal.open_chunks(_split(batch.addresses), sealings, pieces)
-            sizes = array("Q", [CHUNK]) * len(batch.ids)
+            view = memoryview(entries)
+            bodies = starts + ENTRY.size
+            frames: list[bytes] | list[memoryview]
+            frames = list(map(view.__getitem__, map(slice, bodies.tolist(), (starts + batch.lengths).tolist())))
+            if self.seal.key_id is not None:
+                frames = self.seal.open_chunks(_split(batch.addresses), sealings, frames)
+            size = CHUNK * len(batch.ids)
             if last:  # a file's last chunk may hold less: what its frame says, a page at the most (decoding checks it)
-                end = frames[-1] if isinstance(frames, list) else memoryview(entries)[bodies[-1, 0] : bodies[-1].sum()]
-                sizes[-1] = zstandard.frame_content_size(end)
-                if not 0 < sizes[-1] <= CHUNK:
+                end = zstandard.frame_content_size(frames[-1])
+                if not 0 < end <= CHUNK:
                     raise _Unchecked
-        except (_Unchecked, ArchiveCorruptError, zstandard.ZstdError):
-            decoded: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-            decoded.set_result(self._decode(packs, batch))
-            return decoded
-        return self.pool.submit(self._decompress, frames, sizes)
-
-    def _taken(
-        self, packs: _Packs, decoded: concurrent.futures.Future[bytes], batch: Batch, seen: Seen | None
-    ) -> bytes:
-        try:
-            plain = decoded.result()
-        except zstandard.ZstdError:  # a frame's data, checksum or size is damaged, or a chunk short of a page
-            plain = self._decode(packs, batch)
-        if seen is not None:
-            seen(batch.addresses)
-        return plain
-
-    def _decompress(self, frames: zstandard.BufferWithSegments | list[bytes], sizes: array[int]) -> bytes:
-        """The plain bytes of zstd `frames`, each of `sizes`, back to back: decoded by one call, which checks each
-        frame's checksum and size and lets go of the GIL once for them all. A stream reader takes the GIL again at
-        each frame's end, a quarter of a million times a GiB, each time waiting for the Python of the thread reading
-        on; ZstdError if one fails."""
-        return b"".join(self._unzstd().multi_decompress_to_buffer(frames, decompressed_sizes=sizes, threads=1))
+                size += end - CHUNK
+            # The frames back to back, without the headers between them: a copy of what zstd reads, a fraction of a
+            # page each, for one call that decodes them all (see zstdbatch).
+            return zstdbatch.decode(b"".join(frames), size), batch.addresses
+        except (_Unchecked, ArchiveCorruptError, zstandard.ZstdError, zstdbatch.FrameError):
+            return self._decode(packs, batch), batch.addresses
 
     def _unzstd(self) -> zstandard.ZstdDecompressor:
         local = self.local

@@ -21,10 +21,8 @@ import json
 import logging
 import mmap
 import os
-import selectors
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -100,22 +98,18 @@ class Hashing:
         return piece
 
     def _read(self, proc: subprocess.Popen[bytes], size: int) -> bytes | None:
-        """`size` bytes from worker `proc`, or None if it ends or hangs first."""
+        """`size` bytes from worker `proc`, or None if it ends or gives nothing for WAIT s first."""
+        from kerrickpt import fdread  # here, not above: a worker runs this file with Python's own modules only
+
         assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        data = bytearray()
-        deadline = time.monotonic() + WAIT
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while len(data) < size:
-                if not selector.select(deadline - time.monotonic()):
-                    log.warning("a page-hashing worker gave nothing for %.0f s: the run hashes its pages itself", WAIT)
-                    return None
-                piece = os.read(fd, size - len(data))
-                if not piece:
-                    log.warning("a page-hashing worker ended early: the run hashes its pages itself")
-                    return None
-                data += piece
+        try:
+            data = fdread.read_exact(proc.stdout.fileno(), size, WAIT)
+        except fdread.Stalled:
+            log.warning("a page-hashing worker gave nothing for %.0f s: the run hashes its pages itself", WAIT)
+            return None
+        if len(data) < size:
+            log.warning("a page-hashing worker ended early: the run hashes its pages itself")
+            return None
         return bytes(data)
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import msgspec
 import xxhash
 
-from kerrickpt import command, limits, node, schema, testmode
+from kerrickpt import command, fdread, limits, node, schema, testmode
 from kerrickpt.errors import (
     KerrickptError,
     MigrationUnknown,
@@ -310,7 +310,7 @@ class Channel:
         fd = self.stdout.fileno()
         while b"\n" not in self.pending:
             left = deadline - time.monotonic()
-            if left <= 0 or not _wait(fd, select.POLLIN, left):
+            if left <= 0 or not fdread.ready(fd, select.POLLIN, left):
                 raise TransportError(f"{self.link.target} did not answer within {timeout:.0f} s")
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -438,31 +438,21 @@ def read_frame(stream: BinaryIO, stall: float | None = None) -> tuple[bytes, byt
 
 
 def _read_exact(stream: BinaryIO, size: int, stall: float) -> bytes | bytearray:
-    """`size` bytes (fewer only where the stream ends), read from the fd itself when there is one.
-
-    Read into one buffer of the frame's size: pieces joined afterwards would hold a frame
-    twice, and os.read allocates its whole `size` for each pipe-sized piece."""
+    """`size` bytes (fewer only where the stream ends), read from the fd itself when there is one."""
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # io.UnsupportedOperation is both: a stream in memory cannot stall
         return stream.read(size)
-    data = bytearray(size)
-    got = 0
-    with memoryview(data) as view:
-        while got < size:
-            if not _wait(fd, select.POLLIN, stall):
-                raise TransportError(f"the source sent nothing for {stall:g} s", transient=True)
-            if not (count := os.readv(fd, [view[got:]])):
-                break
-            got += count
-    del data[got:]
-    return data
+    try:
+        return fdread.read_exact(fd, size, stall)
+    except fdread.Stalled:
+        raise TransportError(f"the source sent nothing for {stall:g} s", transient=True) from None
 
 
 def _write_all(fd: int, data: memoryview, stall: float) -> bool:
     """Write all of `data` to `fd` (blocking or not); False if it took nothing for `stall` s."""
     while data:
-        if not _wait(fd, select.POLLOUT, stall):
+        if not fdread.ready(fd, select.POLLOUT, stall):
             return False
         try:
             data = data[os.write(fd, data) :]
@@ -494,7 +484,7 @@ class Relay:
 
     def _to_socket(self, read_fd: int) -> None:
         with contextlib.suppress(OSError):
-            while _wait(read_fd, select.POLLIN, self.receive_stall) and (data := os.read(read_fd, RELAY_BYTES)):
+            while fdread.ready(read_fd, select.POLLIN, self.receive_stall) and (data := os.read(read_fd, RELAY_BYTES)):
                 self.sock.sendall(data)
                 self.moved += len(data)
             self.sock.shutdown(socket.SHUT_WR)
@@ -533,13 +523,6 @@ class Relay:
         cut first, and end the pipes' other side, or this waits for their stall limits."""
         for thread in self.threads[1:] if toward_pipe else self.threads:
             thread.join(timeout=self.receive_stall)
-
-
-def _wait(fd: int, event: int, timeout: float) -> bool:
-    """Whether `fd` is ready for `event` (or has hung up) within `timeout` s; poll, as select() stops at fd 1024."""
-    poller = select.poll()
-    poller.register(fd, event)
-    return bool(poller.poll(timeout * 1000))
 
 
 def emit(stream: Any, event: str, **data: Any) -> None:

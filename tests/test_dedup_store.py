@@ -857,6 +857,21 @@ def test_a_read_gives_the_chunks_its_runs_name_in_their_order_each_as_often_as_n
     assert addresses == b"".join(opened.seal.address(wanted[i : i + PAGE]) for i in range(0, len(wanted), PAGE))
 
 
+def test_a_read_of_a_sound_store_decodes_every_batch_at_once_never_chunk_by_chunk(
+    either: tuple[Store, keys.Key | None, tuple[str, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _, _ = either
+    pages = memory(52)
+    take(store, "job1", T0, pages)
+
+    def by_chunk(*_: object) -> bytes:
+        raise AssertionError("a sound batch was decoded chunk by chunk")
+
+    monkeypatch.setattr(chunks.Chunks, "_decode", by_chunk)
+    with store.chunks() as opened:
+        assert b"".join(opened.read([(1, PAGES)])) == pages
+
+
 def test_a_read_over_chunks_short_of_a_page_amid_whole_ones_gives_their_bytes(
     either: tuple[Store, keys.Key | None, tuple[str, ...]],
 ) -> None:
