@@ -32,7 +32,7 @@ DIGEST = 32  # bytes an address takes, a sha256 (chunks.ADDRESS is this)
 SEGMENT = 4 << 20  # bytes a worker hashes as one task: enough to keep it busy, small enough to share out evenly
 MOST_WORKERS = 4
 PIPE_BYTES = 1 << 20  # each worker's output pipe: a quarter of a GiB's addresses, so workers run ahead of the run
-WAIT = 120.0  # s a run waits for a task's addresses (4 MiB takes a worker some 3 ms) before hashing them itself
+WAIT = 120.0  # s a worker may give nothing (4 MiB takes it some 3 ms) before the run hashes its pages itself
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,3 @@ def test_a_frame_cut_short_is_refused() -> None:
     frames = frames_of(pages_of(4))
     with pytest.raises(zstdbatch.FrameError):
         zstdbatch.decode(frames[:-3], PAGE * 4)
-
-
-def test_libzstd_is_here() -> None:
-    # Without it a store's reads decode chunk by chunk: correct, but at a fraction of the speed.
-    assert zstdbatch.available()
